@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Install the Debian packages dva's lab and its tests need (crates/lab): iproute2 (ip, ss),
+# ethtool (offloads off on every veth), nginx-light or nginx, iperf3, curl, iputils-ping and
+# procps (sysctl, kill). Idempotent: packages already installed are left alone, and apt runs
+# only when something is missing. Runs as root (or through sudo).
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+    exec sudo -- bash "$0" "$@"
+fi
+
+# Root's tools live in sbin, which a user's PATH carried through sudo may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
+
+export DEBIAN_FRONTEND=noninteractive
+
+installed() {
+    [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
+}
+
+packages=(iproute2 ethtool iperf3 curl iputils-ping procps)
+missing=()
+for p in "${packages[@]}"; do
+    installed "$p" || missing+=("$p")
+done
+nginx_missing=false
+if ! installed nginx-light && ! installed nginx; then
+    nginx_missing=true
+fi
+
+if [ "${#missing[@]}" -gt 0 ] || $nginx_missing; then
+    apt-get update
+    if $nginx_missing; then
+        # nginx-light is gone from newer Debian releases (trixie); nginx is the same server.
+        candidate="$(apt-cache policy nginx-light 2>/dev/null | awk '/Candidate:/ { print $2 }')"
+        if [ -n "$candidate" ] && [ "$candidate" != "(none)" ]; then
+            missing+=(nginx-light)
+        else
+            missing+=(nginx)
+        fi
+    fi
+    # iperf3 asks whether to run a system-wide daemon; the lab starts its own servers.
+    echo 'iperf3 iperf3/start_daemon boolean false' | debconf-set-selections
+    apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# The lab runs its own nginx processes, one per server namespace; a system nginx would hold
+# port 80 in the root namespace for nothing (and start again at boot).
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl disable --now nginx.service >/dev/null 2>&1 || true
+    systemctl disable --now iperf3.service >/dev/null 2>&1 || true
+elif [ -x /etc/init.d/nginx ]; then
+    /etc/init.d/nginx stop >/dev/null 2>&1 || true
+fi
+if [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
+    kill -QUIT "$(cat /run/nginx.pid)" || true
+fi
+
+for tool in ip ss ethtool nginx iperf3 curl ping sysctl; do
+    command -v "$tool" >/dev/null 2>&1 || {
+        echo "install-deps: $tool is still missing" >&2
+        exit 1
+    }
+done
+echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps)"

@@ -1,0 +1,211 @@
+//! `dva`: the one binary. Lab management, running an appliance, the compute-unit process itself,
+//! and the tools to look inside a running appliance.
+
+mod demo;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "dva",
+    version,
+    about = "A distributed virtual appliance: firewall, NAT and L4 load balancing scaled out over many processes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build, show or remove the network-namespace lab (client, servers, appliance hosts).
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+    /// Run one appliance from a spec in the foreground, on the lab's hosts, until Ctrl-C.
+    Run {
+        /// The appliance spec (YAML or JSON).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Data planes to start (default: the spec's layout.dataplanes.initial).
+        #[arg(long)]
+        dataplanes: Option<u32>,
+        /// The lab to run in.
+        #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Show the units of a running appliance and their counters.
+    Stats {
+        name: String,
+        #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
+        prefix: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Build the lab, run the edge firewall in it, drive real traffic through it and print what happened.
+    Demo {
+        #[arg(long, default_value = "dva-demo-")]
+        prefix: String,
+        /// Seconds of iperf3.
+        #[arg(long, default_value_t = 5)]
+        secs: u32,
+    },
+    /// Benchmarks in the lab.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+    /// A compute unit process (started by `dva run` or the management tool, not by hand).
+    Unit {
+        #[arg(long, value_enum)]
+        role: UnitRole,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(long)]
+        netns: Option<String>,
+        #[arg(long)]
+        die_with_parent: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Create the lab (idempotent).
+    Up {
+        #[arg(long, default_value_t = 3)]
+        servers: usize,
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
+        #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Remove the lab and everything running in it (idempotent).
+    Down {
+        #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Print the lab's namespaces, interfaces and addresses.
+    Show {
+        #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
+        prefix: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// iperf3 TCP throughput through the kernel's forwarding vs through dva, same lab, same run.
+    Forwarding {
+        #[arg(long, default_value = "dva-bench-")]
+        prefix: String,
+        #[arg(long, default_value_t = 10)]
+        secs: u32,
+        #[arg(long, default_value_t = 1)]
+        streams: u32,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum UnitRole {
+    Dispatcher,
+    Dataplane,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dva: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Lab { cmd } => match cmd {
+            LabCmd::Up {
+                servers,
+                hosts,
+                prefix,
+            } => {
+                let lab = dva_lab::Lab::up(&dva_lab::LabSpec {
+                    prefix,
+                    servers,
+                    hosts,
+                })?;
+                print!("{}", lab.describe());
+                Ok(())
+            }
+            LabCmd::Down { prefix } => {
+                dva_lab::Lab::down(&prefix)?;
+                println!("lab {prefix} removed");
+                Ok(())
+            }
+            LabCmd::Show { prefix } => match dva_lab::Lab::discover(&prefix)? {
+                Some(lab) => {
+                    print!("{}", lab.describe());
+                    Ok(())
+                }
+                None => {
+                    anyhow::bail!("no lab with prefix {prefix:?}; create one with `dva lab up`")
+                }
+            },
+        },
+        Cmd::Run {
+            file,
+            dataplanes,
+            prefix,
+        } => run::run(&run::RunOptions {
+            file,
+            dataplanes,
+            prefix,
+        }),
+        Cmd::Demo { prefix, secs } => demo::demo(&prefix, secs),
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Forwarding {
+                    prefix,
+                    secs,
+                    streams,
+                },
+        } => demo::bench_forwarding(&prefix, secs, streams),
+        Cmd::Stats {
+            name,
+            prefix,
+            output,
+        } => run::stats(&name, &prefix, output == Output::Json),
+        Cmd::Unit {
+            role,
+            config,
+            control,
+            netns,
+            die_with_parent,
+        } => {
+            let role = match role {
+                UnitRole::Dispatcher => dva_unit::Role::Dispatcher,
+                UnitRole::Dataplane => dva_unit::Role::Dataplane,
+            };
+            dva_unit::run_unit(&dva_unit::UnitArgs {
+                role,
+                config,
+                control,
+                netns,
+                die_with_parent,
+            })
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Packet I/O for dva on Linux: the only layer that touches interfaces, sockets and
+//! shared rings.
+//!
+//! Contract of this layer:
+//! - Every packet driver implements [`FrameIo`]: non-blocking batch receive that lends
+//!   frames straight out of the driver's buffers (no copy where the driver allows),
+//!   queued transmit that copies into the driver's buffers, and one syscall per batch
+//!   on [`FrameIo::flush`]. A full transmit queue is an `Err(WouldBlock)` the caller
+//!   counts as a drop; nothing here blocks or spins.
+//! - Drivers: [`af_packet::AfPacket`] (TPACKET_V3 RX ring, `sendmmsg` TX) for the
+//!   appliance's interfaces, [`udp::UdpEndpoint`] (`recvmmsg`/`sendmmsg`) for the GENEVE
+//!   backplane, [`memory::MemoryIo`] for tests and benchmarks.
+//! - Helpers around them: [`netif`] (interface index, MAC, MTU, admin up), [`netns`]
+//!   (enter a named network namespace), [`poll`] (wait for readability without
+//!   allocating).
+//! - Setup errors are [`IoError`]s naming the syscall, the interface or address and the
+//!   errno. Data-path errors are plain `std::io::Error`s so the hot path stays cheap.
+//! - All `unsafe` in dva (mmap, ring access, raw syscalls) lives in this crate, each
+//!   block with a `// SAFETY:` comment.
+//!
+//! Sockets belong to the network namespace of the thread that creates them: the caller
+//! enters the namespace first ([`netns::enter`] or [`netns::in_netns`]), then opens.
+//!
+//! A receive loop, the way a dispatcher uses this layer:
+//!
+//! ```no_run
+//! use dva_io::af_packet::{AfPacket, AfPacketConfig};
+//! use dva_io::{poll::Poller, udp::UdpEndpoint, FrameIo};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut port = AfPacket::open("out0", &AfPacketConfig::default())?;
+//! let mut backplane = UdpEndpoint::bind("198.18.0.1:6081".parse()?)?;
+//! let dst = "198.18.0.2:6081".parse()?;
+//! let mut poller = Poller::new(&[port.as_raw_fd(), backplane.as_raw_fd()]);
+//! loop {
+//!     let n = port.rx_batch(64, |frame, _meta| {
+//!         if let Some(slot) = backplane.tx_slot() {
+//!             slot[..frame.len()].copy_from_slice(frame); // really: GENEVE header + packet
+//!             backplane.commit_slot(frame.len(), dst);
+//!         }
+//!     })?;
+//!     backplane.flush()?;
+//!     if n == 0 {
+//!         poller.wait(20)?;
+//!     }
+//! }
+//! # }
+//! ```
+
+pub mod af_packet;
+mod error;
+pub mod memory;
+pub mod netif;
+pub mod netns;
+pub mod poll;
+mod sys;
+pub mod udp;
+
+pub use error::IoError;
+
+use std::os::fd::RawFd;
+
+/// A packet driver: batch receive with frames borrowed from the driver's buffers, batch transmit.
+pub trait FrameIo {
+    /// Receive up to `max` frames, calling `f(frame, meta)` for each; frames are borrowed (no copy)
+    /// where the driver allows. Never blocks. Returns how many frames were delivered.
+    fn rx_batch<F: FnMut(&[u8], RxMeta)>(&mut self, max: usize, f: F) -> std::io::Result<usize>;
+
+    /// Queue one frame for transmission (copied into the driver's tx buffer). Returns
+    /// `Err(WouldBlock)` when the tx queue is full (caller counts a drop). Does not necessarily
+    /// send until `flush`.
+    fn tx(&mut self, frame: &[u8]) -> std::io::Result<()>;
+
+    /// Push queued frames to the kernel (one syscall per batch).
+    fn flush(&mut self) -> std::io::Result<()>;
+
+    /// File descriptor to poll(2) for readability.
+    fn as_raw_fd(&self) -> RawFd;
+}
+
+/// What the driver knows about a received frame besides its bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RxMeta {
+    /// Kernel said the L4 checksum is not filled in (TP_STATUS_CSUMNOTREADY: offload left it
+    /// partial). The frame is locally generated or came over a veth; the checksum field holds
+    /// only the pseudo-header sum.
+    pub csum_not_ready: bool,
+    /// Frame length on the wire as the kernel saw it (may exceed the captured length).
+    pub wire_len: u32,
+    /// Captured bytes were truncated by the ring's frame size (tp_snaplen < tp_len).
+    pub truncated: bool,
+    /// The kernel (or NIC) already verified the L4 checksum (TP_STATUS_CSUM_VALID).
+    pub csum_valid: bool,
+    /// A VLAN tag the kernel stripped from the frame before it reached the ring
+    /// (TP_STATUS_VLAN_VALID): the bytes handed to the callback no longer contain it.
+    pub vlan_tci: Option<u16>,
+}

@@ -1,0 +1,146 @@
+//! Interface queries and admin state through `ioctl(2)` on a throwaway socket.
+//!
+//! Every function acts in the network namespace of the calling thread (the namespace the
+//! helper socket is created in), so call them after [`crate::netns::enter`] or inside
+//! [`crate::netns::in_netns`].
+
+use std::io;
+use std::mem::zeroed;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use crate::sys;
+use crate::IoError;
+
+/// The kernel's index of interface `name`.
+pub fn ifindex(name: &str) -> Result<u32, IoError> {
+    let req = query(name, libc::SIOCGIFINDEX, "ioctl SIOCGIFINDEX")?;
+    // SAFETY: SIOCGIFINDEX filled the `ifru_ifindex` member of the union.
+    let index = unsafe { req.ifr_ifru.ifru_ifindex };
+    u32::try_from(index).map_err(|_| {
+        IoError::syscall(
+            "ioctl SIOCGIFINDEX",
+            name,
+            io::Error::new(io::ErrorKind::InvalidData, "negative ifindex"),
+        )
+    })
+}
+
+/// The MAC address of Ethernet interface `name` (loopback reports all zeros).
+pub fn mac_address(name: &str) -> Result<[u8; 6], IoError> {
+    let req = query(name, libc::SIOCGIFHWADDR, "ioctl SIOCGIFHWADDR")?;
+    // SAFETY: SIOCGIFHWADDR filled the `ifru_hwaddr` member of the union.
+    let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
+    if hw.sa_family != libc::ARPHRD_ETHER && hw.sa_family != libc::ARPHRD_LOOPBACK {
+        return Err(IoError::NotEthernet {
+            name: name.to_string(),
+            hw_type: hw.sa_family,
+        });
+    }
+    let mut mac = [0u8; 6];
+    for (dst, src) in mac.iter_mut().zip(hw.sa_data.iter()) {
+        *dst = *src as u8;
+    }
+    Ok(mac)
+}
+
+/// The MTU of interface `name` (L3 bytes, without the Ethernet header).
+pub fn mtu(name: &str) -> Result<u32, IoError> {
+    let req = query(name, libc::SIOCGIFMTU, "ioctl SIOCGIFMTU")?;
+    // SAFETY: SIOCGIFMTU filled the `ifru_mtu` member of the union.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).map_err(|_| {
+        IoError::syscall(
+            "ioctl SIOCGIFMTU",
+            name,
+            io::Error::new(io::ErrorKind::InvalidData, "negative MTU"),
+        )
+    })
+}
+
+/// Whether interface `name` is administratively up (IFF_UP).
+pub fn is_up(name: &str) -> Result<bool, IoError> {
+    let req = query(name, libc::SIOCGIFFLAGS, "ioctl SIOCGIFFLAGS")?;
+    // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    Ok(i32::from(flags) & libc::IFF_UP != 0)
+}
+
+/// Bring interface `name` administratively up. A no-op if it already is.
+pub fn set_up(name: &str) -> Result<(), IoError> {
+    let (sock, mut req) = request(name, "socket for ioctl SIOCSIFFLAGS")?;
+    ioctl(&sock, libc::SIOCGIFFLAGS, &mut req)
+        .map_err(|e| IoError::syscall("ioctl SIOCGIFFLAGS", name, e))?;
+    // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member; writing the same member back is
+    // what SIOCSIFFLAGS reads.
+    unsafe {
+        if i32::from(req.ifr_ifru.ifru_flags) & libc::IFF_UP != 0 {
+            return Ok(());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+    }
+    ioctl(&sock, libc::SIOCSIFFLAGS, &mut req)
+        .map_err(|e| IoError::syscall("ioctl SIOCSIFFLAGS", name, e))
+}
+
+fn request(name: &str, call: &'static str) -> Result<(OwnedFd, libc::ifreq), IoError> {
+    let ifr_name = sys::ifname_array(name)?;
+    let sock = sys::socket(libc::AF_INET, libc::SOCK_DGRAM, 0)
+        .map_err(|e| IoError::syscall(call, name, e))?;
+    // SAFETY: ifreq is plain old data (a name and a union of integers and sockaddrs); all-zero
+    // is valid.
+    let mut req: libc::ifreq = unsafe { zeroed() };
+    req.ifr_name = ifr_name;
+    Ok((sock, req))
+}
+
+fn query(name: &str, op: libc::Ioctl, call: &'static str) -> Result<libc::ifreq, IoError> {
+    let (sock, mut req) = request(name, call)?;
+    ioctl(&sock, op, &mut req).map_err(|e| IoError::syscall(call, name, e))?;
+    Ok(req)
+}
+
+fn ioctl(sock: &OwnedFd, op: libc::Ioctl, req: &mut libc::ifreq) -> io::Result<()> {
+    // SAFETY: every SIOC[GS]IF* request we issue takes a `struct ifreq *`; `req` is a live,
+    // exclusively borrowed ifreq with a NUL-terminated name.
+    sys::cvt(unsafe { libc::ioctl(sock.as_raw_fd(), op, req as *mut libc::ifreq) })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_found() {
+        // Every namespace has `lo`; its index is 1 in a fresh namespace but may differ in the
+        // root one, so only check it exists and has the loopback's all-zero MAC.
+        assert!(ifindex("lo").unwrap() >= 1);
+        assert_eq!(mac_address("lo").unwrap(), [0; 6]);
+        assert!(mtu("lo").unwrap() >= 1280);
+    }
+
+    #[test]
+    fn missing_interface_names_call_and_interface() {
+        let err = ifindex("dva-nosuch0").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("ioctl SIOCGIFINDEX on dva-nosuch0: "),
+            "{msg}"
+        );
+        assert_eq!(err.raw_os_error(), Some(libc::ENODEV));
+        assert!(mtu("dva-nosuch0")
+            .unwrap_err()
+            .to_string()
+            .contains("SIOCGIFMTU"));
+        assert!(set_up("dva-nosuch0").is_err());
+    }
+
+    #[test]
+    fn bad_names_are_rejected_before_any_syscall() {
+        assert!(matches!(ifindex(""), Err(IoError::InvalidIfName { .. })));
+        assert!(matches!(
+            mac_address("much-too-long-name"),
+            Err(IoError::InvalidIfName { .. })
+        ));
+    }
+}

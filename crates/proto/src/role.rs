@@ -1,0 +1,301 @@
+//! Compiled per-role configuration: what each unit needs of the spec, and nothing more.
+//!
+//! A dispatcher never sees firewall rules; a data plane never sees device names it does not drive.
+//! Every config carries the appliance's `version` so units can ACK/NACK exactly what they got.
+
+use std::net::{IpAddr, SocketAddr};
+
+use dva_flow::{BucketTable, UnitId};
+use dva_services::firewall::{Action, PortRange, Rule, RuleSet};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{ActionSpec, ApplianceSpec, Proto, ServiceSpec, SpecError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceConfig {
+    /// Index carried in the backplane header (`ingress_if`) and matched by rules.
+    pub id: u8,
+    pub name: String,
+    pub device: String,
+    pub addresses: Vec<IpNet>,
+}
+
+impl InterfaceConfig {
+    /// The interface's first address of the given family (the source of ICMP errors it sends).
+    pub fn address(&self, v4: bool) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .map(|a| a.addr())
+            .find(|a| a.is_ipv4() == v4)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteConfig {
+    pub to: IpNet,
+    pub via: IpAddr,
+    pub interface: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitEndpoint {
+    pub id: UnitId,
+    /// Backplane (GENEVE/UDP) address.
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DispatcherConfig {
+    pub appliance: String,
+    pub version: u64,
+    pub vni: u32,
+    pub unit: UnitId,
+    pub listen: SocketAddr,
+    pub interfaces: Vec<InterfaceConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub dataplanes: Vec<UnitEndpoint>,
+    pub table: BucketTable,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataplaneConfig {
+    pub appliance: String,
+    pub version: u64,
+    pub vni: u32,
+    pub unit: UnitId,
+    pub listen: SocketAddr,
+    pub dispatchers: Vec<UnitEndpoint>,
+    /// Every data plane of the appliance (itself included): punt targets.
+    pub peers: Vec<UnitEndpoint>,
+    pub table: BucketTable,
+    pub interfaces: Vec<InterfaceConfig>,
+    pub firewall: RuleSet,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "lowercase")]
+pub enum RoleConfig {
+    Dispatcher(DispatcherConfig),
+    Dataplane(DataplaneConfig),
+}
+
+impl RoleConfig {
+    pub fn version(&self) -> u64 {
+        match self {
+            RoleConfig::Dispatcher(c) => c.version,
+            RoleConfig::Dataplane(c) => c.version,
+        }
+    }
+    pub fn unit(&self) -> UnitId {
+        match self {
+            RoleConfig::Dispatcher(c) => c.unit,
+            RoleConfig::Dataplane(c) => c.unit,
+        }
+    }
+}
+
+/// Where the units are and which buckets each data plane owns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Placement {
+    pub dispatchers: Vec<UnitEndpoint>,
+    pub dataplanes: Vec<UnitEndpoint>,
+    pub table: BucketTable,
+}
+
+/// Default cap on tracked connections per data plane.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1 << 20;
+
+/// Compile a validated spec into one config per unit of `placement`.
+pub fn compile(
+    spec: &ApplianceSpec,
+    placement: &Placement,
+    version: u64,
+) -> Result<(Vec<DispatcherConfig>, Vec<DataplaneConfig>), SpecError> {
+    spec.validate()?;
+    let interfaces: Vec<InterfaceConfig> = spec
+        .spec
+        .interfaces
+        .iter()
+        .enumerate()
+        .map(|(i, f)| InterfaceConfig {
+            // validate() caps interfaces at 250, so the index fits.
+            id: i as u8,
+            name: f.name.clone(),
+            device: f.device.clone(),
+            addresses: f.addresses.iter().map(|c| c.0).collect(),
+        })
+        .collect();
+    let routes = spec
+        .spec
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let ifc = interfaces
+                .iter()
+                .find(|f| f.addresses.iter().any(|a| a.contains(&r.via)))
+                .ok_or_else(|| SpecError::Field {
+                    path: format!("spec.routes[{i}].via"),
+                    message: format!("next hop {} is on no interface", r.via),
+                })?;
+            Ok(RouteConfig {
+                to: r.to.0.trunc(),
+                via: r.via,
+                interface: ifc.id,
+            })
+        })
+        .collect::<Result<Vec<_>, SpecError>>()?;
+    let (firewall, max_connections) = compile_firewall(spec, &interfaces)?;
+    let vni = spec.vni();
+    let dispatchers = placement
+        .dispatchers
+        .iter()
+        .map(|d| DispatcherConfig {
+            appliance: spec.name().to_string(),
+            version,
+            vni,
+            unit: d.id,
+            listen: d.addr,
+            interfaces: interfaces.clone(),
+            routes: routes.clone(),
+            dataplanes: placement.dataplanes.clone(),
+            table: placement.table.clone(),
+        })
+        .collect();
+    let dataplanes = placement
+        .dataplanes
+        .iter()
+        .map(|d| DataplaneConfig {
+            appliance: spec.name().to_string(),
+            version,
+            vni,
+            unit: d.id,
+            listen: d.addr,
+            dispatchers: placement.dispatchers.clone(),
+            peers: placement.dataplanes.clone(),
+            table: placement.table.clone(),
+            interfaces: interfaces.clone(),
+            firewall: firewall.clone(),
+            max_connections,
+        })
+        .collect();
+    Ok((dispatchers, dataplanes))
+}
+
+fn compile_firewall(
+    spec: &ApplianceSpec,
+    interfaces: &[InterfaceConfig],
+) -> Result<(RuleSet, usize), SpecError> {
+    let Some(fw) = spec.firewall() else {
+        // No firewall stage: forward everything (other stages may still act).
+        return Ok((
+            RuleSet {
+                rules: Vec::new(),
+                default_action: Action::Accept,
+            },
+            DEFAULT_MAX_CONNECTIONS,
+        ));
+    };
+    let action = |a: ActionSpec| match a {
+        ActionSpec::Accept => Action::Accept,
+        ActionSpec::Drop => Action::Drop,
+        ActionSpec::Reject => Action::Reject,
+    };
+    let svc = spec
+        .spec
+        .services
+        .iter()
+        .position(|s| matches!(s, ServiceSpec::Firewall(_)))
+        .unwrap_or(0);
+    let mut rules = Vec::with_capacity(fw.rules.len());
+    for (i, r) in fw.rules.iter().enumerate() {
+        let icmp_type = match &r.icmp_type {
+            Some(t) => Some(
+                t.resolve(r.proto.map(|p| p.0) == Some(Proto::ICMPV6))
+                    .map_err(|m| SpecError::Field {
+                        path: format!("spec.services[{svc}].firewall.rules[{i}].icmp_type"),
+                        message: m,
+                    })?,
+            ),
+            None => None,
+        };
+        let ports = |l: &Option<crate::spec::PortList>| -> Vec<PortRange> {
+            l.iter()
+                .flat_map(|l| l.0.iter())
+                .map(|p| PortRange {
+                    first: p.first,
+                    last: p.last,
+                })
+                .collect()
+        };
+        let nets = |l: &Option<crate::spec::CidrList>| -> Vec<IpNet> {
+            l.iter()
+                .flat_map(|l| l.0.iter())
+                .map(|c| c.0.trunc())
+                .collect()
+        };
+        rules.push(Rule {
+            name: r.name.clone(),
+            ingress_if: r
+                .from
+                .as_ref()
+                .and_then(|n| interfaces.iter().find(|f| &f.name == n))
+                .map(|f| f.id),
+            src: nets(&r.src),
+            dst: nets(&r.dst),
+            proto: r.proto.map(|p| p.0),
+            src_ports: ports(&r.sport),
+            dst_ports: ports(&r.dport),
+            icmp_type,
+            action: action(r.action),
+        });
+    }
+    Ok((
+        RuleSet {
+            rules,
+            default_action: action(fw.default),
+        },
+        fw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compiles_edge_firewall() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/edge-firewall.yaml"
+        ))
+        .unwrap();
+        let spec = ApplianceSpec::from_yaml(&text).unwrap();
+        let ep = |id: u32, port: u16| UnitEndpoint {
+            id,
+            addr: SocketAddr::from(([198, 19, 0, 11], port)),
+        };
+        let table = BucketTable::maglev(spec.spec.layout.buckets, &[11, 12]).unwrap();
+        let placement = Placement {
+            dispatchers: vec![ep(1, 6081)],
+            dataplanes: vec![ep(11, 6081), ep(12, 6082)],
+            table,
+        };
+        let (d, p) = compile(&spec, &placement, 7).unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(p.len(), 2);
+        assert_eq!(d[0].interfaces[0].device, "out0");
+        assert_eq!(p[1].unit, 12);
+        assert_eq!(p[0].version, 7);
+        let fw = &p[0].firewall;
+        assert_eq!(fw.default_action, Action::Drop);
+        assert!(fw.rules.iter().any(
+            |r| r.proto == Some(6) && r.dst_ports.iter().any(|p| p.first <= 80 && 80 <= p.last)
+        ));
+        let ser = serde_json::to_string(&RoleConfig::Dataplane(p[0].clone())).unwrap();
+        let back: RoleConfig = serde_json::from_str(&ser).unwrap();
+        assert_eq!(back.unit(), 11);
+    }
+}

@@ -1,0 +1,924 @@
+//! The user-facing appliance spec.
+//!
+//! ```yaml
+//! apiVersion: dva/v1
+//! kind: Appliance
+//! metadata: { name: edge-fw }
+//! spec:
+//!   interfaces:
+//!     - { name: outside, device: out0, addresses: [198.18.1.1/24] }
+//!     - { name: inside,  device: in0,  addresses: [198.18.2.1/24] }
+//!   layout: { dataplanes: { min: 1, initial: 2, max: 8 } }
+//!   services:
+//!     - firewall:
+//!         default: drop
+//!         rules:
+//!           - { from: outside, dst: 198.18.2.0/24, proto: tcp, dport: [80, 5201], action: accept }
+//! ```
+//!
+//! Parsing goes YAML → untyped tree → typed spec through `serde_path_to_error`, so a type error names
+//! the path of the field (`spec.services[0].firewall.rules[1].dport`) as well as the value.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+pub const API_VERSION: &str = "dva/v1";
+pub const KIND: &str = "Appliance";
+/// Longest appliance name: it becomes part of run-directory and (in the lab) namespace names.
+pub const MAX_NAME_LEN: usize = 40;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("spec is not valid YAML/JSON: {0}")]
+    Syntax(String),
+    #[error("{path}: {message}")]
+    Field { path: String, message: String },
+}
+
+impl SpecError {
+    fn field(path: impl Into<String>, message: impl Into<String>) -> Self {
+        SpecError::Field {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApplianceSpec {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: ApplianceBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplianceBody {
+    /// GENEVE virtual network id of this appliance's backplane traffic; derived from the name if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    pub interfaces: Vec<InterfaceSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSpec>,
+    #[serde(default)]
+    pub layout: LayoutSpec,
+    pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceSpec {
+    /// The name rules refer to (`from: outside`).
+    pub name: String,
+    /// The host network device the dispatcher drives (in the lab: `out0`, `in0`).
+    pub device: String,
+    /// The appliance's own addresses on this segment, with prefix length (the connected subnet).
+    pub addresses: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub to: Cidr,
+    pub via: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayoutSpec {
+    #[serde(default)]
+    pub dataplanes: DataplaneLayout,
+    /// Flow buckets (a power of two). More buckets spread flows more evenly and move less per change.
+    #[serde(default = "default_buckets")]
+    pub buckets: usize,
+}
+
+impl Default for LayoutSpec {
+    fn default() -> Self {
+        LayoutSpec {
+            dataplanes: DataplaneLayout::default(),
+            buckets: default_buckets(),
+        }
+    }
+}
+
+fn default_buckets() -> usize {
+    4096
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneLayout {
+    #[serde(default = "one")]
+    pub min: u32,
+    /// Defaults to `min`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial: Option<u32>,
+    #[serde(default = "default_max")]
+    pub max: u32,
+}
+
+impl DataplaneLayout {
+    pub fn initial(&self) -> u32 {
+        self.initial.unwrap_or(self.min)
+    }
+}
+
+impl Default for DataplaneLayout {
+    fn default() -> Self {
+        DataplaneLayout {
+            min: 1,
+            initial: None,
+            max: default_max(),
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_max() -> u32 {
+    8
+}
+/// Upper bound on data planes per appliance: unit ids and per-bucket history stay small.
+pub const MAX_DATAPLANES: u32 = 64;
+
+/// One stage of the service chain, applied in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub enum ServiceSpec {
+    Firewall(FirewallSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallSpec {
+    /// What happens to a packet no rule matched (replies of tracked connections never get here).
+    #[serde(default = "default_policy")]
+    pub default: ActionSpec,
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+    /// Most connections tracked per data plane; new ones past it are dropped and counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+}
+
+fn default_policy() -> ActionSpec {
+    ActionSpec::Drop
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionSpec {
+    Accept,
+    Drop,
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Ingress interface name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<CidrList>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst: Option<CidrList>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<Proto>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sport: Option<PortList>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dport: Option<PortList>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<IcmpType>,
+    pub action: ActionSpec,
+}
+
+/// An address with prefix length. A bare address means a host (/32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub IpNet);
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if let Ok(net) = t.parse::<IpNet>() {
+            return Ok(Cidr(net));
+        }
+        if let Ok(addr) = t.parse::<IpAddr>() {
+            return Ok(Cidr(IpNet::from(addr)));
+        }
+        Err(format!(
+            "invalid CIDR {s:?} (expected e.g. 198.18.2.0/24 or 2001:db8::/64)"
+        ))
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+/// One CIDR or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct CidrList(pub Vec<Cidr>);
+
+impl<'de> Deserialize<'de> for CidrList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CidrList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a CIDR string or a list of them")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<CidrList, E> {
+                Ok(CidrList(vec![v.parse().map_err(E::custom)?]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<CidrList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(c) = seq.next_element::<Cidr>()? {
+                    out.push(c);
+                }
+                Ok(CidrList(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl fmt::Display for Ports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+fn port_value(v: i128) -> Result<u16, String> {
+    u16::try_from(v).map_err(|_| format!("port {v} out of range 0-65535"))
+}
+
+impl FromStr for Ports {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parse = |p: &str| -> Result<u16, String> {
+            let v: i128 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("invalid port {s:?} (expected 80 or \"1000-2000\")"))?;
+            port_value(v)
+        };
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => {
+                let p = parse(s)?;
+                (p, p)
+            }
+        };
+        if first > last {
+            return Err(format!("port range {s:?} is empty (first > last)"));
+        }
+        Ok(Ports { first, last })
+    }
+}
+
+/// A port, a `"first-last"` range, or a list of those.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortList(pub Vec<Ports>);
+
+impl Serialize for PortList {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|p| p.to_string()))
+    }
+}
+
+impl<'de> Deserialize<'de> for PortList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct One;
+        impl<'de> Visitor<'de> for One {
+            type Value = Ports;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port number or a \"first-last\" range")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Ports, E> {
+                let p = port_value(v.into()).map_err(E::custom)?;
+                Ok(Ports { first: p, last: p })
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Ports, E> {
+                let p = port_value(v.into()).map_err(E::custom)?;
+                Ok(Ports { first: p, last: p })
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Ports, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        struct OneDe(Ports);
+        impl<'de> Deserialize<'de> for OneDe {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_any(One).map(OneDe)
+            }
+        }
+        struct Many;
+        impl<'de> Visitor<'de> for Many {
+            type Value = PortList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port, a \"first-last\" range, or a list of them")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortList, E> {
+                One.visit_i64(v).map(|p| PortList(vec![p]))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortList, E> {
+                One.visit_u64(v).map(|p| PortList(vec![p]))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortList, E> {
+                One.visit_str(v).map(|p| PortList(vec![p]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PortList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(OneDe(p)) = seq.next_element::<OneDe>()? {
+                    out.push(p);
+                }
+                Ok(PortList(out))
+            }
+        }
+        d.deserialize_any(Many)
+    }
+}
+
+/// An IP protocol by name (`tcp`, `udp`, `icmp`, `icmpv6`) or number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proto(pub u8);
+
+impl Proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub fn has_ports(self) -> bool {
+        matches!(self.0, Self::TCP | Self::UDP | 132 /* sctp */)
+    }
+}
+
+impl Serialize for Proto {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Self::TCP => s.serialize_str("tcp"),
+            Self::UDP => s.serialize_str("udp"),
+            Self::ICMP => s.serialize_str("icmp"),
+            Self::ICMPV6 => s.serialize_str("icmpv6"),
+            n => s.serialize_u8(n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Proto {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Proto;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("tcp, udp, icmp, icmpv6 or a protocol number 0-255")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Proto, E> {
+                u8::try_from(v)
+                    .map(Proto)
+                    .map_err(|_| E::custom(format!("protocol {v} out of range 0-255")))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Proto, E> {
+                u8::try_from(v)
+                    .map(Proto)
+                    .map_err(|_| E::custom(format!("protocol {v} out of range 0-255")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Proto, E> {
+                Ok(Proto(match v.to_ascii_lowercase().as_str() {
+                    "tcp" => Proto::TCP,
+                    "udp" => Proto::UDP,
+                    "icmp" => Proto::ICMP,
+                    "icmpv6" | "ipv6-icmp" => Proto::ICMPV6,
+                    _ => {
+                        return Err(E::custom(format!(
+                            "unknown protocol {v:?} (expected tcp, udp, icmp, icmpv6 or a number)"
+                        )))
+                    }
+                }))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// An ICMP message type by name or number. Names resolve per family at compile time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IcmpType {
+    Named(String),
+    Number(u8),
+}
+
+const ICMP_NAMES: &[(&str, u8, u8)] = &[
+    // name, ICMPv4 type, ICMPv6 type
+    ("echo-reply", 0, 129),
+    ("destination-unreachable", 3, 1),
+    ("echo-request", 8, 128),
+    ("time-exceeded", 11, 3),
+    ("parameter-problem", 12, 4),
+    ("packet-too-big", 255, 2),
+];
+
+impl IcmpType {
+    /// The numeric type for ICMPv4 (`v6 == false`) or ICMPv6.
+    pub fn resolve(&self, v6: bool) -> Result<u8, String> {
+        match self {
+            IcmpType::Number(n) => Ok(*n),
+            IcmpType::Named(name) => {
+                let hit = ICMP_NAMES.iter().find(|(n, _, _)| *n == name.as_str());
+                match hit {
+                    Some((_, v4, v6t)) => {
+                        let t = if v6 { *v6t } else { *v4 };
+                        if t == 255 {
+                            Err(format!("ICMP type {name:?} exists only in ICMPv6"))
+                        } else {
+                            Ok(t)
+                        }
+                    }
+                    None => Err(format!(
+                        "unknown ICMP type {name:?} (expected one of {} or a number)",
+                        ICMP_NAMES
+                            .iter()
+                            .map(|n| n.0)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                }
+            }
+        }
+    }
+}
+
+impl Serialize for IcmpType {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            IcmpType::Named(n) => s.serialize_str(n),
+            IcmpType::Number(n) => s.serialize_u8(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for IcmpType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = IcmpType;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an ICMP type name (echo-request, ...) or number 0-255")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<IcmpType, E> {
+                u8::try_from(v)
+                    .map(IcmpType::Number)
+                    .map_err(|_| E::custom(format!("ICMP type {v} out of range 0-255")))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<IcmpType, E> {
+                u8::try_from(v)
+                    .map(IcmpType::Number)
+                    .map_err(|_| E::custom(format!("ICMP type {v} out of range 0-255")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<IcmpType, E> {
+                let t = IcmpType::Named(v.to_string());
+                // Reject unknown names here so the error carries the field path.
+                t.resolve(false)
+                    .or_else(|_| t.resolve(true))
+                    .map_err(E::custom)?;
+                Ok(t)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl ApplianceSpec {
+    /// Parse YAML (JSON is YAML too) and validate. Errors name the field path and the bad value.
+    pub fn from_yaml(text: &str) -> Result<ApplianceSpec, SpecError> {
+        let tree: serde_json::Value =
+            serde_saphyr::from_str(text).map_err(|e| SpecError::Syntax(e.to_string()))?;
+        Self::from_value(tree)
+    }
+
+    /// Parse an already-decoded JSON tree (the HTTP API's body) and validate.
+    pub fn from_value(tree: serde_json::Value) -> Result<ApplianceSpec, SpecError> {
+        let spec: ApplianceSpec = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let path = e.path().to_string();
+            SpecError::field(
+                if path == "." {
+                    "spec".to_string()
+                } else {
+                    path
+                },
+                e.inner().to_string(),
+            )
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.metadata.name
+    }
+
+    /// Checks serde cannot express: references, bounds, address families.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.api_version != API_VERSION {
+            return Err(SpecError::field(
+                "apiVersion",
+                format!(
+                    "unsupported {:?} (expected {API_VERSION:?})",
+                    self.api_version
+                ),
+            ));
+        }
+        if self.kind != KIND {
+            return Err(SpecError::field(
+                "kind",
+                format!("unsupported {:?} (expected {KIND:?})", self.kind),
+            ));
+        }
+        let name = &self.metadata.name;
+        let name_ok = !name.is_empty()
+            && name.len() <= MAX_NAME_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if !name_ok {
+            return Err(SpecError::field(
+                "metadata.name",
+                format!(
+                    "invalid name {name:?}: use 1-{MAX_NAME_LEN} lowercase letters, digits and '-'"
+                ),
+            ));
+        }
+        let body = &self.spec;
+        if let Some(vni) = body.vni {
+            if vni >= 1 << 24 {
+                return Err(SpecError::field(
+                    "spec.vni",
+                    format!("VNI {vni} does not fit in 24 bits"),
+                ));
+            }
+        }
+        if body.interfaces.is_empty() {
+            return Err(SpecError::field(
+                "spec.interfaces",
+                "at least one interface is needed",
+            ));
+        }
+        if body.interfaces.len() > 250 {
+            return Err(SpecError::field(
+                "spec.interfaces",
+                format!("{} interfaces; at most 250", body.interfaces.len()),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut devices = BTreeSet::new();
+        for (i, ifc) in body.interfaces.iter().enumerate() {
+            let path = format!("spec.interfaces[{i}]");
+            if ifc.name.is_empty() || !names.insert(ifc.name.as_str()) {
+                return Err(SpecError::field(
+                    format!("{path}.name"),
+                    format!("duplicate or empty interface name {:?}", ifc.name),
+                ));
+            }
+            if ifc.device.is_empty()
+                || ifc.device.len() > 15
+                || !devices.insert(ifc.device.as_str())
+            {
+                return Err(SpecError::field(
+                    format!("{path}.device"),
+                    format!("invalid or duplicate device {:?} (1-15 characters, one interface per device)", ifc.device),
+                ));
+            }
+            if ifc.addresses.is_empty() {
+                return Err(SpecError::field(
+                    format!("{path}.addresses"),
+                    "at least one address is needed",
+                ));
+            }
+            for (j, a) in ifc.addresses.iter().enumerate() {
+                if a.0.prefix_len() == a.0.max_prefix_len() || a.0.addr() == a.0.network() {
+                    return Err(SpecError::field(
+                        format!("{path}.addresses[{j}]"),
+                        format!(
+                            "{} must be a host address inside its subnet, e.g. 198.18.1.1/24",
+                            a.0
+                        ),
+                    ));
+                }
+            }
+        }
+        for (i, r) in body.routes.iter().enumerate() {
+            let on_link = body
+                .interfaces
+                .iter()
+                .flat_map(|f| f.addresses.iter())
+                .any(|a| a.0.contains(&r.via));
+            if !on_link {
+                return Err(SpecError::field(
+                    format!("spec.routes[{i}].via"),
+                    format!("next hop {} is not inside any interface's subnet", r.via),
+                ));
+            }
+            if r.to.0.addr().is_ipv4() != r.via.is_ipv4() {
+                return Err(SpecError::field(
+                    format!("spec.routes[{i}]"),
+                    format!("{} via {} mixes address families", r.to, r.via),
+                ));
+            }
+        }
+        let l = &body.layout;
+        let dp = &l.dataplanes;
+        if dp.min < 1 || dp.min > dp.initial() || dp.initial() > dp.max || dp.max > MAX_DATAPLANES {
+            return Err(SpecError::field(
+                "spec.layout.dataplanes",
+                format!(
+                    "need 1 <= min <= initial <= max <= {MAX_DATAPLANES}, got min {} initial {} max {}",
+                    dp.min,
+                    dp.initial(),
+                    dp.max
+                ),
+            ));
+        }
+        if !l.buckets.is_power_of_two() || !(64..=65536).contains(&l.buckets) {
+            return Err(SpecError::field(
+                "spec.layout.buckets",
+                format!("{} is not a power of two in 64..=65536", l.buckets),
+            ));
+        }
+        if body.services.is_empty() {
+            return Err(SpecError::field(
+                "spec.services",
+                "at least one service is needed (e.g. a firewall)",
+            ));
+        }
+        let mut firewalls = 0;
+        for (s, svc) in body.services.iter().enumerate() {
+            match svc {
+                ServiceSpec::Firewall(fw) => {
+                    firewalls += 1;
+                    if firewalls > 1 {
+                        return Err(SpecError::field(
+                            format!("spec.services[{s}]"),
+                            "only one firewall stage is supported",
+                        ));
+                    }
+                    for (i, r) in fw.rules.iter().enumerate() {
+                        self.validate_rule(&format!("spec.services[{s}].firewall.rules[{i}]"), r)?;
+                    }
+                    if fw.max_connections == Some(0) {
+                        return Err(SpecError::field(
+                            format!("spec.services[{s}].firewall.max_connections"),
+                            "must be at least 1",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_rule(&self, path: &str, r: &RuleSpec) -> Result<(), SpecError> {
+        if let Some(from) = &r.from {
+            if !self.spec.interfaces.iter().any(|i| &i.name == from) {
+                return Err(SpecError::field(
+                    format!("{path}.from"),
+                    format!(
+                        "unknown interface {from:?} (interfaces: {})",
+                        self.spec
+                            .interfaces
+                            .iter()
+                            .map(|i| i.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
+        let has_ports = r.sport.is_some() || r.dport.is_some();
+        match r.proto {
+            Some(p) if has_ports && !p.has_ports() => {
+                return Err(SpecError::field(
+                    format!("{path}.proto"),
+                    format!("ports given but protocol {} has no ports", p.0),
+                ))
+            }
+            None if has_ports => {
+                return Err(SpecError::field(
+                    format!("{path}.proto"),
+                    "ports need proto: tcp or udp",
+                ))
+            }
+            _ => {}
+        }
+        if let Some(t) = &r.icmp_type {
+            match r.proto.map(|p| p.0) {
+                Some(Proto::ICMP) => t.resolve(false),
+                Some(Proto::ICMPV6) => t.resolve(true),
+                _ => Err("icmp_type needs proto: icmp or icmpv6".to_string()),
+            }
+            .map_err(|m| SpecError::field(format!("{path}.icmp_type"), m))?;
+        }
+        // A rule mixing families can never match anything: catch the typo.
+        let fams = |l: &Option<CidrList>| -> BTreeSet<bool> {
+            l.iter()
+                .flat_map(|c| c.0.iter())
+                .map(|c| c.0.addr().is_ipv4())
+                .collect()
+        };
+        let (sf, df) = (fams(&r.src), fams(&r.dst));
+        if sf.len() == 1 && df.len() == 1 && sf != df {
+            return Err(SpecError::field(
+                path.to_string(),
+                "src and dst are of different address families",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The backplane VNI: the spec's, else a stable value derived from the name.
+    pub fn vni(&self) -> u32 {
+        self.spec.vni.unwrap_or_else(|| {
+            // FNV-1a: stable across builds and machines, unlike std's hasher.
+            let mut h: u32 = 0x811c_9dc5;
+            for b in self.metadata.name.bytes() {
+                h ^= u32::from(b);
+                h = h.wrapping_mul(0x0100_0193);
+            }
+            (h & 0x00ff_ffff).max(1)
+        })
+    }
+
+    pub fn firewall(&self) -> Option<&FirewallSpec> {
+        self.spec
+            .services
+            .iter()
+            .map(|s| match s {
+                ServiceSpec::Firewall(f) => f,
+            })
+            .next()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: dva/v1
+kind: Appliance
+metadata: { name: edge-fw }
+spec:
+  interfaces:
+    - { name: outside, device: out0, addresses: [198.18.1.1/24] }
+    - { name: inside, device: in0, addresses: [198.18.2.1/24] }
+  layout: { dataplanes: { min: 1, initial: 2, max: 4 } }
+  services:
+    - firewall:
+        default: drop
+        rules:
+          - { name: web, from: outside, dst: 198.18.2.0/24, proto: tcp, dport: [80, "5200-5201"], action: accept }
+          - { from: outside, proto: icmp, icmp_type: echo-request, action: accept }
+          - { from: inside, action: accept }
+"#;
+
+    fn err(text: &str) -> String {
+        ApplianceSpec::from_yaml(text)
+            .expect_err("must be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn parses_good_spec() {
+        let s = ApplianceSpec::from_yaml(GOOD).unwrap();
+        assert_eq!(s.name(), "edge-fw");
+        assert_eq!(s.spec.layout.dataplanes.initial(), 2);
+        let fw = s.firewall().unwrap();
+        assert_eq!(fw.rules.len(), 3);
+        assert_eq!(
+            fw.rules[0].dport.as_ref().unwrap().0,
+            vec![
+                Ports {
+                    first: 80,
+                    last: 80
+                },
+                Ports {
+                    first: 5200,
+                    last: 5201
+                }
+            ]
+        );
+        assert_eq!(
+            fw.rules[1].icmp_type.as_ref().unwrap().resolve(false),
+            Ok(8)
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = err(&GOOD.replace("default: drop", "default: drop\n        colour: red"));
+        assert!(
+            e.contains("spec.services[0].firewall") && e.contains("colour"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_cidr_names_path_and_value() {
+        let e = err(&GOOD.replace("dst: 198.18.2.0/24", "dst: 198.18.300.0/24"));
+        assert!(
+            e.contains("spec.services[0].firewall.rules[0].dst") && e.contains("198.18.300.0/24"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn port_out_of_range_names_path_and_value() {
+        let e = err(&GOOD.replace("dport: [80,", "dport: [70000,"));
+        assert!(e.contains("rules[0].dport") && e.contains("70000"), "{e}");
+    }
+
+    #[test]
+    fn unknown_interface_reference() {
+        let e = err(&GOOD.replace("from: inside", "from: dmz"));
+        assert!(e.contains("rules[2].from") && e.contains("dmz"), "{e}");
+    }
+
+    #[test]
+    fn layout_bounds() {
+        let e = err(&GOOD.replace("initial: 2, max: 4", "initial: 5, max: 4"));
+        assert!(e.contains("spec.layout.dataplanes"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_is_reported() {
+        assert!(matches!(
+            ApplianceSpec::from_yaml("spec: [unclosed"),
+            Err(SpecError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn vni_is_stable() {
+        let s = ApplianceSpec::from_yaml(GOOD).unwrap();
+        assert_eq!(s.vni(), s.clone().vni());
+        assert!(s.vni() < 1 << 24 && s.vni() > 0);
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let s = ApplianceSpec::from_yaml(GOOD).unwrap();
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(ApplianceSpec::from_value(j).unwrap(), s);
+    }
+}

@@ -1,0 +1,605 @@
+//! Connection tracking: one entry per connection, found from either direction.
+//!
+//! - Entries are keyed by the canonical [`FlowKey`] (lower endpoint first), so a packet and its
+//!   reply find the same entry; the entry keeps the original direction's key to tell them apart.
+//! - Protocol state: TCP follows Linux conntrack's state machine ([`tcp`]); UDP, ICMP queries and
+//!   other protocols are pseudo-connections that only remember whether a reply was seen.
+//! - Every state has a timeout ([`Timeouts`], Linux defaults). Expiry is exact for lookups (an entry
+//!   past its deadline is gone as far as packets can tell) and lazy for memory: [`Conntrack::expire`]
+//!   frees due entries in slices of caller-chosen size.
+//!
+//! How expiry stays O(1): there is one FIFO per timeout class (a TCP state, UDP replied/unreplied,
+//! ...). Every record pushed to a FIFO has deadline `now + that class's timeout`, and `now` only
+//! grows, so each FIFO is sorted by construction and only its front can be due. A packet that
+//! refreshes an entry pushes nothing: when the old record comes due, the entry is found alive and
+//! re-queued once with its current deadline. Only a change to a class with a shorter timeout
+//! (established -> fin_wait) pushes a new record; the older record is then recognised as stale by
+//! its id. So each entry costs O(1) records per timeout period, whatever its packet rate.
+
+pub mod tcp;
+
+use std::collections::{HashMap, VecDeque};
+
+use dva_flow::{proto, FlowKey};
+use serde::{Deserialize, Serialize};
+
+use crate::hash::{MapKey, SeededState};
+use tcp::Next;
+pub use tcp::{flags, TcpState};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// Timeouts in seconds, per state. Defaults are Linux's (`nf_conntrack_*_timeout*`) except UDP
+/// replied (180 s, the brief's value; Linux uses 120 s).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    pub tcp_syn_sent: u64,
+    pub tcp_syn_recv: u64,
+    pub tcp_established: u64,
+    pub tcp_fin_wait: u64,
+    pub tcp_close_wait: u64,
+    pub tcp_last_ack: u64,
+    pub tcp_time_wait: u64,
+    pub tcp_close: u64,
+    /// UDP (and UDP-Lite) until the first reply.
+    pub udp_unreplied: u64,
+    /// UDP once a reply was seen.
+    pub udp_replied: u64,
+    /// ICMP / ICMPv6 queries (echo, timestamp, ...).
+    pub icmp: u64,
+    /// Any other IP protocol.
+    pub generic: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp_syn_sent: 120,
+            tcp_syn_recv: 60,
+            tcp_established: 432_000,
+            tcp_fin_wait: 120,
+            tcp_close_wait: 60,
+            tcp_last_ack: 30,
+            tcp_time_wait: 120,
+            tcp_close: 10,
+            udp_unreplied: 30,
+            udp_replied: 180,
+            icmp: 30,
+            generic: 600,
+        }
+    }
+}
+
+impl Timeouts {
+    /// Timeout of each class in nanoseconds, indexed by [`ConnState::class`].
+    fn table_ns(&self) -> [u64; N_CLASSES] {
+        let s = |secs: u64| secs.saturating_mul(NS_PER_SEC);
+        [
+            s(self.tcp_syn_sent), // None: only ever a transient state
+            s(self.tcp_syn_sent),
+            s(self.tcp_syn_recv),
+            s(self.tcp_established),
+            s(self.tcp_fin_wait),
+            s(self.tcp_close_wait),
+            s(self.tcp_last_ack),
+            s(self.tcp_time_wait),
+            s(self.tcp_close),
+            s(self.tcp_syn_sent), // SynSent2, as Linux
+            s(self.udp_unreplied),
+            s(self.udp_replied),
+            s(self.icmp),
+            s(self.generic),
+        ]
+    }
+}
+
+/// Default cap on tracked connections.
+pub const DEFAULT_MAX_ENTRIES: usize = 1_048_576;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConntrackConfig {
+    /// New connections beyond this many are refused (`TableFull`).
+    pub max_entries: usize,
+    pub timeouts: Timeouts,
+}
+
+impl Default for ConntrackConfig {
+    fn default() -> Self {
+        ConntrackConfig {
+            max_entries: DEFAULT_MAX_ENTRIES,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// Which way a packet goes relative to the packet that created its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Original,
+    Reply,
+}
+
+/// Protocol state of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnState {
+    Tcp(TcpState),
+    /// UDP and UDP-Lite.
+    Udp {
+        replied: bool,
+    },
+    /// ICMP / ICMPv6 query pseudo-connection (keyed by the query identifier).
+    Icmp {
+        replied: bool,
+    },
+    /// Any other protocol, keyed by addresses (and ports if the caller set them).
+    Generic {
+        replied: bool,
+    },
+}
+
+const N_CLASSES: usize = 14;
+
+impl ConnState {
+    /// The state a connection starts in, for the protocol of `key` and its first packet's flags;
+    /// `None` if that packet cannot open a connection (TCP without a plain SYN).
+    pub fn initial(key: &FlowKey, tcp_flags: u8) -> Option<ConnState> {
+        Some(match key.proto {
+            // Only a SYN: Linux would also pick up a connection mid-stream from an ACK (NONE ->
+            // ESTABLISHED), but here a data plane without state punts to the previous owner instead.
+            proto::TCP if tcp::starts_connection(tcp_flags) => ConnState::Tcp(TcpState::SynSent),
+            proto::TCP => return None,
+            proto::UDP | proto::UDPLITE => ConnState::Udp { replied: false },
+            proto::ICMP | proto::ICMPV6 => ConnState::Icmp { replied: false },
+            _ => ConnState::Generic { replied: false },
+        })
+    }
+
+    /// Timeout class (index into the timeout table).
+    fn class(self) -> usize {
+        match self {
+            ConnState::Tcp(s) => s as usize,
+            ConnState::Udp { replied: false } => 10,
+            ConnState::Udp { replied: true } => 11,
+            ConnState::Icmp { .. } => 12,
+            ConnState::Generic { .. } => 13,
+        }
+    }
+
+    /// A reply has been seen (TCP: the connection got past SYN_SENT).
+    pub fn replied(self) -> bool {
+        match self {
+            ConnState::Tcp(s) => !matches!(s, TcpState::None | TcpState::SynSent),
+            ConnState::Udp { replied }
+            | ConnState::Icmp { replied }
+            | ConnState::Generic { replied } => replied,
+        }
+    }
+}
+
+/// One tracked connection: everything needed to move it to another data plane (serde).
+///
+/// Timestamps are on the owning process's monotonic clock; [`Conntrack::import`] resets them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conn {
+    /// The key of the packet that created the connection (its direction is `Original`).
+    pub key: FlowKey,
+    /// Flow bucket the connection belongs to (history retirement, state export).
+    pub bucket: u16,
+    pub state: ConnState,
+    pub created: u64,
+    pub last_seen: u64,
+    pub orig_packets: u64,
+    pub orig_bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+impl Conn {
+    /// Direction of a packet with key `key` (which must belong to this connection).
+    #[inline]
+    pub fn direction_of(&self, key: &FlowKey) -> Direction {
+        if *key == self.key {
+            Direction::Original
+        } else {
+            Direction::Reply
+        }
+    }
+
+    fn count(&mut self, dir: Direction, len: u32) {
+        let (p, b) = match dir {
+            Direction::Original => (&mut self.orig_packets, &mut self.orig_bytes),
+            Direction::Reply => (&mut self.reply_packets, &mut self.reply_bytes),
+        };
+        *p = p.saturating_add(1);
+        *b = b.saturating_add(u64::from(len));
+    }
+}
+
+/// Handle to a tracked connection, valid until it is removed or expires (then `get` returns
+/// `None` or, after reuse of the slot, another connection: do not keep ids across calls that
+/// may remove entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId(u32);
+
+/// What feeding a packet to a tracked connection did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update {
+    /// Part of the connection; state and timeout updated.
+    Tracked,
+    /// Part of the connection but carries no state change (a retransmission, say); accepted.
+    Ignored,
+    /// Does not fit the connection's state (e.g. ACK before the SYN/ACK); nothing changed.
+    Invalid,
+    /// A SYN for a connection in TIME_WAIT or CLOSE: the old connection is over and this opens a
+    /// new one. The caller removes the entry and handles the packet as new (rules apply again, and
+    /// the new connection may run the other way).
+    Reopen,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CreateError {
+    #[error("connection table full ({max} entries)")]
+    TableFull { max: usize },
+    #[error("a TCP segment with flags {flags:#04x} cannot open a connection (needs a plain SYN)")]
+    NotAStart { flags: u8 },
+    #[error("{key} is already tracked")]
+    Exists { key: FlowKey },
+}
+
+struct Entry {
+    conn: Conn,
+    expires: u64,
+    /// Id and deadline of the entry's live expiry record.
+    record: u64,
+    queued_deadline: u64,
+}
+
+struct Record {
+    slot: u32,
+    id: u64,
+    deadline: u64,
+}
+
+/// The connection table.
+pub struct Conntrack {
+    config: ConntrackConfig,
+    timeouts_ns: [u64; N_CLASSES],
+    map: HashMap<MapKey, u32, SeededState>,
+    slots: Vec<Option<Entry>>,
+    free: Vec<u32>,
+    queues: [VecDeque<Record>; N_CLASSES],
+    cursor: usize,
+    next_record: u64,
+    per_bucket: Vec<u32>,
+}
+
+impl std::fmt::Debug for Conntrack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conntrack")
+            .field("len", &self.len())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Conntrack {
+    pub fn new(config: ConntrackConfig) -> Conntrack {
+        Conntrack {
+            timeouts_ns: config.timeouts.table_ns(),
+            config,
+            map: HashMap::with_hasher(SeededState::random()),
+            slots: Vec::new(),
+            free: Vec::new(),
+            queues: Default::default(),
+            cursor: 0,
+            next_record: 0,
+            per_bucket: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &ConntrackConfig {
+        &self.config
+    }
+
+    /// Tracked connections, including expired ones not yet collected by [`Conntrack::expire`].
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The live connection `key` (either direction) belongs to, and the packet's direction.
+    /// An expired entry found on the way is removed.
+    #[inline]
+    pub fn lookup(&mut self, now: u64, key: &FlowKey) -> Option<(ConnId, Direction)> {
+        let slot = *self.map.get(&MapKey(key.canonical().0))?;
+        let e = self.slots.get(slot as usize)?.as_ref()?;
+        if e.expires <= now {
+            self.remove_slot(slot);
+            return None;
+        }
+        Some((ConnId(slot), e.conn.direction_of(key)))
+    }
+
+    /// Whether a live connection exists for `key` (either direction); read-only.
+    pub fn contains(&self, now: u64, key: &FlowKey) -> bool {
+        self.find_entry(key).is_some_and(|e| e.expires > now)
+    }
+
+    /// The connection `key` belongs to, live or not yet collected.
+    pub fn find(&self, key: &FlowKey) -> Option<&Conn> {
+        self.find_entry(key).map(|e| &e.conn)
+    }
+
+    pub fn get(&self, id: ConnId) -> Option<&Conn> {
+        self.entry(id.0).map(|e| &e.conn)
+    }
+
+    /// Deadline (same clock as `now`) after which `id` is gone unless a packet refreshes it.
+    pub fn expires_at(&self, id: ConnId) -> Option<u64> {
+        self.entry(id.0).map(|e| e.expires)
+    }
+
+    /// Track a new connection started by a packet with key `key` (the original direction).
+    pub fn create(
+        &mut self,
+        now: u64,
+        bucket: u16,
+        key: &FlowKey,
+        tcp_flags: u8,
+        len: u32,
+    ) -> Result<ConnId, CreateError> {
+        let state = ConnState::initial(key, tcp_flags)
+            .ok_or(CreateError::NotAStart { flags: tcp_flags })?;
+        let mut conn = Conn {
+            key: *key,
+            bucket,
+            state,
+            created: now,
+            last_seen: now,
+            orig_packets: 0,
+            orig_bytes: 0,
+            reply_packets: 0,
+            reply_bytes: 0,
+        };
+        conn.count(Direction::Original, len);
+        self.insert(now, conn)
+    }
+
+    /// Take over a connection exported by another data plane. Its timestamps are on the
+    /// exporter's clock, so both become `now`: the connection gets a full timeout in its state.
+    pub fn import(&mut self, now: u64, mut conn: Conn) -> Result<ConnId, CreateError> {
+        conn.last_seen = now;
+        conn.created = now;
+        self.insert(now, conn)
+    }
+
+    fn insert(&mut self, now: u64, conn: Conn) -> Result<ConnId, CreateError> {
+        let mk = MapKey(conn.key.canonical().0);
+        if let Some(&slot) = self.map.get(&mk) {
+            match self.entry(slot) {
+                Some(e) if e.expires > now => return Err(CreateError::Exists { key: conn.key }),
+                _ => {
+                    self.remove_slot(slot);
+                }
+            }
+        }
+        if self.map.len() >= self.config.max_entries {
+            // Expired entries may be waiting for collection: a little of it here keeps a table full
+            // of dead entries from refusing live traffic.
+            self.expire(now, 64);
+            if self.map.len() >= self.config.max_entries {
+                return Err(CreateError::TableFull {
+                    max: self.config.max_entries,
+                });
+            }
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                // max_entries bounds the slots; a u32 index covers any sane limit.
+                let s = u32::try_from(self.slots.len()).map_err(|_| CreateError::TableFull {
+                    max: self.slots.len(),
+                })?;
+                self.slots.push(None);
+                s
+            }
+        };
+        let bucket = usize::from(conn.bucket);
+        if self.per_bucket.len() <= bucket {
+            self.per_bucket.resize(bucket + 1, 0);
+        }
+        self.per_bucket[bucket] += 1;
+        let class = conn.state.class();
+        let expires = now.saturating_add(self.timeouts_ns[class]);
+        self.slots[slot as usize] = Some(Entry {
+            conn,
+            expires,
+            record: 0,
+            queued_deadline: u64::MAX,
+        });
+        self.map.insert(mk, slot);
+        self.enqueue(slot, class, expires);
+        Ok(ConnId(slot))
+    }
+
+    /// Feed a packet of connection `id` going `dir`: update protocol state, counters and timeout.
+    pub fn update(
+        &mut self,
+        now: u64,
+        id: ConnId,
+        dir: Direction,
+        tcp_flags: u8,
+        len: u32,
+    ) -> Update {
+        let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return Update::Invalid;
+        };
+        let c = &mut e.conn;
+        let outcome = match c.state {
+            ConnState::Tcp(s) => match tcp::transition(s, dir, tcp_flags) {
+                Next::Invalid => return Update::Invalid,
+                Next::To(TcpState::SynSent)
+                    if matches!(s, TcpState::TimeWait | TcpState::Close) =>
+                {
+                    return Update::Reopen
+                }
+                Next::To(n) => {
+                    c.state = ConnState::Tcp(n);
+                    Update::Tracked
+                }
+                Next::Ignore => {
+                    // As Linux: counted, but no timeout refresh (a stray retransmission must not
+                    // keep a connection alive).
+                    c.count(dir, len);
+                    return Update::Ignored;
+                }
+            },
+            ConnState::Udp { ref mut replied }
+            | ConnState::Icmp { ref mut replied }
+            | ConnState::Generic { ref mut replied } => {
+                *replied |= dir == Direction::Reply;
+                Update::Tracked
+            }
+        };
+        c.count(dir, len);
+        c.last_seen = now;
+        let class = c.state.class();
+        let expires = now.saturating_add(self.timeouts_ns[class]);
+        e.expires = expires;
+        if expires < e.queued_deadline {
+            // The live record would fire too late (the new state has a shorter timeout).
+            self.enqueue(id.0, class, expires);
+        }
+        outcome
+    }
+
+    pub fn remove(&mut self, id: ConnId) -> Option<Conn> {
+        self.remove_slot(id.0)
+    }
+
+    /// Collect expired entries, examining at most `max` expiry records (so the data path can
+    /// call this every batch without stalling). Returns the number of entries removed.
+    pub fn expire(&mut self, now: u64, max: usize) -> usize {
+        let mut removed = 0;
+        for _ in 0..max {
+            let Some(rec) = self.pop_due(now) else { break };
+            let Some(e) = self.entry(rec.slot) else {
+                continue;
+            };
+            if e.record != rec.id {
+                continue; // superseded by a newer record of the same entry
+            }
+            if e.expires <= now {
+                self.remove_slot(rec.slot);
+                removed += 1;
+            } else {
+                let (class, expires) = (e.conn.state.class(), e.expires);
+                self.enqueue(rec.slot, class, expires);
+            }
+        }
+        removed
+    }
+
+    /// `(bucket, tracked connections)` for every bucket holding any.
+    pub fn flows_per_bucket(&self) -> impl Iterator<Item = (u16, u32)> + '_ {
+        self.per_bucket
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(b, &n)| (b as u16, n))
+    }
+
+    /// Tracked connections (including expired ones not yet collected), in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Conn> + '_ {
+        self.slots.iter().flatten().map(|e| &e.conn)
+    }
+
+    /// Copies of the live connections of `bucket`, for a state move. A full scan: state moves are
+    /// rare control-plane events.
+    pub fn export_bucket(&self, now: u64, bucket: u16) -> Vec<Conn> {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|e| e.conn.bucket == bucket && e.expires > now)
+            .map(|e| e.conn.clone())
+            .collect()
+    }
+
+    /// Drop every connection of `bucket` (after a successful export). Returns how many.
+    pub fn remove_bucket(&mut self, bucket: u16) -> usize {
+        let slots: Vec<u32> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.as_ref().is_some_and(|e| e.conn.bucket == bucket))
+            .map(|(i, _)| i as u32)
+            .collect();
+        slots
+            .iter()
+            .filter(|&&s| self.remove_slot(s).is_some())
+            .count()
+    }
+
+    fn find_entry(&self, key: &FlowKey) -> Option<&Entry> {
+        let slot = *self.map.get(&MapKey(key.canonical().0))?;
+        self.entry(slot)
+    }
+
+    #[inline]
+    fn entry(&self, slot: u32) -> Option<&Entry> {
+        self.slots.get(slot as usize).and_then(Option::as_ref)
+    }
+
+    fn remove_slot(&mut self, slot: u32) -> Option<Conn> {
+        let e = self.slots.get_mut(slot as usize)?.take()?;
+        self.map.remove(&MapKey(e.conn.key.canonical().0));
+        self.free.push(slot);
+        if let Some(n) = self.per_bucket.get_mut(usize::from(e.conn.bucket)) {
+            *n = n.saturating_sub(1);
+        }
+        Some(e.conn)
+    }
+
+    /// Push an expiry record for `slot` and make it the entry's live one. The deadline is raised to
+    /// the queue's last one if needed, which keeps the queue sorted even if `now` went backwards or
+    /// a re-queued entry's deadline predates newer records (it then expires a little late in memory,
+    /// never late for lookups).
+    fn enqueue(&mut self, slot: u32, class: usize, deadline: u64) {
+        let q = &mut self.queues[class];
+        let deadline = q.back().map_or(deadline, |r| r.deadline.max(deadline));
+        let id = self.next_record;
+        self.next_record += 1;
+        q.push_back(Record { slot, id, deadline });
+        if let Some(Some(e)) = self.slots.get_mut(slot as usize) {
+            e.record = id;
+            e.queued_deadline = deadline;
+        }
+    }
+
+    /// The next due record, taking the queues in turn so no class starves another.
+    fn pop_due(&mut self, now: u64) -> Option<Record> {
+        for _ in 0..N_CLASSES {
+            let c = self.cursor;
+            self.cursor = (self.cursor + 1) % N_CLASSES;
+            if self.queues[c].front().is_some_and(|r| r.deadline <= now) {
+                return self.queues[c].pop_front();
+            }
+        }
+        None
+    }
+
+    /// Expiry records held (live and stale); for tests and memory accounting.
+    pub fn pending_records(&self) -> usize {
+        self.queues.iter().map(VecDeque::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests;

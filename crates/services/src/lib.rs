@@ -1,0 +1,20 @@
+//! dva-services: the network services a data plane applies to the packets of the flows it owns.
+//!
+//! Contract of this layer:
+//! - Sans-IO and wire-agnostic: the caller parses packets (with `dva-wire`) and hands each stage a
+//!   small plain struct of the fields it needs ([`firewall::PacketInfo`]); a stage returns a verdict
+//!   and never touches the packet bytes, a socket or a clock. Every time-dependent call takes
+//!   `now: u64`, nanoseconds on a monotonic clock the caller owns, so tests drive time by hand.
+//! - A stage instance belongs to one data-path thread (`&mut self`, no locks); configuration arrives
+//!   as whole snapshots (`set_rules`) that leave per-flow state in place, as nftables does.
+//! - Malformed or hostile input yields a verdict and a counted drop, never a panic, and per-packet
+//!   work is bounded: O(1) amortized conntrack operations, expiry done in caller-sized slices.
+//!
+//! Modules: [`conntrack`] (connection tracking, TCP state machine, timeouts, reusable by NAT and LB)
+//! and [`firewall`] (ordered rules over conntrack: `ct state established,related accept`, then the
+//! rules, then the default policy).
+
+pub mod conntrack;
+pub mod firewall;
+mod hash;
+pub mod icmp;

@@ -1,0 +1,186 @@
+//! The unit's local control socket: a Unix socket speaking just enough HTTP/1.0 for `curl
+//! --unix-socket` and for the tools that start units (`dva run`).
+//!
+//! Unix sockets live in the filesystem, not in a network namespace, so a unit placed in a lab host
+//! namespace is reachable from the root namespace without any route. Endpoints:
+//! `GET /ready` (200 once the data path is set up), `GET /stats` (JSON [`UnitStats`]),
+//! `GET /metrics` (Prometheus text).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crate::stats::{StatsCell, UnitStats};
+
+/// Biggest request we read; anything larger is answered 400 and closed.
+const MAX_REQUEST: usize = 8 * 1024;
+
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Bind the socket (replacing a stale one) and serve on a background thread.
+    pub fn start(
+        path: &Path,
+        stats: StatsCell,
+        ready: Arc<AtomicBool>,
+    ) -> io::Result<ControlServer> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let listener = UnixListener::bind(path)?;
+        thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    // One request per connection, served inline: requests are tiny and rare.
+                    let _ = serve_one(conn, &stats, &ready);
+                }
+            })?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve_one(conn: UnixStream, stats: &StatsCell, ready: &AtomicBool) -> io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut reader = BufReader::new(conn.try_clone()?.take(MAX_REQUEST as u64));
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    // Drain headers so the client sees a clean close.
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+            break;
+        }
+    }
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = match (method, target) {
+        ("GET", "/ready") if ready.load(Ordering::Acquire) => {
+            (200, "text/plain", "ready\n".to_string())
+        }
+        ("GET", "/ready") => (503, "text/plain", "starting\n".to_string()),
+        ("GET", "/stats") => (
+            200,
+            "application/json",
+            serde_json::to_string(&stats.snapshot()).unwrap_or_default(),
+        ),
+        ("GET", "/metrics") => (
+            200,
+            "text/plain; version=0.0.4",
+            stats.snapshot().to_prometheus(),
+        ),
+        ("GET", _) => (
+            404,
+            "text/plain",
+            format!("no such endpoint {target:?}; try /ready, /stats, /metrics\n"),
+        ),
+        _ => (
+            405,
+            "text/plain",
+            format!("method {method:?} not allowed\n"),
+        ),
+    };
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let mut w = conn;
+    write!(w, "HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    w.flush()
+}
+
+/// `GET path` over the unit's control socket. Returns (status, body).
+pub fn get(socket: &Path, target: &str, timeout: Duration) -> io::Result<(u16, String)> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {target} HTTP/1.0\r\nHost: unit\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "control socket sent no HTTP header",
+        )
+    })?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad status line {head:?}"),
+            )
+        })?;
+    Ok((status, body.to_string()))
+}
+
+/// The unit's stats, read over its control socket.
+pub fn fetch_stats(socket: &Path) -> io::Result<UnitStats> {
+    let (status, body) = get(socket, "/stats", Duration::from_secs(2))?;
+    if status != 200 {
+        return Err(io::Error::other(format!("stats: HTTP {status}")));
+    }
+    serde_json::from_str(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serves_ready_stats_metrics() {
+        let dir = std::env::temp_dir().join(format!("dva-ctl-test-{}", std::process::id()));
+        let path = dir.join("u.sock");
+        let cell = StatsCell::new(UnitStats {
+            appliance: "a".into(),
+            unit: 3,
+            role: "dataplane".into(),
+            ..Default::default()
+        });
+        let ready = Arc::new(AtomicBool::new(false));
+        let _srv = ControlServer::start(&path, cell.clone(), ready.clone()).unwrap();
+        assert_eq!(get(&path, "/ready", Duration::from_secs(2)).unwrap().0, 503);
+        ready.store(true, Ordering::Release);
+        assert_eq!(get(&path, "/ready", Duration::from_secs(2)).unwrap().0, 200);
+        let mut s = cell.snapshot();
+        s.rx_packets = 42;
+        s.drops.insert("malformed".into(), 2);
+        assert!(cell.try_publish(s));
+        let got = fetch_stats(&path).unwrap();
+        assert_eq!(got.rx_packets, 42);
+        let (st, m) = get(&path, "/metrics", Duration::from_secs(2)).unwrap();
+        assert_eq!(st, 200);
+        assert!(
+            m.contains("dva_rx_packets_total{appliance=\"a\",unit=\"3\",role=\"dataplane\"} 42"),
+            "{m}"
+        );
+        assert!(m.contains("reason=\"malformed\"} 2"), "{m}");
+        assert_eq!(get(&path, "/nope", Duration::from_secs(2)).unwrap().0, 404);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,397 @@
+//! The data-plane role: runs the service chain on the packets of the flows it owns.
+//!
+//! ```text
+//!  dispatcher ──GENEVE(bucket, ingress_if)──> on_packet ── firewall ──Accept──> back to a dispatcher
+//!                                                │            └─Reject──> RST / ICMP unreachable to a dispatcher
+//!                                                └─NoState, bucket has history──> punt to the previous owner
+//! ```
+//!
+//! Punting (DESIGN.md §2): after the bucket table changes, packets of flows that started on the
+//! bucket's previous owner arrive here first. A packet that cannot start a flow, or any packet in a
+//! bucket with history, is first offered to the previous owners in order (hop count in the GENEVE
+//! option bounds the chain); the end of the chain hands connectionless packets back marked
+//! "new here" so the owner creates the flow, and drops mid-flow TCP that nobody knows.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use dva_flow::UnitId;
+use dva_io::udp::UdpEndpoint;
+use dva_proto::DataplaneConfig;
+use dva_services::firewall::{
+    ConntrackConfig, DropReason, Firewall, NewFlowPolicy, PacketInfo, RejectKind, Verdict,
+};
+use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
+
+use crate::classify::{classify, Classified, PROTO_TCP};
+use crate::reply;
+use crate::stats::{DropCounters, Every, StatsCell, UnitStats};
+
+const BATCH: usize = 64;
+/// Longest punt chain: the bucket history is capped at 4 previous owners, plus the hand-back.
+const MAX_HOPS: u8 = 6;
+
+mod drop_reason {
+    pub const FOREIGN: usize = 0;
+    pub const MALFORMED_GENEVE: usize = 1;
+    pub const WRONG_VNI: usize = 2;
+    pub const MALFORMED_IP: usize = 3;
+    pub const FIREWALL_RULE: usize = 4;
+    pub const FIREWALL_DEFAULT: usize = 5;
+    pub const INVALID_STATE: usize = 6;
+    pub const TABLE_FULL: usize = 7;
+    pub const PUNT_LOOP: usize = 8;
+    pub const NO_STATE: usize = 9;
+    pub const TX_FULL: usize = 10;
+    pub const FRAGMENT: usize = 11;
+    pub const REJECTED: usize = 12;
+    pub const NAMES: [&str; 13] = [
+        "backplane-foreign-source",
+        "malformed-geneve",
+        "wrong-vni",
+        "malformed-ip",
+        "firewall-rule",
+        "firewall-default-policy",
+        "invalid-state",
+        "conntrack-table-full",
+        "punt-hop-limit",
+        "no-state-anywhere",
+        "backplane-tx-full",
+        "fragment-unsupported",
+        "rejected",
+    ];
+}
+use drop_reason as dr;
+
+pub struct Dataplane {
+    rx: UdpEndpoint,
+    core: Core,
+}
+
+struct Core {
+    cfg: DataplaneConfig,
+    /// A second socket for sending, so a packet can be rewritten in the send batch while the receive
+    /// batch it came from is still borrowed.
+    tx: UdpEndpoint,
+    fw: Firewall,
+    peers: BTreeMap<UnitId, SocketAddr>,
+    dispatcher_ips: Vec<IpAddr>,
+    peer_ips: Vec<IpAddr>,
+    drops: DropCounters<{ dr::NAMES.len() }>,
+    rx_packets: u64,
+    rx_bytes: u64,
+    tx_packets: u64,
+    tx_bytes: u64,
+    events: BTreeMap<&'static str, u64>,
+    scratch: Vec<u8>,
+    epoch_start: Instant,
+    now_ns: u64,
+}
+
+impl Dataplane {
+    pub fn new(cfg: DataplaneConfig) -> anyhow::Result<Dataplane> {
+        let rx = UdpEndpoint::bind(cfg.listen)
+            .with_context(|| format!("binding the backplane socket {}", cfg.listen))?;
+        let tx = UdpEndpoint::bind(SocketAddr::new(cfg.listen.ip(), 0))
+            .context("binding the backplane send socket")?;
+        if cfg.dispatchers.is_empty() {
+            bail!("config lists no dispatcher to return packets to");
+        }
+        let limits = ConntrackConfig {
+            max_entries: cfg.max_connections,
+            ..Default::default()
+        };
+        let fw = Firewall::new(cfg.firewall.clone(), limits);
+        let peers = cfg.peers.iter().map(|p| (p.id, p.addr)).collect();
+        let dispatcher_ips = cfg.dispatchers.iter().map(|d| d.addr.ip()).collect();
+        let peer_ips = cfg.peers.iter().map(|d| d.addr.ip()).collect();
+        Ok(Dataplane {
+            rx,
+            core: Core {
+                cfg,
+                tx,
+                fw,
+                peers,
+                dispatcher_ips,
+                peer_ips,
+                drops: DropCounters::new(dr::NAMES),
+                rx_packets: 0,
+                rx_bytes: 0,
+                tx_packets: 0,
+                tx_bytes: 0,
+                events: BTreeMap::new(),
+                scratch: Vec::with_capacity(2048),
+                epoch_start: Instant::now(),
+                now_ns: 0,
+            },
+        })
+    }
+
+    pub fn run(&mut self, stop: &AtomicBool, stats: &StatsCell) -> anyhow::Result<()> {
+        let mut poller = dva_io::poll::Poller::new(&[self.rx.as_raw_fd()]);
+        let mut publish = Every::new(Duration::from_millis(100));
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            let core = &mut self.core;
+            core.now_ns = now.duration_since(core.epoch_start).as_nanos() as u64;
+            let n = self
+                .rx
+                .recv_batch(BATCH, |buf, src| core.on_packet(buf, src))
+                .unwrap_or(0);
+            let _ = core.tx.flush();
+            // Bounded expiry work per turn keeps the loop's latency flat however many flows time out.
+            core.fw.expire(core.now_ns, 256);
+            if publish.due(now) {
+                stats.try_publish(core.snapshot());
+            }
+            if n == 0 {
+                let _ = poller.wait(20);
+            }
+        }
+        stats.try_publish(self.core.snapshot());
+        Ok(())
+    }
+
+    pub fn snapshot(&self) -> UnitStats {
+        self.core.snapshot()
+    }
+}
+
+impl Core {
+    fn snapshot(&self) -> UnitStats {
+        let mut counters: BTreeMap<String, u64> = self
+            .events
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        counters.insert("backplane_tx_dropped".into(), self.tx.tx_dropped());
+        UnitStats {
+            appliance: self.cfg.appliance.clone(),
+            unit: self.cfg.unit,
+            role: "dataplane".into(),
+            config_version: self.cfg.version,
+            rx_packets: self.rx_packets,
+            rx_bytes: self.rx_bytes,
+            tx_packets: self.tx_packets,
+            tx_bytes: self.tx_bytes,
+            flows: self.fw.len() as u64,
+            drops: self.drops.to_map(),
+            counters,
+            ..Default::default()
+        }
+    }
+
+    fn event(&mut self, name: &'static str) {
+        *self.events.entry(name).or_insert(0) += 1;
+    }
+
+    fn on_packet(&mut self, buf: &[u8], src: SocketAddr) {
+        self.rx_packets += 1;
+        self.rx_bytes += buf.len() as u64;
+        let from_dispatcher = self.dispatcher_ips.contains(&src.ip());
+        if !from_dispatcher && !self.peer_ips.contains(&src.ip()) {
+            return self.drops.inc(dr::FOREIGN);
+        }
+        let Ok((vni, _ptype, meta, off)) = geneve::decap_dva(buf) else {
+            return self.drops.inc(dr::MALFORMED_GENEVE);
+        };
+        if vni != self.cfg.vni {
+            return self.drops.inc(dr::WRONG_VNI);
+        }
+        let ip = &buf[off..];
+        let Ok(c) = classify(ip) else {
+            return self.drops.inc(dr::MALFORMED_IP);
+        };
+        let ip = &ip[..c.ip_len.min(ip.len())];
+        if c.fragment {
+            // TODO(fragments): reassemble (or track by IP id) as nf_defrag does; until then they are counted.
+            return self.drops.inc(dr::FRAGMENT);
+        }
+        let table = &self.cfg.table;
+        let bucket = if usize::from(meta.bucket) < table.len() {
+            meta.bucket
+        } else {
+            table.bucket_of(c.bucket_key().symmetric_hash())
+        };
+        let history_len = table.bucket(bucket).history.len();
+        let punted = meta.flags & dva_flags::PUNTED != 0;
+        let new_here = meta.flags & dva_flags::NEW_HERE != 0;
+        // A TCP SYN always starts a fresh flow where it lands; anything else in a bucket that moved
+        // may belong to a flow a previous owner holds, so ask before creating state.
+        let policy = if new_here
+            || (!punted && history_len == 0)
+            || (c.key.proto == PROTO_TCP && c.can_start_flow() && !punted)
+        {
+            NewFlowPolicy::Create
+        } else {
+            NewFlowPolicy::Refuse
+        };
+        let info = PacketInfo {
+            ingress_if: meta.ingress_if,
+            key: c.key,
+            tcp_flags: c.tcp_flags,
+            icmp: c.icmp,
+            icmp_inner: c.icmp_inner,
+            len: ip.len() as u32,
+        };
+        match self.fw.process(self.now_ns, bucket, &info, policy) {
+            Verdict::Accept => {
+                let to = self.dispatcher_for(src, from_dispatcher, &c);
+                self.send(to, &meta, 0, ip);
+            }
+            Verdict::Drop(reason) => self.drops.inc(match reason {
+                DropReason::RuleDrop => dr::FIREWALL_RULE,
+                DropReason::DefaultPolicy => dr::FIREWALL_DEFAULT,
+                DropReason::TableFull => dr::TABLE_FULL,
+                _ => dr::INVALID_STATE,
+            }),
+            Verdict::Reject(kind) => {
+                self.drops.inc(dr::REJECTED);
+                self.reject(kind, src, from_dispatcher, &meta, ip, &c);
+            }
+            Verdict::NoState => self.punt(bucket, &meta, ip, &c),
+        }
+    }
+
+    /// Processed packets go back to the dispatcher they came from; punted ones to any dispatcher
+    /// (dispatchers are interchangeable), chosen by flow so a flow keeps one path.
+    fn dispatcher_for(&self, src: SocketAddr, from_dispatcher: bool, c: &Classified) -> SocketAddr {
+        if from_dispatcher {
+            return src;
+        }
+        let d = &self.cfg.dispatchers;
+        d[c.bucket_key().symmetric_hash() as usize % d.len()].addr
+    }
+
+    fn punt(&mut self, bucket: u16, meta: &DvaMeta, ip: &[u8], c: &Classified) {
+        let hops = meta.hops;
+        if hops >= MAX_HOPS {
+            return self.drops.inc(dr::PUNT_LOOP);
+        }
+        let b = self.cfg.table.bucket(bucket);
+        let next = usize::from(hops);
+        if let Some(prev) = b.history.get(next).copied().filter(|p| *p != self.cfg.unit) {
+            let Some(addr) = self.peers.get(&prev).copied() else {
+                return self.drops.inc(dr::NO_STATE);
+            };
+            self.event("punted_out");
+            return self.send(addr, meta, dva_flags::PUNTED, ip);
+        }
+        // End of the chain: nobody holds this flow.
+        if c.can_start_flow() && c.key.proto != PROTO_TCP {
+            let owner = b.owner;
+            if owner == self.cfg.unit {
+                // We are the owner and the chain came back empty: create it here.
+                let info = PacketInfo {
+                    ingress_if: meta.ingress_if,
+                    key: c.key,
+                    tcp_flags: c.tcp_flags,
+                    icmp: c.icmp,
+                    icmp_inner: c.icmp_inner,
+                    len: ip.len() as u32,
+                };
+                if let Verdict::Accept =
+                    self.fw
+                        .process(self.now_ns, bucket, &info, NewFlowPolicy::Create)
+                {
+                    let to = self.cfg.dispatchers[0].addr;
+                    return self.send(to, meta, 0, ip);
+                }
+                return self.drops.inc(dr::FIREWALL_DEFAULT);
+            }
+            if let Some(addr) = self.peers.get(&owner).copied() {
+                self.event("handed_back_new");
+                return self.send(addr, meta, dva_flags::NEW_HERE, ip);
+            }
+        }
+        self.drops.inc(dr::NO_STATE)
+    }
+
+    fn reject(
+        &mut self,
+        kind: RejectKind,
+        src: SocketAddr,
+        from_dispatcher: bool,
+        meta: &DvaMeta,
+        ip: &[u8],
+        c: &Classified,
+    ) {
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        let built = match kind {
+            RejectKind::TcpReset => reply::tcp_reset(&mut out, ip, c),
+            RejectKind::IcmpPortUnreachable | RejectKind::IcmpAdminProhibited => {
+                let v6 = c.is_v6();
+                let from = self
+                    .cfg
+                    .interfaces
+                    .get(usize::from(meta.ingress_if))
+                    .and_then(|i| i.address(!v6));
+                match from {
+                    Some(IpAddr::V4(a)) => {
+                        let code = if kind == RejectKind::IcmpPortUnreachable {
+                            3
+                        } else {
+                            13
+                        };
+                        reply::icmpv4_error(&mut out, ip, a, 3, code)
+                    }
+                    Some(IpAddr::V6(a)) => {
+                        let code = if kind == RejectKind::IcmpPortUnreachable {
+                            4
+                        } else {
+                            1
+                        };
+                        reply::icmpv6_error(&mut out, ip, a, 1, code, 0)
+                    }
+                    None => None,
+                }
+            }
+        };
+        if built.is_some() {
+            let to = self.dispatcher_for(src, from_dispatcher, c);
+            let m = DvaMeta {
+                hops: 0,
+                flags: 0,
+                ..*meta
+            };
+            self.send(to, &m, 0, &out);
+            self.event("rejects_sent");
+        }
+        self.scratch = out;
+    }
+
+    /// Encapsulate `ip` with `meta` (flags replaced, hop count advanced for punts) into the send batch.
+    fn send(&mut self, to: SocketAddr, meta: &DvaMeta, flags: u8, ip: &[u8]) {
+        let total = DVA_HEADER_LEN + ip.len();
+        let Some(slot) = self.tx.tx_slot() else {
+            return self.drops.inc(dr::TX_FULL);
+        };
+        if slot.len() < total {
+            return self.drops.inc(dr::TX_FULL);
+        }
+        let hops = if flags != 0 {
+            meta.hops.saturating_add(1)
+        } else {
+            0
+        };
+        let m = DvaMeta {
+            flags: flags | dva_flags::FROM_DATAPLANE,
+            hops,
+            ..*meta
+        };
+        let ptype = if ip.first().map(|b| b >> 4) == Some(6) {
+            geneve::PROTO_IPV6
+        } else {
+            geneve::PROTO_IPV4
+        };
+        geneve::encap_dva(slot, self.cfg.vni, ptype, &m);
+        slot[DVA_HEADER_LEN..total].copy_from_slice(ip);
+        self.tx.commit_slot(total, to);
+        self.tx_packets += 1;
+        self.tx_bytes += total as u64;
+    }
+}

@@ -1,0 +1,783 @@
+//! The dispatcher role: owns the appliance's interfaces and spreads flows over data planes.
+//!
+//! ```text
+//!  wire ──AF_PACKET rx──> on_frame ──ARP/ND──> answer for the appliance's addresses
+//!                            │ IPv4/IPv6, TTL > 1
+//!                            └─ classify → symmetric hash → bucket → owner DP
+//!                                  └─ GENEVE(bucket, epoch, ingress_if) ──UDP──> data plane
+//!  data plane ──GENEVE──> on_backplane ── route (connected + static) ── neighbour ── AF_PACKET tx ──> wire
+//! ```
+//!
+//! The dispatcher keeps no per-flow state: everything it needs per packet is in the packet and
+//! the config (bucket table, interfaces, routes), so any dispatcher can serve any packet.
+
+pub mod neighbor;
+pub mod route;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use dva_io::af_packet::{AfPacket, AfPacketConfig};
+use dva_io::udp::UdpEndpoint;
+use dva_io::{FrameIo, RxMeta};
+use dva_proto::{DispatcherConfig, InterfaceConfig};
+use dva_wire::geneve::{self, DvaMeta, DVA_HEADER_LEN};
+use dva_wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, Ipv4Packet, Ipv6Packet,
+};
+
+use crate::classify::{classify, Classified, PROTO_ICMP, PROTO_ICMPV6};
+use crate::reply::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
+use crate::stats::{DropCounters, Every, InterfaceStats, StatsCell, UnitStats};
+use neighbor::NeighborTable;
+use route::RouteTable;
+
+/// Frames taken from one ring per turn: large enough to amortize the loop, small enough to stay fair
+/// between interfaces and the backplane.
+const BATCH: usize = 64;
+
+mod drop_reason {
+    pub const OVERSIZE: usize = 0;
+    pub const MALFORMED_ETHERNET: usize = 1;
+    pub const NOT_FOR_US: usize = 2;
+    pub const UNSUPPORTED_ETHERTYPE: usize = 3;
+    pub const VLAN: usize = 4;
+    pub const MALFORMED_ARP: usize = 5;
+    pub const MALFORMED_IP: usize = 6;
+    pub const BAD_IP_CHECKSUM: usize = 7;
+    pub const MALFORMED_L4: usize = 8;
+    pub const TTL_EXCEEDED: usize = 9;
+    pub const TO_APPLIANCE: usize = 10;
+    pub const NO_ROUTE: usize = 11;
+    pub const NEIGHBOR_UNRESOLVED: usize = 12;
+    pub const NEIGHBOR_QUEUE_FULL: usize = 13;
+    pub const TX_RING_FULL: usize = 14;
+    pub const BACKPLANE_FOREIGN: usize = 15;
+    pub const MALFORMED_GENEVE: usize = 16;
+    pub const WRONG_VNI: usize = 17;
+    pub const BACKPLANE_TX_FULL: usize = 18;
+    pub const EXCEEDS_MTU: usize = 19;
+    pub const MULTICAST: usize = 20;
+    pub const ICMP_RATE_LIMITED: usize = 21;
+    pub const NAMES: [&str; 22] = [
+        "oversize-frame",
+        "malformed-ethernet",
+        "not-for-us",
+        "unsupported-ethertype",
+        "vlan-unsupported",
+        "malformed-arp",
+        "malformed-ip",
+        "bad-ip-checksum",
+        "malformed-l4",
+        "ttl-exceeded",
+        "to-appliance-unsupported",
+        "no-route",
+        "neighbor-unresolved",
+        "neighbor-queue-full",
+        "tx-ring-full",
+        "backplane-foreign-source",
+        "malformed-geneve",
+        "wrong-vni",
+        "backplane-tx-full",
+        "exceeds-mtu",
+        "multicast-ignored",
+        "icmp-rate-limited",
+    ];
+}
+use drop_reason as dr;
+
+/// Per-interface state other than the I/O object (split so an rx callback can borrow it while the
+/// ring is borrowed).
+struct Link {
+    cfg: InterfaceConfig,
+    mac: EthernetAddress,
+    mtu: usize,
+    neigh: NeighborTable,
+    stats: InterfaceStats,
+}
+
+impl Link {
+    fn owns(&self, ip: IpAddr) -> bool {
+        self.cfg.addresses.iter().any(|a| a.addr() == ip)
+    }
+    fn on_link(&self, ip: IpAddr) -> bool {
+        self.cfg.addresses.iter().any(|a| a.contains(&ip))
+    }
+    /// Our address on the subnet of `peer` (source of our ARP/ND probes to it).
+    fn source_for(&self, peer: IpAddr) -> Option<IpAddr> {
+        self.cfg
+            .addresses
+            .iter()
+            .find(|a| a.contains(&peer))
+            .map(|a| a.addr())
+    }
+}
+
+/// A token bucket for ICMP errors we originate: a flood of expired packets must not become a
+/// flood of ICMP (Linux rate-limits the same way, icmp_ratelimit).
+struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl TokenBucket {
+    fn take(&mut self, now: Instant) -> bool {
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Core {
+    cfg: Arc<DispatcherConfig>,
+    links: Vec<Link>,
+    routes: RouteTable,
+    /// Per bucket: the owner's backplane address, resolved once per config instead of per packet.
+    bucket_dst: Vec<SocketAddr>,
+    bucket_mask: u32,
+    epoch: u32,
+    dataplane_ips: Vec<IpAddr>,
+    drops: DropCounters<{ dr::NAMES.len() }>,
+    events: HashMap<&'static str, u64>,
+    to_dataplane: u64,
+    from_dataplane: u64,
+    /// Frames for interface `.0` produced while that interface's ring is borrowed.
+    deferred: Vec<(usize, Vec<u8>)>,
+    scratch: Vec<u8>,
+    icmp_budget: TokenBucket,
+    now: Instant,
+}
+
+pub struct Dispatcher {
+    ports: Vec<AfPacket>,
+    backplane: UdpEndpoint,
+    core: Core,
+}
+
+impl Dispatcher {
+    /// Open the interfaces and the backplane socket. Runs inside the dispatcher host's namespace.
+    pub fn new(cfg: DispatcherConfig) -> anyhow::Result<Dispatcher> {
+        let cfg = Arc::new(cfg);
+        let mut ports = Vec::new();
+        let mut links = Vec::new();
+        for ifc in &cfg.interfaces {
+            let port =
+                AfPacket::open(&ifc.device, &AfPacketConfig::default()).with_context(|| {
+                    format!("opening interface {} (device {})", ifc.name, ifc.device)
+                })?;
+            let mac = dva_io::netif::mac_address(&ifc.device)
+                .with_context(|| format!("MAC address of {}", ifc.device))?;
+            let mtu = dva_io::netif::mtu(&ifc.device).unwrap_or(1500) as usize;
+            ports.push(port);
+            links.push(Link {
+                cfg: ifc.clone(),
+                mac: EthernetAddress(mac),
+                mtu,
+                neigh: NeighborTable::default(),
+                stats: InterfaceStats {
+                    name: ifc.name.clone(),
+                    device: ifc.device.clone(),
+                    ..Default::default()
+                },
+            });
+        }
+        let backplane = UdpEndpoint::bind(cfg.listen)
+            .with_context(|| format!("binding the backplane socket {}", cfg.listen))?;
+        let now = Instant::now();
+        let mut core = Core {
+            cfg: cfg.clone(),
+            links,
+            routes: RouteTable::default(),
+            bucket_dst: Vec::new(),
+            bucket_mask: 0,
+            epoch: 0,
+            dataplane_ips: Vec::new(),
+            drops: DropCounters::new(dr::NAMES),
+            events: HashMap::new(),
+            to_dataplane: 0,
+            from_dataplane: 0,
+            deferred: Vec::new(),
+            scratch: Vec::with_capacity(16 * 1024),
+            icmp_budget: TokenBucket {
+                tokens: 100.0,
+                last: now,
+                rate: 1000.0,
+                burst: 100.0,
+            },
+            now,
+        };
+        core.configure(cfg)?;
+        Ok(Dispatcher {
+            ports,
+            backplane,
+            core,
+        })
+    }
+
+    /// The data-path loop. Returns when `stop` is set.
+    pub fn run(&mut self, stop: &AtomicBool, stats: &StatsCell) -> anyhow::Result<()> {
+        let mut fds: Vec<_> = self.ports.iter().map(|p| p.as_raw_fd()).collect();
+        fds.push(self.backplane.as_raw_fd());
+        let mut poller = dva_io::poll::Poller::new(&fds);
+        let mut publish = Every::new(Duration::from_millis(100));
+        let mut timers = Every::new(Duration::from_millis(200));
+        while !stop.load(Ordering::Relaxed) {
+            let mut work = 0;
+            self.core.now = Instant::now();
+            for i in 0..self.ports.len() {
+                let core = &mut self.core;
+                let bp = &mut self.backplane;
+                work += self.ports[i]
+                    .rx_batch(BATCH, |frame, meta| core.on_frame(i, frame, meta, bp))
+                    .unwrap_or(0);
+            }
+            {
+                let core = &mut self.core;
+                let ports = &mut self.ports;
+                work += self
+                    .backplane
+                    .recv_batch(BATCH, |buf, src| core.on_backplane(buf, src, ports))
+                    .unwrap_or(0);
+            }
+            self.core.send_deferred(&mut self.ports);
+            for p in &mut self.ports {
+                let _ = p.flush();
+            }
+            let _ = self.backplane.flush();
+            let now = self.core.now;
+            if timers.due(now) {
+                self.core.tick(&mut self.ports);
+            }
+            if publish.due(now) {
+                stats.try_publish(self.snapshot());
+            }
+            if work == 0 {
+                // Idle: sleep in poll(2) until a ring or the backplane has something (or a timer is due).
+                let _ = poller.wait(20);
+            }
+        }
+        stats.try_publish(self.snapshot());
+        Ok(())
+    }
+
+    pub fn snapshot(&self) -> UnitStats {
+        let c = &self.core;
+        let mut interfaces: Vec<InterfaceStats> = c.links.iter().map(|l| l.stats.clone()).collect();
+        for (i, p) in self.ports.iter().enumerate() {
+            interfaces[i].ring_drops = p.stats().drops;
+        }
+        let mut counters: std::collections::BTreeMap<String, u64> =
+            c.events.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        counters.insert("to_dataplane".into(), c.to_dataplane);
+        counters.insert("from_dataplane".into(), c.from_dataplane);
+        counters.insert("backplane_tx_dropped".into(), self.backplane.tx_dropped());
+        UnitStats {
+            appliance: c.cfg.appliance.clone(),
+            unit: c.cfg.unit,
+            role: "dispatcher".into(),
+            config_version: c.cfg.version,
+            rx_packets: interfaces.iter().map(|i| i.rx_frames).sum(),
+            rx_bytes: interfaces.iter().map(|i| i.rx_bytes).sum(),
+            tx_packets: interfaces.iter().map(|i| i.tx_frames).sum(),
+            tx_bytes: interfaces.iter().map(|i| i.tx_bytes).sum(),
+            drops: c.drops.to_map(),
+            counters,
+            interfaces,
+            ..Default::default()
+        }
+    }
+}
+
+impl Core {
+    /// Take a config: resolve per-bucket destinations and routes. Fails (leaving the old config) if
+    /// the bucket table names a data plane the config does not list.
+    fn configure(&mut self, cfg: Arc<DispatcherConfig>) -> anyhow::Result<()> {
+        let addrs: HashMap<u32, SocketAddr> =
+            cfg.dataplanes.iter().map(|d| (d.id, d.addr)).collect();
+        let n = cfg.table.len();
+        if n == 0 || !n.is_power_of_two() {
+            bail!("bucket table has {n} buckets; need a power of two");
+        }
+        let mut bucket_dst = Vec::with_capacity(n);
+        for b in 0..n {
+            let owner = cfg.table.owner(b as u16);
+            match addrs.get(&owner) {
+                Some(a) => bucket_dst.push(*a),
+                None => bail!(
+                    "bucket {b} is owned by data plane {owner}, which the config does not list"
+                ),
+            }
+        }
+        if cfg.interfaces.len() != self.links.len() {
+            bail!(
+                "config has {} interfaces; this dispatcher drives {}",
+                cfg.interfaces.len(),
+                self.links.len()
+            );
+        }
+        self.routes = RouteTable::new(&cfg.interfaces, &cfg.routes);
+        self.bucket_dst = bucket_dst;
+        self.bucket_mask = (n - 1) as u32;
+        self.epoch = cfg.table.epoch() as u32;
+        self.dataplane_ips = cfg.dataplanes.iter().map(|d| d.addr.ip()).collect();
+        self.cfg = cfg;
+        Ok(())
+    }
+
+    #[inline]
+    fn drop(&mut self, reason: usize) {
+        self.drops.inc(reason);
+    }
+
+    fn event(&mut self, name: &'static str) {
+        *self.events.entry(name).or_insert(0) += 1;
+    }
+
+    fn is_local(&self, ip: IpAddr) -> bool {
+        self.links.iter().any(|l| l.owns(ip))
+    }
+
+    fn on_frame(&mut self, i: usize, frame: &[u8], meta: RxMeta, bp: &mut UdpEndpoint) {
+        let link = &mut self.links[i];
+        link.stats.rx_frames += 1;
+        link.stats.rx_bytes += frame.len() as u64;
+        if meta.truncated {
+            return self.drop(dr::OVERSIZE);
+        }
+        let Ok((l3, ethertype)) = dva_wire::ethernet::l3_offset(frame) else {
+            return self.drop(dr::MALFORMED_ETHERNET);
+        };
+        if l3 != EthernetFrame::<&[u8]>::HEADER_LEN {
+            return self.drop(dr::VLAN);
+        }
+        let eth = EthernetFrame::new_unchecked(frame);
+        let (dst, src_mac) = (eth.dst_addr(), eth.src_addr());
+        let to_us = dst == link.mac;
+        if !to_us && !dst.is_broadcast() && !dst.is_multicast() {
+            return self.drop(dr::NOT_FOR_US);
+        }
+        let payload = &frame[l3..];
+        match ethertype {
+            ETHERTYPE_ARP => self.on_arp(i, payload),
+            ETHERTYPE_IPV4 => self.on_ipv4(i, src_mac, to_us, payload, meta, bp),
+            ETHERTYPE_IPV6 => self.on_ipv6(i, src_mac, to_us, payload, meta, bp),
+            _ => self.drop(dr::UNSUPPORTED_ETHERTYPE),
+        }
+    }
+
+    fn on_arp(&mut self, i: usize, payload: &[u8]) {
+        let Ok(pkt) = ArpPacket::new_checked(payload) else {
+            return self.drop(dr::MALFORMED_ARP);
+        };
+        let Ok(arp) = ArpRepr::parse(&pkt) else {
+            return self.drop(dr::MALFORMED_ARP);
+        };
+        let now = self.now;
+        let link = &mut self.links[i];
+        let sender = IpAddr::V4(arp.source_protocol_addr);
+        // Learn only neighbours on our subnets, and never from address probes (sender 0.0.0.0).
+        if link.on_link(sender) && !arp.source_protocol_addr.is_unspecified() && !link.owns(sender)
+        {
+            let mac = arp.source_hardware_addr;
+            for mut f in link.neigh.learn(sender, mac, now) {
+                f[0..6].copy_from_slice(&mac.0);
+                self.deferred.push((i, f));
+            }
+        }
+        let link = &self.links[i];
+        if arp.operation == ArpOperation::Request && link.owns(IpAddr::V4(arp.target_protocol_addr))
+        {
+            let mut f = Vec::with_capacity(60);
+            reply::ethernet(&mut f, arp.source_hardware_addr, link.mac, ETHERTYPE_ARP);
+            reply::arp(
+                &mut f,
+                2,
+                link.mac,
+                arp.target_protocol_addr,
+                arp.source_hardware_addr,
+                arp.source_protocol_addr,
+            );
+            f.resize(60, 0);
+            self.deferred.push((i, f));
+            self.event("arp_replies");
+        }
+    }
+
+    fn on_ipv4(
+        &mut self,
+        i: usize,
+        src_mac: EthernetAddress,
+        to_us: bool,
+        ip: &[u8],
+        meta: RxMeta,
+        bp: &mut UdpEndpoint,
+    ) {
+        let Ok(pkt) = Ipv4Packet::new_checked(ip) else {
+            return self.drop(dr::MALFORMED_IP);
+        };
+        if pkt.version() != 4 {
+            return self.drop(dr::MALFORMED_IP);
+        }
+        if !pkt.verify_checksum() {
+            return self.drop(dr::BAD_IP_CHECKSUM);
+        }
+        let ip = &ip[..usize::from(pkt.total_len())];
+        let dst = IpAddr::V4(pkt.dst_addr());
+        let ttl = pkt.hop_limit();
+        let Ok(c) = classify(ip) else {
+            return self.drop(dr::MALFORMED_L4);
+        };
+        if self.is_local(dst) {
+            return self.on_local(i, src_mac, ip, &c);
+        }
+        if !to_us || dst.is_multicast() || pkt.dst_addr().is_broadcast() {
+            return self.drop(dr::MULTICAST);
+        }
+        if ttl <= 1 {
+            self.drop(dr::TTL_EXCEEDED);
+            return self.icmp_error(i, src_mac, ip, 11, 0);
+        }
+        self.send_to_dataplane(i, ip, &c, meta.csum_not_ready, bp);
+    }
+
+    fn on_ipv6(
+        &mut self,
+        i: usize,
+        src_mac: EthernetAddress,
+        to_us: bool,
+        ip: &[u8],
+        meta: RxMeta,
+        bp: &mut UdpEndpoint,
+    ) {
+        let Ok(pkt) = Ipv6Packet::new_checked(ip) else {
+            return self.drop(dr::MALFORMED_IP);
+        };
+        let ip = &ip[..Ipv6Packet::<&[u8]>::HEADER_LEN + usize::from(pkt.payload_len())];
+        let dst = IpAddr::V6(pkt.dst_addr());
+        let hop_limit = pkt.hop_limit();
+        let Ok(c) = classify(ip) else {
+            return self.drop(dr::MALFORMED_L4);
+        };
+        if c.key.proto == PROTO_ICMPV6 {
+            if let Some((135, _)) | Some((136, _)) = c.icmp {
+                return self.on_ndisc(i, ip, &c);
+            }
+        }
+        if self.is_local(dst) {
+            return self.on_local(i, src_mac, ip, &c);
+        }
+        if !to_us || dst.is_multicast() {
+            return self.drop(dr::MULTICAST);
+        }
+        if hop_limit <= 1 {
+            self.drop(dr::TTL_EXCEEDED);
+            return self.icmp_error(i, src_mac, ip, 3, 0);
+        }
+        self.send_to_dataplane(i, ip, &c, meta.csum_not_ready, bp);
+    }
+
+    /// Neighbour solicitation for one of our addresses: advertise; any NS/NA teaches us the sender.
+    fn on_ndisc(&mut self, i: usize, ip: &[u8], c: &Classified) {
+        let Some(body) = ip.get(c.l4_offset..c.ip_len) else {
+            return self.drop(dr::MALFORMED_L4);
+        };
+        // RFC 4861 §7.1: hop limit 255 proves the message was not forwarded.
+        if body.len() < 24 || ip[7] != 255 {
+            return self.drop(dr::MALFORMED_L4);
+        }
+        let Ok(target) = <[u8; 16]>::try_from(&body[8..24]) else {
+            return self.drop(dr::MALFORMED_L4);
+        };
+        let target = std::net::Ipv6Addr::from(target);
+        let mut lladdr = None;
+        let mut opts = &body[24..];
+        while opts.len() >= 8 {
+            let len = usize::from(opts[1]) * 8;
+            if len == 0 || len > opts.len() {
+                break;
+            }
+            if (opts[0] == 1 || opts[0] == 2) && len == 8 {
+                let mut m = [0u8; 6];
+                m.copy_from_slice(&opts[2..8]);
+                lladdr = Some(EthernetAddress(m));
+            }
+            opts = &opts[len..];
+        }
+        let now = self.now;
+        let (IpAddr::V6(src), typ) = (c.key.src, c.icmp.map(|t| t.0).unwrap_or(0)) else {
+            return;
+        };
+        // NS: the sender is src; NA: the advertised one is target.
+        let learned = if typ == 135 {
+            IpAddr::V6(src)
+        } else {
+            IpAddr::V6(target)
+        };
+        if let Some(mac) = lladdr {
+            let link = &mut self.links[i];
+            if link.on_link(learned) && !src.is_unspecified() {
+                for mut f in link.neigh.learn(learned, mac, now) {
+                    f[0..6].copy_from_slice(&mac.0);
+                    self.deferred.push((i, f));
+                }
+            }
+        }
+        let link = &self.links[i];
+        if typ == 135 && link.owns(IpAddr::V6(target)) {
+            let Some(mac) = lladdr else { return };
+            if src.is_unspecified() {
+                return; // duplicate address detection probe: not for us to answer
+            }
+            let mut f = Vec::with_capacity(86);
+            reply::ethernet(&mut f, mac, link.mac, ETHERTYPE_IPV6);
+            // Solicited + override.
+            reply::ndisc(&mut f, 136, target, src, target, 0x60, link.mac);
+            self.deferred.push((i, f));
+            self.event("nd_advertisements");
+        }
+    }
+
+    /// Traffic addressed to the appliance itself: answer pings, count the rest.
+    fn on_local(&mut self, i: usize, src_mac: EthernetAddress, ip: &[u8], c: &Classified) {
+        let echo = matches!(
+            (c.key.proto, c.icmp),
+            (PROTO_ICMP, Some((8, 0))) | (PROTO_ICMPV6, Some((128, 0)))
+        );
+        if !echo {
+            return self.drop(dr::TO_APPLIANCE);
+        }
+        let link = &self.links[i];
+        let ethertype = if c.is_v6() {
+            ETHERTYPE_IPV6
+        } else {
+            ETHERTYPE_IPV4
+        };
+        let mut f = Vec::with_capacity(ip.len() + 14);
+        reply::ethernet(&mut f, src_mac, link.mac, ethertype);
+        if reply::echo_reply(&mut f, ip, c).is_some() {
+            self.deferred.push((i, f));
+            self.event("echo_replies");
+        } else {
+            self.drop(dr::MALFORMED_L4);
+        }
+    }
+
+    /// An ICMP error from the ingress interface's address, straight back to the sender's MAC.
+    fn icmp_error(&mut self, i: usize, to_mac: EthernetAddress, ip: &[u8], typ: u8, code: u8) {
+        if !self.icmp_budget.take(self.now) {
+            return self.drop(dr::ICMP_RATE_LIMITED);
+        }
+        let link = &self.links[i];
+        let v6 = ip.first().map(|b| b >> 4) == Some(6);
+        let Some(src) = link.cfg.address(!v6) else {
+            return;
+        };
+        let mut f = Vec::with_capacity(600);
+        match src {
+            IpAddr::V4(s) => {
+                reply::ethernet(&mut f, to_mac, link.mac, ETHERTYPE_IPV4);
+                if reply::icmpv4_error(&mut f, ip, s, typ, code).is_none() {
+                    return;
+                }
+            }
+            IpAddr::V6(s) => {
+                reply::ethernet(&mut f, to_mac, link.mac, ETHERTYPE_IPV6);
+                if reply::icmpv6_error(&mut f, ip, s, typ, code, 0).is_none() {
+                    return;
+                }
+            }
+        }
+        self.deferred.push((i, f));
+        self.event("icmp_errors_sent");
+    }
+
+    /// Encapsulate one packet to its bucket's data plane, writing straight into the send batch.
+    #[inline]
+    fn send_to_dataplane(
+        &mut self,
+        i: usize,
+        ip: &[u8],
+        c: &Classified,
+        csum_not_ready: bool,
+        bp: &mut UdpEndpoint,
+    ) {
+        let bucket = c.bucket_key().symmetric_hash() & self.bucket_mask;
+        let dst = self.bucket_dst[bucket as usize];
+        let total = DVA_HEADER_LEN + ip.len();
+        let Some(slot) = bp.tx_slot() else {
+            return self.drop(dr::BACKPLANE_TX_FULL);
+        };
+        if slot.len() < total {
+            return self.drop(dr::OVERSIZE);
+        }
+        let meta = DvaMeta {
+            epoch: self.epoch,
+            bucket: bucket as u16,
+            hops: 0,
+            flags: 0,
+            ingress_if: i as u8,
+            egress_if: 0,
+        };
+        let ptype = if c.is_v6() {
+            geneve::PROTO_IPV6
+        } else {
+            geneve::PROTO_IPV4
+        };
+        geneve::encap_dva(slot, self.cfg.vni, ptype, &meta);
+        slot[DVA_HEADER_LEN..total].copy_from_slice(ip);
+        if csum_not_ready && reply::complete_l4_checksum(&mut slot[DVA_HEADER_LEN..total], c) {
+            *self.events.entry("checksums_completed").or_insert(0) += 1;
+        }
+        bp.commit_slot(total, dst);
+        self.to_dataplane += 1;
+    }
+
+    fn on_backplane(&mut self, buf: &[u8], src: SocketAddr, ports: &mut [AfPacket]) {
+        if !self.dataplane_ips.contains(&src.ip()) {
+            return self.drop(dr::BACKPLANE_FOREIGN);
+        }
+        let Ok((vni, _ptype, _meta, off)) = geneve::decap_dva(buf) else {
+            return self.drop(dr::MALFORMED_GENEVE);
+        };
+        if vni != self.cfg.vni {
+            return self.drop(dr::WRONG_VNI);
+        }
+        self.from_dataplane += 1;
+        self.forward(&buf[off..], ports);
+    }
+
+    /// Route a processed packet out of the appliance: next hop, TTL, MAC rewrite, neighbour resolution.
+    fn forward(&mut self, ip: &[u8], ports: &mut [AfPacket]) {
+        let (dst, ttl, len, ethertype) = match ip.first().map(|b| b >> 4) {
+            Some(4) => match Ipv4Packet::new_checked(ip) {
+                Ok(p) => (
+                    IpAddr::V4(p.dst_addr()),
+                    p.hop_limit(),
+                    usize::from(p.total_len()),
+                    ETHERTYPE_IPV4,
+                ),
+                Err(_) => return self.drop(dr::MALFORMED_IP),
+            },
+            Some(6) => match Ipv6Packet::new_checked(ip) {
+                Ok(p) => (
+                    IpAddr::V6(p.dst_addr()),
+                    p.hop_limit(),
+                    Ipv6Packet::<&[u8]>::HEADER_LEN + usize::from(p.payload_len()),
+                    ETHERTYPE_IPV6,
+                ),
+                Err(_) => return self.drop(dr::MALFORMED_IP),
+            },
+            _ => return self.drop(dr::MALFORMED_IP),
+        };
+        let Some(nh) = self.routes.lookup(dst) else {
+            return self.drop(dr::NO_ROUTE);
+        };
+        if ttl <= 1 {
+            return self.drop(dr::TTL_EXCEEDED);
+        }
+        let e = usize::from(nh.interface);
+        let Some(link) = self.links.get_mut(e) else {
+            return self.drop(dr::NO_ROUTE);
+        };
+        if len > link.mtu {
+            // TODO(pmtu): answer with ICMP fragmentation-needed / packet-too-big.
+            return self.drop(dr::EXCEEDS_MTU);
+        }
+        let f = &mut self.scratch;
+        f.clear();
+        reply::ethernet(f, EthernetAddress([0; 6]), link.mac, ethertype);
+        f.extend_from_slice(&ip[..len]);
+        if ethertype == ETHERTYPE_IPV4 {
+            let mut p = Ipv4Packet::new_unchecked(&mut f[14..]);
+            dva_wire::ipv4::decrement_ttl(&mut p);
+        } else {
+            f[14 + 7] -= 1;
+        }
+        if f.len() < 60 {
+            f.resize(60, 0);
+        }
+        match link.neigh.lookup(&nh.addr, self.now) {
+            Some(mac) => {
+                f[0..6].copy_from_slice(&mac.0);
+                if ports[e].tx(f).is_ok() {
+                    link.stats.tx_frames += 1;
+                    link.stats.tx_bytes += f.len() as u64;
+                } else {
+                    self.drops.inc(dr::TX_RING_FULL);
+                }
+            }
+            None => {
+                let (queued, probe) = link.neigh.enqueue(nh.addr, f.clone(), self.now);
+                if !queued {
+                    self.drops.inc(dr::NEIGHBOR_QUEUE_FULL);
+                }
+                if probe {
+                    self.probe(e, nh.addr, ports);
+                }
+            }
+        }
+    }
+
+    /// ARP request / neighbour solicitation for `ip` on interface `e`.
+    fn probe(&mut self, e: usize, ip: IpAddr, ports: &mut [AfPacket]) {
+        let link = &mut self.links[e];
+        let Some(src) = link.source_for(ip) else {
+            return;
+        };
+        let mut f = Vec::with_capacity(86);
+        match (src, ip) {
+            (IpAddr::V4(s), IpAddr::V4(t)) => {
+                reply::ethernet(&mut f, EthernetAddress::BROADCAST, link.mac, ETHERTYPE_ARP);
+                reply::arp(&mut f, 1, link.mac, s, EthernetAddress([0; 6]), t);
+                f.resize(60, 0);
+            }
+            (IpAddr::V6(s), IpAddr::V6(t)) => {
+                let (group, group_mac) = reply::solicited_node(t);
+                reply::ethernet(&mut f, group_mac, link.mac, ETHERTYPE_IPV6);
+                reply::ndisc(&mut f, 135, s, group, t, 0, link.mac);
+            }
+            _ => return,
+        }
+        if ports[e].tx(&f).is_ok() {
+            link.stats.tx_frames += 1;
+            link.stats.tx_bytes += f.len() as u64;
+        }
+        *self.events.entry("neighbor_probes").or_insert(0) += 1;
+    }
+
+    fn send_deferred(&mut self, ports: &mut [AfPacket]) {
+        for (i, f) in self.deferred.drain(..) {
+            let link = &mut self.links[i];
+            if ports[i].tx(&f).is_ok() {
+                link.stats.tx_frames += 1;
+                link.stats.tx_bytes += f.len() as u64;
+            } else {
+                self.drops.inc(dr::TX_RING_FULL);
+            }
+        }
+    }
+
+    fn tick(&mut self, ports: &mut [AfPacket]) {
+        for e in 0..self.links.len() {
+            let r = self.links[e].neigh.tick(self.now);
+            for _ in 0..r.dropped {
+                self.drops.inc(dr::NEIGHBOR_UNRESOLVED);
+            }
+            for ip in r.probe {
+                self.probe(e, ip, ports);
+            }
+        }
+    }
+}

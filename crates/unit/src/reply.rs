@@ -1,0 +1,291 @@
+//! Packets a unit originates itself: ARP and neighbour discovery, ICMP errors and echo replies
+//! (dispatcher), TCP resets and ICMP unreachables for `reject` (data plane).
+//!
+//! Each builder appends to a caller-owned buffer so hot paths reuse one allocation.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use dva_wire::checksum;
+use dva_wire::EthernetAddress;
+
+use crate::classify::{Classified, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP};
+
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_ARP: u16 = 0x0806;
+pub const ETHERTYPE_IPV6: u16 = 0x86DD;
+/// TTL/hop limit of packets we originate (Linux's default).
+pub const DEFAULT_TTL: u8 = 64;
+/// RFC 1812 asks for as much of the original as fits in 576 bytes; the same bound keeps our replies small.
+const ICMP_QUOTE_V4: usize = 576 - 20 - 8;
+/// RFC 4443: as much as fits in the minimum IPv6 MTU.
+const ICMP_QUOTE_V6: usize = 1280 - 40 - 8;
+
+pub fn ethernet(out: &mut Vec<u8>, dst: EthernetAddress, src: EthernetAddress, ethertype: u16) {
+    out.extend_from_slice(&dst.0);
+    out.extend_from_slice(&src.0);
+    out.extend_from_slice(&ethertype.to_be_bytes());
+}
+
+/// ARP request or reply (Ethernet/IPv4), without the Ethernet header.
+pub fn arp(
+    out: &mut Vec<u8>,
+    op: u16,
+    sha: EthernetAddress,
+    spa: Ipv4Addr,
+    tha: EthernetAddress,
+    tpa: Ipv4Addr,
+) {
+    out.extend_from_slice(&[0, 1, 8, 0, 6, 4]);
+    out.extend_from_slice(&op.to_be_bytes());
+    out.extend_from_slice(&sha.0);
+    out.extend_from_slice(&spa.octets());
+    out.extend_from_slice(&tha.0);
+    out.extend_from_slice(&tpa.octets());
+}
+
+/// Append an IPv4 header (no options, DF set) and return its offset in `out`.
+pub fn ipv4_header(
+    out: &mut Vec<u8>,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    payload_len: usize,
+    ttl: u8,
+) -> usize {
+    let start = out.len();
+    let total = (20 + payload_len).min(usize::from(u16::MAX)) as u16;
+    out.extend_from_slice(&[0x45, 0]);
+    out.extend_from_slice(&total.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0x40, 0, ttl, proto, 0, 0]);
+    out.extend_from_slice(&src.octets());
+    out.extend_from_slice(&dst.octets());
+    let c = checksum::data(&out[start..start + 20]);
+    out[start + 10..start + 12].copy_from_slice(&c.to_be_bytes());
+    start
+}
+
+pub fn ipv6_header(
+    out: &mut Vec<u8>,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    next: u8,
+    payload_len: usize,
+    hop_limit: u8,
+) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0x60, 0, 0, 0]);
+    out.extend_from_slice(&(payload_len.min(usize::from(u16::MAX)) as u16).to_be_bytes());
+    out.extend_from_slice(&[next, hop_limit]);
+    out.extend_from_slice(&src.octets());
+    out.extend_from_slice(&dst.octets());
+    start
+}
+
+fn l4_checksum_v4(seg: &[u8], src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> u16 {
+    checksum::fold(
+        checksum::pseudo_header_v4(&src, &dst, proto, seg.len() as u32) + checksum::sum(seg),
+    )
+}
+
+fn l4_checksum_v6(seg: &[u8], src: Ipv6Addr, dst: Ipv6Addr, proto: u8) -> u16 {
+    checksum::fold(
+        checksum::pseudo_header_v6(&src, &dst, proto, seg.len() as u32) + checksum::sum(seg),
+    )
+}
+
+/// An ICMPv4 error about `orig` (an IPv4 packet), from `src` to `orig`'s source.
+pub fn icmpv4_error(
+    out: &mut Vec<u8>,
+    orig: &[u8],
+    src: Ipv4Addr,
+    typ: u8,
+    code: u8,
+) -> Option<()> {
+    let osrc = Ipv4Addr::new(*orig.get(12)?, orig[13], orig[14], orig[15]);
+    let quote = &orig[..orig.len().min(ICMP_QUOTE_V4)];
+    ipv4_header(out, src, osrc, PROTO_ICMP, 8 + quote.len(), DEFAULT_TTL);
+    let s = out.len();
+    out.extend_from_slice(&[typ, code, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(quote);
+    let c = checksum::data(&out[s..]);
+    out[s + 2..s + 4].copy_from_slice(&c.to_be_bytes());
+    Some(())
+}
+
+pub fn icmpv6_error(
+    out: &mut Vec<u8>,
+    orig: &[u8],
+    src: Ipv6Addr,
+    typ: u8,
+    code: u8,
+    param: u32,
+) -> Option<()> {
+    let osrc: [u8; 16] = orig.get(8..24)?.try_into().ok()?;
+    let osrc = Ipv6Addr::from(osrc);
+    let quote = &orig[..orig.len().min(ICMP_QUOTE_V6)];
+    ipv6_header(out, src, osrc, PROTO_ICMPV6, 8 + quote.len(), DEFAULT_TTL);
+    let s = out.len();
+    out.extend_from_slice(&[typ, code, 0, 0]);
+    out.extend_from_slice(&param.to_be_bytes());
+    out.extend_from_slice(quote);
+    let c = l4_checksum_v6(&out[s..], src, osrc, PROTO_ICMPV6);
+    out[s + 2..s + 4].copy_from_slice(&c.to_be_bytes());
+    Some(())
+}
+
+/// Echo reply to an echo request addressed to the appliance itself (`req` is the whole IP packet).
+pub fn echo_reply(out: &mut Vec<u8>, req: &[u8], c: &Classified) -> Option<()> {
+    let l4 = req.get(c.l4_offset..c.ip_len)?;
+    if l4.len() < 8 {
+        return None;
+    }
+    match (c.key.src, c.key.dst) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+            ipv4_header(out, d, s, PROTO_ICMP, l4.len(), DEFAULT_TTL);
+            let st = out.len();
+            out.extend_from_slice(l4);
+            out[st] = 0;
+            out[st + 2..st + 4].copy_from_slice(&[0, 0]);
+            let ck = checksum::data(&out[st..]);
+            out[st + 2..st + 4].copy_from_slice(&ck.to_be_bytes());
+        }
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+            ipv6_header(out, d, s, PROTO_ICMPV6, l4.len(), DEFAULT_TTL);
+            let st = out.len();
+            out.extend_from_slice(l4);
+            out[st] = 129;
+            out[st + 2..st + 4].copy_from_slice(&[0, 0]);
+            let ck = l4_checksum_v6(&out[st..], d, s, PROTO_ICMPV6);
+            out[st + 2..st + 4].copy_from_slice(&ck.to_be_bytes());
+        }
+        _ => return None,
+    }
+    Some(())
+}
+
+/// TCP RST answering `orig` as its destination would (RFC 793 reset generation), as nftables'
+/// `reject with tcp reset` does: from the original destination to the original source.
+pub fn tcp_reset(out: &mut Vec<u8>, orig: &[u8], c: &Classified) -> Option<()> {
+    if c.key.proto != PROTO_TCP {
+        return None;
+    }
+    let tcp = orig.get(c.l4_offset..c.ip_len)?;
+    if tcp.len() < 20 {
+        return None;
+    }
+    let flags = tcp[13];
+    if flags & 0x04 != 0 {
+        return None; // never answer a reset with a reset
+    }
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    let data_off = usize::from(tcp[12] >> 4) * 4;
+    let payload = tcp.len().saturating_sub(data_off) as u32;
+    let (rseq, rack, rflags) = if flags & 0x10 != 0 {
+        (ack, 0, 0x04)
+    } else {
+        let syn_fin = u32::from(flags & 0x02 != 0) + u32::from(flags & 0x01 != 0);
+        (0, seq.wrapping_add(payload).wrapping_add(syn_fin), 0x14)
+    };
+    let mut seg = [0u8; 20];
+    seg[0..2].copy_from_slice(&c.key.dst_port.to_be_bytes());
+    seg[2..4].copy_from_slice(&c.key.src_port.to_be_bytes());
+    seg[4..8].copy_from_slice(&rseq.to_be_bytes());
+    seg[8..12].copy_from_slice(&rack.to_be_bytes());
+    seg[12] = 5 << 4;
+    seg[13] = rflags;
+    match (c.key.src, c.key.dst) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+            let ck = l4_checksum_v4(&seg, d, s, PROTO_TCP);
+            seg[16..18].copy_from_slice(&ck.to_be_bytes());
+            ipv4_header(out, d, s, PROTO_TCP, 20, DEFAULT_TTL);
+        }
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+            let ck = l4_checksum_v6(&seg, d, s, PROTO_TCP);
+            seg[16..18].copy_from_slice(&ck.to_be_bytes());
+            ipv6_header(out, d, s, PROTO_TCP, 20, DEFAULT_TTL);
+        }
+        _ => return None,
+    }
+    out.extend_from_slice(&seg);
+    Some(())
+}
+
+/// The solicited-node multicast address and its Ethernet group for a target (RFC 4291, RFC 2464).
+pub fn solicited_node(target: Ipv6Addr) -> (Ipv6Addr, EthernetAddress) {
+    let t = target.octets();
+    let addr = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(t[13]),
+        u16::from_be_bytes([t[14], t[15]]),
+    );
+    let a = addr.octets();
+    (
+        addr,
+        EthernetAddress([0x33, 0x33, a[12], a[13], a[14], a[15]]),
+    )
+}
+
+/// Neighbour solicitation (135) or advertisement (136) with our link-layer address option, as an
+/// IPv6 packet with hop limit 255 (RFC 4861 requires it).
+pub fn ndisc(
+    out: &mut Vec<u8>,
+    typ: u8,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    target: Ipv6Addr,
+    flags: u8,
+    lladdr: EthernetAddress,
+) {
+    let mut body = [0u8; 32];
+    body[0] = typ;
+    body[4] = flags;
+    body[8..24].copy_from_slice(&target.octets());
+    // Option: source (1) for solicitations, target (2) for advertisements; length in 8-byte units.
+    body[24] = if typ == 135 { 1 } else { 2 };
+    body[25] = 1;
+    body[26..32].copy_from_slice(&lladdr.0);
+    let ck = l4_checksum_v6(&body, src, dst, PROTO_ICMPV6);
+    body[2..4].copy_from_slice(&ck.to_be_bytes());
+    ipv6_header(out, src, dst, PROTO_ICMPV6, body.len(), 255);
+    out.extend_from_slice(&body);
+}
+
+/// Recompute a TCP/UDP/ICMPv6 checksum over the whole packet: the kernel left it partial
+/// (TP_STATUS_CSUMNOTREADY) because the sender's interface offloads checksumming.
+pub fn complete_l4_checksum(ip: &mut [u8], c: &Classified) -> bool {
+    let (off, end) = (c.l4_offset, c.ip_len.min(ip.len()));
+    let field = match c.key.proto {
+        PROTO_TCP => 16,
+        crate::classify::PROTO_UDP => 6,
+        PROTO_ICMPV6 => 2,
+        _ => return false,
+    };
+    if c.fragment || end < off + field + 2 {
+        return false;
+    }
+    ip[off + field..off + field + 2].copy_from_slice(&[0, 0]);
+    let seg = &ip[off..end];
+    let ck = match (c.key.src, c.key.dst) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+            l4_checksum_v4(seg, s, d, c.key.proto)
+        }
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+            l4_checksum_v6(seg, s, d, c.key.proto)
+        }
+        _ => return false,
+    };
+    // UDP sends a computed 0 as all ones (RFC 768).
+    let ck = if ck == 0 && c.key.proto == crate::classify::PROTO_UDP {
+        0xffff
+    } else {
+        ck
+    };
+    ip[off + field..off + field + 2].copy_from_slice(&ck.to_be_bytes());
+    true
+}

@@ -1,0 +1,181 @@
+//! Shared scaffolding for the end-to-end tests: a lab per test (own prefix), the appliance started
+//! with the real `dva` binary, and guards that clean everything up even when a test fails.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use dva_lab::{Lab, LabSpec};
+use dva_unit::UnitStats;
+
+/// The machine has 2 cores: lab tests that push traffic run one at a time so their figures and
+/// timeouts do not depend on each other.
+static LAB_LOCK: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn dva_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_dva"))
+}
+
+pub fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name)
+}
+
+/// A lab that is removed when dropped (also on panic).
+pub struct LabGuard {
+    pub lab: Lab,
+}
+
+impl LabGuard {
+    pub fn up(prefix: &str, servers: usize, hosts: usize) -> LabGuard {
+        let _ = Lab::down(prefix);
+        let lab = Lab::up(&LabSpec {
+            prefix: prefix.to_string(),
+            servers,
+            hosts,
+        })
+        .expect("lab up");
+        LabGuard { lab }
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let _ = Lab::down(&self.lab.prefix);
+    }
+}
+
+/// A `dva run` process; stopped with SIGTERM when dropped.
+pub struct Running {
+    pub child: Child,
+    pub name: String,
+    pub prefix: String,
+    pub output: mpsc::Receiver<String>,
+}
+
+impl Running {
+    pub fn start(prefix: &str, spec: &std::path::Path, name: &str, dataplanes: u32) -> Running {
+        let mut child = Command::new(dva_bin())
+            .args([
+                "run",
+                "--prefix",
+                prefix,
+                "--dataplanes",
+                &dataplanes.to_string(),
+                "-f",
+            ])
+            .arg(spec)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dva run");
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send(format!("stderr: {l}"));
+            }
+        });
+        let mut r = Running {
+            child,
+            name: name.to_string(),
+            prefix: prefix.to_string(),
+            output: rx,
+        };
+        r.wait_for(" ready in lab", Duration::from_secs(30));
+        r
+    }
+
+    /// Wait for a line of `dva run`'s output containing `needle`; panics with everything seen otherwise.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.output.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return,
+                Ok(l) => seen.push(l),
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "`dva run` did not print {needle:?} in {timeout:?}; it printed:\n{}",
+            seen.join("\n")
+        );
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        PathBuf::from("/run/dva").join(format!("{}{}", self.prefix, self.name))
+    }
+
+    /// (id, role, stats) of every unit, read over the units' control sockets.
+    pub fn unit_stats(&self) -> Vec<(u32, String, UnitStats)> {
+        let text = std::fs::read_to_string(self.run_dir().join("units.json")).expect("units.json");
+        let units: Vec<serde_json::Value> =
+            serde_json::from_str(&text).expect("units.json is JSON");
+        units
+            .iter()
+            .map(|u| {
+                let sock = PathBuf::from(u["control"].as_str().expect("control path"));
+                let s = dva_unit::control::fetch_stats(&sock).expect("unit stats");
+                (
+                    u["id"].as_u64().expect("id") as u32,
+                    u["role"].as_str().expect("role").to_string(),
+                    s,
+                )
+            })
+            .collect()
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        let text = std::fs::read_to_string(self.run_dir().join("units.json")).expect("units.json");
+        let units: Vec<serde_json::Value> =
+            serde_json::from_str(&text).expect("units.json is JSON");
+        units
+            .iter()
+            .map(|u| u["pid"].as_u64().expect("pid") as u32)
+            .collect()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the child we spawned.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only probes for existence.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
