@@ -359,7 +359,8 @@ impl Core {
         let Ok((l3, ethertype)) = dva_wire::ethernet::l3_offset(frame) else {
             return self.drop(dr::MALFORMED_ETHERNET);
         };
-        if l3 != EthernetFrame::<&[u8]>::HEADER_LEN {
+        // A tag the kernel moved into the packet's metadata (rx VLAN offload) counts too.
+        if l3 != EthernetFrame::<&[u8]>::HEADER_LEN || meta.vlan_tci.is_some() {
             return self.drop(dr::VLAN);
         }
         let eth = EthernetFrame::new_unchecked(frame);
