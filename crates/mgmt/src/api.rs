@@ -1,0 +1,1 @@
+//! The HTTP/JSON API (to be written).

@@ -1,0 +1,278 @@
+//! [`Mgmt`]: every operation on appliances, shared by the HTTP API, `dva run` and `dva demo`.
+//!
+//! Operations validate and record the desired state (store first, so a crash right after an
+//! accepted call loses nothing); the reconciler thread then makes the units match.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use dva_proto::ApplianceSpec;
+
+use crate::model::*;
+use crate::provision::{LocalProvisioner, Provisioner};
+use crate::reconcile::{self, Runtime};
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct MgmtOptions {
+    /// Where the store lives (`--state`).
+    pub state_dir: PathBuf,
+    /// The lab whose hosts units are placed on.
+    pub lab_prefix: String,
+    /// Unit run directories (sockets, logs, configs) go under `<run_root>/<lab_prefix><name>/`.
+    pub run_root: PathBuf,
+    /// The `dva` executable units are started from.
+    pub exe: PathBuf,
+}
+
+impl MgmtOptions {
+    pub fn new(state_dir: PathBuf, lab_prefix: &str) -> anyhow::Result<MgmtOptions> {
+        Ok(MgmtOptions {
+            state_dir,
+            lab_prefix: lab_prefix.to_string(),
+            run_root: PathBuf::from("/run/dva"),
+            exe: std::env::current_exe()?,
+        })
+    }
+}
+
+/// One appliance as the management tool holds it in memory: the stored record plus what the
+/// reconciler learned at run time (never stored: it is re-learned after a restart).
+pub(crate) struct Appliance {
+    pub rec: ApplianceRecord,
+    pub spec: ApplianceSpec,
+    pub deleting: bool,
+    pub rt: Runtime,
+}
+
+pub(crate) struct Inner {
+    pub opts: MgmtOptions,
+    pub store: Store,
+    pub appliances: Mutex<BTreeMap<String, Appliance>>,
+    pub stop: AtomicBool,
+    pub provisioner: Box<dyn Provisioner>,
+}
+
+impl Inner {
+    pub fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Appliance>> {
+        // A panic while holding the lock must not take the API down with it: the data is plain
+        // records, still consistent at every await-free step.
+        self.appliances.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Clone)]
+pub struct Mgmt {
+    pub(crate) inner: Arc<Inner>,
+    reconciler: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Mgmt {
+    /// Open the store (adopting the units of every stored appliance) and start the reconciler.
+    pub fn open(opts: MgmtOptions) -> anyhow::Result<Mgmt> {
+        let store = Store::open(&opts.state_dir)?;
+        let mut appliances = BTreeMap::new();
+        for rec in store.load_all()? {
+            let spec = ApplianceSpec::from_yaml(&rec.spec_text).map_err(|e| {
+                anyhow::anyhow!("stored spec of {} no longer parses: {e}", rec.name)
+            })?;
+            appliances.insert(
+                rec.name.clone(),
+                Appliance {
+                    rec,
+                    spec,
+                    deleting: false,
+                    rt: Runtime::default(),
+                },
+            );
+        }
+        let provisioner = Box::new(LocalProvisioner::new(opts.exe.clone()));
+        let inner = Arc::new(Inner {
+            opts,
+            store,
+            appliances: Mutex::new(appliances),
+            stop: AtomicBool::new(false),
+            provisioner,
+        });
+        let handle = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("reconciler".into())
+                .spawn(move || reconcile::run(&inner))?
+        };
+        Ok(Mgmt {
+            inner,
+            reconciler: Arc::new(Mutex::new(Some(handle))),
+        })
+    }
+
+    pub fn options(&self) -> &MgmtOptions {
+        &self.inner.opts
+    }
+
+    /// Create or replace an appliance from a spec (YAML or JSON text). The spec is parsed,
+    /// validated and compiled before anything changes: a bad spec leaves the running one as it was.
+    pub fn apply(&self, spec_text: &str) -> Result<ApplianceView, ApiError> {
+        let spec =
+            ApplianceSpec::from_yaml(spec_text).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        reconcile::check_compiles(&spec).map_err(ApiError::Invalid)?;
+        let name = spec.name().to_string();
+        let layout = spec.spec.layout.dataplanes.clone();
+        let mut all = self.inner.lock();
+        let view = match all.get_mut(&name) {
+            Some(app) if app.deleting => {
+                return Err(ApiError::Conflict(format!(
+                    "appliance {name} is being deleted"
+                )))
+            }
+            Some(app) => {
+                if app.rec.spec_text == spec_text {
+                    return Ok(reconcile::view(&self.inner, app));
+                }
+                let mut rec = app.rec.clone();
+                rec.spec_text = spec_text.to_string();
+                rec.generation += 1;
+                rec.dataplanes = rec.dataplanes.clamp(layout.min, layout.max);
+                let msg = format!("spec replaced (generation {})", rec.generation);
+                push_event(&mut rec, "applied", msg);
+                self.save(&rec)?;
+                app.rec = rec;
+                app.spec = spec;
+                reconcile::view(&self.inner, app)
+            }
+            None => {
+                let mut rec = ApplianceRecord {
+                    name: name.clone(),
+                    spec_text: spec_text.to_string(),
+                    generation: 1,
+                    dataplanes: layout.initial(),
+                    drain_deadline_ms: DEFAULT_DRAIN_DEADLINE_MS,
+                    units: Vec::new(),
+                    next_unit_id: 1,
+                    events: Vec::new(),
+                    created_ms: now_ms(),
+                };
+                let msg = format!("created with {} data plane(s)", rec.dataplanes);
+                push_event(&mut rec, "applied", msg);
+                self.save(&rec)?;
+                let app = Appliance {
+                    rec,
+                    spec,
+                    deleting: false,
+                    rt: Runtime::default(),
+                };
+                let view = reconcile::view(&self.inner, &app);
+                all.insert(name, app);
+                view
+            }
+        };
+        Ok(view)
+    }
+
+    pub fn list(&self) -> Vec<ApplianceView> {
+        let all = self.inner.lock();
+        all.values()
+            .map(|a| reconcile::view(&self.inner, a))
+            .collect()
+    }
+
+    pub fn get(&self, name: &str) -> Result<ApplianceView, ApiError> {
+        let all = self.inner.lock();
+        let app = all.get(name).ok_or_else(|| not_found(name))?;
+        Ok(reconcile::view(&self.inner, app))
+    }
+
+    /// Stop every unit of the appliance and forget it. Returns once the units are gone.
+    pub fn delete(&self, name: &str) -> Result<(), ApiError> {
+        {
+            let mut all = self.inner.lock();
+            let app = all.get_mut(name).ok_or_else(|| not_found(name))?;
+            app.deleting = true;
+        }
+        reconcile::delete(&self.inner, name).map_err(|e| ApiError::Internal(format!("{e:#}")))
+    }
+
+    /// Set the number of data planes (within the layout's min..=max).
+    pub fn scale(&self, name: &str, req: &ScaleRequest) -> Result<ApplianceView, ApiError> {
+        let deadline = req
+            .drain_deadline
+            .as_deref()
+            .map(parse_duration_ms)
+            .transpose()
+            .map_err(|e| ApiError::Invalid(format!("drain_deadline: {e}")))?;
+        let mut all = self.inner.lock();
+        let app = all.get_mut(name).ok_or_else(|| not_found(name))?;
+        if app.deleting {
+            return Err(ApiError::Conflict(format!(
+                "appliance {name} is being deleted"
+            )));
+        }
+        let layout = &app.spec.spec.layout.dataplanes;
+        if req.dataplanes < layout.min || req.dataplanes > layout.max {
+            return Err(ApiError::Invalid(format!(
+                "dataplanes: {} is outside the layout's bounds {}..={} (spec.layout.dataplanes)",
+                req.dataplanes, layout.min, layout.max
+            )));
+        }
+        let mut rec = app.rec.clone();
+        let from = rec.dataplanes;
+        rec.dataplanes = req.dataplanes;
+        if let Some(d) = deadline {
+            rec.drain_deadline_ms = d;
+        }
+        rec.generation += 1;
+        let msg = format!(
+            "data planes {from} -> {} (drain deadline {} ms)",
+            rec.dataplanes, rec.drain_deadline_ms
+        );
+        push_event(&mut rec, "scaled", msg);
+        self.save(&rec)?;
+        app.rec = rec;
+        Ok(reconcile::view(&self.inner, app))
+    }
+
+    pub fn units(&self, name: &str) -> Result<Vec<UnitView>, ApiError> {
+        Ok(self.get(name)?.units)
+    }
+
+    pub fn events(&self, name: &str) -> Result<Vec<Event>, ApiError> {
+        let all = self.inner.lock();
+        let app = all.get(name).ok_or_else(|| not_found(name))?;
+        Ok(app.rec.events.clone())
+    }
+
+    /// Stop the reconciler (units keep running: a restarted `dva serve` adopts them).
+    pub fn shutdown(&self) {
+        self.inner.stop.store(true, Ordering::Release);
+        let handle = self.reconciler.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    fn save(&self, rec: &ApplianceRecord) -> Result<(), ApiError> {
+        self.inner
+            .store
+            .save(rec)
+            .map_err(|e| ApiError::Internal(format!("store: {e:#}")))
+    }
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::NotFound(format!("no appliance named {name:?}"))
+}
+
+pub(crate) fn push_event(rec: &mut ApplianceRecord, reason: &str, message: String) {
+    rec.events.push(Event {
+        time_ms: now_ms(),
+        reason: reason.to_string(),
+        message,
+    });
+    if rec.events.len() > MAX_EVENTS {
+        let excess = rec.events.len() - MAX_EVENTS;
+        rec.events.drain(..excess);
+    }
+}

@@ -1,0 +1,20 @@
+//! The management tool (`dva serve`): the desired state of every appliance in a durable store, a
+//! reconciler that provisions compute units to match each appliance's layout and replaces those
+//! that die, a link to each appliance's manager unit, and the public HTTP/JSON API.
+//!
+//! * [`model`]: records, views, events, errors (plain data);
+//! * [`store`]: the file-backed store (atomic replace per appliance);
+//! * [`core`]: [`Mgmt`], the operations the API and `dva run` call (apply, get, scale, delete, ...);
+//! * [`reconcile`]: the loop that makes units match the records;
+//! * [`provision`]: the [`Provisioner`](provision::Provisioner) trait and its `local` implementation;
+//! * [`api`]: the HTTP server (routes, bearer-token auth, OpenAPI document).
+
+pub mod api;
+pub mod core;
+pub mod model;
+pub mod provision;
+pub mod reconcile;
+pub mod store;
+
+pub use crate::core::{Mgmt, MgmtOptions};
+pub use model::*;

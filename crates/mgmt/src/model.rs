@@ -1,0 +1,241 @@
+//! What the management tool stores and shows: appliance records, units, events, and the views the
+//! API and CLI return. Everything here is plain data (serde), kept in the durable store.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Unix time in milliseconds (what the store and events carry).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnitRole {
+    Manager,
+    Dispatcher,
+    Dataplane,
+}
+
+impl UnitRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnitRole::Manager => "manager",
+            UnitRole::Dispatcher => "dispatcher",
+            UnitRole::Dataplane => "dataplane",
+        }
+    }
+}
+
+/// A unit's life: `starting` (process up, no config ACKed yet), `ready` (serving its ACKed config),
+/// `draining` (a data plane being removed: no new flows, serving its existing ones), `stopped`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnitState {
+    Starting,
+    Ready,
+    Draining,
+    Stopped,
+    Failed,
+}
+
+/// A unit as the store remembers it (enough to find it again after a restart of `dva serve`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnitRecord {
+    pub id: u32,
+    pub role: UnitRole,
+    /// The host (in the lab: a network namespace) it runs on.
+    pub host: String,
+    pub pid: Option<u32>,
+    /// Backplane address (dispatchers and data planes).
+    pub addr: Option<SocketAddr>,
+    pub state: UnitState,
+    pub started_ms: u64,
+    /// When a data plane was told to drain; it is stopped once it holds no flows or past the deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_since_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub time_ms: u64,
+    /// Short machine-readable kind: `applied`, `rejected`, `scaled`, `unit-started`, `unit-ready`,
+    /// `unit-draining`, `unit-stopped`, `unit-died`, `config-nack`, ...
+    pub reason: String,
+    pub message: String,
+}
+
+/// One appliance in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplianceRecord {
+    pub name: String,
+    /// The spec as the user sent it (YAML or JSON text), so `get -o json` can return it verbatim.
+    pub spec_text: String,
+    /// Bumped on every accepted apply or scale: the desired state's version.
+    pub generation: u64,
+    pub dataplanes: u32,
+    /// How long a removed data plane may keep serving its existing flows before it is stopped.
+    pub drain_deadline_ms: u64,
+    pub units: Vec<UnitRecord>,
+    pub next_unit_id: u32,
+    pub events: Vec<Event>,
+    pub created_ms: u64,
+}
+
+/// Largest number of events kept per appliance (oldest dropped first).
+pub const MAX_EVENTS: usize = 500;
+
+/// Default drain deadline for a removed data plane.
+pub const DEFAULT_DRAIN_DEADLINE_MS: u64 = 300_000;
+
+/// `POST /v1/appliances/{name}/scale`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleRequest {
+    pub dataplanes: u32,
+    /// e.g. "2s", "500ms", "5m"; default: the appliance's drain deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_deadline: Option<String>,
+}
+
+/// A unit as the API shows it: the record joined with what the unit reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnitView {
+    pub id: u32,
+    pub role: UnitRole,
+    pub host: String,
+    pub state: UnitState,
+    pub pid: Option<u32>,
+    /// Config version the unit ACKed (0: none yet).
+    pub config_version: u64,
+    pub packets: u64,
+    pub flows: u64,
+    /// Buckets this data plane owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<u32>,
+    /// Managers only: whether this one leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<bool>,
+    /// The last config this unit refused, with the unit's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Appliance status: `pending` (units starting), `ready` (every unit serves the current config
+/// version), `degraded` (running, but a unit is missing or NACKed), `deleting`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplianceStatus {
+    Pending,
+    Ready,
+    Degraded,
+    Deleting,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplianceView {
+    pub name: String,
+    pub status: ApplianceStatus,
+    pub generation: u64,
+    /// The config version the manager pushes (0 before the first).
+    pub config_version: u64,
+    pub dataplanes: DataplaneCounts,
+    pub units: Vec<UnitView>,
+    /// Why the appliance is degraded or its last config was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub spec: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataplaneCounts {
+    pub desired: u32,
+    pub ready: u32,
+    pub draining: u32,
+    pub min: u32,
+    pub max: u32,
+}
+
+/// Errors the API maps to HTTP statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 404
+    #[error("{0}")]
+    NotFound(String),
+    /// 422: the request parsed but its content is wrong (bad spec, scale out of bounds).
+    #[error("{0}")]
+    Invalid(String),
+    /// 400: the request itself is malformed (not JSON, missing field).
+    #[error("{0}")]
+    BadRequest(String),
+    /// 409
+    #[error("{0}")]
+    Conflict(String),
+    /// 500
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::NotFound(_) => 404,
+            ApiError::Invalid(_) => 422,
+            ApiError::BadRequest(_) => 400,
+            ApiError::Conflict(_) => 409,
+            ApiError::Internal(_) => 500,
+        }
+    }
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Invalid(_) => "invalid",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Parse "2s", "500ms", "5m", "1h" or a bare number of seconds.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000.0)
+    } else {
+        (s, 1000.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (expected e.g. 2s, 500ms, 5m)"))?;
+    if !v.is_finite() || v < 0.0 || v * mult > 1e12 {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok((v * mult) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("2s"), Ok(2000));
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("1.5m"), Ok(90_000));
+        assert_eq!(parse_duration_ms("3"), Ok(3000));
+        assert!(parse_duration_ms("-1s").is_err());
+        assert!(parse_duration_ms("soon").is_err());
+    }
+}
