@@ -270,19 +270,35 @@ fn malformed_input_is_counted_and_crashes_nothing() {
     .expect("netns");
 
     // GENEVE garbage at a data plane (from a peer's address and from a foreign one) and at the dispatcher.
-    let vni = {
-        let text =
-            std::fs::read_to_string(app.run_dir().join("unit-11.json")).expect("unit config");
-        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-        v["vni"].as_u64().expect("vni") as u32
+    let vni = dva_proto::ApplianceSpec::from_yaml(
+        &std::fs::read_to_string(example("edge-firewall.yaml")).expect("example spec"),
+    )
+    .expect("example parses")
+    .vni();
+    // The data plane listening on host1's first backplane port.
+    let dp_id = app
+        .unit_stats()
+        .iter()
+        .find(|(_, role, st)| role == "dataplane" && st.pid != 0)
+        .map(|(id, _, _)| *id)
+        .expect("a data plane");
+    let dp_addr: SocketAddr = {
+        let text = std::fs::read_to_string(app.run_dir().join("units.json")).expect("units.json");
+        let units: Vec<serde_json::Value> = serde_json::from_str(&text).expect("json");
+        units
+            .iter()
+            .find(|u| u["id"].as_u64() == Some(u64::from(dp_id)))
+            .and_then(|u| u["backplane"].as_str())
+            .expect("backplane address")
+            .parse()
+            .expect("socket address")
     };
     let host1 = Lab::host_backplane_addr(1);
     let host2 = Lab::host_backplane_addr(2);
-    let dp11 = SocketAddr::new(IpAddr::V4(host1), 6081);
     send_udp(
         &lab.lab.host_ns(2),
         SocketAddr::new(IpAddr::V4(host2), 0),
-        dp11,
+        dp_addr,
         geneve_garbage(vni),
     );
     let status = std::process::Command::new("ip")
@@ -301,7 +317,7 @@ fn malformed_input_is_counted_and_crashes_nothing() {
     send_udp(
         &lab.lab.host_ns(2),
         "198.19.0.99:0".parse().unwrap(),
-        dp11,
+        dp_addr,
         vec![vec![0; 64]],
     );
     let disp_bp = SocketAddr::new(IpAddr::V4(Lab::dispatcher_backplane_addr(1)), 6081);
@@ -316,7 +332,7 @@ fn malformed_input_is_counted_and_crashes_nothing() {
         let d = |r: &str| counter(s, "dispatcher", r);
         let p = |r: &str| {
             s.iter()
-                .filter(|(id, _, _)| *id == 11)
+                .filter(|(id, _, _)| *id == dp_id)
                 .map(|(_, _, st)| st.drops.get(r).copied().unwrap_or(0))
                 .sum::<u64>()
         };

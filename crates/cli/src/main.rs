@@ -64,8 +64,12 @@ enum Cmd {
     Unit {
         #[arg(long, value_enum)]
         role: UnitRole,
+        /// Unit id within its appliance.
         #[arg(long)]
-        config: PathBuf,
+        id: u32,
+        /// The manager's channel socket (a manager listens on it; other roles connect to it).
+        #[arg(long)]
+        manager: PathBuf,
         #[arg(long)]
         control: PathBuf,
         #[arg(long)]
@@ -119,6 +123,7 @@ enum Output {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum UnitRole {
+    Manager,
     Dispatcher,
     Dataplane,
 }
@@ -190,18 +195,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => run::stats(&name, &prefix, output == Output::Json),
         Cmd::Unit {
             role,
-            config,
+            id,
+            manager,
             control,
             netns,
             die_with_parent,
         } => {
             let role = match role {
+                UnitRole::Manager => dva_unit::Role::Manager,
                 UnitRole::Dispatcher => dva_unit::Role::Dispatcher,
                 UnitRole::Dataplane => dva_unit::Role::Dataplane,
             };
             dva_unit::run_unit(&dva_unit::UnitArgs {
                 role,
-                config,
+                id,
+                manager,
                 control,
                 netns,
                 die_with_parent,

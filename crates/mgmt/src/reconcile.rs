@@ -1,44 +1,645 @@
-//! The reconciler (stub while the API is written).
+//! The reconciler: every [`PERIOD`], make each appliance's units match its record.
+//!
+//! * one manager unit, one dispatcher per dispatcher host, `dataplanes` data planes spread over
+//!   the data-plane hosts; a unit whose process died is replaced;
+//! * scale-in marks the newest data planes `draining`: the manager takes their buckets away (they
+//!   stay in the buckets' history and keep serving their flows, reached by punting) and they are
+//!   stopped once they hold no open flow, or when the drain deadline passes;
+//! * the desired state (spec + units) goes to the manager over a long-lived channel; the manager's
+//!   status (ACKs, NACKs, per-unit reports) comes back on it and feeds `get`.
+//!
+//! The store is written before anything is started, so a restart finds every unit it started.
 
-use dva_proto::ApplianceSpec;
+use std::collections::BTreeMap;
+use std::io::BufReader;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::core::{Appliance, Inner};
+use dva_flow::BucketTable;
+use dva_lab::Lab;
+use dva_proto::channel::{
+    self, Desired, DesiredRole, DesiredUnit, FromManager, ManagerStatus, ToManager, UnitStatus,
+};
+use dva_proto::{compile, ApplianceSpec, Placement, UnitEndpoint};
+
+use crate::core::{push_event, Appliance, Inner};
 use crate::model::*;
+use crate::provision::UnitLaunch;
 
+const PERIOD: Duration = Duration::from_millis(200);
+/// GENEVE's IANA port; further units on one host take the next ports.
+const BACKPLANE_PORT: u16 = 6081;
+/// A draining data plane must look empty this long before it is stopped (reports are 4 Hz).
+const DRAIN_CLEAR_FOR: Duration = Duration::from_millis(1000);
+/// Desired state is re-sent this often even when unchanged (a restarted manager needs it).
+const DESIRED_EVERY: Duration = Duration::from_millis(1000);
+
+/// What the reconciler knows at run time about one appliance (never stored).
 #[derive(Default)]
-pub struct Runtime {}
+pub struct Runtime {
+    link: Option<ManagerLink>,
+    desired_sent: Option<(Instant, Desired)>,
+    /// Why the appliance cannot be reconciled right now (no lab, a unit that fails to start).
+    error: Option<String>,
+    drain_clear: BTreeMap<u32, Instant>,
+    units_json: String,
+}
 
-pub(crate) fn run(inner: &Inner) {
-    while !inner.stop.load(std::sync::atomic::Ordering::Acquire) {
-        std::thread::sleep(std::time::Duration::from_millis(200));
+struct ManagerLink {
+    writer: UnixStream,
+    status: Arc<Mutex<Option<ManagerStatus>>>,
+    alive: Arc<AtomicBool>,
+}
+
+impl ManagerLink {
+    fn connect(path: &Path) -> std::io::Result<ManagerLink> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+        let reader = stream.try_clone()?;
+        let status = Arc::new(Mutex::new(None));
+        let alive = Arc::new(AtomicBool::new(true));
+        {
+            let (status, alive) = (status.clone(), alive.clone());
+            std::thread::Builder::new()
+                .name("manager-link".into())
+                .spawn(move || {
+                    let mut r = BufReader::new(reader);
+                    while let Ok(Some(msg)) = channel::recv::<_, FromManager>(&mut r) {
+                        if let FromManager::Status(s) = msg {
+                            if let Ok(mut g) = status.lock() {
+                                *g = Some(*s);
+                            }
+                        }
+                    }
+                    alive.store(false, Ordering::Release);
+                })?;
+        }
+        Ok(ManagerLink {
+            writer: stream,
+            status,
+            alive,
+        })
+    }
+
+    fn status(&self) -> Option<ManagerStatus> {
+        self.status.lock().ok().and_then(|g| g.clone())
     }
 }
 
-pub(crate) fn check_compiles(spec: &ApplianceSpec) -> Result<(), String> {
-    spec.validate().map_err(|e| e.to_string())
+pub(crate) fn run(inner: &Inner) {
+    while !inner.stop.load(Ordering::Acquire) {
+        let lab = Lab::discover(&inner.opts.lab_prefix).ok().flatten();
+        let names: Vec<String> = inner.lock().keys().cloned().collect();
+        for name in names {
+            let mut all = inner.lock();
+            let Some(app) = all.get_mut(&name) else {
+                continue;
+            };
+            if app.deleting {
+                continue;
+            }
+            reconcile(inner, app, lab.as_ref());
+        }
+        std::thread::sleep(PERIOD);
+    }
 }
 
-pub(crate) fn view(_inner: &Inner, app: &Appliance) -> ApplianceView {
+pub(crate) fn run_dir(inner: &Inner, name: &str) -> PathBuf {
+    inner
+        .opts
+        .run_root
+        .join(format!("{}{}", inner.opts.lab_prefix, name))
+}
+
+fn launch(inner: &Inner, name: &str, u: &UnitRecord) -> UnitLaunch {
+    let dir = run_dir(inner, name);
+    UnitLaunch {
+        appliance: name.to_string(),
+        id: u.id,
+        role: u.role,
+        host: u.host.clone(),
+        manager: dir.join("manager.sock"),
+        control: dir.join(format!("unit-{}.sock", u.id)),
+        log: dir.join(format!("unit-{}.log", u.id)),
+    }
+}
+
+/// Reject at apply time what the manager could not compile (e.g. a route via no interface).
+pub(crate) fn check_compiles(spec: &ApplianceSpec) -> Result<(), String> {
+    let ep = |id, port| UnitEndpoint {
+        id,
+        addr: SocketAddr::new(IpAddr::from([198, 19, 0, 1]), port),
+    };
+    let table = BucketTable::maglev(spec.spec.layout.buckets, &[2])
+        .map_err(|e| format!("spec.layout.buckets: {e}"))?;
+    let placement = Placement {
+        dispatchers: vec![ep(1, BACKPLANE_PORT)],
+        dataplanes: vec![ep(2, BACKPLANE_PORT + 1)],
+        table,
+    };
+    compile(spec, &placement, 1)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
+    let Some(lab) = lab else {
+        app.rt.error = Some(format!(
+            "no lab with prefix {:?} (create it with `dva lab up --prefix {}`)",
+            inner.opts.lab_prefix, inner.opts.lab_prefix
+        ));
+        return;
+    };
+    let before = app.rec.clone();
+    let name = app.rec.name.clone();
+    let status = app.rt.link.as_ref().and_then(|l| l.status());
+    let now = now_ms();
+
+    // 1. Units whose process is gone.
+    let mut kept = Vec::new();
+    for u in std::mem::take(&mut app.rec.units) {
+        let alive = u
+            .pid
+            .is_some_and(|pid| inner.provisioner.alive(pid, &launch(inner, &name, &u)));
+        if alive {
+            kept.push(u);
+            continue;
+        }
+        if u.state == UnitState::Stopped {
+            push_event(
+                &mut app.rec,
+                "unit-stopped",
+                format!("{} unit {} on {} exited", u.role.as_str(), u.id, u.host),
+            );
+        } else {
+            push_event(
+                &mut app.rec,
+                "unit-died",
+                format!(
+                    "{} unit {} on {} (pid {}) died; replacing it",
+                    u.role.as_str(),
+                    u.id,
+                    u.host,
+                    u.pid.unwrap_or(0)
+                ),
+            );
+        }
+        app.rt.drain_clear.remove(&u.id);
+    }
+    app.rec.units = kept;
+
+    // 2. The layout: one manager, one dispatcher per dispatcher host, N data planes.
+    let mut to_start = Vec::new();
+    if !app.rec.units.iter().any(|u| u.role == UnitRole::Manager) {
+        to_start.push((UnitRole::Manager, lab.host_ns(1), None));
+    }
+    let disp_host = lab.dispatcher_ns(1);
+    if !app
+        .rec
+        .units
+        .iter()
+        .any(|u| u.role == UnitRole::Dispatcher && u.host == disp_host)
+    {
+        let addr = SocketAddr::new(
+            IpAddr::V4(Lab::dispatcher_backplane_addr(1)),
+            BACKPLANE_PORT,
+        );
+        to_start.push((UnitRole::Dispatcher, disp_host, Some(addr)));
+    }
+    let active: Vec<u32> = app
+        .rec
+        .units
+        .iter()
+        .filter(|u| {
+            u.role == UnitRole::Dataplane
+                && u.state != UnitState::Draining
+                && u.state != UnitState::Stopped
+        })
+        .map(|u| u.id)
+        .collect();
+    let want = app.rec.dataplanes as usize;
+    if active.len() < want {
+        let mut planned: Vec<(String, SocketAddr)> = Vec::new();
+        for _ in active.len()..want {
+            let (host, addr) = place_dataplane(lab, &app.rec.units, &planned);
+            planned.push((host.clone(), addr));
+            to_start.push((UnitRole::Dataplane, host, Some(addr)));
+        }
+    } else if active.len() > want {
+        // Newest first: the longest-lived data planes hold the most flows.
+        let mut ids = active.clone();
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        for id in ids.into_iter().take(active.len() - want) {
+            if let Some(u) = app.rec.units.iter_mut().find(|u| u.id == id) {
+                u.state = UnitState::Draining;
+                u.draining_since_ms = Some(now);
+            }
+            let msg = format!(
+                "data plane {id} draining: no new flows, existing ones served (deadline {} ms)",
+                app.rec.drain_deadline_ms
+            );
+            push_event(&mut app.rec, "unit-draining", msg);
+        }
+    }
+    if !to_start.is_empty() {
+        // Store the units before starting them, so a crash in between leaves a record to reconcile.
+        let mut new_units = Vec::new();
+        for (role, host, addr) in to_start {
+            let id = app.rec.next_unit_id;
+            app.rec.next_unit_id += 1;
+            new_units.push(UnitRecord {
+                id,
+                role,
+                host,
+                pid: None,
+                addr,
+                state: UnitState::Starting,
+                started_ms: now,
+                draining_since_ms: None,
+            });
+        }
+        app.rec.units.extend(new_units.iter().cloned());
+        if let Err(e) = inner.store.save(&app.rec) {
+            app.rt.error = Some(format!("store: {e:#}"));
+            return;
+        }
+        for nu in new_units {
+            let l = launch(inner, &name, &nu);
+            match inner.provisioner.start(&l) {
+                Ok(pid) => {
+                    if let Some(u) = app.rec.units.iter_mut().find(|u| u.id == nu.id) {
+                        u.pid = Some(pid);
+                    }
+                    push_event(
+                        &mut app.rec,
+                        "unit-started",
+                        format!(
+                            "{} unit {} on {} (pid {pid})",
+                            nu.role.as_str(),
+                            nu.id,
+                            nu.host
+                        ),
+                    );
+                }
+                Err(e) => {
+                    app.rec.units.retain(|u| u.id != nu.id);
+                    let msg = format!("{e:#}");
+                    push_event(&mut app.rec, "unit-failed", msg.clone());
+                    app.rt.error = Some(msg);
+                }
+            }
+        }
+    }
+
+    // 3. The manager link, and the desired state over it.
+    let manager_sock = run_dir(inner, &name).join("manager.sock");
+    if app
+        .rt
+        .link
+        .as_ref()
+        .is_some_and(|l| !l.alive.load(Ordering::Acquire))
+    {
+        app.rt.link = None;
+        app.rt.desired_sent = None;
+    }
+    if app.rt.link.is_none() && manager_sock.exists() {
+        app.rt.link = ManagerLink::connect(&manager_sock).ok();
+    }
+    let desired = Desired {
+        generation: app.rec.generation,
+        spec: app.spec.clone(),
+        units: app
+            .rec
+            .units
+            .iter()
+            .filter(|u| u.role != UnitRole::Manager && u.state != UnitState::Stopped)
+            .filter_map(|u| {
+                Some(DesiredUnit {
+                    id: u.id,
+                    role: match u.role {
+                        UnitRole::Dispatcher => DesiredRole::Dispatcher,
+                        _ => DesiredRole::Dataplane,
+                    },
+                    addr: u.addr?,
+                    draining: u.state == UnitState::Draining,
+                })
+            })
+            .collect(),
+    };
+    if let Some(link) = app.rt.link.as_mut() {
+        let due = app
+            .rt
+            .desired_sent
+            .as_ref()
+            .is_none_or(|(at, d)| *d != desired || at.elapsed() >= DESIRED_EVERY);
+        if due {
+            let msg = ToManager::Desired(Box::new(desired.clone()));
+            if channel::send(&mut link.writer, &msg).is_ok() {
+                app.rt.desired_sent = Some((Instant::now(), desired));
+            } else {
+                app.rt.link = None;
+            }
+        }
+    }
+
+    // 4. Unit states from the manager's status; draining data planes that are done get stopped.
+    if let Some(st) = &status {
+        let by_id: BTreeMap<u32, &UnitStatus> = st.units.iter().map(|u| (u.id, u)).collect();
+        let mut events = Vec::new();
+        for u in app.rec.units.iter_mut() {
+            let us = by_id.get(&u.id);
+            match u.state {
+                UnitState::Starting if us.is_some_and(|s| s.connected && s.acked > 0) => {
+                    u.state = UnitState::Ready;
+                    events.push((
+                        "unit-ready",
+                        format!(
+                            "{} unit {} on {} serving config version {}",
+                            u.role.as_str(),
+                            u.id,
+                            u.host,
+                            us.map_or(0, |s| s.acked)
+                        ),
+                    ));
+                }
+                UnitState::Draining => {
+                    let since = u.draining_since_ms.unwrap_or(now);
+                    let empty = us.is_some_and(|s| {
+                        s.buckets == 0
+                            && st.converged
+                            && s.report
+                                .as_ref()
+                                .is_some_and(|r| r.version >= st.version && r.active_flows == 0)
+                    });
+                    let clear_since = if empty {
+                        *app.rt.drain_clear.entry(u.id).or_insert_with(Instant::now)
+                    } else {
+                        app.rt.drain_clear.remove(&u.id);
+                        Instant::now()
+                    };
+                    let past_deadline = now.saturating_sub(since) >= app.rec.drain_deadline_ms;
+                    if (empty && clear_since.elapsed() >= DRAIN_CLEAR_FOR) || past_deadline {
+                        let flows = us
+                            .and_then(|s| s.report.as_ref())
+                            .map_or(0, |r| r.active_flows);
+                        if let Some(pid) = u.pid {
+                            inner.provisioner.stop(pid);
+                        }
+                        u.state = UnitState::Stopped;
+                        events.push((
+                            "unit-drained",
+                            if empty {
+                                format!("data plane {} holds no open flows; stopping it", u.id)
+                            } else {
+                                format!(
+                                    "data plane {} passed its drain deadline with {flows} open flow(s); stopping it",
+                                    u.id
+                                )
+                            },
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (reason, msg) in events {
+            push_event(&mut app.rec, reason, msg);
+        }
+    }
+    // The manager itself is ready once its socket answers.
+    if app.rt.link.is_some() {
+        for u in app.rec.units.iter_mut() {
+            if u.role == UnitRole::Manager && u.state == UnitState::Starting {
+                u.state = UnitState::Ready;
+            }
+        }
+    }
+    if app
+        .rt
+        .error
+        .as_deref()
+        .is_some_and(|e| e.starts_with("no lab"))
+    {
+        app.rt.error = None;
+    }
+
+    if app.rec != before {
+        if let Err(e) = inner.store.save(&app.rec) {
+            app.rt.error = Some(format!("store: {e:#}"));
+        }
+    }
+    write_units_json(inner, app);
+}
+
+/// The data-plane host with the fewest data planes, and the next free backplane port on it.
+fn place_dataplane(
+    lab: &Lab,
+    units: &[UnitRecord],
+    planned: &[(String, SocketAddr)],
+) -> (String, SocketAddr) {
+    let hosts: Vec<usize> = (1..=lab.hosts.max(1)).collect();
+    let mut best = (usize::MAX, 1);
+    for m in hosts {
+        let ns = lab.host_ns(m);
+        let n = units
+            .iter()
+            .filter(|u| {
+                u.role == UnitRole::Dataplane && u.host == ns && u.state != UnitState::Stopped
+            })
+            .count()
+            + planned.iter().filter(|(h, _)| *h == ns).count();
+        if n < best.0 {
+            best = (n, m);
+        }
+    }
+    let m = best.1;
+    let ns = lab.host_ns(m);
+    let ip = IpAddr::V4(Lab::host_backplane_addr(m));
+    let used: Vec<u16> = units
+        .iter()
+        .filter(|u| u.host == ns)
+        .filter_map(|u| u.addr.map(|a| a.port()))
+        .chain(
+            planned
+                .iter()
+                .filter(|(h, _)| *h == ns)
+                .map(|(_, a)| a.port()),
+        )
+        .collect();
+    let port = (BACKPLANE_PORT..u16::MAX)
+        .find(|p| !used.contains(p))
+        .unwrap_or(BACKPLANE_PORT);
+    (ns, SocketAddr::new(ip, port))
+}
+
+/// `units.json` in the run directory: where `dva stats` and the tests find the units' sockets.
+fn write_units_json(inner: &Inner, app: &mut Appliance) {
+    let dir = run_dir(inner, &app.rec.name);
+    let units: Vec<serde_json::Value> = app
+        .rec
+        .units
+        .iter()
+        .filter(|u| matches!(u.state, UnitState::Ready | UnitState::Draining))
+        .map(|u| {
+            let l = launch(inner, &app.rec.name, u);
+            serde_json::json!({
+                "id": u.id,
+                "role": u.role.as_str(),
+                "host": u.host,
+                "pid": u.pid,
+                "state": u.state,
+                "backplane": u.addr,
+                "control": l.control,
+                "log": l.log,
+            })
+        })
+        .collect();
+    let text = serde_json::to_string_pretty(&units).unwrap_or_default();
+    if text == app.rt.units_json {
+        return;
+    }
+    let _ = std::fs::create_dir_all(&dir);
+    let tmp = dir.join("units.json.tmp");
+    if std::fs::write(&tmp, &text).is_ok() && std::fs::rename(&tmp, dir.join("units.json")).is_ok()
+    {
+        app.rt.units_json = text;
+    }
+}
+
+pub(crate) fn view(inner: &Inner, app: &Appliance) -> ApplianceView {
     let l = &app.spec.spec.layout.dataplanes;
+    let status = app.rt.link.as_ref().and_then(|l| l.status());
+    let by_id: BTreeMap<u32, &UnitStatus> = status
+        .as_ref()
+        .map(|s| s.units.iter().map(|u| (u.id, u)).collect())
+        .unwrap_or_default();
+    let units: Vec<UnitView> = app
+        .rec
+        .units
+        .iter()
+        .map(|u| {
+            let s = by_id.get(&u.id);
+            let report = s.and_then(|s| s.report.as_ref());
+            let mut packets = report.map_or(0, |r| r.rx_packets);
+            if u.role == UnitRole::Manager {
+                packets = 0;
+            }
+            UnitView {
+                id: u.id,
+                role: u.role,
+                host: u.host.clone(),
+                state: u.state,
+                pid: u.pid,
+                config_version: s.map_or(0, |s| s.acked),
+                packets,
+                flows: report.map_or(0, |r| r.flows),
+                buckets: (u.role == UnitRole::Dataplane).then(|| s.map_or(0, |s| s.buckets)),
+                leader: (u.role == UnitRole::Manager).then_some(true),
+                error: s.and_then(|s| s.nack.clone()),
+            }
+        })
+        .collect();
+    let ready_dps = units
+        .iter()
+        .filter(|u| u.role == UnitRole::Dataplane && u.state == UnitState::Ready)
+        .count() as u32;
+    let draining = units
+        .iter()
+        .filter(|u| u.role == UnitRole::Dataplane && u.state == UnitState::Draining)
+        .count() as u32;
+    let error = app
+        .rt
+        .error
+        .clone()
+        .or_else(|| status.as_ref().and_then(|s| s.error.clone()));
+    let all_ready = !units.is_empty()
+        && units
+            .iter()
+            .filter(|u| u.state != UnitState::Draining && u.state != UnitState::Stopped)
+            .all(|u| u.state == UnitState::Ready)
+        && ready_dps == app.rec.dataplanes
+        && units
+            .iter()
+            .any(|u| u.role == UnitRole::Dispatcher && u.state == UnitState::Ready);
+    let converged = status.as_ref().is_some_and(|s| s.converged);
+    let status_word = if app.deleting {
+        ApplianceStatus::Deleting
+    } else if all_ready && converged && error.is_none() {
+        ApplianceStatus::Ready
+    } else if error.is_some() && app.rec.units.iter().any(|u| u.state == UnitState::Ready) {
+        ApplianceStatus::Degraded
+    } else {
+        ApplianceStatus::Pending
+    };
+    let _ = inner;
     ApplianceView {
         name: app.rec.name.clone(),
-        status: ApplianceStatus::Pending,
+        status: status_word,
         generation: app.rec.generation,
-        config_version: 0,
+        config_version: status.as_ref().map_or(0, |s| s.version),
         dataplanes: DataplaneCounts {
             desired: app.rec.dataplanes,
-            ready: 0,
-            draining: 0,
+            ready: ready_dps,
+            draining,
             min: l.min,
             max: l.max,
         },
-        units: Vec::new(),
-        error: None,
+        units,
+        error,
         spec: app.rec.spec_text.clone(),
     }
 }
 
+/// Stop every unit of an appliance (SIGTERM, then SIGKILL after 5 s), then forget it.
 pub(crate) fn delete(inner: &Inner, name: &str) -> anyhow::Result<()> {
+    let (units, launches): (Vec<UnitRecord>, Vec<UnitLaunch>) = {
+        let mut all = inner.lock();
+        let Some(app) = all.get_mut(name) else {
+            return Ok(());
+        };
+        app.rt.link = None;
+        let units = app.rec.units.clone();
+        let launches = units.iter().map(|u| launch(inner, name, u)).collect();
+        (units, launches)
+    };
+    // Data path first, manager last, so no unit is left reconnecting to nothing.
+    let order = |u: &UnitRecord| match u.role {
+        UnitRole::Dataplane => 0,
+        UnitRole::Dispatcher => 1,
+        UnitRole::Manager => 2,
+    };
+    let mut pairs: Vec<(UnitRecord, UnitLaunch)> = units.into_iter().zip(launches).collect();
+    pairs.sort_by_key(|(u, _)| order(u));
+    for (u, _) in &pairs {
+        if let Some(pid) = u.pid {
+            inner.provisioner.stop(pid);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<&(UnitRecord, UnitLaunch)> = pairs
+            .iter()
+            .filter(|(u, l)| u.pid.is_some_and(|pid| inner.provisioner.alive(pid, l)))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            for (u, _) in left {
+                if let Some(pid) = u.pid {
+                    inner.provisioner.kill(pid);
+                }
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     inner.lock().remove(name);
-    inner.store.remove(name)
+    inner.store.remove(name)?;
+    let _ = std::fs::remove_dir_all(run_dir(inner, name));
+    Ok(())
 }

@@ -10,6 +10,7 @@
 //!
 //! Nothing here does I/O: parsing takes text, compilation takes a spec and a placement.
 
+pub mod channel;
 pub mod role;
 pub mod spec;
 

@@ -15,17 +15,20 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use dva_flow::UnitId;
 use dva_io::udp::UdpEndpoint;
-use dva_proto::DataplaneConfig;
+use dva_proto::{DataplaneConfig, RoleConfig};
+use dva_services::conntrack::{ConnState, TcpState};
 use dva_services::firewall::{
     ConntrackConfig, DropReason, Firewall, NewFlowPolicy, PacketInfo, RejectKind, Verdict,
 };
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
 
+use crate::channel::Update;
 use crate::classify::{classify, Classified, PROTO_TCP};
 use crate::reply;
 use crate::stats::{DropCounters, Every, StatsCell, UnitStats};
@@ -89,6 +92,8 @@ struct Core {
     scratch: Vec<u8>,
     epoch_start: Instant,
     now_ns: u64,
+    active_flows: u64,
+    bucket_flows: Vec<(u16, u32)>,
 }
 
 impl Dataplane {
@@ -126,16 +131,37 @@ impl Dataplane {
                 scratch: Vec::with_capacity(2048),
                 epoch_start: Instant::now(),
                 now_ns: 0,
+                active_flows: 0,
+                bucket_flows: Vec::new(),
             },
         })
     }
 
-    pub fn run(&mut self, stop: &AtomicBool, stats: &StatsCell) -> anyhow::Result<()> {
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        stats: &StatsCell,
+        updates: &Receiver<Update>,
+    ) -> anyhow::Result<()> {
         let mut poller = dva_io::poll::Poller::new(&[self.rx.as_raw_fd()]);
         let mut publish = Every::new(Duration::from_millis(100));
+        let mut census = Every::new(Duration::from_millis(250));
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
+            // Config pushes are applied between batches, so a packet sees one config or the next.
+            while let Ok(u) = updates.try_recv() {
+                let result = match u.config {
+                    RoleConfig::Dataplane(c) => self.core.apply(c),
+                    RoleConfig::Dispatcher(_) => {
+                        Err("this unit is a data plane; got a dispatcher config".into())
+                    }
+                };
+                let _ = u.reply.send(result);
+            }
             let core = &mut self.core;
+            if census.due(now) {
+                core.census();
+            }
             core.now_ns = now.duration_since(core.epoch_start).as_nanos() as u64;
             let n = self
                 .rx
@@ -161,6 +187,54 @@ impl Dataplane {
 }
 
 impl Core {
+    /// Take a new config version: table, peers, dispatchers and rules change in place; the
+    /// connection table is kept (that is the point of a stateful data plane).
+    fn apply(&mut self, cfg: DataplaneConfig) -> Result<(), String> {
+        if cfg.listen != self.cfg.listen {
+            return Err(format!(
+                "listen address {} cannot change at run time (this unit listens on {})",
+                cfg.listen, self.cfg.listen
+            ));
+        }
+        if cfg.dispatchers.is_empty() {
+            return Err("config lists no dispatcher to return packets to".into());
+        }
+        if cfg.table.is_empty() || !cfg.table.len().is_power_of_two() {
+            return Err(format!(
+                "bucket table has {} buckets; need a power of two",
+                cfg.table.len()
+            ));
+        }
+        if cfg.firewall != self.cfg.firewall {
+            self.fw.set_rules(cfg.firewall.clone());
+        }
+        self.peers = cfg.peers.iter().map(|p| (p.id, p.addr)).collect();
+        self.dispatcher_ips = cfg.dispatchers.iter().map(|d| d.addr.ip()).collect();
+        self.peer_ips = cfg.peers.iter().map(|d| d.addr.ip()).collect();
+        self.cfg = cfg;
+        Ok(())
+    }
+
+    /// Count open connections, in total and per bucket (for the manager's history retirement and
+    /// for draining). A pass over the table, so it runs a few times a second, not per packet.
+    fn census(&mut self) {
+        const RECENT_NS: u64 = 5_000_000_000;
+        let now = self.now_ns;
+        let mut active = 0;
+        for c in self.fw.conntrack().iter() {
+            let open = match c.state {
+                ConnState::Tcp(s) => !matches!(
+                    s,
+                    TcpState::None | TcpState::LastAck | TcpState::TimeWait | TcpState::Close
+                ),
+                _ => now.saturating_sub(c.last_seen) < RECENT_NS,
+            };
+            active += u64::from(open);
+        }
+        self.active_flows = active;
+        self.bucket_flows = self.fw.flows_per_bucket().collect();
+    }
+
     fn snapshot(&self) -> UnitStats {
         let mut counters: BTreeMap<String, u64> = self
             .events
@@ -178,6 +252,8 @@ impl Core {
             tx_packets: self.tx_packets,
             tx_bytes: self.tx_bytes,
             flows: self.fw.len() as u64,
+            active_flows: self.active_flows,
+            bucket_flows: self.bucket_flows.clone(),
             drops: self.drops.to_map(),
             counters,
             ..Default::default()

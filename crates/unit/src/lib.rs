@@ -12,10 +12,12 @@
 //! Data-path loops are single-threaded, never block on the control side (stats are published with
 //! `try_lock`), and count every drop by reason.
 
+pub mod channel;
 pub mod classify;
 pub mod control;
 pub mod dataplane;
 pub mod dispatcher;
+pub mod manager;
 pub mod reply;
 pub mod runtime;
 pub mod stats;

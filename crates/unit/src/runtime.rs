@@ -1,20 +1,29 @@
-//! Process entry for `dva unit`: enter the host's namespace, read the role config, set up the data
-//! path, then mark ready on the control socket and run until SIGTERM/SIGINT.
+//! Process entry for `dva unit`: enter the host's namespace, start the control socket, then
+//! either run the manager, or connect to the manager and wait for a role config, set up the data
+//! path from it, and apply later pushes until SIGTERM/SIGINT.
+//!
+//! A unit is generic until configured: a dispatcher or data plane owns no interface and binds no
+//! backplane socket before its first config arrives (and is ACKed only once that worked).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use dva_proto::RoleConfig;
 
+use crate::channel::{ChannelArgs, ChannelClient, Update};
 use crate::control::ControlServer;
 use crate::dataplane::Dataplane;
 use crate::dispatcher::Dispatcher;
+use crate::manager::{self, ManagerArgs};
 use crate::stats::{StatsCell, UnitStats};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    Manager,
     Dispatcher,
     Dataplane,
 }
@@ -22,6 +31,7 @@ pub enum Role {
 impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
+            Role::Manager => "manager",
             Role::Dispatcher => "dispatcher",
             Role::Dataplane => "dataplane",
         }
@@ -31,13 +41,14 @@ impl Role {
 #[derive(Debug, Clone)]
 pub struct UnitArgs {
     pub role: Role,
-    /// JSON [`RoleConfig`].
-    pub config: PathBuf,
-    /// Control socket path.
+    pub id: u32,
+    /// The manager's channel socket: the manager listens on it, other roles connect to it.
+    pub manager: PathBuf,
+    /// Control socket path (`/ready`, `/stats`, `/metrics`).
     pub control: PathBuf,
     /// Network namespace (a lab host) to run in.
     pub netns: Option<String>,
-    /// Exit when the parent that started us dies, so a killed `dva run` leaves no orphan units.
+    /// Exit when the parent that started us dies (for a foreground `dva run`).
     pub die_with_parent: bool,
 }
 
@@ -53,47 +64,98 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
     if let Some(ns) = &args.netns {
         dva_io::netns::enter(ns).with_context(|| format!("entering network namespace {ns}"))?;
     }
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
-    let cfg: RoleConfig = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "config {} is not a valid role config",
-            args.config.display()
-        )
-    })?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     let ready = Arc::new(AtomicBool::new(false));
-    let initial = UnitStats {
-        unit: cfg.unit(),
-        config_version: cfg.version(),
+    let stats = StatsCell::new(UnitStats {
+        unit: args.id,
         role: args.role.as_str().into(),
         ..Default::default()
-    };
-    let stats = StatsCell::new(initial);
+    });
     let _control = ControlServer::start(&args.control, stats.clone(), ready.clone())
         .with_context(|| format!("control socket {}", args.control.display()))?;
-    match (args.role, cfg) {
-        (Role::Dispatcher, RoleConfig::Dispatcher(c)) => {
-            let mut d = Dispatcher::new(c)?;
-            stats.try_publish(d.snapshot());
-            ready.store(true, Ordering::Release);
-            d.run(&stop, &stats)
-        }
-        (Role::Dataplane, RoleConfig::Dataplane(c)) => {
-            let mut d = Dataplane::new(c)?;
-            stats.try_publish(d.snapshot());
-            ready.store(true, Ordering::Release);
-            d.run(&stop, &stats)
-        }
-        (role, cfg) => anyhow::bail!(
-            "started as {} but the config is for a {}",
-            role.as_str(),
-            match cfg {
-                RoleConfig::Dispatcher(_) => "dispatcher",
-                RoleConfig::Dataplane(_) => "dataplane",
-            }
-        ),
+    if args.role == Role::Manager {
+        return manager::run(ManagerArgs {
+            unit: args.id,
+            listen: args.manager.clone(),
+            stop,
+            stats,
+            ready,
+        });
     }
+    let (_client, updates) = ChannelClient::start(ChannelArgs {
+        manager: args.manager.clone(),
+        unit: args.id,
+        role: args.role.as_str(),
+        stats: stats.clone(),
+        stop: stop.clone(),
+    })?;
+    // Wait for a first config this unit can run; a bad one is NACKed and we keep waiting.
+    while !stop.load(Ordering::Relaxed) {
+        let Some(u) = next_update(&updates, &stop) else {
+            break;
+        };
+        let version = u.config.version();
+        match (args.role, u.config) {
+            (Role::Dispatcher, RoleConfig::Dispatcher(c)) if c.unit == args.id => {
+                match Dispatcher::new(c) {
+                    Ok(mut d) => {
+                        stats.try_publish(d.snapshot());
+                        let _ = u.reply.send(Ok(()));
+                        ready.store(true, Ordering::Release);
+                        eprintln!(
+                            "unit {}: dispatcher serving config version {version}",
+                            args.id
+                        );
+                        return d.run(&stop, &stats, &updates);
+                    }
+                    Err(e) => {
+                        let _ = u.reply.send(Err(format!("{e:#}")));
+                    }
+                }
+            }
+            (Role::Dataplane, RoleConfig::Dataplane(c)) if c.unit == args.id => {
+                match Dataplane::new(c) {
+                    Ok(mut d) => {
+                        stats.try_publish(d.snapshot());
+                        let _ = u.reply.send(Ok(()));
+                        ready.store(true, Ordering::Release);
+                        eprintln!(
+                            "unit {}: data plane serving config version {version}",
+                            args.id
+                        );
+                        return d.run(&stop, &stats, &updates);
+                    }
+                    Err(e) => {
+                        let _ = u.reply.send(Err(format!("{e:#}")));
+                    }
+                }
+            }
+            (role, cfg) => {
+                let _ = u.reply.send(Err(format!(
+                    "unit {} is a {}; got a config for {} {}",
+                    args.id,
+                    role.as_str(),
+                    match cfg {
+                        RoleConfig::Dispatcher(_) => "dispatcher",
+                        RoleConfig::Dataplane(_) => "data plane",
+                    },
+                    cfg.unit()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn next_update(updates: &Receiver<Update>, stop: &AtomicBool) -> Option<Update> {
+    while !stop.load(Ordering::Relaxed) {
+        match updates.recv_timeout(Duration::from_millis(100)) {
+            Ok(u) => return Some(u),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+    None
 }

@@ -33,6 +33,12 @@ pub struct UnitStats {
     pub tx_bytes: u64,
     /// Tracked connections (data planes).
     pub flows: u64,
+    /// Connections still open (TCP before its FIN exchange ends; connectionless ones seen lately).
+    #[serde(default)]
+    pub active_flows: u64,
+    /// (bucket, connections) for every bucket holding any: reported to the manager, not shown.
+    #[serde(default, skip_serializing)]
+    pub bucket_flows: Vec<(u16, u32)>,
     /// Drops by reason; every packet a unit does not pass on is counted here.
     pub drops: BTreeMap<String, u64>,
     /// Role-specific event counters (e.g. `punted_out`, `arp_replies`).

@@ -17,6 +17,7 @@ pub mod route;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,12 +25,13 @@ use anyhow::{bail, Context};
 use dva_io::af_packet::{AfPacket, AfPacketConfig};
 use dva_io::udp::UdpEndpoint;
 use dva_io::{FrameIo, RxMeta};
-use dva_proto::{DispatcherConfig, InterfaceConfig};
+use dva_proto::{DispatcherConfig, InterfaceConfig, RoleConfig};
 use dva_wire::geneve::{self, DvaMeta, DVA_HEADER_LEN};
 use dva_wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, Ipv4Packet, Ipv6Packet,
 };
 
+use crate::channel::Update;
 use crate::classify::{classify, Classified, PROTO_ICMP, PROTO_ICMPV6};
 use crate::reply::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 use crate::stats::{DropCounters, Every, InterfaceStats, StatsCell, UnitStats};
@@ -227,7 +229,12 @@ impl Dispatcher {
     }
 
     /// The data-path loop. Returns when `stop` is set.
-    pub fn run(&mut self, stop: &AtomicBool, stats: &StatsCell) -> anyhow::Result<()> {
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        stats: &StatsCell,
+        updates: &Receiver<Update>,
+    ) -> anyhow::Result<()> {
         let mut fds: Vec<_> = self.ports.iter().map(|p| p.as_raw_fd()).collect();
         fds.push(self.backplane.as_raw_fd());
         let mut poller = dva_io::poll::Poller::new(&fds);
@@ -236,6 +243,16 @@ impl Dispatcher {
         while !stop.load(Ordering::Relaxed) {
             let mut work = 0;
             self.core.now = Instant::now();
+            // Config pushes are applied between batches: each packet sees one table or the next.
+            while let Ok(u) = updates.try_recv() {
+                let result = match u.config {
+                    RoleConfig::Dispatcher(c) => self.core.apply(c),
+                    RoleConfig::Dataplane(_) => {
+                        Err("this unit is a dispatcher; got a data-plane config".into())
+                    }
+                };
+                let _ = u.reply.send(result);
+            }
             for i in 0..self.ports.len() {
                 let core = &mut self.core;
                 let bp = &mut self.backplane;
@@ -333,6 +350,33 @@ impl Core {
         self.epoch = cfg.table.epoch() as u32;
         self.dataplane_ips = cfg.dataplanes.iter().map(|d| d.addr.ip()).collect();
         self.cfg = cfg;
+        Ok(())
+    }
+
+    /// A new config version. Interfaces and the backplane socket are opened once, at start: a
+    /// config that changes them is refused (NACK) and the running one stays.
+    fn apply(&mut self, cfg: DispatcherConfig) -> Result<(), String> {
+        if cfg.listen != self.cfg.listen {
+            return Err(format!(
+                "backplane address {} cannot change at run time (this unit listens on {})",
+                cfg.listen, self.cfg.listen
+            ));
+        }
+        if cfg.interfaces.len() != self.links.len()
+            || cfg
+                .interfaces
+                .iter()
+                .zip(&self.links)
+                .any(|(a, l)| a.device != l.cfg.device)
+        {
+            return Err("interfaces (devices) cannot change at run time".into());
+        }
+        self.configure(Arc::new(cfg.clone()))
+            .map_err(|e| format!("{e:#}"))?;
+        // Addresses may change: the links take the new ones.
+        for (l, ifc) in self.links.iter_mut().zip(cfg.interfaces) {
+            l.cfg = ifc;
+        }
         Ok(())
     }
 

@@ -1,0 +1,171 @@
+//! The unit's end of its channel to the manager: connect (and reconnect, for as long as the unit
+//! lives), say hello, receive config pushes, have the data path apply them, ACK or NACK, and send
+//! a report every [`REPORT_INTERVAL_MS`].
+//!
+//! The data path never blocks on the manager: it polls for [`Update`]s between batches. A manager
+//! that goes away leaves the unit serving its last config until a manager is back.
+
+use std::io::BufReader;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use dva_proto::channel::{self, FromManager, Running, ToManager, UnitReport, REPORT_INTERVAL_MS};
+use dva_proto::RoleConfig;
+
+use crate::stats::StatsCell;
+
+/// A config for the data path to apply; it answers on `reply` (`Err`: the NACK's reason).
+pub struct Update {
+    pub config: RoleConfig,
+    pub reply: Sender<Result<(), String>>,
+}
+
+/// How long the channel waits for the data path to apply a config before NACKing it.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct ChannelClient {
+    /// The config the unit serves (for the hello after a reconnect).
+    pub running: Arc<Mutex<Option<Running>>>,
+}
+
+pub struct ChannelArgs {
+    pub manager: PathBuf,
+    pub unit: u32,
+    pub role: &'static str,
+    pub stats: StatsCell,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl ChannelClient {
+    /// Start the channel thread; configs arrive on the returned receiver.
+    pub fn start(args: ChannelArgs) -> std::io::Result<(ChannelClient, Receiver<Update>)> {
+        let (tx, rx) = mpsc::channel();
+        let running = Arc::new(Mutex::new(None));
+        let r = running.clone();
+        thread::Builder::new()
+            .name("channel".into())
+            .spawn(move || {
+                while !args.stop.load(Ordering::Relaxed) {
+                    if let Err(e) = session(&args, &tx, &r) {
+                        if !args.stop.load(Ordering::Relaxed) {
+                            eprintln!("unit {}: manager channel: {e}; reconnecting", args.unit);
+                        }
+                    }
+                    thread::sleep(Duration::from_millis(200));
+                }
+            })?;
+        Ok((ChannelClient { running }, rx))
+    }
+}
+
+/// One connection to the manager, until it breaks.
+fn session(
+    args: &ChannelArgs,
+    updates: &Sender<Update>,
+    running: &Arc<Mutex<Option<Running>>>,
+) -> std::io::Result<()> {
+    let stream = UnixStream::connect(&args.manager)?;
+    let writer = Arc::new(Mutex::new(stream.try_clone()?));
+    let hello = ToManager::Hello {
+        unit: args.unit,
+        role: args.role.to_string(),
+        pid: std::process::id(),
+        running: running.lock().ok().and_then(|g| g.clone()),
+    };
+    send(&writer, &hello)?;
+    // Reports go from their own thread so a slow config apply never delays the heartbeat.
+    let alive = Arc::new(AtomicBool::new(true));
+    {
+        let (writer, alive, stats, stop) = (
+            writer.clone(),
+            alive.clone(),
+            args.stats.clone(),
+            args.stop.clone(),
+        );
+        thread::Builder::new()
+            .name("report".into())
+            .spawn(move || {
+                while alive.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                    let s = stats.snapshot();
+                    let report = UnitReport {
+                        version: s.config_version,
+                        rx_packets: s.rx_packets,
+                        tx_packets: s.tx_packets,
+                        drops: s.total_drops(),
+                        flows: s.flows,
+                        active_flows: s.active_flows,
+                        bucket_flows: s.bucket_flows,
+                    };
+                    if send(&writer, &ToManager::Report(report)).is_err() {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(REPORT_INTERVAL_MS));
+                }
+            })?;
+    }
+    let result = (|| {
+        let mut reader = BufReader::new(stream);
+        loop {
+            let Some(msg) = channel::recv::<_, FromManager>(&mut reader)? else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "manager closed the channel",
+                ));
+            };
+            let FromManager::Config {
+                version,
+                nonce,
+                config,
+            } = msg
+            else {
+                continue;
+            };
+            let table = match config.as_ref() {
+                RoleConfig::Dispatcher(c) => c.table.clone(),
+                RoleConfig::Dataplane(c) => c.table.clone(),
+            };
+            let (reply_tx, reply_rx) = mpsc::channel();
+            let outcome = if updates
+                .send(Update {
+                    config: *config,
+                    reply: reply_tx,
+                })
+                .is_err()
+            {
+                Err("the unit is shutting down".to_string())
+            } else {
+                reply_rx.recv_timeout(APPLY_TIMEOUT).unwrap_or_else(|_| {
+                    Err("the data path did not apply the config in time".into())
+                })
+            };
+            let answer = match outcome {
+                Ok(()) => {
+                    if let Ok(mut g) = running.lock() {
+                        *g = Some(Running { version, table });
+                    }
+                    ToManager::Ack { version, nonce }
+                }
+                Err(error) => ToManager::Nack {
+                    version,
+                    nonce,
+                    error,
+                },
+            };
+            send(&writer, &answer)?;
+        }
+    })();
+    alive.store(false, Ordering::Relaxed);
+    result
+}
+
+fn send(writer: &Arc<Mutex<UnixStream>>, msg: &ToManager) -> std::io::Result<()> {
+    let mut w = writer
+        .lock()
+        .map_err(|_| std::io::Error::other("channel writer poisoned"))?;
+    channel::send(&mut *w, msg)
+}

@@ -1,0 +1,587 @@
+//! The manager role: takes the appliance's desired state from the management tool, owns the
+//! bucket table, compiles one config per unit and pushes it over each unit's channel, tracking
+//! ACK/NACK per unit (Envoy xDS semantics).
+//!
+//! Ordering rules that keep traffic undisturbed while data planes come and go:
+//! * a new data plane gets (and ACKs) a config listing it as a peer, but owning nothing, before
+//!   the table gives it buckets;
+//! * a table change goes to the data planes first; dispatchers get it only once every data plane
+//!   ACKed it (or a timeout passed), so no packet reaches an owner that does not yet know the
+//!   bucket's history to punt along;
+//! * a previous owner leaves a bucket's history only once it reports no flows there, measured
+//!   after every dispatcher switched to the table that moved the bucket.
+//!
+//! One thread runs the state machine; one reader thread per connection feeds it events.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::BufReader;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use dva_flow::{BucketTable, UnitId};
+use dva_proto::channel::{
+    self, Desired, DesiredRole, FromManager, ManagerStatus, ToManager, UnitReport, UnitStatus,
+};
+use dva_proto::{compile, Placement, RoleConfig, UnitEndpoint};
+
+use crate::stats::{StatsCell, UnitStats};
+
+/// Dispatchers get a new table once every data plane ACKed it, or after this long.
+const DATAPLANE_ACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// A config not ACKed or NACKed within this long is sent again.
+const RESEND_AFTER: Duration = Duration::from_secs(5);
+const STATUS_EVERY: Duration = Duration::from_millis(500);
+const RETIRE_EVERY: Duration = Duration::from_millis(500);
+/// Reports must be this much younger than the dispatchers' switch before they can retire history.
+const RETIRE_SETTLE: Duration = Duration::from_millis(600);
+
+pub struct ManagerArgs {
+    pub unit: UnitId,
+    pub listen: PathBuf,
+    pub stop: Arc<AtomicBool>,
+    pub stats: StatsCell,
+    pub ready: Arc<AtomicBool>,
+}
+
+type ConnId = u64;
+
+enum Event {
+    Opened(ConnId, UnixStream),
+    Msg(ConnId, Box<ToManager>),
+    Closed(ConnId),
+}
+
+#[derive(Default)]
+struct UnitConn {
+    conn: Option<ConnId>,
+    role: String,
+    acked: u64,
+    sent: u64,
+    sent_at: Option<Instant>,
+    nonce: u64,
+    nack: Option<(u64, String)>,
+    report: Option<(Instant, UnitReport)>,
+}
+
+#[derive(Default)]
+struct State {
+    desired: Option<Desired>,
+    version: u64,
+    table: Option<BucketTable>,
+    /// The version that last changed bucket ownership, and when every dispatcher ACKed it.
+    table_version: u64,
+    dispatchers_switched: Option<Instant>,
+    /// What the current version was compiled from, to notice when a new one is needed.
+    compiled_key: Option<String>,
+    configs: BTreeMap<UnitId, RoleConfig>,
+    /// Version released to dispatchers (DPs ACKed it or the timeout passed).
+    released: u64,
+    units: BTreeMap<UnitId, UnitConn>,
+    conns: BTreeMap<ConnId, UnixStream>,
+    controllers: BTreeSet<ConnId>,
+    error: Option<String>,
+    next_nonce: u64,
+    last_status: Option<Instant>,
+    last_retire: Option<Instant>,
+    /// Newest running config a unit told us about in its hello (adopted after a manager restart).
+    adopted: Option<(u64, BucketTable)>,
+    dirty: bool,
+    born: Option<Instant>,
+}
+
+/// After a (re)start, units reconnect one by one: the table's membership is left alone this long
+/// so a restart does not look like every data plane leaving.
+const SETTLE_AFTER_START: Duration = Duration::from_secs(3);
+
+pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
+    if let Some(dir) = args.listen.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&args.listen);
+    let listener = UnixListener::bind(&args.listen)
+        .with_context(|| format!("binding manager socket {}", args.listen.display()))?;
+    let (tx, rx) = mpsc::channel::<Event>();
+    {
+        let tx = tx.clone();
+        thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || accept_loop(listener, tx))?;
+    }
+    args.ready.store(true, Ordering::Release);
+    let mut st = State::default();
+    let mut publish = Instant::now();
+    while !args.stop.load(Ordering::Relaxed) {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(ev) => st.on_event(ev),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        // Drain whatever else is queued before stepping, so a burst of reports costs one step.
+        while let Ok(ev) = rx.try_recv() {
+            st.on_event(ev);
+        }
+        st.step();
+        if publish.elapsed() >= Duration::from_millis(200) {
+            publish = Instant::now();
+            args.stats.try_publish(UnitStats {
+                unit: args.unit,
+                role: "manager".into(),
+                config_version: st.version,
+                appliance: st
+                    .desired
+                    .as_ref()
+                    .map(|d| d.spec.name().to_string())
+                    .unwrap_or_default(),
+                ..Default::default()
+            });
+        }
+    }
+    let _ = std::fs::remove_file(&args.listen);
+    Ok(())
+}
+
+fn accept_loop(listener: UnixListener, tx: Sender<Event>) {
+    let mut next: ConnId = 1;
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let id = next;
+        next += 1;
+        let Ok(reader) = conn.try_clone() else {
+            continue;
+        };
+        let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+        if tx.send(Event::Opened(id, conn)).is_err() {
+            return;
+        }
+        let tx = tx.clone();
+        let _ = thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .spawn(move || {
+                let mut r = BufReader::new(reader);
+                // A peer speaking garbage is disconnected; the manager itself carries on.
+                while let Ok(Some(msg)) = channel::recv::<_, ToManager>(&mut r) {
+                    if tx.send(Event::Msg(id, Box::new(msg))).is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(Event::Closed(id));
+            });
+    }
+}
+
+impl State {
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Opened(id, stream) => {
+                self.conns.insert(id, stream);
+            }
+            Event::Closed(id) => {
+                self.conns.remove(&id);
+                self.controllers.remove(&id);
+                for u in self.units.values_mut() {
+                    if u.conn == Some(id) {
+                        u.conn = None;
+                    }
+                }
+                self.dirty = true;
+            }
+            Event::Msg(id, msg) => self.on_msg(id, *msg),
+        }
+    }
+
+    fn unit_of(&self, conn: ConnId) -> Option<UnitId> {
+        self.units
+            .iter()
+            .find(|(_, u)| u.conn == Some(conn))
+            .map(|(id, _)| *id)
+    }
+
+    fn on_msg(&mut self, conn: ConnId, msg: ToManager) {
+        match msg {
+            ToManager::Hello {
+                unit,
+                role,
+                pid: _,
+                running,
+            } => {
+                let u = self.units.entry(unit).or_default();
+                u.conn = Some(conn);
+                u.role = role;
+                // It may already run a config (we restarted, or it reconnected): resend only if older.
+                u.acked = running.as_ref().map_or(0, |r| r.version);
+                u.sent = u.acked;
+                u.sent_at = None;
+                if let Some(r) = running {
+                    if self.table.is_none()
+                        && self.adopted.as_ref().is_none_or(|(v, _)| r.version > *v)
+                    {
+                        self.adopted = Some((r.version, r.table));
+                    }
+                }
+                self.dirty = true;
+            }
+            ToManager::Ack { version, nonce } => {
+                let Some(id) = self.unit_of(conn) else { return };
+                if let Some(u) = self.units.get_mut(&id) {
+                    if nonce == u.nonce && version > u.acked {
+                        u.acked = version;
+                        u.nack = None;
+                    }
+                }
+                self.dirty = true;
+            }
+            ToManager::Nack {
+                version,
+                nonce,
+                error,
+            } => {
+                let Some(id) = self.unit_of(conn) else { return };
+                if let Some(u) = self.units.get_mut(&id) {
+                    if nonce == u.nonce {
+                        u.nack = Some((version, error));
+                    }
+                }
+                self.dirty = true;
+            }
+            ToManager::Report(r) => {
+                let Some(id) = self.unit_of(conn) else { return };
+                if let Some(u) = self.units.get_mut(&id) {
+                    u.report = Some((Instant::now(), r));
+                }
+            }
+            ToManager::Desired(d) => {
+                self.controllers.insert(conn);
+                if self.desired.as_ref() != Some(&d) {
+                    self.desired = Some(*d);
+                    self.dirty = true;
+                }
+            }
+        }
+    }
+
+    fn desired_units(&self, role: DesiredRole) -> Vec<&dva_proto::channel::DesiredUnit> {
+        self.desired
+            .as_ref()
+            .map(|d| d.units.iter().filter(|u| u.role == role).collect())
+            .unwrap_or_default()
+    }
+
+    fn connected(&self, id: UnitId) -> bool {
+        self.units.get(&id).is_some_and(|u| u.conn.is_some())
+    }
+
+    fn step(&mut self) {
+        let now = Instant::now();
+        if self.desired.is_some() {
+            self.update_table(now);
+            self.recompile();
+            self.push(now);
+        }
+        let status_due = self
+            .last_status
+            .is_none_or(|t| now.duration_since(t) >= STATUS_EVERY);
+        if self.dirty || status_due {
+            self.dirty = false;
+            self.last_status = Some(now);
+            self.send_status();
+        }
+    }
+
+    /// Bring the bucket table's members in line with the data planes that are ready to own buckets.
+    fn update_table(&mut self, now: Instant) {
+        let Some(d) = &self.desired else { return };
+        let n_buckets = d.spec.spec.layout.buckets;
+        let born = *self.born.get_or_insert(now);
+        let dps = self.desired_units(DesiredRole::Dataplane);
+        let wanted: Vec<UnitId> = dps.iter().filter(|u| !u.draining).map(|u| u.id).collect();
+        let connected: Vec<UnitId> = wanted
+            .iter()
+            .copied()
+            .filter(|id| self.connected(*id))
+            .collect();
+        if self.table.is_none() {
+            if let Some((v, t)) = self.adopted.take() {
+                if t.len() == n_buckets {
+                    self.version = self.version.max(v);
+                    self.released = self.version;
+                    self.table_version = self.version;
+                    self.dispatchers_switched = Some(now);
+                    self.table = Some(t);
+                }
+            }
+        }
+        // Members must have ACKed a config (so they know their peers) before they own buckets.
+        // The first table is the exception: nothing flows before the dispatchers get one.
+        let ready: Vec<UnitId> = wanted
+            .iter()
+            .copied()
+            .filter(|id| self.units.get(id).is_some_and(|u| u.acked > 0))
+            .collect();
+        let settling = now.duration_since(born) < SETTLE_AFTER_START && self.table.is_some();
+        let new_table = match &self.table {
+            None if !connected.is_empty() => BucketTable::maglev(n_buckets, &connected).ok(),
+            _ if settling => None,
+            Some(t) if t.len() != n_buckets && !ready.is_empty() => {
+                BucketTable::maglev(n_buckets, &ready).ok()
+            }
+            Some(t) if !ready.is_empty() && t.members() != ready => t.rebalance(&ready).ok(),
+            _ => None,
+        };
+        if let Some(t) = new_table {
+            self.table = Some(t);
+            self.table_version = self.version + 1;
+            self.dispatchers_switched = None;
+            self.dirty = true;
+        }
+        self.retire(now);
+    }
+
+    /// Drop previous owners from bucket histories once they hold no flows there.
+    fn retire(&mut self, now: Instant) {
+        if self
+            .last_retire
+            .is_some_and(|t| now.duration_since(t) < RETIRE_EVERY)
+        {
+            return;
+        }
+        self.last_retire = Some(now);
+        let Some(table) = &self.table else { return };
+        let known: BTreeSet<UnitId> = self
+            .desired
+            .as_ref()
+            .map(|d| d.units.iter().map(|u| u.id).collect())
+            .unwrap_or_default();
+        let settled = self
+            .dispatchers_switched
+            .filter(|t| now.duration_since(*t) >= RETIRE_SETTLE);
+        let mut t = table.clone();
+        let mut changed = false;
+        for b in 0..t.len() {
+            let bucket = b as u16;
+            let history = t.bucket(bucket).history.clone();
+            for h in history {
+                let gone = !known.contains(&h);
+                let empty = settled.is_some_and(|switched| {
+                    self.units.get(&h).is_some_and(|u| {
+                        u.report.as_ref().is_some_and(|(at, r)| {
+                            *at > switched
+                                && r.version >= self.table_version
+                                && !r.bucket_flows.iter().any(|(bb, n)| *bb == bucket && *n > 0)
+                        })
+                    })
+                });
+                if gone || empty {
+                    changed |= t.retire(bucket, h);
+                }
+            }
+        }
+        if changed {
+            self.table = Some(t);
+            self.dirty = true;
+        }
+    }
+
+    fn recompile(&mut self) {
+        let (Some(d), Some(table)) = (&self.desired, &self.table) else {
+            return;
+        };
+        let endpoints = |role| {
+            d.units
+                .iter()
+                .filter(|u| u.role == role)
+                .map(|u| UnitEndpoint {
+                    id: u.id,
+                    addr: u.addr,
+                })
+                .collect::<Vec<_>>()
+        };
+        let placement = Placement {
+            dispatchers: endpoints(DesiredRole::Dispatcher),
+            dataplanes: endpoints(DesiredRole::Dataplane),
+            table: table.clone(),
+        };
+        let key = match serde_json::to_string(&(d.generation, &placement)) {
+            Ok(k) => k,
+            Err(_) => return,
+        };
+        if self.compiled_key.as_deref() == Some(key.as_str()) {
+            return;
+        }
+        let version = self.version + 1;
+        match compile(&d.spec, &placement, version) {
+            Ok((disps, dps)) => {
+                self.configs = disps
+                    .into_iter()
+                    .map(|c| (c.unit, RoleConfig::Dispatcher(c)))
+                    .chain(dps.into_iter().map(|c| (c.unit, RoleConfig::Dataplane(c))))
+                    .collect();
+                self.version = version;
+                self.error = None;
+            }
+            Err(e) => {
+                // The previous configs keep serving; the error reaches the API through the status.
+                self.error = Some(format!("config version {version} not compiled: {e}"));
+            }
+        }
+        self.compiled_key = Some(key);
+        self.dirty = true;
+    }
+
+    fn push(&mut self, now: Instant) {
+        let version = self.version;
+        if version == 0 {
+            return;
+        }
+        let dp_ids: Vec<UnitId> = self
+            .desired_units(DesiredRole::Dataplane)
+            .iter()
+            .map(|u| u.id)
+            .collect();
+        let disp_ids: Vec<UnitId> = self
+            .desired_units(DesiredRole::Dispatcher)
+            .iter()
+            .map(|u| u.id)
+            .collect();
+        for id in &dp_ids {
+            self.send_config(*id, version, now);
+        }
+        if self.released < version {
+            let oldest_send = dp_ids
+                .iter()
+                .filter_map(|id| self.units.get(id).and_then(|u| u.sent_at))
+                .min();
+            let all_answered = dp_ids.iter().all(|id| {
+                self.units.get(id).is_none_or(|u| {
+                    u.conn.is_none()
+                        || u.acked >= version
+                        || u.nack.as_ref().is_some_and(|(v, _)| *v >= version)
+                })
+            });
+            let timed_out =
+                oldest_send.is_some_and(|t| now.duration_since(t) > DATAPLANE_ACK_TIMEOUT);
+            if all_answered || timed_out {
+                self.released = version;
+            }
+        }
+        if self.released >= version {
+            for id in &disp_ids {
+                self.send_config(*id, version, now);
+            }
+            if self.dispatchers_switched.is_none()
+                && disp_ids.iter().all(|id| {
+                    self.units
+                        .get(id)
+                        .is_some_and(|u| u.acked >= self.table_version)
+                })
+            {
+                self.dispatchers_switched = Some(now);
+            }
+        }
+    }
+
+    fn send_config(&mut self, id: UnitId, version: u64, now: Instant) {
+        let Some(cfg) = self.configs.get(&id) else {
+            return;
+        };
+        let Some(u) = self.units.get_mut(&id) else {
+            return;
+        };
+        let Some(conn) = u.conn else { return };
+        if u.acked >= version {
+            return;
+        }
+        let nacked_this = u.nack.as_ref().is_some_and(|(v, _)| *v >= version);
+        let resend = u
+            .sent_at
+            .is_some_and(|t| now.duration_since(t) > RESEND_AFTER);
+        if (u.sent >= version && !resend) || nacked_this {
+            return;
+        }
+        self.next_nonce += 1;
+        u.nonce = self.next_nonce;
+        u.sent = version;
+        u.sent_at = Some(now);
+        let msg = FromManager::Config {
+            version,
+            nonce: u.nonce,
+            config: Box::new(cfg.clone()),
+        };
+        if let Some(stream) = self.conns.get_mut(&conn) {
+            if channel::send(stream, &msg).is_err() {
+                // The reader thread will report the close; forget the write side now.
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    fn send_status(&mut self) {
+        if self.controllers.is_empty() {
+            return;
+        }
+        let status = self.status();
+        let msg = FromManager::Status(Box::new(status));
+        let ids: Vec<ConnId> = self.controllers.iter().copied().collect();
+        for id in ids {
+            if let Some(stream) = self.conns.get_mut(&id) {
+                if channel::send(stream, &msg).is_err() {
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> ManagerStatus {
+        let Some(d) = &self.desired else {
+            return ManagerStatus::default();
+        };
+        let mut units = Vec::new();
+        let mut converged = self.version > 0;
+        let mut error = self.error.clone();
+        for du in &d.units {
+            let u = self.units.get(&du.id);
+            let connected = u.is_some_and(|u| u.conn.is_some());
+            let acked = u.map_or(0, |u| u.acked);
+            let nack = u
+                .and_then(|u| u.nack.as_ref())
+                .filter(|(v, _)| *v >= acked)
+                .map(|(v, e)| format!("unit {} refused config version {v}: {e}", du.id));
+            if connected && acked < self.version {
+                converged = false;
+            }
+            if error.is_none() {
+                error = nack.clone();
+            }
+            let (buckets, history_buckets) = self.table.as_ref().map_or((0, 0), |t| {
+                let owned = t.owned_by(du.id) as u32;
+                let hist = t
+                    .buckets()
+                    .iter()
+                    .filter(|b| b.history.contains(&du.id))
+                    .count() as u32;
+                (owned, hist)
+            });
+            units.push(UnitStatus {
+                id: du.id,
+                connected,
+                acked,
+                nack,
+                report: u.and_then(|u| u.report.as_ref().map(|(_, r)| r.clone())),
+                buckets,
+                history_buckets,
+            });
+        }
+        ManagerStatus {
+            generation: d.generation,
+            version: self.version,
+            converged,
+            error,
+            units,
+        }
+    }
+}
