@@ -179,3 +179,86 @@ pub fn pid_alive(pid: u32) -> bool {
     // SAFETY: signal 0 only probes for existence.
     unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
 }
+
+/// An embedded management tool (the same code `dva serve` runs) over a lab; deletes its
+/// appliances and its store when dropped.
+pub struct MgmtGuard {
+    pub mgmt: dva_mgmt::Mgmt,
+    state: PathBuf,
+}
+
+impl MgmtGuard {
+    pub fn open(prefix: &str) -> MgmtGuard {
+        let state =
+            std::env::temp_dir().join(format!("dva-test-state-{prefix}{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        let mut opts = dva_mgmt::MgmtOptions::new(state.clone(), prefix).expect("options");
+        opts.exe = dva_bin();
+        MgmtGuard {
+            mgmt: dva_mgmt::Mgmt::open(opts).expect("open mgmt"),
+            state,
+        }
+    }
+
+    pub fn apply_file(&self, path: &std::path::Path) -> dva_mgmt::ApplianceView {
+        let text = std::fs::read_to_string(path).expect("spec file");
+        self.mgmt.apply(&text).expect("apply")
+    }
+
+    pub fn scale(&self, name: &str, n: u32, deadline: Option<&str>) {
+        self.mgmt
+            .scale(
+                name,
+                &dva_mgmt::ScaleRequest {
+                    dataplanes: n,
+                    drain_deadline: deadline.map(str::to_string),
+                },
+            )
+            .expect("scale");
+    }
+
+    /// Wait until `f` holds for the appliance's view; panics with the last view otherwise.
+    pub fn wait(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&dva_mgmt::ApplianceView) -> bool,
+    ) -> dva_mgmt::ApplianceView {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let v = self.mgmt.get(name).expect("get");
+            if f(&v) {
+                return v;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "{what}: not within {timeout:?}; last view: {}\nevents: {:#?}",
+                    serde_json::to_string_pretty(&v).unwrap_or_default(),
+                    self.mgmt.events(name).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Ready with exactly `n` data planes serving and none draining.
+    pub fn wait_ready(&self, name: &str, n: u32) -> dva_mgmt::ApplianceView {
+        self.wait(
+            name,
+            &format!("{name} ready with {n} data planes"),
+            Duration::from_secs(30),
+            |v| v.status == dva_mgmt::ApplianceStatus::Ready && v.dataplanes.ready == n,
+        )
+    }
+}
+
+impl Drop for MgmtGuard {
+    fn drop(&mut self) {
+        for v in self.mgmt.list() {
+            let _ = self.mgmt.delete(&v.name);
+        }
+        self.mgmt.shutdown();
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}

@@ -11,6 +11,7 @@
 
 mod iperf3;
 mod nginx;
+mod streams;
 
 use std::fs::File;
 use std::net::IpAddr;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 pub use iperf3::{iperf3_client, Iperf3Report, Iperf3Server};
 pub use nginx::{Nginx, BIG_BYTES};
+pub use streams::{start_streams, StreamResult, StreamServer};
 
 use crate::cmd;
 use crate::{netns_command, LabError};
