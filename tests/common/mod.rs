@@ -200,6 +200,18 @@ impl MgmtGuard {
         }
     }
 
+    /// A second management tool on the same store (the first must be shut down).
+    pub fn reopen(other: &MgmtGuard) -> MgmtGuard {
+        let mut opts =
+            dva_mgmt::MgmtOptions::new(other.state.clone(), &other.mgmt.options().lab_prefix)
+                .expect("options");
+        opts.exe = dva_bin();
+        MgmtGuard {
+            mgmt: dva_mgmt::Mgmt::open(opts).expect("reopen mgmt"),
+            state: other.state.clone(),
+        }
+    }
+
     pub fn apply_file(&self, path: &std::path::Path) -> dva_mgmt::ApplianceView {
         let text = std::fs::read_to_string(path).expect("spec file");
         self.mgmt.apply(&text).expect("apply")
