@@ -36,7 +36,9 @@ fn scaling_out_and_in_breaks_no_connection() {
     let first_dp: Vec<u32> = dataplane_pids(&v).iter().map(|d| d.0).collect();
 
     let dst = SocketAddr::new(IpAddr::from(SERVER1), 80);
-    let streams = apps::start_streams(&client, dst, 30, Duration::from_secs(20), 50_000);
+    // 15 connections now (they live on the first data plane), 15 after the scale-out (they spread
+    // over all four, so the data planes removed later hold live connections while they drain).
+    let streams = apps::start_streams(&client, dst, 15, Duration::from_secs(20), 50_000);
     let iperf = {
         let client = client.clone();
         std::thread::spawn(move || {
@@ -71,6 +73,24 @@ fn scaling_out_and_in_breaks_no_connection() {
         },
     );
     eprintln!("after scale-out: {:?}", v.units);
+    let streams2 = apps::start_streams(&client, dst, 15, Duration::from_secs(15), 50_000);
+    let v = m.wait(
+        "edge-fw",
+        "later connections spread over the new data planes",
+        Duration::from_secs(10),
+        |v| {
+            v.units
+                .iter()
+                .filter(|u| new_dps.contains(&u.id))
+                .map(|u| u.flows)
+                .sum::<u64>()
+                >= 5
+        },
+    );
+    eprintln!(
+        "flows per unit: {:?}",
+        v.units.iter().map(|u| (u.id, u.flows)).collect::<Vec<_>>()
+    );
 
     // 4 -> 1: three data planes drain; their connections keep going through them.
     std::thread::sleep(Duration::from_secs(2));
@@ -88,15 +108,35 @@ fn scaling_out_and_in_breaks_no_connection() {
         .filter(|d| d.2 != UnitState::Ready)
         .collect();
     eprintln!("draining: {drained:?}");
+    // While their connections run, the draining data planes stay (and keep serving them).
+    std::thread::sleep(Duration::from_secs(2));
+    let v = m.mgmt.get("edge-fw").expect("get");
+    let holding: Vec<_> = v
+        .units
+        .iter()
+        .filter(|u| u.state == UnitState::Draining && u.flows > 0)
+        .collect();
+    assert!(
+        !holding.is_empty(),
+        "some draining data plane holds live connections: {v:?}"
+    );
+    for u in &holding {
+        assert!(
+            pid_alive(u.pid.unwrap_or(0)),
+            "draining data plane {} still runs",
+            u.id
+        );
+    }
 
     // 1 -> 3 while they still drain.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(1));
     m.scale("edge-fw", 3, None);
     m.wait("edge-fw", "three ready", Duration::from_secs(30), |v| {
         v.dataplanes.ready == 3
     });
 
-    let results = streams.join().expect("streams thread");
+    let mut results = streams.join().expect("streams thread");
+    results.extend(streams2.join().expect("streams thread"));
     let broken: Vec<_> = results.iter().filter(|r| !r.intact()).collect();
     assert!(
         broken.is_empty(),

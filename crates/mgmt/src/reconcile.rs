@@ -562,6 +562,11 @@ pub(crate) fn view(inner: &Inner, app: &Appliance) -> ApplianceView {
             .filter(|u| u.state != UnitState::Draining && u.state != UnitState::Stopped)
             .all(|u| u.state == UnitState::Ready)
         && ready_dps == app.rec.dataplanes
+        // Serving means owning a share of the buckets, not just holding a config.
+        && units
+            .iter()
+            .filter(|u| u.role == UnitRole::Dataplane && u.state == UnitState::Ready)
+            .all(|u| u.buckets.unwrap_or(0) > 0)
         && units
             .iter()
             .any(|u| u.role == UnitRole::Dispatcher && u.state == UnitState::Ready);

@@ -551,7 +551,9 @@ impl State {
                 .and_then(|u| u.nack.as_ref())
                 .filter(|(v, _)| *v >= acked)
                 .map(|(v, e)| format!("unit {} refused config version {v}: {e}", du.id));
-            if connected && acked < self.version {
+            // A unit not connected yet (starting) or any more (dead, about to be replaced) has
+            // not got the current version either.
+            if !connected || acked < self.version {
                 converged = false;
             }
             if error.is_none() {
