@@ -51,8 +51,8 @@ enum Cmd {
     Demo {
         #[arg(long, default_value = "dva-demo-")]
         prefix: String,
-        /// Seconds of iperf3.
-        #[arg(long, default_value_t = 5)]
+        /// Seconds of live traffic during the scaling (at least 12).
+        #[arg(long, default_value_t = 20)]
         secs: u32,
     },
     /// Benchmarks in the lab.
