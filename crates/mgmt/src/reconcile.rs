@@ -90,9 +90,17 @@ impl ManagerLink {
     }
 }
 
+/// How often the lab's shape is read again (it runs `ip netns list`).
+const LAB_EVERY: Duration = Duration::from_secs(2);
+
 pub(crate) fn run(inner: &Inner) {
+    let mut lab: Option<Lab> = None;
+    let mut lab_at: Option<Instant> = None;
     while !inner.stop.load(Ordering::Acquire) {
-        let lab = Lab::discover(&inner.opts.lab_prefix).ok().flatten();
+        if lab.is_none() || lab_at.is_none_or(|t| t.elapsed() >= LAB_EVERY) {
+            lab = Lab::discover(&inner.opts.lab_prefix).ok().flatten();
+            lab_at = Some(Instant::now());
+        }
         let names: Vec<String> = inner.lock().keys().cloned().collect();
         for name in names {
             let mut all = inner.lock();
