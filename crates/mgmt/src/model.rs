@@ -58,6 +58,9 @@ pub struct UnitRecord {
     /// When a data plane was told to drain; it is stopped once it holds no flows or past the deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draining_since_ms: Option<u64>,
+    /// When a draining data plane past its deadline was told to export its flows' state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exporting_since_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -37,6 +37,8 @@ const BACKPLANE_PORT: u16 = 6081;
 const DRAIN_CLEAR_FOR: Duration = Duration::from_millis(1000);
 /// Desired state is re-sent this often even when unchanged (a restarted manager needs it).
 const DESIRED_EVERY: Duration = Duration::from_millis(1000);
+/// A data plane exporting its state is stopped after this long whatever it still holds.
+const EXPORT_LIMIT_MS: u64 = 5_000;
 
 /// What the reconciler knows at run time about one appliance (never stored).
 #[derive(Default)]
@@ -268,6 +270,7 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
                 state: UnitState::Starting,
                 started_ms: now,
                 draining_since_ms: None,
+                exporting_since_ms: None,
             });
         }
         app.rec.units.extend(new_units.iter().cloned());
@@ -334,6 +337,7 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
                     },
                     addr: u.addr?,
                     draining: u.state == UnitState::Draining,
+                    export: u.state == UnitState::Draining && u.exporting_since_ms.is_some(),
                 })
             })
             .collect(),
@@ -390,17 +394,52 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
                         Instant::now()
                     };
                     let past_deadline = now.saturating_sub(since) >= app.rec.drain_deadline_ms;
-                    if (empty && clear_since.elapsed() >= DRAIN_CLEAR_FOR) || past_deadline {
-                        let flows = us
-                            .and_then(|s| s.report.as_ref())
-                            .map_or(0, |r| r.active_flows);
+                    let open = us
+                        .and_then(|s| s.report.as_ref())
+                        .map_or(0, |r| r.active_flows);
+                    if past_deadline && u.exporting_since_ms.is_none() && !empty {
+                        // Past the deadline: hand the remaining flows to their buckets' owners
+                        // instead of cutting them (the unit stops once it holds none).
+                        u.exporting_since_ms = Some(now);
+                        events.push((
+                            "unit-exporting",
+                            format!(
+                                "data plane {} passed its drain deadline with {open} open flow(s); \
+                                 exporting their state to the buckets' owners",
+                                u.id
+                            ),
+                        ));
+                        continue;
+                    }
+                    let export_overdue = u
+                        .exporting_since_ms
+                        .is_some_and(|t| now.saturating_sub(t) >= EXPORT_LIMIT_MS);
+                    // Once exporting, the unit holds no flows within milliseconds: no need to
+                    // watch it stay empty for long.
+                    let clear_for = if u.exporting_since_ms.is_some() {
+                        Duration::from_millis(300)
+                    } else {
+                        DRAIN_CLEAR_FOR
+                    };
+                    // An exporting unit that holds no connection at all is done (draining units
+                    // create none, so a zero here is final).
+                    let exported = u.exporting_since_ms.is_some()
+                        && us.is_some_and(|s| s.report.as_ref().is_some_and(|r| r.flows == 0));
+                    if (empty && clear_since.elapsed() >= clear_for) || exported || export_overdue {
+                        let flows = open;
                         if let Some(pid) = u.pid {
                             inner.provisioner.stop(pid);
                         }
                         u.state = UnitState::Stopped;
                         events.push((
                             "unit-drained",
-                            if empty {
+                            if exported || (empty && u.exporting_since_ms.is_some()) {
+                                let ms = now.saturating_sub(since);
+                                format!(
+                                    "data plane {} exported its flows; stopping it ({ms} ms after it started draining)",
+                                    u.id
+                                )
+                            } else if empty {
                                 format!("data plane {} holds no open flows; stopping it", u.id)
                             } else {
                                 format!(

@@ -95,6 +95,10 @@ pub struct DesiredUnit {
     pub addr: SocketAddr,
     /// A data plane being removed: it owns no buckets but still serves the flows it holds.
     pub draining: bool,
+    /// A draining data plane past its deadline: it exports its flows' state to their buckets'
+    /// owners.
+    #[serde(default)]
+    pub export: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -72,6 +72,10 @@ pub struct DataplaneConfig {
     pub interfaces: Vec<InterfaceConfig>,
     pub firewall: RuleSet,
     pub max_connections: usize,
+    /// Hand the state of every flow still held to the owners of their buckets, then hold none
+    /// (a draining data plane past its drain deadline).
+    #[serde(default)]
+    pub export: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,6 +183,7 @@ pub fn compile(
             interfaces: interfaces.clone(),
             firewall: firewall.clone(),
             max_connections,
+            export: false,
         })
         .collect();
     Ok((dispatchers, dataplanes))

@@ -12,7 +12,7 @@
 //! option bounds the chain); the end of the chain hands connectionless packets back marked
 //! "new here" so the owner creates the flow, and drops mid-flow TCP that nobody knows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
@@ -30,6 +30,9 @@ use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
 
 use crate::channel::Update;
 use crate::classify::{classify, Classified, PROTO_TCP};
+use crate::handover::{
+    self, Handover, HOLD_LIMIT, HOLD_MAX_PACKETS, MAX_RESENDS, PROTO_HANDOVER, RESEND_AFTER,
+};
 use crate::reply;
 use crate::stats::{DropCounters, Every, StatsCell, UnitStats};
 
@@ -51,7 +54,8 @@ mod drop_reason {
     pub const TX_FULL: usize = 10;
     pub const FRAGMENT: usize = 11;
     pub const REJECTED: usize = 12;
-    pub const NAMES: [&str; 13] = [
+    pub const MALFORMED_HANDOVER: usize = 13;
+    pub const NAMES: [&str; 14] = [
         "backplane-foreign-source",
         "malformed-geneve",
         "wrong-vni",
@@ -65,6 +69,7 @@ mod drop_reason {
         "backplane-tx-full",
         "fragment-unsupported",
         "rejected",
+        "malformed-handover",
     ];
 }
 use drop_reason as dr;
@@ -94,6 +99,17 @@ struct Core {
     now_ns: u64,
     active_flows: u64,
     bucket_flows: Vec<(u16, u32)>,
+    now: Instant,
+    // State handover (see `handover`): as the leaving data plane...
+    exporting: bool,
+    export_queue: VecDeque<u16>,
+    /// bucket -> (owner it was sent to, when, resends)
+    export_pending: BTreeMap<u16, (UnitId, Instant, u32)>,
+    // ...and as the receiving owner.
+    holds: HashMap<u16, Instant>,
+    held: VecDeque<(u16, Vec<u8>, SocketAddr)>,
+    /// Count flows again right away (the last exported bucket just left).
+    census_due: bool,
 }
 
 impl Dataplane {
@@ -133,6 +149,13 @@ impl Dataplane {
                 now_ns: 0,
                 active_flows: 0,
                 bucket_flows: Vec::new(),
+                now: Instant::now(),
+                exporting: false,
+                export_queue: VecDeque::new(),
+                export_pending: BTreeMap::new(),
+                holds: HashMap::new(),
+                held: VecDeque::new(),
+                census_due: false,
             },
         })
     }
@@ -159,10 +182,12 @@ impl Dataplane {
                 let _ = u.reply.send(result);
             }
             let core = &mut self.core;
-            if census.due(now) {
+            if census.due(now) || std::mem::take(&mut core.census_due) {
                 core.census();
             }
             core.now_ns = now.duration_since(core.epoch_start).as_nanos() as u64;
+            core.now = now;
+            core.handover_tick();
             let n = self
                 .rx
                 .recv_batch(BATCH, |buf, src| core.on_packet(buf, src))
@@ -207,6 +232,15 @@ impl Core {
         }
         if cfg.firewall != self.cfg.firewall {
             self.fw.set_rules(cfg.firewall.clone());
+        }
+        if cfg.export && !self.exporting {
+            self.exporting = true;
+            self.export_queue = self.fw.flows_per_bucket().map(|(b, _)| b).collect();
+            eprintln!(
+                "unit {}: exporting the state of {} bucket(s) to their owners",
+                cfg.unit,
+                self.export_queue.len()
+            );
         }
         self.peers = cfg.peers.iter().map(|p| (p.id, p.addr)).collect();
         self.dispatcher_ips = cfg.dispatchers.iter().map(|d| d.addr.ip()).collect();
@@ -260,6 +294,153 @@ impl Core {
         }
     }
 
+    /// Handover work between batches: send the next buckets' state, resend what was not
+    /// answered, release holds whose previous owner never answered.
+    fn handover_tick(&mut self) {
+        let now = self.now;
+        if self.exporting {
+            while self.export_pending.len() < 64 {
+                let Some(b) = self.export_queue.pop_front() else {
+                    break;
+                };
+                self.send_state(b, 0);
+            }
+            let stale: Vec<(u16, u32)> = self
+                .export_pending
+                .iter()
+                .filter(|(_, (_, at, _))| now.duration_since(*at) >= RESEND_AFTER)
+                .map(|(b, (_, _, n))| (*b, *n))
+                .collect();
+            for (b, n) in stale {
+                if n >= MAX_RESENDS {
+                    // The owner never answered: the flows stay here until this unit is stopped.
+                    self.export_pending.remove(&b);
+                    self.event("export_abandoned");
+                } else {
+                    self.send_state(b, n + 1);
+                }
+            }
+        }
+        if !self.holds.is_empty() {
+            let expired: Vec<u16> = self
+                .holds
+                .iter()
+                .filter(|(_, since)| now.duration_since(**since) >= HOLD_LIMIT)
+                .map(|(b, _)| *b)
+                .collect();
+            for b in expired {
+                self.event("hold_timeouts");
+                self.release(b);
+            }
+        }
+    }
+
+    fn send_state(&mut self, bucket: u16, resends: u32) {
+        let owner = self.cfg.table.owner(bucket);
+        let Some(addr) = self.peers.get(&owner).copied() else {
+            self.event("export_no_owner");
+            return;
+        };
+        if owner == self.cfg.unit {
+            return;
+        }
+        let conns = self.fw.export_bucket(self.now_ns, bucket);
+        for body in handover::state_bodies(self.cfg.unit, bucket, conns) {
+            self.send_control(addr, bucket, &body);
+        }
+        self.export_pending
+            .insert(bucket, (owner, self.now, resends));
+        if resends == 0 {
+            self.event("buckets_export_started");
+        }
+    }
+
+    fn send_control(&mut self, to: SocketAddr, bucket: u16, body: &[u8]) {
+        let meta = DvaMeta {
+            epoch: 0,
+            bucket,
+            hops: 0,
+            flags: dva_flags::FROM_DATAPLANE,
+            ingress_if: 0,
+            egress_if: 0,
+        };
+        let total = DVA_HEADER_LEN + body.len();
+        let Some(slot) = self.tx.tx_slot() else {
+            return self.drops.inc(dr::TX_FULL);
+        };
+        if slot.len() < total {
+            return self.drops.inc(dr::TX_FULL);
+        }
+        geneve::encap_dva(slot, self.cfg.vni, PROTO_HANDOVER, &meta);
+        slot[DVA_HEADER_LEN..total].copy_from_slice(body);
+        self.tx.commit_slot(total, to);
+    }
+
+    fn on_handover(&mut self, body: &[u8]) {
+        let Ok(msg) = serde_json::from_slice::<Handover>(body) else {
+            return self.drops.inc(dr::MALFORMED_HANDOVER);
+        };
+        let me = self.cfg.unit;
+        match msg {
+            Handover::State {
+                from,
+                bucket,
+                last,
+                conns,
+            } => {
+                if usize::from(bucket) >= self.cfg.table.len() {
+                    return self.drops.inc(dr::MALFORMED_HANDOVER);
+                }
+                for c in conns {
+                    // Only what belongs to the bucket named; a repeat (resend) is already here.
+                    if c.bucket == bucket && self.fw.import(self.now_ns, c).is_ok() {
+                        self.event("flows_imported");
+                    }
+                }
+                if last {
+                    let Some(addr) = self.peers.get(&from).copied() else {
+                        return self.drops.inc(dr::MALFORMED_HANDOVER);
+                    };
+                    self.holds.entry(bucket).or_insert(self.now);
+                    let marker = serde_json::to_vec(&Handover::Marker { from: me, bucket })
+                        .unwrap_or_default();
+                    self.send_control(addr, bucket, &marker);
+                }
+            }
+            Handover::Marker { from, bucket } => {
+                // Every packet the owner punted to us before this marker has been processed.
+                let Some(addr) = self.peers.get(&from).copied() else {
+                    return self.drops.inc(dr::MALFORMED_HANDOVER);
+                };
+                let done =
+                    serde_json::to_vec(&Handover::Done { from: me, bucket }).unwrap_or_default();
+                self.send_control(addr, bucket, &done);
+                if self.export_pending.remove(&bucket).is_some() {
+                    self.fw.conntrack_mut().remove_bucket(bucket);
+                    self.event("buckets_exported");
+                    self.census_due =
+                        self.export_pending.is_empty() && self.export_queue.is_empty();
+                }
+            }
+            Handover::Done { bucket, .. } => self.release(bucket),
+        }
+    }
+
+    /// Stop holding `bucket` and process its held packets in arrival order.
+    fn release(&mut self, bucket: u16) {
+        if self.holds.remove(&bucket).is_none() {
+            return;
+        }
+        let (mine, rest): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(b, _, _)| *b == bucket);
+        self.held = rest;
+        for (_, buf, src) in mine {
+            self.event("held_packets_released");
+            self.handle(&buf, src, false);
+        }
+    }
+
     fn event(&mut self, name: &'static str) {
         *self.events.entry(name).or_insert(0) += 1;
     }
@@ -267,15 +448,26 @@ impl Core {
     fn on_packet(&mut self, buf: &[u8], src: SocketAddr) {
         self.rx_packets += 1;
         self.rx_bytes += buf.len() as u64;
+        self.handle(buf, src, true);
+    }
+
+    /// One backplane packet; `may_hold` is false when replaying packets held during a handover.
+    fn handle(&mut self, buf: &[u8], src: SocketAddr, may_hold: bool) {
         let from_dispatcher = self.dispatcher_ips.contains(&src.ip());
         if !from_dispatcher && !self.peer_ips.contains(&src.ip()) {
             return self.drops.inc(dr::FOREIGN);
         }
-        let Ok((vni, _ptype, meta, off)) = geneve::decap_dva(buf) else {
+        let Ok((vni, ptype, meta, off)) = geneve::decap_dva(buf) else {
             return self.drops.inc(dr::MALFORMED_GENEVE);
         };
         if vni != self.cfg.vni {
             return self.drops.inc(dr::WRONG_VNI);
+        }
+        if ptype == PROTO_HANDOVER {
+            if from_dispatcher {
+                return self.drops.inc(dr::FOREIGN);
+            }
+            return self.on_handover(&buf[off..]);
         }
         let ip = &buf[off..];
         let Ok(c) = classify(ip) else {
@@ -292,6 +484,12 @@ impl Core {
         } else {
             table.bucket_of(c.bucket_key().symmetric_hash())
         };
+        if may_hold && self.holds.contains_key(&bucket) && self.held.len() < HOLD_MAX_PACKETS {
+            // Its state is arriving from the previous owner: keep the packet until that owner
+            // has processed everything we punted to it before (see `handover`).
+            self.held.push_back((bucket, buf.to_vec(), src));
+            return;
+        }
         let history_len = table.bucket(bucket).history.len();
         let punted = meta.flags & dva_flags::PUNTED != 0;
         let new_here = meta.flags & dva_flags::NEW_HERE != 0;

@@ -17,6 +17,7 @@ pub mod classify;
 pub mod control;
 pub mod dataplane;
 pub mod dispatcher;
+pub mod handover;
 pub mod manager;
 pub mod reply;
 pub mod runtime;

@@ -406,7 +406,8 @@ impl State {
             dataplanes: endpoints(DesiredRole::Dataplane),
             table: table.clone(),
         };
-        let key = match serde_json::to_string(&(d.generation, &placement)) {
+        let exporting: Vec<UnitId> = d.units.iter().filter(|u| u.export).map(|u| u.id).collect();
+        let key = match serde_json::to_string(&(d.generation, &placement, &exporting)) {
             Ok(k) => k,
             Err(_) => return,
         };
@@ -419,7 +420,10 @@ impl State {
                 self.configs = disps
                     .into_iter()
                     .map(|c| (c.unit, RoleConfig::Dispatcher(c)))
-                    .chain(dps.into_iter().map(|c| (c.unit, RoleConfig::Dataplane(c))))
+                    .chain(dps.into_iter().map(|mut c| {
+                        c.export = exporting.contains(&c.unit);
+                        (c.unit, RoleConfig::Dataplane(c))
+                    }))
                     .collect();
                 self.version = version;
                 self.error = None;

@@ -12,6 +12,7 @@
 mod iperf3;
 mod nginx;
 mod streams;
+mod udp_streams;
 
 use std::fs::File;
 use std::net::IpAddr;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 pub use iperf3::{iperf3_client, Iperf3Report, Iperf3Server};
 pub use nginx::{Nginx, BIG_BYTES};
 pub use streams::{start_streams, StreamResult, StreamServer};
+pub use udp_streams::{start_udp_streams, UdpEchoServer, UdpStreamResult};
 
 use crate::cmd;
 use crate::{netns_command, LabError};

@@ -1,0 +1,136 @@
+//! State handover between data planes over the backplane: how a draining data plane past its
+//! deadline gives its remaining flows to the current owners of their buckets without losing or
+//! reordering a packet (OpenNF's loss-free, order-preserving move, on our punt path).
+//!
+//! For each bucket `b` the leaving data plane X still holds flows of, towards `b`'s owner O:
+//! 1. X → O `State{b, conns}` (one or more datagrams, the last one marked). O imports them.
+//! 2. On the last chunk O starts *holding* bucket `b` (packets of `b` are buffered, not
+//!    processed or punted) and sends X a `Marker{b}` on the same socket pair its punts use, so the
+//!    marker arrives after every packet O punted to X before.
+//! 3. X, on the marker, has processed all of those punts; it answers `Done{b}` and forgets `b`.
+//! 4. O, on `Done{b}`, replays the held packets in arrival order against the imported state and
+//!    stops holding. A lost message is covered by X resending the state and O releasing a hold
+//!    after [`HOLD_LIMIT`].
+//!
+//! Messages travel as GENEVE with protocol type [`PROTO_HANDOVER`] and a JSON body: rare control
+//! traffic, readable in a capture.
+
+use std::time::Duration;
+
+use dva_flow::UnitId;
+use dva_services::conntrack::Conn;
+use serde::{Deserialize, Serialize};
+
+/// GENEVE protocol type of handover messages (IEEE 802 local experimental ethertype).
+pub const PROTO_HANDOVER: u16 = 0x88b5;
+
+/// Longest a bucket is held waiting for the previous owner's `Done`.
+pub const HOLD_LIMIT: Duration = Duration::from_millis(250);
+/// Packets held per data plane at most (beyond that they are processed at once).
+pub const HOLD_MAX_PACKETS: usize = 16_384;
+/// The state of a bucket is sent again if no marker came back within this long.
+pub const RESEND_AFTER: Duration = Duration::from_millis(300);
+pub const MAX_RESENDS: u32 = 10;
+/// Handover datagrams stay well under the backplane's 9000-byte MTU.
+pub const MAX_BODY: usize = 8000;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Handover {
+    State {
+        from: UnitId,
+        bucket: u16,
+        last: bool,
+        conns: Vec<Conn>,
+    },
+    Marker {
+        from: UnitId,
+        bucket: u16,
+    },
+    Done {
+        from: UnitId,
+        bucket: u16,
+    },
+}
+
+/// Split a bucket's connections into `State` bodies of at most [`MAX_BODY`] bytes (a single
+/// connection larger than that is sent alone: it still fits a datagram).
+pub fn state_bodies(from: UnitId, bucket: u16, conns: Vec<Conn>) -> Vec<Vec<u8>> {
+    let mut bodies = Vec::new();
+    let mut chunk: Vec<Conn> = Vec::new();
+    let mut size = 0;
+    let encode = |conns: Vec<Conn>, last: bool| {
+        serde_json::to_vec(&Handover::State {
+            from,
+            bucket,
+            last,
+            conns,
+        })
+        .unwrap_or_default()
+    };
+    for c in conns {
+        let len = serde_json::to_vec(&c).map_or(0, |v| v.len()) + 1;
+        if !chunk.is_empty() && size + len > MAX_BODY - 100 {
+            bodies.push(encode(std::mem::take(&mut chunk), false));
+            size = 0;
+        }
+        size += len;
+        chunk.push(c);
+    }
+    bodies.push(encode(chunk, true));
+    bodies
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dva_flow::FlowKey;
+    use dva_services::conntrack::ConnState;
+
+    fn conn(i: u16) -> Conn {
+        Conn {
+            key: FlowKey {
+                proto: 17,
+                src: "198.18.1.2".parse().unwrap(),
+                dst: "198.18.2.2".parse().unwrap(),
+                src_port: 1000 + i,
+                dst_port: 53,
+            },
+            bucket: 7,
+            state: ConnState::Udp { replied: true },
+            created: 1,
+            last_seen: 2,
+            orig_packets: 3,
+            orig_bytes: 4,
+            reply_packets: 5,
+            reply_bytes: 6,
+        }
+    }
+
+    #[test]
+    fn bodies_fit_and_only_the_last_is_marked() {
+        let conns: Vec<Conn> = (0..500).map(conn).collect();
+        let bodies = state_bodies(3, 7, conns.clone());
+        assert!(bodies.len() > 1);
+        let mut back = Vec::new();
+        for (i, b) in bodies.iter().enumerate() {
+            assert!(b.len() <= MAX_BODY, "{}", b.len());
+            match serde_json::from_slice::<Handover>(b).unwrap() {
+                Handover::State {
+                    from,
+                    bucket,
+                    last,
+                    conns,
+                } => {
+                    assert_eq!((from, bucket), (3, 7));
+                    assert_eq!(last, i == bodies.len() - 1);
+                    back.extend(conns);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(back, conns);
+        // An empty bucket still gets its (last) message, so the receiver can answer.
+        assert_eq!(state_bodies(3, 7, Vec::new()).len(), 1);
+    }
+}
