@@ -136,6 +136,9 @@ impl Mgmt {
                 rec.spec_text = spec_text.to_string();
                 rec.generation += 1;
                 rec.dataplanes = rec.dataplanes.clamp(layout.min, layout.max);
+                if let Some(d) = spec.spec.layout.drain_deadline {
+                    rec.drain_deadline_ms = d.ms();
+                }
                 let msg = format!("spec replaced (generation {})", rec.generation);
                 push_event(&mut rec, "applied", msg);
                 self.save(&rec)?;
@@ -149,7 +152,11 @@ impl Mgmt {
                     spec_text: spec_text.to_string(),
                     generation: 1,
                     dataplanes: layout.initial(),
-                    drain_deadline_ms: DEFAULT_DRAIN_DEADLINE_MS,
+                    drain_deadline_ms: spec
+                        .spec
+                        .layout
+                        .drain_deadline
+                        .map_or(DEFAULT_DRAIN_DEADLINE_MS, |d| d.ms()),
                     units: Vec::new(),
                     next_unit_id: 1,
                     events: Vec::new(),
@@ -231,6 +238,8 @@ impl Mgmt {
         push_event(&mut rec, "scaled", msg);
         self.save(&rec)?;
         app.rec = rec;
+        // A change by hand restarts the autoscaler's cooldown.
+        app.rt.autoscaler.last_change_ms = Some(now_ms());
         Ok(reconcile::view(&self.inner, app))
     }
 

@@ -10,6 +10,7 @@
 //! * [`api`]: the HTTP server (routes, bearer-token auth, OpenAPI document).
 
 pub mod api;
+pub mod autoscale;
 pub mod core;
 pub mod model;
 pub mod provision;

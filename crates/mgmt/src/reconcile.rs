@@ -26,6 +26,7 @@ use dva_proto::channel::{
 };
 use dva_proto::{compile, ApplianceSpec, Placement, UnitEndpoint};
 
+use crate::autoscale::Autoscaler;
 use crate::core::{push_event, Appliance, Inner};
 use crate::model::*;
 use crate::provision::UnitLaunch;
@@ -49,6 +50,7 @@ pub struct Runtime {
     error: Option<String>,
     drain_clear: BTreeMap<u32, Instant>,
     units_json: String,
+    pub(crate) autoscaler: Autoscaler,
 }
 
 struct ManagerLink {
@@ -455,6 +457,40 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
         }
         for (reason, msg) in events {
             push_event(&mut app.rec, reason, msg);
+        }
+    }
+    // 5. The autoscaler, on the serving data planes' reports.
+    if let (Some(policy), Some(st)) = (&app.spec.spec.layout.autoscale, &status) {
+        let by_id: BTreeMap<u32, &UnitStatus> = st.units.iter().map(|u| (u.id, u)).collect();
+        let dps: Vec<(u32, u64, f64, u64)> = app
+            .rec
+            .units
+            .iter()
+            .filter(|u| u.role == UnitRole::Dataplane && u.state == UnitState::Ready)
+            .filter_map(|u| {
+                let r = by_id.get(&u.id)?.report.as_ref()?;
+                Some((u.id, r.rx_packets, r.cpu_percent, r.active_flows))
+            })
+            .collect();
+        let load = app.rt.autoscaler.observe(now, &dps);
+        let l = &app.spec.spec.layout.dataplanes;
+        let settled = app
+            .rec
+            .units
+            .iter()
+            .filter(|u| u.role == UnitRole::Dataplane && u.state == UnitState::Ready)
+            .count() as u32
+            == app.rec.dataplanes;
+        if settled {
+            if let Some(d) =
+                app.rt
+                    .autoscaler
+                    .decide(now, policy, &load, app.rec.dataplanes, l.min, l.max)
+            {
+                app.rec.dataplanes = d.target;
+                app.rec.generation += 1;
+                push_event(&mut app.rec, "autoscale", d.reason);
+            }
         }
     }
     // The manager itself is ready once its socket answers.

@@ -76,6 +76,9 @@ pub struct UnitReport {
     pub flows: u64,
     /// Connections still open (not closing or closed): what a draining data plane waits for.
     pub active_flows: u64,
+    /// CPU the unit used over the last report interval, in percent of one core.
+    #[serde(default)]
+    pub cpu_percent: f64,
     /// (bucket, connections) for every bucket where this data plane holds any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bucket_flows: Vec<(u16, u32)>,

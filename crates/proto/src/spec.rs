@@ -107,6 +107,13 @@ pub struct LayoutSpec {
     /// Flow buckets (a power of two). More buckets spread flows more evenly and move less per change.
     #[serde(default = "default_buckets")]
     pub buckets: usize,
+    /// How long a removed data plane serves its existing flows before it exports their state to
+    /// the buckets' new owners and exits (e.g. "30s"; default 300s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_deadline: Option<DurationSpec>,
+    /// Scale data planes by load, within min..=max.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleSpec>,
 }
 
 impl Default for LayoutSpec {
@@ -114,8 +121,132 @@ impl Default for LayoutSpec {
         LayoutSpec {
             dataplanes: DataplaneLayout::default(),
             buckets: default_buckets(),
+            drain_deadline: None,
+            autoscale: None,
         }
     }
+}
+
+/// A duration written as "500ms", "2s", "5m", "1h" (or a bare number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "serde_json::Value", into = "String")]
+pub struct DurationSpec(pub u64 /* milliseconds */);
+
+impl DurationSpec {
+    pub fn ms(self) -> u64 {
+        self.0
+    }
+}
+
+impl From<DurationSpec> for String {
+    fn from(d: DurationSpec) -> String {
+        if d.0 % 1000 == 0 {
+            format!("{}s", d.0 / 1000)
+        } else {
+            format!("{}ms", d.0)
+        }
+    }
+}
+
+impl TryFrom<serde_json::Value> for DurationSpec {
+    type Error = String;
+    fn try_from(v: serde_json::Value) -> Result<Self, String> {
+        match &v {
+            serde_json::Value::String(s) => parse_duration_ms(s).map(DurationSpec),
+            serde_json::Value::Number(n) => n
+                .as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0 && *f < 1e9)
+                .map(|f| DurationSpec((f * 1000.0) as u64))
+                .ok_or_else(|| format!("invalid duration {n}")),
+            other => Err(format!("invalid duration {other} (expected e.g. \"2s\")")),
+        }
+    }
+}
+
+/// Parse "2s", "500ms", "5m", "1h" or a bare number of seconds into milliseconds.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3_600_000.0)
+    } else {
+        (t, 1000.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (expected e.g. 2s, 500ms, 5m)"))?;
+    if !v.is_finite() || v < 0.0 || v * mult > 1e12 {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok((v * mult) as u64)
+}
+
+/// What a scaling rule measures, per data plane (averaged over the serving ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    /// Packets received per second.
+    Pps,
+    /// CPU used, in percent of one core.
+    Cpu,
+    /// Open connections.
+    Flows,
+}
+
+impl Metric {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Pps => "pps",
+            Metric::Cpu => "cpu",
+            Metric::Flows => "flows",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleOutRule {
+    pub metric: Metric,
+    /// Scale out when the per-data-plane value stays above this...
+    pub above: f64,
+    /// ...for this long (the stabilization window).
+    #[serde(rename = "for")]
+    pub window: DurationSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleInRule {
+    pub metric: Metric,
+    /// Scale in when the per-data-plane value stays below this...
+    pub below: f64,
+    /// ...for this long.
+    #[serde(rename = "for")]
+    pub window: DurationSpec,
+}
+
+/// Scale-out if any scale-out rule holds; scale-in if every scale-in rule holds; at most one
+/// change per cooldown. A metric's scale-in threshold must sit below its scale-out threshold so a
+/// decision never undoes itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoscaleSpec {
+    #[serde(default)]
+    pub scale_out: Vec<ScaleOutRule>,
+    #[serde(default)]
+    pub scale_in: Vec<ScaleInRule>,
+    #[serde(default = "default_cooldown")]
+    pub cooldown: DurationSpec,
+}
+
+fn default_cooldown() -> DurationSpec {
+    DurationSpec(30_000)
 }
 
 fn default_buckets() -> usize {
@@ -689,6 +820,39 @@ impl ApplianceSpec {
                     dp.max
                 ),
             ));
+        }
+        if let Some(a) = &l.autoscale {
+            for (i, r) in a.scale_out.iter().enumerate() {
+                if !(r.above.is_finite() && r.above > 0.0) {
+                    return Err(SpecError::field(
+                        format!("spec.layout.autoscale.scale_out[{i}].above"),
+                        format!("{} must be a positive number", r.above),
+                    ));
+                }
+            }
+            for (i, r) in a.scale_in.iter().enumerate() {
+                if !(r.below.is_finite() && r.below >= 0.0) {
+                    return Err(SpecError::field(
+                        format!("spec.layout.autoscale.scale_in[{i}].below"),
+                        format!("{} must be a non-negative number", r.below),
+                    ));
+                }
+                if let Some(o) = a
+                    .scale_out
+                    .iter()
+                    .find(|o| o.metric == r.metric && o.above <= r.below)
+                {
+                    return Err(SpecError::field(
+                        format!("spec.layout.autoscale.scale_in[{i}].below"),
+                        format!(
+                            "{} {} is not below the scale-out threshold {} for the same metric (the rules would flap)",
+                            r.metric.as_str(),
+                            r.below,
+                            o.above
+                        ),
+                    ));
+                }
+            }
         }
         if !l.buckets.is_power_of_two() || !(64..=65536).contains(&l.buckets) {
             return Err(SpecError::field(

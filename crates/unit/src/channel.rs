@@ -90,6 +90,7 @@ fn session(
         thread::Builder::new()
             .name("report".into())
             .spawn(move || {
+                let mut cpu = CpuMeter::new();
                 while alive.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
                     let s = stats.snapshot();
                     let report = UnitReport {
@@ -99,6 +100,7 @@ fn session(
                         drops: s.total_drops(),
                         flows: s.flows,
                         active_flows: s.active_flows,
+                        cpu_percent: cpu.sample(),
                         bucket_flows: s.bucket_flows,
                     };
                     if send(&writer, &ToManager::Report(report)).is_err() {
@@ -168,4 +170,49 @@ fn send(writer: &Arc<Mutex<UnixStream>>, msg: &ToManager) -> std::io::Result<()>
         .lock()
         .map_err(|_| std::io::Error::other("channel writer poisoned"))?;
     channel::send(&mut *w, msg)
+}
+
+/// CPU used by this process between two samples, from /proc/self/stat (utime + stime).
+struct CpuMeter {
+    last: Option<(std::time::Instant, u64)>,
+    ticks_per_sec: f64,
+}
+
+impl CpuMeter {
+    fn new() -> CpuMeter {
+        // SAFETY: sysconf takes a constant and touches no memory of ours.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        CpuMeter {
+            last: None,
+            ticks_per_sec: if hz > 0 { hz as f64 } else { 100.0 },
+        }
+    }
+
+    fn ticks() -> Option<u64> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name (which may contain spaces) start at state (field 3).
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15, i.e. indexes 11 and 12 after the state field.
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    }
+
+    /// Percent of one core since the previous sample (0 on the first).
+    fn sample(&mut self) -> f64 {
+        let now = std::time::Instant::now();
+        let Some(t) = Self::ticks() else { return 0.0 };
+        let pct = match self.last {
+            Some((at, prev)) => {
+                let wall = now.duration_since(at).as_secs_f64();
+                if wall > 0.0 {
+                    (t.saturating_sub(prev) as f64 / self.ticks_per_sec) / wall * 100.0
+                } else {
+                    0.0
+                }
+            }
+            None => 0.0,
+        };
+        self.last = Some((now, t));
+        pct
+    }
 }
