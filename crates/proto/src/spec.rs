@@ -140,7 +140,7 @@ impl DurationSpec {
 
 impl From<DurationSpec> for String {
     fn from(d: DurationSpec) -> String {
-        if d.0 % 1000 == 0 {
+        if d.0.is_multiple_of(1000) {
             format!("{}s", d.0 / 1000)
         } else {
             format!("{}ms", d.0)
