@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages dva's lab and its tests need (crates/lab): iproute2 (ip, ss),
-# ethtool (offloads off on every veth), nginx-light or nginx, iperf3, curl, iputils-ping and
+# ethtool (offloads off on every veth), nginx-light or nginx, iperf3, curl, iputils-ping, wrk and
 # procps (sysctl, kill). Idempotent: packages already installed are left alone, and apt runs
 # only when something is missing. Runs as root (or through sudo).
 set -euo pipefail
@@ -18,7 +18,7 @@ installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
 }
 
-packages=(iproute2 ethtool iperf3 curl iputils-ping procps)
+packages=(iproute2 ethtool iperf3 curl iputils-ping procps wrk)
 missing=()
 for p in "${packages[@]}"; do
     installed "$p" || missing+=("$p")
@@ -62,4 +62,4 @@ for tool in ip ss ethtool nginx iperf3 curl ping sysctl; do
         exit 1
     }
 done
-echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps)"
+echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk)"

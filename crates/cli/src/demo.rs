@@ -78,14 +78,14 @@ impl Drop for Appliance {
 }
 
 /// Removes the lab on drop, so an error or Ctrl-C path still cleans up.
-struct LabGuard(String);
+pub(crate) struct LabGuard(pub(crate) String);
 impl Drop for LabGuard {
     fn drop(&mut self) {
         let _ = Lab::down(&self.0);
     }
 }
 
-fn spec_path(name: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn spec_path(name: &str) -> anyhow::Result<PathBuf> {
     // Next to the binary's source tree when run from a checkout; else the working directory.
     let candidates = [
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -398,7 +398,7 @@ pub fn demo(prefix: &str, secs: u32) -> anyhow::Result<()> {
 }
 
 /// Deletes the demo's appliances and store on drop (also on error paths).
-struct MgmtGuard(Mgmt, PathBuf);
+pub(crate) struct MgmtGuard(pub(crate) Mgmt, pub(crate) PathBuf);
 impl Drop for MgmtGuard {
     fn drop(&mut self) {
         for v in self.0.list() {

@@ -1,6 +1,7 @@
 //! `dva`: the one binary. Lab management, running an appliance, the compute-unit process itself,
 //! and the tools to look inside a running appliance.
 
+mod bench_elasticity;
 mod demo;
 mod run;
 
@@ -113,6 +114,18 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1)]
         streams: u32,
     },
+    /// Scale 1 -> 4 -> 1 by hand and by policy under long-lived TCP, short HTTP and UDP streams;
+    /// report broken flows, errors, losses, added latency and scale-in times.
+    Elasticity {
+        #[arg(long, default_value = "dva-bench-")]
+        prefix: String,
+        /// Scale-out/in cycles by hand.
+        #[arg(long, default_value_t = 2)]
+        cycles: u32,
+        /// Write an SVG plot of data planes and packet rate over time.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -188,6 +201,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     streams,
                 },
         } => demo::bench_forwarding(&prefix, secs, streams),
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Elasticity {
+                    prefix,
+                    cycles,
+                    plot,
+                },
+        } => bench_elasticity::run(&bench_elasticity::Options {
+            prefix,
+            cycles,
+            plot,
+        }),
         Cmd::Stats {
             name,
             prefix,

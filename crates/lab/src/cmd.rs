@@ -20,6 +20,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("curl", "curl"),
     ("ping", "iputils-ping"),
+    ("wrk", "wrk"),
     ("timeout", "coreutils"),
     ("sleep", "coreutils"),
     ("bash", "bash"),

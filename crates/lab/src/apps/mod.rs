@@ -13,6 +13,7 @@ mod iperf3;
 mod nginx;
 mod streams;
 mod udp_streams;
+mod wrk;
 
 use std::fs::File;
 use std::net::IpAddr;
@@ -25,6 +26,7 @@ pub use iperf3::{iperf3_client, Iperf3Report, Iperf3Server};
 pub use nginx::{Nginx, BIG_BYTES};
 pub use streams::{start_streams, StreamResult, StreamServer};
 pub use udp_streams::{start_udp_streams, UdpEchoServer, UdpStreamResult};
+pub use wrk::{wrk, WrkReport};
 
 use crate::cmd;
 use crate::{netns_command, LabError};
