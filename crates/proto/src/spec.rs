@@ -295,6 +295,158 @@ pub const MAX_DATAPLANES: u32 = 64;
 #[serde(deny_unknown_fields, rename_all = "lowercase")]
 pub enum ServiceSpec {
     Firewall(FirewallSpec),
+    Nat(NatSpec),
+    Lb(LbSpec),
+}
+
+/// Address translation: masquerade, source NAT to a pool, port forwarding.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatSpec {
+    /// Source NAT to the address of the interface traffic leaves by.
+    #[serde(default)]
+    pub masquerade: Vec<MasqueradeSpec>,
+    /// Source NAT to an address pool.
+    #[serde(default)]
+    pub snat: Vec<SnatSpec>,
+    /// Destination NAT: a public address/port forwarded to an inside server.
+    #[serde(default)]
+    pub port_forward: Vec<PortForwardSpec>,
+    /// Most translations per data plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bindings: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasqueradeSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Egress interface name: traffic to its networks leaves with its address as source.
+    pub to: String,
+    /// Only these sources (default: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<CidrList>,
+    /// Source ports to allocate from (default 1024-65535).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<PortList>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnatSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<CidrList>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst: Option<CidrList>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<Proto>,
+    /// The pool: addresses the appliance owns (on one of its interfaces' networks).
+    pub to: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<PortList>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForwardSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Ingress interface name.
+    pub from: String,
+    /// Public address (default: the ingress interface's address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst: Option<IpAddr>,
+    pub proto: Proto,
+    pub dport: PortList,
+    /// The inside server.
+    pub to: IpAddr,
+    /// Its port (default: the same port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_port: Option<u16>,
+}
+
+/// L4 load balancing: virtual services in front of backend pools, full NAT.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbSpec {
+    pub services: Vec<VirtualServiceSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_flows: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualServiceSpec {
+    pub name: String,
+    pub vip: IpAddr,
+    pub proto: Proto,
+    pub port: u16,
+    pub backends: Vec<BackendSpec>,
+    /// Interface whose address is the full-NAT source towards the backends (default: the
+    /// interface on the first backend's network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub name: String,
+    pub addr: IpAddr,
+    pub port: u16,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// `drain`: keep existing connections, send no new ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<BackendAdmin>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendAdmin {
+    Active,
+    Drain,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    /// `tcp` (connect) or `http` (GET `path`, 2xx/3xx is healthy).
+    #[serde(rename = "type")]
+    pub kind: HealthKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default = "default_hc_interval")]
+    pub interval: DurationSpec,
+    #[serde(default = "default_hc_timeout")]
+    pub timeout: DurationSpec,
+    /// Consecutive successes that bring a backend up / failures that take it down.
+    #[serde(default = "two")]
+    pub rise: u32,
+    #[serde(default = "two")]
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Tcp,
+    Http,
+}
+
+fn default_hc_interval() -> DurationSpec {
+    DurationSpec(1000)
+}
+fn default_hc_timeout() -> DurationSpec {
+    DurationSpec(500)
+}
+fn two() -> u32 {
+    2
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -887,6 +1039,180 @@ impl ApplianceSpec {
                         ));
                     }
                 }
+                ServiceSpec::Nat(nat) => self.validate_nat(&format!("spec.services[{s}].nat"), nat)?,
+                ServiceSpec::Lb(lb) => self.validate_lb(&format!("spec.services[{s}].lb"), lb)?,
+            }
+        }
+        let count = |f: fn(&ServiceSpec) -> bool| body.services.iter().filter(|s| f(s)).count();
+        if count(|s| matches!(s, ServiceSpec::Nat(_))) > 1 || count(|s| matches!(s, ServiceSpec::Lb(_))) > 1 {
+            return Err(SpecError::field(
+                "spec.services",
+                "at most one nat and one lb stage",
+            ));
+        }
+        Ok(())
+    }
+
+    fn interface_named(&self, path: &str, name: &str) -> Result<&InterfaceSpec, SpecError> {
+        self.spec
+            .interfaces
+            .iter()
+            .find(|i| i.name == name)
+            .ok_or_else(|| {
+                SpecError::field(
+                    path,
+                    format!(
+                        "unknown interface {name:?} (interfaces: {})",
+                        self.spec
+                            .interfaces
+                            .iter()
+                            .map(|i| i.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// The interface whose network contains `addr` (where the appliance must answer ARP for it).
+    pub fn interface_for(&self, addr: IpAddr) -> Option<&InterfaceSpec> {
+        self.spec
+            .interfaces
+            .iter()
+            .find(|i| i.addresses.iter().any(|c| c.0.contains(&addr)))
+    }
+
+    fn one_range(path: &str, ports: &Option<PortList>) -> Result<(), SpecError> {
+        if let Some(p) = ports {
+            if p.0.len() != 1 || p.0[0].first < 1024 && p.0[0].last < 1024 {
+                return Err(SpecError::field(
+                    path,
+                    format!(
+                        "{} : give one range of source ports, e.g. \"1024-65535\"",
+                        p.0.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_nat(&self, path: &str, nat: &NatSpec) -> Result<(), SpecError> {
+        for (i, m) in nat.masquerade.iter().enumerate() {
+            let ifc = self.interface_named(&format!("{path}.masquerade[{i}].to"), &m.to)?;
+            if ifc.addresses.is_empty() {
+                return Err(SpecError::field(
+                    format!("{path}.masquerade[{i}].to"),
+                    format!("interface {:?} has no address to masquerade to", m.to),
+                ));
+            }
+            Self::one_range(&format!("{path}.masquerade[{i}].ports"), &m.ports)?;
+        }
+        for (i, r) in nat.snat.iter().enumerate() {
+            if r.to.is_empty() {
+                return Err(SpecError::field(format!("{path}.snat[{i}].to"), "the pool is empty"));
+            }
+            for a in &r.to {
+                if self.interface_for(*a).is_none() {
+                    return Err(SpecError::field(
+                        format!("{path}.snat[{i}].to"),
+                        format!("{a} is on none of the appliance's interface networks"),
+                    ));
+                }
+            }
+            Self::one_range(&format!("{path}.snat[{i}].ports"), &r.ports)?;
+        }
+        for (i, f) in nat.port_forward.iter().enumerate() {
+            let p = format!("{path}.port_forward[{i}]");
+            let ifc = self.interface_named(&format!("{p}.from"), &f.from)?;
+            if f.dst.is_none() && ifc.addresses.is_empty() {
+                return Err(SpecError::field(format!("{p}.dst"), "needed: the interface has no address"));
+            }
+            if let Some(d) = f.dst {
+                if self.interface_for(d).is_none() {
+                    return Err(SpecError::field(
+                        format!("{p}.dst"),
+                        format!("{d} is on none of the appliance's interface networks"),
+                    ));
+                }
+            }
+            if !f.proto.has_ports() {
+                return Err(SpecError::field(format!("{p}.proto"), "port forwarding needs tcp or udp"));
+            }
+            if f.dport.0.len() != 1 {
+                return Err(SpecError::field(format!("{p}.dport"), "give one port or one range"));
+            }
+            if f.to_port.is_some() && f.dport.0[0].first != f.dport.0[0].last {
+                return Err(SpecError::field(
+                    format!("{p}.to_port"),
+                    "a port range forwards to the same ports: leave to_port out",
+                ));
+            }
+        }
+        if nat.max_bindings == Some(0) {
+            return Err(SpecError::field(format!("{path}.max_bindings"), "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    fn validate_lb(&self, path: &str, lb: &LbSpec) -> Result<(), SpecError> {
+        if lb.services.is_empty() {
+            return Err(SpecError::field(format!("{path}.services"), "at least one virtual service"));
+        }
+        let mut names = BTreeSet::new();
+        for (i, v) in lb.services.iter().enumerate() {
+            let p = format!("{path}.services[{i}]");
+            if !names.insert(v.name.as_str()) {
+                return Err(SpecError::field(format!("{p}.name"), format!("duplicate name {:?}", v.name)));
+            }
+            if self.interface_for(v.vip).is_none() {
+                return Err(SpecError::field(
+                    format!("{p}.vip"),
+                    format!("{} is on none of the appliance's interface networks", v.vip),
+                ));
+            }
+            if !v.proto.has_ports() {
+                return Err(SpecError::field(format!("{p}.proto"), "a virtual service needs tcp or udp"));
+            }
+            if v.backends.is_empty() {
+                return Err(SpecError::field(format!("{p}.backends"), "at least one backend"));
+            }
+            let mut bn = BTreeSet::new();
+            for (j, b) in v.backends.iter().enumerate() {
+                if !bn.insert(b.name.as_str()) {
+                    return Err(SpecError::field(
+                        format!("{p}.backends[{j}].name"),
+                        format!("duplicate backend {:?}", b.name),
+                    ));
+                }
+                if b.weight == 0 || b.weight > 1000 {
+                    return Err(SpecError::field(
+                        format!("{p}.backends[{j}].weight"),
+                        format!("{} is outside 1..=1000", b.weight),
+                    ));
+                }
+                if b.addr.is_ipv4() != v.vip.is_ipv4() {
+                    return Err(SpecError::field(
+                        format!("{p}.backends[{j}].addr"),
+                        format!("{} and the VIP {} are of different families", b.addr, v.vip),
+                    ));
+                }
+            }
+            if let Some(src) = &v.source {
+                self.interface_named(&format!("{p}.source"), src)?;
+            } else if self.interface_for(v.backends[0].addr).is_none() {
+                return Err(SpecError::field(
+                    format!("{p}.source"),
+                    "no interface is on the backends' network: name the source interface",
+                ));
+            }
+            if let Some(h) = &v.health {
+                if h.rise == 0 || h.fall == 0 || h.interval.ms() < 100 || h.timeout.ms() == 0 {
+                    return Err(SpecError::field(
+                        format!("{p}.health"),
+                        "rise and fall at least 1, interval at least 100ms, timeout above 0",
+                    ));
+                }
             }
         }
         Ok(())
@@ -967,10 +1293,24 @@ impl ApplianceSpec {
         self.spec
             .services
             .iter()
-            .map(|s| match s {
-                ServiceSpec::Firewall(f) => f,
+            .find_map(|s| match s {
+                ServiceSpec::Firewall(f) => Some(f),
+                _ => None,
             })
-            .next()
+    }
+
+    pub fn nat(&self) -> Option<&NatSpec> {
+        self.spec.services.iter().find_map(|s| match s {
+            ServiceSpec::Nat(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    pub fn lb(&self) -> Option<&LbSpec> {
+        self.spec.services.iter().find_map(|s| match s {
+            ServiceSpec::Lb(l) => Some(l),
+            _ => None,
+        })
     }
 }
 
