@@ -79,9 +79,21 @@ pub struct UnitReport {
     /// CPU the unit used over the last report interval, in percent of one core.
     #[serde(default)]
     pub cpu_percent: f64,
+    /// Load-balancer backends as this dispatcher's health checks see them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health: Vec<BackendHealth>,
     /// (bucket, connections) for every bucket where this data plane holds any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bucket_flows: Vec<(u16, u32)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendHealth {
+    pub service: String,
+    pub backend: String,
+    pub up: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -45,6 +45,54 @@ pub struct UnitEndpoint {
     pub addr: SocketAddr,
 }
 
+/// An address the appliance answers for besides its interfaces' own (a VIP, a NAT pool address),
+/// and how the dispatcher picks the bucket of packets sent to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAddr {
+    /// The interface it lives on (ARP/ND are answered there).
+    pub interface: u8,
+    pub addr: IpAddr,
+    /// A NAT/LB source address: replies to it carry a port the data plane chose so that its
+    /// bucket is `port & (buckets - 1)` (DESIGN.md §3). Otherwise (a VIP) the usual flow hash.
+    pub nat_source: bool,
+}
+
+/// Packets from a port-forwarding target are hashed as the outside saw the flow (the public
+/// address and port), so both directions of the flow land in one bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnatReverse {
+    pub proto: u8,
+    pub inside: IpAddr,
+    pub inside_first: u16,
+    pub inside_last: u16,
+    pub public: IpAddr,
+    pub public_first: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Tcp,
+    Http,
+}
+
+/// An active health check the dispatcher runs against a load-balancer backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheckConfig {
+    pub service: String,
+    pub backend: String,
+    pub addr: IpAddr,
+    pub port: u16,
+    /// Our address on the backend's network (the probes' source).
+    pub source: IpAddr,
+    pub kind: HealthKind,
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DispatcherConfig {
     pub appliance: String,
@@ -56,6 +104,12 @@ pub struct DispatcherConfig {
     pub routes: Vec<RouteConfig>,
     pub dataplanes: Vec<UnitEndpoint>,
     pub table: BucketTable,
+    #[serde(default)]
+    pub service_addrs: Vec<ServiceAddr>,
+    #[serde(default)]
+    pub dnat_reverse: Vec<DnatReverse>,
+    #[serde(default)]
+    pub health_checks: Vec<HealthCheckConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,6 +220,9 @@ pub fn compile(
             routes: routes.clone(),
             dataplanes: placement.dataplanes.clone(),
             table: placement.table.clone(),
+            service_addrs: Vec::new(),
+            dnat_reverse: Vec::new(),
+            health_checks: Vec::new(),
         })
         .collect();
     let dataplanes = placement

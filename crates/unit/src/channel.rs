@@ -101,6 +101,7 @@ fn session(
                         flows: s.flows,
                         active_flows: s.active_flows,
                         cpu_percent: cpu.sample(),
+                        health: s.health,
                         bucket_flows: s.bucket_flows,
                     };
                     if send(&writer, &ToManager::Report(report)).is_err() {

@@ -289,3 +289,44 @@ pub fn complete_l4_checksum(ip: &mut [u8], c: &Classified) -> bool {
     ip[off + field..off + field + 2].copy_from_slice(&ck.to_be_bytes());
     true
 }
+
+/// A TCP segment from `src:sport` to `dst:dport` (no options), with its IP header, appended to
+/// `out`. For packets the appliance itself originates (health checks).
+#[allow(clippy::too_many_arguments)]
+pub fn tcp_segment(
+    out: &mut Vec<u8>,
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &[u8],
+) -> Option<()> {
+    let mut seg = vec![0u8; 20 + payload.len()];
+    seg[0..2].copy_from_slice(&sport.to_be_bytes());
+    seg[2..4].copy_from_slice(&dport.to_be_bytes());
+    seg[4..8].copy_from_slice(&seq.to_be_bytes());
+    seg[8..12].copy_from_slice(&ack.to_be_bytes());
+    seg[12] = 5 << 4;
+    seg[13] = flags;
+    seg[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    seg[20..].copy_from_slice(payload);
+    let len = seg.len();
+    match (src, dst) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+            let ck = l4_checksum_v4(&seg, s, d, PROTO_TCP);
+            seg[16..18].copy_from_slice(&ck.to_be_bytes());
+            ipv4_header(out, s, d, PROTO_TCP, len, DEFAULT_TTL);
+        }
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+            let ck = l4_checksum_v6(&seg, s, d, PROTO_TCP);
+            seg[16..18].copy_from_slice(&ck.to_be_bytes());
+            ipv6_header(out, s, d, PROTO_TCP, len, DEFAULT_TTL);
+        }
+        _ => return None,
+    }
+    out.extend_from_slice(&seg);
+    Some(())
+}

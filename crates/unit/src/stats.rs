@@ -45,6 +45,9 @@ pub struct UnitStats {
     pub counters: BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<InterfaceStats>,
+    /// Dispatchers: load-balancer backends as the health checks see them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health: Vec<dva_proto::channel::BackendHealth>,
 }
 
 impl UnitStats {

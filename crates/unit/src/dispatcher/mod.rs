@@ -11,6 +11,7 @@
 //! The dispatcher keeps no per-flow state: everything it needs per packet is in the packet and
 //! the config (bucket table, interfaces, routes), so any dispatcher can serve any packet.
 
+pub mod health;
 pub mod neighbor;
 pub mod route;
 
@@ -32,7 +33,7 @@ use dva_wire::{
 };
 
 use crate::channel::Update;
-use crate::classify::{classify, Classified, PROTO_ICMP, PROTO_ICMPV6};
+use crate::classify::{classify, Classified, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP};
 use crate::reply::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 use crate::stats::{DropCounters, Every, InterfaceStats, StatsCell, UnitStats};
 use neighbor::NeighborTable;
@@ -96,6 +97,8 @@ use drop_reason as dr;
 /// ring is borrowed).
 struct Link {
     cfg: InterfaceConfig,
+    /// Service addresses (VIPs, NAT pools) answered for on this link besides its own.
+    extra: Vec<IpAddr>,
     mac: EthernetAddress,
     mtu: usize,
     neigh: NeighborTable,
@@ -104,7 +107,7 @@ struct Link {
 
 impl Link {
     fn owns(&self, ip: IpAddr) -> bool {
-        self.cfg.addresses.iter().any(|a| a.addr() == ip)
+        self.cfg.addresses.iter().any(|a| a.addr() == ip) || self.extra.contains(&ip)
     }
     fn on_link(&self, ip: IpAddr) -> bool {
         self.cfg.addresses.iter().any(|a| a.contains(&ip))
@@ -160,6 +163,11 @@ struct Core {
     scratch: Vec<u8>,
     icmp_budget: TokenBucket,
     now: Instant,
+    /// NAT/LB source addresses: packets to them are bucketed by port.
+    nat_sources: Vec<IpAddr>,
+    vips: Vec<IpAddr>,
+    dnat_reverse: Vec<dva_proto::role::DnatReverse>,
+    health: health::HealthChecker,
 }
 
 pub struct Dispatcher {
@@ -185,6 +193,7 @@ impl Dispatcher {
             ports.push(port);
             links.push(Link {
                 cfg: ifc.clone(),
+                extra: Vec::new(),
                 mac: EthernetAddress(mac),
                 mtu,
                 neigh: NeighborTable::default(),
@@ -219,6 +228,10 @@ impl Dispatcher {
                 burst: 100.0,
             },
             now,
+            nat_sources: Vec::new(),
+            vips: Vec::new(),
+            dnat_reverse: Vec::new(),
+            health: health::HealthChecker::default(),
         };
         core.configure(cfg)?;
         Ok(Dispatcher {
@@ -312,6 +325,17 @@ impl Dispatcher {
             drops: c.drops.to_map(),
             counters,
             interfaces,
+            health: c
+                .health
+                .states()
+                .into_iter()
+                .map(|(service, backend, up, error)| dva_proto::channel::BackendHealth {
+                    service,
+                    backend,
+                    up,
+                    error,
+                })
+                .collect(),
             ..Default::default()
         }
     }
@@ -349,8 +373,67 @@ impl Core {
         self.bucket_mask = (n - 1) as u32;
         self.epoch = cfg.table.epoch() as u32;
         self.dataplane_ips = cfg.dataplanes.iter().map(|d| d.addr.ip()).collect();
+        for (i, l) in self.links.iter_mut().enumerate() {
+            l.extra = cfg
+                .service_addrs
+                .iter()
+                .filter(|a| usize::from(a.interface) == i)
+                .map(|a| a.addr)
+                .collect();
+        }
+        self.nat_sources = cfg
+            .service_addrs
+            .iter()
+            .filter(|a| a.nat_source)
+            .map(|a| a.addr)
+            .collect();
+        self.vips = cfg
+            .service_addrs
+            .iter()
+            .filter(|a| !a.nat_source)
+            .map(|a| a.addr)
+            .collect();
+        self.dnat_reverse = cfg.dnat_reverse.clone();
+        self.health.configure(&cfg.health_checks, self.now);
         self.cfg = cfg;
         Ok(())
+    }
+
+    /// The bucket of a packet addressed to a NAT/LB source address: the port the data plane
+    /// chose maps to its flow's bucket (DESIGN.md §3). `None`: not such a packet.
+    fn nat_bucket(&self, dst: IpAddr, c: &Classified) -> Option<u32> {
+        if self.nat_sources.is_empty() || !self.nat_sources.contains(&dst) {
+            return None;
+        }
+        let port = match (c.key.proto, c.icmp, &c.icmp_inner) {
+            // Errors quote the packet we sent: its source port is the one we chose.
+            (_, Some(_), Some(inner)) if inner.src == dst => inner.src_port,
+            (PROTO_ICMP, Some((0, _)), _) | (PROTO_ICMPV6, Some((129, _)), _) => c.key.dst_port,
+            (PROTO_ICMP, _, _) | (PROTO_ICMPV6, _, _) => return None,
+            _ if health::HealthChecker::is_probe_port(c.key.dst_port) => return None,
+            _ => c.key.dst_port,
+        };
+        Some(u32::from(port) & self.bucket_mask)
+    }
+
+    /// The flow-hash bucket, seeing a port-forwarding target's packets as the outside saw them.
+    #[inline]
+    fn flow_bucket(&self, c: &Classified) -> u32 {
+        let key = c.bucket_key();
+        if !self.dnat_reverse.is_empty() {
+            for r in &self.dnat_reverse {
+                if key.proto == r.proto
+                    && key.src == r.inside
+                    && (r.inside_first..=r.inside_last).contains(&key.src_port)
+                {
+                    let mut k = *key;
+                    k.src = r.public;
+                    k.src_port = r.public_first + (key.src_port - r.inside_first);
+                    return k.symmetric_hash() & self.bucket_mask;
+                }
+            }
+        }
+        key.symmetric_hash() & self.bucket_mask
     }
 
     /// A new config version. Interfaces and the backplane socket are opened once, at start: a
@@ -484,7 +567,10 @@ impl Core {
         let Ok(c) = classify(ip) else {
             return self.drop(dr::MALFORMED_L4);
         };
-        if self.is_local(dst) {
+        if let Some(bucket) = self.nat_bucket(dst, &c) {
+            return self.send_to_dataplane(i, ip, &c, meta.csum_not_ready, bp, Some(bucket));
+        }
+        if self.is_local(dst) && !self.is_vip_traffic(dst, &c) {
             return self.on_local(i, src_mac, ip, &c);
         }
         if !to_us || dst.is_multicast() || pkt.dst_addr().is_broadcast() {
@@ -494,7 +580,7 @@ impl Core {
             self.drop(dr::TTL_EXCEEDED);
             return self.icmp_error(i, src_mac, ip, 11, 0);
         }
-        self.send_to_dataplane(i, ip, &c, meta.csum_not_ready, bp);
+        self.send_to_dataplane(i, ip, &c, meta.csum_not_ready, bp, None);
     }
 
     fn on_ipv6(
@@ -520,7 +606,10 @@ impl Core {
                 return self.on_ndisc(i, ip, &c);
             }
         }
-        if self.is_local(dst) {
+        if let Some(bucket) = self.nat_bucket(dst, &c) {
+            return self.send_to_dataplane(i, ip, &c, meta.csum_not_ready, bp, Some(bucket));
+        }
+        if self.is_local(dst) && !self.is_vip_traffic(dst, &c) {
             return self.on_local(i, src_mac, ip, &c);
         }
         if !to_us || dst.is_multicast() {
@@ -530,7 +619,7 @@ impl Core {
             self.drop(dr::TTL_EXCEEDED);
             return self.icmp_error(i, src_mac, ip, 3, 0);
         }
-        self.send_to_dataplane(i, ip, &c, meta.csum_not_ready, bp);
+        self.send_to_dataplane(i, ip, &c, meta.csum_not_ready, bp, None);
     }
 
     /// Neighbour solicitation for one of our addresses: advertise; any NS/NA teaches us the sender.
@@ -595,7 +684,37 @@ impl Core {
     }
 
     /// Traffic addressed to the appliance itself: answer pings, count the rest.
+    /// Traffic to a VIP goes to the data planes (only pings to it are answered here).
+    fn is_vip_traffic(&self, dst: IpAddr, c: &Classified) -> bool {
+        self.vips.contains(&dst)
+            && !matches!(
+                (c.key.proto, c.icmp),
+                (PROTO_ICMP, Some((8, 0))) | (PROTO_ICMPV6, Some((128, 0)))
+            )
+    }
+
     fn on_local(&mut self, i: usize, src_mac: EthernetAddress, ip: &[u8], c: &Classified) {
+        if c.key.proto == PROTO_TCP && health::HealthChecker::is_probe_port(c.key.dst_port) {
+            if let Some(answer) = self.health.on_segment(ip, c) {
+                let link = &self.links[i];
+                let ethertype = if c.is_v6() {
+                    ETHERTYPE_IPV6
+                } else {
+                    ETHERTYPE_IPV4
+                };
+                let mut f = Vec::with_capacity(answer.len() + 14);
+                reply::ethernet(&mut f, src_mac, link.mac, ethertype);
+                f.extend_from_slice(&answer);
+                if f.len() < 60 {
+                    f.resize(60, 0);
+                }
+                self.deferred.push((i, f));
+            }
+            for msg in self.health.take_changes() {
+                eprintln!("dispatcher {}: {msg}", self.cfg.unit);
+            }
+            return;
+        }
         let echo = matches!(
             (c.key.proto, c.icmp),
             (PROTO_ICMP, Some((8, 0))) | (PROTO_ICMPV6, Some((128, 0)))
@@ -657,8 +776,9 @@ impl Core {
         c: &Classified,
         csum_not_ready: bool,
         bp: &mut UdpEndpoint,
+        bucket: Option<u32>,
     ) {
-        let bucket = c.bucket_key().symmetric_hash() & self.bucket_mask;
+        let bucket = bucket.unwrap_or_else(|| self.flow_bucket(c));
         let dst = self.bucket_dst[bucket as usize];
         let total = DVA_HEADER_LEN + ip.len();
         let Some(slot) = bp.tx_slot() else {
@@ -815,6 +935,13 @@ impl Core {
     }
 
     fn tick(&mut self, ports: &mut [AfPacket]) {
+        for pkt in self.health.tick(self.now) {
+            self.forward(&pkt, ports);
+            self.event("health_probes");
+        }
+        for msg in self.health.take_changes() {
+            eprintln!("dispatcher {}: {msg}", self.cfg.unit);
+        }
         for e in 0..self.links.len() {
             let r = self.links[e].neigh.tick(self.now);
             for _ in 0..r.dropped {
