@@ -362,7 +362,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         num_cpus()
     );
     println!(
-        "{:<10} {:<22} {:>12} {:>9} {:>8} {:>9} {:>6} {:>9} {:>9} {:>11} {}",
+        "{:<10} {:<22} {:>12} {:>9} {:>8} {:>9} {:>6} {:>9} {:>9} {:>11} scale-in completion",
         "phase",
         "scale events",
         "TCP broken",
@@ -373,7 +373,6 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         "reordered",
         "RTT p50",
         "RTT max",
-        "scale-in completion"
     );
     let mut total_bad = 0;
     for r in &results {
