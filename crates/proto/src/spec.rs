@@ -1039,12 +1039,16 @@ impl ApplianceSpec {
                         ));
                     }
                 }
-                ServiceSpec::Nat(nat) => self.validate_nat(&format!("spec.services[{s}].nat"), nat)?,
+                ServiceSpec::Nat(nat) => {
+                    self.validate_nat(&format!("spec.services[{s}].nat"), nat)?
+                }
                 ServiceSpec::Lb(lb) => self.validate_lb(&format!("spec.services[{s}].lb"), lb)?,
             }
         }
         let count = |f: fn(&ServiceSpec) -> bool| body.services.iter().filter(|s| f(s)).count();
-        if count(|s| matches!(s, ServiceSpec::Nat(_))) > 1 || count(|s| matches!(s, ServiceSpec::Lb(_))) > 1 {
+        if count(|s| matches!(s, ServiceSpec::Nat(_))) > 1
+            || count(|s| matches!(s, ServiceSpec::Lb(_))) > 1
+        {
             return Err(SpecError::field(
                 "spec.services",
                 "at most one nat and one lb stage",
@@ -1089,7 +1093,10 @@ impl ApplianceSpec {
                     path,
                     format!(
                         "{} : give one range of source ports, e.g. \"1024-65535\"",
-                        p.0.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+                        p.0.iter()
+                            .map(|x| x.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
                     ),
                 ));
             }
@@ -1110,7 +1117,10 @@ impl ApplianceSpec {
         }
         for (i, r) in nat.snat.iter().enumerate() {
             if r.to.is_empty() {
-                return Err(SpecError::field(format!("{path}.snat[{i}].to"), "the pool is empty"));
+                return Err(SpecError::field(
+                    format!("{path}.snat[{i}].to"),
+                    "the pool is empty",
+                ));
             }
             for a in &r.to {
                 if self.interface_for(*a).is_none() {
@@ -1126,7 +1136,10 @@ impl ApplianceSpec {
             let p = format!("{path}.port_forward[{i}]");
             let ifc = self.interface_named(&format!("{p}.from"), &f.from)?;
             if f.dst.is_none() && ifc.addresses.is_empty() {
-                return Err(SpecError::field(format!("{p}.dst"), "needed: the interface has no address"));
+                return Err(SpecError::field(
+                    format!("{p}.dst"),
+                    "needed: the interface has no address",
+                ));
             }
             if let Some(d) = f.dst {
                 if self.interface_for(d).is_none() {
@@ -1137,10 +1150,16 @@ impl ApplianceSpec {
                 }
             }
             if !f.proto.has_ports() {
-                return Err(SpecError::field(format!("{p}.proto"), "port forwarding needs tcp or udp"));
+                return Err(SpecError::field(
+                    format!("{p}.proto"),
+                    "port forwarding needs tcp or udp",
+                ));
             }
             if f.dport.0.len() != 1 {
-                return Err(SpecError::field(format!("{p}.dport"), "give one port or one range"));
+                return Err(SpecError::field(
+                    format!("{p}.dport"),
+                    "give one port or one range",
+                ));
             }
             if f.to_port.is_some() && f.dport.0[0].first != f.dport.0[0].last {
                 return Err(SpecError::field(
@@ -1150,20 +1169,29 @@ impl ApplianceSpec {
             }
         }
         if nat.max_bindings == Some(0) {
-            return Err(SpecError::field(format!("{path}.max_bindings"), "must be at least 1"));
+            return Err(SpecError::field(
+                format!("{path}.max_bindings"),
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
 
     fn validate_lb(&self, path: &str, lb: &LbSpec) -> Result<(), SpecError> {
         if lb.services.is_empty() {
-            return Err(SpecError::field(format!("{path}.services"), "at least one virtual service"));
+            return Err(SpecError::field(
+                format!("{path}.services"),
+                "at least one virtual service",
+            ));
         }
         let mut names = BTreeSet::new();
         for (i, v) in lb.services.iter().enumerate() {
             let p = format!("{path}.services[{i}]");
             if !names.insert(v.name.as_str()) {
-                return Err(SpecError::field(format!("{p}.name"), format!("duplicate name {:?}", v.name)));
+                return Err(SpecError::field(
+                    format!("{p}.name"),
+                    format!("duplicate name {:?}", v.name),
+                ));
             }
             if self.interface_for(v.vip).is_none() {
                 return Err(SpecError::field(
@@ -1172,10 +1200,16 @@ impl ApplianceSpec {
                 ));
             }
             if !v.proto.has_ports() {
-                return Err(SpecError::field(format!("{p}.proto"), "a virtual service needs tcp or udp"));
+                return Err(SpecError::field(
+                    format!("{p}.proto"),
+                    "a virtual service needs tcp or udp",
+                ));
             }
             if v.backends.is_empty() {
-                return Err(SpecError::field(format!("{p}.backends"), "at least one backend"));
+                return Err(SpecError::field(
+                    format!("{p}.backends"),
+                    "at least one backend",
+                ));
             }
             let mut bn = BTreeSet::new();
             for (j, b) in v.backends.iter().enumerate() {
@@ -1290,13 +1324,10 @@ impl ApplianceSpec {
     }
 
     pub fn firewall(&self) -> Option<&FirewallSpec> {
-        self.spec
-            .services
-            .iter()
-            .find_map(|s| match s {
-                ServiceSpec::Firewall(f) => Some(f),
-                _ => None,
-            })
+        self.spec.services.iter().find_map(|s| match s {
+            ServiceSpec::Firewall(f) => Some(f),
+            _ => None,
+        })
     }
 
     pub fn nat(&self) -> Option<&NatSpec> {
