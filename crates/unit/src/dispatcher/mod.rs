@@ -329,12 +329,14 @@ impl Dispatcher {
                 .health
                 .states()
                 .into_iter()
-                .map(|(service, backend, up, error)| dva_proto::channel::BackendHealth {
-                    service,
-                    backend,
-                    up,
-                    error,
-                })
+                .map(
+                    |(service, backend, up, error)| dva_proto::channel::BackendHealth {
+                        service,
+                        backend,
+                        up,
+                        error,
+                    },
+                )
                 .collect(),
             ..Default::default()
         }
