@@ -206,6 +206,7 @@ pub fn compile(
         })
         .collect::<Result<Vec<_>, SpecError>>()?;
     let (firewall, max_connections) = compile_firewall(spec, &interfaces)?;
+    let edge = compile_edge(spec, &interfaces);
     let vni = spec.vni();
     let dispatchers = placement
         .dispatchers
@@ -220,9 +221,9 @@ pub fn compile(
             routes: routes.clone(),
             dataplanes: placement.dataplanes.clone(),
             table: placement.table.clone(),
-            service_addrs: Vec::new(),
-            dnat_reverse: Vec::new(),
-            health_checks: Vec::new(),
+            service_addrs: edge.service_addrs.clone(),
+            dnat_reverse: edge.dnat_reverse.clone(),
+            health_checks: edge.health_checks.clone(),
         })
         .collect();
     let dataplanes = placement
@@ -244,6 +245,121 @@ pub fn compile(
         })
         .collect();
     Ok((dispatchers, dataplanes))
+}
+
+/// What the dispatchers need of the NAT and LB stages.
+#[derive(Default)]
+struct Edge {
+    service_addrs: Vec<ServiceAddr>,
+    dnat_reverse: Vec<DnatReverse>,
+    health_checks: Vec<HealthCheckConfig>,
+}
+
+/// The interface (index) whose network holds `addr`.
+fn interface_of(interfaces: &[InterfaceConfig], addr: IpAddr) -> Option<&InterfaceConfig> {
+    interfaces
+        .iter()
+        .find(|f| f.addresses.iter().any(|a| a.contains(&addr)))
+}
+
+/// The NAT source address of a masquerade rule: the egress interface's first address of the
+/// family. Validation made sure the interface exists and has one.
+pub fn masquerade_address(interfaces: &[InterfaceConfig], to: &str, v4: bool) -> Option<IpAddr> {
+    interfaces.iter().find(|f| f.name == to)?.address(v4)
+}
+
+/// The full-NAT source address of a virtual service.
+pub fn lb_source_address(
+    interfaces: &[InterfaceConfig],
+    v: &crate::spec::VirtualServiceSpec,
+) -> Option<IpAddr> {
+    let v4 = v.vip.is_ipv4();
+    match &v.source {
+        Some(name) => interfaces.iter().find(|f| &f.name == name)?.address(v4),
+        None => interface_of(interfaces, v.backends.first()?.addr)?.address(v4),
+    }
+}
+
+fn compile_edge(spec: &ApplianceSpec, interfaces: &[InterfaceConfig]) -> Edge {
+    let mut e = Edge::default();
+    let add = |e: &mut Edge, addr: IpAddr, nat_source: bool| {
+        if let Some(ifc) = interface_of(interfaces, addr) {
+            if let Some(existing) = e.service_addrs.iter_mut().find(|a| a.addr == addr) {
+                existing.nat_source |= nat_source;
+            } else {
+                e.service_addrs.push(ServiceAddr {
+                    interface: ifc.id,
+                    addr,
+                    nat_source,
+                });
+            }
+        }
+    };
+    if let Some(nat) = spec.nat() {
+        for m in &nat.masquerade {
+            for v4 in [true, false] {
+                if let Some(a) = masquerade_address(interfaces, &m.to, v4) {
+                    add(&mut e, a, true);
+                }
+            }
+        }
+        for r in &nat.snat {
+            for a in &r.to {
+                add(&mut e, *a, true);
+            }
+        }
+        for f in &nat.port_forward {
+            let Some(public) = f.dst.or_else(|| {
+                interfaces
+                    .iter()
+                    .find(|i| i.name == f.from)
+                    .and_then(|i| i.address(f.to.is_ipv4()))
+            }) else {
+                continue;
+            };
+            add(&mut e, public, false);
+            let range = f.dport.0[0];
+            let inside_first = f.to_port.unwrap_or(range.first);
+            e.dnat_reverse.push(DnatReverse {
+                proto: f.proto.0,
+                inside: f.to,
+                inside_first,
+                inside_last: inside_first + (range.last - range.first),
+                public,
+                public_first: range.first,
+            });
+        }
+    }
+    if let Some(lb) = spec.lb() {
+        for v in &lb.services {
+            add(&mut e, v.vip, false);
+            let Some(source) = lb_source_address(interfaces, v) else {
+                continue;
+            };
+            add(&mut e, source, true);
+            if let Some(h) = &v.health {
+                for b in &v.backends {
+                    e.health_checks.push(HealthCheckConfig {
+                        service: v.name.clone(),
+                        backend: b.name.clone(),
+                        addr: b.addr,
+                        port: b.port,
+                        source,
+                        kind: match h.kind {
+                            crate::spec::HealthKind::Tcp => HealthKind::Tcp,
+                            crate::spec::HealthKind::Http => HealthKind::Http,
+                        },
+                        path: h.path.clone().unwrap_or_else(|| "/".into()),
+                        interval_ms: h.interval.ms(),
+                        timeout_ms: h.timeout.ms(),
+                        rise: h.rise,
+                        fall: h.fall,
+                    });
+                }
+            }
+        }
+    }
+    e
 }
 
 fn compile_firewall(
@@ -359,5 +475,47 @@ mod tests {
         let ser = serde_json::to_string(&RoleConfig::Dataplane(p[0].clone())).unwrap();
         let back: RoleConfig = serde_json::from_str(&ser).unwrap();
         assert_eq!(back.unit(), 11);
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// Every spec in examples/ parses, validates and compiles.
+    #[test]
+    fn examples_compile() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("examples dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read");
+            let spec = ApplianceSpec::from_yaml(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let ep = |id, port| UnitEndpoint {
+                id,
+                addr: SocketAddr::new(IpAddr::from([198, 19, 0, 1]), port),
+            };
+            let placement = Placement {
+                dispatchers: vec![ep(1, 6081)],
+                dataplanes: vec![ep(2, 6082)],
+                table: BucketTable::maglev(spec.spec.layout.buckets, &[2]).expect("table"),
+            };
+            let (d, p) = compile(&spec, &placement, 1)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!((d.len(), p.len()), (1, 1));
+            if spec.lb().is_some() {
+                assert!(!d[0].health_checks.is_empty(), "{}", path.display());
+                assert!(d[0].service_addrs.iter().any(|a| !a.nat_source));
+            }
+            if spec.nat().is_some() {
+                assert!(d[0].service_addrs.iter().any(|a| a.nat_source));
+            }
+            n += 1;
+        }
+        assert!(n >= 3, "found {n} examples");
     }
 }
