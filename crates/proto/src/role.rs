@@ -504,8 +504,8 @@ mod example_tests {
                 dataplanes: vec![ep(2, 6082)],
                 table: BucketTable::maglev(spec.spec.layout.buckets, &[2]).expect("table"),
             };
-            let (d, p) = compile(&spec, &placement, 1)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let (d, p) =
+                compile(&spec, &placement, 1).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert_eq!((d.len(), p.len()), (1, 1));
             if spec.lb().is_some() {
                 assert!(!d[0].health_checks.is_empty(), "{}", path.display());
