@@ -305,6 +305,31 @@ impl BucketTable {
         b.history.len() != before
     }
 
+    /// Backup owner of every bucket: the member that would own it if its owner left, i.e. the
+    /// bucket's owner in `self.rebalance(members without the owner)`. Rebalancing is deterministic,
+    /// so when an owner dies and the manager rebalances without it, each of its buckets goes to
+    /// exactly the data plane that has been receiving its flows' replicated state. With a single
+    /// member there is no backup (0).
+    pub fn backups(&self) -> Vec<UnitId> {
+        let members = self.members();
+        let mut backup = vec![0; self.buckets.len()];
+        if members.len() < 2 {
+            return backup;
+        }
+        for &m in &members {
+            let rest: Vec<UnitId> = members.iter().copied().filter(|&u| u != m).collect();
+            let Ok(without) = self.rebalance(&rest) else {
+                continue;
+            };
+            for (b, bucket) in self.buckets.iter().enumerate() {
+                if bucket.owner == m {
+                    backup[b] = without.buckets[b].owner;
+                }
+            }
+        }
+        backup
+    }
+
     /// Distinct owners, sorted.
     pub fn members(&self) -> Vec<UnitId> {
         let mut m: Vec<UnitId> = self.buckets.iter().map(|b| b.owner).collect();
@@ -635,6 +660,36 @@ mod tests {
             let c = per[&u];
             assert!((9_000..11_000).contains(&c), "unit {u}: {c}");
         }
+    }
+
+    #[test]
+    fn a_dead_owners_buckets_go_to_their_backups() {
+        let t = BucketTable::maglev(1024, &[1, 2, 3, 4]).unwrap();
+        let backups = t.backups();
+        for dead in [1, 2, 3, 4] {
+            let rest: Vec<UnitId> = [1, 2, 3, 4].into_iter().filter(|&u| u != dead).collect();
+            let after = t.rebalance(&rest).unwrap();
+            for b in 0..1024u16 {
+                let owner = t.owner(b);
+                let backup = backups[usize::from(b)];
+                assert_ne!(backup, owner, "a backup differs from its owner");
+                assert_ne!(backup, 0);
+                if owner == dead {
+                    assert_eq!(after.owner(b), backup, "bucket {b} of dead {dead}");
+                }
+            }
+        }
+        // Backups spread over the other members rather than all landing on one.
+        let of_1: std::collections::BTreeSet<UnitId> = (0..1024u16)
+            .filter(|&b| t.owner(b) == 1)
+            .map(|b| backups[usize::from(b)])
+            .collect();
+        assert_eq!(of_1.len(), 3);
+        assert!(BucketTable::maglev(64, &[7])
+            .unwrap()
+            .backups()
+            .iter()
+            .all(|&b| b == 0));
     }
 
     #[test]

@@ -130,6 +130,10 @@ pub struct DataplaneConfig {
     /// (a draining data plane past its drain deadline).
     #[serde(default)]
     pub export: bool,
+    /// Per bucket, the data plane that gets a copy of this bucket's flow state (and takes the
+    /// bucket over if its owner dies); 0: none. Empty: no replication.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backups: Vec<UnitId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +246,7 @@ pub fn compile(
             firewall: firewall.clone(),
             max_connections,
             export: false,
+            backups: Vec::new(),
         })
         .collect();
     Ok((dispatchers, dataplanes))

@@ -110,6 +110,8 @@ struct Core {
     held: VecDeque<(u16, Vec<u8>, SocketAddr)>,
     /// Count flows again right away (the last exported bucket just left).
     census_due: bool,
+    /// Connections held only as a backup's copies (at the last census).
+    replica_flows: u64,
 }
 
 impl Dataplane {
@@ -156,6 +158,7 @@ impl Dataplane {
                 holds: HashMap::new(),
                 held: VecDeque::new(),
                 census_due: false,
+                replica_flows: 0,
             },
         })
     }
@@ -169,6 +172,9 @@ impl Dataplane {
         let mut poller = dva_io::poll::Poller::new(&[self.rx.as_raw_fd()]);
         let mut publish = Every::new(Duration::from_millis(100));
         let mut census = Every::new(Duration::from_millis(250));
+        // Backups' copies are refreshed in full now and then, so a quiet flow's copy does not
+        // time out at the backup while the flow lives here.
+        let mut replica_refresh = Every::new(Duration::from_secs(20));
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             // Config pushes are applied between batches, so a packet sees one config or the next.
@@ -192,6 +198,8 @@ impl Dataplane {
                 .rx
                 .recv_batch(BATCH, |buf, src| core.on_packet(buf, src))
                 .unwrap_or(0);
+            let refresh = replica_refresh.due(now);
+            core.replicate(refresh);
             let _ = core.tx.flush();
             // Bounded expiry work per turn keeps the loop's latency flat however many flows time out.
             core.fw.expire(core.now_ns, 256);
@@ -233,6 +241,28 @@ impl Core {
         if cfg.firewall != self.cfg.firewall {
             self.fw.set_rules(cfg.firewall.clone());
         }
+        self.fw
+            .conntrack_mut()
+            .set_journal(!cfg.backups.is_empty() && !cfg.export);
+        let purge: Vec<u16> = if cfg.backups.is_empty() {
+            Vec::new()
+        } else {
+            let me = cfg.unit;
+            self.fw
+                .flows_per_bucket()
+                .map(|(b, _)| b)
+                .filter(|&b| {
+                    cfg.table
+                        .get(b)
+                        .is_some_and(|t| t.owner != me && !t.history.contains(&me))
+                        && cfg.backups.get(usize::from(b)) != Some(&me)
+                })
+                .collect()
+        };
+        for b in purge {
+            // Copies of a bucket we no longer back up.
+            self.fw.conntrack_mut().remove_bucket(b);
+        }
         if cfg.export && !self.exporting {
             self.exporting = true;
             self.export_queue = self.fw.flows_per_bucket().map(|(b, _)| b).collect();
@@ -255,7 +285,12 @@ impl Core {
         const RECENT_NS: u64 = 5_000_000_000;
         let now = self.now_ns;
         let mut active = 0;
+        let mut replicas = 0;
         for c in self.fw.conntrack().iter() {
+            if self.is_replica_bucket(c.bucket) {
+                replicas += 1;
+                continue;
+            }
             let open = match c.state {
                 ConnState::Tcp(s) => !matches!(
                     s,
@@ -266,7 +301,12 @@ impl Core {
             active += u64::from(open);
         }
         self.active_flows = active;
-        self.bucket_flows = self.fw.flows_per_bucket().collect();
+        self.replica_flows = replicas;
+        let per_bucket: Vec<(u16, u32)> = self.fw.flows_per_bucket().collect();
+        self.bucket_flows = per_bucket
+            .into_iter()
+            .filter(|(b, _)| !self.is_replica_bucket(*b))
+            .collect();
     }
 
     fn snapshot(&self) -> UnitStats {
@@ -276,6 +316,7 @@ impl Core {
             .map(|(k, v)| (k.to_string(), *v))
             .collect();
         counters.insert("backplane_tx_dropped".into(), self.tx.tx_dropped());
+        counters.insert("replica_flows".into(), self.replica_flows);
         UnitStats {
             appliance: self.cfg.appliance.clone(),
             unit: self.cfg.unit,
@@ -285,7 +326,8 @@ impl Core {
             rx_bytes: self.rx_bytes,
             tx_packets: self.tx_packets,
             tx_bytes: self.tx_bytes,
-            flows: self.fw.len() as u64,
+            // Flows this data plane serves; backup copies are counted apart.
+            flows: (self.fw.len() as u64).saturating_sub(self.replica_flows),
             active_flows: self.active_flows,
             bucket_flows: self.bucket_flows.clone(),
             drops: self.drops.to_map(),
@@ -423,6 +465,74 @@ impl Core {
                 }
             }
             Handover::Done { bucket, .. } => self.release(bucket),
+            Handover::Replicate { conns, .. } => {
+                let n = self.cfg.table.len();
+                for c in conns {
+                    // Only for buckets we back up (a stale sender's copies are ignored).
+                    if usize::from(c.bucket) < n
+                        && self.cfg.backups.get(usize::from(c.bucket)) == Some(&me)
+                        && self.fw.conntrack_mut().upsert(self.now_ns, c).is_ok()
+                    {
+                        self.event("flows_replicated_in");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A bucket whose flows we hold only as a backup's copy (not as its owner or a previous one).
+    fn is_replica_bucket(&self, bucket: u16) -> bool {
+        let me = self.cfg.unit;
+        let Some(b) = self.cfg.table.get(bucket) else {
+            return false;
+        };
+        b.owner != me && !b.history.contains(&me)
+    }
+
+    /// Send the backup of each bucket copies of the connections created or changed here since the
+    /// last call (per batch; per-packet counters are not replicated).
+    fn replicate(&mut self, refresh_all: bool) {
+        if self.cfg.backups.is_empty() {
+            return;
+        }
+        let keys = if refresh_all {
+            self.fw.conntrack_mut().take_journal();
+            self.fw.conntrack().iter().map(|c| c.key).collect()
+        } else {
+            self.fw.conntrack_mut().take_journal()
+        };
+        if keys.is_empty() {
+            return;
+        }
+        let me = self.cfg.unit;
+        let mut by_backup: BTreeMap<UnitId, Vec<dva_services::conntrack::Conn>> = BTreeMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for k in keys {
+            let Some(c) = self.fw.conntrack().find(&k) else {
+                continue;
+            };
+            if !seen.insert(c.key.canonical().0) || self.is_replica_bucket(c.bucket) {
+                continue;
+            }
+            let backup = self
+                .cfg
+                .backups
+                .get(usize::from(c.bucket))
+                .copied()
+                .unwrap_or(0);
+            if backup != 0 && backup != me {
+                by_backup.entry(backup).or_default().push(c.clone());
+            }
+        }
+        for (backup, conns) in by_backup {
+            let Some(addr) = self.peers.get(&backup).copied() else {
+                continue;
+            };
+            let n = conns.len() as u64;
+            for body in handover::replicate_bodies(me, conns) {
+                self.send_control(addr, 0, &body);
+            }
+            *self.events.entry("flows_replicated_out").or_insert(0) += n;
         }
     }
 

@@ -51,6 +51,36 @@ pub enum Handover {
         from: UnitId,
         bucket: u16,
     },
+    /// Copies of connections created or changed at `from`, for the buckets whose backup the
+    /// receiver is (it takes them over if `from` dies).
+    Replicate {
+        from: UnitId,
+        conns: Vec<Conn>,
+    },
+}
+
+/// `Replicate` bodies of at most [`MAX_BODY`] bytes.
+pub fn replicate_bodies(from: UnitId, conns: Vec<Conn>) -> Vec<Vec<u8>> {
+    let mut bodies = Vec::new();
+    let mut chunk: Vec<Conn> = Vec::new();
+    let mut size = 0;
+    for c in conns {
+        let len = serde_json::to_vec(&c).map_or(0, |v| v.len()) + 1;
+        if !chunk.is_empty() && size + len > MAX_BODY - 100 {
+            let conns = std::mem::take(&mut chunk);
+            bodies
+                .push(serde_json::to_vec(&Handover::Replicate { from, conns }).unwrap_or_default());
+            size = 0;
+        }
+        size += len;
+        chunk.push(c);
+    }
+    if !chunk.is_empty() {
+        bodies.push(
+            serde_json::to_vec(&Handover::Replicate { from, conns: chunk }).unwrap_or_default(),
+        );
+    }
+    bodies
 }
 
 /// Split a bucket's connections into `State` bodies of at most [`MAX_BODY`] bytes (a single

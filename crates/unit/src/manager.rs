@@ -415,6 +415,7 @@ impl State {
             return;
         }
         let version = self.version + 1;
+        let backups = table.backups();
         match compile(&d.spec, &placement, version) {
             Ok((disps, dps)) => {
                 self.configs = disps
@@ -422,6 +423,7 @@ impl State {
                     .map(|c| (c.unit, RoleConfig::Dispatcher(c)))
                     .chain(dps.into_iter().map(|mut c| {
                         c.export = exporting.contains(&c.unit);
+                        c.backups = backups.clone();
                         (c.unit, RoleConfig::Dataplane(c))
                     }))
                     .collect();

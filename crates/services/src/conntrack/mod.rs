@@ -275,7 +275,13 @@ pub struct Conntrack {
     cursor: usize,
     next_record: u64,
     per_bucket: Vec<u32>,
+    /// Keys of connections created or changed state since the last [`Conntrack::take_journal`],
+    /// when journaling is on (state replication to a backup data plane).
+    journal: Option<Vec<FlowKey>>,
 }
+
+/// Journal entries kept at most between two takes (a data plane takes them every batch).
+const JOURNAL_MAX: usize = 1 << 16;
 
 impl std::fmt::Debug for Conntrack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -298,7 +304,45 @@ impl Conntrack {
             cursor: 0,
             next_record: 0,
             per_bucket: Vec::new(),
+            journal: None,
         }
+    }
+
+    /// Record creations and state changes for [`Conntrack::take_journal`] (or stop doing so).
+    pub fn set_journal(&mut self, on: bool) {
+        if on != self.journal.is_some() {
+            self.journal = on.then(Vec::new);
+        }
+    }
+
+    /// Keys of the connections created or changed since the last call (each possibly repeated).
+    pub fn take_journal(&mut self) -> Vec<FlowKey> {
+        self.journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn journal(&mut self, key: FlowKey) {
+        if let Some(j) = self.journal.as_mut() {
+            if j.len() < JOURNAL_MAX {
+                j.push(key);
+            }
+        }
+    }
+
+    /// Insert or replace a connection copied from another data plane (a replica kept for
+    /// failover). Timestamps restart at `now`, like [`Conntrack::import`].
+    pub fn upsert(&mut self, now: u64, mut conn: Conn) -> Result<ConnId, CreateError> {
+        if let Some(&slot) = self.map.get(&MapKey(conn.key.canonical().0)) {
+            self.remove_slot(slot);
+        }
+        conn.last_seen = now;
+        conn.created = now;
+        let journal = self.journal.take();
+        let r = self.insert(now, conn);
+        self.journal = journal;
+        r
     }
 
     pub fn config(&self) -> &ConntrackConfig {
@@ -426,6 +470,9 @@ impl Conntrack {
         });
         self.map.insert(mk, slot);
         self.enqueue(slot, class, expires);
+        if let Some(key) = self.slots[slot as usize].as_ref().map(|e| e.conn.key) {
+            self.journal(key);
+        }
         Ok(ConnId(slot))
     }
 
@@ -451,6 +498,13 @@ impl Conntrack {
                     return Update::Reopen
                 }
                 Next::To(n) => {
+                    if n != s {
+                        if let Some(j) = self.journal.as_mut() {
+                            if j.len() < JOURNAL_MAX {
+                                j.push(c.key);
+                            }
+                        }
+                    }
                     c.state = ConnState::Tcp(n);
                     Update::Tracked
                 }
@@ -464,6 +518,13 @@ impl Conntrack {
             ConnState::Udp { ref mut replied }
             | ConnState::Icmp { ref mut replied }
             | ConnState::Generic { ref mut replied } => {
+                if !*replied && dir == Direction::Reply {
+                    if let Some(j) = self.journal.as_mut() {
+                        if j.len() < JOURNAL_MAX {
+                            j.push(c.key);
+                        }
+                    }
+                }
                 *replied |= dir == Direction::Reply;
                 Update::Tracked
             }

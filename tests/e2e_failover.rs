@@ -1,0 +1,71 @@
+//! End to end: kill -9 of a data plane while long-lived connections run through it. Each data
+//! plane replicates its flows' state to the bucket's backup; when a data plane dies, its buckets
+//! go to their backups, which already hold the flows (issue: high availability).
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::*;
+use dva_lab::apps::{self, StreamServer};
+use dva_mgmt::{UnitRole, UnitState};
+
+const SERVER1: [u8; 4] = [198, 18, 2, 2];
+
+#[test]
+fn a_killed_data_planes_connections_survive_on_their_backups() {
+    let _serial = serial();
+    let lab = LabGuard::up("e2efo-", 1, 2);
+    let client = lab.lab.client_ns();
+    let _srv = StreamServer::start(&lab.lab.server_ns(1), 80).expect("stream server");
+    let m = MgmtGuard::open("e2efo-");
+    m.apply_file(&example("edge-firewall.yaml"));
+    m.scale("edge-fw", 3, None);
+    m.wait_ready("edge-fw", 3);
+
+    let streams = apps::start_streams(
+        &client,
+        SocketAddr::new(IpAddr::from(SERVER1), 80),
+        30,
+        Duration::from_secs(14),
+        50_000,
+    );
+    let v = m.wait(
+        "edge-fw",
+        "flows on every data plane",
+        Duration::from_secs(10),
+        |v| {
+            v.units
+                .iter()
+                .filter(|u| u.role == UnitRole::Dataplane)
+                .all(|u| u.flows >= 2)
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let victim = v
+        .units
+        .iter()
+        .filter(|u| u.role == UnitRole::Dataplane && u.state == UnitState::Ready)
+        .max_by_key(|u| u.flows)
+        .expect("a data plane");
+    eprintln!(
+        "killing data plane {} holding {} flows",
+        victim.id, victim.flows
+    );
+    // SAFETY: kill(2) on a unit process this test started.
+    unsafe {
+        libc::kill(victim.pid.unwrap_or(0) as libc::pid_t, libc::SIGKILL);
+    }
+    let vid = victim.id;
+    m.wait("edge-fw", "replaced", Duration::from_secs(15), |v| {
+        !v.units.iter().any(|u| u.id == vid) && v.dataplanes.ready == 3
+    });
+    let results = streams.join().expect("streams");
+    let broken: Vec<_> = results.iter().filter(|r| !r.intact()).collect();
+    assert!(
+        broken.is_empty(),
+        "{} of 30 connections broken by the death of data plane {vid}: {broken:#?}",
+        broken.len()
+    );
+}
