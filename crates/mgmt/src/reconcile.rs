@@ -427,6 +427,25 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
                     // create none, so a zero here is final).
                     let exported = u.exporting_since_ms.is_some()
                         && us.is_some_and(|s| s.report.as_ref().is_some_and(|r| r.flows == 0));
+                    let held = us.and_then(|s| s.report.as_ref()).map_or(0, |r| r.flows);
+                    if empty
+                        && clear_since.elapsed() >= clear_for
+                        && held > 0
+                        && u.exporting_since_ms.is_none()
+                    {
+                        // Nothing in use here any more, but state is still held (closing
+                        // connections, quiet ones, ones whose packets the owner already serves):
+                        // hand it over rather than drop it.
+                        u.exporting_since_ms = Some(now);
+                        events.push((
+                            "unit-exporting",
+                            format!(
+                                "data plane {} is idle and holds {held} connection(s); exporting their state to the buckets' owners",
+                                u.id
+                            ),
+                        ));
+                        continue;
+                    }
                     if (empty && clear_since.elapsed() >= clear_for) || exported || export_overdue {
                         let flows = open;
                         if let Some(pid) = u.pid {

@@ -282,7 +282,7 @@ impl Core {
     /// Count open connections, in total and per bucket (for the manager's history retirement and
     /// for draining). A pass over the table, so it runs a few times a second, not per packet.
     fn census(&mut self) {
-        const RECENT_NS: u64 = 5_000_000_000;
+        const RECENT_NS: u64 = 10_000_000_000;
         let now = self.now_ns;
         let mut active = 0;
         let mut replicas = 0;
@@ -291,12 +291,22 @@ impl Core {
                 replicas += 1;
                 continue;
             }
+            // Open and in use here: a flow whose packets another data plane now handles (it took
+            // the bucket over with a copy of the state) goes quiet here and stops counting; a
+            // draining data plane then hands what it still holds to the owners (export).
+            let recent = now.saturating_sub(c.last_seen) < RECENT_NS;
             let open = match c.state {
-                ConnState::Tcp(s) => !matches!(
-                    s,
-                    TcpState::None | TcpState::LastAck | TcpState::TimeWait | TcpState::Close
-                ),
-                _ => now.saturating_sub(c.last_seen) < RECENT_NS,
+                ConnState::Tcp(s) => {
+                    recent
+                        && !matches!(
+                            s,
+                            TcpState::None
+                                | TcpState::LastAck
+                                | TcpState::TimeWait
+                                | TcpState::Close
+                        )
+                }
+                _ => recent,
             };
             active += u64::from(open);
         }
