@@ -69,3 +69,79 @@ fn a_killed_data_planes_connections_survive_on_their_backups() {
         broken.len()
     );
 }
+
+#[test]
+fn the_standby_manager_takes_over_without_rollback() {
+    let _serial = serial();
+    let lab = LabGuard::up("e2emh-", 1, 2);
+    let client = lab.lab.client_ns();
+    let _srv = StreamServer::start(&lab.lab.server_ns(1), 80).expect("stream server");
+    let m = MgmtGuard::open("e2emh-");
+    let spec = std::fs::read_to_string(example("edge-firewall.yaml"))
+        .expect("example")
+        .replacen("    buckets: 4096", "    buckets: 4096\n    managers: 2", 1);
+    m.mgmt.apply(&spec).expect("apply");
+    let v = m.wait(
+        "edge-fw",
+        "two managers, one leading",
+        Duration::from_secs(30),
+        |v| {
+            v.status == dva_mgmt::ApplianceStatus::Ready
+                && v.units
+                    .iter()
+                    .filter(|u| u.role == UnitRole::Manager && u.state == UnitState::Ready)
+                    .count()
+                    == 2
+                && v.units.iter().any(|u| u.leader == Some(true))
+        },
+    );
+    let leader = v
+        .units
+        .iter()
+        .find(|u| u.leader == Some(true))
+        .map(|u| (u.id, u.pid.unwrap_or(0)))
+        .expect("leader");
+    let version_before = v.config_version;
+    let streams = apps::start_streams(
+        &client,
+        SocketAddr::new(IpAddr::from(SERVER1), 80),
+        20,
+        Duration::from_secs(10),
+        50_000,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill(2) on a unit process this test started.
+    unsafe {
+        libc::kill(leader.1 as libc::pid_t, libc::SIGKILL);
+    }
+    let v = m.wait("edge-fw", "a standby leads", Duration::from_secs(15), |v| {
+        v.units
+            .iter()
+            .any(|u| u.leader == Some(true) && u.id != leader.0)
+            && v.status == dva_mgmt::ApplianceStatus::Ready
+    });
+    assert!(
+        v.config_version >= version_before,
+        "config version went back: {version_before} -> {}",
+        v.config_version
+    );
+    // The new leader manages: a scale-out goes through it.
+    m.scale("edge-fw", 3, None);
+    m.wait_ready("edge-fw", 3);
+    let results = streams.join().expect("streams");
+    let broken: Vec<_> = results.iter().filter(|r| !r.intact()).collect();
+    assert!(broken.is_empty(), "{broken:#?}");
+    // The dead manager was replaced by a new standby.
+    m.wait(
+        "edge-fw",
+        "two managers again",
+        Duration::from_secs(15),
+        |v| {
+            v.units
+                .iter()
+                .filter(|u| u.role == UnitRole::Manager && u.state == UnitState::Ready)
+                .count()
+                == 2
+        },
+    );
+}

@@ -206,8 +206,19 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
 
     // 2. The layout: one manager, one dispatcher per dispatcher host, N data planes.
     let mut to_start = Vec::new();
-    if !app.rec.units.iter().any(|u| u.role == UnitRole::Manager) {
-        to_start.push((UnitRole::Manager, lab.host_ns(1), None));
+    let managers = app
+        .rec
+        .units
+        .iter()
+        .filter(|u| u.role == UnitRole::Manager)
+        .count();
+    for k in managers..app.spec.spec.layout.managers as usize {
+        // Spread managers over the hosts, so one host's loss leaves a standby.
+        to_start.push((
+            UnitRole::Manager,
+            lab.host_ns(k % lab.hosts.max(1) + 1),
+            None,
+        ));
     }
     let disp_host = lab.dispatcher_ns(1);
     if !app
@@ -512,10 +523,13 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
             }
         }
     }
-    // The manager itself is ready once its socket answers.
-    if app.rt.link.is_some() {
-        for u in app.rec.units.iter_mut() {
-            if u.role == UnitRole::Manager && u.state == UnitState::Starting {
+    // A manager is ready (leading or standing by) once its control socket says so.
+    for u in app.rec.units.iter_mut() {
+        if u.role == UnitRole::Manager && u.state == UnitState::Starting {
+            let control = launch(inner, &name, u).control;
+            if let Ok((200, _)) =
+                dva_unit::control::get(&control, "/ready", Duration::from_millis(200))
+            {
                 u.state = UnitState::Ready;
             }
         }
@@ -640,7 +654,8 @@ pub(crate) fn view(inner: &Inner, app: &Appliance) -> ApplianceView {
                 packets,
                 flows: report.map_or(0, |r| r.flows),
                 buckets: (u.role == UnitRole::Dataplane).then(|| s.map_or(0, |s| s.buckets)),
-                leader: (u.role == UnitRole::Manager).then_some(true),
+                leader: (u.role == UnitRole::Manager)
+                    .then(|| status.as_ref().is_some_and(|s| s.leader == u.id)),
                 error: s.and_then(|s| s.nack.clone()),
             }
         })

@@ -148,6 +148,9 @@ pub struct ManagerStatus {
     /// Why the spec could not be compiled, or the last NACK.
     pub error: Option<String>,
     pub units: Vec<UnitStatus>,
+    /// The manager unit that sent this (the leader).
+    #[serde(default)]
+    pub leader: UnitId,
 }
 
 /// Write one message as a line.

@@ -107,6 +107,9 @@ pub struct LayoutSpec {
     /// Flow buckets (a power of two). More buckets spread flows more evenly and move less per change.
     #[serde(default = "default_buckets")]
     pub buckets: usize,
+    /// Manager units: one leads, the others stand by to take over (1-5).
+    #[serde(default = "one")]
+    pub managers: u32,
     /// How long a removed data plane serves its existing flows before it exports their state to
     /// the buckets' new owners and exits (e.g. "30s"; default 300s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,6 +124,7 @@ impl Default for LayoutSpec {
         LayoutSpec {
             dataplanes: DataplaneLayout::default(),
             buckets: default_buckets(),
+            managers: 1,
             drain_deadline: None,
             autoscale: None,
         }
@@ -971,6 +975,12 @@ impl ApplianceSpec {
                     dp.initial(),
                     dp.max
                 ),
+            ));
+        }
+        if !(1..=5).contains(&l.managers) {
+            return Err(SpecError::field(
+                "spec.layout.managers",
+                format!("{} is outside 1..=5", l.managers),
             ));
         }
         if let Some(a) = &l.autoscale {

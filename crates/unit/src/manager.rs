@@ -93,16 +93,58 @@ struct State {
     adopted: Option<(u64, BucketTable)>,
     dirty: bool,
     born: Option<Instant>,
+    /// This manager's unit id (it leads).
+    me: UnitId,
 }
 
 /// After a (re)start, units reconnect one by one: the table's membership is left alone this long
 /// so a restart does not look like every data plane leaving.
 const SETTLE_AFTER_START: Duration = Duration::from_secs(3);
 
+/// Leader election among an appliance's managers: an exclusive `flock` on `<socket>.lock`. The
+/// kernel drops the lock when its holder dies, however it dies, so a standby blocked on it takes
+/// over within its poll period. (One machine's filesystem is this election's store; managers on
+/// several hosts would use the management tool's store, e.g. an etcd lease.)
+fn acquire_leadership(args: &ManagerArgs) -> anyhow::Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let path = args.listen.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut standby_published = false;
+    while !args.stop.load(Ordering::Relaxed) {
+        // SAFETY: flock on a descriptor we own; LOCK_NB makes it return at once.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(Some(file));
+        }
+        if !standby_published {
+            standby_published = true;
+            args.stats.try_publish(UnitStats {
+                unit: args.unit,
+                role: "manager".into(),
+                counters: [("leader".to_string(), 0)].into_iter().collect(),
+                ..Default::default()
+            });
+            // A standby is ready: it serves as soon as the leader goes.
+            args.ready.store(true, Ordering::Release);
+            eprintln!("manager {}: standby (another manager leads)", args.unit);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Ok(None)
+}
+
 pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
     if let Some(dir) = args.listen.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    let Some(_lock) = acquire_leadership(&args)? else {
+        return Ok(());
+    };
+    eprintln!("manager {}: leading", args.unit);
     let _ = std::fs::remove_file(&args.listen);
     let listener = UnixListener::bind(&args.listen)
         .with_context(|| format!("binding manager socket {}", args.listen.display()))?;
@@ -114,7 +156,10 @@ pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
             .spawn(move || accept_loop(listener, tx))?;
     }
     args.ready.store(true, Ordering::Release);
-    let mut st = State::default();
+    let mut st = State {
+        me: args.unit,
+        ..Default::default()
+    };
     let mut publish = Instant::now();
     while !args.stop.load(Ordering::Relaxed) {
         match rx.recv_timeout(Duration::from_millis(50)) {
@@ -132,6 +177,7 @@ pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
             args.stats.try_publish(UnitStats {
                 unit: args.unit,
                 role: "manager".into(),
+                counters: [("leader".to_string(), 1)].into_iter().collect(),
                 config_version: st.version,
                 appliance: st
                     .desired
@@ -590,6 +636,7 @@ impl State {
             converged,
             error,
             units,
+            leader: self.me,
         }
     }
 }
