@@ -34,22 +34,24 @@ struct Sample {
 }
 
 #[derive(Debug, Default)]
-struct PhaseResult {
-    name: String,
-    events: String,
-    tcp_total: usize,
-    tcp_broken: usize,
-    http_requests: u64,
-    http_errors: u64,
-    udp_sent: u64,
-    udp_lost: u64,
-    udp_reordered: u64,
-    rtt_p50_us: u64,
-    rtt_max_us: u64,
-    scale_ins: Vec<Duration>,
+pub(crate) struct PhaseResult {
+    pub(crate) name: String,
+    pub(crate) events: String,
+    pub(crate) tcp_total: usize,
+    pub(crate) tcp_broken: usize,
+    pub(crate) http_requests: u64,
+    pub(crate) http_errors: u64,
+    pub(crate) udp_sent: u64,
+    pub(crate) udp_lost: u64,
+    pub(crate) udp_reordered: u64,
+    pub(crate) rtt_p50_us: u64,
+    pub(crate) rtt_max_us: u64,
+    pub(crate) scale_ins: Vec<Duration>,
+    /// What went wrong with each broken TCP connection.
+    pub(crate) broken_detail: Vec<String>,
 }
 
-fn spec(autoscale: bool) -> anyhow::Result<String> {
+pub(crate) fn spec(autoscale: bool) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(crate::demo::spec_path("edge-firewall.yaml")?)?;
     let mut out = text.replacen(
         "          - name: ping-in",
@@ -72,11 +74,11 @@ fn spec(autoscale: bool) -> anyhow::Result<String> {
     Ok(out)
 }
 
-fn get(mgmt: &Mgmt) -> anyhow::Result<ApplianceView> {
+pub(crate) fn get(mgmt: &Mgmt) -> anyhow::Result<ApplianceView> {
     mgmt.get("edge-fw").map_err(|e| anyhow!("{e}"))
 }
 
-fn wait(
+pub(crate) fn wait(
     mgmt: &Mgmt,
     what: &str,
     timeout: Duration,
@@ -99,7 +101,7 @@ fn wait(
     }
 }
 
-fn settled(v: &ApplianceView, n: u32) -> bool {
+pub(crate) fn settled(v: &ApplianceView, n: u32) -> bool {
     v.status == ApplianceStatus::Ready
         && v.dataplanes.ready == n
         && v.dataplanes.desired == n
@@ -168,14 +170,14 @@ fn start_sampler(
     (samples, h)
 }
 
-struct Traffic {
+pub(crate) struct Traffic {
     tcp: std::thread::JoinHandle<Vec<apps::StreamResult>>,
     udp: std::thread::JoinHandle<Vec<apps::UdpStreamResult>>,
     http: Option<std::thread::JoinHandle<Result<apps::WrkReport, dva_lab::LabError>>>,
     tcp_n: usize,
 }
 
-fn start_traffic(
+pub(crate) fn start_traffic(
     client: &str,
     secs: u64,
     tcp_n: usize,
@@ -203,7 +205,7 @@ fn start_traffic(
     }
 }
 
-fn finish(
+pub(crate) fn finish(
     name: &str,
     events: &str,
     t: Traffic,
@@ -228,6 +230,16 @@ fn finish(
         events: events.to_string(),
         tcp_total: t.tcp_n,
         tcp_broken: tcp.iter().filter(|r| !r.intact()).count(),
+        broken_detail: tcp
+            .iter()
+            .filter(|r| !r.intact())
+            .map(|r| {
+                format!(
+                    "connection {}: sent {} received {} first bad {:?} error {:?}",
+                    r.index, r.sent, r.received, r.first_bad, r.error
+                )
+            })
+            .collect(),
         http_requests: http.as_ref().map_or(0, |h| h.requests),
         http_errors: http.as_ref().map_or(0, |h| h.errors()),
         udp_sent: udp.iter().map(|r| r.sent).sum(),
@@ -424,7 +436,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn num_cpus() -> usize {
+pub(crate) fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 

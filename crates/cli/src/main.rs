@@ -1,6 +1,7 @@
 //! `dva`: the one binary. Lab management, running an appliance, the compute-unit process itself,
 //! and the tools to look inside a running appliance.
 
+mod bench_chaos;
 mod bench_elasticity;
 mod demo;
 mod run;
@@ -126,6 +127,22 @@ enum BenchCmd {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
+    /// kill -9 random units (data plane, dispatcher, leading manager) under traffic; report
+    /// broken flows, losses and recovery time per kill.
+    Chaos {
+        #[arg(long, default_value = "dva-bench-")]
+        prefix: String,
+        #[arg(long, default_value_t = 6)]
+        kills: u32,
+        /// Seconds between kills.
+        #[arg(long, default_value_t = 5)]
+        every: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Kill only units of this role.
+        #[arg(long, value_enum)]
+        only: Option<UnitRole>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -212,6 +229,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             prefix,
             cycles,
             plot,
+        }),
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Chaos {
+                    prefix,
+                    kills,
+                    every,
+                    seed,
+                    only,
+                },
+        } => bench_chaos::run(&bench_chaos::Options {
+            prefix,
+            kills,
+            every,
+            seed,
+            only: only.map(|r| match r {
+                UnitRole::Manager => dva_mgmt::UnitRole::Manager,
+                UnitRole::Dispatcher => dva_mgmt::UnitRole::Dispatcher,
+                UnitRole::Dataplane => dva_mgmt::UnitRole::Dataplane,
+            }),
         }),
         Cmd::Stats {
             name,

@@ -174,7 +174,7 @@ impl Dataplane {
         let mut census = Every::new(Duration::from_millis(250));
         // Backups' copies are refreshed in full now and then, so a quiet flow's copy does not
         // time out at the backup while the flow lives here.
-        let mut replica_refresh = Every::new(Duration::from_secs(20));
+        let mut replica_refresh = Every::new(Duration::from_secs(1));
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             // Config pushes are applied between batches, so a packet sees one config or the next.
@@ -478,9 +478,10 @@ impl Core {
             Handover::Replicate { conns, .. } => {
                 let n = self.cfg.table.len();
                 for c in conns {
-                    // Only for buckets we back up (a stale sender's copies are ignored).
+                    // Only for buckets we back up or own (a stale sender's copies are ignored).
                     if usize::from(c.bucket) < n
-                        && self.cfg.backups.get(usize::from(c.bucket)) == Some(&me)
+                        && (self.cfg.backups.get(usize::from(c.bucket)) == Some(&me)
+                            || self.cfg.table.owner(c.bucket) == me)
                         && self.fw.conntrack_mut().upsert(self.now_ns, c).is_ok()
                     {
                         self.event("flows_replicated_in");
@@ -505,9 +506,30 @@ impl Core {
         if self.cfg.backups.is_empty() {
             return;
         }
-        let keys = if refresh_all {
-            self.fw.conntrack_mut().take_journal();
-            self.fw.conntrack().iter().map(|c| c.key).collect()
+        let keys: Vec<dva_flow::FlowKey> = if refresh_all {
+            // The open connections (not the closing ones: losing those costs nothing), so a lost
+            // replication datagram or a quiet flow's timeout at the backup is repaired within a
+            // refresh period.
+            const RECENT_NS: u64 = 30_000_000_000;
+            let now = self.now_ns;
+            let mut keys = self.fw.conntrack_mut().take_journal();
+            keys.extend(
+                self.fw
+                    .conntrack()
+                    .iter()
+                    .filter(|c| match c.state {
+                        ConnState::Tcp(s) => !matches!(
+                            s,
+                            TcpState::None
+                                | TcpState::LastAck
+                                | TcpState::TimeWait
+                                | TcpState::Close
+                        ),
+                        _ => now.saturating_sub(c.last_seen) < RECENT_NS,
+                    })
+                    .map(|c| c.key),
+            );
+            keys
         } else {
             self.fw.conntrack_mut().take_journal()
         };
@@ -524,14 +546,21 @@ impl Core {
             if !seen.insert(c.key.canonical().0) || self.is_replica_bucket(c.bucket) {
                 continue;
             }
-            let backup = self
-                .cfg
-                .backups
-                .get(usize::from(c.bucket))
-                .copied()
-                .unwrap_or(0);
-            if backup != 0 && backup != me {
-                by_backup.entry(backup).or_default().push(c.clone());
+            // An owner copies its flows to the bucket's backup; a previous owner still holding
+            // flows of a moved bucket copies them to the new owner, which then serves them
+            // itself instead of punting (and holds them if we die).
+            let owner = self.cfg.table.owner(c.bucket);
+            let target = if owner == me {
+                self.cfg
+                    .backups
+                    .get(usize::from(c.bucket))
+                    .copied()
+                    .unwrap_or(0)
+            } else {
+                owner
+            };
+            if target != 0 && target != me {
+                by_backup.entry(target).or_default().push(c.clone());
             }
         }
         for (backup, conns) in by_backup {

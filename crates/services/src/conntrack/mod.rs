@@ -498,7 +498,10 @@ impl Conntrack {
                     return Update::Reopen
                 }
                 Next::To(n) => {
-                    if n != s {
+                    // Closing states are not worth a copy: a lost one costs a retransmission.
+                    let closing =
+                        matches!(n, TcpState::LastAck | TcpState::TimeWait | TcpState::Close);
+                    if n != s && !closing {
                         if let Some(j) = self.journal.as_mut() {
                             if j.len() < JOURNAL_MAX {
                                 j.push(c.key);
