@@ -3,6 +3,7 @@
 
 mod bench_chaos;
 mod bench_elasticity;
+mod ctl;
 mod demo;
 mod run;
 
@@ -40,6 +41,68 @@ enum Cmd {
         /// The lab to run in.
         #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
         prefix: String,
+    },
+    /// Run the management tool: HTTP API, durable store, reconciler, autoscaler.
+    Serve {
+        /// Where the store (and the API token) live.
+        #[arg(long, default_value = "/var/lib/dva")]
+        state: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7080")]
+        listen: std::net::SocketAddr,
+        /// The lab whose hosts units are placed on.
+        #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
+        lab: String,
+        /// Do not write the client file (~/.dva/client.json) the CLI reads.
+        #[arg(long)]
+        no_client_config: bool,
+    },
+    /// Create or replace an appliance from a spec.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Show appliances, or one appliance with its units.
+    Get {
+        name: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Set an appliance's number of data planes.
+    Scale {
+        name: String,
+        #[arg(long)]
+        dataplanes: u32,
+        /// How long removed data planes serve their flows before exporting them (e.g. 2s).
+        #[arg(long)]
+        drain_deadline: Option<String>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Delete an appliance (stops all its units).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// What the management tool did for an appliance, and why.
+    Events {
+        name: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// An appliance's units.
+    Units {
+        name: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[command(flatten)]
+        target: TargetArgs,
     },
     /// Show the units of a running appliance and their counters.
     Stats {
@@ -145,6 +208,26 @@ enum BenchCmd {
     },
 }
 
+/// Which management server to talk to (default: the client file `dva serve` writes).
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// e.g. http://127.0.0.1:7080 (env DVA_SERVER).
+    #[arg(long, global = true)]
+    server: Option<String>,
+    /// API token (env DVA_TOKEN).
+    #[arg(long, global = true)]
+    token: Option<String>,
+}
+
+impl TargetArgs {
+    fn target(self) -> ctl::Target {
+        ctl::Target {
+            server: self.server,
+            token: self.token,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Output {
     Table,
@@ -210,6 +293,35 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             prefix,
         }),
         Cmd::Demo { prefix, secs } => demo::demo(&prefix, secs),
+        Cmd::Serve {
+            state,
+            listen,
+            lab,
+            no_client_config,
+        } => ctl::serve(&state, listen, &lab, !no_client_config),
+        Cmd::Apply { file, target } => ctl::apply(&target.target(), &file),
+        Cmd::Get {
+            name,
+            output,
+            target,
+        } => ctl::get(&target.target(), name.as_deref(), output == Output::Json),
+        Cmd::Scale {
+            name,
+            dataplanes,
+            drain_deadline,
+            target,
+        } => ctl::scale(&target.target(), &name, dataplanes, drain_deadline),
+        Cmd::Delete { name, target } => ctl::delete(&target.target(), &name),
+        Cmd::Events {
+            name,
+            output,
+            target,
+        } => ctl::events(&target.target(), &name, output == Output::Json),
+        Cmd::Units {
+            name,
+            output,
+            target,
+        } => ctl::units(&target.target(), &name, output == Output::Json),
         Cmd::Bench {
             cmd:
                 BenchCmd::Forwarding {

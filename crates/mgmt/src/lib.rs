@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod autoscale;
+pub mod client;
 pub mod core;
 pub mod model;
 pub mod provision;

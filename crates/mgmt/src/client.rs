@@ -1,0 +1,205 @@
+//! A small HTTP/1.1 client for the management API (what the CLI and tests use): one request per
+//! connection, `Connection: close`, JSON in and out. Plain HTTP over TCP; no dependency needed.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use serde::de::DeserializeOwned;
+
+use crate::model::{ApplianceView, Event, ScaleRequest, UnitView};
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// host:port
+    authority: String,
+    token: Option<String>,
+    timeout: Duration,
+}
+
+/// An answer that is not 2xx: the status and the server's message.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct HttpError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+impl Client {
+    /// `server` is `http://host:port` (or `host:port`).
+    pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Client> {
+        let s = server.trim().trim_end_matches('/');
+        let authority = s.strip_prefix("http://").unwrap_or(s);
+        if s.starts_with("https://") {
+            bail!("https is not supported by this client: use http://host:port");
+        }
+        if authority.is_empty() || authority.contains('/') {
+            bail!("invalid server address {server:?} (expected http://host:port)");
+        }
+        Ok(Client {
+            authority: authority.to_string(),
+            token,
+            // A delete waits for the units to stop (up to ~5 s).
+            timeout: Duration::from_secs(30),
+        })
+    }
+
+    /// Send one request; `Ok((status, body))` whatever the status.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, String)> {
+        let addr = self
+            .authority
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {}", self.authority))?
+            .next()
+            .ok_or_else(|| anyhow!("{} resolves to nothing", self.authority))?;
+        let mut s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| {
+                format!("connecting to the management API at {addr} (is `dva serve` running?)")
+            })?;
+        s.set_read_timeout(Some(self.timeout))?;
+        s.set_write_timeout(Some(self.timeout))?;
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\nContent-Length: {}\r\n",
+            self.authority,
+            body.len()
+        );
+        if !body.is_empty() {
+            head += &format!("Content-Type: {content_type}\r\n");
+        }
+        if let Some(t) = &self.token {
+            head += &format!("Authorization: Bearer {t}\r\n");
+        }
+        head += "\r\n";
+        s.write_all(head.as_bytes())?;
+        s.write_all(body)?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).context("reading the response")?;
+        parse_response(&raw)
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> anyhow::Result<T> {
+        let (status, text) = self.raw(method, path, content_type, body)?;
+        if !(200..300).contains(&status) {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            return Err(HttpError {
+                status,
+                code: v["error"]["code"].as_str().unwrap_or("").to_string(),
+                message: v["error"]["message"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("HTTP {status}: {}", text.trim())),
+            }
+            .into());
+        }
+        serde_json::from_str(&text).with_context(|| format!("unexpected answer to {method} {path}"))
+    }
+
+    pub fn apply(&self, spec: &str) -> anyhow::Result<ApplianceView> {
+        self.call(
+            "POST",
+            "/v1/appliances",
+            "application/yaml",
+            spec.as_bytes(),
+        )
+    }
+    pub fn list(&self) -> anyhow::Result<Vec<ApplianceView>> {
+        self.call("GET", "/v1/appliances", "", b"")
+    }
+    pub fn get(&self, name: &str) -> anyhow::Result<ApplianceView> {
+        self.call("GET", &format!("/v1/appliances/{name}"), "", b"")
+    }
+    pub fn delete(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        self.call("DELETE", &format!("/v1/appliances/{name}"), "", b"")
+    }
+    pub fn scale(&self, name: &str, req: &ScaleRequest) -> anyhow::Result<ApplianceView> {
+        let body = serde_json::to_vec(req)?;
+        self.call(
+            "POST",
+            &format!("/v1/appliances/{name}/scale"),
+            "application/json",
+            &body,
+        )
+    }
+    pub fn units(&self, name: &str) -> anyhow::Result<Vec<UnitView>> {
+        self.call("GET", &format!("/v1/appliances/{name}/units"), "", b"")
+    }
+    pub fn events(&self, name: &str) -> anyhow::Result<Vec<Event>> {
+        self.call("GET", &format!("/v1/appliances/{name}/events"), "", b"")
+    }
+}
+
+fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP response (no header end)"))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("malformed HTTP status line"))?;
+    let chunked = lines.any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let mut body = raw[split + 4..].to_vec();
+    if chunked {
+        body = dechunk(&body)?;
+    }
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| anyhow!("malformed chunked body"))?;
+        let size_text = String::from_utf8_lossy(&b[..eol]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| anyhow!("malformed chunk size {size_text:?}"))?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = b.get(..size).ok_or_else(|| anyhow!("truncated chunk"))?;
+        out.extend_from_slice(chunk);
+        b = b.get(size + 2..).unwrap_or(&[]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        let (s, b) = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").unwrap();
+        assert_eq!((s, b.as_str()), (200, "ok"));
+        let (s, b) = parse_response(
+            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!((s, b.as_str()), (404, "abcde"));
+        assert!(parse_response(b"garbage").is_err());
+        assert!(Client::new("https://x:1", None).is_err());
+        assert!(Client::new("http://127.0.0.1:7080/", None).is_ok());
+    }
+}

@@ -1,0 +1,246 @@
+//! End to end through the public surface: `dva serve` as a process, the CLI as its client, the
+//! HTTP API's auth, and a `kill -9` + restart of the management tool (issue: the control plane).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use dva_lab::apps::{self, Nginx};
+
+struct Serve {
+    child: Child,
+    url: String,
+}
+
+impl Serve {
+    fn start(state: &Path, client_file: &Path, prefix: &str) -> Serve {
+        let mut child = Command::new(dva_bin())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--lab",
+                prefix,
+                "--state",
+            ])
+            .arg(state)
+            .env("DVA_CLIENT_CONFIG", client_file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dva serve");
+        let out = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(out).lines();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let url = loop {
+            assert!(Instant::now() < deadline, "dva serve did not start");
+            let Some(Ok(l)) = lines.next() else {
+                panic!("dva serve exited before listening")
+            };
+            if let Some(rest) = l.split("listening on ").nth(1) {
+                break rest.split_whitespace().next().expect("url").to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Serve { child, url }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn dva(client_file: &Path, args: &[&str]) -> Output {
+    Command::new(dva_bin())
+        .args(args)
+        .env("DVA_CLIENT_CONFIG", client_file)
+        .env_remove("DVA_SERVER")
+        .env_remove("DVA_TOKEN")
+        .output()
+        .expect("run dva")
+}
+
+fn get_json(client_file: &Path, name: &str) -> serde_json::Value {
+    let out = dva(client_file, &["get", name, "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "dva get: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("get -o json is JSON")
+}
+
+fn wait_json(
+    client_file: &Path,
+    name: &str,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = get_json(client_file, name);
+        if f(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: last {v:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A raw HTTP request to the API (to check what the CLI would never send).
+fn http(url: &str, method: &str, path: &str, token: Option<&str>) -> u16 {
+    let c = dva_mgmt::client::Client::new(url, token.map(str::to_string)).expect("client");
+    c.raw(method, path, "", b"").expect("request").0
+}
+
+#[test]
+fn serve_apply_get_scale_events_and_a_restart_that_loses_nothing() {
+    let _serial = serial();
+    let prefix = "e2ecli-";
+    let lab = LabGuard::up(prefix, 1, 2);
+    let client = lab.lab.client_ns();
+    let _web = Nginx::start(&lab.lab.server_ns(1), &[80], "via cli\n").expect("nginx");
+    let dir: PathBuf = std::env::temp_dir().join(format!("dva-e2ecli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let state = dir.join("state");
+    let cf = dir.join("client.json");
+    let mut serve = Serve::start(&state, &cf, prefix);
+    let token = std::fs::read_to_string(state.join("token")).expect("token file");
+
+    // The API refuses calls without the token, or with a wrong one.
+    assert_eq!(http(&serve.url, "GET", "/v1/appliances", None), 401);
+    assert_eq!(http(&serve.url, "GET", "/v1/appliances", Some("nope")), 401);
+    assert_eq!(
+        http(&serve.url, "GET", "/v1/appliances", Some(token.trim())),
+        200
+    );
+    assert_eq!(http(&serve.url, "GET", "/healthz", None), 200);
+
+    // apply with no flags: the CLI finds the server and token in the client file.
+    let spec = example("edge-firewall.yaml");
+    let out = dva(&cf, &["apply", "-f", spec.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = dva(&cf, &["scale", "edge-fw", "--dataplanes", "1"]);
+    assert!(
+        out.status.success(),
+        "scale: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = wait_json(&cf, "edge-fw", "ready with 1 data plane", |v| {
+        v["status"] == "ready" && v["dataplanes"]["ready"] == 1
+    });
+    for u in v["units"].as_array().expect("units") {
+        for field in [
+            "id",
+            "role",
+            "host",
+            "state",
+            "pid",
+            "packets",
+            "flows",
+            "config_version",
+        ] {
+            assert!(u.get(field).is_some(), "unit lacks {field}: {u}");
+        }
+        if u["role"] == "manager" {
+            assert_eq!(u["leader"], true);
+        }
+    }
+    assert!(v["config_version"].as_u64().unwrap_or(0) >= 1);
+    assert_eq!(
+        apps::curl(&client, "http://198.18.2.2/", 5).expect("curl"),
+        "via cli\n"
+    );
+
+    // A bad spec: refused with the field and the value; the running config stays.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&spec)
+            .expect("spec")
+            .replace("dport: [80, 5201]", "dport: [80, 99999]"),
+    )
+    .expect("write");
+    let out = dva(&cf, &["apply", "-f", bad.to_str().expect("path")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("dport") && err.contains("99999"), "{err}");
+    let same = get_json(&cf, "edge-fw");
+    assert_eq!(same["generation"], v["generation"]);
+
+    // Scale out through the CLI; events and units show it.
+    let out = dva(&cf, &["scale", "edge-fw", "--dataplanes", "3"]);
+    assert!(out.status.success());
+    let v = wait_json(&cf, "edge-fw", "ready with 3", |v| {
+        v["status"] == "ready" && v["dataplanes"]["ready"] == 3
+    });
+    let out = dva(&cf, &["events", "edge-fw"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("scaled") && text.contains("1 -> 3"), "{text}");
+    let out = dva(&cf, &["units", "edge-fw", "-o", "json"]);
+    let units: serde_json::Value = serde_json::from_slice(&out.stdout).expect("units json");
+    assert_eq!(
+        units.as_array().map(Vec::len),
+        v["units"].as_array().map(Vec::len)
+    );
+    let out = dva(&cf, &["scale", "edge-fw", "--dataplanes", "99"]);
+    assert!(!out.status.success(), "scale beyond max refused");
+
+    // kill -9 of the management tool: traffic keeps flowing; a restart adopts everything.
+    let pids: Vec<u64> = v["units"]
+        .as_array()
+        .expect("units")
+        .iter()
+        .filter_map(|u| u["pid"].as_u64())
+        .collect();
+    serve.kill9();
+    assert_eq!(
+        apps::curl(&client, "http://198.18.2.2/", 5).expect("curl with no management tool"),
+        "via cli\n"
+    );
+    let mut serve = Serve::start(&state, &cf, prefix);
+    let v = wait_json(&cf, "edge-fw", "ready after restart", |v| {
+        v["status"] == "ready" && v["dataplanes"]["ready"] == 3
+    });
+    let after: Vec<u64> = v["units"]
+        .as_array()
+        .expect("units")
+        .iter()
+        .filter_map(|u| u["pid"].as_u64())
+        .collect();
+    assert_eq!(
+        after, pids,
+        "the restarted management tool adopted the running units"
+    );
+    assert_eq!(
+        apps::curl(&client, "http://198.18.2.2/", 5).expect("curl"),
+        "via cli\n"
+    );
+
+    let out = dva(&cf, &["delete", "edge-fw"]);
+    assert!(
+        out.status.success(),
+        "delete: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for pid in pids {
+        assert!(!pid_alive(pid as u32), "unit {pid} stopped by delete");
+    }
+    serve.kill9();
+    let _ = std::fs::remove_dir_all(&dir);
+}
