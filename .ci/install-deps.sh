@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian packages dva's lab and its tests need (crates/lab): iproute2 (ip, ss),
-# ethtool (offloads off on every veth), nginx-light or nginx, iperf3, curl, iputils-ping, wrk and
-# procps (sysctl, kill). Idempotent: packages already installed are left alone, and apt runs
-# only when something is missing. Runs as root (or through sudo).
+# ethtool (offloads off on every veth), nginx-light or nginx, iperf3, curl, iputils-ping, wrk,
+# procps (sysctl, kill), haproxy and nftables (baselines of `dva bench compare`). Idempotent:
+# packages already installed are left alone, and apt runs only when something is missing. Runs
+# as root (or through sudo).
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -18,7 +19,7 @@ installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
 }
 
-packages=(iproute2 ethtool iperf3 curl iputils-ping procps wrk)
+packages=(iproute2 ethtool iperf3 curl iputils-ping procps wrk haproxy nftables)
 missing=()
 for p in "${packages[@]}"; do
     installed "$p" || missing+=("$p")
@@ -49,6 +50,8 @@ fi
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemctl disable --now nginx.service >/dev/null 2>&1 || true
     systemctl disable --now iperf3.service >/dev/null 2>&1 || true
+    # The benchmark starts its own HAProxy with its own config.
+    systemctl disable --now haproxy.service >/dev/null 2>&1 || true
 elif [ -x /etc/init.d/nginx ]; then
     /etc/init.d/nginx stop >/dev/null 2>&1 || true
 fi
@@ -62,4 +65,4 @@ for tool in ip ss ethtool nginx iperf3 curl ping sysctl; do
         exit 1
     }
 done
-echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk)"
+echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables)"

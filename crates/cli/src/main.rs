@@ -2,6 +2,7 @@
 //! and the tools to look inside a running appliance.
 
 mod bench_chaos;
+mod bench_compare;
 mod bench_elasticity;
 mod ctl;
 mod demo;
@@ -190,6 +191,18 @@ enum BenchCmd {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
+    /// The same workloads through dva (1 and 2 data planes), the kernel with an equivalent
+    /// nftables ruleset, the kernel as a load balancer and HAProxy: one table, ratios to the kernel.
+    Compare {
+        #[arg(long, default_value = "dva-bench-")]
+        prefix: String,
+        /// Seconds per measurement (14 measurements).
+        #[arg(long, default_value_t = 10)]
+        secs: u32,
+        /// Also print the table as Markdown.
+        #[arg(long)]
+        markdown: bool,
+    },
     /// kill -9 random units (data plane, dispatcher, leading manager) under traffic; report
     /// broken flows, losses and recovery time per kill.
     Chaos {
@@ -341,6 +354,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             prefix,
             cycles,
             plot,
+        }),
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Compare {
+                    prefix,
+                    secs,
+                    markdown,
+                },
+        } => bench_compare::run(&bench_compare::Options {
+            prefix,
+            secs,
+            markdown,
         }),
         Cmd::Bench {
             cmd:

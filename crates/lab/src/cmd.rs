@@ -21,6 +21,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("ping", "iputils-ping"),
     ("wrk", "wrk"),
+    ("nft", "nftables"),
+    ("haproxy", "haproxy"),
     ("timeout", "coreutils"),
     ("sleep", "coreutils"),
     ("bash", "bash"),

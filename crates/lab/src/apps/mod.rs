@@ -9,10 +9,13 @@
 //! out, no reply) is `Ok(false)` where the function returns a bool, and an `Err` is kept for
 //! the client not running at all (missing tool, missing namespace, bad arguments).
 
+mod haproxy;
 mod iperf3;
+mod nft;
 mod nginx;
 mod streams;
 mod udp_streams;
+mod udpgen;
 mod wrk;
 
 use std::fs::File;
@@ -22,10 +25,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use haproxy::Haproxy;
 pub use iperf3::{iperf3_client, Iperf3Report, Iperf3Server};
+pub use nft::NftTable;
 pub use nginx::{Nginx, BIG_BYTES};
 pub use streams::{start_streams, StreamResult, StreamServer};
 pub use udp_streams::{start_udp_streams, UdpEchoServer, UdpStreamResult};
+pub use udpgen::{udpgen, UdpGenOptions, UdpGenReport, UdpSink};
 pub use wrk::{wrk, WrkReport};
 
 use crate::cmd;

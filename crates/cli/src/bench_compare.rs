@@ -1,0 +1,843 @@
+//! `dva bench compare`: dva against what the Linux kernel and HAProxy do with the same traffic,
+//! in one lab and one run, printed as one table.
+//!
+//! Paths, all through the lab's dispatcher host `{P}disp1`:
+//! - **kernel + nftables firewall** (the baseline of the firewall workloads): `{P}disp1` made a
+//!   plain router ([`Lab::set_kernel_router`]) with a ruleset equivalent to
+//!   `examples/edge-firewall.yaml`: `ct state established,related accept`, `ct state invalid
+//!   drop`, outside → 198.18.2.0/24 TCP 80/5201 (SYN) and ICMP echo, inside → anything, default
+//!   drop;
+//! - **dva edge-fw with 1 and 2 data planes**: `dva run` as a child, as `dva bench forwarding`
+//!   starts it;
+//! - **kernel nftables DNAT load balancer** (the baseline of the load-balancing workload): a VIP
+//!   198.18.1.100:80 (an address on the router's outside interface, so the client reaches it
+//!   on-link) DNAT'd round-robin (`numgen inc mod 3`) to nginx on server1..3;
+//! - **HAProxy** in TCP mode on the same VIP in the same namespace, round-robin to the same
+//!   nginx servers.
+//!
+//! Workloads: iperf3 TCP client → server1 (1 and 8 streams); 60-byte UDP frames over 16 flows,
+//! server1 → client (the edge firewall lets anything out but no UDP in), received packets/s;
+//! new TCP connections/s with wrk and `Connection: close` (client → nginx on server1 through
+//! the firewalls, client → VIP for the load balancers).
+//!
+//! CPU per packet: the frames the dispatcher host sent on (tx of `out0` + `in0`: what was
+//! forwarded, both directions, on every path) against (1) the path's own CPU time: user+sys of the dva units
+//! (`/proc/PID/stat`), of HAProxy, or for the kernel paths the softirq time of all CPUs
+//! (`/proc/stat`), where forwarding runs, though that also counts the endpoints' receive
+//! processing; and (2) the whole machine's busy time (all CPUs, all processes: the load
+//! generators and servers too), the one figure measured the same way on every path.
+//!
+//! Each path starts on a freshly built lab: a kernel connection table or TIME_WAIT sockets left
+//! by the previous path (the same client ports to the same servers within 120 s) would clash
+//! with the next path's connections and cost it SYN retransmissions.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use dva_lab::apps::{self, Haproxy, Iperf3Server, NftTable, Nginx, UdpGenOptions, UdpSink};
+use dva_lab::{Lab, LabSpec};
+
+use crate::demo::{spec_path, LabGuard};
+
+pub struct Options {
+    /// Lab prefix (the lab is built for the run and removed afterwards).
+    pub prefix: String,
+    /// Seconds per measurement (there are 14 of them).
+    pub secs: u32,
+    /// Also print the table as Markdown (what docs/PERFORMANCE.md holds).
+    pub markdown: bool,
+}
+
+/// The address the load balancers serve, on the router's outside interface.
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 100);
+const IPERF_PORT: u16 = 5201;
+const UDP_PORT: u16 = 9000;
+const UDP_FLOWS: usize = 16;
+/// 18 bytes of UDP payload: 60-byte frames, 64 on a wire with the FCS.
+const UDP_PAYLOAD: usize = 18;
+const WRK_THREADS: u32 = 2;
+const WRK_CONNECTIONS: u32 = 64;
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The edge firewall of examples/edge-firewall.yaml in nftables terms. Interface 0 of the spec
+/// (outside) is out0, interface 1 (inside) is in0. dva opens TCP connections on a SYN only
+/// and drops what does not fit a connection, hence the flags test and `ct state invalid drop`.
+const NFT_FIREWALL: &str = r#"    chain forward {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        ct state invalid drop
+        iifname "out0" ip daddr 198.18.2.0/24 tcp dport { 80, 5201 } tcp flags & (syn | ack) == syn accept
+        iifname "out0" ip daddr 198.18.2.0/24 icmp type echo-request accept
+        iifname "in0" accept
+    }"#;
+
+fn nft_load_balancer(backends: &[Ipv4Addr]) -> String {
+    let map: Vec<String> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("{i} : {b}"))
+        .collect();
+    format!(
+        "    chain prerouting {{\n        type nat hook prerouting priority dstnat; policy accept;\n        \
+         ip daddr {VIP} tcp dport 80 dnat to numgen inc mod {} map {{ {} }}\n    }}",
+        backends.len(),
+        map.join(", ")
+    )
+}
+
+/// `dva run` as a child process, stopped with SIGTERM on drop (as in `dva bench forwarding`).
+struct Appliance {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Appliance {
+    fn start(spec: &Path, prefix: &str, dataplanes: u32) -> anyhow::Result<Appliance> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .args(["run", "--prefix", prefix, "--dataplanes"])
+            .arg(dataplanes.to_string())
+            .arg("-f")
+            .arg(spec)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting `dva run`")?;
+        let out = child.stdout.take().context("dva run stdout")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(mut v) = lines.lock() {
+                    v.push(l.clone());
+                }
+                let _ = tx.send(l);
+            }
+        });
+        let mut app = Appliance { child, log };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) if l.contains(" ready in lab") => return Ok(app),
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = app.child.kill();
+                    bail!(
+                        "dva run --dataplanes {dataplanes} was not ready within {READY_TIMEOUT:?}; its output:\n{}",
+                        app.output()
+                    );
+                }
+            }
+        }
+    }
+
+    fn output(&self) -> String {
+        self.log.lock().map(|v| v.join("\n")).unwrap_or_default()
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child process, which has not been reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Process ids of the running appliance's units (from the run directory's units.json).
+fn unit_pids(prefix: &str) -> anyhow::Result<Vec<u32>> {
+    let path = crate::run::run_dir(prefix, "edge-fw").join("units.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let units: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+    let pids: Vec<u32> = units
+        .iter()
+        .filter_map(|u| u.get("pid").and_then(serde_json::Value::as_u64))
+        .filter_map(|p| u32::try_from(p).ok())
+        .collect();
+    if pids.is_empty() {
+        bail!("{}: no unit pids", path.display());
+    }
+    Ok(pids)
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// Busy and softirq time of all CPUs, seconds (the aggregate `cpu` line of /proc/stat).
+fn machine_cpu() -> anyhow::Result<(f64, f64)> {
+    let text = std::fs::read_to_string("/proc/stat")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| anyhow!("/proc/stat has no cpu line"))?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice; guest time is already
+    // counted in user and nice.
+    let get = |i: usize| v.get(i).copied().unwrap_or(0.0);
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
+    let hz = clock_ticks();
+    Ok((busy / hz, get(6) / hz))
+}
+
+/// user + sys seconds of processes (threads included); a process that is gone counts 0.
+fn process_cpu(pids: &[u32]) -> f64 {
+    let hz = clock_ticks();
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|s| {
+            // The command name may contain spaces and parentheses: fields follow the last ')'.
+            let rest = &s[s.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / hz)
+        })
+        .sum()
+}
+
+/// Frames the dispatcher host sent on out0 and in0: the forwarded ones, both directions.
+fn router_tx_frames(ns: &str) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for dev in ["out0", "in0"] {
+        let out = Command::new("ip")
+            .args(["-n", ns, "-s", "-j", "link", "show", "dev", dev])
+            .output()
+            .context("running ip -s link")?;
+        if !out.status.success() {
+            bail!(
+                "ip -n {ns} -s link show dev {dev}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        total += v
+            .pointer("/0/stats64/tx/packets")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| anyhow!("no tx packet counter for {dev} in {ns}"))?;
+    }
+    Ok(total)
+}
+
+/// Connections in the kernel's table of namespace `ns`.
+fn conntrack_count(ns: &str) -> Option<u64> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "cat",
+            "/proc/sys/net/netfilter/nf_conntrack_count",
+        ])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// Whose CPU time is the path's own.
+#[derive(Clone)]
+enum PathCpu {
+    /// Softirq time of all CPUs: where the kernel forwards, filters and NATs.
+    Softirq,
+    /// user + sys of these processes.
+    Processes(Vec<u32>),
+}
+
+impl PathCpu {
+    fn read(&self, softirq: f64) -> f64 {
+        match self {
+            PathCpu::Softirq => softirq,
+            PathCpu::Processes(pids) => process_cpu(pids),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    frames: u64,
+    path_cpu_s: f64,
+    machine_cpu_s: f64,
+}
+
+/// Runs `f`, returning its result and the frames and CPU time spent meanwhile.
+fn measured<T>(
+    router_ns: &str,
+    cpu: &PathCpu,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Usage)> {
+    let frames0 = router_tx_frames(router_ns)?;
+    let (busy0, soft0) = machine_cpu()?;
+    let path0 = cpu.read(soft0);
+    let r = f()?;
+    let (busy1, soft1) = machine_cpu()?;
+    let path1 = cpu.read(soft1);
+    let frames1 = router_tx_frames(router_ns)?;
+    Ok((
+        r,
+        Usage {
+            frames: frames1.saturating_sub(frames0),
+            path_cpu_s: path1 - path0,
+            machine_cpu_s: busy1 - busy0,
+        },
+    ))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    Tcp1,
+    Tcp8,
+    UdpPps,
+    ConnPerSec,
+    LbConnPerSec,
+}
+
+/// What runs on the firewall paths (the kernel's and dva's).
+const FIREWALL_WORKLOADS: [Workload; 4] = [
+    Workload::Tcp1,
+    Workload::Tcp8,
+    Workload::UdpPps,
+    Workload::ConnPerSec,
+];
+
+impl Workload {
+    const ALL: [Workload; 5] = [
+        Workload::Tcp1,
+        Workload::Tcp8,
+        Workload::UdpPps,
+        Workload::ConnPerSec,
+        Workload::LbConnPerSec,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Tcp1 => "TCP throughput, 1 stream (iperf3)",
+            Workload::Tcp8 => "TCP throughput, 8 streams (iperf3)",
+            Workload::UdpPps => "UDP 60-byte frames, 16 flows, received",
+            Workload::ConnPerSec => "new TCP conn/s to server1 (wrk, close)",
+            Workload::LbConnPerSec => "new TCP conn/s via VIP to 3 nginx (wrk)",
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Workload::Tcp1 | Workload::Tcp8 => "Gbit/s",
+            Workload::UdpPps => "kpps",
+            Workload::ConnPerSec | Workload::LbConnPerSec => "conn/s",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PathKind {
+    KernelFirewall,
+    Dva(u32),
+    KernelLb,
+    Haproxy,
+}
+
+impl PathKind {
+    fn name(self) -> String {
+        match self {
+            PathKind::KernelFirewall => "kernel + nftables fw".into(),
+            PathKind::Dva(n) => format!("dva edge-fw, {n} DP"),
+            PathKind::KernelLb => "kernel nftables DNAT LB".into(),
+            PathKind::Haproxy => "HAProxy 2.x, TCP mode".into(),
+        }
+    }
+
+    fn is_baseline(self) -> bool {
+        matches!(self, PathKind::KernelFirewall | PathKind::KernelLb)
+    }
+}
+
+struct Row {
+    workload: Workload,
+    path: PathKind,
+    result: anyhow::Result<(f64, Usage)>,
+    note: String,
+}
+
+/// The lab's servers and the measurements that need them.
+struct Bench {
+    lab: Lab,
+    secs: u32,
+    rows: Vec<Row>,
+}
+
+/// The servers every path is measured against; dropping them stops them.
+struct Servers {
+    _nginx: Vec<Nginx>,
+    _iperf3: Iperf3Server,
+}
+
+/// Removes the lab (if any) and builds it again, with nginx on every server and iperf3 on
+/// server1: no connection state survives from the path measured before.
+fn fresh_lab(prefix: &str) -> anyhow::Result<(Lab, Servers)> {
+    Lab::down(prefix)?;
+    let lab = Lab::up(&LabSpec {
+        prefix: prefix.to_string(),
+        servers: 3,
+        hosts: 2,
+    })?;
+    let mut nginx = Vec::new();
+    for k in 1..=lab.servers {
+        nginx.push(Nginx::start(
+            &lab.server_ns(k),
+            &[80],
+            &format!("hello from server{k}\n"),
+        )?);
+    }
+    let iperf3 = Iperf3Server::start(&lab.server_ns(1), IPERF_PORT)?;
+    Ok((
+        lab,
+        Servers {
+            _nginx: nginx,
+            _iperf3: iperf3,
+        },
+    ))
+}
+
+impl Bench {
+    fn router(&self) -> String {
+        self.lab.dispatcher_ns(1)
+    }
+
+    fn record(
+        &mut self,
+        workload: Workload,
+        path: PathKind,
+        cpu: &PathCpu,
+        f: impl FnOnce() -> anyhow::Result<(f64, String)>,
+    ) {
+        print!("  {:<42} {:<26} ", workload.name(), path.name());
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        let mut note = String::new();
+        let result = measured(&self.router(), cpu, f).map(|((v, n), u)| {
+            note = n;
+            (v, u)
+        });
+        if matches!(path, PathKind::KernelFirewall | PathKind::KernelLb) {
+            if let Some(n) = conntrack_count(&self.router()) {
+                note = format!("{note}; conntrack {n} entries");
+            }
+        }
+        match &result {
+            Ok((v, _)) => println!("{v:>10.2} {}", workload.unit()),
+            Err(e) => println!("FAILED: {e:#}"),
+        }
+        self.rows.push(Row {
+            workload,
+            path,
+            result,
+            note,
+        });
+    }
+
+    /// Rows for measurements that could not run at all (their path failed to start).
+    fn not_run(&mut self, workloads: &[Workload], path: PathKind, why: &anyhow::Error) {
+        for &workload in workloads {
+            if !self
+                .rows
+                .iter()
+                .any(|r| r.workload == workload && r.path == path)
+            {
+                self.rows.push(Row {
+                    workload,
+                    path,
+                    result: Err(anyhow!("not run: {why:#}")),
+                    note: String::new(),
+                });
+            }
+        }
+    }
+
+    /// The firewall workloads (iperf3 1 and 8 streams, UDP packets/s, new connections/s) on the
+    /// path that is set up now.
+    fn firewall_workloads(&mut self, path: PathKind, cpu: &PathCpu) {
+        let client = self.lab.client_ns();
+        let server1 = self.lab.server_ns(1);
+        let s1 = IpAddr::V4(Lab::server_addr(1));
+        let secs = self.secs;
+        for (w, streams) in [(Workload::Tcp1, 1), (Workload::Tcp8, 8)] {
+            self.record(w, path, cpu, || {
+                let r = apps::iperf3_client(&client, s1, IPERF_PORT, secs, streams, false, None)?;
+                Ok((
+                    r.received_bps / 1e9,
+                    format!("{} retransmits", r.retransmits),
+                ))
+            });
+        }
+        self.record(Workload::UdpPps, path, cpu, || {
+            let sink = UdpSink::start(&client, UDP_PORT)?;
+            let before = sink.received();
+            let gen = apps::udpgen(
+                &server1,
+                &UdpGenOptions {
+                    dst: SocketAddr::new(IpAddr::V4(Lab::client_addr()), UDP_PORT),
+                    flows: UDP_FLOWS,
+                    payload: UDP_PAYLOAD,
+                    duration: Duration::from_secs(u64::from(secs)),
+                    rate: None,
+                },
+            )?;
+            // Let the datagrams still queued on the path arrive.
+            std::thread::sleep(Duration::from_millis(500));
+            let received = sink.received() - before;
+            let secs = gen.elapsed.as_secs_f64();
+            Ok((
+                received as f64 / secs / 1e3,
+                format!(
+                    "sent {:.0} kpps, {:.1}% arrived",
+                    gen.sent_pps() / 1e3,
+                    100.0 * received as f64 / gen.sent.max(1) as f64
+                ),
+            ))
+        });
+        let url = format!("http://{s1}/");
+        self.record(Workload::ConnPerSec, path, cpu, || {
+            wrk_close(&client, &url, secs)
+        });
+    }
+}
+
+fn wrk_close(ns: &str, url: &str, secs: u32) -> anyhow::Result<(f64, String)> {
+    let r = apps::wrk(ns, url, WRK_THREADS, WRK_CONNECTIONS, secs, true)?;
+    if r.requests == 0 {
+        bail!("wrk completed no request ({} errors)", r.errors());
+    }
+    Ok((
+        r.requests_per_sec,
+        format!(
+            "{} errors, latency avg {:.0} us",
+            r.errors(),
+            r.latency_avg_us
+        ),
+    ))
+}
+
+/// `ip -n NS ADDR-COMMAND`.
+fn ip_addr(ns: &str, verb: &str, addr: &str, dev: &str) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "addr", verb, addr, "dev", dev])
+        .output()
+        .context("running ip addr")?;
+    if !out.status.success() {
+        bail!(
+            "ip -n {ns} addr {verb} {addr} dev {dev}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if opts.secs == 0 {
+        bail!("--secs must be at least 1");
+    }
+    let spec = spec_path("edge-firewall.yaml")?;
+    println!(
+        "lab {}: client, 3 servers (nginx, iperf3 on server1), dispatcher host, 2 data-plane hosts, \
+         rebuilt before each path; {} s per measurement; offloads off on every veth (see README)",
+        opts.prefix, opts.secs
+    );
+    let _lab_guard = LabGuard(opts.prefix.clone());
+    let (lab, servers) = fresh_lab(&opts.prefix)?;
+    let router = lab.dispatcher_ns(1);
+    let mut bench = Bench {
+        lab,
+        secs: opts.secs,
+        rows: Vec::new(),
+    };
+
+    println!("\nkernel router + nftables firewall (table inet dva_bench_fw in {router})");
+    bench.lab.set_kernel_router(true)?;
+    match NftTable::load(&router, "inet", "dva_bench_fw", NFT_FIREWALL) {
+        Ok(fw) => {
+            bench.firewall_workloads(PathKind::KernelFirewall, &PathCpu::Softirq);
+            drop(fw);
+        }
+        Err(e) => {
+            println!("  FAILED: {e}");
+            let e = anyhow::Error::from(e);
+            bench.not_run(&FIREWALL_WORKLOADS, PathKind::KernelFirewall, &e);
+        }
+    }
+    drop(servers);
+
+    let lb = (|| -> anyhow::Result<Servers> {
+        let (lab, servers) = fresh_lab(&opts.prefix)?;
+        bench.lab = lab;
+        bench.lab.set_kernel_router(true)?;
+        ip_addr(&router, "replace", &format!("{VIP}/32"), "out0")?;
+        let backends: Vec<Ipv4Addr> = (1..=bench.lab.servers).map(Lab::server_addr).collect();
+        let url = format!("http://{VIP}/");
+        let client = bench.lab.client_ns();
+        {
+            println!("\nkernel nftables DNAT load balancer (table ip dva_bench_lb in {router})");
+            let _lb = NftTable::load(&router, "ip", "dva_bench_lb", &nft_load_balancer(&backends))?;
+            bench.record(
+                Workload::LbConnPerSec,
+                PathKind::KernelLb,
+                &PathCpu::Softirq,
+                || wrk_close(&client, &url, opts.secs),
+            );
+        }
+        // HAProxy terminates the connections itself: with the NAT table gone, no kernel
+        // connection tracking is left in the namespace.
+        println!("\nHAProxy in {router}");
+        let proxy = Haproxy::start(
+            &router,
+            SocketAddr::new(IpAddr::V4(VIP), 80),
+            &backends
+                .iter()
+                .map(|b| SocketAddr::new(IpAddr::V4(*b), 80))
+                .collect::<Vec<_>>(),
+            0,
+        )?;
+        bench.record(
+            Workload::LbConnPerSec,
+            PathKind::Haproxy,
+            &PathCpu::Processes(vec![proxy.pid()]),
+            || wrk_close(&client, &url, opts.secs),
+        );
+        Ok(servers)
+    })();
+    if let Err(e) = &lb {
+        println!("  FAILED: {e:#}");
+        for path in [PathKind::KernelLb, PathKind::Haproxy] {
+            bench.not_run(&[Workload::LbConnPerSec], path, e);
+        }
+    }
+    drop(lb);
+
+    for dps in [1u32, 2] {
+        println!("\ndva run -f examples/edge-firewall.yaml --dataplanes {dps}");
+        let (lab, servers) = fresh_lab(&opts.prefix)?;
+        bench.lab = lab;
+        let app = match Appliance::start(&spec, &opts.prefix, dps) {
+            Ok(a) => a,
+            Err(e) => {
+                println!("  FAILED to start: {e:#}");
+                bench.not_run(&FIREWALL_WORKLOADS, PathKind::Dva(dps), &e);
+                continue;
+            }
+        };
+        let cpu = match unit_pids(&opts.prefix) {
+            Ok(p) => PathCpu::Processes(p),
+            Err(e) => {
+                println!("  cannot read the units' pids ({e:#}); path CPU will read 0");
+                PathCpu::Processes(Vec::new())
+            }
+        };
+        bench.firewall_workloads(PathKind::Dva(dps), &cpu);
+        drop(app);
+        drop(servers);
+    }
+
+    let table = render(&bench.rows, opts.secs, false);
+    println!("\n{table}");
+    if opts.markdown {
+        println!("{}", render(&bench.rows, opts.secs, true));
+    }
+    let failed = bench.rows.iter().filter(|r| r.result.is_err()).count();
+    if failed > 0 {
+        bail!("{failed} measurement(s) failed (see the table)");
+    }
+    Ok(())
+}
+
+/// CPU seconds per million frames, or "-" when there were too few frames to say.
+fn per_mpkt(cpu_s: f64, frames: u64) -> String {
+    if frames < 1000 {
+        return "-".into();
+    }
+    format!("{:.2}", cpu_s / (frames as f64 / 1e6))
+}
+
+fn render(rows: &[Row], secs: u32, markdown: bool) -> String {
+    let header = [
+        "workload",
+        "path",
+        "result",
+        "vs kernel",
+        "path CPU s/Mpkt",
+        "machine CPU s/Mpkt",
+        "frames/s",
+        "notes",
+    ];
+    let mut lines: Vec<[String; 8]> = Vec::new();
+    for w in Workload::ALL {
+        let base = rows
+            .iter()
+            .find(|r| r.workload == w && r.path.is_baseline())
+            .and_then(|r| r.result.as_ref().ok())
+            .map(|(v, _)| *v);
+        for r in rows.iter().filter(|r| r.workload == w) {
+            let cells = match &r.result {
+                Ok((v, u)) => [
+                    w.name().to_string(),
+                    r.path.name(),
+                    format!("{v:.2} {}", w.unit()),
+                    base.filter(|b| *b > 0.0)
+                        .map_or("-".into(), |b| format!("{:.2}x", v / b)),
+                    per_mpkt(u.path_cpu_s, u.frames),
+                    per_mpkt(u.machine_cpu_s, u.frames),
+                    format!("{:.0}k", u.frames as f64 / f64::from(secs) / 1e3),
+                    r.note.clone(),
+                ],
+                Err(e) => [
+                    w.name().to_string(),
+                    r.path.name(),
+                    "FAILED".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!("{e:#}").replace('\n', " "),
+                ],
+            };
+            lines.push(cells);
+        }
+    }
+    let mut out = String::new();
+    if markdown {
+        let _ = writeln!(out, "| {} |", header.join(" | "));
+        let _ = writeln!(
+            out,
+            "|{}",
+            header
+                .iter()
+                .enumerate()
+                .map(|(i, _)| if (2..7).contains(&i) { "---:|" } else { "---|" })
+                .collect::<String>()
+        );
+        for l in &lines {
+            let _ = writeln!(out, "| {} |", l.join(" | "));
+        }
+        return out;
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            lines
+                .iter()
+                .map(|l| l[c].len())
+                .chain(std::iter::once(header[c].len()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let fmt_line = |cells: &[&str]| -> String {
+        cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if (2..7).contains(&i) {
+                    format!("{c:>w$}")
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let _ = writeln!(out, "{}", fmt_line(&header));
+    for l in &lines {
+        let cells: Vec<&str> = l.iter().map(String::as_str).collect();
+        let _ = writeln!(out, "{}", fmt_line(&cells));
+    }
+    let _ = writeln!(
+        out,
+        "vs kernel: against kernel + nftables fw (firewall workloads) or the nftables DNAT LB (VIP workload).\n\
+         path CPU: dva units' user+sys / HAProxy's user+sys / the kernel's softirq time (all CPUs, endpoints' receive work included);\n\
+         machine CPU: busy time of all CPUs (load generators and servers included); per million frames forwarded (sent) by the dispatcher host."
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_load_balancer_maps_every_backend() {
+        let lb = nft_load_balancer(&[Ipv4Addr::new(198, 18, 2, 2), Ipv4Addr::new(198, 18, 2, 3)]);
+        assert!(lb.contains("numgen inc mod 2 map { 0 : 198.18.2.2, 1 : 198.18.2.3 }"));
+        assert!(lb.contains("ip daddr 198.18.1.100 tcp dport 80"));
+    }
+
+    #[test]
+    fn the_table_compares_each_workload_with_its_own_baseline() {
+        let u = Usage {
+            frames: 2_000_000,
+            path_cpu_s: 1.0,
+            machine_cpu_s: 4.0,
+        };
+        let rows = vec![
+            Row {
+                workload: Workload::Tcp1,
+                path: PathKind::KernelFirewall,
+                result: Ok((10.0, u)),
+                note: String::new(),
+            },
+            Row {
+                workload: Workload::Tcp1,
+                path: PathKind::Dva(1),
+                result: Ok((2.5, u)),
+                note: "n".into(),
+            },
+            Row {
+                workload: Workload::LbConnPerSec,
+                path: PathKind::Haproxy,
+                result: Err(anyhow!("boom")),
+                note: String::new(),
+            },
+        ];
+        let t = render(&rows, 10, false);
+        assert!(t.contains("0.25x"), "{t}");
+        assert!(t.contains("1.00x"), "{t}");
+        assert!(t.contains("0.50"), "path CPU per Mpkt: {t}");
+        assert!(t.contains("2.00"), "machine CPU per Mpkt: {t}");
+        assert!(t.contains("200k"), "frames/s: {t}");
+        assert!(t.contains("FAILED") && t.contains("boom"), "{t}");
+        let md = render(&rows, 10, true);
+        assert!(md.lines().all(|l| l.starts_with('|')), "{md}");
+    }
+
+    #[test]
+    fn per_mpkt_needs_enough_frames() {
+        assert_eq!(per_mpkt(1.0, 10), "-");
+        assert_eq!(per_mpkt(1.0, 1_000_000), "1.00");
+    }
+}

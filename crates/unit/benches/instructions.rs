@@ -1,0 +1,108 @@
+//! A fixed number of packets through one stage of the packet path, for counting instructions
+//! with callgrind (`scripts/callgrind.sh`): unlike time, instructions per packet do not move on
+//! a noisy machine, so a change to the path shows up even as a 1 % difference.
+//!
+//! `instructions STAGE PACKETS` where STAGE is
+//! - `dispatcher`: the dispatcher's per-packet work on 60-byte TCP frames of 1024 flows (parse,
+//!   classify, hash, bucket owner, GENEVE encapsulation with the copy; see `common/mod.rs`);
+//! - `dispatcher-1514`: the same on full-size frames;
+//! - `firewall-established`: `Firewall::process` on ACKs of 16 384 established connections;
+//! - `firewall-new`: `Firewall::process` on SYNs of new connections, 1000 rules, the matching
+//!   one at index 990.
+//!
+//! Only the `measure_*` functions do the counted work (setup is outside them), so the script
+//! runs callgrind with `--collect-atstart=no --toggle-collect='*measure_*'`. Without arguments
+//! (as `cargo bench` runs it) it prints this usage and exits.
+
+mod common;
+#[path = "../../services/benches/common/mod.rs"]
+mod firewall_common;
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use dva_flow::BucketTable;
+use dva_services::firewall::{Firewall, NewFlowPolicy, PacketInfo, Verdict};
+
+const SEC: u64 = 1_000_000_000;
+/// Connections tracked for `firewall-established`: instruction counts do not depend on the
+/// table's size (cache misses are not instructions), and a smaller table keeps the setup under
+/// callgrind short.
+const TRACKED: u64 = 16_384;
+
+#[inline(never)]
+fn measure_dispatcher(table: &BucketTable, frames: &[Vec<u8>], slot: &mut [u8], n: u64) -> u64 {
+    let mut forwarded = 0;
+    for i in 0..n as usize {
+        let f = &frames[i % frames.len()];
+        if black_box(common::dispatch(table, black_box(f), slot)).is_ok() {
+            forwarded += 1;
+        }
+    }
+    forwarded
+}
+
+/// `packets` are made beforehand, so only the firewall's own instructions are counted.
+#[inline(never)]
+fn measure_firewall(fw: &mut Firewall, now: u64, packets: &[PacketInfo]) -> u64 {
+    let mut accepted = 0;
+    for p in packets {
+        let v = fw.process(now, 0, black_box(p), NewFlowPolicy::Create);
+        accepted += u64::from(v == Verdict::Accept);
+    }
+    accepted
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (stage, packets) = match (args.first(), args.get(1).map(|n| n.parse::<u64>())) {
+        (Some(s), Some(Ok(n))) if !s.starts_with('-') => (s.as_str(), n),
+        _ => {
+            println!(
+                "instructions: usage: instructions (dispatcher|dispatcher-1514|firewall-established|firewall-new) PACKETS \
+                 (run by scripts/callgrind.sh)"
+            );
+            return;
+        }
+    };
+    let t = Instant::now();
+    let done = match stage {
+        "dispatcher" | "dispatcher-1514" => {
+            let payload = if stage == "dispatcher" { 0 } else { 1460 };
+            let frames = common::tcp_frames(payload);
+            let table = common::table();
+            let mut slot = vec![0u8; common::SLOT_LEN];
+            measure_dispatcher(&table, &frames, &mut slot, packets)
+        }
+        "firewall-established" => {
+            let mut fw = firewall_common::firewall(2 * TRACKED as usize);
+            firewall_common::establish(&mut fw, SEC, TRACKED);
+            let p: Vec<PacketInfo> = (0..packets)
+                .map(|i| firewall_common::established_packet(i, TRACKED))
+                .collect();
+            measure_firewall(&mut fw, 2 * SEC, &p)
+        }
+        "firewall-new" => {
+            let mut fw = firewall_common::firewall(packets as usize + 1);
+            let p: Vec<PacketInfo> = (0..packets)
+                .map(|i| {
+                    let k = firewall_common::flow(i);
+                    firewall_common::packet(firewall_common::OUTSIDE, k, firewall_common::SYN, 60)
+                })
+                .collect();
+            measure_firewall(&mut fw, SEC, &p)
+        }
+        other => {
+            eprintln!("instructions: unknown stage {other:?}");
+            std::process::exit(2);
+        }
+    };
+    if done != packets {
+        eprintln!("instructions: only {done} of {packets} packets took the measured path");
+        std::process::exit(1);
+    }
+    println!(
+        "{stage}: {packets} packets in {:.3} s (wall time, setup included)",
+        t.elapsed().as_secs_f64()
+    );
+}
