@@ -361,3 +361,68 @@ fn malformed_input_is_counted_and_crashes_nothing() {
         "still here\n"
     );
 }
+
+/// The edge firewall with IPv6 addresses too: neighbour discovery answered by the dispatcher,
+/// ICMPv6 echo and a TCP connection through the data planes, an unallowed port refused.
+#[test]
+fn ipv6_through_the_appliance() {
+    let _serial = serial();
+    let lab = LabGuard::up("e2ev6-", 1, 2);
+    let client = lab.lab.client_ns();
+    let server = lab.lab.server_ns(1);
+    let text = std::fs::read_to_string(example("edge-firewall.yaml"))
+        .expect("example")
+        .replace("addresses: [198.18.1.1/24]", "addresses: [198.18.1.1/24, 2001:db8:1::1/64]")
+        .replace("addresses: [198.18.2.1/24]", "addresses: [198.18.2.1/24, 2001:db8:2::1/64]")
+        .replacen(
+            "          - name: inside-out",
+            "          - name: web-in-v6\n            from: outside\n            dst: 2001:db8:2::/64\n            proto: tcp\n            dport: 8090\n            action: accept\n          - name: ping-in-v6\n            from: outside\n            dst: 2001:db8:2::/64\n            proto: icmpv6\n            icmp_type: echo-request\n            action: accept\n          - name: inside-out",
+            1,
+        );
+    assert!(text.contains("2001:db8:1::1/64") && text.contains("web-in-v6"));
+    let m = MgmtGuard::open("e2ev6-");
+    m.mgmt.apply(&text).expect("apply v6 spec");
+    m.wait_ready("edge-fw", 2);
+    let s6: IpAddr = "2001:db8:2::2".parse().unwrap();
+    assert!(
+        apps::wait_until(Duration::from_secs(10), Duration::from_millis(300), || {
+            apps::ping(&client, s6, 2, 3).unwrap_or(false)
+        }),
+        "ping6 through the appliance"
+    );
+    // A TCP listener on [::]:8090 and [::]:8091 in the server; 8091 is not allowed.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let srv = server.clone();
+    std::thread::spawn(move || {
+        dva_io::netns::enter(&srv).expect("netns");
+        let l = std::net::TcpListener::bind("[::]:8090").expect("bind 8090");
+        let _l2 = std::net::TcpListener::bind("[::]:8091").expect("bind 8091");
+        tx.send(()).expect("ready");
+        if let Ok((mut c, _)) = l.accept() {
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 5];
+            if c.read_exact(&mut buf).is_ok() {
+                let _ = c.write_all(&buf);
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("listener up");
+    let echoed = dva_io::netns::in_netns(&client, move || {
+        use std::io::{Read, Write};
+        let addr = SocketAddr::new(s6, 8090);
+        let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"hello")?;
+        let mut buf = [0u8; 5];
+        c.read_exact(&mut buf)?;
+        Ok::<_, std::io::Error>(buf)
+    })
+    .expect("netns")
+    .expect("TCP over IPv6 through the appliance");
+    assert_eq!(&echoed, b"hello");
+    assert!(
+        !apps::tcp_connect(&client, s6, 8091, 2).unwrap_or(true),
+        "port 8091 is not allowed from outside"
+    );
+}
