@@ -42,6 +42,7 @@ impl LabGuard {
             prefix: prefix.to_string(),
             servers,
             hosts,
+            dispatchers: 1,
         })
         .expect("lab up");
         LabGuard { lab }

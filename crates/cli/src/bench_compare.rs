@@ -407,6 +407,7 @@ fn fresh_lab(prefix: &str) -> anyhow::Result<(Lab, Servers)> {
         prefix: prefix.to_string(),
         servers: 3,
         hosts: 2,
+        dispatchers: 1,
     })?;
     let mut nginx = Vec::new();
     for k in 1..=lab.servers {

@@ -200,6 +200,7 @@ pub fn demo(prefix: &str, secs: u32) -> anyhow::Result<()> {
         prefix: prefix.to_string(),
         servers: 3,
         hosts: 2,
+        dispatchers: 1,
     })?;
     let _lab_guard = LabGuard(prefix.to_string());
     print!("{}", lab.describe());
@@ -416,6 +417,7 @@ pub fn bench_forwarding(prefix: &str, secs: u32, streams: u32) -> anyhow::Result
         prefix: prefix.to_string(),
         servers: 1,
         hosts: 2,
+        dispatchers: 1,
     })?;
     let _lab_guard = LabGuard(prefix.to_string());
     let client = lab.client_ns();

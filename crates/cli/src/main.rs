@@ -153,6 +153,9 @@ enum LabCmd {
         servers: usize,
         #[arg(long, default_value_t = 2)]
         hosts: usize,
+        /// Dispatcher hosts; with more than one, upstream routers spread flows over them (ECMP).
+        #[arg(long, default_value_t = 1)]
+        dispatchers: usize,
         #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
         prefix: String,
     },
@@ -271,12 +274,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             LabCmd::Up {
                 servers,
                 hosts,
+                dispatchers,
                 prefix,
             } => {
                 let lab = dva_lab::Lab::up(&dva_lab::LabSpec {
                     prefix,
                     servers,
                     hosts,
+                    dispatchers,
                 })?;
                 print!("{}", lab.describe());
                 Ok(())

@@ -52,6 +52,10 @@ pub struct LabSpec {
     pub prefix: String,
     pub servers: usize,
     pub hosts: usize,
+    /// Dispatcher hosts. With more than one, the lab gets an upstream router on each side
+    /// (`{P}rtr-out`, `{P}rtr-in`, owning the hosts' gateways) spreading flows over the
+    /// dispatchers by ECMP, each dispatcher on its own transit links.
+    pub dispatchers: usize,
 }
 
 impl Default for LabSpec {
@@ -60,6 +64,7 @@ impl Default for LabSpec {
             prefix: DEFAULT_PREFIX.to_string(),
             servers: 3,
             hosts: 2,
+            dispatchers: 1,
         }
     }
 }
@@ -70,6 +75,7 @@ pub struct Lab {
     pub prefix: String,
     pub servers: usize,
     pub hosts: usize,
+    pub dispatchers: usize,
 }
 
 impl Lab {
@@ -109,6 +115,35 @@ impl Lab {
     /// Dispatcher host `d` (the lab has one: d = 1).
     pub fn dispatcher_ns(&self, d: usize) -> String {
         format!("{}disp{d}", self.prefix)
+    }
+
+    /// The upstream router on the outside (`true`) or inside: labs with several dispatchers.
+    pub fn router_ns(&self, outside: bool) -> String {
+        format!("{}rtr-{}", self.prefix, if outside { "out" } else { "in" })
+    }
+
+    /// The routers' address on every transit link (several-dispatcher labs).
+    pub fn router_transit_addr(outside: bool) -> Ipv4Addr {
+        if outside {
+            Ipv4Addr::new(198, 18, 3, 254)
+        } else {
+            Ipv4Addr::new(198, 18, 4, 254)
+        }
+    }
+
+    /// The dispatchers' (shared) address on their transit links (several-dispatcher labs).
+    pub fn dispatcher_transit_addr(outside: bool) -> Ipv4Addr {
+        if outside {
+            Ipv4Addr::new(198, 18, 3, 1)
+        } else {
+            Ipv4Addr::new(198, 18, 4, 1)
+        }
+    }
+
+    /// Spread traffic over these dispatcher hosts only (1-based): a dispatcher that died is
+    /// withdrawn from the upstream routers' ECMP routes, and put back once replaced.
+    pub fn set_ecmp(&self, dispatchers: &[usize]) -> Result<(), LabError> {
+        topology::ecmp(&topology::Tools::find()?, self, dispatchers)
     }
 
     /// Data-plane host `m`, m = 1..=hosts.
@@ -183,6 +218,7 @@ mod tests {
             prefix: "dva-".into(),
             servers: 3,
             hosts: 2,
+            dispatchers: 1,
         };
         assert_eq!(lab.client_ns(), "dva-client");
         assert_eq!(lab.server_ns(2), "dva-server2");

@@ -23,22 +23,31 @@ const MAX_PREFIX_LEN: usize = 40;
 /// How long `down` waits for SIGKILLed processes to leave their namespaces.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
-/// The three L2 segments, each a Linux bridge in the fabric namespace.
+/// The L2 segments, each a Linux bridge in the fabric namespace: outside, inside, backplane, and
+/// in a lab with several dispatchers one point-to-point transit segment per dispatcher and side
+/// (between the upstream router and that dispatcher).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Segment {
     Outside,
     Inside,
     Backplane,
+    TransitOut(usize),
+    TransitIn(usize),
 }
 
-impl Segment {
-    pub(crate) const ALL: [Segment; 3] = [Segment::Outside, Segment::Inside, Segment::Backplane];
+/// Interface names of the routers' transit ports (`&'static str` like every lab interface name).
+const TRANSIT_NAMES: [&str; MAX_DISPATCHERS] = ["t1", "t2", "t3", "t4", "t5", "t6", "t7", "t8"];
+/// Dispatcher hosts of a lab: disp1..dispN, N <= 8.
+pub(crate) const MAX_DISPATCHERS: usize = 8;
 
-    pub(crate) fn bridge(self) -> &'static str {
+impl Segment {
+    pub(crate) fn bridge(self) -> String {
         match self {
-            Segment::Outside => "br-out",
-            Segment::Inside => "br-in",
-            Segment::Backplane => "br-bp",
+            Segment::Outside => "br-out".into(),
+            Segment::Inside => "br-in".into(),
+            Segment::Backplane => "br-bp".into(),
+            Segment::TransitOut(d) => format!("br-to{d}"),
+            Segment::TransitIn(d) => format!("br-ti{d}"),
         }
     }
 
@@ -46,8 +55,8 @@ impl Segment {
     /// needs jumbo frames; the hosts' own segments keep the usual 1500.
     pub(crate) fn mtu(self) -> u32 {
         match self {
-            Segment::Outside | Segment::Inside => 1500,
             Segment::Backplane => 9000,
+            _ => 1500,
         }
     }
 }
@@ -73,15 +82,29 @@ pub(crate) struct Plan {
     pub(crate) fabric: String,
     /// Every namespace of the lab, the fabric first.
     pub(crate) namespaces: Vec<String>,
+    pub(crate) segments: Vec<Segment>,
     pub(crate) ports: Vec<Port>,
+    pub(crate) lab: Lab,
 }
 
 impl Plan {
     pub(crate) fn new(lab: &Lab) -> Plan {
+        let ha = lab.dispatchers > 1;
         let mut namespaces = vec![lab.fabric_ns(), lab.client_ns()];
         namespaces.extend((1..=lab.servers).map(|k| lab.server_ns(k)));
-        namespaces.push(lab.dispatcher_ns(1));
+        namespaces.extend((1..=lab.dispatchers.max(1)).map(|d| lab.dispatcher_ns(d)));
+        if ha {
+            namespaces.push(lab.router_ns(true));
+            namespaces.push(lab.router_ns(false));
+        }
         namespaces.extend((1..=lab.hosts).map(|m| lab.host_ns(m)));
+        let mut segments = vec![Segment::Outside, Segment::Inside, Segment::Backplane];
+        if ha {
+            for d in 1..=lab.dispatchers {
+                segments.push(Segment::TransitOut(d));
+                segments.push(Segment::TransitIn(d));
+            }
+        }
 
         let host_port = |ns: String, ifname, fabric_port: String, segment, v4, v6, gw4, gw6| Port {
             ns,
@@ -120,33 +143,89 @@ impl Plan {
                 Some(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1)),
             ));
         }
-        let disp = lab.dispatcher_ns(1);
-        for (ifname, fabric_port, segment) in [
-            ("out0", "o-disp1", Segment::Outside),
-            ("in0", "i-disp1", Segment::Inside),
-        ] {
-            ports.push(Port {
-                ns: disp.clone(),
-                ifname,
-                fabric_port: fabric_port.to_string(),
-                segment,
-                v4: None,
-                v6: None,
-                gw4: None,
-                gw6: None,
-                appliance: true,
-            });
+        for d in 1..=lab.dispatchers.max(1) {
+            let disp = lab.dispatcher_ns(d);
+            // One dispatcher: its ports are on the hosts' segments and it owns the gateways.
+            // Several: each sits behind the upstream routers on its own transit segments.
+            let (out_seg, in_seg) = if ha {
+                (Segment::TransitOut(d), Segment::TransitIn(d))
+            } else {
+                (Segment::Outside, Segment::Inside)
+            };
+            for (ifname, fabric_port, segment) in [
+                ("out0", format!("o-disp{d}"), out_seg),
+                ("in0", format!("i-disp{d}"), in_seg),
+            ] {
+                ports.push(Port {
+                    ns: disp.clone(),
+                    ifname,
+                    fabric_port,
+                    segment,
+                    v4: None,
+                    v6: None,
+                    gw4: None,
+                    gw6: None,
+                    appliance: true,
+                });
+            }
+            ports.push(host_port(
+                disp,
+                "bp0",
+                format!("b-disp{d}"),
+                Segment::Backplane,
+                Lab::dispatcher_backplane_addr(d),
+                None,
+                None,
+                None,
+            ));
         }
-        ports.push(host_port(
-            disp,
-            "bp0",
-            "b-disp1".to_string(),
-            Segment::Backplane,
-            Lab::dispatcher_backplane_addr(1),
-            None,
-            None,
-            None,
-        ));
+        if ha {
+            for (outside, seg, gw, gw6, transit) in [
+                (
+                    true,
+                    Segment::Outside,
+                    Lab::outside_gateway(),
+                    Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1),
+                    Lab::router_transit_addr(true),
+                ),
+                (
+                    false,
+                    Segment::Inside,
+                    Lab::inside_gateway(),
+                    Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1),
+                    Lab::router_transit_addr(false),
+                ),
+            ] {
+                let ns = lab.router_ns(outside);
+                let side = if outside { "ro" } else { "ri" };
+                ports.push(host_port(
+                    ns.clone(),
+                    "eth0",
+                    format!("{side}-eth0"),
+                    seg,
+                    gw,
+                    Some((gw6, 64)),
+                    None,
+                    None,
+                ));
+                for d in 1..=lab.dispatchers {
+                    ports.push(host_port(
+                        ns.clone(),
+                        TRANSIT_NAMES[d - 1],
+                        format!("{side}-t{d}"),
+                        if outside {
+                            Segment::TransitOut(d)
+                        } else {
+                            Segment::TransitIn(d)
+                        },
+                        transit,
+                        None,
+                        None,
+                        None,
+                    ));
+                }
+            }
+        }
         for m in 1..=lab.hosts {
             ports.push(host_port(
                 lab.host_ns(m),
@@ -162,7 +241,9 @@ impl Plan {
         Plan {
             fabric: lab.fabric_ns(),
             namespaces,
+            segments,
             ports,
+            lab: lab.clone(),
         }
     }
 
@@ -179,6 +260,8 @@ pub(crate) enum Role {
     Dispatcher(usize),
     Server(usize),
     Host(usize),
+    RouterOut,
+    RouterIn,
 }
 
 /// The role of namespace `name` in the lab `prefix`, if it is one of the lab's names. Exact
@@ -189,6 +272,8 @@ pub(crate) fn role(prefix: &str, name: &str) -> Option<Role> {
     match rest {
         "client" => Some(Role::Client),
         "fabric" => Some(Role::Fabric),
+        "rtr-out" => Some(Role::RouterOut),
+        "rtr-in" => Some(Role::RouterIn),
         _ => {
             if let Some(n) = rest.strip_prefix("server") {
                 index(n).map(Role::Server)
@@ -224,6 +309,7 @@ pub(crate) fn shape(prefix: &str, names: &[String]) -> Option<Lab> {
         prefix: prefix.to_string(),
         servers: count(Role::Server),
         hosts: count(Role::Host),
+        dispatchers: count(Role::Dispatcher),
     })
 }
 
@@ -259,6 +345,13 @@ pub(crate) fn validate(spec: &LabSpec) -> Result<(), LabError> {
             what: "servers",
             value: spec.servers,
             max: MAX_SERVERS,
+        });
+    }
+    if spec.dispatchers > MAX_DISPATCHERS {
+        return Err(LabError::InvalidShape {
+            what: "dispatchers",
+            value: spec.dispatchers,
+            max: MAX_DISPATCHERS,
         });
     }
     if spec.hosts > MAX_HOSTS {
@@ -352,6 +445,7 @@ pub(crate) fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         prefix: spec.prefix.clone(),
         servers: spec.servers,
         hosts: spec.hosts,
+        dispatchers: spec.dispatchers.max(1),
     };
     let plan = Plan::new(&lab);
 
@@ -413,14 +507,14 @@ fn build(tools: &Tools, ethtool: &Path, plan: &Plan) -> Result<(), LabError> {
         &cmd::tool("sh")?,
         &["-c", "for f in /proc/sys/net/bridge/bridge-nf-call-*; do if [ -e \"$f\" ]; then echo 0 > \"$f\"; fi; done"],
     )?;
-    for seg in Segment::ALL {
+    for seg in &plan.segments {
         let mtu = seg.mtu().to_string();
         tools.ip_in(
             fabric,
             &[
                 "link",
                 "add",
-                seg.bridge(),
+                &seg.bridge(),
                 "mtu",
                 &mtu,
                 "type",
@@ -488,8 +582,8 @@ fn build(tools: &Tools, ethtool: &Path, plan: &Plan) -> Result<(), LabError> {
     for ns in &plan.namespaces {
         tools.ip_in(ns, &["link", "set", "lo", "up"])?;
     }
-    for seg in Segment::ALL {
-        tools.ip_in(fabric, &["link", "set", seg.bridge(), "up"])?;
+    for seg in &plan.segments {
+        tools.ip_in(fabric, &["link", "set", &seg.bridge(), "up"])?;
     }
     for p in &plan.ports {
         tools.ip_in(
@@ -499,7 +593,7 @@ fn build(tools: &Tools, ethtool: &Path, plan: &Plan) -> Result<(), LabError> {
                 "set",
                 &p.fabric_port,
                 "master",
-                p.segment.bridge(),
+                &p.segment.bridge(),
                 "up",
             ],
         )?;
@@ -556,6 +650,64 @@ fn build(tools: &Tools, ethtool: &Path, plan: &Plan) -> Result<(), LabError> {
             )?;
         }
     }
+    {
+        let lab = &plan.lab;
+        if lab.dispatchers > 1 {
+            for outside in [true, false] {
+                // Forward, spread flows by their L4 hash, and accept traffic on any transit
+                // port (the same transit address sits on each of them).
+                tools.sysctl(
+                    &lab.router_ns(outside),
+                    &settings(&[
+                        "net.ipv4.ip_forward=1",
+                        "net.ipv4.fib_multipath_hash_policy=1",
+                        "net.ipv4.conf.all.rp_filter=0",
+                        "net.ipv4.conf.default.rp_filter=0",
+                    ]),
+                )?;
+            }
+            let all: Vec<usize> = (1..=lab.dispatchers).collect();
+            ecmp(tools, lab, &all)?;
+        }
+    }
+    Ok(())
+}
+
+/// Point each upstream router's route to the far side at these dispatchers, spread by ECMP.
+pub(crate) fn ecmp(tools: &Tools, lab: &Lab, dispatchers: &[usize]) -> Result<(), LabError> {
+    if lab.dispatchers < 2 || dispatchers.is_empty() {
+        return Ok(());
+    }
+    for outside in [true, false] {
+        let ns = lab.router_ns(outside);
+        let (dst, via) = if outside {
+            ("198.18.2.0/24", Lab::dispatcher_transit_addr(true))
+        } else {
+            ("198.18.1.0/24", Lab::dispatcher_transit_addr(false))
+        };
+        let mut args: Vec<String> = ["-4", "route", "replace", dst]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for &d in dispatchers {
+            if d == 0 || d > lab.dispatchers {
+                continue;
+            }
+            args.extend(
+                [
+                    "nexthop",
+                    "via",
+                    &via.to_string(),
+                    "dev",
+                    TRANSIT_NAMES[d - 1],
+                ]
+                .iter()
+                .map(|s| s.to_string()),
+            );
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        tools.ip_in(&ns, &refs)?;
+    }
     Ok(())
 }
 
@@ -575,14 +727,11 @@ pub(crate) fn check(tools: &Tools, plan: &Plan) -> Result<Check, LabError> {
     let mut kernel_router = false;
 
     let links = tools.ip_json(&plan.fabric, &["link", "show"])?;
-    for seg in Segment::ALL {
-        match find_link(&links, seg.bridge()) {
-            None => problems.push(format!(
-                "bridge {} missing in {}",
-                seg.bridge(),
-                plan.fabric
-            )),
-            Some(l) => problems.extend(link_problems(&plan.fabric, seg.bridge(), l, seg.mtu())),
+    for seg in &plan.segments {
+        let bridge = seg.bridge();
+        match find_link(&links, &bridge) {
+            None => problems.push(format!("bridge {bridge} missing in {}", plan.fabric)),
+            Some(l) => problems.extend(link_problems(&plan.fabric, &bridge, l, seg.mtu())),
         }
     }
     for p in &plan.ports {
@@ -595,7 +744,7 @@ pub(crate) fn check(tools: &Tools, plan: &Plan) -> Result<Check, LabError> {
                     l,
                     p.segment.mtu(),
                 ));
-                if l.get("master").and_then(Value::as_str) != Some(p.segment.bridge()) {
+                if l.get("master").and_then(Value::as_str) != Some(p.segment.bridge().as_str()) {
                     problems.push(format!(
                         "port {} in {} is not on bridge {}",
                         p.fabric_port,
@@ -769,6 +918,16 @@ fn kill<'a>(pids: impl Iterator<Item = &'a u32>) {
 }
 
 pub(crate) fn kernel_router(tools: &Tools, lab: &Lab, on: bool) -> Result<(), LabError> {
+    if lab.dispatchers > 1 {
+        if !on {
+            return Ok(());
+        }
+        return Err(LabError::InvalidArgument {
+            what: "kernel router".into(),
+            value: lab.prefix.clone(),
+            reason: "only in a lab with one dispatcher host",
+        });
+    }
     let disp = lab.dispatcher_ns(1);
     if on {
         // `replace`, not `add`: turning it on twice is not an error.
@@ -844,7 +1003,7 @@ pub(crate) fn describe(lab: &Lab) -> String {
             p.ns.clone(),
             p.ifname.to_string(),
             p.fabric_port.clone(),
-            p.segment.bridge().to_string(),
+            p.segment.bridge(),
             p.segment.mtu().to_string(),
             addresses,
         ]);
@@ -881,6 +1040,7 @@ mod tests {
             prefix: "t-".into(),
             servers,
             hosts,
+            dispatchers: 1,
         }
     }
 
@@ -1005,6 +1165,7 @@ mod tests {
             prefix: "p-".into(),
             servers: 254,
             hosts: 1,
+            dispatchers: 1,
         })
         .unwrap_err();
         assert!(e.to_string().contains("servers = 254"), "{e}");
@@ -1012,6 +1173,7 @@ mod tests {
             prefix: "p-".into(),
             servers: 1,
             hosts: 245,
+            dispatchers: 1,
         })
         .unwrap_err();
         assert!(e.to_string().contains("hosts = 245"), "{e}");
@@ -1019,6 +1181,7 @@ mod tests {
             prefix: "p-".into(),
             servers: MAX_SERVERS,
             hosts: MAX_HOSTS,
+            dispatchers: 1,
         })
         .unwrap();
     }

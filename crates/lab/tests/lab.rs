@@ -35,6 +35,7 @@ fn spec(tag: &str, servers: usize, hosts: usize) -> LabSpec {
         prefix: prefix(tag),
         servers,
         hosts,
+        dispatchers: 1,
     }
 }
 
@@ -403,7 +404,8 @@ fn apps_report_failures_clearly() {
         Lab::up(&LabSpec {
             prefix: "-x".into(),
             servers: 1,
-            hosts: 1
+            hosts: 1,
+            dispatchers: 1,
         }),
         Err(LabError::InvalidPrefix { .. })
     ));
