@@ -923,7 +923,7 @@ pub(crate) fn kernel_router(tools: &Tools, lab: &Lab, on: bool) -> Result<(), La
             return Ok(());
         }
         return Err(LabError::InvalidArgument {
-            what: "kernel router".into(),
+            what: "kernel router",
             value: lab.prefix.clone(),
             reason: "only in a lab with one dispatcher host",
         });
