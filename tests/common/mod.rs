@@ -36,6 +36,19 @@ pub struct LabGuard {
 }
 
 impl LabGuard {
+    /// A lab with several dispatcher hosts behind upstream ECMP routers.
+    pub fn up_ha(prefix: &str, servers: usize, hosts: usize, dispatchers: usize) -> LabGuard {
+        let _ = Lab::down(prefix);
+        let lab = Lab::up(&LabSpec {
+            prefix: prefix.to_string(),
+            servers,
+            hosts,
+            dispatchers,
+        })
+        .expect("lab up");
+        LabGuard { lab }
+    }
+
     pub fn up(prefix: &str, servers: usize, hosts: usize) -> LabGuard {
         let _ = Lab::down(prefix);
         let lab = Lab::up(&LabSpec {

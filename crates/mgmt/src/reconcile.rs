@@ -51,6 +51,8 @@ pub struct Runtime {
     drain_clear: BTreeMap<u32, Instant>,
     units_json: String,
     pub(crate) autoscaler: Autoscaler,
+    /// Dispatcher hosts the upstream routes point at.
+    ecmp: Vec<usize>,
 }
 
 struct ManagerLink {
@@ -220,18 +222,37 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
             None,
         ));
     }
-    let disp_host = lab.dispatcher_ns(1);
-    if !app
-        .rec
-        .units
-        .iter()
-        .any(|u| u.role == UnitRole::Dispatcher && u.host == disp_host)
+    let want_disp = app.spec.spec.layout.dispatchers as usize;
+    if want_disp <= lab.dispatchers.max(1)
+        && app
+            .rt
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("spec.layout.dispatchers"))
     {
-        let addr = SocketAddr::new(
-            IpAddr::V4(Lab::dispatcher_backplane_addr(1)),
-            BACKPLANE_PORT,
-        );
-        to_start.push((UnitRole::Dispatcher, disp_host, Some(addr)));
+        app.rt.error = None;
+    }
+    if want_disp > lab.dispatchers.max(1) {
+        app.rt.error = Some(format!(
+            "spec.layout.dispatchers is {want_disp} but lab {} has {} dispatcher host(s) \
+             (`dva lab up --dispatchers {want_disp}`)",
+            lab.prefix, lab.dispatchers
+        ));
+    }
+    for d in 1..=want_disp.min(lab.dispatchers.max(1)) {
+        let disp_host = lab.dispatcher_ns(d);
+        if !app
+            .rec
+            .units
+            .iter()
+            .any(|u| u.role == UnitRole::Dispatcher && u.host == disp_host)
+        {
+            let addr = SocketAddr::new(
+                IpAddr::V4(Lab::dispatcher_backplane_addr(d)),
+                BACKPLANE_PORT,
+            );
+            to_start.push((UnitRole::Dispatcher, disp_host, Some(addr)));
+        }
     }
     let active: Vec<u32> = app
         .rec
@@ -541,6 +562,31 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
         .is_some_and(|e| e.starts_with("no lab"))
     {
         app.rt.error = None;
+    }
+    // Upstream ECMP over the dispatchers that serve: a dead one is withdrawn at once, its
+    // replacement put back once ready (labs with several dispatcher hosts).
+    if lab.dispatchers > 1 {
+        let serving: Vec<usize> = (1..=lab.dispatchers)
+            .filter(|&d| {
+                app.rec.units.iter().any(|u| {
+                    u.role == UnitRole::Dispatcher
+                        && u.state == UnitState::Ready
+                        && u.host == lab.dispatcher_ns(d)
+                })
+            })
+            .collect();
+        if !serving.is_empty() && serving != app.rt.ecmp {
+            match lab.set_ecmp(&serving) {
+                Ok(()) => {
+                    let msg = format!(
+                        "upstream routes now spread flows over dispatcher host(s) {serving:?}"
+                    );
+                    push_event(&mut app.rec, "routes", msg);
+                    app.rt.ecmp = serving;
+                }
+                Err(e) => app.rt.error = Some(format!("updating upstream routes: {e}")),
+            }
+        }
     }
 
     if app.rec != before {

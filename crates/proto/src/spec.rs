@@ -110,6 +110,9 @@ pub struct LayoutSpec {
     /// Manager units: one leads, the others stand by to take over (1-5).
     #[serde(default = "one")]
     pub managers: u32,
+    /// Dispatcher units, one per dispatcher host (1-8); upstream routers spread flows over them.
+    #[serde(default = "one")]
+    pub dispatchers: u32,
     /// How long a removed data plane serves its existing flows before it exports their state to
     /// the buckets' new owners and exits (e.g. "30s"; default 300s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,6 +128,7 @@ impl Default for LayoutSpec {
             dataplanes: DataplaneLayout::default(),
             buckets: default_buckets(),
             managers: 1,
+            dispatchers: 1,
             drain_deadline: None,
             autoscale: None,
         }
@@ -975,6 +979,12 @@ impl ApplianceSpec {
                     dp.initial(),
                     dp.max
                 ),
+            ));
+        }
+        if !(1..=8).contains(&l.dispatchers) {
+            return Err(SpecError::field(
+                "spec.layout.dispatchers",
+                format!("{} is outside 1..=8", l.dispatchers),
             ));
         }
         if !(1..=5).contains(&l.managers) {
