@@ -145,3 +145,52 @@ fn the_standby_manager_takes_over_without_rollback() {
         },
     );
 }
+
+/// The backplane impairment device: a data-plane host's link loses, delays and reorders frames,
+/// then is cut off for a second; TCP connections through it recover, none breaks.
+#[test]
+fn an_impaired_or_briefly_cut_off_backplane_link_breaks_no_connection() {
+    let _serial = serial();
+    let lab = LabGuard::up("e2eim-", 1, 2);
+    let client = lab.lab.client_ns();
+    let _srv = StreamServer::start(&lab.lab.server_ns(1), 80).expect("stream server");
+    let m = MgmtGuard::open("e2eim-");
+    m.apply_file(&example("edge-firewall.yaml"));
+    m.wait_ready("edge-fw", 2);
+    let streams = apps::start_streams(
+        &client,
+        SocketAddr::new(IpAddr::from(SERVER1), 80),
+        20,
+        Duration::from_secs(10),
+        30_000,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let imp = apps::Impaired::start(
+        &lab.lab,
+        2,
+        apps::Impairment {
+            drop_pct: 3.0,
+            delay: Duration::from_millis(5),
+            reorder_pct: 2.0,
+        },
+    )
+    .expect("impairment device");
+    std::thread::sleep(Duration::from_secs(3));
+    imp.set(apps::Impairment {
+        drop_pct: 100.0,
+        ..Default::default()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    imp.set(apps::Impairment::default());
+    std::thread::sleep(Duration::from_secs(1));
+    let st = imp.stats();
+    eprintln!("impairment device: {st:?}");
+    assert!(
+        st.dropped > 0 && st.reordered > 0 && st.forwarded > 0,
+        "{st:?}"
+    );
+    drop(imp);
+    let results = streams.join().expect("streams");
+    let broken: Vec<_> = results.iter().filter(|r| !r.intact()).collect();
+    assert!(broken.is_empty(), "{broken:#?}");
+}

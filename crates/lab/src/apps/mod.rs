@@ -10,6 +10,7 @@
 //! the client not running at all (missing tool, missing namespace, bad arguments).
 
 mod haproxy;
+mod impair;
 mod iperf3;
 mod nft;
 mod nginx;
@@ -26,6 +27,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub use haproxy::Haproxy;
+pub use impair::{ImpairStats, Impaired, Impairment};
 pub use iperf3::{iperf3_client, Iperf3Report, Iperf3Server};
 pub use nft::NftTable;
 pub use nginx::{Nginx, BIG_BYTES};
