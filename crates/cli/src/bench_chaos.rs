@@ -16,7 +16,7 @@ use dva_lab::apps::{Nginx, StreamServer, UdpEchoServer};
 use dva_lab::{Lab, LabSpec};
 use dva_mgmt::{ApplianceStatus, ApplianceView, Mgmt, MgmtOptions, UnitRole, UnitState};
 
-use crate::bench_elasticity::{finish, get, start_traffic, wait};
+use crate::bench_elasticity::{finish, start_traffic};
 
 pub struct Options {
     pub prefix: String,
@@ -47,13 +47,41 @@ impl Rng {
     }
 }
 
+/// The highly available edge firewall: 2 dispatchers behind the lab's ECMP routers, 2 managers,
+/// 3 data planes.
 fn ha_spec() -> anyhow::Result<String> {
-    let text = crate::bench_elasticity::spec(false)?;
-    Ok(text.replacen(
-        "    dataplanes: { min: 1, initial: 1, max: 4 }",
-        "    dataplanes: { min: 1, initial: 3, max: 4 }\n    managers: 2",
-        1,
-    ))
+    Ok(std::fs::read_to_string(crate::demo::spec_path(
+        "edge-firewall-ha.yaml",
+    )?)?)
+}
+
+const NAME: &str = "edge-fw-ha";
+
+fn get(mgmt: &Mgmt) -> anyhow::Result<ApplianceView> {
+    mgmt.get(NAME).map_err(|e| anyhow!("{e}"))
+}
+
+fn wait(
+    mgmt: &Mgmt,
+    what: &str,
+    timeout: Duration,
+    f: impl Fn(&ApplianceView) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = get(mgmt)?;
+        if f(&v) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "{what}: not within {timeout:?} ({:?}, {:?})",
+                v.dataplanes,
+                v.error
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn back_to_layout(v: &ApplianceView) -> bool {
@@ -62,6 +90,11 @@ fn back_to_layout(v: &ApplianceView) -> bool {
         && v.units
             .iter()
             .filter(|u| u.role == UnitRole::Manager && u.state == UnitState::Ready)
+            .count()
+            == 2
+        && v.units
+            .iter()
+            .filter(|u| u.role == UnitRole::Dispatcher && u.state == UnitState::Ready)
             .count()
             == 2
         && v.units.iter().any(|u| u.leader == Some(true))
@@ -75,7 +108,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         prefix: prefix.to_string(),
         servers: 3,
         hosts: 2,
-        dispatchers: 1,
+        dispatchers: 2,
     })?;
     let _lab_guard = crate::demo::LabGuard(prefix.to_string());
     let _web = Nginx::start(&lab.server_ns(1), &[80], "ok\n")?;
@@ -92,7 +125,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let secs = u64::from(kills * every) + 6;
     println!(
         "\n== chaos: {kills} kill -9 of a random unit every {every} s (seed {}), under 30 checked TCP \
-         connections, wrk and 10 UDP echo streams, {secs} s; 3 data planes, 2 managers, 1 dispatcher",
+         connections, wrk and 10 UDP echo streams, {secs} s; 3 data planes, 2 managers, 2 dispatchers behind ECMP routers",
         opts.seed
     );
     let traffic = start_traffic(&client, secs, 30, 10, 200, true);
