@@ -4,18 +4,27 @@
 //! Every error is JSON `{"error": {"code", "message"}}` with a matching status; no input makes
 //! the server panic or lose state: operations go through [`Mgmt`], which validates before it
 //! changes anything.
+//!
+//! The HTTP/1.1 layer is a small one of our own on `std::net` rather than a library: it is all
+//! bounds. A request head is at most [`MAX_HEAD`] bytes, a body at most [`MAX_BODY`] (checked
+//! against `Content-Length` before anything is read or allocated), a whole request must arrive
+//! within [`REQUEST_TIMEOUT`], and at most [`MAX_CONNECTIONS`] are served at once, each on its own
+//! thread, so a slow call (a delete waits for units to stop) or a slow client holds up nobody
+//! else. One request per connection (`Connection: close`), which is all the CLI needs.
+//! (tiny_http 0.12, tried first, allocates a request's declared `Content-Length` when it drops an
+//! unread body: one unauthenticated request declaring a few TB aborted the process.)
 
-use std::io::Read;
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::core::Mgmt;
 use crate::model::{ApiError, ScaleRequest};
@@ -38,30 +47,65 @@ pub const ROUTES: &[(&str, &str)] = &[
 ];
 
 /// Largest request body accepted (a spec is a few KB).
-const MAX_BODY: u64 = 1 << 20;
-const WORKERS: usize = 4;
+pub const MAX_BODY: usize = 1 << 20;
+/// Largest request line plus headers.
+pub const MAX_HEAD: usize = 16 << 10;
+/// Connections served at once; more are answered 503 straight away.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send a whole request (head and body).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_HEADERS: usize = 100;
+/// After answering, how long unread input is drained before closing (so the client reads the
+/// answer instead of a reset).
+const LINGER: Duration = Duration::from_millis(500);
+/// How long [`ApiServer::stop`] waits for calls in progress.
+const STOP_WAIT: Duration = Duration::from_secs(15);
 
+struct Shared {
+    mgmt: Mgmt,
+    token: String,
+    stop: AtomicBool,
+    active: AtomicUsize,
+}
+
+/// A running API server; [`stop`](ApiServer::stop) (or drop) ends it.
 pub struct ApiServer {
-    server: Arc<Server>,
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    workers: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
 }
 
 impl ApiServer {
+    /// The address actually bound (the real port when asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
+    /// Stop accepting, and wait (a bounded time) for the calls in progress to finish.
     pub fn stop(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        self.server.unblock();
-        for w in self.workers.drain(..) {
-            let _ = w.join();
+        let Some(acceptor) = self.acceptor.take() else {
+            return;
+        };
+        self.shared.stop.store(true, Ordering::Release);
+        // The acceptor blocks in accept(): a connection of our own wakes it to see the flag.
+        let wake = SocketAddr::new(
+            match self.addr.ip() {
+                IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                ip => ip,
+            },
+            self.addr.port(),
+        );
+        if TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok() {
+            let _ = acceptor.join();
+        }
+        let deadline = Instant::now() + STOP_WAIT;
+        while self.shared.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -72,41 +116,80 @@ impl Drop for ApiServer {
     }
 }
 
-/// Serve the API on `listen` with a few worker threads (a delete waits for units to stop; other
-/// calls keep being answered meanwhile).
+/// Serve the API on `listen`, each connection on its own thread (at most [`MAX_CONNECTIONS`]).
 pub fn serve(mgmt: Mgmt, listen: SocketAddr, token: String) -> anyhow::Result<ApiServer> {
-    let server = Server::http(listen).map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .context("the API listens on an IP address")?;
-    let server = Arc::new(server);
-    let stop = Arc::new(AtomicBool::new(false));
-    let token = Arc::new(token);
-    let mut workers = Vec::new();
-    for i in 0..WORKERS {
-        let (server, stop, token, mgmt) =
-            (server.clone(), stop.clone(), token.clone(), mgmt.clone());
-        workers.push(
-            std::thread::Builder::new()
-                .name(format!("api-{i}"))
-                .spawn(move || {
-                    while !stop.load(Ordering::Acquire) {
-                        match server.recv_timeout(Duration::from_millis(200)) {
-                            Ok(Some(req)) => handle(&mgmt, &token, req),
-                            Ok(None) => {}
-                            Err(_) => break,
-                        }
-                    }
-                })?,
-        );
-    }
+    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        mgmt,
+        token,
+        stop: AtomicBool::new(false),
+        active: AtomicUsize::new(0),
+    });
+    let acceptor = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("api-accept".into())
+            .spawn(move || accept_loop(&listener, &shared))?
+    };
     Ok(ApiServer {
-        server,
         addr,
-        stop,
-        workers,
+        shared,
+        acceptor: Some(acceptor),
     })
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    loop {
+        let accepted = listener.accept();
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        match accepted {
+            Ok((stream, _)) => dispatch(shared, stream),
+            // Out of file descriptors and the like: back off instead of spinning.
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Counts a connection in progress for as long as it lives (also through a panic).
+struct Active(Arc<Shared>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn dispatch(shared: &Arc<Shared>, mut stream: TcpStream) {
+    let busy = |stream: &mut TcpStream| {
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let r = Reply::error(503, "unavailable", "too many connections; retry".into());
+        let _ = stream.write_all(&r.to_bytes());
+    };
+    if shared.active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+        shared.active.fetch_sub(1, Ordering::AcqRel);
+        return busy(&mut stream);
+    }
+    let active = Active(shared.clone());
+    // Kept to say "busy" should the thread not start (the stream itself moves into it).
+    let spare = stream.try_clone();
+    let spawned = std::thread::Builder::new()
+        .name("api-conn".into())
+        .spawn(move || serve_connection(&active.0, stream));
+    // A failed spawn dropped the closure, and with it the count.
+    if let (Err(_), Ok(mut spare)) = (spawned, spare) {
+        busy(&mut spare);
+    }
+}
+
+/// An HTTP answer: always a complete body with its length, then the connection closes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reply {
+    status: u16,
+    content_type: &'static str,
+    body: String,
 }
 
 #[derive(Serialize)]
@@ -120,31 +203,282 @@ struct ErrorDetail<'a> {
     message: String,
 }
 
-fn json_header() -> Header {
-    Header::from_bytes("Content-Type", "application/json").expect("static header is valid")
-}
+impl Reply {
+    fn json<T: Serialize>(status: u16, body: &T) -> Reply {
+        match serde_json::to_string_pretty(body) {
+            Ok(text) => Reply {
+                status,
+                content_type: "application/json",
+                body: text + "\n",
+            },
+            Err(e) => Reply::error(500, "internal", format!("encoding the answer: {e}")),
+        }
+    }
 
-fn respond_json<T: Serialize>(req: Request, status: u16, body: &T) {
-    let text = serde_json::to_string_pretty(body).unwrap_or_else(|_| "{}".into());
-    let _ = req.respond(
-        Response::from_string(text + "\n")
-            .with_status_code(status)
-            .with_header(json_header()),
-    );
-}
-
-fn respond_error(req: Request, status: u16, code: &str, message: String) {
-    respond_json(
-        req,
-        status,
-        &ErrorBody {
+    fn error(status: u16, code: &str, message: String) -> Reply {
+        let body = ErrorBody {
             error: ErrorDetail { code, message },
-        },
-    );
+        };
+        Reply {
+            status,
+            content_type: "application/json",
+            body: serde_json::to_string_pretty(&body).unwrap_or_default() + "\n",
+        }
+    }
+
+    fn api(e: ApiError) -> Reply {
+        Reply::error(e.status(), e.code(), e.to_string())
+    }
+
+    fn from<T: Serialize>(r: Result<T, ApiError>) -> Reply {
+        match r {
+            Ok(v) => Reply::json(200, &v),
+            Err(e) => Reply::api(e),
+        }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let reason = match self.status {
+            200 => "OK",
+            400 => "Bad Request",
+            401 => "Unauthorized",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            408 => "Request Timeout",
+            409 => "Conflict",
+            411 => "Length Required",
+            413 => "Content Too Large",
+            422 => "Unprocessable Content",
+            431 => "Request Header Fields Too Large",
+            500 => "Internal Server Error",
+            503 => "Service Unavailable",
+            505 => "HTTP Version Not Supported",
+            _ => "",
+        };
+        let mut out = format!(
+            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.status,
+            self.content_type,
+            self.body.len()
+        );
+        if self.status == 401 {
+            out += "WWW-Authenticate: Bearer\r\n";
+        }
+        out += "\r\n";
+        let mut bytes = out.into_bytes();
+        bytes.extend_from_slice(self.body.as_bytes());
+        bytes
+    }
 }
 
-fn respond_api_error(req: Request, e: ApiError) {
-    respond_error(req, e.status(), e.code(), e.to_string());
+/// What a request head says that matters here.
+#[derive(Debug, Default)]
+struct Head {
+    method: String,
+    target: String,
+    authorization: Option<String>,
+    content_length: Option<usize>,
+    expect_continue: bool,
+}
+
+enum ReadError {
+    /// The client went away before sending anything: nothing to answer.
+    Closed,
+    Reply(Reply),
+}
+
+impl From<Reply> for ReadError {
+    fn from(r: Reply) -> ReadError {
+        ReadError::Reply(r)
+    }
+}
+
+fn timed_out() -> ReadError {
+    ReadError::Reply(Reply::error(
+        408,
+        "timeout",
+        format!(
+            "the request did not arrive within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        ),
+    ))
+}
+
+/// One read before `deadline`: `Ok(0)` at end of input.
+fn read_some(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<usize, ReadError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+        return Err(timed_out());
+    }
+    loop {
+        match s.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(timed_out())
+            }
+            Err(_) => return Err(ReadError::Closed),
+        }
+    }
+}
+
+/// Read up to the end of the head; returns the head and the body bytes read past it.
+fn read_head(s: &mut TcpStream, deadline: Instant) -> Result<(Head, Vec<u8>), ReadError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(end) = head_end(&buf) {
+            break end;
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(Reply::error(
+                431,
+                "too_large",
+                format!("request head over {MAX_HEAD} bytes"),
+            )
+            .into());
+        }
+        let n = read_some(s, &mut chunk, deadline)?;
+        if n == 0 {
+            if buf.iter().all(u8::is_ascii_whitespace) {
+                return Err(ReadError::Closed);
+            }
+            return Err(bad("the request ended inside its head").into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let (head_bytes, rest) = buf.split_at(end.0);
+    let head = parse_head(head_bytes)?;
+    Ok((head, rest[end.1..].to_vec()))
+}
+
+/// Where the head ends: (its length, the length of the blank-line terminator).
+fn head_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4));
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+fn bad(message: &str) -> Reply {
+    Reply::error(400, "bad_request", message.to_string())
+}
+
+fn parse_head(bytes: &[u8]) -> Result<Head, Reply> {
+    let text = std::str::from_utf8(bytes).map_err(|_| bad("request head is not UTF-8"))?;
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    // Tolerate blank lines before the request line (RFC 9112 §2.2).
+    let request_line = lines
+        .by_ref()
+        .find(|l| !l.is_empty())
+        .ok_or_else(|| bad("empty request"))?;
+    let mut parts = request_line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad(
+            "malformed request line (expected METHOD TARGET HTTP/1.1)",
+        ));
+    };
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(bad("malformed request method"));
+    }
+    if !target.starts_with('/') {
+        return Err(bad("the request target must be a path"));
+    }
+    if version != "HTTP/1.1" && version != "HTTP/1.0" {
+        return Err(Reply::error(
+            505,
+            "bad_request",
+            format!("{version} is not supported (HTTP/1.1 is)"),
+        ));
+    }
+    let mut head = Head {
+        method: method.to_string(),
+        target: target.to_string(),
+        ..Head::default()
+    };
+    for (i, line) in lines.enumerate() {
+        if i >= MAX_HEADERS {
+            return Err(Reply::error(
+                431,
+                "too_large",
+                format!("more than {MAX_HEADERS} headers"),
+            ));
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| bad("malformed header line"))?;
+        if name.is_empty() || name.bytes().any(|b| b.is_ascii_whitespace()) {
+            return Err(bad("malformed header name"));
+        }
+        let value = value.trim();
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => {
+                let n: u64 = value
+                    .parse()
+                    .map_err(|_| bad("Content-Length is not a number"))?;
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                // Two differing lengths are how requests get smuggled: refuse.
+                if head.content_length.is_some_and(|m| m != n) {
+                    return Err(bad("conflicting Content-Length headers"));
+                }
+                head.content_length = Some(n);
+            }
+            "transfer-encoding" => {
+                return Err(Reply::error(
+                    411,
+                    "length_required",
+                    "chunked bodies are not accepted: send Content-Length".into(),
+                ))
+            }
+            "authorization" => head.authorization = Some(value.to_string()),
+            "expect" if value.eq_ignore_ascii_case("100-continue") => head.expect_continue = true,
+            _ => {}
+        }
+    }
+    Ok(head)
+}
+
+fn read_body(
+    s: &mut TcpStream,
+    head: &Head,
+    mut body: Vec<u8>,
+    deadline: Instant,
+) -> Result<String, ReadError> {
+    let len = head.content_length.unwrap_or(0);
+    if len > MAX_BODY {
+        return Err(Reply::error(
+            413,
+            "too_large",
+            format!("body of {len} bytes is over the limit of {MAX_BODY}"),
+        )
+        .into());
+    }
+    if head.expect_continue && body.len() < len {
+        let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+    let mut chunk = [0u8; 16 << 10];
+    while body.len() < len {
+        let want = (len - body.len()).min(chunk.len());
+        let n = read_some(s, &mut chunk[..want], deadline)?;
+        if n == 0 {
+            return Err(bad("the body is shorter than its Content-Length").into());
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(len);
+    String::from_utf8(body).map_err(|_| bad("the body is not UTF-8").into())
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from response times.
@@ -155,152 +489,207 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorized(req: &Request, token: &str) -> bool {
-    req.headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .and_then(|h| h.value.as_str().strip_prefix("Bearer "))
-        .is_some_and(|t| same(t.trim().as_bytes(), token.as_bytes()))
+fn authorized(head: &Head, token: &str) -> bool {
+    let Some(value) = head.authorization.as_deref() else {
+        return false;
+    };
+    let Some((scheme, credentials)) = value.split_once(' ') else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case("bearer") && same(credentials.trim().as_bytes(), token.as_bytes())
 }
 
-fn read_body(req: &mut Request) -> Result<String, (u16, &'static str, String)> {
-    let mut body = Vec::new();
-    let n = req
-        .as_reader()
-        .take(MAX_BODY + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| (400, "bad_request", format!("reading the body: {e}")))?;
-    if n as u64 > MAX_BODY {
-        return Err((413, "too_large", format!("body over {MAX_BODY} bytes")));
-    }
-    String::from_utf8(body).map_err(|_| (400, "bad_request", "body is not UTF-8".into()))
+/// A routed call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call<'a> {
+    Health,
+    OpenApi,
+    List,
+    Apply,
+    Get(&'a str),
+    Put(&'a str),
+    Delete(&'a str),
+    Scale(&'a str),
+    Units(&'a str),
+    Events(&'a str),
 }
 
-fn handle(mgmt: &Mgmt, token: &str, mut req: Request) {
-    let url = req.url().to_string();
-    let path = url.split('?').next().unwrap_or("").trim_end_matches('/');
-    let path = if path.is_empty() { "/" } else { path };
-    let method = req.method().clone();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    // Unauthenticated: liveness and the API's own description.
-    match (&method, path) {
-        (Method::Get, "/healthz") => {
-            let _ = req.respond(Response::from_string("ok\n"));
-            return;
-        }
-        (Method::Get, "/v1/openapi.json") => {
-            let _ = req.respond(Response::from_string(OPENAPI).with_header(json_header()));
-            return;
-        }
-        _ => {}
+impl Call<'_> {
+    /// Whether the call needs the bearer token.
+    fn guarded(self) -> bool {
+        !matches!(self, Call::Health | Call::OpenApi)
     }
-    let known = ROUTES.iter().any(|(_, t)| matches_template(t, &segments));
-    if !known {
-        return respond_error(req, 404, "not_found", format!("no route {path}"));
+    fn has_body(self) -> bool {
+        matches!(self, Call::Apply | Call::Put(_) | Call::Scale(_))
     }
-    if !authorized(&req, token) {
-        return respond_error(
-            req,
-            401,
-            "unauthorized",
-            "missing or wrong bearer token (Authorization: Bearer <token>; `dva serve` prints where the token is)".into(),
-        );
-    }
-    match (&method, segments.as_slice()) {
-        (Method::Get, ["v1", "appliances"]) => respond_json(req, 200, &mgmt.list()),
-        (Method::Post, ["v1", "appliances"]) => match read_body(&mut req) {
-            Ok(body) => match mgmt.apply(&body) {
-                Ok(v) => respond_json(req, 200, &v),
-                Err(e) => respond_api_error(req, e),
-            },
-            Err((s, c, m)) => respond_error(req, s, c, m),
-        },
-        (Method::Get, ["v1", "appliances", name]) => match mgmt.get(name) {
-            Ok(v) => respond_json(req, 200, &v),
-            Err(e) => respond_api_error(req, e),
-        },
-        (Method::Put, ["v1", "appliances", name]) => {
-            let name = name.to_string();
-            match read_body(&mut req) {
-                Ok(body) => {
-                    match dva_proto::ApplianceSpec::from_yaml(&body) {
-                        Ok(spec) if spec.name() != name => {
-                            return respond_error(
-                                req,
-                                422,
-                                "invalid",
-                                format!(
-                                    "metadata.name: {:?} does not match the path's {name:?}",
-                                    spec.name()
-                                ),
-                            )
-                        }
-                        _ => {}
-                    }
-                    match mgmt.apply(&body) {
-                        Ok(v) => respond_json(req, 200, &v),
-                        Err(e) => respond_api_error(req, e),
-                    }
-                }
-                Err((s, c, m)) => respond_error(req, s, c, m),
-            }
+}
+
+/// Map a method and path (query and one trailing slash ignored) to a call: 404 when no route has
+/// the path, 405 when one has it with other methods.
+fn route<'a>(method: &str, target: &'a str) -> Result<Call<'a>, Reply> {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    let path = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
+    let segments: Vec<&'a str> = path.split('/').skip(1).collect();
+    let call = match (method, segments.as_slice()) {
+        ("GET", ["healthz"]) => Call::Health,
+        ("GET", ["v1", "openapi.json"]) => Call::OpenApi,
+        ("GET", ["v1", "appliances"]) => Call::List,
+        ("POST", ["v1", "appliances"]) => Call::Apply,
+        ("GET", ["v1", "appliances", n]) if !n.is_empty() => Call::Get(n),
+        ("PUT", ["v1", "appliances", n]) if !n.is_empty() => Call::Put(n),
+        ("DELETE", ["v1", "appliances", n]) if !n.is_empty() => Call::Delete(n),
+        ("POST", ["v1", "appliances", n, "scale"]) if !n.is_empty() => Call::Scale(n),
+        ("GET", ["v1", "appliances", n, "units"]) if !n.is_empty() => Call::Units(n),
+        ("GET", ["v1", "appliances", n, "events"]) if !n.is_empty() => Call::Events(n),
+        _ => {
+            let allowed: Vec<&str> = ROUTES
+                .iter()
+                .filter(|(_, t)| matches_template(t, &segments))
+                .map(|(m, _)| *m)
+                .collect();
+            return Err(if allowed.is_empty() {
+                Reply::error(404, "not_found", format!("no route {path}"))
+            } else {
+                Reply::error(
+                    405,
+                    "method_not_allowed",
+                    format!(
+                        "{method} is not allowed on {path} (allowed: {})",
+                        allowed.join(", ")
+                    ),
+                )
+            });
         }
-        (Method::Delete, ["v1", "appliances", name]) => {
-            let name = name.to_string();
-            match mgmt.delete(&name) {
-                Ok(()) => respond_json(req, 200, &serde_json::json!({ "deleted": name })),
-                Err(e) => respond_api_error(req, e),
-            }
-        }
-        (Method::Post, ["v1", "appliances", name, "scale"]) => {
-            let name = name.to_string();
-            match read_body(&mut req) {
-                Ok(body) => match serde_json::from_str::<ScaleRequest>(&body) {
-                    Ok(r) => match mgmt.scale(&name, &r) {
-                        Ok(v) => respond_json(req, 200, &v),
-                        Err(e) => respond_api_error(req, e),
-                    },
-                    Err(e) => respond_error(req, 400, "bad_request", format!("scale request: {e}")),
-                },
-                Err((s, c, m)) => respond_error(req, s, c, m),
-            }
-        }
-        (Method::Get, ["v1", "appliances", name, "units"]) => match mgmt.units(name) {
-            Ok(v) => respond_json(req, 200, &v),
-            Err(e) => respond_api_error(req, e),
-        },
-        (Method::Get, ["v1", "appliances", name, "events"]) => match mgmt.events(name) {
-            Ok(v) => respond_json(req, 200, &v),
-            Err(e) => respond_api_error(req, e),
-        },
-        _ => respond_error(
-            req,
-            405,
-            "method_not_allowed",
-            format!("{method} is not allowed on {path}"),
-        ),
-    }
+    };
+    Ok(call)
 }
 
 fn matches_template(template: &str, segments: &[&str]) -> bool {
-    let t: Vec<&str> = template.trim_start_matches('/').split('/').collect();
+    let t: Vec<&str> = template.split('/').skip(1).collect();
     t.len() == segments.len()
         && t.iter()
             .zip(segments)
             .all(|(a, b)| (a.starts_with('{') && !b.is_empty()) || a == b)
 }
 
-/// The API token: `<state>/token`, 32 random bytes in hex, created (mode 0600) on first start.
+fn serve_connection(sh: &Shared, mut s: TcpStream) {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let _ = s.set_write_timeout(Some(REQUEST_TIMEOUT));
+    let _ = s.set_nodelay(true);
+    let reply = match answer(sh, &mut s, deadline) {
+        Ok(r) | Err(ReadError::Reply(r)) => r,
+        Err(ReadError::Closed) => return,
+    };
+    let _ = s.write_all(&reply.to_bytes());
+    let _ = s.flush();
+    linger(s);
+}
+
+fn answer(sh: &Shared, s: &mut TcpStream, deadline: Instant) -> Result<Reply, ReadError> {
+    let (head, rest) = read_head(s, deadline)?;
+    let call = route(&head.method, &head.target)?;
+    if call.guarded() && !authorized(&head, &sh.token) {
+        return Ok(Reply::error(
+            401,
+            "unauthorized",
+            "missing or wrong bearer token (Authorization: Bearer <token>; `dva serve` keeps it in <state>/token)".into(),
+        ));
+    }
+    let body = if call.has_body() {
+        read_body(s, &head, rest, deadline)?
+    } else {
+        String::new()
+    };
+    // Mgmt does not panic on input; should a bug make it, the caller gets a 500 and the server
+    // keeps serving.
+    Ok(
+        std::panic::catch_unwind(AssertUnwindSafe(|| execute(&sh.mgmt, call, &body)))
+            .unwrap_or_else(|_| {
+                Reply::error(500, "internal", "the call failed unexpectedly".into())
+            }),
+    )
+}
+
+fn execute(mgmt: &Mgmt, call: Call<'_>, body: &str) -> Reply {
+    match call {
+        Call::Health => Reply {
+            status: 200,
+            content_type: "text/plain",
+            body: "ok\n".into(),
+        },
+        Call::OpenApi => Reply {
+            status: 200,
+            content_type: "application/json",
+            body: OPENAPI.into(),
+        },
+        Call::List => Reply::json(200, &mgmt.list()),
+        Call::Apply => Reply::from(mgmt.apply(body)),
+        Call::Get(name) => Reply::from(mgmt.get(name)),
+        Call::Put(name) => {
+            // A spec that does not parse is reported by apply, with the field it stumbled on.
+            if let Ok(spec) = dva_proto::ApplianceSpec::from_yaml(body) {
+                if spec.name() != name {
+                    return Reply::error(
+                        422,
+                        "invalid",
+                        format!(
+                            "metadata.name: {:?} does not match the path's {name:?}",
+                            spec.name()
+                        ),
+                    );
+                }
+            }
+            Reply::from(mgmt.apply(body))
+        }
+        Call::Delete(name) => match mgmt.delete(name) {
+            Ok(()) => Reply::json(200, &serde_json::json!({ "deleted": name })),
+            Err(e) => Reply::api(e),
+        },
+        Call::Scale(name) => match serde_json::from_str::<ScaleRequest>(body) {
+            Ok(r) => Reply::from(mgmt.scale(name, &r)),
+            Err(e) => Reply::error(400, "bad_request", format!("scale request: {e}")),
+        },
+        Call::Units(name) => Reply::from(mgmt.units(name)),
+        Call::Events(name) => Reply::from(mgmt.events(name)),
+    }
+}
+
+/// Close after the answer without resetting it away: stop sending, then drain what the client
+/// still sends (a body we refused) for a short while.
+fn linger(mut s: TcpStream) {
+    let _ = s.shutdown(Shutdown::Write);
+    let until = Instant::now() + LINGER;
+    let mut sink = [0u8; 16 << 10];
+    let mut drained = 0usize;
+    while drained <= MAX_BODY {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match s.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+/// The API token: `<state>/token`, 32 random bytes in hex, created (mode 0600) on first start and
+/// reused after.
 pub fn load_or_create_token(state_dir: &Path) -> anyhow::Result<String> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = state_dir.join("token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        let t = t.trim().to_string();
-        if t.len() >= 32 {
-            return Ok(t);
-        }
+    match std::fs::read_to_string(&path) {
+        Ok(t) if t.trim().len() >= 32 => return Ok(t.trim().to_string()),
+        // Empty or truncated (a crash while creating it): make a new one.
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    std::fs::create_dir_all(state_dir)?;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
     let mut raw = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut raw))
@@ -313,19 +702,22 @@ pub fn load_or_create_token(state_dir: &Path) -> anyhow::Result<String> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
-    std::io::Write::write_all(&mut f, token.as_bytes())?;
+    f.write_all(token.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(token)
 }
 
 /// Where the CLI finds the server and its token (kubeconfig-like), written by `dva serve`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientConfig {
+    /// e.g. `http://127.0.0.1:7080`
     pub server: String,
     pub token: String,
 }
 
 impl ClientConfig {
-    /// `$DVA_CLIENT_CONFIG`, else `$HOME/.dva/client.json`.
+    /// `$DVA_CLIENT_CONFIG`, else `$HOME/.dva/client.json` (`HOME` defaulting to `/root`).
     pub fn default_path() -> PathBuf {
         if let Some(p) = std::env::var_os("DVA_CLIENT_CONFIG") {
             return PathBuf::from(p);
@@ -334,10 +726,11 @@ impl ClientConfig {
         PathBuf::from(home).join(".dva").join("client.json")
     }
 
+    /// Write the file (mode 0600, holding a secret), creating its directory.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -346,7 +739,10 @@ impl ClientConfig {
             .mode(0o600)
             .open(path)
             .with_context(|| format!("writing {}", path.display()))?;
-        std::io::Write::write_all(&mut f, serde_json::to_string_pretty(self)?.as_bytes())?;
+        // An older file keeps its mode through open(): tighten it.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.write_all(serde_json::to_string_pretty(self)?.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 
@@ -383,8 +779,41 @@ mod tests {
         assert_eq!(routed, documented);
     }
 
+    /// [`ROUTES`] is what the router serves: every entry routes, and every other method on its
+    /// path is a 405.
     #[test]
-    fn templates_match_segments() {
+    fn the_router_serves_exactly_the_routes() {
+        const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
+        for (_, template) in ROUTES {
+            let path = template.replace("{name}", "edge-fw");
+            for m in METHODS {
+                let listed = ROUTES.iter().any(|(rm, rt)| *rm == m && rt == template);
+                match route(m, &path) {
+                    Ok(_) => assert!(listed, "{m} {path} is served but not in ROUTES"),
+                    Err(r) => {
+                        assert!(!listed, "{m} {path} is in ROUTES but not served");
+                        assert_eq!(r.status, 405, "{m} {path}");
+                    }
+                }
+            }
+        }
+        assert_eq!(route("GET", "/v1/appliances/x"), Ok(Call::Get("x")));
+        assert_eq!(route("GET", "/v1/appliances/x/?a=b"), Ok(Call::Get("x")));
+        assert_eq!(route("GET", "/v1/appliances?x"), Ok(Call::List));
+        for p in [
+            "/",
+            "",
+            "/v1",
+            "/v1/appliances//scale",
+            "/v1/appliances/x/y",
+            "//v1/appliances",
+        ] {
+            assert_eq!(route("GET", p).map_err(|r| r.status), Err(404), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn templates_and_tokens() {
         assert!(matches_template(
             "/v1/appliances/{name}",
             &["v1", "appliances", "x"]
@@ -398,5 +827,64 @@ mod tests {
             &["v1", "appliances", "x"]
         ));
         assert!(same(b"abc", b"abc") && !same(b"abc", b"abd") && !same(b"ab", b"abc"));
+        let head = |a: &str| Head {
+            authorization: Some(a.into()),
+            ..Head::default()
+        };
+        assert!(authorized(&head("Bearer tok"), "tok"));
+        assert!(authorized(&head("bearer  tok "), "tok"));
+        assert!(!authorized(&head("Basic tok"), "tok"));
+        assert!(!authorized(&head("Bearer"), "tok"));
+        assert!(!authorized(&head("Bearer to"), "tok"));
+        assert!(!authorized(&Head::default(), "tok"));
+    }
+
+    #[test]
+    fn heads_parse_or_are_refused() {
+        let h = parse_head(
+            b"POST /v1/appliances HTTP/1.1\r\nHost: x\r\ncontent-length: 12\r\nAuthorization: Bearer t\r\nExpect: 100-continue",
+        )
+        .expect("valid head");
+        assert_eq!(
+            (h.method.as_str(), h.target.as_str(), h.content_length),
+            ("POST", "/v1/appliances", Some(12))
+        );
+        assert_eq!(h.authorization.as_deref(), Some("Bearer t"));
+        assert!(h.expect_continue);
+        let status = |b: &[u8]| parse_head(b).map(|_| 0).unwrap_or_else(|r| r.status);
+        assert_eq!(status(b"GET / HTTP/1.0\nHost: x"), 0);
+        assert_eq!(status(b"GET / HTTP/2.0"), 505);
+        assert_eq!(status(b"GET /"), 400);
+        assert_eq!(status(b"GET  / HTTP/1.1"), 400);
+        assert_eq!(status(b"get / HTTP/1.1"), 400);
+        assert_eq!(status(b"GET http://x/ HTTP/1.1"), 400);
+        assert_eq!(status(b"GET / HTTP/1.1\r\nno colon"), 400);
+        assert_eq!(status(b"GET / HTTP/1.1\r\nContent-Length: -1"), 400);
+        assert_eq!(
+            status(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2"),
+            400
+        );
+        assert_eq!(status(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked"), 411);
+        assert_eq!(status(b"GET / HTTP/1.1\r\n\xff: x"), 400);
+        let many = format!("GET / HTTP/1.1{}", "\r\nX: y".repeat(MAX_HEADERS + 1));
+        assert_eq!(status(many.as_bytes()), 431);
+        let huge = parse_head(b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999")
+            .map(|h| h.content_length);
+        assert_eq!(huge.map_err(|r| r.status), Err(400));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some((14, 4)));
+        assert_eq!(head_end(b"GET / HTTP/1.1\n\nbody"), Some((14, 2)));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\n"), None);
+    }
+
+    #[test]
+    fn replies_are_complete_http() {
+        let r = Reply::error(401, "unauthorized", "no".into());
+        let text = String::from_utf8(r.to_bytes()).expect("utf8");
+        assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
+        assert!(text.contains("\r\nWWW-Authenticate: Bearer\r\n"), "{text}");
+        assert!(text.contains(&format!("\r\nContent-Length: {}\r\n", r.body.len())));
+        let v: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+        assert_eq!(v["error"]["code"], "unauthorized");
+        assert_eq!(v["error"]["message"], "no");
     }
 }

@@ -1,0 +1,855 @@
+//! The HTTP API against a real server on 127.0.0.1 (no lab needed: with a lab prefix that does not
+//! exist the reconciler only records why it cannot place units, which the API does not care about).
+//!
+//! Covers auth, the error contract (status, code, a message naming the field and the value), that
+//! a refused call changes nothing, the store across a restart, that the routes, the OpenAPI
+//! document and the model's field names agree, and that no request (malformed, oversized, slow)
+//! takes the server down or holds it up.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use dva_mgmt::api::{self, ApiServer, ClientConfig, OPENAPI, ROUTES};
+use dva_mgmt::client::Client;
+use dva_mgmt::{Mgmt, MgmtOptions};
+use serde_json::Value;
+
+const LAB: &str = "apitest-nolab-";
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+fn example(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A unique, empty directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "dva-apitest-{what}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Send `request` on a new connection and return everything the server answers.
+fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // The server may answer (and stop reading) before all of it is written.
+    let _ = s.write_all(request);
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    String::from_utf8_lossy(&resp).into_owned()
+}
+
+fn open(state: &Path) -> Mgmt {
+    let mut opts = MgmtOptions::new(state.join("state"), LAB).expect("options");
+    // Keep unit run directories out of /run/dva.
+    opts.run_root = state.join("run");
+    Mgmt::open(opts).expect("open mgmt")
+}
+
+/// A management tool with its API on an ephemeral port.
+struct Api {
+    mgmt: Mgmt,
+    server: Option<ApiServer>,
+    addr: SocketAddr,
+}
+
+impl Api {
+    fn start(dir: &Path) -> Api {
+        let mgmt = open(dir);
+        let server = api::serve(
+            mgmt.clone(),
+            "127.0.0.1:0".parse().expect("addr"),
+            TOKEN.into(),
+        )
+        .expect("serve");
+        let addr = server.local_addr();
+        assert_ne!(addr.port(), 0, "the real bound port is reported");
+        Api {
+            mgmt,
+            server: Some(server),
+            addr,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.url(), Some(TOKEN.into())).expect("client")
+    }
+
+    /// (status, parsed JSON body or `Value::String` of the raw body if it is not JSON).
+    fn call(&self, method: &str, path: &str, content_type: &str, body: &str) -> (u16, Value) {
+        let (status, text) = self
+            .client()
+            .raw(method, path, content_type, body.as_bytes())
+            .unwrap_or_else(|e| panic!("{method} {path}: {e:#}"));
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, v)
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, "", "")
+    }
+
+    fn apply(&self, spec: &str) -> (u16, Value) {
+        self.call("POST", "/v1/appliances", "application/yaml", spec)
+    }
+
+    /// Stop the server and the management tool (as `dva serve` does on SIGTERM).
+    fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop();
+        }
+        self.mgmt.shutdown();
+    }
+}
+
+/// The error contract: the status, `{"error": {"code", "message"}}`, and the message.
+fn error_message(status: u16, v: &Value, want_status: u16, want_code: &str) -> String {
+    assert_eq!(status, want_status, "{v:#}");
+    assert_eq!(v["error"]["code"], want_code, "{v:#}");
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("error without a message: {v:#}"))
+        .to_string()
+}
+
+#[test]
+fn calls_without_or_with_a_wrong_token_are_refused() {
+    let dir = TempDir::new("auth");
+    let api = Api::start(&dir.0);
+    let url = api.url();
+    let bad_tokens: [Option<String>; 4] = [
+        None,
+        Some("nope".into()),
+        Some(TOKEN[..TOKEN.len() - 1].into()),
+        Some(format!("{TOKEN}0")),
+    ];
+    for t in bad_tokens {
+        let c = Client::new(&url, t).expect("client");
+        for (method, path) in [
+            ("GET", "/v1/appliances"),
+            ("POST", "/v1/appliances"),
+            ("GET", "/v1/appliances/edge-fw"),
+            ("DELETE", "/v1/appliances/edge-fw"),
+        ] {
+            let (status, text) = c.raw(method, path, "", b"").expect("request");
+            let v: Value = serde_json::from_str(&text).expect("JSON error");
+            error_message(status, &v, 401, "unauthorized");
+        }
+    }
+    // Another scheme carrying the right token is refused too.
+    let mut s = TcpStream::connect(api.addr).expect("connect");
+    write!(
+        s,
+        "GET /v1/appliances HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Basic {TOKEN}\r\n\r\n"
+    )
+    .expect("write");
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+
+    // The right token works; liveness and the API's description need none.
+    assert_eq!(api.get("/v1/appliances"), (200, Value::Array(vec![])));
+    let anon = Client::new(&url, None).expect("client");
+    let (status, body) = anon.raw("GET", "/healthz", "", b"").expect("healthz");
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let (status, body) = anon
+        .raw("GET", "/v1/openapi.json", "", b"")
+        .expect("openapi");
+    assert_eq!(status, 200);
+    assert_eq!(body, OPENAPI);
+}
+
+#[test]
+fn apply_get_put_and_bad_specs_that_change_nothing() {
+    let dir = TempDir::new("apply");
+    let api = Api::start(&dir.0);
+    let spec = example("edge-firewall.yaml");
+
+    let (status, v) = api.apply(&spec);
+    assert_eq!(status, 200, "{v:#}");
+    assert_eq!(v["name"], "edge-fw");
+    assert_eq!(v["generation"], 1);
+    let (status, v) = api.get("/v1/appliances/edge-fw");
+    assert_eq!(status, 200, "{v:#}");
+    assert_eq!(v["name"], "edge-fw");
+    assert_eq!(v["generation"], 1);
+    assert!(
+        ["pending", "ready", "degraded"].contains(&v["status"].as_str().unwrap_or("")),
+        "{v:#}"
+    );
+    assert_eq!(v["spec"], spec.as_str());
+    assert_eq!(v["dataplanes"]["desired"], 2);
+    assert_eq!(
+        (
+            v["dataplanes"]["min"].clone(),
+            v["dataplanes"]["max"].clone()
+        ),
+        (1.into(), 8.into())
+    );
+
+    // The same spec again is a no-op; the listing shows it.
+    let (status, v) = api.apply(&spec);
+    assert_eq!((status, v["generation"].clone()), (200, 1.into()));
+    let (status, v) = api.get("/v1/appliances");
+    assert_eq!(status, 200);
+    let names: Vec<&str> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    assert_eq!(names, ["edge-fw"]);
+
+    // Each bad spec: 422, the message names the field's path and the bad value.
+    let bad = [
+        (
+            spec.replace("default: drop", "default: drop\n        colour: red"),
+            ["spec.services[0].firewall", "colour"],
+        ),
+        (
+            spec.replace("dst: 198.18.2.0/24", "dst: 198.18.300.0/24"),
+            ["spec.services[0].firewall.rules[0].dst", "198.18.300.0/24"],
+        ),
+        (
+            spec.replace("dport: [80, 5201]", "dport: [80, 70000]"),
+            ["spec.services[0].firewall.rules[0].dport", "70000"],
+        ),
+    ];
+    for (text, needles) in &bad {
+        assert_ne!(text, &spec, "the fixture replacement must apply");
+        for method_path in [
+            ("POST", "/v1/appliances"),
+            ("PUT", "/v1/appliances/edge-fw"),
+        ] {
+            let (status, v) = api.call(method_path.0, method_path.1, "application/yaml", text);
+            let msg = error_message(status, &v, 422, "invalid");
+            for n in needles {
+                assert!(
+                    msg.contains(n),
+                    "{method_path:?}: {msg:?} should name {n:?}"
+                );
+            }
+        }
+    }
+    // Not YAML at all, or the wrong kind of document: 422 too, never a 5xx.
+    for text in ["", "null", "[]", "{", "apiVersion: [", "\t- :", "42"] {
+        let (status, v) = api.apply(text);
+        error_message(status, &v, 422, "invalid");
+    }
+
+    // Nothing of that reached the store: same generation, same spec text.
+    let (_, v) = api.get("/v1/appliances/edge-fw");
+    assert_eq!(v["generation"], 1, "{v:#}");
+    assert_eq!(v["spec"], spec.as_str());
+
+    // PUT: the name in the path must be the spec's.
+    let (status, v) = api.call("PUT", "/v1/appliances/other", "application/yaml", &spec);
+    let msg = error_message(status, &v, 422, "invalid");
+    assert!(
+        msg.contains("metadata.name") && msg.contains("other"),
+        "{msg}"
+    );
+    assert_eq!(api.get("/v1/appliances/other").0, 404);
+
+    // A changed spec by PUT, sent as JSON: accepted, a new generation.
+    let mut tree: Value =
+        serde_json::to_value(dva_proto::ApplianceSpec::from_yaml(&spec).expect("example parses"))
+            .expect("spec to JSON");
+    tree["spec"]["layout"]["dataplanes"]["max"] = 6.into();
+    let json = serde_json::to_string(&tree).expect("JSON");
+    let (status, v) = api.call("PUT", "/v1/appliances/edge-fw", "application/json", &json);
+    assert_eq!(status, 200, "{v:#}");
+    assert_eq!(v["generation"], 2);
+    assert_eq!(v["dataplanes"]["max"], 6);
+    // text/plain is accepted as well.
+    let (status, v) = api.call("POST", "/v1/appliances", "text/plain", &spec);
+    assert_eq!((status, v["generation"].clone()), (200, 3.into()), "{v:#}");
+}
+
+#[test]
+fn scale_bounds_malformed_bodies_and_unknown_appliances() {
+    let dir = TempDir::new("scale");
+    let api = Api::start(&dir.0);
+    assert_eq!(api.apply(&example("edge-firewall.yaml")).0, 200);
+    let scale = |body: &str| {
+        api.call(
+            "POST",
+            "/v1/appliances/edge-fw/scale",
+            "application/json",
+            body,
+        )
+    };
+
+    let (status, v) = scale(r#"{"dataplanes": 3, "drain_deadline": "2s"}"#);
+    assert_eq!(status, 200, "{v:#}");
+    assert_eq!(v["dataplanes"]["desired"], 3);
+    assert_eq!(v["generation"], 2);
+
+    // Outside the layout's min..max (1..8): 422 naming the value and the bounds.
+    for n in [0, 9, 1000] {
+        let (status, v) = scale(&format!(r#"{{"dataplanes": {n}}}"#));
+        let msg = error_message(status, &v, 422, "invalid");
+        assert!(
+            msg.contains(&n.to_string()) && msg.contains("1..=8"),
+            "{msg}"
+        );
+    }
+    // A deadline that is not a duration: 422 naming the field.
+    let (status, v) = scale(r#"{"dataplanes": 2, "drain_deadline": "soon"}"#);
+    let msg = error_message(status, &v, 422, "invalid");
+    assert!(
+        msg.contains("drain_deadline") && msg.contains("soon"),
+        "{msg}"
+    );
+
+    // Malformed bodies: 400 with serde's message.
+    for (body, needle) in [
+        ("garbage", "expected"),
+        ("", "EOF"),
+        ("{}", "dataplanes"),
+        (r#"{"dataplanes": -1}"#, "-1"),
+        (r#"{"dataplanes": "two"}"#, "two"),
+        (r#"{"dataplanes": 2, "colour": "red"}"#, "colour"),
+        (r#"{"dataplanes": 99999999999}"#, "99999999999"),
+    ] {
+        let (status, v) = scale(body);
+        let msg = error_message(status, &v, 400, "bad_request");
+        assert!(
+            msg.contains(needle),
+            "{body:?}: {msg:?} should contain {needle:?}"
+        );
+    }
+    // None of those changed anything.
+    let (_, v) = api.get("/v1/appliances/edge-fw");
+    assert_eq!(v["generation"], 2, "{v:#}");
+    assert_eq!(v["dataplanes"]["desired"], 3);
+
+    // Unknown appliance: 404 everywhere.
+    for (method, path, body) in [
+        ("GET", "/v1/appliances/nope", ""),
+        ("GET", "/v1/appliances/nope/units", ""),
+        ("GET", "/v1/appliances/nope/events", ""),
+        ("DELETE", "/v1/appliances/nope", ""),
+        ("POST", "/v1/appliances/nope/scale", r#"{"dataplanes": 2}"#),
+    ] {
+        let (status, v) = api.call(method, path, "application/json", body);
+        let msg = error_message(status, &v, 404, "not_found");
+        assert!(msg.contains("nope"), "{msg}");
+    }
+
+    // Units and events of a known one.
+    let (status, v) = api.get("/v1/appliances/edge-fw/units");
+    assert_eq!(status, 200);
+    assert!(v.is_array(), "{v:#}");
+    let (status, v) = api.get("/v1/appliances/edge-fw/events");
+    assert_eq!(status, 200);
+    let reasons: Vec<&str> = v
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    assert!(
+        reasons.contains(&"applied") && reasons.contains(&"scaled"),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn unknown_routes_wrong_methods_and_oversized_bodies() {
+    let dir = TempDir::new("routes");
+    let api = Api::start(&dir.0);
+    for path in [
+        "/",
+        "/v1",
+        "/v2/appliances",
+        "/v1/appliance",
+        "/v1/appliances/x/y",
+        "/v1/appliances/x/scale/more",
+        "/healthz/x",
+    ] {
+        let (status, v) = api.get(path);
+        error_message(status, &v, 404, "not_found");
+    }
+    for (method, path) in [
+        ("DELETE", "/v1/appliances"),
+        ("PUT", "/v1/appliances"),
+        ("PATCH", "/v1/appliances/x"),
+        ("POST", "/v1/appliances/x"),
+        ("GET", "/v1/appliances/x/scale"),
+        ("DELETE", "/v1/appliances/x/units"),
+        ("POST", "/v1/appliances/x/events"),
+    ] {
+        let (status, v) = api.call(method, path, "", "");
+        error_message(status, &v, 405, "method_not_allowed");
+    }
+    // A query string or a trailing slash does not change the route.
+    assert_eq!(api.get("/v1/appliances?watch=1").0, 200);
+    assert_eq!(api.get("/v1/appliances/").0, 200);
+
+    // Bodies over 1 MiB: 413, and the server keeps answering.
+    let big = format!("# {}\n", "x".repeat(1 << 20));
+    let (status, v) = api.apply(&big);
+    error_message(status, &v, 413, "too_large");
+    // Announced but never sent: refused up front rather than waited for, and a length no machine
+    // could hold is no reason to allocate it (with or without the token).
+    for (auth, len) in [
+        (true, "1000000000"),
+        (true, "100000000000000"),
+        (false, "100000000000000"),
+        (true, "18446744073709551615"),
+    ] {
+        let auth = if auth {
+            format!("Authorization: Bearer {TOKEN}\r\n")
+        } else {
+            String::new()
+        };
+        let resp = raw_exchange(
+            api.addr,
+            format!("POST /v1/appliances HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {len}\r\n\r\napiVersion: dva/v1\n").as_bytes(),
+        );
+        let want = if auth.is_empty() {
+            "HTTP/1.1 401"
+        } else {
+            "HTTP/1.1 413"
+        };
+        assert!(resp.starts_with(want), "{len}: {resp}");
+    }
+    // Chunked bodies are refused with a reason; an oversized head too.
+    let resp = raw_exchange(
+        api.addr,
+        format!("POST /v1/appliances HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n").as_bytes(),
+    );
+    assert!(resp.starts_with("HTTP/1.1 411"), "{resp}");
+    let resp = raw_exchange(
+        api.addr,
+        format!(
+            "GET /healthz HTTP/1.1\r\nX-Junk: {}\r\n\r\n",
+            "j".repeat(64 << 10)
+        )
+        .as_bytes(),
+    );
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    // A client that waits for "100 Continue" (curl does, for bodies over 1 KiB) gets it.
+    let spec = example("edge-firewall.yaml");
+    let mut s = TcpStream::connect(api.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "PUT /v1/appliances/edge-fw HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/yaml\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        spec.len()
+    )
+    .expect("write");
+    let mut interim = [0u8; 25];
+    s.read_exact(&mut interim).expect("100 Continue");
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(spec.as_bytes()).expect("body");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("answer");
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+    assert!(resp.contains("\"name\": \"edge-fw\""), "{resp}");
+    drop(s);
+    // Not UTF-8: 400.
+    let (status, text) = api
+        .client()
+        .raw(
+            "POST",
+            "/v1/appliances",
+            "application/yaml",
+            &[0xff, 0xfe, 0],
+        )
+        .expect("request");
+    let v: Value = serde_json::from_str(&text).expect("JSON");
+    error_message(status, &v, 400, "bad_request");
+    // Deeply nested documents are an error, not a stack overflow.
+    for depth in [1_000, 100_000] {
+        let text = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let (status, v) = api.apply(&text);
+        error_message(status, &v, 422, "invalid");
+        let text = "{a: ".repeat(depth);
+        let (status, v) = api.apply(&text);
+        error_message(status, &v, 422, "invalid");
+    }
+    // Garbage on the socket does not take the server down.
+    for junk in [
+        &b"\r\n\r\n"[..],
+        b"GARBAGE\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        &[0u8; 64],
+    ] {
+        if let Ok(mut s) = TcpStream::connect(api.addr) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = s.write_all(junk);
+            let _ = s.read(&mut [0u8; 256]);
+        }
+    }
+    assert_eq!(api.get("/v1/appliances").0, 200);
+}
+
+#[test]
+fn calls_are_answered_while_others_are_in_progress() {
+    let dir = TempDir::new("workers");
+    let api = Api::start(&dir.0);
+    // Requests whose heads or bodies never complete each hold a connection ...
+    let stuck: Vec<TcpStream> = (0..12)
+        .map(|i| {
+            let mut s = TcpStream::connect(api.addr).expect("connect");
+            if i % 2 == 0 {
+                write!(
+                    s,
+                    "POST /v1/appliances HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\napiVersion"
+                )
+            } else {
+                write!(s, "GET /v1/appliances HTTP/1.1\r\nHost:")
+            }
+            .expect("write");
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // ... and the API still answers, promptly.
+    let t = std::time::Instant::now();
+    assert_eq!(api.get("/v1/appliances").0, 200);
+    assert_eq!(api.get("/healthz").0, 200);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(stuck);
+}
+
+#[test]
+fn the_store_survives_a_restart_and_delete_removes_the_appliance() {
+    let dir = TempDir::new("restart");
+    let api = Api::start(&dir.0);
+    let (status, v) = api.apply(&example("edge-firewall.yaml"));
+    assert_eq!(status, 200, "{v:#}");
+    let (status, _) = api.call(
+        "POST",
+        "/v1/appliances/edge-fw/scale",
+        "application/json",
+        r#"{"dataplanes": 4}"#,
+    );
+    assert_eq!(status, 200);
+    api.stop();
+
+    // A new management tool on the same state directory knows it all.
+    let api = Api::start(&dir.0);
+    let (status, v) = api.get("/v1/appliances");
+    assert_eq!(status, 200);
+    let list = v.as_array().expect("array");
+    assert_eq!(list.len(), 1, "{v:#}");
+    assert_eq!(list[0]["name"], "edge-fw");
+    assert_eq!(list[0]["generation"], 2);
+    assert_eq!(list[0]["dataplanes"]["desired"], 4);
+
+    let (status, v) = api.call("DELETE", "/v1/appliances/edge-fw", "", "");
+    assert_eq!(status, 200, "{v:#}");
+    assert_eq!(v, serde_json::json!({ "deleted": "edge-fw" }));
+    assert_eq!(api.get("/v1/appliances/edge-fw").0, 404);
+    assert_eq!(api.get("/v1/appliances"), (200, Value::Array(vec![])));
+    api.stop();
+
+    // Deleted for good.
+    let api = Api::start(&dir.0);
+    assert_eq!(api.get("/v1/appliances"), (200, Value::Array(vec![])));
+    api.stop();
+}
+
+#[test]
+fn the_typed_client_round_trips() {
+    let dir = TempDir::new("client");
+    let api = Api::start(&dir.0);
+    let c = api.client();
+    let v = c.apply(&example("edge-firewall.yaml")).expect("apply");
+    assert_eq!((v.name.as_str(), v.generation), ("edge-fw", 1));
+    assert_eq!(
+        c.list().expect("list"),
+        vec![c.get("edge-fw").expect("get")]
+    );
+    let v = c
+        .scale(
+            "edge-fw",
+            &dva_mgmt::ScaleRequest {
+                dataplanes: 1,
+                drain_deadline: Some("500ms".into()),
+            },
+        )
+        .expect("scale");
+    assert_eq!(v.dataplanes.desired, 1);
+    assert!(c.units("edge-fw").is_ok());
+    assert!(!c.events("edge-fw").expect("events").is_empty());
+    let e = c
+        .get("nope")
+        .expect_err("unknown")
+        .downcast::<dva_mgmt::client::HttpError>()
+        .expect("an HTTP error");
+    assert_eq!((e.status, e.code.as_str()), (404, "not_found"));
+    c.delete("edge-fw").expect("delete");
+    assert!(c.list().expect("list").is_empty());
+}
+
+/// Every (method, path) the router serves is documented, and every documented one is served.
+#[test]
+fn routes_equal_the_openapi_paths() {
+    let doc: Value = serde_json::from_str(OPENAPI).expect("docs/openapi.json is JSON");
+    assert_eq!(doc["openapi"], "3.0.3");
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (key, _) in item.as_object().expect("path item") {
+            if ["get", "put", "post", "delete", "patch", "head", "options"].contains(&key.as_str())
+            {
+                documented.insert((key.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    let routed: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(routed.len(), ROUTES.len(), "ROUTES has duplicates");
+    let undocumented: Vec<_> = routed.difference(&documented).collect();
+    let unrouted: Vec<_> = documented.difference(&routed).collect();
+    assert!(
+        undocumented.is_empty(),
+        "served but not documented: {undocumented:?}"
+    );
+    assert!(
+        unrouted.is_empty(),
+        "documented but not served: {unrouted:?}"
+    );
+
+    // Only /healthz and the document itself are open; the rest needs the bearer token.
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"],
+        serde_json::json!({ "type": "http", "scheme": "bearer" })
+    );
+    assert_eq!(doc["security"], serde_json::json!([{ "bearer": [] }]));
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("path item") {
+            let open = op.get("security") == Some(&serde_json::json!([]));
+            let should_be_open = path == "/healthz" || path == "/v1/openapi.json";
+            if method != "parameters" {
+                assert_eq!(open, should_be_open, "{method} {path}");
+            }
+        }
+    }
+}
+
+/// The schemas in the document name exactly the fields (and enum values) the server sends.
+#[test]
+fn openapi_schemas_match_the_model() {
+    use dva_mgmt::*;
+    let doc: Value = serde_json::from_str(OPENAPI).expect("JSON");
+    let schemas = &doc["components"]["schemas"];
+    let unit = |role, state| UnitView {
+        id: 1,
+        role,
+        host: "h".into(),
+        state,
+        pid: Some(1),
+        config_version: 1,
+        packets: 0,
+        flows: 0,
+        buckets: Some(1),
+        leader: Some(true),
+        error: Some("e".into()),
+    };
+    let view = ApplianceView {
+        name: "a".into(),
+        status: ApplianceStatus::Ready,
+        generation: 1,
+        config_version: 1,
+        dataplanes: DataplaneCounts {
+            desired: 1,
+            ready: 1,
+            draining: 0,
+            min: 1,
+            max: 1,
+        },
+        units: vec![unit(UnitRole::Manager, UnitState::Ready)],
+        error: Some("e".into()),
+        spec: String::new(),
+    };
+    let event = Event {
+        time_ms: 1,
+        reason: "r".into(),
+        message: "m".into(),
+    };
+    let scale = ScaleRequest {
+        dataplanes: 1,
+        drain_deadline: Some("1s".into()),
+    };
+    let check = |name: &str, value: Value| {
+        let schema = &schemas[name];
+        let props: BTreeSet<&String> = schema["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("schema {name}"))
+            .keys()
+            .collect();
+        let sent: BTreeSet<&String> = value.as_object().expect("object").keys().collect();
+        assert_eq!(props, sent, "schema {name} vs what the server sends");
+        for r in schema["required"].as_array().expect("required") {
+            assert!(sent.iter().any(|k| *k == r), "{name}.{r} is required");
+        }
+    };
+    check("ApplianceView", serde_json::to_value(&view).expect("json"));
+    check(
+        "UnitView",
+        serde_json::to_value(&view.units[0]).expect("json"),
+    );
+    check(
+        "DataplaneCounts",
+        serde_json::to_value(view.dataplanes).expect("json"),
+    );
+    check("Event", serde_json::to_value(&event).expect("json"));
+    check("ScaleRequest", serde_json::to_value(&scale).expect("json"));
+
+    let enum_of = |schema: &str, field: &str| -> BTreeSet<String> {
+        schemas[schema]["properties"][field]["enum"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{schema}.{field} enum"))
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()
+    };
+    let names = |vals: Vec<Value>| -> BTreeSet<String> {
+        vals.iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(
+        enum_of("UnitView", "role"),
+        names(
+            [UnitRole::Manager, UnitRole::Dispatcher, UnitRole::Dataplane]
+                .iter()
+                .map(|r| serde_json::to_value(r).expect("json"))
+                .collect()
+        )
+    );
+    assert_eq!(
+        enum_of("UnitView", "state"),
+        names(
+            [
+                UnitState::Starting,
+                UnitState::Ready,
+                UnitState::Draining,
+                UnitState::Stopped,
+                UnitState::Failed
+            ]
+            .iter()
+            .map(|r| serde_json::to_value(r).expect("json"))
+            .collect()
+        )
+    );
+    assert_eq!(
+        enum_of("ApplianceView", "status"),
+        names(
+            [
+                ApplianceStatus::Pending,
+                ApplianceStatus::Ready,
+                ApplianceStatus::Degraded,
+                ApplianceStatus::Deleting
+            ]
+            .iter()
+            .map(|r| serde_json::to_value(r).expect("json"))
+            .collect()
+        )
+    );
+    // The error codes the server can send are all documented.
+    let codes: BTreeSet<String> = schemas["Error"]["properties"]["error"]["properties"]["code"]
+        ["enum"]
+        .as_array()
+        .expect("codes")
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    for e in [
+        ApiError::NotFound(String::new()),
+        ApiError::Invalid(String::new()),
+        ApiError::BadRequest(String::new()),
+        ApiError::Conflict(String::new()),
+        ApiError::Internal(String::new()),
+    ] {
+        assert!(codes.contains(e.code()), "{} not documented", e.code());
+    }
+    for code in [
+        "unauthorized",
+        "too_large",
+        "method_not_allowed",
+        "timeout",
+        "length_required",
+        "unavailable",
+    ] {
+        assert!(codes.contains(code), "{code} not documented");
+    }
+}
+
+#[test]
+fn the_token_is_created_once_private_and_reused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("token");
+    let state = dir.0.join("state");
+    let t1 = api::load_or_create_token(&state).expect("create");
+    assert_eq!(t1.len(), 64);
+    assert!(t1.bytes().all(|b| b.is_ascii_hexdigit()), "{t1}");
+    let mode = std::fs::metadata(state.join("token"))
+        .expect("token file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(api::load_or_create_token(&state).expect("reuse"), t1);
+    let other = TempDir::new("token2");
+    assert_ne!(api::load_or_create_token(&other.0).expect("create"), t1);
+}
+
+#[test]
+fn the_client_config_file_round_trips_privately() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("clientcfg");
+    let path = dir.0.join("sub").join("client.json");
+    let c = ClientConfig {
+        server: "http://127.0.0.1:7080".into(),
+        token: TOKEN.into(),
+    };
+    c.save(&path).expect("save");
+    assert_eq!(ClientConfig::load(&path).expect("load"), c);
+    let mode = std::fs::metadata(&path).expect("file").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    std::fs::write(&path, "not json").expect("write");
+    assert!(ClientConfig::load(&path).is_err());
+    assert!(ClientConfig::load(&dir.0.join("missing.json")).is_err());
+}
