@@ -13,8 +13,15 @@
 //! Modules: [`conntrack`] (connection tracking, TCP state machine, timeouts, reusable by NAT and LB)
 //! and [`firewall`] (ordered rules over conntrack: `ct state established,related accept`, then the
 //! rules, then the default policy).
+//!
+//! [`nat`]: SNAT/masquerade, DNAT/port forwarding and full NAT; unlike the firewall it rewrites the
+//! packet bytes in place (incremental checksums), allocating translated ports in the flow's bucket.
+//!
+//! [`lb`]: L4 load balancer, VIPs to weighted backends by Maglev lookup, full NAT, backend drain.
 
 pub mod conntrack;
 pub mod firewall;
 mod hash;
 pub mod icmp;
+pub mod lb;
+pub mod nat;
