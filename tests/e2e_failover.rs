@@ -65,8 +65,9 @@ fn a_killed_data_planes_connections_survive_on_their_backups() {
     let broken: Vec<_> = results.iter().filter(|r| !r.intact()).collect();
     assert!(
         broken.is_empty(),
-        "{} of 30 connections broken by the death of data plane {vid}: {broken:#?}",
-        broken.len()
+        "{} of 30 connections broken by the death of data plane {vid}: {broken:?}\nunits:\n{}",
+        broken.len(),
+        m.diagnostics("edge-fw")
     );
 }
 

@@ -115,8 +115,9 @@ fn kills_of_a_data_plane_a_dispatcher_and_the_leader_break_no_connection() {
     let broken: Vec<_> = tcp.iter().filter(|r| !r.intact()).collect();
     assert!(
         broken.is_empty(),
-        "{} of 30 broken: {broken:#?}",
-        broken.len()
+        "{} of 30 broken: {broken:?}\nunits:\n{}",
+        broken.len(),
+        m.diagnostics("edge-fw-ha")
     );
     let udp = udp.join().expect("udp");
     let sent: u64 = udp.iter().map(|r| r.sent).sum();

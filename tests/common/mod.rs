@@ -279,6 +279,47 @@ impl MgmtGuard {
         }
     }
 
+    /// Every unit's counters and the end of its log, for a failing test's report: a CI failure
+    /// must say what the units saw, not only that a connection broke.
+    #[allow(dead_code)]
+    pub fn diagnostics(&self, name: &str) -> String {
+        use std::io::{Read, Write};
+        let dir = self
+            .mgmt
+            .options()
+            .run_root
+            .join(format!("{}{name}", self.mgmt.options().lab_prefix));
+        let mut out = String::new();
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        entries.sort();
+        for p in entries {
+            let file = p.file_name().and_then(|f| f.to_str()).unwrap_or("");
+            if file.ends_with(".sock") && file.starts_with("unit-") {
+                let stats = std::os::unix::net::UnixStream::connect(&p).and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    s.write_all(b"GET /stats HTTP/1.0\r\n\r\n")?;
+                    let mut body = String::new();
+                    s.read_to_string(&mut body)?;
+                    Ok(body)
+                });
+                let body = stats.unwrap_or_else(|e| e.to_string());
+                let json = body.split("\r\n\r\n").nth(1).unwrap_or(&body);
+                out.push_str(&format!("--- {file}: {json}\n"));
+            } else if file.ends_with(".log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                out.push_str(&format!("--- {file} (last lines):\n"));
+                for l in tail.into_iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
     /// Ready with exactly `n` data planes serving and none draining.
     pub fn wait_ready(&self, name: &str, n: u32) -> dva_mgmt::ApplianceView {
         self.wait(

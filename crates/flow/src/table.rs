@@ -241,6 +241,24 @@ impl BucketTable {
         })
     }
 
+    /// Move to `members` the way failover needs: members that leave go first (their buckets to
+    /// their backups, see [`BucketTable::backups`]), then the new members join. Done as one direct
+    /// [`BucketTable::rebalance`], a dead member's buckets could go straight to a newcomer with
+    /// no state and only the dead member to punt to; in two steps the backup that holds the
+    /// replicated state stays in the moved bucket's history.
+    pub fn transition(&self, members: &[UnitId]) -> Result<BucketTable, FlowError> {
+        let current = self.members();
+        let staying: Vec<UnitId> = current
+            .iter()
+            .copied()
+            .filter(|m| members.contains(m))
+            .collect();
+        if staying.is_empty() || staying.len() == current.len() {
+            return self.rebalance(members);
+        }
+        self.rebalance(&staying)?.rebalance(members)
+    }
+
     #[inline]
     pub fn len(&self) -> usize {
         self.buckets.len()
@@ -690,6 +708,39 @@ mod tests {
             .backups()
             .iter()
             .all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_dead_owner_replaced_at_once_leaves_its_backup_in_history() {
+        let t = BucketTable::maglev(1024, &[1, 2, 3]).unwrap();
+        let backups = t.backups();
+        // Unit 3 dies and unit 4 replaces it in the same change.
+        let after = t.transition(&[1, 2, 4]).unwrap();
+        let mut to_newcomer = 0;
+        for b in 0..1024u16 {
+            if t.owner(b) != 3 {
+                continue;
+            }
+            let backup = backups[usize::from(b)];
+            let nb = after.bucket(b);
+            // Either the backup owns it, or it is the newest previous owner (punt target).
+            if nb.owner == backup {
+                continue;
+            }
+            assert_eq!(nb.owner, 4, "bucket {b}");
+            assert_eq!(nb.history.first(), Some(&backup), "bucket {b}: {nb:?}");
+            to_newcomer += 1;
+        }
+        assert!(
+            to_newcomer > 0,
+            "the newcomer takes some of the dead unit's buckets"
+        );
+        assert_eq!(after.members(), vec![1, 2, 4]);
+        // Plain joins and leaves are ordinary rebalances.
+        assert_eq!(
+            t.transition(&[1, 2, 3, 4]).unwrap().buckets(),
+            t.rebalance(&[1, 2, 3, 4]).unwrap().buckets()
+        );
     }
 
     #[test]

@@ -259,9 +259,20 @@ impl Core {
                 })
                 .collect()
         };
+        let purged = purge.len();
         for b in purge {
             // Copies of a bucket we no longer back up.
             self.fw.conntrack_mut().remove_bucket(b);
+        }
+        if cfg.table.epoch() != self.cfg.table.epoch() {
+            let me = cfg.unit;
+            let owned = cfg.table.buckets().iter().filter(|b| b.owner == me).count();
+            let backed = cfg.backups.iter().filter(|&&u| u == me).count();
+            eprintln!(
+                "unit {me}: config version {}: table epoch {}, owns {owned} bucket(s), backs up {backed}, dropped the copies of {purged}",
+                cfg.version,
+                cfg.table.epoch()
+            );
         }
         if cfg.export && !self.exporting {
             self.exporting = true;

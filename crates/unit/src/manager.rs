@@ -376,10 +376,21 @@ impl State {
             Some(t) if t.len() != n_buckets && !ready.is_empty() => {
                 BucketTable::maglev(n_buckets, &ready).ok()
             }
-            Some(t) if !ready.is_empty() && t.members() != ready => t.rebalance(&ready).ok(),
+            // Leavers first, then joiners (see `BucketTable::transition`): the reconciler may
+            // report a death and its replacement in either order.
+            Some(t) if !ready.is_empty() && t.members() != ready => t.transition(&ready).ok(),
             _ => None,
         };
         if let Some(t) = new_table {
+            // One line per table change: the unit log is where an operator (or a failing test)
+            // reconstructs which data plane owned what when.
+            eprintln!(
+                "manager: bucket table epoch {} for config version {}: members {:?} (desired data planes {:?})",
+                t.epoch(),
+                self.version + 1,
+                t.members(),
+                wanted
+            );
             self.table = Some(t);
             self.table_version = self.version + 1;
             self.dispatchers_switched = None;
