@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use dva_flow::{BucketTable, UnitId};
 use dva_services::firewall::{Action, PortRange, Rule, RuleSet};
+use dva_services::lb::{Backend, BackendState, LbConfig, VirtualService};
+use dva_services::nat::{DnatRule, NatConfig, SnatRule};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -134,7 +136,45 @@ pub struct DataplaneConfig {
     /// bucket over if its owner dies); 0: none. Empty: no replication.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backups: Vec<UnitId>,
+    /// The service chain in spec order (the firewall first when the spec has none: it still
+    /// tracks connections). Replies of a translated flow go through it backwards.
+    #[serde(default = "firewall_only")]
+    pub chain: Vec<Stage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lb: Option<LbConfig>,
+    /// Load-balancer backends not `up`: drained by the spec, or down by the dispatchers' health
+    /// checks (the manager merges those in).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_states: Vec<BackendStateConfig>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Firewall,
+    Nat,
+    Lb,
+}
+
+fn firewall_only() -> Vec<Stage> {
+    vec![Stage::Firewall]
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BackendStateConfig {
+    pub service: String,
+    pub backend: String,
+    pub state: BackendState,
+}
+
+/// Ports the data planes allocate for NAT and full-NAT sources by default: below the dispatchers'
+/// health-check probe ports (65000-65535), which must never look like a translated flow's.
+pub const NAT_PORTS: PortRange = PortRange {
+    first: 1024,
+    last: 64_999,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "role", rename_all = "lowercase")]
@@ -211,6 +251,10 @@ pub fn compile(
         .collect::<Result<Vec<_>, SpecError>>()?;
     let (firewall, max_connections) = compile_firewall(spec, &interfaces)?;
     let edge = compile_edge(spec, &interfaces);
+    let chain = compile_chain(spec);
+    let nat = compile_nat(spec, &interfaces, &routes);
+    let lb = compile_lb(spec, &interfaces);
+    let backend_states = compile_backend_states(spec);
     let vni = spec.vni();
     let dispatchers = placement
         .dispatchers
@@ -247,9 +291,176 @@ pub fn compile(
             max_connections,
             export: false,
             backups: Vec::new(),
+            chain: chain.clone(),
+            nat: nat.clone(),
+            lb: lb.clone(),
+            backend_states: backend_states.clone(),
         })
         .collect();
     Ok((dispatchers, dataplanes))
+}
+
+/// The chain in spec order, the firewall first if the spec has none.
+fn compile_chain(spec: &ApplianceSpec) -> Vec<Stage> {
+    let mut chain: Vec<Stage> = spec
+        .spec
+        .services
+        .iter()
+        .map(|s| match s {
+            ServiceSpec::Firewall(_) => Stage::Firewall,
+            ServiceSpec::Nat(_) => Stage::Nat,
+            ServiceSpec::Lb(_) => Stage::Lb,
+        })
+        .collect();
+    if !chain.contains(&Stage::Firewall) {
+        chain.insert(0, Stage::Firewall);
+    }
+    chain
+}
+
+/// A spec port range capped below the probe ports.
+fn nat_ports(p: Option<&crate::spec::PortList>) -> PortRange {
+    let Some(r) = p.and_then(|l| l.0.first()) else {
+        return NAT_PORTS;
+    };
+    PortRange {
+        first: r.first,
+        last: r.last.min(NAT_PORTS.last).max(r.first),
+    }
+}
+
+/// Networks reached through interface `id`: its own subnets and the routes via it.
+fn networks_via(interfaces: &[InterfaceConfig], routes: &[RouteConfig], id: u8) -> Vec<IpNet> {
+    let mut nets: Vec<IpNet> = interfaces
+        .iter()
+        .filter(|f| f.id == id)
+        .flat_map(|f| f.addresses.iter().map(|a| a.trunc()))
+        .collect();
+    nets.extend(routes.iter().filter(|r| r.interface == id).map(|r| r.to));
+    nets
+}
+
+fn compile_nat(
+    spec: &ApplianceSpec,
+    interfaces: &[InterfaceConfig],
+    routes: &[RouteConfig],
+) -> Option<NatConfig> {
+    let nat = spec.nat()?;
+    let mut cfg = NatConfig::default();
+    if let Some(m) = nat.max_bindings {
+        cfg.max_bindings = m;
+    }
+    for m in &nat.masquerade {
+        let Some(ifc) = interfaces.iter().find(|f| f.name == m.to) else {
+            continue;
+        };
+        cfg.snat.push(SnatRule {
+            name: m.name.clone(),
+            src: m
+                .src
+                .as_ref()
+                .map(|l| l.0.iter().map(|c| c.0.trunc()).collect())
+                .unwrap_or_default(),
+            dst: networks_via(interfaces, routes, ifc.id),
+            proto: None,
+            to: [true, false]
+                .into_iter()
+                .filter_map(|v4| ifc.address(v4))
+                .collect(),
+            ports: nat_ports(m.ports.as_ref()),
+        });
+    }
+    for r in &nat.snat {
+        cfg.snat.push(SnatRule {
+            name: r.name.clone(),
+            src: r
+                .src
+                .as_ref()
+                .map(|l| l.0.iter().map(|c| c.0.trunc()).collect())
+                .unwrap_or_default(),
+            dst: r
+                .dst
+                .as_ref()
+                .map(|l| l.0.iter().map(|c| c.0.trunc()).collect())
+                .unwrap_or_default(),
+            proto: r.proto.map(|p| p.0),
+            to: r.to.clone(),
+            ports: nat_ports(r.ports.as_ref()),
+        });
+    }
+    for f in &nat.port_forward {
+        let Some(ifc) = interfaces.iter().find(|i| i.name == f.from) else {
+            continue;
+        };
+        let Some(public) = f.dst.or_else(|| ifc.address(f.to.is_ipv4())) else {
+            continue;
+        };
+        let Some(range) = f.dport.0.first() else {
+            continue;
+        };
+        cfg.dnat.push(DnatRule {
+            name: f.name.clone(),
+            ingress_if: Some(ifc.id),
+            dst: public,
+            proto: f.proto.0,
+            dport: PortRange {
+                first: range.first,
+                last: range.last,
+            },
+            to_addr: f.to,
+            to_port: f.to_port,
+        });
+    }
+    Some(cfg)
+}
+
+fn compile_lb(spec: &ApplianceSpec, interfaces: &[InterfaceConfig]) -> Option<LbConfig> {
+    let lb = spec.lb()?;
+    let mut cfg = LbConfig::default();
+    if let Some(m) = lb.max_flows {
+        cfg.max_flows = m;
+    }
+    for v in &lb.services {
+        cfg.services.push(VirtualService {
+            name: v.name.clone(),
+            vip: v.vip,
+            proto: v.proto.0,
+            port: v.port,
+            backends: v
+                .backends
+                .iter()
+                .map(|b| Backend {
+                    name: b.name.clone(),
+                    addr: b.addr,
+                    port: b.port,
+                    weight: b.weight,
+                })
+                .collect(),
+            source: lb_source_address(interfaces, v).into_iter().collect(),
+            ports: NAT_PORTS,
+        });
+    }
+    Some(cfg)
+}
+
+/// Backends the spec drains.
+fn compile_backend_states(spec: &ApplianceSpec) -> Vec<BackendStateConfig> {
+    let Some(lb) = spec.lb() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for v in &lb.services {
+        for b in &v.backends {
+            if b.state == Some(crate::spec::BackendAdmin::Drain) {
+                out.push(BackendStateConfig {
+                    service: v.name.clone(),
+                    backend: b.name.clone(),
+                    state: BackendState::Draining,
+                });
+            }
+        }
+    }
+    out
 }
 
 /// What the dispatchers need of the NAT and LB stages.

@@ -21,17 +21,20 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use dva_flow::UnitId;
 use dva_io::udp::UdpEndpoint;
+use dva_proto::role::Stage;
 use dva_proto::{DataplaneConfig, RoleConfig};
 use dva_services::conntrack::{ConnState, TcpState};
 use dva_services::firewall::{
     ConntrackConfig, DropReason, Firewall, NewFlowPolicy, PacketInfo, RejectKind, Verdict,
 };
+use dva_services::lb::{Lb, LbDropReason, LbVerdict};
+use dva_services::nat::{Direction, Nat, NatDropReason, NatVerdict};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
 
 use crate::channel::Update;
 use crate::classify::{classify, Classified, PROTO_TCP};
 use crate::handover::{
-    self, Handover, HOLD_LIMIT, HOLD_MAX_PACKETS, MAX_RESENDS, PROTO_HANDOVER, RESEND_AFTER,
+    self, Flows, Handover, HOLD_LIMIT, HOLD_MAX_PACKETS, MAX_RESENDS, PROTO_HANDOVER, RESEND_AFTER,
 };
 use crate::reply;
 use crate::stats::{DropCounters, Every, StatsCell, UnitStats};
@@ -55,7 +58,12 @@ mod drop_reason {
     pub const FRAGMENT: usize = 11;
     pub const REJECTED: usize = 12;
     pub const MALFORMED_HANDOVER: usize = 13;
-    pub const NAMES: [&str; 14] = [
+    pub const NAT_PORTS_EXHAUSTED: usize = 14;
+    pub const NAT_TABLE_FULL: usize = 15;
+    pub const LB_NO_BACKEND: usize = 16;
+    pub const LB_PORTS_EXHAUSTED: usize = 17;
+    pub const LB_TABLE_FULL: usize = 18;
+    pub const NAMES: [&str; 19] = [
         "backplane-foreign-source",
         "malformed-geneve",
         "wrong-vni",
@@ -70,6 +78,11 @@ mod drop_reason {
         "fragment-unsupported",
         "rejected",
         "malformed-handover",
+        "nat-ports-exhausted",
+        "nat-table-full",
+        "lb-no-healthy-backend",
+        "lb-ports-exhausted",
+        "lb-table-full",
     ];
 }
 use drop_reason as dr;
@@ -112,6 +125,65 @@ struct Core {
     census_due: bool,
     /// Connections held only as a backup's copies (at the last census).
     replica_flows: u64,
+    /// The chain's translating stages, when the spec has them.
+    nat: Option<Nat>,
+    lb: Option<Lb>,
+    /// A packet being translated (the received one stays as it came, for punting).
+    work: Vec<u8>,
+}
+
+/// Where a packet goes after the chain.
+enum Outcome {
+    Forward,
+    /// No stage may create state for it here: ask the bucket's previous owners.
+    Punt,
+    Drop(usize),
+    Reject(RejectKind),
+}
+
+/// The NAT and LB stages `cfg` asks for, reusing the running ones (their bindings are the flows'
+/// state) when the bucket count did not change. Backend states are applied every time: they come
+/// from the spec (drain) and from the dispatchers' health checks, merged by the manager.
+fn stages_for(
+    cfg: &DataplaneConfig,
+    nat: Option<Nat>,
+    lb: Option<Lb>,
+) -> (Option<Nat>, Option<Lb>) {
+    let n_buckets = cfg.table.len();
+    let nat = cfg.nat.as_ref().map(|c| match nat {
+        Some(mut n) if n.n_buckets() == n_buckets.next_power_of_two() => {
+            if n.config() != c {
+                n.set_config(c.clone());
+            }
+            n
+        }
+        _ => Nat::new(c.clone(), n_buckets),
+    });
+    let lb = cfg.lb.as_ref().map(|c| {
+        let mut l = match lb {
+            Some(mut l) if l.n_buckets() == n_buckets.next_power_of_two() => {
+                if l.config() != c {
+                    l.set_config(c.clone());
+                }
+                l
+            }
+            _ => Lb::new(c.clone(), n_buckets),
+        };
+        for v in &c.services {
+            for b in &v.backends {
+                let state = cfg
+                    .backend_states
+                    .iter()
+                    .find(|s| s.service == v.name && s.backend == b.name)
+                    .map_or(dva_services::lb::BackendState::Up, |s| s.state);
+                if l.backend_state(&v.name, &b.name) != Some(state) {
+                    let _ = l.set_backend_state(&v.name, &b.name, state);
+                }
+            }
+        }
+        l
+    });
+    (nat, lb)
 }
 
 impl Dataplane {
@@ -128,6 +200,7 @@ impl Dataplane {
             ..Default::default()
         };
         let fw = Firewall::new(cfg.firewall.clone(), limits);
+        let (nat, lb) = stages_for(&cfg, None, None);
         let peers = cfg.peers.iter().map(|p| (p.id, p.addr)).collect();
         let dispatcher_ips = cfg.dispatchers.iter().map(|d| d.addr.ip()).collect();
         let peer_ips = cfg.peers.iter().map(|d| d.addr.ip()).collect();
@@ -159,6 +232,9 @@ impl Dataplane {
                 held: VecDeque::new(),
                 census_due: false,
                 replica_flows: 0,
+                nat,
+                lb,
+                work: Vec::with_capacity(2048),
             },
         })
     }
@@ -203,6 +279,12 @@ impl Dataplane {
             let _ = core.tx.flush();
             // Bounded expiry work per turn keeps the loop's latency flat however many flows time out.
             core.fw.expire(core.now_ns, 256);
+            if let Some(n) = core.nat.as_mut() {
+                n.expire(core.now_ns, 256);
+            }
+            if let Some(l) = core.lb.as_mut() {
+                l.expire(core.now_ns, 256);
+            }
             if publish.due(now) {
                 stats.try_publish(core.snapshot());
             }
@@ -241,6 +323,9 @@ impl Core {
         if cfg.firewall != self.cfg.firewall {
             self.fw.set_rules(cfg.firewall.clone());
         }
+        let (nat, lb) = stages_for(&cfg, self.nat.take(), self.lb.take());
+        self.nat = nat;
+        self.lb = lb;
         self.fw
             .conntrack_mut()
             .set_journal(!cfg.backups.is_empty() && !cfg.export);
@@ -262,7 +347,7 @@ impl Core {
         let purged = purge.len();
         for b in purge {
             // Copies of a bucket we no longer back up.
-            self.fw.conntrack_mut().remove_bucket(b);
+            self.remove_bucket(b);
         }
         if cfg.table.epoch() != self.cfg.table.epoch() {
             let me = cfg.unit;
@@ -330,6 +415,34 @@ impl Core {
             .collect();
     }
 
+    /// Forget every flow of `bucket`, in every stage.
+    fn remove_bucket(&mut self, bucket: u16) {
+        self.fw.conntrack_mut().remove_bucket(bucket);
+        if let Some(n) = self.nat.as_mut() {
+            n.remove_bucket(bucket);
+        }
+        if let Some(l) = self.lb.as_mut() {
+            l.remove_bucket(bucket);
+        }
+    }
+
+    /// A bucket's flows, every stage's, for a state move.
+    fn export_flows(&self, bucket: u16) -> Flows {
+        Flows {
+            conns: self.fw.export_bucket(self.now_ns, bucket),
+            nat: self
+                .nat
+                .as_ref()
+                .map(|n| n.export_bucket(self.now_ns, bucket))
+                .unwrap_or_default(),
+            lb: self
+                .lb
+                .as_ref()
+                .map(|l| l.export_bucket(self.now_ns, bucket))
+                .unwrap_or_default(),
+        }
+    }
+
     fn snapshot(&self) -> UnitStats {
         let mut counters: BTreeMap<String, u64> = self
             .events
@@ -338,6 +451,15 @@ impl Core {
             .collect();
         counters.insert("backplane_tx_dropped".into(), self.tx.tx_dropped());
         counters.insert("replica_flows".into(), self.replica_flows);
+        if let Some(n) = &self.nat {
+            let st = n.stats();
+            counters.insert("nat_bindings".into(), n.len() as u64);
+            counters.insert("nat_translated".into(), st.translated);
+            counters.insert("nat_bindings_created".into(), st.bindings_created);
+        }
+        if let Some(l) = &self.lb {
+            counters.insert("lb_flows".into(), l.len() as u64);
+        }
         UnitStats {
             appliance: self.cfg.appliance.clone(),
             unit: self.cfg.unit,
@@ -353,6 +475,11 @@ impl Core {
             bucket_flows: self.bucket_flows.clone(),
             drops: self.drops.to_map(),
             counters,
+            backends: self
+                .lb
+                .as_ref()
+                .map(|l| l.backend_stats())
+                .unwrap_or_default(),
             ..Default::default()
         }
     }
@@ -407,8 +534,8 @@ impl Core {
         if owner == self.cfg.unit {
             return;
         }
-        let conns = self.fw.export_bucket(self.now_ns, bucket);
-        for body in handover::state_bodies(self.cfg.unit, bucket, conns) {
+        let flows = self.export_flows(bucket);
+        for body in handover::state_bodies(self.cfg.unit, bucket, flows) {
             self.send_control(addr, bucket, &body);
         }
         self.export_pending
@@ -450,6 +577,8 @@ impl Core {
                 bucket,
                 last,
                 conns,
+                nat,
+                lb,
             } => {
                 if usize::from(bucket) >= self.cfg.table.len() {
                     return self.drops.inc(dr::MALFORMED_HANDOVER);
@@ -458,6 +587,17 @@ impl Core {
                     // Only what belongs to the bucket named; a repeat (resend) is already here.
                     if c.bucket == bucket && self.fw.import(self.now_ns, c).is_ok() {
                         self.event("flows_imported");
+                    }
+                }
+                let now = self.now_ns;
+                if let Some(n) = self.nat.as_mut() {
+                    for b in nat.into_iter().filter(|b| b.bucket == bucket) {
+                        let _ = n.import(now, b);
+                    }
+                }
+                if let Some(l) = self.lb.as_mut() {
+                    for b in lb.into_iter().filter(|b| b.bucket == bucket) {
+                        let _ = l.import(now, b);
                     }
                 }
                 if last {
@@ -479,23 +619,37 @@ impl Core {
                     serde_json::to_vec(&Handover::Done { from: me, bucket }).unwrap_or_default();
                 self.send_control(addr, bucket, &done);
                 if self.export_pending.remove(&bucket).is_some() {
-                    self.fw.conntrack_mut().remove_bucket(bucket);
+                    self.remove_bucket(bucket);
                     self.event("buckets_exported");
                     self.census_due =
                         self.export_pending.is_empty() && self.export_queue.is_empty();
                 }
             }
             Handover::Done { bucket, .. } => self.release(bucket),
-            Handover::Replicate { conns, .. } => {
+            Handover::Replicate { conns, nat, lb, .. } => {
                 let n = self.cfg.table.len();
+                // Only for buckets we back up or own (a stale sender's copies are ignored).
+                let ours = |cfg: &DataplaneConfig, bucket: u16| {
+                    usize::from(bucket) < n
+                        && (cfg.backups.get(usize::from(bucket)) == Some(&me)
+                            || cfg.table.owner(bucket) == me)
+                };
                 for c in conns {
-                    // Only for buckets we back up or own (a stale sender's copies are ignored).
-                    if usize::from(c.bucket) < n
-                        && (self.cfg.backups.get(usize::from(c.bucket)) == Some(&me)
-                            || self.cfg.table.owner(c.bucket) == me)
+                    if ours(&self.cfg, c.bucket)
                         && self.fw.conntrack_mut().upsert(self.now_ns, c).is_ok()
                     {
                         self.event("flows_replicated_in");
+                    }
+                }
+                let now = self.now_ns;
+                if let Some(t) = self.nat.as_mut() {
+                    for b in nat.into_iter().filter(|b| ours(&self.cfg, b.bucket)) {
+                        let _ = t.upsert(now, b);
+                    }
+                }
+                if let Some(t) = self.lb.as_mut() {
+                    for b in lb.into_iter().filter(|b| ours(&self.cfg, b.bucket)) {
+                        let _ = t.upsert(now, b);
                     }
                 }
             }
@@ -548,8 +702,21 @@ impl Core {
             return;
         }
         let me = self.cfg.unit;
-        let mut by_backup: BTreeMap<UnitId, Vec<dva_services::conntrack::Conn>> = BTreeMap::new();
+        // An owner copies its flows to the bucket's backup; a previous owner still holding flows
+        // of a moved bucket copies them to the new owner, which then serves them itself instead
+        // of punting (and holds them if we die).
+        let target_of = |cfg: &DataplaneConfig, bucket: u16| {
+            let owner = cfg.table.owner(bucket);
+            let t = if owner == me {
+                cfg.backups.get(usize::from(bucket)).copied().unwrap_or(0)
+            } else {
+                owner
+            };
+            (t != 0 && t != me).then_some(t)
+        };
+        let mut by_backup: BTreeMap<UnitId, Flows> = BTreeMap::new();
         let mut seen = std::collections::HashSet::new();
+        let now = self.now_ns;
         for k in keys {
             let Some(c) = self.fw.conntrack().find(&k) else {
                 continue;
@@ -557,29 +724,60 @@ impl Core {
             if !seen.insert(c.key.canonical().0) || self.is_replica_bucket(c.bucket) {
                 continue;
             }
-            // An owner copies its flows to the bucket's backup; a previous owner still holding
-            // flows of a moved bucket copies them to the new owner, which then serves them
-            // itself instead of punting (and holds them if we die).
-            let owner = self.cfg.table.owner(c.bucket);
-            let target = if owner == me {
-                self.cfg
-                    .backups
-                    .get(usize::from(c.bucket))
-                    .copied()
-                    .unwrap_or(0)
-            } else {
-                owner
+            let Some(target) = target_of(&self.cfg, c.bucket) else {
+                continue;
             };
-            if target != 0 && target != me {
-                by_backup.entry(target).or_default().push(c.clone());
+            let (c, key) = (c.clone(), c.key);
+            let entry = by_backup.entry(target).or_default();
+            entry.conns.push(c);
+            // The flow's translation goes with it (found by the tuple the firewall saw, which
+            // is the one the translating stages saw first when the firewall comes first).
+            if refresh_all {
+                continue; // all bindings are added below
+            }
+            if let Some((b, _)) = self.nat.as_mut().and_then(|n| n.binding_of(now, &key)) {
+                entry.nat.push(b.clone());
+            }
+            if let Some((b, _)) = self.lb.as_mut().and_then(|l| l.binding_of(now, &key)) {
+                entry.lb.push(b.clone());
             }
         }
-        for (backup, conns) in by_backup {
+        if refresh_all {
+            // Every binding, whatever chain order produced it (a NAT before the firewall keys
+            // its conntrack entries by translated tuples, which the lookups above miss).
+            let nat: Vec<_> = self
+                .nat
+                .as_ref()
+                .map(|n| n.bindings().cloned().collect())
+                .unwrap_or_default();
+            let lb: Vec<_> = self
+                .lb
+                .as_ref()
+                .map(|l| l.flows().cloned().collect())
+                .unwrap_or_default();
+            for b in nat {
+                if self.is_replica_bucket(b.bucket) {
+                    continue;
+                }
+                if let Some(t) = target_of(&self.cfg, b.bucket) {
+                    by_backup.entry(t).or_default().nat.push(b);
+                }
+            }
+            for b in lb {
+                if self.is_replica_bucket(b.bucket) {
+                    continue;
+                }
+                if let Some(t) = target_of(&self.cfg, b.bucket) {
+                    by_backup.entry(t).or_default().lb.push(b);
+                }
+            }
+        }
+        for (backup, flows) in by_backup {
             let Some(addr) = self.peers.get(&backup).copied() else {
                 continue;
             };
-            let n = conns.len() as u64;
-            for body in handover::replicate_bodies(me, conns) {
+            let n = flows.conns.len() as u64;
+            for body in handover::replicate_bodies(me, flows) {
                 self.send_control(addr, 0, &body);
             }
             *self.events.entry("flows_replicated_out").or_insert(0) += n;
@@ -663,6 +861,153 @@ impl Core {
         } else {
             NewFlowPolicy::Refuse
         };
+        let to = self.dispatcher_for(src, from_dispatcher, &c);
+        self.process(bucket, &meta, ip, &c, policy, to);
+    }
+
+    /// Run the service chain on one packet and send, punt, reject or drop it. `to`: the
+    /// dispatcher that gets it back.
+    fn process(
+        &mut self,
+        bucket: u16,
+        meta: &DvaMeta,
+        ip: &[u8],
+        c: &Classified,
+        policy: NewFlowPolicy,
+        to: SocketAddr,
+    ) {
+        if self.nat.is_none() && self.lb.is_none() {
+            // Firewall only: nothing rewrites the packet, so no copy of it is made.
+            match self.firewall(bucket, meta, ip, c, policy) {
+                Outcome::Forward => self.send(to, meta, 0, ip),
+                Outcome::Punt => self.punt(bucket, meta, ip, c),
+                Outcome::Drop(r) => self.drops.inc(r),
+                Outcome::Reject(kind) => {
+                    self.drops.inc(dr::REJECTED);
+                    self.reject(kind, to, meta, ip, c);
+                }
+            }
+            return;
+        }
+        let mut pkt = std::mem::take(&mut self.work);
+        pkt.clear();
+        pkt.extend_from_slice(ip);
+        // Replies of a translated flow arrive with the translated tuple: they go through the chain
+        // backwards (undo the translation, then the firewall sees the flow as it tracked it).
+        let reverse = self.is_translated_reply(c);
+        let n = self.cfg.chain.len();
+        let mut cls = *c;
+        let mut rewritten = false;
+        let mut outcome = Outcome::Forward;
+        for i in 0..n {
+            let stage = self.cfg.chain[if reverse { n - 1 - i } else { i }];
+            let now = self.now_ns;
+            outcome = match stage {
+                Stage::Firewall => {
+                    if std::mem::take(&mut rewritten) {
+                        match classify(&pkt) {
+                            Ok(c2) => cls = c2,
+                            Err(_) => {
+                                outcome = Outcome::Drop(dr::MALFORMED_IP);
+                                break;
+                            }
+                        }
+                    }
+                    self.firewall(bucket, meta, &pkt, &cls, policy)
+                }
+                Stage::Nat => match self.nat.as_mut() {
+                    None => Outcome::Forward,
+                    Some(nat) => match nat.process(now, bucket, meta.ingress_if, &mut pkt) {
+                        NatVerdict::Translated => {
+                            rewritten = true;
+                            Outcome::Forward
+                        }
+                        NatVerdict::Untouched => Outcome::Forward,
+                        NatVerdict::Drop(NatDropReason::NoBinding) => Outcome::Punt,
+                        NatVerdict::Drop(NatDropReason::PortsExhausted) => {
+                            Outcome::Drop(dr::NAT_PORTS_EXHAUSTED)
+                        }
+                        NatVerdict::Drop(NatDropReason::TableFull) => {
+                            Outcome::Drop(dr::NAT_TABLE_FULL)
+                        }
+                        NatVerdict::Drop(NatDropReason::UnsupportedFragment) => {
+                            Outcome::Drop(dr::FRAGMENT)
+                        }
+                        NatVerdict::Drop(NatDropReason::Malformed) => {
+                            Outcome::Drop(dr::MALFORMED_IP)
+                        }
+                    },
+                },
+                Stage::Lb => match self.lb.as_mut() {
+                    None => Outcome::Forward,
+                    Some(lb) => match lb.process(now, bucket, &mut pkt) {
+                        LbVerdict::Translated => {
+                            rewritten = true;
+                            Outcome::Forward
+                        }
+                        LbVerdict::Untouched => Outcome::Forward,
+                        LbVerdict::Drop(LbDropReason::NoFlow) => Outcome::Punt,
+                        LbVerdict::Drop(LbDropReason::NoBackend) => {
+                            Outcome::Drop(dr::LB_NO_BACKEND)
+                        }
+                        LbVerdict::Drop(LbDropReason::PortsExhausted) => {
+                            Outcome::Drop(dr::LB_PORTS_EXHAUSTED)
+                        }
+                        LbVerdict::Drop(LbDropReason::TableFull) => {
+                            Outcome::Drop(dr::LB_TABLE_FULL)
+                        }
+                        LbVerdict::Drop(LbDropReason::UnsupportedFragment) => {
+                            Outcome::Drop(dr::FRAGMENT)
+                        }
+                        LbVerdict::Drop(_) => Outcome::Drop(dr::MALFORMED_IP),
+                    },
+                },
+            };
+            if !matches!(outcome, Outcome::Forward) {
+                break;
+            }
+        }
+        match outcome {
+            Outcome::Forward => self.send(to, meta, 0, &pkt),
+            // The packet as it arrived: the previous owner runs the whole chain on it.
+            Outcome::Punt => self.punt(bucket, meta, ip, c),
+            Outcome::Drop(r) => self.drops.inc(r),
+            Outcome::Reject(kind) => {
+                self.drops.inc(dr::REJECTED);
+                self.reject(kind, to, meta, &pkt, &cls);
+            }
+        }
+        self.work = pkt;
+    }
+
+    /// Whether `c` is a reply of a flow a translating stage holds (an ICMP error counts as one
+    /// when the packet it quotes was a translated original).
+    fn is_translated_reply(&mut self, c: &Classified) -> bool {
+        let now = self.now_ns;
+        let key = c.icmp_inner.map(|k| k.reversed()).unwrap_or(c.key);
+        let reply = |d: Option<Direction>| d == Some(Direction::Reply);
+        reply(
+            self.nat
+                .as_mut()
+                .and_then(|n| n.binding_of(now, &key))
+                .map(|(_, d)| d),
+        ) || reply(
+            self.lb
+                .as_mut()
+                .and_then(|l| l.binding_of(now, &key))
+                .map(|(_, d)| d),
+        )
+    }
+
+    /// The firewall stage on a packet as `c` classifies it.
+    fn firewall(
+        &mut self,
+        bucket: u16,
+        meta: &DvaMeta,
+        ip: &[u8],
+        c: &Classified,
+        policy: NewFlowPolicy,
+    ) -> Outcome {
         let info = PacketInfo {
             ingress_if: meta.ingress_if,
             key: c.key,
@@ -672,21 +1017,15 @@ impl Core {
             len: ip.len() as u32,
         };
         match self.fw.process(self.now_ns, bucket, &info, policy) {
-            Verdict::Accept => {
-                let to = self.dispatcher_for(src, from_dispatcher, &c);
-                self.send(to, &meta, 0, ip);
-            }
-            Verdict::Drop(reason) => self.drops.inc(match reason {
+            Verdict::Accept => Outcome::Forward,
+            Verdict::Drop(reason) => Outcome::Drop(match reason {
                 DropReason::RuleDrop => dr::FIREWALL_RULE,
                 DropReason::DefaultPolicy => dr::FIREWALL_DEFAULT,
                 DropReason::TableFull => dr::TABLE_FULL,
                 _ => dr::INVALID_STATE,
             }),
-            Verdict::Reject(kind) => {
-                self.drops.inc(dr::REJECTED);
-                self.reject(kind, src, from_dispatcher, &meta, ip, &c);
-            }
-            Verdict::NoState => self.punt(bucket, &meta, ip, &c),
+            Verdict::Reject(kind) => Outcome::Reject(kind),
+            Verdict::NoState => Outcome::Punt,
         }
     }
 
@@ -718,23 +1057,15 @@ impl Core {
         if c.can_start_flow() && c.key.proto != PROTO_TCP {
             let owner = b.owner;
             if owner == self.cfg.unit {
-                // We are the owner and the chain came back empty: create it here.
-                let info = PacketInfo {
-                    ingress_if: meta.ingress_if,
-                    key: c.key,
-                    tcp_flags: c.tcp_flags,
-                    icmp: c.icmp,
-                    icmp_inner: c.icmp_inner,
-                    len: ip.len() as u32,
+                // We are the owner and the chain came back empty: create it here, through the
+                // whole chain. At the hop limit, so a stage that still refuses it cannot punt
+                // it around again.
+                let m = DvaMeta {
+                    hops: MAX_HOPS,
+                    ..*meta
                 };
-                if let Verdict::Accept =
-                    self.fw
-                        .process(self.now_ns, bucket, &info, NewFlowPolicy::Create)
-                {
-                    let to = self.cfg.dispatchers[0].addr;
-                    return self.send(to, meta, 0, ip);
-                }
-                return self.drops.inc(dr::FIREWALL_DEFAULT);
+                let to = self.dispatcher_for(self.cfg.dispatchers[0].addr, false, c);
+                return self.process(bucket, &m, ip, c, NewFlowPolicy::Create, to);
             }
             if let Some(addr) = self.peers.get(&owner).copied() {
                 self.event("handed_back_new");
@@ -747,8 +1078,7 @@ impl Core {
     fn reject(
         &mut self,
         kind: RejectKind,
-        src: SocketAddr,
-        from_dispatcher: bool,
+        to: SocketAddr,
         meta: &DvaMeta,
         ip: &[u8],
         c: &Classified,
@@ -786,7 +1116,6 @@ impl Core {
             }
         };
         if built.is_some() {
-            let to = self.dispatcher_for(src, from_dispatcher, c);
             let m = DvaMeta {
                 hops: 0,
                 flags: 0,

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use dva_flow::UnitId;
 use dva_services::conntrack::Conn;
+use dva_services::nat::Binding;
 use serde::{Deserialize, Serialize};
 
 /// GENEVE protocol type of handover messages (IEEE 802 local experimental ethertype).
@@ -34,6 +35,64 @@ pub const MAX_RESENDS: u32 = 10;
 /// Handover datagrams stay well under the backplane's 9000-byte MTU.
 pub const MAX_BODY: usize = 8000;
 
+/// Flow state of one kind or another: connection tracking entries and, when the chain has them,
+/// NAT bindings and load-balancer flows. Each moves with its bucket.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Flows {
+    #[serde(default)]
+    pub conns: Vec<Conn>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nat: Vec<Binding>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lb: Vec<Binding>,
+}
+
+impl Flows {
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty() && self.nat.is_empty() && self.lb.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len() + self.nat.len() + self.lb.len()
+    }
+
+    /// Split into parts whose JSON stays under [`MAX_BODY`] with room for the envelope (an
+    /// entry larger than that goes alone: it still fits a datagram). Always at least one part.
+    fn split(self) -> Vec<Flows> {
+        let mut parts = vec![Flows::default()];
+        let mut size = 0;
+        let budget = MAX_BODY - 150;
+        let mut room = |parts: &mut Vec<Flows>, len: usize| {
+            let last = parts.len() - 1;
+            if !parts[last].is_empty() && size + len > budget {
+                parts.push(Flows::default());
+                size = 0;
+            }
+            size += len;
+        };
+        let len = |v: Result<Vec<u8>, serde_json::Error>| v.map_or(0, |v| v.len()) + 1;
+        for c in self.conns {
+            room(&mut parts, len(serde_json::to_vec(&c)) + 10);
+            if let Some(p) = parts.last_mut() {
+                p.conns.push(c);
+            }
+        }
+        for b in self.nat {
+            room(&mut parts, len(serde_json::to_vec(&b)) + 10);
+            if let Some(p) = parts.last_mut() {
+                p.nat.push(b);
+            }
+        }
+        for b in self.lb {
+            room(&mut parts, len(serde_json::to_vec(&b)) + 10);
+            if let Some(p) = parts.last_mut() {
+                p.lb.push(b);
+            }
+        }
+        parts
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum Handover {
@@ -41,7 +100,12 @@ pub enum Handover {
         from: UnitId,
         bucket: u16,
         last: bool,
+        #[serde(default)]
         conns: Vec<Conn>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        nat: Vec<Binding>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        lb: Vec<Binding>,
     },
     Marker {
         from: UnitId,
@@ -51,64 +115,59 @@ pub enum Handover {
         from: UnitId,
         bucket: u16,
     },
-    /// Copies of connections created or changed at `from`, for the buckets whose backup the
-    /// receiver is (it takes them over if `from` dies).
+    /// Copies of flows created or changed at `from`, for the buckets whose backup the receiver
+    /// is (it takes them over if `from` dies).
     Replicate {
         from: UnitId,
+        #[serde(default)]
         conns: Vec<Conn>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        nat: Vec<Binding>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        lb: Vec<Binding>,
     },
 }
 
 /// `Replicate` bodies of at most [`MAX_BODY`] bytes.
-pub fn replicate_bodies(from: UnitId, conns: Vec<Conn>) -> Vec<Vec<u8>> {
-    let mut bodies = Vec::new();
-    let mut chunk: Vec<Conn> = Vec::new();
-    let mut size = 0;
-    for c in conns {
-        let len = serde_json::to_vec(&c).map_or(0, |v| v.len()) + 1;
-        if !chunk.is_empty() && size + len > MAX_BODY - 100 {
-            let conns = std::mem::take(&mut chunk);
-            bodies
-                .push(serde_json::to_vec(&Handover::Replicate { from, conns }).unwrap_or_default());
-            size = 0;
-        }
-        size += len;
-        chunk.push(c);
+pub fn replicate_bodies(from: UnitId, flows: Flows) -> Vec<Vec<u8>> {
+    if flows.is_empty() {
+        return Vec::new();
     }
-    if !chunk.is_empty() {
-        bodies.push(
-            serde_json::to_vec(&Handover::Replicate { from, conns: chunk }).unwrap_or_default(),
-        );
-    }
-    bodies
+    flows
+        .split()
+        .into_iter()
+        .map(|f| {
+            serde_json::to_vec(&Handover::Replicate {
+                from,
+                conns: f.conns,
+                nat: f.nat,
+                lb: f.lb,
+            })
+            .unwrap_or_default()
+        })
+        .collect()
 }
 
-/// Split a bucket's connections into `State` bodies of at most [`MAX_BODY`] bytes (a single
-/// connection larger than that is sent alone: it still fits a datagram).
-pub fn state_bodies(from: UnitId, bucket: u16, conns: Vec<Conn>) -> Vec<Vec<u8>> {
-    let mut bodies = Vec::new();
-    let mut chunk: Vec<Conn> = Vec::new();
-    let mut size = 0;
-    let encode = |conns: Vec<Conn>, last: bool| {
-        serde_json::to_vec(&Handover::State {
-            from,
-            bucket,
-            last,
-            conns,
+/// Split a bucket's flows into `State` bodies of at most [`MAX_BODY`] bytes, the last one marked
+/// (an empty bucket still gets one, so the receiver can answer).
+pub fn state_bodies(from: UnitId, bucket: u16, flows: Flows) -> Vec<Vec<u8>> {
+    let parts = flows.split();
+    let n = parts.len();
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| {
+            serde_json::to_vec(&Handover::State {
+                from,
+                bucket,
+                last: i + 1 == n,
+                conns: f.conns,
+                nat: f.nat,
+                lb: f.lb,
+            })
+            .unwrap_or_default()
         })
-        .unwrap_or_default()
-    };
-    for c in conns {
-        let len = serde_json::to_vec(&c).map_or(0, |v| v.len()) + 1;
-        if !chunk.is_empty() && size + len > MAX_BODY - 100 {
-            bodies.push(encode(std::mem::take(&mut chunk), false));
-            size = 0;
-        }
-        size += len;
-        chunk.push(c);
-    }
-    bodies.push(encode(chunk, true));
-    bodies
+        .collect()
 }
 
 #[cfg(test)]
@@ -140,7 +199,14 @@ mod tests {
     #[test]
     fn bodies_fit_and_only_the_last_is_marked() {
         let conns: Vec<Conn> = (0..500).map(conn).collect();
-        let bodies = state_bodies(3, 7, conns.clone());
+        let bodies = state_bodies(
+            3,
+            7,
+            Flows {
+                conns: conns.clone(),
+                ..Default::default()
+            },
+        );
         assert!(bodies.len() > 1);
         let mut back = Vec::new();
         for (i, b) in bodies.iter().enumerate() {
@@ -151,6 +217,7 @@ mod tests {
                     bucket,
                     last,
                     conns,
+                    ..
                 } => {
                     assert_eq!((from, bucket), (3, 7));
                     assert_eq!(last, i == bodies.len() - 1);
@@ -161,6 +228,7 @@ mod tests {
         }
         assert_eq!(back, conns);
         // An empty bucket still gets its (last) message, so the receiver can answer.
-        assert_eq!(state_bodies(3, 7, Vec::new()).len(), 1);
+        assert_eq!(state_bodies(3, 7, Flows::default()).len(), 1);
+        assert!(replicate_bodies(3, Flows::default()).is_empty());
     }
 }

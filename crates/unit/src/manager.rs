@@ -28,7 +28,9 @@ use dva_flow::{BucketTable, UnitId};
 use dva_proto::channel::{
     self, Desired, DesiredRole, FromManager, ManagerStatus, ToManager, UnitReport, UnitStatus,
 };
+use dva_proto::role::BackendStateConfig;
 use dva_proto::{compile, Placement, RoleConfig, UnitEndpoint};
+use dva_services::lb::BackendState;
 
 use crate::stats::{StatsCell, UnitStats};
 
@@ -464,7 +466,8 @@ impl State {
             table: table.clone(),
         };
         let exporting: Vec<UnitId> = d.units.iter().filter(|u| u.export).map(|u| u.id).collect();
-        let key = match serde_json::to_string(&(d.generation, &placement, &exporting)) {
+        let down = self.backends_down();
+        let key = match serde_json::to_string(&(d.generation, &placement, &exporting, &down)) {
             Ok(k) => k,
             Err(_) => return,
         };
@@ -481,6 +484,15 @@ impl State {
                     .chain(dps.into_iter().map(|mut c| {
                         c.export = exporting.contains(&c.unit);
                         c.backups = backups.clone();
+                        for (service, backend) in &down {
+                            c.backend_states
+                                .retain(|s| !(&s.service == service && &s.backend == backend));
+                            c.backend_states.push(BackendStateConfig {
+                                service: service.clone(),
+                                backend: backend.clone(),
+                                state: BackendState::Down,
+                            });
+                        }
                         (c.unit, RoleConfig::Dataplane(c))
                     }))
                     .collect();
@@ -494,6 +506,34 @@ impl State {
         }
         self.compiled_key = Some(key);
         self.dirty = true;
+    }
+
+    /// Load-balancer backends the dispatchers' health checks find down: each connected
+    /// dispatcher votes, and a backend is down when more of them say so than not (one
+    /// dispatcher cut off from a backend does not take it out of rotation for all).
+    fn backends_down(&self) -> Vec<(String, String)> {
+        let mut votes: BTreeMap<(String, String), (u32, u32)> = BTreeMap::new();
+        for du in self.desired_units(DesiredRole::Dispatcher) {
+            let Some(u) = self.units.get(&du.id).filter(|u| u.conn.is_some()) else {
+                continue;
+            };
+            let Some((_, r)) = &u.report else { continue };
+            for h in &r.health {
+                let v = votes
+                    .entry((h.service.clone(), h.backend.clone()))
+                    .or_default();
+                if h.up {
+                    v.0 += 1;
+                } else {
+                    v.1 += 1;
+                }
+            }
+        }
+        votes
+            .into_iter()
+            .filter(|(_, (up, down))| down > up)
+            .map(|(k, _)| k)
+            .collect()
     }
 
     fn push(&mut self, now: Instant) {

@@ -48,6 +48,9 @@ pub struct UnitStats {
     /// Dispatchers: load-balancer backends as the health checks see them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub health: Vec<dva_proto::channel::BackendHealth>,
+    /// Data planes with a load balancer: per-backend counters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<dva_services::lb::BackendStats>,
 }
 
 impl UnitStats {
@@ -145,6 +148,47 @@ impl UnitStats {
                     .map(|i| (format!(",interface=\"{}\"", i.name), get(i)))
                     .collect();
                 metric(field, "counter", help, &s);
+            }
+        }
+        if !self.backends.is_empty() {
+            for (field, kind, help, get) in [
+                (
+                    "lb_backend_new_flows_total",
+                    "counter",
+                    "New flows this data plane sent to a backend.",
+                    (|b: &dva_services::lb::BackendStats| b.new_flows)
+                        as fn(&dva_services::lb::BackendStats) -> u64,
+                ),
+                (
+                    "lb_backend_flows",
+                    "gauge",
+                    "Flows to a backend held by this data plane.",
+                    |b| b.active_flows,
+                ),
+                (
+                    "lb_backend_packets_total",
+                    "counter",
+                    "Packets of a backend's flows, both directions.",
+                    |b| b.packets,
+                ),
+                (
+                    "lb_backend_up",
+                    "gauge",
+                    "1 if the backend takes new flows (not down, not draining).",
+                    |b| u64::from(b.state == dva_services::lb::BackendState::Up),
+                ),
+            ] {
+                let s: Vec<_> = self
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        (
+                            format!(",service=\"{}\",backend=\"{}\"", b.service, b.backend),
+                            get(b),
+                        )
+                    })
+                    .collect();
+                metric(field, kind, help, &s);
             }
         }
         out

@@ -45,7 +45,9 @@ use crate::nat::{
     BindingTable, SourceRequest,
 };
 
-pub use crate::nat::{Binding, BindingError, BindingTimeouts, FlowState, PortRange, DEFAULT_PORTS};
+pub use crate::nat::{
+    Binding, BindingError, BindingTimeouts, Direction, FlowState, PortRange, DEFAULT_PORTS,
+};
 pub use maglev::TABLE_SIZES;
 
 /// Default cap on flows per instance.
@@ -112,7 +114,9 @@ impl Default for LbConfig {
 }
 
 /// Health / admin state of a backend (see the module doc for what each means to flows).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendState {
     #[default]
@@ -176,7 +180,7 @@ pub enum LbError {
 }
 
 /// Counters of one backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendStats {
     pub service: String,
     pub backend: String,
@@ -721,6 +725,12 @@ impl Lb {
     /// Flows (including expired ones not yet collected), in no particular order.
     pub fn flows(&self) -> impl Iterator<Item = &Binding> + '_ {
         self.table.iter().map(|(b, _)| b)
+    }
+
+    /// The live flow a packet with tuple `key` belongs to, and its direction.
+    pub fn binding_of(&mut self, now: u64, key: &FlowKey) -> Option<(&Binding, Direction)> {
+        let (slot, dir) = self.table.lookup(now, key)?;
+        Some((self.table.get(slot)?, dir))
     }
 
     /// Counters of every configured backend, and of removed ones that still have flows.

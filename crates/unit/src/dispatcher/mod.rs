@@ -407,6 +407,11 @@ impl Core {
         if self.nat_sources.is_empty() || !self.nat_sources.contains(&dst) {
             return None;
         }
+        if self.is_forwarded(dst, c) {
+            // A port forward on a masquerade address: a new flow from outside, hashed like any
+            // flow (its replies are hashed as the outside sees them, see `flow_bucket`).
+            return None;
+        }
         let port = match (c.key.proto, c.icmp, &c.icmp_inner) {
             // Errors quote the packet we sent: its source port is the one we chose.
             (_, Some(_), Some(inner)) if inner.src == dst => inner.src_port,
@@ -416,6 +421,16 @@ impl Core {
             _ => c.key.dst_port,
         };
         Some(u32::from(port) & self.bucket_mask)
+    }
+
+    /// Whether a packet to `dst` hits a port forward (the public side of a DNAT rule).
+    fn is_forwarded(&self, dst: IpAddr, c: &Classified) -> bool {
+        self.dnat_reverse.iter().any(|r| {
+            r.public == dst
+                && r.proto == c.key.proto
+                && c.key.dst_port >= r.public_first
+                && c.key.dst_port - r.public_first <= r.inside_last - r.inside_first
+        })
     }
 
     /// The flow-hash bucket, seeing a port-forwarding target's packets as the outside saw them.
@@ -688,7 +703,7 @@ impl Core {
     /// Traffic addressed to the appliance itself: answer pings, count the rest.
     /// Traffic to a VIP goes to the data planes (only pings to it are answered here).
     fn is_vip_traffic(&self, dst: IpAddr, c: &Classified) -> bool {
-        self.vips.contains(&dst)
+        (self.vips.contains(&dst) || self.is_forwarded(dst, c))
             && !matches!(
                 (c.key.proto, c.icmp),
                 (PROTO_ICMP, Some((8, 0))) | (PROTO_ICMPV6, Some((128, 0)))
