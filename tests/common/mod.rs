@@ -279,6 +279,42 @@ impl MgmtGuard {
         }
     }
 
+    /// Every running unit's stats, read from its control socket.
+    #[allow(dead_code)]
+    pub fn unit_stats(&self, name: &str) -> Vec<UnitStats> {
+        use std::io::{Read, Write};
+        let dir = self
+            .mgmt
+            .options()
+            .run_root
+            .join(format!("{}{name}", self.mgmt.options().lab_prefix));
+        let mut out = Vec::new();
+        let entries: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        for p in entries {
+            let file = p.file_name().and_then(|f| f.to_str()).unwrap_or("");
+            if !(file.starts_with("unit-") && file.ends_with(".sock")) {
+                continue;
+            }
+            let body = std::os::unix::net::UnixStream::connect(&p).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.write_all(b"GET /stats HTTP/1.0\r\n\r\n")?;
+                let mut body = String::new();
+                s.read_to_string(&mut body)?;
+                Ok(body)
+            });
+            if let Ok(body) = body {
+                if let Some(json) = body.split("\r\n\r\n").nth(1) {
+                    if let Ok(st) = serde_json::from_str::<UnitStats>(json) {
+                        out.push(st);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Every unit's counters and the end of its log, for a failing test's report: a CI failure
     /// must say what the units saw, not only that a connection broke.
     #[allow(dead_code)]
