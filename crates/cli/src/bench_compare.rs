@@ -361,6 +361,7 @@ enum PathKind {
     KernelFirewall,
     Dva(u32),
     KernelLb,
+    DvaLb(u32),
     Haproxy,
 }
 
@@ -370,6 +371,7 @@ impl PathKind {
             PathKind::KernelFirewall => "kernel + nftables fw".into(),
             PathKind::Dva(n) => format!("dva edge-fw, {n} DP"),
             PathKind::KernelLb => "kernel nftables DNAT LB".into(),
+            PathKind::DvaLb(n) => format!("dva web-lb, {n} DP"),
             PathKind::Haproxy => "HAProxy 2.x, TCP mode".into(),
         }
     }
@@ -660,6 +662,37 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             }
         };
         bench.firewall_workloads(PathKind::Dva(dps), &cpu);
+        drop(app);
+        drop(servers);
+    }
+
+    // dva as the load balancer: the web-lb example (firewall -> LB, full NAT, health checks) in
+    // front of the same three nginx.
+    let lb_spec = spec_path("web-lb.yaml")?;
+    for dps in [1u32, 2] {
+        println!("\ndva run -f examples/web-lb.yaml --dataplanes {dps}");
+        let (lab, servers) = fresh_lab(&opts.prefix)?;
+        bench.lab = lab;
+        let app = match Appliance::start(&lb_spec, &opts.prefix, dps) {
+            Ok(a) => a,
+            Err(e) => {
+                println!("  FAILED to start: {e:#}");
+                bench.not_run(&[Workload::LbConnPerSec], PathKind::DvaLb(dps), &e);
+                continue;
+            }
+        };
+        let cpu = match unit_pids(&opts.prefix) {
+            Ok(p) => PathCpu::Processes(p),
+            Err(e) => {
+                println!("  cannot read the units' pids ({e:#}); path CPU will read 0");
+                PathCpu::Processes(Vec::new())
+            }
+        };
+        let client = bench.lab.client_ns();
+        let url = format!("http://{VIP}/");
+        bench.record(Workload::LbConnPerSec, PathKind::DvaLb(dps), &cpu, || {
+            wrk_close(&client, &url, opts.secs)
+        });
         drop(app);
         drop(servers);
     }

@@ -2,8 +2,9 @@
 //!
 //! Contract of this layer:
 //! - Sans-IO and wire-agnostic: the caller parses packets (with `dva-wire`) and hands each stage a
-//!   small plain struct of the fields it needs ([`firewall::PacketInfo`]); a stage returns a verdict
-//!   and never touches the packet bytes, a socket or a clock. Every time-dependent call takes
+//!   small plain struct of the fields it needs ([`firewall::PacketInfo`]) or, for the translating
+//!   stages ([`nat`], [`lb`]), the IP packet itself to rewrite in place; a stage returns a verdict
+//!   and never touches a socket or a clock. Every time-dependent call takes
 //!   `now: u64`, nanoseconds on a monotonic clock the caller owns, so tests drive time by hand.
 //! - A stage instance belongs to one data-path thread (`&mut self`, no locks); configuration arrives
 //!   as whole snapshots (`set_rules`) that leave per-flow state in place, as nftables does.
