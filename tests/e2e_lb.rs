@@ -168,6 +168,24 @@ fn a_dead_backend_leaves_the_rotation_and_a_drained_one_keeps_its_connections() 
             })
     });
     assert!(out, "server3 marked down on every data plane");
+    let v = m.wait(
+        "web-lb",
+        "server3 down in the view",
+        Duration::from_secs(10),
+        |v| {
+            v.backends
+                .iter()
+                .any(|b| b.service == "web" && b.backend == "server3" && b.health == "down")
+        },
+    );
+    assert!(
+        v.backends
+            .iter()
+            .filter(|b| b.service == "web" && b.backend != "server3")
+            .all(|b| b.health == "up"),
+        "{:?}",
+        v.backends
+    );
     eprintln!(
         "server3 out of rotation {:.1} s after its nginx stopped",
         stopped.elapsed().as_secs_f64()

@@ -103,6 +103,22 @@ fn print_view(v: &ApplianceView) {
         println!("ERROR {e}");
     }
     print_units(&v.units);
+    if !v.backends.is_empty() {
+        println!(
+            "\n{:<16} {:<16} {:<6} {:<7} ERROR",
+            "SERVICE", "BACKEND", "HEALTH", "CHECKS"
+        );
+        for b in &v.backends {
+            println!(
+                "{:<16} {:<16} {:<6} {:<7} {}",
+                b.service,
+                b.backend,
+                b.health,
+                format!("{}/{}", b.up_votes, b.checks),
+                b.error.as_deref().unwrap_or("")
+            );
+        }
+    }
 }
 
 fn print_units(units: &[dva_mgmt::UnitView]) {

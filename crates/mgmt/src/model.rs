@@ -151,7 +151,25 @@ pub struct ApplianceView {
     /// Why the appliance is degraded or its last config was refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Load-balancer backends as the dispatchers' health checks see them (empty without an LB
+    /// stage with health checks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendView>,
     pub spec: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendView {
+    pub service: String,
+    pub backend: String,
+    /// `up`, or `down` when most dispatchers' checks fail (then it gets no new flows).
+    pub health: String,
+    /// Dispatchers that find it up, of those checking.
+    pub up_votes: u32,
+    pub checks: u32,
+    /// Why a check failed, as one dispatcher saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -744,6 +744,50 @@ pub(crate) fn view(inner: &Inner, app: &Appliance) -> ApplianceView {
         ApplianceStatus::Pending
     };
     let _ = inner;
+    // Backend health: the same majority vote the manager applies to the data planes.
+    let mut backends: BTreeMap<(String, String), BackendView> = BTreeMap::new();
+    for u in app
+        .rec
+        .units
+        .iter()
+        .filter(|u| u.role == UnitRole::Dispatcher)
+    {
+        let Some(r) = by_id
+            .get(&u.id)
+            .filter(|s| s.connected)
+            .and_then(|s| s.report.as_ref())
+        else {
+            continue;
+        };
+        for h in &r.health {
+            let b = backends
+                .entry((h.service.clone(), h.backend.clone()))
+                .or_insert_with(|| BackendView {
+                    service: h.service.clone(),
+                    backend: h.backend.clone(),
+                    health: String::new(),
+                    up_votes: 0,
+                    checks: 0,
+                    error: None,
+                });
+            b.checks += 1;
+            b.up_votes += u32::from(h.up);
+            if !h.up && b.error.is_none() {
+                b.error = h.error.clone();
+            }
+        }
+    }
+    let backends: Vec<BackendView> = backends
+        .into_values()
+        .map(|mut b| {
+            b.health = if b.checks - b.up_votes > b.up_votes {
+                "down".into()
+            } else {
+                "up".into()
+            };
+            b
+        })
+        .collect();
     ApplianceView {
         name: app.rec.name.clone(),
         status: status_word,
@@ -758,6 +802,7 @@ pub(crate) fn view(inner: &Inner, app: &Appliance) -> ApplianceView {
         },
         units,
         error,
+        backends,
         spec: app.rec.spec_text.clone(),
     }
 }
