@@ -607,6 +607,7 @@ impl Lb {
             n_buckets: self.n_buckets,
             addr_hash: self.seed.hash_one(key.src),
             port_hash: self.seed.hash_one(key),
+            reserved: &[],
         };
         let Some(to) = allocate_source(&mut self.table, now, &req, &template) else {
             return self.drop(LbDropReason::PortsExhausted);

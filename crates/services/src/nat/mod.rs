@@ -238,6 +238,10 @@ pub struct Nat {
     cfg: NatConfig,
     /// Every SNAT pool address, sorted.
     pools: Vec<IpAddr>,
+    /// `(address, protocol, ports)` that port forwards receive on: never allocated as a
+    /// translated source, or a reply to it would be taken for a new forwarded flow (and the
+    /// dispatcher would bucket it by flow hash, not by port).
+    reserved: Vec<(IpAddr, u8, PortRange)>,
     n_buckets: usize,
     table: BindingTable,
     seed: SeededState,
@@ -262,6 +266,7 @@ impl Nat {
             table: BindingTable::new(cfg.max_bindings, &BindingTimeouts::default()),
             cfg: NatConfig::default(),
             pools: Vec::new(),
+            reserved: Vec::new(),
             n_buckets: normalize_buckets(n_buckets),
             seed: SeededState::random(),
             stats: NatStats::default(),
@@ -276,6 +281,7 @@ impl Nat {
         pools.sort();
         pools.dedup();
         self.pools = pools;
+        self.reserved = cfg.dnat.iter().map(|r| (r.dst, r.proto, r.dport)).collect();
         self.table.set_max(cfg.max_bindings);
         self.cfg = cfg;
     }
@@ -386,6 +392,7 @@ impl Nat {
                     n_buckets: self.n_buckets,
                     addr_hash,
                     port_hash,
+                    reserved: &self.reserved,
                 },
                 &to,
             ) {
@@ -578,6 +585,8 @@ pub(crate) struct SourceRequest<'a> {
     pub addr_hash: u64,
     /// Picks the first port tried.
     pub port_hash: u64,
+    /// Ports never to allocate, by address and protocol.
+    pub reserved: &'a [(IpAddr, u8, PortRange)],
 }
 
 /// Most pool addresses one allocation tries.
@@ -620,7 +629,12 @@ pub(crate) fn allocate_source(
             Some(to.src_port),
             req.port_hash,
             &mut budget,
-            |port| table.is_free(now, &cand(port).reversed()),
+            |port| {
+                !req.reserved
+                    .iter()
+                    .any(|(a, p, r)| *a == addr && *p == to.proto && r.contains(port))
+                    && table.is_free(now, &cand(port).reversed())
+            },
         );
         if let Some(port) = got {
             return Some(cand(port));

@@ -677,3 +677,46 @@ fn port_bucket_is_the_low_bits() {
     assert_eq!(normalize_buckets(3000), 4096);
     assert_eq!(normalize_buckets(1 << 20), 65536);
 }
+
+/// A TCP or UDP packet from an inside host with source port `sport` whose flow bucket is that
+/// port's own bucket, so the allocator would keep `sport` if it may.
+fn flow_in_port_bucket(tcp: bool, sport: u16) -> Vec<u8> {
+    for host in 2..255u8 {
+        for dport in 1..2000u16 {
+            let client = format!("198.18.1.{host}");
+            let pkt = if tcp {
+                tcp4(&client, sport, SERVER, dport, SYN)
+            } else {
+                udp4(&client, sport, SERVER, dport, b"q")
+            };
+            if flow_bucket(&pkt) == port_bucket(sport, N) {
+                return pkt;
+            }
+        }
+    }
+    panic!("no flow found in the bucket of port {sport}");
+}
+
+#[test]
+fn masquerade_never_allocates_a_port_forwarded_port() {
+    // Masquerade and a port forward on the same address (an edge gateway's usual setup): an
+    // inside flow from source port 8080 keeps its port only if nothing forwards it, or the
+    // reply to POOL:8080 would look like a new forwarded connection.
+    let mut nat = Nat::new(config(vec![masquerade()], vec![forward_8080()]), N);
+    for sport in [8080u16, 8081] {
+        let mut syn = flow_in_port_bucket(true, sport);
+        let b = flow_bucket(&syn);
+        let out = translate(&mut nat, 0, b, 0, &mut syn);
+        assert_ne!(out.src_port, sport, "{out:?}");
+        assert_eq!(port_bucket(out.src_port, N), b);
+    }
+    // UDP is not forwarded: its port 8080 stays.
+    let mut udp = flow_in_port_bucket(false, 8080);
+    let b = flow_bucket(&udp);
+    assert_eq!(translate(&mut nat, 0, b, 0, &mut udp).src_port, 8080);
+    // Without the forward, the TCP port stays as well.
+    let mut plain = masq_nat();
+    let mut syn = flow_in_port_bucket(true, 8080);
+    let b = flow_bucket(&syn);
+    assert_eq!(translate(&mut plain, 0, b, 0, &mut syn).src_port, 8080);
+}
