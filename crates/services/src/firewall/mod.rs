@@ -15,6 +15,7 @@
 //!
 //! Changing the rules ([`Firewall::set_rules`]) leaves tracked connections alone, as nftables does.
 
+mod index;
 mod rules;
 
 use dva_flow::{proto, FlowKey};

@@ -6,6 +6,7 @@ use dva_flow::proto;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::index::RuleIndex;
 use super::PacketInfo;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -122,7 +123,7 @@ fn name_suffix(name: &Option<String>) -> String {
 }
 
 #[inline]
-fn has_ports(p: u8) -> bool {
+pub(crate) fn has_ports(p: u8) -> bool {
     matches!(p, proto::TCP | proto::UDP | proto::SCTP | proto::UDPLITE)
 }
 
@@ -261,17 +262,17 @@ impl CompiledRule {
     }
 }
 
-/// The rule set in matching form.
-///
-/// A first-match linear scan: about 1 000 rules cost a few microseconds, paid once per new flow
-/// (established packets never reach the rules).
-// TODO: index when rule sets grow: partition rules by (proto, ingress_if) and run the
-// bit-vector scheme (Lakshman & Stiliadis, SIGCOMM'98) over the remaining fields: per field a
-// sorted list of elementary intervals (address ranges from the CIDRs, port ranges), each holding
-// the bitset of rules it satisfies; AND the field bitsets and take the lowest set bit = first match.
+/// Rule sets at least this long are looked up through a [`RuleIndex`]; shorter ones are
+/// scanned (a handful of compares beats the index's fixed cost).
+const INDEX_FROM: usize = 16;
+
+/// The rule set in matching form: first match, paid once per new flow (established packets
+/// never reach the rules). Short sets are scanned in order; longer ones go through the
+/// bit-vector index (`index.rs`), which finds the same rule in time logarithmic in the rules.
 #[derive(Debug, Clone)]
 pub(crate) struct CompiledRules {
     rules: Vec<CompiledRule>,
+    index: Option<RuleIndex>,
     pub(crate) default_action: Action,
 }
 
@@ -292,6 +293,7 @@ impl CompiledRules {
             })
             .collect();
         CompiledRules {
+            index: (set.rules.len() >= INDEX_FROM).then(|| RuleIndex::new(&set.rules)),
             rules,
             default_action: set.default_action,
         }
@@ -304,9 +306,19 @@ impl CompiledRules {
     /// Index of the first matching rule (or `None` for the default) and the action.
     #[inline]
     pub(crate) fn evaluate(&self, pkt: &PacketInfo) -> (Option<usize>, Action) {
-        match self.rules.iter().position(|r| r.matches(pkt)) {
+        let first = match &self.index {
+            Some(ix) => ix.first_match(pkt),
+            None => self.scan(pkt),
+        };
+        match first {
             Some(i) => (Some(i), self.rules[i].action),
             None => (None, self.default_action),
         }
+    }
+
+    /// The first match by a scan in order (also the reference the index is tested against).
+    #[inline]
+    pub(crate) fn scan(&self, pkt: &PacketInfo) -> Option<usize> {
+        self.rules.iter().position(|r| r.matches(pkt))
     }
 }
