@@ -9,7 +9,8 @@
 # Ir (instructions executed) / packets per stage and the functions that execute most of them.
 #
 # Usage: scripts/callgrind.sh [STAGE...]
-#   stages: dispatcher dispatcher-1514 firewall-established firewall-new (default: all)
+#   stages: dispatcher dispatcher-1514 firewall-established firewall-new nat-established
+#   lb-established (default: all)
 #   PACKETS=N overrides the packets per stage; TOP=N the functions listed per stage (default 8).
 #   The callgrind files stay in $CARGO_TARGET_DIR/callgrind (or target/callgrind) for
 #   `callgrind_annotate` or kcachegrind.
@@ -25,7 +26,7 @@ done
 
 stages=("$@")
 if [ "${#stages[@]}" -eq 0 ]; then
-    stages=(dispatcher dispatcher-1514 firewall-established firewall-new)
+    stages=(dispatcher dispatcher-1514 firewall-established firewall-new nat-established lb-established)
 fi
 top="${TOP:-8}"
 target_dir="${CARGO_TARGET_DIR:-target}"

@@ -8,7 +8,10 @@
 //! - `dispatcher-1514`: the same on full-size frames;
 //! - `firewall-established`: `Firewall::process` on ACKs of 16 384 established connections;
 //! - `firewall-new`: `Firewall::process` on SYNs of new connections, 1000 rules, the matching
-//!   one at index 990.
+//!   one at index 990;
+//! - `nat-established`: `Nat::process` on ACKs of 16 384 masqueraded connections (lookup and
+//!   in-place rewrite with incremental checksums), the packet copied into the work buffer first;
+//! - `lb-established`: `Lb::process` on ACKs of 16 384 load-balanced connections (full NAT).
 //!
 //! Only the `measure_*` functions do the counted work (setup is outside them), so the script
 //! runs callgrind with `--collect-atstart=no --toggle-collect='*measure_*'`. Without arguments
@@ -17,6 +20,9 @@
 mod common;
 #[path = "../../services/benches/common/mod.rs"]
 mod firewall_common;
+#[allow(dead_code)]
+#[path = "../../services/src/nat/testpkt.rs"]
+mod testpkt;
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -53,13 +59,51 @@ fn measure_firewall(fw: &mut Firewall, now: u64, packets: &[PacketInfo]) -> u64 
     accepted
 }
 
+/// Packets (with their buckets) are made beforehand; each is copied into `work` and translated.
+#[inline(never)]
+fn measure_translate(
+    packets: &[(u16, Vec<u8>)],
+    n: u64,
+    work: &mut [u8],
+    mut stage: impl FnMut(u16, &mut [u8]) -> bool,
+) -> u64 {
+    let mut translated = 0;
+    for i in 0..n as usize {
+        let (bucket, p) = &packets[i % packets.len()];
+        let buf = &mut work[..p.len()];
+        buf.copy_from_slice(p);
+        translated += u64::from(stage(*bucket, black_box(buf)));
+    }
+    translated
+}
+
+const BUCKETS: usize = 4096;
+
+/// ACKs of `TRACKED` connections opened through `open` (which sees each SYN and its bucket).
+fn translated_flows(
+    dst: &str,
+    mut open: impl FnMut(u16, &mut [u8]) -> bool,
+) -> Vec<(u16, Vec<u8>)> {
+    (0..TRACKED as u32)
+        .map(|i| {
+            let host = format!("10.0.{}.{}", (i >> 8) & 0xff, i & 0xff);
+            let (sport, dport) = (1024 + (i % 50_000) as u16, 80 + (i % 1024) as u16);
+            let dport = if dst.ends_with(".100") { 80 } else { dport };
+            let mut syn = testpkt::tcp4(&host, sport, dst, dport, 0x02);
+            let b = (testpkt::check(&syn).symmetric_hash() as usize & (BUCKETS - 1)) as u16;
+            assert!(open(b, &mut syn), "flow {i} not translated");
+            (b, testpkt::tcp4(&host, sport, dst, dport, 0x10))
+        })
+        .collect()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (stage, packets) = match (args.first(), args.get(1).map(|n| n.parse::<u64>())) {
         (Some(s), Some(Ok(n))) if !s.starts_with('-') => (s.as_str(), n),
         _ => {
             println!(
-                "instructions: usage: instructions (dispatcher|dispatcher-1514|firewall-established|firewall-new) PACKETS \
+                "instructions: usage: instructions (dispatcher|dispatcher-1514|firewall-established|firewall-new|nat-established|lb-established) PACKETS \
                  (run by scripts/callgrind.sh)"
             );
             return;
@@ -91,6 +135,69 @@ fn main() {
                 })
                 .collect();
             measure_firewall(&mut fw, SEC, &p)
+        }
+        "nat-established" => {
+            use dva_services::nat::{Nat, NatConfig, NatVerdict, SnatRule};
+            let mut nat = Nat::new(
+                NatConfig {
+                    snat: vec![SnatRule {
+                        name: None,
+                        src: vec!["10.0.0.0/8".parse().expect("net")],
+                        dst: Vec::new(),
+                        proto: None,
+                        to: vec!["198.18.1.1".parse().expect("addr")],
+                        ports: dva_services::firewall::PortRange {
+                            first: 1024,
+                            last: 64_999,
+                        },
+                    }],
+                    dnat: Vec::new(),
+                    max_bindings: 1 << 20,
+                },
+                BUCKETS,
+            );
+            let flows = translated_flows("198.18.1.2", |b, p| {
+                nat.process(SEC, b, 1, p) == NatVerdict::Translated
+            });
+            let mut work = [0u8; 64];
+            measure_translate(&flows, packets, &mut work, |b, p| {
+                nat.process(2 * SEC, b, 1, p) == NatVerdict::Translated
+            })
+        }
+        "lb-established" => {
+            use dva_services::lb::{Backend, Lb, LbConfig, LbVerdict, VirtualService};
+            let mut lb = Lb::new(
+                LbConfig {
+                    services: vec![VirtualService {
+                        name: "web".into(),
+                        vip: "198.18.1.100".parse().expect("vip"),
+                        proto: 6,
+                        port: 80,
+                        backends: (0..3u8)
+                            .map(|k| Backend {
+                                name: format!("server{k}"),
+                                addr: std::net::IpAddr::from([198, 18, 2, 2 + k]),
+                                port: 80,
+                                weight: 1,
+                            })
+                            .collect(),
+                        source: vec!["198.18.2.1".parse().expect("source")],
+                        ports: dva_services::firewall::PortRange {
+                            first: 1024,
+                            last: 64_999,
+                        },
+                    }],
+                    max_flows: 1 << 20,
+                },
+                BUCKETS,
+            );
+            let flows = translated_flows("198.18.1.100", |b, p| {
+                lb.process(SEC, b, p) == LbVerdict::Translated
+            });
+            let mut work = [0u8; 64];
+            measure_translate(&flows, packets, &mut work, |b, p| {
+                lb.process(2 * SEC, b, p) == LbVerdict::Translated
+            })
         }
         other => {
             eprintln!("instructions: unknown stage {other:?}");
