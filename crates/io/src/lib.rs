@@ -53,6 +53,7 @@ pub mod memory;
 pub mod netif;
 pub mod netns;
 pub mod poll;
+pub mod shm;
 mod sys;
 pub mod udp;
 
