@@ -56,6 +56,10 @@ const XDP_UMEM_PGOFF_COMPLETION_RING: libc::off_t = 0x1_8000_0000;
 /// Room the kernel keeps in front of every received frame (XDP_PACKET_HEADROOM).
 const XDP_PACKET_HEADROOM: usize = 256;
 
+/// Whether the XDP program was compiled into this build (clang was there); without it
+/// [`AfXdp::open`] fails with [`IoError::XdpNotBuilt`].
+pub const BUILT: bool = crate::bpf::XDP_OBJECT.is_some();
+
 /// Ethernet header: the shortest frame worth sending.
 const MIN_TX_FRAME: usize = 14;
 
@@ -396,10 +400,10 @@ impl AfXdp {
     /// if the device has more than one receive queue, or if the kernel refuses a step.
     pub fn open(ifname: &str, cfg: &AfXdpConfig) -> Result<AfXdp, IoError> {
         cfg.validate()?;
-        if crate::bpf::XDP_OBJECT.is_none() {
+        let ifindex = netif::ifindex(ifname)?;
+        if !BUILT {
             return Err(IoError::XdpNotBuilt);
         }
-        let ifindex = netif::ifindex(ifname)?;
         let queues = rx_queues(ifname);
         if queues > 1 {
             return Err(IoError::Xdp {
@@ -641,6 +645,10 @@ impl AfXdp {
                 )
             };
             if r >= 0 {
+                if self.txr.consumer().load(Ordering::Acquire) == before {
+                    // Success without progress: nothing more this call can do.
+                    return Ok(());
+                }
                 continue;
             }
             let e = io::Error::last_os_error();
