@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Install the Debian packages dva's lab and its tests need (crates/lab): iproute2 (ip, ss),
 # ethtool (offloads off on every veth), nginx-light or nginx, iperf3, curl, iputils-ping, wrk,
-# procps (sysctl, kill), haproxy and nftables (baselines of `dva bench compare`). Idempotent:
+# procps (sysctl, kill), haproxy and nftables (baselines of `dva bench compare`), and the
+# toolchain for the AF_XDP driver's XDP program (crates/io/bpf, built by crates/io/build.rs):
+# clang and llvm (`clang -target bpf`), libbpf-dev (bpf_helpers.h) and linux-libc-dev
+# (linux/bpf.h). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
 # packages already installed are left alone, and apt runs only when something is missing. Runs
 # as root (or through sudo).
 set -euo pipefail
@@ -19,7 +22,8 @@ installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
 }
 
-packages=(iproute2 ethtool iperf3 curl iputils-ping procps wrk haproxy nftables)
+packages=(iproute2 ethtool iperf3 curl iputils-ping procps wrk haproxy nftables
+    clang llvm libbpf-dev linux-libc-dev)
 missing=()
 for p in "${packages[@]}"; do
     installed "$p" || missing+=("$p")
@@ -59,10 +63,10 @@ if [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
     kill -QUIT "$(cat /run/nginx.pid)" || true
 fi
 
-for tool in ip ss ethtool nginx iperf3 curl ping sysctl; do
+for tool in ip ss ethtool nginx iperf3 curl ping sysctl clang; do
     command -v "$tool" >/dev/null 2>&1 || {
         echo "install-deps: $tool is still missing" >&2
         exit 1
     }
 done
-echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables)"
+echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables clang llvm libbpf-dev)"

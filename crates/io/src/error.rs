@@ -31,6 +31,14 @@ pub enum IoError {
     /// The interface is not Ethernet-like, so it has no MAC address in the sense dva needs.
     #[error("interface {name} is not Ethernet (ARP hardware type {hw_type})")]
     NotEthernet { name: String, hw_type: u16 },
+    /// The AF_XDP driver is unavailable because its XDP program was not compiled into dva-io
+    /// (clang was missing at build time).
+    #[error("AF_XDP driver not built: clang was not found when dva-io was compiled")]
+    XdpNotBuilt,
+    /// The AF_XDP driver cannot run on this interface (the program did not load or attach, or
+    /// the device does not fit the driver); `reason` says which step and why.
+    #[error("AF_XDP on {on}: {reason}")]
+    Xdp { on: String, reason: String },
     /// The kernel returned an address family we do not handle.
     #[error("{call} on {on}: unexpected address family {family}")]
     AddressFamily {
@@ -65,9 +73,10 @@ impl From<IoError> for io::Error {
             IoError::InvalidIfName { .. }
             | IoError::InvalidNetnsName { .. }
             | IoError::InvalidConfig { .. } => io::ErrorKind::InvalidInput,
-            IoError::NotEthernet { .. } | IoError::AddressFamily { .. } => {
-                io::ErrorKind::Unsupported
-            }
+            IoError::NotEthernet { .. }
+            | IoError::AddressFamily { .. }
+            | IoError::XdpNotBuilt
+            | IoError::Xdp { .. } => io::ErrorKind::Unsupported,
         };
         io::Error::new(kind, e)
     }

@@ -7,8 +7,10 @@
 //!   queued transmit that copies into the driver's buffers, and one syscall per batch
 //!   on [`FrameIo::flush`]. A full transmit queue is an `Err(WouldBlock)` the caller
 //!   counts as a drop; nothing here blocks or spins.
-//! - Drivers: [`af_packet::AfPacket`] (TPACKET_V3 RX ring, `sendmmsg` TX) for the
-//!   appliance's interfaces, [`udp::UdpEndpoint`] (`recvmmsg`/`sendmmsg`) for the GENEVE
+//! - Drivers: [`af_xdp::AfXdp`] (an XDP program redirecting to an AF_XDP socket, copy mode)
+//!   and [`af_packet::AfPacket`] (TPACKET_V3 RX ring, `sendmmsg` TX) for the appliance's
+//!   interfaces, with [`port::Port`] choosing between them (AF_XDP first, AF_PACKET when XDP
+//!   cannot attach), [`udp::UdpEndpoint`] (`recvmmsg`/`sendmmsg`) for the GENEVE
 //!   backplane, [`memory::MemoryIo`] for tests and benchmarks.
 //! - Helpers around them: [`netif`] (interface index, MAC, MTU, admin up), [`netns`]
 //!   (enter a named network namespace), [`poll`] (wait for readability without
@@ -48,11 +50,14 @@
 //! ```
 
 pub mod af_packet;
+pub mod af_xdp;
+mod bpf;
 mod error;
 pub mod memory;
 pub mod netif;
 pub mod netns;
 pub mod poll;
+pub mod port;
 pub mod shm;
 mod sys;
 pub mod udp;

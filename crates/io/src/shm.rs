@@ -145,7 +145,7 @@ impl Consumer {
     /// Create (or replace) the ring at `path`. The file appears complete: it is built under a
     /// temporary name and renamed into place, so a producer never maps a half-made ring.
     pub fn create(path: &Path, slots: u32, slot_size: u32) -> io::Result<Consumer> {
-        if slots == 0 || slot_size as usize <= SLOT_HEADER || slot_size % 8 != 0 {
+        if slots == 0 || slot_size as usize <= SLOT_HEADER || !slot_size.is_multiple_of(8) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("ring of {slots} slots of {slot_size} bytes"),
@@ -465,7 +465,7 @@ mod tests {
             while i < N {
                 if p.push(&i.to_le_bytes()) {
                     i += 1;
-                    if i % 32 == 0 {
+                    if i.is_multiple_of(32) {
                         p.publish();
                     }
                 } else {

@@ -15,8 +15,13 @@ pub struct InterfaceStats {
     pub rx_bytes: u64,
     pub tx_frames: u64,
     pub tx_bytes: u64,
-    /// Frames the kernel dropped because the receive ring was full.
+    /// Frames the kernel dropped on the way in: the receive ring was full (AF_PACKET, AF_XDP),
+    /// or no fill-ring buffer was free or the frame did not fit one (AF_XDP).
     pub ring_drops: u64,
+    /// The packet driver of this interface: "af_xdp (native)", "af_xdp (generic)" or
+    /// "af_packet". Empty for units that predate the choice.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub driver: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -137,7 +142,7 @@ impl UnitStats {
             ),
             (
                 "interface_ring_drops_total",
-                "Frames the kernel dropped for a full ring.",
+                "Frames the kernel dropped on the way in (full ring, no free buffer).",
                 |i| i.ring_drops,
             ),
         ] {
@@ -149,6 +154,25 @@ impl UnitStats {
                     .collect();
                 metric(field, "counter", help, &s);
             }
+        }
+        let drivers: Vec<_> = self
+            .interfaces
+            .iter()
+            .filter(|i| !i.driver.is_empty())
+            .map(|i| {
+                (
+                    format!(",interface=\"{}\",driver=\"{}\"", i.name, i.driver),
+                    1,
+                )
+            })
+            .collect();
+        if !drivers.is_empty() {
+            metric(
+                "interface_driver",
+                "gauge",
+                "The packet driver of an appliance interface (always 1).",
+                &drivers,
+            );
         }
         if !self.backends.is_empty() {
             for (field, kind, help, get) in [

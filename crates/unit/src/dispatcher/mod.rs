@@ -1,12 +1,16 @@
 //! The dispatcher role: owns the appliance's interfaces and spreads flows over data planes.
 //!
 //! ```text
-//!  wire ──AF_PACKET rx──> on_frame ──ARP/ND──> answer for the appliance's addresses
+//!  wire ──AF_XDP/AF_PACKET rx──> on_frame ──ARP/ND──> answer for the appliance's addresses
 //!                            │ IPv4/IPv6, TTL > 1
 //!                            └─ classify → symmetric hash → bucket → owner DP
 //!                                  └─ GENEVE(bucket, epoch, ingress_if) ──UDP──> data plane
-//!  data plane ──GENEVE──> on_backplane ── route (connected + static) ── neighbour ── AF_PACKET tx ──> wire
+//!  data plane ──GENEVE──> on_backplane ── route (connected + static) ── neighbour ── AF_XDP/AF_PACKET tx ──> wire
 //! ```
+//!
+//! The interface driver is chosen per dispatcher at start by `DVA_DRIVER` (`af_xdp`,
+//! `af_packet` or `auto`, the default: AF_XDP where the XDP program attaches, AF_PACKET
+//! otherwise); each interface logs which one it got and reports it in its stats.
 //!
 //! The dispatcher keeps no per-flow state: everything it needs per packet is in the packet and
 //! the config (bucket table, interfaces, routes), so any dispatcher can serve any packet.
@@ -23,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use dva_io::af_packet::{AfPacket, AfPacketConfig};
+use dva_io::port::{DriverChoice, Port};
 use dva_io::udp::UdpEndpoint;
 use dva_io::{FrameIo, RxMeta};
 use dva_proto::{DispatcherConfig, InterfaceConfig, RoleConfig};
@@ -170,8 +174,22 @@ struct Core {
     health: health::HealthChecker,
 }
 
+/// Environment variable that picks the interface driver: `af_xdp`, `af_packet` or `auto`.
+pub const DRIVER_ENV: &str = "DVA_DRIVER";
+
+/// The driver `DVA_DRIVER` asks for (`auto` when unset).
+fn driver_choice() -> anyhow::Result<DriverChoice> {
+    match std::env::var(DRIVER_ENV) {
+        Ok(v) => v
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("{DRIVER_ENV}: {e}")),
+        Err(std::env::VarError::NotPresent) => Ok(DriverChoice::Auto),
+        Err(e) => bail!("{DRIVER_ENV}: {e}"),
+    }
+}
+
 pub struct Dispatcher {
-    ports: Vec<AfPacket>,
+    ports: Vec<Port>,
     backplane: UdpEndpoint,
     core: Core,
 }
@@ -182,14 +200,22 @@ impl Dispatcher {
         let cfg = Arc::new(cfg);
         let mut ports = Vec::new();
         let mut links = Vec::new();
+        let choice = driver_choice()?;
         for ifc in &cfg.interfaces {
-            let port =
-                AfPacket::open(&ifc.device, &AfPacketConfig::default()).with_context(|| {
-                    format!("opening interface {} (device {})", ifc.name, ifc.device)
-                })?;
+            let (port, opened) = Port::open(&ifc.device, choice).with_context(|| {
+                format!(
+                    "opening interface {} (device {}, driver {choice:?})",
+                    ifc.name, ifc.device
+                )
+            })?;
+            eprintln!(
+                "dispatcher {}: interface {} ({}): {opened}",
+                cfg.unit, ifc.name, ifc.device
+            );
             let mac = dva_io::netif::mac_address(&ifc.device)
                 .with_context(|| format!("MAC address of {}", ifc.device))?;
             let mtu = dva_io::netif::mtu(&ifc.device).unwrap_or(1500) as usize;
+            let driver = port.driver().to_string();
             ports.push(port);
             links.push(Link {
                 cfg: ifc.clone(),
@@ -200,6 +226,7 @@ impl Dispatcher {
                 stats: InterfaceStats {
                     name: ifc.name.clone(),
                     device: ifc.device.clone(),
+                    driver,
                     ..Default::default()
                 },
             });
@@ -306,7 +333,7 @@ impl Dispatcher {
         let c = &self.core;
         let mut interfaces: Vec<InterfaceStats> = c.links.iter().map(|l| l.stats.clone()).collect();
         for (i, p) in self.ports.iter().enumerate() {
-            interfaces[i].ring_drops = p.stats().drops;
+            interfaces[i].ring_drops = p.rx_drops();
         }
         let mut counters: std::collections::BTreeMap<String, u64> =
             c.events.iter().map(|(k, v)| (k.to_string(), *v)).collect();
@@ -826,7 +853,7 @@ impl Core {
         self.to_dataplane += 1;
     }
 
-    fn on_backplane(&mut self, buf: &[u8], src: SocketAddr, ports: &mut [AfPacket]) {
+    fn on_backplane(&mut self, buf: &[u8], src: SocketAddr, ports: &mut [Port]) {
         if !self.dataplane_ips.contains(&src.ip()) {
             return self.drop(dr::BACKPLANE_FOREIGN);
         }
@@ -841,7 +868,7 @@ impl Core {
     }
 
     /// Route a processed packet out of the appliance: next hop, TTL, MAC rewrite, neighbour resolution.
-    fn forward(&mut self, ip: &[u8], ports: &mut [AfPacket]) {
+    fn forward(&mut self, ip: &[u8], ports: &mut [Port]) {
         let (dst, ttl, len, ethertype) = match ip.first().map(|b| b >> 4) {
             Some(4) => match Ipv4Packet::new_checked(ip) {
                 Ok(p) => (
@@ -913,7 +940,7 @@ impl Core {
     }
 
     /// ARP request / neighbour solicitation for `ip` on interface `e`.
-    fn probe(&mut self, e: usize, ip: IpAddr, ports: &mut [AfPacket]) {
+    fn probe(&mut self, e: usize, ip: IpAddr, ports: &mut [Port]) {
         let link = &mut self.links[e];
         let Some(src) = link.source_for(ip) else {
             return;
@@ -939,7 +966,7 @@ impl Core {
         *self.events.entry("neighbor_probes").or_insert(0) += 1;
     }
 
-    fn send_deferred(&mut self, ports: &mut [AfPacket]) {
+    fn send_deferred(&mut self, ports: &mut [Port]) {
         for (i, f) in self.deferred.drain(..) {
             let link = &mut self.links[i];
             if ports[i].tx(&f).is_ok() {
@@ -951,7 +978,7 @@ impl Core {
         }
     }
 
-    fn tick(&mut self, ports: &mut [AfPacket]) {
+    fn tick(&mut self, ports: &mut [Port]) {
         for pkt in self.health.tick(self.now) {
             self.forward(&pkt, ports);
             self.event("health_probes");

@@ -1,0 +1,897 @@
+//! AF_XDP driver: an XDP program hands every frame of the interface's queue 0 to an AF_XDP
+//! socket, whose rings live in memory shared with the kernel.
+//!
+//! Memory: one UMEM (anonymous mmap) cut into `frame_size` chunks. The first `rx_frames`
+//! chunks belong to receive, the rest to transmit, and a chunk never changes sides:
+//! - RX: chunks circulate fill ring → kernel (copies a frame in) → RX ring → the caller's
+//!   callback, which borrows the frame in place → back on the fill ring at the end of the
+//!   batch. The fill ring is larger than the number of RX chunks, so returning them always
+//!   fits.
+//! - TX: `tx` copies the frame into a free chunk and queues a descriptor; `flush` publishes
+//!   the queued descriptors and kicks the kernel with `sendto(MSG_DONTWAIT)` when the ring asks
+//!   for it (XDP_RING_NEED_WAKEUP; always, in copy mode). The kernel returns sent chunks on the
+//!   completion ring and we put them back on the free list.
+//!
+//! The socket is bound in copy mode (XDP_COPY): veth, the lab's only device, has no
+//! zero-copy support (EOPNOTSUPP), and copy mode works on every driver. The program is
+//! attached natively when the driver allows it and in generic (skb) mode otherwise.
+//!
+//! What AF_XDP does not carry: checksum status and a stripped VLAN tag. `RxMeta` therefore
+//! never says `csum_not_ready`/`csum_valid`, so a peer that leaves L4 checksums to offload
+//! (CHECKSUM_PARTIAL over veth) hands us frames with partial checksums we cannot recognise;
+//! the lab turns those offloads off on every veth. Frames longer than a chunk minus the
+//! kernel's headroom are dropped by the kernel (counted in `rx_dropped`).
+//!
+//! Only queue 0 is bound: on a device with more receive queues, frames steered to another
+//! queue would pass to the kernel stack unseen, so `open` refuses such devices.
+
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::bpf::XdpProgram;
+use crate::{netif, sys, FrameIo, IoError, RxMeta};
+
+pub use crate::bpf::XdpMode;
+
+// Kernel ABI (include/uapi/linux/if_xdp.h).
+const AF_XDP: libc::c_int = 44;
+const SOL_XDP: libc::c_int = 283;
+const XDP_MMAP_OFFSETS: libc::c_int = 1;
+const XDP_RX_RING: libc::c_int = 2;
+const XDP_TX_RING: libc::c_int = 3;
+const XDP_UMEM_REG: libc::c_int = 4;
+const XDP_UMEM_FILL_RING: libc::c_int = 5;
+const XDP_UMEM_COMPLETION_RING: libc::c_int = 6;
+const XDP_STATISTICS: libc::c_int = 7;
+const XDP_COPY: u16 = 1 << 1;
+const XDP_USE_NEED_WAKEUP: u16 = 1 << 3;
+const XDP_RING_NEED_WAKEUP: u32 = 1;
+const XDP_PGOFF_RX_RING: libc::off_t = 0;
+const XDP_PGOFF_TX_RING: libc::off_t = 0x8000_0000;
+const XDP_UMEM_PGOFF_FILL_RING: libc::off_t = 0x1_0000_0000;
+const XDP_UMEM_PGOFF_COMPLETION_RING: libc::off_t = 0x1_8000_0000;
+/// Room the kernel keeps in front of every received frame (XDP_PACKET_HEADROOM).
+const XDP_PACKET_HEADROOM: usize = 256;
+
+/// Whether the XDP program was compiled into this build (clang was there); without it
+/// [`AfXdp::open`] fails with [`IoError::XdpNotBuilt`].
+pub const BUILT: bool = crate::bpf::XDP_OBJECT.is_some();
+
+/// Ethernet header: the shortest frame worth sending.
+const MIN_TX_FRAME: usize = 14;
+
+#[repr(C)]
+#[derive(Default)]
+struct UmemReg {
+    addr: u64,
+    len: u64,
+    chunk_size: u32,
+    headroom: u32,
+    flags: u32,
+    tx_metadata_len: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct RingOffset {
+    producer: u64,
+    consumer: u64,
+    desc: u64,
+    flags: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct MmapOffsets {
+    rx: RingOffset,
+    tx: RingOffset,
+    fr: RingOffset,
+    cr: RingOffset,
+}
+
+#[repr(C)]
+struct SockaddrXdp {
+    family: u16,
+    flags: u16,
+    ifindex: u32,
+    queue_id: u32,
+    shared_umem_fd: u32,
+}
+
+/// `struct xdp_desc`: an RX or TX descriptor.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct XdpDesc {
+    addr: u64,
+    len: u32,
+    options: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct XdpStatistics {
+    rx_dropped: u64,
+    rx_invalid_descs: u64,
+    tx_invalid_descs: u64,
+    rx_ring_full: u64,
+    rx_fill_ring_empty_descs: u64,
+    tx_ring_empty_descs: u64,
+}
+
+/// Sizes for [`AfXdp::open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AfXdpConfig {
+    /// UMEM chunk size: 2048 or 4096. A received frame must fit in it after the kernel's 256
+    /// bytes of headroom.
+    pub frame_size: u32,
+    /// Entries of the RX, TX and completion rings (a power of two). The fill ring gets twice
+    /// as many, so it always has room for every RX chunk.
+    pub ring_size: u32,
+    /// Chunks lent to the kernel for receiving (at most `ring_size`).
+    pub rx_frames: u32,
+    /// Chunks for transmitting (at most `ring_size`): how many frames may be queued or in
+    /// flight before `tx` reports `WouldBlock`.
+    pub tx_frames: u32,
+    /// Attach modes to try, in order.
+    pub modes: Vec<XdpMode>,
+}
+
+impl Default for AfXdpConfig {
+    fn default() -> Self {
+        AfXdpConfig {
+            frame_size: 2048,
+            ring_size: 2048,
+            rx_frames: 2048,
+            tx_frames: 2048,
+            modes: vec![XdpMode::Native, XdpMode::Generic],
+        }
+    }
+}
+
+impl AfXdpConfig {
+    /// Check the values the kernel (or the ring arithmetic) would reject.
+    pub fn validate(&self) -> Result<(), IoError> {
+        let bad = |field, value: u32, reason| {
+            Err(IoError::InvalidConfig {
+                field,
+                value: value as usize,
+                reason,
+            })
+        };
+        if self.frame_size != 2048 && self.frame_size != 4096 {
+            return bad("frame_size", self.frame_size, "must be 2048 or 4096");
+        }
+        if !self.ring_size.is_power_of_two() || !(64..=1 << 16).contains(&self.ring_size) {
+            return bad(
+                "ring_size",
+                self.ring_size,
+                "must be a power of two in 64..=65536",
+            );
+        }
+        if self.rx_frames == 0 || self.rx_frames > self.ring_size {
+            return bad("rx_frames", self.rx_frames, "must be in 1..=ring_size");
+        }
+        if self.tx_frames == 0 || self.tx_frames > self.ring_size {
+            return bad("tx_frames", self.tx_frames, "must be in 1..=ring_size");
+        }
+        if self.modes.is_empty() {
+            return bad("modes", 0, "must name at least one attach mode");
+        }
+        Ok(())
+    }
+
+    fn fill_size(&self) -> u32 {
+        self.ring_size * 2
+    }
+
+    fn umem_len(&self) -> usize {
+        (self.rx_frames as usize + self.tx_frames as usize) * self.frame_size as usize
+    }
+}
+
+/// Counters of one [`AfXdp`]. The kernel's come from XDP_STATISTICS, which counts from the
+/// socket's creation (reading does not reset them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AfXdpStats {
+    /// Frames delivered to the caller.
+    pub rx_packets: u64,
+    /// Frames the kernel accepted from us (their chunks came back on the completion ring).
+    pub tx_packets: u64,
+    /// Frames the kernel dropped for lack of a fill-ring chunk or because they were longer than
+    /// a chunk.
+    pub rx_dropped: u64,
+    /// Frames the kernel dropped because the RX ring was full (we were too slow).
+    pub rx_ring_full: u64,
+    /// Times the kernel found the fill ring empty.
+    pub rx_fill_ring_empty_descs: u64,
+    /// Descriptors the kernel rejected on the TX ring (never expected: we write them).
+    pub tx_invalid_descs: u64,
+    /// RX descriptors pointing outside the UMEM, skipped (never expected).
+    pub rx_invalid_descs: u64,
+}
+
+impl AfXdpStats {
+    /// Frames lost on the way in, in the sense of AF_PACKET's ring drops.
+    pub fn drops(&self) -> u64 {
+        self.rx_dropped + self.rx_ring_full
+    }
+}
+
+/// One mmap'ed ring: producer and consumer indices, flags, and `size` descriptors of `T`.
+/// The side we own (producer for fill/TX, consumer for RX/completion) is kept locally in
+/// `head` and published with Release; the kernel's side is read with Acquire.
+struct Ring<T> {
+    map: NonNull<u8>,
+    map_len: usize,
+    producer: NonNull<AtomicU32>,
+    consumer: NonNull<AtomicU32>,
+    flags: NonNull<AtomicU32>,
+    desc: NonNull<T>,
+    mask: u32,
+    /// Our index: next slot to produce into (producer rings) or consume from (consumer rings).
+    head: u32,
+    /// Last seen kernel index (consumer for producer rings, producer for consumer rings).
+    seen: u32,
+}
+
+impl<T: Copy> Ring<T> {
+    /// Map ring `pgoff` of socket `fd` with `size` entries at the kernel's offsets `off`.
+    fn map(fd: RawFd, pgoff: libc::off_t, off: RingOffset, size: u32) -> io::Result<Ring<T>> {
+        let map_len = off.desc as usize + size as usize * size_of::<T>();
+        // SAFETY: no address hint; a fresh shared mapping of the socket's ring, which the kernel
+        // sized with the setsockopt that preceded this.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd,
+                pgoff,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave 0"))?;
+        let at = |o: u64| {
+            // SAFETY: the kernel's offsets lie inside the mapping it sized for this ring.
+            unsafe { base.add(o as usize) }
+        };
+        let mut ring = Ring {
+            map: base,
+            map_len,
+            producer: at(off.producer).cast(),
+            consumer: at(off.consumer).cast(),
+            flags: at(off.flags).cast(),
+            desc: at(off.desc).cast(),
+            mask: size - 1,
+            head: 0,
+            seen: 0,
+        };
+        // Rings start empty, but read the indices rather than assume it.
+        ring.head = ring.producer().load(Ordering::Relaxed);
+        ring.seen = ring.head;
+        Ok(ring)
+    }
+
+    fn producer(&self) -> &AtomicU32 {
+        // SAFETY: a 4-byte aligned u32 inside the mapping, shared with the kernel (hence atomic);
+        // the reference cannot outlive `&self`, which keeps the mapping.
+        unsafe { self.producer.as_ref() }
+    }
+
+    fn consumer(&self) -> &AtomicU32 {
+        // SAFETY: as for `producer`.
+        unsafe { self.consumer.as_ref() }
+    }
+
+    fn needs_wakeup(&self) -> bool {
+        // SAFETY: as for `producer`.
+        unsafe { self.flags.as_ref() }.load(Ordering::Relaxed) & XDP_RING_NEED_WAKEUP != 0
+    }
+
+    fn slot(&self, index: u32) -> *mut T {
+        // SAFETY: masked index < size, so the pointer stays inside the descriptor array.
+        unsafe { self.desc.as_ptr().add((index & self.mask) as usize) }
+    }
+
+    fn read(&self, index: u32) -> T {
+        // SAFETY: the slot is in the mapping (see `slot`) and, for a consumer ring, between our
+        // consumer and the producer we loaded with Acquire, so the kernel finished writing it.
+        unsafe { std::ptr::read_volatile(self.slot(index)) }
+    }
+
+    fn write(&mut self, index: u32, value: T) {
+        // SAFETY: the slot is in the mapping and, for a producer ring, between the producer we
+        // own and the kernel's consumer, so the kernel does not read it until we publish.
+        unsafe { std::ptr::write_volatile(self.slot(index), value) }
+    }
+
+    /// Producer ring: free slots, refreshing the kernel's consumer only when needed.
+    fn free(&mut self, want: u32) -> u32 {
+        let size = self.mask + 1;
+        let mut free = size - self.head.wrapping_sub(self.seen);
+        if free < want {
+            self.seen = self.consumer().load(Ordering::Acquire);
+            free = size - self.head.wrapping_sub(self.seen);
+        }
+        free
+    }
+
+    /// Producer ring: make slots up to `head` visible to the kernel.
+    fn publish(&self) {
+        self.producer().store(self.head, Ordering::Release);
+    }
+
+    /// Consumer ring: entries the kernel has produced past our consumer.
+    fn ready(&mut self) -> u32 {
+        self.seen = self.producer().load(Ordering::Acquire);
+        self.seen.wrapping_sub(self.head)
+    }
+
+    /// Consumer ring: give the slots up to `head` back to the kernel.
+    fn release(&self) {
+        self.consumer().store(self.head, Ordering::Release);
+    }
+}
+
+impl<T> Drop for Ring<T> {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `Ring::map`; nothing borrowed from it outlives the
+        // ring (descriptors are copied out, frames live in the UMEM).
+        unsafe { libc::munmap(self.map.as_ptr().cast(), self.map_len) };
+    }
+}
+
+/// The UMEM: frames shared with the kernel. Unmapped on drop, after the socket is closed.
+struct Umem {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+impl Drop for Umem {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `AfXdp::open`. The kernel pins its own reference
+        // to the pages while the socket lives, and the socket is closed before (field order).
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A bound AF_XDP socket on queue 0 of one interface, with the XDP program that feeds it.
+pub struct AfXdp {
+    // Field order is drop order: detach the program, then unmap the rings, close the socket,
+    // and free the UMEM last.
+    program: XdpProgram,
+    fill: Ring<u64>,
+    comp: Ring<u64>,
+    rx: Ring<XdpDesc>,
+    txr: Ring<XdpDesc>,
+    fd: OwnedFd,
+    umem: Umem,
+    ifname: String,
+    ifindex: u32,
+    frame_mask: u64,
+    frame_size: usize,
+    /// TX chunks neither queued nor in flight.
+    tx_free: Vec<u64>,
+    /// TX descriptors written but not yet published (published on `flush`).
+    tx_unpublished: u32,
+    /// TX descriptors published, not yet completed.
+    tx_in_flight: u32,
+    rx_packets: u64,
+    tx_packets: u64,
+    rx_invalid_descs: u64,
+}
+
+// SAFETY: the rings and the UMEM are memory owned by this value alone, reached only through
+// `&mut self` (or atomics for the indices); nothing is tied to the thread that mapped them.
+unsafe impl Send for AfXdp {}
+// SAFETY: `&self` methods only read the socket's statistics through the fd and plain fields.
+unsafe impl Sync for AfXdp {}
+
+impl AfXdp {
+    /// Open an AF_XDP socket on queue 0 of `ifname` (copy mode), attach the XDP program that
+    /// redirects every frame of that queue to it, and fill the fill ring. Needs CAP_NET_ADMIN
+    /// and CAP_BPF (root). Fails if dva-io was built without clang ([`IoError::XdpNotBuilt`]),
+    /// if the device has more than one receive queue, or if the kernel refuses a step.
+    pub fn open(ifname: &str, cfg: &AfXdpConfig) -> Result<AfXdp, IoError> {
+        cfg.validate()?;
+        let ifindex = netif::ifindex(ifname)?;
+        if !BUILT {
+            return Err(IoError::XdpNotBuilt);
+        }
+        let queues = rx_queues(ifname);
+        if queues > 1 {
+            return Err(IoError::Xdp {
+                on: ifname.into(),
+                reason: format!(
+                    "the device has {queues} receive queues; the driver binds queue 0 only"
+                ),
+            });
+        }
+        // The kernel drops longer frames (rx_dropped); better to stay on AF_PACKET than to
+        // lose every full-size frame.
+        let mtu = netif::mtu(ifname)? as usize;
+        let room = cfg.frame_size as usize - XDP_PACKET_HEADROOM;
+        if mtu + 18 > room {
+            return Err(IoError::Xdp {
+                on: ifname.into(),
+                reason: format!(
+                    "MTU {mtu} does not fit a {}-byte frame ({room} bytes after the headroom)",
+                    cfg.frame_size
+                ),
+            });
+        }
+        let err = |call| move |e| IoError::syscall(call, ifname, e);
+
+        let umem_len = cfg.umem_len();
+        // SAFETY: anonymous private mapping, no address hint; the result is checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                umem_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(err("mmap UMEM")(io::Error::last_os_error()));
+        }
+        let umem = Umem {
+            base: NonNull::new(p.cast()).ok_or_else(|| err("mmap UMEM")(io::Error::other("0")))?,
+            len: umem_len,
+        };
+
+        let fd = sys::socket(AF_XDP, libc::SOCK_RAW, 0).map_err(err("socket AF_XDP"))?;
+        let raw = fd.as_raw_fd();
+        let reg = UmemReg {
+            addr: umem.base.as_ptr() as u64,
+            len: umem_len as u64,
+            chunk_size: cfg.frame_size,
+            ..Default::default()
+        };
+        sys::setsockopt(raw, SOL_XDP, XDP_UMEM_REG, &reg)
+            .map_err(err("setsockopt XDP_UMEM_REG"))?;
+        let sizes = [
+            (
+                XDP_UMEM_FILL_RING,
+                cfg.fill_size(),
+                "setsockopt XDP_UMEM_FILL_RING",
+            ),
+            (
+                XDP_UMEM_COMPLETION_RING,
+                cfg.ring_size,
+                "setsockopt XDP_UMEM_COMPLETION_RING",
+            ),
+            (XDP_RX_RING, cfg.ring_size, "setsockopt XDP_RX_RING"),
+            (XDP_TX_RING, cfg.ring_size, "setsockopt XDP_TX_RING"),
+        ];
+        for (opt, size, call) in sizes {
+            sys::setsockopt(raw, SOL_XDP, opt, &size).map_err(err(call))?;
+        }
+        let mut off = MmapOffsets::default();
+        let mut len = size_of::<MmapOffsets>() as libc::socklen_t;
+        // SAFETY: `off` and `len` are live locals; the kernel writes at most `len` bytes.
+        sys::cvt(unsafe {
+            libc::getsockopt(
+                raw,
+                SOL_XDP,
+                XDP_MMAP_OFFSETS,
+                (&mut off as *mut MmapOffsets).cast(),
+                &mut len,
+            )
+        })
+        .map_err(err("getsockopt XDP_MMAP_OFFSETS"))?;
+        if len as usize != size_of::<MmapOffsets>() {
+            return Err(IoError::Xdp {
+                on: ifname.into(),
+                reason: format!("XDP_MMAP_OFFSETS of {len} bytes (kernel without ring flags?)"),
+            });
+        }
+        let mut fill = Ring::<u64>::map(raw, XDP_UMEM_PGOFF_FILL_RING, off.fr, cfg.fill_size())
+            .map_err(err("mmap fill ring"))?;
+        let comp = Ring::<u64>::map(raw, XDP_UMEM_PGOFF_COMPLETION_RING, off.cr, cfg.ring_size)
+            .map_err(err("mmap completion ring"))?;
+        let rx = Ring::<XdpDesc>::map(raw, XDP_PGOFF_RX_RING, off.rx, cfg.ring_size)
+            .map_err(err("mmap RX ring"))?;
+        let txr = Ring::<XdpDesc>::map(raw, XDP_PGOFF_TX_RING, off.tx, cfg.ring_size)
+            .map_err(err("mmap TX ring"))?;
+
+        let frame = u64::from(cfg.frame_size);
+        for i in 0..u64::from(cfg.rx_frames) {
+            let h = fill.head;
+            fill.write(h, i * frame);
+            fill.head = h.wrapping_add(1);
+        }
+        fill.publish();
+        let tx_free = (u64::from(cfg.rx_frames)..u64::from(cfg.rx_frames + cfg.tx_frames))
+            .map(|i| i * frame)
+            .collect();
+
+        let sxdp = SockaddrXdp {
+            family: AF_XDP as u16,
+            flags: XDP_COPY | XDP_USE_NEED_WAKEUP,
+            ifindex,
+            queue_id: 0,
+            shared_umem_fd: 0,
+        };
+        // SAFETY: `sxdp` is a live sockaddr_xdp and we pass its exact size.
+        sys::cvt(unsafe {
+            libc::bind(
+                raw,
+                (&sxdp as *const SockaddrXdp).cast(),
+                size_of::<SockaddrXdp>() as libc::socklen_t,
+            )
+        })
+        .map_err(err("bind AF_XDP (copy mode, queue 0)"))?;
+
+        let program = XdpProgram::attach(ifname, ifindex, 0, raw, &cfg.modes)?;
+
+        Ok(AfXdp {
+            program,
+            fill,
+            comp,
+            rx,
+            txr,
+            fd,
+            umem,
+            ifname: ifname.to_string(),
+            ifindex,
+            frame_mask: !(frame - 1),
+            frame_size: cfg.frame_size as usize,
+            tx_free,
+            tx_unpublished: 0,
+            tx_in_flight: 0,
+            rx_packets: 0,
+            tx_packets: 0,
+            rx_invalid_descs: 0,
+        })
+    }
+
+    /// The interface this socket is bound to.
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    /// The kernel index of that interface.
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// How the XDP program ended up attached.
+    pub fn mode(&self) -> XdpMode {
+        self.program.mode()
+    }
+
+    /// The socket, to poll(2) for readability (same as [`FrameIo::as_raw_fd`]).
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Frames queued by `tx` or handed to the kernel and not yet completed.
+    pub fn tx_pending(&self) -> usize {
+        (self.tx_unpublished + self.tx_in_flight) as usize
+    }
+
+    /// Our counters and the kernel's XDP_STATISTICS. If reading those fails, they are 0.
+    pub fn stats(&self) -> AfXdpStats {
+        let mut st = XdpStatistics::default();
+        let mut len = size_of::<XdpStatistics>() as libc::socklen_t;
+        // SAFETY: `st` and `len` are live locals; the kernel writes at most `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                SOL_XDP,
+                XDP_STATISTICS,
+                (&mut st as *mut XdpStatistics).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 {
+            st = XdpStatistics::default();
+        }
+        AfXdpStats {
+            rx_packets: self.rx_packets,
+            tx_packets: self.tx_packets,
+            rx_dropped: st.rx_dropped,
+            rx_ring_full: st.rx_ring_full,
+            rx_fill_ring_empty_descs: st.rx_fill_ring_empty_descs,
+            tx_invalid_descs: st.tx_invalid_descs,
+            rx_invalid_descs: self.rx_invalid_descs + st.rx_invalid_descs,
+        }
+    }
+
+    /// Take sent chunks back from the completion ring.
+    fn reclaim(&mut self) {
+        let n = self.comp.ready();
+        if n == 0 {
+            return;
+        }
+        for _ in 0..n {
+            let addr = self.comp.read(self.comp.head);
+            self.comp.head = self.comp.head.wrapping_add(1);
+            self.tx_free.push(addr & self.frame_mask);
+        }
+        self.comp.release();
+        self.tx_in_flight = self.tx_in_flight.saturating_sub(n);
+        self.tx_packets += u64::from(n);
+    }
+
+    /// Ask the kernel to transmit what is on the TX ring. In copy mode each `sendto` sends at
+    /// most a small batch (32 frames in current kernels) and answers EAGAIN while more are
+    /// left, so call again as long as the kernel makes progress.
+    fn kick(&mut self) -> io::Result<()> {
+        let fd = self.fd.as_raw_fd();
+        loop {
+            let before = self.txr.consumer().load(Ordering::Acquire);
+            if before == self.txr.head || !self.txr.needs_wakeup() {
+                return Ok(());
+            }
+            // SAFETY: no buffers: the frames are on the TX ring; the kernel reads no pointer.
+            let r = unsafe {
+                libc::sendto(
+                    fd,
+                    std::ptr::null(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null(),
+                    0,
+                )
+            };
+            if r >= 0 {
+                if self.txr.consumer().load(Ordering::Acquire) == before {
+                    // Success without progress: nothing more this call can do.
+                    return Ok(());
+                }
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS) => {
+                    let after = self.txr.consumer().load(Ordering::Acquire);
+                    if after == before {
+                        // The device queue is full: the rest goes on a later flush.
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                }
+                _ => return Err(e),
+            }
+        }
+    }
+}
+
+impl FrameIo for AfXdp {
+    fn rx_batch<F: FnMut(&[u8], RxMeta)>(&mut self, max: usize, mut f: F) -> io::Result<usize> {
+        let ready = self.rx.ready().min(u32::try_from(max).unwrap_or(u32::MAX));
+        if ready == 0 {
+            return Ok(0);
+        }
+        // Every RX chunk is either on the fill ring, on the RX ring or with us, and the fill
+        // ring has room for all of them, so this never comes up short.
+        let mut room = self.fill.free(ready);
+        debug_assert!(room >= ready, "fill ring smaller than the RX chunks");
+        let base = self.umem.base.as_ptr();
+        let mut delivered = 0;
+        for _ in 0..ready {
+            let d = self.rx.read(self.rx.head);
+            self.rx.head = self.rx.head.wrapping_add(1);
+            let end = d.addr.checked_add(u64::from(d.len));
+            if end.is_some_and(|end| end <= self.umem.len as u64) {
+                // SAFETY: [addr, addr + len) lies inside the UMEM (checked); the kernel wrote the
+                // frame before publishing the descriptor (Acquire in `ready`) and does not touch
+                // the chunk again until we put it on the fill ring, after `f` returns.
+                let frame = unsafe {
+                    std::slice::from_raw_parts(base.add(d.addr as usize), d.len as usize)
+                };
+                f(
+                    frame,
+                    RxMeta {
+                        wire_len: d.len,
+                        ..Default::default()
+                    },
+                );
+                delivered += 1;
+            } else {
+                self.rx_invalid_descs += 1;
+            }
+            if room > 0 {
+                let h = self.fill.head;
+                self.fill.write(h, d.addr & self.frame_mask);
+                self.fill.head = h.wrapping_add(1);
+                room -= 1;
+            }
+        }
+        self.rx.release();
+        self.fill.publish();
+        if self.fill.needs_wakeup() {
+            // SAFETY: no buffers; this only prods the kernel to look at the fill ring again.
+            unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+        }
+        self.rx_packets += delivered as u64;
+        Ok(delivered)
+    }
+
+    fn tx(&mut self, frame: &[u8]) -> io::Result<()> {
+        if !(MIN_TX_FRAME..=self.frame_size).contains(&frame.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "frame of {} bytes for {}: must be {MIN_TX_FRAME}..={}",
+                    frame.len(),
+                    self.ifname,
+                    self.frame_size
+                ),
+            ));
+        }
+        if self.tx_free.is_empty() {
+            self.reclaim();
+        }
+        if self.tx_free.is_empty() || self.txr.free(1) == 0 {
+            // Errors are accounted for by the kernel's counters; what matters is whether room
+            // was made.
+            let _ = self.flush();
+            if self.tx_free.is_empty() || self.txr.free(1) == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+        }
+        let Some(addr) = self.tx_free.pop() else {
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
+        // SAFETY: `addr` is the start of a TX chunk of `frame_size` bytes inside the UMEM, owned
+        // by us (on no ring), and `frame.len() <= frame_size`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                frame.as_ptr(),
+                self.umem.base.as_ptr().add(addr as usize),
+                frame.len(),
+            )
+        };
+        let h = self.txr.head;
+        self.txr.write(
+            h,
+            XdpDesc {
+                addr,
+                len: frame.len() as u32,
+                options: 0,
+            },
+        );
+        self.txr.head = h.wrapping_add(1);
+        self.tx_unpublished += 1;
+        Ok(())
+    }
+
+    /// Publish queued frames and kick the kernel. Frames the device cannot take yet stay on
+    /// the TX ring for the next flush (`WouldBlock`); sent chunks are reclaimed.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.tx_unpublished > 0 {
+            self.txr.publish();
+            self.tx_in_flight += self.tx_unpublished;
+            self.tx_unpublished = 0;
+        }
+        let result = if self.tx_in_flight > 0 {
+            self.kick()
+        } else {
+            Ok(())
+        };
+        self.reclaim();
+        result
+    }
+
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl AsRawFd for AfXdp {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for AfXdp {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Receive queues of a device as sysfs lists them (1 if that cannot be read: veth and most
+/// virtual devices have one).
+fn rx_queues(ifname: &str) -> usize {
+    std::fs::read_dir(format!("/sys/class/net/{ifname}/queues"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                .count()
+        })
+        .unwrap_or(1)
+        .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::zeroed;
+
+    #[test]
+    fn abi_sizes() {
+        assert_eq!(size_of::<UmemReg>(), 32);
+        assert_eq!(size_of::<MmapOffsets>(), 128);
+        assert_eq!(size_of::<SockaddrXdp>(), 16);
+        assert_eq!(size_of::<XdpDesc>(), 16);
+        assert_eq!(size_of::<XdpStatistics>(), 48);
+        // SAFETY: plain old data; all-zero is valid.
+        let _: XdpDesc = unsafe { zeroed() };
+    }
+
+    #[test]
+    fn default_config_is_valid_and_fill_ring_outsizes_rx_frames() {
+        let cfg = AfXdpConfig::default();
+        cfg.validate().unwrap();
+        assert!(cfg.fill_size() > cfg.rx_frames);
+    }
+
+    #[test]
+    fn bad_configs_name_the_value() {
+        let cases = [
+            (
+                AfXdpConfig {
+                    frame_size: 3000,
+                    ..Default::default()
+                },
+                "invalid frame_size 3000",
+            ),
+            (
+                AfXdpConfig {
+                    ring_size: 1000,
+                    ..Default::default()
+                },
+                "invalid ring_size 1000",
+            ),
+            (
+                AfXdpConfig {
+                    rx_frames: 4096,
+                    ..Default::default()
+                },
+                "invalid rx_frames 4096",
+            ),
+            (
+                AfXdpConfig {
+                    tx_frames: 0,
+                    ..Default::default()
+                },
+                "invalid tx_frames 0",
+            ),
+        ];
+        for (cfg, want) in cases {
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err} (want {want})");
+            assert!(AfXdp::open("lo", &cfg)
+                .err()
+                .unwrap()
+                .to_string()
+                .starts_with(want));
+        }
+    }
+
+    #[test]
+    fn driver_can_move_and_be_shared_across_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<AfXdp>();
+    }
+}

@@ -1,0 +1,161 @@
+//! The appliance's interface driver, chosen at open time: AF_XDP where the XDP program
+//! attaches, AF_PACKET otherwise.
+//!
+//! An enum rather than `Box<dyn FrameIo>`: `FrameIo::rx_batch` is generic over the callback
+//! (so the per-frame call inlines), which makes the trait not object-safe, and a two-way match
+//! per batch costs nothing next to the batch itself.
+
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+use std::str::FromStr;
+
+use crate::af_packet::{AfPacket, AfPacketConfig};
+use crate::af_xdp::{AfXdp, AfXdpConfig};
+use crate::{FrameIo, IoError, RxMeta};
+
+/// Which driver to use for an interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DriverChoice {
+    /// AF_XDP, falling back to AF_PACKET (with the reason) when it cannot be set up.
+    #[default]
+    Auto,
+    /// AF_XDP or fail.
+    AfXdp,
+    /// AF_PACKET only.
+    AfPacket,
+}
+
+impl FromStr for DriverChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" | "" => Ok(DriverChoice::Auto),
+            "af_xdp" | "xdp" => Ok(DriverChoice::AfXdp),
+            "af_packet" | "packet" => Ok(DriverChoice::AfPacket),
+            other => Err(format!(
+                "unknown driver {other:?}: expected af_xdp, af_packet or auto"
+            )),
+        }
+    }
+}
+
+/// An open interface with whichever driver it got.
+pub enum Port {
+    AfXdp(AfXdp),
+    AfPacket(AfPacket),
+}
+
+/// What `Port::open` did, for the caller's log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// `Port::driver()` of the result.
+    pub driver: &'static str,
+    /// Why AF_XDP was not used under `Auto`, if it was not.
+    pub fallback: Option<String>,
+}
+
+impl fmt::Display for Opened {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.fallback {
+            None => f.write_str(self.driver),
+            Some(why) => write!(f, "{} (AF_XDP unavailable: {why})", self.driver),
+        }
+    }
+}
+
+impl Port {
+    /// Open `ifname` with `choice` and default driver settings.
+    pub fn open(ifname: &str, choice: DriverChoice) -> Result<(Port, Opened), IoError> {
+        let xdp = || AfXdp::open(ifname, &AfXdpConfig::default()).map(Port::AfXdp);
+        let packet = || AfPacket::open(ifname, &AfPacketConfig::default()).map(Port::AfPacket);
+        let (port, fallback) = match choice {
+            DriverChoice::AfXdp => (xdp()?, None),
+            DriverChoice::AfPacket => (packet()?, None),
+            DriverChoice::Auto => match xdp() {
+                Ok(p) => (p, None),
+                Err(e) => (packet()?, Some(e.to_string())),
+            },
+        };
+        let driver = port.driver();
+        Ok((port, Opened { driver, fallback }))
+    }
+
+    /// "af_xdp (native)", "af_xdp (generic)" or "af_packet".
+    pub fn driver(&self) -> &'static str {
+        match self {
+            Port::AfXdp(p) => match p.mode() {
+                crate::af_xdp::XdpMode::Native => "af_xdp (native)",
+                crate::af_xdp::XdpMode::Generic => "af_xdp (generic)",
+            },
+            Port::AfPacket(_) => "af_packet",
+        }
+    }
+
+    /// Frames the kernel dropped on the way in (ring full, no buffer, too long).
+    pub fn rx_drops(&self) -> u64 {
+        match self {
+            Port::AfXdp(p) => p.stats().drops(),
+            Port::AfPacket(p) => p.stats().drops,
+        }
+    }
+}
+
+impl FrameIo for Port {
+    #[inline]
+    fn rx_batch<F: FnMut(&[u8], RxMeta)>(&mut self, max: usize, f: F) -> io::Result<usize> {
+        match self {
+            Port::AfXdp(p) => p.rx_batch(max, f),
+            Port::AfPacket(p) => p.rx_batch(max, f),
+        }
+    }
+
+    #[inline]
+    fn tx(&mut self, frame: &[u8]) -> io::Result<()> {
+        match self {
+            Port::AfXdp(p) => p.tx(frame),
+            Port::AfPacket(p) => p.tx(frame),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Port::AfXdp(p) => p.flush(),
+            Port::AfPacket(p) => p.flush(),
+        }
+    }
+
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Port::AfXdp(p) => p.as_raw_fd(),
+            Port::AfPacket(p) => p.as_raw_fd(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_names_parse() {
+        assert_eq!("auto".parse(), Ok(DriverChoice::Auto));
+        assert_eq!("af_xdp".parse(), Ok(DriverChoice::AfXdp));
+        assert_eq!("af_packet".parse(), Ok(DriverChoice::AfPacket));
+        let err = "dpdk".parse::<DriverChoice>().unwrap_err();
+        assert!(err.contains("dpdk") && err.contains("af_xdp"), "{err}");
+    }
+
+    #[test]
+    fn missing_interface_fails_under_every_choice() {
+        for c in [
+            DriverChoice::Auto,
+            DriverChoice::AfXdp,
+            DriverChoice::AfPacket,
+        ] {
+            let err = Port::open("dva-nosuch0", c).err().unwrap();
+            assert!(err.to_string().contains("dva-nosuch0"), "{err}");
+        }
+    }
+}

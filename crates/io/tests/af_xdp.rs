@@ -1,0 +1,211 @@
+//! AfXdp across a veth pair between two throwaway namespaces (needs root, and dva-io built
+//! with clang so the XDP program is in it).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use dva_io::af_packet::{AfPacket, AfPacketConfig};
+use dva_io::af_xdp::{AfXdp, AfXdpConfig, XdpMode, BUILT};
+use dva_io::port::{DriverChoice, Port};
+use dva_io::{netns, FrameIo};
+
+const WAIT: Duration = Duration::from_secs(3);
+
+/// dva-io without clang has no AF_XDP driver; say so instead of failing.
+fn built() -> bool {
+    if !BUILT {
+        eprintln!("skipped: dva-io was built without clang, so without the XDP program");
+    }
+    BUILT
+}
+
+fn open(ns: &str, dev: &str, cfg: &AfXdpConfig) -> AfXdp {
+    netns::in_netns(ns, || AfXdp::open(dev, cfg))
+        .unwrap()
+        .unwrap()
+}
+
+fn open_packet(ns: &str, dev: &str) -> AfPacket {
+    netns::in_netns(ns, || AfPacket::open(dev, &AfPacketConfig::default()))
+        .unwrap()
+        .unwrap()
+}
+
+/// Frame `i` of a size sweep over 60..=1514 that hits both ends.
+fn size(i: u32) -> usize {
+    match i % 500 {
+        0 => 60,
+        1 => 1514,
+        _ => 60 + (i as usize * 37) % (1514 - 60 + 1),
+    }
+}
+
+fn frames(src: [u8; 6], dst: [u8; 6], n: u32) -> Vec<Vec<u8>> {
+    (0..n).map(|i| test_frame(src, dst, i, size(i))).collect()
+}
+
+/// Queue and flush `frames` on `io`, flushing again (briefly) while the device pushes back.
+fn send_all<T: FrameIo>(io: &mut T, frames: &[Vec<u8>]) {
+    for f in frames {
+        let mut tries = 0;
+        while let Err(e) = io.tx(f) {
+            assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+            tries += 1;
+            assert!(tries < 1000, "TX stuck");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    for _ in 0..1000 {
+        if io.flush().is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!("flush never completed");
+}
+
+fn assert_same(got: &[(Vec<u8>, dva_io::RxMeta)], sent: &[Vec<u8>]) {
+    assert_eq!(got.len(), sent.len(), "frames lost");
+    for (i, ((frame, meta), want)) in got.iter().zip(sent).enumerate() {
+        assert_eq!(frame, want, "frame {i}");
+        assert_eq!(meta.wire_len as usize, want.len());
+    }
+}
+
+fn xdp_attached(ns: &str, dev: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-d", "link", "show", dev])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+#[test]
+fn af_xdp_to_af_packet_and_back() {
+    if !built() {
+        return;
+    }
+    let lab = VethLab::new();
+    lab.disable_offloads();
+    let mut x = open(&lab.ns_a, &lab.dev_a, &AfXdpConfig::default());
+    eprintln!("{} attached in {} mode", lab.dev_a, x.mode().as_str());
+    assert!(xdp_attached(&lab.ns_a, &lab.dev_a));
+    let mut p = open_packet(&lab.ns_b, &lab.dev_b);
+
+    // Out through the AF_XDP socket.
+    let out = frames(MAC_A, MAC_B, 1000);
+    send_all(&mut x, &out);
+    assert_same(&collect(&mut p, out.len(), 64, WAIT), &out);
+
+    // In through the XDP program and the AF_XDP socket; small batches.
+    let back = frames(MAC_B, MAC_A, 1000);
+    send_all(&mut p, &back);
+    assert_same(&collect(&mut x, back.len(), 7, WAIT), &back);
+
+    // Chunks of sent frames come back on the completion ring (maybe a little later).
+    for _ in 0..100 {
+        x.flush().unwrap();
+        if x.tx_pending() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = x.stats();
+    assert_eq!(x.tx_pending(), 0, "{st:?}");
+    assert_eq!(st.tx_packets, 1000, "{st:?}");
+    assert!(st.rx_packets >= 1000, "{st:?}");
+    assert_eq!(
+        (st.drops(), st.tx_invalid_descs, st.rx_invalid_descs),
+        (0, 0, 0)
+    );
+
+    // Dropping the driver takes the program off the interface.
+    drop(x);
+    assert!(!xdp_attached(&lab.ns_a, &lab.dev_a));
+}
+
+#[test]
+fn af_xdp_on_both_ends_many_rounds() {
+    if !built() {
+        return;
+    }
+    let lab = VethLab::new();
+    lab.disable_offloads();
+    let cfg = AfXdpConfig {
+        ring_size: 256,
+        rx_frames: 256,
+        tx_frames: 64,
+        ..Default::default()
+    };
+    let mut a = open(&lab.ns_a, &lab.dev_a, &cfg);
+    let mut b = open(&lab.ns_b, &lab.dev_b, &cfg);
+    // More frames than chunks on either side: RX chunks go round the fill ring and TX chunks
+    // come back from the completion ring many times.
+    for round in 0..10u32 {
+        let ab: Vec<Vec<u8>> = (0..200)
+            .map(|i| test_frame(MAC_A, MAC_B, round * 1000 + i, size(i + round)))
+            .collect();
+        send_all(&mut a, &ab);
+        assert_same(&collect(&mut b, ab.len(), 64, WAIT), &ab);
+        let ba: Vec<Vec<u8>> = (0..200)
+            .map(|i| test_frame(MAC_B, MAC_A, round * 1000 + i, size(i + 2 * round)))
+            .collect();
+        send_all(&mut b, &ba);
+        assert_same(&collect(&mut a, ba.len(), 64, WAIT), &ba);
+    }
+    assert_eq!(a.stats().drops() + b.stats().drops(), 0);
+}
+
+#[test]
+fn oversize_frames_are_refused_not_sent() {
+    if !built() {
+        return;
+    }
+    let lab = VethLab::new();
+    let mut x = open(&lab.ns_a, &lab.dev_a, &AfXdpConfig::default());
+    let err = x.tx(&[0u8; 2049]).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(err.to_string().contains(&lab.dev_a), "{err}");
+    assert!(x.tx(&[0u8; 10]).is_err());
+}
+
+#[test]
+fn generic_mode_and_port_choice() {
+    if !built() {
+        return;
+    }
+    let lab = VethLab::new();
+    lab.disable_offloads();
+    let cfg = AfXdpConfig {
+        modes: vec![XdpMode::Generic],
+        ..Default::default()
+    };
+    let mut x = open(&lab.ns_a, &lab.dev_a, &cfg);
+    assert_eq!(x.mode(), XdpMode::Generic);
+    let (mut p, opened) = netns::in_netns(&lab.ns_b, || Port::open(&lab.dev_b, DriverChoice::Auto))
+        .unwrap()
+        .unwrap();
+    assert!(opened.fallback.is_none(), "{opened}");
+    assert!(p.driver().starts_with("af_xdp"), "{}", p.driver());
+    let out = frames(MAC_A, MAC_B, 300);
+    send_all(&mut x, &out);
+    assert_same(&collect(&mut p, out.len(), 64, WAIT), &out);
+    let back = frames(MAC_B, MAC_A, 300);
+    send_all(&mut p, &back);
+    assert_same(&collect(&mut x, back.len(), 64, WAIT), &back);
+
+    // Queue 0 of the interface already has a socket (and a program): AF_XDP cannot be set
+    // up, so Auto falls back and says why.
+    let (q, opened) = netns::in_netns(&lab.ns_a, || Port::open(&lab.dev_a, DriverChoice::Auto))
+        .unwrap()
+        .unwrap();
+    assert_eq!(q.driver(), "af_packet");
+    assert!(opened.fallback.is_some());
+    eprintln!("fallback: {opened}");
+    let forced =
+        netns::in_netns(&lab.ns_a, || Port::open(&lab.dev_a, DriverChoice::AfXdp)).unwrap();
+    assert!(forced.is_err());
+}
