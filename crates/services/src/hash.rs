@@ -25,6 +25,12 @@ pub(crate) struct SeededState {
 }
 
 impl SeededState {
+    /// The same hash in every process: for choices that must agree across data planes (a
+    /// translated port), never for a table's own map.
+    pub(crate) const fn fixed(seed: u64) -> Self {
+        SeededState { seed: seed | 1 }
+    }
+
     pub(crate) fn random() -> Self {
         SeededState {
             seed: RandomState::new().hash_one(0x636f_6e6e_7472_6163_u64) | 1,

@@ -286,7 +286,12 @@ impl Lb {
             slot_index: HashMap::new(),
             n_buckets: normalize_buckets(n_buckets),
             table: BindingTable::new(cfg.max_flows, &BindingTimeouts::default()),
-            seed: SeededState::random(),
+            // Fixed, not per instance: every data plane then picks the same translated port
+            // for a flow (when free), so a SYN retransmitted after its bucket moved to another
+            // data plane is translated as the first one was and the far end sees a
+            // retransmission, not a second connection that its next ACK would reset. Only the
+            // first candidate depends on it; the probe budget bounds what a chosen key can cost.
+            seed: SeededState::fixed(0x6476_615f_706f_7274),
             stats: LbStats::default(),
             rebuilds: 0,
         };

@@ -541,3 +541,28 @@ fn config_serde() {
     assert_eq!(minimal.max_flows, DEFAULT_MAX_FLOWS);
     assert!(serde_json::from_str::<LbConfig>(r#"{"services":[],"x":1}"#).is_err());
 }
+
+#[test]
+fn a_syn_translated_on_two_data_planes_gets_one_source_port() {
+    // A bucket moved between a SYN and its retransmission: the new owner creates the flow
+    // afresh, and must pick the translation the old owner picked, or the backend sees a second
+    // connection and resets the client on its next ACK.
+    let mut old = lb_with(vec![web(three())]);
+    let mut new = lb_with(vec![web(three())]);
+    let mut rng = Rng(9);
+    for _ in 0..200 {
+        let k = rng.client_key();
+        let syn = tcp4(
+            &k.src.to_string(),
+            k.src_port,
+            &k.dst.to_string(),
+            k.dst_port,
+            SYN,
+        );
+        let b = flow_bucket(&syn);
+        let (mut p1, mut p2) = (syn.clone(), syn);
+        assert_eq!(translate(&mut old, SEC, b, &mut p1), {
+            translate(&mut new, 2 * SEC, b, &mut p2)
+        });
+    }
+}

@@ -268,7 +268,12 @@ impl Nat {
             pools: Vec::new(),
             reserved: Vec::new(),
             n_buckets: normalize_buckets(n_buckets),
-            seed: SeededState::random(),
+            // Fixed, not per instance: every data plane then picks the same translated port
+            // for a flow (when free), so a SYN retransmitted after its bucket moved to another
+            // data plane is translated as the first one was and the far end sees a
+            // retransmission, not a second connection that its next ACK would reset. Only the
+            // first candidate depends on it; the probe budget bounds what a chosen key can cost.
+            seed: SeededState::fixed(0x6476_615f_706f_7274),
             stats: NatStats::default(),
         };
         nat.set_config(cfg);

@@ -720,3 +720,21 @@ fn masquerade_never_allocates_a_port_forwarded_port() {
     let b = flow_bucket(&syn);
     assert_eq!(translate(&mut plain, 0, b, 0, &mut syn).src_port, 8080);
 }
+
+#[test]
+fn every_instance_picks_the_same_port_for_a_flow() {
+    // As for the load balancer: a SYN retransmitted after its bucket moved is translated by
+    // another data plane exactly as the first time.
+    let (mut a, mut b) = (masq_nat(), masq_nat());
+    let mut rng = Rng(3);
+    for _ in 0..200 {
+        let sport = 1024 + (rng.next() % 60_000) as u16;
+        let mut p1 = tcp4(CLIENT, sport, SERVER, 443, SYN);
+        let mut p2 = p1.clone();
+        let bucket = flow_bucket(&p1);
+        assert_eq!(
+            translate(&mut a, 0, bucket, 0, &mut p1),
+            translate(&mut b, SEC, bucket, 0, &mut p2)
+        );
+    }
+}
