@@ -80,6 +80,9 @@ fn short_connections_spread_by_weight_without_errors_also_while_scaling() {
         spread = delta(&new_flows(&m, "web-lb"), &before);
         spread.values().sum::<u64>() >= report.requests
     });
+    // One new flow per request (Connection: close), give or take the few whose client port
+    // was reused while the old binding still lived (the kernel lets such a SYN reopen the
+    // backend's TIME_WAIT connection, and the LB keeps translating it as the old flow).
     eprintln!(
         "wrk: {} requests, {:.0} req/s, {} errors; new flows per backend: {spread:?}",
         report.requests,
@@ -89,7 +92,10 @@ fn short_connections_spread_by_weight_without_errors_also_while_scaling() {
     assert_eq!(report.errors(), 0, "{report:?}");
     assert!(report.requests > 300, "{report:?}");
     let total: u64 = spread.values().sum();
-    assert!(total >= report.requests, "{spread:?} vs {report:?}");
+    assert!(
+        total * 100 >= report.requests * 99,
+        "{spread:?} vs {report:?}"
+    );
     for (backend, n) in &spread {
         // Equal weights: a third each, within ±10% of that share.
         let share = *n as f64 / total as f64;

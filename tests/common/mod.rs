@@ -376,3 +376,29 @@ impl Drop for MgmtGuard {
         let _ = std::fs::remove_dir_all(&self.state);
     }
 }
+
+/// Sets an environment variable that units started meanwhile inherit; restores it on drop.
+/// Tests that use it hold the serial lock, so no other test of the binary runs meanwhile.
+#[allow(dead_code)]
+pub struct EnvGuard {
+    key: &'static str,
+    old: Option<std::ffi::OsString>,
+}
+
+#[allow(dead_code)]
+impl EnvGuard {
+    pub fn set(key: &'static str, value: &str) -> EnvGuard {
+        let old = std::env::var_os(key);
+        std::env::set_var(key, value);
+        EnvGuard { key, old }
+    }
+}
+
+impl Drop for EnvGuard {
+    fn drop(&mut self) {
+        match &self.old {
+            Some(v) => std::env::set_var(self.key, v),
+            None => std::env::remove_var(self.key),
+        }
+    }
+}

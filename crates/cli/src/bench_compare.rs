@@ -163,8 +163,8 @@ impl Drop for Appliance {
 }
 
 /// Process ids of the running appliance's units (from the run directory's units.json).
-fn unit_pids(prefix: &str) -> anyhow::Result<Vec<u32>> {
-    let path = crate::run::run_dir(prefix, "edge-fw").join("units.json");
+fn unit_pids(prefix: &str, appliance: &str) -> anyhow::Result<Vec<u32>> {
+    let path = crate::run::run_dir(prefix, appliance).join("units.json");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let units: Vec<serde_json::Value> = serde_json::from_str(&text)?;
@@ -654,7 +654,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let cpu = match unit_pids(&opts.prefix) {
+        let cpu = match unit_pids(&opts.prefix, "edge-fw") {
             Ok(p) => PathCpu::Processes(p),
             Err(e) => {
                 println!("  cannot read the units' pids ({e:#}); path CPU will read 0");
@@ -681,7 +681,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let cpu = match unit_pids(&opts.prefix) {
+        let cpu = match unit_pids(&opts.prefix, "web-lb") {
             Ok(p) => PathCpu::Processes(p),
             Err(e) => {
                 println!("  cannot read the units' pids ({e:#}); path CPU will read 0");

@@ -51,6 +51,7 @@
 
 pub mod af_packet;
 pub mod af_xdp;
+pub mod backplane;
 mod bpf;
 mod error;
 pub mod memory;

@@ -289,6 +289,16 @@ impl UdpEndpoint {
         Some(&mut self.tx_buf[i * MAX_DATAGRAM..(i + 1) * MAX_DATAGRAM])
     }
 
+    /// The first `len` bytes of the slot last returned by [`UdpEndpoint::tx_slot`], not
+    /// committed (for a caller that sends the datagram another way).
+    pub fn uncommitted(&self, len: usize) -> Option<&[u8]> {
+        let i = self.tx_queued;
+        if len > MAX_DATAGRAM || i >= self.tx_lens.len() {
+            return None;
+        }
+        Some(&self.tx_buf[i * MAX_DATAGRAM..i * MAX_DATAGRAM + len])
+    }
+
     /// Queue the first `len` bytes of the slot last returned by [`UdpEndpoint::tx_slot`] for
     /// `dst`, flushing when the batch becomes full. A `len` over [`MAX_DATAGRAM`] is counted as
     /// dropped.

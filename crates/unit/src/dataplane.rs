@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use dva_flow::UnitId;
-use dva_io::udp::UdpEndpoint;
+use dva_io::backplane::Backplane;
 use dva_proto::role::Stage;
 use dva_proto::{DataplaneConfig, RoleConfig};
 use dva_services::conntrack::{ConnState, TcpState};
@@ -88,7 +88,7 @@ mod drop_reason {
 use drop_reason as dr;
 
 pub struct Dataplane {
-    rx: UdpEndpoint,
+    rx: Backplane,
     core: Core,
 }
 
@@ -96,7 +96,7 @@ struct Core {
     cfg: DataplaneConfig,
     /// A second socket for sending, so a packet can be rewritten in the send batch while the receive
     /// batch it came from is still borrowed.
-    tx: UdpEndpoint,
+    tx: Backplane,
     fw: Firewall,
     peers: BTreeMap<UnitId, SocketAddr>,
     dispatcher_ips: Vec<IpAddr>,
@@ -187,11 +187,24 @@ fn stages_for(
 }
 
 impl Dataplane {
-    pub fn new(cfg: DataplaneConfig) -> anyhow::Result<Dataplane> {
-        let rx = UdpEndpoint::bind(cfg.listen)
+    /// `rings`: the directory for shared-memory rings to dispatchers on this machine (`None`:
+    /// UDP only).
+    pub fn new(cfg: DataplaneConfig, rings: Option<&std::path::Path>) -> anyhow::Result<Dataplane> {
+        let mut rx = Backplane::bind(cfg.listen)
             .with_context(|| format!("binding the backplane socket {}", cfg.listen))?;
-        let tx = UdpEndpoint::bind(SocketAddr::new(cfg.listen.ip(), 0))
+        let mut tx = Backplane::bind(SocketAddr::new(cfg.listen.ip(), 0))
             .context("binding the backplane send socket")?;
+        if let Some(dir) = rings {
+            // Dispatchers send to us through rings we make; we send to them through theirs, as
+            // `listen` (the address they know us by). Data planes keep UDP between themselves.
+            rx.enable_rings(dir, cfg.listen, true, false)
+                .and_then(|()| tx.enable_rings(dir, cfg.listen, false, true))
+                .and_then(|()| {
+                    let d: Vec<_> = cfg.dispatchers.iter().map(|d| d.addr).collect();
+                    rx.accept_rings_from(&d)
+                })
+                .with_context(|| format!("backplane rings in {}", dir.display()))?;
+        }
         if cfg.dispatchers.is_empty() {
             bail!("config lists no dispatcher to return packets to");
         }
@@ -245,7 +258,7 @@ impl Dataplane {
         stats: &StatsCell,
         updates: &Receiver<Update>,
     ) -> anyhow::Result<()> {
-        let mut poller = dva_io::poll::Poller::new(&[self.rx.as_raw_fd()]);
+        let mut poller = dva_io::poll::Poller::new(&self.rx.poll_fds());
         let mut publish = Every::new(Duration::from_millis(100));
         let mut census = Every::new(Duration::from_millis(250));
         // Backups' copies are refreshed in full now and then, so a quiet flow's copy does not
@@ -256,7 +269,14 @@ impl Dataplane {
             // Config pushes are applied between batches, so a packet sees one config or the next.
             while let Ok(u) = updates.try_recv() {
                 let result = match u.config {
-                    RoleConfig::Dataplane(c) => self.core.apply(c),
+                    RoleConfig::Dataplane(c) => {
+                        let d: Vec<_> = c.dispatchers.iter().map(|d| d.addr).collect();
+                        self.core.apply(c).and_then(|()| {
+                            self.rx
+                                .accept_rings_from(&d)
+                                .map_err(|e| format!("backplane rings: {e}"))
+                        })
+                    }
                     RoleConfig::Dispatcher(_) => {
                         Err("this unit is a data plane; got a dispatcher config".into())
                     }
@@ -289,7 +309,10 @@ impl Dataplane {
                 stats.try_publish(core.snapshot());
             }
             if n == 0 {
-                let _ = poller.wait(20);
+                if self.rx.prepare_sleep() {
+                    let _ = poller.wait(20);
+                }
+                self.rx.awake();
             }
         }
         stats.try_publish(self.core.snapshot());
@@ -450,6 +473,11 @@ impl Core {
             .map(|(k, v)| (k.to_string(), *v))
             .collect();
         counters.insert("backplane_tx_dropped".into(), self.tx.tx_dropped());
+        counters.insert("backplane_ring_tx".into(), self.tx.ring_stats().tx);
+        counters.insert(
+            "backplane_ring_fallback".into(),
+            self.tx.ring_stats().tx_fallback,
+        );
         counters.insert("replica_flows".into(), self.replica_flows);
         if let Some(n) = &self.nat {
             let st = n.stats();

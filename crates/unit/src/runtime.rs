@@ -91,6 +91,14 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
         stats: stats.clone(),
         stop: stop.clone(),
     })?;
+    // Shared-memory rings between dispatchers and data planes on this machine, in the
+    // appliance's run directory (tmpfs, removed with the appliance); DVA_BACKPLANE=udp keeps
+    // every datagram on UDP (for comparisons).
+    let rings = match std::env::var("DVA_BACKPLANE").as_deref() {
+        Ok("udp") => None,
+        Ok("auto") | Ok("shm") | Err(_) => args.control.parent().map(|p| p.to_path_buf()),
+        Ok(other) => anyhow::bail!("DVA_BACKPLANE={other:?}: use auto, shm or udp"),
+    };
     // Wait for a first config this unit can run; a bad one is NACKed and we keep waiting.
     while !stop.load(Ordering::Relaxed) {
         let Some(u) = next_update(&updates, &stop) else {
@@ -99,7 +107,7 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
         let version = u.config.version();
         match (args.role, u.config) {
             (Role::Dispatcher, RoleConfig::Dispatcher(c)) if c.unit == args.id => {
-                match Dispatcher::new(c) {
+                match Dispatcher::new(c, rings.as_deref()) {
                     Ok(mut d) => {
                         stats.try_publish(d.snapshot());
                         let _ = u.reply.send(Ok(()));
@@ -116,7 +124,7 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
                 }
             }
             (Role::Dataplane, RoleConfig::Dataplane(c)) if c.unit == args.id => {
-                match Dataplane::new(c) {
+                match Dataplane::new(c, rings.as_deref()) {
                     Ok(mut d) => {
                         stats.try_publish(d.snapshot());
                         let _ = u.reply.send(Ok(()));

@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use dva_io::backplane::Backplane;
 use dva_io::port::{DriverChoice, Port};
-use dva_io::udp::UdpEndpoint;
 use dva_io::{FrameIo, RxMeta};
 use dva_proto::{DispatcherConfig, InterfaceConfig, RoleConfig};
 use dva_wire::geneve::{self, DvaMeta, DVA_HEADER_LEN};
@@ -190,13 +190,18 @@ fn driver_choice() -> anyhow::Result<DriverChoice> {
 
 pub struct Dispatcher {
     ports: Vec<Port>,
-    backplane: UdpEndpoint,
+    backplane: Backplane,
     core: Core,
 }
 
 impl Dispatcher {
     /// Open the interfaces and the backplane socket. Runs inside the dispatcher host's namespace.
-    pub fn new(cfg: DispatcherConfig) -> anyhow::Result<Dispatcher> {
+    /// `rings`: the directory for shared-memory rings to data planes on this machine (`None`:
+    /// UDP to every data plane).
+    pub fn new(
+        cfg: DispatcherConfig,
+        rings: Option<&std::path::Path>,
+    ) -> anyhow::Result<Dispatcher> {
         let cfg = Arc::new(cfg);
         let mut ports = Vec::new();
         let mut links = Vec::new();
@@ -231,8 +236,17 @@ impl Dispatcher {
                 },
             });
         }
-        let backplane = UdpEndpoint::bind(cfg.listen)
+        let mut backplane = Backplane::bind(cfg.listen)
             .with_context(|| format!("binding the backplane socket {}", cfg.listen))?;
+        if let Some(dir) = rings {
+            backplane
+                .enable_rings(dir, cfg.listen, true, true)
+                .with_context(|| format!("backplane rings in {}", dir.display()))?;
+            let dps: Vec<_> = cfg.dataplanes.iter().map(|d| d.addr).collect();
+            backplane
+                .accept_rings_from(&dps)
+                .with_context(|| format!("backplane rings in {}", dir.display()))?;
+        }
         let now = Instant::now();
         let mut core = Core {
             cfg: cfg.clone(),
@@ -276,7 +290,7 @@ impl Dispatcher {
         updates: &Receiver<Update>,
     ) -> anyhow::Result<()> {
         let mut fds: Vec<_> = self.ports.iter().map(|p| p.as_raw_fd()).collect();
-        fds.push(self.backplane.as_raw_fd());
+        fds.extend(self.backplane.poll_fds());
         let mut poller = dva_io::poll::Poller::new(&fds);
         let mut publish = Every::new(Duration::from_millis(100));
         let mut timers = Every::new(Duration::from_millis(200));
@@ -286,7 +300,15 @@ impl Dispatcher {
             // Config pushes are applied between batches: each packet sees one table or the next.
             while let Ok(u) = updates.try_recv() {
                 let result = match u.config {
-                    RoleConfig::Dispatcher(c) => self.core.apply(c),
+                    RoleConfig::Dispatcher(c) => {
+                        let dps: Vec<_> = c.dataplanes.iter().map(|d| d.addr).collect();
+                        self.core.apply(c).and_then(|()| {
+                            // Rings for the data planes of this config (new ones get one).
+                            self.backplane
+                                .accept_rings_from(&dps)
+                                .map_err(|e| format!("backplane rings: {e}"))
+                        })
+                    }
                     RoleConfig::Dataplane(_) => {
                         Err("this unit is a dispatcher; got a data-plane config".into())
                     }
@@ -321,8 +343,12 @@ impl Dispatcher {
                 stats.try_publish(self.snapshot());
             }
             if work == 0 {
-                // Idle: sleep in poll(2) until a ring or the backplane has something (or a timer is due).
-                let _ = poller.wait(20);
+                // Idle: sleep in poll(2) until a ring or the backplane has something (or a timer
+                // is due); producers ring our doorbell only while we say we sleep.
+                if self.backplane.prepare_sleep() {
+                    let _ = poller.wait(20);
+                }
+                self.backplane.awake();
             }
         }
         stats.try_publish(self.snapshot());
@@ -340,6 +366,11 @@ impl Dispatcher {
         counters.insert("to_dataplane".into(), c.to_dataplane);
         counters.insert("from_dataplane".into(), c.from_dataplane);
         counters.insert("backplane_tx_dropped".into(), self.backplane.tx_dropped());
+        let rs = self.backplane.ring_stats();
+        counters.insert("backplane_ring_rx".into(), rs.rx);
+        counters.insert("backplane_ring_tx".into(), rs.tx);
+        counters.insert("backplane_ring_fallback".into(), rs.tx_fallback);
+        counters.insert("backplane_doorbells".into(), rs.doorbells);
         UnitStats {
             appliance: c.cfg.appliance.clone(),
             unit: c.cfg.unit,
@@ -520,7 +551,7 @@ impl Core {
         self.links.iter().any(|l| l.owns(ip))
     }
 
-    fn on_frame(&mut self, i: usize, frame: &[u8], meta: RxMeta, bp: &mut UdpEndpoint) {
+    fn on_frame(&mut self, i: usize, frame: &[u8], meta: RxMeta, bp: &mut Backplane) {
         let link = &mut self.links[i];
         link.stats.rx_frames += 1;
         link.stats.rx_bytes += frame.len() as u64;
@@ -594,7 +625,7 @@ impl Core {
         to_us: bool,
         ip: &[u8],
         meta: RxMeta,
-        bp: &mut UdpEndpoint,
+        bp: &mut Backplane,
     ) {
         let Ok(pkt) = Ipv4Packet::new_checked(ip) else {
             return self.drop(dr::MALFORMED_IP);
@@ -634,7 +665,7 @@ impl Core {
         to_us: bool,
         ip: &[u8],
         meta: RxMeta,
-        bp: &mut UdpEndpoint,
+        bp: &mut Backplane,
     ) {
         let Ok(pkt) = Ipv6Packet::new_checked(ip) else {
             return self.drop(dr::MALFORMED_IP);
@@ -819,7 +850,7 @@ impl Core {
         ip: &[u8],
         c: &Classified,
         csum_not_ready: bool,
-        bp: &mut UdpEndpoint,
+        bp: &mut Backplane,
         bucket: Option<u32>,
     ) {
         let bucket = bucket.unwrap_or_else(|| self.flow_bucket(c));

@@ -1,0 +1,317 @@
+//! The backplane endpoint of a unit: GENEVE datagrams over UDP between machines, and over
+//! shared-memory rings ([`crate::shm`]) to peers on the same machine, chosen per peer.
+//!
+//! Same interface as [`UdpEndpoint`] (`recv_batch`, `tx_slot` + `commit_slot`, `flush`), so the
+//! roles do not care which way a datagram goes:
+//! - A unit that *consumes* rings ([`Backplane::accept_rings_from`]) creates one ring per peer
+//!   it expects datagrams from, in the ring directory (the appliance's run directory, on tmpfs),
+//!   and a doorbell socket there. `recv_batch` drains its rings first, then the UDP socket.
+//! - A unit that *produces* ([`Backplane::produce_rings`]) looks for the ring a destination made
+//!   for it when it first sends there (and again now and then); found, datagrams that fit a slot
+//!   go into it, the rest over UDP. `commit_slot` copies the datagram built in the UDP batch
+//!   buffer into the ring, so callers build datagrams exactly as for UDP.
+//! - A ring is between one producer and one consumer: the file name carries both addresses.
+//!
+//! Only the roles decide which peers use rings. The data planes' handover protocol relies on
+//! punts and markers between two data planes taking one path in order, so data planes keep UDP
+//! between themselves; dispatchers and data planes exchange packets over rings.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::shm::{self, Consumer, Doorbell, Producer};
+use crate::udp::UdpEndpoint;
+use crate::IoError;
+
+/// Counters of the ring side (the UDP side has [`crate::udp::UdpStats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingStats {
+    pub rx: u64,
+    pub tx: u64,
+    /// Datagrams that went over UDP although the peer has a ring: full, or too large a slot.
+    pub tx_fallback: u64,
+    pub doorbells: u64,
+}
+
+enum Outbound {
+    Ring {
+        producer: Producer,
+        bell: PathBuf,
+        dirty: bool,
+    },
+    /// No ring (yet) for this destination; look again after `retry`.
+    Udp { retry: Instant },
+}
+
+struct Rings {
+    dir: PathBuf,
+    /// Our identity in ring names (the listen address peers know us by).
+    me: String,
+    inbound: Vec<(SocketAddr, Consumer)>,
+    bell: Option<Doorbell>,
+    produce: bool,
+    outbound: HashMap<SocketAddr, Outbound>,
+    ringer: Option<UnixDatagram>,
+    stats: RingStats,
+}
+
+pub struct Backplane {
+    udp: UdpEndpoint,
+    rings: Option<Rings>,
+}
+
+impl std::fmt::Debug for Backplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backplane")
+            .field("udp", &self.udp)
+            .field("rings", &self.rings.as_ref().map(|r| r.dir.clone()))
+            .finish()
+    }
+}
+
+impl Backplane {
+    pub fn bind(addr: SocketAddr) -> Result<Backplane, IoError> {
+        Ok(Backplane {
+            udp: UdpEndpoint::bind(addr)?,
+            rings: None,
+        })
+    }
+
+    /// Use rings in `dir`, where we are known as `me` (our listen address). Creates the
+    /// doorbell if this endpoint will consume rings.
+    pub fn enable_rings(
+        &mut self,
+        dir: &Path,
+        me: SocketAddr,
+        consume: bool,
+        produce: bool,
+    ) -> io::Result<()> {
+        let me = me.to_string();
+        let bell = if consume {
+            Some(Doorbell::bind(&dir.join(shm::bell_name(&me)))?)
+        } else {
+            None
+        };
+        self.rings = Some(Rings {
+            dir: dir.to_path_buf(),
+            me,
+            inbound: Vec::new(),
+            bell,
+            produce,
+            outbound: HashMap::new(),
+            ringer: if produce {
+                Some(UnixDatagram::unbound()?)
+            } else {
+                None
+            },
+            stats: RingStats::default(),
+        });
+        Ok(())
+    }
+
+    /// Have a ring for each of `peers` (and none for others): the peers that may send to us
+    /// through shared memory, which are also the peers we send to. Existing rings of peers
+    /// that stay are kept, with their contents.
+    pub fn accept_rings_from(&mut self, peers: &[SocketAddr]) -> io::Result<()> {
+        let Some(r) = self.rings.as_mut() else {
+            return Ok(());
+        };
+        if r.bell.is_none() {
+            return Ok(());
+        }
+        r.inbound.retain(|(p, _)| peers.contains(p));
+        // Rings we fed to peers that left: a dead consumer cannot remove the ring it made, so
+        // its last producer does (files on tmpfs are memory).
+        let me = r.me.clone();
+        let dir = r.dir.clone();
+        r.outbound.retain(|dst, o| {
+            let keep = peers.contains(dst);
+            if !keep && matches!(o, Outbound::Ring { .. }) {
+                let _ = std::fs::remove_file(dir.join(shm::ring_name(&dst.to_string(), &me)));
+            }
+            keep
+        });
+        for p in peers {
+            if r.inbound.iter().any(|(q, _)| q == p) {
+                continue;
+            }
+            let path = r.dir.join(shm::ring_name(&r.me, &p.to_string()));
+            let c = Consumer::create(&path, shm::DEFAULT_SLOTS, shm::DEFAULT_SLOT_SIZE)?;
+            r.inbound.push((*p, c));
+        }
+        Ok(())
+    }
+
+    /// Receive up to `max` datagrams: the rings' first, then the socket's.
+    pub fn recv_batch<F: FnMut(&[u8], SocketAddr)>(
+        &mut self,
+        max: usize,
+        mut f: F,
+    ) -> io::Result<usize> {
+        let mut n = 0;
+        if let Some(r) = self.rings.as_mut() {
+            for (from, c) in &mut r.inbound {
+                if n >= max {
+                    break;
+                }
+                let from = *from;
+                n += c.pop_batch(max - n, |d| f(d, from));
+            }
+            r.stats.rx += n as u64;
+        }
+        if n < max {
+            n += self.udp.recv_batch(max - n, f)?;
+        }
+        Ok(n)
+    }
+
+    /// A buffer to build the next datagram in; see [`UdpEndpoint::tx_slot`].
+    #[inline]
+    pub fn tx_slot(&mut self) -> Option<&mut [u8]> {
+        self.udp.tx_slot()
+    }
+
+    /// Send the first `len` bytes of the last slot to `dst`: into `dst`'s ring if it has one
+    /// for us and the datagram fits, else over UDP.
+    pub fn commit_slot(&mut self, len: usize, dst: SocketAddr) {
+        if let Some(r) = self.rings.as_mut().filter(|r| r.produce) {
+            let now = Instant::now();
+            let out = r
+                .outbound
+                .entry(dst)
+                .or_insert(Outbound::Udp { retry: now });
+            if let Outbound::Ring { producer, .. } = out {
+                if !producer.is_current(now) {
+                    *out = Outbound::Udp { retry: now };
+                }
+            }
+            if let Outbound::Udp { retry } = out {
+                if now >= *retry {
+                    let path = r.dir.join(shm::ring_name(&dst.to_string(), &r.me));
+                    *out = match Producer::open(&path) {
+                        Ok(producer) => Outbound::Ring {
+                            producer,
+                            bell: r.dir.join(shm::bell_name(&dst.to_string())),
+                            dirty: false,
+                        },
+                        Err(_) => Outbound::Udp {
+                            retry: now + shm::RECHECK,
+                        },
+                    };
+                }
+            }
+            if let Outbound::Ring {
+                producer, dirty, ..
+            } = out
+            {
+                if let Some(data) = self.udp.uncommitted(len) {
+                    if producer.push(data) {
+                        *dirty = true;
+                        r.stats.tx += 1;
+                        return;
+                    }
+                }
+                r.stats.tx_fallback += 1;
+            }
+        }
+        self.udp.commit_slot(len, dst);
+    }
+
+    /// Publish what went into rings (ringing the doorbell of a consumer that sleeps), then
+    /// send the UDP batch.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if let Some(r) = self.rings.as_mut() {
+            for out in r.outbound.values_mut() {
+                if let Outbound::Ring {
+                    producer,
+                    bell,
+                    dirty,
+                } = out
+                {
+                    if std::mem::take(dirty) && producer.publish() {
+                        if let Some(s) = &r.ringer {
+                            shm::ring(s, bell);
+                            r.stats.doorbells += 1;
+                        }
+                    }
+                }
+            }
+        }
+        self.udp.flush()
+    }
+
+    /// Queue a copy of `buf` for `dst` (over UDP: control messages).
+    pub fn send_to(&mut self, buf: &[u8], dst: SocketAddr) -> io::Result<()> {
+        self.udp.send_to(buf, dst)
+    }
+
+    /// Descriptors to poll for receive: the socket and, with rings, the doorbell.
+    pub fn poll_fds(&self) -> Vec<RawFd> {
+        let mut v = vec![self.udp.as_raw_fd()];
+        if let Some(b) = self.rings.as_ref().and_then(|r| r.bell.as_ref()) {
+            v.push(b.as_raw_fd());
+        }
+        v
+    }
+
+    /// About to sleep in poll(2): ask producers to ring. False if a ring holds datagrams
+    /// (then do not sleep).
+    pub fn prepare_sleep(&mut self) -> bool {
+        let Some(r) = self.rings.as_ref() else {
+            return true;
+        };
+        let mut ok = true;
+        for (_, c) in &r.inbound {
+            if !c.prepare_sleep() {
+                ok = false;
+            }
+        }
+        if !ok {
+            self.awake();
+        }
+        ok
+    }
+
+    /// Back from poll(2).
+    pub fn awake(&mut self) {
+        if let Some(r) = self.rings.as_ref() {
+            for (_, c) in &r.inbound {
+                c.awake();
+            }
+            if let Some(b) = &r.bell {
+                b.drain();
+            }
+        }
+    }
+
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.udp.as_raw_fd()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.udp.local_addr()
+    }
+
+    pub fn tx_dropped(&self) -> u64 {
+        self.udp.tx_dropped()
+    }
+
+    pub fn ring_stats(&self) -> RingStats {
+        self.rings.as_ref().map(|r| r.stats).unwrap_or_default()
+    }
+
+    /// Peers whose datagrams we currently send through a ring.
+    pub fn ring_peers(&self) -> usize {
+        self.rings.as_ref().map_or(0, |r| {
+            r.outbound
+                .values()
+                .filter(|o| matches!(o, Outbound::Ring { .. }))
+                .count()
+        })
+    }
+}
