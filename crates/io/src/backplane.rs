@@ -315,3 +315,86 @@ impl Backplane {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("dva-bp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("temp dir");
+        d
+    }
+
+    fn send(bp: &mut Backplane, data: &[u8], dst: SocketAddr) {
+        let slot = bp.tx_slot().expect("slot");
+        slot[..data.len()].copy_from_slice(data);
+        bp.commit_slot(data.len(), dst);
+    }
+
+    /// Everything `bp` receives within a second, with the sources.
+    fn drain(bp: &mut Backplane, want: usize) -> Vec<(Vec<u8>, SocketAddr)> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while got.len() < want && Instant::now() < deadline {
+            bp.recv_batch(64, |d, src| got.push((d.to_vec(), src)))
+                .expect("recv");
+        }
+        got
+    }
+
+    #[test]
+    fn peers_with_a_ring_get_it_the_rest_get_udp() {
+        let d = dir("choose");
+        let mut a = Backplane::bind("127.0.0.1:0".parse().unwrap()).expect("bind a");
+        let mut b = Backplane::bind("127.0.0.1:0".parse().unwrap()).expect("bind b");
+        let (a_addr, b_addr) = (a.local_addr(), b.local_addr());
+        a.enable_rings(&d, a_addr, false, true).expect("rings a");
+        b.enable_rings(&d, b_addr, true, false).expect("rings b");
+
+        // b has no ring for a yet: UDP.
+        send(&mut a, b"one", b_addr);
+        a.flush().expect("flush");
+        assert_eq!(drain(&mut b, 1), vec![(b"one".to_vec(), a_addr)]);
+        assert_eq!(a.ring_stats().tx, 0);
+
+        // b makes one; a finds it once its negative answer is older than RECHECK.
+        b.accept_rings_from(&[a_addr]).expect("accept");
+        std::thread::sleep(shm::RECHECK);
+        send(&mut a, b"two", b_addr);
+        send(&mut a, &vec![7u8; 3000], b_addr); // larger than a slot: UDP
+        a.flush().expect("flush");
+        let mut got: Vec<(usize, SocketAddr)> = drain(&mut b, 2)
+            .iter()
+            .map(|(d, s)| (d.len(), *s))
+            .collect();
+        got.sort();
+        assert_eq!(got, vec![(3, a_addr), (3000, a_addr)]);
+        assert_eq!(a.ring_stats().tx, 1);
+        assert_eq!(a.ring_stats().tx_fallback, 1);
+        assert_eq!(b.ring_stats().rx, 1);
+        assert_eq!(a.ring_peers(), 1);
+
+        // A sleeping b is woken through its doorbell.
+        assert!(b.prepare_sleep());
+        send(&mut a, b"three", b_addr);
+        a.flush().expect("flush");
+        let mut poller = crate::poll::Poller::new(&b.poll_fds());
+        let ready = poller.wait(1000).expect("poll").to_vec();
+        assert!(ready.iter().any(|r| *r), "the doorbell woke b: {ready:?}");
+        b.awake();
+        assert_eq!(drain(&mut b, 1), vec![(b"three".to_vec(), a_addr)]);
+        assert_eq!(a.ring_stats().doorbells, 1);
+
+        // b forgets a (a left its config): the ring goes, a falls back to UDP after RECHECK.
+        b.accept_rings_from(&[]).expect("forget");
+        std::thread::sleep(shm::RECHECK);
+        send(&mut a, b"four", b_addr);
+        a.flush().expect("flush");
+        assert_eq!(drain(&mut b, 1), vec![(b"four".to_vec(), a_addr)]);
+        assert_eq!(a.ring_stats().tx, 2, "four went by UDP");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
