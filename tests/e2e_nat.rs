@@ -201,3 +201,65 @@ fn natted_connections_survive_scaling_out_and_in() {
     assert!(sent > 0 && udp.iter().all(|r| r.error.is_none()), "{udp:?}");
     assert_eq!(lost, 0, "no UDP datagram lost: {udp:?}");
 }
+
+#[test]
+fn natted_connections_survive_the_death_of_their_data_plane() {
+    // The NAT bindings replicate to each bucket's backup with the connection-tracking entries:
+    // kill -9 of the data plane holding the most flows breaks none of the translated streams.
+    let _serial = serial();
+    let lab = LabGuard::up("e2enatk-", 2, 2);
+    let client = lab.lab.client_ns();
+    let _srv = StreamServer::start(&client, 9000).expect("stream server in the client");
+    let m = MgmtGuard::open("e2enatk-");
+    let spec = std::fs::read_to_string(example("nat-gateway.yaml"))
+        .expect("example")
+        .replace("initial: 2", "initial: 3");
+    m.mgmt.apply(&spec).expect("apply");
+    m.wait_ready("nat-gw", 3);
+    let streams = apps::start_streams(
+        &lab.lab.server_ns(1),
+        SocketAddr::new(IpAddr::from(CLIENT), 9000),
+        24,
+        Duration::from_secs(12),
+        50_000,
+    );
+    let v = m.wait(
+        "nat-gw",
+        "NAT'd flows on every data plane",
+        Duration::from_secs(10),
+        |v| {
+            v.units
+                .iter()
+                .filter(|u| u.role == dva_mgmt::UnitRole::Dataplane)
+                .all(|u| u.flows >= 2)
+        },
+    );
+    // Let the replicas settle (creation is copied at once, a full refresh runs every second).
+    std::thread::sleep(Duration::from_secs(2));
+    let victim = v
+        .units
+        .iter()
+        .filter(|u| u.role == dva_mgmt::UnitRole::Dataplane)
+        .max_by_key(|u| u.flows)
+        .expect("a data plane");
+    eprintln!(
+        "killing data plane {} holding {} flows",
+        victim.id, victim.flows
+    );
+    // SAFETY: kill(2) on a unit process this test started.
+    unsafe {
+        libc::kill(victim.pid.unwrap_or(0) as libc::pid_t, libc::SIGKILL);
+    }
+    let vid = victim.id;
+    m.wait("nat-gw", "replaced", Duration::from_secs(15), |v| {
+        !v.units.iter().any(|u| u.id == vid) && v.dataplanes.ready == 3
+    });
+    let results = streams.join().expect("streams");
+    let broken: Vec<_> = results.iter().filter(|r| !r.intact()).collect();
+    assert!(
+        broken.is_empty(),
+        "{} of 24 NAT'd connections broken by the death of data plane {vid}: {broken:?}\nunits:\n{}",
+        broken.len(),
+        m.diagnostics("nat-gw")
+    );
+}
