@@ -43,24 +43,7 @@ fn a_killed_data_planes_connections_survive_on_their_backups() {
         },
     );
     std::thread::sleep(Duration::from_secs(2));
-    let victim = v
-        .units
-        .iter()
-        .filter(|u| u.role == UnitRole::Dataplane && u.state == UnitState::Ready)
-        .max_by_key(|u| u.flows)
-        .expect("a data plane");
-    eprintln!(
-        "killing data plane {} holding {} flows",
-        victim.id, victim.flows
-    );
-    // SAFETY: kill(2) on a unit process this test started.
-    unsafe {
-        libc::kill(victim.pid.unwrap_or(0) as libc::pid_t, libc::SIGKILL);
-    }
-    let vid = victim.id;
-    m.wait("edge-fw", "replaced", Duration::from_secs(15), |v| {
-        !v.units.iter().any(|u| u.id == vid) && v.dataplanes.ready == 3
-    });
+    let vid = m.kill_busiest_dataplane("edge-fw", &v, 3);
     let results = streams.join().expect("streams");
     let broken: Vec<_> = results.iter().filter(|r| !r.intact()).collect();
     assert!(

@@ -279,6 +279,38 @@ impl MgmtGuard {
         }
     }
 
+    /// kill -9 the data plane of `view` holding the most flows, then wait until a replacement
+    /// brings the appliance back to `dataplanes` ready ones. Returns the victim's id.
+    #[allow(dead_code)]
+    pub fn kill_busiest_dataplane(
+        &self,
+        name: &str,
+        view: &dva_mgmt::ApplianceView,
+        dataplanes: u32,
+    ) -> u32 {
+        let victim = view
+            .units
+            .iter()
+            .filter(|u| {
+                u.role == dva_mgmt::UnitRole::Dataplane && u.state == dva_mgmt::UnitState::Ready
+            })
+            .max_by_key(|u| u.flows)
+            .expect("a data plane");
+        eprintln!(
+            "killing data plane {} holding {} flows",
+            victim.id, victim.flows
+        );
+        // SAFETY: kill(2) on a unit process this test started.
+        unsafe {
+            libc::kill(victim.pid.unwrap_or(0) as libc::pid_t, libc::SIGKILL);
+        }
+        let vid = victim.id;
+        self.wait(name, "replaced", Duration::from_secs(15), |v| {
+            !v.units.iter().any(|u| u.id == vid) && v.dataplanes.ready == dataplanes
+        });
+        vid
+    }
+
     /// Every running unit's stats, read from its control socket.
     #[allow(dead_code)]
     pub fn unit_stats(&self, name: &str) -> Vec<UnitStats> {

@@ -298,26 +298,8 @@ impl RuleIndex {
 mod tests {
     use super::super::rules::{Action, CompiledRules, RuleSet};
     use super::*;
+    use crate::nat::testpkt::Rng;
     use dva_flow::FlowKey;
-
-    /// Splitmix64: reproducible random rule sets and packets without a dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn chance(&mut self, percent: u64) -> bool {
-            self.below(100) < percent
-        }
-    }
 
     // Small value domains, so rules overlap and packets hit their edges.
     const PROTOS: [u8; 5] = [proto::TCP, proto::UDP, proto::ICMP, proto::ICMPV6, 47];

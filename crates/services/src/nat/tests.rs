@@ -71,19 +71,6 @@ fn translate(nat: &mut Nat, now: u64, bucket: u16, ingress_if: u8, pkt: &mut [u8
     check(pkt)
 }
 
-/// Splitmix64, for property-style loops without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 #[test]
 fn masquerade_tcp_both_directions() {
     let mut nat = masq_nat();
