@@ -58,6 +58,9 @@ struct Rings {
     outbound: HashMap<SocketAddr, Outbound>,
     ringer: Option<UnixDatagram>,
     stats: RingStats,
+    /// The time as of the last flush: per-packet decisions (is a ring still current, is it
+    /// time to look for one again) need no fresher clock, and reading it per packet costs.
+    clock: Instant,
 }
 
 pub struct Backplane {
@@ -110,6 +113,7 @@ impl Backplane {
                 None
             },
             stats: RingStats::default(),
+            clock: Instant::now(),
         });
         Ok(())
     }
@@ -180,7 +184,7 @@ impl Backplane {
     /// for us and the datagram fits, else over UDP.
     pub fn commit_slot(&mut self, len: usize, dst: SocketAddr) {
         if let Some(r) = self.rings.as_mut().filter(|r| r.produce) {
-            let now = Instant::now();
+            let now = r.clock;
             let out = r
                 .outbound
                 .entry(dst)
@@ -226,6 +230,7 @@ impl Backplane {
     /// send the UDP batch.
     pub fn flush(&mut self) -> io::Result<()> {
         if let Some(r) = self.rings.as_mut() {
+            r.clock = Instant::now();
             for out in r.outbound.values_mut() {
                 if let Outbound::Ring {
                     producer,
@@ -363,6 +368,7 @@ mod tests {
         // b makes one; a finds it once its negative answer is older than RECHECK.
         b.accept_rings_from(&[a_addr]).expect("accept");
         std::thread::sleep(shm::RECHECK);
+        a.flush().expect("flush"); // the clock a decides by moves on at each flush
         send(&mut a, b"two", b_addr);
         send(&mut a, &vec![7u8; 3000], b_addr); // larger than a slot: UDP
         a.flush().expect("flush");
@@ -391,6 +397,7 @@ mod tests {
         // b forgets a (a left its config): the ring goes, a falls back to UDP after RECHECK.
         b.accept_rings_from(&[]).expect("forget");
         std::thread::sleep(shm::RECHECK);
+        a.flush().expect("flush");
         send(&mut a, b"four", b_addr);
         a.flush().expect("flush");
         assert_eq!(drain(&mut b, 1), vec![(b"four".to_vec(), a_addr)]);
