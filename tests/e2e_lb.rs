@@ -270,3 +270,59 @@ fn a_dead_backend_leaves_the_rotation_and_a_drained_one_keeps_its_connections() 
         "a draining backend gets no new flow: {spread:?}"
     );
 }
+
+#[test]
+fn an_ipv6_vip_balances_over_ipv6_backends() {
+    let _serial = serial();
+    let lab = LabGuard::up("e2elb6-", 2, 2);
+    let client = lab.lab.client_ns();
+    let _web: Vec<Nginx> = (1..=2)
+        .map(|k| {
+            Nginx::start(&lab.lab.server_ns(k), &[80], &format!("v6 server{k}\n")).expect("nginx")
+        })
+        .collect();
+    // The example, made dual-stack: an IPv6 VIP, IPv6 backends, IPv6 health checks.
+    let spec = std::fs::read_to_string(example("web-lb.yaml"))
+        .expect("example")
+        .replace("[198.18.1.1/24]", "[198.18.1.1/24, \"2001:db8:1::1/64\"]")
+        .replace("[198.18.2.1/24]", "[198.18.2.1/24, \"2001:db8:2::1/64\"]")
+        .replace("dst: 198.18.1.100/32", "dst: \"2001:db8:1::100/128\"")
+        .replace("vip: 198.18.1.100", "vip: \"2001:db8:1::100\"")
+        .replace(
+            "              - { name: server1, addr: 198.18.2.2, port: 80, weight: 1 }\n              - { name: server2, addr: 198.18.2.3, port: 80, weight: 1 }\n              - { name: server3, addr: 198.18.2.4, port: 80, weight: 1 }",
+            "              - { name: server1, addr: \"2001:db8:2::2\", port: 80 }\n              - { name: server2, addr: \"2001:db8:2::3\", port: 80 }",
+        );
+    assert!(
+        spec.contains("2001:db8:2::3"),
+        "the example changed: {spec}"
+    );
+    let m = MgmtGuard::open("e2elb6-");
+    m.mgmt.apply(&spec).expect("apply");
+    m.wait_ready("web-lb", 2);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        if let Ok(body) = apps::curl(&client, "http://[2001:db8:1::100]/", 5) {
+            seen.insert(body);
+        }
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "both IPv6 backends answer through the IPv6 VIP: {seen:?}\nunits:\n{}",
+        m.diagnostics("web-lb")
+    );
+    let v = m.wait(
+        "web-lb",
+        "IPv6 health checks",
+        Duration::from_secs(10),
+        |v| v.backends.len() == 2 && v.backends.iter().all(|b| b.health == "up"),
+    );
+    assert!(
+        v.backends.iter().all(|b| b.service == "web"),
+        "{:?}",
+        v.backends
+    );
+}
