@@ -16,6 +16,8 @@ use dva_lab::apps::{self, Nginx, StreamServer};
 
 const OUTSIDE: [u8; 4] = [198, 18, 1, 1];
 const CLIENT: [u8; 4] = [198, 18, 1, 2];
+const OUTSIDE6: [u16; 8] = [0x2001, 0xdb8, 1, 0, 0, 0, 0, 1];
+const CLIENT6: [u16; 8] = [0x2001, 0xdb8, 1, 0, 0, 0, 0, 2];
 
 /// A server in `ns` that answers each TCP connection and each UDP datagram on `port` with the
 /// address the packet came from, as text: what the far side of a NAT sees.
@@ -34,7 +36,8 @@ impl WhoAmI {
             threads.push(std::thread::spawn(move || {
                 dva_io::netns::enter(&ns).expect("enter the client namespace");
                 if udp {
-                    let s = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp");
+                    // [::] takes IPv4 too (as v4-mapped addresses).
+                    let s = UdpSocket::bind(("::", port)).expect("bind udp");
                     s.set_read_timeout(Some(Duration::from_millis(100))).ok();
                     tx.send(()).ok();
                     let mut buf = [0u8; 1500];
@@ -44,7 +47,7 @@ impl WhoAmI {
                         }
                     }
                 } else {
-                    let l = TcpListener::bind(("0.0.0.0", port)).expect("bind tcp");
+                    let l = TcpListener::bind(("::", port)).expect("bind tcp");
                     l.set_nonblocking(true).ok();
                     tx.send(()).ok();
                     while !stop.load(Ordering::Relaxed) {
@@ -90,7 +93,12 @@ fn seen_as(ns: &str, dst: SocketAddr) -> (Option<SocketAddr>, Option<SocketAddr>
                 c.read_to_string(&mut s).ok()?;
                 s.parse().ok()
             });
-        let udp = UdpSocket::bind(("0.0.0.0", 0)).ok().and_then(|s| {
+        let any: IpAddr = if dst.is_ipv4() {
+            IpAddr::from([0u8; 4])
+        } else {
+            IpAddr::from([0u16; 8])
+        };
+        let udp = UdpSocket::bind((any, 0)).ok().and_then(|s| {
             s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
             // UDP may lose the first datagram while the dispatcher resolves the neighbour.
             for _ in 0..6 {
@@ -125,13 +133,38 @@ fn the_inside_is_masqueraded_and_a_port_forward_reaches_a_server() {
         let (tcp, udp) = seen_as(&lab.lab.server_ns(k), who);
         let tcp = tcp.unwrap_or_else(|| panic!("TCP from server{k} through the NAT failed"));
         let udp = udp.unwrap_or_else(|| panic!("UDP from server{k} through the NAT failed"));
-        assert_eq!(tcp.ip(), IpAddr::from(OUTSIDE), "TCP from server{k}");
-        assert_eq!(udp.ip(), IpAddr::from(OUTSIDE), "UDP from server{k}");
+        assert_eq!(
+            tcp.ip().to_canonical(),
+            IpAddr::from(OUTSIDE),
+            "TCP from server{k}"
+        );
+        assert_eq!(
+            udp.ip().to_canonical(),
+            IpAddr::from(OUTSIDE),
+            "UDP from server{k}"
+        );
         assert!(
             apps::ping(&lab.lab.server_ns(k), IpAddr::from(CLIENT), 3, 5).expect("ping"),
             "ping from server{k} through the NAT"
         );
     }
+    // The same over IPv6 (NAT66 masquerade to 2001:db8:1::1).
+    let who6 = SocketAddr::new(IpAddr::from(CLIENT6), 7000);
+    let (tcp, udp) = seen_as(&lab.lab.server_ns(1), who6);
+    assert_eq!(
+        tcp.map(|a| a.ip()),
+        Some(IpAddr::from(OUTSIDE6)),
+        "TCP over IPv6"
+    );
+    assert_eq!(
+        udp.map(|a| a.ip()),
+        Some(IpAddr::from(OUTSIDE6)),
+        "UDP over IPv6"
+    );
+    assert!(
+        apps::ping(&lab.lab.server_ns(1), IpAddr::from(CLIENT6), 3, 5).expect("ping6"),
+        "ping6 from server1 through the NAT"
+    );
     // Nothing gets in unasked: the client cannot reach an inside server directly...
     assert!(
         !apps::tcp_connect(&client, IpAddr::from([198, 18, 2, 3]), 80, 2).expect("connect"),
