@@ -311,70 +311,49 @@ impl MgmtGuard {
         vid
     }
 
-    /// Every running unit's stats, read from its control socket.
-    #[allow(dead_code)]
-    pub fn unit_stats(&self, name: &str) -> Vec<UnitStats> {
-        use std::io::{Read, Write};
+    /// The control sockets and logs in the appliance's run directory, sorted.
+    fn run_files(&self, name: &str) -> Vec<PathBuf> {
         let dir = self
             .mgmt
             .options()
             .run_root
             .join(format!("{}{name}", self.mgmt.options().lab_prefix));
-        let mut out = Vec::new();
-        let entries: Vec<_> = std::fs::read_dir(&dir)
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
             .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
             .unwrap_or_default();
-        for p in entries {
-            let file = p.file_name().and_then(|f| f.to_str()).unwrap_or("");
-            if !(file.starts_with("unit-") && file.ends_with(".sock")) {
-                continue;
-            }
-            let body = std::os::unix::net::UnixStream::connect(&p).and_then(|mut s| {
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                s.write_all(b"GET /stats HTTP/1.0\r\n\r\n")?;
-                let mut body = String::new();
-                s.read_to_string(&mut body)?;
-                Ok(body)
-            });
-            if let Ok(body) = body {
-                if let Some(json) = body.split("\r\n\r\n").nth(1) {
-                    if let Ok(st) = serde_json::from_str::<UnitStats>(json) {
-                        out.push(st);
-                    }
-                }
-            }
-        }
-        out
+        files.sort();
+        files
+    }
+
+    fn is_unit_socket(p: &std::path::Path) -> bool {
+        p.file_name()
+            .and_then(|f| f.to_str())
+            .is_some_and(|f| f.starts_with("unit-") && f.ends_with(".sock"))
+    }
+
+    /// Every running unit's stats, read from its control socket.
+    #[allow(dead_code)]
+    pub fn unit_stats(&self, name: &str) -> Vec<UnitStats> {
+        self.run_files(name)
+            .iter()
+            .filter(|p| Self::is_unit_socket(p))
+            .filter_map(|p| dva_unit::control::fetch_stats(p).ok())
+            .collect()
     }
 
     /// Every unit's counters and the end of its log, for a failing test's report: a CI failure
     /// must say what the units saw, not only that a connection broke.
     #[allow(dead_code)]
     pub fn diagnostics(&self, name: &str) -> String {
-        use std::io::{Read, Write};
-        let dir = self
-            .mgmt
-            .options()
-            .run_root
-            .join(format!("{}{name}", self.mgmt.options().lab_prefix));
         let mut out = String::new();
-        let mut entries: Vec<_> = std::fs::read_dir(&dir)
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-            .unwrap_or_default();
-        entries.sort();
-        for p in entries {
+        for p in self.run_files(name) {
             let file = p.file_name().and_then(|f| f.to_str()).unwrap_or("");
-            if file.ends_with(".sock") && file.starts_with("unit-") {
-                let stats = std::os::unix::net::UnixStream::connect(&p).and_then(|mut s| {
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    s.write_all(b"GET /stats HTTP/1.0\r\n\r\n")?;
-                    let mut body = String::new();
-                    s.read_to_string(&mut body)?;
-                    Ok(body)
-                });
-                let body = stats.unwrap_or_else(|e| e.to_string());
-                let json = body.split("\r\n\r\n").nth(1).unwrap_or(&body);
-                out.push_str(&format!("--- {file}: {json}\n"));
+            if Self::is_unit_socket(&p) {
+                let stats = dva_unit::control::fetch_stats(&p)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| serde_json::to_string(&s).map_err(|e| e.to_string()))
+                    .unwrap_or_else(|e| e);
+                out.push_str(&format!("--- {file}: {stats}\n"));
             } else if file.ends_with(".log") {
                 let text = std::fs::read_to_string(&p).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(15).collect();

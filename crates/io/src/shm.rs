@@ -367,23 +367,21 @@ pub fn ring(sock: &UnixDatagram, path: &Path) {
     let _ = sock.send_to(&[1], path);
 }
 
-/// A file name for the ring from `from` to `to` (socket addresses as text, made safe).
+/// A socket address as text, safe in a file name.
+fn file_safe(addr: &str) -> String {
+    addr.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+/// A file name for the ring from `from` to `to` (socket addresses as text).
 pub fn ring_name(to: &str, from: &str) -> String {
-    let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect()
-    };
-    format!("bp-{}-from-{}.ring", clean(to), clean(from))
+    format!("bp-{}-from-{}.ring", file_safe(to), file_safe(from))
 }
 
 /// A file name for the doorbell of the consumer at `to`.
 pub fn bell_name(to: &str) -> String {
-    let clean: String = to
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    format!("bp-{clean}.bell")
+    format!("bp-{}.bell", file_safe(to))
 }
 
 #[cfg(test)]

@@ -340,6 +340,12 @@ fn networks_via(interfaces: &[InterfaceConfig], routes: &[RouteConfig], id: u8) 
     nets
 }
 
+/// A spec's CIDR list as networks (host bits cleared); none given: any.
+fn networks(list: Option<&crate::spec::CidrList>) -> Vec<IpNet> {
+    list.map(|l| l.0.iter().map(|c| c.0.trunc()).collect())
+        .unwrap_or_default()
+}
+
 fn compile_nat(
     spec: &ApplianceSpec,
     interfaces: &[InterfaceConfig],
@@ -356,11 +362,7 @@ fn compile_nat(
         };
         cfg.snat.push(SnatRule {
             name: m.name.clone(),
-            src: m
-                .src
-                .as_ref()
-                .map(|l| l.0.iter().map(|c| c.0.trunc()).collect())
-                .unwrap_or_default(),
+            src: networks(m.src.as_ref()),
             dst: networks_via(interfaces, routes, ifc.id),
             proto: None,
             to: [true, false]
@@ -373,16 +375,8 @@ fn compile_nat(
     for r in &nat.snat {
         cfg.snat.push(SnatRule {
             name: r.name.clone(),
-            src: r
-                .src
-                .as_ref()
-                .map(|l| l.0.iter().map(|c| c.0.trunc()).collect())
-                .unwrap_or_default(),
-            dst: r
-                .dst
-                .as_ref()
-                .map(|l| l.0.iter().map(|c| c.0.trunc()).collect())
-                .unwrap_or_default(),
+            src: networks(r.src.as_ref()),
+            dst: networks(r.dst.as_ref()),
             proto: r.proto.map(|p| p.0),
             to: r.to.clone(),
             ports: nat_ports(r.ports.as_ref()),
@@ -624,12 +618,7 @@ fn compile_firewall(
                 })
                 .collect()
         };
-        let nets = |l: &Option<crate::spec::CidrList>| -> Vec<IpNet> {
-            l.iter()
-                .flat_map(|l| l.0.iter())
-                .map(|c| c.0.trunc())
-                .collect()
-        };
+        let nets = |l: &Option<crate::spec::CidrList>| networks(l.as_ref());
         rules.push(Rule {
             name: r.name.clone(),
             ingress_if: r
