@@ -38,6 +38,8 @@ pub mod arp;
 pub mod checksum;
 pub mod ethernet;
 pub mod geneve;
+/// GSO super-packets: partial checksums, their completion, and software segmentation.
+pub mod gso;
 pub mod icmpv4;
 pub mod icmpv6;
 pub mod ipv4;
