@@ -7,9 +7,12 @@
 //!   it expects datagrams from, in the ring directory (the appliance's run directory, on tmpfs),
 //!   and a doorbell socket there. `recv_batch` drains its rings first, then the UDP socket.
 //! - A unit that *produces* ([`Backplane::produce_rings`]) looks for the ring a destination made
-//!   for it when it first sends there (and again now and then); found, datagrams that fit a slot
-//!   go into it, the rest over UDP. `commit_slot` copies the datagram built in the UDP batch
-//!   buffer into the ring, so callers build datagrams exactly as for UDP.
+//!   for it when it first sends there (and again now and then); found, datagrams go into it
+//!   (a large one over several slots), over UDP when it is full. `commit_slot` copies the
+//!   datagram built in the UDP batch buffer into the ring, so callers build datagrams exactly as
+//!   for UDP. [`Backplane::send_large`] builds a datagram in place instead, in the ring or the
+//!   UDP buffer: TCP GSO super-packets (up to 64 KiB and a GENEVE header), which only rings
+//!   carry whole; the caller segments what it refuses.
 //! - A ring is between one producer and one consumer: the file name carries both addresses.
 //!
 //! Only the roles decide which peers use rings. The data planes' handover protocol relies on
@@ -33,7 +36,7 @@ use crate::IoError;
 pub struct RingStats {
     pub rx: u64,
     pub tx: u64,
-    /// Datagrams that went over UDP although the peer has a ring: full, or too large a slot.
+    /// Datagrams that went over UDP although the peer has a ring: full, or too large for it.
     pub tx_fallback: u64,
     pub doorbells: u64,
 }
@@ -61,6 +64,49 @@ struct Rings {
     /// The time as of the last flush: per-packet decisions (is a ring still current, is it
     /// time to look for one again) need no fresher clock, and reading it per packet costs.
     clock: Instant,
+}
+
+impl Rings {
+    /// The ring to `dst` if it has made one for us (and we produce into rings): looked for on
+    /// the first datagram to `dst` and again every [`shm::RECHECK`] while missing; mapped anew
+    /// when the consumer replaced it. Returns the producer and its `dirty` flag (set it after
+    /// pushing, so that `flush` publishes).
+    fn ring_to(&mut self, dst: SocketAddr) -> Option<(&mut Producer, &mut bool)> {
+        if !self.produce {
+            return None;
+        }
+        let now = self.clock;
+        let out = self
+            .outbound
+            .entry(dst)
+            .or_insert(Outbound::Udp { retry: now });
+        if let Outbound::Ring { producer, .. } = out {
+            if !producer.is_current(now) {
+                *out = Outbound::Udp { retry: now };
+            }
+        }
+        if let Outbound::Udp { retry } = out {
+            if now >= *retry {
+                let path = self.dir.join(shm::ring_name(&dst.to_string(), &self.me));
+                *out = match Producer::open(&path) {
+                    Ok(producer) => Outbound::Ring {
+                        producer,
+                        bell: self.dir.join(shm::bell_name(&dst.to_string())),
+                        dirty: false,
+                    },
+                    Err(_) => Outbound::Udp {
+                        retry: now + shm::RECHECK,
+                    },
+                };
+            }
+        }
+        match out {
+            Outbound::Ring {
+                producer, dirty, ..
+            } => Some((producer, dirty)),
+            Outbound::Udp { .. } => None,
+        }
+    }
 }
 
 pub struct Backplane {
@@ -183,47 +229,66 @@ impl Backplane {
     /// Send the first `len` bytes of the last slot to `dst`: into `dst`'s ring if it has one
     /// for us and the datagram fits, else over UDP.
     pub fn commit_slot(&mut self, len: usize, dst: SocketAddr) {
-        if let Some(r) = self.rings.as_mut().filter(|r| r.produce) {
-            let now = r.clock;
-            let out = r
-                .outbound
-                .entry(dst)
-                .or_insert(Outbound::Udp { retry: now });
-            if let Outbound::Ring { producer, .. } = out {
-                if !producer.is_current(now) {
-                    *out = Outbound::Udp { retry: now };
-                }
-            }
-            if let Outbound::Udp { retry } = out {
-                if now >= *retry {
-                    let path = r.dir.join(shm::ring_name(&dst.to_string(), &r.me));
-                    *out = match Producer::open(&path) {
-                        Ok(producer) => Outbound::Ring {
-                            producer,
-                            bell: r.dir.join(shm::bell_name(&dst.to_string())),
-                            dirty: false,
-                        },
-                        Err(_) => Outbound::Udp {
-                            retry: now + shm::RECHECK,
-                        },
-                    };
-                }
-            }
-            if let Outbound::Ring {
-                producer, dirty, ..
-            } = out
-            {
-                if let Some(data) = self.udp.uncommitted(len) {
-                    if producer.push(data) {
-                        *dirty = true;
-                        r.stats.tx += 1;
-                        return;
-                    }
+        if let Some(r) = self.rings.as_mut() {
+            if let Some((producer, dirty)) = r.ring_to(dst) {
+                let pushed = self
+                    .udp
+                    .uncommitted(len)
+                    .is_some_and(|data| producer.push(data));
+                if pushed {
+                    *dirty = true;
+                    r.stats.tx += 1;
+                    return;
                 }
                 r.stats.tx_fallback += 1;
             }
         }
         self.udp.commit_slot(len, dst);
+    }
+
+    /// Send a datagram of `len` bytes that `fill` builds in place (it gets exactly `len`
+    /// bytes): a TCP GSO super-packet, larger than the UDP path takes. Built directly in
+    /// `dst`'s ring if it has one for us with room; else, if it fits
+    /// [`crate::udp::MAX_DATAGRAM`], in the UDP batch buffer and sent over UDP. False, without
+    /// calling `fill`: it fits neither, and the caller segments the packet itself.
+    pub fn send_large(
+        &mut self,
+        len: usize,
+        dst: SocketAddr,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> bool {
+        // `push_with` consumes its closure even when it refuses; keep `fill` for the UDP way.
+        let mut fill = Some(fill);
+        let mut fallback = false;
+        if let Some(r) = self.rings.as_mut() {
+            if let Some((producer, dirty)) = r.ring_to(dst) {
+                let pushed = producer.push_with(len, |b| {
+                    if let Some(fill) = fill.take() {
+                        fill(b);
+                    }
+                });
+                if pushed {
+                    *dirty = true;
+                    r.stats.tx += 1;
+                    return true;
+                }
+                fallback = true;
+            }
+        }
+        if len > crate::udp::MAX_DATAGRAM {
+            return false;
+        }
+        let (Some(fill), Some(slot)) = (fill, self.udp.tx_slot()) else {
+            return false;
+        };
+        fill(&mut slot[..len]);
+        self.udp.commit_slot(len, dst);
+        if fallback {
+            if let Some(r) = self.rings.as_mut() {
+                r.stats.tx_fallback += 1;
+            }
+        }
+        true
     }
 
     /// Publish what went into rings (ringing the doorbell of a consumer that sleeps), then
@@ -370,17 +435,16 @@ mod tests {
         std::thread::sleep(shm::RECHECK);
         a.flush().expect("flush"); // the clock a decides by moves on at each flush
         send(&mut a, b"two", b_addr);
-        send(&mut a, &vec![7u8; 3000], b_addr); // larger than a slot: UDP
+        send(&mut a, &vec![7u8; 3000], b_addr); // larger than a slot: two of them
         a.flush().expect("flush");
-        let mut got: Vec<(usize, SocketAddr)> = drain(&mut b, 2)
+        let got: Vec<(usize, SocketAddr)> = drain(&mut b, 2)
             .iter()
             .map(|(d, s)| (d.len(), *s))
             .collect();
-        got.sort();
         assert_eq!(got, vec![(3, a_addr), (3000, a_addr)]);
-        assert_eq!(a.ring_stats().tx, 1);
-        assert_eq!(a.ring_stats().tx_fallback, 1);
-        assert_eq!(b.ring_stats().rx, 1);
+        assert_eq!(a.ring_stats().tx, 2);
+        assert_eq!(a.ring_stats().tx_fallback, 0);
+        assert_eq!(b.ring_stats().rx, 2);
         assert_eq!(a.ring_peers(), 1);
 
         // A sleeping b is woken through its doorbell.
@@ -401,7 +465,81 @@ mod tests {
         send(&mut a, b"four", b_addr);
         a.flush().expect("flush");
         assert_eq!(drain(&mut b, 1), vec![(b"four".to_vec(), a_addr)]);
-        assert_eq!(a.ring_stats().tx, 2, "four went by UDP");
+        assert_eq!(a.ring_stats().tx, 3, "four went by UDP");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Datagrams `send_large` built: the length, then bytes from `seed` on.
+    fn large(seed: u8) -> impl FnOnce(&mut [u8]) {
+        move |b: &mut [u8]| {
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = seed.wrapping_add(i as u8);
+            }
+        }
+    }
+
+    fn is_large(d: &[u8], seed: u8) -> bool {
+        d.iter()
+            .enumerate()
+            .all(|(i, x)| *x == seed.wrapping_add(i as u8))
+    }
+
+    #[test]
+    fn large_datagrams_go_whole_through_rings_and_udp_takes_what_fits() {
+        let d = dir("large");
+        let mut a = Backplane::bind("127.0.0.1:0".parse().unwrap()).expect("bind a");
+        let mut b = Backplane::bind("127.0.0.1:0".parse().unwrap()).expect("bind b");
+        let mut c = Backplane::bind("127.0.0.1:0".parse().unwrap()).expect("bind c");
+        let (a_addr, b_addr, c_addr) = (a.local_addr(), b.local_addr(), c.local_addr());
+        a.enable_rings(&d, a_addr, false, true).expect("rings a");
+        b.enable_rings(&d, b_addr, true, false).expect("rings b");
+        b.accept_rings_from(&[a_addr]).expect("accept");
+
+        // b has a ring for a: a GSO-sized datagram goes whole, built in the ring.
+        assert!(a.send_large(60_000, b_addr, large(1)));
+        a.flush().expect("flush");
+        let got = drain(&mut b, 1);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0.len(), got[0].1), (60_000, a_addr));
+        assert!(is_large(&got[0].0, 1));
+        assert_eq!(a.ring_stats().tx, 1);
+        assert_eq!(b.ring_stats().rx, 1);
+
+        // c has none: too large for UDP is refused without building it; what fits goes.
+        assert!(!a.send_large(60_000, c_addr, |_| panic!("built a refused datagram")));
+        assert!(a.send_large(5_000, c_addr, large(2)));
+        a.flush().expect("flush");
+        let got = drain(&mut c, 1);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0.len(), got[0].1), (5_000, a_addr));
+        assert!(is_large(&got[0].0, 2));
+        assert_eq!(a.ring_stats().tx, 1);
+        assert_eq!(a.ring_stats().tx_fallback, 0, "c never had a ring");
+
+        // b's ring full (b does not read): large datagrams are refused, one that fits UDP
+        // falls back to it.
+        // 30 slots each: 34 fit (the first took slots 0 to 29, so the last one goes to slot 0
+        // after 4 slots of padding), then the ring is full.
+        let per_ring = shm::DEFAULT_SLOTS as usize
+            / (60_000usize + 4).div_ceil(shm::DEFAULT_SLOT_SIZE as usize);
+        let mut queued = 0;
+        while a.send_large(60_000, b_addr, large(3)) {
+            queued += 1;
+            assert!(queued <= per_ring, "more than the ring holds");
+        }
+        assert_eq!(queued, per_ring);
+        assert!(a.send_large(9_000, b_addr, large(4)));
+        assert_eq!(a.ring_stats().tx_fallback, 1);
+        a.flush().expect("flush");
+        let got = drain(&mut b, per_ring + 1);
+        assert_eq!(got.len(), per_ring + 1);
+        let (big, small): (Vec<_>, Vec<_>) = got.iter().partition(|(d, _)| d.len() == 60_000);
+        assert_eq!(big.len(), per_ring);
+        assert!(big.iter().all(|(d, _)| is_large(d, 3)));
+        assert_eq!(small.len(), 1);
+        assert_eq!(small[0].0.len(), 9_000);
+        assert!(is_large(&small[0].0, 4));
+        assert_eq!(a.ring_stats().tx, 1 + per_ring as u64);
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -4,13 +4,26 @@
 //!
 //! A ring is a file (on tmpfs: the appliance's run directory) that the *consumer* creates and
 //! both ends map. Layout: a header (magic, slot count and size, then `head`, `tail` and
-//! `sleeping`, each on its own cache line), then `slots` slots of `slot_size` bytes, each a
-//! `u32` length and the datagram.
+//! `sleeping`, each on its own cache line), then `slots` slots of `slot_size` bytes. `head`
+//! and `tail` count slots (they only grow; a slot's place is the count modulo `slots`).
 //!
-//! - The producer writes slots past `head`, then publishes the new `head` (one store per
-//!   batch, on [`Producer::publish`]). It never waits: a full ring or a datagram larger than a
-//!   slot is refused and the caller sends it another way or counts a drop.
-//! - The consumer reads slots from `tail` to `head` and stores the new `tail` once per batch.
+//! Records: a datagram of `L` bytes takes `k = ceil((4 + L) / slot_size)` consecutive slots: a
+//! `u32` length (native byte order: both ends are on one machine) at the start of the first,
+//! the datagram right after it, contiguous across the slot boundaries. Most datagrams (a frame
+//! of the usual MTU with its GENEVE header) take one slot; TCP GSO super-packets (64 KiB and a
+//! header) take a few dozen. A record never wraps: when its `k` slots would run past the last
+//! slot, the producer writes a padding marker (length `u32::MAX`) in the slot at `head` and
+//! skips to slot 0; the skipped slots count as used until the consumer passes them. Records
+//! are at most [`Producer::max_len`] bytes (a quarter of the ring, so padding never wastes
+//! more than a quarter of it and several large records fit).
+//!
+//! - The producer writes records past `head`, then publishes the new `head` (one store per
+//!   batch, on [`Producer::publish`]). It never waits: a full ring or a datagram larger than
+//!   `max_len` is refused and the caller sends it another way or counts a drop.
+//! - The consumer reads records from `tail` to `head`, each as one contiguous slice, and stores
+//!   the new `tail` once per batch. It trusts no length it reads: a record (or padding) that
+//!   would run past the last slot or past the published `head` means a broken producer, and
+//!   the consumer skips everything up to `head` rather than read outside what it was given.
 //! - Sleeping: before blocking in poll(2), the consumer sets `sleeping` and checks the ring
 //!   once more ([`Consumer::prepare_sleep`]); a producer that publishes while `sleeping` is set
 //!   clears it and rings the consumer's doorbell, a Unix datagram socket next to the rings,
@@ -37,8 +50,10 @@ const HEAD: usize = 64;
 const TAIL: usize = 128;
 const SLEEPING: usize = 192;
 const SLOTS_AT: usize = 256;
-/// Bytes of a slot before the datagram: its length.
+/// Bytes of a record before the datagram: its length.
 const SLOT_HEADER: usize = 4;
+/// The length that marks padding: the slots from here to the end of the slot area are unused.
+const PADDING: u32 = u32::MAX;
 
 /// Default slots per ring and slot size: 1024 slots of 2 KiB (2 MiB a ring) hold a frame of the
 /// lab's 1500-byte MTU with its GENEVE header, and several batches in flight.
@@ -109,14 +124,34 @@ impl Mapping {
         unsafe { &*self.base.as_ptr().add(SLEEPING).cast::<AtomicU32>() }
     }
 
-    /// Slot `i mod slots` as a raw pointer to `slot_size` bytes.
-    fn slot(&self, i: u64) -> *mut u8 {
-        let idx = (i % u64::from(self.slots)) as usize;
-        // SAFETY: SLOTS_AT + slots * slot_size == len (validated on map), so the slot is inside.
+    /// The place in the slot area of slot number `i` (a `head` or `tail` value).
+    fn index(&self, i: u64) -> usize {
+        (i % u64::from(self.slots)) as usize
+    }
+
+    /// Slot `idx` (< slots) as a raw pointer; the slot area runs on from it for
+    /// `(slots - idx) * slot_size` bytes.
+    fn slot(&self, idx: usize) -> *mut u8 {
+        debug_assert!(idx < self.slots as usize);
+        // SAFETY: SLOTS_AT + slots * slot_size == len (validated on map) and idx < slots, so
+        // the slot is inside the mapping.
         unsafe {
             self.base
                 .as_ptr()
                 .add(SLOTS_AT + idx * self.slot_size as usize)
+        }
+    }
+
+    /// Slots a record of `len` bytes takes. One length check for the usual one-slot record;
+    /// the division only for larger ones.
+    #[inline]
+    fn slots_for(&self, len: usize) -> usize {
+        let need = SLOT_HEADER + len;
+        let size = self.slot_size as usize;
+        if need <= size {
+            1
+        } else {
+            need.div_ceil(size)
         }
     }
 }
@@ -132,6 +167,17 @@ impl Drop for Mapping {
 
 fn ring_len(slots: u32, slot_size: u32) -> usize {
     SLOTS_AT + slots as usize * slot_size as usize
+}
+
+/// The largest record of a ring: what a slot holds, or up to a quarter of the slot area if
+/// that is more (a record of `k` slots may need up to `k - 1` slots of padding before it, and
+/// the ring should still hold a few), and never `u32::MAX`, the padding marker.
+fn max_record(slots: u32, slot_size: u32) -> usize {
+    let quarter = slots as usize * slot_size as usize / 4;
+    (slot_size as usize)
+        .max(quarter)
+        .saturating_sub(SLOT_HEADER)
+        .min(PADDING as usize - 1)
 }
 
 /// The receiving end of a ring; it owns the file (and removes it on drop).
@@ -178,24 +224,50 @@ impl Consumer {
         })
     }
 
-    /// Deliver up to `max` datagrams to `f`, in order. Returns how many.
+    /// Deliver up to `max` datagrams to `f`, in order, each as one slice. Returns how many
+    /// (padding is skipped and not counted).
     pub fn pop_batch(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> usize {
         let head = self.map.atomic64(HEAD).load(Ordering::Acquire);
-        let avail = head.wrapping_sub(self.tail).min(u64::from(self.map.slots)) as usize;
-        let n = avail.min(max);
-        for _ in 0..n {
-            let slot = self.map.slot(self.tail);
-            // SAFETY: slots from tail to head were published by the producer (Acquire above)
-            // and are not rewritten until we advance `tail`; a length is clamped to the slot.
-            let data = unsafe {
-                let len = (slot.cast::<u32>().read_unaligned() as usize)
-                    .min(self.map.slot_size as usize - SLOT_HEADER);
-                std::slice::from_raw_parts(slot.add(SLOT_HEADER), len)
+        let slots = u64::from(self.map.slots);
+        let start = self.tail;
+        let mut n = 0;
+        while n < max && self.tail != head {
+            // Slots published but not yet read; more than the ring holds (or a head behind
+            // our tail) is a broken producer: give up on what it wrote.
+            let avail = head.wrapping_sub(self.tail);
+            if avail > slots {
+                self.tail = head;
+                break;
+            }
+            let idx = self.map.index(self.tail);
+            let slot = self.map.slot(idx);
+            // SAFETY: the first slot of a record is inside the slot area (idx < slots) and was
+            // published by the producer (Acquire above).
+            let len = unsafe { slot.cast::<u32>().read_unaligned() };
+            // Slots the record (or padding) claims, which must lie before both the end of the
+            // slot area and the published head.
+            let (k, padding) = if len == PADDING {
+                (slots - idx as u64, true)
+            } else {
+                (self.map.slots_for(len as usize) as u64, false)
             };
-            f(data);
-            self.tail = self.tail.wrapping_add(1);
+            if k > avail || k > slots - idx as u64 {
+                self.tail = head;
+                break;
+            }
+            if !padding {
+                // SAFETY: the record's k slots are inside the slot area and before the
+                // published head (checked just above), so its bytes are in the mapping and
+                // were written by the producer before publishing; they are not rewritten
+                // until we advance `tail` past them.
+                let data =
+                    unsafe { std::slice::from_raw_parts(slot.add(SLOT_HEADER), len as usize) };
+                f(data);
+                n += 1;
+            }
+            self.tail = self.tail.wrapping_add(k);
         }
-        if n > 0 {
+        if self.tail != start {
             self.map.atomic64(TAIL).store(self.tail, Ordering::Release);
         }
         n
@@ -244,6 +316,8 @@ pub struct Producer {
     head: u64,
     /// The consumer's tail as last read (refreshed when the ring looks full).
     tail: u64,
+    /// The largest record this ring takes.
+    max_len: usize,
 }
 
 impl Producer {
@@ -278,29 +352,64 @@ impl Producer {
             checked: Instant::now(),
             head,
             tail,
+            max_len: max_record(slots, slot_size),
         })
     }
 
-    /// Copy `data` into the next slot (not yet visible to the consumer). False: the ring is
-    /// full or `data` is larger than a slot.
+    /// The largest datagram [`Producer::push`] takes (a full slot's worth at least; with the
+    /// default sizes 512 KiB less the length).
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Copy `data` into the next record (not yet visible to the consumer). False: the ring is
+    /// full or `data` is longer than [`Producer::max_len`].
     pub fn push(&mut self, data: &[u8]) -> bool {
-        if data.len() > self.map.slot_size as usize - SLOT_HEADER {
-            return false;
+        self.push_with(data.len(), |b| b.copy_from_slice(data))
+    }
+
+    /// Reserve the next record, of `len` bytes, and have `fill` write the datagram in place
+    /// (it gets exactly `len` bytes, with whatever the slots held before), so a large datagram
+    /// is built once, in the ring. Not yet visible to the consumer. False, without calling
+    /// `fill`: the ring is full or `len` is over [`Producer::max_len`].
+    pub fn push_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) -> bool {
+        let k = self.map.slots_for(len);
+        let slots = u64::from(self.map.slots);
+        let mut idx = self.map.index(self.head);
+        // A record that would run past the last slot starts over at slot 0, after padding.
+        let mut pad = 0;
+        if k > 1 {
+            if len > self.max_len {
+                return false;
+            }
+            if idx + k > slots as usize {
+                pad = slots as usize - idx;
+            }
         }
-        if self.head.wrapping_sub(self.tail) >= u64::from(self.map.slots) {
+        let need = (pad + k) as u64;
+        if self.head.wrapping_sub(self.tail).saturating_add(need) > slots {
             self.tail = self.map.atomic64(TAIL).load(Ordering::Acquire);
-            if self.head.wrapping_sub(self.tail) >= u64::from(self.map.slots) {
+            if self.head.wrapping_sub(self.tail).saturating_add(need) > slots {
                 return false;
             }
         }
-        let slot = self.map.slot(self.head);
-        // SAFETY: the slot at head is ours until published (the consumer stops at the published
-        // head, and tail shows it has read the slot's previous content); len fits the slot.
-        unsafe {
-            slot.cast::<u32>().write_unaligned(data.len() as u32);
-            std::ptr::copy_nonoverlapping(data.as_ptr(), slot.add(SLOT_HEADER), data.len());
+        if pad > 0 {
+            // SAFETY: the slot at head is ours until published (the consumer stops at the
+            // published head, and tail shows it has read the slot's previous content).
+            unsafe { self.map.slot(idx).cast::<u32>().write_unaligned(PADDING) };
+            self.head = self.head.wrapping_add(pad as u64);
+            idx = 0;
         }
-        self.head = self.head.wrapping_add(1);
+        let slot = self.map.slot(idx);
+        // SAFETY: the k slots from idx are ours until published (as above: the room check
+        // counted them) and inside the slot area (idx + k <= slots, by the padding rule), and
+        // 4 + len <= k * slot_size; len <= max_len < u32::MAX, so it is no padding marker.
+        // Nothing else references these bytes while `fill` runs.
+        unsafe {
+            slot.cast::<u32>().write_unaligned(len as u32);
+            fill(std::slice::from_raw_parts_mut(slot.add(SLOT_HEADER), len));
+        }
+        self.head = self.head.wrapping_add(k as u64);
         true
     }
 
@@ -405,7 +514,7 @@ mod tests {
             assert!(p.push(&[i; 10]), "slot {i}");
         }
         assert!(!p.push(&[9; 10]), "a full ring refuses");
-        assert!(!p.push(&[0; 61]), "larger than a slot");
+        assert!(!p.push(&[0; 61]), "nor takes a two-slot record");
         assert!(c.is_empty(), "nothing visible before publish");
         p.publish();
         let mut got = Vec::new();
@@ -503,6 +612,331 @@ mod tests {
         fs::write(d.join("short.ring"), [1u8; 10]).expect("write");
         assert!(Producer::open(&d.join("short.ring")).is_err());
         assert!(Consumer::create(&d.join("bad.ring"), 0, 64).is_err());
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// A deterministic xorshift64 (no crates for tests' randomness).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// The content of record `seq` of `len` bytes: every byte depends on both, so a record
+    /// cut short, shifted or swapped with another shows.
+    fn pattern(seq: u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|j| (seq.wrapping_mul(131) as usize).wrapping_add(j * 7 + j / 251) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn multi_slot_records_of_assorted_sizes_round_trip() {
+        let d = dir("sizes");
+        let path = d.join("r.ring");
+        let mut c = Consumer::create(&path, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).expect("create");
+        let mut p = Producer::open(&path).expect("open");
+        assert_eq!(p.max_len(), 512 * 1024 - SLOT_HEADER);
+        let slot = DEFAULT_SLOT_SIZE as usize;
+        let sizes = [
+            1,
+            slot - SLOT_HEADER,
+            slot - SLOT_HEADER + 1,
+            3 * slot - SLOT_HEADER,
+            3 * slot,
+            65_600,
+            0,
+            65_600,
+        ];
+        // Three times round the ring, with padding before a record at the wraps.
+        for round in 0..40u64 {
+            for (i, &len) in sizes.iter().enumerate() {
+                assert!(
+                    p.push(&pattern(round * 10 + i as u64, len)),
+                    "{round}: {len}"
+                );
+            }
+            p.publish();
+            let mut got = Vec::new();
+            while c.pop_batch(3, |d| got.push(d.to_vec())) > 0 {}
+            assert!(c.is_empty());
+            let want: Vec<Vec<u8>> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| pattern(round * 10 + i as u64, len))
+                .collect();
+            assert!(got == want, "round {round}");
+        }
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn random_records_wrap_a_small_ring_many_times() {
+        let d = dir("wrap");
+        let path = d.join("r.ring");
+        let mut c = Consumer::create(&path, 16, 256).expect("create");
+        let mut p = Producer::open(&path).expect("open");
+        assert_eq!(p.max_len(), 16 * 256 / 4 - SLOT_HEADER);
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut queued = std::collections::VecDeque::new();
+        let (mut sent, mut seq) = (0u64, 0u64);
+        while sent < 20_000 {
+            // Push until the ring refuses (or a few records), sizes from empty to max_len,
+            // one-slot records as often as the rest.
+            for _ in 0..1 + rng.below(6) {
+                let len = match rng.below(4) {
+                    0 => rng.below(253),
+                    1 => 252 + rng.below(3),
+                    _ => rng.below(p.max_len() + 1),
+                };
+                if !p.push(&pattern(seq, len)) {
+                    break;
+                }
+                queued.push_back((seq, len));
+                seq += 1;
+            }
+            p.publish();
+            let max = 1 + rng.below(4);
+            let mut got = 0;
+            let n = c.pop_batch(max, |d| {
+                let (s, len) = queued.pop_front().expect("a record we sent");
+                assert_eq!(d.len(), len, "record {s}");
+                assert!(d == pattern(s, len).as_slice(), "record {s}");
+                got += 1;
+            });
+            assert_eq!(n, got);
+            assert!(n <= max);
+            sent += n as u64;
+        }
+        while c.pop_batch(64, |d| {
+            let (s, len) = queued.pop_front().expect("a record we sent");
+            assert!(d == pattern(s, len).as_slice(), "record {s}");
+        }) > 0
+        {}
+        assert!(queued.is_empty());
+        // Far more slots than the ring has went through it.
+        assert!(p.head > 200 * 16, "head {}", p.head);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn multi_slot_records_are_refused_when_full_or_too_large() {
+        let d = dir("full");
+        let path = d.join("r.ring");
+        let mut c = Consumer::create(&path, 16, 256).expect("create");
+        let mut p = Producer::open(&path).expect("open");
+        let three = 2 * 256; // 3 slots with the length
+        for i in 0..5 {
+            assert!(p.push(&pattern(i, three)), "record {i}");
+        }
+        assert!(!p.push(&pattern(5, three)), "15 of 16 slots used");
+        assert!(p.push(&pattern(5, 10)), "the last slot takes a small one");
+        assert!(!p.push(&[1]), "full");
+        p.publish();
+        let mut got = Vec::new();
+        assert_eq!(c.pop_batch(1, |d| got.push(d.to_vec())), 1);
+        assert!(p.push(&pattern(6, three)), "room again for 3 slots");
+        p.publish();
+        assert_eq!(c.pop_batch(100, |d| got.push(d.to_vec())), 6);
+        let want: Vec<Vec<u8>> = (0..5)
+            .map(|i| pattern(i, three))
+            .chain([pattern(5, 10), pattern(6, three)])
+            .collect();
+        assert!(got == want);
+
+        // Head at slot 3 now, the ring empty. Up to slot 14, then 5 slots free: enough for a
+        // 4-slot record, but not for it and the 2 slots of padding it needs at the end.
+        for i in 0..11 {
+            assert!(p.push(&[i]));
+        }
+        assert_eq!(p.head % 16, 14);
+        assert!(!p.push(&pattern(7, 3 * 256)), "padding counts");
+        assert!(
+            p.push(&pattern(8, 20)),
+            "a one-slot record needs no padding"
+        );
+        p.publish();
+        assert_eq!(c.pop_batch(100, |_| {}), 12);
+        assert!(
+            p.push(&pattern(9, three)),
+            "after a slot of padding, at slot 0"
+        );
+        assert_eq!(p.head % 16, 3);
+        p.publish();
+        got.clear();
+        assert_eq!(c.pop_batch(100, |d| got.push(d.to_vec())), 1);
+        assert!(got == [pattern(9, three)]);
+
+        let max = p.max_len();
+        assert!(!p.push(&vec![0; max + 1]), "longer than max_len");
+        assert!(!p.push_with(100_000, |_| panic!("fill of a refused record")));
+        assert!(
+            p.push(&pattern(10, max)),
+            "max_len itself fits an empty ring"
+        );
+        p.publish();
+        got.clear();
+        assert_eq!(c.pop_batch(100, |d| got.push(d.to_vec())), 1);
+        assert!(got == [pattern(10, max)]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn push_with_builds_the_record_in_place() {
+        let d = dir("inplace");
+        let path = d.join("r.ring");
+        let mut c = Consumer::create(&path, 64, 256).expect("create");
+        let mut p = Producer::open(&path).expect("open");
+        for (i, len) in [0usize, 5, 252, 1000, 4000].into_iter().enumerate() {
+            let mut seen = None;
+            assert!(p.push_with(len, |b| {
+                seen = Some(b.len());
+                b.copy_from_slice(&pattern(i as u64, len));
+            }));
+            assert_eq!(seen, Some(len), "fill gets exactly len bytes");
+        }
+        // The bytes fill wrote are the ring's: the record sits in the mapping.
+        let first = p.map.slot(p.map.index(p.head - 16));
+        // SAFETY: the slot area of a ring this test owns; the last record (4000 bytes) took the
+        // 16 slots before head, and nothing writes it concurrently.
+        let in_ring = unsafe { std::slice::from_raw_parts(first, 4004) };
+        assert_eq!(&in_ring[..4], &4000u32.to_ne_bytes());
+        assert!(in_ring[4..] == pattern(4, 4000));
+        p.publish();
+        let mut got = Vec::new();
+        assert_eq!(c.pop_batch(100, |d| got.push(d.to_vec())), 5);
+        let want: Vec<Vec<u8>> = [0usize, 5, 252, 1000, 4000]
+            .into_iter()
+            .enumerate()
+            .map(|(i, len)| pattern(i as u64, len))
+            .collect();
+        assert!(got == want);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn threads_move_records_of_mixed_sizes() {
+        let d = dir("mixed");
+        let path = d.join("r.ring");
+        let mut c = Consumer::create(&path, 128, 256).expect("create");
+        let p = Producer::open(&path).expect("open");
+        const N: u64 = 200_000;
+        const SEED: u64 = 0x2545_f491_4f6c_dd1d;
+        // Both ends draw the same sizes: the consumer knows each record's length.
+        fn size(rng: &mut Rng, max: usize) -> usize {
+            match rng.below(8) {
+                0 => rng.below(max + 1),
+                1 => 256 + rng.below(1024),
+                _ => 8 + rng.below(245),
+            }
+        }
+        let max = p.max_len();
+        let t = std::thread::spawn(move || {
+            let mut p = p;
+            let mut rng = Rng(SEED);
+            let mut i = 0u64;
+            let mut len = size(&mut rng, max);
+            while i < N {
+                let pushed = p.push_with(len, |b| {
+                    b.fill((i as u8).wrapping_mul(3));
+                    if len >= 8 {
+                        b[..8].copy_from_slice(&i.to_le_bytes());
+                    }
+                });
+                if pushed {
+                    i += 1;
+                    len = size(&mut rng, max);
+                    if i.is_multiple_of(16) {
+                        p.publish();
+                    }
+                } else {
+                    p.publish();
+                    std::thread::yield_now();
+                }
+            }
+            p.publish();
+        });
+        let mut rng = Rng(SEED);
+        let mut next = 0u64;
+        while next < N {
+            let n = c.pop_batch(32, |d| {
+                assert_eq!(d.len(), size(&mut rng, max), "record {next}");
+                let fill = (next as u8).wrapping_mul(3);
+                if d.len() >= 8 {
+                    assert_eq!(d[..8], next.to_le_bytes());
+                    assert!(d[8..].iter().all(|b| *b == fill), "record {next}");
+                } else {
+                    assert!(d.iter().all(|b| *b == fill), "record {next}");
+                }
+                next += 1;
+            });
+            if n == 0 {
+                std::thread::yield_now();
+            }
+        }
+        t.join().expect("producer");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_corrupt_ring_is_skipped_not_read_outside() {
+        let d = dir("corrupt");
+        let path = d.join("r.ring");
+        let mut c = Consumer::create(&path, 16, 256).expect("create");
+        let mut p = Producer::open(&path).expect("open");
+        let poke = |c: &Consumer, idx: usize, v: u32| {
+            // SAFETY: the first bytes of a slot of the test's own ring; the producer is idle.
+            unsafe { c.map.slot(idx).cast::<u32>().write_unaligned(v) }
+        };
+        // A length past the end of the slot area, one past head but inside the area, padding
+        // past head, and a huge one: each time nothing is delivered, the consumer catches up
+        // with head, and the ring keeps working.
+        for (at, bad) in [(13, 10_000), (0, 600), (5, PADDING), (2, 0x7fff_fff0)] {
+            while p.head % 16 != at {
+                assert!(p.push(b"x"));
+            }
+            p.publish();
+            c.pop_batch(100, |_| {});
+            assert!(p.push(&[7; 100]));
+            p.publish();
+            poke(&c, at as usize, bad);
+            let mut got = 0;
+            assert_eq!(c.pop_batch(100, |_| got += 1), 0, "at {at}: {bad}");
+            assert_eq!(got, 0);
+            assert!(c.is_empty());
+            assert_eq!(c.map.atomic64(TAIL).load(Ordering::SeqCst), p.head);
+            assert!(p.push(b"fine"));
+            p.publish();
+            let mut got = Vec::new();
+            assert_eq!(c.pop_batch(100, |d| got.push(d.to_vec())), 1);
+            assert_eq!(got, [b"fine".to_vec()]);
+        }
+
+        // A record that claims more than was published: the record before it still arrives.
+        assert!(p.push(b"good"));
+        assert!(p.push(b"bad"));
+        p.publish();
+        poke(&c, ((p.head - 1) % 16) as usize, 300);
+        let mut got = Vec::new();
+        assert_eq!(c.pop_batch(100, |d| got.push(d.to_vec())), 1);
+        assert_eq!(got, [b"good".to_vec()]);
+        assert!(c.is_empty());
+
+        // A head that runs more than a ring ahead of tail, or behind it.
+        for head in [c.tail + 17, c.tail.wrapping_sub(1)] {
+            c.map.atomic64(HEAD).store(head, Ordering::SeqCst);
+            assert_eq!(c.pop_batch(100, |_| panic!("delivered garbage")), 0);
+            assert_eq!(c.tail, head);
+        }
         let _ = fs::remove_dir_all(&d);
     }
 }
