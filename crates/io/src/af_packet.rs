@@ -30,12 +30,18 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::sys::{self, MsgBatch};
-use crate::{netif, FrameIo, IoError, RxMeta};
+use crate::{netif, FrameIo, GsoType, IoError, Offload, RxMeta};
 
 // Kernel ABI (include/uapi/linux/if_packet.h) not exported by every libc version.
 const PACKET_QDISC_BYPASS: libc::c_int = 20;
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 const TPACKET_V3: libc::c_int = 2;
+const PACKET_VNET_HDR: libc::c_int = 15;
+/// `struct virtio_net_hdr`: flags u8, gso_type u8, hdr_len, gso_size, csum_start,
+/// csum_offset (u16 each, in the host's byte order for AF_PACKET).
+const VNET_HDR_LEN: usize = 10;
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
 const TP_STATUS_KERNEL: u32 = 0;
 const TP_STATUS_USER: u32 = 1 << 0;
 const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
@@ -57,8 +63,9 @@ const _: () = assert!(size_of::<libc::tpacket3_hdr>() == 48);
 
 /// Ethernet header: the shortest frame the kernel accepts on a SOCK_RAW send.
 const MIN_TX_FRAME: usize = 14;
-/// The largest frame AF_PACKET can send (64 KiB minus nothing useful; GSO is not used).
-const MAX_TX_FRAME: usize = 65535;
+/// The largest frame we send: an Ethernet header and the largest IP packet (a GSO
+/// super-packet; without GSO the interface's MTU is the real limit, enforced by the kernel).
+const MAX_TX_FRAME: usize = 14 + 65535;
 
 /// Ring and queue sizes for [`AfPacket::open`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +94,11 @@ pub struct AfPacketConfig {
     /// Send straight to the driver, skipping the qdisc (PACKET_QDISC_BYPASS). Faster, but our
     /// frames then no longer show up in tcpdump on the interface; off by default.
     pub qdisc_bypass: bool,
+    /// Exchange a virtio-net header with every frame (PACKET_VNET_HDR): received GSO/GRO
+    /// super-packets and partial checksums come with their description ([`crate::Offload`])
+    /// instead of looking like oversize or corrupt frames, and `tx_offload` can hand the kernel
+    /// a super-packet to segment or a checksum to finish. On by default.
+    pub vnet_hdr: bool,
 }
 
 impl Default for AfPacketConfig {
@@ -99,6 +111,7 @@ impl Default for AfPacketConfig {
             block_timeout_ms: 1,
             promiscuous: true,
             qdisc_bypass: false,
+            vnet_hdr: true,
         }
     }
 }
@@ -164,7 +177,7 @@ impl AfPacketConfig {
     fn tx_bytes(&self) -> usize {
         self.tx_frames
             .saturating_mul(self.frame_size)
-            .max(MAX_TX_FRAME + 1)
+            .max(VNET_HDR_LEN + MAX_TX_FRAME + 1)
     }
 }
 
@@ -248,6 +261,8 @@ pub struct AfPacket {
     tx_packets: u64,
     tx_dropped: u64,
     rx_malformed_blocks: u64,
+    /// Frames carry a virtio-net header (PACKET_VNET_HDR), before the frame in RX and TX.
+    vnet: bool,
     /// Running totals of PACKET_STATISTICS (packets, drops, freeze_q_cnt), which the kernel
     /// resets on every read; atomics so `stats` works through `&self`.
     kernel: [AtomicU64; 3],
@@ -281,6 +296,11 @@ impl AfPacket {
         let raw = fd.as_raw_fd();
         sys::setsockopt(raw, libc::SOL_PACKET, libc::PACKET_VERSION, &TPACKET_V3)
             .map_err(err("setsockopt PACKET_VERSION"))?;
+        // Before the ring: the kernel refuses to change the header size once a ring exists.
+        if cfg.vnet_hdr {
+            sys::setsockopt(raw, libc::SOL_PACKET, PACKET_VNET_HDR, &1 as &libc::c_int)
+                .map_err(err("setsockopt PACKET_VNET_HDR"))?;
+        }
         // SAFETY: plain old data; all-zero is valid.
         let mut req: libc::tpacket_req3 = unsafe { zeroed() };
         // The casts cannot truncate: `validate` checked these fit in 32 bits.
@@ -386,6 +406,7 @@ impl AfPacket {
             tx_packets: 0,
             tx_dropped: 0,
             rx_malformed_blocks: 0,
+            vnet: cfg.vnet_hdr,
             kernel: Default::default(),
         })
     }
@@ -471,13 +492,26 @@ impl AfPacket {
         // release it, after the caller is done with the slice.
         let frame = unsafe { std::slice::from_raw_parts(base.add(start), end - start) };
         let status = hdr.tp_status;
-        let meta = RxMeta {
+        let mut meta = RxMeta {
             csum_not_ready: status & TP_STATUS_CSUMNOTREADY != 0,
             wire_len: hdr.tp_len,
             truncated: hdr.tp_snaplen < hdr.tp_len,
             csum_valid: status & TP_STATUS_CSUM_VALID != 0,
             vlan_tci: (status & TP_STATUS_VLAN_VALID != 0).then_some(hdr.hv1.tp_vlan_tci as u16),
+            offload: Default::default(),
         };
+        if self.vnet {
+            // The kernel writes the virtio-net header right before the frame (tp_mac leaves
+            // room for it); one that would overlap the tpacket header is a malformed block.
+            let at = start.checked_sub(VNET_HDR_LEN)?;
+            if at < offset + size_of::<libc::tpacket3_hdr>() {
+                return None;
+            }
+            // SAFETY: [at, start) lies inside the block, after the frame's tpacket header.
+            let v = unsafe { std::slice::from_raw_parts(base.add(at), VNET_HDR_LEN) };
+            meta.offload = decode_vnet(v);
+            meta.csum_not_ready |= meta.offload.needs_csum;
+        }
         Some((frame, meta, offset + hdr.tp_next_offset as usize))
     }
 
@@ -487,6 +521,35 @@ impl AfPacket {
             .store(TP_STATUS_KERNEL, Ordering::Release);
         self.block = (self.block + 1) % self.ring.block_count;
         self.cursor = None;
+    }
+
+    /// Queue `frame` behind `vnet` (the virtio-net header, when the socket uses one).
+    fn enqueue(&mut self, frame: &[u8], vnet: &[u8; VNET_HDR_LEN]) -> io::Result<()> {
+        if !(MIN_TX_FRAME..=MAX_TX_FRAME).contains(&frame.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "frame of {} bytes for {}: must be {MIN_TX_FRAME}..={MAX_TX_FRAME}",
+                    frame.len(),
+                    self.ifname
+                ),
+            ));
+        }
+        let hdr = if self.vnet { &vnet[..] } else { &[][..] };
+        let len = hdr.len() + frame.len();
+        if !self.tx_has_room(len) {
+            // Errors are accounted for inside flush; what matters here is whether room was made.
+            let _ = self.flush();
+            if !self.tx_has_room(len) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+        }
+        let start = self.tx_used;
+        self.tx_buf[start..start + hdr.len()].copy_from_slice(hdr);
+        self.tx_buf[start + hdr.len()..start + len].copy_from_slice(frame);
+        self.tx_used += len;
+        self.tx_queue.push((start, len));
+        Ok(())
     }
 
     fn tx_has_room(&self, len: usize) -> bool {
@@ -564,28 +627,18 @@ impl FrameIo for AfPacket {
     }
 
     fn tx(&mut self, frame: &[u8]) -> io::Result<()> {
-        if !(MIN_TX_FRAME..=MAX_TX_FRAME).contains(&frame.len()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "frame of {} bytes for {}: must be 14..=65535",
-                    frame.len(),
-                    self.ifname
-                ),
-            ));
+        self.enqueue(frame, &[0; VNET_HDR_LEN])
+    }
+
+    fn offloads(&self) -> bool {
+        self.vnet
+    }
+
+    fn tx_offload(&mut self, frame: &[u8], off: &Offload) -> io::Result<()> {
+        if !self.vnet && !off.is_none() {
+            return Err(io::ErrorKind::Unsupported.into());
         }
-        if !self.tx_has_room(frame.len()) {
-            // Errors are accounted for inside flush; what matters here is whether room was made.
-            let _ = self.flush();
-            if !self.tx_has_room(frame.len()) {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-        }
-        let start = self.tx_used;
-        self.tx_buf[start..start + frame.len()].copy_from_slice(frame);
-        self.tx_used += frame.len();
-        self.tx_queue.push((start, frame.len()));
-        Ok(())
+        self.enqueue(frame, &encode_vnet(off))
     }
 
     /// Send every queued frame with as few `sendmmsg` calls as the kernel allows. A frame the
@@ -660,6 +713,40 @@ impl AsFd for AfPacket {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// The offload description in a received virtio-net header.
+fn decode_vnet(v: &[u8]) -> Offload {
+    let u16_at = |i: usize| u16::from_ne_bytes([v[i], v[i + 1]]);
+    let gso_size = u16_at(4);
+    Offload {
+        gso: if gso_size == 0 {
+            GsoType::None
+        } else {
+            GsoType::from_virtio(v[1] & !VIRTIO_NET_HDR_GSO_ECN)
+        },
+        ecn: v[1] & VIRTIO_NET_HDR_GSO_ECN != 0,
+        gso_size,
+        needs_csum: v[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0,
+        csum_start: u16_at(6),
+        csum_offset: u16_at(8),
+    }
+}
+
+/// The virtio-net header that asks the kernel for `off`. `hdr_len` is left 0: the kernel
+/// derives it from the checksum offsets (and, for GSO, from the headers themselves).
+fn encode_vnet(off: &Offload) -> [u8; VNET_HDR_LEN] {
+    let mut v = [0u8; VNET_HDR_LEN];
+    if off.needs_csum {
+        v[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        v[6..8].copy_from_slice(&off.csum_start.to_ne_bytes());
+        v[8..10].copy_from_slice(&off.csum_offset.to_ne_bytes());
+    }
+    if off.gso != GsoType::None {
+        v[1] = off.gso.to_virtio() | if off.ecn { VIRTIO_NET_HDR_GSO_ECN } else { 0 };
+        v[4..6].copy_from_slice(&off.gso_size.to_ne_bytes());
+    }
+    v
 }
 
 fn page_size() -> usize {

@@ -81,6 +81,22 @@ pub trait FrameIo {
     /// Push queued frames to the kernel (one syscall per batch).
     fn flush(&mut self) -> std::io::Result<()>;
 
+    /// Whether [`FrameIo::tx_offload`] can hand the kernel a super-packet or a partial
+    /// checksum to finish (AF_PACKET with a virtio-net header can; AF_XDP cannot).
+    fn offloads(&self) -> bool {
+        false
+    }
+
+    /// Queue one frame with offload work for the kernel: segmentation of a super-packet
+    /// (`off.gso`) and/or completion of a partial L4 checksum (`off.needs_csum`). Drivers
+    /// without offloads answer `Unsupported`; the caller segments or completes in software.
+    fn tx_offload(&mut self, frame: &[u8], off: &Offload) -> std::io::Result<()> {
+        if off.is_none() {
+            return self.tx(frame);
+        }
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
     /// File descriptor to poll(2) for readability.
     fn as_raw_fd(&self) -> RawFd;
 }
@@ -101,4 +117,70 @@ pub struct RxMeta {
     /// A VLAN tag the kernel stripped from the frame before it reached the ring
     /// (TP_STATUS_VLAN_VALID): the bytes handed to the callback no longer contain it.
     pub vlan_tci: Option<u16>,
+    /// Offload state of the frame (AF_PACKET with a virtio-net header only): a GSO/GRO
+    /// super-packet larger than the MTU, and where its partial checksum is.
+    pub offload: Offload,
+}
+
+/// What a GSO super-packet is made of (virtio-net `gso_type`, without the ECN bit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GsoType {
+    /// An ordinary frame.
+    #[default]
+    None,
+    TcpV4,
+    TcpV6,
+    /// UDP segmentation offload (one UDP header per segment).
+    UdpL4,
+    /// A type dva does not segment (UFO's IP fragmentation, or unknown): dropped, counted.
+    Other(u8),
+}
+
+impl GsoType {
+    /// Decode virtio-net's `gso_type` (ECN bit excluded).
+    pub fn from_virtio(t: u8) -> GsoType {
+        match t {
+            0 => GsoType::None,
+            1 => GsoType::TcpV4,
+            4 => GsoType::TcpV6,
+            5 => GsoType::UdpL4,
+            other => GsoType::Other(other),
+        }
+    }
+
+    /// virtio-net's `gso_type` (ECN bit excluded).
+    pub fn to_virtio(self) -> u8 {
+        match self {
+            GsoType::None => 0,
+            GsoType::TcpV4 => 1,
+            GsoType::TcpV6 => 4,
+            GsoType::UdpL4 => 5,
+            GsoType::Other(t) => t,
+        }
+    }
+}
+
+/// The offload metadata of a frame, as in `struct virtio_net_hdr`: how the kernel (or we)
+/// must cut a super-packet into wire-sized frames, and which checksum is still to be
+/// finished. Offsets count from the start of the Ethernet frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offload {
+    pub gso: GsoType,
+    /// The sender set CWR on a segment (VIRTIO_NET_HDR_GSO_ECN): only the first segment
+    /// carries it.
+    pub ecn: bool,
+    /// Payload bytes per segment (the MSS for TCP).
+    pub gso_size: u16,
+    /// The L4 checksum field holds only the pseudo-header sum (CHECKSUM_PARTIAL): sum from
+    /// `csum_start` to the end and store the result at `csum_start + csum_offset`.
+    pub needs_csum: bool,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+}
+
+impl Offload {
+    /// Nothing for the kernel to do.
+    pub fn is_none(&self) -> bool {
+        self.gso == GsoType::None && !self.needs_csum
+    }
 }

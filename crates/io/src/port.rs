@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use crate::af_packet::{AfPacket, AfPacketConfig};
 use crate::af_xdp::{AfXdp, AfXdpConfig};
-use crate::{FrameIo, IoError, RxMeta};
+use crate::{FrameIo, IoError, Offload, RxMeta};
 
 /// Which driver to use for an interface.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -116,6 +116,21 @@ impl FrameIo for Port {
         match self {
             Port::AfXdp(p) => p.tx(frame),
             Port::AfPacket(p) => p.tx(frame),
+        }
+    }
+
+    fn offloads(&self) -> bool {
+        match self {
+            Port::AfXdp(p) => p.offloads(),
+            Port::AfPacket(p) => p.offloads(),
+        }
+    }
+
+    #[inline]
+    fn tx_offload(&mut self, frame: &[u8], off: &Offload) -> io::Result<()> {
+        match self {
+            Port::AfXdp(p) => p.tx_offload(frame, off),
+            Port::AfPacket(p) => p.tx_offload(frame, off),
         }
     }
 

@@ -198,6 +198,16 @@ impl Lab {
     pub fn set_kernel_router(&self, on: bool) -> Result<(), LabError> {
         topology::kernel_router(&topology::Tools::find()?, self, on)
     }
+
+    /// Turn the segmentation and checksum offloads (TSO, GSO, GRO, TX checksumming) on or off
+    /// on every veth of the outside, inside and transit segments, both ends. Off is how
+    /// [`Lab::up`] leaves them (see the crate doc); on is how a Linux host runs by default:
+    /// TCP crosses the lab as 64 KB super-packets with partial checksums, which the kernel
+    /// router forwards whole and dva's dispatcher reads whole through AF_PACKET's virtio-net
+    /// header. AF_XDP dispatchers need them off (XDP sees partial checksums as they are).
+    pub fn set_offloads(&self, on: bool) -> Result<(), LabError> {
+        topology::offloads(&topology::Tools::find()?, self, on)
+    }
 }
 
 /// `ip netns exec NS <program>` as a Command, for running clients and servers inside a

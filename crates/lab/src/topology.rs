@@ -917,6 +917,31 @@ fn kill<'a>(pids: impl Iterator<Item = &'a u32>) {
     let _ = cmd::run(&mut c);
 }
 
+/// Turn TSO, GSO, GRO and TX checksumming on or off on every traffic-carrying veth end
+/// (outside, inside and transit segments; the backplane keeps them off).
+pub(crate) fn offloads(tools: &Tools, lab: &Lab, on: bool) -> Result<(), LabError> {
+    let ethtool = cmd::tool("ethtool")?;
+    let plan = Plan::new(lab);
+    let v = if on { "on" } else { "off" };
+    for p in plan
+        .ports
+        .iter()
+        .filter(|p| p.segment != Segment::Backplane)
+    {
+        for (ns, dev) in [
+            (p.ns.as_str(), p.ifname),
+            (plan.fabric.as_str(), p.fabric_port.as_str()),
+        ] {
+            tools.exec_in(
+                ns,
+                &ethtool,
+                &["-K", dev, "tso", v, "gso", v, "gro", v, "tx", v],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn kernel_router(tools: &Tools, lab: &Lab, on: bool) -> Result<(), LabError> {
     if lab.dispatchers > 1 {
         if !on {

@@ -36,6 +36,7 @@ use crate::classify::{classify, Classified, PROTO_TCP};
 use crate::handover::{
     self, Flows, Handover, HOLD_LIMIT, HOLD_MAX_PACKETS, MAX_RESENDS, PROTO_HANDOVER, RESEND_AFTER,
 };
+use crate::offload;
 use crate::reply;
 use crate::stats::{DropCounters, Every, StatsCell, UnitStats};
 
@@ -130,6 +131,8 @@ struct Core {
     lb: Option<Lb>,
     /// A packet being translated (the received one stays as it came, for punting).
     work: Vec<u8>,
+    /// Segments of a super-packet no path takes whole, built one at a time.
+    segments: Vec<u8>,
 }
 
 /// Where a packet goes after the chain.
@@ -248,6 +251,7 @@ impl Dataplane {
                 nat,
                 lb,
                 work: Vec::with_capacity(2048),
+                segments: Vec::new(),
             },
         })
     }
@@ -581,6 +585,7 @@ impl Core {
             flags: dva_flags::FROM_DATAPLANE,
             ingress_if: 0,
             egress_if: 0,
+            gso_size: 0,
         };
         let total = DVA_HEADER_LEN + body.len();
         let Some(slot) = self.tx.tx_slot() else {
@@ -1144,9 +1149,11 @@ impl Core {
             }
         };
         if built.is_some() {
+            // A reply we built: complete checksum, wire-sized.
             let m = DvaMeta {
                 hops: 0,
                 flags: 0,
+                gso_size: 0,
                 ..*meta
             };
             self.send(to, &m, 0, &out);
@@ -1155,34 +1162,33 @@ impl Core {
         self.scratch = out;
     }
 
-    /// Encapsulate `ip` with `meta` (flags replaced, hop count advanced for punts) into the send batch.
+    /// Encapsulate `ip` with `meta` (flags replaced, hop count advanced for punts) into the send
+    /// batch; a super-packet whole where the path takes it, in segments where not.
     fn send(&mut self, to: SocketAddr, meta: &DvaMeta, flags: u8, ip: &[u8]) {
-        let total = DVA_HEADER_LEN + ip.len();
-        let Some(slot) = self.tx.tx_slot() else {
-            return self.drops.inc(dr::TX_FULL);
-        };
-        if slot.len() < total {
-            return self.drops.inc(dr::TX_FULL);
-        }
         let hops = if flags != 0 {
             meta.hops.saturating_add(1)
         } else {
             0
         };
         let m = DvaMeta {
-            flags: flags | dva_flags::FROM_DATAPLANE,
+            flags: flags | dva_flags::FROM_DATAPLANE | (meta.flags & dva_flags::CSUM_PARTIAL),
             hops,
             ..*meta
         };
-        let ptype = if ip.first().map(|b| b >> 4) == Some(6) {
-            geneve::PROTO_IPV6
-        } else {
-            geneve::PROTO_IPV4
-        };
-        geneve::encap_dva(slot, self.cfg.vni, ptype, &m);
-        slot[DVA_HEADER_LEN..total].copy_from_slice(ip);
-        self.tx.commit_slot(total, to);
-        self.tx_packets += 1;
-        self.tx_bytes += total as u64;
+        let mut scratch = std::mem::take(&mut self.segments);
+        let sent = offload::encap_send(&mut self.tx, self.cfg.vni, to, &m, ip, &mut scratch);
+        self.segments = scratch;
+        match sent {
+            offload::Sent::Whole => {
+                self.tx_packets += 1;
+                self.tx_bytes += (DVA_HEADER_LEN + ip.len()) as u64;
+            }
+            offload::Sent::Segmented(n) => {
+                self.event("super_packets_segmented");
+                self.tx_packets += n as u64;
+                self.tx_bytes += (DVA_HEADER_LEN * n + ip.len()) as u64;
+            }
+            offload::Sent::Failed => self.drops.inc(dr::TX_FULL),
+        }
     }
 }

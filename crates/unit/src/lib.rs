@@ -19,6 +19,7 @@ pub mod dataplane;
 pub mod dispatcher;
 pub mod handover;
 pub mod manager;
+pub mod offload;
 pub mod reply;
 pub mod runtime;
 pub mod stats;

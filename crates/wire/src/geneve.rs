@@ -48,6 +48,11 @@ pub mod dva_flags {
     pub const NEW_HERE: u8 = 0x02;
     /// Sent by a data plane (processed traffic on its way out, or a punt), not a dispatcher.
     pub const FROM_DATAPLANE: u8 = 0x04;
+    /// The packet's L4 checksum is partial (CHECKSUM_PARTIAL: the field holds whatever the
+    /// stages left there, to be replaced by the pseudo-header sum and finished by the kernel
+    /// on the way out, or in software where the egress cannot offload). Stages that rewrite
+    /// the packet keep the flag; packets a unit builds itself never carry it.
+    pub const CSUM_PARTIAL: u8 = 0x08;
 }
 
 mod field {
@@ -376,7 +381,7 @@ impl GeneveRepr {
 /// dva's per-packet metadata on the backplane.
 ///
 /// Data layout (12 bytes): epoch u32 | bucket u16 | hops u8 | flags u8 | ingress_if u8 |
-/// egress_if u8 | 2 reserved zero bytes.
+/// egress_if u8 | gso_size u16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct DvaMeta {
     /// Bucket-table epoch the sender classified the packet with.
@@ -391,10 +396,13 @@ pub struct DvaMeta {
     pub ingress_if: u8,
     /// Dispatcher interface the packet should leave by.
     pub egress_if: u8,
+    /// Non-zero: the packet is a GSO super-packet (TCP or UDP, larger than a wire frame) to be
+    /// cut into segments of this many payload bytes on the way out.
+    pub gso_size: u16,
 }
 
 impl DvaMeta {
-    /// Reads the option data; anything but 12 bytes is `Malformed`. Reserved bytes are ignored.
+    /// Reads the option data; anything but 12 bytes is `Malformed`.
     pub fn parse(data: &[u8]) -> Result<DvaMeta> {
         if data.len() != DVA_OPTION_DATA_LEN {
             return Err(Error::Malformed);
@@ -406,6 +414,7 @@ impl DvaMeta {
             flags: data[7],
             ingress_if: data[8],
             egress_if: data[9],
+            gso_size: get_u16(data, 10),
         })
     }
 
@@ -420,8 +429,7 @@ impl DvaMeta {
         data[7] = self.flags;
         data[8] = self.ingress_if;
         data[9] = self.egress_if;
-        data[10] = 0;
-        data[11] = 0;
+        put_u16(data, 10, self.gso_size);
     }
 }
 
@@ -490,6 +498,7 @@ mod tests {
         flags: dva_flags::PUNTED,
         ingress_if: 2,
         egress_if: 3,
+        gso_size: 0,
     };
 
     // A backplane packet as tshark shows it: VNI 0x000101, IPv4 payload, dva option, then the
@@ -655,6 +664,19 @@ mod tests {
         v[10] |= OPTION_CRITICAL;
         v[1] = 0x40;
         assert_eq!(decap_dva(&v).unwrap().2, META);
+    }
+
+    #[test]
+    fn gso_size_and_offload_flags_round_trip() {
+        let m = DvaMeta {
+            gso_size: 1448,
+            flags: dva_flags::CSUM_PARTIAL | dva_flags::FROM_DATAPLANE,
+            ..META
+        };
+        let mut data = [0u8; DVA_OPTION_DATA_LEN];
+        m.emit(&mut data);
+        assert_eq!(data[10..12], 1448u16.to_be_bytes());
+        assert_eq!(DvaMeta::parse(&data), Ok(m));
     }
 
     #[test]

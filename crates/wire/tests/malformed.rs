@@ -165,6 +165,7 @@ fn fixtures() -> Vec<Vec<u8>> {
             flags: dva_flags::NEW_HERE,
             ingress_if: 1,
             egress_if: 0,
+            gso_size: 0,
         };
         let mut v = vec![0u8; DVA_HEADER_LEN + v4_syn.len()];
         geneve::encap_dva(&mut v, 0x101, geneve::PROTO_IPV4, &meta);

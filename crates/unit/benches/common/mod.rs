@@ -158,6 +158,7 @@ pub fn encap(slot: &mut [u8], ip: &[u8], bucket: u16, ingress_if: u8) -> Result<
         flags: 0,
         ingress_if,
         egress_if: 0,
+        gso_size: 0,
     };
     geneve::encap_dva(slot, 0x00d7a0, geneve::PROTO_IPV4, &meta);
     slot[DVA_HEADER_LEN..total].copy_from_slice(ip);

@@ -29,15 +29,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use dva_io::backplane::Backplane;
 use dva_io::port::{DriverChoice, Port};
-use dva_io::{FrameIo, RxMeta};
+use dva_io::{FrameIo, GsoType, RxMeta};
 use dva_proto::{DispatcherConfig, InterfaceConfig, RoleConfig};
-use dva_wire::geneve::{self, DvaMeta, DVA_HEADER_LEN};
+use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
 use dva_wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, Ipv4Packet, Ipv6Packet,
 };
 
 use crate::channel::Update;
 use crate::classify::{classify, Classified, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP};
+use crate::offload;
 use crate::reply::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 use crate::stats::{DropCounters, Every, InterfaceStats, StatsCell, UnitStats};
 use neighbor::NeighborTable;
@@ -70,7 +71,8 @@ mod drop_reason {
     pub const EXCEEDS_MTU: usize = 19;
     pub const MULTICAST: usize = 20;
     pub const ICMP_RATE_LIMITED: usize = 21;
-    pub const NAMES: [&str; 22] = [
+    pub const GSO_UNSUPPORTED: usize = 22;
+    pub const NAMES: [&str; 23] = [
         "oversize-frame",
         "malformed-ethernet",
         "not-for-us",
@@ -93,9 +95,21 @@ mod drop_reason {
         "exceeds-mtu",
         "multicast-ignored",
         "icmp-rate-limited",
+        "gso-unsupported",
     ];
 }
 use drop_reason as dr;
+
+/// Bytes of a super-packet's headers that every segment repeats (IP with extensions, TCP
+/// with options, or UDP).
+fn segment_header_len(ip: &[u8], c: &Classified) -> Option<usize> {
+    match c.key.proto {
+        PROTO_TCP => ip
+            .get(c.l4_offset + 12)
+            .map(|b| c.l4_offset + usize::from(b >> 4) * 4),
+        _ => Some(c.l4_offset + 8),
+    }
+}
 
 /// Per-interface state other than the I/O object (split so an rx callback can borrow it while the
 /// ring is borrowed).
@@ -165,6 +179,13 @@ struct Core {
     /// Frames for interface `.0` produced while that interface's ring is borrowed.
     deferred: Vec<(usize, Vec<u8>)>,
     scratch: Vec<u8>,
+    /// Segments of a super-packet being cut in software, and each with its Ethernet header.
+    segments: Vec<u8>,
+    framed: Vec<u8>,
+    /// Super-packets (GSO/GRO) received whole from the interfaces.
+    super_packets: u64,
+    /// Super-packets handed to an interface whole, for the kernel to segment.
+    super_packets_tx: u64,
     icmp_budget: TokenBucket,
     now: Instant,
     /// NAT/LB source addresses: packets to them are bucketed by port.
@@ -262,6 +283,10 @@ impl Dispatcher {
             from_dataplane: 0,
             deferred: Vec::new(),
             scratch: Vec::with_capacity(16 * 1024),
+            segments: Vec::new(),
+            framed: Vec::new(),
+            super_packets: 0,
+            super_packets_tx: 0,
             icmp_budget: TokenBucket {
                 tokens: 100.0,
                 last: now,
@@ -365,6 +390,8 @@ impl Dispatcher {
             c.events.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         counters.insert("to_dataplane".into(), c.to_dataplane);
         counters.insert("from_dataplane".into(), c.from_dataplane);
+        counters.insert("super_packets_rx".into(), c.super_packets);
+        counters.insert("super_packets_tx".into(), c.super_packets_tx);
         counters.insert("backplane_tx_dropped".into(), self.backplane.tx_dropped());
         let rs = self.backplane.ring_stats();
         counters.insert("backplane_ring_rx".into(), rs.rx);
@@ -643,7 +670,7 @@ impl Core {
             return self.drop(dr::MALFORMED_L4);
         };
         if let Some(bucket) = self.nat_bucket(dst, &c) {
-            return self.send_to_dataplane(i, ip, &c, meta.csum_not_ready, bp, Some(bucket));
+            return self.send_to_dataplane(i, ip, &c, &meta, bp, Some(bucket));
         }
         if self.is_local(dst) && !self.is_vip_traffic(dst, &c) {
             return self.on_local(i, src_mac, ip, &c);
@@ -655,7 +682,7 @@ impl Core {
             self.drop(dr::TTL_EXCEEDED);
             return self.icmp_error(i, src_mac, ip, 11, 0);
         }
-        self.send_to_dataplane(i, ip, &c, meta.csum_not_ready, bp, None);
+        self.send_to_dataplane(i, ip, &c, &meta, bp, None);
     }
 
     fn on_ipv6(
@@ -682,7 +709,7 @@ impl Core {
             }
         }
         if let Some(bucket) = self.nat_bucket(dst, &c) {
-            return self.send_to_dataplane(i, ip, &c, meta.csum_not_ready, bp, Some(bucket));
+            return self.send_to_dataplane(i, ip, &c, &meta, bp, Some(bucket));
         }
         if self.is_local(dst) && !self.is_vip_traffic(dst, &c) {
             return self.on_local(i, src_mac, ip, &c);
@@ -694,7 +721,7 @@ impl Core {
             self.drop(dr::TTL_EXCEEDED);
             return self.icmp_error(i, src_mac, ip, 3, 0);
         }
-        self.send_to_dataplane(i, ip, &c, meta.csum_not_ready, bp, None);
+        self.send_to_dataplane(i, ip, &c, &meta, bp, None);
     }
 
     /// Neighbour solicitation for one of our addresses: advertise; any NS/NA teaches us the sender.
@@ -843,32 +870,68 @@ impl Core {
     }
 
     /// Encapsulate one packet to its bucket's data plane, writing straight into the send batch.
+    /// A partial checksum stays partial and a super-packet whole (see [`crate::offload`]).
     #[inline]
     fn send_to_dataplane(
         &mut self,
         i: usize,
         ip: &[u8],
         c: &Classified,
-        csum_not_ready: bool,
+        rx: &RxMeta,
         bp: &mut Backplane,
         bucket: Option<u32>,
     ) {
         let bucket = bucket.unwrap_or_else(|| self.flow_bucket(c));
         let dst = self.bucket_dst[bucket as usize];
-        let total = DVA_HEADER_LEN + ip.len();
-        let Some(slot) = bp.tx_slot() else {
-            return self.drop(dr::BACKPLANE_TX_FULL);
-        };
-        if slot.len() < total {
-            return self.drop(dr::OVERSIZE);
-        }
-        let meta = DvaMeta {
+        let mut meta = DvaMeta {
             epoch: self.epoch,
             bucket: bucket as u16,
             hops: 0,
             flags: 0,
             ingress_if: i as u8,
             egress_if: 0,
+            gso_size: 0,
+        };
+        let offloadable = offload::offloadable(c);
+        match rx.offload.gso {
+            GsoType::None => {}
+            GsoType::TcpV4 | GsoType::TcpV6 | GsoType::UdpL4
+                if offloadable && rx.offload.gso_size > 0 =>
+            {
+                meta.gso_size = rx.offload.gso_size;
+                // Whatever the sender left in the field, it is rewritten on the way out.
+                meta.flags |= dva_flags::CSUM_PARTIAL;
+                self.super_packets += 1;
+            }
+            _ => return self.drop(dr::GSO_UNSUPPORTED),
+        }
+        let mut completed = false;
+        if rx.csum_not_ready {
+            if offloadable {
+                meta.flags |= dva_flags::CSUM_PARTIAL;
+            } else {
+                completed = true;
+            }
+        }
+        let total = DVA_HEADER_LEN + ip.len();
+        let slot = match bp.tx_slot() {
+            Some(slot) if slot.len() >= total => slot,
+            Some(_) => {
+                // A super-packet: whole into the data plane's ring, or cut here.
+                let mut scratch = std::mem::take(&mut self.segments);
+                let sent = offload::encap_send(bp, self.cfg.vni, dst, &meta, ip, &mut scratch);
+                self.segments = scratch;
+                match sent {
+                    offload::Sent::Whole => self.to_dataplane += 1,
+                    offload::Sent::Segmented(n) => {
+                        self.to_dataplane += n as u64;
+                        self.event("super_packets_segmented");
+                    }
+                    offload::Sent::Failed => self.drop(dr::OVERSIZE),
+                }
+                return;
+            }
+            None => return self.drop(dr::BACKPLANE_TX_FULL),
         };
         let ptype = if c.is_v6() {
             geneve::PROTO_IPV6
@@ -877,7 +940,7 @@ impl Core {
         };
         geneve::encap_dva(slot, self.cfg.vni, ptype, &meta);
         slot[DVA_HEADER_LEN..total].copy_from_slice(ip);
-        if csum_not_ready && reply::complete_l4_checksum(&mut slot[DVA_HEADER_LEN..total], c) {
+        if completed && reply::complete_l4_checksum(&mut slot[DVA_HEADER_LEN..total], c) {
             *self.events.entry("checksums_completed").or_insert(0) += 1;
         }
         bp.commit_slot(total, dst);
@@ -888,18 +951,18 @@ impl Core {
         if !self.dataplane_ips.contains(&src.ip()) {
             return self.drop(dr::BACKPLANE_FOREIGN);
         }
-        let Ok((vni, _ptype, _meta, off)) = geneve::decap_dva(buf) else {
+        let Ok((vni, _ptype, meta, off)) = geneve::decap_dva(buf) else {
             return self.drop(dr::MALFORMED_GENEVE);
         };
         if vni != self.cfg.vni {
             return self.drop(dr::WRONG_VNI);
         }
         self.from_dataplane += 1;
-        self.forward(&buf[off..], ports);
+        self.forward(&buf[off..], &meta, ports);
     }
 
     /// Route a processed packet out of the appliance: next hop, TTL, MAC rewrite, neighbour resolution.
-    fn forward(&mut self, ip: &[u8], ports: &mut [Port]) {
+    fn forward(&mut self, ip: &[u8], meta: &DvaMeta, ports: &mut [Port]) {
         let (dst, ttl, len, ethertype) = match ip.first().map(|b| b >> 4) {
             Some(4) => match Ipv4Packet::new_checked(ip) {
                 Ok(p) => (
@@ -931,7 +994,25 @@ impl Core {
         let Some(link) = self.links.get_mut(e) else {
             return self.drop(dr::NO_ROUTE);
         };
-        if len > link.mtu {
+        // Offload work (a partial checksum, a super-packet) needs the L4 header's place.
+        let offload = meta.gso_size > 0 || meta.flags & dva_flags::CSUM_PARTIAL != 0;
+        let c = if offload {
+            match classify(&ip[..len]) {
+                Ok(c) if offload::offloadable(&c) => Some(c),
+                _ => return self.drop(dr::MALFORMED_L4),
+            }
+        } else {
+            None
+        };
+        // A super-packet leaves as segments: each of them must fit the link.
+        let wire_len = match (&c, meta.gso_size) {
+            (Some(c), gso @ 1..) => match segment_header_len(&ip[..len], c) {
+                Some(h) => len.min(h + usize::from(gso)),
+                None => return self.drop(dr::MALFORMED_L4),
+            },
+            _ => len,
+        };
+        if wire_len > link.mtu {
             // TODO(pmtu): answer with ICMP fragmentation-needed / packet-too-big.
             return self.drop(dr::EXCEEDS_MTU);
         }
@@ -948,9 +1029,12 @@ impl Core {
         if f.len() < 60 {
             f.resize(60, 0);
         }
-        match link.neigh.lookup(&nh.addr, self.now) {
-            Some(mac) => {
-                f[0..6].copy_from_slice(&mac.0);
+        let mac = link.neigh.lookup(&nh.addr, self.now);
+        if let Some(mac) = mac {
+            f[0..6].copy_from_slice(&mac.0);
+        }
+        match (mac, c) {
+            (Some(_), None) => {
                 if ports[e].tx(f).is_ok() {
                     link.stats.tx_frames += 1;
                     link.stats.tx_bytes += f.len() as u64;
@@ -958,13 +1042,55 @@ impl Core {
                     self.drops.inc(dr::TX_RING_FULL);
                 }
             }
-            None => {
-                let (queued, probe) = link.neigh.enqueue(nh.addr, f.clone(), self.now);
-                if !queued {
-                    self.drops.inc(dr::NEIGHBOR_QUEUE_FULL);
+            (Some(_), Some(c)) => {
+                let sent = offload::tx_offloaded(
+                    &mut ports[e],
+                    f,
+                    &c,
+                    meta.gso_size,
+                    &mut self.segments,
+                    &mut self.framed,
+                );
+                match sent {
+                    Some(n) if n > 0 => {
+                        link.stats.tx_frames += n as u64;
+                        link.stats.tx_bytes += f.len() as u64;
+                        if meta.gso_size > 0 && n == 1 {
+                            self.super_packets_tx += 1;
+                        }
+                    }
+                    Some(_) => self.drops.inc(dr::TX_RING_FULL),
+                    None => self.drops.inc(dr::MALFORMED_L4),
                 }
-                if probe {
-                    self.probe(e, nh.addr, ports);
+            }
+            (None, c) => {
+                // The neighbour queue holds plain frames: finish offload work first.
+                let mut frames = Vec::new();
+                match c {
+                    None => frames.push(f.clone()),
+                    Some(c) => {
+                        let done = offload::finish_in_software(
+                            f,
+                            &c,
+                            meta.gso_size,
+                            &mut self.segments,
+                            &mut self.framed,
+                            |fr| frames.push(fr.to_vec()),
+                        );
+                        if done.is_none() {
+                            return self.drop(dr::MALFORMED_L4);
+                        }
+                    }
+                }
+                for fr in frames {
+                    let now = self.now;
+                    let (queued, probe) = self.links[e].neigh.enqueue(nh.addr, fr, now);
+                    if !queued {
+                        self.drops.inc(dr::NEIGHBOR_QUEUE_FULL);
+                    }
+                    if probe {
+                        self.probe(e, nh.addr, ports);
+                    }
                 }
             }
         }
@@ -1011,7 +1137,8 @@ impl Core {
 
     fn tick(&mut self, ports: &mut [Port]) {
         for pkt in self.health.tick(self.now) {
-            self.forward(&pkt, ports);
+            // Built here with complete checksums: no offload work.
+            self.forward(&pkt, &DvaMeta::default(), ports);
             self.event("health_probes");
         }
         for msg in self.health.take_changes() {
