@@ -100,8 +100,19 @@ struct Appliance {
 
 impl Appliance {
     fn start(spec: &Path, prefix: &str, dataplanes: u32) -> anyhow::Result<Appliance> {
+        Appliance::start_with(spec, prefix, dataplanes, &[])
+    }
+
+    /// `dva run` with extra environment for its units (`DVA_DRIVER`, ...).
+    fn start_with(
+        spec: &Path,
+        prefix: &str,
+        dataplanes: u32,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Appliance> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
+            .envs(env.iter().copied())
             .args(["run", "--prefix", prefix, "--dataplanes"])
             .arg(dataplanes.to_string())
             .arg("-f")
@@ -318,7 +329,13 @@ enum Workload {
     UdpPps,
     ConnPerSec,
     LbConnPerSec,
+    /// TCP with the lab's offloads on (a Linux host's defaults): 64 KB super-packets.
+    Tcp1Offload,
+    Tcp8Offload,
 }
+
+/// TCP with the lab's offloads on.
+const OFFLOAD_WORKLOADS: [Workload; 2] = [Workload::Tcp1Offload, Workload::Tcp8Offload];
 
 /// What runs on the firewall paths (the kernel's and dva's).
 const FIREWALL_WORKLOADS: [Workload; 4] = [
@@ -329,13 +346,20 @@ const FIREWALL_WORKLOADS: [Workload; 4] = [
 ];
 
 impl Workload {
-    const ALL: [Workload; 5] = [
+    const ALL: [Workload; 7] = [
         Workload::Tcp1,
         Workload::Tcp8,
         Workload::UdpPps,
         Workload::ConnPerSec,
         Workload::LbConnPerSec,
+        Workload::Tcp1Offload,
+        Workload::Tcp8Offload,
     ];
+
+    /// Measured with super-packets: the frame counters count those, so CPU is shown per GB.
+    fn offloaded(self) -> bool {
+        matches!(self, Workload::Tcp1Offload | Workload::Tcp8Offload)
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -344,12 +368,16 @@ impl Workload {
             Workload::UdpPps => "UDP 60-byte frames, 16 flows, received",
             Workload::ConnPerSec => "new TCP conn/s to server1 (wrk, close)",
             Workload::LbConnPerSec => "new TCP conn/s via VIP to 3 nginx (wrk)",
+            Workload::Tcp1Offload => "TCP, 1 stream, offloads on (iperf3)",
+            Workload::Tcp8Offload => "TCP, 8 streams, offloads on (iperf3)",
         }
     }
 
     fn unit(self) -> &'static str {
         match self {
-            Workload::Tcp1 | Workload::Tcp8 => "Gbit/s",
+            Workload::Tcp1 | Workload::Tcp8 | Workload::Tcp1Offload | Workload::Tcp8Offload => {
+                "Gbit/s"
+            }
             Workload::UdpPps => "kpps",
             Workload::ConnPerSec | Workload::LbConnPerSec => "conn/s",
         }
@@ -363,6 +391,8 @@ enum PathKind {
     KernelLb,
     DvaLb(u32),
     Haproxy,
+    /// dva with the AF_PACKET driver and GSO super-packets (offloads on).
+    DvaGso(u32),
 }
 
 impl PathKind {
@@ -373,6 +403,7 @@ impl PathKind {
             PathKind::KernelLb => "kernel nftables DNAT LB".into(),
             PathKind::DvaLb(n) => format!("dva web-lb, {n} DP"),
             PathKind::Haproxy => "HAProxy 2.x, TCP mode".into(),
+            PathKind::DvaGso(n) => format!("dva edge-fw, {n} DP, AF_PACKET+GSO"),
         }
     }
 
@@ -483,14 +514,12 @@ impl Bench {
         }
     }
 
-    /// The firewall workloads (iperf3 1 and 8 streams, UDP packets/s, new connections/s) on the
-    /// path that is set up now.
-    fn firewall_workloads(&mut self, path: PathKind, cpu: &PathCpu) {
+    /// iperf3 with 1 and 8 streams, client -> server1, as workloads `w`.
+    fn tcp_workloads(&mut self, w: [Workload; 2], path: PathKind, cpu: &PathCpu) {
         let client = self.lab.client_ns();
-        let server1 = self.lab.server_ns(1);
         let s1 = IpAddr::V4(Lab::server_addr(1));
         let secs = self.secs;
-        for (w, streams) in [(Workload::Tcp1, 1), (Workload::Tcp8, 8)] {
+        for (w, streams) in [(w[0], 1), (w[1], 8)] {
             self.record(w, path, cpu, || {
                 let r = apps::iperf3_client(&client, s1, IPERF_PORT, secs, streams, false, None)?;
                 Ok((
@@ -499,6 +528,16 @@ impl Bench {
                 ))
             });
         }
+    }
+
+    /// The firewall workloads (iperf3 1 and 8 streams, UDP packets/s, new connections/s) on the
+    /// path that is set up now.
+    fn firewall_workloads(&mut self, path: PathKind, cpu: &PathCpu) {
+        let client = self.lab.client_ns();
+        let server1 = self.lab.server_ns(1);
+        let s1 = IpAddr::V4(Lab::server_addr(1));
+        let secs = self.secs;
+        self.tcp_workloads([Workload::Tcp1, Workload::Tcp8], path, cpu);
         self.record(Workload::UdpPps, path, cpu, || {
             let sink = UdpSink::start(&client, UDP_PORT)?;
             let before = sink.received();
@@ -586,12 +625,25 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     match NftTable::load(&router, "inet", "dva_bench_fw", NFT_FIREWALL) {
         Ok(fw) => {
             bench.firewall_workloads(PathKind::KernelFirewall, &PathCpu::Softirq);
+            println!("  (offloads on)");
+            match bench.lab.set_offloads(true) {
+                Ok(()) => bench.tcp_workloads(
+                    [Workload::Tcp1Offload, Workload::Tcp8Offload],
+                    PathKind::KernelFirewall,
+                    &PathCpu::Softirq,
+                ),
+                Err(e) => {
+                    let e = anyhow::Error::from(e);
+                    bench.not_run(&OFFLOAD_WORKLOADS, PathKind::KernelFirewall, &e);
+                }
+            }
             drop(fw);
         }
         Err(e) => {
             println!("  FAILED: {e}");
             let e = anyhow::Error::from(e);
             bench.not_run(&FIREWALL_WORKLOADS, PathKind::KernelFirewall, &e);
+            bench.not_run(&OFFLOAD_WORKLOADS, PathKind::KernelFirewall, &e);
         }
     }
     drop(servers);
@@ -662,6 +714,41 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             }
         };
         bench.firewall_workloads(PathKind::Dva(dps), &cpu);
+        drop(app);
+        drop(servers);
+    }
+
+    // TCP with offloads on: the AF_PACKET driver reads and writes super-packets (AF_XDP
+    // cannot: XDP on a veth turns its peer's segmentation off and sees partial checksums).
+    for dps in [1u32, 2] {
+        println!(
+            "\nDVA_DRIVER=af_packet dva run -f examples/edge-firewall.yaml --dataplanes {dps}, offloads on"
+        );
+        let (lab, servers) = fresh_lab(&opts.prefix)?;
+        bench.lab = lab;
+        let started = bench
+            .lab
+            .set_offloads(true)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| {
+                Appliance::start_with(&spec, &opts.prefix, dps, &[("DVA_DRIVER", "af_packet")])
+            });
+        let app = match started {
+            Ok(a) => a,
+            Err(e) => {
+                println!("  FAILED to start: {e:#}");
+                bench.not_run(&OFFLOAD_WORKLOADS, PathKind::DvaGso(dps), &e);
+                continue;
+            }
+        };
+        let cpu = match unit_pids(&opts.prefix, "edge-fw") {
+            Ok(p) => PathCpu::Processes(p),
+            Err(e) => {
+                println!("  cannot read the units' pids ({e:#}); path CPU will read 0");
+                PathCpu::Processes(Vec::new())
+            }
+        };
+        bench.tcp_workloads(OFFLOAD_WORKLOADS, PathKind::DvaGso(dps), &cpu);
         drop(app);
         drop(servers);
     }
@@ -746,7 +833,18 @@ fn render(rows: &[Row], secs: u32, markdown: bool) -> String {
                     per_mpkt(u.path_cpu_s, u.frames),
                     per_mpkt(u.machine_cpu_s, u.frames),
                     format!("{:.0}k", u.frames as f64 / f64::from(secs) / 1e3),
-                    r.note.clone(),
+                    if w.offloaded() {
+                        // Frames here are super-packets of any size: CPU per byte compares.
+                        let gb = v * f64::from(secs) / 8.0;
+                        format!(
+                            "{}; frames are super-packets; path CPU {:.2} s/GB, machine {:.2} s/GB",
+                            r.note,
+                            u.path_cpu_s / gb.max(1e-9),
+                            u.machine_cpu_s / gb.max(1e-9)
+                        )
+                    } else {
+                        r.note.clone()
+                    },
                 ],
                 Err(e) => [
                     w.name().to_string(),

@@ -39,6 +39,8 @@ pub struct RingStats {
     /// Datagrams that went over UDP although the peer has a ring: full, or too large for it.
     pub tx_fallback: u64,
     pub doorbells: u64,
+    /// Times a full ring made us wait for its consumer (see `RING_WAIT`).
+    pub ring_waits: u64,
 }
 
 enum Outbound {
@@ -71,7 +73,7 @@ impl Rings {
     /// the first datagram to `dst` and again every [`shm::RECHECK`] while missing; mapped anew
     /// when the consumer replaced it. Returns the producer and its `dirty` flag (set it after
     /// pushing, so that `flush` publishes).
-    fn ring_to(&mut self, dst: SocketAddr) -> Option<(&mut Producer, &mut bool)> {
+    fn ring_to(&mut self, dst: SocketAddr) -> Option<(&mut Producer, &mut bool, &Path)> {
         if !self.produce {
             return None;
         }
@@ -102,12 +104,64 @@ impl Rings {
         }
         match out {
             Outbound::Ring {
-                producer, dirty, ..
-            } => Some((producer, dirty)),
+                producer,
+                dirty,
+                bell,
+            } => Some((producer, dirty, bell.as_path())),
             Outbound::Udp { .. } => None,
         }
     }
+
+    /// Push a record of `len` bytes that `fill` builds into `dst`'s ring. `None`: no ring to
+    /// `dst`; `Some(false)`: refused (too large, or still full after [`RING_WAIT`]).
+    ///
+    /// A full ring is a consumer that is behind, not one that is gone: we publish what we
+    /// have (waking it if it sleeps) and give it up to `RING_WAIT` to make room. That is
+    /// backpressure, as a kernel queue would apply; the alternative, a detour over UDP,
+    /// reorders the flow behind the ring's backlog, and a TCP sender takes reordering of
+    /// super-packets for loss.
+    fn push_or_wait(
+        &mut self,
+        dst: SocketAddr,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Option<bool> {
+        let mut deadline = None;
+        loop {
+            let (producer, dirty, _) = self.ring_to(dst)?;
+            if producer.push_with(len, &mut *fill) {
+                *dirty = true;
+                self.stats.tx += 1;
+                return Some(true);
+            }
+            if len > producer.max_len() {
+                return Some(false);
+            }
+            let now = Instant::now();
+            let until = *deadline.get_or_insert_with(|| {
+                self.stats.ring_waits += 1;
+                now + RING_WAIT
+            });
+            if now >= until {
+                return Some(false);
+            }
+            let (producer, dirty, bell) = self.ring_to(dst)?;
+            *dirty = false;
+            if producer.publish() {
+                let bell = bell.to_path_buf();
+                if let Some(s) = &self.ringer {
+                    shm::ring(s, &bell);
+                    self.stats.doorbells += 1;
+                }
+            }
+            std::thread::yield_now();
+        }
+    }
 }
+
+/// How long a producer waits for a full ring's consumer to make room (see
+/// `Rings::push_or_wait`).
+pub const RING_WAIT: std::time::Duration = std::time::Duration::from_micros(500);
 
 pub struct Backplane {
     udp: UdpEndpoint,
@@ -230,17 +284,12 @@ impl Backplane {
     /// for us and the datagram fits, else over UDP.
     pub fn commit_slot(&mut self, len: usize, dst: SocketAddr) {
         if let Some(r) = self.rings.as_mut() {
-            if let Some((producer, dirty)) = r.ring_to(dst) {
-                let pushed = self
-                    .udp
-                    .uncommitted(len)
-                    .is_some_and(|data| producer.push(data));
-                if pushed {
-                    *dirty = true;
-                    r.stats.tx += 1;
-                    return;
+            if let Some(data) = self.udp.uncommitted(len) {
+                match r.push_or_wait(dst, len, &mut |b| b.copy_from_slice(data)) {
+                    Some(true) => return,
+                    Some(false) => r.stats.tx_fallback += 1,
+                    None => {}
                 }
-                r.stats.tx_fallback += 1;
             }
         }
         self.udp.commit_slot(len, dst);
@@ -261,18 +310,15 @@ impl Backplane {
         let mut fill = Some(fill);
         let mut fallback = false;
         if let Some(r) = self.rings.as_mut() {
-            if let Some((producer, dirty)) = r.ring_to(dst) {
-                let pushed = producer.push_with(len, |b| {
-                    if let Some(fill) = fill.take() {
-                        fill(b);
-                    }
-                });
-                if pushed {
-                    *dirty = true;
-                    r.stats.tx += 1;
-                    return true;
+            let mut once = |b: &mut [u8]| {
+                if let Some(fill) = fill.take() {
+                    fill(b);
                 }
-                fallback = true;
+            };
+            match r.push_or_wait(dst, len, &mut once) {
+                Some(true) => return true,
+                Some(false) => fallback = true,
+                None => {}
             }
         }
         if len > crate::udp::MAX_DATAGRAM {

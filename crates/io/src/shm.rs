@@ -55,9 +55,10 @@ const SLOT_HEADER: usize = 4;
 /// The length that marks padding: the slots from here to the end of the slot area are unused.
 const PADDING: u32 = u32::MAX;
 
-/// Default slots per ring and slot size: 1024 slots of 2 KiB (2 MiB a ring) hold a frame of the
-/// lab's 1500-byte MTU with its GENEVE header, and several batches in flight.
-pub const DEFAULT_SLOTS: u32 = 1024;
+/// Default slots per ring and slot size: a slot of 2 KiB holds a frame of the lab's 1500-byte
+/// MTU with its GENEVE header; 4096 of them (8 MiB a ring, on tmpfs) hold a whole batch of 64
+/// GSO super-packets (33 slots each) and more in flight.
+pub const DEFAULT_SLOTS: u32 = 4096;
 pub const DEFAULT_SLOT_SIZE: u32 = 2048;
 /// How often a producer checks that the ring file it maps is still the consumer's.
 pub const RECHECK: Duration = Duration::from_millis(100);
@@ -645,7 +646,10 @@ mod tests {
         let path = d.join("r.ring");
         let mut c = Consumer::create(&path, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).expect("create");
         let mut p = Producer::open(&path).expect("open");
-        assert_eq!(p.max_len(), 512 * 1024 - SLOT_HEADER);
+        assert_eq!(
+            p.max_len(),
+            (DEFAULT_SLOTS * DEFAULT_SLOT_SIZE / 4) as usize - SLOT_HEADER
+        );
         let slot = DEFAULT_SLOT_SIZE as usize;
         let sizes = [
             1,

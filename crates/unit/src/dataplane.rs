@@ -482,6 +482,10 @@ impl Core {
             "backplane_ring_fallback".into(),
             self.tx.ring_stats().tx_fallback,
         );
+        counters.insert(
+            "backplane_ring_waits".into(),
+            self.tx.ring_stats().ring_waits,
+        );
         counters.insert("replica_flows".into(), self.replica_flows);
         if let Some(n) = &self.nat {
             let st = n.stats();

@@ -398,6 +398,7 @@ impl Dispatcher {
         counters.insert("backplane_ring_tx".into(), rs.tx);
         counters.insert("backplane_ring_fallback".into(), rs.tx_fallback);
         counters.insert("backplane_doorbells".into(), rs.doorbells);
+        counters.insert("backplane_ring_waits".into(), rs.ring_waits);
         UnitStats {
             appliance: c.cfg.appliance.clone(),
             unit: c.cfg.unit,
