@@ -1,5 +1,5 @@
-//! AF_XDP driver: an XDP program hands every frame of the interface's queue 0 to an AF_XDP
-//! socket, whose rings live in memory shared with the kernel.
+//! AF_XDP driver: an XDP program hands every frame of each of the interface's receive queues
+//! to that queue's AF_XDP socket, whose rings live in memory shared with the kernel.
 //!
 //! Memory: one UMEM (anonymous mmap) cut into `frame_size` chunks. The first `rx_frames`
 //! chunks belong to receive, the rest to transmit, and a chunk never changes sides:
@@ -22,8 +22,11 @@
 //! the lab turns those offloads off on every veth. Frames longer than a chunk minus the
 //! kernel's headroom are dropped by the kernel (counted in `rx_dropped`).
 //!
-//! Only queue 0 is bound: on a device with more receive queues, frames steered to another
-//! queue would pass to the kernel stack unseen, so `open` refuses such devices.
+//! Every receive queue gets its own socket and UMEM (a real NIC spreads flows over its
+//! queues by RSS; a frame on a queue without a socket would reach the kernel stack unseen), and
+//! the program redirects by `rx_queue_index`. One thread serves them all: `rx_batch` takes
+//! turns between the queues, `poll_fds` lists every socket, and frames are sent through the
+//! first queue's socket.
 
 use std::io;
 use std::mem::size_of;
@@ -361,11 +364,21 @@ impl Drop for Umem {
     }
 }
 
-/// A bound AF_XDP socket on queue 0 of one interface, with the XDP program that feeds it.
+/// The AF_XDP sockets of one interface, one per receive queue, with the XDP program that
+/// feeds them.
 pub struct AfXdp {
-    // Field order is drop order: detach the program, then unmap the rings, close the socket,
-    // and free the UMEM last.
+    // Field order is drop order: detach the program before the sockets go.
     program: XdpProgram,
+    xsks: Vec<Xsk>,
+    ifname: String,
+    ifindex: u32,
+    /// The socket the next receive batch starts with (turns rotate, so no queue starves).
+    next: usize,
+}
+
+/// One AF_XDP socket bound to one queue, with its own UMEM.
+struct Xsk {
+    // Field order is drop order: unmap the rings, close the socket, free the UMEM last.
     fill: Ring<u64>,
     comp: Ring<u64>,
     rx: Ring<XdpDesc>,
@@ -373,7 +386,7 @@ pub struct AfXdp {
     fd: OwnedFd,
     umem: Umem,
     ifname: String,
-    ifindex: u32,
+    queue: u32,
     frame_mask: u64,
     frame_size: usize,
     /// TX chunks neither queued nor in flight.
@@ -389,30 +402,137 @@ pub struct AfXdp {
 
 // SAFETY: the rings and the UMEM are memory owned by this value alone, reached only through
 // `&mut self` (or atomics for the indices); nothing is tied to the thread that mapped them.
-unsafe impl Send for AfXdp {}
+unsafe impl Send for Xsk {}
 // SAFETY: `&self` methods only read the socket's statistics through the fd and plain fields.
-unsafe impl Sync for AfXdp {}
+unsafe impl Sync for Xsk {}
 
 impl AfXdp {
-    /// Open an AF_XDP socket on queue 0 of `ifname` (copy mode), attach the XDP program that
-    /// redirects every frame of that queue to it, and fill the fill ring. Needs CAP_NET_ADMIN
-    /// and CAP_BPF (root). Fails if dva-io was built without clang ([`IoError::XdpNotBuilt`]),
-    /// if the device has more than one receive queue, or if the kernel refuses a step.
+    /// Open an AF_XDP socket on every receive queue of `ifname` (copy mode), attach the XDP
+    /// program that redirects every frame of a queue to its socket, and fill the fill rings.
+    /// Needs CAP_NET_ADMIN and CAP_BPF (root). Fails if dva-io was built without clang
+    /// ([`IoError::XdpNotBuilt`]), if the device has more queues than the program's map
+    /// holds, or if the kernel refuses a step.
     pub fn open(ifname: &str, cfg: &AfXdpConfig) -> Result<AfXdp, IoError> {
         cfg.validate()?;
         let ifindex = netif::ifindex(ifname)?;
         if !BUILT {
             return Err(IoError::XdpNotBuilt);
         }
-        let queues = rx_queues(ifname);
-        if queues > 1 {
+        let queues = netif::rx_queues(ifname)?;
+        if queues > crate::bpf::MAX_QUEUES {
             return Err(IoError::Xdp {
                 on: ifname.into(),
                 reason: format!(
-                    "the device has {queues} receive queues; the driver binds queue 0 only"
+                    "the device has {queues} receive queues; the XDP program serves {}",
+                    crate::bpf::MAX_QUEUES
                 ),
             });
         }
+        // Every queue gets a socket before the program is attached: a frame on a queue
+        // without one would reach the kernel stack instead (XDP_PASS), unseen.
+        let xsks = (0..queues as u32)
+            .map(|q| Xsk::open(ifname, ifindex, q, cfg))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bound: Vec<(u32, RawFd)> = xsks.iter().map(|x| (x.queue, x.fd.as_raw_fd())).collect();
+        let program = XdpProgram::attach(ifname, ifindex, &bound, &cfg.modes)?;
+        Ok(AfXdp {
+            program,
+            xsks,
+            ifname: ifname.to_string(),
+            ifindex,
+            next: 0,
+        })
+    }
+
+    /// The interface these sockets are bound to.
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    /// The kernel index of that interface.
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// How the XDP program ended up attached.
+    pub fn mode(&self) -> XdpMode {
+        self.program.mode()
+    }
+
+    /// Receive queues served (one socket each).
+    pub fn queues(&self) -> usize {
+        self.xsks.len()
+    }
+
+    /// The first queue's socket (the one that transmits), to poll(2) for readability; see
+    /// [`FrameIo::poll_fds`] for all of them.
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.xsks[0].fd.as_raw_fd()
+    }
+
+    /// Frames queued by `tx` or handed to the kernel and not yet completed.
+    pub fn tx_pending(&self) -> usize {
+        self.xsks.iter().map(Xsk::tx_pending).sum()
+    }
+
+    /// Frames received on each queue, in queue order.
+    pub fn rx_per_queue(&self) -> Vec<u64> {
+        self.xsks.iter().map(|x| x.rx_packets).collect()
+    }
+
+    /// Our counters and the kernel's XDP_STATISTICS, summed over the queues.
+    pub fn stats(&self) -> AfXdpStats {
+        let mut t = AfXdpStats::default();
+        for x in &self.xsks {
+            let s = x.stats();
+            t.rx_packets += s.rx_packets;
+            t.tx_packets += s.tx_packets;
+            t.rx_dropped += s.rx_dropped;
+            t.rx_ring_full += s.rx_ring_full;
+            t.rx_fill_ring_empty_descs += s.rx_fill_ring_empty_descs;
+            t.tx_invalid_descs += s.tx_invalid_descs;
+            t.rx_invalid_descs += s.rx_invalid_descs;
+        }
+        t
+    }
+}
+
+impl FrameIo for AfXdp {
+    fn rx_batch<F: FnMut(&[u8], RxMeta)>(&mut self, max: usize, mut f: F) -> io::Result<usize> {
+        let n = self.xsks.len();
+        let mut delivered = 0;
+        for k in 0..n {
+            if delivered >= max {
+                break;
+            }
+            let i = (self.next + k) % n;
+            delivered += self.xsks[i].rx_batch(max - delivered, &mut f)?;
+        }
+        self.next = (self.next + 1) % n;
+        Ok(delivered)
+    }
+
+    /// Transmits through the first queue's socket: which queue a frame leaves by does not
+    /// matter to the wire, and one TX pool keeps `WouldBlock` meaningful.
+    fn tx(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.xsks[0].tx(frame)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.xsks[0].flush()
+    }
+
+    fn as_raw_fd(&self) -> RawFd {
+        self.xsks[0].fd.as_raw_fd()
+    }
+
+    fn poll_fds(&self) -> Vec<RawFd> {
+        self.xsks.iter().map(|x| x.fd.as_raw_fd()).collect()
+    }
+}
+
+impl Xsk {
+    fn open(ifname: &str, ifindex: u32, queue: u32, cfg: &AfXdpConfig) -> Result<Xsk, IoError> {
         // The kernel drops longer frames (rx_dropped); better to stay on AF_PACKET than to
         // lose every full-size frame.
         let mtu = netif::mtu(ifname)? as usize;
@@ -518,7 +638,7 @@ impl AfXdp {
             family: AF_XDP as u16,
             flags: XDP_COPY | XDP_USE_NEED_WAKEUP,
             ifindex,
-            queue_id: 0,
+            queue_id: queue,
             shared_umem_fd: 0,
         };
         // SAFETY: `sxdp` is a live sockaddr_xdp and we pass its exact size.
@@ -529,12 +649,10 @@ impl AfXdp {
                 size_of::<SockaddrXdp>() as libc::socklen_t,
             )
         })
-        .map_err(err("bind AF_XDP (copy mode, queue 0)"))?;
+        .map_err(err("bind AF_XDP (copy mode)"))?;
 
-        let program = XdpProgram::attach(ifname, ifindex, 0, raw, &cfg.modes)?;
-
-        Ok(AfXdp {
-            program,
+        Ok(Xsk {
+            queue,
             fill,
             comp,
             rx,
@@ -542,7 +660,6 @@ impl AfXdp {
             fd,
             umem,
             ifname: ifname.to_string(),
-            ifindex,
             frame_mask: !(frame - 1),
             frame_size: cfg.frame_size as usize,
             tx_free,
@@ -554,33 +671,12 @@ impl AfXdp {
         })
     }
 
-    /// The interface this socket is bound to.
-    pub fn ifname(&self) -> &str {
-        &self.ifname
-    }
-
-    /// The kernel index of that interface.
-    pub fn ifindex(&self) -> u32 {
-        self.ifindex
-    }
-
-    /// How the XDP program ended up attached.
-    pub fn mode(&self) -> XdpMode {
-        self.program.mode()
-    }
-
-    /// The socket, to poll(2) for readability (same as [`FrameIo::as_raw_fd`]).
-    pub fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
-    /// Frames queued by `tx` or handed to the kernel and not yet completed.
-    pub fn tx_pending(&self) -> usize {
+    fn tx_pending(&self) -> usize {
         (self.tx_unpublished + self.tx_in_flight) as usize
     }
 
     /// Our counters and the kernel's XDP_STATISTICS. If reading those fails, they are 0.
-    pub fn stats(&self) -> AfXdpStats {
+    fn stats(&self) -> AfXdpStats {
         let mut st = XdpStatistics::default();
         let mut len = size_of::<XdpStatistics>() as libc::socklen_t;
         // SAFETY: `st` and `len` are live locals; the kernel writes at most `len` bytes.
@@ -667,8 +763,8 @@ impl AfXdp {
     }
 }
 
-impl FrameIo for AfXdp {
-    fn rx_batch<F: FnMut(&[u8], RxMeta)>(&mut self, max: usize, mut f: F) -> io::Result<usize> {
+impl Xsk {
+    fn rx_batch<F: FnMut(&[u8], RxMeta)>(&mut self, max: usize, f: &mut F) -> io::Result<usize> {
         let ready = self.rx.ready().min(u32::try_from(max).unwrap_or(u32::MAX));
         if ready == 0 {
             return Ok(0);
@@ -792,35 +888,18 @@ impl FrameIo for AfXdp {
         self.reclaim();
         result
     }
-
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
 }
 
 impl AsRawFd for AfXdp {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.xsks[0].fd.as_raw_fd()
     }
 }
 
 impl AsFd for AfXdp {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.xsks[0].fd.as_fd()
     }
-}
-
-/// Receive queues of a device as sysfs lists them (1 if that cannot be read: veth and most
-/// virtual devices have one).
-fn rx_queues(ifname: &str) -> usize {
-    std::fs::read_dir(format!("/sys/class/net/{ifname}/queues"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-                .count()
-        })
-        .unwrap_or(1)
-        .max(1)
 }
 
 #[cfg(test)]

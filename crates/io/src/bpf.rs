@@ -42,6 +42,8 @@ const PROG_SECTION: &str = "xdp";
 const MAP_SYMBOL: &str = "xsks_map";
 /// XSKMAP slots: one per receive queue the program may see.
 const XSKMAP_ENTRIES: u32 = 64;
+/// Receive queues one program (and so one interface) can serve.
+pub(crate) const MAX_QUEUES: usize = XSKMAP_ENTRIES as usize;
 
 /// How the program is attached to the interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,13 +82,13 @@ pub(crate) struct XdpProgram {
 }
 
 impl XdpProgram {
-    /// Load the program with a fresh XSKMAP in which `queue` maps to the AF_XDP socket
-    /// `xsk_fd`, and attach it to `ifindex` in the first of `modes` the kernel accepts.
+    /// Load the program with a fresh XSKMAP in which each `(queue, socket)` of `sockets` maps
+    /// the queue to its AF_XDP socket, and attach it to `ifindex` in the first of `modes` the
+    /// kernel accepts.
     pub(crate) fn attach(
         ifname: &str,
         ifindex: u32,
-        queue: u32,
-        xsk_fd: RawFd,
+        sockets: &[(u32, RawFd)],
         modes: &[XdpMode],
     ) -> Result<XdpProgram, IoError> {
         let object = XDP_OBJECT.ok_or(IoError::XdpNotBuilt)?;
@@ -96,11 +98,13 @@ impl XdpProgram {
         })?;
         let err = |call| move |e| IoError::syscall(call, ifname, e);
         let map = map_create_xskmap().map_err(err("bpf BPF_MAP_CREATE XSKMAP"))?;
-        let fd = u32::try_from(xsk_fd).map_err(|_| IoError::Xdp {
-            on: ifname.into(),
-            reason: format!("negative socket fd {xsk_fd}"),
-        })?;
-        map_update(&map, queue, fd).map_err(err("bpf BPF_MAP_UPDATE_ELEM XSKMAP"))?;
+        for &(queue, xsk_fd) in sockets {
+            let fd = u32::try_from(xsk_fd).map_err(|_| IoError::Xdp {
+                on: ifname.into(),
+                reason: format!("negative socket fd {xsk_fd}"),
+            })?;
+            map_update(&map, queue, fd).map_err(err("bpf BPF_MAP_UPDATE_ELEM XSKMAP"))?;
+        }
         let insns = prog.patched(map.as_raw_fd());
         let prog_fd = prog_load(&insns, &prog.license).map_err(|(e, log)| IoError::Xdp {
             on: ifname.into(),

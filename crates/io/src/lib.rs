@@ -99,6 +99,12 @@ pub trait FrameIo {
 
     /// File descriptor to poll(2) for readability.
     fn as_raw_fd(&self) -> RawFd;
+
+    /// Every descriptor to poll(2) for readability (a driver with a socket per receive queue
+    /// has several).
+    fn poll_fds(&self) -> Vec<RawFd> {
+        vec![self.as_raw_fd()]
+    }
 }
 
 /// What the driver knows about a received frame besides its bytes.

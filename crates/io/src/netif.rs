@@ -82,6 +82,46 @@ pub fn set_up(name: &str) -> Result<(), IoError> {
         .map_err(|e| IoError::syscall("ioctl SIOCSIFFLAGS", name, e))
 }
 
+/// `struct ethtool_channels` (linux/ethtool.h).
+#[repr(C)]
+#[derive(Default)]
+struct EthtoolChannels {
+    cmd: u32,
+    max_rx: u32,
+    max_tx: u32,
+    max_other: u32,
+    max_combined: u32,
+    rx_count: u32,
+    tx_count: u32,
+    other_count: u32,
+    combined_count: u32,
+}
+
+const ETHTOOL_GCHANNELS: u32 = 0x3c;
+const SIOCETHTOOL: libc::Ioctl = 0x8946;
+
+/// Receive queues of `name` in the calling thread's network namespace: what
+/// `ethtool -l` calls RX plus combined channels. Read through the ethtool ioctl because sysfs
+/// shows the namespace it was mounted in, not ours. A driver without channel support
+/// (EOPNOTSUPP) has one queue as far as we can tell.
+pub fn rx_queues(name: &str) -> Result<usize, IoError> {
+    let (sock, mut req) = request(name, "ioctl SIOCETHTOOL ETHTOOL_GCHANNELS")?;
+    let mut ch = EthtoolChannels {
+        cmd: ETHTOOL_GCHANNELS,
+        ..Default::default()
+    };
+    req.ifr_ifru.ifru_data = (&mut ch as *mut EthtoolChannels).cast();
+    match ioctl(&sock, SIOCETHTOOL, &mut req) {
+        Ok(()) => Ok((ch.rx_count + ch.combined_count).max(1) as usize),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(1),
+        Err(e) => Err(IoError::syscall(
+            "ioctl SIOCETHTOOL ETHTOOL_GCHANNELS",
+            name,
+            e,
+        )),
+    }
+}
+
 fn request(name: &str, call: &'static str) -> Result<(OwnedFd, libc::ifreq), IoError> {
     let ifr_name = sys::ifname_array(name)?;
     let sock = sys::socket(libc::AF_INET, libc::SOCK_DGRAM, 0)
@@ -101,7 +141,8 @@ fn query(name: &str, op: libc::Ioctl, call: &'static str) -> Result<libc::ifreq,
 
 fn ioctl(sock: &OwnedFd, op: libc::Ioctl, req: &mut libc::ifreq) -> io::Result<()> {
     // SAFETY: every SIOC[GS]IF* request we issue takes a `struct ifreq *`; `req` is a live,
-    // exclusively borrowed ifreq with a NUL-terminated name.
+    // exclusively borrowed ifreq with a NUL-terminated name (for SIOCETHTOOL, its data pointer
+    // points at a live ethtool command struct of the size that command expects).
     sys::cvt(unsafe { libc::ioctl(sock.as_raw_fd(), op, req as *mut libc::ifreq) })?;
     Ok(())
 }
@@ -117,6 +158,7 @@ mod tests {
         assert!(ifindex("lo").unwrap() >= 1);
         assert_eq!(mac_address("lo").unwrap(), [0; 6]);
         assert!(mtu("lo").unwrap() >= 1280);
+        assert_eq!(rx_queues("lo").unwrap(), 1);
     }
 
     #[test]

@@ -147,6 +147,13 @@ impl FrameIo for Port {
             Port::AfPacket(p) => p.as_raw_fd(),
         }
     }
+
+    fn poll_fds(&self) -> Vec<RawFd> {
+        match self {
+            Port::AfXdp(p) => p.poll_fds(),
+            Port::AfPacket(p) => p.poll_fds(),
+        }
+    }
 }
 
 #[cfg(test)]

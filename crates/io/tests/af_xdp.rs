@@ -209,3 +209,62 @@ fn generic_mode_and_port_choice() {
         netns::in_netns(&lab.ns_a, || Port::open(&lab.dev_a, DriverChoice::AfXdp)).unwrap();
     assert!(forced.is_err());
 }
+
+#[test]
+fn every_receive_queue_gets_a_socket() {
+    if !built() {
+        return;
+    }
+    // A 4-queue veth: the sending kernel spreads flows over its TX queues by hash, and each
+    // lands on the peer's RX queue of the same number, as RSS spreads them on a NIC.
+    let lab = VethLab::with_queues(4);
+    let mut x = open(&lab.ns_b, &lab.dev_b, &AfXdpConfig::default());
+    assert_eq!(x.queues(), 4);
+    assert_eq!(x.poll_fds().len(), 4);
+    lab.ip_in(
+        &lab.ns_a,
+        &["addr", "add", "198.18.0.1/30", "dev", &lab.dev_a],
+    );
+    lab.ip_in(
+        &lab.ns_a,
+        &[
+            "neigh",
+            "add",
+            "198.18.0.2",
+            "lladdr",
+            "02:00:00:00:00:0b",
+            "dev",
+            &lab.dev_a,
+        ],
+    );
+    const FLOWS: u16 = 64;
+    netns::in_netns(&lab.ns_a, || {
+        for i in 0..FLOWS {
+            let s = std::net::UdpSocket::bind(("198.18.0.1", 20000 + i)).unwrap();
+            s.send_to(b"which queue?", "198.18.0.2:9").unwrap();
+        }
+    })
+    .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut poller = dva_io::poll::Poller::new(&x.poll_fds());
+    let mut ports = std::collections::BTreeSet::new();
+    while ports.len() < usize::from(FLOWS) && std::time::Instant::now() < deadline {
+        x.rx_batch(64, |f, _| {
+            // IPv4, UDP, to port 9: note the source port.
+            if f.len() >= 42 && f[12..14] == [0x08, 0x00] && f[23] == 17 && f[36..38] == [0, 9] {
+                ports.insert(u16::from_be_bytes([f[34], f[35]]));
+            }
+        })
+        .unwrap();
+        poller.wait(10).unwrap();
+    }
+    assert_eq!(
+        ports.len(),
+        usize::from(FLOWS),
+        "every flow's datagram arrived"
+    );
+    let per_queue = x.rx_per_queue();
+    let used = per_queue.iter().filter(|n| **n > 0).count();
+    eprintln!("frames per queue: {per_queue:?}");
+    assert!(used >= 2, "flows spread over the queues: {per_queue:?}");
+}

@@ -37,6 +37,11 @@ impl VethLab {
     /// Namespaces `iot-<pid>-<n>-a`/`-b` with veth `va<n>` (MAC_A) in a and `vb<n>` (MAC_B) in b,
     /// both up, IPv6 address generation off, offloads off where ethtool exists.
     pub fn new() -> VethLab {
+        VethLab::with_queues(1)
+    }
+
+    /// As [`VethLab::new`], with `queues` receive and transmit queues on each end.
+    pub fn with_queues(queues: u32) -> VethLab {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
@@ -46,6 +51,7 @@ impl VethLab {
             dev_a: format!("va{n}"),
             dev_b: format!("vb{n}"),
         };
+        let q = queues.to_string();
         // The guard exists before anything is created, so a failure half-way still cleans up.
         ip(&["netns", "add", &lab.ns_a]);
         ip(&["netns", "add", &lab.ns_b]);
@@ -57,6 +63,10 @@ impl VethLab {
             &lab.ns_a,
             "address",
             "02:00:00:00:00:0a",
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
             "type",
             "veth",
             "peer",
@@ -66,6 +76,10 @@ impl VethLab {
             &lab.ns_b,
             "address",
             "02:00:00:00:00:0b",
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
         ]);
         for (ns, dev) in [(&lab.ns_a, &lab.dev_a), (&lab.ns_b, &lab.dev_b)] {
             ip(&["-n", ns, "link", "set", dev, "addrgenmode", "none"]);

@@ -314,7 +314,7 @@ impl Dispatcher {
         stats: &StatsCell,
         updates: &Receiver<Update>,
     ) -> anyhow::Result<()> {
-        let mut fds: Vec<_> = self.ports.iter().map(|p| p.as_raw_fd()).collect();
+        let mut fds: Vec<_> = self.ports.iter().flat_map(|p| p.poll_fds()).collect();
         fds.extend(self.backplane.poll_fds());
         let mut poller = dva_io::poll::Poller::new(&fds);
         let mut publish = Every::new(Duration::from_millis(100));
