@@ -19,7 +19,6 @@
 //! punts and markers between two data planes taking one path in order, so data planes keep UDP
 //! between themselves; dispatchers and data planes exchange packets over rings.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -60,7 +59,9 @@ struct Rings {
     inbound: Vec<(SocketAddr, Consumer)>,
     bell: Option<Doorbell>,
     produce: bool,
-    outbound: HashMap<SocketAddr, Outbound>,
+    /// Per destination. A few peers at most (the appliance's dispatchers or data planes), looked
+    /// up once a packet: a linear scan beats hashing the address.
+    outbound: Vec<(SocketAddr, Outbound)>,
     ringer: Option<UnixDatagram>,
     stats: RingStats,
     /// The time as of the last flush: per-packet decisions (is a ring still current, is it
@@ -78,10 +79,14 @@ impl Rings {
             return None;
         }
         let now = self.clock;
-        let out = self
-            .outbound
-            .entry(dst)
-            .or_insert(Outbound::Udp { retry: now });
+        let i = match self.outbound.iter().position(|(d, _)| *d == dst) {
+            Some(i) => i,
+            None => {
+                self.outbound.push((dst, Outbound::Udp { retry: now }));
+                self.outbound.len() - 1
+            }
+        };
+        let out = &mut self.outbound[i].1;
         if let Outbound::Ring { producer, .. } = out {
             if !producer.is_current(now) {
                 *out = Outbound::Udp { retry: now };
@@ -206,7 +211,7 @@ impl Backplane {
             inbound: Vec::new(),
             bell,
             produce,
-            outbound: HashMap::new(),
+            outbound: Vec::new(),
             ringer: if produce {
                 Some(UnixDatagram::unbound()?)
             } else {
@@ -233,7 +238,7 @@ impl Backplane {
         // its last producer does (files on tmpfs are memory).
         let me = r.me.clone();
         let dir = r.dir.clone();
-        r.outbound.retain(|dst, o| {
+        r.outbound.retain(|(dst, o)| {
             let keep = peers.contains(dst);
             if !keep && matches!(o, Outbound::Ring { .. }) {
                 let _ = std::fs::remove_file(dir.join(shm::ring_name(&dst.to_string(), &me)));
@@ -342,7 +347,7 @@ impl Backplane {
     pub fn flush(&mut self) -> io::Result<()> {
         if let Some(r) = self.rings.as_mut() {
             r.clock = Instant::now();
-            for out in r.outbound.values_mut() {
+            for (_, out) in r.outbound.iter_mut() {
                 if let Outbound::Ring {
                     producer,
                     bell,
@@ -425,8 +430,8 @@ impl Backplane {
     pub fn ring_peers(&self) -> usize {
         self.rings.as_ref().map_or(0, |r| {
             r.outbound
-                .values()
-                .filter(|o| matches!(o, Outbound::Ring { .. }))
+                .iter()
+                .filter(|(_, o)| matches!(o, Outbound::Ring { .. }))
                 .count()
         })
     }
