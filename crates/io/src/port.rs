@@ -68,7 +68,21 @@ impl fmt::Display for Opened {
 impl Port {
     /// Open `ifname` with `choice` and default driver settings.
     pub fn open(ifname: &str, choice: DriverChoice) -> Result<(Port, Opened), IoError> {
-        let xdp = || AfXdp::open(ifname, &AfXdpConfig::default()).map(Port::AfXdp);
+        Port::open_with(ifname, choice, 0)
+    }
+
+    /// As [`Port::open`], with AF_XDP busy polling of `busy_poll_us` microseconds (0: off;
+    /// see [`AfXdpConfig::busy_poll_us`]).
+    pub fn open_with(
+        ifname: &str,
+        choice: DriverChoice,
+        busy_poll_us: u32,
+    ) -> Result<(Port, Opened), IoError> {
+        let cfg = AfXdpConfig {
+            busy_poll_us,
+            ..AfXdpConfig::default()
+        };
+        let xdp = || AfXdp::open(ifname, &cfg).map(Port::AfXdp);
         let packet = || AfPacket::open(ifname, &AfPacketConfig::default()).map(Port::AfPacket);
         let (port, fallback) = match choice {
             DriverChoice::AfXdp => (xdp()?, None),

@@ -268,3 +268,24 @@ fn every_receive_queue_gets_a_socket() {
     eprintln!("frames per queue: {per_queue:?}");
     assert!(used >= 2, "flows spread over the queues: {per_queue:?}");
 }
+
+#[test]
+fn busy_polling_sockets_receive_and_send() {
+    if !built() {
+        return;
+    }
+    let lab = VethLab::new();
+    lab.disable_offloads();
+    let cfg = AfXdpConfig {
+        busy_poll_us: 20,
+        ..Default::default()
+    };
+    let mut x = open(&lab.ns_a, &lab.dev_a, &cfg);
+    let mut p = open_packet(&lab.ns_b, &lab.dev_b);
+    let back = frames(MAC_B, MAC_A, 200);
+    send_all(&mut p, &back);
+    assert_same(&collect(&mut x, back.len(), 16, WAIT), &back);
+    let out = frames(MAC_A, MAC_B, 200);
+    send_all(&mut x, &out);
+    assert_same(&collect(&mut p, out.len(), 64, WAIT), &out);
+}

@@ -99,6 +99,14 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
         Ok("auto") | Ok("shm") | Err(_) => args.control.parent().map(|p| p.to_path_buf()),
         Ok(other) => anyhow::bail!("DVA_BACKPLANE={other:?}: use auto, shm or udp"),
     };
+    // DVA_CPUS pins the data path (this thread; the control and channel threads stay free).
+    if let Some(list) = std::env::var_os(CPUS_ENV) {
+        let list = list.to_string_lossy();
+        let cpus = parse_cpus(&list).map_err(|e| anyhow::anyhow!("{CPUS_ENV}={list:?}: {e}"))?;
+        let cpu = cpus[args.id as usize % cpus.len()];
+        pin_to(cpu).with_context(|| format!("pinning unit {} to CPU {cpu}", args.id))?;
+        eprintln!("unit {}: data path pinned to CPU {cpu}", args.id);
+    }
     // Wait for a first config this unit can run; a bad one is NACKed and we keep waiting.
     while !stop.load(Ordering::Relaxed) {
         let Some(u) = next_update(&updates, &stop) else {
@@ -166,4 +174,86 @@ fn next_update(updates: &Receiver<Update>, stop: &AtomicBool) -> Option<Update> 
         }
     }
     None
+}
+
+/// Environment variable with the CPUs data paths may be pinned to ("0,1", "2-5,8"): unit `id`
+/// runs on the list's `id mod len`-th CPU. Unset: no pinning (the scheduler decides).
+pub const CPUS_ENV: &str = "DVA_CPUS";
+
+/// "0,2-4" -> [0, 2, 3, 4]. At most 1024 CPUs; empty items, reversed ranges and non-numbers
+/// are errors.
+pub fn parse_cpus(list: &str) -> Result<Vec<usize>, String> {
+    let mut cpus = Vec::new();
+    for item in list.split(',').map(str::trim) {
+        let num = |s: &str| {
+            s.parse::<usize>()
+                .ok()
+                .filter(|n| *n < 1024)
+                .ok_or_else(|| format!("{s:?} is not a CPU number (0..1023)"))
+        };
+        match item.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("range {item:?} runs backwards"));
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(num(item)?),
+        }
+    }
+    if cpus.is_empty() {
+        return Err("no CPU listed".into());
+    }
+    Ok(cpus)
+}
+
+/// Pin the calling thread to `cpu`.
+fn pin_to(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain old data (a bit array); all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit inside `set`; parse_cpus bounds cpu below 1024, the
+    // size of cpu_set_t in bits.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; `set` is a live cpu_set_t of the size we pass.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse_like_taskset_ones() {
+        assert_eq!(parse_cpus("0,1"), Ok(vec![0, 1]));
+        assert_eq!(parse_cpus("2-4, 7"), Ok(vec![2, 3, 4, 7]));
+        for bad in ["", "a", "3-1", "1,,2", "5000", "-1"] {
+            assert!(parse_cpus(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pinning_to_a_cpu_this_process_may_use_works() {
+        // CPU 0 always exists; the thread's affinity afterwards is exactly it.
+        std::thread::spawn(|| {
+            pin_to(0).expect("pin");
+            // SAFETY: as in pin_to.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: pid 0, a live cpu_set_t of the size we pass.
+            let r = unsafe {
+                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
+            };
+            assert_eq!(r, 0);
+            // SAFETY: reading bits of a live set.
+            assert!(unsafe { libc::CPU_ISSET(0, &set) });
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::CPU_COUNT(&set) }, 1);
+        })
+        .join()
+        .expect("thread");
+    }
 }

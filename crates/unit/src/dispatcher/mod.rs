@@ -209,7 +209,28 @@ fn driver_choice() -> anyhow::Result<DriverChoice> {
     }
 }
 
+/// Environment variable that turns AF_XDP busy polling on: microseconds per busy loop (0 or
+/// unset: off).
+pub const BUSY_POLL_ENV: &str = "DVA_BUSY_POLL_US";
+
+fn busy_poll_us() -> anyhow::Result<u32> {
+    match std::env::var(BUSY_POLL_ENV) {
+        Ok(v) => v
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|us| *us <= 1_000_000)
+            .ok_or_else(|| anyhow::anyhow!("{BUSY_POLL_ENV}={v:?}: microseconds, 0..=1000000")),
+        Err(std::env::VarError::NotPresent) => Ok(0),
+        Err(e) => bail!("{BUSY_POLL_ENV}: {e}"),
+    }
+}
+
+/// How long a busy-polling dispatcher keeps spinning after its last packet.
+const BUSY_IDLE: Duration = Duration::from_millis(1);
+
 pub struct Dispatcher {
+    busy_poll: bool,
     ports: Vec<Port>,
     backplane: Backplane,
     core: Core,
@@ -227,13 +248,15 @@ impl Dispatcher {
         let mut ports = Vec::new();
         let mut links = Vec::new();
         let choice = driver_choice()?;
+        let busy_poll = busy_poll_us()?;
         for ifc in &cfg.interfaces {
-            let (port, opened) = Port::open(&ifc.device, choice).with_context(|| {
-                format!(
-                    "opening interface {} (device {}, driver {choice:?})",
-                    ifc.name, ifc.device
-                )
-            })?;
+            let (port, opened) =
+                Port::open_with(&ifc.device, choice, busy_poll).with_context(|| {
+                    format!(
+                        "opening interface {} (device {}, driver {choice:?})",
+                        ifc.name, ifc.device
+                    )
+                })?;
             eprintln!(
                 "dispatcher {}: interface {} ({}): {opened}",
                 cfg.unit, ifc.name, ifc.device
@@ -301,6 +324,7 @@ impl Dispatcher {
         };
         core.configure(cfg)?;
         Ok(Dispatcher {
+            busy_poll: busy_poll > 0,
             ports,
             backplane,
             core,
@@ -319,6 +343,7 @@ impl Dispatcher {
         let mut poller = dva_io::poll::Poller::new(&fds);
         let mut publish = Every::new(Duration::from_millis(100));
         let mut timers = Every::new(Duration::from_millis(200));
+        let mut last_work = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let mut work = 0;
             self.core.now = Instant::now();
@@ -367,7 +392,13 @@ impl Dispatcher {
             if publish.due(now) {
                 stats.try_publish(self.snapshot());
             }
-            if work == 0 {
+            if work > 0 {
+                last_work = now;
+            }
+            // Busy polling keeps spinning (each empty receive runs the device's NAPI poll)
+            // until the interfaces have been quiet for a millisecond.
+            let spinning = self.busy_poll && now.duration_since(last_work) < BUSY_IDLE;
+            if work == 0 && !spinning {
                 // Idle: sleep in poll(2) until a ring or the backplane has something (or a timer
                 // is due); producers ring our doorbell only while we say we sleep.
                 if self.backplane.prepare_sleep() {
