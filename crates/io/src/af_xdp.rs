@@ -789,21 +789,27 @@ impl Xsk {
 }
 
 impl Xsk {
+    /// A zero-length receive: wakes the kernel's RX side (need-wakeup) and, with busy
+    /// polling, runs the device's NAPI poll in our context.
+    fn kick_rx(&self) {
+        // SAFETY: no buffers; the kernel reads no pointer for a zero-length receive.
+        unsafe {
+            libc::recvfrom(
+                self.fd.as_raw_fd(),
+                std::ptr::null_mut(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
     fn rx_batch<F: FnMut(&[u8], RxMeta)>(&mut self, max: usize, f: &mut F) -> io::Result<usize> {
         let mut ready = self.rx.ready();
         if ready == 0 && self.busy_poll {
             // Run the device's NAPI poll now, in our context (SO_BUSY_POLL), then look again.
-            // SAFETY: no buffers; a zero-length receive only drives the busy loop.
-            unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    0,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                )
-            };
+            self.kick_rx();
             ready = self.rx.ready();
         }
         let ready = ready.min(u32::try_from(max).unwrap_or(u32::MAX));
@@ -848,17 +854,8 @@ impl Xsk {
         self.rx.release();
         self.fill.publish();
         if self.fill.needs_wakeup() {
-            // SAFETY: no buffers; this only prods the kernel to look at the fill ring again.
-            unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    0,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                )
-            };
+            // Prod the kernel to look at the fill ring again.
+            self.kick_rx();
         }
         self.rx_packets += delivered as u64;
         Ok(delivered)

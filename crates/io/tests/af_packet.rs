@@ -133,22 +133,7 @@ fn partial_checksums_from_the_stack_are_reported() {
     let lab = VethLab::new();
     // The kernel stack in a sends UDP to b; veth keeps checksum offload on by default, so the
     // frame reaches b's ring with CHECKSUM_PARTIAL.
-    lab.ip_in(
-        &lab.ns_a,
-        &["addr", "add", "198.18.0.1/30", "dev", &lab.dev_a],
-    );
-    lab.ip_in(
-        &lab.ns_a,
-        &[
-            "neigh",
-            "add",
-            "198.18.0.2",
-            "lladdr",
-            "02:00:00:00:00:0b",
-            "dev",
-            &lab.dev_a,
-        ],
-    );
+    lab.address_a_towards_b();
     let mut rx = open(&lab.ns_b, &lab.dev_b, &AfPacketConfig::default());
     netns::in_netns(&lab.ns_a, || {
         let s = std::net::UdpSocket::bind("198.18.0.1:0").unwrap();

@@ -221,22 +221,7 @@ fn every_receive_queue_gets_a_socket() {
     let mut x = open(&lab.ns_b, &lab.dev_b, &AfXdpConfig::default());
     assert_eq!(x.queues(), 4);
     assert_eq!(x.poll_fds().len(), 4);
-    lab.ip_in(
-        &lab.ns_a,
-        &["addr", "add", "198.18.0.1/30", "dev", &lab.dev_a],
-    );
-    lab.ip_in(
-        &lab.ns_a,
-        &[
-            "neigh",
-            "add",
-            "198.18.0.2",
-            "lladdr",
-            "02:00:00:00:00:0b",
-            "dev",
-            &lab.dev_a,
-        ],
-    );
+    lab.address_a_towards_b();
     const FLOWS: u16 = 64;
     netns::in_netns(&lab.ns_a, || {
         for i in 0..FLOWS {

@@ -106,6 +106,27 @@ impl VethLab {
         ip(&["-n", &self.ns_b, "link", "set", &self.dev_b, "mtu", &mtu]);
     }
 
+    /// Give a's end 198.18.0.1/30 and a static neighbour entry for 198.18.0.2 at MAC_B, so
+    /// the kernel stack in a sends IP straight to b's end.
+    pub fn address_a_towards_b(&self) {
+        self.ip_in(
+            &self.ns_a,
+            &["addr", "add", "198.18.0.1/30", "dev", &self.dev_a],
+        );
+        self.ip_in(
+            &self.ns_a,
+            &[
+                "neigh",
+                "add",
+                "198.18.0.2",
+                "lladdr",
+                "02:00:00:00:00:0b",
+                "dev",
+                &self.dev_a,
+            ],
+        );
+    }
+
     pub fn ip_in(&self, ns: &str, args: &[&str]) {
         let mut all = vec!["-n", ns];
         all.extend_from_slice(args);
