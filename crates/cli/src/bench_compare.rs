@@ -719,7 +719,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
 
     // TCP with offloads on: the AF_PACKET driver reads and writes super-packets (AF_XDP
-    // cannot: XDP on a veth turns its peer's segmentation off and sees partial checksums).
+    // cannot: XDP on a veth turns its peer's segmentation off).
     for dps in [1u32, 2] {
         println!(
             "\nDVA_DRIVER=af_packet dva run -f examples/edge-firewall.yaml --dataplanes {dps}, offloads on"

@@ -498,6 +498,7 @@ impl AfPacket {
             truncated: hdr.tp_snaplen < hdr.tp_len,
             csum_valid: status & TP_STATUS_CSUM_VALID != 0,
             vlan_tci: (status & TP_STATUS_VLAN_VALID != 0).then_some(hdr.hv1.tp_vlan_tci as u16),
+            csum_unknown: false,
             offload: Default::default(),
         };
         if self.vnet {

@@ -16,10 +16,11 @@
 //! zero-copy support (EOPNOTSUPP), and copy mode works on every driver. The program is
 //! attached natively when the driver allows it and in generic (skb) mode otherwise.
 //!
-//! What AF_XDP does not carry: checksum status and a stripped VLAN tag. `RxMeta` therefore
-//! never says `csum_not_ready`/`csum_valid`, so a peer that leaves L4 checksums to offload
-//! (CHECKSUM_PARTIAL over veth) hands us frames with partial checksums we cannot recognise;
-//! the lab turns those offloads off on every veth. Frames longer than a chunk minus the
+//! What AF_XDP does not carry: checksum status and a stripped VLAN tag. A veth peer that
+//! leaves L4 checksums to offload (CHECKSUM_PARTIAL, the default) hands us frames with partial
+//! checksums and no mark; on a veth every frame is therefore flagged `csum_unknown`, and the
+//! dispatcher verifies and completes. (XDP on a veth also turns its peer's segmentation
+//! offloads off, so no super-packet ever reaches this driver.) Frames longer than a chunk minus the
 //! kernel's headroom are dropped by the kernel (counted in `rx_dropped`).
 //!
 //! Every receive queue gets its own socket and UMEM (a real NIC spreads flows over its
@@ -399,6 +400,8 @@ struct Xsk {
     frame_mask: u64,
     frame_size: usize,
     busy_poll: bool,
+    /// A veth: frames may carry partial checksums (see `RxMeta::csum_unknown`).
+    csum_unknown: bool,
     /// TX chunks neither queued nor in flight.
     tx_free: Vec<u64>,
     /// TX descriptors written but not yet published (published on `flush`).
@@ -687,6 +690,10 @@ impl Xsk {
             frame_mask: !(frame - 1),
             frame_size: cfg.frame_size as usize,
             busy_poll: cfg.busy_poll_us > 0,
+            // A veth peer with TX checksumming on (its default) hands XDP frames whose TCP and
+            // UDP checksums hold only the pseudo-header sum; a NIC's frames come off the wire
+            // complete.
+            csum_unknown: netif::driver(ifname).is_ok_and(|d| d == "veth"),
             tx_free,
             tx_unpublished: 0,
             tx_in_flight: 0,
@@ -837,6 +844,7 @@ impl Xsk {
                     frame,
                     RxMeta {
                         wire_len: d.len,
+                        csum_unknown: self.csum_unknown,
                         ..Default::default()
                     },
                 );

@@ -123,6 +123,10 @@ pub struct RxMeta {
     /// A VLAN tag the kernel stripped from the frame before it reached the ring
     /// (TP_STATUS_VLAN_VALID): the bytes handed to the callback no longer contain it.
     pub vlan_tci: Option<u16>,
+    /// The driver cannot tell whether the L4 checksum is complete: AF_XDP on a veth, whose
+    /// peer may have left it partial (CHECKSUM_PARTIAL) with no way to say so. The consumer
+    /// verifies TCP/UDP checksums of such frames and completes the ones that do not verify.
+    pub csum_unknown: bool,
     /// Offload state of the frame (AF_PACKET with a virtio-net header only): a GSO/GRO
     /// super-packet larger than the MTU, and where its partial checksum is.
     pub offload: Offload,

@@ -122,6 +122,42 @@ pub fn rx_queues(name: &str) -> Result<usize, IoError> {
     }
 }
 
+/// `struct ethtool_drvinfo` (linux/ethtool.h).
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    counts: [u32; 5],
+}
+
+const ETHTOOL_GDRVINFO: u32 = 0x3;
+
+/// The kernel driver behind `name` ("veth", "virtio_net", "ixgbe", ...), as `ethtool -i` shows
+/// it.
+pub fn driver(name: &str) -> Result<String, IoError> {
+    let (sock, mut req) = request(name, "ioctl SIOCETHTOOL ETHTOOL_GDRVINFO")?;
+    let mut info = EthtoolDrvinfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        erom_version: [0; 32],
+        reserved2: [0; 12],
+        counts: [0; 5],
+    };
+    req.ifr_ifru.ifru_data = (&mut info as *mut EthtoolDrvinfo).cast();
+    ioctl(&sock, SIOCETHTOOL, &mut req)
+        .map_err(|e| IoError::syscall("ioctl SIOCETHTOOL ETHTOOL_GDRVINFO", name, e))?;
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
 fn request(name: &str, call: &'static str) -> Result<(OwnedFd, libc::ifreq), IoError> {
     let ifr_name = sys::ifname_array(name)?;
     let sock = sys::socket(libc::AF_INET, libc::SOCK_DGRAM, 0)

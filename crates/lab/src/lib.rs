@@ -15,11 +15,12 @@
 //!   198.18.1.1 / 198.18.2.1 through AF_PACKET. IPv4 forwarding is off in every namespace
 //!   unless [`Lab::set_kernel_router`] turns `{P}disp1` into a plain router (the benchmark
 //!   baseline).
-//! - Offloads: TSO, GSO, GRO and TX checksumming are off on every veth end, both sides.
-//!   With them on, a veth hands AF_PACKET GSO/GRO frames larger than the MTU and TCP/UDP
-//!   checksums left partial (`TP_STATUS_CSUMNOTREADY`), which a dispatcher would forward as
-//!   oversize or corrupt frames. RX checksum offload stays on: it only marks checksums the
-//!   kernel verified. MTU is 1500 on the outside and inside segments and 9000 on the
+//! - Offloads: TSO, GSO, GRO and TX checksumming are off on every veth end, both sides, so
+//!   that every path under comparison (dva's drivers, the kernel's forwarding) moves
+//!   wire-sized frames with complete checksums. [`Lab::set_offloads`] turns them on, as a
+//!   Linux host runs: 64 KB super-packets and partial checksums, which dva handles too (see
+//!   the README's section on offloads). RX checksum offload stays on: it only marks checksums
+//!   the kernel verified. MTU is 1500 on the outside and inside segments and 9000 on the
 //!   backplane, where GENEVE adds ~60 bytes to every full-size frame.
 //! - Everything is done by running iproute2 (`ip`), `ethtool`, `sysctl` (inside the
 //!   namespace: `/proc/sys/net` shows the namespace of its reader) and procps' `kill` as
@@ -204,7 +205,8 @@ impl Lab {
     /// [`Lab::up`] leaves them (see the crate doc); on is how a Linux host runs by default:
     /// TCP crosses the lab as 64 KB super-packets with partial checksums, which the kernel
     /// router forwards whole and dva's dispatcher reads whole through AF_PACKET's virtio-net
-    /// header. AF_XDP dispatchers need them off (XDP sees partial checksums as they are).
+    /// header. AF_XDP dispatchers get wire-sized frames (XDP on a veth turns the peer's
+    /// segmentation off) with checksums they verify and complete.
     pub fn set_offloads(&self, on: bool) -> Result<(), LabError> {
         topology::offloads(&topology::Tools::find()?, self, on)
     }

@@ -22,12 +22,12 @@
 //! No service needs to see every wire frame: conntrack tracks a super-packet's sequence range
 //! as the kernel's does, and NAT/LB rewrite headers only.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use dva_io::backplane::Backplane;
 use dva_io::{FrameIo, GsoType, Offload};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
-use dva_wire::gso;
+use dva_wire::{checksum, gso};
 
 use crate::classify::{Classified, PROTO_TCP, PROTO_UDP};
 
@@ -44,6 +44,31 @@ pub enum Sent {
 /// super-packet carried whole): TCP and UDP, not fragments.
 pub fn offloadable(c: &Classified) -> bool {
     matches!(c.key.proto, PROTO_TCP | PROTO_UDP) && !c.fragment
+}
+
+/// Whether the TCP/UDP checksum of `ip` verifies (over the pseudo-header, the header and the
+/// payload). An IPv4 UDP datagram without a checksum (0) and a header too short to hold the
+/// field count as fine: they are not partial checksums, and the stages judge malformed ones.
+pub fn l4_checksum_ok(ip: &[u8], c: &Classified) -> bool {
+    let seg = &ip[c.l4_offset.min(ip.len())..c.ip_len.min(ip.len())];
+    let field = if c.key.proto == PROTO_TCP {
+        gso::TCP_CSUM_OFFSET
+    } else {
+        gso::UDP_CSUM_OFFSET
+    };
+    if seg.len() < field + 2 {
+        return true;
+    }
+    if c.key.proto == PROTO_UDP && !c.is_v6() && seg[field..field + 2] == [0, 0] {
+        return true;
+    }
+    let len = seg.len() as u32;
+    let pseudo = match (c.key.src, c.key.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => checksum::pseudo_header_v4(&s, &d, c.key.proto, len),
+        (IpAddr::V6(s), IpAddr::V6(d)) => checksum::pseudo_header_v6(&s, &d, c.key.proto, len),
+        _ => return true,
+    };
+    checksum::fold(pseudo + checksum::sum(seg)) == 0
 }
 
 /// Encapsulate `ip` with `meta` to `dst`: into the UDP batch when it fits a slot, whole into
@@ -209,7 +234,6 @@ mod tests {
     use super::*;
     use crate::classify::classify;
     use dva_io::memory::MemoryIo;
-    use dva_wire::checksum;
 
     /// Ethernet + IPv4 + TCP (20 B) + `payload` bytes, checksum field garbage (as a partial
     /// checksum after NAT rewrote the addresses would be).
@@ -279,6 +303,21 @@ mod tests {
         );
         let frames = port.take_tx();
         assert!(tcp_checksum_ok(&frames[0][14..]));
+    }
+
+    #[test]
+    fn partial_checksums_fail_verification_complete_ones_pass() {
+        let mut f = super_frame(500, 0x18);
+        let c = classify(&f[14..]).expect("classify");
+        prepare_partial(&mut f[14..], &c).expect("partial");
+        assert!(
+            !l4_checksum_ok(&f[14..], &c),
+            "a partial checksum is not a complete one"
+        );
+        gso::complete_checksum(&mut f[14..], c.l4_offset, c.key.proto).expect("complete");
+        assert!(l4_checksum_ok(&f[14..], &c));
+        f[60] ^= 1;
+        assert!(!l4_checksum_ok(&f[14..], &c), "one flipped bit");
     }
 
     #[test]

@@ -938,7 +938,13 @@ impl Core {
             _ => return self.drop(dr::GSO_UNSUPPORTED),
         }
         let mut completed = false;
-        if rx.csum_not_ready {
+        let mut csum_not_ready = rx.csum_not_ready;
+        if rx.csum_unknown && offloadable && !offload::l4_checksum_ok(ip, c) {
+            // A veth peer left it partial and AF_XDP could not say so: finish it on the way out.
+            csum_not_ready = true;
+            *self.events.entry("partial_checksums_found").or_insert(0) += 1;
+        }
+        if csum_not_ready {
             if offloadable {
                 meta.flags |= dva_flags::CSUM_PARTIAL;
             } else {
