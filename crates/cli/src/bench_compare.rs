@@ -393,6 +393,9 @@ enum PathKind {
     Haproxy,
     /// dva with the AF_PACKET driver and GSO super-packets (offloads on).
     DvaGso(u32),
+    /// dva with the default driver (AF_XDP) and the lab's offloads on: wire-sized frames, the
+    /// peers' partial checksums completed by the dispatcher.
+    DvaXdpOffload(u32),
 }
 
 impl PathKind {
@@ -404,6 +407,7 @@ impl PathKind {
             PathKind::DvaLb(n) => format!("dva web-lb, {n} DP"),
             PathKind::Haproxy => "HAProxy 2.x, TCP mode".into(),
             PathKind::DvaGso(n) => format!("dva edge-fw, {n} DP, AF_PACKET+GSO"),
+            PathKind::DvaXdpOffload(n) => format!("dva edge-fw, {n} DP, AF_XDP"),
         }
     }
 
@@ -753,6 +757,41 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         drop(servers);
     }
 
+    // The default driver in the same setting: AF_XDP on veths whose peers keep offloads on.
+    {
+        let dps = 1;
+        println!(
+            "\ndva run -f examples/edge-firewall.yaml --dataplanes {dps} (AF_XDP), offloads on"
+        );
+        let (lab, servers) = fresh_lab(&opts.prefix)?;
+        bench.lab = lab;
+        let started = bench
+            .lab
+            .set_offloads(true)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| {
+                Appliance::start_with(&spec, &opts.prefix, dps, &[("DVA_DRIVER", "af_xdp")])
+            });
+        match started {
+            Ok(app) => {
+                let cpu = match unit_pids(&opts.prefix, "edge-fw") {
+                    Ok(p) => PathCpu::Processes(p),
+                    Err(e) => {
+                        println!("  cannot read the units' pids ({e:#}); path CPU will read 0");
+                        PathCpu::Processes(Vec::new())
+                    }
+                };
+                bench.tcp_workloads(OFFLOAD_WORKLOADS, PathKind::DvaXdpOffload(dps), &cpu);
+                drop(app);
+            }
+            Err(e) => {
+                println!("  FAILED to start: {e:#}");
+                bench.not_run(&OFFLOAD_WORKLOADS, PathKind::DvaXdpOffload(dps), &e);
+            }
+        }
+        drop(servers);
+    }
+
     // dva as the load balancer: the web-lb example (firewall -> LB, full NAT, health checks) in
     // front of the same three nginx.
     let lb_spec = spec_path("web-lb.yaml")?;
@@ -836,8 +875,13 @@ fn render(rows: &[Row], secs: u32, markdown: bool) -> String {
                     if w.offloaded() {
                         // Frames here are super-packets of any size: CPU per byte compares.
                         let gb = v * f64::from(secs) / 8.0;
+                        let frames = if matches!(r.path, PathKind::DvaXdpOffload(_)) {
+                            "wire-sized frames"
+                        } else {
+                            "frames are super-packets"
+                        };
                         format!(
-                            "{}; frames are super-packets; path CPU {:.2} s/GB, machine {:.2} s/GB",
+                            "{}; {frames}; path CPU {:.2} s/GB, machine {:.2} s/GB",
                             r.note,
                             u.path_cpu_s / gb.max(1e-9),
                             u.machine_cpu_s / gb.max(1e-9)
