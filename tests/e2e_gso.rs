@@ -33,6 +33,19 @@ fn counter(stats: &[dva_unit::UnitStats], role: &str, name: &str) -> u64 {
         .sum()
 }
 
+/// Units publish their counters every 100 ms: read until `name` of `role` exceeds `min`, for at
+/// most 3 s, and return the last reading.
+fn settled(m: &MgmtGuard, app: &str, role: &str, name: &str, min: u64) -> Vec<dva_unit::UnitStats> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let stats = m.unit_stats(app);
+        if counter(&stats, role, name) > min || std::time::Instant::now() > deadline {
+            return stats;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn drops(stats: &[dva_unit::UnitStats], reason: &str) -> u64 {
     stats
         .iter()
@@ -84,7 +97,11 @@ fn super_packets_cross_firewall_and_nat_whole_and_arrive_intact() {
         None,
     )
     .expect("iperf3 over IPv6 through NAT66");
-    let after = counter(&m.unit_stats("nat-gw"), "dispatcher", "super_packets_tx");
+    let after = counter(
+        &settled(&m, "nat-gw", "dispatcher", "super_packets_tx", before + 100),
+        "dispatcher",
+        "super_packets_tx",
+    );
     eprintln!(
         "IPv6 through NAT66: {} MB received, {} super-packets",
         r.received_bytes / 1_000_000,
@@ -111,7 +128,7 @@ fn super_packets_cross_firewall_and_nat_whole_and_arrive_intact() {
     m.wait_ready("nat-gw", 1);
     let results = streams.join().expect("streams");
     let broken: Vec<_> = results.iter().filter(|r| !r.intact()).collect();
-    let stats = m.unit_stats("nat-gw");
+    let stats = settled(&m, "nat-gw", "dispatcher", "super_packets_tx", after + 100);
     assert!(
         broken.is_empty(),
         "{} of 8 streams broken: {broken:?}\nunits:\n{}",
@@ -171,7 +188,7 @@ fn the_load_balancer_rewrites_super_packets_both_ways() {
             got.len()
         );
     }
-    let stats = m.unit_stats("web-lb");
+    let stats = settled(&m, "web-lb", "dispatcher", "super_packets_tx", 20);
     let (rx, tx) = (
         counter(&stats, "dispatcher", "super_packets_rx"),
         counter(&stats, "dispatcher", "super_packets_tx"),
@@ -211,7 +228,7 @@ fn af_xdp_completes_the_checksums_veth_peers_leave_partial() {
             got.len()
         );
     }
-    let stats = m.unit_stats("nat-gw");
+    let stats = settled(&m, "nat-gw", "dispatcher", "partial_checksums_found", 0);
     let found = counter(&stats, "dispatcher", "partial_checksums_found");
     eprintln!("dispatcher: {found} partial checksums found and completed");
     assert!(
