@@ -34,7 +34,8 @@ use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
 use crate::channel::Update;
 use crate::classify::{classify, Classified, PROTO_TCP};
 use crate::handover::{
-    self, Flows, Handover, HOLD_LIMIT, HOLD_MAX_PACKETS, MAX_RESENDS, PROTO_HANDOVER, RESEND_AFTER,
+    self, Flows, Handover, HOLD_LIMIT, HOLD_MAX_BYTES, HOLD_MAX_PACKETS, MAX_RESENDS,
+    PROTO_HANDOVER, RESEND_AFTER,
 };
 use crate::offload;
 use crate::reply;
@@ -122,6 +123,8 @@ struct Core {
     // ...and as the receiving owner.
     holds: HashMap<u16, Instant>,
     held: VecDeque<(u16, Vec<u8>, SocketAddr)>,
+    /// Bytes in `held` (super-packets make the packet count a poor bound on memory).
+    held_bytes: usize,
     /// Count flows again right away (the last exported bucket just left).
     census_due: bool,
     /// Connections held only as a backup's copies (at the last census).
@@ -246,6 +249,7 @@ impl Dataplane {
                 export_pending: BTreeMap::new(),
                 holds: HashMap::new(),
                 held: VecDeque::new(),
+                held_bytes: 0,
                 census_due: false,
                 replica_flows: 0,
                 nat,
@@ -830,6 +834,7 @@ impl Core {
             .into_iter()
             .partition(|(b, _, _)| *b == bucket);
         self.held = rest;
+        self.held_bytes = self.held.iter().map(|(_, b, _)| b.len()).sum();
         for (_, buf, src) in mine {
             self.event("held_packets_released");
             self.handle(&buf, src, false);
@@ -879,10 +884,15 @@ impl Core {
         } else {
             table.bucket_of(c.bucket_key().symmetric_hash())
         };
-        if may_hold && self.holds.contains_key(&bucket) && self.held.len() < HOLD_MAX_PACKETS {
+        if may_hold
+            && self.holds.contains_key(&bucket)
+            && self.held.len() < HOLD_MAX_PACKETS
+            && self.held_bytes + buf.len() <= HOLD_MAX_BYTES
+        {
             // Its state is arriving from the previous owner: keep the packet until that owner
             // has processed everything we punted to it before (see `handover`).
             self.held.push_back((bucket, buf.to_vec(), src));
+            self.held_bytes += buf.len();
             return;
         }
         let history_len = table.bucket(bucket).history.len();

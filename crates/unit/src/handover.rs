@@ -29,6 +29,8 @@ pub const PROTO_HANDOVER: u16 = 0x88b5;
 pub const HOLD_LIMIT: Duration = Duration::from_millis(250);
 /// Packets held per data plane at most (beyond that they are processed at once).
 pub const HOLD_MAX_PACKETS: usize = 16_384;
+/// Bytes held per data plane at most: 16 384 wire frames, or a few hundred super-packets.
+pub const HOLD_MAX_BYTES: usize = 32 << 20;
 /// The state of a bucket is sent again if no marker came back within this long.
 pub const RESEND_AFTER: Duration = Duration::from_millis(300);
 pub const MAX_RESENDS: u32 = 10;
