@@ -100,7 +100,7 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
         Ok(other) => anyhow::bail!("DVA_BACKPLANE={other:?}: use auto, shm or udp"),
     };
     // DVA_CPUS pins the data path (this thread; the control and channel threads stay free).
-    if let Some(list) = std::env::var_os(CPUS_ENV) {
+    if let Some(list) = std::env::var_os(CPUS_ENV).filter(|v| !v.is_empty()) {
         let list = list.to_string_lossy();
         let cpus = parse_cpus(&list).map_err(|e| anyhow::anyhow!("{CPUS_ENV}={list:?}: {e}"))?;
         let cpu = cpus[args.id as usize % cpus.len()];
@@ -177,7 +177,7 @@ fn next_update(updates: &Receiver<Update>, stop: &AtomicBool) -> Option<Update> 
 }
 
 /// Environment variable with the CPUs data paths may be pinned to ("0,1", "2-5,8"): unit `id`
-/// runs on the list's `id mod len`-th CPU. Unset: no pinning (the scheduler decides).
+/// runs on the list's `id mod len`-th CPU. Unset or empty: no pinning (the scheduler decides).
 pub const CPUS_ENV: &str = "DVA_CPUS";
 
 /// "0,2-4" -> [0, 2, 3, 4]. At most 1024 CPUs; empty items, reversed ranges and non-numbers
