@@ -6,9 +6,10 @@
 //! - A unit that *consumes* rings ([`Backplane::accept_rings_from`]) creates one ring per peer
 //!   it expects datagrams from, in the ring directory (the appliance's run directory, on tmpfs),
 //!   and a doorbell socket there. `recv_batch` drains its rings first, then the UDP socket.
-//! - A unit that *produces* ([`Backplane::produce_rings`]) looks for the ring a destination made
-//!   for it when it first sends there (and again now and then); found, datagrams go into it
-//!   (a large one over several slots), over UDP when it is full. `commit_slot` copies the
+//! - A unit that *produces* (`produce` in [`Backplane::enable_rings`]) looks for the ring a
+//!   destination made for it when it first sends there (and again now and then); found,
+//!   datagrams go into it (a large one over several slots). A full ring makes the producer wait
+//!   up to [`RING_WAIT`] for its consumer before a datagram detours over UDP. `commit_slot` copies the
 //!   datagram built in the UDP batch buffer into the ring, so callers build datagrams exactly as
 //!   for UDP. [`Backplane::send_large`] builds a datagram in place instead, in the ring or the
 //!   UDP buffer: TCP GSO super-packets (up to 64 KiB and a GENEVE header), which only rings
