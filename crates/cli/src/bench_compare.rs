@@ -99,10 +99,6 @@ struct Appliance {
 }
 
 impl Appliance {
-    fn start(spec: &Path, prefix: &str, dataplanes: u32) -> anyhow::Result<Appliance> {
-        Appliance::start_with(spec, prefix, dataplanes, &[])
-    }
-
     /// `dva run` with extra environment for its units (`DVA_DRIVER`, ...).
     fn start_with(
         spec: &Path,
@@ -700,26 +696,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
     for dps in [1u32, 2] {
         println!("\ndva run -f examples/edge-firewall.yaml --dataplanes {dps}");
-        let (lab, servers) = fresh_lab(&opts.prefix)?;
-        bench.lab = lab;
-        let app = match Appliance::start(&spec, &opts.prefix, dps) {
-            Ok(a) => a,
-            Err(e) => {
-                println!("  FAILED to start: {e:#}");
-                bench.not_run(&FIREWALL_WORKLOADS, PathKind::Dva(dps), &e);
-                continue;
-            }
-        };
-        let cpu = match unit_pids(&opts.prefix, "edge-fw") {
-            Ok(p) => PathCpu::Processes(p),
-            Err(e) => {
-                println!("  cannot read the units' pids ({e:#}); path CPU will read 0");
-                PathCpu::Processes(Vec::new())
-            }
-        };
-        bench.firewall_workloads(PathKind::Dva(dps), &cpu);
-        drop(app);
-        drop(servers);
+        let path = PathKind::Dva(dps);
+        dva_path(
+            &mut bench,
+            opts,
+            &spec,
+            "edge-fw",
+            dps,
+            false,
+            &[],
+            path,
+            &FIREWALL_WORKLOADS,
+            |b, cpu| b.firewall_workloads(path, cpu),
+        )?;
     }
 
     // TCP with offloads on: the AF_PACKET driver reads and writes super-packets (AF_XDP
@@ -728,99 +717,63 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         println!(
             "\nDVA_DRIVER=af_packet dva run -f examples/edge-firewall.yaml --dataplanes {dps}, offloads on"
         );
-        let (lab, servers) = fresh_lab(&opts.prefix)?;
-        bench.lab = lab;
-        let started = bench
-            .lab
-            .set_offloads(true)
-            .map_err(anyhow::Error::from)
-            .and_then(|()| {
-                Appliance::start_with(&spec, &opts.prefix, dps, &[("DVA_DRIVER", "af_packet")])
-            });
-        let app = match started {
-            Ok(a) => a,
-            Err(e) => {
-                println!("  FAILED to start: {e:#}");
-                bench.not_run(&OFFLOAD_WORKLOADS, PathKind::DvaGso(dps), &e);
-                continue;
-            }
-        };
-        let cpu = match unit_pids(&opts.prefix, "edge-fw") {
-            Ok(p) => PathCpu::Processes(p),
-            Err(e) => {
-                println!("  cannot read the units' pids ({e:#}); path CPU will read 0");
-                PathCpu::Processes(Vec::new())
-            }
-        };
-        bench.tcp_workloads(OFFLOAD_WORKLOADS, PathKind::DvaGso(dps), &cpu);
-        drop(app);
-        drop(servers);
+        let path = PathKind::DvaGso(dps);
+        let env = [("DVA_DRIVER", "af_packet")];
+        dva_path(
+            &mut bench,
+            opts,
+            &spec,
+            "edge-fw",
+            dps,
+            true,
+            &env,
+            path,
+            &OFFLOAD_WORKLOADS,
+            |b, cpu| b.tcp_workloads(OFFLOAD_WORKLOADS, path, cpu),
+        )?;
     }
 
     // The default driver in the same setting: AF_XDP on veths whose peers keep offloads on.
-    {
-        let dps = 1;
-        println!(
-            "\ndva run -f examples/edge-firewall.yaml --dataplanes {dps} (AF_XDP), offloads on"
-        );
-        let (lab, servers) = fresh_lab(&opts.prefix)?;
-        bench.lab = lab;
-        let started = bench
-            .lab
-            .set_offloads(true)
-            .map_err(anyhow::Error::from)
-            .and_then(|()| {
-                Appliance::start_with(&spec, &opts.prefix, dps, &[("DVA_DRIVER", "af_xdp")])
-            });
-        match started {
-            Ok(app) => {
-                let cpu = match unit_pids(&opts.prefix, "edge-fw") {
-                    Ok(p) => PathCpu::Processes(p),
-                    Err(e) => {
-                        println!("  cannot read the units' pids ({e:#}); path CPU will read 0");
-                        PathCpu::Processes(Vec::new())
-                    }
-                };
-                bench.tcp_workloads(OFFLOAD_WORKLOADS, PathKind::DvaXdpOffload(dps), &cpu);
-                drop(app);
-            }
-            Err(e) => {
-                println!("  FAILED to start: {e:#}");
-                bench.not_run(&OFFLOAD_WORKLOADS, PathKind::DvaXdpOffload(dps), &e);
-            }
-        }
-        drop(servers);
-    }
+    println!("\ndva run -f examples/edge-firewall.yaml --dataplanes 1 (AF_XDP), offloads on");
+    let path = PathKind::DvaXdpOffload(1);
+    let env = [("DVA_DRIVER", "af_xdp")];
+    dva_path(
+        &mut bench,
+        opts,
+        &spec,
+        "edge-fw",
+        1,
+        true,
+        &env,
+        path,
+        &OFFLOAD_WORKLOADS,
+        |b, cpu| b.tcp_workloads(OFFLOAD_WORKLOADS, path, cpu),
+    )?;
 
     // dva as the load balancer: the web-lb example (firewall -> LB, full NAT, health checks) in
     // front of the same three nginx.
     let lb_spec = spec_path("web-lb.yaml")?;
     for dps in [1u32, 2] {
         println!("\ndva run -f examples/web-lb.yaml --dataplanes {dps}");
-        let (lab, servers) = fresh_lab(&opts.prefix)?;
-        bench.lab = lab;
-        let app = match Appliance::start(&lb_spec, &opts.prefix, dps) {
-            Ok(a) => a,
-            Err(e) => {
-                println!("  FAILED to start: {e:#}");
-                bench.not_run(&[Workload::LbConnPerSec], PathKind::DvaLb(dps), &e);
-                continue;
-            }
-        };
-        let cpu = match unit_pids(&opts.prefix, "web-lb") {
-            Ok(p) => PathCpu::Processes(p),
-            Err(e) => {
-                println!("  cannot read the units' pids ({e:#}); path CPU will read 0");
-                PathCpu::Processes(Vec::new())
-            }
-        };
-        let client = bench.lab.client_ns();
-        let url = format!("http://{VIP}/");
-        bench.record(Workload::LbConnPerSec, PathKind::DvaLb(dps), &cpu, || {
-            wrk_close(&client, &url, opts.secs)
-        });
-        drop(app);
-        drop(servers);
+        let path = PathKind::DvaLb(dps);
+        dva_path(
+            &mut bench,
+            opts,
+            &lb_spec,
+            "web-lb",
+            dps,
+            false,
+            &[],
+            path,
+            &[Workload::LbConnPerSec],
+            |b, cpu| {
+                let client = b.lab.client_ns();
+                let url = format!("http://{VIP}/");
+                b.record(Workload::LbConnPerSec, path, cpu, || {
+                    wrk_close(&client, &url, opts.secs)
+                });
+            },
+        )?;
     }
 
     let table = render(&bench.rows, opts.secs, false);
@@ -832,6 +785,51 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if failed > 0 {
         bail!("{failed} measurement(s) failed (see the table)");
     }
+    Ok(())
+}
+
+/// One dva path: a fresh lab (its offloads on if asked), `dva run` of `spec` with `env` for its
+/// units, then `measure` with the units' CPU as the path's. A path that does not start becomes
+/// "not run" rows for `workloads`; only a lab that cannot be built stops the bench.
+#[allow(clippy::too_many_arguments)]
+fn dva_path(
+    bench: &mut Bench,
+    opts: &Options,
+    spec: &Path,
+    appliance: &str,
+    dps: u32,
+    offloads: bool,
+    env: &[(&str, &str)],
+    path: PathKind,
+    workloads: &[Workload],
+    measure: impl FnOnce(&mut Bench, &PathCpu),
+) -> anyhow::Result<()> {
+    let (lab, servers) = fresh_lab(&opts.prefix)?;
+    bench.lab = lab;
+    let started = if offloads {
+        bench.lab.set_offloads(true).map_err(anyhow::Error::from)
+    } else {
+        Ok(())
+    }
+    .and_then(|()| Appliance::start_with(spec, &opts.prefix, dps, env));
+    let app = match started {
+        Ok(a) => a,
+        Err(e) => {
+            println!("  FAILED to start: {e:#}");
+            bench.not_run(workloads, path, &e);
+            return Ok(());
+        }
+    };
+    let cpu = match unit_pids(&opts.prefix, appliance) {
+        Ok(p) => PathCpu::Processes(p),
+        Err(e) => {
+            println!("  cannot read the units' pids ({e:#}); path CPU will read 0");
+            PathCpu::Processes(Vec::new())
+        }
+    };
+    measure(bench, &cpu);
+    drop(app);
+    drop(servers);
     Ok(())
 }
 

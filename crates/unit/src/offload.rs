@@ -27,7 +27,7 @@ use std::net::{IpAddr, SocketAddr};
 use dva_io::backplane::Backplane;
 use dva_io::{FrameIo, GsoType, Offload};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
-use dva_wire::{checksum, gso};
+use dva_wire::{gso, TcpPacket, UdpPacket};
 
 use crate::classify::{Classified, PROTO_TCP, PROTO_UDP};
 
@@ -46,29 +46,26 @@ pub fn offloadable(c: &Classified) -> bool {
     matches!(c.key.proto, PROTO_TCP | PROTO_UDP) && !c.fragment
 }
 
-/// Whether the TCP/UDP checksum of `ip` verifies (over the pseudo-header, the header and the
-/// payload). An IPv4 UDP datagram without a checksum (0) and a header too short to hold the
-/// field count as fine: they are not partial checksums, and the stages judge malformed ones.
+/// Whether the TCP/UDP checksum of `ip` verifies (the wire views' own check). A transport
+/// header that does not parse counts as fine: it is no partial checksum, and the stages judge
+/// malformed packets.
 pub fn l4_checksum_ok(ip: &[u8], c: &Classified) -> bool {
     let seg = &ip[c.l4_offset.min(ip.len())..c.ip_len.min(ip.len())];
-    let field = if c.key.proto == PROTO_TCP {
-        gso::TCP_CSUM_OFFSET
-    } else {
-        gso::UDP_CSUM_OFFSET
-    };
-    if seg.len() < field + 2 {
-        return true;
+    match (c.key.proto, c.key.src, c.key.dst) {
+        (PROTO_TCP, IpAddr::V4(s), IpAddr::V4(d)) => {
+            TcpPacket::new_checked(seg).map_or(true, |t| t.verify_checksum_v4(&s, &d))
+        }
+        (PROTO_TCP, IpAddr::V6(s), IpAddr::V6(d)) => {
+            TcpPacket::new_checked(seg).map_or(true, |t| t.verify_checksum_v6(&s, &d))
+        }
+        (PROTO_UDP, IpAddr::V4(s), IpAddr::V4(d)) => {
+            UdpPacket::new_checked(seg).map_or(true, |u| u.verify_checksum_v4(&s, &d))
+        }
+        (PROTO_UDP, IpAddr::V6(s), IpAddr::V6(d)) => {
+            UdpPacket::new_checked(seg).map_or(true, |u| u.verify_checksum_v6(&s, &d))
+        }
+        _ => true,
     }
-    if c.key.proto == PROTO_UDP && !c.is_v6() && seg[field..field + 2] == [0, 0] {
-        return true;
-    }
-    let len = seg.len() as u32;
-    let pseudo = match (c.key.src, c.key.dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => checksum::pseudo_header_v4(&s, &d, c.key.proto, len),
-        (IpAddr::V6(s), IpAddr::V6(d)) => checksum::pseudo_header_v6(&s, &d, c.key.proto, len),
-        _ => return true,
-    };
-    checksum::fold(pseudo + checksum::sum(seg)) == 0
 }
 
 /// Encapsulate `ip` with `meta` to `dst`: into the UDP batch when it fits a slot, whole into
@@ -234,6 +231,7 @@ mod tests {
     use super::*;
     use crate::classify::classify;
     use dva_io::memory::MemoryIo;
+    use dva_wire::checksum;
 
     /// Ethernet + IPv4 + TCP (20 B) + `payload` bytes, checksum field garbage (as a partial
     /// checksum after NAT rewrote the addresses would be).

@@ -257,37 +257,25 @@ pub fn ndisc(
 }
 
 /// Recompute a TCP/UDP/ICMPv6 checksum over the whole packet: the kernel left it partial
-/// (TP_STATUS_CSUMNOTREADY) because the sender's interface offloads checksumming.
+/// (TP_STATUS_CSUMNOTREADY) because the sender's interface offloads checksumming. TCP and UDP
+/// are `dva_wire::gso::complete_checksum`'s job (the offload path's); ICMPv6 is done here.
 pub fn complete_l4_checksum(ip: &mut [u8], c: &Classified) -> bool {
     let (off, end) = (c.l4_offset, c.ip_len.min(ip.len()));
-    let field = match c.key.proto {
-        PROTO_TCP => 16,
-        crate::classify::PROTO_UDP => 6,
-        PROTO_ICMPV6 => 2,
-        _ => return false,
-    };
-    if c.fragment || end < off + field + 2 {
+    if c.fragment {
         return false;
     }
-    ip[off + field..off + field + 2].copy_from_slice(&[0, 0]);
-    let seg = &ip[off..end];
-    let ck = match (c.key.src, c.key.dst) {
-        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
-            l4_checksum_v4(seg, s, d, c.key.proto)
+    match (c.key.proto, c.key.src, c.key.dst) {
+        (PROTO_TCP | crate::classify::PROTO_UDP, _, _) => {
+            dva_wire::gso::complete_checksum(&mut ip[..end], off, c.key.proto).is_ok()
         }
-        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
-            l4_checksum_v6(seg, s, d, c.key.proto)
+        (PROTO_ICMPV6, std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) if end >= off + 4 => {
+            ip[off + 2..off + 4].copy_from_slice(&[0, 0]);
+            let ck = l4_checksum_v6(&ip[off..end], s, d, PROTO_ICMPV6);
+            ip[off + 2..off + 4].copy_from_slice(&ck.to_be_bytes());
+            true
         }
-        _ => return false,
-    };
-    // UDP sends a computed 0 as all ones (RFC 768).
-    let ck = if ck == 0 && c.key.proto == crate::classify::PROTO_UDP {
-        0xffff
-    } else {
-        ck
-    };
-    ip[off + field..off + field + 2].copy_from_slice(&ck.to_be_bytes());
-    true
+        _ => false,
+    }
 }
 
 /// A TCP segment from `src:sport` to `dst:dport` (no options), with its IP header, appended to
