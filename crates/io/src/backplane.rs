@@ -16,6 +16,12 @@
 //!   carry whole; the caller segments what it refuses.
 //! - A ring is between one producer and one consumer: the file name carries both addresses.
 //!
+//! - Over UDP every datagram is authenticated ([`crate::seal`]) once the unit has its keys
+//!   ([`Backplane::set_auth`]): `commit_slot`, `send_to` and `send_large` seal what goes out,
+//!   `recv_batch` opens what comes in and delivers only what verified, with the unit that sent
+//!   it ([`Origin`]). A ring names its producer itself (the consumer made it for that peer, in
+//!   a directory only the appliance's user can enter).
+//!
 //! Only the roles decide which peers use rings. The data planes' handover protocol relies on
 //! punts and markers between two data planes taking one path in order, so data planes keep UDP
 //! between themselves; dispatchers and data planes exchange packets over rings.
@@ -27,6 +33,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::seal::{self, AuthStats, EpochKey, Sealer};
 use crate::shm::{self, Consumer, Doorbell, Producer};
 use crate::udp::UdpEndpoint;
 use crate::IoError;
@@ -43,6 +50,15 @@ pub struct RingStats {
     pub ring_waits: u64,
 }
 
+/// Who a received datagram is from: the address it came from (to answer to) and the unit that
+/// authenticated it (over UDP: the sealed sender; through a ring: the peer the ring was made
+/// for). `unit` is 0 on a backplane without authentication (tests of this crate only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub unit: u32,
+}
+
 enum Outbound {
     Ring {
         producer: Producer,
@@ -57,7 +73,7 @@ struct Rings {
     dir: PathBuf,
     /// Our identity in ring names (the listen address peers know us by).
     me: String,
-    inbound: Vec<(SocketAddr, Consumer)>,
+    inbound: Vec<(Origin, Consumer)>,
     bell: Option<Doorbell>,
     produce: bool,
     /// Per destination. A few peers at most (the appliance's dispatchers or data planes), looked
@@ -172,6 +188,11 @@ pub const RING_WAIT: std::time::Duration = std::time::Duration::from_micros(500)
 pub struct Backplane {
     udp: UdpEndpoint,
     rings: Option<Rings>,
+    /// Authentication of the UDP side; `None` only before the unit has its keys (then
+    /// nothing is sent or accepted over UDP) or in this crate's tests.
+    seal: Option<Sealer>,
+    /// Refuse unauthenticated UDP (set with the first keys, never cleared).
+    require_auth: bool,
 }
 
 impl std::fmt::Debug for Backplane {
@@ -188,7 +209,55 @@ impl Backplane {
         Ok(Backplane {
             udp: UdpEndpoint::bind(addr)?,
             rings: None,
+            seal: None,
+            require_auth: false,
         })
+    }
+
+    /// Authenticate every UDP datagram from now on as unit `me`: seal with the key of
+    /// `send_epoch`, accept datagrams sealed under any of `keys`. Called again for each key
+    /// rotation (replay windows are kept).
+    pub fn set_auth(&mut self, me: u32, send_epoch: u32, keys: &[EpochKey]) -> Result<(), String> {
+        if self.seal.as_ref().is_some_and(|s| s.me() != me) {
+            self.seal = None;
+        }
+        let s = match self.seal.as_mut() {
+            Some(s) => s,
+            None => self
+                .seal
+                .insert(Sealer::new(me).map_err(|e| format!("backplane authentication: {e}"))?),
+        };
+        s.set_keys(send_epoch, keys)?;
+        self.require_auth = true;
+        Ok(())
+    }
+
+    /// Counters of the authentication (all zero without it).
+    pub fn auth_stats(&self) -> AuthStats {
+        self.seal.as_ref().map(|s| s.stats()).unwrap_or_default()
+    }
+
+    /// Queue the datagram built in the current UDP slot: sealed first where authentication is
+    /// on (a datagram that cannot be sealed is not sent, and counted as a send drop).
+    fn udp_commit(&mut self, len: usize, dst: SocketAddr) {
+        let len = match self.seal.as_mut() {
+            Some(s) => match self.udp.uncommitted_mut().and_then(|b| s.seal(b, len, dst)) {
+                Some(n) => n,
+                None => return self.udp.commit_slot(usize::MAX, dst),
+            },
+            None if self.require_auth => return self.udp.commit_slot(usize::MAX, dst),
+            None => len,
+        };
+        self.udp.commit_slot(len, dst);
+    }
+
+    /// Room the UDP path leaves for a datagram (a slot less the trailer).
+    fn udp_max(&self) -> usize {
+        if self.seal.is_some() || self.require_auth {
+            crate::udp::MAX_DATAGRAM - seal::TRAILER_LEN
+        } else {
+            crate::udp::MAX_DATAGRAM
+        }
     }
 
     /// Use rings in `dir`, where we are known as `me` (our listen address). Creates the
@@ -227,38 +296,41 @@ impl Backplane {
     /// Have a ring for each of `peers` (and none for others): the peers that may send to us
     /// through shared memory, which are also the peers we send to. Existing rings of peers
     /// that stay are kept, with their contents.
-    pub fn accept_rings_from(&mut self, peers: &[SocketAddr]) -> io::Result<()> {
+    pub fn accept_rings_from(&mut self, peers: &[(u32, SocketAddr)]) -> io::Result<()> {
         let Some(r) = self.rings.as_mut() else {
             return Ok(());
         };
         if r.bell.is_none() {
             return Ok(());
         }
-        r.inbound.retain(|(p, _)| peers.contains(p));
+        r.inbound
+            .retain(|(o, _)| peers.iter().any(|(u, a)| *u == o.unit && *a == o.addr));
         // Rings we fed to peers that left: a dead consumer cannot remove the ring it made, so
         // its last producer does (files on tmpfs are memory).
         let me = r.me.clone();
         let dir = r.dir.clone();
         r.outbound.retain(|(dst, o)| {
-            let keep = peers.contains(dst);
+            let keep = peers.iter().any(|(_, a)| a == dst);
             if !keep && matches!(o, Outbound::Ring { .. }) {
                 let _ = std::fs::remove_file(dir.join(shm::ring_name(&dst.to_string(), &me)));
             }
             keep
         });
-        for p in peers {
-            if r.inbound.iter().any(|(q, _)| q == p) {
+        for &(unit, addr) in peers {
+            if r.inbound.iter().any(|(o, _)| o.addr == addr) {
                 continue;
             }
-            let path = r.dir.join(shm::ring_name(&r.me, &p.to_string()));
+            let path = r.dir.join(shm::ring_name(&r.me, &addr.to_string()));
             let c = Consumer::create(&path, shm::DEFAULT_SLOTS, shm::DEFAULT_SLOT_SIZE)?;
-            r.inbound.push((*p, c));
+            r.inbound.push((Origin { addr, unit }, c));
         }
         Ok(())
     }
 
-    /// Receive up to `max` datagrams: the rings' first, then the socket's.
-    pub fn recv_batch<F: FnMut(&[u8], SocketAddr)>(
+    /// Receive up to `max` datagrams: the rings' first, then the socket's. Returns how many
+    /// were taken off the rings and the socket, including UDP datagrams that failed
+    /// authentication (counted in [`Backplane::auth_stats`], never delivered to `f`).
+    pub fn recv_batch<F: FnMut(&[u8], Origin)>(
         &mut self,
         max: usize,
         mut f: F,
@@ -275,7 +347,20 @@ impl Backplane {
             r.stats.rx += n as u64;
         }
         if n < max {
-            n += self.udp.recv_batch(max - n, f)?;
+            let local = self.udp.local_addr();
+            let require = self.require_auth;
+            let seal = &mut self.seal;
+            n += self
+                .udp
+                .recv_batch(max - n, |d, addr| match seal.as_mut() {
+                    Some(s) => {
+                        if let Ok((len, unit)) = s.open(d, local) {
+                            f(&d[..len], Origin { addr, unit });
+                        }
+                    }
+                    None if require => {}
+                    None => f(d, Origin { addr, unit: 0 }),
+                })?;
         }
         Ok(n)
     }
@@ -283,7 +368,9 @@ impl Backplane {
     /// A buffer to build the next datagram in; see [`UdpEndpoint::tx_slot`].
     #[inline]
     pub fn tx_slot(&mut self) -> Option<&mut [u8]> {
-        self.udp.tx_slot()
+        // Leave room for the trailer the UDP path appends (rings take the same datagram).
+        let max = self.udp_max();
+        self.udp.tx_slot().map(|s| &mut s[..max])
     }
 
     /// Send the first `len` bytes of the last slot to `dst`: into `dst`'s ring if it has one
@@ -298,7 +385,7 @@ impl Backplane {
                 }
             }
         }
-        self.udp.commit_slot(len, dst);
+        self.udp_commit(len, dst);
     }
 
     /// Send a datagram of `len` bytes that `fill` builds in place (it gets exactly `len`
@@ -327,14 +414,14 @@ impl Backplane {
                 None => {}
             }
         }
-        if len > crate::udp::MAX_DATAGRAM {
+        if len > self.udp_max() {
             return false;
         }
         let (Some(fill), Some(slot)) = (fill, self.udp.tx_slot()) else {
             return false;
         };
         fill(&mut slot[..len]);
-        self.udp.commit_slot(len, dst);
+        self.udp_commit(len, dst);
         if fallback {
             if let Some(r) = self.rings.as_mut() {
                 r.stats.tx_fallback += 1;
@@ -369,7 +456,18 @@ impl Backplane {
 
     /// Queue a copy of `buf` for `dst` (over UDP: control messages).
     pub fn send_to(&mut self, buf: &[u8], dst: SocketAddr) -> io::Result<()> {
-        self.udp.send_to(buf, dst)
+        if buf.len() > self.udp_max() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("datagram of {} bytes to {dst}: too long", buf.len()),
+            ));
+        }
+        let Some(slot) = self.udp.tx_slot() else {
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
+        slot[..buf.len()].copy_from_slice(buf);
+        self.udp_commit(buf.len(), dst);
+        Ok(())
     }
 
     /// Descriptors to poll for receive: the socket and, with rings, the doorbell.
@@ -461,7 +559,7 @@ mod tests {
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(1);
         while got.len() < want && Instant::now() < deadline {
-            bp.recv_batch(64, |d, src| got.push((d.to_vec(), src)))
+            bp.recv_batch(64, |d, src| got.push((d.to_vec(), src.addr)))
                 .expect("recv");
         }
         got
@@ -483,7 +581,7 @@ mod tests {
         assert_eq!(a.ring_stats().tx, 0);
 
         // b makes one; a finds it once its negative answer is older than RECHECK.
-        b.accept_rings_from(&[a_addr]).expect("accept");
+        b.accept_rings_from(&[(1, a_addr)]).expect("accept");
         std::thread::sleep(shm::RECHECK);
         a.flush().expect("flush"); // the clock a decides by moves on at each flush
         send(&mut a, b"two", b_addr);
@@ -545,7 +643,7 @@ mod tests {
         let (a_addr, b_addr, c_addr) = (a.local_addr(), b.local_addr(), c.local_addr());
         a.enable_rings(&d, a_addr, false, true).expect("rings a");
         b.enable_rings(&d, b_addr, true, false).expect("rings b");
-        b.accept_rings_from(&[a_addr]).expect("accept");
+        b.accept_rings_from(&[(1, a_addr)]).expect("accept");
 
         // b has a ring for a: a GSO-sized datagram goes whole, built in the ring.
         assert!(a.send_large(60_000, b_addr, large(1)));
@@ -593,5 +691,96 @@ mod tests {
         assert!(is_large(&small[0].0, 4));
         assert_eq!(a.ring_stats().tx, 1 + per_ring as u64);
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    fn keys() -> Vec<EpochKey> {
+        vec![EpochKey {
+            epoch: 5,
+            key: [0x42; seal::KEY_LEN],
+        }]
+    }
+
+    #[test]
+    fn udp_delivers_only_what_authenticates_once() {
+        let mut a = Backplane::bind("127.0.0.1:0".parse().unwrap()).expect("bind a");
+        let mut b = Backplane::bind("127.0.0.1:0".parse().unwrap()).expect("bind b");
+        let (a_addr, b_addr) = (a.local_addr(), b.local_addr());
+        a.set_auth(3, 5, &keys()).expect("auth a");
+        b.set_auth(4, 5, &keys()).expect("auth b");
+        let capture = std::net::UdpSocket::bind("127.0.0.1:0").expect("capture");
+        let cap_addr = capture.local_addr().expect("addr");
+
+        // A plain socket's datagram: refused.
+        let plain = std::net::UdpSocket::bind("127.0.0.1:0").expect("plain");
+        plain.send_to(b"forged geneve", b_addr).expect("send");
+        // A sealed one: delivered without its trailer, with the sender's unit.
+        send(&mut a, b"real", b_addr);
+        // One sealed for another address (captured there), then replayed to b.
+        send(&mut a, b"meant for capture", cap_addr);
+        a.flush().expect("flush");
+        let mut cap = [0u8; 256];
+        let (n, _) = capture.recv_from(&mut cap).expect("captured");
+        plain.send_to(&cap[..n], b_addr).expect("replay elsewhere");
+
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < deadline {
+            b.recv_batch(64, |d, o| got.push((d.to_vec(), o)))
+                .expect("recv");
+        }
+        assert_eq!(
+            got,
+            vec![(
+                b"real".to_vec(),
+                Origin {
+                    addr: a_addr,
+                    unit: 3
+                }
+            )]
+        );
+        let st = b.auth_stats();
+        assert_eq!((st.opened, st.rejected()), (1, 2), "{st:?}");
+
+        // A datagram sealed for b (as a capture on the wire would hold it), delivered twice,
+        // and once altered: the first is taken, the others refused.
+        let mut sealer = Sealer::new(3).expect("sealer");
+        sealer.set_keys(5, &keys()).expect("keys");
+        let mut wire = vec![0u8; 64];
+        wire[..7].copy_from_slice(b"on wire");
+        let n = sealer.seal(&mut wire, 7, b_addr).expect("seal");
+        let mut altered = wire[..n].to_vec();
+        altered[0] ^= 1;
+        for d in [&wire[..n], &wire[..n], &altered[..]] {
+            plain.send_to(d, b_addr).expect("send");
+        }
+        let mut more = Vec::new();
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < deadline {
+            b.recv_batch(64, |d, o| more.push((d.to_vec(), o.unit)))
+                .expect("recv");
+        }
+        assert_eq!(more, vec![(b"on wire".to_vec(), 3)]);
+        // The altered copy carries a sequence number already taken: refused as a replay
+        // before any cryptography. (Earlier: the short plain one, the misaddressed capture.)
+        let st = b.auth_stats();
+        assert_eq!((st.short, st.bad_tag, st.replayed), (1, 1, 2), "{st:?}");
+    }
+
+    #[test]
+    fn with_auth_on_an_unkeyed_backplane_sends_nothing() {
+        let mut a = Backplane::bind("127.0.0.1:0".parse().unwrap()).expect("bind a");
+        let mut b = Backplane::bind("127.0.0.1:0".parse().unwrap()).expect("bind b");
+        b.set_auth(4, 5, &keys()).expect("auth b");
+        let b_addr = b.local_addr();
+        // a has no keys: its plain datagram is refused by b.
+        send(&mut a, b"unsealed", b_addr);
+        a.flush().expect("flush");
+        assert!(drain(&mut b, 1).is_empty());
+        assert_eq!(b.auth_stats().rejected(), 1);
+        // Slots leave room for the trailer.
+        assert_eq!(
+            b.tx_slot().expect("slot").len(),
+            crate::udp::MAX_DATAGRAM - seal::TRAILER_LEN
+        );
     }
 }

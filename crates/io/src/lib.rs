@@ -59,6 +59,7 @@ pub mod netif;
 pub mod netns;
 pub mod poll;
 pub mod port;
+pub mod seal;
 pub mod shm;
 mod sys;
 pub mod udp;

@@ -299,6 +299,17 @@ impl UdpEndpoint {
         Some(&self.tx_buf[i * MAX_DATAGRAM..i * MAX_DATAGRAM + len])
     }
 
+    /// The whole slot last returned by [`UdpEndpoint::tx_slot`], not committed (for a caller
+    /// that appends to the datagram built in it, such as the backplane's authentication
+    /// trailer).
+    pub fn uncommitted_mut(&mut self) -> Option<&mut [u8]> {
+        let i = self.tx_queued;
+        if i >= self.tx_lens.len() {
+            return None;
+        }
+        Some(&mut self.tx_buf[i * MAX_DATAGRAM..(i + 1) * MAX_DATAGRAM])
+    }
+
     /// Queue the first `len` bytes of the slot last returned by [`UdpEndpoint::tx_slot`] for
     /// `dst`, flushing when the batch becomes full. A `len` over [`MAX_DATAGRAM`] is counted as
     /// dropped.

@@ -50,6 +50,10 @@ pub enum ToManager {
 pub struct Running {
     pub version: u64,
     pub table: BucketTable,
+    /// The backplane keys the unit holds: a manager that takes over goes on with them, so
+    /// units keep understanding each other across the change of manager.
+    #[serde(default)]
+    pub backplane: crate::role::BackplaneAuth,
 }
 
 /// What the manager sends.

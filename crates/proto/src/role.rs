@@ -112,6 +112,9 @@ pub struct DispatcherConfig {
     pub dnat_reverse: Vec<DnatReverse>,
     #[serde(default)]
     pub health_checks: Vec<HealthCheckConfig>,
+    /// Keys that authenticate the backplane (the manager adds them after compiling).
+    #[serde(default)]
+    pub backplane: BackplaneAuth,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,6 +151,91 @@ pub struct DataplaneConfig {
     /// checks (the manager merges those in).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backend_states: Vec<BackendStateConfig>,
+    /// Keys that authenticate the backplane (the manager adds them after compiling).
+    #[serde(default)]
+    pub backplane: BackplaneAuth,
+}
+
+/// The appliance's backplane keys as a unit holds them: the previous, current and next epochs'
+/// (so units that take a rotation a moment apart still understand each other), and the epoch
+/// to seal with. Created and rotated by the manager; travels only on the unit channel.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackplaneAuth {
+    pub send_epoch: u32,
+    pub keys: Vec<BackplaneKey>,
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackplaneKey {
+    pub epoch: u32,
+    /// 32 bytes, hex.
+    #[serde(with = "hex32")]
+    pub key: [u8; 32],
+}
+
+// Keys stay out of every log line and error message that prints a config.
+impl std::fmt::Debug for BackplaneAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackplaneAuth")
+            .field("send_epoch", &self.send_epoch)
+            .field(
+                "epochs",
+                &self.keys.iter().map(|k| k.epoch).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for BackplaneKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "BackplaneKey {{ epoch: {}, key: <redacted> }}",
+            self.epoch
+        )
+    }
+}
+
+impl BackplaneAuth {
+    /// A config a unit can serve with: the send epoch's key is among the keys.
+    pub fn check(&self) -> Result<(), String> {
+        if self.keys.iter().any(|k| k.epoch == self.send_epoch) {
+            Ok(())
+        } else {
+            Err(format!(
+                "backplane keys: none for the send epoch {} (the config carries epochs {:?})",
+                self.send_epoch,
+                self.keys.iter().map(|k| k.epoch).collect::<Vec<_>>()
+            ))
+        }
+    }
+}
+
+mod hex32 {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(k: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        let mut out = String::with_capacity(64);
+        for b in k {
+            out.push_str(&format!("{b:02x}"));
+        }
+        s.serialize_str(&out)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = text.as_bytes();
+        if bytes.len() != 64 {
+            return Err(D::Error::custom("a backplane key is 64 hex digits"));
+        }
+        let mut k = [0u8; 32];
+        for (i, pair) in bytes.chunks(2).enumerate() {
+            let digits = std::str::from_utf8(pair).map_err(D::Error::custom)?;
+            k[i] = u8::from_str_radix(digits, 16)
+                .map_err(|_| D::Error::custom("a backplane key is 64 hex digits"))?;
+        }
+        Ok(k)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +360,7 @@ pub fn compile(
             service_addrs: edge.service_addrs.clone(),
             dnat_reverse: edge.dnat_reverse.clone(),
             health_checks: edge.health_checks.clone(),
+            backplane: BackplaneAuth::default(),
         })
         .collect();
     let dataplanes = placement
@@ -295,6 +384,7 @@ pub fn compile(
             nat: nat.clone(),
             lb: lb.clone(),
             backend_states: backend_states.clone(),
+            backplane: BackplaneAuth::default(),
         })
         .collect();
     Ok((dispatchers, dataplanes))

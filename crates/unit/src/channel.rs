@@ -128,9 +128,9 @@ fn session(
             else {
                 continue;
             };
-            let table = match config.as_ref() {
-                RoleConfig::Dispatcher(c) => c.table.clone(),
-                RoleConfig::Dataplane(c) => c.table.clone(),
+            let (table, backplane) = match config.as_ref() {
+                RoleConfig::Dispatcher(c) => (c.table.clone(), c.backplane.clone()),
+                RoleConfig::Dataplane(c) => (c.table.clone(), c.backplane.clone()),
             };
             let (reply_tx, reply_rx) = mpsc::channel();
             let outcome = if updates
@@ -149,7 +149,11 @@ fn session(
             let answer = match outcome {
                 Ok(()) => {
                     if let Ok(mut g) = running.lock() {
-                        *g = Some(Running { version, table });
+                        *g = Some(Running {
+                            version,
+                            table,
+                            backplane,
+                        });
                     }
                     ToManager::Ack { version, nonce }
                 }

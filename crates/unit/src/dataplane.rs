@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use dva_flow::UnitId;
-use dva_io::backplane::Backplane;
+use dva_io::backplane::{Backplane, Origin};
 use dva_proto::role::Stage;
 use dva_proto::{DataplaneConfig, RoleConfig};
 use dva_services::conntrack::{ConnState, TcpState};
@@ -37,6 +37,7 @@ use crate::handover::{
     self, Flows, Handover, HOLD_LIMIT, HOLD_MAX_BYTES, HOLD_MAX_PACKETS, MAX_RESENDS,
     PROTO_HANDOVER, RESEND_AFTER,
 };
+use crate::keys::epoch_keys;
 use crate::offload;
 use crate::reply;
 use crate::stats::{DropCounters, Every, StatsCell, UnitStats};
@@ -65,7 +66,9 @@ mod drop_reason {
     pub const LB_NO_BACKEND: usize = 16;
     pub const LB_PORTS_EXHAUSTED: usize = 17;
     pub const LB_TABLE_FULL: usize = 18;
-    pub const NAMES: [&str; 19] = [
+    pub const HANDOVER_REFUSED: usize = 19;
+    pub const BACKPLANE_AUTH: usize = 20;
+    pub const NAMES: [&str; 21] = [
         "backplane-foreign-source",
         "malformed-geneve",
         "wrong-vni",
@@ -85,6 +88,8 @@ mod drop_reason {
         "lb-no-healthy-backend",
         "lb-ports-exhausted",
         "lb-table-full",
+        "handover-not-allowed",
+        "backplane-auth",
     ];
 }
 use drop_reason as dr;
@@ -100,10 +105,11 @@ struct Core {
     /// batch it came from is still borrowed.
     tx: Backplane,
     fw: Firewall,
+    /// The other data planes (punt, handover and replication peers), by unit.
     peers: BTreeMap<UnitId, SocketAddr>,
-    dispatcher_ips: Vec<IpAddr>,
-    peer_ips: Vec<IpAddr>,
     drops: DropCounters<{ dr::NAMES.len() }>,
+    /// The receive side's authentication counters, as of the last publish.
+    auth: dva_io::seal::AuthStats,
     rx_packets: u64,
     rx_bytes: u64,
     tx_packets: u64,
@@ -122,7 +128,7 @@ struct Core {
     export_pending: BTreeMap<u16, (UnitId, Instant, u32)>,
     // ...and as the receiving owner.
     holds: HashMap<u16, Instant>,
-    held: VecDeque<(u16, Vec<u8>, SocketAddr)>,
+    held: VecDeque<(u16, Vec<u8>, Origin)>,
     /// Bytes in `held` (super-packets make the packet count a poor bound on memory).
     held_bytes: usize,
     /// Count flows again right away (the last exported bucket just left).
@@ -192,6 +198,21 @@ fn stages_for(
     (nat, lb)
 }
 
+/// The dispatchers, which send to us through rings on this machine.
+fn ring_peers(cfg: &DataplaneConfig) -> Vec<(UnitId, SocketAddr)> {
+    cfg.dispatchers.iter().map(|d| (d.id, d.addr)).collect()
+}
+
+/// The other data planes: the config lists every data plane, ourselves included, and a
+/// datagram claiming to come from us is never a peer's.
+fn peers_of(cfg: &DataplaneConfig) -> BTreeMap<UnitId, SocketAddr> {
+    cfg.peers
+        .iter()
+        .filter(|p| p.id != cfg.unit)
+        .map(|p| (p.id, p.addr))
+        .collect()
+}
+
 impl Dataplane {
     /// `rings`: the directory for shared-memory rings to dispatchers on this machine (`None`:
     /// UDP only).
@@ -205,11 +226,17 @@ impl Dataplane {
             // `listen` (the address they know us by). Data planes keep UDP between themselves.
             rx.enable_rings(dir, cfg.listen, true, false)
                 .and_then(|()| tx.enable_rings(dir, cfg.listen, false, true))
-                .and_then(|()| {
-                    let d: Vec<_> = cfg.dispatchers.iter().map(|d| d.addr).collect();
-                    rx.accept_rings_from(&d)
-                })
+                .and_then(|()| rx.accept_rings_from(&ring_peers(&cfg)))
                 .with_context(|| format!("backplane rings in {}", dir.display()))?;
+        }
+        cfg.backplane.check().map_err(anyhow::Error::msg)?;
+        for bp in [&mut rx, &mut tx] {
+            bp.set_auth(
+                cfg.unit,
+                cfg.backplane.send_epoch,
+                &epoch_keys(&cfg.backplane),
+            )
+            .map_err(anyhow::Error::msg)?;
         }
         if cfg.dispatchers.is_empty() {
             bail!("config lists no dispatcher to return packets to");
@@ -220,9 +247,7 @@ impl Dataplane {
         };
         let fw = Firewall::new(cfg.firewall.clone(), limits);
         let (nat, lb) = stages_for(&cfg, None, None);
-        let peers = cfg.peers.iter().map(|p| (p.id, p.addr)).collect();
-        let dispatcher_ips = cfg.dispatchers.iter().map(|d| d.addr.ip()).collect();
-        let peer_ips = cfg.peers.iter().map(|d| d.addr.ip()).collect();
+        let peers = peers_of(&cfg);
         Ok(Dataplane {
             rx,
             core: Core {
@@ -230,9 +255,8 @@ impl Dataplane {
                 tx,
                 fw,
                 peers,
-                dispatcher_ips,
-                peer_ips,
                 drops: DropCounters::new(dr::NAMES),
+                auth: Default::default(),
                 rx_packets: 0,
                 rx_bytes: 0,
                 tx_packets: 0,
@@ -278,12 +302,22 @@ impl Dataplane {
             while let Ok(u) = updates.try_recv() {
                 let result = match u.config {
                     RoleConfig::Dataplane(c) => {
-                        let d: Vec<_> = c.dispatchers.iter().map(|d| d.addr).collect();
-                        self.core.apply(c).and_then(|()| {
-                            self.rx
-                                .accept_rings_from(&d)
-                                .map_err(|e| format!("backplane rings: {e}"))
-                        })
+                        // Everything that can refuse the config is checked before anything
+                        // changes: a NACKed config leaves the running one serving.
+                        let d = ring_peers(&c);
+                        let keys = epoch_keys(&c.backplane);
+                        let (me, epoch) = (c.unit, c.backplane.send_epoch);
+                        c.backplane
+                            .check()
+                            .and_then(|()| self.core.check(&c))
+                            .and_then(|()| {
+                                self.rx
+                                    .accept_rings_from(&d)
+                                    .map_err(|e| format!("backplane rings: {e}"))
+                            })
+                            .and_then(|()| self.rx.set_auth(me, epoch, &keys))
+                            .and_then(|()| self.core.tx.set_auth(me, epoch, &keys))
+                            .map(|()| self.core.apply(c))
                     }
                     RoleConfig::Dispatcher(_) => {
                         Err("this unit is a data plane; got a dispatcher config".into())
@@ -300,7 +334,7 @@ impl Dataplane {
             core.handover_tick();
             let n = self
                 .rx
-                .recv_batch(BATCH, |buf, src| core.on_packet(buf, src))
+                .recv_batch(BATCH, |buf, from| core.on_packet(buf, from))
                 .unwrap_or(0);
             let refresh = replica_refresh.due(now);
             core.replicate(refresh);
@@ -314,6 +348,8 @@ impl Dataplane {
                 l.expire(core.now_ns, 256);
             }
             if publish.due(now) {
+                core.auth = self.rx.auth_stats();
+                core.drops.set(dr::BACKPLANE_AUTH, core.auth.rejected());
                 stats.try_publish(core.snapshot());
             }
             if n == 0 {
@@ -333,9 +369,8 @@ impl Dataplane {
 }
 
 impl Core {
-    /// Take a new config version: table, peers, dispatchers and rules change in place; the
-    /// connection table is kept (that is the point of a stateful data plane).
-    fn apply(&mut self, cfg: DataplaneConfig) -> Result<(), String> {
+    /// What makes a config unservable, checked before any of it is taken.
+    fn check(&self, cfg: &DataplaneConfig) -> Result<(), String> {
         if cfg.listen != self.cfg.listen {
             return Err(format!(
                 "listen address {} cannot change at run time (this unit listens on {})",
@@ -351,6 +386,18 @@ impl Core {
                 cfg.table.len()
             ));
         }
+        if cfg.unit != self.cfg.unit {
+            return Err(format!(
+                "unit id {} cannot change at run time (this unit is {})",
+                cfg.unit, self.cfg.unit
+            ));
+        }
+        Ok(())
+    }
+
+    /// Take a new config version (already checked): table, peers, dispatchers and rules change
+    /// in place; the connection table is kept (that is the point of a stateful data plane).
+    fn apply(&mut self, cfg: DataplaneConfig) {
         if cfg.firewall != self.cfg.firewall {
             self.fw.set_rules(cfg.firewall.clone());
         }
@@ -399,11 +446,8 @@ impl Core {
                 self.export_queue.len()
             );
         }
-        self.peers = cfg.peers.iter().map(|p| (p.id, p.addr)).collect();
-        self.dispatcher_ips = cfg.dispatchers.iter().map(|d| d.addr.ip()).collect();
-        self.peer_ips = cfg.peers.iter().map(|d| d.addr.ip()).collect();
+        self.peers = peers_of(&cfg);
         self.cfg = cfg;
-        Ok(())
     }
 
     /// Count open connections, in total and per bucket (for the manager's history retirement and
@@ -480,6 +524,7 @@ impl Core {
             .iter()
             .map(|(k, v)| (k.to_string(), *v))
             .collect();
+        crate::keys::auth_counters(&mut counters, &self.auth);
         counters.insert("backplane_tx_dropped".into(), self.tx.tx_dropped());
         counters.insert("backplane_ring_tx".into(), self.tx.ring_stats().tx);
         counters.insert(
@@ -607,11 +652,42 @@ impl Core {
         self.tx.commit_slot(total, to);
     }
 
-    fn on_handover(&mut self, body: &[u8]) {
+    /// A handover or replication message from peer `sender` (authenticated). Each is taken
+    /// only from the unit the bucket table says may send it, for a bucket we own or back up:
+    /// state and its end marker from a previous owner of a bucket we own, the marker's answer
+    /// from the owner of a bucket we export, copies from a bucket's owner or previous owner.
+    fn on_handover(&mut self, body: &[u8], sender: UnitId) {
         let Ok(msg) = serde_json::from_slice::<Handover>(body) else {
             return self.drops.inc(dr::MALFORMED_HANDOVER);
         };
         let me = self.cfg.unit;
+        let claimed = match &msg {
+            Handover::State { from, .. }
+            | Handover::Marker { from, .. }
+            | Handover::Done { from, .. }
+            | Handover::Replicate { from, .. } => *from,
+        };
+        if claimed != sender {
+            return self.drops.inc(dr::HANDOVER_REFUSED);
+        }
+        let previous_owner = |cfg: &DataplaneConfig, bucket: u16| {
+            cfg.table
+                .get(bucket)
+                .is_some_and(|b| b.owner == me && b.history.contains(&sender))
+        };
+        let allowed = match &msg {
+            Handover::State { bucket, .. } | Handover::Done { bucket, .. } => {
+                previous_owner(&self.cfg, *bucket)
+            }
+            Handover::Marker { bucket, .. } => self
+                .export_pending
+                .get(bucket)
+                .is_some_and(|(owner, _, _)| *owner == sender),
+            Handover::Replicate { .. } => true, // checked per bucket below
+        };
+        if !allowed {
+            return self.drops.inc(dr::HANDOVER_REFUSED);
+        }
         match msg {
             Handover::State {
                 from,
@@ -668,12 +744,13 @@ impl Core {
             }
             Handover::Done { bucket, .. } => self.release(bucket),
             Handover::Replicate { conns, nat, lb, .. } => {
-                let n = self.cfg.table.len();
-                // Only for buckets we back up or own (a stale sender's copies are ignored).
+                // Only for buckets we back up or own, and only from their owner or a previous
+                // owner (a stale or foreign sender's copies are ignored).
                 let ours = |cfg: &DataplaneConfig, bucket: u16| {
-                    usize::from(bucket) < n
-                        && (cfg.backups.get(usize::from(bucket)) == Some(&me)
-                            || cfg.table.owner(bucket) == me)
+                    cfg.table.get(bucket).is_some_and(|b| {
+                        (cfg.backups.get(usize::from(bucket)) == Some(&me) || b.owner == me)
+                            && (b.owner == sender || b.history.contains(&sender))
+                    })
                 };
                 for c in conns {
                     if ours(&self.cfg, c.bucket)
@@ -835,9 +912,9 @@ impl Core {
             .partition(|(b, _, _)| *b == bucket);
         self.held = rest;
         self.held_bytes = self.held.iter().map(|(_, b, _)| b.len()).sum();
-        for (_, buf, src) in mine {
+        for (_, buf, from) in mine {
             self.event("held_packets_released");
-            self.handle(&buf, src, false);
+            self.handle(&buf, from, false);
         }
     }
 
@@ -845,16 +922,20 @@ impl Core {
         *self.events.entry(name).or_insert(0) += 1;
     }
 
-    fn on_packet(&mut self, buf: &[u8], src: SocketAddr) {
+    fn on_packet(&mut self, buf: &[u8], from: Origin) {
         self.rx_packets += 1;
         self.rx_bytes += buf.len() as u64;
-        self.handle(buf, src, true);
+        self.handle(buf, from, true);
     }
 
-    /// One backplane packet; `may_hold` is false when replaying packets held during a handover.
-    fn handle(&mut self, buf: &[u8], src: SocketAddr, may_hold: bool) {
-        let from_dispatcher = self.dispatcher_ips.contains(&src.ip());
-        if !from_dispatcher && !self.peer_ips.contains(&src.ip()) {
+    /// One backplane packet, authenticated as sent by `from.unit` (the backplane delivers
+    /// nothing else); `may_hold` is false when replaying packets held during a handover.
+    fn handle(&mut self, buf: &[u8], from: Origin, may_hold: bool) {
+        // The sender's role is what the config says of its unit, never what its address
+        // suggests: a packet to process comes from a dispatcher or a peer, nothing else.
+        let dispatcher = self.cfg.dispatchers.iter().find(|d| d.id == from.unit);
+        let from_dispatcher = dispatcher.is_some();
+        if !from_dispatcher && !self.peers.contains_key(&from.unit) {
             return self.drops.inc(dr::FOREIGN);
         }
         let Ok((vni, ptype, meta, off)) = geneve::decap_dva(buf) else {
@@ -867,7 +948,7 @@ impl Core {
             if from_dispatcher {
                 return self.drops.inc(dr::FOREIGN);
             }
-            return self.on_handover(&buf[off..]);
+            return self.on_handover(&buf[off..], from.unit);
         }
         let ip = &buf[off..];
         let Ok(c) = classify(ip) else {
@@ -891,7 +972,7 @@ impl Core {
         {
             // Its state is arriving from the previous owner: keep the packet until that owner
             // has processed everything we punted to it before (see `handover`).
-            self.held.push_back((bucket, buf.to_vec(), src));
+            self.held.push_back((bucket, buf.to_vec(), from));
             self.held_bytes += buf.len();
             return;
         }
@@ -908,7 +989,7 @@ impl Core {
         } else {
             NewFlowPolicy::Refuse
         };
-        let to = self.dispatcher_for(src, from_dispatcher, &c);
+        let to = self.dispatcher_for(dispatcher.map(|d| d.addr), &c);
         self.process(bucket, &meta, ip, &c, policy, to);
     }
 
@@ -1078,9 +1159,9 @@ impl Core {
 
     /// Processed packets go back to the dispatcher they came from; punted ones to any dispatcher
     /// (dispatchers are interchangeable), chosen by flow so a flow keeps one path.
-    fn dispatcher_for(&self, src: SocketAddr, from_dispatcher: bool, c: &Classified) -> SocketAddr {
-        if from_dispatcher {
-            return src;
+    fn dispatcher_for(&self, from: Option<SocketAddr>, c: &Classified) -> SocketAddr {
+        if let Some(addr) = from {
+            return addr;
         }
         let d = &self.cfg.dispatchers;
         d[c.bucket_key().symmetric_hash() as usize % d.len()].addr
@@ -1111,7 +1192,7 @@ impl Core {
                     hops: MAX_HOPS,
                     ..*meta
                 };
-                let to = self.dispatcher_for(self.cfg.dispatchers[0].addr, false, c);
+                let to = self.dispatcher_for(None, c);
                 return self.process(bucket, &m, ip, c, NewFlowPolicy::Create, to);
             }
             if let Some(addr) = self.peers.get(&owner).copied() {

@@ -18,6 +18,7 @@ pub mod control;
 pub mod dataplane;
 pub mod dispatcher;
 pub mod handover;
+mod keys;
 pub mod manager;
 pub mod offload;
 pub mod reply;

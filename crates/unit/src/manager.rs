@@ -28,7 +28,7 @@ use dva_flow::{BucketTable, UnitId};
 use dva_proto::channel::{
     self, Desired, DesiredRole, FromManager, ManagerStatus, ToManager, UnitReport, UnitStatus,
 };
-use dva_proto::role::BackendStateConfig;
+use dva_proto::role::{BackendStateConfig, BackplaneAuth, BackplaneKey};
 use dva_proto::{compile, Placement, RoleConfig, UnitEndpoint};
 use dva_services::lb::BackendState;
 
@@ -93,6 +93,11 @@ struct State {
     last_retire: Option<Instant>,
     /// Newest running config a unit told us about in its hello (adopted after a manager restart).
     adopted: Option<(u64, BucketTable)>,
+    /// The backplane keys units hold, heard in their hellos: a manager that takes over goes on
+    /// with the newest rather than cutting every unit off from its peers with a fresh key.
+    adopted_keys: Option<BackplaneAuth>,
+    /// The backplane keys handed to every unit, and when they last rotated.
+    keys: Option<(BackplaneAuth, Instant)>,
     dirty: bool,
     born: Option<Instant>,
     /// This manager's unit id (it leads).
@@ -102,6 +107,9 @@ struct State {
 /// After a (re)start, units reconnect one by one: the table's membership is left alone this long
 /// so a restart does not look like every data plane leaving.
 const SETTLE_AFTER_START: Duration = Duration::from_secs(3);
+
+/// How long a backplane key seals datagrams before the next one takes over.
+const KEY_ROTATION: Duration = Duration::from_secs(15 * 60);
 
 /// Leader election among an appliance's managers: an exclusive `flock` on `<socket>.lock`. The
 /// kernel drops the lock when its holder dies, however it dies, so a standby blocked on it takes
@@ -266,6 +274,15 @@ impl State {
                 u.sent = u.acked;
                 u.sent_at = None;
                 if let Some(r) = running {
+                    if r.backplane.check().is_ok()
+                        && self.keys.is_none()
+                        && self
+                            .adopted_keys
+                            .as_ref()
+                            .is_none_or(|k| r.backplane.send_epoch > k.send_epoch)
+                    {
+                        self.adopted_keys = Some(r.backplane.clone());
+                    }
                     if self.table.is_none()
                         && self.adopted.as_ref().is_none_or(|(v, _)| r.version > *v)
                     {
@@ -328,6 +345,10 @@ impl State {
         let now = Instant::now();
         if self.desired.is_some() {
             self.update_table(now);
+            if let Err(e) = self.rotate_keys(now) {
+                self.error = Some(e);
+                return;
+            }
             self.recompile();
             self.push(now);
         }
@@ -446,8 +467,57 @@ impl State {
         }
     }
 
+    /// Keep the backplane keys current: made on first need (or adopted from the units), then
+    /// rotated every [`KEY_ROTATION`]. Units always hold the previous, current and next epochs'
+    /// keys and seal with the current one; a rotation makes the next key current and adds a
+    /// new next one. Every unit already holds the key it is asked to switch to, so units that
+    /// take the new config a moment apart still understand each other.
+    fn rotate_keys(&mut self, now: Instant) -> Result<(), String> {
+        let fresh = |epoch: u32| -> Result<BackplaneKey, String> {
+            let key = dva_io::seal::random_key().map_err(|e| format!("backplane key: {e}"))?;
+            Ok(BackplaneKey { epoch, key })
+        };
+        let (mut auth, since) = match self.keys.take() {
+            Some(k) => k,
+            None => match self.adopted_keys.take() {
+                Some(a) => (a, now),
+                None => (
+                    BackplaneAuth {
+                        send_epoch: 1,
+                        keys: vec![fresh(1)?],
+                    },
+                    now,
+                ),
+            },
+        };
+        let rotate = now.duration_since(since) >= KEY_ROTATION;
+        if rotate {
+            auth.send_epoch += 1;
+        }
+        let next = auth.send_epoch + 1;
+        if !auth.keys.iter().any(|k| k.epoch == next) {
+            auth.keys.push(fresh(next)?);
+        }
+        if !auth.keys.iter().any(|k| k.epoch == auth.send_epoch) {
+            auth.keys.push(fresh(auth.send_epoch)?);
+        }
+        let oldest = auth.send_epoch.saturating_sub(1);
+        auth.keys.retain(|k| k.epoch >= oldest && k.epoch <= next);
+        auth.keys.sort_by_key(|k| k.epoch);
+        if rotate {
+            eprintln!(
+                "manager: backplane key epoch {} (units hold {:?})",
+                auth.send_epoch,
+                auth.keys.iter().map(|k| k.epoch).collect::<Vec<_>>()
+            );
+        }
+        self.keys = Some((auth, if rotate { now } else { since }));
+        Ok(())
+    }
+
     fn recompile(&mut self) {
-        let (Some(d), Some(table)) = (&self.desired, &self.table) else {
+        let (Some(d), Some(table), Some((auth, _))) = (&self.desired, &self.table, &self.keys)
+        else {
             return;
         };
         let endpoints = |role| {
@@ -467,7 +537,13 @@ impl State {
         };
         let exporting: Vec<UnitId> = d.units.iter().filter(|u| u.export).map(|u| u.id).collect();
         let down = self.backends_down();
-        let key = match serde_json::to_string(&(d.generation, &placement, &exporting, &down)) {
+        let key = match serde_json::to_string(&(
+            d.generation,
+            &placement,
+            &exporting,
+            &down,
+            auth.send_epoch,
+        )) {
             Ok(k) => k,
             Err(_) => return,
         };
@@ -480,8 +556,12 @@ impl State {
             Ok((disps, dps)) => {
                 self.configs = disps
                     .into_iter()
-                    .map(|c| (c.unit, RoleConfig::Dispatcher(c)))
+                    .map(|mut c| {
+                        c.backplane = auth.clone();
+                        (c.unit, RoleConfig::Dispatcher(c))
+                    })
                     .chain(dps.into_iter().map(|mut c| {
+                        c.backplane = auth.clone();
                         c.export = exporting.contains(&c.unit);
                         c.backups = backups.clone();
                         for (service, backend) in &down {

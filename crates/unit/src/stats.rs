@@ -238,6 +238,12 @@ impl<const N: usize> DropCounters<N> {
             *c += 1;
         }
     }
+    /// Set a count kept elsewhere (e.g. by the backplane) under its drop reason.
+    pub fn set(&mut self, reason: usize, count: u64) {
+        if let Some(c) = self.counts.get_mut(reason) {
+            *c = count;
+        }
+    }
     pub fn get(&self, reason: usize) -> u64 {
         self.counts.get(reason).copied().unwrap_or(0)
     }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use dva_io::backplane::Backplane;
+use dva_io::backplane::{Backplane, Origin};
 use dva_io::port::{DriverChoice, Port};
 use dva_io::{FrameIo, GsoType, RxMeta};
 use dva_proto::{DispatcherConfig, InterfaceConfig, RoleConfig};
@@ -38,6 +38,7 @@ use dva_wire::{
 
 use crate::channel::Update;
 use crate::classify::{classify, Classified, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP};
+use crate::keys::epoch_keys;
 use crate::offload;
 use crate::reply::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 use crate::stats::{DropCounters, Every, InterfaceStats, StatsCell, UnitStats};
@@ -72,7 +73,8 @@ mod drop_reason {
     pub const MULTICAST: usize = 20;
     pub const ICMP_RATE_LIMITED: usize = 21;
     pub const GSO_UNSUPPORTED: usize = 22;
-    pub const NAMES: [&str; 23] = [
+    pub const BACKPLANE_AUTH: usize = 23;
+    pub const NAMES: [&str; 24] = [
         "oversize-frame",
         "malformed-ethernet",
         "not-for-us",
@@ -96,6 +98,7 @@ mod drop_reason {
         "multicast-ignored",
         "icmp-rate-limited",
         "gso-unsupported",
+        "backplane-auth",
     ];
 }
 use drop_reason as dr;
@@ -171,7 +174,8 @@ struct Core {
     bucket_dst: Vec<SocketAddr>,
     bucket_mask: u32,
     epoch: u32,
-    dataplane_ips: Vec<IpAddr>,
+    /// The data planes of the config: the only units whose packets leave the appliance.
+    dataplane_ids: Vec<u32>,
     drops: DropCounters<{ dr::NAMES.len() }>,
     events: HashMap<&'static str, u64>,
     to_dataplane: u64,
@@ -286,11 +290,18 @@ impl Dispatcher {
             backplane
                 .enable_rings(dir, cfg.listen, true, true)
                 .with_context(|| format!("backplane rings in {}", dir.display()))?;
-            let dps: Vec<_> = cfg.dataplanes.iter().map(|d| d.addr).collect();
             backplane
-                .accept_rings_from(&dps)
+                .accept_rings_from(&ring_peers(&cfg))
                 .with_context(|| format!("backplane rings in {}", dir.display()))?;
         }
+        cfg.backplane.check().map_err(anyhow::Error::msg)?;
+        backplane
+            .set_auth(
+                cfg.unit,
+                cfg.backplane.send_epoch,
+                &epoch_keys(&cfg.backplane),
+            )
+            .map_err(anyhow::Error::msg)?;
         let now = Instant::now();
         let mut core = Core {
             cfg: cfg.clone(),
@@ -299,7 +310,7 @@ impl Dispatcher {
             bucket_dst: Vec::new(),
             bucket_mask: 0,
             epoch: 0,
-            dataplane_ips: Vec::new(),
+            dataplane_ids: Vec::new(),
             drops: DropCounters::new(dr::NAMES),
             events: HashMap::new(),
             to_dataplane: 0,
@@ -351,13 +362,19 @@ impl Dispatcher {
             while let Ok(u) = updates.try_recv() {
                 let result = match u.config {
                     RoleConfig::Dispatcher(c) => {
-                        let dps: Vec<_> = c.dataplanes.iter().map(|d| d.addr).collect();
-                        self.core.apply(c).and_then(|()| {
-                            // Rings for the data planes of this config (new ones get one).
-                            self.backplane
-                                .accept_rings_from(&dps)
-                                .map_err(|e| format!("backplane rings: {e}"))
-                        })
+                        let dps = ring_peers(&c);
+                        let keys = epoch_keys(&c.backplane);
+                        let (me, epoch) = (c.unit, c.backplane.send_epoch);
+                        c.backplane
+                            .check()
+                            .and_then(|()| self.core.apply(c))
+                            .and_then(|()| {
+                                // Rings for the data planes of this config (new ones get one).
+                                self.backplane
+                                    .accept_rings_from(&dps)
+                                    .map_err(|e| format!("backplane rings: {e}"))
+                            })
+                            .and_then(|()| self.backplane.set_auth(me, epoch, &keys))
                     }
                     RoleConfig::Dataplane(_) => {
                         Err("this unit is a dispatcher; got a data-plane config".into())
@@ -377,7 +394,7 @@ impl Dispatcher {
                 let ports = &mut self.ports;
                 work += self
                     .backplane
-                    .recv_batch(BATCH, |buf, src| core.on_backplane(buf, src, ports))
+                    .recv_batch(BATCH, |buf, from| core.on_backplane(buf, from, ports))
                     .unwrap_or(0);
             }
             self.core.send_deferred(&mut self.ports);
@@ -390,6 +407,8 @@ impl Dispatcher {
                 self.core.tick(&mut self.ports);
             }
             if publish.due(now) {
+                let rejected = self.backplane.auth_stats().rejected();
+                self.core.drops.set(dr::BACKPLANE_AUTH, rejected);
                 stats.try_publish(self.snapshot());
             }
             if work > 0 {
@@ -430,6 +449,7 @@ impl Dispatcher {
         counters.insert("backplane_ring_fallback".into(), rs.tx_fallback);
         counters.insert("backplane_doorbells".into(), rs.doorbells);
         counters.insert("backplane_ring_waits".into(), rs.ring_waits);
+        crate::keys::auth_counters(&mut counters, &self.backplane.auth_stats());
         UnitStats {
             appliance: c.cfg.appliance.clone(),
             unit: c.cfg.unit,
@@ -458,6 +478,11 @@ impl Dispatcher {
             ..Default::default()
         }
     }
+}
+
+/// The data planes, which send to us through rings on this machine.
+fn ring_peers(cfg: &DispatcherConfig) -> Vec<(u32, SocketAddr)> {
+    cfg.dataplanes.iter().map(|d| (d.id, d.addr)).collect()
 }
 
 impl Core {
@@ -491,7 +516,7 @@ impl Core {
         self.bucket_dst = bucket_dst;
         self.bucket_mask = (n - 1) as u32;
         self.epoch = cfg.table.epoch() as u32;
-        self.dataplane_ips = cfg.dataplanes.iter().map(|d| d.addr.ip()).collect();
+        self.dataplane_ids = cfg.dataplanes.iter().map(|d| d.id).collect();
         for (i, l) in self.links.iter_mut().enumerate() {
             l.extra = cfg
                 .service_addrs
@@ -985,8 +1010,11 @@ impl Core {
         self.to_dataplane += 1;
     }
 
-    fn on_backplane(&mut self, buf: &[u8], src: SocketAddr, ports: &mut [Port]) {
-        if !self.dataplane_ips.contains(&src.ip()) {
+    /// A processed packet from a data plane, to send out. `from` authenticated it (the
+    /// backplane delivers nothing else); a unit that is not a data plane of this appliance
+    /// (another dispatcher, a stale unit) never gets a packet out of its interfaces.
+    fn on_backplane(&mut self, buf: &[u8], from: Origin, ports: &mut [Port]) {
+        if !self.dataplane_ids.contains(&from.unit) {
             return self.drop(dr::BACKPLANE_FOREIGN);
         }
         let Ok((vni, _ptype, meta, off)) = geneve::decap_dva(buf) else {
