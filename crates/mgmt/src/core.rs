@@ -97,6 +97,7 @@ impl Mgmt {
             stop: AtomicBool::new(false),
             provisioner,
         });
+        reconcile::adopt_all(&inner);
         let handle = {
             let inner = inner.clone();
             std::thread::Builder::new()

@@ -51,6 +51,10 @@ pub struct UnitRecord {
     /// The host (in the lab: a network namespace) it runs on.
     pub host: String,
     pub pid: Option<u32>,
+    /// The process's start time (clock ticks after boot): with the pid, it names the process, so
+    /// a pid reused by another process is never taken for the unit (nor signalled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start: Option<u64>,
     /// Backplane address (dispatchers and data planes).
     pub addr: Option<SocketAddr>,
     pub state: UnitState,
