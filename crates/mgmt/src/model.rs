@@ -133,7 +133,9 @@ pub struct UnitView {
 }
 
 /// Appliance status: `pending` (units starting), `ready` (every unit serves the current config
-/// version), `degraded` (running, but a unit is missing or NACKed), `deleting`.
+/// version), `degraded` (running, but a unit is missing or NACKed), `deleting`, `error` (its
+/// stored record could not be used: `error` says why and where the file was set aside; apply
+/// the spec again or delete the appliance).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ApplianceStatus {
@@ -141,6 +143,7 @@ pub enum ApplianceStatus {
     Ready,
     Degraded,
     Deleting,
+    Error,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -589,6 +589,129 @@ fn the_store_survives_a_restart_and_delete_removes_the_appliance() {
     api.stop();
 }
 
+/// A record that is garbage or was cut short does not keep the management tool from starting:
+/// it is set aside (kept, renamed), shown as an appliance in `error` with the reason and an event,
+/// and the other appliances work as before.
+#[test]
+fn a_corrupt_store_record_is_set_aside_and_reported() {
+    let dir = TempDir::new("corrupt");
+    let spec = example("edge-firewall.yaml");
+    let api = Api::start(&dir.0);
+    assert_eq!(api.apply(&spec).0, 200);
+    assert_eq!(
+        api.apply(&spec.replace("name: edge-fw", "name: half")).0,
+        200
+    );
+    api.stop();
+    let records = dir.0.join("state/appliances");
+    let half = std::fs::read(records.join("half.json")).expect("record");
+    std::fs::write(records.join("half.json"), &half[..half.len() / 2]).expect("truncate");
+    std::fs::write(records.join("junk.json"), b"\x00\xffnot json").expect("write");
+
+    let api = Api::start(&dir.0);
+    let (status, v) = api.get("/v1/appliances");
+    assert_eq!(status, 200, "{v:#}");
+    let listed: Vec<(&str, &str)> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap_or(""),
+                a["status"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(listed[0].0, "edge-fw", "{v:#}");
+    assert_ne!(listed[0].1, "error", "{v:#}");
+    assert_eq!(
+        &listed[1..],
+        [("half", "error"), ("junk", "error")],
+        "{v:#}"
+    );
+    for name in ["half", "junk"] {
+        let (status, v) = api.get(&format!("/v1/appliances/{name}"));
+        assert_eq!(
+            (status, v["status"].as_str()),
+            (200, Some("error")),
+            "{v:#}"
+        );
+        let error = v["error"].as_str().unwrap_or("");
+        assert!(
+            error.contains(&format!("{name}.json")) && error.contains("set aside"),
+            "{error}"
+        );
+        let (status, events) = api.get(&format!("/v1/appliances/{name}/events"));
+        assert_eq!(status, 200);
+        assert_eq!(events[0]["reason"], "store-corrupt", "{events:#}");
+        // The bytes are kept for a human to look at, out of the way of a new record.
+        let aside: Vec<String> = std::fs::read_dir(&records)
+            .expect("dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|f| f.starts_with(&format!("{name}.json.corrupt-")))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert!(!records.join(format!("{name}.json")).exists());
+    }
+    let aside = std::fs::read_dir(&records)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("half.json.corrupt-")
+        })
+        .expect("half set aside");
+    assert_eq!(
+        std::fs::read(aside.path()).expect("read"),
+        &half[..half.len() / 2]
+    );
+
+    // The healthy appliance works; the broken ones refuse a scale but take a fresh spec or a
+    // delete.
+    let scale = |name: &str| {
+        api.call(
+            "POST",
+            &format!("/v1/appliances/{name}/scale"),
+            "application/json",
+            r#"{"dataplanes": 3}"#,
+        )
+    };
+    assert_eq!(scale("edge-fw").0, 200);
+    let (status, v) = scale("junk");
+    let msg = error_message(status, &v, 409, "conflict");
+    assert!(msg.contains("junk.json"), "{msg}");
+    let (status, v) = api.apply(&spec.replace("name: edge-fw", "name: half"));
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("pending")),
+        "{v:#}"
+    );
+    assert_eq!(api.call("DELETE", "/v1/appliances/junk", "", "").0, 200);
+    assert_eq!(api.get("/v1/appliances/junk").0, 404);
+    api.stop();
+
+    // After a restart: the set-aside files are not records any more.
+    let api = Api::start(&dir.0);
+    let (_, v) = api.get("/v1/appliances");
+    let listed: Vec<(&str, &str)> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap_or(""),
+                a["status"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [("edge-fw", "pending"), ("half", "pending")],
+        "{v:#}"
+    );
+}
+
 #[test]
 fn the_typed_client_round_trips() {
     let dir = TempDir::new("client");
@@ -800,7 +923,8 @@ fn openapi_schemas_match_the_model() {
                 ApplianceStatus::Pending,
                 ApplianceStatus::Ready,
                 ApplianceStatus::Degraded,
-                ApplianceStatus::Deleting
+                ApplianceStatus::Deleting,
+                ApplianceStatus::Error
             ]
             .iter()
             .map(|r| serde_json::to_value(r).expect("json"))
