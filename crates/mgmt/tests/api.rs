@@ -551,6 +551,38 @@ fn calls_are_answered_while_others_are_in_progress() {
     drop(stuck);
 }
 
+/// Idle connections that each send one byte and hold, more than the server serves at once and
+/// from the address every local client shares: a normal call is still answered, within 1 s, and
+/// an idle connection is cut off once its head is overdue.
+#[test]
+fn idle_connections_do_not_lock_out_other_clients() {
+    let dir = TempDir::new("idle");
+    let api = Api::start(&dir.0);
+    let mut idle: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = TcpStream::connect(api.addr).expect("connect");
+            s.write_all(b"G").expect("write");
+            s
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let (status, v) = api.get("/v1/appliances");
+    let took = t.elapsed();
+    assert_eq!(status, 200, "{v:#}");
+    assert!(took < Duration::from_secs(1), "answered after {took:?}");
+
+    // The newest idle connection is still open (the oldest made room), until its head is late.
+    let last = idle.last_mut().expect("connections");
+    last.set_read_timeout(Some(api::HEAD_TIMEOUT * 2))
+        .expect("timeout");
+    let mut resp = String::new();
+    let _ = last.read_to_string(&mut resp);
+    assert!(
+        resp.starts_with("HTTP/1.1 408") && resp.contains("head"),
+        "{resp:?}"
+    );
+}
+
 #[test]
 fn the_store_survives_a_restart_and_delete_removes_the_appliance() {
     let dir = TempDir::new("restart");
