@@ -7,10 +7,16 @@
 //!
 //! The HTTP/1.1 layer is a small one of our own on `std::net` rather than a library: it is all
 //! bounds. A request head is at most [`MAX_HEAD`] bytes, a body at most [`MAX_BODY`] (checked
-//! against `Content-Length` before anything is read or allocated), a whole request must arrive
-//! within [`REQUEST_TIMEOUT`], and at most [`MAX_CONNECTIONS`] are served at once, each on its own
-//! thread, so a slow call (a delete waits for units to stop) or a slow client holds up nobody
-//! else. One request per connection (`Connection: close`), which is all the CLI needs.
+//! against `Content-Length` before anything is read or allocated); the head must arrive within
+//! [`HEAD_TIMEOUT`] of connecting and the body within [`BODY_TIMEOUT`] after it. At most
+//! [`MAX_CONNECTIONS`] are served at once, [`MAX_PER_CLIENT`] from one address (IPv6: one /64),
+//! each on its own thread, so a slow call (a delete waits for units to stop) or a slow client
+//! holds up nobody else. Connections that have not yet sent a whole head cost their client
+//! nothing to lose and are what a flood of idle connections is made of: when a limit is reached,
+//! the oldest of those (of that client first) is closed to make room, so idle connections can
+//! never lock everyone out, also when they come from the same address (every local user is
+//! 127.0.0.1). The acceptor never waits on a client. One request per connection
+//! (`Connection: close`), which is all the CLI needs.
 //! (tiny_http 0.12, tried first, allocates a request's declared `Content-Length` when it drops an
 //! unread body: one unauthenticated request declaring a few TB aborted the process.)
 
@@ -18,8 +24,8 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -50,10 +56,17 @@ pub const ROUTES: &[(&str, &str)] = &[
 pub const MAX_BODY: usize = 1 << 20;
 /// Largest request line plus headers.
 pub const MAX_HEAD: usize = 16 << 10;
-/// Connections served at once; more are answered 503 straight away.
-pub const MAX_CONNECTIONS: usize = 64;
-/// Time a client has to send a whole request (head and body).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once (beyond it, one still waiting for its head is closed, or else the
+/// new one is answered 503).
+pub const MAX_CONNECTIONS: usize = 256;
+/// Connections served at once from one client address (IPv6: one /64), the same way.
+pub const MAX_PER_CLIENT: usize = 16;
+/// Time a client has, from connecting, to send the request line and headers.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client has, after the head, to send the body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an answer may take to be written.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEADERS: usize = 100;
 /// After answering, how long unread input is drained before closing (so the client reads the
 /// answer instead of a reset).
@@ -65,7 +78,102 @@ struct Shared {
     mgmt: Mgmt,
     token: String,
     stop: AtomicBool,
+    /// Connection threads alive (what [`ApiServer::stop`] waits for).
     active: AtomicUsize,
+    conns: Mutex<Connections>,
+}
+
+/// A client, for the per-client limit: its IPv4 address, or its IPv6 /64 (one host's share).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ClientKey(IpAddr);
+
+impl ClientKey {
+    fn of(ip: IpAddr) -> ClientKey {
+        match ip {
+            IpAddr::V4(_) => ClientKey(ip),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ClientKey(IpAddr::V4(v4)),
+                None => {
+                    let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                    ClientKey(IpAddr::V6(Ipv6Addr::from(bits)))
+                }
+            },
+        }
+    }
+}
+
+const IN_HEAD: u8 = 0;
+const SERVING: u8 = 1;
+const EVICTED: u8 = 2;
+
+/// One open connection, as the limits see it.
+struct Slot {
+    id: u64,
+    client: ClientKey,
+    /// [`IN_HEAD`] (closing it loses its client nothing), [`SERVING`] or [`EVICTED`]; the
+    /// acceptor and the connection's thread each claim it with one compare-exchange, so a
+    /// connection is never closed once its request is being served.
+    phase: AtomicU8,
+    /// To close it from the acceptor when it must make room.
+    stream: TcpStream,
+}
+
+/// The open connections (at most [`MAX_CONNECTIONS`], so scanning them is cheap), oldest first.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: Vec<Arc<Slot>>,
+}
+
+impl Connections {
+    /// Make room for a connection from `client` and register it; `Err` says why there is none.
+    fn admit(&mut self, client: ClientKey, stream: &TcpStream) -> Result<Arc<Slot>, String> {
+        if self.open.iter().filter(|c| c.client == client).count() >= MAX_PER_CLIENT
+            && !self.evict(|c| c.client == client)
+        {
+            return Err(format!(
+                "too many connections from {} (at most {MAX_PER_CLIENT}); retry",
+                client.0
+            ));
+        }
+        if self.open.len() >= MAX_CONNECTIONS && !self.evict(|_| true) {
+            return Err(format!(
+                "too many connections (at most {MAX_CONNECTIONS}); retry"
+            ));
+        }
+        let stream = stream
+            .try_clone()
+            .map_err(|e| format!("out of resources ({e}); retry"))?;
+        self.next_id += 1;
+        let slot = Arc::new(Slot {
+            id: self.next_id,
+            client,
+            phase: AtomicU8::new(IN_HEAD),
+            stream,
+        });
+        self.open.push(slot.clone());
+        Ok(slot)
+    }
+
+    /// Close the oldest connection matching `which` that is still waiting for its head.
+    fn evict(&mut self, which: impl Fn(&Slot) -> bool) -> bool {
+        let Some(i) = self.open.iter().position(|c| {
+            which(c)
+                && c.phase
+                    .compare_exchange(IN_HEAD, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+        }) else {
+            return false;
+        };
+        let slot = self.open.remove(i);
+        // Its thread, blocked reading, sees the end of input and finishes.
+        let _ = slot.stream.shutdown(Shutdown::Both);
+        true
+    }
+
+    fn release(&mut self, id: u64) {
+        self.open.retain(|c| c.id != id);
+    }
 }
 
 /// A running API server; [`stop`](ApiServer::stop) (or drop) ends it.
@@ -125,6 +233,7 @@ pub fn serve(mgmt: Mgmt, listen: SocketAddr, token: String) -> anyhow::Result<Ap
         token,
         stop: AtomicBool::new(false),
         active: AtomicUsize::new(0),
+        conns: Mutex::new(Connections::default()),
     });
     let acceptor = {
         let shared = shared.clone();
@@ -146,41 +255,61 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             return;
         }
         match accepted {
-            Ok((stream, _)) => dispatch(shared, stream),
+            Ok((stream, peer)) => dispatch(shared, stream, peer.ip()),
             // Out of file descriptors and the like: back off instead of spinning.
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
 }
 
-/// Counts a connection in progress for as long as it lives (also through a panic).
-struct Active(Arc<Shared>);
+/// A connection in progress, for as long as it lives (also through a panic): counted, and
+/// registered with the limits.
+struct Active {
+    shared: Arc<Shared>,
+    slot: Arc<Slot>,
+}
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.shared.conns().release(self.slot.id);
+        self.shared.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-fn dispatch(shared: &Arc<Shared>, mut stream: TcpStream) {
-    let busy = |stream: &mut TcpStream| {
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-        let r = Reply::error(503, "unavailable", "too many connections; retry".into());
-        let _ = stream.write_all(&r.to_bytes());
-    };
-    if shared.active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-        shared.active.fetch_sub(1, Ordering::AcqRel);
-        return busy(&mut stream);
+impl Shared {
+    fn conns(&self) -> std::sync::MutexGuard<'_, Connections> {
+        // The registry is consistent between any two statements: a panic elsewhere leaves it usable.
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
-    let active = Active(shared.clone());
+}
+
+/// Answer 503 from the acceptor without ever waiting on the client: one non-blocking write (a
+/// new connection's send buffer is empty, so it fits), whatever becomes of it.
+fn busy(stream: &TcpStream, why: String) {
+    let _ = stream.set_nonblocking(true);
+    let r = Reply::error(503, "unavailable", why);
+    let _ = (&*stream).write(&r.to_bytes());
+}
+
+fn dispatch(shared: &Arc<Shared>, stream: TcpStream, peer: IpAddr) {
+    let admitted = shared.conns().admit(ClientKey::of(peer), &stream);
+    let slot = match admitted {
+        Ok(slot) => slot,
+        Err(why) => return busy(&stream, why),
+    };
+    shared.active.fetch_add(1, Ordering::AcqRel);
+    let active = Active {
+        shared: shared.clone(),
+        slot,
+    };
     // Kept to say "busy" should the thread not start (the stream itself moves into it).
     let spare = stream.try_clone();
     let spawned = std::thread::Builder::new()
         .name("api-conn".into())
-        .spawn(move || serve_connection(&active.0, stream));
-    // A failed spawn dropped the closure, and with it the count.
-    if let (Err(_), Ok(mut spare)) = (spawned, spare) {
-        busy(&mut spare);
+        .spawn(move || serve_connection(&active, stream));
+    // A failed spawn dropped the closure, and with it the registration.
+    if let (Err(_), Ok(spare)) = (spawned, spare) {
+        busy(&spare, "out of threads; retry".into());
     }
 }
 
@@ -293,22 +422,42 @@ impl From<Reply> for ReadError {
     }
 }
 
-fn timed_out() -> ReadError {
-    ReadError::Reply(Reply::error(
-        408,
-        "timeout",
-        format!(
-            "the request did not arrive within {} s",
-            REQUEST_TIMEOUT.as_secs()
-        ),
-    ))
+/// A time limit for one part of the request.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    /// "head" or "body", for the message.
+    part: &'static str,
+    limit: Duration,
 }
 
-/// One read before `deadline`: `Ok(0)` at end of input.
-fn read_some(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<usize, ReadError> {
-    let left = deadline.saturating_duration_since(Instant::now());
+impl Deadline {
+    fn after(limit: Duration, part: &'static str) -> Deadline {
+        Deadline {
+            at: Instant::now() + limit,
+            part,
+            limit,
+        }
+    }
+
+    fn timed_out(&self) -> ReadError {
+        ReadError::Reply(Reply::error(
+            408,
+            "timeout",
+            format!(
+                "the request {} did not arrive within {} s",
+                self.part,
+                self.limit.as_secs()
+            ),
+        ))
+    }
+}
+
+/// One read before the deadline: `Ok(0)` at end of input.
+fn read_some(s: &mut TcpStream, buf: &mut [u8], deadline: Deadline) -> Result<usize, ReadError> {
+    let left = deadline.at.saturating_duration_since(Instant::now());
     if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
-        return Err(timed_out());
+        return Err(deadline.timed_out());
     }
     loop {
         match s.read(buf) {
@@ -320,7 +469,7 @@ fn read_some(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<usi
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(timed_out())
+                return Err(deadline.timed_out())
             }
             Err(_) => return Err(ReadError::Closed),
         }
@@ -328,7 +477,7 @@ fn read_some(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<usi
 }
 
 /// Read up to the end of the head; returns the head and the body bytes read past it.
-fn read_head(s: &mut TcpStream, deadline: Instant) -> Result<(Head, Vec<u8>), ReadError> {
+fn read_head(s: &mut TcpStream, deadline: Deadline) -> Result<(Head, Vec<u8>), ReadError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let end = loop {
@@ -454,7 +603,7 @@ fn read_body(
     s: &mut TcpStream,
     head: &Head,
     mut body: Vec<u8>,
-    deadline: Instant,
+    deadline: Deadline,
 ) -> Result<String, ReadError> {
     let len = head.content_length.unwrap_or(0);
     if len > MAX_BODY {
@@ -575,11 +724,10 @@ fn matches_template(template: &str, segments: &[&str]) -> bool {
             .all(|(a, b)| (a.starts_with('{') && !b.is_empty()) || a == b)
 }
 
-fn serve_connection(sh: &Shared, mut s: TcpStream) {
-    let deadline = Instant::now() + REQUEST_TIMEOUT;
-    let _ = s.set_write_timeout(Some(REQUEST_TIMEOUT));
+fn serve_connection(conn: &Active, mut s: TcpStream) {
+    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
     let _ = s.set_nodelay(true);
-    let reply = match answer(sh, &mut s, deadline) {
+    let reply = match answer(&conn.shared, &conn.slot, &mut s) {
         Ok(r) | Err(ReadError::Reply(r)) => r,
         Err(ReadError::Closed) => return,
     };
@@ -588,8 +736,17 @@ fn serve_connection(sh: &Shared, mut s: TcpStream) {
     linger(s);
 }
 
-fn answer(sh: &Shared, s: &mut TcpStream, deadline: Instant) -> Result<Reply, ReadError> {
-    let (head, rest) = read_head(s, deadline)?;
+fn answer(sh: &Shared, slot: &Slot, s: &mut TcpStream) -> Result<Reply, ReadError> {
+    let (head, rest) = read_head(s, Deadline::after(HEAD_TIMEOUT, "head"))?;
+    // A whole request arrived: from here on the connection is not closed to make room (unless
+    // that happened already, and then there is nobody to answer).
+    if slot
+        .phase
+        .compare_exchange(IN_HEAD, SERVING, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return Err(ReadError::Closed);
+    }
     let call = route(&head.method, &head.target)?;
     if call.guarded() && !authorized(&head, &sh.token) {
         return Ok(Reply::error(
@@ -599,7 +756,7 @@ fn answer(sh: &Shared, s: &mut TcpStream, deadline: Instant) -> Result<Reply, Re
         ));
     }
     let body = if call.has_body() {
-        read_body(s, &head, rest, deadline)?
+        read_body(s, &head, rest, Deadline::after(BODY_TIMEOUT, "body"))?
     } else {
         String::new()
     };
@@ -874,6 +1031,15 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some((14, 4)));
         assert_eq!(head_end(b"GET / HTTP/1.1\n\nbody"), Some((14, 2)));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\n"), None);
+    }
+
+    #[test]
+    fn clients_are_told_apart_by_address_and_ipv6_slash_64() {
+        let key = |s: &str| ClientKey::of(s.parse().expect("address"));
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.1"), key("192.0.2.1"));
+        assert_ne!(key("192.0.2.1"), key("192.0.2.2"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use dva_proto::ApplianceSpec;
 use crate::model::*;
 use crate::provision::{LocalProvisioner, Provisioner};
 use crate::reconcile::{self, Runtime};
-use crate::store::Store;
+use crate::store::{CorruptRecord, Store};
 
 #[derive(Debug, Clone)]
 pub struct MgmtOptions {
@@ -48,10 +48,41 @@ pub(crate) struct Appliance {
     pub rt: Runtime,
 }
 
+/// An appliance whose stored record could not be used at start: listed with status `error` until
+/// its spec is applied again or it is deleted.
+pub(crate) struct Broken {
+    pub error: String,
+    pub events: Vec<Event>,
+}
+
+impl Broken {
+    fn view(&self, name: &str) -> ApplianceView {
+        ApplianceView {
+            name: name.to_string(),
+            status: ApplianceStatus::Error,
+            generation: 0,
+            config_version: 0,
+            dataplanes: DataplaneCounts {
+                desired: 0,
+                ready: 0,
+                draining: 0,
+                min: 0,
+                max: 0,
+            },
+            units: Vec::new(),
+            error: Some(self.error.clone()),
+            backends: Vec::new(),
+            spec: String::new(),
+        }
+    }
+}
+
 pub(crate) struct Inner {
     pub opts: MgmtOptions,
     pub store: Store,
     pub appliances: Mutex<BTreeMap<String, Appliance>>,
+    /// Lock order: `appliances` before `broken`.
+    pub broken: Mutex<BTreeMap<String, Broken>>,
     pub stop: AtomicBool,
     pub provisioner: Box<dyn Provisioner>,
 }
@@ -61,6 +92,10 @@ impl Inner {
         // A panic while holding the lock must not take the API down with it: the data is plain
         // records, still consistent at every await-free step.
         self.appliances.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn broken(&self) -> MutexGuard<'_, BTreeMap<String, Broken>> {
+        self.broken.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -75,10 +110,18 @@ impl Mgmt {
     pub fn open(opts: MgmtOptions) -> anyhow::Result<Mgmt> {
         let store = Store::open(&opts.state_dir)?;
         let mut appliances = BTreeMap::new();
-        for rec in store.load_all()? {
-            let spec = ApplianceSpec::from_yaml(&rec.spec_text).map_err(|e| {
-                anyhow::anyhow!("stored spec of {} no longer parses: {e}", rec.name)
-            })?;
+        let loaded = store.load_all()?;
+        let mut broken: Vec<CorruptRecord> = loaded.corrupt;
+        for rec in loaded.records {
+            let spec = match ApplianceSpec::from_yaml(&rec.spec_text) {
+                Ok(spec) => spec,
+                // E.g. a spec accepted by an older version whose checks were looser.
+                Err(e) => {
+                    let why = format!("its spec no longer passes validation: {e}");
+                    broken.push(store.set_aside(&rec.name, &why));
+                    continue;
+                }
+            };
             appliances.insert(
                 rec.name.clone(),
                 Appliance {
@@ -89,14 +132,31 @@ impl Mgmt {
                 },
             );
         }
+        let broken = broken
+            .into_iter()
+            .map(|c| {
+                let event = Event {
+                    time_ms: now_ms(),
+                    reason: "store-corrupt".into(),
+                    message: c.reason.clone(),
+                };
+                let b = Broken {
+                    error: c.reason,
+                    events: vec![event],
+                };
+                (c.name, b)
+            })
+            .collect();
         let provisioner = Box::new(LocalProvisioner::new(opts.exe.clone()));
         let inner = Arc::new(Inner {
             opts,
             store,
             appliances: Mutex::new(appliances),
+            broken: Mutex::new(broken),
             stop: AtomicBool::new(false),
             provisioner,
         });
+        reconcile::adopt_all(&inner);
         let handle = {
             let inner = inner.clone();
             std::thread::Builder::new()
@@ -172,6 +232,8 @@ impl Mgmt {
                     rt: Runtime::default(),
                 };
                 let view = reconcile::view(&self.inner, &app);
+                // A fresh spec replaces a record that was set aside (the file stays aside).
+                self.inner.broken().remove(&name);
                 all.insert(name, app);
                 view
             }
@@ -181,22 +243,40 @@ impl Mgmt {
 
     pub fn list(&self) -> Vec<ApplianceView> {
         let all = self.inner.lock();
-        all.values()
+        let mut views: Vec<ApplianceView> = all
+            .values()
             .map(|a| reconcile::view(&self.inner, a))
-            .collect()
+            .collect();
+        views.extend(self.inner.broken().iter().map(|(n, b)| b.view(n)));
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        views
     }
 
     pub fn get(&self, name: &str) -> Result<ApplianceView, ApiError> {
         let all = self.inner.lock();
-        let app = all.get(name).ok_or_else(|| not_found(name))?;
-        Ok(reconcile::view(&self.inner, app))
+        match all.get(name) {
+            Some(app) => Ok(reconcile::view(&self.inner, app)),
+            None => self
+                .inner
+                .broken()
+                .get(name)
+                .map(|b| b.view(name))
+                .ok_or_else(|| not_found(name)),
+        }
     }
 
     /// Stop every unit of the appliance and forget it. Returns once the units are gone.
     pub fn delete(&self, name: &str) -> Result<(), ApiError> {
         {
             let mut all = self.inner.lock();
-            let app = all.get_mut(name).ok_or_else(|| not_found(name))?;
+            let Some(app) = all.get_mut(name) else {
+                // An appliance known only by its unusable record: forgetting it is all there is
+                // to do (its file stays set aside).
+                return match self.inner.broken().remove(name) {
+                    Some(_) => Ok(()),
+                    None => Err(not_found(name)),
+                };
+            };
             app.deleting = true;
         }
         reconcile::delete(&self.inner, name).map_err(|e| ApiError::Internal(format!("{e:#}")))
@@ -211,7 +291,15 @@ impl Mgmt {
             .transpose()
             .map_err(|e| ApiError::Invalid(format!("drain_deadline: {e}")))?;
         let mut all = self.inner.lock();
-        let app = all.get_mut(name).ok_or_else(|| not_found(name))?;
+        let Some(app) = all.get_mut(name) else {
+            if let Some(b) = self.inner.broken().get(name) {
+                return Err(ApiError::Conflict(format!(
+                    "appliance {name} cannot be scaled: {} (apply its spec again or delete it)",
+                    b.error
+                )));
+            }
+            return Err(not_found(name));
+        };
         if app.deleting {
             return Err(ApiError::Conflict(format!(
                 "appliance {name} is being deleted"
@@ -249,8 +337,15 @@ impl Mgmt {
 
     pub fn events(&self, name: &str) -> Result<Vec<Event>, ApiError> {
         let all = self.inner.lock();
-        let app = all.get(name).ok_or_else(|| not_found(name))?;
-        Ok(app.rec.events.clone())
+        match all.get(name) {
+            Some(app) => Ok(app.rec.events.clone()),
+            None => self
+                .inner
+                .broken()
+                .get(name)
+                .map(|b| b.events.clone())
+                .ok_or_else(|| not_found(name)),
+        }
     }
 
     /// Stop the reconciler (units keep running: a restarted `dva serve` adopts them).

@@ -51,6 +51,10 @@ pub struct UnitRecord {
     /// The host (in the lab: a network namespace) it runs on.
     pub host: String,
     pub pid: Option<u32>,
+    /// The process's start time (clock ticks after boot): with the pid, it names the process, so
+    /// a pid reused by another process is never taken for the unit (nor signalled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start: Option<u64>,
     /// Backplane address (dispatchers and data planes).
     pub addr: Option<SocketAddr>,
     pub state: UnitState,
@@ -129,7 +133,9 @@ pub struct UnitView {
 }
 
 /// Appliance status: `pending` (units starting), `ready` (every unit serves the current config
-/// version), `degraded` (running, but a unit is missing or NACKed), `deleting`.
+/// version), `degraded` (running, but a unit is missing or NACKed), `deleting`, `error` (its
+/// stored record could not be used: `error` says why and where the file was set aside; apply
+/// the spec again or delete the appliance).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ApplianceStatus {
@@ -137,6 +143,7 @@ pub enum ApplianceStatus {
     Ready,
     Degraded,
     Deleting,
+    Error,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -29,7 +29,7 @@ use dva_proto::{compile, ApplianceSpec, Placement, UnitEndpoint};
 use crate::autoscale::Autoscaler;
 use crate::core::{push_event, Appliance, Inner};
 use crate::model::*;
-use crate::provision::UnitLaunch;
+use crate::provision::{UnitLaunch, UnitProcess};
 
 const PERIOD: Duration = Duration::from_millis(200);
 /// GENEVE's IANA port; further units on one host take the next ports.
@@ -175,10 +175,10 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
 
     // 1. Units whose process is gone.
     let mut kept = Vec::new();
-    for u in std::mem::take(&mut app.rec.units) {
-        let alive = u
-            .pid
-            .is_some_and(|pid| inner.provisioner.alive(pid, &launch(inner, &name, &u)));
+    for mut u in std::mem::take(&mut app.rec.units) {
+        let alive = process(&u)
+            .is_some_and(|p| inner.provisioner.alive(p, &launch(inner, &name, &u)))
+            || adopt_unit(inner, &name, &mut u, &mut app.rec);
         if alive {
             kept.push(u);
             continue;
@@ -300,6 +300,7 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
                 role,
                 host,
                 pid: None,
+                pid_start: None,
                 addr,
                 state: UnitState::Starting,
                 started_ms: now,
@@ -315,9 +316,11 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
         for nu in new_units {
             let l = launch(inner, &name, &nu);
             match inner.provisioner.start(&l) {
-                Ok(pid) => {
+                Ok(p) => {
+                    let pid = p.pid;
                     if let Some(u) = app.rec.units.iter_mut().find(|u| u.id == nu.id) {
                         u.pid = Some(pid);
+                        u.pid_start = p.start;
                     }
                     push_event(
                         &mut app.rec,
@@ -480,8 +483,8 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
                     }
                     if (empty && clear_since.elapsed() >= clear_for) || exported || export_overdue {
                         let flows = open;
-                        if let Some(pid) = u.pid {
-                            inner.provisioner.stop(pid);
+                        if let Some(p) = process(u) {
+                            inner.provisioner.stop(p, &launch(inner, &name, u));
                         }
                         u.state = UnitState::Stopped;
                         events.push((
@@ -595,6 +598,85 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
         }
     }
     write_units_json(inner, app);
+}
+
+/// The recorded process of a unit, if a pid was recorded.
+fn process(u: &UnitRecord) -> Option<UnitProcess> {
+    u.pid.map(|pid| UnitProcess {
+        pid,
+        start: u.pid_start,
+    })
+}
+
+/// A unit whose recorded process is gone, or was never recorded (a crash of the management tool
+/// between starting the unit and saving its pid): if a process runs its command line, it is the
+/// unit, so take it over rather than start a second one. Duplicates (left by such crashes before
+/// units were found again) are stopped, the oldest kept. Returns whether a process was adopted.
+fn adopt_unit(inner: &Inner, name: &str, u: &mut UnitRecord, rec: &mut ApplianceRecord) -> bool {
+    let l = launch(inner, name, u);
+    let found = inner.provisioner.find(&l);
+    let Some(&first) = found.first() else {
+        return false;
+    };
+    let mut rec_events = Vec::new();
+    for &dup in &found[1..] {
+        inner.provisioner.stop(dup, &l);
+        rec_events.push((
+            "unit-duplicate",
+            format!(
+                "{} unit {} on {}: a second process (pid {}) runs it; stopping that one",
+                u.role.as_str(),
+                u.id,
+                u.host,
+                dup.pid
+            ),
+        ));
+    }
+    if u.pid != Some(first.pid) {
+        rec_events.push((
+            "unit-adopted",
+            format!(
+                "{} unit {} on {} found running (pid {}); adopted",
+                u.role.as_str(),
+                u.id,
+                u.host,
+                first.pid
+            ),
+        ));
+    }
+    u.pid = Some(first.pid);
+    u.pid_start = first.start;
+    for (reason, message) in rec_events {
+        push_event(rec, reason, message);
+    }
+    true
+}
+
+/// After a restart of the management tool: find every stored unit's process again (recording
+/// the start time of those stored without one), so none is taken for dead and started twice.
+pub(crate) fn adopt_all(inner: &Inner) {
+    let mut all = inner.lock();
+    for app in all.values_mut() {
+        let before = app.rec.clone();
+        let name = app.rec.name.clone();
+        let mut units = std::mem::take(&mut app.rec.units);
+        for u in units.iter_mut() {
+            let l = launch(inner, &name, u);
+            match process(u).filter(|&p| inner.provisioner.alive(p, &l)) {
+                Some(p) if p.start.is_some() => {}
+                Some(p) => u.pid_start = crate::provision::start_time(p.pid),
+                None => {
+                    adopt_unit(inner, &name, u, &mut app.rec);
+                }
+            }
+        }
+        app.rec.units = units;
+        if app.rec != before {
+            if let Err(e) = inner.store.save(&app.rec) {
+                app.rt.error = Some(format!("store: {e:#}"));
+            }
+        }
+    }
 }
 
 /// The data-plane host with the fewest data planes, and the next free backplane port on it.
@@ -827,25 +909,37 @@ pub(crate) fn delete(inner: &Inner, name: &str) -> anyhow::Result<()> {
     };
     let mut pairs: Vec<(UnitRecord, UnitLaunch)> = units.into_iter().zip(launches).collect();
     pairs.sort_by_key(|(u, _)| order(u));
-    for (u, _) in &pairs {
-        if let Some(pid) = u.pid {
-            inner.provisioner.stop(pid);
-        }
+    // Every process that is a unit: the recorded one, or for a unit recorded without a live pid
+    // (a crash between starting it and saving the pid) whatever runs its command line.
+    let procs: Vec<(UnitProcess, &UnitLaunch)> = pairs
+        .iter()
+        .flat_map(
+            |(u, l)| match process(u).filter(|&p| inner.provisioner.alive(p, l)) {
+                Some(p) => vec![(p, l)],
+                None => inner
+                    .provisioner
+                    .find(l)
+                    .into_iter()
+                    .map(|p| (p, l))
+                    .collect(),
+            },
+        )
+        .collect();
+    for &(p, l) in &procs {
+        inner.provisioner.stop(p, l);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let left: Vec<&(UnitRecord, UnitLaunch)> = pairs
+        let left: Vec<&(UnitProcess, &UnitLaunch)> = procs
             .iter()
-            .filter(|(u, l)| u.pid.is_some_and(|pid| inner.provisioner.alive(pid, l)))
+            .filter(|(p, l)| inner.provisioner.alive(*p, l))
             .collect();
         if left.is_empty() {
             break;
         }
         if Instant::now() > deadline {
-            for (u, _) in left {
-                if let Some(pid) = u.pid {
-                    inner.provisioner.kill(pid);
-                }
+            for &&(p, l) in &left {
+                inner.provisioner.kill(p, l);
             }
             break;
         }

@@ -551,6 +551,38 @@ fn calls_are_answered_while_others_are_in_progress() {
     drop(stuck);
 }
 
+/// Idle connections that each send one byte and hold, more than the server serves at once and
+/// from the address every local client shares: a normal call is still answered, within 1 s, and
+/// an idle connection is cut off once its head is overdue.
+#[test]
+fn idle_connections_do_not_lock_out_other_clients() {
+    let dir = TempDir::new("idle");
+    let api = Api::start(&dir.0);
+    let mut idle: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = TcpStream::connect(api.addr).expect("connect");
+            s.write_all(b"G").expect("write");
+            s
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let (status, v) = api.get("/v1/appliances");
+    let took = t.elapsed();
+    assert_eq!(status, 200, "{v:#}");
+    assert!(took < Duration::from_secs(1), "answered after {took:?}");
+
+    // The newest idle connection is still open (the oldest made room), until its head is late.
+    let last = idle.last_mut().expect("connections");
+    last.set_read_timeout(Some(api::HEAD_TIMEOUT * 2))
+        .expect("timeout");
+    let mut resp = String::new();
+    let _ = last.read_to_string(&mut resp);
+    assert!(
+        resp.starts_with("HTTP/1.1 408") && resp.contains("head"),
+        "{resp:?}"
+    );
+}
+
 #[test]
 fn the_store_survives_a_restart_and_delete_removes_the_appliance() {
     let dir = TempDir::new("restart");
@@ -587,6 +619,129 @@ fn the_store_survives_a_restart_and_delete_removes_the_appliance() {
     let api = Api::start(&dir.0);
     assert_eq!(api.get("/v1/appliances"), (200, Value::Array(vec![])));
     api.stop();
+}
+
+/// A record that is garbage or was cut short does not keep the management tool from starting:
+/// it is set aside (kept, renamed), shown as an appliance in `error` with the reason and an event,
+/// and the other appliances work as before.
+#[test]
+fn a_corrupt_store_record_is_set_aside_and_reported() {
+    let dir = TempDir::new("corrupt");
+    let spec = example("edge-firewall.yaml");
+    let api = Api::start(&dir.0);
+    assert_eq!(api.apply(&spec).0, 200);
+    assert_eq!(
+        api.apply(&spec.replace("name: edge-fw", "name: half")).0,
+        200
+    );
+    api.stop();
+    let records = dir.0.join("state/appliances");
+    let half = std::fs::read(records.join("half.json")).expect("record");
+    std::fs::write(records.join("half.json"), &half[..half.len() / 2]).expect("truncate");
+    std::fs::write(records.join("junk.json"), b"\x00\xffnot json").expect("write");
+
+    let api = Api::start(&dir.0);
+    let (status, v) = api.get("/v1/appliances");
+    assert_eq!(status, 200, "{v:#}");
+    let listed: Vec<(&str, &str)> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap_or(""),
+                a["status"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(listed[0].0, "edge-fw", "{v:#}");
+    assert_ne!(listed[0].1, "error", "{v:#}");
+    assert_eq!(
+        &listed[1..],
+        [("half", "error"), ("junk", "error")],
+        "{v:#}"
+    );
+    for name in ["half", "junk"] {
+        let (status, v) = api.get(&format!("/v1/appliances/{name}"));
+        assert_eq!(
+            (status, v["status"].as_str()),
+            (200, Some("error")),
+            "{v:#}"
+        );
+        let error = v["error"].as_str().unwrap_or("");
+        assert!(
+            error.contains(&format!("{name}.json")) && error.contains("set aside"),
+            "{error}"
+        );
+        let (status, events) = api.get(&format!("/v1/appliances/{name}/events"));
+        assert_eq!(status, 200);
+        assert_eq!(events[0]["reason"], "store-corrupt", "{events:#}");
+        // The bytes are kept for a human to look at, out of the way of a new record.
+        let aside: Vec<String> = std::fs::read_dir(&records)
+            .expect("dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|f| f.starts_with(&format!("{name}.json.corrupt-")))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert!(!records.join(format!("{name}.json")).exists());
+    }
+    let aside = std::fs::read_dir(&records)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("half.json.corrupt-")
+        })
+        .expect("half set aside");
+    assert_eq!(
+        std::fs::read(aside.path()).expect("read"),
+        &half[..half.len() / 2]
+    );
+
+    // The healthy appliance works; the broken ones refuse a scale but take a fresh spec or a
+    // delete.
+    let scale = |name: &str| {
+        api.call(
+            "POST",
+            &format!("/v1/appliances/{name}/scale"),
+            "application/json",
+            r#"{"dataplanes": 3}"#,
+        )
+    };
+    assert_eq!(scale("edge-fw").0, 200);
+    let (status, v) = scale("junk");
+    let msg = error_message(status, &v, 409, "conflict");
+    assert!(msg.contains("junk.json"), "{msg}");
+    let (status, v) = api.apply(&spec.replace("name: edge-fw", "name: half"));
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("pending")),
+        "{v:#}"
+    );
+    assert_eq!(api.call("DELETE", "/v1/appliances/junk", "", "").0, 200);
+    assert_eq!(api.get("/v1/appliances/junk").0, 404);
+    api.stop();
+
+    // After a restart: the set-aside files are not records any more.
+    let api = Api::start(&dir.0);
+    let (_, v) = api.get("/v1/appliances");
+    let listed: Vec<(&str, &str)> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap_or(""),
+                a["status"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [("edge-fw", "pending"), ("half", "pending")],
+        "{v:#}"
+    );
 }
 
 #[test]
@@ -800,7 +955,8 @@ fn openapi_schemas_match_the_model() {
                 ApplianceStatus::Pending,
                 ApplianceStatus::Ready,
                 ApplianceStatus::Degraded,
-                ApplianceStatus::Deleting
+                ApplianceStatus::Deleting,
+                ApplianceStatus::Error
             ]
             .iter()
             .map(|r| serde_json::to_value(r).expect("json"))

@@ -891,6 +891,10 @@ impl ApplianceSpec {
                 ),
             ));
         }
+        for (key, value) in &self.metadata.labels {
+            check_label_key(&format!("metadata.labels.{key}"), key)?;
+            check_label_value(&format!("metadata.labels.{key}"), value)?;
+        }
         let body = &self.spec;
         if let Some(vni) = body.vni {
             if vni >= 1 << 24 {
@@ -916,19 +920,21 @@ impl ApplianceSpec {
         let mut devices = BTreeSet::new();
         for (i, ifc) in body.interfaces.iter().enumerate() {
             let path = format!("spec.interfaces[{i}]");
-            if ifc.name.is_empty() || !names.insert(ifc.name.as_str()) {
+            check_label(&format!("{path}.name"), &ifc.name)?;
+            if !names.insert(ifc.name.as_str()) {
                 return Err(SpecError::field(
                     format!("{path}.name"),
-                    format!("duplicate or empty interface name {:?}", ifc.name),
+                    format!("duplicate interface name {:?}", ifc.name),
                 ));
             }
-            if ifc.device.is_empty()
-                || ifc.device.len() > 15
-                || !devices.insert(ifc.device.as_str())
-            {
+            check_device(&format!("{path}.device"), &ifc.device)?;
+            if !devices.insert(ifc.device.as_str()) {
                 return Err(SpecError::field(
                     format!("{path}.device"),
-                    format!("invalid or duplicate device {:?} (1-15 characters, one interface per device)", ifc.device),
+                    format!(
+                        "duplicate device {:?} (one interface per device)",
+                        ifc.device
+                    ),
                 ));
             }
             if ifc.addresses.is_empty() {
@@ -1207,6 +1213,7 @@ impl ApplianceSpec {
         let mut names = BTreeSet::new();
         for (i, v) in lb.services.iter().enumerate() {
             let p = format!("{path}.services[{i}]");
+            check_label(&format!("{p}.name"), &v.name)?;
             if !names.insert(v.name.as_str()) {
                 return Err(SpecError::field(
                     format!("{p}.name"),
@@ -1233,6 +1240,7 @@ impl ApplianceSpec {
             }
             let mut bn = BTreeSet::new();
             for (j, b) in v.backends.iter().enumerate() {
+                check_label(&format!("{p}.backends[{j}].name"), &b.name)?;
                 if !bn.insert(b.name.as_str()) {
                     return Err(SpecError::field(
                         format!("{p}.backends[{j}].name"),
@@ -1261,6 +1269,9 @@ impl ApplianceSpec {
                 ));
             }
             if let Some(h) = &v.health {
+                if let Some(hp) = &h.path {
+                    check_http_path(&format!("{p}.health.path"), hp)?;
+                }
                 if h.rise == 0 || h.fall == 0 || h.interval.ms() < 100 || h.timeout.ms() == 0 {
                     return Err(SpecError::field(
                         format!("{p}.health"),
@@ -1273,6 +1284,9 @@ impl ApplianceSpec {
     }
 
     fn validate_rule(&self, path: &str, r: &RuleSpec) -> Result<(), SpecError> {
+        if let Some(name) = &r.name {
+            check_label(&format!("{path}.name"), name)?;
+        }
         if let Some(from) = &r.from {
             if !self.spec.interfaces.iter().any(|i| &i.name == from) {
                 return Err(SpecError::field(
@@ -1365,6 +1379,100 @@ impl ApplianceSpec {
     }
 }
 
+/// Longest name of an interface, service, backend or rule, and of a label's key or value.
+pub const MAX_LABEL_LEN: usize = 63;
+
+/// A network device name as the kernel accepts it (`dev_valid_name`): 1-15 bytes (`IFNAMSIZ` less
+/// the NUL), not `.` or `..`, no `/`, `:` or whitespace. Control characters are refused as well:
+/// the name ends up in `ip` command lines, logs and status tables.
+fn check_device(path: &str, dev: &str) -> Result<(), SpecError> {
+    let why = if dev.is_empty() || dev.len() > 15 {
+        Some("must be 1-15 bytes long")
+    } else if dev == "." || dev == ".." {
+        Some("\".\" and \"..\" are not device names")
+    } else if dev
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        Some("must not contain '/', ':', whitespace or control characters")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(SpecError::field(
+            path,
+            format!("invalid device name {dev:?}: {why}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Names the spec refers to and that show up in status, metrics and logs: 1-63 of ASCII letters,
+/// digits, `-`, `_` and `.`.
+fn check_label(path: &str, name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_LABEL_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        return Ok(());
+    }
+    Err(SpecError::field(
+        path,
+        format!(
+            "invalid name {name:?}: use 1-{MAX_LABEL_LEN} ASCII letters, digits, '-', '_' and '.'"
+        ),
+    ))
+}
+
+/// A label key may carry a `prefix/` as in Kubernetes (`team.example/owner`).
+fn check_label_key(path: &str, key: &str) -> Result<(), SpecError> {
+    let ok = !key.is_empty()
+        && key.len() <= 2 * MAX_LABEL_LEN
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+    if ok {
+        return Ok(());
+    }
+    Err(SpecError::field(
+        path,
+        format!(
+            "invalid label key {key:?}: use 1-{} ASCII letters, digits, '-', '_', '.' and '/'",
+            2 * MAX_LABEL_LEN
+        ),
+    ))
+}
+
+/// Label values are free text, but one printable line: they are shown in tables and logs.
+fn check_label_value(path: &str, value: &str) -> Result<(), SpecError> {
+    if value.len() <= MAX_LABEL_LEN && !value.chars().any(char::is_control) {
+        return Ok(());
+    }
+    Err(SpecError::field(
+        path,
+        format!(
+            "invalid label value {value:?}: at most {MAX_LABEL_LEN} bytes, no control characters"
+        ),
+    ))
+}
+
+/// The health check writes the path into its request line: visible ASCII only (no space, CR or
+/// LF that would end the line or smuggle headers), starting with `/`.
+fn check_http_path(path: &str, p: &str) -> Result<(), SpecError> {
+    let ok = p.starts_with('/') && p.len() <= 1024 && p.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        return Ok(());
+    }
+    Err(SpecError::field(
+        path,
+        format!(
+            "invalid HTTP path {p:?}: it must start with '/' and be at most 1024 visible ASCII characters (no spaces or line breaks; percent-encode them)"
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1453,6 +1561,107 @@ spec:
     fn layout_bounds() {
         let e = err(&GOOD.replace("initial: 2, max: 4", "initial: 5, max: 4"));
         assert!(e.contains("spec.layout.dataplanes"), "{e}");
+    }
+
+    #[test]
+    fn device_names_are_checked_as_the_kernel_does() {
+        for bad in [
+            "",
+            "0123456789abcdef",
+            ".",
+            "..",
+            "a/b",
+            "a:1",
+            "a b",
+            "a\tb",
+            "in\n0",
+        ] {
+            let e = err(&GOOD.replace("device: in0", &format!("device: {bad:?}")));
+            assert!(
+                e.contains("spec.interfaces[1].device") && e.contains(&format!("{bad:?}")),
+                "{bad:?}: {e}"
+            );
+        }
+        for good in ["in0", "eth0.100", "veth-a_b", "012345678901234", "..."] {
+            let spec = GOOD.replace("device: in0", &format!("device: {good:?}"));
+            assert!(ApplianceSpec::from_yaml(&spec).is_ok(), "{good:?}");
+        }
+        let e = err(&GOOD.replace("device: in0", "device: out0"));
+        assert!(
+            e.contains("spec.interfaces[1].device") && e.contains("duplicate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn names_and_labels_are_checked() {
+        let e = err(&GOOD.replace("name: inside,", "name: \"in side\","));
+        assert!(
+            e.contains("spec.interfaces[1].name") && e.contains("\"in side\""),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("name: web,", "name: \"web\\r\\nx\","));
+        assert!(
+            e.contains("rules[0].name") && e.contains("web\\r\\nx"),
+            "{e}"
+        );
+        let long = "x".repeat(MAX_LABEL_LEN + 1);
+        let e = err(&GOOD.replace("name: outside,", &format!("name: {long},")));
+        assert!(
+            e.contains("spec.interfaces[0].name") && e.contains(&long),
+            "{e}"
+        );
+        let labelled = |k: &str, v: &str| {
+            GOOD.replace(
+                "metadata: { name: edge-fw }",
+                &format!("metadata: {{ name: edge-fw, labels: {{ {k:?}: {v:?} }} }}"),
+            )
+        };
+        assert!(ApplianceSpec::from_yaml(&labelled("team.example/owner", "net ops")).is_ok());
+        let e = err(&labelled("bad key", "x"));
+        assert!(
+            e.contains("metadata.labels") && e.contains("\"bad key\""),
+            "{e}"
+        );
+        let e = err(&labelled("owner", "a\nb"));
+        assert!(
+            e.contains("metadata.labels.owner") && e.contains("a\\nb"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn health_check_paths_cannot_break_the_request_line() {
+        let lb = |path: &str| {
+            format!(
+                r#"
+apiVersion: dva/v1
+kind: Appliance
+metadata: {{ name: web-lb }}
+spec:
+  interfaces:
+    - {{ name: outside, device: out0, addresses: [198.18.1.1/24] }}
+    - {{ name: inside, device: in0, addresses: [198.18.2.1/24] }}
+  services:
+    - lb:
+        services:
+          - name: web
+            vip: 198.18.1.10
+            proto: tcp
+            port: 80
+            backends: [{{ name: server1, addr: 198.18.2.2, port: 80 }}]
+            health: {{ type: http, path: {path:?} }}
+"#
+            )
+        };
+        assert!(ApplianceSpec::from_yaml(&lb("/healthz?x=1")).is_ok());
+        for bad in ["/a\r\nX-Evil: 1", "/a b", "healthz", ""] {
+            let e = err(&lb(bad));
+            assert!(
+                e.contains("spec.services[0].lb.services[0].health.path"),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     #[test]
