@@ -55,6 +55,7 @@ pub mod af_xdp;
 pub mod backplane;
 mod bpf;
 mod error;
+pub mod local;
 pub mod memory;
 pub mod netif;
 pub mod netns;

@@ -31,7 +31,7 @@ impl ControlServer {
         ready: Arc<AtomicBool>,
     ) -> io::Result<ControlServer> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            dva_io::local::create_private_dir_all(dir)?;
         }
         match std::fs::remove_file(path) {
             Ok(()) => {}
@@ -39,6 +39,7 @@ impl ControlServer {
             Err(e) => return Err(e),
         }
         let listener = UnixListener::bind(path)?;
+        dva_io::local::restrict_socket(path)?;
         thread::Builder::new()
             .name("control".into())
             .spawn(move || {

@@ -109,11 +109,13 @@ const SETTLE_AFTER_START: Duration = Duration::from_secs(3);
 /// several hosts would use the management tool's store, e.g. an etcd lease.)
 fn acquire_leadership(args: &ManagerArgs) -> anyhow::Result<Option<std::fs::File>> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = args.listen.with_extension("lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(dva_io::local::FILE_MODE)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     let mut standby_published = false;
@@ -141,7 +143,7 @@ fn acquire_leadership(args: &ManagerArgs) -> anyhow::Result<Option<std::fs::File
 
 pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
     if let Some(dir) = args.listen.parent() {
-        std::fs::create_dir_all(dir)?;
+        dva_io::local::create_private_dir_all(dir)?;
     }
     let Some(_lock) = acquire_leadership(&args)? else {
         return Ok(());
@@ -150,6 +152,8 @@ pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&args.listen);
     let listener = UnixListener::bind(&args.listen)
         .with_context(|| format!("binding manager socket {}", args.listen.display()))?;
+    dva_io::local::restrict_socket(&args.listen)
+        .with_context(|| format!("restricting manager socket {}", args.listen.display()))?;
     let (tx, rx) = mpsc::channel::<Event>();
     {
         let tx = tx.clone();
