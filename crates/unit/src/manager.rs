@@ -12,12 +12,14 @@
 //!   after every dispatcher switched to the table that moved the bucket.
 //!
 //! One thread runs the state machine; one reader thread per connection feeds it events.
+//! Connections from anyone but root and the manager's own user are closed before a message is
+//! read (SO_PEERCRED), and counted as `channel_peer_refused`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufReader;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread;
@@ -155,11 +157,13 @@ pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
     dva_io::local::restrict_socket(&args.listen)
         .with_context(|| format!("restricting manager socket {}", args.listen.display()))?;
     let (tx, rx) = mpsc::channel::<Event>();
+    let refused = Arc::new(AtomicU64::new(0));
     {
         let tx = tx.clone();
+        let refused = refused.clone();
         thread::Builder::new()
             .name("accept".into())
-            .spawn(move || accept_loop(listener, tx))?;
+            .spawn(move || accept_loop(listener, tx, &refused))?;
     }
     args.ready.store(true, Ordering::Release);
     let mut st = State {
@@ -180,10 +184,16 @@ pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
         st.step();
         if publish.elapsed() >= Duration::from_millis(200) {
             publish = Instant::now();
+            let mut counters: BTreeMap<String, u64> =
+                [("leader".to_string(), 1)].into_iter().collect();
+            let refused = refused.load(Ordering::Relaxed);
+            if refused > 0 {
+                counters.insert("channel_peer_refused".to_string(), refused);
+            }
             args.stats.try_publish(UnitStats {
                 unit: args.unit,
                 role: "manager".into(),
-                counters: [("leader".to_string(), 1)].into_iter().collect(),
+                counters,
                 config_version: st.version,
                 appliance: st
                     .desired
@@ -198,10 +208,14 @@ pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn accept_loop(listener: UnixListener, tx: Sender<Event>) {
+fn accept_loop(listener: UnixListener, tx: Sender<Event>, refused: &AtomicU64) {
     let mut next: ConnId = 1;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
+        // Desired and Hello steer the whole appliance: only root and our own user may send them.
+        if !crate::control::admit(&conn, refused, "manager socket") {
+            continue;
+        }
         let id = next;
         next += 1;
         let Ok(reader) = conn.try_clone() else {
