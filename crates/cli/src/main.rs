@@ -262,6 +262,9 @@ enum UnitRole {
 }
 
 fn main() -> ExitCode {
+    // Everything dva creates sets its mode explicitly; this catches what does not (files written
+    // by subcommands, tools it starts) so nothing of ours is readable by other local users.
+    dva_io::local::restrict_umask();
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,

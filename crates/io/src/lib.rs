@@ -12,7 +12,8 @@
 //!   interfaces, with [`port::Port`] choosing between them (AF_XDP first, AF_PACKET when XDP
 //!   cannot attach), [`udp::UdpEndpoint`] (`recvmmsg`/`sendmmsg`) for the GENEVE
 //!   backplane, [`memory::MemoryIo`] for tests and benchmarks.
-//! - Helpers around them: [`netif`] (interface index, MAC, MTU, admin up), [`netns`]
+//! - Helpers around them: [`netif`] (interface index, MAC, MTU, admin up, the device holding
+//!   an address), [`netns`]
 //!   (enter a named network namespace), [`poll`] (wait for readability without
 //!   allocating).
 //! - Setup errors are [`IoError`]s naming the syscall, the interface or address and the
@@ -54,6 +55,7 @@ pub mod af_xdp;
 pub mod backplane;
 mod bpf;
 mod error;
+pub mod local;
 pub mod memory;
 pub mod netif;
 pub mod netns;

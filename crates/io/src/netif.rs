@@ -6,6 +6,7 @@
 
 use std::io;
 use std::mem::zeroed;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::sys;
@@ -80,6 +81,56 @@ pub fn set_up(name: &str) -> Result<(), IoError> {
     }
     ioctl(&sock, libc::SIOCSIFFLAGS, &mut req)
         .map_err(|e| IoError::syscall("ioctl SIOCSIFFLAGS", name, e))
+}
+
+/// The name of the interface that holds address `ip`, or `None` if no interface does. For an
+/// IPv6 link-local address with a scope id, only the interface with that index counts (several
+/// interfaces may hold the same link-local address).
+pub fn device_with_address(ip: IpAddr, scope_id: u32) -> Result<Option<String>, IoError> {
+    // An IPv4 address written as v4-mapped IPv6 is held by an interface as plain IPv4.
+    let ip = ip.to_canonical();
+    let on = ip.to_string();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a pointer to a list it allocated into `list`; we free it below.
+    sys::cvt(unsafe { libc::getifaddrs(&mut list) })
+        .map_err(|e| IoError::syscall("getifaddrs", on, e))?;
+    let mut found = None;
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a non-null ifa_addr points at a sockaddr whose family says which sockaddr_*
+        // it is; we read the family first and only then the matching struct.
+        let held = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                    IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes())
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                    if scope_id != 0 && sin6.sin6_scope_id != scope_id {
+                        continue;
+                    }
+                    IpAddr::from(sin6.sin6_addr.s6_addr)
+                }
+                _ => continue,
+            }
+        };
+        if held == ip {
+            // SAFETY: ifa_name is a NUL-terminated string owned by the list, copied out here.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+            found = Some(name.to_string_lossy().into_owned());
+            break;
+        }
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once; nothing borrowed from it survives.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(found)
 }
 
 /// `struct ethtool_channels` (linux/ethtool.h).
@@ -195,6 +246,20 @@ mod tests {
         assert_eq!(mac_address("lo").unwrap(), [0; 6]);
         assert!(mtu("lo").unwrap() >= 1280);
         assert_eq!(rx_queues("lo").unwrap(), 1);
+    }
+
+    #[test]
+    fn loopback_address_is_found_on_lo() {
+        // The namespace a test runs in may lack an IPv6 loopback; 127.0.0.1 is always on lo.
+        let lo = device_with_address("127.0.0.1".parse().unwrap(), 0).unwrap();
+        assert_eq!(lo.as_deref(), Some("lo"));
+        let mapped = device_with_address("::ffff:127.0.0.1".parse().unwrap(), 0).unwrap();
+        assert_eq!(mapped.as_deref(), Some("lo"));
+        // 192.0.2.0/24 (TEST-NET-1) is on no interface here.
+        assert_eq!(
+            device_with_address("192.0.2.1".parse().unwrap(), 0).unwrap(),
+            None
+        );
     }
 
     #[test]

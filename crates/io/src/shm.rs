@@ -38,7 +38,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -199,12 +199,16 @@ impl Consumer {
             ));
         }
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // 0600: the ring carries the appliance's traffic. Set again on the open file in case
+        // a stale temporary file of another mode was in the way.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(crate::local::FILE_MODE)
             .open(&tmp)?;
+        file.set_permissions(fs::Permissions::from_mode(crate::local::FILE_MODE))?;
         let len = ring_len(slots, slot_size);
         file.set_len(len as u64)?;
         let mut map = Mapping::map(&file, len)?;
@@ -447,6 +451,7 @@ impl Doorbell {
     pub fn bind(path: &Path) -> io::Result<Doorbell> {
         let _ = fs::remove_file(path);
         let sock = UnixDatagram::bind(path)?;
+        crate::local::restrict_socket(path)?;
         sock.set_nonblocking(true)?;
         Ok(Doorbell {
             sock,
@@ -530,6 +535,21 @@ mod tests {
         assert_eq!(got, want);
         drop(c);
         assert!(!path.exists(), "the consumer removes its ring");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn rings_and_doorbells_are_for_their_owner_only() {
+        // Whatever the umask: a ring holds the appliance's traffic, passwords included.
+        let d = dir("mode");
+        let path = d.join("r.ring");
+        let bell_path = d.join("r.bell");
+        let _c = Consumer::create(&path, 8, 64).expect("create");
+        let _bell = Doorbell::bind(&bell_path).expect("bell");
+        for p in [&path, &bell_path] {
+            let mode = fs::metadata(p).expect("stat").mode() & 0o7777;
+            assert_eq!(mode, 0o600, "{}: {mode:o}", p.display());
+        }
         let _ = fs::remove_dir_all(&d);
     }
 

@@ -114,13 +114,27 @@ impl UdpEndpoint {
         let fd = sys::socket(domain, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK, 0)
             .map_err(err("socket"))?;
         let raw = fd.as_raw_fd();
-        sys::setsockopt(
-            raw,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            &1 as &libc::c_int,
-        )
-        .map_err(err("setsockopt SO_REUSEADDR"))?;
+        // No SO_REUSEADDR: for UDP it lets any local user bind the same address and port and
+        // take a share of the datagrams meant for the unit.
+        //
+        // Bound to the device that holds the address, so a datagram that arrives on another
+        // interface (say, one spoofed from the appliance's outside segment; Linux accepts a
+        // packet for any local address on any interface) never reaches the socket. Not for an
+        // unspecified address, which names no device, nor for loopback, where the peers are
+        // local and a datagram to a local address arrives on `lo` whatever device holds it.
+        // An address no device holds is left for bind(2) to refuse.
+        let ip = addr.ip().to_canonical();
+        if !ip.is_unspecified() && !ip.is_loopback() {
+            let scope = match addr {
+                SocketAddr::V6(a) => a.scope_id(),
+                SocketAddr::V4(_) => 0,
+            };
+            if let Some(dev) = crate::netif::device_with_address(ip, scope)? {
+                let name = sys::ifname_array(&dev)?;
+                sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_BINDTODEVICE, &name)
+                    .map_err(err("setsockopt SO_BINDTODEVICE"))?;
+            }
+        }
         sys::set_socket_buffer(
             raw,
             libc::SO_RCVBUFFORCE,

@@ -836,7 +836,7 @@ fn linger(mut s: TcpStream) {
 /// The API token: `<state>/token`, 32 random bytes in hex, created (mode 0600) on first start and
 /// reused after.
 pub fn load_or_create_token(state_dir: &Path) -> anyhow::Result<String> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let path = state_dir.join("token");
     match std::fs::read_to_string(&path) {
         Ok(t) if t.trim().len() >= 32 => return Ok(t.trim().to_string()),
@@ -845,7 +845,10 @@ pub fn load_or_create_token(state_dir: &Path) -> anyhow::Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    std::fs::create_dir_all(state_dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
     let mut raw = [0u8; 32];
     std::fs::File::open("/dev/urandom")
@@ -885,9 +888,13 @@ impl ClientConfig {
 
     /// Write the file (mode 0600, holding a secret), creating its directory.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
         }
         let mut f = std::fs::OpenOptions::new()
             .create(true)

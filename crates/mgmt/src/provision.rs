@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -111,14 +112,23 @@ impl LocalProvisioner {
 
 impl Provisioner for LocalProvisioner {
     fn start(&self, u: &UnitLaunch) -> anyhow::Result<UnitProcess> {
+        // The run directory and the log are for root and our user only (the log may quote
+        // traffic and configs).
         if let Some(dir) = u.log.parent() {
-            std::fs::create_dir_all(dir)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
         }
         let log = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&u.log)
             .with_context(|| format!("opening {}", u.log.display()))?;
+        // A log kept from an earlier run keeps its mode through open(): tighten it.
+        log.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", u.log.display()))?;
         let mut cmd = Command::new(&self.exe);
         cmd.arg("unit")
             .args(["--role", u.role.as_str()])

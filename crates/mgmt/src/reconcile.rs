@@ -11,8 +11,9 @@
 //! The store is written before anything is started, so a restart finds every unit it started.
 
 use std::collections::BTreeMap;
-use std::io::BufReader;
+use std::io::{BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -746,10 +747,20 @@ fn write_units_json(inner: &Inner, app: &mut Appliance) {
     if text == app.rt.units_json {
         return;
     }
-    let _ = std::fs::create_dir_all(&dir);
+    // Root and our user only, like everything in the run directory.
+    let _ = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir);
     let tmp = dir.join("units.json.tmp");
-    if std::fs::write(&tmp, &text).is_ok() && std::fs::rename(&tmp, dir.join("units.json")).is_ok()
-    {
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()));
+    if written.is_ok() && std::fs::rename(&tmp, dir.join("units.json")).is_ok() {
         app.rt.units_json = text;
     }
 }

@@ -5,6 +5,7 @@
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -33,7 +34,12 @@ pub struct Store {
 impl Store {
     pub fn open(state_dir: &Path) -> anyhow::Result<Store> {
         let dir = state_dir.join("appliances");
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // The store holds the appliances' specs: root and our user only.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
         Ok(Store { dir })
     }
 
@@ -101,8 +107,13 @@ impl Store {
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(rec)?;
         {
-            let mut f =
-                File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let mut f = fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
             f.write_all(&text)?;
             f.sync_all()?;
         }

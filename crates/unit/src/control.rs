@@ -5,11 +5,14 @@
 //! namespace is reachable from the root namespace without any route. Endpoints:
 //! `GET /ready` (200 once the data path is set up), `GET /stats` (JSON [`UnitStats`]),
 //! `GET /metrics` (Prometheus text).
+//!
+//! Only root and the user the unit runs as are served (SO_PEERCRED); anyone else's connection
+//! is closed unanswered and counted as `control_peer_refused`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -31,7 +34,7 @@ impl ControlServer {
         ready: Arc<AtomicBool>,
     ) -> io::Result<ControlServer> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            dva_io::local::create_private_dir_all(dir)?;
         }
         match std::fs::remove_file(path) {
             Ok(()) => {}
@@ -39,13 +42,18 @@ impl ControlServer {
             Err(e) => return Err(e),
         }
         let listener = UnixListener::bind(path)?;
+        dva_io::local::restrict_socket(path)?;
+        let refused = AtomicU64::new(0);
         thread::Builder::new()
             .name("control".into())
             .spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
+                    if !admit(&conn, &refused, "control socket") {
+                        continue;
+                    }
                     // One request per connection, served inline: requests are tiny and rare.
-                    let _ = serve_one(conn, &stats, &ready);
+                    let _ = serve_one(conn, &stats, &ready, refused.load(Ordering::Relaxed));
                 }
             })?;
         Ok(ControlServer {
@@ -60,7 +68,33 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve_one(conn: UnixStream, stats: &StatsCell, ready: &AtomicBool) -> io::Result<()> {
+/// Whether to serve a connection accepted on one of the unit's local sockets: only root and our
+/// own user are (SO_PEERCRED). A refused connection is dropped unanswered, counted in
+/// `refused`, and logged at the 1st, 2nd, 4th, 8th... refusal so a peer retrying in a loop
+/// cannot flood the log. A peer whose credentials cannot be read is refused too.
+pub(crate) fn admit(conn: &UnixStream, refused: &AtomicU64, socket: &str) -> bool {
+    match dva_io::local::peer_allowed(conn) {
+        Ok(true) => true,
+        verdict => {
+            let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                let why = match verdict {
+                    Err(e) => format!("its credentials are unreadable: {e}"),
+                    Ok(_) => "it is neither root nor our user".to_string(),
+                };
+                eprintln!("{socket}: refused a connection, {why} ({n} refused so far)");
+            }
+            false
+        }
+    }
+}
+
+fn serve_one(
+    conn: UnixStream,
+    stats: &StatsCell,
+    ready: &AtomicBool,
+    refused: u64,
+) -> io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
     conn.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut reader = BufReader::new(conn.try_clone()?.take(MAX_REQUEST as u64));
@@ -75,6 +109,14 @@ fn serve_one(conn: UnixStream, stats: &StatsCell, ready: &AtomicBool) -> io::Res
     }
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let snapshot = || {
+        let mut s = stats.snapshot();
+        if refused > 0 {
+            s.counters
+                .insert("control_peer_refused".to_string(), refused);
+        }
+        s
+    };
     let (status, ctype, body) = match (method, target) {
         ("GET", "/ready") if ready.load(Ordering::Acquire) => {
             (200, "text/plain", "ready\n".to_string())
@@ -83,13 +125,9 @@ fn serve_one(conn: UnixStream, stats: &StatsCell, ready: &AtomicBool) -> io::Res
         ("GET", "/stats") => (
             200,
             "application/json",
-            serde_json::to_string(&stats.snapshot()).unwrap_or_default(),
+            serde_json::to_string(&snapshot()).unwrap_or_default(),
         ),
-        ("GET", "/metrics") => (
-            200,
-            "text/plain; version=0.0.4",
-            stats.snapshot().to_prometheus(),
-        ),
+        ("GET", "/metrics") => (200, "text/plain; version=0.0.4", snapshot().to_prometheus()),
         ("GET", _) => (
             404,
             "text/plain",

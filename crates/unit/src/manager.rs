@@ -12,12 +12,14 @@
 //!   after every dispatcher switched to the table that moved the bucket.
 //!
 //! One thread runs the state machine; one reader thread per connection feeds it events.
+//! Connections from anyone but root and the manager's own user are closed before a message is
+//! read (SO_PEERCRED), and counted as `channel_peer_refused`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufReader;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread;
@@ -117,11 +119,13 @@ const KEY_ROTATION: Duration = Duration::from_secs(15 * 60);
 /// several hosts would use the management tool's store, e.g. an etcd lease.)
 fn acquire_leadership(args: &ManagerArgs) -> anyhow::Result<Option<std::fs::File>> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = args.listen.with_extension("lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(dva_io::local::FILE_MODE)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     let mut standby_published = false;
@@ -149,7 +153,7 @@ fn acquire_leadership(args: &ManagerArgs) -> anyhow::Result<Option<std::fs::File
 
 pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
     if let Some(dir) = args.listen.parent() {
-        std::fs::create_dir_all(dir)?;
+        dva_io::local::create_private_dir_all(dir)?;
     }
     let Some(_lock) = acquire_leadership(&args)? else {
         return Ok(());
@@ -158,12 +162,16 @@ pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&args.listen);
     let listener = UnixListener::bind(&args.listen)
         .with_context(|| format!("binding manager socket {}", args.listen.display()))?;
+    dva_io::local::restrict_socket(&args.listen)
+        .with_context(|| format!("restricting manager socket {}", args.listen.display()))?;
     let (tx, rx) = mpsc::channel::<Event>();
+    let refused = Arc::new(AtomicU64::new(0));
     {
         let tx = tx.clone();
+        let refused = refused.clone();
         thread::Builder::new()
             .name("accept".into())
-            .spawn(move || accept_loop(listener, tx))?;
+            .spawn(move || accept_loop(listener, tx, &refused))?;
     }
     args.ready.store(true, Ordering::Release);
     let mut st = State {
@@ -184,10 +192,16 @@ pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
         st.step();
         if publish.elapsed() >= Duration::from_millis(200) {
             publish = Instant::now();
+            let mut counters: BTreeMap<String, u64> =
+                [("leader".to_string(), 1)].into_iter().collect();
+            let refused = refused.load(Ordering::Relaxed);
+            if refused > 0 {
+                counters.insert("channel_peer_refused".to_string(), refused);
+            }
             args.stats.try_publish(UnitStats {
                 unit: args.unit,
                 role: "manager".into(),
-                counters: [("leader".to_string(), 1)].into_iter().collect(),
+                counters,
                 config_version: st.version,
                 appliance: st
                     .desired
@@ -202,10 +216,14 @@ pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn accept_loop(listener: UnixListener, tx: Sender<Event>) {
+fn accept_loop(listener: UnixListener, tx: Sender<Event>, refused: &AtomicU64) {
     let mut next: ConnId = 1;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
+        // Desired and Hello steer the whole appliance: only root and our own user may send them.
+        if !crate::control::admit(&conn, refused, "manager socket") {
+            continue;
+        }
         let id = next;
         next += 1;
         let Ok(reader) = conn.try_clone() else {
