@@ -16,10 +16,10 @@
 //!   carry whole; the caller segments what it refuses.
 //! - A ring is between one producer and one consumer: the file name carries both addresses.
 //!
-//! - Over UDP every datagram is authenticated ([`crate::seal`]) once the unit has its keys
-//!   ([`Backplane::set_auth`]): `commit_slot`, `send_to` and `send_large` seal what goes out,
-//!   `recv_batch` opens what comes in and delivers only what verified, with the unit that sent
-//!   it ([`Origin`]). A ring names its producer itself (the consumer made it for that peer, in
+//! - Over UDP every datagram is sealed ([`crate::seal`]: authenticated, its inner packet
+//!   encrypted) once the unit has its keys ([`Backplane::set_auth`]): `commit_slot`, `send_to`
+//!   and `send_large` seal what goes out, `recv_batch` opens what comes in and delivers only
+//!   what verified, decrypted, with the unit that sent it ([`Origin`]). A ring names its producer itself (the consumer made it for that peer, in
 //!   a directory only the appliance's user can enter).
 //!
 //! Only the roles decide which peers use rings. The data planes' handover protocol relies on
@@ -352,7 +352,7 @@ impl Backplane {
             let seal = &mut self.seal;
             n += self
                 .udp
-                .recv_batch(max - n, |d, addr| match seal.as_mut() {
+                .recv_batch_mut(max - n, |d, addr| match seal.as_mut() {
                     Some(s) => {
                         if let Ok((len, unit)) = s.open(d, local) {
                             f(&d[..len], Origin { addr, unit });

@@ -1,15 +1,19 @@
-//! Authentication of backplane datagrams: every GENEVE datagram a unit sends over UDP carries a
+//! Sealing of backplane datagrams: every GENEVE datagram a unit sends over UDP carries a
 //! trailer that proves it was made by a unit of the appliance, for this receiver, and not
-//! before.
+//! before; the packet it carries is encrypted.
 //!
 //! ```text
-//!  | GENEVE datagram (as the roles built it) | epoch | sender | instance | seq | tag (16) |
-//!                                             u32     u32      u32        u64
+//!  | GENEVE header + dva option (24 B) | inner packet     | tag (16) | epoch | sender | instance | seq |
+//!  |  in clear, authenticated          | encrypted        |          |  u32     u32      u32      u64  |
 //! ```
 //!
-//! - The tag is AES-256-GCM over the whole datagram and the trailer's header as associated
-//!   data, with no plaintext (GMAC), under the appliance's key of `epoch`. The manager creates
-//!   the keys, rotates them and hands them to units over their authenticated channel; a
+//! - AES-256-GCM under the appliance's key of `epoch`: the GENEVE header and dva's option
+//!   ([`CLEAR_LEN`] bytes, what an operator's tshark reads on port 6081) and the trailer's
+//!   fields are associated data, the inner packet is encrypted in place. Encrypting costs less
+//!   than authenticating the same bytes as associated data (ring's stitched AES-GCM runs the
+//!   cipher and the hash in one pass; GHASH over associated data alone is several times
+//!   slower per byte), and keeps the appliance's traffic private between machines. The manager
+//!   creates the keys, rotates them and hands them to units over their authenticated channel; a
 //!   receiver holds the previous, current and next epochs' keys, so a rotation never has a
 //!   moment where two units disagree.
 //! - The nonce is `instance ^ fold(destination) || seq`: `instance` is random per sending
@@ -20,8 +24,8 @@
 //!   every number its previous life used and receivers need no reset; each receiver keeps a
 //!   sliding window of [`WINDOW`] numbers per sender (IPsec / WireGuard style) and drops a
 //!   datagram it has seen or that is older than the window.
-//! - [`Sealer::open`] checks all of this before the caller parses a byte of the datagram:
-//!   what fails is counted and never delivered.
+//! - [`Sealer::open`] checks all of this, and decrypts in place, before the caller parses a
+//!   byte of the datagram: what fails is counted and never delivered.
 //!
 //! Rings between units on one machine carry no trailer: they are files only their owner can
 //! open (0600 in a 0700 directory), and the ring itself names the producer.
@@ -32,8 +36,11 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use ring::rand::{SecureRandom, SystemRandom};
 
 /// Bytes a sealed datagram carries after its payload.
-pub const TRAILER_LEN: usize = HEADER_LEN + TAG_LEN;
+pub const TRAILER_LEN: usize = TAG_LEN + HEADER_LEN;
+/// The trailer's fields after the tag.
 const HEADER_LEN: usize = 4 + 4 + 4 + 8;
+/// Leading bytes left in clear (and authenticated): GENEVE's fixed header and dva's option.
+pub const CLEAR_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 /// Length of a backplane key.
 pub const KEY_LEN: usize = 32;
@@ -197,6 +204,15 @@ fn nonce(instance: u32, dst: SocketAddr, seq: u64) -> Nonce {
     Nonce::assume_unique_for_key(n)
 }
 
+/// The associated data: the clear head of the datagram, then the trailer's fields (one
+/// contiguous slice, as the AEAD takes it).
+fn associated(head: &[u8], fields: &[u8; HEADER_LEN]) -> ([u8; CLEAR_LEN + HEADER_LEN], usize) {
+    let mut a = [0u8; CLEAR_LEN + HEADER_LEN];
+    a[..head.len()].copy_from_slice(head);
+    a[head.len()..head.len() + HEADER_LEN].copy_from_slice(fields);
+    (a, head.len() + HEADER_LEN)
+}
+
 fn wall_clock_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -251,9 +267,10 @@ impl Sealer {
         self.stats
     }
 
-    /// Seal the `len` bytes at the start of `buf` for `dst`, writing the trailer after them.
-    /// Returns the sealed length, or `None` if `buf` has no room for the trailer or there is
-    /// no key yet (the datagram must not be sent).
+    /// Seal the `len` bytes at the start of `buf` for `dst`: encrypt what follows the first
+    /// [`CLEAR_LEN`] bytes in place and write the trailer after them. Returns the sealed
+    /// length, or `None` if `buf` has no room for the trailer or there is no key yet (the
+    /// datagram must not be sent).
     pub fn seal(&mut self, buf: &mut [u8], len: usize, dst: SocketAddr) -> Option<usize> {
         let total = len.checked_add(TRAILER_LEN)?;
         if buf.len() < total {
@@ -262,23 +279,31 @@ impl Sealer {
         let (epoch, key) = self.send.as_ref()?;
         self.seq += 1;
         let seq = self.seq;
-        let h = &mut buf[len..len + HEADER_LEN];
+        let mut h = [0u8; HEADER_LEN];
         h[0..4].copy_from_slice(&epoch.to_be_bytes());
         h[4..8].copy_from_slice(&self.me.to_be_bytes());
         h[8..12].copy_from_slice(&self.instance.to_be_bytes());
         h[12..20].copy_from_slice(&seq.to_be_bytes());
-        let (aad, tag) = buf[..total].split_at_mut(len + HEADER_LEN);
+        let clear = len.min(CLEAR_LEN);
+        let (head, rest) = buf[..total].split_at_mut(clear);
+        let aad = associated(head, &h);
         let t = key
-            .seal_in_place_separate_tag(nonce(self.instance, dst, seq), Aad::from(&*aad), &mut [])
+            .seal_in_place_separate_tag(
+                nonce(self.instance, dst, seq),
+                Aad::from(&aad.0[..aad.1]),
+                &mut rest[..len - clear],
+            )
             .ok()?;
-        tag.copy_from_slice(t.as_ref());
+        rest[len - clear..len - clear + TAG_LEN].copy_from_slice(t.as_ref());
+        rest[len - clear + TAG_LEN..].copy_from_slice(&h);
         self.stats.sealed += 1;
         Some(total)
     }
 
-    /// Authenticate a datagram received by `local` (the address it was sent to). On success:
-    /// the payload's length (the trailer cut off) and the sending unit.
-    pub fn open(&mut self, buf: &[u8], local: SocketAddr) -> Result<(usize, u32), Reject> {
+    /// Authenticate and decrypt (in place) a datagram received by `local` (the address it was
+    /// sent to). On success: the payload's length (the trailer cut off) and the sending unit;
+    /// `buf[..length]` is the datagram as its sender built it. On failure `buf` is garbage.
+    pub fn open(&mut self, buf: &mut [u8], local: SocketAddr) -> Result<(usize, u32), Reject> {
         let r = self.check(buf, local);
         match r {
             Ok(_) => self.stats.opened += 1,
@@ -290,9 +315,10 @@ impl Sealer {
         r
     }
 
-    fn check(&mut self, buf: &[u8], local: SocketAddr) -> Result<(usize, u32), Reject> {
+    fn check(&mut self, buf: &mut [u8], local: SocketAddr) -> Result<(usize, u32), Reject> {
         let len = buf.len().checked_sub(TRAILER_LEN).ok_or(Reject::Short)?;
-        let h = &buf[len..len + HEADER_LEN];
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(&buf[len + TAG_LEN..]);
         let word = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
         let (epoch, sender, instance) = (word(0), word(4), word(8));
         let mut s = [0u8; 8];
@@ -311,12 +337,13 @@ impl Sealer {
                 return Err(Reject::Replayed);
             }
         }
-        let mut tag = [0u8; TAG_LEN];
-        tag.copy_from_slice(&buf[len + HEADER_LEN..]);
+        let clear = len.min(CLEAR_LEN);
+        let (head, rest) = buf.split_at_mut(clear);
+        let aad = associated(head, &h);
         key.open_in_place(
             nonce(instance, local, seq),
-            Aad::from(&buf[..len + HEADER_LEN]),
-            &mut tag,
+            Aad::from(&aad.0[..aad.1]),
+            &mut rest[..len - clear + TAG_LEN],
         )
         .map_err(|_| Reject::BadTag)?;
         let i = match w {
@@ -361,19 +388,42 @@ mod tests {
         buf
     }
 
+    /// Open a copy (opening decrypts in place), returning the result and what it opened to.
+    fn open(b: &mut Sealer, d: &[u8], local: SocketAddr) -> Result<(usize, u32), Reject> {
+        let mut x = d.to_vec();
+        b.open(&mut x, local)
+    }
+
+    #[test]
+    fn the_head_stays_in_clear_the_packet_does_not_and_opens_to_what_was_sent() {
+        let (mut a, mut b, dst) = pair();
+        let payload: Vec<u8> = (0..100u8).collect();
+        let d = sealed(&mut a, &payload, dst);
+        assert_eq!(d[..CLEAR_LEN], payload[..CLEAR_LEN]);
+        assert_ne!(d[CLEAR_LEN..100], payload[CLEAR_LEN..]);
+        let mut x = d.clone();
+        assert_eq!(b.open(&mut x, dst), Ok((100, 7)));
+        assert_eq!(x[..100], payload[..]);
+        // Shorter than the clear head: all of it in clear, still sealed.
+        let d = sealed(&mut a, b"tiny", dst);
+        let mut x = d.clone();
+        assert_eq!(b.open(&mut x, dst), Ok((4, 7)));
+        assert_eq!(&x[..4], b"tiny");
+    }
+
     #[test]
     fn a_sealed_datagram_opens_once_at_its_destination_only() {
         let (mut a, mut b, dst) = pair();
         let d = sealed(&mut a, b"geneve and a packet", dst);
-        assert_eq!(b.open(&d, dst), Ok((19, 7)));
-        assert_eq!(b.open(&d, dst), Err(Reject::Replayed));
+        assert_eq!(open(&mut b, &d, dst), Ok((19, 7)));
+        assert_eq!(open(&mut b, &d, dst), Err(Reject::Replayed));
         // The same bytes captured and sent to another unit's address.
         let d2 = sealed(&mut a, b"another", dst);
         let other: SocketAddr = "198.19.0.12:6081".parse().unwrap();
-        assert_eq!(b.open(&d2, other), Err(Reject::BadTag));
+        assert_eq!(open(&mut b, &d2, other), Err(Reject::BadTag));
         // An IPv4-mapped local address is the same destination.
         let mapped: SocketAddr = "[::ffff:198.19.0.11]:6081".parse().unwrap();
-        assert_eq!(b.open(&d2, mapped), Ok((7, 7)));
+        assert_eq!(open(&mut b, &d2, mapped), Ok((7, 7)));
         assert_eq!(b.stats().opened, 2);
         assert_eq!(b.stats().rejected(), 2);
     }
@@ -385,7 +435,7 @@ mod tests {
         for i in 0..d.len() {
             let mut x = d.clone();
             x[i] ^= 0x01;
-            let r = b.open(&x, dst);
+            let r = open(&mut b, &x, dst);
             // Flipping the epoch names a key b does not hold; anything else breaks the tag
             // (or, in the sequence number, may first look like a replay).
             assert!(r.is_err(), "bit flip at {i} accepted");
@@ -393,9 +443,13 @@ mod tests {
         let mut c = Sealer::new(7).expect("c");
         c.set_keys(1, &[key(1, 0xbb)]).expect("keys c");
         let forged = sealed(&mut c, &[0x5a; 100], dst);
-        assert_eq!(b.open(&forged, dst), Err(Reject::BadTag));
-        assert_eq!(b.open(&d, dst), Ok((100, 7)), "the original still opens");
-        assert_eq!(b.open(&d[..10], dst), Err(Reject::Short));
+        assert_eq!(open(&mut b, &forged, dst), Err(Reject::BadTag));
+        assert_eq!(
+            open(&mut b, &d, dst),
+            Ok((100, 7)),
+            "the original still opens"
+        );
+        assert_eq!(open(&mut b, &d[..10], dst), Err(Reject::Short));
     }
 
     #[test]
@@ -409,7 +463,7 @@ mod tests {
         );
         let mut b = Sealer::new(2).expect("b");
         assert_eq!(
-            b.open(&[0u8; 64], "127.0.0.1:1".parse().unwrap()),
+            b.open(&mut [0u8; 64], "127.0.0.1:1".parse().unwrap()),
             Err(Reject::UnknownEpoch)
         );
     }
@@ -421,16 +475,16 @@ mod tests {
         b.set_keys(2, &[key(1, 0xaa), key(2, 0xcc), key(3, 0xdd)])
             .expect("b");
         let d = sealed(&mut a, b"old epoch", dst);
-        assert_eq!(b.open(&d, dst), Ok((9, 7)));
+        assert_eq!(open(&mut b, &d, dst), Ok((9, 7)));
         // a moves on to 3 before b did: still accepted.
         a.set_keys(3, &[key(2, 0xcc), key(3, 0xdd), key(4, 0xee)])
             .expect("a");
         let d = sealed(&mut a, b"next epoch", dst);
-        assert_eq!(b.open(&d, dst), Ok((10, 7)));
+        assert_eq!(open(&mut b, &d, dst), Ok((10, 7)));
         // Epoch 4 is one b has not heard of yet.
         a.set_keys(4, &[key(4, 0xee)]).expect("a");
         let d = sealed(&mut a, b"too new", dst);
-        assert_eq!(b.open(&d, dst), Err(Reject::UnknownEpoch));
+        assert_eq!(open(&mut b, &d, dst), Err(Reject::UnknownEpoch));
     }
 
     #[test]
@@ -441,14 +495,14 @@ mod tests {
             .collect();
         // The newest first, then the rest backwards: all within the window but the oldest 10.
         let last = ds.len() - 1;
-        assert!(b.open(&ds[last], dst).is_ok());
+        assert!(open(&mut b, &ds[last], dst).is_ok());
         for (i, d) in ds[..last].iter().enumerate().rev() {
-            let r = b.open(d, dst);
+            let r = open(&mut b, d, dst);
             if (last - i) as u64 >= WINDOW {
                 assert_eq!(r, Err(Reject::Replayed), "datagram {i}");
             } else {
                 assert!(r.is_ok(), "datagram {i}: {r:?}");
-                assert_eq!(b.open(d, dst), Err(Reject::Replayed));
+                assert_eq!(open(&mut b, d, dst), Err(Reject::Replayed));
             }
         }
     }
@@ -457,12 +511,12 @@ mod tests {
     fn a_restarted_sender_continues_above_its_old_numbers() {
         let (mut a, mut b, dst) = pair();
         let d = sealed(&mut a, b"before", dst);
-        assert!(b.open(&d, dst).is_ok());
+        assert!(open(&mut b, &d, dst).is_ok());
         // The same unit id in a new process: new instance, clock-based sequence numbers.
         let mut a2 = Sealer::new(7).expect("a2");
         a2.set_keys(1, &[key(1, 0xaa)]).expect("keys");
         let d2 = sealed(&mut a2, b"after", dst);
-        assert!(b.open(&d2, dst).is_ok());
-        assert_eq!(b.open(&d, dst), Err(Reject::Replayed));
+        assert!(open(&mut b, &d2, dst).is_ok());
+        assert_eq!(open(&mut b, &d, dst), Err(Reject::Replayed));
     }
 }

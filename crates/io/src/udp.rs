@@ -226,6 +226,15 @@ impl UdpEndpoint {
         max: usize,
         mut f: F,
     ) -> io::Result<usize> {
+        self.recv_batch_mut(max, |d, src| f(d, src))
+    }
+
+    /// As [`UdpEndpoint::recv_batch`], lending each datagram mutably (to decrypt it in place).
+    pub fn recv_batch_mut<F: FnMut(&mut [u8], SocketAddr)>(
+        &mut self,
+        max: usize,
+        mut f: F,
+    ) -> io::Result<usize> {
         let fd = self.fd.as_raw_fd();
         let mut delivered = 0;
         while delivered < max {
@@ -255,7 +264,7 @@ impl UdpEndpoint {
                 };
                 let len = self.rx_batch.transferred(i).min(MAX_DATAGRAM);
                 let start = i * MAX_DATAGRAM;
-                f(&self.rx_buf[start..start + len], unmap(src));
+                f(&mut self.rx_buf[start..start + len], unmap(src));
                 delivered += 1;
             }
             self.stats.rx_datagrams += got as u64;
