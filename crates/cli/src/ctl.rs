@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use dva_mgmt::api::{self, ClientConfig};
 use dva_mgmt::client::Client;
-use dva_mgmt::{now_ms, ApplianceView, Mgmt, MgmtOptions, ScaleRequest};
+use dva_mgmt::{now_ms, ApplianceView, Mgmt, ScaleRequest};
 
 pub struct Target {
     pub server: Option<String>,
@@ -44,14 +44,14 @@ pub fn client(t: &Target) -> anyhow::Result<Client> {
 pub fn serve(
     state: &Path,
     listen: SocketAddr,
-    lab: &str,
+    place: &crate::run::Place,
     write_client: bool,
 ) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     let token = api::load_or_create_token(state)?;
-    let mgmt = Mgmt::open(MgmtOptions::new(state.to_path_buf(), lab)?)?;
+    let mgmt = Mgmt::open(place.options(state.to_path_buf())?)?;
     let server = api::serve(mgmt.clone(), listen, token.clone())?;
     let url = format!("http://{}", server.local_addr());
     if write_client {
@@ -64,8 +64,9 @@ pub fn serve(
         println!("dva serve: client config written to {}", path.display());
     }
     println!(
-        "dva serve: listening on {url} (state {}, lab {lab}; token in {})",
+        "dva serve: listening on {url} (state {}, units on {}; token in {})",
         state.display(),
+        place.describe(),
         state.join("token").display()
     );
     while !stop.load(Ordering::Relaxed) {

@@ -31,7 +31,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: LabCmd,
     },
-    /// Run one appliance from a spec in the foreground, on the lab's hosts, until Ctrl-C.
+    /// Run one appliance from a spec in the foreground until Ctrl-C: on this machine, between
+    /// the devices the spec names, or on a lab's hosts.
     Run {
         /// The appliance spec (YAML or JSON).
         #[arg(short = 'f', long = "file")]
@@ -39,9 +40,12 @@ enum Cmd {
         /// Data planes to start (default: the spec's layout.dataplanes.initial).
         #[arg(long)]
         dataplanes: Option<u32>,
-        /// The lab to run in.
-        #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
-        prefix: String,
+        /// The lab to run in (default: the lab `dva-` if it exists, else this machine).
+        #[arg(long, conflicts_with = "local")]
+        prefix: Option<String>,
+        /// Run on this machine, in the current network namespace, whatever labs exist.
+        #[arg(long)]
+        local: bool,
     },
     /// Run the management tool: HTTP API, durable store, reconciler, autoscaler.
     Serve {
@@ -50,9 +54,13 @@ enum Cmd {
         state: PathBuf,
         #[arg(long, default_value = "127.0.0.1:7080")]
         listen: std::net::SocketAddr,
-        /// The lab whose hosts units are placed on.
-        #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
-        lab: String,
+        /// The lab whose hosts units are placed on (default: the lab `dva-` if it exists, else
+        /// this machine).
+        #[arg(long, conflicts_with = "local")]
+        lab: Option<String>,
+        /// Place units on this machine, in the current network namespace, whatever labs exist.
+        #[arg(long)]
+        local: bool,
         /// Do not write the client file (~/.dva/client.json) the CLI reads.
         #[arg(long)]
         no_client_config: bool,
@@ -316,18 +324,25 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             file,
             dataplanes,
             prefix,
+            local,
         } => run::run(&run::RunOptions {
             file,
             dataplanes,
-            prefix,
+            place: run::Place::resolve(prefix, local)?,
         }),
         Cmd::Demo { prefix, secs } => demo::demo(&prefix, secs),
         Cmd::Serve {
             state,
             listen,
             lab,
+            local,
             no_client_config,
-        } => ctl::serve(&state, listen, &lab, !no_client_config),
+        } => ctl::serve(
+            &state,
+            listen,
+            &run::Place::resolve(lab, local)?,
+            !no_client_config,
+        ),
         Cmd::Apply { file, target } => ctl::apply(&target.target(), &file),
         Cmd::Get {
             name,

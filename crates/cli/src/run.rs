@@ -19,7 +19,57 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct RunOptions {
     pub file: PathBuf,
     pub dataplanes: Option<u32>,
-    pub prefix: String,
+    pub place: Place,
+}
+
+/// Where the units of `dva run` / `dva serve` go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// The hosts of the lab with this prefix.
+    Lab(String),
+    /// This machine, in the current network namespace (a real server: the spec names its
+    /// devices).
+    Local,
+}
+
+impl Place {
+    /// `--local`, `--prefix P` (or `--lab P`), or neither: the default lab if it exists (the
+    /// README's lab commands), else this machine.
+    pub fn resolve(prefix: Option<String>, local: bool) -> anyhow::Result<Place> {
+        Ok(match (prefix, local) {
+            (_, true) => Place::Local,
+            (Some(p), false) => Place::Lab(p),
+            (None, false) => {
+                if Lab::discover(dva_lab::DEFAULT_PREFIX)?.is_some() {
+                    Place::Lab(dva_lab::DEFAULT_PREFIX.to_string())
+                } else {
+                    Place::Local
+                }
+            }
+        })
+    }
+
+    /// The prefix of run directories (`/run/dva/<prefix><name>`): none on a real machine.
+    pub fn prefix(&self) -> &str {
+        match self {
+            Place::Lab(p) => p,
+            Place::Local => "",
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Place::Lab(p) => format!("lab {p}"),
+            Place::Local => "this machine".to_string(),
+        }
+    }
+
+    pub fn options(&self, state: PathBuf) -> anyhow::Result<MgmtOptions> {
+        match self {
+            Place::Lab(p) => MgmtOptions::new(state, p),
+            Place::Local => MgmtOptions::local(state),
+        }
+    }
 }
 
 /// What `dva stats` and tests read to find a running appliance's units (`units.json`, written by
@@ -81,30 +131,32 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     let spec = ApplianceSpec::from_yaml(&text)
         .with_context(|| format!("invalid spec {}", opts.file.display()))?;
     let name = spec.name().to_string();
-    if Lab::discover(&opts.prefix)?.is_none() {
-        bail!(
-            "no lab with prefix {:?}: create it first with `dva lab up --prefix {}`",
-            opts.prefix,
-            opts.prefix
-        );
+    if let Place::Lab(prefix) = &opts.place {
+        if Lab::discover(prefix)?.is_none() {
+            bail!(
+                "no lab with prefix {prefix:?}: create it first with `dva lab up --prefix {prefix}` \
+                 (or run on this machine with --local)"
+            );
+        }
     }
-    let dir = run_dir(&opts.prefix, &name);
+    let where_ = opts.place.describe();
+    let prefix = opts.place.prefix();
+    let dir = run_dir(prefix, &name);
     if dir.join("manager.sock").exists()
         && std::os::unix::net::UnixStream::connect(dir.join("manager.sock")).is_ok()
     {
         bail!(
-            "appliance {name} already runs in lab {} (see {})",
-            opts.prefix,
+            "appliance {name} already runs on {where_} (see {})",
             dir.display()
         );
     }
     // The embedded management tool keeps its store beside the run directory, for this run only.
-    let state = PathBuf::from("/run/dva").join(format!("{}{name}.state", opts.prefix));
+    let state = PathBuf::from("/run/dva").join(format!("{prefix}{name}.state"));
     let _ = std::fs::remove_dir_all(&state);
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    let mgmt = Mgmt::open(MgmtOptions::new(state.clone(), &opts.prefix)?)?;
+    let mgmt = Mgmt::open(opts.place.options(state.clone())?)?;
     let result = (|| -> anyhow::Result<()> {
         mgmt.apply(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some(n) = opts.dataplanes {
@@ -118,17 +170,17 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--dataplanes: {e}"))?;
         }
         let v = wait_ready(&mgmt, &name, READY_TIMEOUT)?;
+        let in_ = match &opts.place {
+            Place::Lab(p) => format!("in lab {p}"),
+            Place::Local => "on this machine".to_string(),
+        };
         println!(
-            "appliance {name} ready in lab {} (run dir {}, config version {})",
-            opts.prefix,
+            "appliance {name} ready {in_} (run dir {}, config version {})",
             dir.display(),
             v.config_version
         );
         print_units(&v);
-        println!(
-            "stats: dva stats {name} --prefix {}   stop: Ctrl-C",
-            opts.prefix
-        );
+        println!("stats: dva stats {name} --prefix {prefix:?}   stop: Ctrl-C");
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -151,7 +203,12 @@ fn read_units(dir: &std::path::Path) -> anyhow::Result<Vec<UnitRecord>> {
 
 /// `dva stats NAME`: every unit's counters, from its control socket.
 pub fn stats(name: &str, prefix: &str, json: bool) -> anyhow::Result<()> {
-    let dir = run_dir(prefix, name);
+    let mut dir = run_dir(prefix, name);
+    if !dir.exists() && prefix == dva_lab::DEFAULT_PREFIX {
+        // Not in the default lab: on this machine (`dva run --local`), run directories have no
+        // prefix.
+        dir = run_dir("", name);
+    }
     let units = read_units(&dir).with_context(|| {
         format!(
             "appliance {name} is not running in lab {prefix} (no {})",

@@ -20,8 +20,11 @@ use crate::store::{CorruptRecord, Store};
 pub struct MgmtOptions {
     /// Where the store lives (`--state`).
     pub state_dir: PathBuf,
-    /// The lab whose hosts units are placed on.
+    /// The lab whose hosts units are placed on; empty with `local`.
     pub lab_prefix: String,
+    /// Place every unit on this machine, in the management tool's own network namespace, with
+    /// the backplane on loopback: a real server whose devices the spec names (no lab).
+    pub local: bool,
     /// Unit run directories (sockets, logs, configs) go under `<run_root>/<lab_prefix><name>/`.
     pub run_root: PathBuf,
     /// The `dva` executable units are started from.
@@ -33,8 +36,17 @@ impl MgmtOptions {
         Ok(MgmtOptions {
             state_dir,
             lab_prefix: lab_prefix.to_string(),
+            local: false,
             run_root: PathBuf::from("/run/dva"),
             exe: std::env::current_exe()?,
+        })
+    }
+
+    /// Units on this machine, in the current network namespace (see [`MgmtOptions::local`]).
+    pub fn local(state_dir: PathBuf) -> anyhow::Result<MgmtOptions> {
+        Ok(MgmtOptions {
+            local: true,
+            ..MgmtOptions::new(state_dir, "")?
         })
     }
 }

@@ -21,8 +21,10 @@ pub struct UnitLaunch {
     pub appliance: String,
     pub id: u32,
     pub role: UnitRole,
-    /// Host to place it on (for `local`: a network namespace name).
+    /// Host to place it on (its name, as `dva get` shows it).
     pub host: String,
+    /// The network namespace to start it in (a lab host); `None`: the provisioner's own.
+    pub netns: Option<String>,
     /// The manager's channel socket (the manager listens on it; other roles connect to it).
     pub manager: PathBuf,
     /// The unit's control socket.
@@ -137,7 +139,7 @@ impl Provisioner for LocalProvisioner {
             .arg(&u.manager)
             .arg("--control")
             .arg(&u.control)
-            .args(["--netns", &u.host])
+            .args(u.netns.iter().flat_map(|ns| ["--netns", ns.as_str()]))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

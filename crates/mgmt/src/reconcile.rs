@@ -100,13 +100,85 @@ impl ManagerLink {
 /// How often the lab's shape is read again (it runs `ip netns list`).
 const LAB_EVERY: Duration = Duration::from_secs(2);
 
+/// A host units can be placed on: its name (a lab host's network namespace, or this machine's
+/// host name) and the address its units' backplane sockets bind.
+#[derive(Debug, Clone)]
+struct Host {
+    name: String,
+    backplane: IpAddr,
+}
+
+/// Where units may go: the lab's hosts, or this machine alone.
+struct Hosts {
+    dispatchers: Vec<Host>,
+    dataplanes: Vec<Host>,
+    /// The lab, for what only a lab has (upstream ECMP routers).
+    lab: Option<Lab>,
+}
+
+impl Hosts {
+    fn lab(lab: Lab) -> Hosts {
+        let dispatchers = (1..=lab.dispatchers.max(1))
+            .map(|d| Host {
+                name: lab.dispatcher_ns(d),
+                backplane: IpAddr::V4(Lab::dispatcher_backplane_addr(d)),
+            })
+            .collect();
+        let dataplanes = (1..=lab.hosts.max(1))
+            .map(|m| Host {
+                name: lab.host_ns(m),
+                backplane: IpAddr::V4(Lab::host_backplane_addr(m)),
+            })
+            .collect();
+        Hosts {
+            dispatchers,
+            dataplanes,
+            lab: Some(lab),
+        }
+    }
+
+    /// This machine: units in our own network namespace (where the spec's devices are), the
+    /// backplane on loopback (dispatchers and data planes exchange packets through rings; data
+    /// planes reach each other over UDP on loopback).
+    fn local() -> Hosts {
+        let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_string());
+        let host = Host {
+            name,
+            backplane: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        };
+        Hosts {
+            dispatchers: vec![host.clone()],
+            dataplanes: vec![host],
+            lab: None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.lab {
+            Some(lab) => format!("lab {}", lab.prefix),
+            None => "this machine".to_string(),
+        }
+    }
+}
+
 pub(crate) fn run(inner: &Inner) {
-    let mut lab: Option<Lab> = None;
-    let mut lab_at: Option<Instant> = None;
+    let mut hosts: Option<Hosts> = None;
+    let mut hosts_at: Option<Instant> = None;
     while !inner.stop.load(Ordering::Acquire) {
-        if lab.is_none() || lab_at.is_none_or(|t| t.elapsed() >= LAB_EVERY) {
-            lab = Lab::discover(&inner.opts.lab_prefix).ok().flatten();
-            lab_at = Some(Instant::now());
+        if hosts.is_none() || hosts_at.is_none_or(|t| t.elapsed() >= LAB_EVERY) {
+            hosts = if inner.opts.local {
+                Some(Hosts::local())
+            } else {
+                Lab::discover(&inner.opts.lab_prefix)
+                    .ok()
+                    .flatten()
+                    .map(Hosts::lab)
+            };
+            hosts_at = Some(Instant::now());
         }
         let names: Vec<String> = inner.lock().keys().cloned().collect();
         for name in names {
@@ -117,7 +189,7 @@ pub(crate) fn run(inner: &Inner) {
             if app.deleting {
                 continue;
             }
-            reconcile(inner, app, lab.as_ref());
+            reconcile(inner, app, hosts.as_ref());
         }
         std::thread::sleep(PERIOD);
     }
@@ -137,6 +209,7 @@ fn launch(inner: &Inner, name: &str, u: &UnitRecord) -> UnitLaunch {
         id: u.id,
         role: u.role,
         host: u.host.clone(),
+        netns: (!inner.opts.local).then(|| u.host.clone()),
         manager: dir.join("manager.sock"),
         control: dir.join(format!("unit-{}.sock", u.id)),
         log: dir.join(format!("unit-{}.log", u.id)),
@@ -161,8 +234,8 @@ pub(crate) fn check_compiles(spec: &ApplianceSpec) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
-    let Some(lab) = lab else {
+fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>) {
+    let Some(hosts) = hosts else {
         app.rt.error = Some(format!(
             "no lab with prefix {:?} (create it with `dva lab up --prefix {}`)",
             inner.opts.lab_prefix, inner.opts.lab_prefix
@@ -217,14 +290,12 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
         .count();
     for k in managers..app.spec.spec.layout.managers as usize {
         // Spread managers over the hosts, so one host's loss leaves a standby.
-        to_start.push((
-            UnitRole::Manager,
-            lab.host_ns(k % lab.hosts.max(1) + 1),
-            None,
-        ));
+        let host = &hosts.dataplanes[k % hosts.dataplanes.len()];
+        to_start.push((UnitRole::Manager, host.name.clone(), None));
     }
     let want_disp = app.spec.spec.layout.dispatchers as usize;
-    if want_disp <= lab.dispatchers.max(1)
+    let have_disp = hosts.dispatchers.len();
+    if want_disp <= have_disp
         && app
             .rt
             .error
@@ -233,26 +304,33 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
     {
         app.rt.error = None;
     }
-    if want_disp > lab.dispatchers.max(1) {
-        app.rt.error = Some(format!(
-            "spec.layout.dispatchers is {want_disp} but lab {} has {} dispatcher host(s) \
-             (`dva lab up --dispatchers {want_disp}`)",
-            lab.prefix, lab.dispatchers
-        ));
+    if want_disp > have_disp {
+        app.rt.error = Some(match &hosts.lab {
+            Some(lab) => format!(
+                "spec.layout.dispatchers is {want_disp} but lab {} has {have_disp} dispatcher \
+                 host(s) (`dva lab up --dispatchers {want_disp}`)",
+                lab.prefix
+            ),
+            None => format!(
+                "spec.layout.dispatchers is {want_disp} but {} holds the interfaces of one \
+                 dispatcher",
+                hosts.describe()
+            ),
+        });
     }
-    for d in 1..=want_disp.min(lab.dispatchers.max(1)) {
-        let disp_host = lab.dispatcher_ns(d);
+    // Addresses of the units about to start: on one machine dispatchers and data planes share
+    // the backplane address, so a data plane's port must avoid theirs.
+    let mut planned: Vec<(String, SocketAddr)> = Vec::new();
+    for host in hosts.dispatchers.iter().take(want_disp) {
         if !app
             .rec
             .units
             .iter()
-            .any(|u| u.role == UnitRole::Dispatcher && u.host == disp_host)
+            .any(|u| u.role == UnitRole::Dispatcher && u.host == host.name)
         {
-            let addr = SocketAddr::new(
-                IpAddr::V4(Lab::dispatcher_backplane_addr(d)),
-                BACKPLANE_PORT,
-            );
-            to_start.push((UnitRole::Dispatcher, disp_host, Some(addr)));
+            let addr = SocketAddr::new(host.backplane, BACKPLANE_PORT);
+            planned.push((host.name.clone(), addr));
+            to_start.push((UnitRole::Dispatcher, host.name.clone(), Some(addr)));
         }
     }
     let active: Vec<u32> = app
@@ -268,9 +346,8 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
         .collect();
     let want = app.rec.dataplanes as usize;
     if active.len() < want {
-        let mut planned: Vec<(String, SocketAddr)> = Vec::new();
         for _ in active.len()..want {
-            let (host, addr) = place_dataplane(lab, &app.rec.units, &planned);
+            let (host, addr) = place_dataplane(hosts, &app.rec.units, &planned);
             planned.push((host.clone(), addr));
             to_start.push((UnitRole::Dataplane, host, Some(addr)));
         }
@@ -569,7 +646,7 @@ fn reconcile(inner: &Inner, app: &mut Appliance, lab: Option<&Lab>) {
     }
     // Upstream ECMP over the dispatchers that serve: a dead one is withdrawn at once, its
     // replacement put back once ready (labs with several dispatcher hosts).
-    if lab.dispatchers > 1 {
+    if let Some(lab) = hosts.lab.as_ref().filter(|l| l.dispatchers > 1) {
         let serving: Vec<usize> = (1..=lab.dispatchers)
             .filter(|&d| {
                 app.rec.units.iter().any(|u| {
@@ -682,28 +759,25 @@ pub(crate) fn adopt_all(inner: &Inner) {
 
 /// The data-plane host with the fewest data planes, and the next free backplane port on it.
 fn place_dataplane(
-    lab: &Lab,
+    hosts: &Hosts,
     units: &[UnitRecord],
     planned: &[(String, SocketAddr)],
 ) -> (String, SocketAddr) {
-    let hosts: Vec<usize> = (1..=lab.hosts.max(1)).collect();
-    let mut best = (usize::MAX, 1);
-    for m in hosts {
-        let ns = lab.host_ns(m);
+    let mut best = (usize::MAX, 0);
+    for (i, h) in hosts.dataplanes.iter().enumerate() {
         let n = units
             .iter()
             .filter(|u| {
-                u.role == UnitRole::Dataplane && u.host == ns && u.state != UnitState::Stopped
+                u.role == UnitRole::Dataplane && u.host == h.name && u.state != UnitState::Stopped
             })
             .count()
-            + planned.iter().filter(|(h, _)| *h == ns).count();
+            + planned.iter().filter(|(p, _)| *p == h.name).count();
         if n < best.0 {
-            best = (n, m);
+            best = (n, i);
         }
     }
-    let m = best.1;
-    let ns = lab.host_ns(m);
-    let ip = IpAddr::V4(Lab::host_backplane_addr(m));
+    let host = &hosts.dataplanes[best.1];
+    let (ns, ip) = (host.name.clone(), host.backplane);
     let used: Vec<u16> = units
         .iter()
         .filter(|u| u.host == ns)
