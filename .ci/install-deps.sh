@@ -4,7 +4,8 @@
 # procps (sysctl, kill), haproxy and nftables (baselines of `dva bench compare`), and the
 # toolchain for the AF_XDP driver's XDP program (crates/io/bpf, built by crates/io/build.rs):
 # clang and llvm (`clang -target bpf`), libbpf-dev (bpf_helpers.h) and linux-libc-dev
-# (linux/bpf.h). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
+# (linux/bpf.h), and python3-scapy (e2e_hygiene forges packets; Debian's scapy imports only under
+# /usr/bin/python3). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
 # packages already installed are left alone, and apt runs only when something is missing. Runs
 # as root (or through sudo).
 set -euo pipefail
@@ -22,7 +23,7 @@ installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
 }
 
-packages=(iproute2 ethtool iperf3 curl iputils-ping procps wrk haproxy nftables
+packages=(iproute2 ethtool iperf3 curl iputils-ping procps wrk haproxy nftables python3-scapy
     clang llvm libbpf-dev linux-libc-dev)
 missing=()
 for p in "${packages[@]}"; do

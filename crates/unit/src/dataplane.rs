@@ -68,7 +68,8 @@ mod drop_reason {
     pub const LB_TABLE_FULL: usize = 18;
     pub const HANDOVER_REFUSED: usize = 19;
     pub const BACKPLANE_AUTH: usize = 20;
-    pub const NAMES: [&str; 21] = [
+    pub const ICMP_ERROR_UNRELATED: usize = 21;
+    pub const NAMES: [&str; 22] = [
         "backplane-foreign-source",
         "malformed-geneve",
         "wrong-vni",
@@ -90,6 +91,7 @@ mod drop_reason {
         "lb-table-full",
         "handover-not-allowed",
         "backplane-auth",
+        "icmp-error-unrelated",
     ];
 }
 use drop_reason as dr;
@@ -1136,21 +1138,15 @@ impl Core {
         c: &Classified,
         policy: NewFlowPolicy,
     ) -> Outcome {
-        let info = PacketInfo {
-            ingress_if: meta.ingress_if,
-            key: c.key,
-            tcp_flags: c.tcp_flags,
-            icmp: c.icmp,
-            icmp_inner: c.icmp_inner,
-            len: ip.len() as u32,
-        };
+        let info = packet_info(meta.ingress_if, ip, c);
         match self.fw.process(self.now_ns, bucket, &info, policy) {
             Verdict::Accept => Outcome::Forward,
             Verdict::Drop(reason) => Outcome::Drop(match reason {
                 DropReason::RuleDrop => dr::FIREWALL_RULE,
                 DropReason::DefaultPolicy => dr::FIREWALL_DEFAULT,
                 DropReason::TableFull => dr::TABLE_FULL,
-                _ => dr::INVALID_STATE,
+                DropReason::IcmpErrorUnrelated => dr::ICMP_ERROR_UNRELATED,
+                DropReason::InvalidState => dr::INVALID_STATE,
             }),
             Verdict::Reject(kind) => Outcome::Reject(kind),
             Verdict::NoState => Outcome::Punt,
@@ -1285,5 +1281,121 @@ impl Core {
             }
             offload::Sent::Failed => self.drops.inc(dr::TX_FULL),
         }
+    }
+}
+
+/// What the firewall reads of a packet: `c` is `ip`'s classification.
+fn packet_info(ingress_if: u8, ip: &[u8], c: &Classified) -> PacketInfo {
+    PacketInfo {
+        ingress_if,
+        key: c.key,
+        tcp_flags: c.tcp_flags,
+        icmp: c.icmp,
+        icmp_inner: c.icmp_inner,
+        len: ip.len() as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! ICMP errors on the wire, through the classifier, to the firewall.
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use dva_services::firewall::{
+        Action, ConntrackConfig, DropReason, Firewall, NewFlowPolicy, RuleSet, Verdict,
+    };
+
+    use super::packet_info;
+    use crate::classify::classify;
+    use crate::reply;
+
+    const SYN: u8 = 0x02;
+
+    fn verdict(fw: &mut Firewall, ip: &[u8]) -> Verdict {
+        let c = classify(ip).expect("classify");
+        fw.process(0, 0, &packet_info(0, ip, &c), NewFlowPolicy::Create)
+    }
+
+    fn syn(src: IpAddr, dst: IpAddr) -> Vec<u8> {
+        let mut p = Vec::new();
+        reply::tcp_segment(&mut p, src, dst, 40000, 80, 1, 0, SYN, &[]).expect("segment");
+        p
+    }
+
+    /// An IPv4 packet with its destination rewritten (header checksum redone).
+    fn redirect_v4(mut ip: Vec<u8>, dst: Ipv4Addr) -> Vec<u8> {
+        ip[16..20].copy_from_slice(&dst.octets());
+        ip[10..12].fill(0);
+        let ck = dva_wire::checksum::data(&ip[..20]);
+        ip[10..12].copy_from_slice(&ck.to_be_bytes());
+        ip
+    }
+
+    /// A firewall tracking the connection `opener` starts, whose rules then drop everything:
+    /// only relatedness can let an error through.
+    fn tracking(opener: &[u8]) -> Firewall {
+        let mut fw = Firewall::new(
+            RuleSet::with_default(Action::Accept),
+            ConntrackConfig::default(),
+        );
+        assert_eq!(verdict(&mut fw, opener), Verdict::Accept);
+        fw.set_rules(RuleSet::with_default(Action::Drop));
+        fw
+    }
+
+    const UNRELATED: Verdict = Verdict::Drop(DropReason::IcmpErrorUnrelated);
+
+    #[test]
+    fn icmpv4_error_is_related_only_towards_the_quoted_source() {
+        let server2 = Ipv4Addr::new(198, 18, 2, 3);
+        let server1 = Ipv4Addr::new(198, 18, 2, 2);
+        let client = Ipv4Addr::new(198, 18, 1, 2);
+        let out = syn(server2.into(), client.into());
+        let mut fw = tracking(&out);
+        // Port unreachable from the client about server2's SYN, to server2: related.
+        let mut err = Vec::new();
+        reply::icmpv4_error(&mut err, &out, client, 3, 3).expect("error");
+        assert_eq!(verdict(&mut fw, &err), Verdict::Accept);
+        // The same error aimed at server1, which never sent the quoted packet.
+        assert_eq!(verdict(&mut fw, &redirect_v4(err, server1)), UNRELATED);
+        // Fragmentation needed about the reply direction goes to the client, not to server2.
+        let back = {
+            let mut p = Vec::new();
+            reply::tcp_segment(
+                &mut p,
+                client.into(),
+                server2.into(),
+                80,
+                40000,
+                9,
+                2,
+                0x12,
+                &[],
+            )
+            .expect("segment");
+            p
+        };
+        assert_eq!(verdict(&mut fw, &back), Verdict::Accept);
+        let mut err = Vec::new();
+        reply::icmpv4_error(&mut err, &back, Ipv4Addr::new(198, 18, 9, 1), 3, 4).expect("error");
+        assert_eq!(verdict(&mut fw, &err), Verdict::Accept);
+        assert_eq!(verdict(&mut fw, &redirect_v4(err, server2)), UNRELATED);
+        assert_eq!(fw.stats().related, 2);
+        assert_eq!(fw.drops()[4], (DropReason::IcmpErrorUnrelated, 2));
+    }
+
+    #[test]
+    fn icmpv6_error_is_related_only_towards_the_quoted_source() {
+        let server2: Ipv6Addr = "2001:db8:2::3".parse().expect("addr");
+        let server1: Ipv6Addr = "2001:db8:2::2".parse().expect("addr");
+        let client: Ipv6Addr = "2001:db8:1::2".parse().expect("addr");
+        let out = syn(server2.into(), client.into());
+        let mut fw = tracking(&out);
+        let mut err = Vec::new();
+        reply::icmpv6_error(&mut err, &out, client, 1, 4, 0).expect("error");
+        assert_eq!(verdict(&mut fw, &err), Verdict::Accept);
+        // IPv6 has no header checksum; the classifier reads the destination as it is.
+        err[24..40].copy_from_slice(&server1.octets());
+        assert_eq!(verdict(&mut fw, &err), UNRELATED);
     }
 }

@@ -192,6 +192,11 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         &self.buffer.as_ref()[HEADER_LEN..usize::from(self.header_len())]
     }
 
+    /// Whether the options may be forwarded (see [`check_options`]).
+    pub fn check_options(&self) -> core::result::Result<(), OptionsError> {
+        check_options(self.options())
+    }
+
     /// The payload: from the end of the header to the total length.
     pub fn payload(&self) -> &[u8] {
         &self.buffer.as_ref()[usize::from(self.header_len())..usize::from(self.total_len())]
@@ -305,6 +310,55 @@ impl<T: AsRef<[u8]>> AsRef<[u8]> for Ipv4Packet<T> {
     }
 }
 
+/// IPv4 option types (RFC 791; the copied bit is part of the value).
+pub mod ip_option {
+    /// End of option list: the rest is padding.
+    pub const EOL: u8 = 0;
+    /// No operation (one byte, aligns the next option).
+    pub const NOP: u8 = 1;
+    /// Loose source and record route.
+    pub const LSRR: u8 = 0x83;
+    /// Strict source and record route.
+    pub const SSRR: u8 = 0x89;
+}
+
+/// Why an IPv4 header's options make a packet unfit to forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OptionsError {
+    /// Loose or strict source routing: the sender picks the path through us, which Linux
+    /// refuses by default (`accept_source_route = 0`).
+    SourceRoute,
+    /// An option's length byte is missing, below 2, or runs past the header (the kernel's
+    /// `ip_options_compile` answers these with a parameter problem and drops).
+    Malformed,
+}
+
+/// Walks the option bytes of an IPv4 header (between the fixed 20 bytes and IHL * 4): every
+/// option but EOL and NOP is type, length (counting both), data. Bytes after EOL are padding.
+pub fn check_options(mut opts: &[u8]) -> core::result::Result<(), OptionsError> {
+    let mut source_route = false;
+    while let Some(&ty) = opts.first() {
+        match ty {
+            ip_option::EOL => break,
+            ip_option::NOP => opts = &opts[1..],
+            _ => {
+                let len = usize::from(*opts.get(1).ok_or(OptionsError::Malformed)?);
+                if len < 2 || len > opts.len() {
+                    return Err(OptionsError::Malformed);
+                }
+                source_route |= matches!(ty, ip_option::LSRR | ip_option::SSRR);
+                opts = &opts[len..];
+            }
+        }
+    }
+    // A malformed option anywhere wins over a source route before it: both drop, and the
+    // count should say the header was broken.
+    if source_route {
+        return Err(OptionsError::SourceRoute);
+    }
+    Ok(())
+}
+
 /// Decrements the TTL and patches the header checksum incrementally (RFC 1624), as a router
 /// does when forwarding. A TTL of 0 is left alone: the caller decides what to do with packets
 /// whose TTL ran out (normally it checks `hop_limit() <= 1` first and answers Time Exceeded).
@@ -406,6 +460,51 @@ mod tests {
 
     fn syn() -> Vec<u8> {
         SYN.to_vec()
+    }
+
+    #[test]
+    fn options_source_routes_and_bad_lengths() {
+        use OptionsError::*;
+        let cases: [(&[u8], core::result::Result<(), OptionsError>); 14] = [
+            (&[], Ok(())),
+            (&[0, 0, 0, 0], Ok(())),
+            (&[1, 1, 1, 0], Ok(())),
+            // Router alert (RFC 2113), as IGMP and RSVP send it.
+            (&[0x94, 4, 0, 0], Ok(())),
+            // Record route with room for one address, then EOL.
+            (&[7, 7, 4, 0, 0, 0, 0, 0], Ok(())),
+            // Bytes after EOL are padding, whatever they hold.
+            (&[0, 0x83, 0xff, 0], Ok(())),
+            // LSRR through 198.18.2.9 (as `ping -g` sends it), then EOL.
+            (
+                &[1, 0x83, 7, 4, 198, 18, 2, 9, 0, 0, 0, 0],
+                Err(SourceRoute),
+            ),
+            // SSRR.
+            (&[0x89, 7, 4, 198, 18, 2, 9, 0], Err(SourceRoute)),
+            // A length byte missing, zero, one, or past the header.
+            (&[1, 1, 1, 7], Err(Malformed)),
+            (&[7, 0, 0, 0], Err(Malformed)),
+            (&[7, 1, 0, 0], Err(Malformed)),
+            (&[7, 9, 4, 0, 0, 0, 0, 0], Err(Malformed)),
+            // A broken option after a source route: counted as broken.
+            (&[0x83, 3, 4, 7, 9, 0, 0, 0], Err(Malformed)),
+            // An unknown option with a sound length passes, as in the kernel.
+            (&[0x1e, 4, 0, 0], Ok(())),
+        ];
+        for (opts, want) in cases {
+            assert_eq!(check_options(opts), want, "{opts:02x?}");
+        }
+        // Through the view: a header with IHL 6 carrying a 4-byte LSRR stub.
+        let mut p = syn()[..60].to_vec();
+        p[0] = 0x46;
+        p.splice(20..20, [0x83, 3, 4, 0]);
+        let pkt = Ipv4Packet::new_checked(&p[..]).expect("checked");
+        assert_eq!(pkt.check_options(), Err(SourceRoute));
+        assert_eq!(
+            Ipv4Packet::new_checked(&SYN[..]).map(|p| p.check_options()),
+            Ok(Ok(()))
+        );
     }
 
     #[test]

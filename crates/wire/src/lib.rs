@@ -52,7 +52,7 @@ pub use ethernet::{ethertype, EthernetAddress, EthernetFrame, EthernetRepr};
 pub use geneve::{dva_flags, DvaMeta, GeneveOption, GeneveOptions, GenevePacket, GeneveRepr};
 pub use icmpv4::{icmpv4_type, Icmpv4Packet, Icmpv4Repr};
 pub use icmpv6::{icmpv6_type, Icmpv6Packet, Icmpv6Repr, NdiscRepr};
-pub use ipv4::{ip_proto, Ipv4Packet, Ipv4Repr};
+pub use ipv4::{ip_option, ip_proto, Ipv4Packet, Ipv4Repr, OptionsError};
 pub use ipv6::{Ipv6Packet, Ipv6Repr};
 pub use tcp::{TcpOption, TcpOptions, TcpPacket, TcpRepr};
 pub use udp::{UdpPacket, UdpRepr};

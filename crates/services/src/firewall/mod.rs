@@ -2,7 +2,12 @@
 //! default policy.
 //!
 //! Per packet ([`Firewall::process`]):
-//! 1. ICMP errors quoting a tracked flow are *related*: accepted without touching any state.
+//! 1. ICMP errors quoting a tracked flow are *related*: accepted without touching any state. The
+//!    quote must be a packet of the flow as it was sent, and the error must go back to the host
+//!    that sent it (outer destination = quoted source), as the kernel's `nf_conntrack_inet_error`
+//!    demands; an error that quotes a tracked flow but goes elsewhere is dropped as
+//!    `IcmpErrorUnrelated` (else anyone who learns a flow's tuple could aim errors about it at
+//!    any host behind the firewall).
 //! 2. Packets of a tracked connection are *established*: accepted, and they advance the
 //!    connection's state (TCP state machine, UDP "replied", timeouts, counters). A TCP segment that
 //!    does not fit the connection's state is dropped as `InvalidState`.
@@ -78,14 +83,18 @@ pub enum DropReason {
     InvalidState,
     /// The rules accepted a new connection but the table is at `max_entries`.
     TableFull,
+    /// An ICMP error quoting a tracked flow, sent to a host other than the quoted packet's
+    /// source.
+    IcmpErrorUnrelated,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::RuleDrop,
         DropReason::DefaultPolicy,
         DropReason::InvalidState,
         DropReason::TableFull,
+        DropReason::IcmpErrorUnrelated,
     ];
 
     pub fn name(self) -> &'static str {
@@ -94,6 +103,7 @@ impl DropReason {
             DropReason::DefaultPolicy => "default_policy",
             DropReason::InvalidState => "invalid_state",
             DropReason::TableFull => "table_full",
+            DropReason::IcmpErrorUnrelated => "icmp_error_unrelated",
         }
     }
 }
@@ -126,7 +136,7 @@ pub struct FirewallStats {
     /// TCP SYNs that re-opened a connection in TIME_WAIT / CLOSE.
     pub reopened: u64,
     /// Indexed like [`DropReason::ALL`].
-    pub drops: [u64; 4],
+    pub drops: [u64; 5],
 }
 
 /// How a packet relates to connection tracking, from its protocol fields alone.
@@ -259,12 +269,16 @@ impl Firewall {
     }
 
     fn icmp_error(&mut self, now: u64, pkt: &PacketInfo, policy: NewFlowPolicy) -> Verdict {
-        if pkt
-            .icmp_inner
-            .is_some_and(|inner| self.ct.contains(now, &inner))
-        {
-            self.stats.related += 1;
-            return Verdict::Accept;
+        if let Some(inner) = pkt.icmp_inner {
+            // The table matches a key in either direction; a quote that is the flow's original
+            // or its reply, as sent, was sent by `inner.src`, and only that host may be told.
+            if self.ct.contains(now, &inner) {
+                if pkt.key.dst != inner.src {
+                    return self.drop(DropReason::IcmpErrorUnrelated);
+                }
+                self.stats.related += 1;
+                return Verdict::Accept;
+            }
         }
         if policy == NewFlowPolicy::Refuse {
             self.stats.no_state += 1;
@@ -344,7 +358,7 @@ impl Firewall {
     }
 
     /// Drops by reason.
-    pub fn drops(&self) -> [(DropReason, u64); 4] {
+    pub fn drops(&self) -> [(DropReason, u64); 5] {
         DropReason::ALL.map(|r| (r, self.stats.drops[r as usize]))
     }
 

@@ -427,6 +427,40 @@ fn scenarios() {
             ],
         ),
         (
+            "icmp errors about a tracked flow go only to the host that sent the quoted packet",
+            vec![
+                at(0, tcp(OUT, w, SYN), ACCEPT),
+                at(0, tcp(IN, r, SYN | ACK), ACCEPT),
+                // About the server's SYN-ACK, to the server: related.
+                at(
+                    0,
+                    icmp_err(OUT, key(1, CLIENT, 0, SERVER, 0), 3, 3, r),
+                    ACCEPT,
+                ),
+                // The same quote aimed at another inside host (the kernel's "outer daddr !=
+                // inner saddr"): dropped, whatever the rules say, and the flow is untouched.
+                at(
+                    0,
+                    icmp_err(OUT, key(1, CLIENT, 0, "198.18.2.3", 0), 3, 3, r),
+                    Verdict::Drop(DropReason::IcmpErrorUnrelated),
+                ),
+                // The client's own packet quoted back at the server that never sent it.
+                at(
+                    0,
+                    icmp_err(OUT, key(1, ROUTER, 0, SERVER, 0), 3, 4, w),
+                    Verdict::Drop(DropReason::IcmpErrorUnrelated),
+                ),
+                // Under the refuse policy too: the flow is here, so the answer is known.
+                at(
+                    0,
+                    icmp_err(OUT, key(1, ROUTER, 0, SERVER, 0), 11, 0, w),
+                    Verdict::Drop(DropReason::IcmpErrorUnrelated),
+                )
+                .refuse()
+                .len(1),
+            ],
+        ),
+        (
             "refuse policy gives NoState and creates nothing",
             vec![
                 at(0, tcp(OUT, w, SYN), Verdict::NoState).refuse().len(0),
@@ -545,6 +579,18 @@ fn scenarios() {
                     0,
                     icmp_err(IN, key(58, "2001:db8:2::1", 0, SERVER6, 0), 2, 0, r6),
                     ACCEPT,
+                ),
+                // Packet too big about the server's packet, aimed at another host: dropped.
+                at(
+                    0,
+                    icmp_err(
+                        IN,
+                        key(58, "2001:db8:2::1", 0, "2001:db8:2::3", 0),
+                        2,
+                        0,
+                        r6,
+                    ),
+                    Verdict::Drop(DropReason::IcmpErrorUnrelated),
                 ),
                 at(
                     0,
@@ -765,7 +811,8 @@ fn counters() {
             (DropReason::RuleDrop, 1),
             (DropReason::DefaultPolicy, 1),
             (DropReason::InvalidState, 1),
-            (DropReason::TableFull, 0)
+            (DropReason::TableFull, 0),
+            (DropReason::IcmpErrorUnrelated, 0)
         ]
     );
     let s = fw.stats();
@@ -1283,7 +1330,13 @@ fn drop_reason_names() {
     let names: Vec<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
     assert_eq!(
         names,
-        ["rule_drop", "default_policy", "invalid_state", "table_full"]
+        [
+            "rule_drop",
+            "default_policy",
+            "invalid_state",
+            "table_full",
+            "icmp_error_unrelated"
+        ]
     );
     for (i, r) in DropReason::ALL.iter().enumerate() {
         assert_eq!(*r as usize, i);

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  wire ──AF_XDP/AF_PACKET rx──> on_frame ──ARP/ND──> answer for the appliance's addresses
-//!                            │ IPv4/IPv6, TTL > 1
+//!                            │ IPv4/IPv6: hygiene (martian or own source, IPv4 source route or
+//!                            │ broken options, bad TCP/UDP checksum: counted drops), TTL > 1
 //!                            └─ classify → symmetric hash → bucket → owner DP
 //!                                  └─ GENEVE(bucket, epoch, ingress_if) ──UDP──> data plane
 //!  data plane ──GENEVE──> on_backplane ── route (connected + static) ── neighbour ── AF_XDP/AF_PACKET tx ──> wire
@@ -16,6 +17,7 @@
 //! the config (bucket table, interfaces, routes), so any dispatcher can serve any packet.
 
 pub mod health;
+pub mod hygiene;
 pub mod neighbor;
 pub mod route;
 
@@ -34,6 +36,7 @@ use dva_proto::{DispatcherConfig, InterfaceConfig, RoleConfig};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
 use dva_wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, Ipv4Packet, Ipv6Packet,
+    OptionsError,
 };
 
 use crate::channel::Update;
@@ -42,6 +45,7 @@ use crate::keys::epoch_keys;
 use crate::offload;
 use crate::reply::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 use crate::stats::{DropCounters, Every, InterfaceStats, StatsCell, UnitStats};
+use hygiene::L4Checksum;
 use neighbor::NeighborTable;
 use route::RouteTable;
 
@@ -74,7 +78,12 @@ mod drop_reason {
     pub const ICMP_RATE_LIMITED: usize = 21;
     pub const GSO_UNSUPPORTED: usize = 22;
     pub const BACKPLANE_AUTH: usize = 23;
-    pub const NAMES: [&str; 24] = [
+    pub const MARTIAN_SOURCE: usize = 24;
+    pub const OWN_SOURCE: usize = 25;
+    pub const BAD_L4_CHECKSUM: usize = 26;
+    pub const SOURCE_ROUTE: usize = 27;
+    pub const MALFORMED_IP_OPTIONS: usize = 28;
+    pub const NAMES: [&str; 29] = [
         "oversize-frame",
         "malformed-ethernet",
         "not-for-us",
@@ -99,6 +108,11 @@ mod drop_reason {
         "icmp-rate-limited",
         "gso-unsupported",
         "backplane-auth",
+        "martian-source",
+        "own-address-source",
+        "bad-l4-checksum",
+        "ip-source-route",
+        "malformed-ip-options",
     ];
 }
 use drop_reason as dr;
@@ -635,6 +649,41 @@ impl Core {
         self.links.iter().any(|l| l.owns(ip))
     }
 
+    /// The drop reason for a packet from `src` to `dst` no host may send: a martian source, or
+    /// one of our interfaces' addresses (the kernel's "local source" martian: a spoof, or a
+    /// loop).
+    fn bad_source(&self, src: IpAddr, dst: IpAddr) -> Option<usize> {
+        if hygiene::martian_source(src, dst) {
+            return Some(dr::MARTIAN_SOURCE);
+        }
+        let own = self
+            .links
+            .iter()
+            .any(|l| l.cfg.addresses.iter().any(|a| a.addr() == src));
+        own.then_some(dr::OWN_SOURCE)
+    }
+
+    /// Judge the TCP/UDP checksum before anything acts on the segment. `Some(meta)`: go on,
+    /// with a partial checksum found under `csum_unknown` now flagged `csum_not_ready`.
+    fn checked_l4(&mut self, ip: &[u8], c: &Classified, meta: RxMeta) -> Option<RxMeta> {
+        match hygiene::l4_checksum(ip, c, &meta) {
+            L4Checksum::Bad => {
+                self.drop(dr::BAD_L4_CHECKSUM);
+                None
+            }
+            L4Checksum::Partial if !meta.csum_not_ready && meta.csum_unknown => {
+                // A veth peer left it partial and AF_XDP could not say so: finish it on the
+                // way out.
+                self.event("partial_checksums_found");
+                Some(RxMeta {
+                    csum_not_ready: true,
+                    ..meta
+                })
+            }
+            L4Checksum::Partial | L4Checksum::Good => Some(meta),
+        }
+    }
+
     fn on_frame(&mut self, i: usize, frame: &[u8], meta: RxMeta, bp: &mut Backplane) {
         let link = &mut self.links[i];
         link.stats.rx_frames += 1;
@@ -722,9 +771,20 @@ impl Core {
         }
         let ip = &ip[..usize::from(pkt.total_len())];
         let dst = IpAddr::V4(pkt.dst_addr());
+        if let Some(reason) = self.bad_source(IpAddr::V4(pkt.src_addr()), dst) {
+            return self.drop(reason);
+        }
+        match pkt.check_options() {
+            Ok(()) => {}
+            Err(OptionsError::SourceRoute) => return self.drop(dr::SOURCE_ROUTE),
+            Err(OptionsError::Malformed) => return self.drop(dr::MALFORMED_IP_OPTIONS),
+        }
         let ttl = pkt.hop_limit();
         let Ok(c) = classify(ip) else {
             return self.drop(dr::MALFORMED_L4);
+        };
+        let Some(meta) = self.checked_l4(ip, &c, meta) else {
+            return;
         };
         if let Some(bucket) = self.nat_bucket(dst, &c) {
             return self.send_to_dataplane(i, ip, &c, &meta, bp, Some(bucket));
@@ -765,6 +825,12 @@ impl Core {
                 return self.on_ndisc(i, ip, &c);
             }
         }
+        if let Some(reason) = self.bad_source(c.key.src, dst) {
+            return self.drop(reason);
+        }
+        let Some(meta) = self.checked_l4(ip, &c, meta) else {
+            return;
+        };
         if let Some(bucket) = self.nat_bucket(dst, &c) {
             return self.send_to_dataplane(i, ip, &c, &meta, bp, Some(bucket));
         }
@@ -963,13 +1029,8 @@ impl Core {
             _ => return self.drop(dr::GSO_UNSUPPORTED),
         }
         let mut completed = false;
-        let mut csum_not_ready = rx.csum_not_ready;
-        if rx.csum_unknown && offloadable && !offload::l4_checksum_ok(ip, c) {
-            // A veth peer left it partial and AF_XDP could not say so: finish it on the way out.
-            csum_not_ready = true;
-            *self.events.entry("partial_checksums_found").or_insert(0) += 1;
-        }
-        if csum_not_ready {
+        // (A partial checksum under `csum_unknown` was found by `checked_l4`.)
+        if rx.csum_not_ready {
             if offloadable {
                 meta.flags |= dva_flags::CSUM_PARTIAL;
             } else {

@@ -114,6 +114,7 @@ pub fn ipv4_l4(buf: &[u8]) {
         p.verify_checksum(),
     ));
     black_box((p.options(), p.payload()));
+    let _ = black_box(p.check_options());
     if let Ok(repr) = Ipv4Repr::parse(&p) {
         assert_eq!(repr.payload_len, p.payload().len());
         let mut out = [0u8; ipv4::HEADER_LEN];
