@@ -25,7 +25,8 @@ use dva_proto::role::Stage;
 use dva_proto::{DataplaneConfig, RoleConfig};
 use dva_services::conntrack::{ConnState, TcpState};
 use dva_services::firewall::{
-    ConntrackConfig, DropReason, Firewall, NewFlowPolicy, PacketInfo, RejectKind, Verdict,
+    ConntrackConfig, DropReason, Firewall, NewFlowPolicy, PacketInfo, RejectKind, TcpSegment,
+    Verdict,
 };
 use dva_services::lb::{Lb, LbDropReason, LbVerdict};
 use dva_services::nat::{Direction, Nat, NatDropReason, NatVerdict};
@@ -68,7 +69,8 @@ mod drop_reason {
     pub const LB_TABLE_FULL: usize = 18;
     pub const HANDOVER_REFUSED: usize = 19;
     pub const BACKPLANE_AUTH: usize = 20;
-    pub const NAMES: [&str; 21] = [
+    pub const TCP_OUT_OF_WINDOW: usize = 21;
+    pub const NAMES: [&str; 22] = [
         "backplane-foreign-source",
         "malformed-geneve",
         "wrong-vni",
@@ -90,6 +92,7 @@ mod drop_reason {
         "lb-table-full",
         "handover-not-allowed",
         "backplane-auth",
+        "tcp-out-of-window",
     ];
 }
 use drop_reason as dr;
@@ -243,6 +246,7 @@ impl Dataplane {
         }
         let limits = ConntrackConfig {
             max_entries: cfg.max_connections,
+            tcp_liberal: cfg.tcp_liberal,
             ..Default::default()
         };
         let fw = Firewall::new(cfg.firewall.clone(), limits);
@@ -401,6 +405,7 @@ impl Core {
         if cfg.firewall != self.cfg.firewall {
             self.fw.set_rules(cfg.firewall.clone());
         }
+        self.fw.conntrack_mut().set_tcp_liberal(cfg.tcp_liberal);
         let (nat, lb) = stages_for(&cfg, self.nat.take(), self.lb.take());
         self.nat = nat;
         self.lb = lb;
@@ -1136,10 +1141,19 @@ impl Core {
         c: &Classified,
         policy: NewFlowPolicy,
     ) -> Outcome {
+        // The classifier already checked the TCP header fits; a fragment has none.
+        let tcp = if c.key.proto == PROTO_TCP && !c.fragment {
+            ip.get(c.l4_offset..)
+                .and_then(TcpSegment::parse)
+                .unwrap_or_default()
+        } else {
+            TcpSegment::default()
+        };
         let info = PacketInfo {
             ingress_if: meta.ingress_if,
             key: c.key,
             tcp_flags: c.tcp_flags,
+            tcp,
             icmp: c.icmp,
             icmp_inner: c.icmp_inner,
             len: ip.len() as u32,
@@ -1150,7 +1164,8 @@ impl Core {
                 DropReason::RuleDrop => dr::FIREWALL_RULE,
                 DropReason::DefaultPolicy => dr::FIREWALL_DEFAULT,
                 DropReason::TableFull => dr::TABLE_FULL,
-                _ => dr::INVALID_STATE,
+                DropReason::TcpOutOfWindow => dr::TCP_OUT_OF_WINDOW,
+                DropReason::InvalidState => dr::INVALID_STATE,
             }),
             Verdict::Reject(kind) => Outcome::Reject(kind),
             Verdict::NoState => Outcome::Punt,
