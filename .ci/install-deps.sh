@@ -4,7 +4,8 @@
 # procps (sysctl, kill), haproxy and nftables (baselines of `dva bench compare`), and the
 # toolchain for the AF_XDP driver's XDP program (crates/io/bpf, built by crates/io/build.rs):
 # clang and llvm (`clang -target bpf`), libbpf-dev (bpf_helpers.h) and linux-libc-dev
-# (linux/bpf.h). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
+# (linux/bpf.h), and python3-scapy (e2e_tcp_window spoofs TCP segments with it; it imports under
+# /usr/bin/python3). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
 # packages already installed are left alone, and apt runs only when something is missing. Runs
 # as root (or through sudo).
 set -euo pipefail
@@ -23,7 +24,7 @@ installed() {
 }
 
 packages=(iproute2 ethtool iperf3 curl iputils-ping procps wrk haproxy nftables
-    clang llvm libbpf-dev linux-libc-dev)
+    clang llvm libbpf-dev linux-libc-dev python3-scapy)
 missing=()
 for p in "${packages[@]}"; do
     installed "$p" || missing+=("$p")
@@ -69,4 +70,8 @@ for tool in ip ss ethtool nginx iperf3 curl ping sysctl clang; do
         exit 1
     }
 done
-echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables clang llvm libbpf-dev)"
+/usr/bin/python3 -c 'import scapy.all' 2>/dev/null || {
+    echo "install-deps: scapy does not import under /usr/bin/python3" >&2
+    exit 1
+}
+echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables clang llvm libbpf-dev python3-scapy)"
