@@ -4,7 +4,7 @@
 # procps (sysctl, kill), haproxy and nftables (baselines of `dva bench compare`), and the
 # toolchain for the AF_XDP driver's XDP program (crates/io/bpf, built by crates/io/build.rs):
 # clang and llvm (`clang -target bpf`), libbpf-dev (bpf_helpers.h) and linux-libc-dev
-# (linux/bpf.h), and python3-scapy (e2e_hygiene forges packets; Debian's scapy imports only under
+# (linux/bpf.h), and python3-scapy (e2e_hygiene and e2e_tcp_window forge packets; Debian's scapy imports only under
 # /usr/bin/python3). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
 # packages already installed are left alone, and apt runs only when something is missing. Runs
 # as root (or through sudo).
@@ -70,4 +70,8 @@ for tool in ip ss ethtool nginx iperf3 curl ping sysctl clang; do
         exit 1
     }
 done
-echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables clang llvm libbpf-dev)"
+/usr/bin/python3 -c 'import scapy.all' 2>/dev/null || {
+    echo "install-deps: scapy does not import under /usr/bin/python3" >&2
+    exit 1
+}
+echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables clang llvm libbpf-dev python3-scapy)"

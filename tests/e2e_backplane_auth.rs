@@ -333,6 +333,7 @@ fn forged_and_replayed_backplane_datagrams_never_pass() {
         orig_bytes: 100,
         reply_packets: 1,
         reply_bytes: 100,
+        tcp_window: Default::default(),
     };
     let flows = dva_unit::handover::Flows {
         conns: vec![conn],

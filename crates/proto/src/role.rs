@@ -12,7 +12,7 @@ use dva_services::nat::{DnatRule, NatConfig, SnatRule};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{ActionSpec, ApplianceSpec, Proto, ServiceSpec, SpecError};
+use crate::spec::{ActionSpec, ApplianceSpec, Proto, ServiceSpec, SpecError, TcpWindowSpec};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceConfig {
@@ -131,6 +131,9 @@ pub struct DataplaneConfig {
     pub interfaces: Vec<InterfaceConfig>,
     pub firewall: RuleSet,
     pub max_connections: usize,
+    /// Accept TCP segments outside their connection's window (the spec's `tcp_window: liberal`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tcp_liberal: bool,
     /// Hand the state of every flow still held to the owners of their buckets, then hold none
     /// (a draining data plane past its drain deadline).
     #[serde(default)]
@@ -378,6 +381,9 @@ pub fn compile(
             interfaces: interfaces.clone(),
             firewall: firewall.clone(),
             max_connections,
+            tcp_liberal: spec
+                .firewall()
+                .is_some_and(|f| f.tcp_window == TcpWindowSpec::Liberal),
             export: false,
             backups: Vec::new(),
             chain: chain.clone(),
@@ -767,9 +773,20 @@ mod tests {
         assert!(fw.rules.iter().any(
             |r| r.proto == Some(6) && r.dst_ports.iter().any(|p| p.first <= 80 && 80 <= p.last)
         ));
+        assert!(
+            !p[0].tcp_liberal,
+            "window tracking is strict unless the spec says so"
+        );
         let ser = serde_json::to_string(&RoleConfig::Dataplane(p[0].clone())).unwrap();
         let back: RoleConfig = serde_json::from_str(&ser).unwrap();
         assert_eq!(back.unit(), 11);
+        let liberal = ApplianceSpec::from_yaml(&text.replace(
+            "default: drop",
+            "default: drop\n        tcp_window: liberal",
+        ))
+        .unwrap();
+        let (_, p) = compile(&liberal, &placement, 8).unwrap();
+        assert!(p.iter().all(|d| d.tcp_liberal));
     }
 }
 

@@ -468,6 +468,26 @@ pub struct FirewallSpec {
     /// Most connections tracked per data plane; new ones past it are dropped and counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// TCP window tracking: `strict` (the default) drops segments of a tracked connection that
+    /// fall outside its window (blind RSTs, data far ahead) as `tcp-out-of-window`; `liberal`
+    /// accepts them, as Linux with `nf_conntrack_tcp_be_liberal=1` (asymmetric routing, where one
+    /// direction never crosses the appliance).
+    #[serde(default, skip_serializing_if = "TcpWindowSpec::is_strict")]
+    pub tcp_window: TcpWindowSpec,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcpWindowSpec {
+    #[default]
+    Strict,
+    Liberal,
+}
+
+impl TcpWindowSpec {
+    pub fn is_strict(&self) -> bool {
+        *self == TcpWindowSpec::Strict
+    }
 }
 
 fn default_policy() -> ActionSpec {
@@ -1524,6 +1544,23 @@ spec:
         assert_eq!(
             fw.rules[1].icmp_type.as_ref().unwrap().resolve(false),
             Ok(8)
+        );
+    }
+
+    #[test]
+    fn tcp_window_strict_by_default_liberal_on_request() {
+        let s = ApplianceSpec::from_yaml(GOOD).unwrap();
+        assert_eq!(s.firewall().unwrap().tcp_window, TcpWindowSpec::Strict);
+        let s = ApplianceSpec::from_yaml(&GOOD.replace(
+            "default: drop",
+            "default: drop\n        tcp_window: liberal",
+        ))
+        .unwrap();
+        assert_eq!(s.firewall().unwrap().tcp_window, TcpWindowSpec::Liberal);
+        let e = err(&GOOD.replace("default: drop", "default: drop\n        tcp_window: loose"));
+        assert!(
+            e.contains("spec.services[0].firewall.tcp_window") && e.contains("loose"),
+            "{e}"
         );
     }
 

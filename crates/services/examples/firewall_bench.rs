@@ -28,6 +28,7 @@ fn info(key: FlowKey, tcp_flags: u8) -> PacketInfo {
         ingress_if: 0,
         key,
         tcp_flags,
+        tcp: Default::default(),
         icmp: None,
         icmp_inner: None,
         len: 1500,

@@ -25,7 +25,8 @@ use dva_proto::role::Stage;
 use dva_proto::{DataplaneConfig, RoleConfig};
 use dva_services::conntrack::{ConnState, TcpState};
 use dva_services::firewall::{
-    ConntrackConfig, DropReason, Firewall, NewFlowPolicy, PacketInfo, RejectKind, Verdict,
+    ConntrackConfig, DropReason, Firewall, NewFlowPolicy, PacketInfo, RejectKind, TcpSegment,
+    Verdict,
 };
 use dva_services::lb::{Lb, LbDropReason, LbVerdict};
 use dva_services::nat::{Direction, Nat, NatDropReason, NatVerdict};
@@ -69,7 +70,8 @@ mod drop_reason {
     pub const HANDOVER_REFUSED: usize = 19;
     pub const BACKPLANE_AUTH: usize = 20;
     pub const ICMP_ERROR_UNRELATED: usize = 21;
-    pub const NAMES: [&str; 22] = [
+    pub const TCP_OUT_OF_WINDOW: usize = 22;
+    pub const NAMES: [&str; 23] = [
         "backplane-foreign-source",
         "malformed-geneve",
         "wrong-vni",
@@ -92,6 +94,7 @@ mod drop_reason {
         "handover-not-allowed",
         "backplane-auth",
         "icmp-error-unrelated",
+        "tcp-out-of-window",
     ];
 }
 use drop_reason as dr;
@@ -245,6 +248,7 @@ impl Dataplane {
         }
         let limits = ConntrackConfig {
             max_entries: cfg.max_connections,
+            tcp_liberal: cfg.tcp_liberal,
             ..Default::default()
         };
         let fw = Firewall::new(cfg.firewall.clone(), limits);
@@ -403,6 +407,7 @@ impl Core {
         if cfg.firewall != self.cfg.firewall {
             self.fw.set_rules(cfg.firewall.clone());
         }
+        self.fw.conntrack_mut().set_tcp_liberal(cfg.tcp_liberal);
         let (nat, lb) = stages_for(&cfg, self.nat.take(), self.lb.take());
         self.nat = nat;
         self.lb = lb;
@@ -1146,6 +1151,7 @@ impl Core {
                 DropReason::DefaultPolicy => dr::FIREWALL_DEFAULT,
                 DropReason::TableFull => dr::TABLE_FULL,
                 DropReason::IcmpErrorUnrelated => dr::ICMP_ERROR_UNRELATED,
+                DropReason::TcpOutOfWindow => dr::TCP_OUT_OF_WINDOW,
                 DropReason::InvalidState => dr::INVALID_STATE,
             }),
             Verdict::Reject(kind) => Outcome::Reject(kind),
@@ -1286,10 +1292,19 @@ impl Core {
 
 /// What the firewall reads of a packet: `c` is `ip`'s classification.
 fn packet_info(ingress_if: u8, ip: &[u8], c: &Classified) -> PacketInfo {
+    // The classifier already checked the TCP header fits; a fragment has none.
+    let tcp = if c.key.proto == PROTO_TCP && !c.fragment {
+        ip.get(c.l4_offset..)
+            .and_then(TcpSegment::parse)
+            .unwrap_or_default()
+    } else {
+        TcpSegment::default()
+    };
     PacketInfo {
         ingress_if,
         key: c.key,
         tcp_flags: c.tcp_flags,
+        tcp,
         icmp: c.icmp,
         icmp_inner: c.icmp_inner,
         len: ip.len() as u32,

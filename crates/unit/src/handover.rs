@@ -195,6 +195,7 @@ mod tests {
             orig_bytes: 4,
             reply_packets: 5,
             reply_bytes: 6,
+            tcp_window: Default::default(),
         }
     }
 

@@ -191,6 +191,7 @@ pub fn packet(ingress_if: u8, key: FlowKey, tcp_flags: u8, len: u32) -> PacketIn
         ingress_if,
         key,
         tcp_flags,
+        tcp: Default::default(),
         icmp: None,
         icmp_inner: None,
         len,

@@ -2,8 +2,9 @@
 //!
 //! - Entries are keyed by the canonical [`FlowKey`] (lower endpoint first), so a packet and its
 //!   reply find the same entry; the entry keeps the original direction's key to tell them apart.
-//! - Protocol state: TCP follows Linux conntrack's state machine ([`tcp`]); UDP, ICMP queries and
-//!   other protocols are pseudo-connections that only remember whether a reply was seen.
+//! - Protocol state: TCP follows Linux conntrack's state machine and window tracking ([`tcp`]);
+//!   UDP, ICMP queries and other protocols are pseudo-connections that only remember whether a
+//!   reply was seen.
 //! - Every state has a timeout ([`Timeouts`], Linux defaults). Expiry is exact for lookups (an entry
 //!   past its deadline is gone as far as packets can tell) and lazy for memory: [`Conntrack::expire`]
 //!   frees due entries in slices of caller-chosen size.
@@ -24,8 +25,8 @@ use dva_flow::{proto, FlowKey};
 use serde::{Deserialize, Serialize};
 
 use crate::hash::{MapKey, SeededState};
-use tcp::Next;
-pub use tcp::{flags, TcpState};
+pub use tcp::{flags, TcpPeer, TcpSegment, TcpState, TcpWindow};
+use tcp::{Next, RstEffect};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -103,6 +104,10 @@ pub struct ConntrackConfig {
     /// New connections beyond this many are refused (`TableFull`).
     pub max_entries: usize,
     pub timeouts: Timeouts,
+    /// Skip the TCP window check (Linux `nf_conntrack_tcp_be_liberal`): out-of-window segments
+    /// and RSTs are accepted and a RST closes wherever it points, as without window tracking.
+    /// For asymmetric paths where one direction is never seen; off by default.
+    pub tcp_liberal: bool,
 }
 
 impl Default for ConntrackConfig {
@@ -110,6 +115,7 @@ impl Default for ConntrackConfig {
         ConntrackConfig {
             max_entries: DEFAULT_MAX_ENTRIES,
             timeouts: Timeouts::default(),
+            tcp_liberal: false,
         }
     }
 }
@@ -196,6 +202,10 @@ pub struct Conn {
     pub orig_bytes: u64,
     pub reply_packets: u64,
     pub reply_bytes: u64,
+    /// TCP window tracking (all zero for other protocols, and from an exporter that predates it:
+    /// then relearned from the next segments).
+    #[serde(default)]
+    pub tcp_window: TcpWindow,
 }
 
 impl Conn {
@@ -234,6 +244,9 @@ pub enum Update {
     Ignored,
     /// Does not fit the connection's state (e.g. ACK before the SYN/ACK); nothing changed.
     Invalid,
+    /// A TCP segment outside the window (a blind RST, data far beyond what the receiver
+    /// accepts, an ACK of data never sent); nothing changed.
+    OutOfWindow,
     /// A SYN for a connection in TIME_WAIT or CLOSE: the old connection is over and this opens a
     /// new one. The caller removes the entry and handles the packet as new (rules apply again, and
     /// the new connection may run the other way).
@@ -339,10 +352,17 @@ impl Conntrack {
         }
         conn.last_seen = now;
         conn.created = now;
+        conn.tcp_window.relearn();
         let journal = self.journal.take();
         let r = self.insert(now, conn);
         self.journal = journal;
         r
+    }
+
+    /// Turn the TCP window check off or on (a config change; tracked windows keep learning
+    /// either way).
+    pub fn set_tcp_liberal(&mut self, on: bool) {
+        self.config.tcp_liberal = on;
     }
 
     pub fn config(&self) -> &ConntrackConfig {
@@ -397,10 +417,15 @@ impl Conntrack {
         bucket: u16,
         key: &FlowKey,
         tcp_flags: u8,
+        seg: &TcpSegment,
         len: u32,
     ) -> Result<ConnId, CreateError> {
         let state = ConnState::initial(key, tcp_flags)
             .ok_or(CreateError::NotAStart { flags: tcp_flags })?;
+        let tcp_window = match state {
+            ConnState::Tcp(_) => TcpWindow::from_syn(tcp_flags, seg),
+            _ => TcpWindow::default(),
+        };
         let mut conn = Conn {
             key: *key,
             bucket,
@@ -411,6 +436,7 @@ impl Conntrack {
             orig_bytes: 0,
             reply_packets: 0,
             reply_bytes: 0,
+            tcp_window,
         };
         conn.count(Direction::Original, len);
         self.insert(now, conn)
@@ -418,9 +444,12 @@ impl Conntrack {
 
     /// Take over a connection exported by another data plane. Its timestamps are on the
     /// exporter's clock, so both become `now`: the connection gets a full timeout in its state.
+    /// Its TCP window keeps the negotiated options but relearns the positions (see
+    /// [`TcpWindow::relearn`]): segments kept flowing to the exporter after its snapshot.
     pub fn import(&mut self, now: u64, mut conn: Conn) -> Result<ConnId, CreateError> {
         conn.last_seen = now;
         conn.created = now;
+        conn.tcp_window.relearn();
         self.insert(now, conn)
     }
 
@@ -477,14 +506,17 @@ impl Conntrack {
     }
 
     /// Feed a packet of connection `id` going `dir`: update protocol state, counters and timeout.
+    /// `seg` is read for TCP only.
     pub fn update(
         &mut self,
         now: u64,
         id: ConnId,
         dir: Direction,
         tcp_flags: u8,
+        seg: &TcpSegment,
         len: u32,
     ) -> Update {
+        let liberal = self.config.tcp_liberal;
         let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return Update::Invalid;
         };
@@ -498,6 +530,24 @@ impl Conntrack {
                     return Update::Reopen
                 }
                 Next::To(n) => {
+                    // On a copy: a segment out of the window must not move it.
+                    let mut w = c.tcp_window;
+                    let fits = tcp::in_window(&mut w, s, dir, tcp_flags, seg);
+                    if !fits && !liberal {
+                        return Update::OutOfWindow;
+                    }
+                    let n = if tcp_flags & flags::RST != 0 && !liberal {
+                        match tcp::rst_effect(&c.tcp_window, s, dir, seg.seq) {
+                            RstEffect::Close => n,
+                            RstEffect::Keep => s,
+                            RstEffect::Invalid => return Update::OutOfWindow,
+                        }
+                    } else {
+                        n
+                    };
+                    if fits {
+                        c.tcp_window = w;
+                    }
                     // Closing states are not worth a copy: a lost one costs a retransmission.
                     let closing =
                         matches!(n, TcpState::LastAck | TcpState::TimeWait | TcpState::Close);

@@ -1,10 +1,13 @@
 //! The TCP connection state machine, after Linux `nf_conntrack_proto_tcp.c`.
 //!
 //! Same states, same transition table (`tcp_conntracks`), same flag validity check
-//! (`tcp_valid_flags`). What Linux adds on top and this does not (yet): sequence/window tracking
-//! (`tcp_in_window`), so an in-window check cannot reject a spoofed RST or FIN; and the
-//! "unacknowledged data" and retransmission timeouts.
+//! (`tcp_valid_flags`), and the same sequence/window tracking (`tcp_in_window`, see [`in_window`]
+//! and [`rst_effect`]): a segment outside what the receiver can accept is invalid, and so is a RST
+//! that is not in the window; only a RST at the exact next sequence number closes. What Linux has
+//! and this does not: the "unacknowledged data" and retransmission timeouts, NAT sequence
+//! adjustment (nothing here rewrites sequence numbers).
 
+use dva_wire::{TcpOption, TcpPacket};
 use serde::{Deserialize, Serialize};
 
 use super::Direction;
@@ -176,6 +179,387 @@ pub(crate) fn transition(state: TcpState, dir: Direction, tcp_flags: u8) -> Next
         TcpEvent::None => 5,
     };
     TABLE[d][e][state as usize]
+}
+
+/// What window tracking reads from a TCP header. Filled once per packet by [`TcpSegment::parse`]
+/// (the options only on SYNs and when SACK blocks may be present); all zero for other protocols.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpSegment {
+    pub seq: u32,
+    pub ack: u32,
+    /// The window field as sent (scaled by the sender's shift unless on a SYN).
+    pub window: u16,
+    /// Payload bytes (SYN and FIN take one sequence number each on top).
+    pub payload_len: u32,
+    /// Window scale option (read on SYNs only).
+    pub wscale: Option<u8>,
+    /// SACK-permitted option (read on SYNs only).
+    pub sack_perm: bool,
+    /// Highest right edge of the SACK blocks, if the segment carries any.
+    pub sack: Option<u32>,
+}
+
+impl TcpSegment {
+    /// Read a TCP header (`l4`: from the TCP header to the end of the IP payload). `None` if the
+    /// header does not fit.
+    pub fn parse(l4: &[u8]) -> Option<TcpSegment> {
+        let t = TcpPacket::new_checked(l4).ok()?;
+        let mut seg = TcpSegment {
+            seq: t.seq_number(),
+            ack: t.ack_number(),
+            window: t.window_len(),
+            payload_len: u32::try_from(t.payload().len()).unwrap_or(u32::MAX),
+            ..TcpSegment::default()
+        };
+        // Past the SYNs only SACK blocks matter (10 bytes at least). A bare header, or the usual
+        // ACK with timestamps only (NOP NOP TS), skips the option walk.
+        let options = t.options();
+        if !t.syn()
+            && (options.len() < 10 || (options.len() == 12 && options[..4] == [1, 1, 8, 10]))
+        {
+            return Some(seg);
+        }
+        for o in t.option_iter() {
+            match o {
+                TcpOption::WindowScale(s) if t.syn() => seg.wscale = Some(s),
+                TcpOption::SackPermitted if t.syn() => seg.sack_perm = true,
+                TcpOption::Unknown { kind: 5, data } => {
+                    // Blocks of (left, right) edges; the highest right edge bounds the ACK
+                    // (Linux `tcp_sack`).
+                    for b in data.chunks_exact(8) {
+                        let right = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+                        if seg.sack.is_none_or(|s| after(right, s)) {
+                            seg.sack = Some(right);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(seg)
+    }
+}
+
+/// Window state of one direction (Linux `ip_ct_tcp_state`), all sequence numbers as that
+/// direction sends them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TcpPeer {
+    /// `td_end`: highest sequence number sent, plus the segment's length.
+    pub end: u32,
+    /// `td_maxend`: highest sequence number the other side's window lets this one send.
+    pub maxend: u32,
+    /// `td_maxwin`: largest window (scaled) the other side has seen from this one; 0: nothing
+    /// known yet, learn from the next segment (a connection picked up mid-stream).
+    pub maxwin: u32,
+    /// `td_maxack`: highest ACK sent (valid with [`peer_flags::MAXACK_SET`]).
+    pub maxack: u32,
+    /// Window scale shift (valid with [`peer_flags::SYN_SEEN`]).
+    pub scale: u8,
+    /// [`peer_flags`].
+    pub flags: u8,
+}
+
+/// Bits of [`TcpPeer::flags`].
+pub mod peer_flags {
+    /// The SYN carried a window scale option.
+    pub const WINDOW_SCALE: u8 = 0x01;
+    /// The SYN carried SACK-permitted.
+    pub const SACK_PERM: u8 = 0x02;
+    /// `maxack` holds an ACK this direction sent.
+    pub const MAXACK_SET: u8 = 0x04;
+    /// This direction's SYN was seen, so `scale` is known. Without it (an entry from an exporter
+    /// that predates window tracking) windows are taken at the largest shift, 14: too generous
+    /// rather than dropping a scaled connection's traffic.
+    pub const SYN_SEEN: u8 = 0x08;
+}
+
+/// Window state of a TCP connection, both directions. It moves with the connection (export,
+/// import, replication); a receiving data plane relearns the positions ([`TcpWindow::relearn`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TcpWindow {
+    pub original: TcpPeer,
+    pub reply: TcpPeer,
+}
+
+/// Linux `MAXACKWINCONST`: how far below the receiver's end an ACK may be, at least.
+const MAX_ACK_WINDOW: u32 = 66_000;
+/// Largest window scale shift (RFC 7323).
+const MAX_SCALE: u8 = 14;
+
+/// `a` comes before `b` in sequence space.
+#[inline]
+fn before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+#[inline]
+fn after(a: u32, b: u32) -> bool {
+    before(b, a)
+}
+
+impl TcpPeer {
+    #[inline]
+    fn shift(&self) -> u8 {
+        if self.flags & peer_flags::SYN_SEEN != 0 {
+            self.scale
+        } else {
+            MAX_SCALE
+        }
+    }
+
+    fn max_ack_window(&self) -> u32 {
+        self.maxwin.max(MAX_ACK_WINDOW)
+    }
+
+    /// Take this direction's SYN (or SYN-ACK): positions and options start over (Linux
+    /// `tcp_options` plus the start of `tcp_in_window`).
+    fn init_from_syn(&mut self, seg: &TcpSegment, end: u32) {
+        self.end = end;
+        self.maxend = end;
+        self.maxwin = u32::from(seg.window).max(1);
+        self.maxack = 0;
+        self.flags = peer_flags::SYN_SEEN;
+        self.scale = 0;
+        if let Some(s) = seg.wscale {
+            self.flags |= peer_flags::WINDOW_SCALE;
+            self.scale = s.min(MAX_SCALE);
+        }
+        if seg.sack_perm {
+            self.flags |= peer_flags::SACK_PERM;
+        }
+    }
+}
+
+/// Sequence space a segment ends at: seq + payload + SYN + FIN.
+fn segment_end(f: u8, seg: &TcpSegment) -> u32 {
+    seg.seq
+        .wrapping_add(seg.payload_len)
+        .wrapping_add(u32::from(f & flags::SYN != 0))
+        .wrapping_add(u32::from(f & flags::FIN != 0))
+}
+
+impl TcpWindow {
+    /// A connection opened by `seg` (a SYN, original direction).
+    pub fn from_syn(f: u8, seg: &TcpSegment) -> TcpWindow {
+        let mut w = TcpWindow::default();
+        w.original.init_from_syn(seg, segment_end(f, seg));
+        w
+    }
+
+    /// Forget the positions, keep what the handshake negotiated (scale, SACK): the next segment
+    /// of each direction sets them again, as for a connection picked up mid-stream. For a copy
+    /// taken from another data plane: it is stale by whatever was sent since, and a stale window
+    /// would drop live traffic.
+    pub fn relearn(&mut self) {
+        for p in [&mut self.original, &mut self.reply] {
+            p.maxwin = 0;
+            p.flags &= !peer_flags::MAXACK_SET;
+        }
+    }
+
+    fn split(&mut self, dir: Direction) -> (&mut TcpPeer, &mut TcpPeer) {
+        match dir {
+            Direction::Original => (&mut self.original, &mut self.reply),
+            Direction::Reply => (&mut self.reply, &mut self.original),
+        }
+    }
+
+    fn peers(&self, dir: Direction) -> (&TcpPeer, &TcpPeer) {
+        match dir {
+            Direction::Original => (&self.original, &self.reply),
+            Direction::Reply => (&self.reply, &self.original),
+        }
+    }
+}
+
+/// Linux `tcp_in_window`: whether a segment sent `dir` fits what each side has seen of the
+/// other, updating the window state if so. On `false` the caller must discard `w` (work on a copy):
+/// an invalid segment changes nothing.
+pub(crate) fn in_window(
+    w: &mut TcpWindow,
+    state: TcpState,
+    dir: Direction,
+    f: u8,
+    seg: &TcpSegment,
+) -> bool {
+    let (sender, receiver) = w.split(dir);
+    let (syn, rst, has_ack) = (
+        f & flags::SYN != 0,
+        f & flags::RST != 0,
+        f & flags::ACK != 0,
+    );
+    let mut seq = seg.seq;
+    let mut ack = seg.ack;
+    let mut sack = ack;
+    let mut win = u32::from(seg.window);
+    let mut end = segment_end(f, seg);
+    if receiver.flags & peer_flags::SACK_PERM != 0 {
+        if let Some(s) = seg.sack.filter(|&s| after(s, sack)) {
+            sack = s;
+        }
+    }
+
+    if sender.maxwin == 0 {
+        if syn {
+            // The SYN-ACK answering the SYN, or the reply's SYN of a simultaneous open.
+            sender.init_from_syn(seg, end);
+            // RFC 7323: scaling only if both ends offered it.
+            if sender.flags & receiver.flags & peer_flags::WINDOW_SCALE == 0 {
+                sender.scale = 0;
+                receiver.scale = 0;
+            }
+            if !has_ack {
+                return true;
+            }
+        } else {
+            // Mid-stream: this direction's history is unknown; take it from this segment.
+            sender.end = end;
+            let swin = win << sender.shift();
+            sender.maxwin = swin.max(1);
+            sender.maxend = end.wrapping_add(sender.maxwin);
+            if receiver.maxwin == 0 {
+                // Nothing known the other way either: what this side acknowledges is where
+                // the other side is.
+                receiver.end = sack;
+                receiver.maxend = sack;
+            } else if sack == receiver.end.wrapping_add(1) {
+                // Likely the answer to a keepalive.
+                receiver.end = receiver.end.wrapping_add(1);
+            }
+        }
+    } else if syn
+        && after(end, sender.end)
+        && matches!(state, TcpState::SynSent | TcpState::SynRecv)
+    {
+        // A restarted handshake (RFC 793: a new SYN with higher sequence numbers).
+        sender.init_from_syn(seg, end);
+        if sender.flags & receiver.flags & peer_flags::WINDOW_SCALE == 0 {
+            sender.scale = 0;
+            receiver.scale = 0;
+        }
+        if dir == Direction::Reply && !has_ack {
+            return true;
+        }
+    }
+
+    if !has_ack || (rst && ack == 0) {
+        // No ACK (or a RST|ACK with a zero ACK, from broken stacks): as if it acked the end.
+        ack = receiver.end;
+        sack = ack;
+    }
+    if rst && seq == 0 && state == TcpState::SynSent {
+        // RST answering a SYN.
+        seq = sender.end;
+        end = sender.end;
+    }
+
+    if after(seq, sender.maxend) {
+        // Past what the receiver's window allows. Linux lets through a sender that overshoots
+        // by no more than the receiver's largest window, while its ACK is sane.
+        let overshot = end.wrapping_sub(sender.maxend).wrapping_add(1);
+        let ack_ok = after(
+            sack,
+            receiver
+                .end
+                .wrapping_sub(sender.max_ack_window())
+                .wrapping_sub(1),
+        );
+        let in_recv_win = receiver.maxwin != 0
+            && after(
+                end,
+                sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1),
+            );
+        if !(in_recv_win && ack_ok && overshot <= receiver.maxwin && !after(sack, receiver.end)) {
+            return false;
+        }
+        sender.maxend = sender.maxend.wrapping_add(overshot);
+        sender.maxwin = sender.maxwin.wrapping_add(overshot);
+    }
+    // ACKs data not sent yet.
+    if after(sack, receiver.end) {
+        return false;
+    }
+    // Ends below what the receiver's window reaches back to (data long acknowledged).
+    if receiver.maxwin != 0
+        && !after(
+            end,
+            sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1),
+        )
+    {
+        return false;
+    }
+    // An ACK far below what was acknowledged already.
+    if !after(
+        sack,
+        receiver
+            .end
+            .wrapping_sub(sender.max_ack_window())
+            .wrapping_sub(1),
+    ) {
+        return false;
+    }
+
+    if !syn {
+        win <<= sender.shift();
+    }
+    let swin = win.wrapping_add(sack.wrapping_sub(ack));
+    sender.maxwin = sender.maxwin.max(swin);
+    if after(end, sender.end) {
+        sender.end = end;
+    }
+    if has_ack && (sender.flags & peer_flags::MAXACK_SET == 0 || after(ack, sender.maxack)) {
+        sender.maxack = ack;
+        sender.flags |= peer_flags::MAXACK_SET;
+    }
+    if receiver.maxwin != 0 && after(end, sender.maxend) {
+        receiver.maxwin = receiver
+            .maxwin
+            .wrapping_add(end.wrapping_sub(sender.maxend));
+    }
+    if after(sack.wrapping_add(win), receiver.maxend.wrapping_sub(1)) {
+        receiver.maxend = sack.wrapping_add(win);
+        if win == 0 {
+            receiver.maxend = receiver.maxend.wrapping_add(1);
+        }
+    }
+    true
+}
+
+/// What an in-window RST does (Linux `nf_conntrack_tcp_packet`, the RST case; `w` as before the
+/// segment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RstEffect {
+    /// Exactly where the receiver expects the next byte: the connection is over.
+    Close,
+    /// In the window but not exact: let it through and keep the state, so the receiver can
+    /// answer with a challenge ACK (RFC 5961) and a blind attacker gains nothing.
+    Keep,
+    /// Below what the receiver already acknowledged.
+    Invalid,
+}
+
+pub(crate) fn rst_effect(w: &TcpWindow, state: TcpState, dir: Direction, seq: u32) -> RstEffect {
+    let (sender, receiver) = w.peers(dir);
+    if receiver.flags & peer_flags::MAXACK_SET == 0 {
+        // The receiver never acknowledged anything here (answer to a SYN, or picked up
+        // mid-stream): the window check is all there is.
+        return RstEffect::Close;
+    }
+    if seq == 0 && state != TcpState::Established {
+        // Most likely the answer to a SYN let through.
+        return RstEffect::Close;
+    }
+    if before(seq, receiver.maxack) {
+        return RstEffect::Invalid;
+    }
+    // Exact: what the receiver acknowledged last, or right after the sender's last byte (a RST
+    // that follows its own data, "P 235946583:235946602(19) then R 235946602").
+    if state != TcpState::Established || seq == receiver.maxack || seq == sender.end {
+        return RstEffect::Close;
+    }
+    RstEffect::Keep
 }
 
 #[cfg(test)]

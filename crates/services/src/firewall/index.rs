@@ -402,6 +402,7 @@ mod tests {
                 dst_port: port(rng),
             },
             tcp_flags: 2,
+            tcp: Default::default(),
             icmp: matches!(proto, proto::ICMP | proto::ICMPV6)
                 .then(|| ([0u8, 3, 8, 128, 11][rng.below(5) as usize], 0)),
             icmp_inner: None,

@@ -10,7 +10,9 @@
 //!    any host behind the firewall).
 //! 2. Packets of a tracked connection are *established*: accepted, and they advance the
 //!    connection's state (TCP state machine, UDP "replied", timeouts, counters). A TCP segment that
-//!    does not fit the connection's state is dropped as `InvalidState`.
+//!    does not fit the connection's state is dropped as `InvalidState`, one outside its window
+//!    (a blind RST, data far beyond what the receiver accepts) as `TcpOutOfWindow`; neither
+//!    changes the connection.
 //! 3. Anything else is *new*. With [`NewFlowPolicy::Refuse`] the answer is [`Verdict::NoState`] and
 //!    nothing is created (the data plane then asks the bucket's previous owner). With
 //!    [`NewFlowPolicy::Create`], a packet that can open a connection (TCP SYN, UDP, ICMP query, other
@@ -31,7 +33,9 @@ use crate::icmp::{self, IcmpClass};
 use rules::CompiledRules;
 pub use rules::{Action, PortRange, Rule, RuleError, RuleSet};
 
-pub use crate::conntrack::{Conn, ConnState, ConntrackConfig, CreateError, TcpState, Timeouts};
+pub use crate::conntrack::{
+    Conn, ConnState, ConntrackConfig, CreateError, TcpSegment, TcpState, Timeouts,
+};
 
 /// What the caller extracted from one IP packet (the data plane does this with the wire crate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +46,8 @@ pub struct PacketInfo {
     pub key: FlowKey,
     /// TCP flags byte (FIN=1 SYN=2 RST=4 PSH=8 ACK=0x10), 0 for other protocols.
     pub tcp_flags: u8,
+    /// Sequence numbers, window and options for window tracking; zero for other protocols.
+    pub tcp: TcpSegment,
     /// `(type, code)` for ICMPv4 / ICMPv6.
     pub icmp: Option<(u8, u8)>,
     /// For ICMP errors: the flow key of the quoted packet, as it was sent (so its reverse is the
@@ -86,15 +92,20 @@ pub enum DropReason {
     /// An ICMP error quoting a tracked flow, sent to a host other than the quoted packet's
     /// source.
     IcmpErrorUnrelated,
+    /// A TCP segment of a tracked connection outside its window: a RST that is not in the
+    /// window, data far beyond (or long before) what the receiver accepts, an ACK of data never
+    /// sent.
+    TcpOutOfWindow,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::RuleDrop,
         DropReason::DefaultPolicy,
         DropReason::InvalidState,
         DropReason::TableFull,
         DropReason::IcmpErrorUnrelated,
+        DropReason::TcpOutOfWindow,
     ];
 
     pub fn name(self) -> &'static str {
@@ -104,6 +115,7 @@ impl DropReason {
             DropReason::InvalidState => "invalid_state",
             DropReason::TableFull => "table_full",
             DropReason::IcmpErrorUnrelated => "icmp_error_unrelated",
+            DropReason::TcpOutOfWindow => "tcp_out_of_window",
         }
     }
 }
@@ -136,7 +148,7 @@ pub struct FirewallStats {
     /// TCP SYNs that re-opened a connection in TIME_WAIT / CLOSE.
     pub reopened: u64,
     /// Indexed like [`DropReason::ALL`].
-    pub drops: [u64; 5],
+    pub drops: [u64; DropReason::ALL.len()],
 }
 
 /// How a packet relates to connection tracking, from its protocol fields alone.
@@ -218,12 +230,16 @@ impl Firewall {
             return self.icmp_error(now, pkt, policy);
         }
         if let Some((id, dir)) = self.ct.lookup(now, &pkt.key) {
-            match self.ct.update(now, id, dir, pkt.tcp_flags, pkt.len) {
+            match self
+                .ct
+                .update(now, id, dir, pkt.tcp_flags, &pkt.tcp, pkt.len)
+            {
                 Update::Tracked | Update::Ignored => {
                     self.stats.established += 1;
                     return Verdict::Accept;
                 }
                 Update::Invalid => return self.drop(DropReason::InvalidState),
+                Update::OutOfWindow => return self.drop(DropReason::TcpOutOfWindow),
                 Update::Reopen => {
                     // The old connection is over; the SYN opens a new one, maybe the other way
                     // round, and the rules must allow that one.
@@ -250,7 +266,7 @@ impl Firewall {
                 Verdict::Accept => {
                     match self
                         .ct
-                        .create(now, bucket, &pkt.key, pkt.tcp_flags, pkt.len)
+                        .create(now, bucket, &pkt.key, pkt.tcp_flags, &pkt.tcp, pkt.len)
                     {
                         Ok(_) => {
                             self.stats.created += 1;
@@ -358,7 +374,7 @@ impl Firewall {
     }
 
     /// Drops by reason.
-    pub fn drops(&self) -> [(DropReason, u64); 5] {
+    pub fn drops(&self) -> [(DropReason, u64); DropReason::ALL.len()] {
         DropReason::ALL.map(|r| (r, self.stats.drops[r as usize]))
     }
 

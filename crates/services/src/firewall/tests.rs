@@ -35,6 +35,7 @@ fn pkt(ingress_if: u8, key: FlowKey) -> PacketInfo {
         ingress_if,
         key,
         tcp_flags: 0,
+        tcp: TcpSegment::default(),
         icmp: None,
         icmp_inner: None,
         len: 100,
@@ -812,7 +813,8 @@ fn counters() {
             (DropReason::DefaultPolicy, 1),
             (DropReason::InvalidState, 1),
             (DropReason::TableFull, 0),
-            (DropReason::IcmpErrorUnrelated, 0)
+            (DropReason::IcmpErrorUnrelated, 0),
+            (DropReason::TcpOutOfWindow, 0)
         ]
     );
     let s = fw.stats();
@@ -1335,10 +1337,48 @@ fn drop_reason_names() {
             "default_policy",
             "invalid_state",
             "table_full",
-            "icmp_error_unrelated"
+            "icmp_error_unrelated",
+            "tcp_out_of_window"
         ]
     );
     for (i, r) in DropReason::ALL.iter().enumerate() {
         assert_eq!(*r as usize, i);
     }
+}
+
+#[test]
+fn blind_rst_is_dropped_and_counted_as_out_of_window() {
+    let mut fw = Firewall::new(
+        RuleSet::with_default(Action::Accept),
+        ConntrackConfig::default(),
+    );
+    let seg = |seq, ack, window| TcpSegment {
+        seq,
+        ack,
+        window,
+        ..TcpSegment::default()
+    };
+    let p = |key, flags, s| PacketInfo {
+        tcp: s,
+        ..tcp(OUT, key, flags)
+    };
+    for (key, flags, s) in [
+        (web(), SYN, seg(100, 0, 1000)),
+        (web().reversed(), SYN | ACK, seg(5000, 101, 1000)),
+        (web(), ACK, seg(101, 5001, 1000)),
+    ] {
+        assert_eq!(fw.process(0, 0, &p(key, flags, s), Create), ACCEPT);
+    }
+    let blind = p(web(), RST, seg(101 + (1 << 30), 0, 0));
+    assert_eq!(
+        fw.process(0, 0, &blind, Create),
+        Verdict::Drop(DropReason::TcpOutOfWindow)
+    );
+    assert_eq!(fw.drops()[5], (DropReason::TcpOutOfWindow, 1));
+    let exact = p(web(), RST, seg(101, 0, 0));
+    assert_eq!(fw.process(0, 0, &exact, Create), ACCEPT);
+    assert_eq!(
+        fw.conntrack().find(&web()).unwrap().state,
+        ConnState::Tcp(TcpState::Close)
+    );
 }
