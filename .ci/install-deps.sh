@@ -47,21 +47,36 @@ if [ "${#missing[@]}" -gt 0 ] || $nginx_missing; then
     fi
     # iperf3 asks whether to run a system-wide daemon; the lab starts its own servers.
     echo 'iperf3 iperf3/start_daemon boolean false' | debconf-set-selections
+    # The lab and the benchmarks run their own nginx, iperf3 and HAProxy processes inside their
+    # namespaces: the packages' system services are not wanted, and a user's machine must not
+    # get services it did not ask for. A policy-rc.d that refuses every start keeps this install
+    # from starting any (Debian's invoke-rc.d honours it); one the machine already has is left
+    # alone and used as it is. Services that were installed and running before are never
+    # touched.
+    policy=/usr/sbin/policy-rc.d
+    own_policy=false
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# dva install-deps: no service starts during this install\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        own_policy=true
+    fi
+    trap '$own_policy && rm -f "$policy"' EXIT
     apt-get install -y --no-install-recommends "${missing[@]}"
-fi
-
-# The lab runs its own nginx processes, one per server namespace; a system nginx would hold
-# port 80 in the root namespace for nothing (and start again at boot).
-if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-    systemctl disable --now nginx.service >/dev/null 2>&1 || true
-    systemctl disable --now iperf3.service >/dev/null 2>&1 || true
-    # The benchmark starts its own HAProxy with its own config.
-    systemctl disable --now haproxy.service >/dev/null 2>&1 || true
-elif [ -x /etc/init.d/nginx ]; then
-    /etc/init.d/nginx stop >/dev/null 2>&1 || true
-fi
-if [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
-    kill -QUIT "$(cat /run/nginx.pid)" || true
+    if $own_policy; then
+        rm -f "$policy"
+        own_policy=false
+    fi
+    # What this run installed is ours to configure: its services stay off at boot too. Nothing
+    # else is touched.
+    if command -v systemctl >/dev/null 2>&1; then
+        for p in "${missing[@]}"; do
+            case "$p" in
+                nginx | nginx-light) systemctl disable nginx.service >/dev/null 2>&1 || true ;;
+                iperf3) systemctl disable iperf3.service >/dev/null 2>&1 || true ;;
+                haproxy) systemctl disable haproxy.service >/dev/null 2>&1 || true ;;
+            esac
+        done
+    fi
 fi
 
 for tool in ip ss ethtool nginx iperf3 curl ping sysctl clang; do
@@ -70,6 +85,11 @@ for tool in ip ss ethtool nginx iperf3 curl ping sysctl clang; do
         exit 1
     }
 done
+command -v cargo >/dev/null 2>&1 || {
+    echo "install-deps: cargo is missing: dva needs Rust 1.85 or newer (Debian 12's is older);" \
+        "install it with rustup: curl --proto '=https' -sSf https://sh.rustup.rs | sh -s -- -y" >&2
+    exit 1
+}
 /usr/bin/python3 -c 'import scapy.all' 2>/dev/null || {
     echo "install-deps: scapy does not import under /usr/bin/python3" >&2
     exit 1
