@@ -167,6 +167,59 @@ fn serve_apply_get_scale_events_and_a_restart_that_loses_nothing() {
         "via cli\n"
     );
 
+    // kubectl habits: the same spec again (from a file, then from stdin, then from a
+    // directory) is "unchanged" and keeps the generation; `wait`; YAML and wide output.
+    let out = dva(&cf, &["apply", "-f", spec.to_str().expect("path")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("unchanged"), "{text}");
+    let stdin_apply = Command::new(dva_bin())
+        .args(["apply", "-f", "-"])
+        .env("DVA_CLIENT_CONFIG", &cf)
+        .env_remove("DVA_SERVER")
+        .env_remove("DVA_TOKEN")
+        .stdin(std::fs::File::open(&spec).expect("spec"))
+        .output()
+        .expect("dva apply -f -");
+    let text = String::from_utf8_lossy(&stdin_apply.stdout);
+    assert!(
+        stdin_apply.status.success() && text.contains("unchanged"),
+        "{text}"
+    );
+    let specs = dir.join("specs");
+    std::fs::create_dir_all(&specs).expect("dir");
+    std::fs::copy(&spec, specs.join("edge-fw.yaml")).expect("copy");
+    std::fs::write(specs.join("README.txt"), "not a spec").expect("write");
+    let out = dva(&cf, &["apply", "-f", specs.to_str().expect("path")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("unchanged"), "{text}");
+    assert_eq!(get_json(&cf, "edge-fw")["generation"], v["generation"]);
+    let out = dva(
+        &cf,
+        &["wait", "edge-fw", "--for", "ready", "--timeout", "30s"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = dva(&cf, &["get", "edge-fw", "-o", "yaml"]);
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && yaml.contains("name: edge-fw") && yaml.contains("status: ready"),
+        "{yaml}"
+    );
+    let out = dva(&cf, &["get", "-o", "wide"]);
+    let wide = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        wide.contains("GENERATION") && wide.contains("edge-fw"),
+        "{wide}"
+    );
+    let out = dva(&cf, &["wait", "nosuch", "--timeout", "1s"]);
+    assert!(
+        !out.status.success(),
+        "waiting for a missing appliance fails"
+    );
+
     // A bad spec: refused with the field and the value; the running config stays.
     let bad = dir.join("bad.yaml");
     std::fs::write(

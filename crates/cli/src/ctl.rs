@@ -150,47 +150,165 @@ fn print_units(units: &[dva_mgmt::UnitView]) {
     }
 }
 
-pub fn apply(t: &Target, file: &Path) -> anyhow::Result<()> {
+/// How `get`, `events` and `units` print: kubectl's `-o` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Wide,
+    Json,
+    Yaml,
+}
+
+/// Print `v` as JSON or YAML; false for the table formats (the caller prints those).
+fn structured<T: serde::Serialize>(v: &T, f: Format) -> anyhow::Result<bool> {
+    match f {
+        Format::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        Format::Yaml => print!(
+            "{}",
+            serde_saphyr::to_string(v).map_err(|e| anyhow::anyhow!("YAML: {e}"))?
+        ),
+        Format::Table | Format::Wide => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// The specs `-f` names: a file, every `.yaml`/`.yml`/`.json` of a directory (in name order),
+/// or `-` for standard input. Each with where it came from, for messages.
+fn read_specs(file: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    use std::io::Read;
+    if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the spec from standard input")?;
+        return Ok(vec![("<stdin>".into(), text)]);
+    }
+    if file.is_dir() {
+        let mut paths: Vec<_> = std::fs::read_dir(file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+            })
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            anyhow::bail!("{}: no .yaml, .yml or .json spec in it", file.display());
+        }
+        return paths
+            .into_iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(&p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                Ok((p.display().to_string(), text))
+            })
+            .collect();
+    }
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let v = client(t)?.apply(&text)?;
-    println!("appliance {} applied (generation {})", v.name, v.generation);
+    Ok(vec![(file.display().to_string(), text)])
+}
+
+/// `dva apply -f FILE|DIR|-`: each spec applied; "unchanged" when the appliance already runs
+/// exactly that spec (the management tool keeps its generation then).
+pub fn apply(t: &Target, file: &Path) -> anyhow::Result<()> {
+    let c = client(t)?;
+    for (from, text) in read_specs(file)? {
+        let name = dva_proto::ApplianceSpec::from_yaml(&text)
+            .map(|s| s.name().to_string())
+            .with_context(|| format!("invalid spec {from}"))?;
+        let before = c.get(&name).ok().map(|v| v.generation);
+        let v = c.apply(&text).with_context(|| format!("applying {from}"))?;
+        if before == Some(v.generation) {
+            println!(
+                "appliance {} unchanged (generation {})",
+                v.name, v.generation
+            );
+        } else {
+            println!("appliance {} applied (generation {})", v.name, v.generation);
+        }
+    }
     Ok(())
 }
 
-pub fn get(t: &Target, name: Option<&str>, json: bool) -> anyhow::Result<()> {
+pub fn get(t: &Target, name: Option<&str>, format: Format) -> anyhow::Result<()> {
     let c = client(t)?;
     match name {
         Some(n) => {
             let v = c.get(n)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
+            if !structured(&v, format)? {
                 print_view(&v);
             }
         }
         None => {
             let all = c.list()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&all)?);
+            if structured(&all, format)? {
                 return Ok(());
             }
-            println!(
+            let wide = format == Format::Wide;
+            print!(
                 "{:<20} {:<9} {:>10} {:>8}",
                 "NAME", "STATUS", "DATAPLANES", "VERSION"
             );
+            println!(
+                "{}",
+                if wide {
+                    "  GENERATION UNITS  ERROR"
+                } else {
+                    ""
+                }
+            );
             for v in all {
-                println!(
+                print!(
                     "{:<20} {:<9} {:>10} {:>8}",
                     v.name,
                     format!("{:?}", v.status).to_lowercase(),
                     format!("{}/{}", v.dataplanes.ready, v.dataplanes.desired),
                     v.config_version
                 );
+                if wide {
+                    print!(
+                        "  {:>10} {:>5}  {}",
+                        v.generation,
+                        v.units.len(),
+                        v.error.as_deref().unwrap_or("-")
+                    );
+                }
+                println!();
             }
         }
     }
     Ok(())
+}
+
+/// `dva wait NAME --for ready`: until the appliance is ready (every unit up, the config ACKed
+/// everywhere), or fail after `timeout`.
+pub fn wait_ready(t: &Target, name: &str, timeout: Duration) -> anyhow::Result<()> {
+    let c = client(t)?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let last = match c.get(name) {
+            Ok(v) if v.status == dva_mgmt::ApplianceStatus::Ready => {
+                println!(
+                    "appliance {name} ready (config version {})",
+                    v.config_version
+                );
+                return Ok(());
+            }
+            Ok(v) => format!(
+                "status {:?}{}",
+                v.status,
+                v.error.map(|e| format!(": {e}")).unwrap_or_default()
+            )
+            .to_lowercase(),
+            Err(e) => e.to_string(),
+        };
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("appliance {name} not ready after {timeout:?} ({last})");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 pub fn scale(
@@ -219,10 +337,9 @@ pub fn delete(t: &Target, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn events(t: &Target, name: &str, json: bool) -> anyhow::Result<()> {
+pub fn events(t: &Target, name: &str, format: Format) -> anyhow::Result<()> {
     let ev = client(t)?.events(name)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&ev)?);
+    if structured(&ev, format)? {
         return Ok(());
     }
     println!("{:>6}  {:<15} MESSAGE", "AGE", "REASON");
@@ -232,11 +349,9 @@ pub fn events(t: &Target, name: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn units(t: &Target, name: &str, json: bool) -> anyhow::Result<()> {
+pub fn units(t: &Target, name: &str, format: Format) -> anyhow::Result<()> {
     let u = client(t)?.units(name)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&u)?);
-    } else {
+    if !structured(&u, format)? {
         print_units(&u);
     }
     Ok(())

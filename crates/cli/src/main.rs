@@ -65,8 +65,9 @@ enum Cmd {
         #[arg(long)]
         no_client_config: bool,
     },
-    /// Create or replace an appliance from a spec.
+    /// Create or replace appliances from specs ("unchanged" when one already runs that spec).
     Apply {
+        /// A spec file (YAML or JSON), a directory of them, or `-` for standard input.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
         #[command(flatten)]
@@ -134,7 +135,23 @@ enum Cmd {
         #[command(subcommand)]
         cmd: BenchCmd,
     },
+    /// Wait until an appliance is ready (every unit up, its config ACKed everywhere).
+    Wait {
+        name: String,
+        /// The condition (only `ready` for now, as `kubectl wait --for`).
+        #[arg(long = "for", value_enum, default_value_t = WaitFor::Ready)]
+        condition: WaitFor,
+        /// Give up after this long (e.g. 60s, 2m).
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
+    /// `dva completion bash > /etc/bash_completion.d/dva`.
+    Completion { shell: clap_complete::Shell },
     /// A compute unit process (started by `dva run` or the management tool, not by hand).
+    #[command(hide = true)]
     Unit {
         #[arg(long, value_enum)]
         role: UnitRole,
@@ -144,10 +161,13 @@ enum Cmd {
         /// The manager's channel socket (a manager listens on it; other roles connect to it).
         #[arg(long)]
         manager: PathBuf,
+        /// The unit's control socket (stats, metrics, readiness).
         #[arg(long)]
         control: PathBuf,
+        /// The network namespace to run in (a lab host); default: the current one.
         #[arg(long)]
         netns: Option<String>,
+        /// Exit when the process that started it exits (`dva run`'s units).
         #[arg(long)]
         die_with_parent: bool,
     },
@@ -259,7 +279,26 @@ impl TargetArgs {
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Output {
     Table,
+    /// The table with more columns.
+    Wide,
     Json,
+    Yaml,
+}
+
+impl Output {
+    fn format(self) -> ctl::Format {
+        match self {
+            Output::Table => ctl::Format::Table,
+            Output::Wide => ctl::Format::Wide,
+            Output::Json => ctl::Format::Json,
+            Output::Yaml => ctl::Format::Yaml,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WaitFor {
+    Ready,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -344,11 +383,30 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             !no_client_config,
         ),
         Cmd::Apply { file, target } => ctl::apply(&target.target(), &file),
+        Cmd::Wait {
+            name,
+            condition: WaitFor::Ready,
+            timeout,
+            target,
+        } => {
+            let ms = dva_proto::spec::parse_duration_ms(&timeout)
+                .map_err(|e| anyhow::anyhow!("--timeout {timeout:?}: {e}"))?;
+            ctl::wait_ready(
+                &target.target(),
+                &name,
+                std::time::Duration::from_millis(ms),
+            )
+        }
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "dva", &mut std::io::stdout());
+            Ok(())
+        }
         Cmd::Get {
             name,
             output,
             target,
-        } => ctl::get(&target.target(), name.as_deref(), output == Output::Json),
+        } => ctl::get(&target.target(), name.as_deref(), output.format()),
         Cmd::Scale {
             name,
             dataplanes,
@@ -360,12 +418,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             name,
             output,
             target,
-        } => ctl::events(&target.target(), &name, output == Output::Json),
+        } => ctl::events(&target.target(), &name, output.format()),
         Cmd::Units {
             name,
             output,
             target,
-        } => ctl::units(&target.target(), &name, output == Output::Json),
+        } => ctl::units(&target.target(), &name, output.format()),
         Cmd::Bench {
             cmd:
                 BenchCmd::Forwarding {
