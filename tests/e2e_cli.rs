@@ -236,12 +236,68 @@ fn serve_apply_get_scale_events_and_a_restart_that_loses_nothing() {
     let same = get_json(&cf, "edge-fw");
     assert_eq!(same["generation"], v["generation"]);
 
-    // Scale out through the CLI; events and units show it.
+    // Scale out through the CLI, watched: `get --watch` and `events --watch` print the changes
+    // as they happen; events and units show it.
+    let watch = |args: &[&str]| {
+        let mut child = Command::new(dva_bin())
+            .args(args)
+            .env("DVA_CLIENT_CONFIG", &cf)
+            .env_remove("DVA_SERVER")
+            .env_remove("DVA_TOKEN")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("dva --watch");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        (child, rx)
+    };
+    let (mut get_w, get_lines) = watch(&["get", "edge-fw", "--watch"]);
+    let (mut ev_w, ev_lines) = watch(&["events", "edge-fw", "-w"]);
+    // Both have printed their first listing before the change.
+    let first = get_lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("get --watch header");
+    assert!(first.contains("NAME"), "{first}");
+    let row = get_lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("get --watch row");
+    assert!(row.contains("1/1"), "{row}");
+    std::thread::sleep(Duration::from_millis(500));
+    while ev_lines.try_recv().is_ok() {}
     let out = dva(&cf, &["scale", "edge-fw", "--dataplanes", "3"]);
     assert!(out.status.success());
     let v = wait_json(&cf, "edge-fw", "ready with 3", |v| {
         v["status"] == "ready" && v["dataplanes"]["ready"] == 3
     });
+    let seen = |rx: &std::sync::mpsc::Receiver<String>, want: &dyn Fn(&str) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut lines = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(l) if want(&l) => return lines,
+                Ok(l) => lines.push(l),
+                Err(_) => break,
+            }
+        }
+        panic!("not printed; got {lines:?}");
+    };
+    let before_ready = seen(&get_lines, &|l| l.contains("3/3") && l.contains("ready"));
+    assert!(
+        before_ready.iter().any(|l| l.contains("/3")),
+        "the watch showed the way from 1 to 3: {before_ready:?}"
+    );
+    seen(&ev_lines, &|l| l.contains("scaled") && l.contains("1 -> 3"));
+    seen(&ev_lines, &|l| l.contains("unit-ready"));
+    let _ = get_w.kill();
+    let _ = ev_w.kill();
+    let _ = get_w.wait();
+    let _ = ev_w.wait();
     let out = dva(&cf, &["events", "edge-fw"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("scaled") && text.contains("1 -> 3"), "{text}");

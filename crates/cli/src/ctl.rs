@@ -337,16 +337,105 @@ pub fn delete(t: &Target, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn events(t: &Target, name: &str, format: Format) -> anyhow::Result<()> {
-    let ev = client(t)?.events(name)?;
-    if structured(&ev, format)? {
+/// How often `--watch` asks the management tool again.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+pub fn events(t: &Target, name: &str, format: Format, watch: bool) -> anyhow::Result<()> {
+    let c = client(t)?;
+    let ev = c.events(name)?;
+    if !watch && structured(&ev, format)? {
         return Ok(());
     }
-    println!("{:>6}  {:<15} MESSAGE", "AGE", "REASON");
-    for e in ev {
-        println!("{:>6}  {:<15} {}", age(e.time_ms), e.reason, e.message);
+    let line = |e: &dva_mgmt::Event| -> anyhow::Result<()> {
+        match format {
+            // One JSON document per line while watching (as `kubectl get -w -o json` streams).
+            Format::Json | Format::Yaml if watch => println!("{}", serde_json::to_string(e)?),
+            _ => println!("{:>6}  {:<15} {}", age(e.time_ms), e.reason, e.message),
+        }
+        Ok(())
+    };
+    if !matches!(format, Format::Json | Format::Yaml) {
+        println!("{:>6}  {:<15} MESSAGE", "AGE", "REASON");
     }
-    Ok(())
+    for e in &ev {
+        line(e)?;
+    }
+    if !watch {
+        return Ok(());
+    }
+    // The store keeps the newest events (a bounded list): what is new is what follows the
+    // last one we printed.
+    let mut last = ev.last().cloned();
+    loop {
+        std::thread::sleep(WATCH_EVERY);
+        let now = c.events(name)?;
+        let start = match &last {
+            Some(l) => now.iter().rposition(|e| e == l).map_or(0, |i| i + 1),
+            None => 0,
+        };
+        for e in &now[start..] {
+            line(e)?;
+        }
+        if let Some(e) = now.last() {
+            last = Some(e.clone());
+        }
+    }
+}
+
+/// `dva get [NAME] --watch`: the listing, then one line per change of an appliance's row
+/// (status, data planes ready/desired, config version, error), as `kubectl get -w` does.
+pub fn get_watch(t: &Target, name: Option<&str>, format: Format) -> anyhow::Result<()> {
+    let c = client(t)?;
+    let rows = |c: &Client| -> anyhow::Result<Vec<ApplianceView>> {
+        Ok(match name {
+            Some(n) => vec![c.get(n)?],
+            None => c.list()?,
+        })
+    };
+    let key = |v: &ApplianceView| {
+        (
+            v.status,
+            v.dataplanes.ready,
+            v.dataplanes.desired,
+            v.config_version,
+            v.generation,
+            v.error.clone(),
+        )
+    };
+    let print = |v: &ApplianceView| -> anyhow::Result<()> {
+        match format {
+            Format::Json | Format::Yaml => println!("{}", serde_json::to_string(v)?),
+            _ => println!(
+                "{:<20} {:<9} {:>10} {:>8}{}",
+                v.name,
+                format!("{:?}", v.status).to_lowercase(),
+                format!("{}/{}", v.dataplanes.ready, v.dataplanes.desired),
+                v.config_version,
+                v.error
+                    .as_deref()
+                    .map(|e| format!("  {e}"))
+                    .unwrap_or_default()
+            ),
+        }
+        Ok(())
+    };
+    if !matches!(format, Format::Json | Format::Yaml) {
+        println!(
+            "{:<20} {:<9} {:>10} {:>8}",
+            "NAME", "STATUS", "DATAPLANES", "VERSION"
+        );
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    loop {
+        for v in rows(&c)? {
+            let k = key(&v);
+            if seen.get(&v.name) != Some(&k) {
+                print(&v)?;
+                seen.insert(v.name.clone(), k);
+            }
+        }
+        std::thread::sleep(WATCH_EVERY);
+    }
 }
 
 pub fn units(t: &Target, name: &str, format: Format) -> anyhow::Result<()> {

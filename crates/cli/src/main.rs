@@ -78,6 +78,9 @@ enum Cmd {
         name: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// After the first listing, print each change as it happens (until Ctrl-C).
+        #[arg(short = 'w', long)]
+        watch: bool,
         #[command(flatten)]
         target: TargetArgs,
     },
@@ -103,6 +106,9 @@ enum Cmd {
         name: String,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// After the events so far, print new ones as they happen (until Ctrl-C).
+        #[arg(short = 'w', long)]
+        watch: bool,
         #[command(flatten)]
         target: TargetArgs,
     },
@@ -405,8 +411,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Get {
             name,
             output,
+            watch: false,
             target,
         } => ctl::get(&target.target(), name.as_deref(), output.format()),
+        Cmd::Get {
+            name,
+            output,
+            watch: true,
+            target,
+        } => ctl::get_watch(&target.target(), name.as_deref(), output.format()),
         Cmd::Scale {
             name,
             dataplanes,
@@ -417,8 +430,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Events {
             name,
             output,
+            watch,
             target,
-        } => ctl::events(&target.target(), &name, output.format()),
+        } => ctl::events(&target.target(), &name, output.format(), watch),
         Cmd::Units {
             name,
             output,
