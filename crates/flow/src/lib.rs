@@ -13,6 +13,7 @@
 //!   a balanced assignment needs, and records the moved buckets' previous owners.
 //! - Sans-IO, no clock, no allocation on the per-packet path (`symmetric_hash`, `bucket_of`, `owner`).
 //!   Bucket numbers from outside the process are taken modulo the table size, so lookups never panic.
+#![forbid(unsafe_code)]
 
 mod key;
 mod table;

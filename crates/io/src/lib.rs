@@ -18,8 +18,10 @@
 //!   allocating).
 //! - Setup errors are [`IoError`]s naming the syscall, the interface or address and the
 //!   errno. Data-path errors are plain `std::io::Error`s so the hot path stays cheap.
-//! - All `unsafe` in dva (mmap, ring access, raw syscalls) lives in this crate, each
-//!   block with a `// SAFETY:` comment.
+//! - The packet path's `unsafe` (mmap, ring access, raw socket syscalls) lives in this crate;
+//!   outside it only a few process and CPU syscalls (pidfd, flock, sched_setaffinity, kill)
+//!   use it, and `wire`, `flow`, `services`, `proto` and `lab` forbid it. Every block has a
+//!   `// SAFETY:` comment (workspace lint `clippy::undocumented_unsafe_blocks`).
 //!
 //! Sockets belong to the network namespace of the thread that creates them: the caller
 //! enters the namespace first ([`netns::enter`] or [`netns::in_netns`]), then opens.

@@ -33,6 +33,7 @@
 //!   clients with a bound on their run time.
 //!
 //! Root is required (namespaces, veth, bridges).
+#![forbid(unsafe_code)]
 
 pub mod apps;
 mod cmd;

@@ -9,6 +9,7 @@
 //!   can ACK/NACK exactly what it was given.
 //!
 //! Nothing here does I/O: parsing takes text, compilation takes a spec and a placement.
+#![forbid(unsafe_code)]
 
 pub mod channel;
 pub mod role;

@@ -19,6 +19,7 @@
 //! packet bytes in place (incremental checksums), allocating translated ports in the flow's bucket.
 //!
 //! [`lb`]: L4 load balancer, VIPs to weighted backends by Maglev lookup, full NAT, backend drain.
+#![forbid(unsafe_code)]
 
 pub mod conntrack;
 pub mod firewall;
