@@ -229,29 +229,8 @@ impl ApiError {
     }
 }
 
-/// Parse "2s", "500ms", "5m", "1h" or a bare number of seconds.
-pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60_000.0)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3_600_000.0)
-    } else {
-        (s, 1000.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (expected e.g. 2s, 500ms, 5m)"))?;
-    if !v.is_finite() || v < 0.0 || v * mult > 1e12 {
-        return Err(format!("duration {s:?} out of range"));
-    }
-    Ok((v * mult) as u64)
-}
+/// Durations in the API are written as in the spec ("2s", "500ms", "5m"): one parser for both.
+pub use dva_proto::spec::parse_duration_ms;
 
 #[cfg(test)]
 mod tests {
