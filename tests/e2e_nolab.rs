@@ -197,6 +197,17 @@ fn the_appliance_between_a_machines_own_nics_without_a_lab() {
         let mut run = Dva::start(&["run", "-f", spec, "--dataplanes", "2", "--local"]);
         run.wait_for("ready on this machine");
         allowed_passes_and_the_rest_is_blocked();
+        // `dva logs` finds the units of this machine's appliance (no lab prefix).
+        let out = Command::new(dva_bin())
+            .args(["logs", "edge-fw"])
+            .output()
+            .expect("dva logs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("[dispatcher ") && text.contains("[dataplane "),
+            "dva logs: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     // 2. The management tool (`dva serve`) on the same machine, scaling through the API while

@@ -128,6 +128,18 @@ enum Cmd {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Print a unit's log (every unit's without UNIT), as `kubectl logs`.
+    Logs {
+        name: String,
+        /// The unit id (see `dva units NAME`).
+        unit: Option<u32>,
+        /// Keep printing what the units append, until Ctrl-C.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// The lab the appliance runs in (default: the lab `dva-`, else this machine).
+        #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
+        prefix: String,
+    },
     /// Build the lab, run the edge firewall in it, drive real traffic through it and print what happened.
     Demo {
         #[arg(long, default_value = "dva-demo-")]
@@ -495,6 +507,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             prefix,
             output,
         } => run::stats(&name, &prefix, output == Output::Json),
+        Cmd::Logs {
+            name,
+            unit,
+            follow,
+            prefix,
+        } => run::logs(&name, unit, &prefix, follow),
         Cmd::Unit {
             role,
             id,

@@ -202,13 +202,81 @@ fn read_units(dir: &std::path::Path) -> anyhow::Result<Vec<UnitRecord>> {
 }
 
 /// `dva stats NAME`: every unit's counters, from its control socket.
-pub fn stats(name: &str, prefix: &str, json: bool) -> anyhow::Result<()> {
-    let mut dir = run_dir(prefix, name);
+/// The run directory of a running appliance: in the lab `prefix`, or, for the default prefix,
+/// on this machine (`--local` run directories have no prefix) when the lab has none.
+fn find_run_dir(prefix: &str, name: &str) -> PathBuf {
+    let dir = run_dir(prefix, name);
     if !dir.exists() && prefix == dva_lab::DEFAULT_PREFIX {
-        // Not in the default lab: on this machine (`dva run --local`), run directories have no
-        // prefix.
-        dir = run_dir("", name);
+        return run_dir("", name);
     }
+    dir
+}
+
+/// `dva logs NAME [UNIT] [-f]`: a unit's log (every unit's, each line prefixed with the unit,
+/// without UNIT); `follow` keeps printing what is appended, as `tail -f`.
+pub fn logs(name: &str, unit: Option<u32>, prefix: &str, follow: bool) -> anyhow::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let dir = find_run_dir(prefix, name);
+    let units = read_units(&dir).with_context(|| {
+        format!(
+            "appliance {name} is not running here (no {})",
+            dir.join("units.json").display()
+        )
+    })?;
+    let chosen: Vec<&UnitRecord> = match unit {
+        Some(id) => {
+            let u = units.iter().find(|u| u.id == id).with_context(|| {
+                let ids: Vec<u32> = units.iter().map(|u| u.id).collect();
+                format!("appliance {name} has no unit {id} (units: {ids:?})")
+            })?;
+            vec![u]
+        }
+        None => units.iter().collect(),
+    };
+    let tag = |u: &UnitRecord| {
+        if unit.is_some() {
+            String::new()
+        } else {
+            format!("[{} {}] ", u.role, u.id)
+        }
+    };
+    let mut offsets = vec![0u64; chosen.len()];
+    let out = std::io::stdout();
+    loop {
+        for (i, u) in chosen.iter().enumerate() {
+            let Ok(mut f) = std::fs::File::open(&u.log) else {
+                continue;
+            };
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < offsets[i] {
+                // Truncated or replaced: start again.
+                offsets[i] = 0;
+            }
+            if len == offsets[i] {
+                continue;
+            }
+            f.seek(SeekFrom::Start(offsets[i]))?;
+            let mut text = String::new();
+            // Only whole lines; the rest is printed once its newline is written.
+            f.take(len - offsets[i]).read_to_string(&mut text)?;
+            let Some(end) = text.rfind('\n') else {
+                continue;
+            };
+            offsets[i] += end as u64 + 1;
+            let mut o = out.lock();
+            for line in text[..end].lines() {
+                writeln!(o, "{}{line}", tag(u))?;
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn stats(name: &str, prefix: &str, json: bool) -> anyhow::Result<()> {
+    let dir = find_run_dir(prefix, name);
     let units = read_units(&dir).with_context(|| {
         format!(
             "appliance {name} is not running in lab {prefix} (no {})",
