@@ -16,6 +16,7 @@
 //! The dispatcher keeps no per-flow state: everything it needs per packet is in the packet and
 //! the config (bucket table, interfaces, routes), so any dispatcher can serve any packet.
 
+pub mod fragment;
 pub mod health;
 pub mod hygiene;
 pub mod neighbor;
