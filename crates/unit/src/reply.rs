@@ -101,11 +101,25 @@ pub fn icmpv4_error(
     typ: u8,
     code: u8,
 ) -> Option<()> {
+    icmpv4_error_with(out, orig, src, typ, code, 0)
+}
+
+/// An ICMPv4 error whose second word is `rest` (fragmentation needed: the next-hop MTU in its
+/// low 16 bits, RFC 1191).
+pub fn icmpv4_error_with(
+    out: &mut Vec<u8>,
+    orig: &[u8],
+    src: Ipv4Addr,
+    typ: u8,
+    code: u8,
+    rest: u32,
+) -> Option<()> {
     let osrc = Ipv4Addr::new(*orig.get(12)?, orig[13], orig[14], orig[15]);
     let quote = &orig[..orig.len().min(ICMP_QUOTE_V4)];
     ipv4_header(out, src, osrc, PROTO_ICMP, 8 + quote.len(), DEFAULT_TTL);
     let s = out.len();
-    out.extend_from_slice(&[typ, code, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&[typ, code, 0, 0]);
+    out.extend_from_slice(&rest.to_be_bytes());
     out.extend_from_slice(quote);
     let c = checksum::data(&out[s..]);
     out[s + 2..s + 4].copy_from_slice(&c.to_be_bytes());
