@@ -13,6 +13,7 @@
 //!   TCP fragment at offset 8 (it could rewrite the flags of the first);
 //! - a datagram is held at most [`TIMEOUT`], with at most [`MAX_FRAGMENTS`] fragments, and all
 //!   of them together at most [`MEMORY_LIMIT`] bytes; a reassembled datagram is at most 64 KB.
+//! - a reassembled IPv4 datagram leaves without DF: it may be fragmented again on the way out.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -409,6 +410,10 @@ fn build(header: &[u8], next_header_at: usize, proto: u8, data: &[u8]) -> Vec<u8
         p.set_total_len(total);
         p.set_more_frags(false);
         p.set_frag_offset(0);
+        // The sender let it be fragmented: so may we, to another MTU (the kernel keeps DF
+        // and compares the largest fragment with the MTU; that size does not survive the
+        // trip through the data plane).
+        p.set_dont_frag(false);
         p.fill_checksum();
     } else {
         out[next_header_at] = proto;
