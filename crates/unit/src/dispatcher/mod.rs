@@ -478,6 +478,12 @@ impl Dispatcher {
         counters.insert("super_packets_rx".into(), c.super_packets);
         counters.insert("super_packets_tx".into(), c.super_packets_tx);
         counters.insert("backplane_tx_dropped".into(), self.backplane.tx_dropped());
+        let neigh = |f: fn(&NeighborTable) -> u64| c.links.iter().map(|l| f(&l.neigh)).sum();
+        counters.insert(
+            "neighbor_overrides_refused".into(),
+            neigh(|n| n.overrides_refused),
+        );
+        counters.insert("neighbor_table_full".into(), neigh(|n| n.table_full));
         let rs = self.backplane.ring_stats();
         counters.insert("backplane_ring_rx".into(), rs.rx);
         counters.insert("backplane_ring_tx".into(), rs.tx);
