@@ -332,3 +332,52 @@ pub fn tcp_segment(
     out.extend_from_slice(&seg);
     Some(())
 }
+
+/// A token bucket for packets we originate (ICMP errors, resets): a flood of packets that
+/// earn one must not become a flood of them (Linux: icmp_ratelimit, icmp_msgs_per_sec).
+pub struct TokenBucket {
+    tokens: f64,
+    last: std::time::Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl TokenBucket {
+    /// `rate` tokens a second, at most `burst` saved; starts full.
+    pub fn new(rate: f64, burst: f64, now: std::time::Instant) -> TokenBucket {
+        TokenBucket {
+            tokens: burst,
+            last: now,
+            rate,
+            burst,
+        }
+    }
+
+    /// Spend a token if there is one.
+    pub fn take(&mut self, now: std::time::Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::TokenBucket;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_burst_then_the_rate() {
+        let now = Instant::now();
+        let mut b = TokenBucket::new(10.0, 3.0, now);
+        assert_eq!((0..5).filter(|_| b.take(now)).count(), 3);
+        let later = now + Duration::from_millis(200);
+        assert_eq!((0..5).filter(|_| b.take(later)).count(), 2);
+    }
+}

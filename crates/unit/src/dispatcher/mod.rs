@@ -175,29 +175,6 @@ impl Link {
     }
 }
 
-/// A token bucket for ICMP errors we originate: a flood of expired packets must not become a
-/// flood of ICMP (Linux rate-limits the same way, icmp_ratelimit).
-struct TokenBucket {
-    tokens: f64,
-    last: Instant,
-    rate: f64,
-    burst: f64,
-}
-
-impl TokenBucket {
-    fn take(&mut self, now: Instant) -> bool {
-        let dt = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 struct Core {
     cfg: Arc<DispatcherConfig>,
     links: Vec<Link>,
@@ -222,7 +199,7 @@ struct Core {
     super_packets: u64,
     /// Super-packets handed to an interface whole, for the kernel to segment.
     super_packets_tx: u64,
-    icmp_budget: TokenBucket,
+    icmp_budget: reply::TokenBucket,
     now: Instant,
     /// NAT/LB source addresses: packets to them are bucketed by port.
     nat_sources: Vec<IpAddr>,
@@ -355,12 +332,7 @@ impl Dispatcher {
             framed: Vec::new(),
             super_packets: 0,
             super_packets_tx: 0,
-            icmp_budget: TokenBucket {
-                tokens: 100.0,
-                last: now,
-                rate: 1000.0,
-                burst: 100.0,
-            },
+            icmp_budget: reply::TokenBucket::new(1000.0, 100.0, now),
             now,
             nat_sources: Vec::new(),
             vips: Vec::new(),
