@@ -12,7 +12,8 @@
 //! - a first fragment that does not hold the whole TCP/UDP/ICMP header is dropped, and so is a
 //!   TCP fragment at offset 8 (it could rewrite the flags of the first);
 //! - a datagram is held at most [`TIMEOUT`], with at most [`MAX_FRAGMENTS`] fragments, and all
-//!   of them together at most [`MEMORY_LIMIT`] bytes; a reassembled datagram is at most 64 KB.
+//!   of them together at most [`MEMORY_LIMIT`] bytes (a fragment far out counts its offset) in
+//!   at most [`MAX_DATAGRAMS`] datagrams; a reassembled datagram is at most 64 KB.
 //! - a reassembled IPv4 datagram leaves without DF: it may be fragmented again on the way out.
 
 use std::collections::HashMap;
@@ -26,8 +27,11 @@ use dva_wire::Ipv4Packet;
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// Fragments per datagram: 64 KB in 1280-byte fragments is 52.
 pub const MAX_FRAGMENTS: usize = 64;
-/// Bytes of fragment payload held over all datagrams (Linux: ipfrag_high_thresh, 4 MB).
+/// Bytes of reassembly buffers over all datagrams, each as large as its highest fragment end
+/// (Linux: ipfrag_high_thresh, 4 MB).
 pub const MEMORY_LIMIT: usize = 4 << 20;
+/// Incomplete datagrams held at once.
+pub const MAX_DATAGRAMS: usize = 4096;
 /// Largest IP datagram reassembled (IPv4 total length; IPv6 payload length without jumbograms).
 pub const MAX_DATAGRAM: usize = 65_535;
 
@@ -185,7 +189,7 @@ impl Reassembler {
             )));
         }
         if !self.pending.contains_key(&f.key) {
-            if self.bytes + f.payload.len() > MEMORY_LIMIT {
+            if self.pending.len() >= MAX_DATAGRAMS || self.bytes + end > MEMORY_LIMIT {
                 return Err(FragDrop::MemoryFull);
             }
             self.pending.insert(
@@ -214,14 +218,16 @@ impl Reassembler {
             }
             Ok(()) => {}
         }
-        if self.bytes + f.payload.len() > MEMORY_LIMIT {
-            self.remove(&f.key);
-            return Err(FragDrop::MemoryFull);
-        }
-        self.bytes += f.payload.len();
         let Some(d) = self.pending.get_mut(&f.key) else {
             return Err(FragDrop::Malformed);
         };
+        // The buffer grows to the highest end seen: that is what the datagram holds.
+        let grow = end.saturating_sub(d.data.len());
+        if self.bytes + grow > MEMORY_LIMIT {
+            self.remove(&f.key);
+            return Err(FragDrop::MemoryFull);
+        }
+        self.bytes += grow;
         if d.data.len() < end {
             d.data.resize(end, 0);
         }
@@ -252,7 +258,7 @@ impl Reassembler {
         self.pending.retain(|_, d| {
             let keep = now.duration_since(d.since) < TIMEOUT;
             if !keep {
-                freed += d.held.iter().map(|(s, e)| e - s).sum::<usize>();
+                freed += d.data.len();
             }
             keep
         });
@@ -262,8 +268,7 @@ impl Reassembler {
 
     fn remove(&mut self, key: &Key) -> Option<Datagram> {
         let d = self.pending.remove(key)?;
-        let held: usize = d.held.iter().map(|(s, e)| e - s).sum();
-        self.bytes -= held.min(self.bytes);
+        self.bytes -= d.data.len().min(self.bytes);
         Some(d)
     }
 }
@@ -689,6 +694,33 @@ mod tests {
         Ipv4Packet::new_unchecked(&mut far[..]).set_frag_offset(65_528);
         Ipv4Packet::new_unchecked(&mut far[..]).fill_checksum();
         assert_eq!(r.insert(&far, now), Err(FragDrop::TooBig));
+    }
+
+    #[test]
+    fn memory_counts_the_buffer_not_the_fragment() {
+        let now = t0();
+        let mut r = Reassembler::default();
+        let whole = udp_v4(64, 1);
+        // 8 bytes at offset 60000 hold a 60 KB buffer: 70 of them pass the limit.
+        let mut refused = 0;
+        for id in 0..100u16 {
+            let mut far = piece_v4(&whole, 8, 16, true);
+            let mut p = Ipv4Packet::new_unchecked(&mut far[..]);
+            p.set_ident(id);
+            p.set_frag_offset(60_000);
+            p.fill_checksum();
+            if r.insert(&far, now) == Err(FragDrop::MemoryFull) {
+                refused += 1;
+            }
+        }
+        assert!(
+            r.bytes <= MEMORY_LIMIT && refused > 0,
+            "{} {refused}",
+            r.bytes
+        );
+        assert_eq!(r.len(), MEMORY_LIMIT / 60_008);
+        r.expire(now + TIMEOUT);
+        assert_eq!((r.len(), r.bytes), (0, 0));
     }
 
     #[test]
