@@ -70,11 +70,11 @@ for f in fragment(IP(src="198.18.1.2", dst="198.18.2.2") / ICMP(type=8, id=77) /
     send(f)
 "#;
 
-/// UDP echo on port 7000 (argv: seconds to live).
+/// UDP echo on port 7000, IPv4 and IPv6 (argv: seconds to live).
 const UDP_ECHO: &str = r#"
 import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 7000))
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("::", 7000))
 s.settimeout(0.5)
 print("ready", flush=True)
 end = time.time() + float(sys.argv[1])
@@ -89,7 +89,7 @@ while time.time() < end:
 /// Sends `n` 4000-byte datagrams to argv[1]:7000; prints how many came back whole.
 const UDP_CLIENT: &str = r#"
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(2)
 ok = 0
 for i in range(5):
@@ -103,12 +103,12 @@ for i in range(5):
 print(ok, flush=True)
 "#;
 
-/// TCP sink on 5201: reads one connection to EOF, answers with the byte count.
+/// TCP sink on 5201 (IPv4 and IPv6): reads one connection to EOF, answers with the byte count.
 const SINK: &str = r#"
 import socket
-s = socket.socket()
+s = socket.socket(socket.AF_INET6)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 5201))
+s.bind(("::", 5201))
 s.listen(1)
 s.settimeout(30)
 print("ready", flush=True)
@@ -309,6 +309,107 @@ fn fragments_cross_whole_forgeries_stop_and_pmtud_works() {
     assert_eq!(sent, "2000000", "the upload must complete through PMTUD");
     drop(sink);
     wait_stats(&app, "fragmentation needed sent", |s| {
+        total(s, "icmp_too_big_sent") >= 1
+    });
+}
+
+/// The same through IPv6: routers do not fragment it, so the dispatcher cuts only what it
+/// reassembled (to the inside link's 1400 bytes) and answers a 1500-byte packet with Packet Too
+/// Big.
+#[test]
+fn ipv6_fragments_cross_whole_and_pmtud_works() {
+    let _serial = serial();
+    let lab = LabGuard::up("frag6-", 1, 2);
+    let client = lab.lab.client_ns();
+    let server = lab.lab.server_ns(1);
+    let text = std::fs::read_to_string(example("edge-firewall.yaml"))
+        .expect("example")
+        .replace("addresses: [198.18.1.1/24]", "addresses: [198.18.1.1/24, 2001:db8:1::1/64]")
+        .replace("addresses: [198.18.2.1/24]", "addresses: [198.18.2.1/24, 2001:db8:2::1/64]")
+        .replacen(
+            "          - name: inside-out",
+            "          - name: web-in-v6\n            from: outside\n            dst: 2001:db8:2::/64\n            proto: tcp\n            dport: 5201\n            action: accept\n          - name: ping-in-v6\n            from: outside\n            dst: 2001:db8:2::/64\n            proto: icmpv6\n            icmp_type: echo-request\n            action: accept\n          - name: inside-out",
+            1,
+        );
+    assert!(text.contains("2001:db8:1::1/64") && text.contains("web-in-v6"));
+    let spec = std::env::temp_dir().join(format!("frag6-edge-fw-{}.yaml", std::process::id()));
+    std::fs::write(&spec, text).expect("write spec");
+    run(
+        &lab.lab.dispatcher_ns(1),
+        &["ip", "link", "set", "in0", "mtu", "1400"],
+    );
+    run(&server, &["ip", "link", "set", "eth0", "mtu", "1400"]);
+    run(
+        &server,
+        &[
+            "ip",
+            "-6",
+            "route",
+            "replace",
+            "default",
+            "via",
+            "2001:db8:2::1",
+            "dev",
+            "eth0",
+            "advmss",
+            "1440",
+        ],
+    );
+    let app = Running::start("frag6-", &spec, "edge-fw", 1);
+    let _ = std::fs::remove_file(&spec);
+    let s6: IpAddr = "2001:db8:2::2".parse().unwrap();
+    assert!(
+        apps::wait_until(Duration::from_secs(10), Duration::from_millis(300), || {
+            apps::ping(&client, s6, 1, 3).unwrap_or(false)
+        }),
+        "a plain ping6 must pass first"
+    );
+
+    // 1. A 3048-byte echo and its reply, fragmented by the hosts, cut again for the inside link.
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &client,
+            "ping",
+            "-6",
+            "-c",
+            "3",
+            "-W",
+            "2",
+            "-s",
+            "3000",
+            "2001:db8:2::2",
+        ])
+        .output()
+        .expect("ping");
+    assert!(
+        out.status.success(),
+        "ping -6 -s 3000 through the appliance: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    wait_stats(&app, "IPv6 reassembly and refragmentation", |s| {
+        total(s, "datagrams_reassembled") >= 6 && total(s, "datagrams_fragmented") >= 3
+    });
+
+    // 2. 4000-byte UDP datagrams inside -> outside and back.
+    let echo = Helper::start(&client, UDP_ECHO, &["8"]);
+    let ok = run(&server, &[PYTHON, "-c", UDP_CLIENT, "2001:db8:1::2"]);
+    assert_eq!(
+        ok, "5",
+        "4000-byte UDP/IPv6 datagrams echoed through the appliance"
+    );
+    drop(echo);
+
+    // 3. A 2 MB upload: 1500-byte packets answered with Packet Too Big (MTU 1400).
+    let sink = Helper::start(&server, SINK, &[]);
+    let sent = run(&client, &[PYTHON, "-c", UPLOAD, "2001:db8:2::2"]);
+    assert_eq!(
+        sent, "2000000",
+        "the IPv6 upload must complete through PMTUD"
+    );
+    drop(sink);
+    wait_stats(&app, "Packet Too Big sent", |s| {
         total(s, "icmp_too_big_sent") >= 1
     });
 }

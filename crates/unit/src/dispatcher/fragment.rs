@@ -174,7 +174,12 @@ impl Reassembler {
         };
         check_tiny(&f)?;
         let end = f.offset + f.payload.len();
-        let fixed = if f.key.src.is_ipv6() { IPV6_HEADER } else { 0 };
+        // IPv6: the payload length counts extension headers, the kept fragment header too.
+        let fixed = if f.key.src.is_ipv6() {
+            IPV6_HEADER - 8
+        } else {
+            0
+        };
         if f.header.len() + end > MAX_DATAGRAM + fixed {
             self.remove(&f.key);
             return Err(FragDrop::TooBig);
@@ -185,6 +190,7 @@ impl Reassembler {
                 f.header,
                 f.next_header_at,
                 f.proto,
+                f.key.id,
                 f.payload,
             )));
         }
@@ -242,13 +248,16 @@ impl Reassembler {
         if !d.complete() {
             return Ok(Reassembled::Held);
         }
-        let Some(d) = self.remove(&f.key) else {
+        let key = f.key;
+        let Some(d) = self.remove(&key) else {
             return Err(FragDrop::Malformed);
         };
         let Some((header, at)) = &d.header else {
             return Err(FragDrop::Malformed);
         };
-        Ok(Reassembled::Complete(build(header, *at, d.proto, &d.data)))
+        Ok(Reassembled::Complete(build(
+            header, *at, d.proto, key.id, &d.data,
+        )))
     }
 
     /// Forget datagrams older than [`TIMEOUT`]; returns how many were given up.
@@ -404,10 +413,18 @@ fn parse_v6(ip: &[u8]) -> Result<Fragment<'_>, FragDrop> {
     })
 }
 
-/// The whole datagram from the first fragment's header and the fragmentable part.
-fn build(header: &[u8], next_header_at: usize, proto: u8, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(header.len() + data.len());
+/// The whole datagram from the first fragment's header and the fragmentable part. IPv6 keeps
+/// an atomic fragment header (offset 0, no more fragments, RFC 6946) with the datagram's
+/// identification: every stage reads past it, and on the way out it says that the sender let
+/// this datagram be fragmented (see [`egress_v6`]).
+fn build(header: &[u8], next_header_at: usize, proto: u8, id: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(header.len() + 8 + data.len());
     out.extend_from_slice(header);
+    if out[0] >> 4 == 6 {
+        out[next_header_at] = IPV6_FRAGMENT;
+        out.extend_from_slice(&[proto, 0, 0, 0]);
+        out.extend_from_slice(&id.to_be_bytes());
+    }
     out.extend_from_slice(data);
     if out[0] >> 4 == 4 {
         let total = out.len() as u16;
@@ -421,11 +438,58 @@ fn build(header: &[u8], next_header_at: usize, proto: u8, data: &[u8]) -> Vec<u8
         p.set_dont_frag(false);
         p.fill_checksum();
     } else {
-        out[next_header_at] = proto;
         let payload = (out.len() - IPV6_HEADER) as u16;
         out[4..6].copy_from_slice(&payload.to_be_bytes());
     }
     out
+}
+
+/// A reassembled IPv6 datagram (one with an atomic fragment header) on its way out of a link
+/// of `mtu`: pushed to `out` without that header if it fits, else cut into fragments that do
+/// (the sender fragmented it already: the kernel does the same after conntrack reassembled it,
+/// where the original fragments fit). `None`: no atomic fragment header (an ordinary packet),
+/// or an MTU too small for the unfragmentable part and 8 bytes.
+pub fn egress_v6(ip: &[u8], mtu: usize, out: &mut Vec<Vec<u8>>) -> Option<()> {
+    // Most packets carry no extension header: decided on one byte.
+    if !matches!(ip.get(6), Some(0 | 43 | 44 | 60)) {
+        return None;
+    }
+    let (off, at) = v6_fragment_header(ip).ok()??;
+    let off_flags = u16::from_be_bytes([ip[off + 2], ip[off + 3]]);
+    if off_flags & !6 != 0 {
+        return None; // a real fragment, not the marker
+    }
+    let data = &ip[off + 8..];
+    let unfrag = &ip[..off];
+    if unfrag.len() + data.len() <= mtu {
+        let mut p = Vec::with_capacity(unfrag.len() + data.len());
+        p.extend_from_slice(unfrag);
+        p.extend_from_slice(data);
+        p[at] = ip[off];
+        let len = (p.len() - IPV6_HEADER) as u16;
+        p[4..6].copy_from_slice(&len.to_be_bytes());
+        out.push(p);
+        return Some(());
+    }
+    let room = mtu.checked_sub(off + 8)? & !7;
+    if room == 0 {
+        return None;
+    }
+    let mut at_data = 0;
+    while at_data < data.len() {
+        let n = room.min(data.len() - at_data);
+        let more = at_data + n < data.len();
+        let mut p = Vec::with_capacity(off + 8 + n);
+        p.extend_from_slice(&ip[..off + 8]);
+        let of = (at_data as u16) | u16::from(more);
+        p[off + 2..off + 4].copy_from_slice(&of.to_be_bytes());
+        p.extend_from_slice(&data[at_data..at_data + n]);
+        let len = (p.len() - IPV6_HEADER) as u16;
+        p[4..6].copy_from_slice(&len.to_be_bytes());
+        out.push(p);
+        at_data += n;
+    }
+    Some(())
 }
 
 /// Cut IPv4 datagram `ip` into fragments of at most `mtu` bytes, each a whole IP packet pushed
@@ -744,7 +808,24 @@ mod tests {
         assert!(Reassembler::is_fragment(&pieces[0]));
         assert!(!Reassembler::is_fragment(&whole));
         assert_eq!(r.insert(&pieces[1], now), Ok(Reassembled::Held));
-        assert_eq!(r.insert(&pieces[0], now), Ok(Reassembled::Complete(whole)));
+        let Ok(Reassembled::Complete(d)) = r.insert(&pieces[0], now) else {
+            panic!("not reassembled");
+        };
+        // The atomic fragment header stays until the way out, where it goes...
+        assert_eq!(d.len(), whole.len() + 8);
+        let mut out = Vec::new();
+        egress_v6(&d, 9000, &mut out).unwrap();
+        assert_eq!(out, vec![whole.clone()]);
+        // ...or the datagram is cut again to a smaller link, and reassembles the same.
+        out.clear();
+        egress_v6(&d, 1280, &mut out).unwrap();
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|p| p.len() <= 1280));
+        let mut again = Reassembler::default();
+        again.insert(&out[0], now).unwrap();
+        assert_eq!(again.insert(&out[1], now), Ok(Reassembled::Complete(d)));
+        // An ordinary packet is not touched.
+        assert_eq!(egress_v6(&whole, 1280, &mut out), None);
     }
 
     #[test]
@@ -756,6 +837,12 @@ mod tests {
         assert_eq!(r.insert(&pieces[1], now), Err(FragDrop::Overlap));
         assert!(r.is_empty());
         let (whole, atomic) = udp_v6_pieces(16, &[(0, 24, false)]);
-        assert_eq!(r.insert(&atomic[0], now), Ok(Reassembled::Complete(whole)));
+        let Ok(Reassembled::Complete(d)) = r.insert(&atomic[0], now) else {
+            panic!("an atomic fragment is whole");
+        };
+        assert_eq!(d, atomic[0]);
+        let mut out = Vec::new();
+        egress_v6(&d, 1500, &mut out).unwrap();
+        assert_eq!(out, vec![whole]);
     }
 }

@@ -1179,6 +1179,20 @@ impl Core {
         };
         // Offload work (a partial checksum, a super-packet) needs the L4 header's place.
         let offload = meta.gso_size > 0 || meta.flags & dva_flags::CSUM_PARTIAL != 0;
+        if ethertype == ETHERTYPE_IPV6 && !offload {
+            // A datagram we reassembled (it kept an atomic fragment header): whole, or cut to
+            // this link as its sender allowed.
+            let mut pieces = Vec::new();
+            if fragment::egress_v6(&ip[..len], mtu, &mut pieces).is_some() {
+                if pieces.len() > 1 {
+                    self.event("datagrams_fragmented");
+                }
+                for p in pieces {
+                    self.transmit(e, nh.addr, &p, ethertype, None, meta, ports);
+                }
+                return;
+            }
+        }
         let c = if offload {
             match classify(&ip[..len]) {
                 Ok(c) if offload::offloadable(&c) => Some(c),
