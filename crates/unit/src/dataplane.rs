@@ -99,6 +99,10 @@ mod drop_reason {
 }
 use drop_reason as dr;
 
+/// Rejects (TCP resets, ICMP unreachables) a data plane sends a second, and saved at most.
+const REJECT_RATE: f64 = 1000.0;
+const REJECT_BURST: f64 = 200.0;
+
 pub struct Dataplane {
     rx: Backplane,
     core: Core,
@@ -121,6 +125,9 @@ struct Core {
     tx_bytes: u64,
     events: BTreeMap<&'static str, u64>,
     scratch: Vec<u8>,
+    /// Resets and ICMP unreachables this data plane may send (a scan of closed ports must not
+    /// turn it into a packet cannon).
+    reject_budget: reply::TokenBucket,
     epoch_start: Instant,
     now_ns: u64,
     active_flows: u64,
@@ -269,6 +276,7 @@ impl Dataplane {
                 tx_bytes: 0,
                 events: BTreeMap::new(),
                 scratch: Vec::with_capacity(2048),
+                reject_budget: reply::TokenBucket::new(REJECT_RATE, REJECT_BURST, Instant::now()),
                 epoch_start: Instant::now(),
                 now_ns: 0,
                 active_flows: 0,
@@ -1213,6 +1221,10 @@ impl Core {
         ip: &[u8],
         c: &Classified,
     ) {
+        if !self.reject_budget.take(self.now) {
+            // Still dropped (counted as rejected by the caller), without an answer.
+            return self.event("rejects_rate_limited");
+        }
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
         let built = match kind {

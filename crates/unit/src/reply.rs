@@ -101,11 +101,25 @@ pub fn icmpv4_error(
     typ: u8,
     code: u8,
 ) -> Option<()> {
+    icmpv4_error_with(out, orig, src, typ, code, 0)
+}
+
+/// An ICMPv4 error whose second word is `rest` (fragmentation needed: the next-hop MTU in its
+/// low 16 bits, RFC 1191).
+pub fn icmpv4_error_with(
+    out: &mut Vec<u8>,
+    orig: &[u8],
+    src: Ipv4Addr,
+    typ: u8,
+    code: u8,
+    rest: u32,
+) -> Option<()> {
     let osrc = Ipv4Addr::new(*orig.get(12)?, orig[13], orig[14], orig[15]);
     let quote = &orig[..orig.len().min(ICMP_QUOTE_V4)];
     ipv4_header(out, src, osrc, PROTO_ICMP, 8 + quote.len(), DEFAULT_TTL);
     let s = out.len();
-    out.extend_from_slice(&[typ, code, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&[typ, code, 0, 0]);
+    out.extend_from_slice(&rest.to_be_bytes());
     out.extend_from_slice(quote);
     let c = checksum::data(&out[s..]);
     out[s + 2..s + 4].copy_from_slice(&c.to_be_bytes());
@@ -317,4 +331,53 @@ pub fn tcp_segment(
     }
     out.extend_from_slice(&seg);
     Some(())
+}
+
+/// A token bucket for packets we originate (ICMP errors, resets): a flood of packets that
+/// earn one must not become a flood of them (Linux: icmp_ratelimit, icmp_msgs_per_sec).
+pub struct TokenBucket {
+    tokens: f64,
+    last: std::time::Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl TokenBucket {
+    /// `rate` tokens a second, at most `burst` saved; starts full.
+    pub fn new(rate: f64, burst: f64, now: std::time::Instant) -> TokenBucket {
+        TokenBucket {
+            tokens: burst,
+            last: now,
+            rate,
+            burst,
+        }
+    }
+
+    /// Spend a token if there is one.
+    pub fn take(&mut self, now: std::time::Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::TokenBucket;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_burst_then_the_rate() {
+        let now = Instant::now();
+        let mut b = TokenBucket::new(10.0, 3.0, now);
+        assert_eq!((0..5).filter(|_| b.take(now)).count(), 3);
+        let later = now + Duration::from_millis(200);
+        assert_eq!((0..5).filter(|_| b.take(later)).count(), 2);
+    }
 }

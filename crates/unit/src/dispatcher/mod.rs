@@ -16,6 +16,7 @@
 //! The dispatcher keeps no per-flow state: everything it needs per packet is in the packet and
 //! the config (bucket table, interfaces, routes), so any dispatcher can serve any packet.
 
+pub mod fragment;
 pub mod health;
 pub mod hygiene;
 pub mod neighbor;
@@ -83,7 +84,16 @@ mod drop_reason {
     pub const BAD_L4_CHECKSUM: usize = 26;
     pub const SOURCE_ROUTE: usize = 27;
     pub const MALFORMED_IP_OPTIONS: usize = 28;
-    pub const NAMES: [&str; 29] = [
+    pub const FRAGMENT_TIMEOUT: usize = 29;
+    /// Reassembly drops: `FRAGMENT_BASE + k` for the `k`-th [`FRAGMENT_REASONS`] entry.
+    pub const FRAGMENT_BASE: usize = 30;
+    pub const FRAGMENT_REASONS: [super::fragment::FragDrop; 7] = {
+        use super::fragment::FragDrop::*;
+        [
+            Malformed, Tiny, Overlap, Duplicate, TooMany, TooBig, MemoryFull,
+        ]
+    };
+    pub const NAMES: [&str; 37] = [
         "oversize-frame",
         "malformed-ethernet",
         "not-for-us",
@@ -113,6 +123,14 @@ mod drop_reason {
         "bad-l4-checksum",
         "ip-source-route",
         "malformed-ip-options",
+        "fragment-timeout",
+        "fragment-malformed",
+        "fragment-tiny",
+        "fragment-overlap",
+        "fragment-duplicate",
+        "fragment-too-many",
+        "fragment-too-big",
+        "fragment-memory-full",
     ];
 }
 use drop_reason as dr;
@@ -157,29 +175,6 @@ impl Link {
     }
 }
 
-/// A token bucket for ICMP errors we originate: a flood of expired packets must not become a
-/// flood of ICMP (Linux rate-limits the same way, icmp_ratelimit).
-struct TokenBucket {
-    tokens: f64,
-    last: Instant,
-    rate: f64,
-    burst: f64,
-}
-
-impl TokenBucket {
-    fn take(&mut self, now: Instant) -> bool {
-        let dt = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 struct Core {
     cfg: Arc<DispatcherConfig>,
     links: Vec<Link>,
@@ -204,13 +199,15 @@ struct Core {
     super_packets: u64,
     /// Super-packets handed to an interface whole, for the kernel to segment.
     super_packets_tx: u64,
-    icmp_budget: TokenBucket,
+    icmp_budget: reply::TokenBucket,
     now: Instant,
     /// NAT/LB source addresses: packets to them are bucketed by port.
     nat_sources: Vec<IpAddr>,
     vips: Vec<IpAddr>,
     dnat_reverse: Vec<dva_proto::role::DnatReverse>,
     health: health::HealthChecker,
+    /// Incomplete datagrams: fragments are reassembled before their flow is hashed.
+    reassembly: fragment::Reassembler,
 }
 
 /// Environment variable that picks the interface driver: `af_xdp`, `af_packet` or `auto`.
@@ -335,17 +332,13 @@ impl Dispatcher {
             framed: Vec::new(),
             super_packets: 0,
             super_packets_tx: 0,
-            icmp_budget: TokenBucket {
-                tokens: 100.0,
-                last: now,
-                rate: 1000.0,
-                burst: 100.0,
-            },
+            icmp_budget: reply::TokenBucket::new(1000.0, 100.0, now),
             now,
             nat_sources: Vec::new(),
             vips: Vec::new(),
             dnat_reverse: Vec::new(),
             health: health::HealthChecker::default(),
+            reassembly: fragment::Reassembler::default(),
         };
         core.configure(cfg)?;
         Ok(Dispatcher {
@@ -457,6 +450,12 @@ impl Dispatcher {
         counters.insert("super_packets_rx".into(), c.super_packets);
         counters.insert("super_packets_tx".into(), c.super_packets_tx);
         counters.insert("backplane_tx_dropped".into(), self.backplane.tx_dropped());
+        let neigh = |f: fn(&NeighborTable) -> u64| c.links.iter().map(|l| f(&l.neigh)).sum();
+        counters.insert(
+            "neighbor_overrides_refused".into(),
+            neigh(|n| n.overrides_refused),
+        );
+        counters.insert("neighbor_table_full".into(), neigh(|n| n.table_full));
         let rs = self.backplane.ring_stats();
         counters.insert("backplane_ring_rx".into(), rs.rx);
         counters.insert("backplane_ring_tx".into(), rs.tx);
@@ -779,6 +778,27 @@ impl Core {
             Err(OptionsError::SourceRoute) => return self.drop(dr::SOURCE_ROUTE),
             Err(OptionsError::Malformed) => return self.drop(dr::MALFORMED_IP_OPTIONS),
         }
+        if pkt.is_fragment() {
+            if let Some(whole) = self.reassemble(ip) {
+                self.on_ipv4_datagram(i, src_mac, to_us, &whole, RxMeta::default(), bp);
+            }
+            return;
+        }
+        self.on_ipv4_datagram(i, src_mac, to_us, ip, meta, bp);
+    }
+
+    /// A whole IPv4 datagram (received so, or reassembled), its header checked.
+    fn on_ipv4_datagram(
+        &mut self,
+        i: usize,
+        src_mac: EthernetAddress,
+        to_us: bool,
+        ip: &[u8],
+        meta: RxMeta,
+        bp: &mut Backplane,
+    ) {
+        let pkt = Ipv4Packet::new_unchecked(ip);
+        let dst = IpAddr::V4(pkt.dst_addr());
         let ttl = pkt.hop_limit();
         let Ok(c) = classify(ip) else {
             return self.drop(dr::MALFORMED_L4);
@@ -815,6 +835,42 @@ impl Core {
             return self.drop(dr::MALFORMED_IP);
         };
         let ip = &ip[..Ipv6Packet::<&[u8]>::HEADER_LEN + usize::from(pkt.payload_len())];
+        if fragment::Reassembler::is_fragment(ip) {
+            if let Some(whole) = self.reassemble(ip) {
+                self.on_ipv6_datagram(i, src_mac, to_us, &whole, RxMeta::default(), bp);
+            }
+            return;
+        }
+        self.on_ipv6_datagram(i, src_mac, to_us, ip, meta, bp);
+    }
+
+    /// Take a fragment; the whole datagram once it is complete.
+    fn reassemble(&mut self, ip: &[u8]) -> Option<Vec<u8>> {
+        match self.reassembly.insert(ip, self.now) {
+            Ok(fragment::Reassembled::Held) => None,
+            Ok(fragment::Reassembled::Complete(whole)) => {
+                self.event("datagrams_reassembled");
+                Some(whole)
+            }
+            Err(e) => {
+                let k = dr::FRAGMENT_REASONS.iter().position(|r| *r == e);
+                self.drop(dr::FRAGMENT_BASE + k.unwrap_or(0));
+                None
+            }
+        }
+    }
+
+    /// A whole IPv6 datagram (received so, or reassembled).
+    fn on_ipv6_datagram(
+        &mut self,
+        i: usize,
+        src_mac: EthernetAddress,
+        to_us: bool,
+        ip: &[u8],
+        meta: RxMeta,
+        bp: &mut Backplane,
+    ) {
+        let pkt = Ipv6Packet::new_unchecked(ip);
         let dst = IpAddr::V6(pkt.dst_addr());
         let hop_limit = pkt.hop_limit();
         let Ok(c) = classify(ip) else {
@@ -1118,11 +1174,25 @@ impl Core {
             return self.drop(dr::TTL_EXCEEDED);
         }
         let e = usize::from(nh.interface);
-        let Some(link) = self.links.get_mut(e) else {
+        let Some(mtu) = self.links.get(e).map(|l| l.mtu) else {
             return self.drop(dr::NO_ROUTE);
         };
         // Offload work (a partial checksum, a super-packet) needs the L4 header's place.
         let offload = meta.gso_size > 0 || meta.flags & dva_flags::CSUM_PARTIAL != 0;
+        if ethertype == ETHERTYPE_IPV6 && !offload {
+            // A datagram we reassembled (it kept an atomic fragment header): whole, or cut to
+            // this link as its sender allowed.
+            let mut pieces = Vec::new();
+            if fragment::egress_v6(&ip[..len], mtu, &mut pieces).is_some() {
+                if pieces.len() > 1 {
+                    self.event("datagrams_fragmented");
+                }
+                for p in pieces {
+                    self.transmit(e, nh.addr, &p, ethertype, None, meta, ports);
+                }
+                return;
+            }
+        }
         let c = if offload {
             match classify(&ip[..len]) {
                 Ok(c) if offload::offloadable(&c) => Some(c),
@@ -1139,10 +1209,85 @@ impl Core {
             },
             _ => len,
         };
-        if wire_len > link.mtu {
-            // TODO(pmtu): answer with ICMP fragmentation-needed / packet-too-big.
-            return self.drop(dr::EXCEEDS_MTU);
+        if wire_len > mtu {
+            return self.too_big(e, nh.addr, &ip[..len], mtu, c.is_some(), ports);
         }
+        self.transmit(e, nh.addr, &ip[..len], ethertype, c, meta, ports);
+    }
+
+    /// A datagram larger than the egress MTU: IPv4 without DF is cut into fragments (as a
+    /// router does); with DF, and IPv6 (routers do not fragment it), the source is told the
+    /// MTU (ICMP fragmentation needed, RFC 1191 / Packet Too Big, RFC 8201), rate-limited.
+    fn too_big(
+        &mut self,
+        e: usize,
+        nh: IpAddr,
+        ip: &[u8],
+        mtu: usize,
+        offloaded: bool,
+        ports: &mut [Port],
+    ) {
+        let v4 = ip.first().map(|b| b >> 4) == Some(4);
+        if v4 && !offloaded && !Ipv4Packet::new_unchecked(ip).dont_frag() {
+            let mut pieces = Vec::new();
+            if fragment::fragment_v4(ip, mtu, &mut pieces).is_none() {
+                return self.drop(dr::EXCEEDS_MTU);
+            }
+            self.event("datagrams_fragmented");
+            for p in pieces {
+                self.transmit(e, nh, &p, ETHERTYPE_IPV4, None, &DvaMeta::default(), ports);
+            }
+            return;
+        }
+        self.drop(dr::EXCEEDS_MTU);
+        if !self.icmp_budget.take(self.now) {
+            return self.drop(dr::ICMP_RATE_LIMITED);
+        }
+        // From our address on the link towards the source (where the error leaves).
+        let (src, v6) = match classify(ip) {
+            Ok(c) => (c.key.src, c.is_v6()),
+            Err(_) => return,
+        };
+        if self.is_local(src) {
+            return; // our own packet (a health probe): nobody to tell
+        }
+        let Some(back) = self.routes.lookup(src) else {
+            return;
+        };
+        let Some(from) = self
+            .links
+            .get(usize::from(back.interface))
+            .and_then(|l| l.cfg.address(!v6))
+        else {
+            return;
+        };
+        let mtu = mtu.min(usize::from(u16::MAX)) as u32;
+        let mut err = Vec::with_capacity(600);
+        let built = match from {
+            IpAddr::V4(s) => reply::icmpv4_error_with(&mut err, ip, s, 3, 4, mtu),
+            IpAddr::V6(s) => reply::icmpv6_error(&mut err, ip, s, 2, 0, mtu),
+        };
+        if built.is_some() {
+            self.event("icmp_too_big_sent");
+            self.forward(&err, &DvaMeta::default(), ports);
+        }
+    }
+
+    /// Frame `ip` for interface `e` and send it to neighbour `nh` (or queue it while `nh`
+    /// resolves), finishing offload work `c` asks for.
+    #[allow(clippy::too_many_arguments)]
+    fn transmit(
+        &mut self,
+        e: usize,
+        nh: IpAddr,
+        ip: &[u8],
+        ethertype: u16,
+        c: Option<Classified>,
+        meta: &DvaMeta,
+        ports: &mut [Port],
+    ) {
+        let link = &mut self.links[e];
+        let len = ip.len();
         let f = &mut self.scratch;
         f.clear();
         reply::ethernet(f, EthernetAddress([0; 6]), link.mac, ethertype);
@@ -1156,7 +1301,7 @@ impl Core {
         if f.len() < 60 {
             f.resize(60, 0);
         }
-        let mac = link.neigh.lookup(&nh.addr, self.now);
+        let mac = link.neigh.lookup(&nh, self.now);
         if let Some(mac) = mac {
             f[0..6].copy_from_slice(&mac.0);
         }
@@ -1211,12 +1356,12 @@ impl Core {
                 }
                 for fr in frames {
                     let now = self.now;
-                    let (queued, probe) = self.links[e].neigh.enqueue(nh.addr, fr, now);
+                    let (queued, probe) = self.links[e].neigh.enqueue(nh, fr, now);
                     if !queued {
                         self.drops.inc(dr::NEIGHBOR_QUEUE_FULL);
                     }
                     if probe {
-                        self.probe(e, nh.addr, ports);
+                        self.probe(e, nh, ports);
                     }
                 }
             }
@@ -1270,6 +1415,9 @@ impl Core {
         }
         for msg in self.health.take_changes() {
             eprintln!("dispatcher {}: {msg}", self.cfg.unit);
+        }
+        for _ in 0..self.reassembly.expire(self.now) {
+            self.drops.inc(dr::FRAGMENT_TIMEOUT);
         }
         for e in 0..self.links.len() {
             let r = self.links[e].neigh.tick(self.now);
