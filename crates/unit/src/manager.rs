@@ -789,3 +789,62 @@ impl State {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epochs(s: &State) -> (u32, Vec<u32>) {
+        let (auth, _) = s.keys.as_ref().expect("keys");
+        (auth.send_epoch, auth.keys.iter().map(|k| k.epoch).collect())
+    }
+
+    #[test]
+    fn keys_rotate_with_the_next_one_handed_out_ahead() {
+        let mut s = State::default();
+        let t0 = Instant::now();
+        s.rotate_keys(t0).expect("keys");
+        assert_eq!(epochs(&s), (1, vec![1, 2]));
+        let first = s.keys.as_ref().expect("keys").0.keys[1].key;
+        // Nothing changes before the period is over.
+        s.rotate_keys(t0 + KEY_ROTATION / 2).expect("keys");
+        assert_eq!(epochs(&s), (1, vec![1, 2]));
+        // The next key becomes current (every unit already holds it), a new next one appears.
+        s.rotate_keys(t0 + KEY_ROTATION).expect("keys");
+        assert_eq!(epochs(&s), (2, vec![1, 2, 3]));
+        assert_eq!(s.keys.as_ref().expect("keys").0.keys[1].key, first);
+        s.rotate_keys(t0 + KEY_ROTATION * 2).expect("keys");
+        assert_eq!(epochs(&s), (3, vec![2, 3, 4]));
+        // Keys are random, not derived from one another.
+        let auth = &s.keys.as_ref().expect("keys").0;
+        assert_ne!(auth.keys[0].key, auth.keys[1].key);
+        assert_ne!(auth.keys[1].key, auth.keys[2].key);
+    }
+
+    #[test]
+    fn a_new_manager_goes_on_with_the_keys_the_units_hold() {
+        let held = BackplaneAuth {
+            send_epoch: 7,
+            keys: vec![
+                BackplaneKey {
+                    epoch: 6,
+                    key: [6; 32],
+                },
+                BackplaneKey {
+                    epoch: 7,
+                    key: [7; 32],
+                },
+            ],
+        };
+        let mut s = State {
+            adopted_keys: Some(held),
+            ..State::default()
+        };
+        s.rotate_keys(Instant::now()).expect("keys");
+        let (auth, _) = s.keys.as_ref().expect("keys");
+        assert_eq!(auth.send_epoch, 7);
+        let e: Vec<u32> = auth.keys.iter().map(|k| k.epoch).collect();
+        assert_eq!(e, vec![6, 7, 8], "the next epoch's key is added ahead");
+        assert_eq!(auth.keys[1].key, [7; 32], "the current key is the units'");
+    }
+}
