@@ -127,6 +127,9 @@ fn scale(mgmt: &Mgmt, t0: Instant, n: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The window packets/s are measured over (see `start_sampler`).
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+
 /// Samples the appliance every 250 ms into a timeline.
 fn start_sampler(
     mgmt: Mgmt,
@@ -136,7 +139,10 @@ fn start_sampler(
     let samples = Arc::new(Mutex::new(Vec::new()));
     let out = samples.clone();
     let h = std::thread::spawn(move || {
-        let mut last: Option<(Instant, u64)> = None;
+        // Units publish their counters every 250 ms (the report period), as often as we sample:
+        // a rate from consecutive samples aliases (0, then twice the rate). Over a window of a
+        // second (four reports) it is smooth.
+        let mut history: std::collections::VecDeque<(Instant, u64)> = Default::default();
         while !stop.load(Ordering::Relaxed) {
             if let Ok(v) = mgmt.get("edge-fw") {
                 let now = Instant::now();
@@ -147,13 +153,20 @@ fn start_sampler(
                     .filter(|u| u.role == UnitRole::Dispatcher)
                     .map(|u| u.packets)
                     .sum();
-                let pps = match last {
-                    Some((t, r)) if now > t && rx >= r => {
+                history.push_back((now, rx));
+                while history.len() > 2
+                    && history
+                        .get(1)
+                        .is_some_and(|(t, _)| now.duration_since(*t) >= RATE_WINDOW)
+                {
+                    history.pop_front();
+                }
+                let pps = match history.front() {
+                    Some(&(t, r)) if now > t && rx >= r => {
                         (rx - r) as f64 / now.duration_since(t).as_secs_f64()
                     }
                     _ => 0.0,
                 };
-                last = Some((now, rx));
                 if let Ok(mut s) = out.lock() {
                     s.push(Sample {
                         t: now.duration_since(t0).as_secs_f64(),
