@@ -20,6 +20,7 @@ pub mod dispatcher;
 pub mod handover;
 mod keys;
 pub mod manager;
+pub mod metrics;
 pub mod offload;
 pub mod reply;
 pub mod runtime;
