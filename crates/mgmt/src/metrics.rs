@@ -77,31 +77,31 @@ impl Mgmt {
         let scrape_up = Family::<Labels, Gauge>::default();
         r.register(
             "dva_unit_scrape_up",
-            "1 if the unit answered this scrape in time, else 0.",
+            "1 if the unit answered this scrape in time, else 0",
             scrape_up.clone(),
         );
         let appliances_g = Gauge::<i64>::default();
         r.register(
             "dva_mgmt_appliances",
-            "Appliances the management tool holds.",
+            "Appliances the management tool holds",
             appliances_g.clone(),
         );
         let units = Family::<Labels, Gauge>::default();
         r.register(
             "dva_mgmt_units",
-            "Units by appliance, role and state.",
+            "Units by appliance, role and state",
             units.clone(),
         );
         let passes = Counter::<u64>::default();
         r.register(
             "dva_mgmt_reconcile_passes",
-            "Passes of the reconciler over every appliance.",
+            "Passes of the reconciler over every appliance",
             passes.clone(),
         );
         let requests = Family::<Labels, Counter>::default();
         r.register(
             "dva_mgmt_api_requests",
-            "API requests answered, by HTTP status code.",
+            "API requests answered, by HTTP status code",
             requests.clone(),
         );
 

@@ -34,17 +34,17 @@ type GaugeF = Gauge<f64, AtomicU64>;
 /// Entries of [`UnitStats::counters`] that are current counts, not event counts: exported as
 /// gauges of their own (metric name without `dva_`, help).
 const GAUGE_COUNTERS: &[(&str, &str, &str)] = &[
-    ("nat_bindings", "nat_bindings", "NAT bindings held."),
-    ("lb_flows", "lb_flows", "Load-balanced flows held."),
+    ("nat_bindings", "nat_bindings", "NAT bindings held"),
+    ("lb_flows", "lb_flows", "Load-balanced flows held"),
     (
         "replica_flows",
         "replica_flows",
-        "Backup copies of other data planes' flows held.",
+        "Backup copies of other data planes' flows held",
     ),
     (
         "leader",
         "manager_leader",
-        "1 if this manager leads the appliance.",
+        "1 if this manager leads the appliance",
     ),
 ];
 
@@ -181,126 +181,126 @@ impl Exposition {
             r.register(name, help, f.clone());
             f
         }
-        // Counters are registered without `_total`: the crate appends it.
-        let current = GAUGE_COUNTERS
-            .iter()
-            .map(|(_, name, help)| reg(&mut r, &format!("dva_{name}"), help))
-            .collect();
+        // Counters are registered without `_total`, and help texts without a final period: the
+        // crate appends both. Families are written in the order registered.
         Exposition {
             build_info: reg(
                 &mut r,
                 "dva_build_info",
-                "The dva version a process runs (always 1).",
+                "The dva version a process runs (always 1)",
             ),
-            config_version: reg(&mut r, "dva_config_version", "Config version the unit runs."),
-            uptime: reg(&mut r, "dva_uptime_seconds", "Time since the unit started."),
-            rx_packets: reg(&mut r, "dva_rx_packets", "Packets received."),
-            rx_bytes: reg(&mut r, "dva_rx_bytes", "Bytes received."),
-            tx_packets: reg(&mut r, "dva_tx_packets", "Packets sent."),
-            tx_bytes: reg(&mut r, "dva_tx_bytes", "Bytes sent."),
+            config_version: reg(&mut r, "dva_config_version", "Config version the unit runs"),
+            uptime: reg(&mut r, "dva_uptime_seconds", "Time since the unit started"),
+            rx_packets: reg(&mut r, "dva_rx_packets", "Packets received"),
+            rx_bytes: reg(&mut r, "dva_rx_bytes", "Bytes received"),
+            tx_packets: reg(&mut r, "dva_tx_packets", "Packets sent"),
+            tx_bytes: reg(&mut r, "dva_tx_bytes", "Bytes sent"),
             flows: reg(
                 &mut r,
                 "dva_flows",
-                "Connections a data plane tracks (backup copies excluded).",
+                "Connections a data plane tracks (backup copies excluded)",
             ),
             active_flows: reg(
                 &mut r,
                 "dva_active_flows",
-                "Connections a data plane tracks that are still open.",
+                "Connections a data plane tracks that are still open",
             ),
-            drops: reg(&mut r, "dva_drops", "Packets dropped, by reason."),
-            events: reg(&mut r, "dva_events", "Role-specific events."),
-            current,
+            drops: reg(&mut r, "dva_drops", "Packets dropped, by reason"),
+            events: reg(&mut r, "dva_events", "Role-specific events"),
+            current: GAUGE_COUNTERS
+                .iter()
+                .map(|(_, name, help)| reg(&mut r, &format!("dva_{name}"), help))
+                .collect(),
             auth: reg(
                 &mut r,
                 "dva_backplane_auth",
-                "Backplane datagrams by authentication result (ok, or why refused).",
+                "Backplane datagrams by authentication result (ok, or why refused)",
             ),
             if_rx_packets: reg(
                 &mut r,
                 "dva_interface_rx_packets",
-                "Frames received on an appliance interface.",
+                "Frames received on an appliance interface",
             ),
             if_rx_bytes: reg(
                 &mut r,
                 "dva_interface_rx_bytes",
-                "Bytes received on an appliance interface.",
+                "Bytes received on an appliance interface",
             ),
             if_tx_packets: reg(
                 &mut r,
                 "dva_interface_tx_packets",
-                "Frames sent on an appliance interface.",
+                "Frames sent on an appliance interface",
             ),
             if_tx_bytes: reg(
                 &mut r,
                 "dva_interface_tx_bytes",
-                "Bytes sent on an appliance interface.",
+                "Bytes sent on an appliance interface",
             ),
             if_ring_drops: reg(
                 &mut r,
                 "dva_interface_ring_drops",
-                "Frames the kernel dropped on the way in (full ring, no free buffer).",
+                "Frames the kernel dropped on the way in (full ring, no free buffer)",
             ),
             if_driver: reg(
                 &mut r,
                 "dva_interface_driver",
-                "The packet driver of an appliance interface (always 1).",
+                "The packet driver of an appliance interface (always 1)",
             ),
             backend_new_flows: reg(
                 &mut r,
                 "dva_lb_backend_new_flows",
-                "New flows this data plane sent to a backend.",
+                "New flows this data plane sent to a backend",
             ),
             backend_flows: reg(
                 &mut r,
                 "dva_lb_backend_flows",
-                "Flows to a backend held by this data plane.",
+                "Flows to a backend held by this data plane",
             ),
             backend_packets: reg(
                 &mut r,
                 "dva_lb_backend_packets",
-                "Packets of a backend's flows, both directions.",
+                "Packets of a backend's flows, both directions",
             ),
             backend_bytes: reg(
                 &mut r,
                 "dva_lb_backend_bytes",
-                "Bytes of a backend's flows, both directions.",
+                "Bytes of a backend's flows, both directions",
             ),
             backend_up: reg(
                 &mut r,
                 "dva_lb_backend_up",
-                "1 if the backend takes new flows (not down, not draining).",
+                "1 if the backend takes new flows (not down, not draining)",
             ),
             rule_hits: reg(
                 &mut r,
                 "dva_firewall_rule_hits",
-                "New connections a firewall rule decided (rule \"(default)\": none matched), since the rules last changed.",
+                "New connections a firewall rule decided (rule \"(default)\": none matched), since the rules last changed",
             ),
             cpu: reg(
                 &mut r,
                 "process_cpu_seconds",
-                "User and system CPU time spent in seconds.",
+                "User and system CPU time spent in seconds",
             ),
             resident: reg(
                 &mut r,
                 "process_resident_memory_bytes",
-                "Resident memory size in bytes.",
+                "Resident memory size in bytes",
             ),
             virt: reg(
                 &mut r,
                 "process_virtual_memory_bytes",
-                "Virtual memory size in bytes.",
+                "Virtual memory size in bytes",
             ),
-            open_fds: reg(&mut r, "process_open_fds", "Number of open file descriptors."),
+            open_fds: reg(&mut r, "process_open_fds", "Number of open file descriptors"),
             max_fds: reg(
                 &mut r,
                 "process_max_fds",
-                "Maximum number of open file descriptors.",
+                "Maximum number of open file descriptors",
             ),
             start_time: reg(
                 &mut r,
                 "process_start_time_seconds",
-                "Start time of the process since the Unix epoch in seconds.",
+                "Start time of the process since the Unix epoch in seconds",
             ),
             registry: r,
         }
@@ -496,6 +496,9 @@ mod tests {
             format!("process_resident_memory_bytes{{{base}}} 4096"),
         ] {
             assert!(m.lines().any(|l| l == want), "missing {want:?} in\n{m}");
+        }
+        for help in m.lines().filter(|l| l.starts_with("# HELP ")) {
+            assert!(!help.ends_with(".."), "{help}");
         }
         // A current count never lands among events; a dispatcher reports no flow count.
         assert!(!m.contains("event=\"nat_bindings\""), "{m}");
