@@ -1,7 +1,8 @@
 //! End to end: `dva serve`'s `/metrics` (issue #15). An edge firewall in a lab carries real
 //! traffic (curl through it, and connections its rules drop); the aggregated exposition, scraped
 //! over HTTP with the bearer token as Prometheus would, passes `promtool check metrics`, has each
-//! family once, and counts what the traffic did.
+//! family once, and counts what the traffic did. The inside device has a name the spec accepts
+//! but the exposition must escape (a quote and a backslash).
 
 mod common;
 
@@ -14,6 +15,9 @@ use common::*;
 use dva_lab::apps::{self, Nginx};
 
 const SERVER1: &str = "198.18.2.2";
+/// A device name the kernel and the spec accept (no '/', ':', whitespace or control characters)
+/// holding both characters a Prometheus label value must escape.
+const HOSTILE_DEVICE: &str = r#"i"n\0"#;
 
 /// The value of the first sample of `family` whose labels contain every one of `labels`.
 fn value(text: &str, family: &str, labels: &[&str]) -> Option<f64> {
@@ -72,8 +76,23 @@ fn serve_exposes_every_units_metrics_once_and_promtool_accepts_them() {
     let lab = LabGuard::up("e2emt-", 1, 2);
     let client = lab.lab.client_ns();
     let _web = Nginx::start(&lab.lab.server_ns(1), &[80], "counted\n").expect("nginx");
+    let disp = lab.lab.dispatcher_ns(1);
+    for args in [
+        vec!["-n", &disp, "link", "set", "in0", "down"],
+        vec!["-n", &disp, "link", "set", "in0", "name", HOSTILE_DEVICE],
+        vec!["-n", &disp, "link", "set", HOSTILE_DEVICE, "up"],
+    ] {
+        let st = Command::new("ip").args(&args).status().expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    }
+    let spec = std::fs::read_to_string(example("edge-firewall.yaml"))
+        .expect("spec")
+        .replace("device: in0", &format!("device: '{HOSTILE_DEVICE}'"));
+    assert!(spec.contains(HOSTILE_DEVICE));
     let m = MgmtGuard::open("e2emt-");
-    m.apply_file(&example("edge-firewall.yaml"));
+    m.mgmt
+        .apply(&spec)
+        .expect("the spec accepts the device name");
     m.wait_ready("edge-fw", 2);
 
     let token = "e2e-metrics-token-0123456789abcdef";
@@ -160,9 +179,28 @@ fn serve_exposes_every_units_metrics_once_and_promtool_accepts_them() {
     );
     assert!(value(&text, "dva_rx_packets_total", &[app, dispatcher]).unwrap_or(0.0) > 0.0);
     assert!(
-        sum(&text, "dva_backplane_auth_total", &[app, "result=\"ok\""]) > 0.0,
-        "authenticated backplane datagrams:\n{text}"
+        value(
+            &text,
+            "dva_interface_rx_packets_total",
+            &[app, dispatcher, r#"device="i\"n\\0""#]
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "the hostile device name, escaped, on a counting interface:\n{text}"
     );
+    // On one machine data travels over shared-memory rings, so the (UDP) authentication counts
+    // may well be 0; every backplane user reports them all the same.
+    for role in ["dispatcher", "dataplane"] {
+        assert!(
+            value(
+                &text,
+                "dva_backplane_auth_total",
+                &[app, &format!("role=\"{role}\""), "result=\"ok\""]
+            )
+            .is_some(),
+            "{role}: backplane authentication counted:\n{text}"
+        );
+    }
     // Drops carry their reason; a dispatcher reports no flow count of its own.
     assert!(
         text.lines()
