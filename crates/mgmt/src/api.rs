@@ -1009,6 +1009,9 @@ mod tests {
 
     #[test]
     fn templates_and_tokens() {
+        // Prometheus sends the token (`authorization` in its scrape config): /metrics needs it.
+        assert_eq!(route("GET", "/metrics"), Ok(Call::Metrics));
+        assert!(Call::Metrics.guarded());
         assert!(matches_template(
             "/v1/appliances/{name}",
             &["v1", "appliances", "x"]

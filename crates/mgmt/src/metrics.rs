@@ -25,6 +25,9 @@ use crate::model::UnitState;
 
 /// How long one unit has to answer a scrape.
 pub const UNIT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Units asked at once (one short-lived thread each): a scrape of n units takes at most
+/// `ceil(n / SCRAPE_PARALLEL) * UNIT_TIMEOUT`.
+const SCRAPE_PARALLEL: usize = 32;
 
 /// A unit to read: (appliance, id, role) and its control socket.
 struct Target {
@@ -61,16 +64,22 @@ impl Mgmt {
                 }
             }
         }
-        let stats: Vec<Option<UnitStats>> = std::thread::scope(|s| {
-            let handles: Vec<_> = targets
-                .iter()
-                .map(|t| s.spawn(|| fetch(&t.control)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().ok().flatten())
-                .collect()
-        });
+        let stats: Vec<Option<UnitStats>> = targets
+            .chunks(SCRAPE_PARALLEL)
+            .flat_map(|chunk| {
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = chunk
+                        .iter()
+                        .map(|t| s.spawn(|| fetch(&t.control)))
+                        .collect();
+                    // A unit whose thread could not finish counts as not answering.
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().ok().flatten())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
 
         let mut e = Exposition::new();
         let r = e.registry_mut();
@@ -153,5 +162,47 @@ fn state_name(s: UnitState) -> &'static str {
         UnitState::Draining => "draining",
         UnitState::Stopped => "stopped",
         UnitState::Failed => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::MgmtOptions;
+
+    /// With no appliance, `/metrics` is the tool's own families, each typed once.
+    #[test]
+    fn own_metrics_without_appliances() {
+        let state = std::env::temp_dir().join(format!("dva-mgmt-metrics-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        let mut opts = MgmtOptions::local(state.clone()).expect("options");
+        opts.run_root = state.join("run");
+        let mgmt = Mgmt::open(opts).expect("open");
+        let text = mgmt.metrics(&[(200, 3), (401, 1)].into_iter().collect());
+        mgmt.shutdown();
+        let _ = std::fs::remove_dir_all(&state);
+        for want in [
+            "# TYPE dva_mgmt_appliances gauge",
+            "dva_mgmt_appliances 0",
+            "# TYPE dva_mgmt_reconcile_passes_total counter",
+            "# TYPE dva_mgmt_api_requests_total counter",
+            "dva_mgmt_api_requests_total{code=\"401\"} 1",
+            "dva_mgmt_api_requests_total{code=\"200\"} 3",
+            "# TYPE process_cpu_seconds_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "missing {want:?} in\n{text}"
+            );
+        }
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("dva_build_info{role=\"mgmt\",version=")),
+            "{text}"
+        );
+        let mut seen = std::collections::HashSet::new();
+        for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            assert!(seen.insert(l), "typed twice: {l}");
+        }
     }
 }
