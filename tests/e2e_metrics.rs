@@ -236,3 +236,75 @@ fn serve_exposes_every_units_metrics_once_and_promtool_accepts_them() {
     );
     api.stop();
 }
+
+/// A load balancer: per-backend counters of every data plane come out under one family each,
+/// and add up to the connections made through the VIP.
+#[test]
+fn load_balancer_backends_are_counted_per_backend() {
+    let _serial = serial();
+    let lab = LabGuard::up("e2emtlb-", 3, 2);
+    let client = lab.lab.client_ns();
+    let _web: Vec<Nginx> = (1..=3)
+        .map(|k| {
+            Nginx::start(&lab.lab.server_ns(k), &[80], &format!("server{k}\n")).expect("nginx")
+        })
+        .collect();
+    let m = MgmtGuard::open("e2emtlb-");
+    m.apply_file(&example("web-lb.yaml"));
+    m.wait_ready("web-lb", 2);
+    let token = "e2e-metrics-lb-token-0123456789abcdef";
+    let api = dva_mgmt::api::serve(m.mgmt.clone(), "127.0.0.1:0".parse().unwrap(), token.into())
+        .expect("api");
+    let prometheus =
+        dva_mgmt::client::Client::new(&format!("http://{}", api.local_addr()), Some(token.into()))
+            .expect("client");
+
+    // Health checks bring the backends up first; then every connection is counted once.
+    let mut answered = 0;
+    for _ in 0..40 {
+        if apps::curl(&client, "http://198.18.1.100/", 3).is_ok() {
+            answered += 1;
+        }
+        if answered == 12 {
+            break;
+        }
+    }
+    assert_eq!(answered, 12, "connections through the VIP");
+
+    let mut text = String::new();
+    let counted = apps::wait_until(Duration::from_secs(15), Duration::from_millis(300), || {
+        text = prometheus
+            .raw("GET", "/metrics", "", b"")
+            .expect("scrape")
+            .1;
+        sum(
+            &text,
+            "dva_lb_backend_new_flows_total",
+            &["service=\"web\""],
+        ) >= 12.0
+    });
+    assert!(counted, "LB flows not counted in time:\n{text}");
+    let (ok, report) = promtool_check(&text);
+    assert!(ok, "promtool check metrics: {report}\n---\n{text}");
+    for backend in ["server1", "server2", "server3"] {
+        let b = format!("backend=\"{backend}\"");
+        assert!(
+            sum(&text, "dva_lb_backend_bytes_total", &[&b]) > 0.0,
+            "{backend} carried bytes:\n{text}"
+        );
+        assert!(value(&text, "dva_lb_backend_up", &[&b]).is_some(), "{text}");
+    }
+    for (family, kind) in [
+        ("dva_lb_backend_new_flows_total", "counter"),
+        ("dva_lb_backend_flows", "gauge"),
+        ("dva_lb_backend_packets_total", "counter"),
+        ("dva_lb_flows", "gauge"),
+    ] {
+        let typed = text
+            .lines()
+            .filter(|l| *l == format!("# TYPE {family} {kind}"))
+            .count();
+        assert_eq!(typed, 1, "{family}:\n{text}");
+    }
+    api.stop();
+}
