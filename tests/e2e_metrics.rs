@@ -293,12 +293,22 @@ fn load_balancer_backends_are_counted_per_backend() {
             "{backend} carried bytes:\n{text}"
         );
         assert!(value(&text, "dva_lb_backend_up", &[&b]).is_some(), "{text}");
+        assert_eq!(
+            value(
+                &text,
+                "dva_lb_backend_healthy",
+                &["role=\"dispatcher\"", &b]
+            ),
+            Some(1.0),
+            "{text}"
+        );
     }
     for (family, kind) in [
         ("dva_lb_backend_new_flows_total", "counter"),
         ("dva_lb_backend_flows", "gauge"),
         ("dva_lb_backend_packets_total", "counter"),
         ("dva_lb_flows", "gauge"),
+        ("dva_lb_backend_healthy", "gauge"),
     ] {
         let typed = text
             .lines()

@@ -151,6 +151,7 @@ pub struct Exposition {
     backend_packets: Family<Labels, Counter>,
     backend_bytes: Family<Labels, Counter>,
     backend_up: Family<Labels, Gauge>,
+    backend_healthy: Family<Labels, Gauge>,
     rule_hits: Family<Labels, Counter>,
     cpu: Family<Labels, CounterF>,
     resident: Family<Labels, Gauge>,
@@ -270,6 +271,11 @@ impl Exposition {
                 &mut r,
                 "dva_lb_backend_up",
                 "1 if the backend takes new flows (not down, not draining)",
+            ),
+            backend_healthy: reg(
+                &mut r,
+                "dva_lb_backend_healthy",
+                "1 if a dispatcher's health checks find the backend up",
             ),
             rule_hits: reg(
                 &mut r,
@@ -398,6 +404,14 @@ impl Exposition {
             self.backend_up
                 .get_or_create(&l)
                 .set(i64::from(b.state == dva_services::lb::BackendState::Up));
+        }
+        for h in &s.health {
+            self.backend_healthy
+                .get_or_create(&with(
+                    &base,
+                    [("service", &h.service), ("backend", &h.backend)],
+                ))
+                .set(i64::from(h.up));
         }
         for r in &s.rules {
             self.rule_hits
