@@ -5,7 +5,9 @@
 # toolchain for the AF_XDP driver's XDP program (crates/io/bpf, built by crates/io/build.rs):
 # clang and llvm (`clang -target bpf`), libbpf-dev (bpf_helpers.h) and linux-libc-dev
 # (linux/bpf.h), and python3-scapy (e2e_hygiene and e2e_tcp_window forge packets; Debian's scapy imports only under
-# /usr/bin/python3). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
+# /usr/bin/python3), and prometheus for its promtool (e2e_metrics checks `dva serve`'s /metrics
+# with `promtool check metrics`; the Prometheus server it also installs is kept from starting,
+# see below). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
 # packages already installed are left alone, and apt runs only when something is missing. Runs
 # as root (or through sudo).
 set -euo pipefail
@@ -24,7 +26,7 @@ installed() {
 }
 
 packages=(iproute2 ethtool iperf3 curl iputils-ping procps wrk haproxy nftables python3-scapy
-    clang llvm libbpf-dev linux-libc-dev)
+    prometheus clang llvm libbpf-dev linux-libc-dev)
 missing=()
 for p in "${packages[@]}"; do
     installed "$p" || missing+=("$p")
@@ -74,12 +76,14 @@ if [ "${#missing[@]}" -gt 0 ] || $nginx_missing; then
                 nginx | nginx-light) systemctl disable nginx.service >/dev/null 2>&1 || true ;;
                 iperf3) systemctl disable iperf3.service >/dev/null 2>&1 || true ;;
                 haproxy) systemctl disable haproxy.service >/dev/null 2>&1 || true ;;
+                # Only for promtool (e2e_metrics checks the exposition with it).
+                prometheus) systemctl disable prometheus.service >/dev/null 2>&1 || true ;;
             esac
         done
     fi
 fi
 
-for tool in ip ss ethtool nginx iperf3 curl ping sysctl clang; do
+for tool in ip ss ethtool nginx iperf3 curl ping sysctl clang promtool; do
     command -v "$tool" >/dev/null 2>&1 || {
         echo "install-deps: $tool is still missing" >&2
         exit 1
@@ -94,4 +98,4 @@ command -v cargo >/dev/null 2>&1 || {
     echo "install-deps: scapy does not import under /usr/bin/python3" >&2
     exit 1
 }
-echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables clang llvm libbpf-dev python3-scapy)"
+echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables clang llvm libbpf-dev python3-scapy prometheus/promtool)"

@@ -20,6 +20,7 @@
 //! (tiny_http 0.12, tried first, allocates a request's declared `Content-Length` when it drops an
 //! unread body: one unauthenticated request declaring a few TB aborted the process.)
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::AssertUnwindSafe;
@@ -42,6 +43,7 @@ pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/v1/openapi.json"),
+    ("GET", "/metrics"),
     ("GET", "/v1/appliances"),
     ("POST", "/v1/appliances"),
     ("GET", "/v1/appliances/{name}"),
@@ -81,6 +83,15 @@ struct Shared {
     /// Connection threads alive (what [`ApiServer::stop`] waits for).
     active: AtomicUsize,
     conns: Mutex<Connections>,
+    /// Answers sent, by status code (exported in `/metrics`).
+    answered: Mutex<BTreeMap<u16, u64>>,
+}
+
+impl Shared {
+    fn count(&self, status: u16) {
+        let mut a = self.answered.lock().unwrap_or_else(|e| e.into_inner());
+        *a.entry(status).or_default() += 1;
+    }
 }
 
 /// A client, for the per-client limit: its IPv4 address, or its IPv6 /64 (one host's share).
@@ -234,6 +245,7 @@ pub fn serve(mgmt: Mgmt, listen: SocketAddr, token: String) -> anyhow::Result<Ap
         stop: AtomicBool::new(false),
         active: AtomicUsize::new(0),
         conns: Mutex::new(Connections::default()),
+        answered: Mutex::new(BTreeMap::new()),
     });
     let acceptor = {
         let shared = shared.clone();
@@ -295,7 +307,10 @@ fn dispatch(shared: &Arc<Shared>, stream: TcpStream, peer: IpAddr) {
     let admitted = shared.conns().admit(ClientKey::of(peer), &stream);
     let slot = match admitted {
         Ok(slot) => slot,
-        Err(why) => return busy(&stream, why),
+        Err(why) => {
+            shared.count(503);
+            return busy(&stream, why);
+        }
     };
     shared.active.fetch_add(1, Ordering::AcqRel);
     let active = Active {
@@ -653,6 +668,8 @@ fn authorized(head: &Head, token: &str) -> bool {
 enum Call<'a> {
     Health,
     OpenApi,
+    /// Prometheus metrics of every unit and of `dva serve` itself.
+    Metrics,
     List,
     Apply,
     Get(&'a str),
@@ -685,6 +702,7 @@ fn route<'a>(method: &str, target: &'a str) -> Result<Call<'a>, Reply> {
     let call = match (method, segments.as_slice()) {
         ("GET", ["healthz"]) => Call::Health,
         ("GET", ["v1", "openapi.json"]) => Call::OpenApi,
+        ("GET", ["metrics"]) => Call::Metrics,
         ("GET", ["v1", "appliances"]) => Call::List,
         ("POST", ["v1", "appliances"]) => Call::Apply,
         ("GET", ["v1", "appliances", n]) if !n.is_empty() => Call::Get(n),
@@ -731,6 +749,7 @@ fn serve_connection(conn: &Active, mut s: TcpStream) {
         Ok(r) | Err(ReadError::Reply(r)) => r,
         Err(ReadError::Closed) => return,
     };
+    conn.shared.count(reply.status);
     let _ = s.write_all(&reply.to_bytes());
     let _ = s.flush();
     linger(s);
@@ -763,14 +782,14 @@ fn answer(sh: &Shared, slot: &Slot, s: &mut TcpStream) -> Result<Reply, ReadErro
     // Mgmt does not panic on input; should a bug make it, the caller gets a 500 and the server
     // keeps serving.
     Ok(
-        std::panic::catch_unwind(AssertUnwindSafe(|| execute(&sh.mgmt, call, &body)))
-            .unwrap_or_else(|_| {
-                Reply::error(500, "internal", "the call failed unexpectedly".into())
-            }),
+        std::panic::catch_unwind(AssertUnwindSafe(|| execute(sh, call, &body))).unwrap_or_else(
+            |_| Reply::error(500, "internal", "the call failed unexpectedly".into()),
+        ),
     )
 }
 
-fn execute(mgmt: &Mgmt, call: Call<'_>, body: &str) -> Reply {
+fn execute(sh: &Shared, call: Call<'_>, body: &str) -> Reply {
+    let mgmt = &sh.mgmt;
     match call {
         Call::Health => Reply {
             status: 200,
@@ -782,6 +801,18 @@ fn execute(mgmt: &Mgmt, call: Call<'_>, body: &str) -> Reply {
             content_type: "application/json",
             body: OPENAPI.into(),
         },
+        Call::Metrics => {
+            let answered = sh
+                .answered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            Reply {
+                status: 200,
+                content_type: dva_unit::metrics::CONTENT_TYPE,
+                body: mgmt.metrics(&answered),
+            }
+        }
         Call::List => Reply::json(200, &mgmt.list()),
         Call::Apply => Reply::from(mgmt.apply(body)),
         Call::Get(name) => Reply::from(mgmt.get(name)),
@@ -978,6 +1009,9 @@ mod tests {
 
     #[test]
     fn templates_and_tokens() {
+        // Prometheus sends the token (`authorization` in its scrape config): /metrics needs it.
+        assert_eq!(route("GET", "/metrics"), Ok(Call::Metrics));
+        assert!(Call::Metrics.guarded());
         assert!(matches_template(
             "/v1/appliances/{name}",
             &["v1", "appliances", "x"]

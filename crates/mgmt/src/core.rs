@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -97,6 +97,8 @@ pub(crate) struct Inner {
     pub broken: Mutex<BTreeMap<String, Broken>>,
     pub stop: AtomicBool,
     pub provisioner: Box<dyn Provisioner>,
+    /// Reconciler passes over every appliance (exported in `/metrics`).
+    pub reconcile_passes: AtomicU64,
 }
 
 impl Inner {
@@ -167,6 +169,7 @@ impl Mgmt {
             broken: Mutex::new(broken),
             stop: AtomicBool::new(false),
             provisioner,
+            reconcile_passes: AtomicU64::new(0),
         });
         reconcile::adopt_all(&inner);
         let handle = {

@@ -7,12 +7,14 @@
 //! * [`core`]: [`Mgmt`], the operations the API and `dva run` call (apply, get, scale, delete, ...);
 //! * [`reconcile`]: the loop that makes units match the records;
 //! * [`provision`]: the [`Provisioner`](provision::Provisioner) trait and its `local` implementation;
+//! * [`metrics`]: the aggregated Prometheus `/metrics` (every unit's, and the tool's own);
 //! * [`api`]: the HTTP server (routes, bearer-token auth, OpenAPI document).
 
 pub mod api;
 pub mod autoscale;
 pub mod client;
 pub mod core;
+pub mod metrics;
 pub mod model;
 pub mod provision;
 pub mod reconcile;

@@ -191,6 +191,7 @@ pub(crate) fn run(inner: &Inner) {
             }
             reconcile(inner, app, hosts.as_ref());
         }
+        inner.reconcile_passes.fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(PERIOD);
     }
 }
@@ -211,9 +212,14 @@ fn launch(inner: &Inner, name: &str, u: &UnitRecord) -> UnitLaunch {
         host: u.host.clone(),
         netns: (!inner.opts.local).then(|| u.host.clone()),
         manager: dir.join("manager.sock"),
-        control: dir.join(format!("unit-{}.sock", u.id)),
+        control: control_socket(inner, name, u.id),
         log: dir.join(format!("unit-{}.log", u.id)),
     }
+}
+
+/// A unit's control socket (what `units.json` lists and `/metrics` reads).
+pub(crate) fn control_socket(inner: &Inner, name: &str, id: u32) -> PathBuf {
+    run_dir(inner, name).join(format!("unit-{id}.sock"))
 }
 
 /// Reject at apply time what the manager could not compile (e.g. a route via no interface).

@@ -4,7 +4,7 @@
 //! Unix sockets live in the filesystem, not in a network namespace, so a unit placed in a lab host
 //! namespace is reachable from the root namespace without any route. Endpoints:
 //! `GET /ready` (200 once the data path is set up), `GET /stats` (JSON [`UnitStats`]),
-//! `GET /metrics` (Prometheus text).
+//! `GET /metrics` (Prometheus text, [`crate::metrics`]).
 //!
 //! Only root and the user the unit runs as are served (SO_PEERCRED); anyone else's connection
 //! is closed unanswered and counted as `control_peer_refused`.
@@ -111,6 +111,8 @@ fn serve_one(
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let snapshot = || {
         let mut s = stats.snapshot();
+        s.version = env!("CARGO_PKG_VERSION").to_string();
+        s.process = crate::metrics::ProcessStats::read_self();
         if refused > 0 {
             s.counters
                 .insert("control_peer_refused".to_string(), refused);
@@ -127,7 +129,11 @@ fn serve_one(
             "application/json",
             serde_json::to_string(&snapshot()).unwrap_or_default(),
         ),
-        ("GET", "/metrics") => (200, "text/plain; version=0.0.4", snapshot().to_prometheus()),
+        ("GET", "/metrics") => (
+            200,
+            crate::metrics::CONTENT_TYPE,
+            crate::metrics::unit_exposition(&snapshot()),
+        ),
         ("GET", _) => (
             404,
             "text/plain",

@@ -580,8 +580,32 @@ impl Core {
                 .as_ref()
                 .map(|l| l.backend_stats())
                 .unwrap_or_default(),
+            rules: self.rule_hits(),
             ..Default::default()
         }
+    }
+
+    /// Hits of each rule under its name (`#<index>` when unnamed), then the default action's.
+    fn rule_hits(&self) -> Vec<crate::stats::RuleHits> {
+        let rules = &self.cfg.firewall.rules;
+        let mut hits: Vec<crate::stats::RuleHits> = self
+            .fw
+            .rule_hits()
+            .into_iter()
+            .enumerate()
+            .map(|(i, hits)| crate::stats::RuleHits {
+                rule: rules
+                    .get(i)
+                    .and_then(|r| r.name.clone())
+                    .unwrap_or_else(|| format!("#{i}")),
+                hits,
+            })
+            .collect();
+        hits.push(crate::stats::RuleHits {
+            rule: "(default)".into(),
+            hits: self.fw.default_hits(),
+        });
+        hits
     }
 
     /// Handover work between batches: send the next buckets' state, resend what was not

@@ -8,6 +8,8 @@
 //!   punting mid-flow packets it has no state for to the bucket's previous owner.
 //! * [`control`] is the unit's local control socket (a Unix socket speaking minimal HTTP): readiness,
 //!   JSON stats and Prometheus metrics.
+//! * [`metrics`] encodes stats as Prometheus text (prometheus-client), for the control socket and
+//!   for `dva serve`'s aggregated `/metrics`.
 //!
 //! Data-path loops are single-threaded, never block on the control side (stats are published with
 //! `try_lock`), and count every drop by reason.
@@ -20,6 +22,7 @@ pub mod dispatcher;
 pub mod handover;
 mod keys;
 pub mod manager;
+pub mod metrics;
 pub mod offload;
 pub mod reply;
 pub mod runtime;

@@ -1,7 +1,7 @@
-//! Counters a unit publishes: one JSON shape for every role, rendered to Prometheus text too.
+//! Counters a unit publishes: one JSON shape for every role ([`crate::metrics`] renders it as
+//! Prometheus text).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,166 +56,27 @@ pub struct UnitStats {
     /// Data planes with a load balancer: per-backend counters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<dva_services::lb::BackendStats>,
+    /// Data planes: new connections each firewall rule decided, in rule order, then the default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleHits>,
+    /// The dva version the unit runs (filled in by the control socket).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    /// The unit process's CPU, memory and descriptors (filled in by the control socket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<crate::metrics::ProcessStats>,
+}
+
+/// Hits of one firewall rule: its name, or `#<index>` for an unnamed one, or `(default)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleHits {
+    pub rule: String,
+    pub hits: u64,
 }
 
 impl UnitStats {
     pub fn total_drops(&self) -> u64 {
         self.drops.values().sum()
-    }
-
-    /// Prometheus text exposition format.
-    pub fn to_prometheus(&self) -> String {
-        let mut out = String::new();
-        let base = format!(
-            "appliance=\"{}\",unit=\"{}\",role=\"{}\"",
-            self.appliance, self.unit, self.role
-        );
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-            let _ = writeln!(out, "# HELP dva_{name} {help}\n# TYPE dva_{name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "dva_{name}{{{base}{labels}}} {v}");
-            }
-        };
-        metric(
-            "config_version",
-            "gauge",
-            "Config version the unit runs.",
-            &[(String::new(), self.config_version)],
-        );
-        metric(
-            "rx_packets_total",
-            "counter",
-            "Packets received.",
-            &[(String::new(), self.rx_packets)],
-        );
-        metric(
-            "rx_bytes_total",
-            "counter",
-            "Bytes received.",
-            &[(String::new(), self.rx_bytes)],
-        );
-        metric(
-            "tx_packets_total",
-            "counter",
-            "Packets sent.",
-            &[(String::new(), self.tx_packets)],
-        );
-        metric(
-            "tx_bytes_total",
-            "counter",
-            "Bytes sent.",
-            &[(String::new(), self.tx_bytes)],
-        );
-        metric(
-            "flows",
-            "gauge",
-            "Tracked connections.",
-            &[(String::new(), self.flows)],
-        );
-        let drops: Vec<_> = self
-            .drops
-            .iter()
-            .map(|(k, v)| (format!(",reason=\"{k}\""), *v))
-            .collect();
-        metric(
-            "drops_total",
-            "counter",
-            "Packets dropped, by reason.",
-            &drops,
-        );
-        let ev: Vec<_> = self
-            .counters
-            .iter()
-            .map(|(k, v)| (format!(",event=\"{k}\""), *v))
-            .collect();
-        metric("events_total", "counter", "Role-specific events.", &ev);
-        for (field, help, get) in [
-            (
-                "interface_rx_frames_total",
-                "Frames received on an appliance interface.",
-                (|i: &InterfaceStats| i.rx_frames) as fn(&InterfaceStats) -> u64,
-            ),
-            (
-                "interface_tx_frames_total",
-                "Frames sent on an appliance interface.",
-                |i| i.tx_frames,
-            ),
-            (
-                "interface_ring_drops_total",
-                "Frames the kernel dropped on the way in (full ring, no free buffer).",
-                |i| i.ring_drops,
-            ),
-        ] {
-            if !self.interfaces.is_empty() {
-                let s: Vec<_> = self
-                    .interfaces
-                    .iter()
-                    .map(|i| (format!(",interface=\"{}\"", i.name), get(i)))
-                    .collect();
-                metric(field, "counter", help, &s);
-            }
-        }
-        let drivers: Vec<_> = self
-            .interfaces
-            .iter()
-            .filter(|i| !i.driver.is_empty())
-            .map(|i| {
-                (
-                    format!(",interface=\"{}\",driver=\"{}\"", i.name, i.driver),
-                    1,
-                )
-            })
-            .collect();
-        if !drivers.is_empty() {
-            metric(
-                "interface_driver",
-                "gauge",
-                "The packet driver of an appliance interface (always 1).",
-                &drivers,
-            );
-        }
-        if !self.backends.is_empty() {
-            for (field, kind, help, get) in [
-                (
-                    "lb_backend_new_flows_total",
-                    "counter",
-                    "New flows this data plane sent to a backend.",
-                    (|b: &dva_services::lb::BackendStats| b.new_flows)
-                        as fn(&dva_services::lb::BackendStats) -> u64,
-                ),
-                (
-                    "lb_backend_flows",
-                    "gauge",
-                    "Flows to a backend held by this data plane.",
-                    |b| b.active_flows,
-                ),
-                (
-                    "lb_backend_packets_total",
-                    "counter",
-                    "Packets of a backend's flows, both directions.",
-                    |b| b.packets,
-                ),
-                (
-                    "lb_backend_up",
-                    "gauge",
-                    "1 if the backend takes new flows (not down, not draining).",
-                    |b| u64::from(b.state == dva_services::lb::BackendState::Up),
-                ),
-            ] {
-                let s: Vec<_> = self
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        (
-                            format!(",service=\"{}\",backend=\"{}\"", b.service, b.backend),
-                            get(b),
-                        )
-                    })
-                    .collect();
-                metric(field, kind, help, &s);
-            }
-        }
-        out
     }
 }
 

@@ -1,0 +1,208 @@
+//! `dva serve`'s aggregated `/metrics`: every running unit of every appliance, plus the
+//! management tool's own metrics, as one Prometheus exposition.
+//!
+//! Units are read as JSON stats (`/stats` on their control socket), not as their own
+//! `/metrics` text, and everything is encoded here in one registry per scrape: re-parsing and
+//! merging many expositions would need a text parser and could still repeat a family's
+//! `# HELP`/`# TYPE` for every unit, whereas one registry holds each family once with the samples
+//! of every unit (told apart by `appliance`/`unit`/`role`), and escaping is the crate's all
+//! the way. Units are asked in parallel, each with [`UNIT_TIMEOUT`], so one stuck unit costs a
+//! scrape at most that long; a unit that does not answer has `dva_unit_scrape_up` 0.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use dva_unit::metrics::{Exposition, Labels, ProcessStats};
+use dva_unit::UnitStats;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::core::Mgmt;
+use crate::model::UnitState;
+
+/// How long one unit has to answer a scrape.
+pub const UNIT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Units asked at once (one short-lived thread each): a scrape of n units takes at most
+/// `ceil(n / SCRAPE_PARALLEL) * UNIT_TIMEOUT`.
+const SCRAPE_PARALLEL: usize = 32;
+
+/// A unit to read: (appliance, id, role) and its control socket.
+struct Target {
+    labels: Labels,
+    control: PathBuf,
+}
+
+impl Mgmt {
+    /// The exposition `GET /metrics` serves; `api_requests` counts API answers by status code.
+    pub fn metrics(&self, api_requests: &BTreeMap<u16, u64>) -> String {
+        let mut units_by_state: BTreeMap<(String, &'static str, &'static str), i64> =
+            BTreeMap::new();
+        let mut targets = Vec::new();
+        let appliances;
+        {
+            let all = self.inner.lock();
+            appliances = all.len();
+            for (name, app) in all.iter() {
+                for u in &app.rec.units {
+                    *units_by_state
+                        .entry((name.clone(), u.role.as_str(), state_name(u.state)))
+                        .or_default() += 1;
+                    // The units `units.json` lists: those serving traffic.
+                    if matches!(u.state, UnitState::Ready | UnitState::Draining) {
+                        targets.push(Target {
+                            labels: vec![
+                                ("appliance", name.clone()),
+                                ("unit", u.id.to_string()),
+                                ("role", u.role.as_str().to_string()),
+                            ],
+                            control: crate::reconcile::control_socket(&self.inner, name, u.id),
+                        });
+                    }
+                }
+            }
+        }
+        let stats: Vec<Option<UnitStats>> = targets
+            .chunks(SCRAPE_PARALLEL)
+            .flat_map(|chunk| {
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = chunk
+                        .iter()
+                        .map(|t| s.spawn(|| fetch(&t.control)))
+                        .collect();
+                    // A unit whose thread could not finish counts as not answering.
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().ok().flatten())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+
+        let mut e = Exposition::new();
+        let r = e.registry_mut();
+        let scrape_up = Family::<Labels, Gauge>::default();
+        r.register(
+            "dva_unit_scrape_up",
+            "1 if the unit answered this scrape in time, else 0",
+            scrape_up.clone(),
+        );
+        let appliances_g = Gauge::<i64>::default();
+        r.register(
+            "dva_mgmt_appliances",
+            "Appliances the management tool holds",
+            appliances_g.clone(),
+        );
+        let units = Family::<Labels, Gauge>::default();
+        r.register(
+            "dva_mgmt_units",
+            "Units by appliance, role and state",
+            units.clone(),
+        );
+        let passes = Counter::<u64>::default();
+        r.register(
+            "dva_mgmt_reconcile_passes",
+            "Passes of the reconciler over every appliance",
+            passes.clone(),
+        );
+        let requests = Family::<Labels, Counter>::default();
+        r.register(
+            "dva_mgmt_api_requests",
+            "API requests answered, by HTTP status code",
+            requests.clone(),
+        );
+
+        appliances_g.set(i64::try_from(appliances).unwrap_or(i64::MAX));
+        for ((app, role, state), n) in units_by_state {
+            units
+                .get_or_create(&vec![
+                    ("appliance", app),
+                    ("role", role.to_string()),
+                    ("state", state.to_string()),
+                ])
+                .set(n);
+        }
+        passes.inc_by(self.inner.reconcile_passes.load(Ordering::Relaxed));
+        for (code, n) in api_requests {
+            requests
+                .get_or_create(&vec![("code", code.to_string())])
+                .inc_by(*n);
+        }
+        e.add_process(
+            &vec![("role", "mgmt".to_string())],
+            env!("CARGO_PKG_VERSION"),
+            ProcessStats::read_self().as_ref(),
+        );
+        for (t, s) in targets.iter().zip(&stats) {
+            scrape_up
+                .get_or_create(&t.labels)
+                .set(i64::from(s.is_some()));
+            if let Some(s) = s {
+                e.add_unit(s);
+            }
+        }
+        e.encode()
+    }
+}
+
+fn fetch(control: &std::path::Path) -> Option<UnitStats> {
+    let (status, body) = dva_unit::control::get(control, "/stats", UNIT_TIMEOUT).ok()?;
+    if status != 200 {
+        return None;
+    }
+    serde_json::from_str(&body).ok()
+}
+
+fn state_name(s: UnitState) -> &'static str {
+    match s {
+        UnitState::Starting => "starting",
+        UnitState::Ready => "ready",
+        UnitState::Draining => "draining",
+        UnitState::Stopped => "stopped",
+        UnitState::Failed => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::MgmtOptions;
+
+    /// With no appliance, `/metrics` is the tool's own families, each typed once.
+    #[test]
+    fn own_metrics_without_appliances() {
+        let state = std::env::temp_dir().join(format!("dva-mgmt-metrics-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        let mut opts = MgmtOptions::local(state.clone()).expect("options");
+        opts.run_root = state.join("run");
+        let mgmt = Mgmt::open(opts).expect("open");
+        let text = mgmt.metrics(&[(200, 3), (401, 1)].into_iter().collect());
+        mgmt.shutdown();
+        let _ = std::fs::remove_dir_all(&state);
+        for want in [
+            "# TYPE dva_mgmt_appliances gauge",
+            "dva_mgmt_appliances 0",
+            "# TYPE dva_mgmt_reconcile_passes_total counter",
+            "# TYPE dva_mgmt_api_requests_total counter",
+            "dva_mgmt_api_requests_total{code=\"401\"} 1",
+            "dva_mgmt_api_requests_total{code=\"200\"} 3",
+            "# TYPE process_cpu_seconds_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "missing {want:?} in\n{text}"
+            );
+        }
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("dva_build_info{role=\"mgmt\",version=")),
+            "{text}"
+        );
+        let mut seen = std::collections::HashSet::new();
+        for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            assert!(seen.insert(l), "typed twice: {l}");
+        }
+    }
+}
