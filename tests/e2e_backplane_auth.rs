@@ -151,41 +151,6 @@ fn receiver(ns: String, at: SocketAddr, stop: Arc<AtomicBool>) -> Arc<Mutex<Vec<
     got
 }
 
-fn drops(stats: &[(u32, String, dva_unit::UnitStats)], role: &str, reason: &str) -> u64 {
-    stats
-        .iter()
-        .filter(|(_, r, _)| r == role)
-        .map(|(_, _, s)| s.drops.get(reason).copied().unwrap_or(0))
-        .sum()
-}
-
-fn counter(stats: &[(u32, String, dva_unit::UnitStats)], role: &str, name: &str) -> u64 {
-    stats
-        .iter()
-        .filter(|(_, r, _)| r == role)
-        .map(|(_, _, s)| s.counters.get(name).copied().unwrap_or(0))
-        .sum()
-}
-
-/// Poll the units' stats until `f` holds (stats are published every 100 ms).
-fn wait_stats(
-    app: &Running,
-    what: &str,
-    mut f: impl FnMut(&[(u32, String, dva_unit::UnitStats)]) -> bool,
-) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let s = app.unit_stats();
-        if f(&s) {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("{what}: not seen in the units' stats within 5 s; stats: {s:#?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn forged_and_replayed_backplane_datagrams_never_pass() {
     let _serial = serial();

@@ -4,7 +4,7 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use dva_lab::apps::{self, Iperf3Server, Nginx};
@@ -15,33 +15,6 @@ const CLIENT: &str = "198.18.1.2";
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-fn counter(stats: &[(u32, String, dva_unit::UnitStats)], role: &str, reason: &str) -> u64 {
-    stats
-        .iter()
-        .filter(|(_, r, _)| r == role)
-        .map(|(_, _, s)| s.drops.get(reason).copied().unwrap_or(0))
-        .sum()
-}
-
-/// Poll the units' stats until `f` holds (stats are published every 100 ms).
-fn wait_stats(
-    app: &Running,
-    what: &str,
-    mut f: impl FnMut(&[(u32, String, dva_unit::UnitStats)]) -> bool,
-) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let s = app.unit_stats();
-        if f(&s) {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("{what}: not seen in the units' stats within 5 s; stats: {s:#?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -117,7 +90,7 @@ fn edge_firewall_passes_allowed_traffic_and_blocks_the_rest() {
             let dps: Vec<_> = s.iter().filter(|(_, r, _)| r == "dataplane").collect();
             dps.len() == 2
                 && dps.iter().all(|(_, _, st)| st.rx_packets > 10)
-                && counter(s, "dataplane", "firewall-default-policy") > 0
+                && drops(s, "dataplane", "firewall-default-policy") > 0
         },
     );
     let s = app.unit_stats();
@@ -330,7 +303,7 @@ fn malformed_input_is_counted_and_crashes_nothing() {
     );
 
     wait_stats(&app, "malformed input counted as drops", |s| {
-        let d = |r: &str| counter(s, "dispatcher", r);
+        let d = |r: &str| drops(s, "dispatcher", r);
         let p = |r: &str| {
             s.iter()
                 .filter(|(id, _, _)| *id == dp_id)

@@ -11,7 +11,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use dva_lab::apps;
@@ -194,25 +194,6 @@ fn total(stats: &[(u32, String, dva_unit::UnitStats)], name: &str) -> u64 {
             s.drops.get(name).copied().unwrap_or(0) + s.counters.get(name).copied().unwrap_or(0)
         })
         .sum()
-}
-
-fn wait_stats(
-    app: &Running,
-    what: &str,
-    mut f: impl FnMut(&[(u32, String, dva_unit::UnitStats)]) -> bool,
-) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let s = app.unit_stats();
-        if f(&s) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not seen in 5 s; stats: {s:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

@@ -10,7 +10,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -135,33 +135,6 @@ fn forge(ns: &str, phase: &str) {
     assert!(status.success(), "scapy {phase} in {ns}: {status}");
 }
 
-fn counter(stats: &[(u32, String, dva_unit::UnitStats)], role: &str, reason: &str) -> u64 {
-    stats
-        .iter()
-        .filter(|(_, r, _)| r == role)
-        .map(|(_, _, s)| s.drops.get(reason).copied().unwrap_or(0))
-        .sum()
-}
-
-/// Poll the units' stats until `f` holds (they are published every 100 ms).
-fn wait_stats(
-    app: &Running,
-    what: &str,
-    mut f: impl FnMut(&[(u32, String, dva_unit::UnitStats)]) -> bool,
-) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let s = app.unit_stats();
-        if f(&s) {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("{what}: not seen in the units' stats within 5 s; stats: {s:#?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn forged_and_martian_packets_stop_at_the_appliance() {
     let _serial = serial();
@@ -203,7 +176,7 @@ fn forged_and_martian_packets_stop_at_the_appliance() {
         "UDP with a bad checksum must not reach server1: {seen:?}"
     );
     wait_stats(&app, "hygiene drops by reason", |s| {
-        let d = |r: &str| counter(s, "dispatcher", r);
+        let d = |r: &str| drops(s, "dispatcher", r);
         d("martian-source") >= 5
             && d("own-address-source") >= 2
             && d("bad-l4-checksum") >= 2
@@ -250,6 +223,6 @@ fn forged_and_martian_packets_stop_at_the_appliance() {
         "an error about server2's packet must not reach server1: {seen1:?}"
     );
     wait_stats(&app, "icmp-error-unrelated drop", |s| {
-        counter(s, "dataplane", "icmp-error-unrelated") >= 1
+        drops(s, "dataplane", "icmp-error-unrelated") >= 1
     });
 }

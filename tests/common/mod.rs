@@ -413,3 +413,40 @@ impl Drop for EnvGuard {
         }
     }
 }
+
+/// Units' stats as `Running::unit_stats` reads them: (id, role, stats).
+pub type Stats = [(u32, String, UnitStats)];
+
+/// Drops of `reason`, summed over the units of `role`.
+pub fn drops(stats: &Stats, role: &str, reason: &str) -> u64 {
+    stats
+        .iter()
+        .filter(|(_, r, _)| r == role)
+        .map(|(_, _, s)| s.drops.get(reason).copied().unwrap_or(0))
+        .sum()
+}
+
+/// Counter `name`, summed over the units of `role`.
+pub fn counter(stats: &Stats, role: &str, name: &str) -> u64 {
+    stats
+        .iter()
+        .filter(|(_, r, _)| r == role)
+        .map(|(_, _, s)| s.counters.get(name).copied().unwrap_or(0))
+        .sum()
+}
+
+/// Poll the units' stats until `f` holds (units publish them every 100 ms); panics with the
+/// last stats after 5 s.
+pub fn wait_stats(app: &Running, what: &str, mut f: impl FnMut(&Stats) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = app.unit_stats();
+        if f(&s) {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("{what}: not seen in the units' stats within 5 s; stats: {s:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
