@@ -42,6 +42,9 @@ pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 /// Every route: (method, path template). The router below and the OpenAPI document must agree.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
+    ("HEAD", "/healthz"),
+    ("GET", "/readyz"),
+    ("HEAD", "/readyz"),
     ("GET", "/v1/openapi.json"),
     ("GET", "/metrics"),
     ("GET", "/v1/appliances"),
@@ -667,6 +670,8 @@ fn authorized(head: &Head, token: &str) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Call<'a> {
     Health,
+    /// 200 while the reconciler runs (a pass within the last seconds), else 503.
+    Ready,
     OpenApi,
     /// Prometheus metrics of every unit and of `dva serve` itself.
     Metrics,
@@ -683,7 +688,7 @@ enum Call<'a> {
 impl Call<'_> {
     /// Whether the call needs the bearer token.
     fn guarded(self) -> bool {
-        !matches!(self, Call::Health | Call::OpenApi)
+        !matches!(self, Call::Health | Call::Ready | Call::OpenApi)
     }
     fn has_body(self) -> bool {
         matches!(self, Call::Apply | Call::Put(_) | Call::Scale(_))
@@ -700,7 +705,8 @@ fn route<'a>(method: &str, target: &'a str) -> Result<Call<'a>, Reply> {
         .unwrap_or(path);
     let segments: Vec<&'a str> = path.split('/').skip(1).collect();
     let call = match (method, segments.as_slice()) {
-        ("GET", ["healthz"]) => Call::Health,
+        ("GET" | "HEAD", ["healthz"]) => Call::Health,
+        ("GET" | "HEAD", ["readyz"]) => Call::Ready,
         ("GET", ["v1", "openapi.json"]) => Call::OpenApi,
         ("GET", ["metrics"]) => Call::Metrics,
         ("GET", ["v1", "appliances"]) => Call::List,
@@ -745,18 +751,30 @@ fn matches_template(template: &str, segments: &[&str]) -> bool {
 fn serve_connection(conn: &Active, mut s: TcpStream) {
     let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
     let _ = s.set_nodelay(true);
-    let reply = match answer(&conn.shared, &conn.slot, &mut s) {
+    let mut head_only = false;
+    let reply = match answer(&conn.shared, &conn.slot, &mut s, &mut head_only) {
         Ok(r) | Err(ReadError::Reply(r)) => r,
         Err(ReadError::Closed) => return,
     };
     conn.shared.count(reply.status);
-    let _ = s.write_all(&reply.to_bytes());
+    let mut bytes = reply.to_bytes();
+    if head_only {
+        // HEAD: the GET answer's status and headers (its Content-Length too), no body.
+        bytes.truncate(bytes.len() - reply.body.len());
+    }
+    let _ = s.write_all(&bytes);
     let _ = s.flush();
     linger(s);
 }
 
-fn answer(sh: &Shared, slot: &Slot, s: &mut TcpStream) -> Result<Reply, ReadError> {
+fn answer(
+    sh: &Shared,
+    slot: &Slot,
+    s: &mut TcpStream,
+    head_only: &mut bool,
+) -> Result<Reply, ReadError> {
     let (head, rest) = read_head(s, Deadline::after(HEAD_TIMEOUT, "head"))?;
+    *head_only = head.method == "HEAD";
     // A whole request arrived: from here on the connection is not closed to make room (unless
     // that happened already, and then there is nobody to answer).
     if slot
@@ -795,6 +813,14 @@ fn execute(sh: &Shared, call: Call<'_>, body: &str) -> Reply {
             status: 200,
             content_type: "text/plain",
             body: "ok\n".into(),
+        },
+        Call::Ready => match mgmt.ready() {
+            Ok(()) => Reply {
+                status: 200,
+                content_type: "text/plain",
+                body: "ready\n".into(),
+            },
+            Err(why) => Reply::error(503, "not-ready", why),
         },
         Call::OpenApi => Reply {
             status: 200,

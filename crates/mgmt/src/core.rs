@@ -99,6 +99,8 @@ pub(crate) struct Inner {
     pub provisioner: Box<dyn Provisioner>,
     /// Reconciler passes over every appliance (exported in `/metrics`).
     pub reconcile_passes: AtomicU64,
+    /// When the last pass ended (ms since the epoch): `/readyz` answers from it.
+    pub last_pass_ms: AtomicU64,
 }
 
 impl Inner {
@@ -170,6 +172,7 @@ impl Mgmt {
             stop: AtomicBool::new(false),
             provisioner,
             reconcile_passes: AtomicU64::new(0),
+            last_pass_ms: AtomicU64::new(0),
         });
         reconcile::adopt_all(&inner);
         let handle = {
@@ -281,6 +284,24 @@ impl Mgmt {
     }
 
     /// Stop every unit of the appliance and forget it. Returns once the units are gone.
+    /// Ready to serve: the reconciler has finished a pass lately (it runs every few hundred
+    /// milliseconds; a stuck one — a provisioner that hangs, a lock held too long — fails
+    /// readiness, so a load balancer in front of several replicas skips this one).
+    pub fn ready(&self) -> Result<(), String> {
+        const STALE_MS: u64 = 5_000;
+        let last = self.inner.last_pass_ms.load(Ordering::Relaxed);
+        if last == 0 {
+            return Err("the reconciler has not finished a pass yet".into());
+        }
+        let age = now_ms().saturating_sub(last);
+        if age > STALE_MS {
+            return Err(format!(
+                "the reconciler's last pass ended {age} ms ago (stuck for more than {STALE_MS} ms)"
+            ));
+        }
+        Ok(())
+    }
+
     pub fn delete(&self, name: &str) -> Result<(), ApiError> {
         {
             let mut all = self.inner.lock();

@@ -1027,3 +1027,38 @@ fn the_client_config_file_round_trips_privately() {
     assert!(ClientConfig::load(&path).is_err());
     assert!(ClientConfig::load(&dir.0.join("missing.json")).is_err());
 }
+
+/// `/healthz` and `/readyz` answer without the token, and to HEAD with headers only; `/readyz`
+/// says ready once the reconciler has run, and 503 with the reason after the tool stopped
+/// reconciling.
+#[test]
+fn liveness_readiness_and_head() {
+    let dir = TempDir::new("ready");
+    let api = Api::start(&dir.0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = raw_exchange(api.addr, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
+        if resp.starts_with("HTTP/1.1 200") {
+            assert!(resp.ends_with("ready\n"), "{resp}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready: {resp}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for path in ["/healthz", "/readyz"] {
+        let resp = raw_exchange(
+            api.addr,
+            format!("HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        );
+        let (head, body) = resp.split_once("\r\n\r\n").expect("a head");
+        assert!(head.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(head.contains("Content-Length: "), "{head}");
+        assert_eq!(body, "", "HEAD {path} carries no body");
+    }
+    // The reconciler stops with the tool; the API (still up here) reports not ready.
+    api.mgmt.shutdown();
+    std::thread::sleep(Duration::from_millis(5_200));
+    let resp = raw_exchange(api.addr, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    assert!(resp.contains("not-ready"), "{resp}");
+}
