@@ -516,11 +516,11 @@ impl Conntrack {
         seg: &TcpSegment,
         len: u32,
     ) -> Update {
-        let liberal = self.config.tcp_liberal;
         let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return Update::Invalid;
         };
         let c = &mut e.conn;
+        let liberal = self.config.tcp_liberal || c.tcp_window.is_liberal();
         let outcome = match c.state {
             ConnState::Tcp(s) => match tcp::transition(s, dir, tcp_flags) {
                 Next::Invalid => return Update::Invalid,
@@ -547,6 +547,9 @@ impl Conntrack {
                     };
                     if fits {
                         c.tcp_window = w;
+                        c.tcp_window.synced(dir);
+                    } else if c.tcp_window.is_liberal() {
+                        c.tcp_window.relearn_dir(dir);
                     }
                     // Closing states are not worth a copy: a lost one costs a retransmission.
                     let closing =

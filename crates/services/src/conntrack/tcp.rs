@@ -272,6 +272,15 @@ pub mod peer_flags {
     /// that predates window tracking) windows are taken at the largest shift, 14: too generous
     /// rather than dropping a scaled connection's traffic.
     pub const SYN_SEEN: u8 = 0x08;
+    /// The connection moved here from another data plane (handover, failover) and this
+    /// direction has not yet sent a segment that fits the relearned window: until both
+    /// directions have, the window is learned but not enforced (as the kernel does for a
+    /// connection it picks up mid-stream, `IP_CT_TCP_FLAG_BE_LIBERAL`). A replica's positions
+    /// are as old as its last copy, and the first segments the new owner sees are often
+    /// retransmissions below what the other side already acknowledged through the old owner:
+    /// enforcing the window on the ACKs that follow dropped them and stalled the connection
+    /// (e2e_ha: killing a data plane broke connections).
+    pub const BE_LIBERAL: u8 = 0x10;
 }
 
 /// Window state of a TCP connection, both directions. It moves with the connection (export,
@@ -356,7 +365,27 @@ impl TcpWindow {
         for p in [&mut self.original, &mut self.reply] {
             p.maxwin = 0;
             p.flags &= !peer_flags::MAXACK_SET;
+            p.flags |= peer_flags::BE_LIBERAL;
         }
+    }
+
+    /// Tracked liberally: the connection moved here and has not resynchronised both ways (see
+    /// [`peer_flags::BE_LIBERAL`]).
+    pub fn is_liberal(&self) -> bool {
+        (self.original.flags | self.reply.flags) & peer_flags::BE_LIBERAL != 0
+    }
+
+    /// A moved connection's segment sent `dir` did not fit: learn that direction again from
+    /// its next segment (a replica's stale positions must not keep it out of sync for good).
+    pub fn relearn_dir(&mut self, dir: Direction) {
+        let p = self.split(dir).0;
+        p.maxwin = 0;
+        p.flags &= !peer_flags::MAXACK_SET;
+    }
+
+    /// A segment sent `dir` fitted the window: that direction is in sync again.
+    pub fn synced(&mut self, dir: Direction) {
+        self.split(dir).0.flags &= !peer_flags::BE_LIBERAL;
     }
 
     fn split(&mut self, dir: Direction) -> (&mut TcpPeer, &mut TcpPeer) {

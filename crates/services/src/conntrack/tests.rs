@@ -580,6 +580,51 @@ mod window {
     }
 
     #[test]
+    fn a_moved_entry_takes_retransmissions_and_acks_from_before_the_move() {
+        // Failover: the replica is as old as its last copy. The client's first segment here is a
+        // retransmission far below what the server already acknowledged through the old
+        // owner; the server's ACK of it acknowledges more than this data plane ever saw. Both
+        // must pass (the kernel's mid-stream pickup is liberal too), or the connection stalls.
+        let (a, id) = established(ConntrackConfig::default());
+        let conn = a.get(id).unwrap().clone();
+        let mut t = ct();
+        let id = t.upsert(SEC, conn).unwrap();
+        let (o, r) = (Direction::Original, Direction::Reply);
+        let (cseq, sseq) = (C_ISN + 5_000_000, S_ISN + 5_000_000);
+        let acked = cseq + 200_000;
+        assert_eq!(
+            t.update(SEC, id, o, ACK, &seg(cseq, sseq, 502, 1448), 1500),
+            Update::Tracked,
+            "a retransmission"
+        );
+        assert_eq!(
+            t.update(SEC, id, r, ACK, &seg(sseq, acked, 128, 0), 52),
+            Update::Tracked,
+            "an ACK of data sent through the old owner"
+        );
+        // The client goes on from where the server is; both directions fit again, and the
+        // window holds from then on.
+        assert_eq!(
+            t.update(SEC, id, o, ACK, &seg(acked, sseq, 502, 1448), 1500),
+            Update::Tracked
+        );
+        assert_eq!(
+            t.update(SEC, id, r, ACK, &seg(sseq, acked + 1448, 128, 0), 52),
+            Update::Tracked
+        );
+        assert_eq!(
+            t.update(SEC, id, o, ACK, &seg(acked + 1448, sseq, 502, 1448), 1500),
+            Update::Tracked
+        );
+        assert!(
+            !t.get(id).unwrap().tcp_window.is_liberal(),
+            "in sync both ways"
+        );
+        let far = seg(acked + 2 * 1448 + (1 << 30), sseq, 502, 100);
+        assert_eq!(t.update(SEC, id, o, ACK, &far, 140), Update::OutOfWindow);
+    }
+
+    #[test]
     fn mid_stream_entry_learns_then_checks() {
         // Exported after the handshake, imported elsewhere: positions are relearned from the
         // next segments, the negotiated scale stays.
