@@ -543,6 +543,10 @@ impl Core {
             self.tx.ring_stats().ring_waits,
         );
         counters.insert("replica_flows".into(), self.replica_flows);
+        counters.insert(
+            "conntrack_early_drops".into(),
+            self.fw.conntrack().early_drops(),
+        );
         if let Some(n) = &self.nat {
             let st = n.stats();
             counters.insert("nat_bindings".into(), n.len() as u64);
