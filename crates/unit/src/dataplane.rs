@@ -44,6 +44,13 @@ use crate::reply;
 use crate::stats::{DropCounters, Every, StatsCell, UnitStats};
 
 const BATCH: usize = 64;
+/// Journaled connections copied to backups per loop turn, at most; the rest wait for the next
+/// turns (replication stays off the packet path's critical latency however fast flows change).
+const REPLICATE_BUDGET: usize = 512;
+/// Journaled keys waiting at most; beyond, they are dropped and the refresh walk repairs them.
+const REPLICATE_PENDING_MAX: usize = 1 << 16;
+/// Table slots the refresh walk visits per loop turn.
+const REFRESH_SLOTS: usize = 1024;
 /// Longest punt chain: the bucket history is capped at 4 previous owners, plus the hand-back.
 const MAX_HOPS: u8 = 6;
 
@@ -140,6 +147,12 @@ struct Core {
     census_due: bool,
     /// Connections held only as a backup's copies (at the last census).
     replica_flows: u64,
+    /// Some bucket has a backup other than us: replication has somewhere to go.
+    has_backup: bool,
+    /// Journaled keys not yet copied to backups (see [`REPLICATE_BUDGET`]).
+    replicate_pending: VecDeque<dva_flow::FlowKey>,
+    /// Where the refresh walk over the connection table goes on next turn; `None` between walks.
+    refresh_at: Option<usize>,
     /// The chain's translating stages, when the spec has them.
     nat: Option<Nat>,
     lb: Option<Lb>,
@@ -282,6 +295,9 @@ impl Dataplane {
                 held_bytes: 0,
                 census_due: false,
                 replica_flows: 0,
+                has_backup: false,
+                replicate_pending: VecDeque::new(),
+                refresh_at: None,
                 nat,
                 lb,
                 work: Vec::with_capacity(2048),
@@ -299,8 +315,8 @@ impl Dataplane {
         let mut poller = dva_io::poll::Poller::new(&self.rx.poll_fds());
         let mut publish = Every::new(Duration::from_millis(100));
         let mut census = Every::new(Duration::from_millis(250));
-        // Backups' copies are refreshed in full now and then, so a quiet flow's copy does not
-        // time out at the backup while the flow lives here.
+        // Backups' copies are refreshed now and then (a walk over the table, a slice per turn), so
+        // a quiet flow's copy does not time out at the backup while the flow lives here.
         let mut replica_refresh = Every::new(Duration::from_secs(1));
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
@@ -342,8 +358,10 @@ impl Dataplane {
                 .rx
                 .recv_batch(BATCH, |buf, from| core.on_packet(buf, from))
                 .unwrap_or(0);
-            let refresh = replica_refresh.due(now);
-            core.replicate(refresh);
+            if replica_refresh.due(now) && core.refresh_at.is_none() && core.has_backup {
+                core.refresh_at = Some(0);
+            }
+            core.replicate();
             let _ = core.tx.flush();
             // Bounded expiry work per turn keeps the loop's latency flat however many flows time out.
             core.fw.expire(core.now_ns, 256);
@@ -411,9 +429,15 @@ impl Core {
         let (nat, lb) = stages_for(&cfg, self.nat.take(), self.lb.take());
         self.nat = nat;
         self.lb = lb;
+        // Only a real backup makes replication worth any work (one data plane alone has none).
+        self.has_backup = cfg.backups.iter().any(|&b| b != 0 && b != cfg.unit);
         self.fw
             .conntrack_mut()
-            .set_journal(!cfg.backups.is_empty() && !cfg.export);
+            .set_journal(self.has_backup && !cfg.export);
+        if !self.has_backup || cfg.export {
+            self.replicate_pending.clear();
+            self.refresh_at = None;
+        }
         let purge: Vec<u16> = if cfg.backups.is_empty() {
             Vec::new()
         } else {
@@ -794,40 +818,45 @@ impl Core {
         b.owner != me && !b.history.contains(&me)
     }
 
-    /// Send the backup of each bucket copies of the connections created or changed here since the
-    /// last call (per batch; per-packet counters are not replicated).
-    fn replicate(&mut self, refresh_all: bool) {
-        if self.cfg.backups.is_empty() {
+    /// Send the backup of each bucket copies of the connections created or changed here (the
+    /// journal: no half-open ones), at most [`REPLICATE_BUDGET`] a turn, and of the next slice of
+    /// the refresh walk when one is under way. Per-packet counters are not replicated.
+    fn replicate(&mut self) {
+        if !self.has_backup {
             return;
         }
-        let keys: Vec<dva_flow::FlowKey> = if refresh_all {
-            // The open connections (not the closing ones: losing those costs nothing), so a lost
-            // replication datagram or a quiet flow's timeout at the backup is repaired within a
-            // refresh period.
+        let journal = self.fw.conntrack_mut().take_journal();
+        let room = REPLICATE_PENDING_MAX.saturating_sub(self.replicate_pending.len());
+        self.replicate_pending
+            .extend(journal.into_iter().take(room));
+        let n = self.replicate_pending.len().min(REPLICATE_BUDGET);
+        let mut keys: Vec<dva_flow::FlowKey> = self.replicate_pending.drain(..n).collect();
+        let mut walk_done = false;
+        if let Some(at) = self.refresh_at {
+            // The open connections (not the closing ones, nor the half-open ones: losing those
+            // costs a retransmission), so a lost replication datagram or a quiet flow's timeout at
+            // the backup is repaired within a walk.
             const RECENT_NS: u64 = 30_000_000_000;
             let now = self.now_ns;
-            let mut keys = self.fw.conntrack_mut().take_journal();
+            let (conns, next) = self.fw.conntrack().slice(at, REFRESH_SLOTS);
             keys.extend(
-                self.fw
-                    .conntrack()
-                    .iter()
-                    .filter(|c| match c.state {
-                        ConnState::Tcp(s) => !matches!(
-                            s,
-                            TcpState::None
-                                | TcpState::LastAck
-                                | TcpState::TimeWait
-                                | TcpState::Close
-                        ),
-                        _ => now.saturating_sub(c.last_seen) < RECENT_NS,
+                conns
+                    .filter(|c| {
+                        !c.state.half_open()
+                            && match c.state {
+                                ConnState::Tcp(s) => !matches!(
+                                    s,
+                                    TcpState::LastAck | TcpState::TimeWait | TcpState::Close
+                                ),
+                                _ => now.saturating_sub(c.last_seen) < RECENT_NS,
+                            }
                     })
                     .map(|c| c.key),
             );
-            keys
-        } else {
-            self.fw.conntrack_mut().take_journal()
-        };
-        if keys.is_empty() {
+            self.refresh_at = (next != 0).then_some(next);
+            walk_done = next == 0;
+        }
+        if keys.is_empty() && !walk_done {
             return;
         }
         let me = self.cfg.unit;
@@ -850,7 +879,10 @@ impl Core {
             let Some(c) = self.fw.conntrack().find(&k) else {
                 continue;
             };
-            if !seen.insert(c.key.canonical().0) || self.is_replica_bucket(c.bucket) {
+            if c.state.half_open()
+                || !seen.insert(c.key.canonical().0)
+                || self.is_replica_bucket(c.bucket)
+            {
                 continue;
             }
             let Some(target) = target_of(&self.cfg, c.bucket) else {
@@ -861,9 +893,6 @@ impl Core {
             entry.conns.push(c);
             // The flow's translation goes with it (found by the tuple the firewall saw, which
             // is the one the translating stages saw first when the firewall comes first).
-            if refresh_all {
-                continue; // all bindings are added below
-            }
             if let Some((b, _)) = self.nat.as_mut().and_then(|n| n.binding_of(now, &key)) {
                 entry.nat.push(b.clone());
             }
@@ -871,9 +900,10 @@ impl Core {
                 entry.lb.push(b.clone());
             }
         }
-        if refresh_all {
+        if walk_done {
             // Every binding, whatever chain order produced it (a NAT before the firewall keys
-            // its conntrack entries by translated tuples, which the lookups above miss).
+            // its conntrack entries by translated tuples, which the lookups above miss). Once a
+            // walk, and only in chains with translating stages.
             let nat: Vec<_> = self
                 .nat
                 .as_ref()
