@@ -217,6 +217,12 @@ fn stages_for(
 }
 
 /// The dispatchers, which send to us through rings on this machine.
+/// Whether some bucket has a backup other than this data plane: only then is replication worth
+/// any work (one data plane alone has none).
+fn has_backup(cfg: &DataplaneConfig) -> bool {
+    cfg.backups.iter().any(|&b| b != 0 && b != cfg.unit)
+}
+
 fn ring_peers(cfg: &DataplaneConfig) -> Vec<(UnitId, SocketAddr)> {
     cfg.dispatchers.iter().map(|d| (d.id, d.addr)).collect()
 }
@@ -264,7 +270,9 @@ impl Dataplane {
             tcp_liberal: cfg.tcp_liberal,
             ..Default::default()
         };
-        let fw = Firewall::new(cfg.firewall.clone(), limits);
+        let mut fw = Firewall::new(cfg.firewall.clone(), limits);
+        let has_backup = has_backup(&cfg);
+        fw.conntrack_mut().set_journal(has_backup && !cfg.export);
         let (nat, lb) = stages_for(&cfg, None, None);
         let peers = peers_of(&cfg);
         Ok(Dataplane {
@@ -295,7 +303,7 @@ impl Dataplane {
                 held_bytes: 0,
                 census_due: false,
                 replica_flows: 0,
-                has_backup: false,
+                has_backup,
                 replicate_pending: VecDeque::new(),
                 refresh_at: None,
                 nat,
@@ -429,8 +437,7 @@ impl Core {
         let (nat, lb) = stages_for(&cfg, self.nat.take(), self.lb.take());
         self.nat = nat;
         self.lb = lb;
-        // Only a real backup makes replication worth any work (one data plane alone has none).
-        self.has_backup = cfg.backups.iter().any(|&b| b != 0 && b != cfg.unit);
+        self.has_backup = has_backup(&cfg);
         self.fw
             .conntrack_mut()
             .set_journal(self.has_backup && !cfg.export);
