@@ -51,6 +51,8 @@ const REPLICATE_BUDGET: usize = 512;
 const REPLICATE_PENDING_MAX: usize = 1 << 16;
 /// Table slots the refresh walk visits per loop turn.
 const REFRESH_SLOTS: usize = 1024;
+/// Table slots the census visits per loop turn (it only reads them).
+const CENSUS_SLOTS: usize = 16_384;
 /// Longest punt chain: the bucket history is capped at 4 previous owners, plus the hand-back.
 const MAX_HOPS: u8 = 6;
 
@@ -147,6 +149,8 @@ struct Core {
     census_due: bool,
     /// Connections held only as a backup's copies (at the last census).
     replica_flows: u64,
+    /// The census under way: where it goes on next turn and `(active, replicas)` so far.
+    census_at: Option<(usize, u64, u64)>,
     /// Some bucket has a backup other than us: replication has somewhere to go.
     has_backup: bool,
     /// Journaled keys not yet copied to backups (see [`REPLICATE_BUDGET`]).
@@ -303,6 +307,7 @@ impl Dataplane {
                 held_bytes: 0,
                 census_due: false,
                 replica_flows: 0,
+                census_at: None,
                 has_backup,
                 replicate_pending: VecDeque::new(),
                 refresh_at: None,
@@ -356,8 +361,14 @@ impl Dataplane {
                 let _ = u.reply.send(result);
             }
             let core = &mut self.core;
-            if census.due(now) || std::mem::take(&mut core.census_due) {
-                core.census();
+            if std::mem::take(&mut core.census_due) {
+                core.census_at = Some((0, 0, 0));
+                core.census(usize::MAX);
+            } else {
+                if census.due(now) && core.census_at.is_none() {
+                    core.census_at = Some((0, 0, 0));
+                }
+                core.census(CENSUS_SLOTS);
             }
             core.now_ns = now.duration_since(core.epoch_start).as_nanos() as u64;
             core.now = now;
@@ -489,13 +500,16 @@ impl Core {
     }
 
     /// Count open connections, in total and per bucket (for the manager's history retirement and
-    /// for draining). A pass over the table, so it runs a few times a second, not per packet.
-    fn census(&mut self) {
+    /// for draining): the next `max_slots` slots of a walk over the table (a few walks a second,
+    /// in slices so a large table never stalls a turn), published when the walk ends.
+    fn census(&mut self, max_slots: usize) {
         const RECENT_NS: u64 = 10_000_000_000;
+        let Some((at, mut active, mut replicas)) = self.census_at else {
+            return;
+        };
         let now = self.now_ns;
-        let mut active = 0;
-        let mut replicas = 0;
-        for c in self.fw.conntrack().iter() {
+        let (conns, next) = self.fw.conntrack().slice(at, max_slots);
+        for c in conns {
             if self.is_replica_bucket(c.bucket) {
                 replicas += 1;
                 continue;
@@ -519,6 +533,11 @@ impl Core {
             };
             active += u64::from(open);
         }
+        if next != 0 {
+            self.census_at = Some((next, active, replicas));
+            return;
+        }
+        self.census_at = None;
         self.active_flows = active;
         self.replica_flows = replicas;
         let per_bucket: Vec<(u16, u32)> = self.fw.flows_per_bucket().collect();
