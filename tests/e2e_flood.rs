@@ -149,7 +149,8 @@ fn flood_scenario(prefix: &str, spec: &std::path::Path, syns: usize, pps: usize)
     std::thread::sleep(Duration::from_secs(1));
     let flood = syn_flood(&lab, syns, pps, 0x9e37_79b9_7f4a_7c15);
     std::thread::sleep(Duration::from_secs_f64((flood_secs / 2.0).min(2.0)));
-    let during = new_connection_works(&client, 5);
+    // 2 s: one lost SYN may be retransmitted, a frozen data plane (seconds) fails it.
+    let during = new_connection_works(&client, 2);
     let sent = flood.join().expect("flood thread");
     // Right after the flood: a new connection must not wait for the flood's entries to time out.
     let after = new_connection_works(&client, 1);
@@ -160,7 +161,7 @@ fn flood_scenario(prefix: &str, spec: &std::path::Path, syns: usize, pps: usize)
         "{prefix}: {sent} SYNs in {flood_secs:.1} s; new connection during: {during:?}, \
          after: {after:?}; early drops {}, table-full drops {}, replicated out {}",
         early_drops,
-        dataplane_counter(&app, "table-full"),
+        dataplane_counter(&app, "conntrack-table-full"),
         dataplane_counter(&app, "flows_replicated_out"),
     );
     for (id, role, st) in app.unit_stats() {

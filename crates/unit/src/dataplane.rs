@@ -224,7 +224,11 @@ fn stages_for(
 /// Whether some bucket has a backup other than this data plane: only then is replication worth
 /// any work (one data plane alone has none).
 fn has_backup(cfg: &DataplaneConfig) -> bool {
-    cfg.backups.iter().any(|&b| b != 0 && b != cfg.unit)
+    backs_up_to_another(&cfg.backups, cfg.unit)
+}
+
+fn backs_up_to_another(backups: &[UnitId], me: UnitId) -> bool {
+    backups.iter().any(|&b| b != 0 && b != me)
 }
 
 fn ring_peers(cfg: &DataplaneConfig) -> Vec<(UnitId, SocketAddr)> {
@@ -1385,6 +1389,17 @@ mod tests {
     use crate::reply;
 
     const SYN: u8 = 0x02;
+
+    #[test]
+    fn one_data_plane_alone_replicates_nothing() {
+        use super::backs_up_to_another;
+        let alone = dva_flow::BucketTable::maglev(64, &[7]).expect("table");
+        assert!(!backs_up_to_another(&alone.backups(), 7));
+        assert!(!backs_up_to_another(&[0, 0, 7], 7), "no backup, or only us");
+        let pair = dva_flow::BucketTable::maglev(64, &[7, 8]).expect("table");
+        assert!(backs_up_to_another(&pair.backups(), 7));
+        assert!(backs_up_to_another(&pair.backups(), 8));
+    }
 
     fn verdict(fw: &mut Firewall, ip: &[u8]) -> Verdict {
         let c = classify(ip).expect("classify");
