@@ -722,7 +722,7 @@ impl Core {
     /// state and its end marker from a previous owner of a bucket we own, the marker's answer
     /// from the owner of a bucket we export, copies from a bucket's owner or previous owner.
     fn on_handover(&mut self, body: &[u8], sender: UnitId) {
-        let Ok(msg) = serde_json::from_slice::<Handover>(body) else {
+        let Some(msg) = handover::decode(body) else {
             return self.drops.inc(dr::MALFORMED_HANDOVER);
         };
         let me = self.cfg.unit;
