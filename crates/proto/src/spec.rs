@@ -465,7 +465,9 @@ pub struct FirewallSpec {
     pub default: ActionSpec,
     #[serde(default)]
     pub rules: Vec<RuleSpec>,
-    /// Most connections tracked per data plane; new ones past it are dropped and counted.
+    /// Most connections a data plane tracks of its own (backup copies have a cap of their own);
+    /// at the cap a new one evicts a half-open one (early drop), or is dropped and counted if
+    /// none is found.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
     /// TCP window tracking: `strict` (the default) drops segments of a tracked connection that

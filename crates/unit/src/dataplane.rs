@@ -44,6 +44,15 @@ use crate::reply;
 use crate::stats::{DropCounters, Every, StatsCell, UnitStats};
 
 const BATCH: usize = 64;
+/// Journaled connections copied to backups per loop turn, at most; the rest wait for the next
+/// turns (replication stays off the packet path's critical latency however fast flows change).
+const REPLICATE_BUDGET: usize = 512;
+/// Journaled keys waiting at most; beyond, they are dropped and the refresh walk repairs them.
+const REPLICATE_PENDING_MAX: usize = 1 << 16;
+/// Table slots the refresh walk visits per loop turn.
+const REFRESH_SLOTS: usize = 1024;
+/// Table slots the census visits per loop turn (it only reads them).
+const CENSUS_SLOTS: usize = 16_384;
 /// Longest punt chain: the bucket history is capped at 4 previous owners, plus the hand-back.
 const MAX_HOPS: u8 = 6;
 
@@ -147,6 +156,14 @@ struct Core {
     census_due: bool,
     /// Connections held only as a backup's copies (at the last census).
     replica_flows: u64,
+    /// The census under way: where it goes on next turn and `(active, replicas)` so far.
+    census_at: Option<(usize, u64, u64)>,
+    /// Some bucket has a backup other than us: replication has somewhere to go.
+    has_backup: bool,
+    /// Journaled keys not yet copied to backups (see [`REPLICATE_BUDGET`]).
+    replicate_pending: VecDeque<dva_flow::FlowKey>,
+    /// Where the refresh walk over the connection table goes on next turn; `None` between walks.
+    refresh_at: Option<usize>,
     /// The chain's translating stages, when the spec has them.
     nat: Option<Nat>,
     lb: Option<Lb>,
@@ -211,6 +228,16 @@ fn stages_for(
 }
 
 /// The dispatchers, which send to us through rings on this machine.
+/// Whether some bucket has a backup other than this data plane: only then is replication worth
+/// any work (one data plane alone has none).
+fn has_backup(cfg: &DataplaneConfig) -> bool {
+    backs_up_to_another(&cfg.backups, cfg.unit)
+}
+
+fn backs_up_to_another(backups: &[UnitId], me: UnitId) -> bool {
+    backups.iter().any(|&b| b != 0 && b != me)
+}
+
 fn ring_peers(cfg: &DataplaneConfig) -> Vec<(UnitId, SocketAddr)> {
     cfg.dispatchers.iter().map(|d| (d.id, d.addr)).collect()
 }
@@ -258,7 +285,9 @@ impl Dataplane {
             tcp_liberal: cfg.tcp_liberal,
             ..Default::default()
         };
-        let fw = Firewall::new(cfg.firewall.clone(), limits);
+        let mut fw = Firewall::new(cfg.firewall.clone(), limits);
+        let has_backup = has_backup(&cfg);
+        fw.conntrack_mut().set_journal(has_backup && !cfg.export);
         let (nat, lb) = stages_for(&cfg, None, None);
         let peers = peers_of(&cfg);
         Ok(Dataplane {
@@ -290,6 +319,10 @@ impl Dataplane {
                 held_bytes: 0,
                 census_due: false,
                 replica_flows: 0,
+                census_at: None,
+                has_backup,
+                replicate_pending: VecDeque::new(),
+                refresh_at: None,
                 nat,
                 lb,
                 work: Vec::with_capacity(2048),
@@ -307,8 +340,8 @@ impl Dataplane {
         let mut poller = dva_io::poll::Poller::new(&self.rx.poll_fds());
         let mut publish = Every::new(Duration::from_millis(100));
         let mut census = Every::new(Duration::from_millis(250));
-        // Backups' copies are refreshed in full now and then, so a quiet flow's copy does not
-        // time out at the backup while the flow lives here.
+        // Backups' copies are refreshed now and then (a walk over the table, a slice per turn), so
+        // a quiet flow's copy does not time out at the backup while the flow lives here.
         let mut replica_refresh = Every::new(Duration::from_secs(1));
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
@@ -340,8 +373,14 @@ impl Dataplane {
                 let _ = u.reply.send(result);
             }
             let core = &mut self.core;
-            if census.due(now) || std::mem::take(&mut core.census_due) {
-                core.census();
+            if std::mem::take(&mut core.census_due) {
+                core.census_at = Some((0, 0, 0));
+                core.census(usize::MAX);
+            } else {
+                if census.due(now) && core.census_at.is_none() {
+                    core.census_at = Some((0, 0, 0));
+                }
+                core.census(CENSUS_SLOTS);
             }
             core.now_ns = now.duration_since(core.epoch_start).as_nanos() as u64;
             core.now = now;
@@ -350,8 +389,10 @@ impl Dataplane {
                 .rx
                 .recv_batch(BATCH, |buf, from| core.on_packet(buf, from))
                 .unwrap_or(0);
-            let refresh = replica_refresh.due(now);
-            core.replicate(refresh);
+            if replica_refresh.due(now) && core.refresh_at.is_none() && core.has_backup {
+                core.refresh_at = Some(0);
+            }
+            core.replicate();
             let _ = core.tx.flush();
             // Bounded expiry work per turn keeps the loop's latency flat however many flows time out.
             core.fw.expire(core.now_ns, 256);
@@ -419,9 +460,14 @@ impl Core {
         let (nat, lb) = stages_for(&cfg, self.nat.take(), self.lb.take());
         self.nat = nat;
         self.lb = lb;
+        self.has_backup = has_backup(&cfg);
         self.fw
             .conntrack_mut()
-            .set_journal(!cfg.backups.is_empty() && !cfg.export);
+            .set_journal(self.has_backup && !cfg.export);
+        if !self.has_backup || cfg.export {
+            self.replicate_pending.clear();
+            self.refresh_at = None;
+        }
         let purge: Vec<u16> = if cfg.backups.is_empty() {
             Vec::new()
         } else {
@@ -466,13 +512,16 @@ impl Core {
     }
 
     /// Count open connections, in total and per bucket (for the manager's history retirement and
-    /// for draining). A pass over the table, so it runs a few times a second, not per packet.
-    fn census(&mut self) {
+    /// for draining): the next `max_slots` slots of a walk over the table (a few walks a second,
+    /// in slices so a large table never stalls a turn), published when the walk ends.
+    fn census(&mut self, max_slots: usize) {
         const RECENT_NS: u64 = 10_000_000_000;
+        let Some((at, mut active, mut replicas)) = self.census_at else {
+            return;
+        };
         let now = self.now_ns;
-        let mut active = 0;
-        let mut replicas = 0;
-        for c in self.fw.conntrack().iter() {
+        let (conns, next) = self.fw.conntrack().slice(at, max_slots);
+        for c in conns {
             if self.is_replica_bucket(c.bucket) {
                 replicas += 1;
                 continue;
@@ -496,6 +545,11 @@ impl Core {
             };
             active += u64::from(open);
         }
+        if next != 0 {
+            self.census_at = Some((next, active, replicas));
+            return;
+        }
+        self.census_at = None;
         self.active_flows = active;
         self.replica_flows = replicas;
         let per_bucket: Vec<(u16, u32)> = self.fw.flows_per_bucket().collect();
@@ -551,6 +605,10 @@ impl Core {
             self.tx.ring_stats().ring_waits,
         );
         counters.insert("replica_flows".into(), self.replica_flows);
+        counters.insert(
+            "conntrack_early_drops".into(),
+            self.fw.conntrack().early_drops(),
+        );
         if let Some(n) = &self.nat {
             let st = n.stats();
             counters.insert("nat_bindings".into(), n.len() as u64);
@@ -696,7 +754,7 @@ impl Core {
     /// state and its end marker from a previous owner of a bucket we own, the marker's answer
     /// from the owner of a bucket we export, copies from a bucket's owner or previous owner.
     fn on_handover(&mut self, body: &[u8], sender: UnitId) {
-        let Ok(msg) = serde_json::from_slice::<Handover>(body) else {
+        let Some(msg) = handover::decode(body) else {
             return self.drops.inc(dr::MALFORMED_HANDOVER);
         };
         let me = self.cfg.unit;
@@ -822,40 +880,45 @@ impl Core {
         b.owner != me && !b.history.contains(&me)
     }
 
-    /// Send the backup of each bucket copies of the connections created or changed here since the
-    /// last call (per batch; per-packet counters are not replicated).
-    fn replicate(&mut self, refresh_all: bool) {
-        if self.cfg.backups.is_empty() {
+    /// Send the backup of each bucket copies of the connections created or changed here (the
+    /// journal: no half-open ones), at most [`REPLICATE_BUDGET`] a turn, and of the next slice of
+    /// the refresh walk when one is under way. Per-packet counters are not replicated.
+    fn replicate(&mut self) {
+        if !self.has_backup {
             return;
         }
-        let keys: Vec<dva_flow::FlowKey> = if refresh_all {
-            // The open connections (not the closing ones: losing those costs nothing), so a lost
-            // replication datagram or a quiet flow's timeout at the backup is repaired within a
-            // refresh period.
+        let journal = self.fw.conntrack_mut().take_journal();
+        let room = REPLICATE_PENDING_MAX.saturating_sub(self.replicate_pending.len());
+        self.replicate_pending
+            .extend(journal.into_iter().take(room));
+        let n = self.replicate_pending.len().min(REPLICATE_BUDGET);
+        let mut keys: Vec<dva_flow::FlowKey> = self.replicate_pending.drain(..n).collect();
+        let mut walk_done = false;
+        if let Some(at) = self.refresh_at {
+            // The open connections (not the closing ones, nor the half-open ones: losing those
+            // costs a retransmission), so a lost replication datagram or a quiet flow's timeout at
+            // the backup is repaired within a walk.
             const RECENT_NS: u64 = 30_000_000_000;
             let now = self.now_ns;
-            let mut keys = self.fw.conntrack_mut().take_journal();
+            let (conns, next) = self.fw.conntrack().slice(at, REFRESH_SLOTS);
             keys.extend(
-                self.fw
-                    .conntrack()
-                    .iter()
-                    .filter(|c| match c.state {
-                        ConnState::Tcp(s) => !matches!(
-                            s,
-                            TcpState::None
-                                | TcpState::LastAck
-                                | TcpState::TimeWait
-                                | TcpState::Close
-                        ),
-                        _ => now.saturating_sub(c.last_seen) < RECENT_NS,
+                conns
+                    .filter(|c| {
+                        !c.state.half_open()
+                            && match c.state {
+                                ConnState::Tcp(s) => !matches!(
+                                    s,
+                                    TcpState::LastAck | TcpState::TimeWait | TcpState::Close
+                                ),
+                                _ => now.saturating_sub(c.last_seen) < RECENT_NS,
+                            }
                     })
                     .map(|c| c.key),
             );
-            keys
-        } else {
-            self.fw.conntrack_mut().take_journal()
-        };
-        if keys.is_empty() {
+            self.refresh_at = (next != 0).then_some(next);
+            walk_done = next == 0;
+        }
+        if keys.is_empty() && !walk_done {
             return;
         }
         let me = self.cfg.unit;
@@ -878,7 +941,10 @@ impl Core {
             let Some(c) = self.fw.conntrack().find(&k) else {
                 continue;
             };
-            if !seen.insert(c.key.canonical().0) || self.is_replica_bucket(c.bucket) {
+            if c.state.half_open()
+                || !seen.insert(c.key.canonical().0)
+                || self.is_replica_bucket(c.bucket)
+            {
                 continue;
             }
             let Some(target) = target_of(&self.cfg, c.bucket) else {
@@ -889,9 +955,6 @@ impl Core {
             entry.conns.push(c);
             // The flow's translation goes with it (found by the tuple the firewall saw, which
             // is the one the translating stages saw first when the firewall comes first).
-            if refresh_all {
-                continue; // all bindings are added below
-            }
             if let Some((b, _)) = self.nat.as_mut().and_then(|n| n.binding_of(now, &key)) {
                 entry.nat.push(b.clone());
             }
@@ -899,9 +962,10 @@ impl Core {
                 entry.lb.push(b.clone());
             }
         }
-        if refresh_all {
+        if walk_done {
             // Every binding, whatever chain order produced it (a NAT before the firewall keys
-            // its conntrack entries by translated tuples, which the lookups above miss).
+            // its conntrack entries by translated tuples, which the lookups above miss). Once a
+            // walk, and only in chains with translating stages.
             let nat: Vec<_> = self
                 .nat
                 .as_ref()
@@ -1361,6 +1425,17 @@ mod tests {
     use crate::reply;
 
     const SYN: u8 = 0x02;
+
+    #[test]
+    fn one_data_plane_alone_replicates_nothing() {
+        use super::backs_up_to_another;
+        let alone = dva_flow::BucketTable::maglev(64, &[7]).expect("table");
+        assert!(!backs_up_to_another(&alone.backups(), 7));
+        assert!(!backs_up_to_another(&[0, 0, 7], 7), "no backup, or only us");
+        let pair = dva_flow::BucketTable::maglev(64, &[7, 8]).expect("table");
+        assert!(backs_up_to_another(&pair.backups(), 7));
+        assert!(backs_up_to_another(&pair.backups(), 8));
+    }
 
     fn verdict(fw: &mut Firewall, ip: &[u8]) -> Verdict {
         let c = classify(ip).expect("classify");

@@ -13,7 +13,10 @@
 //!    after [`HOLD_LIMIT`].
 //!
 //! Messages travel as GENEVE with protocol type [`PROTO_HANDOVER`] and a JSON body: rare control
-//! traffic, readable in a capture.
+//! traffic, readable in a capture. The exception is `Replicate`, sent for every change of every
+//! replicated flow: a compact versioned binary body ([`binary`]). [`decode`] takes either.
+
+pub mod binary;
 
 use std::time::Duration;
 
@@ -130,24 +133,24 @@ pub enum Handover {
     },
 }
 
-/// `Replicate` bodies of at most [`MAX_BODY`] bytes.
+/// `Replicate` bodies of at most [`MAX_BODY`] bytes, in the binary encoding.
 pub fn replicate_bodies(from: UnitId, flows: Flows) -> Vec<Vec<u8>> {
-    if flows.is_empty() {
-        return Vec::new();
+    binary::replicate_bodies(from, &flows, MAX_BODY)
+}
+
+/// A handover message from its body: binary (`Replicate`) or JSON (any, including a `Replicate`
+/// from a peer that predates the binary encoding). `None` if it is neither.
+pub fn decode(body: &[u8]) -> Option<Handover> {
+    if body.first() == Some(&binary::MAGIC) {
+        let (from, f) = binary::decode_replicate(body)?;
+        return Some(Handover::Replicate {
+            from,
+            conns: f.conns,
+            nat: f.nat,
+            lb: f.lb,
+        });
     }
-    flows
-        .split()
-        .into_iter()
-        .map(|f| {
-            serde_json::to_vec(&Handover::Replicate {
-                from,
-                conns: f.conns,
-                nat: f.nat,
-                lb: f.lb,
-            })
-            .unwrap_or_default()
-        })
-        .collect()
+    serde_json::from_slice(body).ok()
 }
 
 /// Split a bucket's flows into `State` bodies of at most [`MAX_BODY`] bytes, the last one marked
@@ -233,5 +236,28 @@ mod tests {
         // An empty bucket still gets its (last) message, so the receiver can answer.
         assert_eq!(state_bodies(3, 7, Flows::default()).len(), 1);
         assert!(replicate_bodies(3, Flows::default()).is_empty());
+    }
+
+    #[test]
+    fn decode_takes_binary_replicate_and_json_messages() {
+        let flows = Flows {
+            conns: (0..3).map(conn).collect(),
+            ..Default::default()
+        };
+        let bin = replicate_bodies(4, flows.clone());
+        assert_eq!(bin.len(), 1);
+        let msg = Handover::Replicate {
+            from: 4,
+            conns: flows.conns,
+            nat: Vec::new(),
+            lb: Vec::new(),
+        };
+        assert_eq!(decode(&bin[0]), Some(msg.clone()));
+        // An older peer's JSON Replicate, and the JSON control messages.
+        assert_eq!(decode(&serde_json::to_vec(&msg).unwrap()), Some(msg));
+        let done = Handover::Done { from: 2, bucket: 9 };
+        assert_eq!(decode(&serde_json::to_vec(&done).unwrap()), Some(done));
+        assert_eq!(decode(b"\xd1garbage"), None);
+        assert_eq!(decode(b""), None);
     }
 }

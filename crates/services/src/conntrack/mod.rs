@@ -9,6 +9,14 @@
 //!   past its deadline is gone as far as packets can tell) and lazy for memory: [`Conntrack::expire`]
 //!   frees due entries in slices of caller-chosen size.
 //!
+//! - Table pressure, as Linux's `early_drop` and better: a data plane's own connections are capped
+//!   at `max_entries`; at the cap a new connection evicts a half-open one (TCP before ESTABLISHED,
+//!   UDP/ICMP/other without a reply) found among a bounded number of the oldest expiry records,
+//!   and is refused only if none is found. Above [`PRESSURE_PERCENT`] of the cap, new half-open
+//!   entries get a short timeout ([`Timeouts::half_open_pressure`]). Replicas (copies of another
+//!   data plane's connections, see [`Conntrack::upsert`]) have a cap of their own, so backing up a
+//!   peer never takes room from the connections this data plane serves.
+//!
 //! How expiry stays O(1): there is one FIFO per timeout class (a TCP state, UDP replied/unreplied,
 //! ...). Every record pushed to a FIFO has deadline `now + that class's timeout`, and `now` only
 //! grows, so each FIFO is sorted by construction and only its front can be due. A packet that
@@ -51,6 +59,9 @@ pub struct Timeouts {
     pub icmp: u64,
     /// Any other IP protocol.
     pub generic: u64,
+    /// Half-open entries (see [`ConnState::half_open`]) created or moved while the table is
+    /// above [`PRESSURE_PERCENT`] of its cap get this timeout instead of their state's.
+    pub half_open_pressure: u64,
 }
 
 impl Default for Timeouts {
@@ -68,6 +79,7 @@ impl Default for Timeouts {
             udp_replied: 180,
             icmp: 30,
             generic: 600,
+            half_open_pressure: 5,
         }
     }
 }
@@ -91,6 +103,7 @@ impl Timeouts {
             s(self.udp_replied),
             s(self.icmp),
             s(self.generic),
+            s(self.half_open_pressure),
         ]
     }
 }
@@ -98,10 +111,19 @@ impl Timeouts {
 /// Default cap on tracked connections.
 pub const DEFAULT_MAX_ENTRIES: usize = 1_048_576;
 
+/// Above this share of `max_entries` (own connections), new half-open entries get the short
+/// [`Timeouts::half_open_pressure`] timeout.
+pub const PRESSURE_PERCENT: usize = 90;
+
+/// Expiry records an early drop looks at, at most, to find a half-open entry to evict (Linux's
+/// `early_drop` scans a bounded part of a hash chain likewise).
+pub const EARLY_DROP_SCAN: usize = 64;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConntrackConfig {
-    /// New connections beyond this many are refused (`TableFull`).
+    /// Own connections at most; beyond, a new one evicts a half-open entry or is refused
+    /// (`TableFull`). Replicas have a cap of the same size, apart.
     pub max_entries: usize,
     pub timeouts: Timeouts,
     /// Skip the TCP window check (Linux `nf_conntrack_tcp_be_liberal`): out-of-window segments
@@ -147,7 +169,13 @@ pub enum ConnState {
     },
 }
 
-const N_CLASSES: usize = 14;
+const N_CLASSES: usize = 15;
+/// Timeout class of half-open entries made under pressure (a FIFO of its own: every record in
+/// it has deadline `now + half_open_pressure`, so it stays sorted).
+const PRESSURE_CLASS: usize = 14;
+/// Classes whose records may point at half-open entries, most likely first: where early drop
+/// looks for a victim.
+const EARLY_DROP_CLASSES: [usize; 7] = [PRESSURE_CLASS, 1, 2, 9, 10, 12, 13];
 
 impl ConnState {
     /// The state a connection starts in, for the protocol of `key` and its first packet's flags;
@@ -172,6 +200,21 @@ impl ConnState {
             ConnState::Udp { replied: true } => 11,
             ConnState::Icmp { .. } => 12,
             ConnState::Generic { .. } => 13,
+        }
+    }
+
+    /// Not (yet) a connection worth keeping: TCP before ESTABLISHED, other protocols without a
+    /// reply. These are what a flood of spoofed openers makes; they are evicted first when the
+    /// table is full and not replicated (losing one on failover costs one retransmitted SYN).
+    pub fn half_open(self) -> bool {
+        match self {
+            ConnState::Tcp(s) => matches!(
+                s,
+                TcpState::None | TcpState::SynSent | TcpState::SynRecv | TcpState::SynSent2
+            ),
+            ConnState::Udp { replied }
+            | ConnState::Icmp { replied }
+            | ConnState::Generic { replied } => !replied,
         }
     }
 
@@ -265,6 +308,8 @@ pub enum CreateError {
 
 struct Entry {
     conn: Conn,
+    /// A copy of another data plane's connection (counted against the replica cap).
+    replica: bool,
     expires: u64,
     /// Id and deadline of the entry's live expiry record.
     record: u64,
@@ -288,6 +333,10 @@ pub struct Conntrack {
     cursor: usize,
     next_record: u64,
     per_bucket: Vec<u32>,
+    /// Entries that are replicas; the others (`map.len() - replicas`) are this data plane's own.
+    replicas: usize,
+    /// Half-open entries evicted to admit a new connection.
+    early_drops: u64,
     /// Keys of connections created or changed state since the last [`Conntrack::take_journal`],
     /// when journaling is on (state replication to a backup data plane).
     journal: Option<Vec<FlowKey>>,
@@ -317,6 +366,8 @@ impl Conntrack {
             cursor: 0,
             next_record: 0,
             per_bucket: Vec::new(),
+            replicas: 0,
+            early_drops: 0,
             journal: None,
         }
     }
@@ -329,6 +380,7 @@ impl Conntrack {
     }
 
     /// Keys of the connections created or changed since the last call (each possibly repeated).
+    /// Half-open entries are not journaled: nothing worth a copy happened to them yet.
     pub fn take_journal(&mut self) -> Vec<FlowKey> {
         self.journal
             .as_mut()
@@ -345,7 +397,8 @@ impl Conntrack {
     }
 
     /// Insert or replace a connection copied from another data plane (a replica kept for
-    /// failover). Timestamps restart at `now`, like [`Conntrack::import`].
+    /// failover, counted against the replica cap until a packet of it is seen here).
+    /// Timestamps restart at `now`, like [`Conntrack::import`].
     pub fn upsert(&mut self, now: u64, mut conn: Conn) -> Result<ConnId, CreateError> {
         if let Some(&slot) = self.map.get(&MapKey(conn.key.canonical().0)) {
             self.remove_slot(slot);
@@ -354,9 +407,40 @@ impl Conntrack {
         conn.created = now;
         conn.tcp_window.relearn();
         let journal = self.journal.take();
-        let r = self.insert(now, conn);
+        let r = self.insert(now, conn, true);
         self.journal = journal;
         r
+    }
+
+    /// This data plane's own connections (not replicas), including expired ones not yet collected.
+    pub fn own_len(&self) -> usize {
+        self.map.len() - self.replicas
+    }
+
+    /// Replicas held (copies of other data planes' connections).
+    pub fn replica_len(&self) -> usize {
+        self.replicas
+    }
+
+    /// Half-open entries evicted so far to admit new connections into a full table.
+    pub fn early_drops(&self) -> u64 {
+        self.early_drops
+    }
+
+    /// Own connections above [`PRESSURE_PERCENT`] of the cap.
+    fn under_pressure(&self) -> bool {
+        self.own_len().saturating_mul(100)
+            >= self.config.max_entries.saturating_mul(PRESSURE_PERCENT)
+    }
+
+    /// Timeout class for an entry entering `state`: the state's, or the short pressure one for a
+    /// half-open own entry while the table is nearly full.
+    fn class_for(&self, state: ConnState, replica: bool) -> usize {
+        if !replica && state.half_open() && self.under_pressure() {
+            PRESSURE_CLASS
+        } else {
+            state.class()
+        }
     }
 
     /// Turn the TCP window check off or on (a config change; tracked windows keep learning
@@ -439,7 +523,7 @@ impl Conntrack {
             tcp_window,
         };
         conn.count(Direction::Original, len);
-        self.insert(now, conn)
+        self.insert(now, conn, false)
     }
 
     /// Take over a connection exported by another data plane. Its timestamps are on the
@@ -450,10 +534,10 @@ impl Conntrack {
         conn.last_seen = now;
         conn.created = now;
         conn.tcp_window.relearn();
-        self.insert(now, conn)
+        self.insert(now, conn, false)
     }
 
-    fn insert(&mut self, now: u64, conn: Conn) -> Result<ConnId, CreateError> {
+    fn insert(&mut self, now: u64, conn: Conn, replica: bool) -> Result<ConnId, CreateError> {
         let mk = MapKey(conn.key.canonical().0);
         if let Some(&slot) = self.map.get(&mk) {
             match self.entry(slot) {
@@ -463,14 +547,21 @@ impl Conntrack {
                 }
             }
         }
-        if self.map.len() >= self.config.max_entries {
+        let max = self.config.max_entries;
+        let full = |t: &Conntrack| {
+            if replica {
+                t.replicas >= max
+            } else {
+                t.own_len() >= max
+            }
+        };
+        if full(self) {
             // Expired entries may be waiting for collection: a little of it here keeps a table full
             // of dead entries from refusing live traffic.
             self.expire(now, 64);
-            if self.map.len() >= self.config.max_entries {
-                return Err(CreateError::TableFull {
-                    max: self.config.max_entries,
-                });
+            // Then, for a connection of our own, make room by evicting a half-open one.
+            if full(self) && (replica || !self.early_drop()) {
+                return Err(CreateError::TableFull { max });
             }
         }
         let slot = match self.free.pop() {
@@ -489,20 +580,60 @@ impl Conntrack {
             self.per_bucket.resize(bucket + 1, 0);
         }
         self.per_bucket[bucket] += 1;
-        let class = conn.state.class();
+        self.replicas += usize::from(replica);
+        let class = self.class_for(conn.state, replica);
         let expires = now.saturating_add(self.timeouts_ns[class]);
+        let journaled = !conn.state.half_open();
         self.slots[slot as usize] = Some(Entry {
             conn,
+            replica,
             expires,
             record: 0,
             queued_deadline: u64::MAX,
         });
         self.map.insert(mk, slot);
         self.enqueue(slot, class, expires);
-        if let Some(key) = self.slots[slot as usize].as_ref().map(|e| e.conn.key) {
-            self.journal(key);
+        if journaled {
+            if let Some(key) = self.slots[slot as usize].as_ref().map(|e| e.conn.key) {
+                self.journal(key);
+            }
         }
         Ok(ConnId(slot))
+    }
+
+    /// Evict one half-open own entry, the oldest found among at most [`EARLY_DROP_SCAN`] records
+    /// at the front of the queues that hold them. Records met on the way that point elsewhere are
+    /// settled as [`Conntrack::expire`] would: stale ones dropped, live ones moved to their
+    /// entry's class. Returns whether an entry was evicted.
+    fn early_drop(&mut self) -> bool {
+        let mut budget = EARLY_DROP_SCAN;
+        for class in EARLY_DROP_CLASSES {
+            while budget > 0 {
+                let Some(rec) = self.queues[class].pop_front() else {
+                    break;
+                };
+                budget -= 1;
+                let Some(e) = self.entry(rec.slot) else {
+                    continue;
+                };
+                if e.record != rec.id {
+                    continue; // superseded by a newer record of the same entry
+                }
+                if !e.replica && e.conn.state.half_open() {
+                    self.remove_slot(rec.slot);
+                    self.early_drops += 1;
+                    return true;
+                }
+                // Established (or a replica): never evicted. Its record moves to the back of its
+                // own class, so the next scan does not meet it again.
+                let (c, expires) = (e.conn.state.class(), e.expires);
+                self.enqueue(rec.slot, c, expires);
+                if c == class {
+                    break; // the rest of this queue is as fresh as the record just re-queued
+                }
+            }
+        }
+        false
     }
 
     /// Feed a packet of connection `id` going `dir`: update protocol state, counters and timeout.
@@ -516,9 +647,15 @@ impl Conntrack {
         seg: &TcpSegment,
         len: u32,
     ) -> Update {
+        let pressure = self.under_pressure();
         let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return Update::Invalid;
         };
+        if e.replica {
+            // A packet of it reached us: we serve it now (failover, or a moved bucket).
+            e.replica = false;
+            self.replicas -= 1;
+        }
         let c = &mut e.conn;
         let liberal = self.config.tcp_liberal || c.tcp_window.is_liberal();
         let outcome = match c.state {
@@ -554,7 +691,7 @@ impl Conntrack {
                     // Closing states are not worth a copy: a lost one costs a retransmission.
                     let closing =
                         matches!(n, TcpState::LastAck | TcpState::TimeWait | TcpState::Close);
-                    if n != s && !closing {
+                    if n != s && !closing && !ConnState::Tcp(n).half_open() {
                         if let Some(j) = self.journal.as_mut() {
                             if j.len() < JOURNAL_MAX {
                                 j.push(c.key);
@@ -587,7 +724,11 @@ impl Conntrack {
         };
         c.count(dir, len);
         c.last_seen = now;
-        let class = c.state.class();
+        let class = if pressure && c.state.half_open() {
+            PRESSURE_CLASS
+        } else {
+            c.state.class()
+        };
         let expires = now.saturating_add(self.timeouts_ns[class]);
         e.expires = expires;
         if expires < e.queued_deadline {
@@ -617,7 +758,16 @@ impl Conntrack {
                 self.remove_slot(rec.slot);
                 removed += 1;
             } else {
-                let (class, expires) = (e.conn.state.class(), e.expires);
+                // Back to the class whose timeout matches what is left of the entry's, so the
+                // short pressure queue only ever gets short deadlines.
+                let left = e.expires - now;
+                let class = if e.conn.state.half_open() && left <= self.timeouts_ns[PRESSURE_CLASS]
+                {
+                    PRESSURE_CLASS
+                } else {
+                    e.conn.state.class()
+                };
+                let expires = e.expires;
                 self.enqueue(rec.slot, class, expires);
             }
         }
@@ -636,6 +786,23 @@ impl Conntrack {
     /// Tracked connections (including expired ones not yet collected), in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &Conn> + '_ {
         self.slots.iter().flatten().map(|e| &e.conn)
+    }
+
+    /// The connections in slots `start..start + max_slots` and where the next slice starts (0 once
+    /// the end is reached): a walk over the table in bounded steps, for the periodic refresh of
+    /// backups' copies. Slots are stable, so a walk sees every connection that lives through it.
+    pub fn slice(
+        &self,
+        start: usize,
+        max_slots: usize,
+    ) -> (impl Iterator<Item = &Conn> + '_, usize) {
+        let start = start.min(self.slots.len());
+        let end = start.saturating_add(max_slots).min(self.slots.len());
+        let next = if end >= self.slots.len() { 0 } else { end };
+        (
+            self.slots[start..end].iter().flatten().map(|e| &e.conn),
+            next,
+        )
     }
 
     /// Copies of the live connections of `bucket`, for a state move. A full scan: state moves are
@@ -678,6 +845,7 @@ impl Conntrack {
         let e = self.slots.get_mut(slot as usize)?.take()?;
         self.map.remove(&MapKey(e.conn.key.canonical().0));
         self.free.push(slot);
+        self.replicas -= usize::from(e.replica);
         if let Some(n) = self.per_bucket.get_mut(usize::from(e.conn.bucket)) {
             *n = n.saturating_sub(1);
         }

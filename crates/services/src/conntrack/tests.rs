@@ -215,13 +215,17 @@ fn table_full_and_recovery() {
         ..Default::default()
     });
     for p in 0..3 {
-        t.create(0, 0, &k(17, p, 53), 0, &TcpSegment::default(), 1)
+        let id = t
+            .create(0, 0, &k(17, p, 53), 0, &TcpSegment::default(), 1)
             .unwrap();
+        // Replied: not evictable, so a full table refuses.
+        t.update(0, id, Direction::Reply, 0, &TcpSegment::default(), 1);
     }
     assert_eq!(
         t.create(SEC, 0, &k(17, 9, 53), 0, &TcpSegment::default(), 1),
         Err(CreateError::TableFull { max: 3 })
     );
+    assert_eq!(t.early_drops(), 0);
     let id = t.lookup(SEC, &k(17, 0, 53)).unwrap().0;
     t.remove(id).unwrap();
     assert!(t
@@ -229,7 +233,7 @@ fn table_full_and_recovery() {
         .is_ok());
     // Past every deadline, creation collects dead entries by itself.
     assert!(t
-        .create(100 * SEC, 0, &k(17, 10, 53), 0, &TcpSegment::default(), 1)
+        .create(200 * SEC, 0, &k(17, 10, 53), 0, &TcpSegment::default(), 1)
         .is_ok());
     assert_eq!(t.len(), 1);
 }
@@ -756,4 +760,190 @@ mod window {
         assert_eq!(s.sack, Some(0x10));
         assert!(TcpSegment::parse(&ack[..19]).is_none());
     }
+}
+
+fn syn_to(t: &mut Conntrack, now: u64, sp: u16) -> Result<ConnId, CreateError> {
+    t.create(now, 0, &k(6, sp, 80), SYN, &TcpSegment::default(), 60)
+}
+
+/// A full three-way handshake on `sp` (window tracking off the point here: liberal).
+fn established(t: &mut Conntrack, now: u64, sp: u16) -> ConnId {
+    let id = syn_to(t, now, sp).unwrap();
+    let seg = TcpSegment::default();
+    t.update(now, id, Direction::Reply, SYN | ACK, &seg, 60);
+    t.update(now, id, Direction::Original, ACK, &seg, 52);
+    assert_eq!(
+        t.get(id).unwrap().state,
+        ConnState::Tcp(TcpState::Established)
+    );
+    id
+}
+
+fn small(max_entries: usize) -> Conntrack {
+    Conntrack::new(ConntrackConfig {
+        max_entries,
+        tcp_liberal: true,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn early_drop_evicts_a_half_open_entry_and_admits_the_new_one() {
+    let mut t = small(4);
+    let est = established(&mut t, 0, 1);
+    for p in 2..=4 {
+        syn_to(&mut t, SEC, p).unwrap();
+    }
+    assert_eq!(t.own_len(), 4);
+    // Full: the next SYN takes the oldest half-open entry's place.
+    let new = syn_to(&mut t, 2 * SEC, 5).unwrap();
+    assert_eq!(t.early_drops(), 1);
+    assert_eq!(t.len(), 4);
+    assert!(t.find(&k(6, 2, 80)).is_none(), "the oldest half-open went");
+    assert!(t.find(&k(6, 3, 80)).is_some());
+    assert_eq!(t.get(new).unwrap().key, k(6, 5, 80));
+    assert!(t.get(est).is_some());
+    // An unreplied UDP flow is as evictable.
+    let mut u = small(1);
+    u.create(0, 0, &k(17, 1, 53), 0, &TcpSegment::default(), 1)
+        .unwrap();
+    u.create(SEC, 0, &k(17, 2, 53), 0, &TcpSegment::default(), 1)
+        .unwrap();
+    assert_eq!((u.len(), u.early_drops()), (1, 1));
+}
+
+#[test]
+fn established_entries_are_never_evicted() {
+    let mut t = small(3);
+    let ids: Vec<ConnId> = (1..=3).map(|p| established(&mut t, 0, p)).collect();
+    for p in 10..200 {
+        assert_eq!(
+            syn_to(&mut t, SEC, p),
+            Err(CreateError::TableFull { max: 3 })
+        );
+    }
+    assert_eq!(t.early_drops(), 0);
+    for (id, p) in ids.iter().zip(1..) {
+        assert_eq!(t.get(*id).unwrap().key, k(6, p, 80));
+    }
+    // Mixed: a flood of SYNs only ever replaces SYNs.
+    let mut t = small(3);
+    let est = established(&mut t, 0, 1);
+    for p in 10..10_000 {
+        syn_to(&mut t, SEC, p).unwrap();
+    }
+    assert_eq!(t.len(), 3);
+    assert_eq!(t.early_drops(), 10_000 - 10 - 2);
+    assert!(t.get(est).is_some_and(|c| c.key == k(6, 1, 80)));
+    // Bounded work per eviction: records left over stay few.
+    assert!(t.pending_records() < 100, "{}", t.pending_records());
+}
+
+#[test]
+fn replicas_do_not_count_against_the_owners_limit() {
+    let mut t = small(3);
+    for p in 100..103 {
+        let mut c = t_conn(p);
+        c.state = ConnState::Tcp(TcpState::Established);
+        t.upsert(0, c).unwrap();
+    }
+    assert_eq!((t.own_len(), t.replica_len()), (0, 3));
+    // The owner's full limit is still there.
+    for p in 1..=3 {
+        established(&mut t, 0, p);
+    }
+    assert_eq!((t.own_len(), t.replica_len()), (3, 3));
+    assert_eq!(t.early_drops(), 0);
+    // Replicas have a cap of their own, and an own connection never makes room for one.
+    let mut c = t_conn(200);
+    c.state = ConnState::Tcp(TcpState::Established);
+    assert_eq!(t.upsert(0, c), Err(CreateError::TableFull { max: 3 }));
+    // A packet of a replica makes it our own (failover).
+    let (id, dir) = t.lookup(SEC, &k(6, 100, 80)).unwrap();
+    t.update(SEC, id, dir, ACK, &TcpSegment::default(), 52);
+    assert_eq!((t.own_len(), t.replica_len()), (4, 2));
+    let id = t.lookup(SEC, &k(6, 101, 80)).unwrap().0;
+    t.remove(id);
+    assert_eq!((t.own_len(), t.replica_len()), (4, 1));
+}
+
+fn t_conn(sp: u16) -> Conn {
+    Conn {
+        key: k(6, sp, 80),
+        bucket: 0,
+        state: ConnState::Tcp(TcpState::SynSent),
+        created: 0,
+        last_seen: 0,
+        orig_packets: 1,
+        orig_bytes: 60,
+        reply_packets: 0,
+        reply_bytes: 0,
+        tcp_window: TcpWindow::default(),
+    }
+}
+
+#[test]
+fn half_open_entries_time_out_early_under_pressure() {
+    let mut t = small(10);
+    let to = Timeouts::default();
+    for p in 1..=8 {
+        syn_to(&mut t, 0, p).unwrap();
+    }
+    // 8 of 10: normal timeout.
+    let calm = syn_to(&mut t, 0, 9).unwrap();
+    assert_eq!(t.expires_at(calm), Some(to.tcp_syn_sent * SEC));
+    // 9 of 10 (90 %): short.
+    let pressed = syn_to(&mut t, 0, 10).unwrap();
+    assert_eq!(t.expires_at(pressed), Some(to.half_open_pressure * SEC));
+    // Collected in memory on time, not only hidden from lookups.
+    assert_eq!(t.expire((to.half_open_pressure + 1) * SEC, 1000), 1);
+    assert!(t.find(&k(6, 10, 80)).is_none());
+    // Established connections keep their timeout whatever the pressure.
+    for p in 10..=11 {
+        syn_to(&mut t, 0, p).unwrap();
+    }
+    let est = established(&mut t, 0, 12);
+    assert_eq!(t.expires_at(est), Some(to.tcp_established * SEC));
+}
+
+#[test]
+fn half_open_entries_are_not_journaled() {
+    let mut t = small(10);
+    t.set_journal(true);
+    let id = syn_to(&mut t, 0, 1).unwrap();
+    t.update(
+        0,
+        id,
+        Direction::Reply,
+        SYN | ACK,
+        &TcpSegment::default(),
+        60,
+    );
+    assert!(t.take_journal().is_empty(), "SYN_SENT, SYN_RECV: no copy");
+    t.update(0, id, Direction::Original, ACK, &TcpSegment::default(), 52);
+    assert_eq!(t.take_journal(), vec![k(6, 1, 80)]);
+    let u = t
+        .create(0, 0, &k(17, 1, 53), 0, &TcpSegment::default(), 1)
+        .unwrap();
+    assert!(t.take_journal().is_empty());
+    t.update(0, u, Direction::Reply, 0, &TcpSegment::default(), 1);
+    assert_eq!(t.take_journal(), vec![k(17, 1, 53)]);
+}
+
+#[test]
+fn slices_walk_the_whole_table() {
+    let mut t = small(100);
+    for p in 0..50 {
+        syn_to(&mut t, 0, p).unwrap();
+    }
+    let (mut seen, mut at) = (0, 0);
+    loop {
+        let (it, next) = t.slice(at, 7);
+        seen += it.count();
+        if next == 0 {
+            break;
+        }
+        at = next;
+    }
+    assert_eq!(seen, 50);
 }

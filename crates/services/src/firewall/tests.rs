@@ -666,6 +666,13 @@ fn table_full() {
     let flow = |p: u16| key(17, CLIENT, p, SERVER, 53);
     assert_eq!(fw.process(0, 1, &pkt(OUT, flow(1)), Create), ACCEPT);
     assert_eq!(fw.process(SEC, 1, &pkt(OUT, flow(2)), Create), ACCEPT);
+    // Replied flows are not evicted to make room (unreplied ones would be: early drop).
+    for f in [1, 2] {
+        assert_eq!(
+            fw.process(SEC, 1, &pkt(IN, flow(f).reversed()), Create),
+            ACCEPT
+        );
+    }
     assert_eq!(
         fw.process(SEC, 1, &pkt(OUT, flow(3)), Create),
         Verdict::Drop(DropReason::TableFull)
@@ -686,9 +693,10 @@ fn table_full() {
         DEFAULT
     );
     assert_eq!(fw.len(), 2);
-    // flow(2) expires at 31 s; a new flow then finds room without an explicit expire() call.
-    assert_eq!(fw.process(32 * SEC, 1, &pkt(OUT, flow(3)), Create), ACCEPT);
-    assert_eq!(fw.len(), 2);
+    // Both expire by 182 s (UDP replied); a new flow then finds room without an explicit
+    // expire() call.
+    assert_eq!(fw.process(200 * SEC, 1, &pkt(OUT, flow(3)), Create), ACCEPT);
+    assert_eq!(fw.len(), 1);
     assert_eq!(fw.drops()[3], (DropReason::TableFull, 1));
 }
 
