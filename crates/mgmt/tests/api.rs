@@ -813,7 +813,7 @@ fn routes_equal_the_openapi_paths() {
         "documented but not served: {unrouted:?}"
     );
 
-    // Only /healthz and the document itself are open; the rest needs the bearer token.
+    // Only /healthz, /readyz and the document itself are open; the rest needs the bearer token.
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"],
         serde_json::json!({ "type": "http", "scheme": "bearer" })
@@ -822,7 +822,8 @@ fn routes_equal_the_openapi_paths() {
     for (path, item) in doc["paths"].as_object().expect("paths") {
         for (method, op) in item.as_object().expect("path item") {
             let open = op.get("security") == Some(&serde_json::json!([]));
-            let should_be_open = path == "/healthz" || path == "/v1/openapi.json";
+            let should_be_open =
+                path == "/healthz" || path == "/readyz" || path == "/v1/openapi.json";
             if method != "parameters" {
                 assert_eq!(open, should_be_open, "{method} {path}");
             }
