@@ -228,10 +228,18 @@ fn stages_for(
 }
 
 /// The dispatchers, which send to us through rings on this machine.
-/// Whether some bucket has a backup other than this data plane: only then is replication worth
-/// any work (one data plane alone has none).
+/// Whether this data plane has anyone to copy its flows to: some bucket has a backup other than
+/// this data plane, or a bucket it owned has moved to another (a previous owner copies what it
+/// still holds to the new owner, which then serves those flows itself). Only then is
+/// replication worth any work (one data plane alone has none).
 fn has_backup(cfg: &DataplaneConfig) -> bool {
-    backs_up_to_another(&cfg.backups, cfg.unit)
+    let me = cfg.unit;
+    backs_up_to_another(&cfg.backups, me)
+        || cfg
+            .table
+            .buckets()
+            .iter()
+            .any(|b| b.owner != me && b.history.contains(&me))
 }
 
 fn backs_up_to_another(backups: &[UnitId], me: UnitId) -> bool {
@@ -490,6 +498,18 @@ impl Core {
         }
         if cfg.table.epoch() != self.cfg.table.epoch() {
             let me = cfg.unit;
+            let (old, new) = (&self.cfg.table, &cfg.table);
+            let moved: Vec<bool> = (0..new.len())
+                .map(|b| {
+                    let b = b as u16;
+                    old.get(b).is_some_and(|o| o.owner == me) && new.owner(b) != me
+                })
+                .collect();
+            if moved.contains(&true) {
+                self.fw
+                    .conntrack_mut()
+                    .relearn_where(|b| moved.get(usize::from(b)).copied().unwrap_or(false));
+            }
             let owned = cfg.table.buckets().iter().filter(|b| b.owner == me).count();
             let backed = cfg.backups.iter().filter(|&&u| u == me).count();
             eprintln!(
@@ -500,7 +520,19 @@ impl Core {
         }
         if cfg.export && !self.exporting {
             self.exporting = true;
-            self.export_queue = self.fw.flows_per_bucket().map(|(b, _)| b).collect();
+            // Only buckets we own or owned: copies held as a backup are not ours to hand over
+            // (their owner exports them; the new owner would refuse them from us).
+            let me = cfg.unit;
+            self.export_queue = self
+                .fw
+                .flows_per_bucket()
+                .map(|(b, _)| b)
+                .filter(|&b| {
+                    cfg.table
+                        .get(b)
+                        .is_some_and(|t| t.owner == me || t.history.contains(&me))
+                })
+                .collect();
             eprintln!(
                 "unit {}: exporting the state of {} bucket(s) to their owners",
                 cfg.unit,

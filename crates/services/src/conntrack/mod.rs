@@ -831,6 +831,22 @@ impl Conntrack {
             .count()
     }
 
+    /// Make the TCP windows of every connection in the buckets `moved` says left this data plane
+    /// relearn their positions (see [`TcpWindow::relearn`]). Once another data plane serves a
+    /// flow, the positions here freeze; should the bucket come back (a scale-in after a
+    /// scale-out), the entry found here first would drop the flow's current segments as out of
+    /// window. One pass over the table, at a table change. Returns the entries touched.
+    pub fn relearn_where(&mut self, moved: impl Fn(u16) -> bool) -> usize {
+        let mut n = 0;
+        for e in self.slots.iter_mut().flatten() {
+            if moved(e.conn.bucket) {
+                e.conn.tcp_window.relearn();
+                n += 1;
+            }
+        }
+        n
+    }
+
     fn find_entry(&self, key: &FlowKey) -> Option<&Entry> {
         let slot = *self.map.get(&MapKey(key.canonical().0))?;
         self.entry(slot)

@@ -629,6 +629,38 @@ mod window {
     }
 
     #[test]
+    fn an_entry_whose_bucket_came_back_relearns() {
+        // Scale-out then scale-in: this data plane tracked the flow, the bucket moved to another
+        // data plane (which carried it on for megabytes), then came back. The entry here is
+        // found before any imported copy; frozen at the move, it would drop every segment.
+        let (mut t, id) = established(ConntrackConfig::default());
+        let bucket = t.get(id).unwrap().bucket;
+        let (o, r) = (Direction::Original, Direction::Reply);
+        let (cseq, sseq) = (C_ISN + 5_000_000, S_ISN + 5_000_000);
+        assert_eq!(
+            t.update(SEC, id, o, ACK, &seg(cseq, sseq, 502, 1448), 1500),
+            Update::OutOfWindow,
+            "frozen positions refuse the flow's current segments"
+        );
+        assert_eq!(t.relearn_where(|b| b != bucket), 0, "other buckets only");
+        assert_eq!(t.relearn_where(|b| b == bucket), 1);
+        assert!(t.get(id).unwrap().tcp_window.is_liberal());
+        assert_eq!(
+            t.update(SEC, id, o, ACK, &seg(cseq, sseq, 502, 1448), 1500),
+            Update::Tracked
+        );
+        assert_eq!(
+            t.update(SEC, id, r, ACK, &seg(sseq, cseq + 1448, 128, 0), 52),
+            Update::Tracked
+        );
+        assert_eq!(
+            t.update(SEC, id, o, ACK, &seg(cseq + 1448, sseq, 502, 1448), 1500),
+            Update::Tracked
+        );
+        assert!(!t.get(id).unwrap().tcp_window.is_liberal(), "in sync again");
+    }
+
+    #[test]
     fn mid_stream_entry_learns_then_checks() {
         // Exported after the handshake, imported elsewhere: positions are relearned from the
         // next segments, the negotiated scale stays.
