@@ -204,7 +204,12 @@ fn the_appliance_between_a_machines_own_nics_without_a_lab() {
             .expect("dva logs");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
-            out.status.success() && text.contains("[dispatcher ") && text.contains("[dataplane "),
+            out.status.success()
+                && text.contains("[dispatcher ")
+                && text.contains("[dataplane ")
+                // Structured lines: level, and who wrote them.
+                && text.contains(" INFO appliance=edge-fw unit=")
+                && text.contains("role=dataplane"),
             "dva logs: {text}{}",
             String::from_utf8_lossy(&out.stderr)
         );

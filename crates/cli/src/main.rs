@@ -6,6 +6,7 @@ mod bench_compare;
 mod bench_elasticity;
 mod ctl;
 mod demo;
+mod log;
 mod run;
 
 use std::path::PathBuf;
@@ -20,6 +21,10 @@ use clap::{Parser, Subcommand, ValueEnum};
     about = "A distributed virtual appliance: firewall, NAT and L4 load balancing scaled out over many processes"
 )]
 struct Cli {
+    /// Log lines as text or JSON objects (default: $DVA_LOG_FORMAT, else text); the level filter
+    /// is $DVA_LOG (e.g. `debug`, `dva_mgmt=debug,info`; default info).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<log::LogFormat>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -331,6 +336,25 @@ fn main() -> ExitCode {
     // by subcommands, tools it starts) so nothing of ours is readable by other local users.
     dva_io::local::restrict_umask();
     let cli = Cli::parse();
+    let identity = match &cli.cmd {
+        Cmd::Unit {
+            role, id, control, ..
+        } => Some(log::Identity {
+            // Units' control sockets live in their appliance's directory.
+            appliance: control
+                .parent()
+                .and_then(|d| d.file_name())
+                .map(|n| n.to_string_lossy().into_owned()),
+            unit: *id,
+            role: match role {
+                UnitRole::Manager => "manager",
+                UnitRole::Dispatcher => "dispatcher",
+                UnitRole::Dataplane => "dataplane",
+            },
+        }),
+        _ => None,
+    };
+    log::init(log::format_from(cli.log_format), identity);
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -151,6 +151,7 @@ impl Mgmt {
         let broken = broken
             .into_iter()
             .map(|c| {
+                tracing::warn!(appliance = %c.name, "store record set aside: {}", c.reason);
                 let event = Event {
                     time_ms: now_ms(),
                     reason: "store-corrupt".into(),
@@ -405,7 +406,18 @@ fn not_found(name: &str) -> ApiError {
     ApiError::NotFound(format!("no appliance named {name:?}"))
 }
 
+/// Record a decision or observation in the appliance's event list, and log it: every event is
+/// also a log line, so `dva serve`'s log tells what it decided and why.
 pub(crate) fn push_event(rec: &mut ApplianceRecord, reason: &str, message: String) {
+    let warn = matches!(
+        reason,
+        "rejected" | "unit-died" | "config-nack" | "store-corrupt" | "unit-failed"
+    );
+    if warn {
+        tracing::warn!(appliance = %rec.name, reason, "{message}");
+    } else {
+        tracing::info!(appliance = %rec.name, reason, "{message}");
+    }
     rec.events.push(Event {
         time_ms: now_ms(),
         reason: reason.to_string(),

@@ -53,7 +53,7 @@ impl ChannelClient {
                 while !args.stop.load(Ordering::Relaxed) {
                     if let Err(e) = session(&args, &tx, &r) {
                         if !args.stop.load(Ordering::Relaxed) {
-                            eprintln!("unit {}: manager channel: {e}; reconnecting", args.unit);
+                            tracing::warn!(error = %e, "manager channel broken; reconnecting");
                         }
                     }
                     thread::sleep(Duration::from_millis(200));

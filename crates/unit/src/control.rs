@@ -82,7 +82,7 @@ pub(crate) fn admit(conn: &UnixStream, refused: &AtomicU64, socket: &str) -> boo
                     Err(e) => format!("its credentials are unreadable: {e}"),
                     Ok(_) => "it is neither root nor our user".to_string(),
                 };
-                eprintln!("{socket}: refused a connection, {why} ({n} refused so far)");
+                tracing::warn!(%socket, refused = n, "refused a connection: {why}");
             }
             false
         }

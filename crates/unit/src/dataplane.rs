@@ -512,10 +512,13 @@ impl Core {
             }
             let owned = cfg.table.buckets().iter().filter(|b| b.owner == me).count();
             let backed = cfg.backups.iter().filter(|&&u| u == me).count();
-            eprintln!(
-                "unit {me}: config version {}: table epoch {}, owns {owned} bucket(s), backs up {backed}, dropped the copies of {purged}",
-                cfg.version,
-                cfg.table.epoch()
+            tracing::info!(
+                config_version = cfg.version,
+                epoch = cfg.table.epoch(),
+                owns = owned,
+                backs_up = backed,
+                copies_dropped = purged,
+                "new bucket table"
             );
         }
         if cfg.export && !self.exporting {
@@ -533,10 +536,9 @@ impl Core {
                         .is_some_and(|t| t.owner == me || t.history.contains(&me))
                 })
                 .collect();
-            eprintln!(
-                "unit {}: exporting the state of {} bucket(s) to their owners",
-                cfg.unit,
-                self.export_queue.len()
+            tracing::info!(
+                buckets = self.export_queue.len(),
+                "exporting flow state to the buckets' owners"
             );
         }
         self.peers = peers_of(&cfg);

@@ -144,7 +144,7 @@ fn acquire_leadership(args: &ManagerArgs) -> anyhow::Result<Option<std::fs::File
             });
             // A standby is ready: it serves as soon as the leader goes.
             args.ready.store(true, Ordering::Release);
-            eprintln!("manager {}: standby (another manager leads)", args.unit);
+            tracing::info!("standby: another manager leads");
         }
         thread::sleep(Duration::from_millis(100));
     }
@@ -158,7 +158,7 @@ pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
     let Some(_lock) = acquire_leadership(&args)? else {
         return Ok(());
     };
-    eprintln!("manager {}: leading", args.unit);
+    tracing::info!("leading");
     let _ = std::fs::remove_file(&args.listen);
     let listener = UnixListener::bind(&args.listen)
         .with_context(|| format!("binding manager socket {}", args.listen.display()))?;
@@ -425,12 +425,12 @@ impl State {
         if let Some(t) = new_table {
             // One line per table change: the unit log is where an operator (or a failing test)
             // reconstructs which data plane owned what when.
-            eprintln!(
-                "manager: bucket table epoch {} for config version {}: members {:?} (desired data planes {:?})",
-                t.epoch(),
-                self.version + 1,
-                t.members(),
-                wanted
+            tracing::info!(
+                epoch = t.epoch(),
+                config_version = self.version + 1,
+                members = ?t.members(),
+                desired = ?wanted,
+                "new bucket table"
             );
             self.table = Some(t);
             self.table_version = self.version + 1;
@@ -523,10 +523,10 @@ impl State {
         auth.keys.retain(|k| k.epoch >= oldest && k.epoch <= next);
         auth.keys.sort_by_key(|k| k.epoch);
         if rotate {
-            eprintln!(
-                "manager: backplane key epoch {} (units hold {:?})",
-                auth.send_epoch,
-                auth.keys.iter().map(|k| k.epoch).collect::<Vec<_>>()
+            tracing::info!(
+                epoch = auth.send_epoch,
+                held = ?auth.keys.iter().map(|k| k.epoch).collect::<Vec<_>>(),
+                "backplane key rotated"
             );
         }
         self.keys = Some((auth, if rotate { now } else { since }));

@@ -105,7 +105,7 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
         let cpus = parse_cpus(&list).map_err(|e| anyhow::anyhow!("{CPUS_ENV}={list:?}: {e}"))?;
         let cpu = cpus[args.id as usize % cpus.len()];
         pin_to(cpu).with_context(|| format!("pinning unit {} to CPU {cpu}", args.id))?;
-        eprintln!("unit {}: data path pinned to CPU {cpu}", args.id);
+        tracing::info!(cpu, "data path pinned");
     }
     // Wait for a first config this unit can run; a bad one is NACKed and we keep waiting.
     while !stop.load(Ordering::Relaxed) {
@@ -120,10 +120,7 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
                         stats.try_publish(d.snapshot());
                         let _ = u.reply.send(Ok(()));
                         ready.store(true, Ordering::Release);
-                        eprintln!(
-                            "unit {}: dispatcher serving config version {version}",
-                            args.id
-                        );
+                        tracing::info!(version, "dispatcher serving its first config");
                         return d.run(&stop, &stats, &updates);
                     }
                     Err(e) => {
@@ -137,10 +134,7 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
                         stats.try_publish(d.snapshot());
                         let _ = u.reply.send(Ok(()));
                         ready.store(true, Ordering::Release);
-                        eprintln!(
-                            "unit {}: data plane serving config version {version}",
-                            args.id
-                        );
+                        tracing::info!(version, "data plane serving its first config");
                         return d.run(&stop, &stats, &updates);
                     }
                     Err(e) => {

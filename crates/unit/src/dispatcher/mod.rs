@@ -272,9 +272,11 @@ impl Dispatcher {
                         ifc.name, ifc.device
                     )
                 })?;
-            eprintln!(
-                "dispatcher {}: interface {} ({}): {opened}",
-                cfg.unit, ifc.name, ifc.device
+            tracing::info!(
+                interface = %ifc.name,
+                device = %ifc.device,
+                driver = %opened,
+                "interface opened"
             );
             let mac = dva_io::netif::mac_address(&ifc.device)
                 .with_context(|| format!("MAC address of {}", ifc.device))?;
@@ -992,7 +994,7 @@ impl Core {
                 self.deferred.push((i, f));
             }
             for msg in self.health.take_changes() {
-                eprintln!("dispatcher {}: {msg}", self.cfg.unit);
+                tracing::info!("{msg}");
             }
             return;
         }
@@ -1414,7 +1416,7 @@ impl Core {
             self.event("health_probes");
         }
         for msg in self.health.take_changes() {
-            eprintln!("dispatcher {}: {msg}", self.cfg.unit);
+            tracing::info!("{msg}");
         }
         for _ in 0..self.reassembly.expire(self.now) {
             self.drops.inc(dr::FRAGMENT_TIMEOUT);
