@@ -55,7 +55,7 @@ if [ "${#missing[@]}" -gt 0 ] || $nginx_missing; then
     # from starting any (Debian's invoke-rc.d honours it); one the machine already has is left
     # alone and used as it is. Services that were installed and running before are never
     # touched.
-    policy=/usr/sbin/policy-rc.d
+    policy="${DVA_POLICY_RC_D:-/usr/sbin/policy-rc.d}" # overridable for the script's own test
     own_policy=false
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\n# dva install-deps: no service starts during this install\nexit 101\n' >"$policy"
