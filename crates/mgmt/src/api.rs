@@ -34,7 +34,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::core::Mgmt;
-use crate::model::{ApiError, ScaleRequest};
+use crate::model::{ApiError, ScaleRequest, WriteOptions};
 
 /// The OpenAPI document, served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
@@ -393,6 +393,7 @@ impl Reply {
             405 => "Method Not Allowed",
             408 => "Request Timeout",
             409 => "Conflict",
+            412 => "Precondition Failed",
             411 => "Length Required",
             413 => "Content Too Large",
             422 => "Unprocessable Content",
@@ -426,6 +427,8 @@ struct Head {
     authorization: Option<String>,
     content_length: Option<usize>,
     expect_continue: bool,
+    /// `If-Match: "<generation>"` (or `W/"…"`, or bare): the generation a write expects.
+    if_match: Option<String>,
 }
 
 enum ReadError {
@@ -610,6 +613,7 @@ fn parse_head(bytes: &[u8]) -> Result<Head, Reply> {
                 ))
             }
             "authorization" => head.authorization = Some(value.to_string()),
+            "if-match" => head.if_match = Some(value.to_string()),
             "expect" if value.eq_ignore_ascii_case("100-continue") => head.expect_continue = true,
             _ => {}
         }
@@ -797,16 +801,58 @@ fn answer(
     } else {
         String::new()
     };
+    let opts = match write_options(&head) {
+        Ok(o) => o,
+        Err(r) => return Ok(r),
+    };
     // Mgmt does not panic on input; should a bug make it, the caller gets a 500 and the server
     // keeps serving.
     Ok(
-        std::panic::catch_unwind(AssertUnwindSafe(|| execute(sh, call, &body))).unwrap_or_else(
-            |_| Reply::error(500, "internal", "the call failed unexpectedly".into()),
-        ),
+        std::panic::catch_unwind(AssertUnwindSafe(|| execute(sh, call, &body, opts)))
+            .unwrap_or_else(|_| {
+                Reply::error(500, "internal", "the call failed unexpectedly".into())
+            }),
     )
 }
 
-fn execute(sh: &Shared, call: Call<'_>, body: &str) -> Reply {
+/// `?dryRun=All` (kubectl's spelling; `true` and `1` too) and `If-Match: "<generation>"`.
+fn write_options(head: &Head) -> Result<WriteOptions, Reply> {
+    let mut opts = WriteOptions::default();
+    if let Some((_, query)) = head.target.split_once('?') {
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            // Unknown parameters are ignored, as the route ignores the query.
+            if k != "dryRun" {
+                continue;
+            }
+            opts.dry_run = match v {
+                "All" | "all" | "true" | "1" | "" => true,
+                "false" | "0" => false,
+                other => {
+                    return Err(Reply::error(
+                        400,
+                        "bad_request",
+                        format!("dryRun={other:?}: use dryRun=All"),
+                    ))
+                }
+            };
+        }
+    }
+    if let Some(v) = head.if_match.as_deref() {
+        let t = v.trim();
+        let t = t.strip_prefix("W/").unwrap_or(t).trim_matches('"');
+        opts.if_match = Some(t.parse().map_err(|_| {
+            Reply::error(
+                400,
+                "bad_request",
+                format!("If-Match: {v:?} is not a generation (expected e.g. \"3\")"),
+            )
+        })?);
+    }
+    Ok(opts)
+}
+
+fn execute(sh: &Shared, call: Call<'_>, body: &str, opts: WriteOptions) -> Reply {
     let mgmt = &sh.mgmt;
     match call {
         Call::Health => Reply {
@@ -840,7 +886,7 @@ fn execute(sh: &Shared, call: Call<'_>, body: &str) -> Reply {
             }
         }
         Call::List => Reply::json(200, &mgmt.list()),
-        Call::Apply => Reply::from(mgmt.apply(body)),
+        Call::Apply => Reply::from(mgmt.apply_with(body, opts)),
         Call::Get(name) => Reply::from(mgmt.get(name)),
         Call::Put(name) => {
             // A spec that does not parse is reported by apply, with the field it stumbled on.
@@ -856,14 +902,17 @@ fn execute(sh: &Shared, call: Call<'_>, body: &str) -> Reply {
                     );
                 }
             }
-            Reply::from(mgmt.apply(body))
+            Reply::from(mgmt.apply_with(body, opts))
         }
-        Call::Delete(name) => match mgmt.delete(name) {
+        Call::Delete(name) => match mgmt.delete_with(name, opts) {
+            Ok(()) if opts.dry_run => {
+                Reply::json(200, &serde_json::json!({ "deleted": name, "dryRun": true }))
+            }
             Ok(()) => Reply::json(200, &serde_json::json!({ "deleted": name })),
             Err(e) => Reply::api(e),
         },
         Call::Scale(name) => match serde_json::from_str::<ScaleRequest>(body) {
-            Ok(r) => Reply::from(mgmt.scale(name, &r)),
+            Ok(r) => Reply::from(mgmt.scale_with(name, &r, opts)),
             Err(e) => Reply::error(400, "bad_request", format!("scale request: {e}")),
         },
         Call::Units(name) => Reply::from(mgmt.units(name)),

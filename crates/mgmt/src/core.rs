@@ -195,12 +195,23 @@ impl Mgmt {
     /// Create or replace an appliance from a spec (YAML or JSON text). The spec is parsed,
     /// validated and compiled before anything changes: a bad spec leaves the running one as it was.
     pub fn apply(&self, spec_text: &str) -> Result<ApplianceView, ApiError> {
+        self.apply_with(spec_text, WriteOptions::default())
+    }
+
+    /// Create or replace an appliance's spec; with `opts.dry_run` everything is checked and the
+    /// answer is what the appliance would look like, but nothing is stored or started.
+    pub fn apply_with(
+        &self,
+        spec_text: &str,
+        opts: WriteOptions,
+    ) -> Result<ApplianceView, ApiError> {
         let spec =
             ApplianceSpec::from_yaml(spec_text).map_err(|e| ApiError::Invalid(e.to_string()))?;
         reconcile::check_compiles(&spec).map_err(ApiError::Invalid)?;
         let name = spec.name().to_string();
         let layout = spec.spec.layout.dataplanes.clone();
         let mut all = self.inner.lock();
+        check_generation(&name, all.get(&name).map(|a| a.rec.generation), opts)?;
         let view = match all.get_mut(&name) {
             Some(app) if app.deleting => {
                 return Err(ApiError::Conflict(format!(
@@ -217,6 +228,9 @@ impl Mgmt {
                 rec.dataplanes = rec.dataplanes.clamp(layout.min, layout.max);
                 if let Some(d) = spec.spec.layout.drain_deadline {
                     rec.drain_deadline_ms = d.ms();
+                }
+                if opts.dry_run {
+                    return Ok(dry_run_view(&self.inner, rec, spec));
                 }
                 let msg = format!("spec replaced (generation {})", rec.generation);
                 push_event(&mut rec, "applied", msg);
@@ -241,6 +255,9 @@ impl Mgmt {
                     events: Vec::new(),
                     created_ms: now_ms(),
                 };
+                if opts.dry_run {
+                    return Ok(dry_run_view(&self.inner, rec, spec));
+                }
                 let msg = format!("created with {} data plane(s)", rec.dataplanes);
                 push_event(&mut rec, "applied", msg);
                 self.save(&rec)?;
@@ -304,9 +321,25 @@ impl Mgmt {
     }
 
     pub fn delete(&self, name: &str) -> Result<(), ApiError> {
+        self.delete_with(name, WriteOptions::default())
+    }
+
+    pub fn delete_with(&self, name: &str, opts: WriteOptions) -> Result<(), ApiError> {
         {
             let mut all = self.inner.lock();
+            if all.contains_key(name) {
+                check_generation(name, all.get(name).map(|a| a.rec.generation), opts)?;
+                if opts.dry_run {
+                    return Ok(());
+                }
+            }
             let Some(app) = all.get_mut(name) else {
+                if opts.dry_run {
+                    return match self.inner.broken().contains_key(name) {
+                        true => Ok(()),
+                        false => Err(not_found(name)),
+                    };
+                }
                 // An appliance known only by its unusable record: forgetting it is all there is
                 // to do (its file stays set aside).
                 return match self.inner.broken().remove(name) {
@@ -321,6 +354,15 @@ impl Mgmt {
 
     /// Set the number of data planes (within the layout's min..=max).
     pub fn scale(&self, name: &str, req: &ScaleRequest) -> Result<ApplianceView, ApiError> {
+        self.scale_with(name, req, WriteOptions::default())
+    }
+
+    pub fn scale_with(
+        &self,
+        name: &str,
+        req: &ScaleRequest,
+        opts: WriteOptions,
+    ) -> Result<ApplianceView, ApiError> {
         let deadline = req
             .drain_deadline
             .as_deref()
@@ -342,6 +384,7 @@ impl Mgmt {
                 "appliance {name} is being deleted"
             )));
         }
+        check_generation(name, Some(app.rec.generation), opts)?;
         let layout = &app.spec.spec.layout.dataplanes;
         if req.dataplanes < layout.min || req.dataplanes > layout.max {
             return Err(ApiError::Invalid(format!(
@@ -356,6 +399,9 @@ impl Mgmt {
             rec.drain_deadline_ms = d;
         }
         rec.generation += 1;
+        if opts.dry_run {
+            return Ok(dry_run_view(&self.inner, rec, app.spec.clone()));
+        }
         let msg = format!(
             "data planes {from} -> {} (drain deadline {} ms)",
             rec.dataplanes, rec.drain_deadline_ms
@@ -400,6 +446,33 @@ impl Mgmt {
             .save(rec)
             .map_err(|e| ApiError::Internal(format!("store: {e:#}")))
     }
+}
+
+/// Optimistic concurrency: a write that names the generation it last saw is refused when the
+/// appliance has moved on (or is gone), so two operators cannot overwrite each other unseen.
+fn check_generation(name: &str, current: Option<u64>, opts: WriteOptions) -> Result<(), ApiError> {
+    match (opts.if_match, current) {
+        (Some(want), Some(have)) if want != have => Err(ApiError::PreconditionFailed(format!(
+            "appliance {name} is at generation {have}, not {want} (If-Match): it changed since \
+             you read it; read it again"
+        ))),
+        (Some(want), None) => Err(ApiError::PreconditionFailed(format!(
+            "appliance {name} does not exist, so it is not at generation {want} (If-Match)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// What a write would leave, as the API shows an appliance: the record it would store, with no
+/// units started or stopped.
+fn dry_run_view(inner: &Arc<Inner>, rec: ApplianceRecord, spec: ApplianceSpec) -> ApplianceView {
+    let app = Appliance {
+        rec,
+        spec,
+        deleting: false,
+        rt: Runtime::default(),
+    };
+    reconcile::view(inner, &app)
 }
 
 fn not_found(name: &str) -> ApiError {

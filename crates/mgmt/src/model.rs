@@ -203,9 +203,22 @@ pub enum ApiError {
     /// 409
     #[error("{0}")]
     Conflict(String),
+    /// 412: the write named a generation (`If-Match`) the appliance no longer has.
+    #[error("{0}")]
+    PreconditionFailed(String),
     /// 500
     #[error("{0}")]
     Internal(String),
+}
+
+/// How a write is carried out: kubectl's `--dry-run=server` and optimistic concurrency.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Check everything and answer what the write would do, change nothing.
+    pub dry_run: bool,
+    /// The generation the writer last saw (HTTP `If-Match`): the write is refused with 412 if the
+    /// appliance has another one (someone else changed it meanwhile), or does not exist.
+    pub if_match: Option<u64>,
 }
 
 impl ApiError {
@@ -215,6 +228,7 @@ impl ApiError {
             ApiError::Invalid(_) => 422,
             ApiError::BadRequest(_) => 400,
             ApiError::Conflict(_) => 409,
+            ApiError::PreconditionFailed(_) => 412,
             ApiError::Internal(_) => 500,
         }
     }
@@ -224,6 +238,7 @@ impl ApiError {
             ApiError::Invalid(_) => "invalid",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Conflict(_) => "conflict",
+            ApiError::PreconditionFailed(_) => "precondition_failed",
             ApiError::Internal(_) => "internal",
         }
     }

@@ -1063,3 +1063,127 @@ fn liveness_readiness_and_head() {
     assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
     assert!(resp.contains("not-ready"), "{resp}");
 }
+
+/// kubectl's `--dry-run=server` (`?dryRun=All`) and optimistic concurrency (`If-Match` with the
+/// generation last read): a dry run checks and answers but changes nothing; a write naming a
+/// generation the appliance no longer has is refused with 412 and changes nothing.
+#[test]
+fn dry_runs_change_nothing_and_if_match_refuses_stale_writes() {
+    let dir = TempDir::new("dryrun");
+    let api = Api::start(&dir.0);
+    let spec = example("edge-firewall.yaml");
+    let with_header = |method: &str, path: &str, header: &str, body: &str| -> (u16, Value) {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n{header}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let resp = raw_exchange(api.addr, req.as_bytes());
+        let status: u16 = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {resp:?}"));
+        let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    };
+
+    // A dry-run create answers what would be created and stores nothing.
+    let (status, v) = api.call(
+        "POST",
+        "/v1/appliances?dryRun=All",
+        "application/yaml",
+        &spec,
+    );
+    assert_eq!(status, 200, "{v:#}");
+    assert_eq!(v["name"], "edge-fw");
+    assert_eq!(v["generation"], 1);
+    assert_eq!(api.get("/v1/appliances/edge-fw").0, 404, "nothing stored");
+    // A bad spec is refused in a dry run as in a real one.
+    let (status, v) = api.call(
+        "POST",
+        "/v1/appliances?dryRun=All",
+        "application/yaml",
+        &spec.replace("initial: 2", "initial: 99"),
+    );
+    assert_eq!(status, 422, "{v:#}");
+
+    assert_eq!(api.apply(&spec).0, 200);
+    let events_before = api.get("/v1/appliances/edge-fw/events").1;
+
+    // A dry-run scale shows the new desired count; the appliance keeps its own.
+    let (status, v) = api.call(
+        "POST",
+        "/v1/appliances/edge-fw/scale?dryRun=All",
+        "application/json",
+        r#"{"dataplanes": 3}"#,
+    );
+    assert_eq!(status, 200, "{v:#}");
+    assert_eq!(v["dataplanes"]["desired"], 3);
+    assert_eq!(v["generation"], 2);
+    let (_, now) = api.get("/v1/appliances/edge-fw");
+    assert_eq!(now["generation"], 1);
+    assert_ne!(now["dataplanes"]["desired"], 3);
+    assert_eq!(
+        api.get("/v1/appliances/edge-fw/events").1,
+        events_before,
+        "a dry run records no event"
+    );
+
+    // If-Match: the right generation writes; the stale one is refused and changes nothing.
+    let scale = r#"{"dataplanes": 3}"#;
+    let (status, v) = with_header(
+        "POST",
+        "/v1/appliances/edge-fw/scale",
+        "If-Match: \"1\"",
+        scale,
+    );
+    assert_eq!(status, 200, "{v:#}");
+    assert_eq!(v["generation"], 2);
+    let (status, v) = with_header(
+        "POST",
+        "/v1/appliances/edge-fw/scale",
+        "If-Match: \"1\"",
+        r#"{"dataplanes": 1}"#,
+    );
+    let msg = error_message(status, &v, 412, "precondition_failed");
+    assert!(
+        msg.contains("generation 2") && msg.contains("not 1"),
+        "{msg}"
+    );
+    assert_eq!(
+        api.get("/v1/appliances/edge-fw").1["dataplanes"]["desired"],
+        3
+    );
+    let (status, v) = with_header("DELETE", "/v1/appliances/edge-fw", "If-Match: W/\"1\"", "");
+    error_message(status, &v, 412, "precondition_failed");
+    let (status, v) = with_header(
+        "POST",
+        "/v1/appliances/nope/scale",
+        "If-Match: \"1\"",
+        scale,
+    );
+    assert!(status == 404 || status == 412, "{status} {v:#}");
+    // Malformed options are 400s, not ignored.
+    let (status, v) = with_header(
+        "POST",
+        "/v1/appliances/edge-fw/scale",
+        "If-Match: \"two\"",
+        scale,
+    );
+    error_message(status, &v, 400, "bad_request");
+    let (status, v) = api.call(
+        "POST",
+        "/v1/appliances/edge-fw/scale?dryRun=maybe",
+        "application/json",
+        scale,
+    );
+    error_message(status, &v, 400, "bad_request");
+
+    // A dry-run delete keeps the appliance.
+    let (status, v) = api.call("DELETE", "/v1/appliances/edge-fw?dryRun=All", "", "");
+    assert_eq!(status, 200, "{v:#}");
+    assert_eq!(v["dryRun"], true);
+    assert_eq!(api.get("/v1/appliances/edge-fw").0, 200);
+    api.stop();
+}
