@@ -269,7 +269,8 @@ struct Shown {
 impl Shown {
     fn read(b: &mut Browser) -> Shown {
         let v = b.eval(
-            "({ dataplanes: document.getElementById('dp-count').textContent, \
+            // Optional chaining: until the page has loaded, there is no such element.
+            "({ dataplanes: document.getElementById('dp-count')?.textContent ?? '', \
                 owners: [...document.querySelectorAll('#owners tbody tr')].map(r => \
                   [Number(r.dataset.unit), Number(r.dataset.buckets), Number(r.dataset.flows)]) })",
         );
@@ -309,7 +310,7 @@ fn wait_shown(b: &mut Browser, what: &str, f: impl Fn(&Shown) -> bool) -> Shown 
         assert!(
             Instant::now() < deadline,
             "the page did not show {what} within {SHOWN_WITHIN:?}; it shows {s:?}, status {}",
-            b.eval("document.getElementById('status').textContent")
+            b.eval("document.getElementById('status')?.textContent ?? 'no page'")
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -437,8 +438,26 @@ fn the_web_view_follows_scaling_live() {
         "events shown: {reasons}"
     );
     assert_eq!(b.eval("window.__notReloaded === true"), json!(true));
-    let rates = b.eval("document.getElementById('total-pps').textContent");
-    assert!(rates.as_str().is_some_and(|r| !r.is_empty()), "{rates}");
+    // Rates come from two successive reads of a unit's counters: every unit carrying traffic
+    // shows one (a number, not the '–' of a unit read once or not at all).
+    let deadline = Instant::now() + SHOWN_WITHIN;
+    loop {
+        let cells = b.eval(
+            "[...document.querySelectorAll('#units tr[data-role=dataplane], \
+                #units tr[data-role=dispatcher]')].map(r => r.children[6].textContent)",
+        );
+        let cells: Vec<&str> = cells
+            .as_array()
+            .expect("rate cells")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        if cells.len() == 2 && cells.iter().all(|c| c.parse::<f64>().is_ok()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "packets/s shown: {cells:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let png = dir.join("web-view.png");
     let size = b.screenshot(&png);
@@ -453,6 +472,20 @@ fn the_web_view_follows_scaling_live() {
         png.display(),
         started.elapsed()
     );
+
+    // A token the server refuses is forgotten and asked for again.
+    b.eval("sessionStorage.setItem('dva-token', 'wrong')");
+    let deadline = Instant::now() + SHOWN_WITHIN;
+    while b.eval("document.getElementById('login').hidden") != json!(false) {
+        assert!(Instant::now() < deadline, "no login form after a 401");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(b.eval("sessionStorage.getItem('dva-token')"), Value::Null);
+    assert_eq!(
+        b.eval("document.getElementById('view').hidden"),
+        json!(true)
+    );
+
     drop(b);
     dva(&cf, &["delete", "edge-fw"]);
     // The screenshot stays for a person to look at; the browser profile and the store go.
