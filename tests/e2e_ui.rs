@@ -4,7 +4,8 @@
 //! DOM, never reloading it, and sees the data-plane count and the bucket owners follow, and the
 //! flows of traffic sent through the firewall. It also checks, as curl sees them, that the page
 //! has its security headers and holds no data, and that the API still refuses calls without the
-//! token. It saves a screenshot of the page.
+//! token. It saves a screenshot of the page. With a load balancer, the page shows each backend's
+//! health.
 //!
 //! Chromium is Debian's `chromium` (`.ci/install-deps.sh` installs it; `DVA_CHROMIUM` names
 //! another binary). Without it the test fails and says so: skipping would make a test that
@@ -491,4 +492,54 @@ fn the_web_view_follows_scaling_live() {
     // The screenshot stays for a person to look at; the browser profile and the store go.
     let _ = std::fs::remove_dir_all(dir.join("chromium"));
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// A load balancer: the page lists its backends with the health the dispatchers' checks find
+/// (server3 has no web server, so its checks fail).
+#[test]
+fn the_web_view_shows_load_balancer_backends_health() {
+    let _serial = serial();
+    let prefix = "e2euilb-";
+    let lab = LabGuard::up(prefix, 3, 2);
+    let _web: Vec<Nginx> = (1..=2)
+        .map(|k| {
+            Nginx::start(&lab.lab.server_ns(k), &[80], &format!("server{k}\n")).expect("nginx")
+        })
+        .collect();
+    let m = MgmtGuard::open(prefix);
+    m.apply_file(&example("web-lb.yaml"));
+    m.wait_ready("web-lb", 2);
+    let token = "e2e-ui-lb-token-0123456789abcdef";
+    let api = dva_mgmt::api::serve(m.mgmt.clone(), "127.0.0.1:0".parse().unwrap(), token.into())
+        .expect("api");
+    let dir: PathBuf = std::env::temp_dir().join(format!("dva-e2euilb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut b = Browser::launch(&dir.join("chromium"));
+    b.call(
+        "Page.navigate",
+        json!({ "url": format!("http://{}/ui#token={token}", api.local_addr()) }),
+    );
+    let want = json!([
+        ["web", "server1", "up"],
+        ["web", "server2", "up"],
+        ["web", "server3", "down"]
+    ]);
+    let deadline = Instant::now() + SHOWN_WITHIN;
+    loop {
+        let shown = b.eval(
+            "[...document.querySelectorAll('#backends tbody tr')].map(r => \
+               [...r.children].slice(0, 3).map(c => c.textContent))",
+        );
+        let visible = b.eval("document.getElementById('backends-section')?.hidden === false");
+        if shown == want && visible == json!(true) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backends shown: {shown} (visible: {visible}), want {want}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
 }
