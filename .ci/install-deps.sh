@@ -7,7 +7,8 @@
 # (linux/bpf.h), and python3-scapy (e2e_hygiene and e2e_tcp_window forge packets; Debian's scapy imports only under
 # /usr/bin/python3), and prometheus for its promtool (e2e_metrics checks `dva serve`'s /metrics
 # with `promtool check metrics`; the Prometheus server it also installs is kept from starting,
-# see below). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
+# see below), and chromium (e2e_ui opens `dva serve`'s web view in headless Chromium; no service
+# comes with it). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
 # packages already installed are left alone, and apt runs only when something is missing. Runs
 # as root (or through sudo).
 set -euo pipefail
@@ -26,7 +27,7 @@ installed() {
 }
 
 packages=(iproute2 ethtool iperf3 curl iputils-ping procps wrk haproxy nftables python3-scapy
-    prometheus clang llvm libbpf-dev linux-libc-dev)
+    prometheus clang llvm libbpf-dev linux-libc-dev chromium)
 missing=()
 for p in "${packages[@]}"; do
     installed "$p" || missing+=("$p")
@@ -83,7 +84,7 @@ if [ "${#missing[@]}" -gt 0 ] || $nginx_missing; then
     fi
 fi
 
-for tool in ip ss ethtool nginx iperf3 curl ping sysctl clang promtool; do
+for tool in ip ss ethtool nginx iperf3 curl ping sysctl clang promtool chromium; do
     command -v "$tool" >/dev/null 2>&1 || {
         echo "install-deps: $tool is still missing" >&2
         exit 1
@@ -98,4 +99,4 @@ command -v cargo >/dev/null 2>&1 || {
     echo "install-deps: scapy does not import under /usr/bin/python3" >&2
     exit 1
 }
-echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables clang llvm libbpf-dev python3-scapy prometheus/promtool)"
+echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables clang llvm libbpf-dev python3-scapy prometheus/promtool chromium)"

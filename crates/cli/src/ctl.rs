@@ -69,6 +69,11 @@ pub fn serve(
         place.describe(),
         state.join("token").display()
     );
+    // The token itself stays out of the output (logs): the fragment is for the user to fill in.
+    println!(
+        "dva serve: live web view at {url}/ui#token=<the token in {}>",
+        state.join("token").display()
+    );
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
     }

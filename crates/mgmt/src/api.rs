@@ -1,5 +1,6 @@
 //! The public HTTP/JSON API under `/v1` (documented in `docs/openapi.json`, which a test keeps in
-//! step with [`ROUTES`]), bearer-token auth, and the client file the CLI finds the server by.
+//! step with [`ROUTES`]), bearer-token auth, the client file the CLI finds the server by, and the
+//! live web view at `/ui` (static files that call the API like any other client).
 //!
 //! Every error is JSON `{"error": {"code", "message"}}` with a matching status; no input makes
 //! the server panic or lose state: operations go through [`Mgmt`], which validates before it
@@ -55,6 +56,34 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/appliances/{name}/scale"),
     ("GET", "/v1/appliances/{name}/units"),
     ("GET", "/v1/appliances/{name}/events"),
+    ("GET", "/v1/appliances/{name}/stats"),
+    ("GET", "/ui"),
+    ("GET", "/ui/app.js"),
+    ("GET", "/ui/app.css"),
+];
+
+/// The web view (`/ui`): a page, its script and its style, served without the token because they
+/// hold no data; the script asks for the token and calls the API with it like any client.
+/// Separate files rather than inline ones, so the page's Content-Security-Policy needs no
+/// `'unsafe-inline'`: an injected `<script>` or `style` attribute would not run.
+const UI_HTML: &str = include_str!("ui/index.html");
+const UI_JS: &str = include_str!("ui/app.js");
+const UI_CSS: &str = include_str!("ui/app.css");
+
+/// Headers of every web-view answer. Only our own files run and only our own API is called
+/// (`connect-src 'self'`); the page is never framed (clickjacking), never cached (it is tiny,
+/// and a stale script after an upgrade would misread the API), and never sniffed into another
+/// type; `no-referrer` keeps even the page's path out of other sites' logs.
+const UI_HEADERS: &[(&str, &str)] = &[
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+         img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Cache-Control", "no-store"),
+    ("Referrer-Policy", "no-referrer"),
 ];
 
 /// Largest request body accepted (a spec is a few KB).
@@ -336,6 +365,8 @@ fn dispatch(shared: &Arc<Shared>, stream: TcpStream, peer: IpAddr) {
 struct Reply {
     status: u16,
     content_type: &'static str,
+    /// Headers beyond the ones every answer has (the web view's security headers).
+    headers: &'static [(&'static str, &'static str)],
     body: String,
 }
 
@@ -353,11 +384,7 @@ struct ErrorDetail<'a> {
 impl Reply {
     fn json<T: Serialize>(status: u16, body: &T) -> Reply {
         match serde_json::to_string_pretty(body) {
-            Ok(text) => Reply {
-                status,
-                content_type: "application/json",
-                body: text + "\n",
-            },
+            Ok(text) => Reply::new(status, "application/json", text + "\n"),
             Err(e) => Reply::error(500, "internal", format!("encoding the answer: {e}")),
         }
     }
@@ -366,10 +393,27 @@ impl Reply {
         let body = ErrorBody {
             error: ErrorDetail { code, message },
         };
+        Reply::new(
+            status,
+            "application/json",
+            serde_json::to_string_pretty(&body).unwrap_or_default() + "\n",
+        )
+    }
+
+    fn new(status: u16, content_type: &'static str, body: String) -> Reply {
         Reply {
             status,
-            content_type: "application/json",
-            body: serde_json::to_string_pretty(&body).unwrap_or_default() + "\n",
+            content_type,
+            headers: &[],
+            body,
+        }
+    }
+
+    /// A file of the web view, with its security headers.
+    fn ui(content_type: &'static str, body: &str) -> Reply {
+        Reply {
+            headers: UI_HEADERS,
+            ..Reply::new(200, content_type, body.to_string())
         }
     }
 
@@ -411,6 +455,9 @@ impl Reply {
         );
         if self.status == 401 {
             out += "WWW-Authenticate: Bearer\r\n";
+        }
+        for (name, value) in self.headers {
+            out += &format!("{name}: {value}\r\n");
         }
         out += "\r\n";
         let mut bytes = out.into_bytes();
@@ -687,12 +734,21 @@ enum Call<'a> {
     Scale(&'a str),
     Units(&'a str),
     Events(&'a str),
+    /// Every unit's traffic counters now (rates are two reads apart).
+    Stats(&'a str),
+    /// The web view's page, script and style: no data in them, so no token.
+    Ui,
+    UiScript,
+    UiStyle,
 }
 
 impl Call<'_> {
     /// Whether the call needs the bearer token.
     fn guarded(self) -> bool {
-        !matches!(self, Call::Health | Call::Ready | Call::OpenApi)
+        !matches!(
+            self,
+            Call::Health | Call::Ready | Call::OpenApi | Call::Ui | Call::UiScript | Call::UiStyle
+        )
     }
     fn has_body(self) -> bool {
         matches!(self, Call::Apply | Call::Put(_) | Call::Scale(_))
@@ -721,6 +777,10 @@ fn route<'a>(method: &str, target: &'a str) -> Result<Call<'a>, Reply> {
         ("POST", ["v1", "appliances", n, "scale"]) if !n.is_empty() => Call::Scale(n),
         ("GET", ["v1", "appliances", n, "units"]) if !n.is_empty() => Call::Units(n),
         ("GET", ["v1", "appliances", n, "events"]) if !n.is_empty() => Call::Events(n),
+        ("GET", ["v1", "appliances", n, "stats"]) if !n.is_empty() => Call::Stats(n),
+        ("GET", ["ui"]) => Call::Ui,
+        ("GET", ["ui", "app.js"]) => Call::UiScript,
+        ("GET", ["ui", "app.css"]) => Call::UiStyle,
         _ => {
             let allowed: Vec<&str> = ROUTES
                 .iter()
@@ -855,35 +915,26 @@ fn write_options(head: &Head) -> Result<WriteOptions, Reply> {
 fn execute(sh: &Shared, call: Call<'_>, body: &str, opts: WriteOptions) -> Reply {
     let mgmt = &sh.mgmt;
     match call {
-        Call::Health => Reply {
-            status: 200,
-            content_type: "text/plain",
-            body: "ok\n".into(),
-        },
+        Call::Health => Reply::new(200, "text/plain", "ok\n".into()),
         Call::Ready => match mgmt.ready() {
-            Ok(()) => Reply {
-                status: 200,
-                content_type: "text/plain",
-                body: "ready\n".into(),
-            },
+            Ok(()) => Reply::new(200, "text/plain", "ready\n".into()),
             Err(why) => Reply::error(503, "not-ready", why),
         },
-        Call::OpenApi => Reply {
-            status: 200,
-            content_type: "application/json",
-            body: OPENAPI.into(),
-        },
+        Call::OpenApi => Reply::new(200, "application/json", OPENAPI.into()),
+        Call::Ui => Reply::ui("text/html; charset=utf-8", UI_HTML),
+        Call::UiScript => Reply::ui("text/javascript; charset=utf-8", UI_JS),
+        Call::UiStyle => Reply::ui("text/css; charset=utf-8", UI_CSS),
         Call::Metrics => {
             let answered = sh
                 .answered
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            Reply {
-                status: 200,
-                content_type: dva_unit::metrics::CONTENT_TYPE,
-                body: mgmt.metrics(&answered),
-            }
+            Reply::new(
+                200,
+                dva_unit::metrics::CONTENT_TYPE,
+                mgmt.metrics(&answered),
+            )
         }
         Call::List => Reply::json(200, &mgmt.list()),
         Call::Apply => Reply::from(mgmt.apply_with(body, opts)),
@@ -917,6 +968,7 @@ fn execute(sh: &Shared, call: Call<'_>, body: &str, opts: WriteOptions) -> Reply
         },
         Call::Units(name) => Reply::from(mgmt.units(name)),
         Call::Events(name) => Reply::from(mgmt.events(name)),
+        Call::Stats(name) => Reply::from(mgmt.stats(name)),
     }
 }
 
@@ -1147,6 +1199,51 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some((14, 4)));
         assert_eq!(head_end(b"GET / HTTP/1.1\n\nbody"), Some((14, 2)));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\n"), None);
+    }
+
+    /// The web view's files need no token (they hold no data) and carry the headers that keep
+    /// anything but our own script from running in the page; they show data only through the
+    /// DOM's text, never as markup.
+    #[test]
+    fn the_web_view_is_open_locked_down_and_inert() {
+        for (path, call) in [
+            ("/ui", Call::Ui),
+            ("/ui/", Call::Ui),
+            ("/ui/app.js", Call::UiScript),
+            ("/ui/app.css", Call::UiStyle),
+        ] {
+            assert_eq!(route("GET", path), Ok(call), "{path}");
+            assert!(!call.guarded(), "{path}");
+        }
+        assert!(route("GET", "/v1/appliances/x/stats").is_ok_and(Call::guarded));
+        let text = String::from_utf8(Reply::ui("text/html", UI_HTML).to_bytes()).expect("utf8");
+        for want in [
+            "\r\nContent-Security-Policy: default-src 'none'; script-src 'self'; style-src 'self'; ",
+            "\r\nX-Content-Type-Options: nosniff\r\n",
+            "\r\nCache-Control: no-store\r\n",
+            "\r\nX-Frame-Options: DENY\r\n",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in {text}");
+        }
+        assert!(!text.contains("unsafe-inline"));
+        // The API's own answers carry none of them (JSON is never rendered as a page).
+        let api = String::from_utf8(Reply::json(200, &1).to_bytes()).expect("utf8");
+        assert!(!api.contains("Content-Security-Policy"), "{api}");
+        // The CSP allows no inline script or style, so the page must have none (they would be
+        // silently refused); and the script builds the DOM from text nodes only.
+        assert!(UI_HTML.contains("<script src=\"/ui/app.js\""));
+        for inline in ["<script>", "<style", " style=", " onclick=", "javascript:"] {
+            assert!(!UI_HTML.contains(inline), "inline {inline:?} in index.html");
+        }
+        for sink in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+        ] {
+            assert!(!UI_JS.contains(sink), "{sink} in app.js");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `dva serve`'s aggregated `/metrics`: every running unit of every appliance, plus the
-//! management tool's own metrics, as one Prometheus exposition.
+//! management tool's own metrics, as one Prometheus exposition; and the same reads of one
+//! appliance's units as JSON (`/v1/appliances/{name}/stats`, what the web view turns into rates).
 //!
 //! Units are read as JSON stats (`/stats` on their control socket), not as their own
 //! `/metrics` text, and everything is encoded here in one registry per scrape: re-parsing and
@@ -21,7 +22,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::core::Mgmt;
-use crate::model::UnitState;
+use crate::model::{now_ms, ApiError, StatsView, UnitCounters, UnitRecord, UnitState};
 
 /// How long one unit has to answer a scrape.
 pub const UNIT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -64,22 +65,7 @@ impl Mgmt {
                 }
             }
         }
-        let stats: Vec<Option<UnitStats>> = targets
-            .chunks(SCRAPE_PARALLEL)
-            .flat_map(|chunk| {
-                std::thread::scope(|s| {
-                    let handles: Vec<_> = chunk
-                        .iter()
-                        .map(|t| s.spawn(|| fetch(&t.control)))
-                        .collect();
-                    // A unit whose thread could not finish counts as not answering.
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().ok().flatten())
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
+        let stats = read_units(targets.iter().map(|t| t.control.as_path()));
 
         let mut e = Exposition::new();
         let r = e.registry_mut();
@@ -147,6 +133,80 @@ impl Mgmt {
     }
 }
 
+impl Mgmt {
+    /// `GET /v1/appliances/{name}/stats`: every unit's counters, read as `/metrics` reads them
+    /// (the same timeout and parallelism), so a live view can turn two reads into rates.
+    pub fn stats(&self, name: &str) -> Result<StatsView, ApiError> {
+        let units: Vec<(UnitRecord, Option<PathBuf>)> = {
+            let all = self.inner.lock();
+            let app = all
+                .get(name)
+                .ok_or_else(|| ApiError::NotFound(format!("no appliance named {name:?}")))?;
+            app.rec
+                .units
+                .iter()
+                .map(|u| {
+                    // Only units serving traffic have a control socket worth waiting for.
+                    let serving = matches!(u.state, UnitState::Ready | UnitState::Draining);
+                    let control =
+                        serving.then(|| crate::reconcile::control_socket(&self.inner, name, u.id));
+                    (u.clone(), control)
+                })
+                .collect()
+        };
+        // Read outside the lock: a slow unit must not hold up the reconciler.
+        let asked: Vec<&std::path::Path> = units.iter().filter_map(|(_, c)| c.as_deref()).collect();
+        let mut answers = read_units(asked.into_iter()).into_iter();
+        let time_ms = now_ms();
+        let units = units
+            .iter()
+            .map(|(u, control)| {
+                let s = control.as_ref().and_then(|_| answers.next().flatten());
+                let s = s.as_ref();
+                UnitCounters {
+                    id: u.id,
+                    role: u.role,
+                    host: u.host.clone(),
+                    state: u.state,
+                    answered: s.is_some(),
+                    uptime_secs: s.map_or(0.0, |s| s.uptime_secs),
+                    rx_packets: s.map_or(0, |s| s.rx_packets),
+                    rx_bytes: s.map_or(0, |s| s.rx_bytes),
+                    tx_packets: s.map_or(0, |s| s.tx_packets),
+                    tx_bytes: s.map_or(0, |s| s.tx_bytes),
+                    drops: s.map_or(0, UnitStats::total_drops),
+                    flows: s.map_or(0, |s| s.flows),
+                    active_flows: s.map_or(0, |s| s.active_flows),
+                }
+            })
+            .collect();
+        Ok(StatsView {
+            name: name.to_string(),
+            time_ms,
+            units,
+        })
+    }
+}
+
+/// Read the stats of every unit at `controls`, [`SCRAPE_PARALLEL`] at a time, each within
+/// [`UNIT_TIMEOUT`]; `None` for a unit that did not answer. In the order given.
+fn read_units<'a>(controls: impl Iterator<Item = &'a std::path::Path>) -> Vec<Option<UnitStats>> {
+    let controls: Vec<&std::path::Path> = controls.collect();
+    controls
+        .chunks(SCRAPE_PARALLEL)
+        .flat_map(|chunk| {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = chunk.iter().map(|c| s.spawn(|| fetch(c))).collect();
+                // A unit whose thread could not finish counts as not answering.
+                handles
+                    .into_iter()
+                    .map(|h| h.join().ok().flatten())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect()
+}
+
 fn fetch(control: &std::path::Path) -> Option<UnitStats> {
     let (status, body) = dva_unit::control::get(control, "/stats", UNIT_TIMEOUT).ok()?;
     if status != 200 {
@@ -179,7 +239,9 @@ mod tests {
         opts.run_root = state.join("run");
         let mgmt = Mgmt::open(opts).expect("open");
         let text = mgmt.metrics(&[(200, 3), (401, 1)].into_iter().collect());
+        let missing = mgmt.stats("nope").map(|_| ()).map_err(|e| e.status());
         mgmt.shutdown();
+        assert_eq!(missing, Err(404));
         let _ = std::fs::remove_dir_all(&state);
         for want in [
             "# TYPE dva_mgmt_appliances gauge",

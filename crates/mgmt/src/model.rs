@@ -132,6 +132,37 @@ pub struct UnitView {
     pub error: Option<String>,
 }
 
+/// `GET /v1/appliances/{name}/stats`: every unit's traffic counters as read from the unit just
+/// now. Counters only grow while a unit lives, so a client computes rates from two successive
+/// reads (per unit id; a unit whose `uptime_secs` went down restarted and starts a new series).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsView {
+    pub name: String,
+    /// When the units were read (Unix ms): the time base for rates.
+    pub time_ms: u64,
+    pub units: Vec<UnitCounters>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnitCounters {
+    pub id: u32,
+    pub role: UnitRole,
+    pub host: String,
+    pub state: UnitState,
+    /// Whether the unit answered in time (units starting or stopped are not asked); without an
+    /// answer every counter is 0.
+    pub answered: bool,
+    pub uptime_secs: f64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Every drop, whatever the reason.
+    pub drops: u64,
+    pub flows: u64,
+    pub active_flows: u64,
+}
+
 /// Appliance status: `pending` (units starting), `ready` (every unit serves the current config
 /// version), `degraded` (running, but a unit is missing or NACKed), `deleting`, `error` (its
 /// stored record could not be used: `error` says why and where the file was set aside; apply

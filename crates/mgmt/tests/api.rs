@@ -164,6 +164,7 @@ fn calls_without_or_with_a_wrong_token_are_refused() {
             ("POST", "/v1/appliances"),
             ("GET", "/v1/appliances/edge-fw"),
             ("DELETE", "/v1/appliances/edge-fw"),
+            ("GET", "/v1/appliances/edge-fw/stats"),
         ] {
             let (status, text) = c.raw(method, path, "", b"").expect("request");
             let v: Value = serde_json::from_str(&text).expect("JSON error");
@@ -191,6 +192,10 @@ fn calls_without_or_with_a_wrong_token_are_refused() {
         .expect("openapi");
     assert_eq!(status, 200);
     assert_eq!(body, OPENAPI);
+    // The web view's page needs none either: it holds no data, its script asks for the token.
+    let (status, body) = anon.raw("GET", "/ui", "", b"").expect("ui");
+    assert_eq!(status, 200);
+    assert!(body.contains("<script src=\"/ui/app.js\""), "{body}");
 }
 
 #[test]
@@ -813,7 +818,8 @@ fn routes_equal_the_openapi_paths() {
         "documented but not served: {unrouted:?}"
     );
 
-    // Only /healthz, /readyz and the document itself are open; the rest needs the bearer token.
+    // Only /healthz, /readyz, the document itself and the web view's files (which hold no data)
+    // are open; the rest needs the bearer token.
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"],
         serde_json::json!({ "type": "http", "scheme": "bearer" })
@@ -822,8 +828,11 @@ fn routes_equal_the_openapi_paths() {
     for (path, item) in doc["paths"].as_object().expect("paths") {
         for (method, op) in item.as_object().expect("path item") {
             let open = op.get("security") == Some(&serde_json::json!([]));
-            let should_be_open =
-                path == "/healthz" || path == "/readyz" || path == "/v1/openapi.json";
+            let should_be_open = path == "/healthz"
+                || path == "/readyz"
+                || path == "/v1/openapi.json"
+                || path == "/ui"
+                || path.starts_with("/ui/");
             if method != "parameters" {
                 assert_eq!(open, should_be_open, "{method} {path}");
             }
@@ -910,6 +919,31 @@ fn openapi_schemas_match_the_model() {
         serde_json::to_value(view.dataplanes).expect("json"),
     );
     check("Event", serde_json::to_value(&event).expect("json"));
+    let counters = UnitCounters {
+        id: 1,
+        role: UnitRole::Dataplane,
+        host: "h".into(),
+        state: UnitState::Ready,
+        answered: true,
+        uptime_secs: 1.0,
+        rx_packets: 1,
+        rx_bytes: 1,
+        tx_packets: 1,
+        tx_bytes: 1,
+        drops: 0,
+        flows: 0,
+        active_flows: 0,
+    };
+    let stats = StatsView {
+        name: "a".into(),
+        time_ms: 1,
+        units: vec![counters.clone()],
+    };
+    check("StatsView", serde_json::to_value(&stats).expect("json"));
+    check(
+        "UnitCounters",
+        serde_json::to_value(&counters).expect("json"),
+    );
     check("ScaleRequest", serde_json::to_value(&scale).expect("json"));
 
     let enum_of = |schema: &str, field: &str| -> BTreeSet<String> {
