@@ -1,5 +1,5 @@
 //! Real servers and clients run inside lab namespaces: nginx and iperf3 servers as guards,
-//! curl, ping, iperf3 and a bare TCP connect as clients.
+//! curl, ping, iperf3 and a bare TCP connect as clients, and floods of raw frames.
 //!
 //! Servers: `start` returns once the server accepts connections (polled from inside its
 //! namespace, with a deadline), and dropping the guard kills the server and removes its
@@ -9,6 +9,7 @@
 //! out, no reply) is `Ok(false)` where the function returns a bool, and an `Err` is kept for
 //! the client not running at all (missing tool, missing namespace, bad arguments).
 
+mod flood;
 mod haproxy;
 mod impair;
 mod iperf3;
@@ -26,6 +27,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use flood::{device_mac, syn_flood, udp_flood, Flood, FloodOptions, FloodReport, FloodSource};
 pub use haproxy::Haproxy;
 pub use impair::{ImpairStats, Impaired, Impairment};
 pub use iperf3::{iperf3_client, Iperf3Report, Iperf3Server};
