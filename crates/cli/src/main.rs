@@ -4,6 +4,7 @@
 mod bench_chaos;
 mod bench_compare;
 mod bench_elasticity;
+mod bench_lab;
 mod ctl;
 mod demo;
 mod run;
