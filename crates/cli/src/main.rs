@@ -4,6 +4,7 @@
 mod bench_chaos;
 mod bench_compare;
 mod bench_elasticity;
+mod bench_flood;
 mod bench_lab;
 mod ctl;
 mod demo;
@@ -257,6 +258,28 @@ enum BenchCmd {
         #[arg(long)]
         markdown: bool,
     },
+    /// Probe latency and new legitimate connections during a SYN flood and a unique-UDP-tuple
+    /// flood, through dva (2 data planes) and through the kernel with an equivalent nftables
+    /// ruleset: one table.
+    Flood {
+        #[arg(long, default_value = "dva-bench-")]
+        prefix: String,
+        /// Frames per flood.
+        #[arg(long, default_value_t = 300_000)]
+        frames: usize,
+        /// Flood rate, frames/s (0: as fast as the generator goes).
+        #[arg(long, default_value_t = 100_000)]
+        pps: u32,
+        /// Probes (new TCP connection + GET /) per second.
+        #[arg(long, default_value_t = 50)]
+        probe_hz: u32,
+        /// A tiny flood (5 000 frames at 20 000/s) and one lab per path: checks the bench works.
+        #[arg(long)]
+        quick: bool,
+        /// Also print the table as Markdown.
+        #[arg(long)]
+        markdown: bool,
+    },
     /// kill -9 random units (data plane, dispatcher, leading manager) under traffic; report
     /// broken flows, losses and recovery time per kill.
     Chaos {
@@ -481,6 +504,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => bench_compare::run(&bench_compare::Options {
             prefix,
             secs,
+            markdown,
+        }),
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Flood {
+                    prefix,
+                    frames,
+                    pps,
+                    probe_hz,
+                    quick,
+                    markdown,
+                },
+        } => bench_flood::run(&bench_flood::Options {
+            prefix,
+            frames,
+            pps,
+            probe_hz,
+            quick,
             markdown,
         }),
         Cmd::Bench {
