@@ -39,6 +39,25 @@ impl Appliance {
         dataplanes: u32,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Appliance> {
+        Appliance::spawn(spec, prefix, dataplanes, env, false)
+    }
+
+    /// `dva run`, its output printed as it comes (indented, after `  | `), as `dva demo` shows it.
+    pub(crate) fn start_echoed(
+        spec: &Path,
+        prefix: &str,
+        dataplanes: u32,
+    ) -> anyhow::Result<Appliance> {
+        Appliance::spawn(spec, prefix, dataplanes, &[], true)
+    }
+
+    fn spawn(
+        spec: &Path,
+        prefix: &str,
+        dataplanes: u32,
+        env: &[(&str, &str)],
+        echo: bool,
+    ) -> anyhow::Result<Appliance> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
             .envs(env.iter().copied())
@@ -56,6 +75,9 @@ impl Appliance {
         let lines = log.clone();
         std::thread::spawn(move || {
             for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if echo {
+                    println!("  | {l}");
+                }
                 if let Ok(mut v) = lines.lock() {
                     v.push(l.clone());
                 }

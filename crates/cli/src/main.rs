@@ -261,25 +261,7 @@ enum BenchCmd {
     /// Probe latency and new legitimate connections during a SYN flood and a unique-UDP-tuple
     /// flood, through dva (2 data planes) and through the kernel with an equivalent nftables
     /// ruleset: one table.
-    Flood {
-        #[arg(long, default_value = "dva-bench-")]
-        prefix: String,
-        /// Frames per flood.
-        #[arg(long, default_value_t = 300_000)]
-        frames: usize,
-        /// Flood rate, frames/s (0: as fast as the generator goes).
-        #[arg(long, default_value_t = 100_000)]
-        pps: u32,
-        /// Probes (new TCP connection + GET /) per second.
-        #[arg(long, default_value_t = 50)]
-        probe_hz: u32,
-        /// A tiny flood (5 000 frames at 20 000/s) and one lab per path: checks the bench works.
-        #[arg(long)]
-        quick: bool,
-        /// Also print the table as Markdown.
-        #[arg(long)]
-        markdown: bool,
-    },
+    Flood(bench_flood::Options),
     /// kill -9 random units (data plane, dispatcher, leading manager) under traffic; report
     /// broken flows, losses and recovery time per kill.
     Chaos {
@@ -507,23 +489,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             markdown,
         }),
         Cmd::Bench {
-            cmd:
-                BenchCmd::Flood {
-                    prefix,
-                    frames,
-                    pps,
-                    probe_hz,
-                    quick,
-                    markdown,
-                },
-        } => bench_flood::run(&bench_flood::Options {
-            prefix,
-            frames,
-            pps,
-            probe_hz,
-            quick,
-            markdown,
-        }),
+            cmd: BenchCmd::Flood(opts),
+        } => bench_flood::run(&opts),
         Cmd::Bench {
             cmd:
                 BenchCmd::Chaos {

@@ -20,6 +20,7 @@ use dva_io::af_packet::{AfPacket, AfPacketConfig};
 use dva_io::FrameIo;
 use dva_wire::checksum;
 
+use super::Xorshift;
 use crate::LabError;
 
 /// Frames queued between two flushes and two looks at the clock.
@@ -173,7 +174,7 @@ fn send(
     src_mac: [u8; 6],
     mut port: AfPacket,
 ) -> Result<FloodReport, dva_io::IoError> {
-    let mut rng = Xorshift(opts.seed | 1);
+    let mut rng = Xorshift::new(opts.seed);
     let mut frame = [0u8; MIN_FRAME];
     let start = Instant::now();
     let mut sent = 0;
@@ -233,18 +234,6 @@ fn send_error(dev: &str, source: std::io::Error) -> dva_io::IoError {
         call: "sendto AF_PACKET",
         on: dev.to_string(),
         source,
-    }
-}
-
-/// xorshift64: fast, and random enough for spoofed addresses and ports.
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
     }
 }
 
@@ -381,7 +370,7 @@ mod tests {
 
     #[test]
     fn random_sources_are_never_martian_nor_the_lab() {
-        let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut rng = Xorshift::new(0x9e37_79b9_7f4a_7c15);
         for _ in 0..100_000 {
             let a = random_source(rng.next());
             let first = a.octets()[0];

@@ -177,6 +177,29 @@ pub fn tcp_connect(ns: &str, dst: IpAddr, port: u16, timeout_secs: u32) -> Resul
     }
 }
 
+/// xorshift64: a tiny generator, repeatable from its seed and free of dependencies; for
+/// spoofed addresses and impairment decisions, never for anything secret.
+struct Xorshift(u64);
+
+impl Xorshift {
+    /// A generator from `seed` (xorshift must not start at 0).
+    fn new(seed: u64) -> Xorshift {
+        Xorshift(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A percentage in [0, 100), in steps of 0.01.
+    fn pct(&mut self) -> f64 {
+        (self.next() % 10_000) as f64 / 100.0
+    }
+}
+
 /// A fresh directory for one server's config, pid file, logs and temp files; removed on drop.
 #[derive(Debug)]
 struct Scratch {
