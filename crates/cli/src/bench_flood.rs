@@ -10,7 +10,8 @@
 //! - **dva edge-fw with 2 data planes**: `dva run -f examples/edge-firewall.yaml`.
 //!
 //! Floods ([`dva_lab::apps::syn_flood`], [`dva_lab::apps::udp_flood`]), the same frames on both
-//! paths, at a fixed rate (so both paths get the same load, whatever they make of it):
+//! paths at the same rate: `--pps`, or less if the kernel path's flood could not go that fast
+//! (see [`matched_rate`]), so both paths get the same load, whatever they make of it:
 //! - **SYN**: TCP SYNs from random spoofed sources, client → server1:80, which the policy lets
 //!   in: every one is a half-open connection to track;
 //! - **UDP**: datagrams on a new 5-tuple each, server1 → client (inside → outside, which the
@@ -125,6 +126,8 @@ impl FloodKind {
 struct ProbeSummary {
     attempted: usize,
     ok: usize,
+    /// Why probes failed, and how many for each reason.
+    failures: BTreeMap<String, usize>,
     /// Milliseconds, sorted.
     latencies_ms: Vec<f64>,
 }
@@ -134,9 +137,12 @@ impl ProbeSummary {
         let mut s = ProbeSummary::default();
         for p in probes {
             s.attempted += 1;
-            if let Ok(d) = p.outcome {
-                s.ok += 1;
-                s.latencies_ms.push(d.as_secs_f64() * 1e3);
+            match &p.outcome {
+                Ok(d) => {
+                    s.ok += 1;
+                    s.latencies_ms.push(d.as_secs_f64() * 1e3);
+                }
+                Err(why) => *s.failures.entry(why.clone()).or_insert(0) += 1,
             }
         }
         s.latencies_ms.sort_by(f64::total_cmp);
@@ -194,7 +200,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let spec = spec_path("edge-firewall.yaml")?;
     println!(
         "lab {}: client, server1 (nginx), dispatcher host, 2 data-plane hosts, rebuilt for each {}; \
-         floods of {frames} frames at {}; probes {}/s (new TCP connection + GET /)",
+         floods of {frames} frames at {} (dva at the rate the kernel path's flood achieved, if \
+         lower); probes {}/s (new TCP connection + GET /)",
         opts.prefix,
         if opts.quick { "path" } else { "path and flood" },
         if pps == 0 { "full speed".to_string() } else { format!("{pps} frames/s") },
@@ -231,16 +238,24 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             let Some(s) = &setup else { continue };
             print!("  {:<22} ", flood.name());
             let _ = std::io::stdout().flush();
-            let result = bench.measure(s, flood);
+            let pps = matched_rate(bench.pps, &rows, flood);
+            let result = bench.measure(s, flood, pps);
             match &result {
-                Ok(m) => println!(
-                    "{:.0} kpps; probes p99 {} ms, ok {} during, {} after; {}",
-                    m.flood.pps() / 1e3,
-                    ms(m.during.percentile(99.0)),
-                    m.during.ratio(),
-                    m.after.ratio(),
-                    m.drops
-                ),
+                Ok(m) => {
+                    println!(
+                        "{:.0} kpps; probes p99 {} ms, ok {} during, {} after; {}",
+                        m.flood.pps() / 1e3,
+                        ms(m.during.percentile(99.0)),
+                        m.during.ratio(),
+                        m.after.ratio(),
+                        m.drops
+                    );
+                    for (when, probes) in [("during", &m.during), ("after", &m.after)] {
+                        for (why, n) in &probes.failures {
+                            println!("    {n} probe(s) {when} the flood failed: {why}");
+                        }
+                    }
+                }
                 Err(e) => println!("FAILED: {e:#}"),
             }
             rows.push(Row {
@@ -259,6 +274,24 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         bail!("{failed} measurement(s) failed (see the table)");
     }
     Ok(())
+}
+
+/// The rate to flood dva at: the rate the kernel path's flood of the same kind achieved, if
+/// lower than asked. On a veth the sender does the receiver's work: each frame the generator
+/// writes is bridged, forwarded and tracked by the kernel in the generator's own system call,
+/// so the kernel path slows its flood down, while dva reads frames in its own processes.
+/// Matching the rates gives both paths the same load, frame for frame and second for second.
+fn matched_rate(asked: u32, rows: &[Row], flood: FloodKind) -> u32 {
+    let kernel = rows
+        .iter()
+        .find(|r| r.path == PathKind::Kernel && r.flood == flood)
+        .and_then(|r| r.result.as_ref().ok())
+        .map(|m| m.flood.pps());
+    match kernel {
+        // Whole thousands: a rate that reads the same in the table.
+        Some(k) if asked == 0 || k < f64::from(asked) => ((k / 1e3).floor() * 1e3).max(1e3) as u32,
+        _ => asked,
+    }
 }
 
 struct Bench {
@@ -325,7 +358,7 @@ impl Bench {
         })
     }
 
-    fn measure(&self, s: &PathSetup, flood: FloodKind) -> anyhow::Result<Measured> {
+    fn measure(&self, s: &PathSetup, flood: FloodKind, pps: u32) -> anyhow::Result<Measured> {
         let router = s.lab.dispatcher_ns(1);
         let server1 = Lab::server_addr(1);
         let opts = match flood {
@@ -336,7 +369,7 @@ impl Bench {
                 src: FloodSource::Random,
                 dst: server1,
                 frames: self.frames,
-                pps: self.pps,
+                pps,
                 seed: SEED,
             },
             FloodKind::Udp => FloodOptions {
@@ -346,7 +379,7 @@ impl Bench {
                 src: FloodSource::Fixed(server1),
                 dst: Lab::client_addr(),
                 frames: self.frames,
-                pps: self.pps,
+                pps,
                 seed: SEED,
             },
         };
@@ -398,6 +431,10 @@ impl Bench {
                 for (_, st) in unit_stats(&self.prefix, APPLIANCE)? {
                     for (reason, n) in st.drops {
                         *all.entry(reason).or_insert(0) += n;
+                    }
+                    // Frames the kernel dropped before dva could read them (a full ring).
+                    for i in &st.interfaces {
+                        *all.entry(format!("ring-full {}", i.device)).or_insert(0) += i.ring_drops;
                     }
                     if let Some(n) = st.counters.get("conntrack_early_drops") {
                         *all.entry("early drop of half-open".into()).or_insert(0) += n;
@@ -746,6 +783,7 @@ mod tests {
         assert_eq!((s.ok, s.attempted), (2, 3));
         assert_eq!(s.latencies_ms, vec![10.0, 30.0]);
         assert_eq!(s.ratio(), "2/3");
+        assert_eq!(s.failures.get("refused"), Some(&1));
     }
 
     #[test]
@@ -775,6 +813,38 @@ mod tests {
         assert!(!s.contains_key("nf_conntrack entries"));
         assert!(parse_conntrack_stats("").is_err());
         assert!(parse_conntrack_stats("drop\nzz\n").is_err());
+    }
+
+    fn row(path: PathKind, flood: FloodKind, pps: u32) -> Row {
+        let s = ProbeSummary::default();
+        Row {
+            path,
+            flood,
+            result: Ok(Measured {
+                flood: FloodReport {
+                    sent: pps as usize,
+                    elapsed: Duration::from_secs(1),
+                },
+                idle: s.clone(),
+                during: s.clone(),
+                after: s,
+                drops: String::new(),
+                path_cpu_pct: 0.0,
+                machine_cpu_pct: 0.0,
+            }),
+        }
+    }
+
+    #[test]
+    fn dva_is_flooded_at_the_rate_the_kernel_path_achieved() {
+        let rows = [
+            row(PathKind::Kernel, FloodKind::Syn, 23_456),
+            row(PathKind::Kernel, FloodKind::Udp, 150_000),
+        ];
+        assert_eq!(matched_rate(100_000, &rows, FloodKind::Syn), 23_000);
+        assert_eq!(matched_rate(0, &rows, FloodKind::Syn), 23_000);
+        assert_eq!(matched_rate(100_000, &rows, FloodKind::Udp), 100_000);
+        assert_eq!(matched_rate(100_000, &[], FloodKind::Syn), 100_000);
     }
 
     #[test]
