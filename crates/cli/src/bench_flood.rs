@@ -45,8 +45,8 @@ use dva_lab::apps::{self, FloodOptions, FloodReport, FloodSource, NftTable, Ngin
 use dva_lab::{Lab, LabSpec};
 
 use crate::bench_lab::{
-    machine_cpu, netfilter_sysctl, render_table, unit_pids, unit_stats, Appliance, PathCpu,
-    NFT_EDGE_FIREWALL,
+    machine_cpu, netfilter_sysctl, render_table, runqueue_wait, unit_pids, unit_stats, Appliance,
+    PathCpu, NFT_EDGE_FIREWALL,
 };
 use crate::demo::{spec_path, LabGuard};
 
@@ -180,6 +180,9 @@ struct Measured {
     /// CPU over the flood and the second after it, % of one core.
     path_cpu_pct: f64,
     machine_cpu_pct: f64,
+    /// dva: how long its units' threads waited for a CPU while runnable, % of the window
+    /// (summed over threads). The kernel's softirq work does not queue behind processes.
+    waited_pct: Option<f64>,
 }
 
 struct Row {
@@ -312,6 +315,16 @@ struct PathSetup {
     _nginx: Nginx,
 }
 
+impl PathSetup {
+    /// Seconds the path's processes have waited for a CPU so far (none for the kernel).
+    fn waited(&self) -> Option<f64> {
+        match &self.cpu {
+            PathCpu::Processes(pids) => Some(runqueue_wait(pids)),
+            PathCpu::Softirq => None,
+        }
+    }
+}
+
 impl Bench {
     fn set_up(&self, path: PathKind, spec: &std::path::Path) -> anyhow::Result<PathSetup> {
         Lab::down(&self.prefix)?;
@@ -388,6 +401,7 @@ impl Bench {
         std::thread::sleep(BEFORE);
         let (busy0, soft0) = machine_cpu()?;
         let cpu0 = s.cpu.read(soft0);
+        let wait0 = s.waited();
         let t0 = Instant::now();
         let sent = match flood {
             FloodKind::Syn => apps::syn_flood(&opts, WEB_PORT),
@@ -408,6 +422,7 @@ impl Bench {
         std::thread::sleep(AFTER);
         let (busy1, soft1) = machine_cpu()?;
         let cpu1 = s.cpu.read(soft1);
+        let wait1 = s.waited();
         let window = (Instant::now() - t0).as_secs_f64();
         let probes = prober.stop()?;
         let counted1 = self.counters(s)?;
@@ -419,6 +434,7 @@ impl Bench {
             drops: describe_drops(&counted0, &counted1, &state),
             path_cpu_pct: 100.0 * (cpu1 - cpu0) / window,
             machine_cpu_pct: 100.0 * (busy1 - busy0) / window,
+            waited_pct: wait0.zip(wait1).map(|(a, b)| 100.0 * (b - a) / window),
         })
     }
 
@@ -726,7 +742,13 @@ fn render(rows: &[Row], markdown: bool) -> String {
                 ms(m.during.latencies_ms.last().copied()),
                 m.during.ratio(),
                 m.after.ratio(),
-                format!("{:.0} (machine {:.0})", m.path_cpu_pct, m.machine_cpu_pct),
+                match m.waited_pct {
+                    Some(w) => format!(
+                        "{:.0} (waited {w:.0}; machine {:.0})",
+                        m.path_cpu_pct, m.machine_cpu_pct
+                    ),
+                    None => format!("{:.0} (machine {:.0})", m.path_cpu_pct, m.machine_cpu_pct),
+                },
                 m.drops.clone(),
             ],
             Err(e) => {
@@ -743,7 +765,7 @@ fn render(rows: &[Row], markdown: bool) -> String {
             "probe: new TCP connection + GET / + close, client -> nginx on server1; p50/p99/max over \
              the probes started during the flood that completed (3 s at most), ok = completed/started.\n\
              path CPU: dva units' user+sys / the kernel's softirq time, over the flood and 1 s after, \
-             % of one core; machine: all CPUs busy.\n",
+             % of one core; waited: time dva's threads were runnable but had no CPU; machine: all CPUs busy.\n",
         );
     }
     out
@@ -831,6 +853,7 @@ mod tests {
                 drops: String::new(),
                 path_cpu_pct: 0.0,
                 machine_cpu_pct: 0.0,
+                waited_pct: None,
             }),
         }
     }
@@ -873,12 +896,21 @@ mod tests {
             drops: "conntrack 5/262144; no drops".into(),
             path_cpu_pct: 42.0,
             machine_cpu_pct: 150.0,
+            waited_pct: None,
         };
         let rows = vec![
             Row {
                 path: PathKind::Kernel,
                 flood: FloodKind::Syn,
                 result: Ok(m.clone()),
+            },
+            Row {
+                path: PathKind::Dva,
+                flood: FloodKind::Syn,
+                result: Ok(Measured {
+                    waited_pct: Some(61.0),
+                    ..m.clone()
+                }),
             },
             Row {
                 path: PathKind::Dva,
@@ -895,9 +927,10 @@ mod tests {
         assert!(t.contains("40.0") && t.contains("2.0"), "p99 and p50: {t}");
         assert!(t.contains("2/2") && t.contains("1/1"), "{t}");
         assert!(t.contains("42 (machine 150)"), "{t}");
+        assert!(t.contains("42 (waited 61; machine 150)"), "{t}");
         assert!(t.contains("FAILED: boom"), "{t}");
         let md = render(&rows, true);
-        assert_eq!(md.lines().count(), 4, "{md}");
+        assert_eq!(md.lines().count(), 5, "{md}");
         assert!(md.lines().all(|l| l.starts_with('|')), "{md}");
     }
 }

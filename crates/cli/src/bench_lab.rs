@@ -210,6 +210,29 @@ pub(crate) fn process_cpu(pids: &[u32]) -> f64 {
         .sum()
 }
 
+/// Seconds the threads of processes `pids` spent runnable but waiting for a CPU (the second
+/// field of /proc/PID/task/TID/schedstat, in ns): how much a busy machine held them back. A
+/// process that is gone counts 0.
+pub(crate) fn runqueue_wait(pids: &[u32]) -> f64 {
+    let mut ns = 0u64;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+                continue;
+            };
+            ns += text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|w| w.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    ns as f64 / 1e9
+}
+
 /// A value under /proc/sys/net/netfilter (`nf_conntrack_count`, `nf_conntrack_max`) as the
 /// kernel of namespace `ns` sees it (each namespace has its own connection table).
 pub(crate) fn netfilter_sysctl(ns: &str, name: &str) -> Option<u64> {
