@@ -6,99 +6,29 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
-use dva_lab::apps::{self, Nginx, StreamServer};
+use dva_lab::apps::{self, Flood, FloodOptions, FloodSource, Nginx, StreamServer};
 
 const SERVER1: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
 const STREAMS: usize = 10;
 
 /// `n` TCP SYNs to SERVER1:80 from random (non-martian, off-link) sources, `pps` a second at
 /// most, as Ethernet frames from the client's eth0 to the dispatcher. Returns at once.
-fn syn_flood(lab: &LabGuard, n: usize, pps: usize, seed: u64) -> JoinHandle<usize> {
-    let client = lab.lab.client_ns();
-    let disp_mac = dva_io::netns::in_netns(&lab.lab.dispatcher_ns(1), || {
-        dva_io::netif::mac_address("out0")
-    })
-    .expect("netns")
-    .expect("out0 MAC");
-    let client_mac = dva_io::netns::in_netns(&client, || dva_io::netif::mac_address("eth0"))
-        .expect("netns")
-        .expect("eth0 MAC");
-    std::thread::spawn(move || {
-        dva_io::netns::in_netns(&client, move || {
-            use dva_io::FrameIo;
-            let mut port = dva_io::af_packet::AfPacket::open("eth0", &Default::default())
-                .expect("AF_PACKET on client eth0");
-            let mut rng = seed | 1;
-            let mut next = || {
-                // xorshift64: fast and good enough for spoofed addresses and ports.
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                rng
-            };
-            const BURST: usize = 256;
-            let start = Instant::now();
-            let mut sent = 0;
-            while sent < n {
-                for _ in 0..BURST.min(n - sent) {
-                    let r = next();
-                    // First octet 11..=100: never martian, never the lab's own networks.
-                    let src = Ipv4Addr::from(
-                        ((11 + (r >> 56) % 90) << 24 | (r >> 32) & 0xff_ffff) as u32,
-                    );
-                    let frame = syn_frame(disp_mac, client_mac, src, r as u16 | 1024, r >> 16);
-                    while let Err(e) = port.tx(&frame) {
-                        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
-                        std::thread::sleep(Duration::from_micros(200));
-                        let _ = port.flush();
-                    }
-                    sent += 1;
-                }
-                while let Err(e) = port.flush() {
-                    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                let due = start + Duration::from_secs_f64(sent as f64 / pps as f64);
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-            }
-            sent
-        })
-        .expect("netns")
-    })
-}
-
-fn syn_frame(dst: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, sport: u16, seq: u64) -> Vec<u8> {
-    use dva_wire::checksum;
-    let mut f = Vec::with_capacity(60);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src_mac);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    let mut ip = [
-        0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-    ];
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&SERVER1.octets());
-    let c = checksum::data(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
-    tcp[4..8].copy_from_slice(&(seq as u32).to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = 0x02; // SYN
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let c = checksum::fold(checksum::pseudo_header_v4(&src, &SERVER1, 6, 20) + checksum::sum(&tcp));
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&tcp);
-    f.resize(60, 0);
-    f
+fn syn_flood(lab: &LabGuard, n: usize, pps: u32, seed: u64) -> Flood {
+    let next_hop_mac = apps::device_mac(&lab.lab.dispatcher_ns(1), "out0").expect("out0 MAC");
+    let opts = FloodOptions {
+        ns: lab.lab.client_ns(),
+        dev: "eth0".into(),
+        next_hop_mac,
+        src: FloodSource::Random,
+        dst: SERVER1,
+        frames: n,
+        pps,
+        seed,
+    };
+    apps::syn_flood(&opts, 80).expect("SYN flood from the client")
 }
 
 fn dataplane_counter(app: &Running, name: &str) -> u64 {
@@ -129,7 +59,7 @@ fn new_connection_works(client: &str, secs: u32) -> Result<Duration, String> {
 
 /// The flood scenario on `spec`: checked long-lived connections throughout, a new connection
 /// during the flood and right after it. Returns the data planes' early drops.
-fn flood_scenario(prefix: &str, spec: &std::path::Path, syns: usize, pps: usize) -> u64 {
+fn flood_scenario(prefix: &str, spec: &std::path::Path, syns: usize, pps: u32) -> u64 {
     let lab = LabGuard::up(prefix, 1, 2);
     let client = lab.lab.client_ns();
     let server = lab.lab.server_ns(1);
@@ -138,7 +68,7 @@ fn flood_scenario(prefix: &str, spec: &std::path::Path, syns: usize, pps: usize)
     let app = Running::start(prefix, spec, "edge-fw", 2);
     new_connection_works(&client, 5).expect("curl before the flood");
 
-    let flood_secs = syns as f64 / pps as f64;
+    let flood_secs = syns as f64 / f64::from(pps);
     let streams = apps::start_streams(
         &client,
         SocketAddr::new(IpAddr::V4(SERVER1), 5201),
@@ -151,7 +81,7 @@ fn flood_scenario(prefix: &str, spec: &std::path::Path, syns: usize, pps: usize)
     std::thread::sleep(Duration::from_secs_f64((flood_secs / 2.0).min(2.0)));
     // 2 s: one lost SYN may be retransmitted, a frozen data plane (seconds) fails it.
     let during = new_connection_works(&client, 2);
-    let sent = flood.join().expect("flood thread");
+    let sent = flood.join().expect("flood").sent;
     // Right after the flood: a new connection must not wait for the flood's entries to time out.
     let after = new_connection_works(&client, 1);
     let results = streams.join().expect("streams");

@@ -32,18 +32,18 @@
 //! with the next path's connections and cost it SYN retransmissions.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use dva_lab::apps::{self, Haproxy, Iperf3Server, NftTable, Nginx, UdpGenOptions, UdpSink};
 use dva_lab::{Lab, LabSpec};
 
+use crate::bench_lab::{
+    conntrack_count, machine_cpu, render_table, unit_pids, Appliance, PathCpu, NFT_EDGE_FIREWALL,
+};
 use crate::demo::{spec_path, LabGuard};
 
 pub struct Options {
@@ -64,19 +64,6 @@ const UDP_FLOWS: usize = 16;
 const UDP_PAYLOAD: usize = 18;
 const WRK_THREADS: u32 = 2;
 const WRK_CONNECTIONS: u32 = 64;
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The edge firewall of examples/edge-firewall.yaml in nftables terms. Interface 0 of the spec
-/// (outside) is out0, interface 1 (inside) is in0. dva opens TCP connections on a SYN only
-/// and drops what does not fit a connection, hence the flags test and `ct state invalid drop`.
-const NFT_FIREWALL: &str = r#"    chain forward {
-        type filter hook forward priority filter; policy drop;
-        ct state established,related accept
-        ct state invalid drop
-        iifname "out0" ip daddr 198.18.2.0/24 tcp dport { 80, 5201 } tcp flags & (syn | ack) == syn accept
-        iifname "out0" ip daddr 198.18.2.0/24 icmp type echo-request accept
-        iifname "in0" accept
-    }"#;
 
 fn nft_load_balancer(backends: &[Ipv4Addr]) -> String {
     let map: Vec<String> = backends
@@ -90,146 +77,6 @@ fn nft_load_balancer(backends: &[Ipv4Addr]) -> String {
         backends.len(),
         map.join(", ")
     )
-}
-
-/// `dva run` as a child process, stopped with SIGTERM on drop (as in `dva bench forwarding`).
-struct Appliance {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Appliance {
-    /// `dva run` with extra environment for its units (`DVA_DRIVER`, ...).
-    fn start_with(
-        spec: &Path,
-        prefix: &str,
-        dataplanes: u32,
-        env: &[(&str, &str)],
-    ) -> anyhow::Result<Appliance> {
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
-            .envs(env.iter().copied())
-            .args(["run", "--prefix", prefix, "--dataplanes"])
-            .arg(dataplanes.to_string())
-            .arg("-f")
-            .arg(spec)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting `dva run`")?;
-        let out = child.stdout.take().context("dva run stdout")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(mut v) = lines.lock() {
-                    v.push(l.clone());
-                }
-                let _ = tx.send(l);
-            }
-        });
-        let mut app = Appliance { child, log };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(l) if l.contains(" ready in lab") => return Ok(app),
-                Ok(_) => {}
-                Err(_) => {
-                    let _ = app.child.kill();
-                    bail!(
-                        "dva run --dataplanes {dataplanes} was not ready within {READY_TIMEOUT:?}; its output:\n{}",
-                        app.output()
-                    );
-                }
-            }
-        }
-    }
-
-    fn output(&self) -> String {
-        self.log.lock().map(|v| v.join("\n")).unwrap_or_default()
-    }
-}
-
-impl Drop for Appliance {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child process, which has not been reaped yet.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Process ids of the running appliance's units (from the run directory's units.json).
-fn unit_pids(prefix: &str, appliance: &str) -> anyhow::Result<Vec<u32>> {
-    let path = crate::run::run_dir(prefix, appliance).join("units.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let units: Vec<serde_json::Value> = serde_json::from_str(&text)?;
-    let pids: Vec<u32> = units
-        .iter()
-        .filter_map(|u| u.get("pid").and_then(serde_json::Value::as_u64))
-        .filter_map(|p| u32::try_from(p).ok())
-        .collect();
-    if pids.is_empty() {
-        bail!("{}: no unit pids", path.display());
-    }
-    Ok(pids)
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-/// Busy and softirq time of all CPUs, seconds (the aggregate `cpu` line of /proc/stat).
-fn machine_cpu() -> anyhow::Result<(f64, f64)> {
-    let text = std::fs::read_to_string("/proc/stat")?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .ok_or_else(|| anyhow!("/proc/stat has no cpu line"))?;
-    let v: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().unwrap_or(0.0))
-        .collect();
-    // user nice system idle iowait irq softirq steal guest guest_nice; guest time is already
-    // counted in user and nice.
-    let get = |i: usize| v.get(i).copied().unwrap_or(0.0);
-    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
-    let hz = clock_ticks();
-    Ok((busy / hz, get(6) / hz))
-}
-
-/// user + sys seconds of processes (threads included); a process that is gone counts 0.
-fn process_cpu(pids: &[u32]) -> f64 {
-    let hz = clock_ticks();
-    pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|s| {
-            // The command name may contain spaces and parentheses: fields follow the last ')'.
-            let rest = &s[s.rfind(')')? + 1..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let utime: f64 = f.get(11)?.parse().ok()?;
-            let stime: f64 = f.get(12)?.parse().ok()?;
-            Some((utime + stime) / hz)
-        })
-        .sum()
 }
 
 /// Frames the dispatcher host sent on out0 and in0: the forwarded ones, both directions.
@@ -253,39 +100,6 @@ fn router_tx_frames(ns: &str) -> anyhow::Result<u64> {
             .ok_or_else(|| anyhow!("no tx packet counter for {dev} in {ns}"))?;
     }
     Ok(total)
-}
-
-/// Connections in the kernel's table of namespace `ns`.
-fn conntrack_count(ns: &str) -> Option<u64> {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "cat",
-            "/proc/sys/net/netfilter/nf_conntrack_count",
-        ])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
-
-/// Whose CPU time is the path's own.
-#[derive(Clone)]
-enum PathCpu {
-    /// Softirq time of all CPUs: where the kernel forwards, filters and NATs.
-    Softirq,
-    /// user + sys of these processes.
-    Processes(Vec<u32>),
-}
-
-impl PathCpu {
-    fn read(&self, softirq: f64) -> f64 {
-        match self {
-            PathCpu::Softirq => softirq,
-            PathCpu::Processes(pids) => process_cpu(pids),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -622,7 +436,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
     println!("\nkernel router + nftables firewall (table inet dva_bench_fw in {router})");
     bench.lab.set_kernel_router(true)?;
-    match NftTable::load(&router, "inet", "dva_bench_fw", NFT_FIREWALL) {
+    match NftTable::load(&router, "inet", "dva_bench_fw", NFT_EDGE_FIREWALL) {
         Ok(fw) => {
             bench.firewall_workloads(PathKind::KernelFirewall, &PathCpu::Softirq);
             println!("  (offloads on)");
@@ -902,55 +716,12 @@ fn render(rows: &[Row], secs: u32, markdown: bool) -> String {
             lines.push(cells);
         }
     }
-    let mut out = String::new();
+    let lines: Vec<Vec<String>> = lines.into_iter().map(Vec::from).collect();
+    let figures = |i: usize| (2..7).contains(&i);
     if markdown {
-        let _ = writeln!(out, "| {} |", header.join(" | "));
-        let _ = writeln!(
-            out,
-            "|{}",
-            header
-                .iter()
-                .enumerate()
-                .map(|(i, _)| if (2..7).contains(&i) { "---:|" } else { "---|" })
-                .collect::<String>()
-        );
-        for l in &lines {
-            let _ = writeln!(out, "| {} |", l.join(" | "));
-        }
-        return out;
+        return render_table(&header, &lines, figures, true);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| {
-            lines
-                .iter()
-                .map(|l| l[c].len())
-                .chain(std::iter::once(header[c].len()))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let fmt_line = |cells: &[&str]| -> String {
-        cells
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(i, (c, w))| {
-                if (2..7).contains(&i) {
-                    format!("{c:>w$}")
-                } else {
-                    format!("{c:<w$}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    let _ = writeln!(out, "{}", fmt_line(&header));
-    for l in &lines {
-        let cells: Vec<&str> = l.iter().map(String::as_str).collect();
-        let _ = writeln!(out, "{}", fmt_line(&cells));
-    }
+    let mut out = render_table(&header, &lines, figures, false);
     let _ = writeln!(
         out,
         "vs kernel: against kernel + nftables fw (firewall workloads) or the nftables DNAT LB (VIP workload).\n\

@@ -1,11 +1,8 @@
 //! `dva demo` and `dva bench forwarding`: the lab, real servers and clients, the appliance in
 //! between, and what happened printed as figures.
 
-use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -13,69 +10,7 @@ use dva_lab::apps::{self, Iperf3Server, Nginx, StreamServer};
 use dva_lab::{Lab, LabSpec};
 use dva_mgmt::{ApplianceView, Mgmt, MgmtOptions, ScaleRequest, UnitRole, UnitState};
 
-/// `dva run` as a child process, stopped (SIGTERM) on drop.
-struct Appliance {
-    child: Child,
-}
-
-impl Appliance {
-    fn start(spec: &Path, prefix: &str, dataplanes: u32) -> anyhow::Result<Appliance> {
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
-            .args([
-                "run",
-                "--prefix",
-                prefix,
-                "--dataplanes",
-                &dataplanes.to_string(),
-                "-f",
-            ])
-            .arg(spec)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting `dva run`")?;
-        let out = child.stdout.take().context("dva run stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                println!("  | {l}");
-                let _ = tx.send(l);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(l) if l.contains(" ready in lab") => break,
-                Ok(_) => {}
-                Err(_) => {
-                    let _ = child.kill();
-                    bail!("the appliance did not become ready within 30 s");
-                }
-            }
-        }
-        Ok(Appliance { child })
-    }
-}
-
-impl Drop for Appliance {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child process.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::bench_lab::Appliance;
 
 /// Removes the lab on drop, so an error or Ctrl-C path still cleans up.
 pub(crate) struct LabGuard(pub(crate) String);
@@ -430,7 +365,7 @@ pub fn bench_forwarding(prefix: &str, secs: u32, streams: u32) -> anyhow::Result
 
     let mut rows = vec![("kernel forwarding (no rules)", kernel)];
     for dps in [1u32, 2] {
-        let app = Appliance::start(&spec, prefix, dps)?;
+        let app = Appliance::start_echoed(&spec, prefix, dps)?;
         let r = apps::iperf3_client(&client, s1, 5201, secs, streams, false, None)?;
         drop(app);
         rows.push((

@@ -4,6 +4,8 @@
 mod bench_chaos;
 mod bench_compare;
 mod bench_elasticity;
+mod bench_flood;
+mod bench_lab;
 mod ctl;
 mod demo;
 mod log;
@@ -261,6 +263,10 @@ enum BenchCmd {
         #[arg(long)]
         markdown: bool,
     },
+    /// Probe latency and new legitimate connections during a SYN flood and a unique-UDP-tuple
+    /// flood, through dva (2 data planes) and through the kernel with an equivalent nftables
+    /// ruleset: one table.
+    Flood(bench_flood::Options),
     /// kill -9 random units (data plane, dispatcher, leading manager) under traffic; report
     /// broken flows, losses and recovery time per kill.
     Chaos {
@@ -506,6 +512,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             secs,
             markdown,
         }),
+        Cmd::Bench {
+            cmd: BenchCmd::Flood(opts),
+        } => bench_flood::run(&opts),
         Cmd::Bench {
             cmd:
                 BenchCmd::Chaos {

@@ -90,6 +90,14 @@ pub enum LabError {
         message: String,
     },
 
+    #[error("raw frames on {dev} in namespace {ns}: {source}")]
+    Frames {
+        ns: String,
+        dev: String,
+        #[source]
+        source: dva_io::IoError,
+    },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use dva_io::af_packet::{AfPacket, AfPacketConfig};
 use dva_io::FrameIo;
 
+use super::Xorshift;
 use crate::{cmd, Lab, LabError};
 
 /// What happens to each frame crossing the device.
@@ -188,17 +189,6 @@ impl Drop for Impaired {
     }
 }
 
-/// A tiny xorshift for drop/reorder decisions: repeatable, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn pct(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % 10_000) as f64 / 100.0
-    }
-}
-
 fn relay(
     mut a: AfPacket,
     mut b: AfPacket,
@@ -206,7 +196,8 @@ fn relay(
     stats: &Mutex<ImpairStats>,
     stop: &AtomicBool,
 ) {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // Repeatable drop and reorder decisions.
+    let mut rng = Xorshift::new(0x9e37_79b9_7f4a_7c15);
     // Frames waiting for their delay to pass: (due, to_b, frame).
     let mut queue: VecDeque<(Instant, bool, Vec<u8>)> = VecDeque::new();
     // A frame held back to be sent after the next one, per direction.

@@ -1,5 +1,5 @@
 //! Real servers and clients run inside lab namespaces: nginx and iperf3 servers as guards,
-//! curl, ping, iperf3 and a bare TCP connect as clients.
+//! curl, ping, iperf3 and a bare TCP connect as clients, and floods of raw frames.
 //!
 //! Servers: `start` returns once the server accepts connections (polled from inside its
 //! namespace, with a deadline), and dropping the guard kills the server and removes its
@@ -9,6 +9,7 @@
 //! out, no reply) is `Ok(false)` where the function returns a bool, and an `Err` is kept for
 //! the client not running at all (missing tool, missing namespace, bad arguments).
 
+mod flood;
 mod haproxy;
 mod impair;
 mod iperf3;
@@ -26,6 +27,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use flood::{device_mac, syn_flood, udp_flood, Flood, FloodOptions, FloodReport, FloodSource};
 pub use haproxy::Haproxy;
 pub use impair::{ImpairStats, Impaired, Impairment};
 pub use iperf3::{iperf3_client, Iperf3Report, Iperf3Server};
@@ -172,6 +174,29 @@ pub fn tcp_connect(ns: &str, dst: IpAddr, port: u16, timeout_secs: u32) -> Resul
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         }),
+    }
+}
+
+/// xorshift64: a tiny generator, repeatable from its seed and free of dependencies; for
+/// spoofed addresses and impairment decisions, never for anything secret.
+struct Xorshift(u64);
+
+impl Xorshift {
+    /// A generator from `seed` (xorshift must not start at 0).
+    fn new(seed: u64) -> Xorshift {
+        Xorshift(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A percentage in [0, 100), in steps of 0.01.
+    fn pct(&mut self) -> f64 {
+        (self.next() % 10_000) as f64 / 100.0
     }
 }
 
