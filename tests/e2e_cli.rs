@@ -172,6 +172,70 @@ fn serve_apply_get_scale_events_and_a_restart_that_loses_nothing() {
     let out = dva(&cf, &["apply", "-f", spec.to_str().expect("path")]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("unchanged"), "{text}");
+
+    // --dry-run, diff and describe: a changed spec is checked and its difference shown, and
+    // nothing changes; an invalid one is refused by the dry run.
+    let generation = get_json(&cf, "edge-fw")["generation"].clone();
+    let changed = dir.join("changed.yaml");
+    std::fs::write(
+        &changed,
+        std::fs::read_to_string(&spec)
+            .expect("spec")
+            .replace("dport: [80, 5201]", "dport: [80, 443, 5201]"),
+    )
+    .expect("write changed spec");
+    let changed_s = changed.to_str().expect("path");
+    let out = dva(&cf, &["apply", "-f", changed_s, "--dry-run=server"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("configured (dry run"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        get_json(&cf, "edge-fw")["generation"],
+        generation,
+        "dry run changed it"
+    );
+    let out = dva(&cf, &["diff", "-f", changed_s]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "diff: {text}");
+    assert!(
+        text.contains("@@ ")
+            && text
+                .lines()
+                .any(|l| l.starts_with('+') && l.contains("443")),
+        "{text}"
+    );
+    let out = dva(&cf, &["diff", "-f", spec.to_str().expect("path")]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "no difference: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::fs::write(
+        &changed,
+        std::fs::read_to_string(&spec)
+            .expect("spec")
+            .replace("initial: 2", "initial: 99"),
+    )
+    .expect("write bad spec");
+    let out = dva(&cf, &["apply", "-f", changed_s, "--dry-run"]);
+    assert!(!out.status.success(), "a bad spec passed the dry run");
+    let out = dva(&cf, &["describe", "edge-fw"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "Name:            edge-fw",
+        "Data planes:",
+        "Hosts:",
+        "Events (latest",
+    ] {
+        assert!(
+            out.status.success() && text.contains(want),
+            "{want}: {text}"
+        );
+    }
     let stdin_apply = Command::new(dva_bin())
         .args(["apply", "-f", "-"])
         .env("DVA_CLIENT_CONFIG", &cf)

@@ -217,13 +217,28 @@ fn read_specs(file: &Path) -> anyhow::Result<Vec<(String, String)>> {
 
 /// `dva apply -f FILE|DIR|-`: each spec applied; "unchanged" when the appliance already runs
 /// exactly that spec (the management tool keeps its generation then).
-pub fn apply(t: &Target, file: &Path) -> anyhow::Result<()> {
+pub fn apply(t: &Target, file: &Path, dry_run: bool) -> anyhow::Result<()> {
     let c = client(t)?;
     for (from, text) in read_specs(file)? {
         let name = dva_proto::ApplianceSpec::from_yaml(&text)
             .map(|s| s.name().to_string())
             .with_context(|| format!("invalid spec {from}"))?;
         let before = c.get(&name).ok().map(|v| v.generation);
+        if dry_run {
+            let v = c
+                .apply_dry_run(&text)
+                .with_context(|| format!("checking {from}"))?;
+            let what = match before {
+                None => "created",
+                Some(g) if g == v.generation => "unchanged",
+                Some(_) => "configured",
+            };
+            println!(
+                "appliance {} {what} (dry run: generation {}, {} data plane(s))",
+                v.name, v.generation, v.dataplanes.desired
+            );
+            continue;
+        }
         let v = c.apply(&text).with_context(|| format!("applying {from}"))?;
         if before == Some(v.generation) {
             println!(
@@ -449,4 +464,219 @@ pub fn units(t: &Target, name: &str, format: Format) -> anyhow::Result<()> {
         print_units(&u);
     }
     Ok(())
+}
+
+/// `dva diff -f FILE|DIR|-`: what applying would change, as a unified diff of the running spec
+/// and the new one, both normalised (so comments and formatting do not count). The server checks
+/// the new spec first (a dry run). Exit status as kubectl's: 0 no difference, 1 differences.
+pub fn diff(t: &Target, file: &Path) -> anyhow::Result<bool> {
+    let c = client(t)?;
+    let mut differs = false;
+    for (from, text) in read_specs(file)? {
+        let new = dva_proto::ApplianceSpec::from_yaml(&text)
+            .with_context(|| format!("invalid spec {from}"))?;
+        c.apply_dry_run(&text)
+            .with_context(|| format!("checking {from}"))?;
+        let live = match c.get(new.name()) {
+            Ok(v) => Some(
+                dva_proto::ApplianceSpec::from_yaml(&v.spec)
+                    .with_context(|| format!("the running spec of {}", new.name()))?,
+            ),
+            Err(e) if is_not_found(&e) => None,
+            Err(e) => return Err(e),
+        };
+        let norm = |s: &dva_proto::ApplianceSpec| -> anyhow::Result<Vec<String>> {
+            Ok(serde_saphyr::to_string(s)
+                .map_err(|e| anyhow::anyhow!("YAML: {e}"))?
+                .lines()
+                .map(str::to_string)
+                .collect())
+        };
+        let a = live.as_ref().map(norm).transpose()?.unwrap_or_default();
+        let b = norm(&new)?;
+        if a == b {
+            continue;
+        }
+        differs = true;
+        println!("--- {} (running)", new.name());
+        println!("+++ {} ({from})", new.name());
+        print!("{}", unified_diff(&a, &b, 3));
+    }
+    Ok(differs)
+}
+
+fn is_not_found(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<dva_mgmt::client::HttpError>()
+        .is_some_and(|h| h.status == 404)
+}
+
+/// A unified diff of two line lists (longest common subsequence; specs are small, and beyond
+/// 4000 lines a side the whole texts are shown as replaced rather than spending quadratic time).
+fn unified_diff(a: &[String], b: &[String], context: usize) -> String {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Op {
+        Same,
+        Del,
+        Add,
+    }
+    let mut ops: Vec<(Op, usize, usize)> = Vec::new(); // (op, index in a, index in b)
+    if a.len() <= 4000 && b.len() <= 4000 {
+        let (n, m) = (a.len(), b.len());
+        let mut lcs = vec![vec![0u32; m + 1]; n + 1];
+        for i in (0..n).rev() {
+            for j in (0..m).rev() {
+                lcs[i][j] = if a[i] == b[j] {
+                    lcs[i + 1][j + 1] + 1
+                } else {
+                    lcs[i + 1][j].max(lcs[i][j + 1])
+                };
+            }
+        }
+        let (mut i, mut j) = (0, 0);
+        while i < n || j < m {
+            if i < n && j < m && a[i] == b[j] {
+                ops.push((Op::Same, i, j));
+                i += 1;
+                j += 1;
+            } else if i < n && (j == m || lcs[i + 1][j] >= lcs[i][j + 1]) {
+                // Removed lines before added ones, as diff(1) prints a change.
+                ops.push((Op::Del, i, j));
+                i += 1;
+            } else {
+                ops.push((Op::Add, i, j));
+                j += 1;
+            }
+        }
+    } else {
+        ops.extend((0..a.len()).map(|i| (Op::Del, i, 0)));
+        ops.extend((0..b.len()).map(|j| (Op::Add, a.len(), j)));
+    }
+    let mut out = String::new();
+    let mut k = 0;
+    while k < ops.len() {
+        let Some(first) = (k..ops.len()).find(|&x| ops[x].0 != Op::Same) else {
+            break;
+        };
+        // A hunk: changes closer than 2*context lines apart stay together.
+        let start = first.saturating_sub(context);
+        let mut end = first;
+        let mut x = first;
+        while x < ops.len() {
+            if ops[x].0 != Op::Same {
+                end = x;
+                x += 1;
+                continue;
+            }
+            let run = (x..ops.len()).take_while(|&y| ops[y].0 == Op::Same).count();
+            if x + run < ops.len() && run <= 2 * context {
+                x += run;
+            } else {
+                break;
+            }
+        }
+        let stop = (end + 1 + context).min(ops.len());
+        let hunk = &ops[start..stop];
+        let a_start = hunk.first().map_or(0, |o| o.1);
+        let b_start = hunk.first().map_or(0, |o| o.2);
+        let a_len = hunk.iter().filter(|o| o.0 != Op::Add).count();
+        let b_len = hunk.iter().filter(|o| o.0 != Op::Del).count();
+        out += &format!("@@ -{},{a_len} +{},{b_len} @@\n", a_start + 1, b_start + 1);
+        for &(op, i, j) in hunk {
+            match op {
+                Op::Same => out += &format!(" {}\n", a[i]),
+                Op::Del => out += &format!("-{}\n", a[i]),
+                Op::Add => out += &format!("+{}\n", b[j]),
+            }
+        }
+        k = stop;
+    }
+    out
+}
+
+/// `dva describe NAME`: everything about one appliance an operator looks at first, in one
+/// read: status and why, the layout, every unit with its host, backends, and the recent events.
+pub fn describe(t: &Target, name: &str) -> anyhow::Result<()> {
+    let c = client(t)?;
+    let v = c.get(name)?;
+    let events = c.events(name).unwrap_or_default();
+    println!("Name:            {}", v.name);
+    println!("Status:          {:?}", v.status);
+    if let Some(e) = &v.error {
+        println!("Error:           {e}");
+    }
+    println!("Generation:      {}", v.generation);
+    println!("Config version:  {}", v.config_version);
+    println!(
+        "Data planes:     {} ready / {} desired (draining {}, min {}, max {})",
+        v.dataplanes.ready,
+        v.dataplanes.desired,
+        v.dataplanes.draining,
+        v.dataplanes.min,
+        v.dataplanes.max
+    );
+    if let Ok(spec) = dva_proto::ApplianceSpec::from_yaml(&v.spec) {
+        let s = &spec.spec;
+        println!("Interfaces:");
+        for i in &s.interfaces {
+            println!("  {:<12} device {}", i.name, i.device);
+        }
+        println!("Services:        {} stage(s)", s.services.len());
+    }
+    let mut hosts: Vec<&str> = v.units.iter().map(|u| u.host.as_str()).collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    println!("Hosts:           {}", hosts.join(", "));
+    println!();
+    print_units(&v.units);
+    if !v.backends.is_empty() {
+        println!("\nBackends:");
+        for b in &v.backends {
+            println!(
+                "  {}/{}: {} ({}/{} checks up){}",
+                b.service,
+                b.backend,
+                b.health,
+                b.up_votes,
+                b.checks,
+                b.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    println!(
+        "\nEvents (latest {} of {}):",
+        events.len().min(15),
+        events.len()
+    );
+    for e in events.iter().rev().take(15).rev() {
+        println!("  {:>6}  {:<15} {}", age(e.time_ms), e.reason, e.message);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod diff_tests {
+    use super::unified_diff;
+
+    fn lines(s: &str) -> Vec<String> {
+        s.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn a_changed_line_shows_as_a_hunk_with_context() {
+        let a = lines("a\nb\nc\nd\ne\nf\ng\nh");
+        let b = lines("a\nb\nc\nD\ne\nf\ng\nh");
+        let d = unified_diff(&a, &b, 1);
+        assert_eq!(d, "@@ -3,3 +3,3 @@\n c\n-d\n+D\n e\n");
+    }
+
+    #[test]
+    fn identical_texts_have_no_diff_and_new_texts_are_all_added() {
+        let a = lines("x\ny");
+        assert_eq!(unified_diff(&a, &a, 3), "");
+        let d = unified_diff(&[], &a, 3);
+        assert_eq!(d, "@@ -1,0 +1,2 @@\n+x\n+y\n");
+    }
 }

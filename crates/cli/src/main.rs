@@ -77,6 +77,27 @@ enum Cmd {
         /// A spec file (YAML or JSON), a directory of them, or `-` for standard input.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Have the server check the spec and say what applying would do, changing nothing
+        /// (kubectl's --dry-run=server; `--dry-run` alone means server).
+        #[arg(long, value_name = "server", num_args = 0..=1, default_missing_value = "server",
+              value_parser = ["server"])]
+        dry_run: Option<String>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Show what applying a spec would change: a unified diff of the running spec and the new
+    /// one (normalised). Exit status 1 when they differ, 0 when not.
+    Diff {
+        /// A spec file (YAML or JSON), a directory of them, or `-` for standard input.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Everything about one appliance at a glance: status and why, layout, units and their
+    /// hosts, backends, recent events.
+    Describe {
+        name: String,
         #[command(flatten)]
         target: TargetArgs,
     },
@@ -430,7 +451,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             &run::Place::resolve(lab, local)?,
             !no_client_config,
         ),
-        Cmd::Apply { file, target } => ctl::apply(&target.target(), &file),
+        Cmd::Apply {
+            file,
+            dry_run,
+            target,
+        } => ctl::apply(&target.target(), &file, dry_run.is_some()),
+        Cmd::Diff { file, target } => {
+            if ctl::diff(&target.target(), &file)? {
+                // kubectl's convention: differences are exit status 1 (not an error message).
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::Describe { name, target } => ctl::describe(&target.target(), &name),
         Cmd::Wait {
             name,
             condition: WaitFor::Ready,

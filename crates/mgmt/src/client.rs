@@ -116,6 +116,15 @@ impl Client {
             spec.as_bytes(),
         )
     }
+    /// What applying `spec` would do (`?dryRun=All`): checked by the server, nothing changed.
+    pub fn apply_dry_run(&self, spec: &str) -> anyhow::Result<ApplianceView> {
+        self.call(
+            "POST",
+            "/v1/appliances?dryRun=All",
+            "application/yaml",
+            spec.as_bytes(),
+        )
+    }
     pub fn list(&self) -> anyhow::Result<Vec<ApplianceView>> {
         self.call("GET", "/v1/appliances", "", b"")
     }
