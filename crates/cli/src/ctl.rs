@@ -1,4 +1,5 @@
-//! The kubectl-like client commands (`dva apply/get/scale/delete/events/units`) and `dva serve`.
+//! The kubectl-like client commands (`dva apply/get/scale/delete/events/units`), seeing traffic
+//! (`dva flows/config/capture`) and `dva serve`.
 //!
 //! The server and token come from `--server`/`--token`, else `DVA_SERVER`/`DVA_TOKEN`, else the
 //! client file `dva serve` writes (`$DVA_CLIENT_CONFIG` or `~/.dva/client.json`).
@@ -443,5 +444,80 @@ pub fn units(t: &Target, name: &str, format: Format) -> anyhow::Result<()> {
     if !structured(&u, format)? {
         print_units(&u);
     }
+    Ok(())
+}
+
+/// `dva flows NAME`: the connection table across data planes, filtered by the server (`query`).
+pub fn flows(t: &Target, name: &str, query: &str, format: Format) -> anyhow::Result<()> {
+    let v = client(t)?.flows(name, query)?;
+    if structured(&v, format)? {
+        return Ok(());
+    }
+    let wide = format == Format::Wide;
+    let ep = |a: std::net::IpAddr, p: u16| std::net::SocketAddr::new(a, p).to_string();
+    print!(
+        "{:>4}  {:<7}  {:<22}  {:<22}  {:<12}  {:>6}  {:<22}",
+        "UNIT", "PROTO", "SOURCE", "DESTINATION", "STATE", "BUCKET", "NAT/BACKEND"
+    );
+    if wide {
+        print!(
+            "  {:>8}  {:>10}  {:>8}  {:>10}  {:>8}  {:>8}",
+            "PKTS>", "BYTES>", "<PKTS", "<BYTES", "AGE", "IDLE"
+        );
+    }
+    println!();
+    for f in &v.flows {
+        let xlat = match (&f.nat, &f.backend) {
+            (Some(n), _) => format!("{} -> {}", ep(n.src, n.src_port), ep(n.dst, n.dst_port)),
+            (None, Some(b)) => b.clone(),
+            (None, None) => "-".into(),
+        };
+        let state = if f.replica {
+            format!("{} (replica)", f.state)
+        } else {
+            f.state.clone()
+        };
+        print!(
+            "{:>4}  {:<7}  {:<22}  {:<22}  {:<12}  {:>6}  {:<22}",
+            f.unit,
+            dva_unit::inspect::proto_name(f.proto),
+            ep(f.src, f.src_port),
+            ep(f.dst, f.dst_port),
+            state,
+            f.bucket,
+            xlat
+        );
+        if wide {
+            print!(
+                "  {:>8}  {:>10}  {:>8}  {:>10}  {:>7.1}s  {:>7.1}s",
+                f.orig_packets,
+                f.orig_bytes,
+                f.reply_packets,
+                f.reply_bytes,
+                f.age_secs,
+                f.idle_secs
+            );
+        }
+        println!();
+    }
+    if v.truncated {
+        eprintln!(
+            "(more flows matched: the listing stops at --limit; narrow the filter or raise it)"
+        );
+    }
+    for e in &v.errors {
+        eprintln!("unit {} did not answer: {}", e.unit, e.error);
+    }
+    Ok(())
+}
+
+/// `dva config NAME UNIT`: the role config the unit runs, keys redacted (YAML unless `-o json`).
+pub fn config(t: &Target, name: &str, unit: u32, format: Format) -> anyhow::Result<()> {
+    let v = client(t)?.unit_config(name, unit)?;
+    let format = match format {
+        Format::Json => Format::Json,
+        _ => Format::Yaml,
+    };
+    structured(&v, format)?;
     Ok(())
 }

@@ -112,6 +112,50 @@ enum Cmd {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// The connection table across data planes (like `conntrack -L`): tuple, bucket, owning
+    /// data plane, state, NAT binding or backend, packets and bytes each way, age.
+    Flows {
+        name: String,
+        /// Source address or prefix (of the connection's original direction).
+        #[arg(long)]
+        src: Option<String>,
+        /// Destination address or prefix.
+        #[arg(long)]
+        dst: Option<String>,
+        /// Either end's port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// tcp, udp, icmp, icmpv6, sctp, udplite or a number.
+        #[arg(long)]
+        proto: Option<String>,
+        /// A TCP state (established, syn_sent, time_wait...), or replied / unreplied.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this data plane.
+        #[arg(long)]
+        unit: Option<u32>,
+        /// Also show the copies held for failover (marked as replicas).
+        #[arg(long)]
+        replicas: bool,
+        /// At most this many flows (each data plane sends no more).
+        #[arg(long, default_value_t = dva_unit::inspect::DEFAULT_LIMIT)]
+        limit: usize,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// The role config a dispatcher or data plane runs (backplane keys redacted), like Envoy's
+    /// config_dump.
+    Config {
+        name: String,
+        /// The unit id (see `dva units NAME`).
+        unit: u32,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Yaml)]
+        output: Output,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// An appliance's units.
     Units {
         name: String,
@@ -450,6 +494,49 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             output,
             target,
         } => ctl::units(&target.target(), &name, output.format()),
+        Cmd::Flows {
+            name,
+            src,
+            dst,
+            port,
+            proto,
+            state,
+            unit,
+            replicas,
+            limit,
+            output,
+            target,
+        } => {
+            use dva_unit::inspect::percent_encode as enc;
+            let mut q = vec![format!("limit={limit}")];
+            let text = [
+                ("src", src),
+                ("dst", dst),
+                ("proto", proto),
+                ("state", state),
+            ];
+            for (k, v) in text {
+                if let Some(v) = v {
+                    q.push(format!("{k}={}", enc(&v)));
+                }
+            }
+            if let Some(p) = port {
+                q.push(format!("port={p}"));
+            }
+            if let Some(u) = unit {
+                q.push(format!("unit={u}"));
+            }
+            if replicas {
+                q.push("replicas=true".into());
+            }
+            ctl::flows(&target.target(), &name, &q.join("&"), output.format())
+        }
+        Cmd::Config {
+            name,
+            unit,
+            output,
+            target,
+        } => ctl::config(&target.target(), &name, unit, output.format()),
         Cmd::Bench {
             cmd:
                 BenchCmd::Forwarding {

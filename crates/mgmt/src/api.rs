@@ -55,6 +55,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/appliances/{name}/scale"),
     ("GET", "/v1/appliances/{name}/units"),
     ("GET", "/v1/appliances/{name}/events"),
+    ("GET", "/v1/appliances/{name}/flows"),
+    ("GET", "/v1/appliances/{name}/units/{unit}/config"),
 ];
 
 /// Largest request body accepted (a spec is a few KB).
@@ -683,6 +685,9 @@ enum Call<'a> {
     Scale(&'a str),
     Units(&'a str),
     Events(&'a str),
+    /// The connection table; the query is the filter.
+    Flows(&'a str, &'a str),
+    UnitConfig(&'a str, &'a str),
 }
 
 impl Call<'_> {
@@ -699,6 +704,10 @@ impl Call<'_> {
 /// the path, 405 when one has it with other methods.
 fn route<'a>(method: &str, target: &'a str) -> Result<Call<'a>, Reply> {
     let path = target.split(['?', '#']).next().unwrap_or("");
+    let query = target
+        .split_once('?')
+        .map(|(_, q)| q.split('#').next().unwrap_or(""))
+        .unwrap_or("");
     let path = path
         .strip_suffix('/')
         .filter(|p| !p.is_empty())
@@ -717,6 +726,12 @@ fn route<'a>(method: &str, target: &'a str) -> Result<Call<'a>, Reply> {
         ("POST", ["v1", "appliances", n, "scale"]) if !n.is_empty() => Call::Scale(n),
         ("GET", ["v1", "appliances", n, "units"]) if !n.is_empty() => Call::Units(n),
         ("GET", ["v1", "appliances", n, "events"]) if !n.is_empty() => Call::Events(n),
+        ("GET", ["v1", "appliances", n, "flows"]) if !n.is_empty() => Call::Flows(n, query),
+        ("GET", ["v1", "appliances", n, "units", u, "config"])
+            if !n.is_empty() && !u.is_empty() =>
+        {
+            Call::UnitConfig(n, u)
+        }
         _ => {
             let allowed: Vec<&str> = ROUTES
                 .iter()
@@ -868,6 +883,8 @@ fn execute(sh: &Shared, call: Call<'_>, body: &str) -> Reply {
         },
         Call::Units(name) => Reply::from(mgmt.units(name)),
         Call::Events(name) => Reply::from(mgmt.events(name)),
+        Call::Flows(name, query) => Reply::from(mgmt.flows(name, query)),
+        Call::UnitConfig(name, unit) => Reply::from(mgmt.unit_config(name, unit)),
     }
 }
 

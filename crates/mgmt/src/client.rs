@@ -140,6 +140,23 @@ impl Client {
     pub fn events(&self, name: &str) -> anyhow::Result<Vec<Event>> {
         self.call("GET", &format!("/v1/appliances/{name}/events"), "", b"")
     }
+    /// `query`: a flow filter (see `dva_unit::inspect::FlowFilter::to_query`).
+    pub fn flows(&self, name: &str, query: &str) -> anyhow::Result<crate::inspect::FlowsView> {
+        self.call(
+            "GET",
+            &format!("/v1/appliances/{name}/flows?{query}"),
+            "",
+            b"",
+        )
+    }
+    pub fn unit_config(&self, name: &str, unit: u32) -> anyhow::Result<serde_json::Value> {
+        self.call(
+            "GET",
+            &format!("/v1/appliances/{name}/units/{unit}/config"),
+            "",
+            b"",
+        )
+    }
 }
 
 fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {

@@ -4,7 +4,9 @@
 //! Unix sockets live in the filesystem, not in a network namespace, so a unit placed in a lab host
 //! namespace is reachable from the root namespace without any route. Endpoints:
 //! `GET /ready` (200 once the data path is set up), `GET /stats` (JSON [`UnitStats`]),
-//! `GET /metrics` (Prometheus text, [`crate::metrics`]).
+//! `GET /metrics` (Prometheus text, [`crate::metrics`]), and the [`crate::inspect`] requests the
+//! data path answers: `GET /flows?<filter>` (JSON [`FlowList`]), `GET /config` (the role config,
+//! backplane keys redacted).
 //!
 //! Only root and the user the unit runs as are served (SO_PEERCRED); anyone else's connection
 //! is closed unanswered and counted as `control_peer_refused`.
@@ -17,6 +19,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use crate::inspect::{FlowFilter, FlowList, Inspector, Request};
 use crate::stats::{StatsCell, UnitStats};
 
 /// Biggest request we read; anything larger is answered 400 and closed.
@@ -32,6 +35,7 @@ impl ControlServer {
         path: &Path,
         stats: StatsCell,
         ready: Arc<AtomicBool>,
+        inspector: Inspector,
     ) -> io::Result<ControlServer> {
         if let Some(dir) = path.parent() {
             dva_io::local::create_private_dir_all(dir)?;
@@ -53,7 +57,13 @@ impl ControlServer {
                         continue;
                     }
                     // One request per connection, served inline: requests are tiny and rare.
-                    let _ = serve_one(conn, &stats, &ready, refused.load(Ordering::Relaxed));
+                    let _ = serve_one(
+                        conn,
+                        &stats,
+                        &ready,
+                        &inspector,
+                        refused.load(Ordering::Relaxed),
+                    );
                 }
             })?;
         Ok(ControlServer {
@@ -93,6 +103,7 @@ fn serve_one(
     conn: UnixStream,
     stats: &StatsCell,
     ready: &AtomicBool,
+    inspector: &Inspector,
     refused: u64,
 ) -> io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -119,7 +130,28 @@ fn serve_one(
         }
         s
     };
-    let (status, ctype, body) = match (method, target) {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let json = |v: Result<String, String>, bad: u16| match v {
+        Ok(body) => (200, "application/json", body),
+        Err(e) => (bad, "text/plain", e + "\n"),
+    };
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/flows") => match FlowFilter::from_query(query) {
+            Ok(filter) => json(
+                inspector
+                    .ask(|reply| Request::Flows { filter, reply })
+                    .and_then(|r| r)
+                    .map(|list: FlowList| serde_json::to_string(&list).unwrap_or_default()),
+                503,
+            ),
+            Err(e) => (400, "text/plain", e + "\n"),
+        },
+        ("GET", "/config") => json(
+            inspector
+                .ask(|reply| Request::Config { reply })
+                .map(|v| v.to_string()),
+            503,
+        ),
         ("GET", "/ready") if ready.load(Ordering::Acquire) => {
             (200, "text/plain", "ready\n".to_string())
         }
@@ -137,7 +169,7 @@ fn serve_one(
         ("GET", _) => (
             404,
             "text/plain",
-            format!("no such endpoint {target:?}; try /ready, /stats, /metrics\n"),
+            format!("no such endpoint {path:?}; try /ready, /stats, /metrics, /flows, /config\n"),
         ),
         _ => (
             405,
@@ -147,6 +179,7 @@ fn serve_one(
     };
     let reason = match status {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         _ => "Service Unavailable",
@@ -207,7 +240,8 @@ mod tests {
             ..Default::default()
         });
         let ready = Arc::new(AtomicBool::new(false));
-        let _srv = ControlServer::start(&path, cell.clone(), ready.clone()).unwrap();
+        let (inspector, requests) = crate::inspect::channel();
+        let _srv = ControlServer::start(&path, cell.clone(), ready.clone(), inspector).unwrap();
         assert_eq!(get(&path, "/ready", Duration::from_secs(2)).unwrap().0, 503);
         ready.store(true, Ordering::Release);
         assert_eq!(get(&path, "/ready", Duration::from_secs(2)).unwrap().0, 200);
@@ -225,6 +259,19 @@ mod tests {
         );
         assert!(m.contains("reason=\"malformed\"} 2"), "{m}");
         assert_eq!(get(&path, "/nope", Duration::from_secs(2)).unwrap().0, 404);
+        // Inspection: a bad filter is refused before the data path is asked; a good one is
+        // answered by whoever polls the queue (here: this thread).
+        let (st, why) = get(&path, "/flows?port=x", Duration::from_secs(2)).unwrap();
+        assert_eq!(st, 400, "{why}");
+        assert!(why.contains("port"), "{why}");
+        let answer = std::thread::spawn(move || {
+            if let Ok(Request::Config { reply }) = requests.recv_timeout(Duration::from_secs(5)) {
+                let _ = reply.send(serde_json::json!({"role": "dataplane"}));
+            }
+        });
+        let (st, body) = get(&path, "/config", Duration::from_secs(5)).unwrap();
+        assert_eq!((st, body.as_str()), (200, r#"{"role":"dataplane"}"#));
+        answer.join().unwrap();
         let _ = std::fs::remove_dir_all(dir);
     }
 }

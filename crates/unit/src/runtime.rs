@@ -73,9 +73,14 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
         role: args.role.as_str().into(),
         ..Default::default()
     });
-    let _control = ControlServer::start(&args.control, stats.clone(), ready.clone())
+    // Inspection requests (flows, config, capture) go from the control thread to the data path
+    // through this queue; the manager has no data path and drops its end (it answers "does not
+    // serve").
+    let (inspector, requests) = crate::inspect::channel();
+    let _control = ControlServer::start(&args.control, stats.clone(), ready.clone(), inspector)
         .with_context(|| format!("control socket {}", args.control.display()))?;
     if args.role == Role::Manager {
+        drop(requests);
         return manager::run(ManagerArgs {
             unit: args.id,
             listen: args.manager.clone(),
@@ -124,7 +129,7 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
                             "unit {}: dispatcher serving config version {version}",
                             args.id
                         );
-                        return d.run(&stop, &stats, &updates);
+                        return d.run(&stop, &stats, &updates, &requests);
                     }
                     Err(e) => {
                         let _ = u.reply.send(Err(format!("{e:#}")));
@@ -141,7 +146,7 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
                             "unit {}: data plane serving config version {version}",
                             args.id
                         );
-                        return d.run(&stop, &stats, &updates);
+                        return d.run(&stop, &stats, &updates, &requests);
                     }
                     Err(e) => {
                         let _ = u.reply.send(Err(format!("{e:#}")));

@@ -42,6 +42,7 @@ use dva_wire::{
 
 use crate::channel::Update;
 use crate::classify::{classify, Classified, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP};
+use crate::inspect::{Request, Requests};
 use crate::keys::epoch_keys;
 use crate::offload;
 use crate::reply::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
@@ -355,6 +356,7 @@ impl Dispatcher {
         stop: &AtomicBool,
         stats: &StatsCell,
         updates: &Receiver<Update>,
+        requests: &Requests,
     ) -> anyhow::Result<()> {
         let mut fds: Vec<_> = self.ports.iter().flat_map(|p| p.poll_fds()).collect();
         fds.extend(self.backplane.poll_fds());
@@ -388,6 +390,10 @@ impl Dispatcher {
                     }
                 };
                 let _ = u.reply.send(result);
+            }
+            // Inspection requests between batches too: one `try_recv` a turn when nobody asks.
+            while let Ok(r) = requests.try_recv() {
+                self.inspect(r);
             }
             for i in 0..self.ports.len() {
                 let core = &mut self.core;
@@ -435,6 +441,22 @@ impl Dispatcher {
         }
         stats.try_publish(self.snapshot());
         Ok(())
+    }
+
+    /// Answer an inspection request from the control socket.
+    fn inspect(&mut self, r: Request) {
+        match r {
+            Request::Flows { reply, .. } => {
+                let _ = reply.try_send(Err(format!(
+                    "unit {} is a dispatcher: it keeps no connection state (ask a data plane)",
+                    self.core.cfg.unit
+                )));
+            }
+            Request::Config { reply } => {
+                let cfg = RoleConfig::Dispatcher((*self.core.cfg).clone());
+                let _ = reply.try_send(cfg.redacted_json());
+            }
+        }
     }
 
     pub fn snapshot(&self) -> UnitStats {
