@@ -456,7 +456,7 @@ pub fn flows(t: &Target, name: &str, query: &str, format: Format) -> anyhow::Res
     let wide = format == Format::Wide;
     let ep = |a: std::net::IpAddr, p: u16| std::net::SocketAddr::new(a, p).to_string();
     print!(
-        "{:>4}  {:<7}  {:<22}  {:<22}  {:<12}  {:>6}  {:<22}",
+        "{:>4}  {:<7}  {:<22}  {:<22}  {:<22}  {:>6}  {:<22}",
         "UNIT", "PROTO", "SOURCE", "DESTINATION", "STATE", "BUCKET", "NAT/BACKEND"
     );
     if wide {
@@ -474,11 +474,13 @@ pub fn flows(t: &Target, name: &str, query: &str, format: Format) -> anyhow::Res
         };
         let state = if f.replica {
             format!("{} (replica)", f.state)
+        } else if f.previous_owner {
+            format!("{} (previous)", f.state)
         } else {
             f.state.clone()
         };
         print!(
-            "{:>4}  {:<7}  {:<22}  {:<22}  {:<12}  {:>6}  {:<22}",
+            "{:>4}  {:<7}  {:<22}  {:<22}  {:<22}  {:>6}  {:<22}",
             f.unit,
             dva_unit::inspect::proto_name(f.proto),
             ep(f.src, f.src_port),
@@ -520,4 +522,81 @@ pub fn config(t: &Target, name: &str, unit: u32, format: Format) -> anyhow::Resu
     };
     structured(&v, format)?;
     Ok(())
+}
+
+/// `dva capture`'s filter words as query parameters: `host ADDR`, `port N`, `proto N` and the
+/// protocol names, optionally joined by `and` (the server checks the values).
+pub fn capture_filter(words: &[String]) -> anyhow::Result<Vec<String>> {
+    use dva_unit::inspect::percent_encode as enc;
+    let mut q = Vec::new();
+    let mut it = words.iter().map(String::as_str);
+    while let Some(w) = it.next() {
+        match w {
+            "and" | "&&" => {}
+            "host" | "port" | "proto" => {
+                let Some(v) = it.next() else {
+                    bail!("filter: `{w}` needs a value");
+                };
+                q.push(format!("{w}={}", enc(v)));
+            }
+            "tcp" | "udp" | "icmp" | "icmpv6" | "sctp" | "udplite" => q.push(format!("proto={w}")),
+            other => bail!(
+                "filter: {other:?} is not understood (use host ADDR, port N, proto N, tcp, udp, icmp, icmpv6, sctp, joined by `and`)"
+            ),
+        }
+    }
+    Ok(q)
+}
+
+/// `dva capture NAME ... -w FILE`: stream the pcap the server sends into `file`.
+pub fn capture(
+    t: &Target,
+    name: &str,
+    query: &str,
+    duration: Duration,
+    file: &Path,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let c = client(t)?;
+    let path = format!("/v1/appliances/{name}/capture?{query}");
+    // Quiet captures send nothing for their whole duration.
+    let timeout = duration + Duration::from_secs(30);
+    let bytes = if file == Path::new("-") {
+        let mut out = std::io::stdout().lock();
+        let n = c.download(&path, &mut out, timeout)?;
+        out.flush()?;
+        n
+    } else {
+        let f =
+            std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
+        let mut out = std::io::BufWriter::new(f);
+        let n = c.download(&path, &mut out, timeout)?;
+        out.flush()
+            .with_context(|| format!("writing {}", file.display()))?;
+        let packets = std::fs::read(file).map(|b| pcap_records(&b)).unwrap_or(0);
+        eprintln!(
+            "{packets} packets ({n} bytes) written to {}",
+            file.display()
+        );
+        n
+    };
+    if bytes == 0 {
+        bail!("the server sent no capture");
+    }
+    Ok(())
+}
+
+/// Records in a pcap file (the classic format `dva capture` writes).
+fn pcap_records(b: &[u8]) -> u64 {
+    let mut at = dva_io::capture::FILE_HEADER_LEN;
+    let mut n = 0;
+    while let Some(h) = b.get(at..at + dva_io::capture::RECORD_HEADER_LEN) {
+        let incl = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+        at += dva_io::capture::RECORD_HEADER_LEN + incl;
+        if at > b.len() {
+            break;
+        }
+        n += 1;
+    }
+    n
 }

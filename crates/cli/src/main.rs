@@ -134,7 +134,8 @@ enum Cmd {
         /// Only this data plane.
         #[arg(long)]
         unit: Option<u32>,
-        /// Also show the copies held for failover (marked as replicas).
+        /// Also show the copies held for failover (marked replica) and previous owners' copies
+        /// of connections a current owner holds (marked previous).
         #[arg(long)]
         replicas: bool,
         /// At most this many flows (each data plane sends no more).
@@ -153,6 +154,37 @@ enum Cmd {
         unit: u32,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Yaml)]
         output: Output,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Capture packets inside the dispatchers (tcpdump cannot see AF_XDP) into a pcap file:
+    /// the frames of one interface, received and sent, or the backplane datagrams (GENEVE on
+    /// port 6081, sealed as on the wire).
+    Capture {
+        name: String,
+        /// A spec interface name (outside, inside...) or `backplane` (default: the spec's first
+        /// interface).
+        #[arg(short = 'i', long)]
+        interface: Option<String>,
+        /// Only this dispatcher (default: every dispatcher, merged).
+        #[arg(long)]
+        unit: Option<u32>,
+        /// Stop after this many packets.
+        #[arg(short = 'c', long, default_value_t = dva_unit::inspect::DEFAULT_CAPTURE_COUNT)]
+        count: u64,
+        /// Stop after this long (at most 600s).
+        #[arg(long, default_value = "10s")]
+        duration: String,
+        /// Bytes kept of each packet.
+        #[arg(short = 's', long)]
+        snaplen: Option<usize>,
+        /// The pcap file to write (`-`: standard output).
+        #[arg(short = 'w', long = "write")]
+        write: PathBuf,
+        /// A small filter, words joined by `and`: `host ADDR`, `port N`, `proto N`, or one of
+        /// tcp, udp, icmp, icmpv6, sctp (not BPF). For the backplane it applies to the packet
+        /// each datagram carries.
+        filter: Vec<String>,
         #[command(flatten)]
         target: TargetArgs,
     },
@@ -537,6 +569,39 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             output,
             target,
         } => ctl::config(&target.target(), &name, unit, output.format()),
+        Cmd::Capture {
+            name,
+            interface,
+            unit,
+            count,
+            duration,
+            snaplen,
+            write,
+            filter,
+            target,
+        } => {
+            use dva_unit::inspect::percent_encode as enc;
+            let ms = dva_proto::spec::parse_duration_ms(&duration)
+                .map_err(|e| anyhow::anyhow!("--duration {duration:?}: {e}"))?;
+            let mut q = vec![format!("count={count}"), format!("duration={ms}ms")];
+            if let Some(i) = interface {
+                q.push(format!("interface={}", enc(&i)));
+            }
+            if let Some(u) = unit {
+                q.push(format!("unit={u}"));
+            }
+            if let Some(s) = snaplen {
+                q.push(format!("snaplen={s}"));
+            }
+            q.extend(ctl::capture_filter(&filter)?);
+            ctl::capture(
+                &target.target(),
+                &name,
+                &q.join("&"),
+                std::time::Duration::from_millis(ms),
+                &write,
+            )
+        }
         Cmd::Bench {
             cmd:
                 BenchCmd::Forwarding {

@@ -56,6 +56,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/appliances/{name}/units"),
     ("GET", "/v1/appliances/{name}/events"),
     ("GET", "/v1/appliances/{name}/flows"),
+    ("GET", "/v1/appliances/{name}/capture"),
     ("GET", "/v1/appliances/{name}/units/{unit}/config"),
 ];
 
@@ -687,6 +688,8 @@ enum Call<'a> {
     Events(&'a str),
     /// The connection table; the query is the filter.
     Flows(&'a str, &'a str),
+    /// A pcap stream from the dispatchers; the query says where and what.
+    Capture(&'a str, &'a str),
     UnitConfig(&'a str, &'a str),
 }
 
@@ -727,6 +730,7 @@ fn route<'a>(method: &str, target: &'a str) -> Result<Call<'a>, Reply> {
         ("GET", ["v1", "appliances", n, "units"]) if !n.is_empty() => Call::Units(n),
         ("GET", ["v1", "appliances", n, "events"]) if !n.is_empty() => Call::Events(n),
         ("GET", ["v1", "appliances", n, "flows"]) if !n.is_empty() => Call::Flows(n, query),
+        ("GET", ["v1", "appliances", n, "capture"]) if !n.is_empty() => Call::Capture(n, query),
         ("GET", ["v1", "appliances", n, "units", u, "config"])
             if !n.is_empty() && !u.is_empty() =>
         {
@@ -768,7 +772,19 @@ fn serve_connection(conn: &Active, mut s: TcpStream) {
     let _ = s.set_nodelay(true);
     let mut head_only = false;
     let reply = match answer(&conn.shared, &conn.slot, &mut s, &mut head_only) {
-        Ok(r) | Err(ReadError::Reply(r)) => r,
+        Ok(Answer::Reply(r)) | Err(ReadError::Reply(r)) => r,
+        Ok(Answer::Capture(streams)) => {
+            conn.shared.count(200);
+            // No length: the stream ends when the connection closes (HTTP/1.1 allows it with
+            // `Connection: close`). A client that stops reading fails a write within
+            // WRITE_TIMEOUT, which ends the capture.
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.tcpdump.pcap\r\nConnection: close\r\n\r\n";
+            if s.write_all(head.as_bytes()).is_ok() {
+                let _ = streams.copy_to(&mut s);
+            }
+            linger(s);
+            return;
+        }
         Err(ReadError::Closed) => return,
     };
     conn.shared.count(reply.status);
@@ -782,12 +798,18 @@ fn serve_connection(conn: &Active, mut s: TcpStream) {
     linger(s);
 }
 
+/// What a request gets: a complete reply, or a stream.
+enum Answer {
+    Reply(Reply),
+    Capture(crate::inspect::CaptureStreams),
+}
+
 fn answer(
     sh: &Shared,
     slot: &Slot,
     s: &mut TcpStream,
     head_only: &mut bool,
-) -> Result<Reply, ReadError> {
+) -> Result<Answer, ReadError> {
     let (head, rest) = read_head(s, Deadline::after(HEAD_TIMEOUT, "head"))?;
     *head_only = head.method == "HEAD";
     // A whole request arrived: from here on the connection is not closed to make room (unless
@@ -801,11 +823,17 @@ fn answer(
     }
     let call = route(&head.method, &head.target)?;
     if call.guarded() && !authorized(&head, &sh.token) {
-        return Ok(Reply::error(
+        return Ok(Answer::Reply(Reply::error(
             401,
             "unauthorized",
             "missing or wrong bearer token (Authorization: Bearer <token>; `dva serve` keeps it in <state>/token)".into(),
-        ));
+        )));
+    }
+    if let Call::Capture(name, query) = call {
+        return Ok(match sh.mgmt.capture(name, query) {
+            Ok(streams) => Answer::Capture(streams),
+            Err(e) => Answer::Reply(Reply::api(e)),
+        });
     }
     let body = if call.has_body() {
         read_body(s, &head, rest, Deadline::after(BODY_TIMEOUT, "body"))?
@@ -814,11 +842,11 @@ fn answer(
     };
     // Mgmt does not panic on input; should a bug make it, the caller gets a 500 and the server
     // keeps serving.
-    Ok(
+    Ok(Answer::Reply(
         std::panic::catch_unwind(AssertUnwindSafe(|| execute(sh, call, &body))).unwrap_or_else(
             |_| Reply::error(500, "internal", "the call failed unexpectedly".into()),
         ),
-    )
+    ))
 }
 
 fn execute(sh: &Shared, call: Call<'_>, body: &str) -> Reply {
@@ -885,6 +913,8 @@ fn execute(sh: &Shared, call: Call<'_>, body: &str) -> Reply {
         Call::Events(name) => Reply::from(mgmt.events(name)),
         Call::Flows(name, query) => Reply::from(mgmt.flows(name, query)),
         Call::UnitConfig(name, unit) => Reply::from(mgmt.unit_config(name, unit)),
+        // Streamed by `answer` itself; never reaches here.
+        Call::Capture(..) => Reply::error(500, "internal", "capture is streamed".into()),
     }
 }
 

@@ -6,7 +6,8 @@
 //! `GET /ready` (200 once the data path is set up), `GET /stats` (JSON [`UnitStats`]),
 //! `GET /metrics` (Prometheus text, [`crate::metrics`]), and the [`crate::inspect`] requests the
 //! data path answers: `GET /flows?<filter>` (JSON [`FlowList`]), `GET /config` (the role config,
-//! backplane keys redacted).
+//! backplane keys redacted), `GET /capture?<spec>` (dispatchers: a pcap stream, see
+//! [`stream_capture`]).
 //!
 //! Only root and the user the unit runs as are served (SO_PEERCRED); anyone else's connection
 //! is closed unanswered and counted as `control_peer_refused`.
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crate::inspect::{FlowFilter, FlowList, Inspector, Request};
+use crate::inspect::{CaptureSpec, FlowFilter, FlowList, Inspector, Request};
 use crate::stats::{StatsCell, UnitStats};
 
 /// Biggest request we read; anything larger is answered 400 and closed.
@@ -48,6 +49,7 @@ impl ControlServer {
         let listener = UnixListener::bind(path)?;
         dva_io::local::restrict_socket(path)?;
         let refused = AtomicU64::new(0);
+        let capturing = Arc::new(AtomicBool::new(false));
         thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -62,6 +64,7 @@ impl ControlServer {
                         &stats,
                         &ready,
                         &inspector,
+                        &capturing,
                         refused.load(Ordering::Relaxed),
                     );
                 }
@@ -104,6 +107,7 @@ fn serve_one(
     stats: &StatsCell,
     ready: &AtomicBool,
     inspector: &Inspector,
+    capturing: &Arc<AtomicBool>,
     refused: u64,
 ) -> io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -135,6 +139,9 @@ fn serve_one(
         Ok(body) => (200, "application/json", body),
         Err(e) => (bad, "text/plain", e + "\n"),
     };
+    if (method, path) == ("GET", "/capture") {
+        return start_capture(conn, query, inspector, capturing);
+    }
     let (status, ctype, body) = match (method, path) {
         ("GET", "/flows") => match FlowFilter::from_query(query) {
             Ok(filter) => json(
@@ -181,12 +188,127 @@ fn serve_one(
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        409 => "Conflict",
+        422 => "Unprocessable Content",
         405 => "Method Not Allowed",
         _ => "Service Unavailable",
     };
     let mut w = conn;
     write!(w, "HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
     w.flush()
+}
+
+fn answer(mut w: UnixStream, status: u16, reason: &str, body: &str) -> io::Result<()> {
+    write!(w, "HTTP/1.0 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    w.flush()
+}
+
+/// Packets queued between the data path and the thread writing the pcap stream: a burst of
+/// this many fits, beyond that the tap drops and counts.
+const CAPTURE_QUEUE: usize = 4096;
+
+/// `GET /capture`: validate, then stream on a thread of its own so that stats and readiness
+/// keep being served meanwhile. One capture at a time (409 while one runs).
+fn start_capture(
+    conn: UnixStream,
+    query: &str,
+    inspector: &Inspector,
+    capturing: &Arc<AtomicBool>,
+) -> io::Result<()> {
+    let spec = match CaptureSpec::from_query(query) {
+        Ok(s) => s,
+        Err(e) => return answer(conn, 400, "Bad Request", &(e + "\n")),
+    };
+    if capturing.swap(true, Ordering::AcqRel) {
+        return answer(
+            conn,
+            409,
+            "Conflict",
+            "a capture is already running on this unit\n",
+        );
+    }
+    let (inspector, flag) = (inspector.clone(), capturing.clone());
+    let spawned = thread::Builder::new()
+        .name("capture".into())
+        .spawn(move || {
+            let _ = stream_capture(conn, &spec, &inspector);
+            flag.store(false, Ordering::Release);
+        });
+    if spawned.is_err() {
+        capturing.store(false, Ordering::Release);
+    }
+    Ok(())
+}
+
+/// Install a tap on the data path and write what it takes as a pcap stream (HTTP/1.0, no
+/// length: the stream ends when the connection closes) until `spec.count` packets or
+/// `spec.duration`, or until the reader goes away (a write that times out ends it too: a
+/// slow reader costs the data path drops, never waits).
+fn stream_capture(conn: UnixStream, spec: &CaptureSpec, inspector: &Inspector) -> io::Result<()> {
+    use dva_io::capture::{pcap_header, pcap_record, Tap};
+    let (tx, rx) = std::sync::mpsc::sync_channel(CAPTURE_QUEUE);
+    let dropped = Arc::new(AtomicU64::new(0));
+    let until = std::time::Instant::now() + spec.duration;
+    let tap = Tap::new(
+        spec.filter,
+        spec.snaplen,
+        spec.count,
+        until,
+        tx,
+        dropped.clone(),
+    );
+    let interface = spec.interface.clone();
+    let point = match inspector
+        .ask(|reply| Request::Capture {
+            interface,
+            tap,
+            reply,
+        })
+        .and_then(|r| r)
+    {
+        Ok(p) => p,
+        Err(e) => return answer(conn, 422, "Unprocessable Content", &(e + "\n")),
+    };
+    let mut w = io::BufWriter::new(conn);
+    write!(w, "HTTP/1.0 200 OK\r\nContent-Type: application/vnd.tcpdump.pcap\r\nX-Dva-Capture: {point}\r\nConnection: close\r\n\r\n")?;
+    w.write_all(&pcap_header(spec.snaplen as u32))?;
+    w.flush()?;
+    let mut taken = 0u64;
+    let mut record = Vec::with_capacity(2048);
+    let result = 'stream: loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || taken >= spec.count {
+            break Ok(());
+        }
+        let first = match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+            Ok(p) => p,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            // The data path ended the session (budget, deadline, or a newer capture).
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
+        };
+        // Write what a burst queued, then flush once.
+        let mut next = Some(first);
+        while let Some(p) = next.take() {
+            record.clear();
+            pcap_record(&p, &mut record);
+            if let Err(e) = w.write_all(&record) {
+                break 'stream Err(e);
+            }
+            taken += 1;
+            if taken < spec.count {
+                next = rx.try_recv().ok();
+            }
+        }
+        if let Err(e) = w.flush() {
+            break Err(e);
+        }
+    };
+    let _ = w.flush();
+    eprintln!(
+        "capture on {point}: {taken} packets, {} dropped (reader too slow)",
+        dropped.load(Ordering::Relaxed)
+    );
+    result
 }
 
 /// `GET path` over the unit's control socket. Returns (status, body).

@@ -576,6 +576,13 @@ impl Core {
             Request::Config { reply } => {
                 let _ = reply.try_send(RoleConfig::Dataplane(self.cfg.clone()).redacted_json());
             }
+            Request::Capture { reply, .. } => {
+                let _ = reply.try_send(Err(format!(
+                    "unit {} is a data plane: capture runs in the dispatchers, which see the \
+                     interfaces and every backplane datagram",
+                    self.cfg.unit
+                )));
+            }
         }
     }
 
@@ -632,6 +639,8 @@ impl Core {
                     bucket: c.bucket,
                     state: inspect::state_name(c.state).to_string(),
                     replica,
+                    previous_owner: !replica
+                        && self.cfg.table.get(c.bucket).is_some_and(|b| b.owner != me),
                     nat: nat.as_ref().map(inspect::Tuple::from),
                     backend: backend.map(|x| SocketAddr::new(x.dst, x.dst_port).to_string()),
                     orig_packets: c.orig_packets,

@@ -1,6 +1,10 @@
 //! Looking inside a running unit (issue #15): its connection table (`GET /flows` on the control
 //! socket), the role config it runs (`GET /config`) and packet capture (`GET /capture`).
 //!
+//! Capture ([`CaptureSpec`]) installs a [`Tap`] on the dispatcher's chosen interface or on its
+//! backplane endpoint; the control socket streams what the tap queues as pcap, on a thread of
+//! its own (one capture at a time per unit), until the packet budget or the deadline.
+//!
 //! The control thread never touches the data path's state: it sends a [`Request`] through a
 //! small bounded queue that the data path polls once per turn (one `try_recv`, like config
 //! pushes) and waits for the answer with a timeout. The data path answers between batches and
@@ -19,6 +23,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use dva_flow::{proto, FlowKey};
+use dva_io::capture::{CaptureFilter, Tap, MAX_SNAPLEN};
 use dva_services::conntrack::{ConnState, TcpState};
 
 /// Longest query string accepted (the filters are a handful of short values).
@@ -319,6 +324,11 @@ pub struct FlowEntry {
     /// A copy held for failover, not a flow this data plane serves.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replica: bool,
+    /// Held by a previous owner of its bucket (after a handover or a scale-out it answers for
+    /// packets the new owner has no state for); the listing keeps it only when no current
+    /// owner lists the same connection, or with `replicas`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub previous_owner: bool,
     /// Source NAT / destination NAT: how the first packet left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<Tuple>,
@@ -354,6 +364,149 @@ pub enum Request {
     Config {
         reply: SyncSender<serde_json::Value>,
     },
+    /// Start a capture session on `interface` (a spec interface name, `backplane`, or `None`:
+    /// the first interface), replacing any running one. The answer names where it taps.
+    Capture {
+        interface: Option<String>,
+        tap: Tap,
+        reply: SyncSender<Result<String, String>>,
+    },
+}
+
+/// Where a capture taps besides the interfaces: the datagrams to and from data planes.
+pub const BACKPLANE: &str = "backplane";
+/// Packets a capture takes when the request does not say, and at most.
+pub const DEFAULT_CAPTURE_COUNT: u64 = 1000;
+pub const MAX_CAPTURE_COUNT: u64 = 1_000_000;
+/// How long a capture runs when the request does not say, and at most.
+pub const DEFAULT_CAPTURE_SECS: u64 = 10;
+pub const MAX_CAPTURE_SECS: u64 = 600;
+
+/// A capture request: where, what, how much.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureSpec {
+    pub interface: Option<String>,
+    /// The dispatcher to capture on (the management tool's business; a unit ignores it).
+    pub unit: Option<u32>,
+    pub filter: CaptureFilter,
+    pub count: u64,
+    pub duration: Duration,
+    pub snaplen: usize,
+}
+
+impl Default for CaptureSpec {
+    fn default() -> Self {
+        CaptureSpec {
+            interface: None,
+            unit: None,
+            filter: CaptureFilter::default(),
+            count: DEFAULT_CAPTURE_COUNT,
+            duration: Duration::from_secs(DEFAULT_CAPTURE_SECS),
+            snaplen: MAX_SNAPLEN,
+        }
+    }
+}
+
+const CAPTURE_KEYS: [&str; 8] = [
+    "interface",
+    "unit",
+    "count",
+    "duration",
+    "snaplen",
+    "host",
+    "port",
+    "proto",
+];
+
+impl CaptureSpec {
+    /// Parse `interface=..&unit=..&count=..&duration=10s&snaplen=..&host=..&port=..&proto=..`.
+    pub fn from_query(query: &str) -> Result<CaptureSpec, String> {
+        let mut c = CaptureSpec::default();
+        for (k, v) in query_pairs(query, &CAPTURE_KEYS)? {
+            match k.as_str() {
+                "interface" => {
+                    let ok =
+                        !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic());
+                    if !ok {
+                        return Err(format!(
+                            "interface {v:?}: a spec interface name or backplane"
+                        ));
+                    }
+                    c.interface = Some(v);
+                }
+                "unit" => {
+                    c.unit = Some(
+                        v.parse()
+                            .map_err(|_| format!("unit {v:?} is not a unit id"))?,
+                    )
+                }
+                "count" => {
+                    c.count = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_CAPTURE_COUNT).contains(n))
+                        .ok_or_else(|| format!("count {v:?} is outside 1..={MAX_CAPTURE_COUNT}"))?
+                }
+                "duration" => {
+                    let ms = dva_proto::spec::parse_duration_ms(&v)
+                        .map_err(|e| format!("duration {v:?}: {e}"))?;
+                    if ms == 0 || ms > MAX_CAPTURE_SECS * 1000 {
+                        return Err(format!(
+                            "duration {v:?} is outside (0, {MAX_CAPTURE_SECS}s]"
+                        ));
+                    }
+                    c.duration = Duration::from_millis(ms);
+                }
+                "snaplen" => {
+                    c.snaplen = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (64..=MAX_SNAPLEN).contains(n))
+                        .ok_or_else(|| format!("snaplen {v:?} is outside 64..={MAX_SNAPLEN}"))?
+                }
+                "host" => {
+                    c.filter.host = Some(
+                        v.parse()
+                            .map_err(|_| format!("host {v:?} is not an IP address"))?,
+                    )
+                }
+                "port" => {
+                    c.filter.port = Some(
+                        v.parse()
+                            .map_err(|_| format!("port {v:?} is not a number 0..=65535"))?,
+                    )
+                }
+                "proto" => c.filter.proto = Some(parse_proto(&v)?),
+                _ => {}
+            }
+        }
+        Ok(c)
+    }
+
+    /// The query [`CaptureSpec::from_query`] reads back into this spec.
+    pub fn to_query(&self) -> String {
+        let mut q = vec![
+            format!("count={}", self.count),
+            format!("duration={}ms", self.duration.as_millis()),
+            format!("snaplen={}", self.snaplen),
+        ];
+        if let Some(i) = &self.interface {
+            q.push(format!("interface={}", percent_encode(i)));
+        }
+        if let Some(u) = self.unit {
+            q.push(format!("unit={u}"));
+        }
+        if let Some(h) = self.filter.host {
+            q.push(format!("host={}", percent_encode(&h.to_string())));
+        }
+        if let Some(p) = self.filter.port {
+            q.push(format!("port={p}"));
+        }
+        if let Some(p) = self.filter.proto {
+            q.push(format!("proto={p}"));
+        }
+        q.join("&")
+    }
 }
 
 /// The control side's end of the request queue.
@@ -454,6 +607,33 @@ mod tests {
         assert!(!f("proto=udp").matches(&k, "established"));
         assert!(!f("port=81").matches(&k, "established"));
         assert!(!f("state=syn_sent").matches(&k, "established"));
+    }
+
+    #[test]
+    fn capture_specs_parse_round_trip_and_are_bounded() {
+        let c = CaptureSpec::from_query(
+            "interface=backplane&unit=1&count=5&duration=2s&snaplen=128&host=198.18.1.2&port=80&proto=tcp",
+        )
+        .unwrap();
+        assert_eq!(c.interface.as_deref(), Some("backplane"));
+        assert_eq!((c.unit, c.count, c.snaplen), (Some(1), 5, 128));
+        assert_eq!(c.duration, Duration::from_secs(2));
+        assert_eq!(c.filter.port, Some(80));
+        assert_eq!(CaptureSpec::from_query(&c.to_query()).unwrap(), c);
+        assert_eq!(CaptureSpec::from_query("").unwrap(), CaptureSpec::default());
+        for (q, says) in [
+            ("count=0", "count"),
+            ("count=1000001", "count"),
+            ("duration=11m", "duration"),
+            ("duration=0s", "duration"),
+            ("snaplen=10", "snaplen"),
+            ("host=example.com", "host"),
+            ("interface=a%20b", "interface"),
+            ("bpf=tcp", "unknown parameter"),
+        ] {
+            let e = CaptureSpec::from_query(q).unwrap_err();
+            assert!(e.contains(says), "{q}: {e}");
+        }
     }
 
     #[test]
