@@ -253,10 +253,11 @@ impl Backplane {
     /// on (a datagram that cannot be sealed is not sent, and counted as a send drop).
     fn udp_commit(&mut self, len: usize, dst: SocketAddr) {
         // The filter reads the inner packet before sealing encrypts it.
-        let tapped = match (&self.tap, self.udp.uncommitted(len)) {
-            (Some(t), Some(d)) => t.filter().matches_geneve(d),
-            _ => false,
-        };
+        let tapped = self.tap.as_ref().is_some_and(|t| {
+            self.udp
+                .uncommitted(len)
+                .is_some_and(|d| t.filter().matches_geneve(d))
+        });
         let len = match self.seal.as_mut() {
             Some(s) => match self.udp.uncommitted_mut().and_then(|b| s.seal(b, len, dst)) {
                 Some(n) => n,
@@ -754,6 +755,62 @@ mod tests {
             epoch: 5,
             key: [0x42; seal::KEY_LEN],
         }]
+    }
+
+    /// A GENEVE datagram (16 bytes of options, like dva's) carrying IPv4/TCP to `dport`.
+    fn geneve_tcp(dport: u16) -> Vec<u8> {
+        let mut d = vec![0u8; 24 + 20 + 20];
+        d[0] = 4;
+        d[2..4].copy_from_slice(&0x0800u16.to_be_bytes());
+        d[24] = 0x45;
+        d[24 + 9] = 6;
+        d[44..46].copy_from_slice(&40000u16.to_be_bytes());
+        d[46..48].copy_from_slice(&dport.to_be_bytes());
+        d
+    }
+
+    fn tap(port: u16) -> (Tap, std::sync::mpsc::Receiver<crate::capture::Captured>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let filter = crate::capture::CaptureFilter {
+            port: Some(port),
+            ..Default::default()
+        };
+        let until = Instant::now() + Duration::from_secs(60);
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        (Tap::new(filter, 2048, 100, until, tx, dropped), rx)
+    }
+
+    #[test]
+    fn captures_see_sealed_datagrams_as_on_the_wire_filtered_on_what_they_carry() {
+        let mut a = Backplane::bind("127.0.0.1:0".parse().unwrap()).expect("bind a");
+        let mut b = Backplane::bind("127.0.0.1:0".parse().unwrap()).expect("bind b");
+        a.set_auth(3, 5, &keys()).expect("auth a");
+        b.set_auth(4, 5, &keys()).expect("auth b");
+        let (tap_a, sent) = tap(80);
+        let (tap_b, received) = tap(80);
+        a.set_tap(Some(tap_a));
+        b.set_tap(Some(tap_b));
+        let (web, other) = (geneve_tcp(80), geneve_tcp(81));
+        send(&mut a, &web, b.local_addr());
+        send(&mut a, &other, b.local_addr());
+        a.flush().expect("flush");
+        let got = drain(&mut b, 2);
+        assert_eq!(got.len(), 2, "both delivered, in clear");
+        assert_eq!(got[0].0, web);
+        let out = sent.try_recv().expect("the port-80 datagram, sent");
+        let inn = received.try_recv().expect("the port-80 datagram, received");
+        assert!(
+            sent.try_recv().is_err() && received.try_recv().is_err(),
+            "port 81 filtered out"
+        );
+        // Ethernet + IPv4 + UDP, then the datagram as sealed: header in clear, the rest not.
+        let wire = &out.data[42..];
+        assert_eq!(wire.len(), web.len() + seal::TRAILER_LEN);
+        assert_eq!(wire[..24], web[..24]);
+        assert_ne!(wire[24..web.len()], web[24..]);
+        assert_eq!(inn.data[42..], *wire, "the receiver saw the same bytes");
+        assert_eq!(out.data[34..36], a.local_addr().port().to_be_bytes());
+        assert_eq!(out.data[36..38], b.local_addr().port().to_be_bytes());
     }
 
     #[test]
