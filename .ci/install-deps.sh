@@ -7,8 +7,9 @@
 # (linux/bpf.h), and python3-scapy (e2e_hygiene and e2e_tcp_window forge packets; Debian's scapy imports only under
 # /usr/bin/python3), and prometheus for its promtool (e2e_metrics checks `dva serve`'s /metrics
 # with `promtool check metrics`; the Prometheus server it also installs is kept from starting,
-# see below), and chromium (e2e_ui opens `dva serve`'s web view in headless Chromium; no service
-# comes with it). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
+# see below), chromium (e2e_ui opens `dva serve`'s web view in headless Chromium; no service
+# comes with it), and tshark (e2e_seeing reads the pcap files `dva capture` writes; the
+# wireshark-common question whether non-root users may capture is answered no). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
 # packages already installed are left alone, and apt runs only when something is missing. Runs
 # as root (or through sudo).
 set -euo pipefail
@@ -27,7 +28,7 @@ installed() {
 }
 
 packages=(iproute2 ethtool iperf3 curl iputils-ping procps wrk haproxy nftables python3-scapy
-    prometheus clang llvm libbpf-dev linux-libc-dev chromium)
+    prometheus clang llvm libbpf-dev linux-libc-dev chromium tshark)
 missing=()
 for p in "${packages[@]}"; do
     installed "$p" || missing+=("$p")
@@ -50,6 +51,8 @@ if [ "${#missing[@]}" -gt 0 ] || $nginx_missing; then
     fi
     # iperf3 asks whether to run a system-wide daemon; the lab starts its own servers.
     echo 'iperf3 iperf3/start_daemon boolean false' | debconf-set-selections
+    # tshark only reads files here: no dumpcap group, no setuid capture helper.
+    echo 'wireshark-common wireshark-common/install-setuid boolean false' | debconf-set-selections
     # The lab and the benchmarks run their own nginx, iperf3 and HAProxy processes inside their
     # namespaces: the packages' system services are not wanted, and a user's machine must not
     # get services it did not ask for. A policy-rc.d that refuses every start keeps this install
@@ -84,7 +87,7 @@ if [ "${#missing[@]}" -gt 0 ] || $nginx_missing; then
     fi
 fi
 
-for tool in ip ss ethtool nginx iperf3 curl ping sysctl clang promtool chromium; do
+for tool in ip ss ethtool nginx iperf3 curl ping sysctl clang promtool chromium tshark; do
     command -v "$tool" >/dev/null 2>&1 || {
         echo "install-deps: $tool is still missing" >&2
         exit 1
@@ -99,4 +102,4 @@ command -v cargo >/dev/null 2>&1 || {
     echo "install-deps: scapy does not import under /usr/bin/python3" >&2
     exit 1
 }
-echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables clang llvm libbpf-dev python3-scapy prometheus/promtool chromium)"
+echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables clang llvm libbpf-dev python3-scapy prometheus/promtool chromium tshark)"

@@ -1,4 +1,5 @@
-//! The kubectl-like client commands (`dva apply/get/scale/delete/events/units`) and `dva serve`.
+//! The kubectl-like client commands (`dva apply/get/scale/delete/events/units`), seeing traffic
+//! (`dva flows/config/capture`) and `dva serve`.
 //!
 //! The server and token come from `--server`/`--token`, else `DVA_SERVER`/`DVA_TOKEN`, else the
 //! client file `dva serve` writes (`$DVA_CLIENT_CONFIG` or `~/.dva/client.json`).
@@ -654,6 +655,160 @@ pub fn describe(t: &Target, name: &str) -> anyhow::Result<()> {
         println!("  {:>6}  {:<15} {}", age(e.time_ms), e.reason, e.message);
     }
     Ok(())
+}
+
+/// `dva flows NAME`: the connection table across data planes, filtered by the server (`query`).
+pub fn flows(t: &Target, name: &str, query: &str, format: Format) -> anyhow::Result<()> {
+    let v = client(t)?.flows(name, query)?;
+    if structured(&v, format)? {
+        return Ok(());
+    }
+    let wide = format == Format::Wide;
+    let ep = |a: std::net::IpAddr, p: u16| std::net::SocketAddr::new(a, p).to_string();
+    print!(
+        "{:>4}  {:<7}  {:<22}  {:<22}  {:<22}  {:>6}  {:<22}",
+        "UNIT", "PROTO", "SOURCE", "DESTINATION", "STATE", "BUCKET", "NAT/BACKEND"
+    );
+    if wide {
+        print!(
+            "  {:>8}  {:>10}  {:>8}  {:>10}  {:>8}  {:>8}",
+            "PKTS>", "BYTES>", "<PKTS", "<BYTES", "AGE", "IDLE"
+        );
+    }
+    println!();
+    for f in &v.flows {
+        let xlat = match (&f.nat, &f.backend) {
+            (Some(n), _) => format!("{} -> {}", ep(n.src, n.src_port), ep(n.dst, n.dst_port)),
+            (None, Some(b)) => b.clone(),
+            (None, None) => "-".into(),
+        };
+        let state = if f.replica {
+            format!("{} (replica)", f.state)
+        } else if f.previous_owner {
+            format!("{} (previous)", f.state)
+        } else {
+            f.state.clone()
+        };
+        print!(
+            "{:>4}  {:<7}  {:<22}  {:<22}  {:<22}  {:>6}  {:<22}",
+            f.unit,
+            dva_unit::inspect::proto_name(f.proto),
+            ep(f.src, f.src_port),
+            ep(f.dst, f.dst_port),
+            state,
+            f.bucket,
+            xlat
+        );
+        if wide {
+            print!(
+                "  {:>8}  {:>10}  {:>8}  {:>10}  {:>7.1}s  {:>7.1}s",
+                f.orig_packets,
+                f.orig_bytes,
+                f.reply_packets,
+                f.reply_bytes,
+                f.age_secs,
+                f.idle_secs
+            );
+        }
+        println!();
+    }
+    if v.truncated {
+        eprintln!(
+            "(more flows matched: the listing stops at --limit; narrow the filter or raise it)"
+        );
+    }
+    for e in &v.errors {
+        eprintln!("unit {} did not answer: {}", e.unit, e.error);
+    }
+    Ok(())
+}
+
+/// `dva config NAME UNIT`: the role config the unit runs, keys redacted (YAML unless `-o json`).
+pub fn config(t: &Target, name: &str, unit: u32, format: Format) -> anyhow::Result<()> {
+    let v = client(t)?.unit_config(name, unit)?;
+    let format = match format {
+        Format::Json => Format::Json,
+        _ => Format::Yaml,
+    };
+    structured(&v, format)?;
+    Ok(())
+}
+
+/// `dva capture`'s filter words as query parameters: `host ADDR`, `port N`, `proto N` and the
+/// protocol names, optionally joined by `and` (the server checks the values).
+pub fn capture_filter(words: &[String]) -> anyhow::Result<Vec<String>> {
+    use dva_unit::inspect::percent_encode as enc;
+    let mut q = Vec::new();
+    let mut it = words.iter().map(String::as_str);
+    while let Some(w) = it.next() {
+        match w {
+            "and" | "&&" => {}
+            "host" | "port" | "proto" => {
+                let Some(v) = it.next() else {
+                    bail!("filter: `{w}` needs a value");
+                };
+                q.push(format!("{w}={}", enc(v)));
+            }
+            "tcp" | "udp" | "icmp" | "icmpv6" | "sctp" | "udplite" => q.push(format!("proto={w}")),
+            other => bail!(
+                "filter: {other:?} is not understood (use host ADDR, port N, proto N, tcp, udp, icmp, icmpv6, sctp, joined by `and`)"
+            ),
+        }
+    }
+    Ok(q)
+}
+
+/// `dva capture NAME ... -w FILE`: stream the pcap the server sends into `file`.
+pub fn capture(
+    t: &Target,
+    name: &str,
+    query: &str,
+    duration: Duration,
+    file: &Path,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let c = client(t)?;
+    let path = format!("/v1/appliances/{name}/capture?{query}");
+    // Quiet captures send nothing for their whole duration.
+    let timeout = duration + Duration::from_secs(30);
+    let bytes = if file == Path::new("-") {
+        let mut out = std::io::stdout().lock();
+        let n = c.download(&path, &mut out, timeout)?;
+        out.flush()?;
+        n
+    } else {
+        let f =
+            std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
+        let mut out = std::io::BufWriter::new(f);
+        let n = c.download(&path, &mut out, timeout)?;
+        out.flush()
+            .with_context(|| format!("writing {}", file.display()))?;
+        let packets = std::fs::read(file).map(|b| pcap_records(&b)).unwrap_or(0);
+        eprintln!(
+            "{packets} packets ({n} bytes) written to {}",
+            file.display()
+        );
+        n
+    };
+    if bytes == 0 {
+        bail!("the server sent no capture");
+    }
+    Ok(())
+}
+
+/// Records in a pcap file (the classic format `dva capture` writes).
+fn pcap_records(b: &[u8]) -> u64 {
+    let mut at = dva_io::capture::FILE_HEADER_LEN;
+    let mut n = 0;
+    while let Some(h) = b.get(at..at + dva_io::capture::RECORD_HEADER_LEN) {
+        let incl = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+        at += dva_io::capture::RECORD_HEADER_LEN + incl;
+        if at > b.len() {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 #[cfg(test)]

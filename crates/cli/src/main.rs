@@ -140,6 +140,82 @@ enum Cmd {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// The connection table across data planes (like `conntrack -L`): tuple, bucket, owning
+    /// data plane, state, NAT binding or backend, packets and bytes each way, age.
+    Flows {
+        name: String,
+        /// Source address or prefix (of the connection's original direction).
+        #[arg(long)]
+        src: Option<String>,
+        /// Destination address or prefix.
+        #[arg(long)]
+        dst: Option<String>,
+        /// Either end's port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// tcp, udp, icmp, icmpv6, sctp, udplite or a number.
+        #[arg(long)]
+        proto: Option<String>,
+        /// A TCP state (established, syn_sent, time_wait...), or replied / unreplied.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this data plane.
+        #[arg(long)]
+        unit: Option<u32>,
+        /// Also show the copies held for failover (marked replica) and previous owners' copies
+        /// of connections a current owner holds (marked previous).
+        #[arg(long)]
+        replicas: bool,
+        /// At most this many flows (each data plane sends no more).
+        #[arg(long, default_value_t = dva_unit::inspect::DEFAULT_LIMIT)]
+        limit: usize,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// The role config a dispatcher or data plane runs (backplane keys redacted), like Envoy's
+    /// config_dump.
+    Config {
+        name: String,
+        /// The unit id (see `dva units NAME`).
+        unit: u32,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Yaml)]
+        output: Output,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Capture packets inside the dispatchers (tcpdump cannot see AF_XDP) into a pcap file:
+    /// the frames of one interface, received and sent, or the backplane datagrams (GENEVE on
+    /// port 6081, sealed as on the wire).
+    Capture {
+        name: String,
+        /// A spec interface name (outside, inside...) or `backplane` (default: the spec's first
+        /// interface).
+        #[arg(short = 'i', long)]
+        interface: Option<String>,
+        /// Only this dispatcher (default: every dispatcher, merged).
+        #[arg(long)]
+        unit: Option<u32>,
+        /// Stop after this many packets.
+        #[arg(short = 'c', long, default_value_t = dva_unit::inspect::DEFAULT_CAPTURE_COUNT)]
+        count: u64,
+        /// Stop after this long (at most 600s).
+        #[arg(long, default_value = "10s")]
+        duration: String,
+        /// Bytes kept of each packet.
+        #[arg(short = 's', long)]
+        snaplen: Option<usize>,
+        /// The pcap file to write (`-`: standard output).
+        #[arg(short = 'w', long = "write")]
+        write: PathBuf,
+        /// A small filter, words joined by `and`: `host ADDR`, `port N`, `proto N`, or one of
+        /// tcp, udp, icmp, icmpv6, sctp (not BPF). For the backplane it applies to the packet
+        /// each datagram carries.
+        filter: Vec<String>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// An appliance's units.
     Units {
         name: String,
@@ -513,6 +589,82 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             output,
             target,
         } => ctl::units(&target.target(), &name, output.format()),
+        Cmd::Flows {
+            name,
+            src,
+            dst,
+            port,
+            proto,
+            state,
+            unit,
+            replicas,
+            limit,
+            output,
+            target,
+        } => {
+            use dva_unit::inspect::percent_encode as enc;
+            let mut q = vec![format!("limit={limit}")];
+            let text = [
+                ("src", src),
+                ("dst", dst),
+                ("proto", proto),
+                ("state", state),
+            ];
+            for (k, v) in text {
+                if let Some(v) = v {
+                    q.push(format!("{k}={}", enc(&v)));
+                }
+            }
+            if let Some(p) = port {
+                q.push(format!("port={p}"));
+            }
+            if let Some(u) = unit {
+                q.push(format!("unit={u}"));
+            }
+            if replicas {
+                q.push("replicas=true".into());
+            }
+            ctl::flows(&target.target(), &name, &q.join("&"), output.format())
+        }
+        Cmd::Config {
+            name,
+            unit,
+            output,
+            target,
+        } => ctl::config(&target.target(), &name, unit, output.format()),
+        Cmd::Capture {
+            name,
+            interface,
+            unit,
+            count,
+            duration,
+            snaplen,
+            write,
+            filter,
+            target,
+        } => {
+            use dva_unit::inspect::percent_encode as enc;
+            let ms = dva_proto::spec::parse_duration_ms(&duration)
+                .map_err(|e| anyhow::anyhow!("--duration {duration:?}: {e}"))?;
+            let mut q = vec![format!("count={count}"), format!("duration={ms}ms")];
+            if let Some(i) = interface {
+                q.push(format!("interface={}", enc(&i)));
+            }
+            if let Some(u) = unit {
+                q.push(format!("unit={u}"));
+            }
+            if let Some(s) = snaplen {
+                q.push(format!("snaplen={s}"));
+            }
+            q.extend(ctl::capture_filter(&filter)?);
+            ctl::capture(
+                &target.target(),
+                &name,
+                &q.join("&"),
+                std::time::Duration::from_millis(ms),
+                &write,
+            )
+        }
         Cmd::Bench {
             cmd:
                 BenchCmd::Forwarding {

@@ -22,6 +22,9 @@
 //!   what verified, decrypted, with the unit that sent it ([`Origin`]). A ring names its producer itself (the consumer made it for that peer, in
 //!   a directory only the appliance's user can enter).
 //!
+//! - A capture session ([`Backplane::set_tap`], [`crate::capture`]) sees every datagram sent and
+//!   received, as on the wire (sealed over UDP), filtered on the packet it carries.
+//!
 //! Only the roles decide which peers use rings. The data planes' handover protocol relies on
 //! punts and markers between two data planes taking one path in order, so data planes keep UDP
 //! between themselves; dispatchers and data planes exchange packets over rings.
@@ -33,6 +36,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::capture::Tap;
 use crate::seal::{self, AuthStats, EpochKey, Sealer};
 use crate::shm::{self, Consumer, Doorbell, Producer};
 use crate::udp::UdpEndpoint;
@@ -193,6 +197,8 @@ pub struct Backplane {
     seal: Option<Sealer>,
     /// Refuse unauthenticated UDP (set with the first keys, never cleared).
     require_auth: bool,
+    /// A capture session, if one runs: one `Option` check per datagram when none does.
+    tap: Option<Tap>,
 }
 
 impl std::fmt::Debug for Backplane {
@@ -211,6 +217,7 @@ impl Backplane {
             rings: None,
             seal: None,
             require_auth: false,
+            tap: None,
         })
     }
 
@@ -232,6 +239,11 @@ impl Backplane {
         Ok(())
     }
 
+    /// Start a capture session (ending the one running, if any), or end it with `None`.
+    pub fn set_tap(&mut self, tap: Option<Tap>) {
+        self.tap = tap;
+    }
+
     /// Counters of the authentication (all zero without it).
     pub fn auth_stats(&self) -> AuthStats {
         self.seal.as_ref().map(|s| s.stats()).unwrap_or_default()
@@ -240,6 +252,12 @@ impl Backplane {
     /// Queue the datagram built in the current UDP slot: sealed first where authentication is
     /// on (a datagram that cannot be sealed is not sent, and counted as a send drop).
     fn udp_commit(&mut self, len: usize, dst: SocketAddr) {
+        // The filter reads the inner packet before sealing encrypts it.
+        let tapped = self.tap.as_ref().is_some_and(|t| {
+            self.udp
+                .uncommitted(len)
+                .is_some_and(|d| t.filter().matches_geneve(d))
+        });
         let len = match self.seal.as_mut() {
             Some(s) => match self.udp.uncommitted_mut().and_then(|b| s.seal(b, len, dst)) {
                 Some(n) => n,
@@ -248,6 +266,14 @@ impl Backplane {
             None if self.require_auth => return self.udp.commit_slot(usize::MAX, dst),
             None => len,
         };
+        if tapped {
+            let src = self.udp.local_addr();
+            if let (Some(t), Some(d)) = (self.tap.as_mut(), self.udp.uncommitted(len)) {
+                if !t.record_datagram(src, dst, d) {
+                    self.tap = None;
+                }
+            }
+        }
         self.udp.commit_slot(len, dst);
     }
 
@@ -336,31 +362,48 @@ impl Backplane {
         mut f: F,
     ) -> io::Result<usize> {
         let mut n = 0;
+        let local = self.udp.local_addr();
+        let tap = &mut self.tap;
         if let Some(r) = self.rings.as_mut() {
             for (from, c) in &mut r.inbound {
                 if n >= max {
                     break;
                 }
                 let from = *from;
-                n += c.pop_batch(max - n, |d| f(d, from));
+                n += c.pop_batch(max - n, |d| {
+                    if let Some(t) = tap.as_mut() {
+                        // Rings carry datagrams in clear: what the filter reads is the wire.
+                        if !t.datagram(from.addr, local, d, d) {
+                            *tap = None;
+                        }
+                    }
+                    f(d, from)
+                });
             }
             r.stats.rx += n as u64;
         }
         if n < max {
-            let local = self.udp.local_addr();
             let require = self.require_auth;
             let seal = &mut self.seal;
-            n += self
-                .udp
-                .recv_batch_mut(max - n, |d, addr| match seal.as_mut() {
-                    Some(s) => {
-                        if let Ok((len, unit)) = s.open(d, local) {
-                            f(&d[..len], Origin { addr, unit });
-                        }
+            n += self.udp.recv_batch_mut(max - n, |d, addr| {
+                // Opening decrypts in place: a capture keeps the sealed bytes first.
+                if let Some(t) = tap.as_mut() {
+                    t.stash(d);
+                }
+                let opened = match seal.as_mut() {
+                    Some(s) => s.open(d, local).ok(),
+                    None if require => None,
+                    None => Some((d.len(), 0)),
+                };
+                if let Some(t) = tap.as_mut() {
+                    if !t.stashed(addr, local, opened.map(|(len, _)| &d[..len])) {
+                        *tap = None;
                     }
-                    None if require => {}
-                    None => f(d, Origin { addr, unit: 0 }),
-                })?;
+                }
+                if let Some((len, unit)) = opened {
+                    f(&d[..len], Origin { addr, unit });
+                }
+            })?;
         }
         Ok(n)
     }
@@ -379,7 +422,14 @@ impl Backplane {
         if let Some(r) = self.rings.as_mut() {
             if let Some(data) = self.udp.uncommitted(len) {
                 match r.push_or_wait(dst, len, &mut |b| b.copy_from_slice(data)) {
-                    Some(true) => return,
+                    Some(true) => {
+                        if let Some(t) = self.tap.as_mut() {
+                            if !t.datagram(self.udp.local_addr(), dst, data, data) {
+                                self.tap = None;
+                            }
+                        }
+                        return;
+                    }
                     Some(false) => r.stats.tx_fallback += 1,
                     None => {}
                 }
@@ -402,10 +452,17 @@ impl Backplane {
         // `push_with` consumes its closure even when it refuses; keep `fill` for the UDP way.
         let mut fill = Some(fill);
         let mut fallback = false;
+        let local = self.udp.local_addr();
         if let Some(r) = self.rings.as_mut() {
+            let tap = &mut self.tap;
             let mut once = |b: &mut [u8]| {
                 if let Some(fill) = fill.take() {
                     fill(b);
+                    if let Some(t) = tap.as_mut() {
+                        if !t.datagram(local, dst, b, b) {
+                            *tap = None;
+                        }
+                    }
                 }
             };
             match r.push_or_wait(dst, len, &mut once) {
@@ -698,6 +755,62 @@ mod tests {
             epoch: 5,
             key: [0x42; seal::KEY_LEN],
         }]
+    }
+
+    /// A GENEVE datagram (16 bytes of options, like dva's) carrying IPv4/TCP to `dport`.
+    fn geneve_tcp(dport: u16) -> Vec<u8> {
+        let mut d = vec![0u8; 24 + 20 + 20];
+        d[0] = 4;
+        d[2..4].copy_from_slice(&0x0800u16.to_be_bytes());
+        d[24] = 0x45;
+        d[24 + 9] = 6;
+        d[44..46].copy_from_slice(&40000u16.to_be_bytes());
+        d[46..48].copy_from_slice(&dport.to_be_bytes());
+        d
+    }
+
+    fn tap(port: u16) -> (Tap, std::sync::mpsc::Receiver<crate::capture::Captured>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let filter = crate::capture::CaptureFilter {
+            port: Some(port),
+            ..Default::default()
+        };
+        let until = Instant::now() + Duration::from_secs(60);
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        (Tap::new(filter, 2048, 100, until, tx, dropped), rx)
+    }
+
+    #[test]
+    fn captures_see_sealed_datagrams_as_on_the_wire_filtered_on_what_they_carry() {
+        let mut a = Backplane::bind("127.0.0.1:0".parse().unwrap()).expect("bind a");
+        let mut b = Backplane::bind("127.0.0.1:0".parse().unwrap()).expect("bind b");
+        a.set_auth(3, 5, &keys()).expect("auth a");
+        b.set_auth(4, 5, &keys()).expect("auth b");
+        let (tap_a, sent) = tap(80);
+        let (tap_b, received) = tap(80);
+        a.set_tap(Some(tap_a));
+        b.set_tap(Some(tap_b));
+        let (web, other) = (geneve_tcp(80), geneve_tcp(81));
+        send(&mut a, &web, b.local_addr());
+        send(&mut a, &other, b.local_addr());
+        a.flush().expect("flush");
+        let got = drain(&mut b, 2);
+        assert_eq!(got.len(), 2, "both delivered, in clear");
+        assert_eq!(got[0].0, web);
+        let out = sent.try_recv().expect("the port-80 datagram, sent");
+        let inn = received.try_recv().expect("the port-80 datagram, received");
+        assert!(
+            sent.try_recv().is_err() && received.try_recv().is_err(),
+            "port 81 filtered out"
+        );
+        // Ethernet + IPv4 + UDP, then the datagram as sealed: header in clear, the rest not.
+        let wire = &out.data[42..];
+        assert_eq!(wire.len(), web.len() + seal::TRAILER_LEN);
+        assert_eq!(wire[..24], web[..24]);
+        assert_ne!(wire[24..web.len()], web[24..]);
+        assert_eq!(inn.data[42..], *wire, "the receiver saw the same bytes");
+        assert_eq!(out.data[34..36], a.local_addr().port().to_be_bytes());
+        assert_eq!(out.data[36..38], b.local_addr().port().to_be_bytes());
     }
 
     #[test]

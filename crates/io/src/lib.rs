@@ -12,6 +12,8 @@
 //!   interfaces, with [`port::Port`] choosing between them (AF_XDP first, AF_PACKET when XDP
 //!   cannot attach), [`udp::UdpEndpoint`] (`recvmmsg`/`sendmmsg`) for the GENEVE
 //!   backplane, [`memory::MemoryIo`] for tests and benchmarks.
+//! - [`capture`]: packet capture inside the data path (a tap on any device or on the
+//!   backplane, bounded, never blocking), written out as pcap.
 //! - Helpers around them: [`netif`] (interface index, MAC, MTU, admin up, the device holding
 //!   an address), [`netns`]
 //!   (enter a named network namespace), [`poll`] (wait for readability without
@@ -56,6 +58,7 @@ pub mod af_packet;
 pub mod af_xdp;
 pub mod backplane;
 mod bpf;
+pub mod capture;
 mod error;
 pub mod local;
 pub mod memory;

@@ -60,6 +60,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/ui"),
     ("GET", "/ui/app.js"),
     ("GET", "/ui/app.css"),
+    ("GET", "/v1/appliances/{name}/flows"),
+    ("GET", "/v1/appliances/{name}/capture"),
+    ("GET", "/v1/appliances/{name}/units/{unit}/config"),
 ];
 
 /// The web view (`/ui`): a page, its script and its style, served without the token because they
@@ -740,6 +743,11 @@ enum Call<'a> {
     Ui,
     UiScript,
     UiStyle,
+    /// The connection table; the query is the filter.
+    Flows(&'a str, &'a str),
+    /// A pcap stream from the dispatchers; the query says where and what.
+    Capture(&'a str, &'a str),
+    UnitConfig(&'a str, &'a str),
 }
 
 impl Call<'_> {
@@ -759,6 +767,10 @@ impl Call<'_> {
 /// the path, 405 when one has it with other methods.
 fn route<'a>(method: &str, target: &'a str) -> Result<Call<'a>, Reply> {
     let path = target.split(['?', '#']).next().unwrap_or("");
+    let query = target
+        .split_once('?')
+        .map(|(_, q)| q.split('#').next().unwrap_or(""))
+        .unwrap_or("");
     let path = path
         .strip_suffix('/')
         .filter(|p| !p.is_empty())
@@ -781,6 +793,13 @@ fn route<'a>(method: &str, target: &'a str) -> Result<Call<'a>, Reply> {
         ("GET", ["ui"]) => Call::Ui,
         ("GET", ["ui", "app.js"]) => Call::UiScript,
         ("GET", ["ui", "app.css"]) => Call::UiStyle,
+        ("GET", ["v1", "appliances", n, "flows"]) if !n.is_empty() => Call::Flows(n, query),
+        ("GET", ["v1", "appliances", n, "capture"]) if !n.is_empty() => Call::Capture(n, query),
+        ("GET", ["v1", "appliances", n, "units", u, "config"])
+            if !n.is_empty() && !u.is_empty() =>
+        {
+            Call::UnitConfig(n, u)
+        }
         _ => {
             let allowed: Vec<&str> = ROUTES
                 .iter()
@@ -817,7 +836,19 @@ fn serve_connection(conn: &Active, mut s: TcpStream) {
     let _ = s.set_nodelay(true);
     let mut head_only = false;
     let reply = match answer(&conn.shared, &conn.slot, &mut s, &mut head_only) {
-        Ok(r) | Err(ReadError::Reply(r)) => r,
+        Ok(Answer::Reply(r)) | Err(ReadError::Reply(r)) => r,
+        Ok(Answer::Capture(streams)) => {
+            conn.shared.count(200);
+            // No length: the stream ends when the connection closes (HTTP/1.1 allows it with
+            // `Connection: close`). A client that stops reading fails a write within
+            // WRITE_TIMEOUT, which ends the capture.
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.tcpdump.pcap\r\nConnection: close\r\n\r\n";
+            if s.write_all(head.as_bytes()).is_ok() {
+                let _ = streams.copy_to(&mut s);
+            }
+            linger(s);
+            return;
+        }
         Err(ReadError::Closed) => return,
     };
     conn.shared.count(reply.status);
@@ -831,12 +862,18 @@ fn serve_connection(conn: &Active, mut s: TcpStream) {
     linger(s);
 }
 
+/// What a request gets: a complete reply, or a stream.
+enum Answer {
+    Reply(Reply),
+    Capture(crate::inspect::CaptureStreams),
+}
+
 fn answer(
     sh: &Shared,
     slot: &Slot,
     s: &mut TcpStream,
     head_only: &mut bool,
-) -> Result<Reply, ReadError> {
+) -> Result<Answer, ReadError> {
     let (head, rest) = read_head(s, Deadline::after(HEAD_TIMEOUT, "head"))?;
     *head_only = head.method == "HEAD";
     // A whole request arrived: from here on the connection is not closed to make room (unless
@@ -850,11 +887,17 @@ fn answer(
     }
     let call = route(&head.method, &head.target)?;
     if call.guarded() && !authorized(&head, &sh.token) {
-        return Ok(Reply::error(
+        return Ok(Answer::Reply(Reply::error(
             401,
             "unauthorized",
             "missing or wrong bearer token (Authorization: Bearer <token>; `dva serve` keeps it in <state>/token)".into(),
-        ));
+        )));
+    }
+    if let Call::Capture(name, query) = call {
+        return Ok(match sh.mgmt.capture(name, query) {
+            Ok(streams) => Answer::Capture(streams),
+            Err(e) => Answer::Reply(Reply::api(e)),
+        });
     }
     let body = if call.has_body() {
         read_body(s, &head, rest, Deadline::after(BODY_TIMEOUT, "body"))?
@@ -863,16 +906,16 @@ fn answer(
     };
     let opts = match write_options(&head) {
         Ok(o) => o,
-        Err(r) => return Ok(r),
+        Err(r) => return Ok(Answer::Reply(r)),
     };
     // Mgmt does not panic on input; should a bug make it, the caller gets a 500 and the server
     // keeps serving.
-    Ok(
+    Ok(Answer::Reply(
         std::panic::catch_unwind(AssertUnwindSafe(|| execute(sh, call, &body, opts)))
             .unwrap_or_else(|_| {
                 Reply::error(500, "internal", "the call failed unexpectedly".into())
             }),
-    )
+    ))
 }
 
 /// `?dryRun=All` (kubectl's spelling; `true` and `1` too) and `If-Match: "<generation>"`.
@@ -969,6 +1012,10 @@ fn execute(sh: &Shared, call: Call<'_>, body: &str, opts: WriteOptions) -> Reply
         Call::Units(name) => Reply::from(mgmt.units(name)),
         Call::Events(name) => Reply::from(mgmt.events(name)),
         Call::Stats(name) => Reply::from(mgmt.stats(name)),
+        Call::Flows(name, query) => Reply::from(mgmt.flows(name, query)),
+        Call::UnitConfig(name, unit) => Reply::from(mgmt.unit_config(name, unit)),
+        // Streamed by `answer` itself; never reaches here.
+        Call::Capture(..) => Reply::error(500, "internal", "capture is streamed".into()),
     }
 }
 

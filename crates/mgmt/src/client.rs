@@ -149,6 +149,90 @@ impl Client {
     pub fn events(&self, name: &str) -> anyhow::Result<Vec<Event>> {
         self.call("GET", &format!("/v1/appliances/{name}/events"), "", b"")
     }
+    /// `query`: a flow filter (see `dva_unit::inspect::FlowFilter::to_query`).
+    pub fn flows(&self, name: &str, query: &str) -> anyhow::Result<crate::inspect::FlowsView> {
+        self.call(
+            "GET",
+            &format!("/v1/appliances/{name}/flows?{query}"),
+            "",
+            b"",
+        )
+    }
+    /// `GET path` whose answer is streamed into `out` (a capture): the bytes written, or the
+    /// server's error. `timeout`: how long a read may wait (a capture can be quiet for its
+    /// whole duration).
+    pub fn download(
+        &self,
+        path: &str,
+        out: &mut dyn std::io::Write,
+        timeout: Duration,
+    ) -> anyhow::Result<u64> {
+        let addr = self
+            .authority
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {}", self.authority))?
+            .next()
+            .ok_or_else(|| anyhow!("{} resolves to nothing", self.authority))?;
+        let mut s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| {
+                format!("connecting to the management API at {addr} (is `dva serve` running?)")
+            })?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(self.timeout))?;
+        let mut head = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+            self.authority
+        );
+        if let Some(t) = &self.token {
+            head += &format!("Authorization: Bearer {t}\r\n");
+        }
+        head += "\r\n";
+        s.write_all(head.as_bytes())?;
+        let mut r = std::io::BufReader::new(s);
+        let mut got = Vec::new();
+        {
+            use std::io::BufRead;
+            let mut limited = (&mut r).take(16 * 1024);
+            loop {
+                let before = got.len();
+                if limited.read_until(b'\n', &mut got)? == 0 {
+                    bail!("the server closed the connection before answering");
+                }
+                if got[before..] == *b"\r\n" {
+                    break;
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        let status: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("malformed HTTP status line"))?;
+        if status != 200 {
+            let mut body = String::new();
+            let _ = (&mut r).take(64 * 1024).read_to_string(&mut body);
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            return Err(HttpError {
+                status,
+                code: v["error"]["code"].as_str().unwrap_or("").to_string(),
+                message: v["error"]["message"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("HTTP {status}: {}", body.trim())),
+            }
+            .into());
+        }
+        Ok(std::io::copy(&mut r, out)?)
+    }
+    pub fn unit_config(&self, name: &str, unit: u32) -> anyhow::Result<serde_json::Value> {
+        self.call(
+            "GET",
+            &format!("/v1/appliances/{name}/units/{unit}/config"),
+            "",
+            b"",
+        )
+    }
 }
 
 fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {

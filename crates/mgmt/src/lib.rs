@@ -7,6 +7,7 @@
 //! * [`core`]: [`Mgmt`], the operations the API and `dva run` call (apply, get, scale, delete, ...);
 //! * [`reconcile`]: the loop that makes units match the records;
 //! * [`provision`]: the [`Provisioner`](provision::Provisioner) trait and its `local` implementation;
+//! * [`inspect`]: seeing traffic: flows across data planes, a unit's running config;
 //! * [`metrics`]: the aggregated Prometheus `/metrics` (every unit's, and the tool's own);
 //! * [`api`]: the HTTP server (routes, bearer-token auth, OpenAPI document).
 
@@ -14,6 +15,7 @@ pub mod api;
 pub mod autoscale;
 pub mod client;
 pub mod core;
+pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod provision;

@@ -1221,3 +1221,100 @@ fn dry_runs_change_nothing_and_if_match_refuses_stale_writes() {
     assert_eq!(api.get("/v1/appliances/edge-fw").0, 200);
     api.stop();
 }
+
+#[test]
+fn seeing_traffic_calls_check_their_input_before_asking_any_unit() {
+    let dir = TempDir::new("seeing");
+    let api = Api::start(&dir.0);
+    let anon = Client::new(&api.url(), None).expect("client");
+    for path in [
+        "/v1/appliances/edge-fw/flows",
+        "/v1/appliances/edge-fw/units/1/config",
+        "/v1/appliances/edge-fw/capture",
+    ] {
+        let (status, _) = anon.raw("GET", path, "", b"").expect("request");
+        assert_eq!(status, 401, "{path} needs the token");
+    }
+    let (s, v) = api.get("/v1/appliances/nope/flows");
+    assert!(error_message(s, &v, 404, "not_found").contains("nope"));
+    assert_eq!(api.apply(&example("edge-firewall.yaml")).0, 200);
+    // Bad filters: 400 naming the value, whatever the units' state.
+    for (path, says) in [
+        ("/v1/appliances/edge-fw/flows?port=http", "port"),
+        ("/v1/appliances/edge-fw/flows?limit=0", "limit"),
+        ("/v1/appliances/edge-fw/flows?state=open", "state"),
+        ("/v1/appliances/edge-fw/flows?colour=red", "colour"),
+        ("/v1/appliances/edge-fw/capture?duration=1h", "duration"),
+        ("/v1/appliances/edge-fw/capture?host=a.b", "host"),
+        ("/v1/appliances/edge-fw/units/x/config", "x"),
+    ] {
+        let (s, v) = api.get(path);
+        let m = error_message(s, &v, 400, "bad_request");
+        assert!(m.contains(says), "{path}: {m}");
+    }
+    // No unit runs without a lab: nothing to list, nobody to capture on or ask.
+    let (s, v) = api.get("/v1/appliances/edge-fw/flows?proto=tcp");
+    assert_eq!(s, 200, "{v:#}");
+    assert_eq!(v["flows"], Value::Array(vec![]));
+    let (s, v) = api.get("/v1/appliances/edge-fw/capture?interface=outside");
+    error_message(s, &v, 409, "conflict");
+    let (s, v) = api.get("/v1/appliances/edge-fw/units/99/config");
+    error_message(s, &v, 404, "not_found");
+    let (s, v) = api.get("/v1/appliances/edge-fw/flows?unit=99");
+    error_message(s, &v, 404, "not_found");
+}
+
+#[test]
+fn openapi_flow_schemas_match_what_the_server_sends() {
+    use dva_mgmt::inspect::{FlowsView, UnitError};
+    use dva_unit::inspect::{FlowEntry, Tuple};
+    let doc: Value = serde_json::from_str(OPENAPI).expect("JSON");
+    let schemas = &doc["components"]["schemas"];
+    let a = "198.18.1.2".parse().expect("addr");
+    let flow = FlowEntry {
+        unit: 3,
+        proto: 6,
+        src: a,
+        src_port: 1,
+        dst: a,
+        dst_port: 2,
+        bucket: 7,
+        state: "established".into(),
+        replica: true,
+        previous_owner: true,
+        nat: Some(Tuple {
+            src: a,
+            src_port: 1,
+            dst: a,
+            dst_port: 2,
+        }),
+        backend: Some("198.18.2.2:80".into()),
+        orig_packets: 1,
+        orig_bytes: 1,
+        reply_packets: 1,
+        reply_bytes: 1,
+        age_secs: 1.0,
+        idle_secs: 1.0,
+    };
+    let view = FlowsView {
+        appliance: "a".into(),
+        flows: vec![flow.clone()],
+        truncated: false,
+        errors: vec![UnitError {
+            unit: 4,
+            error: "e".into(),
+        }],
+    };
+    for (name, value) in [
+        ("Flow", serde_json::to_value(&flow).expect("json")),
+        ("Flows", serde_json::to_value(&view).expect("json")),
+    ] {
+        let props: BTreeSet<&String> = schemas[name]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("schema {name}"))
+            .keys()
+            .collect();
+        let sent: BTreeSet<&String> = value.as_object().expect("object").keys().collect();
+        assert_eq!(props, sent, "schema {name} vs what the server sends");
+    }
+}

@@ -287,7 +287,30 @@ impl RoleConfig {
             RoleConfig::Dataplane(c) => c.unit,
         }
     }
+
+    /// The config as JSON for people to read (`dva config`): the same shape as on the unit
+    /// channel, but every backplane key is replaced by [`REDACTED`] (the epochs stay). The
+    /// derived `Serialize` must keep the keys (the manager sends them to units with it), so
+    /// the dump redacts its own copy rather than changing how the config serialises.
+    pub fn redacted_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(keys) = v
+            .get_mut("backplane")
+            .and_then(|b| b.get_mut("keys"))
+            .and_then(|k| k.as_array_mut())
+        {
+            for k in keys {
+                if let Some(key) = k.get_mut("key") {
+                    *key = serde_json::Value::String(REDACTED.into());
+                }
+            }
+        }
+        v
+    }
 }
+
+/// What stands for a secret in a config dump.
+pub const REDACTED: &str = "<redacted>";
 
 /// Where the units are and which buckets each data plane owns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -743,6 +766,54 @@ fn compile_firewall(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_dumps_redact_backplane_keys() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/edge-firewall.yaml"
+        ))
+        .unwrap();
+        let spec = ApplianceSpec::from_yaml(&text).unwrap();
+        let ep = |id: u32| UnitEndpoint {
+            id,
+            addr: SocketAddr::from(([198, 19, 0, 11], 6081)),
+        };
+        let placement = Placement {
+            dispatchers: vec![ep(1)],
+            dataplanes: vec![ep(11)],
+            table: BucketTable::maglev(spec.spec.layout.buckets, &[11]).unwrap(),
+        };
+        let (mut d, mut p) = compile(&spec, &placement, 1).unwrap();
+        let auth = BackplaneAuth {
+            send_epoch: 4,
+            keys: vec![
+                BackplaneKey {
+                    epoch: 4,
+                    key: [0xab; 32],
+                },
+                BackplaneKey {
+                    epoch: 5,
+                    key: [0xcd; 32],
+                },
+            ],
+        };
+        d[0].backplane = auth.clone();
+        p[0].backplane = auth;
+        for cfg in [
+            RoleConfig::Dispatcher(d.remove(0)),
+            RoleConfig::Dataplane(p.remove(0)),
+        ] {
+            // The channel's serialisation keeps the keys; the dump does not.
+            assert!(serde_json::to_string(&cfg).unwrap().contains("abababab"));
+            let dump = cfg.redacted_json();
+            let text = dump.to_string();
+            assert!(!text.contains("abab") && !text.contains("cdcd"), "{text}");
+            assert_eq!(dump["backplane"]["keys"][1]["epoch"], 5);
+            assert_eq!(dump["backplane"]["keys"][0]["key"], REDACTED);
+            assert_eq!(dump["backplane"]["send_epoch"], 4);
+        }
+    }
 
     #[test]
     fn compiles_edge_firewall() {

@@ -4,7 +4,10 @@
 //! Unix sockets live in the filesystem, not in a network namespace, so a unit placed in a lab host
 //! namespace is reachable from the root namespace without any route. Endpoints:
 //! `GET /ready` (200 once the data path is set up), `GET /stats` (JSON [`UnitStats`]),
-//! `GET /metrics` (Prometheus text, [`crate::metrics`]).
+//! `GET /metrics` (Prometheus text, [`crate::metrics`]), and the [`crate::inspect`] requests the
+//! data path answers: `GET /flows?<filter>` (JSON [`FlowList`]), `GET /config` (the role config,
+//! backplane keys redacted), `GET /capture?<spec>` (dispatchers: a pcap stream, see
+//! [`stream_capture`]).
 //!
 //! Only root and the user the unit runs as are served (SO_PEERCRED); anyone else's connection
 //! is closed unanswered and counted as `control_peer_refused`.
@@ -17,6 +20,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use crate::inspect::{CaptureSpec, FlowFilter, FlowList, Inspector, Request};
 use crate::stats::{StatsCell, UnitStats};
 
 /// Biggest request we read; anything larger is answered 400 and closed.
@@ -32,6 +36,7 @@ impl ControlServer {
         path: &Path,
         stats: StatsCell,
         ready: Arc<AtomicBool>,
+        inspector: Inspector,
     ) -> io::Result<ControlServer> {
         if let Some(dir) = path.parent() {
             dva_io::local::create_private_dir_all(dir)?;
@@ -44,6 +49,7 @@ impl ControlServer {
         let listener = UnixListener::bind(path)?;
         dva_io::local::restrict_socket(path)?;
         let refused = AtomicU64::new(0);
+        let capturing = Arc::new(AtomicBool::new(false));
         thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -53,7 +59,14 @@ impl ControlServer {
                         continue;
                     }
                     // One request per connection, served inline: requests are tiny and rare.
-                    let _ = serve_one(conn, &stats, &ready, refused.load(Ordering::Relaxed));
+                    let _ = serve_one(
+                        conn,
+                        &stats,
+                        &ready,
+                        &inspector,
+                        &capturing,
+                        refused.load(Ordering::Relaxed),
+                    );
                 }
             })?;
         Ok(ControlServer {
@@ -93,6 +106,8 @@ fn serve_one(
     conn: UnixStream,
     stats: &StatsCell,
     ready: &AtomicBool,
+    inspector: &Inspector,
+    capturing: &Arc<AtomicBool>,
     refused: u64,
 ) -> io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -119,7 +134,31 @@ fn serve_one(
         }
         s
     };
-    let (status, ctype, body) = match (method, target) {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let json = |v: Result<String, String>, bad: u16| match v {
+        Ok(body) => (200, "application/json", body),
+        Err(e) => (bad, "text/plain", e + "\n"),
+    };
+    if (method, path) == ("GET", "/capture") {
+        return start_capture(conn, query, inspector, capturing);
+    }
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/flows") => match FlowFilter::from_query(query) {
+            Ok(filter) => json(
+                inspector
+                    .ask(|reply| Request::Flows { filter, reply })
+                    .and_then(|r| r)
+                    .map(|list: FlowList| serde_json::to_string(&list).unwrap_or_default()),
+                503,
+            ),
+            Err(e) => (400, "text/plain", e + "\n"),
+        },
+        ("GET", "/config") => json(
+            inspector
+                .ask(|reply| Request::Config { reply })
+                .map(|v| v.to_string()),
+            503,
+        ),
         ("GET", "/ready") if ready.load(Ordering::Acquire) => {
             (200, "text/plain", "ready\n".to_string())
         }
@@ -137,7 +176,7 @@ fn serve_one(
         ("GET", _) => (
             404,
             "text/plain",
-            format!("no such endpoint {target:?}; try /ready, /stats, /metrics\n"),
+            format!("no such endpoint {path:?}; try /ready, /stats, /metrics, /flows, /config\n"),
         ),
         _ => (
             405,
@@ -147,13 +186,129 @@ fn serve_one(
     };
     let reason = match status {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
+        409 => "Conflict",
+        422 => "Unprocessable Content",
         405 => "Method Not Allowed",
         _ => "Service Unavailable",
     };
     let mut w = conn;
     write!(w, "HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
     w.flush()
+}
+
+fn answer(mut w: UnixStream, status: u16, reason: &str, body: &str) -> io::Result<()> {
+    write!(w, "HTTP/1.0 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    w.flush()
+}
+
+/// Packets queued between the data path and the thread writing the pcap stream: a burst of
+/// this many fits, beyond that the tap drops and counts.
+const CAPTURE_QUEUE: usize = 4096;
+
+/// `GET /capture`: validate, then stream on a thread of its own so that stats and readiness
+/// keep being served meanwhile. One capture at a time (409 while one runs).
+fn start_capture(
+    conn: UnixStream,
+    query: &str,
+    inspector: &Inspector,
+    capturing: &Arc<AtomicBool>,
+) -> io::Result<()> {
+    let spec = match CaptureSpec::from_query(query) {
+        Ok(s) => s,
+        Err(e) => return answer(conn, 400, "Bad Request", &(e + "\n")),
+    };
+    if capturing.swap(true, Ordering::AcqRel) {
+        return answer(
+            conn,
+            409,
+            "Conflict",
+            "a capture is already running on this unit\n",
+        );
+    }
+    let (inspector, flag) = (inspector.clone(), capturing.clone());
+    let spawned = thread::Builder::new()
+        .name("capture".into())
+        .spawn(move || {
+            let _ = stream_capture(conn, &spec, &inspector);
+            flag.store(false, Ordering::Release);
+        });
+    if spawned.is_err() {
+        capturing.store(false, Ordering::Release);
+    }
+    Ok(())
+}
+
+/// Install a tap on the data path and write what it takes as a pcap stream (HTTP/1.0, no
+/// length: the stream ends when the connection closes) until `spec.count` packets or
+/// `spec.duration`, or until the reader goes away (a write that times out ends it too: a
+/// slow reader costs the data path drops, never waits).
+fn stream_capture(conn: UnixStream, spec: &CaptureSpec, inspector: &Inspector) -> io::Result<()> {
+    use dva_io::capture::{pcap_header, pcap_record, Tap};
+    let (tx, rx) = std::sync::mpsc::sync_channel(CAPTURE_QUEUE);
+    let dropped = Arc::new(AtomicU64::new(0));
+    let until = std::time::Instant::now() + spec.duration;
+    let tap = Tap::new(
+        spec.filter,
+        spec.snaplen,
+        spec.count,
+        until,
+        tx,
+        dropped.clone(),
+    );
+    let interface = spec.interface.clone();
+    let point = match inspector
+        .ask(|reply| Request::Capture {
+            interface,
+            tap,
+            reply,
+        })
+        .and_then(|r| r)
+    {
+        Ok(p) => p,
+        Err(e) => return answer(conn, 422, "Unprocessable Content", &(e + "\n")),
+    };
+    let mut w = io::BufWriter::new(conn);
+    write!(w, "HTTP/1.0 200 OK\r\nContent-Type: application/vnd.tcpdump.pcap\r\nX-Dva-Capture: {point}\r\nConnection: close\r\n\r\n")?;
+    w.write_all(&pcap_header(spec.snaplen as u32))?;
+    w.flush()?;
+    let mut taken = 0u64;
+    let mut record = Vec::with_capacity(2048);
+    let result = 'stream: loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || taken >= spec.count {
+            break Ok(());
+        }
+        let first = match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+            Ok(p) => p,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            // The data path ended the session (budget, deadline, or a newer capture).
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
+        };
+        // Write what a burst queued, then flush once.
+        let mut next = Some(first);
+        while let Some(p) = next.take() {
+            record.clear();
+            pcap_record(&p, &mut record);
+            if let Err(e) = w.write_all(&record) {
+                break 'stream Err(e);
+            }
+            taken += 1;
+            if taken < spec.count {
+                next = rx.try_recv().ok();
+            }
+        }
+        if let Err(e) = w.flush() {
+            break Err(e);
+        }
+    };
+    let _ = w.flush();
+    eprintln!(
+        "capture on {point}: {taken} packets, {} dropped (reader too slow)",
+        dropped.load(Ordering::Relaxed)
+    );
+    result
 }
 
 /// `GET path` over the unit's control socket. Returns (status, body).
@@ -207,7 +362,8 @@ mod tests {
             ..Default::default()
         });
         let ready = Arc::new(AtomicBool::new(false));
-        let _srv = ControlServer::start(&path, cell.clone(), ready.clone()).unwrap();
+        let (inspector, requests) = crate::inspect::channel();
+        let _srv = ControlServer::start(&path, cell.clone(), ready.clone(), inspector).unwrap();
         assert_eq!(get(&path, "/ready", Duration::from_secs(2)).unwrap().0, 503);
         ready.store(true, Ordering::Release);
         assert_eq!(get(&path, "/ready", Duration::from_secs(2)).unwrap().0, 200);
@@ -225,6 +381,19 @@ mod tests {
         );
         assert!(m.contains("reason=\"malformed\"} 2"), "{m}");
         assert_eq!(get(&path, "/nope", Duration::from_secs(2)).unwrap().0, 404);
+        // Inspection: a bad filter is refused before the data path is asked; a good one is
+        // answered by whoever polls the queue (here: this thread).
+        let (st, why) = get(&path, "/flows?port=x", Duration::from_secs(2)).unwrap();
+        assert_eq!(st, 400, "{why}");
+        assert!(why.contains("port"), "{why}");
+        let answer = std::thread::spawn(move || {
+            if let Ok(Request::Config { reply }) = requests.recv_timeout(Duration::from_secs(5)) {
+                let _ = reply.send(serde_json::json!({"role": "dataplane"}));
+            }
+        });
+        let (st, body) = get(&path, "/config", Duration::from_secs(5)).unwrap();
+        assert_eq!((st, body.as_str()), (200, r#"{"role":"dataplane"}"#));
+        answer.join().unwrap();
         let _ = std::fs::remove_dir_all(dir);
     }
 }

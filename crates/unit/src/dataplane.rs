@@ -38,6 +38,7 @@ use crate::handover::{
     self, Flows, Handover, HOLD_LIMIT, HOLD_MAX_BYTES, HOLD_MAX_PACKETS, MAX_RESENDS,
     PROTO_HANDOVER, RESEND_AFTER,
 };
+use crate::inspect::{self, FlowEntry, FlowFilter, FlowList, Request, Requests};
 use crate::keys::epoch_keys;
 use crate::offload;
 use crate::reply;
@@ -344,6 +345,7 @@ impl Dataplane {
         stop: &AtomicBool,
         stats: &StatsCell,
         updates: &Receiver<Update>,
+        requests: &Requests,
     ) -> anyhow::Result<()> {
         let mut poller = dva_io::poll::Poller::new(&self.rx.poll_fds());
         let mut publish = Every::new(Duration::from_millis(100));
@@ -379,6 +381,12 @@ impl Dataplane {
                     }
                 };
                 let _ = u.reply.send(result);
+            }
+            // Inspection (flow listings, config dumps) between batches too: one `try_recv` a
+            // turn when nobody asks.
+            while let Ok(r) = requests.try_recv() {
+                self.core.now_ns = now.duration_since(self.core.epoch_start).as_nanos() as u64;
+                self.core.inspect(r);
             }
             let core = &mut self.core;
             if std::mem::take(&mut core.census_due) {
@@ -591,6 +599,94 @@ impl Core {
             .into_iter()
             .filter(|(b, _)| !self.is_replica_bucket(*b))
             .collect();
+    }
+
+    /// Answer an inspection request from the control socket.
+    fn inspect(&mut self, r: Request) {
+        match r {
+            Request::Flows { filter, reply } => {
+                let _ = reply.try_send(self.list_flows(&filter));
+            }
+            Request::Config { reply } => {
+                let _ = reply.try_send(RoleConfig::Dataplane(self.cfg.clone()).redacted_json());
+            }
+            Request::Capture { reply, .. } => {
+                let _ = reply.try_send(Err(format!(
+                    "unit {} is a data plane: capture runs in the dispatchers, which see the \
+                     interfaces and every backplane datagram",
+                    self.cfg.unit
+                )));
+            }
+        }
+    }
+
+    /// The connections `filter` selects, at most `filter.limit` of them (the walk stops at the
+    /// first one past the limit), with their NAT binding or load-balancer backend.
+    fn list_flows(&mut self, filter: &FlowFilter) -> Result<FlowList, String> {
+        let me = self.cfg.unit;
+        if filter.unit.is_some_and(|u| u != me) {
+            return Err(format!(
+                "this is data plane {me}, not unit {}",
+                filter.unit.unwrap_or(0)
+            ));
+        }
+        let mut picked = Vec::new();
+        let mut truncated = false;
+        for c in self.fw.conntrack().iter() {
+            let replica = self.is_replica_bucket(c.bucket);
+            if replica && !filter.replicas {
+                continue;
+            }
+            if !filter.matches(&c.key, inspect::state_name(c.state)) {
+                continue;
+            }
+            if picked.len() == filter.limit {
+                truncated = true;
+                break;
+            }
+            picked.push((c.clone(), replica));
+        }
+        let now = self.now_ns;
+        let secs = |t: u64| now.saturating_sub(t) as f64 / 1e9;
+        let flows = picked
+            .into_iter()
+            .map(|(c, replica)| {
+                // A stage before the firewall keys conntrack by its translated tuple: look the
+                // binding up both ways.
+                let nat = self.nat.as_mut().and_then(|n| {
+                    n.binding_of(now, &c.key)
+                        .map(|(b, _)| b.xlat)
+                        .or_else(|| n.binding_of(now, &c.key.reversed()).map(|(b, _)| b.xlat))
+                });
+                let backend = self.lb.as_mut().and_then(|l| {
+                    l.binding_of(now, &c.key)
+                        .map(|(b, _)| b.xlat)
+                        .or_else(|| l.binding_of(now, &c.key.reversed()).map(|(b, _)| b.xlat))
+                });
+                FlowEntry {
+                    unit: me,
+                    proto: c.key.proto,
+                    src: c.key.src,
+                    src_port: c.key.src_port,
+                    dst: c.key.dst,
+                    dst_port: c.key.dst_port,
+                    bucket: c.bucket,
+                    state: inspect::state_name(c.state).to_string(),
+                    replica,
+                    previous_owner: !replica
+                        && self.cfg.table.get(c.bucket).is_some_and(|b| b.owner != me),
+                    nat: nat.as_ref().map(inspect::Tuple::from),
+                    backend: backend.map(|x| SocketAddr::new(x.dst, x.dst_port).to_string()),
+                    orig_packets: c.orig_packets,
+                    orig_bytes: c.orig_bytes,
+                    reply_packets: c.reply_packets,
+                    reply_bytes: c.reply_bytes,
+                    age_secs: secs(c.created),
+                    idle_secs: secs(c.last_seen),
+                }
+            })
+            .collect();
+        Ok(FlowList { flows, truncated })
     }
 
     /// Forget every flow of `bucket`, in every stage.

@@ -7,7 +7,7 @@
 //! * [`dataplane`] runs the service chain (the stateful firewall) on the packets of the flows it owns,
 //!   punting mid-flow packets it has no state for to the bucket's previous owner.
 //! * [`control`] is the unit's local control socket (a Unix socket speaking minimal HTTP): readiness,
-//!   JSON stats and Prometheus metrics.
+//!   JSON stats and Prometheus metrics, and [`inspect`]ion: flow listings, config dumps, capture.
 //! * [`metrics`] encodes stats as Prometheus text (prometheus-client), for the control socket and
 //!   for `dva serve`'s aggregated `/metrics`.
 //!
@@ -20,6 +20,7 @@ pub mod control;
 pub mod dataplane;
 pub mod dispatcher;
 pub mod handover;
+pub mod inspect;
 mod keys;
 pub mod manager;
 pub mod metrics;

@@ -73,9 +73,14 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
         role: args.role.as_str().into(),
         ..Default::default()
     });
-    let _control = ControlServer::start(&args.control, stats.clone(), ready.clone())
+    // Inspection requests (flows, config, capture) go from the control thread to the data path
+    // through this queue; the manager has no data path and drops its end (it answers "does not
+    // serve").
+    let (inspector, requests) = crate::inspect::channel();
+    let _control = ControlServer::start(&args.control, stats.clone(), ready.clone(), inspector)
         .with_context(|| format!("control socket {}", args.control.display()))?;
     if args.role == Role::Manager {
+        drop(requests);
         return manager::run(ManagerArgs {
             unit: args.id,
             listen: args.manager.clone(),
@@ -121,7 +126,7 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
                         let _ = u.reply.send(Ok(()));
                         ready.store(true, Ordering::Release);
                         tracing::info!(version, "dispatcher serving its first config");
-                        return d.run(&stop, &stats, &updates);
+                        return d.run(&stop, &stats, &updates, &requests);
                     }
                     Err(e) => {
                         let _ = u.reply.send(Err(format!("{e:#}")));
@@ -135,7 +140,7 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
                         let _ = u.reply.send(Ok(()));
                         ready.store(true, Ordering::Release);
                         tracing::info!(version, "data plane serving its first config");
-                        return d.run(&stop, &stats, &updates);
+                        return d.run(&stop, &stats, &updates, &requests);
                     }
                     Err(e) => {
                         let _ = u.reply.send(Err(format!("{e:#}")));

@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use dva_io::backplane::{Backplane, Origin};
-use dva_io::port::{DriverChoice, Port};
+use dva_io::capture::Tapped;
+use dva_io::port::{DriverChoice, Port as Device};
 use dva_io::{FrameIo, GsoType, RxMeta};
 use dva_proto::{DispatcherConfig, InterfaceConfig, RoleConfig};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
@@ -42,6 +43,7 @@ use dva_wire::{
 
 use crate::channel::Update;
 use crate::classify::{classify, Classified, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP};
+use crate::inspect::{Request, Requests, BACKPLANE};
 use crate::keys::epoch_keys;
 use crate::offload;
 use crate::reply::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
@@ -241,6 +243,9 @@ fn busy_poll_us() -> anyhow::Result<u32> {
     }
 }
 
+/// An interface: its driver, wrapped with a capture tap (`dva capture`).
+type Port = Tapped<Device>;
+
 /// How long a busy-polling dispatcher keeps spinning after its last packet.
 const BUSY_IDLE: Duration = Duration::from_millis(1);
 
@@ -266,7 +271,7 @@ impl Dispatcher {
         let busy_poll = busy_poll_us()?;
         for ifc in &cfg.interfaces {
             let (port, opened) =
-                Port::open_with(&ifc.device, choice, busy_poll).with_context(|| {
+                Device::open_with(&ifc.device, choice, busy_poll).with_context(|| {
                     format!(
                         "opening interface {} (device {}, driver {choice:?})",
                         ifc.name, ifc.device
@@ -282,7 +287,7 @@ impl Dispatcher {
                 .with_context(|| format!("MAC address of {}", ifc.device))?;
             let mtu = dva_io::netif::mtu(&ifc.device).unwrap_or(1500) as usize;
             let driver = port.driver().to_string();
-            ports.push(port);
+            ports.push(Tapped::new(port));
             links.push(Link {
                 cfg: ifc.clone(),
                 extra: Vec::new(),
@@ -357,6 +362,7 @@ impl Dispatcher {
         stop: &AtomicBool,
         stats: &StatsCell,
         updates: &Receiver<Update>,
+        requests: &Requests,
     ) -> anyhow::Result<()> {
         let mut fds: Vec<_> = self.ports.iter().flat_map(|p| p.poll_fds()).collect();
         fds.extend(self.backplane.poll_fds());
@@ -390,6 +396,10 @@ impl Dispatcher {
                     }
                 };
                 let _ = u.reply.send(result);
+            }
+            // Inspection requests between batches too: one `try_recv` a turn when nobody asks.
+            while let Ok(r) = requests.try_recv() {
+                self.inspect(r);
             }
             for i in 0..self.ports.len() {
                 let core = &mut self.core;
@@ -439,11 +449,66 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Answer an inspection request from the control socket.
+    fn inspect(&mut self, r: Request) {
+        match r {
+            Request::Flows { reply, .. } => {
+                let _ = reply.try_send(Err(format!(
+                    "unit {} is a dispatcher: it keeps no connection state (ask a data plane)",
+                    self.core.cfg.unit
+                )));
+            }
+            Request::Config { reply } => {
+                let cfg = RoleConfig::Dispatcher((*self.core.cfg).clone());
+                let _ = reply.try_send(cfg.redacted_json());
+            }
+            Request::Capture {
+                interface,
+                tap,
+                reply,
+            } => {
+                // One session at a time: a new one replaces the running one, wherever it tapped
+                // (its consumer then sees its queue close).
+                for p in &mut self.ports {
+                    p.set_tap(None);
+                }
+                self.backplane.set_tap(None);
+                let links = &self.core.links;
+                let answer = match interface.as_deref() {
+                    Some(BACKPLANE) => {
+                        self.backplane.set_tap(Some(tap));
+                        Ok(BACKPLANE.to_string())
+                    }
+                    name => match links
+                        .iter()
+                        .position(|l| name.is_none_or(|n| l.cfg.name == n))
+                    {
+                        Some(i) => {
+                            self.ports[i].set_tap(Some(tap));
+                            Ok(links[i].cfg.name.clone())
+                        }
+                        None => Err(format!(
+                            "dispatcher {} has no interface {:?} (it has {}, and {BACKPLANE})",
+                            self.core.cfg.unit,
+                            name.unwrap_or(""),
+                            links
+                                .iter()
+                                .map(|l| l.cfg.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )),
+                    },
+                };
+                let _ = reply.try_send(answer);
+            }
+        }
+    }
+
     pub fn snapshot(&self) -> UnitStats {
         let c = &self.core;
         let mut interfaces: Vec<InterfaceStats> = c.links.iter().map(|l| l.stats.clone()).collect();
         for (i, p) in self.ports.iter().enumerate() {
-            interfaces[i].ring_drops = p.rx_drops();
+            interfaces[i].ring_drops = p.inner().rx_drops();
         }
         let mut counters: std::collections::BTreeMap<String, u64> =
             c.events.iter().map(|(k, v)| (k.to_string(), *v)).collect();
