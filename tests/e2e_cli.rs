@@ -223,6 +223,34 @@ fn serve_apply_get_scale_events_and_a_restart_that_loses_nothing() {
     .expect("write bad spec");
     let out = dva(&cf, &["apply", "-f", changed_s, "--dry-run"]);
     assert!(!out.status.success(), "a bad spec passed the dry run");
+    // `dva stats` asks the API (the units could be on other machines); -w prints rates.
+    let out = dva(&cf, &["stats", "edge-fw"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("RX PKTS") && text.contains("dataplane"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut watch = Command::new(dva_bin())
+        .args(["stats", "edge-fw", "-w", "-o", "json"])
+        .env("DVA_CLIENT_CONFIG", &cf)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("dva stats -w");
+    std::thread::sleep(Duration::from_millis(2600));
+    let _ = watch.kill();
+    let out = watch.wait_with_output().expect("dva stats -w output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rates: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        rates
+            .iter()
+            .any(|r| r["role"] == "dataplane" && r["rx_pps"].is_number()),
+        "{text}"
+    );
     let out = dva(&cf, &["describe", "edge-fw"]);
     let text = String::from_utf8_lossy(&out.stdout);
     for want in [

@@ -657,6 +657,106 @@ pub fn describe(t: &Target, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether a management API is configured (flags, environment or the client file).
+pub fn has_server(t: &Target) -> bool {
+    t.server.is_some()
+        || std::env::var_os("DVA_SERVER").is_some()
+        || ClientConfig::load(&ClientConfig::default_path()).is_ok()
+}
+
+/// `dva stats NAME [-w]` through the API: each unit's counters; watching, each unit's rates over
+/// the last second (two reads apart; a unit that restarted starts again from its new counters).
+pub fn stats(t: &Target, name: &str, json: bool, watch: bool) -> anyhow::Result<()> {
+    let c = client(t)?;
+    let first = c.stats(name)?;
+    if !watch {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&first)?);
+            return Ok(());
+        }
+        println!(
+            "{:>4}  {:<10}  {:<14}  {:>12}  {:>12}  {:>8}  {:>8}  {:>8}",
+            "UNIT", "ROLE", "HOST", "RX PKTS", "TX PKTS", "FLOWS", "ACTIVE", "DROPS"
+        );
+        for u in &first.units {
+            if !u.answered {
+                println!(
+                    "{:>4}  {:<10}  {:<14}  (no answer: {:?})",
+                    u.id,
+                    format!("{:?}", u.role).to_lowercase(),
+                    u.host,
+                    u.state
+                );
+                continue;
+            }
+            println!(
+                "{:>4}  {:<10}  {:<14}  {:>12}  {:>12}  {:>8}  {:>8}  {:>8}",
+                u.id,
+                format!("{:?}", u.role).to_lowercase(),
+                u.host,
+                u.rx_packets,
+                u.tx_packets,
+                u.flows,
+                u.active_flows,
+                u.drops
+            );
+        }
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone());
+    let mut prev = first;
+    if !json {
+        println!(
+            "{:>8}  {:>4}  {:<10}  {:>10}  {:>12}  {:>9}  {:>8}",
+            "TIME", "UNIT", "ROLE", "RX PPS", "RX BYTES/S", "DROPS/S", "FLOWS"
+        );
+    }
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = match c.stats(name) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("dva stats: {e:#}");
+                continue;
+            }
+        };
+        let secs = (now.time_ms.saturating_sub(prev.time_ms) as f64 / 1000.0).max(0.001);
+        for u in now.units.iter().filter(|u| u.answered) {
+            let before = prev
+                .units
+                .iter()
+                .find(|p| p.id == u.id && p.answered && p.uptime_secs <= u.uptime_secs);
+            let rate = |now: u64, then: Option<u64>| {
+                then.map_or(0.0, |t| now.saturating_sub(t) as f64 / secs)
+            };
+            let pps = rate(u.rx_packets, before.map(|b| b.rx_packets));
+            let bps = rate(u.rx_bytes, before.map(|b| b.rx_bytes));
+            let dps = rate(u.drops, before.map(|b| b.drops));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"time_ms": now.time_ms, "unit": u.id, "role": u.role,
+                        "rx_pps": pps, "rx_bytes_per_s": bps, "drops_per_s": dps, "flows": u.flows})
+                );
+            } else {
+                println!(
+                    "{:>8}  {:>4}  {:<10}  {:>10.0}  {:>12.0}  {:>9.0}  {:>8}",
+                    (now.time_ms / 1000) % 100_000,
+                    u.id,
+                    format!("{:?}", u.role).to_lowercase(),
+                    pps,
+                    bps,
+                    dps,
+                    u.flows
+                );
+            }
+        }
+        prev = now;
+    }
+    Ok(())
+}
+
 /// `dva flows NAME`: the connection table across data planes, filtered by the server (`query`).
 pub fn flows(t: &Target, name: &str, query: &str, format: Format) -> anyhow::Result<()> {
     let v = client(t)?.flows(name, query)?;

@@ -231,6 +231,11 @@ enum Cmd {
         prefix: String,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Print each unit's rates (packets/s, bytes/s, drops/s) every second until Ctrl-C.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        #[command(flatten)]
+        target: TargetArgs,
     },
     /// Print a unit's log (every unit's without UNIT), as `kubectl logs`.
     Logs {
@@ -724,7 +729,28 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             name,
             prefix,
             output,
-        } => run::stats(&name, &prefix, output == Output::Json),
+            watch,
+            target,
+        } => {
+            // Through the management API when one is configured (the units may be on other
+            // machines); else the units `dva run` started on this machine.
+            let t = target.target();
+            let json = output == Output::Json;
+            if ctl::has_server(&t) {
+                // A client file left by an earlier `dva serve` must not hide an appliance
+                // `dva run` runs here now: the local units answer when the API cannot.
+                ctl::stats(&t, &name, json, watch).or_else(|e| {
+                    if watch {
+                        return Err(e);
+                    }
+                    run::stats(&name, &prefix, json).map_err(|_| e)
+                })
+            } else if watch {
+                anyhow::bail!("--watch needs the management API (dva serve): none is configured")
+            } else {
+                run::stats(&name, &prefix, output == Output::Json)
+            }
+        }
         Cmd::Logs {
             name,
             unit,

@@ -150,6 +150,10 @@ impl Client {
         self.call("GET", &format!("/v1/appliances/{name}/events"), "", b"")
     }
     /// `query`: a flow filter (see `dva_unit::inspect::FlowFilter::to_query`).
+    /// Every unit's counters, read from the units now (rates are two reads apart).
+    pub fn stats(&self, name: &str) -> anyhow::Result<crate::model::StatsView> {
+        self.call("GET", &format!("/v1/appliances/{name}/stats"), "", b"")
+    }
     pub fn flows(&self, name: &str, query: &str) -> anyhow::Result<crate::inspect::FlowsView> {
         self.call(
             "GET",
