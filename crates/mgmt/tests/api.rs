@@ -1318,3 +1318,52 @@ fn openapi_flow_schemas_match_what_the_server_sends() {
         assert_eq!(props, sent, "schema {name} vs what the server sends");
     }
 }
+
+/// The spec's JSON Schema in docs/openapi.json is the one generated from the parser's own types
+/// (so it cannot drift from what `dva apply` accepts), and the request bodies refer to it.
+#[test]
+fn openapi_carries_the_specs_generated_schema() {
+    let doc: Value = serde_json::from_str(OPENAPI).expect("docs/openapi.json is JSON");
+    let schemas = &doc["components"]["schemas"];
+    let generated = dva_proto::spec::openapi_schemas();
+    let mut stale = Vec::new();
+    for (name, schema) in &generated {
+        if &schemas[name.as_str()] != schema {
+            stale.push(format!(
+                "      \"{name}\": {},",
+                serde_json::to_string(schema).unwrap_or_default()
+            ));
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "docs/openapi.json components.schemas differ from the generated spec schema; \
+         replace these lines:\n{}",
+        stale.join("\n")
+    );
+    assert_eq!(
+        doc["components"]["requestBodies"]["Spec"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/ApplianceSpec"
+    );
+    // Every example spec has only the top-level fields the schema names.
+    let props = schemas["ApplianceBody"]["properties"]
+        .as_object()
+        .expect("ApplianceBody properties");
+    for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples"))
+        .expect("examples")
+        .flatten()
+    {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let Ok(spec) = dva_proto::ApplianceSpec::from_yaml(&text) else {
+            continue;
+        };
+        let v = serde_json::to_value(&spec.spec).expect("spec as JSON");
+        for key in v.as_object().expect("object").keys() {
+            assert!(
+                props.contains_key(key),
+                "{key} of {:?} not in the schema",
+                entry.path()
+            );
+        }
+    }
+}

@@ -25,6 +25,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 
 use ipnet::IpNet;
+use schemars::JsonSchema;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -50,7 +51,7 @@ impl SpecError {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ApplianceSpec {
     pub api_version: String,
@@ -59,7 +60,7 @@ pub struct ApplianceSpec {
     pub spec: ApplianceBody,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Metadata {
     pub name: String,
@@ -67,7 +68,7 @@ pub struct Metadata {
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApplianceBody {
     /// GENEVE virtual network id of this appliance's backplane traffic; derived from the name if absent.
@@ -81,7 +82,7 @@ pub struct ApplianceBody {
     pub services: Vec<ServiceSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InterfaceSpec {
     /// The name rules refer to (`from: outside`).
@@ -92,14 +93,14 @@ pub struct InterfaceSpec {
     pub addresses: Vec<Cidr>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
     pub to: Cidr,
     pub via: IpAddr,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LayoutSpec {
     #[serde(default)]
@@ -196,7 +197,7 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
 }
 
 /// What a scaling rule measures, per data plane (averaged over the serving ones).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Metric {
     /// Packets received per second.
@@ -217,7 +218,7 @@ impl Metric {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleOutRule {
     pub metric: Metric,
@@ -228,7 +229,7 @@ pub struct ScaleOutRule {
     pub window: DurationSpec,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleInRule {
     pub metric: Metric,
@@ -242,7 +243,7 @@ pub struct ScaleInRule {
 /// Scale-out if any scale-out rule holds; scale-in if every scale-in rule holds; at most one
 /// change per cooldown. A metric's scale-in threshold must sit below its scale-out threshold so a
 /// decision never undoes itself.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AutoscaleSpec {
     #[serde(default)]
@@ -261,7 +262,7 @@ fn default_buckets() -> usize {
     4096
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataplaneLayout {
     #[serde(default = "one")]
@@ -299,7 +300,7 @@ fn default_max() -> u32 {
 pub const MAX_DATAPLANES: u32 = 64;
 
 /// One stage of the service chain, applied in order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "lowercase")]
 pub enum ServiceSpec {
     Firewall(FirewallSpec),
@@ -308,7 +309,7 @@ pub enum ServiceSpec {
 }
 
 /// Address translation: masquerade, source NAT to a pool, port forwarding.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NatSpec {
     /// Source NAT to the address of the interface traffic leaves by.
@@ -325,7 +326,7 @@ pub struct NatSpec {
     pub max_bindings: Option<usize>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MasqueradeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -340,7 +341,7 @@ pub struct MasqueradeSpec {
     pub ports: Option<PortList>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnatSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -357,7 +358,7 @@ pub struct SnatSpec {
     pub ports: Option<PortList>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortForwardSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -377,7 +378,7 @@ pub struct PortForwardSpec {
 }
 
 /// L4 load balancing: virtual services in front of backend pools, full NAT.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LbSpec {
     pub services: Vec<VirtualServiceSpec>,
@@ -385,7 +386,7 @@ pub struct LbSpec {
     pub max_flows: Option<usize>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VirtualServiceSpec {
     pub name: String,
@@ -401,7 +402,7 @@ pub struct VirtualServiceSpec {
     pub health: Option<HealthSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSpec {
     pub name: String,
@@ -414,14 +415,14 @@ pub struct BackendSpec {
     pub state: Option<BackendAdmin>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendAdmin {
     Active,
     Drain,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSpec {
     /// `tcp` (connect) or `http` (GET `path`, 2xx/3xx is healthy).
@@ -440,7 +441,7 @@ pub struct HealthSpec {
     pub fall: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthKind {
     Tcp,
@@ -457,7 +458,7 @@ fn two() -> u32 {
     2
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FirewallSpec {
     /// What happens to a packet no rule matched (replies of tracked connections never get here).
@@ -478,7 +479,7 @@ pub struct FirewallSpec {
     pub tcp_window: TcpWindowSpec,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TcpWindowSpec {
     #[default]
@@ -496,7 +497,7 @@ fn default_policy() -> ActionSpec {
     ActionSpec::Drop
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ActionSpec {
     Accept,
@@ -504,7 +505,7 @@ pub enum ActionSpec {
     Reject,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1724,4 +1725,103 @@ spec:
         let j = serde_json::to_value(&s).unwrap();
         assert_eq!(ApplianceSpec::from_value(j).unwrap(), s);
     }
+}
+
+/// JSON Schemas of the spec's own scalar types, which (de)serialise by hand: each says what the
+/// parser takes, so the schema in docs/openapi.json accepts exactly what `dva apply` does.
+mod schema {
+    use schemars::gen::SchemaGenerator;
+    use schemars::schema::Schema;
+    use schemars::JsonSchema;
+
+    fn from_json(v: serde_json::Value) -> Schema {
+        // The values below are fixed, valid schemas: a failure would be a bug caught by the tests.
+        serde_json::from_value(v).unwrap_or(Schema::Bool(true))
+    }
+
+    macro_rules! schema {
+        ($t:ty, $name:literal, $json:expr) => {
+            impl JsonSchema for $t {
+                fn schema_name() -> String {
+                    $name.into()
+                }
+                fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                    from_json($json)
+                }
+            }
+        };
+    }
+
+    schema!(
+        super::DurationSpec,
+        "Duration",
+        serde_json::json!({
+            "description": "A duration: `500ms`, `2s`, `5m`, `1h`, or a number of seconds",
+            "oneOf": [{ "type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?(ms|s|m|h)$" }, { "type": "number", "minimum": 0 }]
+        })
+    );
+    schema!(
+        super::Cidr,
+        "Cidr",
+        serde_json::json!({
+            "description": "An address with or without a prefix length: `198.18.1.1/24`, `2001:db8::1`",
+            "type": "string"
+        })
+    );
+    schema!(
+        super::CidrList,
+        "CidrList",
+        serde_json::json!({
+            "description": "One address or prefix, or a list of them",
+            "oneOf": [{ "type": "string" }, { "type": "array", "items": { "type": "string" } }]
+        })
+    );
+    schema!(
+        super::PortList,
+        "PortList",
+        serde_json::json!({
+            "description": "A port (`80`), a range (`8000-8080`), or a list of them",
+            "oneOf": [
+                { "type": "integer", "minimum": 0, "maximum": 65535 },
+                { "type": "string", "pattern": "^[0-9]+(-[0-9]+)?$" },
+                { "type": "array", "items": { "oneOf": [
+                    { "type": "integer", "minimum": 0, "maximum": 65535 },
+                    { "type": "string", "pattern": "^[0-9]+(-[0-9]+)?$" }
+                ] } }
+            ]
+        })
+    );
+    schema!(
+        super::Proto,
+        "Proto",
+        serde_json::json!({
+            "description": "A protocol by name (`tcp`, `udp`, `icmp`, `icmpv6`, ...) or number",
+            "oneOf": [{ "type": "string" }, { "type": "integer", "minimum": 0, "maximum": 255 }]
+        })
+    );
+    schema!(
+        super::IcmpType,
+        "IcmpType",
+        serde_json::json!({
+            "description": "An ICMP type by name (`echo-request`, ...) or number",
+            "oneOf": [{ "type": "string" }, { "type": "integer", "minimum": 0, "maximum": 255 }]
+        })
+    );
+}
+
+/// The spec's JSON Schema as OpenAPI 3.0 component schemas: `ApplianceSpec` and every type it
+/// refers to (`#/components/schemas/...`), for docs/openapi.json (a test keeps them equal).
+pub fn openapi_schemas() -> serde_json::Map<String, serde_json::Value> {
+    let gen = schemars::gen::SchemaSettings::openapi3().into_generator();
+    let root = gen.into_root_schema_for::<ApplianceSpec>();
+    let mut out = serde_json::Map::new();
+    let mut spec = serde_json::to_value(&root.schema).unwrap_or_default();
+    if let Some(o) = spec.as_object_mut() {
+        o.remove("$schema");
+    }
+    out.insert("ApplianceSpec".into(), spec);
+    for (name, s) in root.definitions {
+        out.insert(name, serde_json::to_value(s).unwrap_or_default());
+    }
+    out
 }
