@@ -1,7 +1,8 @@
 //! Several `dva serve` replicas on a real 3-member etcd cluster (`/usr/bin/etcd`, no mocks): the
 //! store's round trip through etcd, one leader among two replicas with the follower forwarding
 //! API calls, a `kill -9` of the leader taken over within 5 s without restarting any unit (and
-//! without breaking the connections through the appliance), and the loss of one etcd member.
+//! without breaking the connections through the appliance), the loss of one etcd member, and of
+//! the quorum (the leader fences itself: it stops reconciling).
 //!
 //! Everything runs in network namespaces this test makes (as tests/e2e_nolab.rs does): the
 //! appliance's machine with `out0`/`in0` (the devices examples/edge-firewall.yaml names), a
@@ -490,6 +491,20 @@ fn replicas_on_etcd_fail_over_without_touching_the_units() {
     allowed_passes();
 
     ctl(&b.url, &token, &["delete", "edge-fw"]);
+
+    // (d) Fencing: a second member dies, the quorum is gone and the lease cannot be renewed; the
+    // leader must stop reconciling by itself (before anyone else could be elected) and stop
+    // calling itself ready.
+    while b.lines.try_recv().is_ok() {}
+    etcd.kill(1);
+    let lost = Instant::now();
+    b.wait_for("reconciler is paused");
+    println!(
+        "fencing: the leader paused its reconciler {:?} after etcd lost its quorum",
+        lost.elapsed()
+    );
+    let (ok, text) = try_ctl(&b.url, &token, &["get", "edge-fw"]);
+    assert!(!ok && text.contains("leads right now"), "{text}");
     drop(b);
     drop(a);
 }

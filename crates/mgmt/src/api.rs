@@ -1374,6 +1374,34 @@ mod tests {
         assert_ne!(key("192.0.2.1"), key("192.0.2.2"));
     }
 
+    /// A follower relays the leader's answer as it came: status, type and body.
+    #[test]
+    fn forwarded_answers_parse() {
+        let r = Reply::error(409, "conflict", "appliance x is being deleted".into());
+        assert_eq!(parse_answer(&r.to_bytes()), Some(r));
+        let ok = Reply::new(200, "text/plain", "ready\n".into());
+        assert_eq!(parse_answer(&ok.to_bytes()), Some(ok));
+        let metrics = Reply::new(200, dva_unit::metrics::CONTENT_TYPE, "# EOF\n".into());
+        assert_eq!(parse_answer(&metrics.to_bytes()), Some(metrics));
+        for junk in [
+            &b""[..],
+            b"HTTP/1.1 200 OK\r\n",
+            b"garbage\r\n\r\n",
+            b"HTTP/1.1 abc\r\n\r\n",
+        ] {
+            assert_eq!(parse_answer(junk), None, "{junk:?}");
+        }
+    }
+
+    /// A call that reaches a non-leader already forwarded once is not forwarded again.
+    #[test]
+    fn the_forwarded_mark_is_read() {
+        let head = parse_head(b"GET /v1/appliances HTTP/1.1\r\nX-Dva-Forwarded: 1").expect("head");
+        assert!(head.forwarded);
+        let head = parse_head(b"GET /v1/appliances HTTP/1.1").expect("head");
+        assert!(!head.forwarded);
+    }
+
     #[test]
     fn replies_are_complete_http() {
         let r = Reply::error(401, "unauthorized", "no".into());
