@@ -8,8 +8,12 @@
 # /usr/bin/python3), and prometheus for its promtool (e2e_metrics checks `dva serve`'s /metrics
 # with `promtool check metrics`; the Prometheus server it also installs is kept from starting,
 # see below), chromium (e2e_ui opens `dva serve`'s web view in headless Chromium; no service
-# comes with it), and tshark (e2e_seeing reads the pcap files `dva capture` writes; the
-# wireshark-common question whether non-root users may capture is answered no). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
+# comes with it), tshark (e2e_seeing reads the pcap files `dva capture` writes; the
+# wireshark-common question whether non-root users may capture is answered no),
+# protobuf-compiler and libprotobuf-dev (protoc, and the well-known types it imports: the
+# etcd-client crate compiles etcd's gRPC protos at build time) and etcd-server (e2e_etcd runs a
+# 3-member cluster for `dva serve --store etcd://`; its system service is kept from starting
+# like Prometheus's). Without clang dva still builds, with AF_PACKET as its only driver. Idempotent:
 # packages already installed are left alone, and apt runs only when something is missing. Runs
 # as root (or through sudo).
 set -euo pipefail
@@ -28,7 +32,8 @@ installed() {
 }
 
 packages=(iproute2 ethtool iperf3 curl iputils-ping procps wrk haproxy nftables python3-scapy
-    prometheus clang llvm libbpf-dev linux-libc-dev chromium tshark)
+    prometheus clang llvm libbpf-dev linux-libc-dev chromium tshark protobuf-compiler
+    libprotobuf-dev etcd-server)
 missing=()
 for p in "${packages[@]}"; do
     installed "$p" || missing+=("$p")
@@ -82,12 +87,14 @@ if [ "${#missing[@]}" -gt 0 ] || $nginx_missing; then
                 haproxy) systemctl disable haproxy.service >/dev/null 2>&1 || true ;;
                 # Only for promtool (e2e_metrics checks the exposition with it).
                 prometheus) systemctl disable prometheus.service >/dev/null 2>&1 || true ;;
+                # Only for e2e_etcd, which runs its own members.
+                etcd-server) systemctl disable etcd.service >/dev/null 2>&1 || true ;;
             esac
         done
     fi
 fi
 
-for tool in ip ss ethtool nginx iperf3 curl ping sysctl clang promtool chromium tshark; do
+for tool in ip ss ethtool nginx iperf3 curl ping sysctl clang promtool chromium tshark protoc etcd; do
     command -v "$tool" >/dev/null 2>&1 || {
         echo "install-deps: $tool is still missing" >&2
         exit 1
@@ -102,4 +109,4 @@ command -v cargo >/dev/null 2>&1 || {
     echo "install-deps: scapy does not import under /usr/bin/python3" >&2
     exit 1
 }
-echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables clang llvm libbpf-dev python3-scapy prometheus/promtool chromium tshark)"
+echo "install-deps: lab tools present (iproute2 ethtool nginx iperf3 curl iputils-ping procps wrk haproxy nftables clang llvm libbpf-dev python3-scapy prometheus/promtool chromium tshark protoc etcd)"

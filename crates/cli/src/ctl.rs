@@ -5,7 +5,7 @@
 //! client file `dva serve` writes (`$DVA_CLIENT_CONFIG` or `~/.dva/client.json`).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use dva_mgmt::api::{self, ClientConfig};
 use dva_mgmt::client::Client;
+use dva_mgmt::store::StoreConfig;
 use dva_mgmt::{now_ms, ApplianceView, Mgmt, ScaleRequest};
 
 pub struct Target {
@@ -42,19 +43,41 @@ pub fn client(t: &Target) -> anyhow::Result<Client> {
     Client::new(&server, token)
 }
 
-pub fn serve(
-    state: &Path,
-    listen: SocketAddr,
-    place: &crate::run::Place,
-    write_client: bool,
-) -> anyhow::Result<()> {
+/// `dva serve`'s flags.
+pub struct ServeOptions {
+    pub state: PathBuf,
+    pub store: StoreConfig,
+    pub listen: SocketAddr,
+    pub advertise: Option<SocketAddr>,
+    pub place: crate::run::Place,
+    pub write_client: bool,
+}
+
+pub fn serve(o: &ServeOptions) -> anyhow::Result<()> {
+    let (state, place, write_client) = (o.state.as_path(), &o.place, o.write_client);
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    let token = api::load_or_create_token(state)?;
-    let mgmt = Mgmt::open(place.options(state.to_path_buf())?)?;
-    let server = api::serve(mgmt.clone(), listen, token.clone())?;
+    let local_token = api::load_or_create_token(state)?;
+    let mut opts = place.options(state.to_path_buf())?;
+    opts.store = o.store.clone();
+    let mgmt = Mgmt::open(opts)?;
+    // Replicas on one etcd accept one token: the first to start puts its own there, the others
+    // take it (and keep it in their own state dir too, where the CLI and the web view look).
+    let token = mgmt.share_token(&local_token)?;
+    if token != local_token {
+        api::save_token(state, &token)?;
+    }
+    let server = api::serve(mgmt.clone(), o.listen, token.clone())?;
     let url = format!("http://{}", server.local_addr());
+    if let StoreConfig::Etcd(endpoints) = &o.store {
+        let advertise = o.advertise.unwrap_or(server.local_addr());
+        mgmt.campaign(advertise.to_string());
+        println!(
+            "dva serve: records in etcd at {}; campaigning for leadership (advertising {advertise})",
+            endpoints.join(",")
+        );
+    }
     if write_client {
         let path = ClientConfig::default_path();
         ClientConfig {

@@ -56,11 +56,21 @@ enum Cmd {
     },
     /// Run the management tool: HTTP API, durable store, reconciler, autoscaler.
     Serve {
-        /// Where the store (and the API token) live.
+        /// This replica's own state: the API token, and the appliance records unless --store
+        /// puts them elsewhere.
         #[arg(long, default_value = "/var/lib/dva")]
         state: PathBuf,
+        /// Where appliance records live: file:DIR (default: file:<state>), or
+        /// etcd://HOST:PORT[,HOST:PORT...] for several replicas, one of which (elected through
+        /// etcd) reconciles while every one answers the API.
+        #[arg(long, value_parser = dva_mgmt::store::StoreConfig::parse)]
+        store: Option<dva_mgmt::store::StoreConfig>,
         #[arg(long, default_value = "127.0.0.1:7080")]
         listen: std::net::SocketAddr,
+        /// With etcd: the address other replicas forward API calls to while this one leads
+        /// (default: the address --listen bound).
+        #[arg(long)]
+        advertise: Option<std::net::SocketAddr>,
         /// The lab whose hosts units are placed on (default: the lab `dva-` if it exists, else
         /// this machine).
         #[arg(long, conflicts_with = "local")]
@@ -522,16 +532,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Demo { prefix, secs } => demo::demo(&prefix, secs),
         Cmd::Serve {
             state,
+            store,
             listen,
+            advertise,
             lab,
             local,
             no_client_config,
-        } => ctl::serve(
-            &state,
+        } => ctl::serve(&ctl::ServeOptions {
+            store: store.unwrap_or_else(|| dva_mgmt::store::StoreConfig::File(state.clone())),
+            state,
             listen,
-            &run::Place::resolve(lab, local)?,
-            !no_client_config,
-        ),
+            advertise,
+            place: run::Place::resolve(lab, local)?,
+            write_client: !no_client_config,
+        }),
         Cmd::Apply {
             file,
             dry_run,

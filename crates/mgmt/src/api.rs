@@ -35,6 +35,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::core::Mgmt;
+use crate::etcd::Leader;
 use crate::model::{ApiError, ScaleRequest, WriteOptions};
 
 /// The OpenAPI document, served at `/v1/openapi.json`.
@@ -479,6 +480,9 @@ struct Head {
     expect_continue: bool,
     /// `If-Match: "<generation>"` (or `W/"…"`, or bare): the generation a write expects.
     if_match: Option<String>,
+    /// `X-Dva-Forwarded`: a replica forwarded this call to the one it takes for the leader, so
+    /// it is never forwarded again (no loops while an election settles).
+    forwarded: bool,
 }
 
 enum ReadError {
@@ -664,6 +668,7 @@ fn parse_head(bytes: &[u8]) -> Result<Head, Reply> {
             }
             "authorization" => head.authorization = Some(value.to_string()),
             "if-match" => head.if_match = Some(value.to_string()),
+            "x-dva-forwarded" => head.forwarded = true,
             "expect" if value.eq_ignore_ascii_case("100-continue") => head.expect_continue = true,
             _ => {}
         }
@@ -751,6 +756,12 @@ enum Call<'a> {
 }
 
 impl Call<'_> {
+    /// Whether only the leader answers it (several replicas on etcd): every call on appliances
+    /// and `/metrics`, since the leader alone holds the units' state. Health, readiness, the
+    /// OpenAPI document and the web view's files are each replica's own.
+    fn leader_only(self) -> bool {
+        self.guarded()
+    }
     /// Whether the call needs the bearer token.
     fn guarded(self) -> bool {
         !matches!(
@@ -893,6 +904,15 @@ fn answer(
             "missing or wrong bearer token (Authorization: Bearer <token>; `dva serve` keeps it in <state>/token)".into(),
         )));
     }
+    if let (Call::Capture(..), Leader::Other(api)) = (call, sh.mgmt.leader()) {
+        // A capture streams for seconds: relayed through a follower it would hold two
+        // connections; the leader answers it directly.
+        return Ok(Answer::Reply(Reply::error(
+            503,
+            "not_leader",
+            format!("captures stream from the leading replica: ask http://{api}"),
+        )));
+    }
     if let Call::Capture(name, query) = call {
         return Ok(match sh.mgmt.capture(name, query) {
             Ok(streams) => Answer::Capture(streams),
@@ -904,6 +924,27 @@ fn answer(
     } else {
         String::new()
     };
+    if call.leader_only() {
+        match sh.mgmt.leader() {
+            Leader::Me => {}
+            Leader::Other(_) if head.forwarded => {
+                return Ok(Answer::Reply(Reply::error(
+                    503,
+                    "no_leader",
+                    "forwarded to a replica that does not lead (an election is settling); retry"
+                        .into(),
+                )))
+            }
+            Leader::Other(api) => return Ok(Answer::Reply(forward(&api, &head, &body))),
+            Leader::Unknown => {
+                return Ok(Answer::Reply(Reply::error(
+                    503,
+                    "no_leader",
+                    "no dva serve replica leads right now (an election is settling); retry".into(),
+                )))
+            }
+        }
+    }
     let opts = match write_options(&head) {
         Ok(o) => o,
         Err(r) => return Ok(Answer::Reply(r)),
@@ -916,6 +957,84 @@ fn answer(
                 Reply::error(500, "internal", "the call failed unexpectedly".into())
             }),
     ))
+}
+
+/// How long a forwarded call may take at the leader (a delete waits for its units to stop).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Relay a call to the leader's API at `api` (`HOST:PORT`) and its answer back: the method,
+/// target (query included), body, and the headers that matter (Authorization, If-Match).
+fn forward(api: &str, head: &Head, body: &str) -> Reply {
+    let unavailable = |why: String| {
+        Reply::error(
+            503,
+            "no_leader",
+            format!("forwarding to the leader at {api}: {why}; retry"),
+        )
+    };
+    let addr = match api.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(e) => return unavailable(format!("not an address ({e})")),
+    };
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) => return unavailable(e.to_string()),
+    };
+    let _ = s.set_read_timeout(Some(FORWARD_TIMEOUT));
+    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+    let mut req = format!(
+        "{} {} HTTP/1.1\r\nHost: {api}\r\nX-Dva-Forwarded: 1\r\nConnection: close\r\n\
+         Content-Length: {}\r\n",
+        head.method,
+        head.target,
+        body.len()
+    );
+    if let Some(a) = &head.authorization {
+        req += &format!("Authorization: {a}\r\n");
+    }
+    if let Some(m) = &head.if_match {
+        req += &format!("If-Match: {m}\r\n");
+    }
+    req += "\r\n";
+    req += body;
+    if let Err(e) = s.write_all(req.as_bytes()) {
+        return unavailable(e.to_string());
+    }
+    let mut answer = Vec::new();
+    // The leader closes after its answer (one request per connection); the answer is bounded
+    // like a request body, since a leader could be anything listening at that address.
+    if let Err(e) = (&mut s).take(MAX_BODY as u64 * 8).read_to_end(&mut answer) {
+        return unavailable(e.to_string());
+    }
+    parse_answer(&answer).unwrap_or_else(|| unavailable("a malformed answer".into()))
+}
+
+/// An HTTP answer from another replica, as a [`Reply`] (the content types are ours, so they map
+/// onto the ones this server sends).
+fn parse_answer(bytes: &[u8]) -> Option<Reply> {
+    let (head_len, terminator) = head_end(bytes)?;
+    let body_at = head_len + terminator;
+    let head = std::str::from_utf8(&bytes[..head_len]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let mut content_type = "application/json";
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        if name.eq_ignore_ascii_case("content-type") {
+            let value = value.trim();
+            content_type = if value == dva_unit::metrics::CONTENT_TYPE {
+                dva_unit::metrics::CONTENT_TYPE
+            } else if value.starts_with("text/plain") {
+                "text/plain"
+            } else {
+                "application/json"
+            };
+        }
+    }
+    let body = String::from_utf8_lossy(&bytes[body_at..]).into_owned();
+    Some(Reply::new(status, content_type, body))
 }
 
 /// `?dryRun=All` (kubectl's spelling; `true` and `1` too) and `If-Match: "<generation>"`.
@@ -1041,7 +1160,7 @@ fn linger(mut s: TcpStream) {
 /// The API token: `<state>/token`, 32 random bytes in hex, created (mode 0600) on first start and
 /// reused after.
 pub fn load_or_create_token(state_dir: &Path) -> anyhow::Result<String> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let path = state_dir.join("token");
     match std::fs::read_to_string(&path) {
         Ok(t) if t.trim().len() >= 32 => return Ok(t.trim().to_string()),
@@ -1060,6 +1179,15 @@ pub fn load_or_create_token(state_dir: &Path) -> anyhow::Result<String> {
         .and_then(|mut f| f.read_exact(&mut raw))
         .context("reading /dev/urandom")?;
     let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    save_token(state_dir, &token)?;
+    Ok(token)
+}
+
+/// Write `<state>/token` (mode 0600), replacing it: e.g. with the token the other replicas on
+/// etcd accept.
+pub fn save_token(state_dir: &Path, token: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("token");
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -1070,7 +1198,7 @@ pub fn load_or_create_token(state_dir: &Path) -> anyhow::Result<String> {
     f.write_all(token.as_bytes())
         .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", path.display()))?;
-    Ok(token)
+    Ok(())
 }
 
 /// Where the CLI finds the server and its token (kubeconfig-like), written by `dva serve`.
@@ -1300,6 +1428,34 @@ mod tests {
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
         assert_eq!(key("::ffff:192.0.2.1"), key("192.0.2.1"));
         assert_ne!(key("192.0.2.1"), key("192.0.2.2"));
+    }
+
+    /// A follower relays the leader's answer as it came: status, type and body.
+    #[test]
+    fn forwarded_answers_parse() {
+        let r = Reply::error(409, "conflict", "appliance x is being deleted".into());
+        assert_eq!(parse_answer(&r.to_bytes()), Some(r));
+        let ok = Reply::new(200, "text/plain", "ready\n".into());
+        assert_eq!(parse_answer(&ok.to_bytes()), Some(ok));
+        let metrics = Reply::new(200, dva_unit::metrics::CONTENT_TYPE, "# EOF\n".into());
+        assert_eq!(parse_answer(&metrics.to_bytes()), Some(metrics));
+        for junk in [
+            &b""[..],
+            b"HTTP/1.1 200 OK\r\n",
+            b"garbage\r\n\r\n",
+            b"HTTP/1.1 abc\r\n\r\n",
+        ] {
+            assert_eq!(parse_answer(junk), None, "{junk:?}");
+        }
+    }
+
+    /// A call that reaches a non-leader already forwarded once is not forwarded again.
+    #[test]
+    fn the_forwarded_mark_is_read() {
+        let head = parse_head(b"GET /v1/appliances HTTP/1.1\r\nX-Dva-Forwarded: 1").expect("head");
+        assert!(head.forwarded);
+        let head = parse_head(b"GET /v1/appliances HTTP/1.1").expect("head");
+        assert!(!head.forwarded);
     }
 
     #[test]

@@ -11,15 +11,18 @@ use std::thread::JoinHandle;
 
 use dva_proto::ApplianceSpec;
 
+use crate::etcd::{EtcdLink, EtcdStore, Leader, Leadership};
 use crate::model::*;
 use crate::provision::{LocalProvisioner, Provisioner};
 use crate::reconcile::{self, Runtime};
-use crate::store::{CorruptRecord, Store};
+use crate::store::{CorruptRecord, FileStore, Store, StoreConfig};
 
 #[derive(Debug, Clone)]
 pub struct MgmtOptions {
-    /// Where the store lives (`--state`).
+    /// The replica's own state (`--state`): the API token, and the file store's default home.
     pub state_dir: PathBuf,
+    /// Where appliance records live (`--store`; default: files under `state_dir`).
+    pub store: StoreConfig,
     /// The lab whose hosts units are placed on; empty with `local`.
     pub lab_prefix: String,
     /// Place every unit on this machine, in the management tool's own network namespace, with
@@ -34,6 +37,7 @@ pub struct MgmtOptions {
 impl MgmtOptions {
     pub fn new(state_dir: PathBuf, lab_prefix: &str) -> anyhow::Result<MgmtOptions> {
         Ok(MgmtOptions {
+            store: StoreConfig::File(state_dir.clone()),
             state_dir,
             lab_prefix: lab_prefix.to_string(),
             local: false,
@@ -91,7 +95,10 @@ impl Broken {
 
 pub(crate) struct Inner {
     pub opts: MgmtOptions,
-    pub store: Store,
+    pub store: Box<dyn Store>,
+    /// With the etcd store: the election among replicas; only the leader reconciles.
+    pub leadership: Option<Arc<Leadership>>,
+    pub etcd: Option<Arc<EtcdLink>>,
     pub appliances: Mutex<BTreeMap<String, Appliance>>,
     /// Lock order: `appliances` before `broken`.
     pub broken: Mutex<BTreeMap<String, Broken>>,
@@ -123,51 +130,30 @@ pub struct Mgmt {
 
 impl Mgmt {
     /// Open the store (adopting the units of every stored appliance) and start the reconciler.
+    /// With the etcd store, nothing is adopted or reconciled until this replica leads (see
+    /// [`Mgmt::campaign`]).
     pub fn open(opts: MgmtOptions) -> anyhow::Result<Mgmt> {
-        let store = Store::open(&opts.state_dir)?;
-        let mut appliances = BTreeMap::new();
-        let loaded = store.load_all()?;
-        let mut broken: Vec<CorruptRecord> = loaded.corrupt;
-        for rec in loaded.records {
-            let spec = match ApplianceSpec::from_yaml(&rec.spec_text) {
-                Ok(spec) => spec,
-                // E.g. a spec accepted by an older version whose checks were looser.
-                Err(e) => {
-                    let why = format!("its spec no longer passes validation: {e}");
-                    broken.push(store.set_aside(&rec.name, &why));
-                    continue;
-                }
-            };
-            appliances.insert(
-                rec.name.clone(),
-                Appliance {
-                    rec,
-                    spec,
-                    deleting: false,
-                    rt: Runtime::default(),
-                },
-            );
-        }
-        let broken = broken
-            .into_iter()
-            .map(|c| {
-                tracing::warn!(appliance = %c.name, "store record set aside: {}", c.reason);
-                let event = Event {
-                    time_ms: now_ms(),
-                    reason: "store-corrupt".into(),
-                    message: c.reason.clone(),
-                };
-                let b = Broken {
-                    error: c.reason,
-                    events: vec![event],
-                };
-                (c.name, b)
-            })
-            .collect();
+        let (store, leadership, etcd): (Box<dyn Store>, _, _) = match &opts.store {
+            StoreConfig::File(dir) => (Box::new(FileStore::open(dir)?), None, None),
+            StoreConfig::Etcd(endpoints) => {
+                let link = EtcdLink::connect(endpoints)?;
+                let leadership = Arc::new(Leadership::default());
+                let store = EtcdStore::new(link.clone(), Some(leadership.clone()));
+                (Box::new(store), Some(leadership), Some(link))
+            }
+        };
+        // A replica that does not lead loads the records when it takes over, not now: setting
+        // aside a corrupt one is a write, which only the leader may do.
+        let (appliances, broken) = match &leadership {
+            None => load(store.as_ref())?,
+            Some(_) => Default::default(),
+        };
         let provisioner = Box::new(LocalProvisioner::new(opts.exe.clone()));
         let inner = Arc::new(Inner {
             opts,
             store,
+            leadership,
+            etcd,
             appliances: Mutex::new(appliances),
             broken: Mutex::new(broken),
             stop: AtomicBool::new(false),
@@ -175,7 +161,9 @@ impl Mgmt {
             reconcile_passes: AtomicU64::new(0),
             last_pass_ms: AtomicU64::new(0),
         });
-        reconcile::adopt_all(&inner);
+        if inner.leadership.is_none() {
+            reconcile::adopt_all(&inner);
+        }
         let handle = {
             let inner = inner.clone();
             std::thread::Builder::new()
@@ -186,6 +174,30 @@ impl Mgmt {
             inner,
             reconciler: Arc::new(Mutex::new(Some(handle))),
         })
+    }
+
+    /// With the etcd store: start campaigning for leadership, advertising `api` (`HOST:PORT`,
+    /// where the other replicas forward API calls). Call once the API listens there.
+    pub fn campaign(&self, api: String) {
+        if let (Some(link), Some(l)) = (&self.inner.etcd, &self.inner.leadership) {
+            link.campaign(l.clone(), api);
+        }
+    }
+
+    /// Who leads: always this replica, but with the etcd store.
+    pub fn leader(&self) -> Leader {
+        match &self.inner.leadership {
+            None => Leader::Me,
+            Some(l) => l.leader(),
+        }
+    }
+
+    /// The API token all replicas accept (etcd store: shared through etcd; else `local`).
+    pub fn share_token(&self, local: &str) -> anyhow::Result<String> {
+        match &self.inner.etcd {
+            Some(link) => link.share_token(local),
+            None => Ok(local.to_string()),
+        }
     }
 
     pub fn options(&self) -> &MgmtOptions {
@@ -305,8 +317,14 @@ impl Mgmt {
     /// Ready to serve: the reconciler has finished a pass lately (it runs every few hundred
     /// milliseconds; a stuck one — a provisioner that hangs, a lock held too long — fails
     /// readiness, so a load balancer in front of several replicas skips this one).
+    /// A replica that does not lead is ready while it knows the leader (it forwards to it).
     pub fn ready(&self) -> Result<(), String> {
         const STALE_MS: u64 = 5_000;
+        match self.leader() {
+            Leader::Me => {}
+            Leader::Other(_) => return Ok(()),
+            Leader::Unknown => return Err("no leader elected (yet): retry".into()),
+        }
         let last = self.inner.last_pass_ms.load(Ordering::Relaxed);
         if last == 0 {
             return Err("the reconciler has not finished a pass yet".into());
@@ -438,6 +456,10 @@ impl Mgmt {
         if let Some(h) = handle {
             let _ = h.join();
         }
+        // The reconciler has stopped: hand over at once rather than after the lease's TTL.
+        if let (Some(link), Some(l)) = (&self.inner.etcd, &self.inner.leadership) {
+            link.resign(l);
+        }
     }
 
     fn save(&self, rec: &ApplianceRecord) -> Result<(), ApiError> {
@@ -446,6 +468,52 @@ impl Mgmt {
             .save(rec)
             .map_err(|e| ApiError::Internal(format!("store: {e:#}")))
     }
+}
+
+/// Every stored appliance, and the records that could not be used (set aside).
+pub(crate) fn load(
+    store: &dyn Store,
+) -> anyhow::Result<(BTreeMap<String, Appliance>, BTreeMap<String, Broken>)> {
+    let mut appliances = BTreeMap::new();
+    let loaded = store.load_all()?;
+    let mut broken: Vec<CorruptRecord> = loaded.corrupt;
+    for rec in loaded.records {
+        let spec = match ApplianceSpec::from_yaml(&rec.spec_text) {
+            Ok(spec) => spec,
+            // E.g. a spec accepted by an older version whose checks were looser.
+            Err(e) => {
+                let why = format!("its spec no longer passes validation: {e}");
+                broken.push(store.set_aside(&rec.name, &why));
+                continue;
+            }
+        };
+        appliances.insert(
+            rec.name.clone(),
+            Appliance {
+                rec,
+                spec,
+                deleting: false,
+                rt: Runtime::default(),
+            },
+        );
+    }
+    let broken = broken
+        .into_iter()
+        .map(|c| {
+            tracing::warn!(appliance = %c.name, "store record set aside: {}", c.reason);
+            let event = Event {
+                time_ms: now_ms(),
+                reason: "store-corrupt".into(),
+                message: c.reason.clone(),
+            };
+            let b = Broken {
+                error: c.reason,
+                events: vec![event],
+            };
+            (c.name, b)
+        })
+        .collect();
+    Ok((appliances, broken))
 }
 
 /// Optimistic concurrency: a write that names the generation it last saw is refused when the

@@ -3,7 +3,9 @@
 //! that die, a link to each appliance's manager unit, and the public HTTP/JSON API.
 //!
 //! * [`model`]: records, views, events, errors (plain data);
-//! * [`store`]: the file-backed store (atomic replace per appliance);
+//! * [`store`]: the [`Store`](store::Store) trait and the file-backed store (atomic replace per
+//!   appliance);
+//! * [`etcd`]: the etcd store, and the election among several `dva serve` replicas;
 //! * [`core`]: [`Mgmt`], the operations the API and `dva run` call (apply, get, scale, delete, ...);
 //! * [`reconcile`]: the loop that makes units match the records;
 //! * [`provision`]: the [`Provisioner`](provision::Provisioner) trait and its `local` implementation;
@@ -15,6 +17,7 @@ pub mod api;
 pub mod autoscale;
 pub mod client;
 pub mod core;
+pub mod etcd;
 pub mod inspect;
 pub mod metrics;
 pub mod model;

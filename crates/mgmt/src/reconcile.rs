@@ -168,7 +168,31 @@ impl Hosts {
 pub(crate) fn run(inner: &Inner) {
     let mut hosts: Option<Hosts> = None;
     let mut hosts_at: Option<Instant> = None;
+    // The term this replica reconciles for (etcd store); a new one means a fresh takeover.
+    let mut led: Option<i64> = None;
     while !inner.stop.load(Ordering::Acquire) {
+        if let Some(l) = &inner.leadership {
+            let term = l.term();
+            if term != led {
+                match term {
+                    Some(t) => {
+                        if !take_over(inner, t) {
+                            // Not taken over yet: the next turn tries again.
+                            std::thread::sleep(PERIOD);
+                            continue;
+                        }
+                    }
+                    None => tracing::info!(
+                        "leadership: this replica does not lead; its reconciler is paused"
+                    ),
+                }
+                led = term;
+            }
+            if term.is_none() {
+                std::thread::sleep(PERIOD);
+                continue;
+            }
+        }
         if hosts.is_none() || hosts_at.is_none_or(|t| t.elapsed() >= LAB_EVERY) {
             hosts = if inner.opts.local {
                 Some(Hosts::local())
@@ -182,6 +206,10 @@ pub(crate) fn run(inner: &Inner) {
         }
         let names: Vec<String> = inner.lock().keys().cloned().collect();
         for name in names {
+            // Fencing: a leader whose lease may have run out stops at once, mid-pass.
+            if inner.leadership.as_ref().is_some_and(|l| l.term() != led) {
+                break;
+            }
             let mut all = inner.lock();
             let Some(app) = all.get_mut(&name) else {
                 continue;
@@ -734,6 +762,40 @@ fn adopt_unit(inner: &Inner, name: &str, u: &mut UnitRecord, rec: &mut Appliance
     for (reason, message) in rec_events {
         push_event(rec, reason, message);
     }
+    true
+}
+
+/// This replica now leads (term `term`): what it held is stale (another leader may have changed
+/// everything), so it loads every record from the store, adopts the units the last leader
+/// started (they outlive it), records the takeover in each appliance's events, and reconciles
+/// from there.
+fn take_over(inner: &Inner, term: i64) -> bool {
+    let (appliances, broken) = match crate::core::load(inner.store.as_ref()) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(term, "leadership: loading the records failed: {e:#}");
+            return false;
+        }
+    };
+    {
+        let mut all = inner.lock();
+        *all = appliances;
+        *inner.broken() = broken;
+    }
+    adopt_all(inner);
+    let mut all = inner.lock();
+    let pid = std::process::id();
+    for app in all.values_mut() {
+        let units = app.rec.units.iter().filter(|u| u.pid.is_some()).count();
+        let msg = format!(
+            "dva serve (pid {pid}) leads now (term {term}): records loaded, {units} unit(s) adopted"
+        );
+        crate::core::push_event(&mut app.rec, "leader-elected", msg);
+        if let Err(e) = inner.store.save(&app.rec) {
+            app.rt.error = Some(format!("store: {e:#}"));
+        }
+    }
+    tracing::info!(term, appliances = all.len(), "leadership: took over");
     true
 }
 

@@ -1,4 +1,8 @@
-//! The durable store: one JSON document per appliance under `<state>/appliances/`, replaced
+//! The durable store of appliance records: the [`Store`] trait, chosen with `dva serve --store`
+//! ([`StoreConfig`]), and its default backend [`FileStore`]. The other backend keeps the records
+//! in etcd, for several `dva serve` replicas ([`crate::etcd::EtcdStore`]).
+//!
+//! [`FileStore`]: one JSON document per appliance under `<state>/appliances/`, replaced
 //! atomically (write a temporary file, fsync, rename, fsync the directory), so a `kill -9` at any
 //! moment leaves either the old or the new record, never a torn one. A record that is unusable all
 //! the same (disk trouble, a hand edit) is set aside and reported, and the others load.
@@ -27,12 +31,62 @@ pub struct CorruptRecord {
     pub reason: String,
 }
 
-pub struct Store {
+/// Where appliance records live: `--store file:DIR` (the default, `DIR` = `--state`) or
+/// `--store etcd://HOST:PORT[,HOST:PORT...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    File(PathBuf),
+    /// Client endpoints (`HOST:PORT`) of one etcd cluster.
+    Etcd(Vec<String>),
+}
+
+impl StoreConfig {
+    /// Parse `--store`: `file:DIR` or `etcd://HOST:PORT[,HOST:PORT...]`.
+    pub fn parse(text: &str) -> Result<StoreConfig, String> {
+        if let Some(dir) = text.strip_prefix("file:") {
+            if dir.is_empty() {
+                return Err(format!("--store {text:?}: file: needs a directory"));
+            }
+            return Ok(StoreConfig::File(PathBuf::from(dir)));
+        }
+        if let Some(list) = text.strip_prefix("etcd://") {
+            let endpoints: Vec<String> = list.split(',').map(|e| e.trim().to_string()).collect();
+            for e in &endpoints {
+                // A port is required: etcd has no well-known one clients can assume here.
+                let ok = e
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                if !ok {
+                    return Err(format!("--store {text:?}: endpoint {e:?} is not HOST:PORT"));
+                }
+            }
+            return Ok(StoreConfig::Etcd(endpoints));
+        }
+        Err(format!(
+            "--store {text:?}: expected file:DIR or etcd://HOST:PORT[,HOST:PORT...]"
+        ))
+    }
+}
+
+/// A durable home for appliance records. Every write is whole (a record is replaced, never
+/// torn) and done before the caller acts on it, so a crash loses nothing that was accepted.
+pub trait Store: Send + Sync {
+    /// Every record that reads and parses, and the ones that do not (set aside, see
+    /// [`FileStore::load_all`]).
+    fn load_all(&self) -> anyhow::Result<Loaded>;
+    /// Move the record of `name` out of the way (kept for a human, not deleted) because of `why`.
+    fn set_aside(&self, name: &str, why: &str) -> CorruptRecord;
+    fn save(&self, rec: &ApplianceRecord) -> anyhow::Result<()>;
+    /// Forget `name` (no error when it is not there).
+    fn remove(&self, name: &str) -> anyhow::Result<()>;
+}
+
+pub struct FileStore {
     dir: PathBuf,
 }
 
-impl Store {
-    pub fn open(state_dir: &Path) -> anyhow::Result<Store> {
+impl FileStore {
+    pub fn open(state_dir: &Path) -> anyhow::Result<FileStore> {
         let dir = state_dir.join("appliances");
         // The store holds the appliances' specs: root and our user only.
         fs::DirBuilder::new()
@@ -40,13 +94,20 @@ impl Store {
             .mode(0o700)
             .create(&dir)
             .with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Store { dir })
+        Ok(FileStore { dir })
     }
 
+    fn path(&self, name: &str) -> PathBuf {
+        // Names are validated by the spec (DNS-label-like), so they are safe as file names.
+        self.dir.join(format!("{name}.json"))
+    }
+}
+
+impl Store for FileStore {
     /// Every stored appliance that reads and parses, and the records that do not. Those are set
     /// aside (renamed `NAME.json.corrupt-<unix ms>`, kept for a human to look at) so that one bad
     /// file neither stops the management tool nor is overwritten by a later apply.
-    pub fn load_all(&self) -> anyhow::Result<Loaded> {
+    fn load_all(&self) -> anyhow::Result<Loaded> {
         let mut out = Loaded::default();
         let entries =
             fs::read_dir(&self.dir).with_context(|| format!("reading {}", self.dir.display()))?;
@@ -76,8 +137,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Move the record of `name` out of the way (renamed, not deleted) because of `why`.
-    pub fn set_aside(&self, name: &str, why: &str) -> CorruptRecord {
+    /// Renamed `NAME.json.corrupt-<unix ms>` beside the others.
+    fn set_aside(&self, name: &str, why: &str) -> CorruptRecord {
         let path = self.path(name);
         let aside = self
             .dir
@@ -102,7 +163,7 @@ impl Store {
         }
     }
 
-    pub fn save(&self, rec: &ApplianceRecord) -> anyhow::Result<()> {
+    fn save(&self, rec: &ApplianceRecord) -> anyhow::Result<()> {
         let path = self.path(&rec.name);
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(rec)?;
@@ -122,7 +183,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn remove(&self, name: &str) -> anyhow::Result<()> {
+    fn remove(&self, name: &str) -> anyhow::Result<()> {
         match fs::remove_file(self.path(name)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -131,9 +192,34 @@ impl Store {
         File::open(&self.dir)?.sync_all()?;
         Ok(())
     }
+}
 
-    fn path(&self, name: &str) -> PathBuf {
-        // Names are validated by the spec (DNS-label-like), so they are safe as file names.
-        self.dir.join(format!("{name}.json"))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_flags_parse() {
+        assert_eq!(
+            StoreConfig::parse("file:/var/lib/dva"),
+            Ok(StoreConfig::File("/var/lib/dva".into()))
+        );
+        assert_eq!(
+            StoreConfig::parse("etcd://127.0.0.1:2379,10.0.0.2:2379"),
+            Ok(StoreConfig::Etcd(vec![
+                "127.0.0.1:2379".into(),
+                "10.0.0.2:2379".into()
+            ]))
+        );
+        for bad in [
+            "etcd://",
+            "etcd://host",
+            "etcd://:2379",
+            "file:",
+            "redis://x:1",
+            "",
+        ] {
+            assert!(StoreConfig::parse(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 }

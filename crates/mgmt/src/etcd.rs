@@ -1,0 +1,510 @@
+//! The etcd backend of `dva serve --store etcd://HOST:PORT[,...]`, for several replicas of the
+//! management tool: the appliance records ([`EtcdStore`]), the shared API token, and the election
+//! of the one replica that reconciles ([`Leadership`]).
+//!
+//! Keys (all under [`PREFIX`]):
+//! * `/dva/appliances/NAME`: the record (JSON, events included), as the file store keeps it;
+//! * `/dva/corrupt/NAME/<unix ms>`: a record that did not parse, set aside for a human;
+//! * `/dva/leader`: the leader's API address (JSON), attached to its lease;
+//! * `/dva/token`: the API token every replica accepts (see [`EtcdLink::share_token`]).
+//!
+//! etcd-client is async; the rest of the management tool is std threads. An [`EtcdLink`] owns a
+//! current-thread tokio runtime driven by one dedicated thread (`etcd`), which also runs the
+//! election task; the store's callers block on their call with [`tokio::runtime::Handle::block_on`]
+//! (the dedicated thread drives the I/O), each call bounded by [`CALL_TIMEOUT`].
+//!
+//! Election: each replica holds a lease of [`LEASE_TTL`] kept alive every [`TICK`], and creates
+//! `/dva/leader` with it in a txn that succeeds only if the key does not exist (create_revision
+//! == 0). The holder leads; the key's create revision is its term. A dead leader's lease expires
+//! after the TTL, the key goes with it, and the next replica's txn wins. Fencing, twice: a leader
+//! counts itself leader only until its lease could have expired (the time it sent its last
+//! acknowledged keep-alive plus the TTL etcd granted), so one that cannot reach etcd stops
+//! reconciling before anyone else can be elected; and every write of the store is a txn that
+//! compares `/dva/leader`'s lease with this replica's, so a deposed leader's late write is refused
+//! by etcd itself.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
+    PutOptions, Txn, TxnOp, TxnOpResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{now_ms, ApplianceRecord};
+use crate::store::{CorruptRecord, Loaded, Store};
+
+pub const PREFIX: &str = "/dva/";
+const APPLIANCES: &str = "/dva/appliances/";
+const CORRUPT: &str = "/dva/corrupt/";
+const LEADER_KEY: &str = "/dva/leader";
+const TOKEN_KEY: &str = "/dva/token";
+
+/// The leader's lease: a dead leader is replaced this long (plus one [`TICK`]) after it died.
+pub const LEASE_TTL: Duration = Duration::from_secs(2);
+/// How often the lease is renewed and the leader key checked.
+const TICK: Duration = Duration::from_millis(300);
+/// Longest any one etcd call may take (a member that died must not hang the API or reconciler).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A connection to one etcd cluster, with the runtime that drives it.
+pub struct EtcdLink {
+    handle: tokio::runtime::Handle,
+    client: Client,
+    /// Dropped with the link: ends the runtime's thread.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl EtcdLink {
+    /// Connect to `endpoints` (`HOST:PORT`), checking that the cluster answers.
+    pub fn connect(endpoints: &[String]) -> anyhow::Result<Arc<EtcdLink>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the etcd client's runtime")?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("etcd".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = stopped.await;
+                })
+            })
+            .context("starting the etcd thread")?;
+        let urls: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(CALL_TIMEOUT)
+            // Find a dead member's connection quickly, so calls go to the live ones.
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
+            .with_keep_alive_while_idle(true);
+        let link_of = |client| {
+            Arc::new(EtcdLink {
+                handle: handle.clone(),
+                client,
+                _stop: stop,
+            })
+        };
+        let client = block(&handle, "connecting", Client::connect(urls, Some(opts)))
+            .with_context(|| format!("etcd at {}", endpoints.join(",")))?;
+        let link = link_of(client);
+        // Connecting is lazy: one read proves the cluster is there (and has a quorum).
+        let mut c = link.client.clone();
+        link.call(
+            "reading /dva/",
+            c.get(PREFIX, Some(GetOptions::new().with_count_only())),
+        )
+        .with_context(|| format!("etcd at {}", endpoints.join(",")))?;
+        Ok(link)
+    }
+
+    /// Run one etcd call from a std thread, bounded by [`CALL_TIMEOUT`].
+    fn call<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> anyhow::Result<T> {
+        block(&self.handle, what, fut)
+    }
+
+    /// The API token every replica accepts: the one already in etcd, or else `candidate` (this
+    /// replica's own), stored there for the others. Created with a txn, so two replicas starting
+    /// at once agree on one.
+    pub fn share_token(&self, candidate: &str) -> anyhow::Result<String> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(TOKEN_KEY, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(TOKEN_KEY, candidate, None)])
+            .or_else([TxnOp::get(TOKEN_KEY, None)]);
+        let mut c = self.client.clone();
+        let resp = self.call("sharing the API token", c.txn(txn))?;
+        if resp.succeeded() {
+            return Ok(candidate.to_string());
+        }
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Get(get) = op {
+                if let Some(kv) = get.kvs().first() {
+                    let token = kv.value_str().context("the token in etcd")?.trim();
+                    if token.len() >= 32 {
+                        return Ok(token.to_string());
+                    }
+                    bail!("the API token in etcd ({TOKEN_KEY}) is shorter than 32 characters");
+                }
+            }
+        }
+        bail!("etcd answered the token txn without the token")
+    }
+
+    /// Start campaigning for leadership, advertising `api` (the address other replicas forward
+    /// API calls to). The outcome is in `leadership`, kept current by a task on the etcd thread.
+    pub fn campaign(&self, leadership: Arc<Leadership>, api: String) {
+        let value = serde_json::to_string(&LeaderValue { api }).unwrap_or_default();
+        self.handle
+            .spawn(elect(self.client.clone(), leadership, value));
+    }
+
+    /// Give up the lease now (a graceful stop), so another replica leads without waiting for it
+    /// to expire.
+    pub fn resign(&self, leadership: &Leadership) {
+        if let Some(lease) = leadership.lease() {
+            leadership.set(State::Unknown);
+            let mut c = self.client.clone();
+            let _ = self.call("revoking the lease", c.lease_revoke(lease));
+        }
+    }
+}
+
+fn block<T>(
+    handle: &tokio::runtime::Handle,
+    what: &str,
+    fut: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> anyhow::Result<T> {
+    handle
+        .block_on(async { tokio::time::timeout(CALL_TIMEOUT, fut).await })
+        .map_err(|_| anyhow::anyhow!("etcd: {what}: no answer within {CALL_TIMEOUT:?}"))?
+        .with_context(|| format!("etcd: {what}"))
+}
+
+/// What `/dva/leader` holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct LeaderValue {
+    /// `HOST:PORT` of the leader's API.
+    api: String,
+}
+
+/// Who leads, as this replica knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leader {
+    /// This replica (also: every store that is not etcd).
+    Me,
+    /// Another replica, whose API is at this `HOST:PORT`.
+    Other(String),
+    /// Nobody known (an election in progress, or etcd unreachable).
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    Unknown,
+    Following(String),
+    Leading {
+        /// The leader key's create revision: unique to this reign.
+        term: i64,
+        lease: i64,
+        /// Past this, the lease may have expired: stop acting as leader.
+        until: Instant,
+    },
+}
+
+/// This replica's view of the election, shared by the election task, the reconciler (which runs
+/// only while [`Leadership::term`] is `Some`), the store (whose writes carry the lease) and the
+/// API (which forwards to the leader).
+pub struct Leadership {
+    state: Mutex<State>,
+}
+
+impl Default for Leadership {
+    fn default() -> Self {
+        Leadership {
+            state: Mutex::new(State::Unknown),
+        }
+    }
+}
+
+impl Leadership {
+    fn get(&self) -> State {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, new: State) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match (&*st, &new) {
+            (State::Leading { term: a, .. }, State::Leading { term: b, .. }) if a == b => {}
+            (_, State::Leading { term, .. }) => {
+                tracing::info!(term, "leadership: this replica leads now")
+            }
+            (State::Following(a), State::Following(b)) if a == b => {}
+            (_, State::Following(api)) => {
+                tracing::info!(leader = %api, "leadership: following the leader")
+            }
+            (State::Unknown, State::Unknown) => {}
+            (_, State::Unknown) => {
+                tracing::info!("leadership: no leader known (lost or in election)")
+            }
+        }
+        *st = new;
+    }
+
+    pub fn leader(&self) -> Leader {
+        match self.get() {
+            State::Leading { until, .. } if Instant::now() < until => Leader::Me,
+            State::Leading { .. } | State::Unknown => Leader::Unknown,
+            State::Following(api) => Leader::Other(api),
+        }
+    }
+
+    /// The current term while this replica leads and its lease is surely alive.
+    pub fn term(&self) -> Option<i64> {
+        match self.get() {
+            State::Leading { term, until, .. } if Instant::now() < until => Some(term),
+            _ => None,
+        }
+    }
+
+    /// The lease this replica leads with (whether or not it is still alive: etcd judges that).
+    fn lease(&self) -> Option<i64> {
+        match self.get() {
+            State::Leading { lease, .. } => Some(lease),
+            _ => None,
+        }
+    }
+}
+
+/// The election task: get a lease, keep it alive, and hold or watch `/dva/leader`; on losing the
+/// lease, start over with a new one.
+async fn elect(mut client: Client, l: Arc<Leadership>, value: String) {
+    loop {
+        let granted_at = Instant::now();
+        let ttl = LEASE_TTL.as_secs() as i64;
+        let lease = match tokio::time::timeout(CALL_TIMEOUT, client.lease_grant(ttl, None)).await {
+            Ok(Ok(r)) => r.id(),
+            Ok(Err(e)) => {
+                tracing::warn!("leadership: no lease from etcd: {e}");
+                l.set(State::Unknown);
+                tokio::time::sleep(TICK).await;
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!("leadership: no lease from etcd within {CALL_TIMEOUT:?}");
+                l.set(State::Unknown);
+                continue;
+            }
+        };
+        let mut until = granted_at + LEASE_TTL;
+        let mut keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+        loop {
+            if keeper.is_none() {
+                keeper = tokio::time::timeout(CALL_TIMEOUT, client.lease_keep_alive(lease))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+            }
+            if let Some((k, stream)) = keeper.as_mut() {
+                let sent = Instant::now();
+                let renewed = tokio::time::timeout(Duration::from_secs(1), async {
+                    k.keep_alive().await?;
+                    stream.message().await
+                })
+                .await;
+                match renewed {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                        until = sent + Duration::from_secs(r.ttl() as u64);
+                    }
+                    // TTL 0: etcd let the lease expire.
+                    Ok(Ok(Some(_))) => break,
+                    // The stream broke (a member died): open a new one on the next tick.
+                    _ => keeper = None,
+                }
+            }
+            if Instant::now() >= until {
+                break;
+            }
+            lead_or_follow(&mut client, &l, &value, lease, until).await;
+            tokio::time::sleep(TICK).await;
+        }
+        tracing::warn!(
+            lease,
+            "leadership: lease lost (etcd unreachable or too slow)"
+        );
+        l.set(State::Unknown);
+    }
+}
+
+async fn lead_or_follow(
+    client: &mut Client,
+    l: &Leadership,
+    value: &str,
+    lease: i64,
+    until: Instant,
+) {
+    let txn = Txn::new()
+        .when([Compare::create_revision(LEADER_KEY, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            LEADER_KEY,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else([TxnOp::get(LEADER_KEY, None)]);
+    // No answer: the state stays, and a leader's `until` runs out by itself.
+    let Ok(Ok(resp)) = tokio::time::timeout(CALL_TIMEOUT, client.txn(txn)).await else {
+        return;
+    };
+    if resp.succeeded() {
+        let term = resp.header().map_or(0, |h| h.revision());
+        return l.set(State::Leading { term, lease, until });
+    }
+    for op in resp.op_responses() {
+        let TxnOpResponse::Get(get) = op else {
+            continue;
+        };
+        // Gone between the compare and the get cannot happen in one txn; an empty answer means
+        // nothing to learn this tick.
+        let Some(kv) = get.kvs().first() else {
+            return;
+        };
+        if kv.lease() == lease {
+            let term = kv.create_revision();
+            return l.set(State::Leading { term, lease, until });
+        }
+        match serde_json::from_slice::<LeaderValue>(kv.value()) {
+            Ok(v) => l.set(State::Following(v.api)),
+            Err(e) => {
+                tracing::warn!("leadership: {LEADER_KEY} holds no leader address ({e})");
+                l.set(State::Unknown);
+            }
+        }
+    }
+}
+
+/// Appliance records in etcd, one key each (`/dva/appliances/NAME`).
+pub struct EtcdStore {
+    link: Arc<EtcdLink>,
+    /// With several replicas: writes are accepted only from the leader (see the module doc).
+    /// Without: a plain store (tools, tests).
+    leadership: Option<Arc<Leadership>>,
+}
+
+impl EtcdStore {
+    pub fn new(link: Arc<EtcdLink>, leadership: Option<Arc<Leadership>>) -> EtcdStore {
+        EtcdStore { link, leadership }
+    }
+
+    fn key(name: &str) -> String {
+        format!("{APPLIANCES}{name}")
+    }
+
+    /// Apply `ops` at once, only if this replica still holds the leader key (when it campaigns).
+    fn commit(&self, what: &str, ops: Vec<TxnOp>) -> anyhow::Result<()> {
+        let txn = match &self.leadership {
+            None => Txn::new().and_then(ops),
+            Some(l) => {
+                let Some(lease) = l.lease() else {
+                    bail!("{what}: this replica does not lead (writes go through the leader)");
+                };
+                Txn::new()
+                    .when([Compare::lease(LEADER_KEY, CompareOp::Equal, lease)])
+                    .and_then(ops)
+            }
+        };
+        let mut c = self.link.client.clone();
+        let resp = self.link.call(what, c.txn(txn))?;
+        if !resp.succeeded() {
+            bail!("{what}: refused, this replica lost the leadership (its lease no longer holds {LEADER_KEY})");
+        }
+        Ok(())
+    }
+}
+
+impl Store for EtcdStore {
+    fn load_all(&self) -> anyhow::Result<Loaded> {
+        let mut c = self.link.client.clone();
+        let resp = self.link.call(
+            "reading the appliances",
+            c.get(APPLIANCES, Some(GetOptions::new().with_prefix())),
+        )?;
+        let mut out = Loaded::default();
+        for kv in resp.kvs() {
+            let name = String::from_utf8_lossy(&kv.key()[APPLIANCES.len()..]).into_owned();
+            match serde_json::from_slice::<ApplianceRecord>(kv.value()) {
+                Ok(rec) if rec.name == name => out.records.push(rec),
+                Ok(rec) => {
+                    let why = format!("it holds appliance {:?}, not {name:?}", rec.name);
+                    out.corrupt.push(self.set_aside(&name, &why));
+                }
+                Err(e) => out.corrupt.push(self.set_aside(&name, &e.to_string())),
+            }
+        }
+        out.records.sort_by(|a, b| a.name.cmp(&b.name));
+        out.corrupt.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Moved to `/dva/corrupt/NAME/<unix ms>` in one txn (copy and delete).
+    fn set_aside(&self, name: &str, why: &str) -> CorruptRecord {
+        let key = Self::key(name);
+        let aside = format!("{CORRUPT}{name}/{}", now_ms());
+        let mut c = self.link.client.clone();
+        let moved = self
+            .link
+            .call("reading a record to set aside", c.get(key.as_str(), None))
+            .and_then(|resp| {
+                let value = resp.kvs().first().map(|kv| kv.value().to_vec());
+                let Some(value) = value else {
+                    bail!("it is gone");
+                };
+                self.commit(
+                    "setting a record aside",
+                    vec![
+                        TxnOp::put(aside.as_str(), value, None),
+                        TxnOp::delete(key.as_str(), None),
+                    ],
+                )
+            });
+        let reason = match moved {
+            Ok(()) => format!("stored record {key} is unusable ({why}); set aside as {aside}"),
+            Err(e) => {
+                format!("stored record {key} is unusable ({why}); setting it aside failed: {e:#}")
+            }
+        };
+        CorruptRecord {
+            name: name.to_string(),
+            reason,
+        }
+    }
+
+    fn save(&self, rec: &ApplianceRecord) -> anyhow::Result<()> {
+        let text = serde_json::to_vec(rec)?;
+        self.commit(
+            "saving a record",
+            vec![TxnOp::put(Self::key(&rec.name), text, None)],
+        )
+    }
+
+    fn remove(&self, name: &str) -> anyhow::Result<()> {
+        self.commit(
+            "removing a record",
+            vec![TxnOp::delete(Self::key(name), None)],
+        )
+    }
+}
+
+impl EtcdStore {
+    /// Put raw bytes as the record of `name` (tests: a corrupt record to be set aside).
+    pub fn put_raw(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        self.commit(
+            "writing a raw record",
+            vec![TxnOp::put(Self::key(name), bytes, None)],
+        )
+    }
+
+    /// The records set aside for `name` (keys), oldest first.
+    pub fn set_aside_keys(&self, name: &str) -> anyhow::Result<Vec<String>> {
+        let mut c = self.link.client.clone();
+        let prefix = format!("{CORRUPT}{name}/");
+        let resp = self.link.call(
+            "listing set-aside records",
+            c.get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ),
+        )?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect())
+    }
+}

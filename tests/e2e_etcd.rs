@@ -1,0 +1,510 @@
+//! Several `dva serve` replicas on a real 3-member etcd cluster (`/usr/bin/etcd`, no mocks): the
+//! store's round trip through etcd, one leader among two replicas with the follower forwarding
+//! API calls, a `kill -9` of the leader taken over within 5 s without restarting any unit (and
+//! without breaking the connections through the appliance), the loss of one etcd member, and of
+//! the quorum (the leader fences itself: it stops reconciling).
+//!
+//! Everything runs in network namespaces this test makes (as tests/e2e_nolab.rs does): the
+//! appliance's machine with `out0`/`in0` (the devices examples/edge-firewall.yaml names), a
+//! client and a server. The etcd members and both replicas run on the appliance machine's
+//! loopback.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use dva_lab::apps::{self, Nginx, StreamServer};
+use dva_mgmt::etcd::{EtcdLink, EtcdStore};
+use dva_mgmt::store::Store;
+use dva_mgmt::ApplianceRecord;
+
+const APP: &str = "etcd-app";
+const CLIENT: &str = "etcd-client";
+const SERVER: &str = "etcd-server";
+/// Client ports of the three members (their peer ports are these + 10).
+const MEMBERS: [u16; 3] = [23791, 23792, 23793];
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The appliance's machine, a client and a server, as in e2e_nolab; removed on drop.
+struct Machines;
+
+impl Machines {
+    fn up() -> Machines {
+        Machines::down();
+        for ns in [APP, CLIENT, SERVER] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        for (dev, peer, addr, gw) in [
+            ("out0", CLIENT, "198.18.1.2/24", "198.18.1.1"),
+            ("in0", SERVER, "198.18.2.2/24", "198.18.2.1"),
+        ] {
+            ip(&[
+                "-n", APP, "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns",
+                peer,
+            ]);
+            ip(&["-n", APP, "link", "set", dev, "up"]);
+            ip(&["-n", peer, "addr", "add", addr, "dev", "eth0"]);
+            ip(&["-n", peer, "link", "set", "eth0", "up"]);
+            ip(&["-n", peer, "route", "add", "default", "via", gw]);
+        }
+        Machines
+    }
+
+    fn down() {
+        for ns in [APP, CLIENT, SERVER] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Machines {
+    fn drop(&mut self) {
+        Machines::down();
+    }
+}
+
+/// Three etcd members on the appliance machine's loopback, each with its own data dir; killed
+/// and removed on drop.
+struct Etcd {
+    members: Vec<Option<Child>>,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let dir = std::env::temp_dir().join(format!("dva-etcd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("etcd dir");
+        let cluster: Vec<String> = MEMBERS
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("m{}=http://127.0.0.1:{}", i + 1, p + 10))
+            .collect();
+        let cluster = cluster.join(",");
+        let members = MEMBERS
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let name = format!("m{}", i + 1);
+                let client = format!("http://127.0.0.1:{port}");
+                let peer = format!("http://127.0.0.1:{}", port + 10);
+                let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
+                let child = Command::new("ip")
+                    .args(["netns", "exec", APP, "etcd", "--name", &name, "--data-dir"])
+                    .arg(dir.join(&name))
+                    .args(["--listen-client-urls", &client])
+                    .args(["--advertise-client-urls", &client])
+                    .args(["--listen-peer-urls", &peer])
+                    .args(["--initial-advertise-peer-urls", &peer])
+                    .args(["--initial-cluster", &cluster])
+                    .args(["--initial-cluster-state", "new"])
+                    .args(["--initial-cluster-token", "dva-e2e"])
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .expect("etcd (install-deps installs etcd-server)");
+                Some(child)
+            })
+            .collect();
+        let etcd = Etcd { members, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for port in MEMBERS {
+            let url = format!("http://127.0.0.1:{port}/health");
+            loop {
+                match apps::curl(APP, &url, 2) {
+                    Ok(body) if body.contains("\"health\":\"true\"") => break,
+                    _ if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(200))
+                    }
+                    other => panic!("etcd member at {port} never healthy: {other:?}"),
+                }
+            }
+        }
+        etcd
+    }
+
+    fn endpoints() -> String {
+        let e: Vec<String> = MEMBERS.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        e.join(",")
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `dva serve` replica in the appliance's namespace; output lines on a channel; SIGTERM then
+/// SIGKILL on drop (unless already killed).
+struct Replica {
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    state: PathBuf,
+    url: String,
+}
+
+impl Replica {
+    fn start(n: u16) -> Replica {
+        let state = std::env::temp_dir().join(format!("dva-etcd-r{n}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        let listen = format!("127.0.0.1:{}", 17180 + n);
+        let store = format!("etcd://{}", Etcd::endpoints());
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", APP])
+            .arg(dva_bin())
+            .args(["serve", "--local", "--no-client-config", "--state"])
+            .arg(&state)
+            .args(["--store", &store, "--listen", &listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dva serve");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send(l);
+            }
+        });
+        Replica {
+            child: Some(child),
+            lines,
+            state,
+            url: format!("http://{listen}"),
+        }
+    }
+
+    fn wait_for(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return,
+                Ok(l) => seen.push(l),
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "dva serve did not print {needle:?}; it printed:\n{}",
+            seen.join("\n")
+        );
+    }
+
+    fn token(&self) -> String {
+        let t = std::fs::read_to_string(self.state.join("token")).expect("token");
+        t.trim().to_string()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // `ip netns exec` execs dva in place: this is dva serve itself.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the child we spawned.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+/// The CLI against one replica: (succeeded, stdout + stderr).
+fn try_ctl(server: &str, token: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", APP])
+        .arg(dva_bin())
+        .args(args)
+        .args(["--server", server, "--token", token])
+        .output()
+        .expect("dva");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn ctl(server: &str, token: &str, args: &[&str]) -> String {
+    let (ok, text) = try_ctl(server, token, args);
+    assert!(ok, "dva {}: {text}", args.join(" "));
+    text
+}
+
+fn get(server: &str, token: &str) -> serde_json::Value {
+    serde_json::from_str(&ctl(server, token, &["get", "edge-fw", "-o", "json"])).expect("json")
+}
+
+/// Ready data planes, and (role, id, pid) of every unit with a process.
+fn units(v: &serde_json::Value) -> (usize, Vec<(String, u64, u64)>) {
+    let units = v["units"].as_array().cloned().unwrap_or_default();
+    let ready = units
+        .iter()
+        .filter(|u| u["role"] == "dataplane" && u["state"] == "ready")
+        .count();
+    let mut pids: Vec<(String, u64, u64)> = units
+        .iter()
+        .filter(|u| u["pid"].is_u64())
+        .map(|u| {
+            (
+                u["role"].as_str().unwrap_or("").to_string(),
+                u["id"].as_u64().unwrap_or(0),
+                u["pid"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    pids.sort();
+    (ready, pids)
+}
+
+fn wait_dataplanes(server: &str, token: &str, n: usize) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let v = get(server, token);
+        if units(&v).0 == n {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} data planes never ready: {v:#}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn allowed_passes() {
+    assert_eq!(
+        apps::curl(CLIENT, "http://198.18.2.2/", 5).expect("curl through the appliance"),
+        "behind the replicas\n"
+    );
+}
+
+/// (a) The store through etcd, from a thread inside the appliance machine's namespace (where
+/// the members listen): save, load, set-aside of a corrupt record, remove.
+fn store_round_trip() {
+    std::thread::spawn(|| {
+        dva_io::netns::enter(APP).expect("enter the namespace");
+        let endpoints: Vec<String> = MEMBERS.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let link = EtcdLink::connect(&endpoints).expect("connect to etcd");
+        let store = EtcdStore::new(link, None);
+        let rec = ApplianceRecord {
+            name: "round-trip".into(),
+            spec_text: "kind: Appliance\n".into(),
+            generation: 7,
+            dataplanes: 2,
+            drain_deadline_ms: 3000,
+            units: Vec::new(),
+            next_unit_id: 4,
+            events: Vec::new(),
+            created_ms: 1,
+        };
+        store.save(&rec).expect("save");
+        let loaded = store.load_all().expect("load");
+        assert_eq!(loaded.records, vec![rec.clone()]);
+        assert!(loaded.corrupt.is_empty());
+
+        store.put_raw("torn", b"{\"name\": \"to").expect("put raw");
+        let loaded = store.load_all().expect("load");
+        assert_eq!(loaded.records, vec![rec.clone()]);
+        assert_eq!(loaded.corrupt.len(), 1, "{:?}", loaded.corrupt);
+        assert!(loaded.corrupt[0]
+            .reason
+            .contains("set aside as /dva/corrupt/torn/"));
+        assert_eq!(store.set_aside_keys("torn").expect("keys").len(), 1);
+        // Set aside, not loaded again.
+        assert!(store.load_all().expect("load").corrupt.is_empty());
+
+        store.remove("round-trip").expect("remove");
+        store
+            .remove("round-trip")
+            .expect("removing twice is no error");
+        assert!(store.load_all().expect("load").records.is_empty());
+    })
+    .join()
+    .expect("store round trip");
+}
+
+#[test]
+fn replicas_on_etcd_fail_over_without_touching_the_units() {
+    let _serial = serial();
+    let _m = Machines::up();
+    let mut etcd = Etcd::start();
+    store_round_trip();
+
+    let _web = Nginx::start(SERVER, &[80], "behind the replicas\n").expect("nginx");
+    let spec = example("edge-firewall.yaml");
+    let spec = spec.to_str().expect("path");
+
+    // (b) Two replicas: the first leads, the second follows; both accept one token.
+    let mut a = Replica::start(1);
+    a.wait_for("this replica leads now");
+    let mut b = Replica::start(2);
+    b.wait_for("following the leader");
+    let token = a.token();
+    assert_eq!(
+        b.token(),
+        token,
+        "the replicas share the API token through etcd"
+    );
+
+    // Writes through the follower are forwarded to the leader.
+    ctl(&b.url, &token, &["apply", "-f", spec]);
+    ctl(&b.url, &token, &["scale", "edge-fw", "--dataplanes", "2"]);
+    let via_b = wait_dataplanes(&b.url, &token, 2);
+    let via_a = get(&a.url, &token);
+    assert_eq!(via_a["generation"], via_b["generation"]);
+    assert_eq!(via_a["generation"], 2, "apply, then scale: {via_a:#}");
+    allowed_passes();
+    let before = units(&via_a).1;
+    assert!(
+        before.len() >= 3,
+        "manager, dispatcher, data planes: {before:?}"
+    );
+
+    // Connections through the appliance across the leader's death.
+    let checker = StreamServer::start(SERVER, 5201).expect("stream server");
+    let dst: SocketAddr = "198.18.2.2:5201".parse().expect("addr");
+    let flows = apps::start_streams(CLIENT, dst, 8, Duration::from_secs(20), 50_000);
+    std::thread::sleep(Duration::from_secs(2));
+
+    a.kill9();
+    let killed = Instant::now();
+    let failover = loop {
+        let (ok, _) = try_ctl(&b.url, &token, &["get", "edge-fw", "-o", "json"]);
+        if ok {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "no leader answered 15 s after the leader was killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!(
+        "leader failover: replica 2 answered as leader {failover:?} after kill -9 of replica 1"
+    );
+    assert!(
+        failover < Duration::from_secs(5),
+        "failover took {failover:?}"
+    );
+    b.wait_for("leadership: took over");
+
+    // The units were adopted, not restarted: the same processes.
+    let after = units(&get(&b.url, &token)).1;
+    assert_eq!(after, before, "units were restarted by the new leader");
+    let events = ctl(&b.url, &token, &["events", "edge-fw"]);
+    assert!(events.contains("leader-elected"), "{events}");
+
+    ctl(&b.url, &token, &["scale", "edge-fw", "--dataplanes", "3"]);
+    let v = wait_dataplanes(&b.url, &token, 3);
+    assert_eq!(v["generation"], 3);
+
+    let results = flows.join().expect("streams");
+    drop(checker);
+    let broken: Vec<_> = results.iter().filter(|r| !r.intact()).collect();
+    assert!(
+        broken.is_empty(),
+        "connections broken across the leader's death and a scale: {broken:#?}"
+    );
+    assert!(results.iter().all(|r| r.received > 0));
+
+    // (c) One etcd member dies: the quorum (2 of 3) holds, the API answers, scaling works.
+    etcd.kill(0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (ok, text) = try_ctl(
+            &b.url,
+            &token,
+            &[
+                "scale",
+                "edge-fw",
+                "--dataplanes",
+                "2",
+                "--drain-deadline",
+                "2s",
+            ],
+        );
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "scale after an etcd member died: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let v = wait_dataplanes(&b.url, &token, 2);
+    assert_eq!(v["generation"], 4);
+    allowed_passes();
+
+    ctl(&b.url, &token, &["delete", "edge-fw"]);
+
+    // (d) Fencing: a second member dies, the quorum is gone and the lease cannot be renewed; the
+    // leader must stop reconciling by itself (before anyone else could be elected) and stop
+    // calling itself ready.
+    while b.lines.try_recv().is_ok() {}
+    etcd.kill(1);
+    let lost = Instant::now();
+    b.wait_for("reconciler is paused");
+    println!(
+        "fencing: the leader paused its reconciler {:?} after etcd lost its quorum",
+        lost.elapsed()
+    );
+    let (ok, text) = try_ctl(&b.url, &token, &["get", "edge-fw"]);
+    assert!(!ok && text.contains("leads right now"), "{text}");
+    drop(b);
+    drop(a);
+}
