@@ -6,6 +6,7 @@
 //! * [`store`]: the file-backed store (atomic replace per appliance);
 //! * [`core`]: [`Mgmt`], the operations the API and `dva run` call (apply, get, scale, delete, ...);
 //! * [`reconcile`]: the loop that makes units match the records;
+//! * [`pki`]: the installation's CA and the certificates of units and of the tool itself;
 //! * [`provision`]: the [`Provisioner`](provision::Provisioner) trait and its `local` implementation;
 //! * [`metrics`]: the aggregated Prometheus `/metrics` (every unit's, and the tool's own);
 //! * [`api`]: the HTTP server (routes, bearer-token auth, OpenAPI document).
@@ -16,6 +17,7 @@ pub mod client;
 pub mod core;
 pub mod metrics;
 pub mod model;
+pub mod pki;
 pub mod provision;
 pub mod reconcile;
 pub mod store;
