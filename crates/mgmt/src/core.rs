@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use dva_proto::ApplianceSpec;
 
 use crate::model::*;
+use crate::pki::Pki;
 use crate::provision::{LocalProvisioner, Provisioner};
 use crate::reconcile::{self, Runtime};
 use crate::store::{CorruptRecord, Store};
@@ -101,6 +102,10 @@ pub(crate) struct Inner {
     pub reconcile_passes: AtomicU64,
     /// When the last pass ended (ms since the epoch): `/readyz` answers from it.
     pub last_pass_ms: AtomicU64,
+    /// The installation's CA, which issues every unit's certificate.
+    pub pki: Pki,
+    /// The tool's own end of the manager channel (its `dva://mgmt` certificate).
+    pub link_tls: Arc<rustls::ClientConfig>,
 }
 
 impl Inner {
@@ -164,6 +169,11 @@ impl Mgmt {
             })
             .collect();
         let provisioner = Box::new(LocalProvisioner::new(opts.exe.clone()));
+        let pki = Pki::open(&opts.state_dir.join("pki"))?;
+        let mine = pki.issue_mgmt()?;
+        let link_tls =
+            dva_unit::tls::Credentials::from_pem(&mine.cert_pem, &mine.key_pem, &mine.ca_pem)?
+                .client_config()?;
         let inner = Arc::new(Inner {
             opts,
             store,
@@ -173,6 +183,8 @@ impl Mgmt {
             provisioner,
             reconcile_passes: AtomicU64::new(0),
             last_pass_ms: AtomicU64::new(0),
+            pki,
+            link_tls,
         });
         reconcile::adopt_all(&inner);
         let handle = {
@@ -239,6 +251,7 @@ impl Mgmt {
                     next_unit_id: 1,
                     events: Vec::new(),
                     created_ms: now_ms(),
+                    manager_port: None,
                 };
                 let msg = format!("created with {} data plane(s)", rec.dataplanes);
                 push_event(&mut rec, "applied", msg);
