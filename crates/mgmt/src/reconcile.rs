@@ -771,7 +771,7 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
             app.rt.error = Some(format!("store: {e:#}"));
         }
     }
-    write_units_json(inner, app);
+    write_units_json(inner, app, hosts);
 }
 
 /// The recorded process of a unit, if a pid was recorded.
@@ -892,7 +892,8 @@ fn place_dataplane(
 }
 
 /// `units.json` in the run directory: where `dva stats` and the tests find the units' sockets.
-fn write_units_json(inner: &Inner, app: &mut Appliance) {
+fn write_units_json(inner: &Inner, app: &mut Appliance, hosts: &Hosts) {
+    let port = app.rec.manager_port.unwrap_or(MANAGER_PORT);
     let dir = run_dir(inner, &app.rec.name);
     let units: Vec<serde_json::Value> = app
         .rec
@@ -908,6 +909,10 @@ fn write_units_json(inner: &Inner, app: &mut Appliance) {
                 "pid": u.pid,
                 "state": u.state,
                 "backplane": u.addr,
+                // Where a manager listens (it does once it leads).
+                "channel": (u.role == UnitRole::Manager)
+                    .then(|| manager_addr(hosts, &u.host, port))
+                    .flatten(),
                 "control": l.control,
                 "log": l.log,
             })
