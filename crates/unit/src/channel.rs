@@ -88,9 +88,11 @@ impl ChannelClient {
                     let result =
                         tls::connect(addr, config.clone(), &server_name, tls::HANDSHAKE_TIMEOUT)
                             .and_then(|halves| session(&args, halves, &tx, &r));
+                    let mut pause = true;
                     if let Err(e) = result {
-                        // A refused connection to a standby's host is routine: say it once per
-                        // round, not for every address.
+                        // A refused connection (a standby's host, a manager starting) is
+                        // routine: say it once, not on every retry, and try the next address
+                        // at once; pause only after a whole round.
                         let routine = e.kind() == std::io::ErrorKind::ConnectionRefused;
                         let stopping = args.stop.load(Ordering::Relaxed);
                         let repeat = routine && quiet;
@@ -101,10 +103,13 @@ impl ChannelClient {
                             );
                         }
                         quiet = routine;
+                        pause = !routine || next % args.managers.len() == 0;
                     } else {
                         quiet = false;
                     }
-                    thread::sleep(Duration::from_millis(200));
+                    if pause {
+                        thread::sleep(Duration::from_millis(200));
+                    }
                 }
             })?;
         Ok((ChannelClient { running }, rx))
