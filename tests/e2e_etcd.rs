@@ -350,6 +350,7 @@ fn store_round_trip() {
             next_unit_id: 4,
             events: Vec::new(),
             created_ms: 1,
+            manager_port: Some(7443),
         };
         store.save(&rec).expect("save");
         let loaded = store.load_all().expect("load");

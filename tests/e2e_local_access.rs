@@ -1,8 +1,9 @@
 //! End to end: a local user who is not root (`nobody`) gets nothing out of a running appliance
 //! (issue #13, local access). It cannot read a shared-memory ring, get an answer from a unit's
-//! control socket or the manager's socket, nor bind a unit's backplane address and port. And
-//! each layer holds on its own: with the run directory and the sockets opened up by hand, the
-//! ring files are still 0600 and the sockets still refuse the connection (SO_PEERCRED).
+//! control socket or from the manager's TCP port (mutual TLS: no certificate, no answer), nor
+//! bind a unit's backplane address and port. And each layer holds on its own: with the run
+//! directory and the sockets opened up by hand, the ring files are still 0600 and the control
+//! sockets still refuse the connection (SO_PEERCRED).
 //!
 //! The attempts run in a child process as `nobody` (setpriv, from util-linux): this test binary
 //! started again with [`PROBE`] set, which runs one attempt and prints its outcome.
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Set to `<attempt> <argument>` in the child: `read PATH`, `http PATH`, `hello PATH:UNIT` or
+/// Set to `<attempt> <argument>` in the child: `read PATH`, `http PATH`, `hello ADDR/UNIT` or
 /// `bind ADDR`.
 const PROBE: &str = "DVA_LOCAL_ACCESS_PROBE";
 /// The child prints its outcome on a line starting with this.
@@ -39,9 +40,9 @@ fn probe() {
         },
         "http" => converse(Path::new(arg), b"GET /stats HTTP/1.0\r\nHost: unit\r\n\r\n"),
         "hello" => {
-            // Claim to be one of the appliance's units: a manager that listens would hand this
-            // connection the unit's config stream.
-            let (path, unit) = arg.rsplit_once(':').expect("hello PATH:UNIT");
+            // Claim to be one of the appliance's units, in clear: a manager that took it would
+            // hand this connection the unit's config stream.
+            let (addr, unit) = arg.rsplit_once('/').expect("hello ADDR/UNIT");
             let mut line = Vec::new();
             dva_proto::channel::send(
                 &mut line,
@@ -53,7 +54,16 @@ fn probe() {
                 },
             )
             .expect("encode hello");
-            converse(Path::new(path), &line)
+            match std::net::TcpStream::connect(addr) {
+                // A TLS alert record (content type 21) is the manager's refusal, not an answer.
+                Ok(s) => match converse_on(s, &line) {
+                    o if o.starts_with("answered: \"\\u{15}") => {
+                        format!("refused: TLS alert ({o})")
+                    }
+                    o => o,
+                },
+                Err(e) => format!("refused: connect: {e}"),
+            }
         }
         "bind" => bind_reusing(arg.parse().expect("socket address")),
         other => panic!("unknown probe attempt {other:?}"),
@@ -65,14 +75,16 @@ fn probe() {
 /// answers at all has answered (the manager would go on streaming configs, so this does not
 /// wait for it to close).
 fn converse(path: &Path, request: &[u8]) -> String {
-    let mut s = match UnixStream::connect(path) {
-        Ok(s) => s,
-        Err(e) => return format!("refused: connect: {e}"),
-    };
+    match UnixStream::connect(path) {
+        Ok(s) => converse_on(s, request),
+        Err(e) => format!("refused: connect: {e}"),
+    }
+}
+
+fn converse_on<S: Read + Write + Timeout>(mut s: S, request: &[u8]) -> String {
     // Only so a server that keeps the connection open without a word cannot hang the test; that
     // case is reported as such, not taken for a refusal.
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("read timeout");
+    s.timeout(Duration::from_secs(10));
     let _ = s.write_all(request);
     let mut got = [0u8; 60];
     match s.read(&mut got) {
@@ -82,6 +94,22 @@ fn converse(path: &Path, request: &[u8]) -> String {
             "refused: reset without an answer".to_string()
         }
         Err(e) => format!("kept open without an answer: {e}"),
+    }
+}
+
+trait Timeout {
+    fn timeout(&self, t: Duration);
+}
+
+impl Timeout for UnixStream {
+    fn timeout(&self, t: Duration) {
+        self.set_read_timeout(Some(t)).expect("read timeout");
+    }
+}
+
+impl Timeout for std::net::TcpStream {
+    fn timeout(&self, t: Duration) {
+        self.set_read_timeout(Some(t)).expect("read timeout");
     }
 }
 
@@ -200,6 +228,7 @@ struct Unit {
     role: String,
     host: String,
     backplane: Option<SocketAddr>,
+    channel: Option<SocketAddr>,
     control: PathBuf,
 }
 
@@ -213,6 +242,7 @@ fn units(app: &Running) -> Vec<Unit> {
             role: u["role"].as_str().expect("role").to_string(),
             host: u["host"].as_str().expect("host").to_string(),
             backplane: u["backplane"].as_str().and_then(|a| a.parse().ok()),
+            channel: u["channel"].as_str().and_then(|a| a.parse().ok()),
             control: PathBuf::from(u["control"].as_str().expect("control path")),
         })
         .collect()
@@ -252,7 +282,7 @@ fn nobody_gets_nothing_out_of_a_running_appliance() {
     let backplane = dataplane
         .backplane
         .expect("the data plane's backplane address");
-    let manager_sock = run_dir.join("manager.sock");
+    let channel = manager.channel.expect("the manager's channel address");
     let ring = std::fs::read_dir(&run_dir)
         .expect("run dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -270,9 +300,10 @@ fn nobody_gets_nothing_out_of_a_running_appliance() {
     );
     assert_refused(None, &format!("read {}", ring.display()));
     assert_refused(None, &format!("http {}", dataplane.control.display()));
+    // In the manager's namespace, where its port is.
     assert_refused(
-        None,
-        &format!("hello {}:{}", manager_sock.display(), dataplane.id),
+        Some(&manager.host),
+        &format!("hello {channel}/{}", dataplane.id),
     );
     // In the data plane's own namespace, where its address is.
     assert_refused(Some(&dataplane.host), &format!("bind {backplane}"));
@@ -283,13 +314,8 @@ fn nobody_gets_nothing_out_of_a_running_appliance() {
         let _root = Loosened::new(run_dir.parent().expect("/run/dva"), 0o711);
         let _dir = Loosened::new(&run_dir, 0o755);
         chmod(&dataplane.control, 0o666);
-        chmod(&manager_sock, 0o666);
         assert_refused(None, &format!("read {}", ring.display()));
         assert_refused(None, &format!("http {}", dataplane.control.display()));
-        assert_refused(
-            None,
-            &format!("hello {}:{}", manager_sock.display(), dataplane.id),
-        );
     }
     // The refusals are counted where the operator looks.
     assert!(wait_counter(&dataplane.control, "control_peer_refused") >= 1);

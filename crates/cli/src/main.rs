@@ -295,9 +295,22 @@ enum Cmd {
         /// Unit id within its appliance.
         #[arg(long)]
         id: u32,
-        /// The manager's channel socket (a manager listens on it; other roles connect to it).
+        /// Where managers may listen, `tcp://ADDR:PORT[,tcp://ADDR:PORT...]` (other roles
+        /// connect to the one that leads).
+        #[arg(long, default_value = "")]
+        manager: String,
+        /// The manager's channel address, `tcp://ADDR:PORT` (managers only).
         #[arg(long)]
-        manager: PathBuf,
+        listen: Option<String>,
+        /// The unit's certificate (PEM), issued by the installation's CA.
+        #[arg(long)]
+        tls_cert: PathBuf,
+        /// The unit's private key (PEM).
+        #[arg(long)]
+        tls_key: PathBuf,
+        /// The installation's CA certificate (PEM): the only issuer the unit trusts.
+        #[arg(long)]
+        tls_ca: PathBuf,
         /// The unit's control socket (stats, metrics, readiness).
         #[arg(long)]
         control: PathBuf,
@@ -775,6 +788,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             role,
             id,
             manager,
+            listen,
+            tls_cert,
+            tls_key,
+            tls_ca,
             control,
             netns,
             die_with_parent,
@@ -788,6 +805,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 role,
                 id,
                 manager,
+                listen,
+                tls: dva_unit::tls::TlsFiles {
+                    cert: tls_cert,
+                    key: tls_key,
+                    ca: tls_ca,
+                },
                 control,
                 netns,
                 die_with_parent,

@@ -142,9 +142,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     let where_ = opts.place.describe();
     let prefix = opts.place.prefix();
     let dir = run_dir(prefix, &name);
-    if dir.join("manager.sock").exists()
-        && std::os::unix::net::UnixStream::connect(dir.join("manager.sock")).is_ok()
-    {
+    // A leading manager holds the election lock for as long as it lives.
+    if dva_unit::manager::leader_alive(&dir.join(dva_unit::runtime::MANAGER_LOCK)) {
         bail!(
             "appliance {name} already runs on {where_} (see {})",
             dir.display()

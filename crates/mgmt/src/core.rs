@@ -13,6 +13,7 @@ use dva_proto::ApplianceSpec;
 
 use crate::etcd::{EtcdLink, EtcdStore, Leader, Leadership};
 use crate::model::*;
+use crate::pki::Pki;
 use crate::provision::{LocalProvisioner, Provisioner};
 use crate::reconcile::{self, Runtime};
 use crate::store::{CorruptRecord, FileStore, Store, StoreConfig};
@@ -108,6 +109,10 @@ pub(crate) struct Inner {
     pub reconcile_passes: AtomicU64,
     /// When the last pass ended (ms since the epoch): `/readyz` answers from it.
     pub last_pass_ms: AtomicU64,
+    /// The installation's CA, which issues every unit's certificate.
+    pub pki: Pki,
+    /// The tool's own end of the manager channel (its `dva://mgmt` certificate).
+    pub link_tls: Arc<rustls::ClientConfig>,
 }
 
 impl Inner {
@@ -149,6 +154,11 @@ impl Mgmt {
             Some(_) => Default::default(),
         };
         let provisioner = Box::new(LocalProvisioner::new(opts.exe.clone()));
+        let pki = Pki::open(&opts.state_dir.join("pki"))?;
+        let mine = pki.issue_mgmt()?;
+        let link_tls =
+            dva_unit::tls::Credentials::from_pem(&mine.cert_pem, &mine.key_pem, &mine.ca_pem)?
+                .client_config()?;
         let inner = Arc::new(Inner {
             opts,
             store,
@@ -160,6 +170,8 @@ impl Mgmt {
             provisioner,
             reconcile_passes: AtomicU64::new(0),
             last_pass_ms: AtomicU64::new(0),
+            pki,
+            link_tls,
         });
         if inner.leadership.is_none() {
             reconcile::adopt_all(&inner);
@@ -266,6 +278,7 @@ impl Mgmt {
                     next_unit_id: 1,
                     events: Vec::new(),
                     created_ms: now_ms(),
+                    manager_port: None,
                 };
                 if opts.dry_run {
                     return Ok(dry_run_view(&self.inner, rec, spec));

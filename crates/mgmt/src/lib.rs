@@ -8,6 +8,7 @@
 //! * [`etcd`]: the etcd store, and the election among several `dva serve` replicas;
 //! * [`core`]: [`Mgmt`], the operations the API and `dva run` call (apply, get, scale, delete, ...);
 //! * [`reconcile`]: the loop that makes units match the records;
+//! * [`pki`]: the installation's CA and the certificates of units and of the tool itself;
 //! * [`provision`]: the [`Provisioner`](provision::Provisioner) trait and its `local` implementation;
 //! * [`inspect`]: seeing traffic: flows across data planes, a unit's running config;
 //! * [`metrics`]: the aggregated Prometheus `/metrics` (every unit's, and the tool's own);
@@ -21,6 +22,7 @@ pub mod etcd;
 pub mod inspect;
 pub mod metrics;
 pub mod model;
+pub mod pki;
 pub mod provision;
 pub mod reconcile;
 pub mod store;

@@ -91,6 +91,10 @@ pub struct ApplianceRecord {
     pub next_unit_id: u32,
     pub events: Vec<Event>,
     pub created_ms: u64,
+    /// The TCP port the appliance's managers listen on (on the host each runs on), chosen when
+    /// the first manager starts and kept, so units started earlier find a replacement manager.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager_port: Option<u16>,
 }
 
 /// Largest number of events kept per appliance (oldest dropped first).

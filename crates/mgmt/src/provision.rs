@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use anyhow::Context;
 
 use crate::model::UnitRole;
+use crate::pki::{self, Issued};
 
 /// Everything needed to start one unit.
 #[derive(Debug, Clone)]
@@ -25,8 +26,15 @@ pub struct UnitLaunch {
     pub host: String,
     /// The network namespace to start it in (a lab host); `None`: the provisioner's own.
     pub netns: Option<String>,
-    /// The manager's channel socket (the manager listens on it; other roles connect to it).
-    pub manager: PathBuf,
+    /// Where the appliance's managers may listen (`tcp://ADDR:PORT,...`): other roles connect
+    /// to the one that leads.
+    pub managers: String,
+    /// A manager's own channel address (`tcp://ADDR:PORT`).
+    pub listen: Option<String>,
+    /// The unit's private directory: its certificate, key and the CA go there (0700/0600).
+    pub tls_dir: PathBuf,
+    /// The credentials to hand over at start (issued only when the unit is about to start).
+    pub credentials: Option<Issued>,
     /// The unit's control socket.
     pub control: PathBuf,
     pub log: PathBuf,
@@ -131,12 +139,25 @@ impl Provisioner for LocalProvisioner {
         // A log kept from an earlier run keeps its mode through open(): tighten it.
         log.set_permissions(std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("restricting {}", u.log.display()))?;
+        // The unit's credentials go into its own directory, passed by path: an agent on another
+        // machine hands them over the same way.
+        let issued = u
+            .credentials
+            .as_ref()
+            .with_context(|| format!("unit {} has no credentials to start with", u.id))?;
+        let tls = pki::write_unit_files(&u.tls_dir, issued)?;
         let mut cmd = Command::new(&self.exe);
         cmd.arg("unit")
             .args(["--role", u.role.as_str()])
             .args(["--id", &u.id.to_string()])
-            .arg("--manager")
-            .arg(&u.manager)
+            .args(["--manager", &u.managers])
+            .args(u.listen.iter().flat_map(|l| ["--listen", l.as_str()]))
+            .arg("--tls-cert")
+            .arg(&tls.cert)
+            .arg("--tls-key")
+            .arg(&tls.key)
+            .arg("--tls-ca")
+            .arg(&tls.ca)
             .arg("--control")
             .arg(&u.control)
             .args(u.netns.iter().flat_map(|ns| ["--netns", ns.as_str()]))

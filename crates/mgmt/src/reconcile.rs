@@ -14,8 +14,7 @@ use std::collections::BTreeMap;
 use std::io::{BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +25,7 @@ use dva_proto::channel::{
     self, Desired, DesiredRole, DesiredUnit, FromManager, ManagerStatus, ToManager, UnitStatus,
 };
 use dva_proto::{compile, ApplianceSpec, Placement, UnitEndpoint};
+use dva_unit::tls::{self, TlsWriter};
 
 use crate::autoscale::Autoscaler;
 use crate::core::{push_event, Appliance, Inner};
@@ -35,6 +35,12 @@ use crate::provision::{UnitLaunch, UnitProcess};
 const PERIOD: Duration = Duration::from_millis(200);
 /// GENEVE's IANA port; further units on one host take the next ports.
 const BACKPLANE_PORT: u16 = 6081;
+/// The first port an appliance's managers may listen on; each appliance of this management
+/// tool gets its own, kept in its record.
+const MANAGER_PORT: u16 = 7443;
+/// How long the link to a manager may take to connect and finish its TLS handshake (the
+/// reconciler waits for it).
+const LINK_TIMEOUT: Duration = Duration::from_secs(2);
 /// A draining data plane must look empty this long before it is stopped (reports are 4 Hz).
 const DRAIN_CLEAR_FOR: Duration = Duration::from_millis(1000);
 /// Desired state is re-sent this often even when unchanged (a restarted manager needs it).
@@ -57,16 +63,28 @@ pub struct Runtime {
 }
 
 struct ManagerLink {
-    writer: UnixStream,
+    writer: TlsWriter,
     status: Arc<Mutex<Option<ManagerStatus>>>,
     alive: Arc<AtomicBool>,
 }
 
 impl ManagerLink {
-    fn connect(path: &Path) -> std::io::Result<ManagerLink> {
-        let stream = UnixStream::connect(path)?;
-        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-        let reader = stream.try_clone()?;
+    /// Connect to the manager listening at `addr` (from inside network namespace `netns`, where
+    /// the manager's host is: a socket keeps the namespace it was made in).
+    fn connect(
+        inner: &Inner,
+        appliance: &str,
+        addr: SocketAddr,
+        netns: Option<&str>,
+    ) -> std::io::Result<ManagerLink> {
+        let config = inner.link_tls.clone();
+        let name = tls::manager_server_name(appliance);
+        let open = move || tls::connect(addr, config, &name, LINK_TIMEOUT);
+        let (reader, writer) = match netns {
+            Some(ns) => dva_io::netns::in_netns(ns, open).map_err(std::io::Error::other)??,
+            None => open()?,
+        };
+        writer.set_write_timeout(Some(Duration::from_secs(2)))?;
         let status = Arc::new(Mutex::new(None));
         let alive = Arc::new(AtomicBool::new(true));
         {
@@ -86,7 +104,7 @@ impl ManagerLink {
                 })?;
         }
         Ok(ManagerLink {
-            writer: stream,
+            writer,
             status,
             alive,
         })
@@ -211,13 +229,14 @@ pub(crate) fn run(inner: &Inner) {
                 break;
             }
             let mut all = inner.lock();
+            let ports: Vec<u16> = all.values().filter_map(|a| a.rec.manager_port).collect();
             let Some(app) = all.get_mut(&name) else {
                 continue;
             };
             if app.deleting {
                 continue;
             }
-            reconcile(inner, app, hosts.as_ref());
+            reconcile(inner, app, hosts.as_ref(), &ports);
         }
         inner.reconcile_passes.fetch_add(1, Ordering::Relaxed);
         inner.last_pass_ms.store(now_ms(), Ordering::Relaxed);
@@ -240,7 +259,10 @@ fn launch(inner: &Inner, name: &str, u: &UnitRecord) -> UnitLaunch {
         role: u.role,
         host: u.host.clone(),
         netns: (!inner.opts.local).then(|| u.host.clone()),
-        manager: dir.join("manager.sock"),
+        managers: String::new(),
+        listen: None,
+        tls_dir: dir.join(format!("unit-{}", u.id)),
+        credentials: None,
         control: control_socket(inner, name, u.id),
         log: dir.join(format!("unit-{}.log", u.id)),
     }
@@ -269,7 +291,37 @@ pub(crate) fn check_compiles(spec: &ApplianceSpec) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>) {
+/// A port for an appliance's managers: not another appliance's, and (on this machine, where
+/// every manager shares loopback) free right now.
+fn pick_manager_port(taken: &[u16], local: bool) -> Option<u16> {
+    (MANAGER_PORT..MANAGER_PORT.saturating_add(1000)).find(|p| {
+        !taken.contains(p)
+            && (!local || std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, *p)).is_ok())
+    })
+}
+
+/// Where a manager on `host` listens.
+fn manager_addr(hosts: &Hosts, host: &str, port: u16) -> Option<SocketAddr> {
+    hosts
+        .dataplanes
+        .iter()
+        .find(|h| h.name == host)
+        .map(|h| SocketAddr::new(h.backplane, port))
+}
+
+/// Every address a manager may lead from (managers go on data-plane hosts): what units are told.
+fn manager_endpoints(hosts: &Hosts, port: u16) -> String {
+    let mut v: Vec<String> = Vec::new();
+    for h in &hosts.dataplanes {
+        let e = format!("tcp://{}", SocketAddr::new(h.backplane, port));
+        if !v.contains(&e) {
+            v.push(e);
+        }
+    }
+    v.join(",")
+}
+
+fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &[u16]) {
     let Some(hosts) = hosts else {
         app.rt.error = Some(format!(
             "no lab with prefix {:?} (create it with `dva lab up --prefix {}`)",
@@ -402,6 +454,18 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>) {
             push_event(&mut app.rec, "unit-draining", msg);
         }
     }
+    if !to_start.is_empty() && app.rec.manager_port.is_none() {
+        match pick_manager_port(ports, inner.opts.local) {
+            Some(p) => app.rec.manager_port = Some(p),
+            None => {
+                app.rt.error = Some(format!(
+                    "no free port for the manager channel from {MANAGER_PORT}"
+                ));
+                return;
+            }
+        }
+    }
+    let port = app.rec.manager_port.unwrap_or(MANAGER_PORT);
     if !to_start.is_empty() {
         // Store the units before starting them, so a crash in between leaves a record to reconcile.
         let mut new_units = Vec::new();
@@ -427,8 +491,19 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>) {
             return;
         }
         for nu in new_units {
-            let l = launch(inner, &name, &nu);
-            match inner.provisioner.start(&l) {
+            let mut l = launch(inner, &name, &nu);
+            l.managers = manager_endpoints(hosts, port);
+            if nu.role == UnitRole::Manager {
+                l.listen = manager_addr(hosts, &nu.host, port).map(|a| format!("tcp://{a}"));
+            }
+            let started = inner
+                .pki
+                .issue_unit(&name, nu.id, nu.role == UnitRole::Manager)
+                .and_then(|issued| {
+                    l.credentials = Some(issued);
+                    inner.provisioner.start(&l)
+                });
+            match started {
                 Ok(p) => {
                     let pid = p.pid;
                     if let Some(u) = app.rec.units.iter_mut().find(|u| u.id == nu.id) {
@@ -457,7 +532,6 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>) {
     }
 
     // 3. The manager link, and the desired state over it.
-    let manager_sock = run_dir(inner, &name).join("manager.sock");
     if app
         .rt
         .link
@@ -467,8 +541,23 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>) {
         app.rt.link = None;
         app.rt.desired_sent = None;
     }
-    if app.rt.link.is_none() && manager_sock.exists() {
-        app.rt.link = ManagerLink::connect(&manager_sock).ok();
+    if app.rt.link.is_none() {
+        // The leader is one of the managers; standbys do not listen.
+        let managers = app
+            .rec
+            .units
+            .iter()
+            .filter(|u| u.role == UnitRole::Manager && u.state != UnitState::Stopped);
+        for u in managers {
+            let Some(addr) = manager_addr(hosts, &u.host, port) else {
+                continue;
+            };
+            let netns = (!inner.opts.local).then_some(u.host.as_str());
+            if let Ok(link) = ManagerLink::connect(inner, &name, addr, netns) {
+                app.rt.link = Some(link);
+                break;
+            }
+        }
     }
     let desired = Desired {
         generation: app.rec.generation,
@@ -710,7 +799,7 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>) {
             app.rt.error = Some(format!("store: {e:#}"));
         }
     }
-    write_units_json(inner, app);
+    write_units_json(inner, app, hosts);
 }
 
 /// The recorded process of a unit, if a pid was recorded.
@@ -865,7 +954,8 @@ fn place_dataplane(
 }
 
 /// `units.json` in the run directory: where `dva stats` and the tests find the units' sockets.
-fn write_units_json(inner: &Inner, app: &mut Appliance) {
+fn write_units_json(inner: &Inner, app: &mut Appliance, hosts: &Hosts) {
+    let port = app.rec.manager_port.unwrap_or(MANAGER_PORT);
     let dir = run_dir(inner, &app.rec.name);
     let units: Vec<serde_json::Value> = app
         .rec
@@ -881,6 +971,10 @@ fn write_units_json(inner: &Inner, app: &mut Appliance) {
                 "pid": u.pid,
                 "state": u.state,
                 "backplane": u.addr,
+                // Where a manager listens (it does once it leads).
+                "channel": (u.role == UnitRole::Manager)
+                    .then(|| manager_addr(hosts, &u.host, port))
+                    .flatten(),
                 "control": l.control,
                 "log": l.log,
             })

@@ -4,10 +4,15 @@
 //!
 //! The data path never blocks on the manager: it polls for [`Update`]s between batches. A manager
 //! that goes away leaves the unit serving its last config until a manager is back.
+//!
+//! The channel is TCP with mutual TLS: the unit presents its certificate and accepts only a
+//! manager whose certificate chains to the installation's CA and names the manager of the
+//! unit's own appliance (`manager.APPLIANCE.dva`, the appliance read from the unit's
+//! certificate). Several addresses may be given (every host a manager may lead from): the unit
+//! tries them in turn.
 
 use std::io::BufReader;
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -18,6 +23,7 @@ use dva_proto::channel::{self, FromManager, Running, ToManager, UnitReport, REPO
 use dva_proto::RoleConfig;
 
 use crate::stats::StatsCell;
+use crate::tls::{self, Credentials, Peer, TlsFiles, TlsWriter};
 
 /// A config for the data path to apply; it answers on `reply` (`Err`: the NACK's reason).
 pub struct Update {
@@ -34,7 +40,9 @@ pub struct ChannelClient {
 }
 
 pub struct ChannelArgs {
-    pub manager: PathBuf,
+    /// Where a manager may listen (the leader is one of them).
+    pub managers: Vec<SocketAddr>,
+    pub tls: TlsFiles,
     pub unit: u32,
     pub role: &'static str,
     pub stats: StatsCell,
@@ -44,19 +52,61 @@ pub struct ChannelArgs {
 impl ChannelClient {
     /// Start the channel thread; configs arrive on the returned receiver.
     pub fn start(args: ChannelArgs) -> std::io::Result<(ChannelClient, Receiver<Update>)> {
+        if args.managers.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no manager address",
+            ));
+        }
+        // Credentials are read once: a bad file is an error at start, not a reconnect loop.
+        let creds = Credentials::load(&args.tls)?;
+        let server_name = match creds.identity()? {
+            Peer::Unit { appliance, id } if id == args.unit => tls::manager_server_name(&appliance),
+            other => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "the unit's certificate names {other:?}, not unit {}",
+                        args.unit
+                    ),
+                ))
+            }
+        };
+        let config = creds.client_config()?;
         let (tx, rx) = mpsc::channel();
         let running = Arc::new(Mutex::new(None));
         let r = running.clone();
         thread::Builder::new()
             .name("channel".into())
             .spawn(move || {
+                let mut next = 0;
+                let mut quiet = false;
                 while !args.stop.load(Ordering::Relaxed) {
-                    if let Err(e) = session(&args, &tx, &r) {
-                        if !args.stop.load(Ordering::Relaxed) {
-                            tracing::warn!(error = %e, "manager channel broken; reconnecting");
+                    // The leader is at one of the addresses; standbys do not listen.
+                    let addr = args.managers[next % args.managers.len()];
+                    next += 1;
+                    let result =
+                        tls::connect(addr, config.clone(), &server_name, tls::HANDSHAKE_TIMEOUT)
+                            .and_then(|halves| session(&args, halves, &tx, &r));
+                    let mut pause = true;
+                    if let Err(e) = result {
+                        // A refused connection (a standby's host, a manager starting) is
+                        // routine: say it once, not on every retry, and try the next address
+                        // at once; pause only after a whole round.
+                        let routine = e.kind() == std::io::ErrorKind::ConnectionRefused;
+                        let stopping = args.stop.load(Ordering::Relaxed);
+                        let repeat = routine && quiet;
+                        if !stopping && !repeat {
+                            tracing::warn!(%addr, error = %e, "manager channel broken; reconnecting");
                         }
+                        quiet = routine;
+                        pause = !routine || next % args.managers.len() == 0;
+                    } else {
+                        quiet = false;
                     }
-                    thread::sleep(Duration::from_millis(200));
+                    if pause {
+                        thread::sleep(Duration::from_millis(200));
+                    }
                 }
             })?;
         Ok((ChannelClient { running }, rx))
@@ -66,11 +116,12 @@ impl ChannelClient {
 /// One connection to the manager, until it breaks.
 fn session(
     args: &ChannelArgs,
+    (stream, writer): (tls::TlsReader, TlsWriter),
     updates: &Sender<Update>,
     running: &Arc<Mutex<Option<Running>>>,
 ) -> std::io::Result<()> {
-    let stream = UnixStream::connect(&args.manager)?;
-    let writer = Arc::new(Mutex::new(stream.try_clone()?));
+    writer.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let writer = Arc::new(Mutex::new(writer));
     let hello = ToManager::Hello {
         unit: args.unit,
         role: args.role.to_string(),
@@ -167,10 +218,13 @@ fn session(
         }
     })();
     alive.store(false, Ordering::Relaxed);
+    if let Ok(w) = writer.lock() {
+        w.shutdown();
+    }
     result
 }
 
-fn send(writer: &Arc<Mutex<UnixStream>>, msg: &ToManager) -> std::io::Result<()> {
+fn send(writer: &Arc<Mutex<TlsWriter>>, msg: &ToManager) -> std::io::Result<()> {
     let mut w = writer
         .lock()
         .map_err(|_| std::io::Error::other("channel writer poisoned"))?;

@@ -304,9 +304,11 @@ fn stream_capture(conn: UnixStream, spec: &CaptureSpec, inspector: &Inspector) -
         }
     };
     let _ = w.flush();
-    eprintln!(
-        "capture on {point}: {taken} packets, {} dropped (reader too slow)",
-        dropped.load(Ordering::Relaxed)
+    tracing::info!(
+        %point,
+        packets = taken,
+        dropped = dropped.load(Ordering::Relaxed),
+        "capture ended (dropped: the reader was too slow)"
     );
     result
 }

@@ -28,6 +28,7 @@ pub mod offload;
 pub mod reply;
 pub mod runtime;
 pub mod stats;
+pub mod tls;
 
 pub use runtime::{run_unit, Role, UnitArgs};
 pub use stats::UnitStats;

@@ -12,14 +12,19 @@
 //!   after every dispatcher switched to the table that moved the bucket.
 //!
 //! One thread runs the state machine; one reader thread per connection feeds it events.
-//! Connections from anyone but root and the manager's own user are closed before a message is
-//! read (SO_PEERCRED), and counted as `channel_peer_refused`.
+//!
+//! The channel is TCP with mutual TLS ([`crate::tls`]): a peer must present a certificate of the
+//! installation's CA naming a unit of this appliance or the management tool. A unit's hello must
+//! name the unit its certificate names, and only the management tool may send desired state.
+//! Anything else is closed and counted as `channel_peer_refused`. At most
+//! [`MAX_HANDSHAKING`] connections may be mid-handshake at once, each for at most
+//! [`tls::HANDSHAKE_TIMEOUT`](crate::tls::HANDSHAKE_TIMEOUT).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufReader;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread;
@@ -35,6 +40,7 @@ use dva_proto::{compile, Placement, RoleConfig, UnitEndpoint};
 use dva_services::lb::BackendState;
 
 use crate::stats::{StatsCell, UnitStats};
+use crate::tls::{self, Credentials, Peer, TlsFiles, TlsWriter};
 
 /// Dispatchers get a new table once every data plane ACKed it, or after this long.
 const DATAPLANE_ACK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -45,9 +51,21 @@ const RETIRE_EVERY: Duration = Duration::from_millis(500);
 /// Reports must be this much younger than the dispatchers' switch before they can retire history.
 const RETIRE_SETTLE: Duration = Duration::from_millis(600);
 
+/// Connections still in their TLS handshake beyond this many are closed at once: unauthenticated
+/// peers cannot pile up threads.
+pub const MAX_HANDSHAKING: usize = 64;
+/// A peer silent this long is gone (units report every 250 ms, the management tool sends its
+/// desired state every second): its connection is closed, even if no FIN ever came.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct ManagerArgs {
     pub unit: UnitId,
-    pub listen: PathBuf,
+    /// The channel's TCP address (`tcp://ADDR:PORT` on the command line).
+    pub listen: SocketAddr,
+    /// The leader-election lock file.
+    pub lock: PathBuf,
+    /// This manager's certificate (naming it and `manager.APPLIANCE.dva`), key, and the CA.
+    pub tls: TlsFiles,
     pub stop: Arc<AtomicBool>,
     pub stats: StatsCell,
     pub ready: Arc<AtomicBool>,
@@ -56,7 +74,7 @@ pub struct ManagerArgs {
 type ConnId = u64;
 
 enum Event {
-    Opened(ConnId, UnixStream),
+    Opened(ConnId, TlsWriter),
     Msg(ConnId, Box<ToManager>),
     Closed(ConnId),
 }
@@ -87,7 +105,7 @@ struct State {
     /// Version released to dispatchers (DPs ACKed it or the timeout passed).
     released: u64,
     units: BTreeMap<UnitId, UnitConn>,
-    conns: BTreeMap<ConnId, UnixStream>,
+    conns: BTreeMap<ConnId, TlsWriter>,
     controllers: BTreeSet<ConnId>,
     error: Option<String>,
     next_nonce: u64,
@@ -113,20 +131,23 @@ const SETTLE_AFTER_START: Duration = Duration::from_secs(3);
 /// How long a backplane key seals datagrams before the next one takes over.
 const KEY_ROTATION: Duration = Duration::from_secs(15 * 60);
 
-/// Leader election among an appliance's managers: an exclusive `flock` on `<socket>.lock`. The
+/// Leader election among an appliance's managers: an exclusive `flock` on the lock file. The
 /// kernel drops the lock when its holder dies, however it dies, so a standby blocked on it takes
 /// over within its poll period. (One machine's filesystem is this election's store; managers on
 /// several hosts would use the management tool's store, e.g. an etcd lease.)
 fn acquire_leadership(args: &ManagerArgs) -> anyhow::Result<Option<std::fs::File>> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = args.listen.with_extension("lock");
+    let path = &args.lock;
+    if let Some(dir) = path.parent() {
+        dva_io::local::create_private_dir_all(dir)?;
+    }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(dva_io::local::FILE_MODE)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     let mut standby_published = false;
     while !args.stop.load(Ordering::Relaxed) {
@@ -151,27 +172,90 @@ fn acquire_leadership(args: &ManagerArgs) -> anyhow::Result<Option<std::fs::File
     Ok(None)
 }
 
-pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
-    if let Some(dir) = args.listen.parent() {
-        dva_io::local::create_private_dir_all(dir)?;
+/// Whether a manager leads from the lock file at `path` (someone holds its lock).
+pub fn leader_alive(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own; LOCK_NB makes it return at once.
+    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+    // Dropping the file releases a lock we may just have taken.
+    !free
+}
+
+/// Who may use the channel, and what each may say.
+struct Admission {
+    /// This manager's appliance (from its own certificate).
+    appliance: String,
+    refused: Arc<AtomicU64>,
+    handshaking: AtomicUsize,
+}
+
+impl Admission {
+    /// Whether a peer with this verified identity may connect at all.
+    fn peer(&self, peer: &Peer) -> Result<(), String> {
+        match peer {
+            Peer::Mgmt => Ok(()),
+            Peer::Unit { appliance, .. } if *appliance == self.appliance => Ok(()),
+            Peer::Unit { appliance, id } => Err(format!(
+                "unit {id} of appliance {appliance}, not of {}",
+                self.appliance
+            )),
+        }
     }
+
+    fn refuse(&self, why: &str) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("channel peer refused: {why}");
+    }
+}
+
+/// Whether `peer` may send `msg`: a unit speaks only for the unit its certificate names, and
+/// only the management tool sets the desired state.
+pub fn may_send(peer: &Peer, msg: &ToManager) -> Result<(), String> {
+    match (peer, msg) {
+        (Peer::Unit { id, .. }, ToManager::Hello { unit, .. }) if unit != id => Err(format!(
+            "the certificate names unit {id} but the hello claims unit {unit}"
+        )),
+        (Peer::Unit { id, .. }, ToManager::Desired(_)) => {
+            Err(format!("unit {id} sent desired state"))
+        }
+        (Peer::Mgmt, ToManager::Hello { unit, .. }) => Err(format!(
+            "the management tool's certificate sent a hello for unit {unit}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
+    let creds = Credentials::load(&args.tls).context("loading the manager's TLS credentials")?;
+    let appliance = match creds.identity()? {
+        Peer::Unit { appliance, id } if id == args.unit => appliance,
+        other => anyhow::bail!(
+            "the manager's certificate names {other:?}, not unit {} of an appliance",
+            args.unit
+        ),
+    };
+    let tls_config = creds.server_config()?;
     let Some(_lock) = acquire_leadership(&args)? else {
         return Ok(());
     };
     tracing::info!("leading");
-    let _ = std::fs::remove_file(&args.listen);
-    let listener = UnixListener::bind(&args.listen)
-        .with_context(|| format!("binding manager socket {}", args.listen.display()))?;
-    dva_io::local::restrict_socket(&args.listen)
-        .with_context(|| format!("restricting manager socket {}", args.listen.display()))?;
+    let listener = TcpListener::bind(args.listen)
+        .with_context(|| format!("binding the manager channel on {}", args.listen))?;
     let (tx, rx) = mpsc::channel::<Event>();
     let refused = Arc::new(AtomicU64::new(0));
     {
         let tx = tx.clone();
-        let refused = refused.clone();
+        let admission = Arc::new(Admission {
+            appliance,
+            refused: refused.clone(),
+            handshaking: AtomicUsize::new(0),
+        });
         thread::Builder::new()
             .name("accept".into())
-            .spawn(move || accept_loop(listener, tx, &refused))?;
+            .spawn(move || accept_loop(listener, tls_config, tx, admission))?;
     }
     args.ready.store(true, Ordering::Release);
     let mut st = State {
@@ -212,41 +296,83 @@ pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
             });
         }
     }
-    let _ = std::fs::remove_file(&args.listen);
     Ok(())
 }
 
-fn accept_loop(listener: UnixListener, tx: Sender<Event>, refused: &AtomicU64) {
+fn accept_loop(
+    listener: TcpListener,
+    tls_config: Arc<rustls::ServerConfig>,
+    tx: Sender<Event>,
+    admission: Arc<Admission>,
+) {
     let mut next: ConnId = 1;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        // Desired and Hello steer the whole appliance: only root and our own user may send them.
-        if !crate::control::admit(&conn, refused, "manager socket") {
+        if admission.handshaking.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKING {
+            admission.handshaking.fetch_sub(1, Ordering::AcqRel);
+            admission.refuse("too many connections in their TLS handshake");
             continue;
         }
         let id = next;
         next += 1;
-        let Ok(reader) = conn.try_clone() else {
-            continue;
-        };
-        let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
-        if tx.send(Event::Opened(id, conn)).is_err() {
+        let (tx, a, config) = (tx.clone(), admission.clone(), tls_config.clone());
+        let spawned = thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .spawn(move || serve_conn(id, conn, config, &tx, &a));
+        if spawned.is_err() {
+            admission.handshaking.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// One connection: the handshake (bounded in time, counted in `handshaking`), the peer's
+/// identity, then its messages, each checked against that identity.
+fn serve_conn(
+    id: ConnId,
+    mut sock: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    tx: &Sender<Event>,
+    admission: &Admission,
+) {
+    let established = (|| -> Result<_, String> {
+        let mut conn = rustls::Connection::Server(
+            rustls::ServerConnection::new(config).map_err(|e| e.to_string())?,
+        );
+        let deadline = Instant::now() + tls::HANDSHAKE_TIMEOUT;
+        tls::handshake(&mut conn, &mut sock, deadline).map_err(|e| format!("handshake: {e}"))?;
+        let _ = sock.set_nodelay(true);
+        let _ = sock.set_read_timeout(Some(IDLE_TIMEOUT));
+        let _ = sock.set_write_timeout(Some(Duration::from_secs(2)));
+        tls::split(conn, sock).map_err(|e| e.to_string())
+    })();
+    admission.handshaking.fetch_sub(1, Ordering::AcqRel);
+    let (reader, writer) = match established {
+        Ok(halves) => halves,
+        Err(e) => return admission.refuse(&e),
+    };
+    let peer = match writer.peer().and_then(|p| admission.peer(&p).map(|()| p)) {
+        Ok(p) => p,
+        Err(e) => {
+            writer.shutdown();
+            return admission.refuse(&e);
+        }
+    };
+    if tx.send(Event::Opened(id, writer)).is_err() {
+        return;
+    }
+    let mut r = BufReader::new(reader);
+    // A peer speaking garbage, or out of turn, is disconnected; the manager carries on.
+    while let Ok(Some(msg)) = channel::recv::<_, ToManager>(&mut r) {
+        if let Err(e) = may_send(&peer, &msg) {
+            admission.refuse(&e);
+            r.get_ref().shutdown();
+            break;
+        }
+        if tx.send(Event::Msg(id, Box::new(msg))).is_err() {
             return;
         }
-        let tx = tx.clone();
-        let _ = thread::Builder::new()
-            .name(format!("conn-{id}"))
-            .spawn(move || {
-                let mut r = BufReader::new(reader);
-                // A peer speaking garbage is disconnected; the manager itself carries on.
-                while let Ok(Some(msg)) = channel::recv::<_, ToManager>(&mut r) {
-                    if tx.send(Event::Msg(id, Box::new(msg))).is_err() {
-                        return;
-                    }
-                }
-                let _ = tx.send(Event::Closed(id));
-            });
     }
+    let _ = tx.send(Event::Closed(id));
 }
 
 impl State {
@@ -716,7 +842,7 @@ impl State {
         if let Some(stream) = self.conns.get_mut(&conn) {
             if channel::send(stream, &msg).is_err() {
                 // The reader thread will report the close; forget the write side now.
-                let _ = stream.shutdown(std::net::Shutdown::Both);
+                stream.shutdown();
             }
         }
     }
@@ -731,7 +857,7 @@ impl State {
         for id in ids {
             if let Some(stream) = self.conns.get_mut(&id) {
                 if channel::send(stream, &msg).is_err() {
-                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    stream.shutdown();
                 }
             }
         }

@@ -42,8 +42,12 @@ impl Role {
 pub struct UnitArgs {
     pub role: Role,
     pub id: u32,
-    /// The manager's channel socket: the manager listens on it, other roles connect to it.
-    pub manager: PathBuf,
+    /// Where managers may listen, `tcp://ADDR:PORT[,tcp://...]`: other roles connect there.
+    pub manager: String,
+    /// The manager's own channel address, `tcp://ADDR:PORT` (managers only).
+    pub listen: Option<String>,
+    /// The unit's certificate, key and the installation's CA (the manager channel's mTLS).
+    pub tls: crate::tls::TlsFiles,
     /// Control socket path (`/ready`, `/stats`, `/metrics`).
     pub control: PathBuf,
     /// Network namespace (a lab host) to run in.
@@ -51,6 +55,9 @@ pub struct UnitArgs {
     /// Exit when the parent that started us dies (for a foreground `dva run`).
     pub die_with_parent: bool,
 }
+
+/// The managers' leader-election lock, in the appliance's run directory.
+pub const MANAGER_LOCK: &str = "manager.lock";
 
 pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
     if args.die_with_parent {
@@ -81,16 +88,31 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
         .with_context(|| format!("control socket {}", args.control.display()))?;
     if args.role == Role::Manager {
         drop(requests);
+        let listen = args
+            .listen
+            .as_deref()
+            .context("a manager needs --listen tcp://ADDR:PORT")?;
+        let listen = crate::tls::parse_endpoint(listen).context("--listen")?;
+        // The election's lock sits in the appliance's run directory, beside the control socket.
+        let lock = args
+            .control
+            .parent()
+            .map(|d| d.join(MANAGER_LOCK))
+            .context("the control socket has no directory")?;
         return manager::run(ManagerArgs {
             unit: args.id,
-            listen: args.manager.clone(),
+            listen,
+            lock,
+            tls: args.tls.clone(),
             stop,
             stats,
             ready,
         });
     }
+    let managers = crate::tls::parse_endpoints(&args.manager).context("--manager")?;
     let (_client, updates) = ChannelClient::start(ChannelArgs {
-        manager: args.manager.clone(),
+        managers,
+        tls: args.tls.clone(),
         unit: args.id,
         role: args.role.as_str(),
         stats: stats.clone(),
