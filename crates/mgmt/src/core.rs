@@ -154,7 +154,15 @@ impl Mgmt {
             Some(_) => Default::default(),
         };
         let provisioner = Box::new(LocalProvisioner::new(opts.exe.clone()));
-        let pki = Pki::open(&opts.state_dir.join("pki"))?;
+        let pki_dir = opts.state_dir.join("pki");
+        let mut pki = Pki::open(&pki_dir)?;
+        if let Some(link) = &etcd {
+            // Replicas share one CA: the units trust whichever replica leads.
+            let shared = link.share_ca(&pki.bundle())?;
+            if shared != pki.bundle() {
+                pki = Pki::from_bundle(&pki_dir, &shared)?;
+            }
+        }
         let mine = pki.issue_mgmt()?;
         let link_tls =
             dva_unit::tls::Credentials::from_pem(&mine.cert_pem, &mine.key_pem, &mine.ca_pem)?

@@ -7,6 +7,7 @@
 //! * `/dva/corrupt/NAME/<unix ms>`: a record that did not parse, set aside for a human;
 //! * `/dva/leader`: the leader's API address (JSON), attached to its lease;
 //! * `/dva/token`: the API token every replica accepts (see [`EtcdLink::share_token`]).
+//! * `/dva/pki/ca`: the installation CA every replica issues certificates with.
 //!
 //! etcd-client is async; the rest of the management tool is std threads. An [`EtcdLink`] owns a
 //! current-thread tokio runtime driven by one dedicated thread (`etcd`), which also runs the
@@ -42,6 +43,8 @@ const APPLIANCES: &str = "/dva/appliances/";
 const CORRUPT: &str = "/dva/corrupt/";
 const LEADER_KEY: &str = "/dva/leader";
 const TOKEN_KEY: &str = "/dva/token";
+/// The installation CA, certificate and key (see [`EtcdLink::share_ca`]).
+const CA_KEY: &str = "/dva/pki/ca";
 
 /// The leader's lease: a dead leader is replaced this long (plus one [`TICK`]) after it died.
 pub const LEASE_TTL: Duration = Duration::from_secs(2);
@@ -115,27 +118,42 @@ impl EtcdLink {
     /// replica's own), stored there for the others. Created with a txn, so two replicas starting
     /// at once agree on one.
     pub fn share_token(&self, candidate: &str) -> anyhow::Result<String> {
+        let token = self.share(TOKEN_KEY, candidate, "the API token")?;
+        let token = token.trim();
+        if token.len() < 32 {
+            bail!("the API token in etcd ({TOKEN_KEY}) is shorter than 32 characters");
+        }
+        Ok(token.to_string())
+    }
+
+    /// The installation's CA (certificate and key, PEM) every replica issues unit certificates
+    /// with: the one already in etcd, or else `candidate` (this replica's). One CA, so a replica
+    /// that takes over is trusted by the units and managers the previous leader started.
+    pub fn share_ca(&self, candidate: &str) -> anyhow::Result<String> {
+        self.share(CA_KEY, candidate, "the installation CA")
+    }
+
+    /// The value at `key`, set to `candidate` first if there is none (a txn: replicas starting
+    /// at once agree on one).
+    fn share(&self, key: &str, candidate: &str, what: &str) -> anyhow::Result<String> {
         let txn = Txn::new()
-            .when([Compare::create_revision(TOKEN_KEY, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(TOKEN_KEY, candidate, None)])
-            .or_else([TxnOp::get(TOKEN_KEY, None)]);
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, candidate, None)])
+            .or_else([TxnOp::get(key, None)]);
         let mut c = self.client.clone();
-        let resp = self.call("sharing the API token", c.txn(txn))?;
+        let resp = self.call(&format!("sharing {what}"), c.txn(txn))?;
         if resp.succeeded() {
             return Ok(candidate.to_string());
         }
         for op in resp.op_responses() {
             if let TxnOpResponse::Get(get) = op {
                 if let Some(kv) = get.kvs().first() {
-                    let token = kv.value_str().context("the token in etcd")?.trim();
-                    if token.len() >= 32 {
-                        return Ok(token.to_string());
-                    }
-                    bail!("the API token in etcd ({TOKEN_KEY}) is shorter than 32 characters");
+                    let v = kv.value_str().with_context(|| format!("{what} in etcd"))?;
+                    return Ok(v.to_string());
                 }
             }
         }
-        bail!("etcd answered the token txn without the token")
+        bail!("etcd answered the txn for {what} without it")
     }
 
     /// Start campaigning for leadership, advertising `api` (the address other replicas forward

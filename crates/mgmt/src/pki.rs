@@ -111,6 +111,33 @@ impl Pki {
         Ok(pki)
     }
 
+    /// The CA's certificate and key in one PEM text, to share between replicas.
+    pub fn bundle(&self) -> String {
+        format!("{}{}", self.ca_pem, self.key.serialize_pem())
+    }
+
+    /// The CA of [`Pki::bundle`]'s text, written to `dir` (so a restart without etcd keeps it).
+    pub fn from_bundle(dir: &Path, bundle: &str) -> anyhow::Result<Pki> {
+        const END_CERT: &str = "-----END CERTIFICATE-----";
+        let at = bundle
+            .find(END_CERT)
+            .context("the shared CA holds no certificate")?
+            + END_CERT.len();
+        let (ca_pem, key_pem) = bundle.split_at(at);
+        let ca_pem = format!("{}\n", ca_pem.trim());
+        let kp = KeyPair::from_pem(key_pem.trim()).context("the shared CA's key")?;
+        let issuer = ca_params(time::OffsetDateTime::now_utc())?.self_signed(&kp)?;
+        dva_io::local::create_private_dir_all(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        write_private(&dir.join("ca.key"), &kp.serialize_pem())?;
+        write_private(&dir.join("ca.crt"), &ca_pem)?;
+        Ok(Pki {
+            issuer,
+            key: kp,
+            ca_pem,
+        })
+    }
+
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
     }
