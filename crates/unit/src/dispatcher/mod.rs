@@ -462,6 +462,12 @@ impl Dispatcher {
                 let cfg = RoleConfig::Dispatcher((*self.core.cfg).clone());
                 let _ = reply.try_send(cfg.redacted_json());
             }
+            Request::Monitor { reply, .. } => {
+                let _ = reply.try_send(Err(format!(
+                    "unit {} is a dispatcher: flow and drop events come from the data planes",
+                    self.core.cfg.unit
+                )));
+            }
             Request::Capture {
                 interface,
                 tap,
