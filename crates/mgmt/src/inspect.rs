@@ -271,9 +271,8 @@ fn open_capture(
 ) -> Result<BufReader<UnixStream>, ApiError> {
     let mut r = open_stream(socket, &format!("/capture?{query}"), duration)?;
     let mut file_header = [0u8; FILE_HEADER_LEN];
-    r.read_exact(&mut file_header).map_err(|e| {
-        ApiError::Internal(format!("control socket {}: {e}", socket.display()))
-    })?;
+    r.read_exact(&mut file_header)
+        .map_err(|e| ApiError::Internal(format!("control socket {}: {e}", socket.display())))?;
     Ok(r)
 }
 

@@ -371,7 +371,10 @@ pub fn stream_monitor(
     // stream once it has gone, else times out.
     probe.set_read_timeout(Some(Duration::from_millis(1)))?;
     let mut w = io::BufWriter::new(conn);
-    write!(w, "HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n")?;
+    write!(
+        w,
+        "HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n"
+    )?;
     w.flush()?;
     let mut reported = 0u64;
     let mut next_tick = Instant::now() + MONITOR_TICK;
