@@ -7,6 +7,7 @@
 //!   accepted it (`web-in`), its bucket and the data plane owning it;
 //! - and a drop event for the blocked one: reason `firewall-default-policy` (or
 //!   `firewall-rule`), destination port 8080, the interface it came in on;
+//! - a dispatcher reports its drops too: TCP to the appliance's own address, with the tuple;
 //! - the readable form filtered to drops on 8080 prints a line for it;
 //! - a bad query is refused before any unit is asked.
 
@@ -22,6 +23,8 @@ use dva_unit::monitor::{EventType, FlowEvent, MonitorEvent};
 
 const SERVER: &str = "198.18.2.2";
 const CLIENT: &str = "198.18.1.2";
+/// The appliance's outside address (its dispatchers answer pings there, nothing else).
+const APPLIANCE: &str = "198.18.1.1";
 const TOKEN: &str = "e2e-monitor-token-0123456789abcdef";
 
 fn ip(s: &str) -> IpAddr {
@@ -57,12 +60,15 @@ fn monitor_shows_the_accepted_flow_with_its_rule_and_the_drop_with_its_reason() 
     let api = dva_mgmt::api::serve(m.mgmt.clone(), "127.0.0.1:0".parse().unwrap(), TOKEN.into())
         .expect("api");
     let url = format!("http://{}", api.local_addr());
-    let dataplanes: Vec<u32> = view
-        .units
-        .iter()
-        .filter(|u| u.role == dva_mgmt::UnitRole::Dataplane)
-        .map(|u| u.id)
-        .collect();
+    let of_role = |role| -> Vec<u32> {
+        view.units
+            .iter()
+            .filter(|u| u.role == role)
+            .map(|u| u.id)
+            .collect()
+    };
+    let dataplanes = of_role(dva_mgmt::UnitRole::Dataplane);
+    let dispatchers = of_role(dva_mgmt::UnitRole::Dispatcher);
 
     let out = monitor_while(&url, &["-o", "json", "--duration", "8s"], || {
         let body = apps::curl(&client, &format!("http://{SERVER}/"), 5)
@@ -71,6 +77,10 @@ fn monitor_shows_the_accepted_flow_with_its_rule_and_the_drop_with_its_reason() 
         assert!(
             !apps::tcp_connect(&client, ip(SERVER), 8080, 2).expect("connect"),
             "TCP 8080 from outside must be blocked"
+        );
+        assert!(
+            !apps::tcp_connect(&client, ip(APPLIANCE), 22, 1).expect("connect"),
+            "the appliance serves no TCP"
         );
     });
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -111,6 +121,22 @@ fn monitor_shows_the_accepted_flow_with_its_rule_and_the_drop_with_its_reason() 
     assert_eq!(drop.rule.as_deref(), Some("(default)"), "{drop:?}");
     assert_eq!(drop.interface.as_deref(), Some("outside"), "{drop:?}");
     assert!(dataplanes.contains(&drop.unit), "{drop:?}");
+    let local = events
+        .iter()
+        .find(|e| {
+            e.kind == EventType::Drop && e.dst == Some(ip(APPLIANCE)) && e.dst_port == Some(22)
+        })
+        .unwrap_or_else(|| panic!("no dispatcher drop for TCP to the appliance: {stdout}"));
+    assert_eq!(
+        local.reason.as_deref(),
+        Some("to-appliance-unsupported"),
+        "{local:?}"
+    );
+    assert!(
+        dispatchers.contains(&local.unit),
+        "{local:?} {dispatchers:?}"
+    );
+    assert_eq!(local.interface.as_deref(), Some("outside"), "{local:?}");
     // Well under the rate: nothing lost.
     assert!(
         !events.iter().any(|e| e.kind == EventType::Lost),

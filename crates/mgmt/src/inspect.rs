@@ -399,8 +399,8 @@ const MAX_EVENT_LINE: u64 = 16 * 1024;
 const CLIENT_CHECK: Duration = Duration::from_secs(1);
 
 impl Mgmt {
-    /// Start a monitor session on the data plane `unit=` names, or on every running one. The
-    /// query is checked before any unit is asked.
+    /// Start a monitor session on the unit `unit=` names, or on every running data plane and
+    /// dispatcher (their drops). The query is checked before any unit is asked.
     pub fn monitor(&self, name: &str, query: &str) -> Result<MonitorStreams, ApiError> {
         let spec = MonitorSpec::from_query(query).map_err(ApiError::BadRequest)?;
         let units = self.serving_units(name)?;
@@ -409,22 +409,21 @@ impl Mgmt {
                 let t = units.into_iter().find(|t| t.0 == id).ok_or_else(|| {
                     ApiError::NotFound(format!("appliance {name:?} has no running unit {id}"))
                 })?;
-                if t.1 != UnitRole::Dataplane {
+                if t.1 == UnitRole::Manager {
                     return Err(ApiError::Invalid(format!(
-                        "unit {id} is a {}: flow and drop events come from data planes",
-                        t.1.as_str()
+                        "unit {id} is the manager: events come from data planes and dispatchers"
                     )));
                 }
                 vec![t]
             }
             None => units
                 .into_iter()
-                .filter(|t| t.1 == UnitRole::Dataplane)
+                .filter(|t| t.1 != UnitRole::Manager)
                 .collect(),
         };
         if targets.is_empty() {
             return Err(ApiError::Conflict(format!(
-                "appliance {name:?} has no running data plane to monitor"
+                "appliance {name:?} has no running unit to monitor"
             )));
         }
         let target = format!(
