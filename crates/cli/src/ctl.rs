@@ -1067,3 +1067,50 @@ mod diff_tests {
         assert_eq!(d, "@@ -1,0 +1,2 @@\n+x\n+y\n");
     }
 }
+
+#[cfg(test)]
+mod monitor_tests {
+    use super::event_line;
+    use dva_unit::monitor::{EventType, FlowEvent, MonitorEvent};
+
+    #[test]
+    fn events_print_as_one_readable_line() {
+        let key = dva_flow::FlowKey {
+            proto: 6,
+            src: "198.18.1.2".parse().expect("addr"),
+            dst: "198.18.2.2".parse().expect("addr"),
+            src_port: 40000,
+            dst_port: 8080,
+        };
+        let drop = MonitorEvent {
+            ts_ms: 3_723_004,
+            reason: Some("firewall-default-policy".into()),
+            rule: Some("(default)".into()),
+            interface: Some("outside".into()),
+            ..MonitorEvent::new(EventType::Drop, 3, Some(&key))
+        };
+        let line = event_line(&drop);
+        assert!(line.starts_with("01:02:03.004 unit 3 "), "{line}");
+        assert!(
+            line.contains("DROP  firewall-default-policy")
+                && line.contains("rule (default)")
+                && line.contains("tcp 198.18.1.2:40000 -> 198.18.2.2:8080 in outside"),
+            "{line}"
+        );
+        let gone = MonitorEvent {
+            event: Some(FlowEvent::Expired),
+            orig_packets: Some(5),
+            orig_bytes: Some(400),
+            reply_packets: Some(4),
+            reply_bytes: Some(900),
+            duration_secs: Some(1.25),
+            ..MonitorEvent::new(EventType::Flow, 4, Some(&key))
+        };
+        let line = event_line(&gone);
+        assert!(
+            line.contains("FLOW  expired") && line.contains("5p/400B out, 4p/900B back 1.2s"),
+            "{line}"
+        );
+        assert!(event_line(&MonitorEvent::lost(2, 17)).contains("LOST  17 events"));
+    }
+}
