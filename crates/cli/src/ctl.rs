@@ -1,5 +1,5 @@
 //! The kubectl-like client commands (`dva apply/get/scale/delete/events/units`), seeing traffic
-//! (`dva flows/config/capture`) and `dva serve`.
+//! (`dva flows/config/capture/monitor`) and `dva serve`.
 //!
 //! The server and token come from `--server`/`--token`, else `DVA_SERVER`/`DVA_TOKEN`, else the
 //! client file `dva serve` writes (`$DVA_CLIENT_CONFIG` or `~/.dva/client.json`).
@@ -919,6 +919,138 @@ pub fn capture(
     Ok(())
 }
 
+/// `dva monitor NAME ...`: print the events the server streams, a readable line each (or the
+/// JSON lines as they come with `json`), until `duration` or Ctrl-C.
+pub fn monitor(
+    t: &Target,
+    name: &str,
+    query: &str,
+    duration: Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let c = client(t)?;
+    let path = format!("/v1/appliances/{name}/monitor?{query}");
+    // A quiet stream sends nothing for its whole duration.
+    let timeout = duration + Duration::from_secs(30);
+    let mut out = EventPrinter {
+        json,
+        pending: Vec::new(),
+    };
+    c.download(&path, &mut out, timeout)?;
+    Ok(())
+}
+
+/// Turns the stream's lines into printed events as they arrive.
+struct EventPrinter {
+    json: bool,
+    pending: Vec<u8>,
+}
+
+impl std::io::Write for EventPrinter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        let mut stdout = std::io::stdout().lock();
+        while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            if self.json {
+                stdout.write_all(&line)?;
+            } else {
+                match serde_json::from_slice::<dva_unit::monitor::MonitorEvent>(&line) {
+                    Ok(e) => writeln!(stdout, "{}", event_line(&e))?,
+                    Err(_) => stdout.write_all(&line)?,
+                }
+            }
+        }
+        stdout.flush()?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+/// One event as `dva monitor` prints it: time (UTC), unit, type, verdict or reason, rule, tuple.
+fn event_line(e: &dva_unit::monitor::MonitorEvent) -> String {
+    use dva_unit::monitor::{EventType, FlowEvent};
+    let ms = e.ts_ms % 86_400_000;
+    let time = format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    );
+    let end = |a: Option<std::net::IpAddr>, p: Option<u16>| match (a, p) {
+        (Some(std::net::IpAddr::V6(a)), Some(p)) => format!("[{a}]:{p}"),
+        (Some(a), Some(p)) => format!("{a}:{p}"),
+        (Some(a), None) => a.to_string(),
+        _ => "?".into(),
+    };
+    let tuple = if e.src.is_some() {
+        format!(
+            "{} {} -> {}",
+            e.proto
+                .map(dva_unit::inspect::proto_name)
+                .unwrap_or_default(),
+            end(e.src, e.src_port),
+            end(e.dst, e.dst_port)
+        )
+    } else {
+        String::new()
+    };
+    let mut line = format!("{time} unit {:<3} ", e.unit);
+    match e.kind {
+        EventType::Lost => {
+            line += &format!(
+                "LOST  {} events (over the rate, or the reader too slow)",
+                e.count.unwrap_or(0)
+            );
+            return line;
+        }
+        EventType::Flow => {
+            let what = match e.event {
+                Some(FlowEvent::New) => "new",
+                Some(FlowEvent::Expired) => "expired",
+                None => "?",
+            };
+            line += &format!("FLOW  {what:<22} ");
+        }
+        EventType::Drop => {
+            line += &format!("DROP  {:<22} ", e.reason.as_deref().unwrap_or("?"));
+        }
+    }
+    if let Some(r) = &e.rule {
+        line += &format!("rule {r:<14} ");
+    }
+    line += &tuple;
+    if let Some(i) = &e.interface {
+        line += &format!(" in {i}");
+    }
+    if let Some(b) = e.bucket {
+        line += &format!(" bucket {b}");
+    }
+    if let Some(n) = &e.nat {
+        line += &format!(
+            " nat {} -> {}",
+            end(Some(n.src), Some(n.src_port)),
+            end(Some(n.dst), Some(n.dst_port))
+        );
+    }
+    if let Some(b) = &e.backend {
+        line += &format!(" backend {b}");
+    }
+    if let (Some(op), Some(ob), Some(rp), Some(rb)) =
+        (e.orig_packets, e.orig_bytes, e.reply_packets, e.reply_bytes)
+    {
+        line += &format!(" {op}p/{ob}B out, {rp}p/{rb}B back");
+    }
+    if let Some(d) = e.duration_secs {
+        line += &format!(" {d:.1}s");
+    }
+    line
+}
+
 /// Records in a pcap file (the classic format `dva capture` writes).
 fn pcap_records(b: &[u8]) -> u64 {
     let mut at = dva_io::capture::FILE_HEADER_LEN;
@@ -956,5 +1088,52 @@ mod diff_tests {
         assert_eq!(unified_diff(&a, &a, 3), "");
         let d = unified_diff(&[], &a, 3);
         assert_eq!(d, "@@ -1,0 +1,2 @@\n+x\n+y\n");
+    }
+}
+
+#[cfg(test)]
+mod monitor_tests {
+    use super::event_line;
+    use dva_unit::monitor::{EventType, FlowEvent, MonitorEvent};
+
+    #[test]
+    fn events_print_as_one_readable_line() {
+        let key = dva_flow::FlowKey {
+            proto: 6,
+            src: "198.18.1.2".parse().expect("addr"),
+            dst: "198.18.2.2".parse().expect("addr"),
+            src_port: 40000,
+            dst_port: 8080,
+        };
+        let drop = MonitorEvent {
+            ts_ms: 3_723_004,
+            reason: Some("firewall-default-policy".into()),
+            rule: Some("(default)".into()),
+            interface: Some("outside".into()),
+            ..MonitorEvent::new(EventType::Drop, 3, Some(&key))
+        };
+        let line = event_line(&drop);
+        assert!(line.starts_with("01:02:03.004 unit 3 "), "{line}");
+        assert!(
+            line.contains("DROP  firewall-default-policy")
+                && line.contains("rule (default)")
+                && line.contains("tcp 198.18.1.2:40000 -> 198.18.2.2:8080 in outside"),
+            "{line}"
+        );
+        let gone = MonitorEvent {
+            event: Some(FlowEvent::Expired),
+            orig_packets: Some(5),
+            orig_bytes: Some(400),
+            reply_packets: Some(4),
+            reply_bytes: Some(900),
+            duration_secs: Some(1.25),
+            ..MonitorEvent::new(EventType::Flow, 4, Some(&key))
+        };
+        let line = event_line(&gone);
+        assert!(
+            line.contains("FLOW  expired") && line.contains("5p/400B out, 4p/900B back 1.2s"),
+            "{line}"
+        );
+        assert!(event_line(&MonitorEvent::lost(2, 17)).contains("LOST  17 events"));
     }
 }

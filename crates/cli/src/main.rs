@@ -226,6 +226,38 @@ enum Cmd {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// A live stream of the data planes' flow events (connections created, with the rule that
+    /// accepted them, and expired) and drop events (reason, rule, tuple), sampled per unit,
+    /// like hubble observe.
+    Monitor {
+        name: String,
+        /// flow, drop or all.
+        #[arg(long = "type", default_value = "all")]
+        kind: String,
+        /// Only this data plane (default: every data plane, merged).
+        #[arg(long)]
+        unit: Option<u32>,
+        /// Events a second per unit, at most; the rest are counted as lost.
+        #[arg(long, default_value_t = dva_unit::monitor::DEFAULT_RATE)]
+        rate: u32,
+        /// Source or destination address.
+        #[arg(long)]
+        host: Option<String>,
+        /// Source or destination port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// tcp, udp, icmp, icmpv6, sctp, udplite or a number.
+        #[arg(long)]
+        proto: Option<String>,
+        /// Stop after this long (default: until Ctrl-C; the server ends a session after 1h).
+        #[arg(long)]
+        duration: Option<String>,
+        /// `json`: the events as the server sends them, one JSON object per line.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// An appliance's units.
     Units {
         name: String,
@@ -695,6 +727,49 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 &q.join("&"),
                 std::time::Duration::from_millis(ms),
                 &write,
+            )
+        }
+        Cmd::Monitor {
+            name,
+            kind,
+            unit,
+            rate,
+            host,
+            port,
+            proto,
+            duration,
+            output,
+            target,
+        } => {
+            use dva_unit::inspect::percent_encode as enc;
+            let ms = match &duration {
+                Some(d) => dva_proto::spec::parse_duration_ms(d)
+                    .map_err(|e| anyhow::anyhow!("--duration {d:?}: {e}"))?,
+                None => dva_unit::monitor::MAX_SECS * 1000,
+            };
+            let mut q = vec![
+                format!("type={}", enc(&kind)),
+                format!("rate={rate}"),
+                format!("duration={ms}ms"),
+            ];
+            if let Some(u) = unit {
+                q.push(format!("unit={u}"));
+            }
+            if let Some(h) = host {
+                q.push(format!("host={}", enc(&h)));
+            }
+            if let Some(p) = port {
+                q.push(format!("port={p}"));
+            }
+            if let Some(p) = proto {
+                q.push(format!("proto={}", enc(&p)));
+            }
+            ctl::monitor(
+                &target.target(),
+                &name,
+                &q.join("&"),
+                std::time::Duration::from_millis(ms),
+                output == Output::Json,
             )
         }
         Cmd::Bench {

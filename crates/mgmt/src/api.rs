@@ -63,6 +63,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/ui/app.css"),
     ("GET", "/v1/appliances/{name}/flows"),
     ("GET", "/v1/appliances/{name}/capture"),
+    ("GET", "/v1/appliances/{name}/monitor"),
     ("GET", "/v1/appliances/{name}/units/{unit}/config"),
 ];
 
@@ -752,6 +753,8 @@ enum Call<'a> {
     Flows(&'a str, &'a str),
     /// A pcap stream from the dispatchers; the query says where and what.
     Capture(&'a str, &'a str),
+    /// A stream of flow and drop events from the data planes (NDJSON); the query says which.
+    Monitor(&'a str, &'a str),
     UnitConfig(&'a str, &'a str),
 }
 
@@ -806,6 +809,7 @@ fn route<'a>(method: &str, target: &'a str) -> Result<Call<'a>, Reply> {
         ("GET", ["ui", "app.css"]) => Call::UiStyle,
         ("GET", ["v1", "appliances", n, "flows"]) if !n.is_empty() => Call::Flows(n, query),
         ("GET", ["v1", "appliances", n, "capture"]) if !n.is_empty() => Call::Capture(n, query),
+        ("GET", ["v1", "appliances", n, "monitor"]) if !n.is_empty() => Call::Monitor(n, query),
         ("GET", ["v1", "appliances", n, "units", u, "config"])
             if !n.is_empty() && !u.is_empty() =>
         {
@@ -860,6 +864,27 @@ fn serve_connection(conn: &Active, mut s: TcpStream) {
             linger(s);
             return;
         }
+        Ok(Answer::Monitor(streams)) => {
+            conn.shared.count(200);
+            // Like capture: no length, the stream ends when the connection closes. The client
+            // sends nothing after its request, so a read that sees the end of its side means
+            // it went away (Ctrl-C) even while no event is written.
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n";
+            if s.write_all(head.as_bytes()).is_ok() {
+                let probe = s.try_clone().ok();
+                if let Some(p) = &probe {
+                    let _ = p.set_read_timeout(Some(Duration::from_millis(1)));
+                }
+                let mut gone = move || {
+                    probe.as_ref().is_none_or(|mut p| {
+                        matches!(std::io::Read::read(&mut p, &mut [0u8; 64]), Ok(0))
+                    })
+                };
+                let _ = streams.copy_to(&mut s, &mut gone);
+            }
+            linger(s);
+            return;
+        }
         Err(ReadError::Closed) => return,
     };
     conn.shared.count(reply.status);
@@ -877,6 +902,7 @@ fn serve_connection(conn: &Active, mut s: TcpStream) {
 enum Answer {
     Reply(Reply),
     Capture(crate::inspect::CaptureStreams),
+    Monitor(crate::inspect::MonitorStreams),
 }
 
 fn answer(
@@ -904,14 +930,20 @@ fn answer(
             "missing or wrong bearer token (Authorization: Bearer <token>; `dva serve` keeps it in <state>/token)".into(),
         )));
     }
-    if let (Call::Capture(..), Leader::Other(api)) = (call, sh.mgmt.leader()) {
-        // A capture streams for seconds: relayed through a follower it would hold two
+    if let (Call::Capture(..) | Call::Monitor(..), Leader::Other(api)) = (call, sh.mgmt.leader()) {
+        // A capture or monitor streams for seconds: relayed through a follower it would hold two
         // connections; the leader answers it directly.
         return Ok(Answer::Reply(Reply::error(
             503,
             "not_leader",
-            format!("captures stream from the leading replica: ask http://{api}"),
+            format!("captures and monitors stream from the leading replica: ask http://{api}"),
         )));
+    }
+    if let Call::Monitor(name, query) = call {
+        return Ok(match sh.mgmt.monitor(name, query) {
+            Ok(streams) => Answer::Monitor(streams),
+            Err(e) => Answer::Reply(Reply::api(e)),
+        });
     }
     if let Call::Capture(name, query) = call {
         return Ok(match sh.mgmt.capture(name, query) {
@@ -1134,7 +1166,9 @@ fn execute(sh: &Shared, call: Call<'_>, body: &str, opts: WriteOptions) -> Reply
         Call::Flows(name, query) => Reply::from(mgmt.flows(name, query)),
         Call::UnitConfig(name, unit) => Reply::from(mgmt.unit_config(name, unit)),
         // Streamed by `answer` itself; never reaches here.
-        Call::Capture(..) => Reply::error(500, "internal", "capture is streamed".into()),
+        Call::Capture(..) | Call::Monitor(..) => {
+            Reply::error(500, "internal", "capture and monitor are streamed".into())
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Seeing traffic (issue #15): the connection table across data planes (`dva flows`), a
-//! unit's running config (`dva config`) and packet capture in the dispatchers (`dva capture`),
-//! through the units' control sockets.
+//! unit's running config (`dva config`), packet capture in the dispatchers (`dva capture`) and
+//! the data planes' flow and drop events (`dva monitor`), through the units' control sockets.
 //!
 //! The API validates the filter before any unit is asked (a bad one is a 400 naming the value),
 //! asks the units in parallel with a timeout each, and bounds what it returns to the limit
@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use dva_io::capture::{pcap_header, FILE_HEADER_LEN, MAX_SNAPLEN, RECORD_HEADER_LEN};
 use dva_unit::inspect::{CaptureSpec, FlowEntry, FlowFilter, FlowList};
+use dva_unit::monitor::{MonitorEvent, MonitorSpec};
 
 use crate::core::Mgmt;
 use crate::model::{ApiError, UnitRole, UnitState};
@@ -268,6 +269,20 @@ fn open_capture(
     query: &str,
     duration: Duration,
 ) -> Result<BufReader<UnixStream>, ApiError> {
+    let mut r = open_stream(socket, &format!("/capture?{query}"), duration)?;
+    let mut file_header = [0u8; FILE_HEADER_LEN];
+    r.read_exact(&mut file_header)
+        .map_err(|e| ApiError::Internal(format!("control socket {}: {e}", socket.display())))?;
+    Ok(r)
+}
+
+/// Ask a unit for a stream at `target` that lasts `duration`; on success the reader is past
+/// the HTTP head, at the body.
+fn open_stream(
+    socket: &std::path::Path,
+    target: &str,
+    duration: Duration,
+) -> Result<BufReader<UnixStream>, ApiError> {
     let io =
         |e: std::io::Error| ApiError::Internal(format!("control socket {}: {e}", socket.display()));
     let mut s = UnixStream::connect(socket).map_err(io)?;
@@ -275,7 +290,7 @@ fn open_capture(
     // The unit closes the stream at the deadline; a little more for the data path to answer.
     s.set_read_timeout(Some(duration + UNIT_TIMEOUT + UNIT_TIMEOUT))
         .map_err(io)?;
-    write!(s, "GET /capture?{query} HTTP/1.0\r\nHost: unit\r\n\r\n").map_err(io)?;
+    write!(s, "GET {target} HTTP/1.0\r\nHost: unit\r\n\r\n").map_err(io)?;
     let mut r = BufReader::new(s);
     let mut head = Vec::new();
     let mut limited = (&mut r).take(MAX_UNIT_HEAD);
@@ -308,8 +323,6 @@ fn open_capture(
             _ => ApiError::Internal(format!("HTTP {status}: {msg}")),
         });
     }
-    let mut file_header = [0u8; FILE_HEADER_LEN];
-    r.read_exact(&mut file_header).map_err(io)?;
     Ok(r)
 }
 
@@ -369,6 +382,140 @@ fn read_records(mut r: BufReader<UnixStream>, tx: &mpsc::SyncSender<Vec<u8>>) {
         let mut rec = vec![0u8; RECORD_HEADER_LEN + incl];
         rec[..RECORD_HEADER_LEN].copy_from_slice(&h);
         if r.read_exact(&mut rec[RECORD_HEADER_LEN..]).is_err() || tx.send(rec).is_err() {
+            return;
+        }
+    }
+}
+
+/// Live monitor streams from one or more data planes (`GET /v1/appliances/{name}/monitor`),
+/// each past its HTTP head; [`MonitorStreams::copy_to`] merges them into one stream of lines.
+pub struct MonitorStreams {
+    units: Vec<(u32, BufReader<UnixStream>)>,
+}
+
+/// Longest event line a unit may send (events are a few hundred bytes).
+const MAX_EVENT_LINE: u64 = 16 * 1024;
+/// How often a quiet stream checks that its client is still there.
+const CLIENT_CHECK: Duration = Duration::from_secs(1);
+
+impl Mgmt {
+    /// Start a monitor session on the unit `unit=` names, or on every running data plane and
+    /// dispatcher (their drops). The query is checked before any unit is asked.
+    pub fn monitor(&self, name: &str, query: &str) -> Result<MonitorStreams, ApiError> {
+        let spec = MonitorSpec::from_query(query).map_err(ApiError::BadRequest)?;
+        let units = self.serving_units(name)?;
+        let targets: Vec<Target> = match spec.unit {
+            Some(id) => {
+                let t = units.into_iter().find(|t| t.0 == id).ok_or_else(|| {
+                    ApiError::NotFound(format!("appliance {name:?} has no running unit {id}"))
+                })?;
+                if t.1 == UnitRole::Manager {
+                    return Err(ApiError::Invalid(format!(
+                        "unit {id} is the manager: events come from data planes and dispatchers"
+                    )));
+                }
+                vec![t]
+            }
+            None => units
+                .into_iter()
+                .filter(|t| t.1 != UnitRole::Manager)
+                .collect(),
+        };
+        if targets.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "appliance {name:?} has no running unit to monitor"
+            )));
+        }
+        let target = format!(
+            "/monitor?{}",
+            MonitorSpec {
+                unit: None,
+                ..spec.clone()
+            }
+            .to_query()
+        );
+        let mut streams = Vec::new();
+        for (id, _, socket) in targets {
+            // Dropping the streams opened so far ends their sessions.
+            let s = open_stream(&socket, &target, spec.duration).map_err(|e| e.with_unit(id))?;
+            streams.push((id, s));
+        }
+        Ok(MonitorStreams { units: streams })
+    }
+}
+
+impl MonitorStreams {
+    /// Write every unit's events to `out` as they come, one JSON object per line, each
+    /// stamped with the unit it came from. Ends when every unit ended its stream, `out` fails,
+    /// or `client_gone` says the client went away (asked every [`CLIENT_CHECK`] while quiet).
+    /// Returns how many lines were written.
+    pub fn copy_to(
+        self,
+        out: &mut dyn Write,
+        mut client_gone: impl FnMut() -> bool,
+    ) -> std::io::Result<u64> {
+        let closers: Vec<UnixStream> = self
+            .units
+            .iter()
+            .filter_map(|(_, r)| r.get_ref().try_clone().ok())
+            .collect();
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(1024);
+        std::thread::scope(|scope| {
+            for (unit, r) in self.units {
+                let tx = tx.clone();
+                scope.spawn(move || read_events(unit, r, &tx));
+            }
+            drop(tx);
+            let mut written = 0u64;
+            let mut result = Ok(());
+            loop {
+                match rx.recv_timeout(CLIENT_CHECK) {
+                    Ok(line) => {
+                        if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
+                            result = Err(e);
+                            break;
+                        }
+                        written += 1;
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if client_gone() {
+                            break;
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            // Ends the readers' blocking reads, and the units' sessions with them.
+            for c in &closers {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+            result.map(|()| written)
+        })
+    }
+}
+
+/// Pass a unit's events on, each checked to be an event and stamped with `unit`, until its
+/// stream ends. A line too long or not an event ends it: the stream is not what a unit sends.
+fn read_events(unit: u32, mut r: BufReader<UnixStream>, tx: &mpsc::SyncSender<Vec<u8>>) {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut r).take(MAX_EVENT_LINE).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.last() != Some(&b'\n') {
+            return;
+        }
+        let Ok(mut event) = serde_json::from_slice::<MonitorEvent>(&line) else {
+            return;
+        };
+        event.unit = unit;
+        let Ok(mut out) = serde_json::to_vec(&event) else {
+            return;
+        };
+        out.push(b'\n');
+        if tx.send(out).is_err() {
             return;
         }
     }

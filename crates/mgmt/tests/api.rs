@@ -1231,6 +1231,7 @@ fn seeing_traffic_calls_check_their_input_before_asking_any_unit() {
         "/v1/appliances/edge-fw/flows",
         "/v1/appliances/edge-fw/units/1/config",
         "/v1/appliances/edge-fw/capture",
+        "/v1/appliances/edge-fw/monitor",
     ] {
         let (status, _) = anon.raw("GET", path, "", b"").expect("request");
         assert_eq!(status, 401, "{path} needs the token");
@@ -1246,6 +1247,10 @@ fn seeing_traffic_calls_check_their_input_before_asking_any_unit() {
         ("/v1/appliances/edge-fw/flows?colour=red", "colour"),
         ("/v1/appliances/edge-fw/capture?duration=1h", "duration"),
         ("/v1/appliances/edge-fw/capture?host=a.b", "host"),
+        ("/v1/appliances/edge-fw/monitor?type=trace", "type"),
+        ("/v1/appliances/edge-fw/monitor?rate=0", "rate"),
+        ("/v1/appliances/edge-fw/monitor?duration=2h", "duration"),
+        ("/v1/appliances/edge-fw/monitor?port=http", "port"),
         ("/v1/appliances/edge-fw/units/x/config", "x"),
     ] {
         let (s, v) = api.get(path);
@@ -1257,6 +1262,8 @@ fn seeing_traffic_calls_check_their_input_before_asking_any_unit() {
     assert_eq!(s, 200, "{v:#}");
     assert_eq!(v["flows"], Value::Array(vec![]));
     let (s, v) = api.get("/v1/appliances/edge-fw/capture?interface=outside");
+    error_message(s, &v, 409, "conflict");
+    let (s, v) = api.get("/v1/appliances/edge-fw/monitor?type=drop");
     error_message(s, &v, 409, "conflict");
     let (s, v) = api.get("/v1/appliances/edge-fw/units/99/config");
     error_message(s, &v, 404, "not_found");

@@ -7,7 +7,8 @@
 //! `GET /metrics` (Prometheus text, [`crate::metrics`]), and the [`crate::inspect`] requests the
 //! data path answers: `GET /flows?<filter>` (JSON [`FlowList`]), `GET /config` (the role config,
 //! backplane keys redacted), `GET /capture?<spec>` (dispatchers: a pcap stream, see
-//! [`stream_capture`]).
+//! [`stream_capture`]), `GET /monitor?<spec>` (data planes: flow and drop events, one JSON
+//! object per line, see [`stream_monitor`]).
 //!
 //! Only root and the user the unit runs as are served (SO_PEERCRED); anyone else's connection
 //! is closed unanswered and counted as `control_peer_refused`.
@@ -141,6 +142,9 @@ fn serve_one(
     };
     if (method, path) == ("GET", "/capture") {
         return start_capture(conn, query, inspector, capturing);
+    }
+    if (method, path) == ("GET", "/monitor") {
+        return start_monitor(conn, query, inspector);
     }
     let (status, ctype, body) = match (method, path) {
         ("GET", "/flows") => match FlowFilter::from_query(query) {
@@ -310,6 +314,129 @@ fn stream_capture(conn: UnixStream, spec: &CaptureSpec, inspector: &Inspector) -
         dropped = dropped.load(Ordering::Relaxed),
         "capture ended (dropped: the reader was too slow)"
     );
+    result
+}
+
+/// How often the monitor stream reports lost events and checks that its reader is still there.
+const MONITOR_TICK: Duration = Duration::from_secs(1);
+
+/// `GET /monitor`: validate, then stream on a thread of its own. A newer session replaces the
+/// running one on the data path (whose stream then ends).
+fn start_monitor(conn: UnixStream, query: &str, inspector: &Inspector) -> io::Result<()> {
+    let spec = match crate::monitor::MonitorSpec::from_query(query) {
+        Ok(s) => s,
+        Err(e) => return answer(conn, 400, "Bad Request", &(e + "\n")),
+    };
+    let inspector = inspector.clone();
+    thread::Builder::new()
+        .name("monitor".into())
+        .spawn(move || {
+            let _ = stream_monitor(conn, &spec, &inspector);
+        })?;
+    Ok(())
+}
+
+/// Start a monitor session on the data path and write its events, one JSON object per line,
+/// until the deadline, the data path ends the session, or the reader goes away (seen at a
+/// failed write or, when there is nothing to write, at the end of its side of the connection,
+/// checked every [`MONITOR_TICK`]). Lost events are reported as `{"type":"lost"}` lines.
+pub fn stream_monitor(
+    conn: UnixStream,
+    spec: &crate::monitor::MonitorSpec,
+    inspector: &Inspector,
+) -> io::Result<()> {
+    use crate::monitor::{MonitorEvent, Session, QUEUE};
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::time::Instant;
+    let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+    let lost = Arc::new(AtomicU64::new(0));
+    let closed = Arc::new(AtomicBool::new(false));
+    let now = Instant::now();
+    let until = now + spec.duration;
+    let session = Session::new(spec, now, tx, lost.clone(), closed.clone());
+    if let Err(e) = inspector
+        .ask(|reply| Request::Monitor { session, reply })
+        .and_then(|r| r)
+    {
+        return answer(conn, 422, "Unprocessable Content", &(e + "\n"));
+    }
+    // Whatever ends the stream ends the session on the data path at its next turn.
+    struct Close(Arc<AtomicBool>);
+    impl Drop for Close {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let _close = Close(closed);
+    let mut probe = conn.try_clone()?;
+    // The reader sends nothing after its request: a read answers at once with the end of the
+    // stream once it has gone, else times out.
+    probe.set_read_timeout(Some(Duration::from_millis(1)))?;
+    let mut w = io::BufWriter::new(conn);
+    write!(
+        w,
+        "HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n"
+    )?;
+    w.flush()?;
+    let mut reported = 0u64;
+    let mut next_tick = Instant::now() + MONITOR_TICK;
+    let mut line = Vec::with_capacity(512);
+    let mut write_event = |w: &mut io::BufWriter<UnixStream>, e: &MonitorEvent| {
+        line.clear();
+        serde_json::to_writer(&mut line, e).map_err(io::Error::other)?;
+        line.push(b'\n');
+        w.write_all(&line)
+    };
+    let unit = spec.unit.unwrap_or(0);
+    let result = loop {
+        let now = Instant::now();
+        if now >= until {
+            break Ok(());
+        }
+        if now >= next_tick {
+            next_tick = now + MONITOR_TICK;
+            let n = lost.load(Ordering::Relaxed);
+            if n > reported {
+                if let Err(e) = write_event(&mut w, &MonitorEvent::lost(unit, n - reported))
+                    .and_then(|()| w.flush())
+                {
+                    break Err(e);
+                }
+                reported = n;
+            }
+            if matches!(probe.read(&mut [0u8; 64]), Ok(0)) {
+                break Ok(());
+            }
+        }
+        let wait = until.min(next_tick).saturating_duration_since(now);
+        let first = match rx.recv_timeout(wait) {
+            Ok(e) => e,
+            Err(RecvTimeoutError::Timeout) => continue,
+            // The data path ended the session (a newer one replaced it, or the unit stops).
+            Err(RecvTimeoutError::Disconnected) => break Ok(()),
+        };
+        // Write what a burst queued, then flush once.
+        let mut next = Some(first);
+        let mut failed = None;
+        while let Some(e) = next.take() {
+            if let Err(err) = write_event(&mut w, &e) {
+                failed = Some(err);
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Some(e) = failed {
+            break Err(e);
+        }
+        if let Err(e) = w.flush() {
+            break Err(e);
+        }
+    };
+    let n = lost.load(Ordering::Relaxed);
+    if result.is_ok() && n > reported {
+        let _ = write_event(&mut w, &MonitorEvent::lost(unit, n - reported));
+    }
+    let _ = w.flush();
     result
 }
 

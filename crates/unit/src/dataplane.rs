@@ -19,7 +19,7 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use dva_flow::UnitId;
+use dva_flow::{FlowKey, UnitId};
 use dva_io::backplane::{Backplane, Origin};
 use dva_proto::role::Stage;
 use dva_proto::{DataplaneConfig, RoleConfig};
@@ -40,6 +40,7 @@ use crate::handover::{
 };
 use crate::inspect::{self, FlowEntry, FlowFilter, FlowList, Request, Requests};
 use crate::keys::epoch_keys;
+use crate::monitor::{EventType, FlowEvent, MonitorEvent, Session};
 use crate::offload;
 use crate::reply;
 use crate::stats::{DropCounters, Every, StatsCell, UnitStats};
@@ -172,6 +173,13 @@ struct Core {
     work: Vec<u8>,
     /// Segments of a super-packet no path takes whole, built one at a time.
     segments: Vec<u8>,
+    /// The `dva monitor` session, if one runs: every event site checks this and nothing else
+    /// when none does.
+    monitor: Option<Session>,
+    /// A connection the firewall just created (key, bucket, rule), reported once the packet
+    /// has been through the rest of the chain (its NAT or LB binding then exists). Only set
+    /// while a monitor session runs.
+    new_flow: Option<(FlowKey, u16, Option<usize>)>,
 }
 
 /// Where a packet goes after the chain.
@@ -336,6 +344,8 @@ impl Dataplane {
                 lb,
                 work: Vec::with_capacity(2048),
                 segments: Vec::new(),
+                monitor: None,
+                new_flow: None,
             },
         })
     }
@@ -389,6 +399,9 @@ impl Dataplane {
                 self.core.inspect(r);
             }
             let core = &mut self.core;
+            if core.monitor.as_ref().is_some_and(|m| m.over(now)) {
+                core.monitor = None;
+            }
             if std::mem::take(&mut core.census_due) {
                 core.census_at = Some((0, 0, 0));
                 core.census(usize::MAX);
@@ -411,7 +424,11 @@ impl Dataplane {
             core.replicate();
             let _ = core.tx.flush();
             // Bounded expiry work per turn keeps the loop's latency flat however many flows time out.
-            core.fw.expire(core.now_ns, 256);
+            if core.monitor.is_some() {
+                core.expire_reporting(256);
+            } else {
+                core.fw.expire(core.now_ns, 256);
+            }
             if let Some(n) = core.nat.as_mut() {
                 n.expire(core.now_ns, 256);
             }
@@ -617,6 +634,124 @@ impl Core {
                     self.cfg.unit
                 )));
             }
+            Request::Monitor { session, reply } => {
+                // One session at a time: a newer one replaces it (its stream sees the queue close).
+                self.monitor = Some(session);
+                self.new_flow = None;
+                let _ = reply.try_send(Ok(()));
+            }
+        }
+    }
+
+    /// Count a drop by reason and, when a monitor session runs, report it (`ctx`: the packet's
+    /// tuple and ingress interface, when it was parsed that far).
+    #[inline]
+    fn drop_packet(&mut self, ctx: Option<(&FlowKey, u8)>, reason: usize) {
+        self.drops.inc(reason);
+        if self.monitor.is_some() {
+            self.report_drop(ctx, reason);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn report_drop(&mut self, ctx: Option<(&FlowKey, u8)>, reason: usize) {
+        let key = ctx.map(|(k, _)| *k);
+        let Some(m) = self.monitor.as_mut() else {
+            return;
+        };
+        if !m.wants_drop(key.as_ref()) {
+            return;
+        }
+        let (cfg, fw, unit) = (&self.cfg, &self.fw, self.cfg.unit);
+        let alive = m.offer(self.now, || {
+            // The firewall's rule verdicts name the rule (or the default policy) that decided.
+            let by_rules = matches!(
+                reason,
+                dr::FIREWALL_RULE | dr::FIREWALL_DEFAULT | dr::REJECTED
+            );
+            MonitorEvent {
+                reason: dr::NAMES.get(reason).map(|n| n.to_string()),
+                rule: by_rules.then(|| rule_name(cfg, fw.last_rule())),
+                interface: ctx.and_then(|(_, i)| interface_name(cfg, i)),
+                ..MonitorEvent::new(EventType::Drop, unit, key.as_ref())
+            }
+        });
+        if !alive {
+            self.monitor = None;
+        }
+    }
+
+    /// Report the connection the firewall created for the packet just forwarded (see
+    /// `new_flow`), with its NAT binding or LB backend.
+    #[cold]
+    #[inline(never)]
+    fn report_new_flow(&mut self, ingress_if: u8) {
+        let Some((key, bucket, rule)) = self.new_flow.take() else {
+            return;
+        };
+        let Some(m) = self.monitor.as_mut() else {
+            return;
+        };
+        if !m.wants_flow(Some(&key)) {
+            return;
+        }
+        let (cfg, now_ns, unit) = (&self.cfg, self.now_ns, self.cfg.unit);
+        let (nat, lb) = (&mut self.nat, &mut self.lb);
+        let alive = m.offer(self.now, || {
+            let nat = nat.as_mut().and_then(|n| {
+                n.binding_of(now_ns, &key)
+                    .map(|(b, _)| b.xlat)
+                    .or_else(|| n.binding_of(now_ns, &key.reversed()).map(|(b, _)| b.xlat))
+            });
+            let backend = lb.as_mut().and_then(|l| {
+                l.binding_of(now_ns, &key)
+                    .map(|(b, _)| b.xlat)
+                    .or_else(|| l.binding_of(now_ns, &key.reversed()).map(|(b, _)| b.xlat))
+            });
+            MonitorEvent {
+                event: Some(FlowEvent::New),
+                rule: Some(rule_name(cfg, rule)),
+                interface: interface_name(cfg, ingress_if),
+                bucket: Some(bucket),
+                nat: nat.as_ref().map(inspect::Tuple::from),
+                backend: backend.map(|x| SocketAddr::new(x.dst, x.dst_port).to_string()),
+                ..MonitorEvent::new(EventType::Flow, unit, Some(&key))
+            }
+        });
+        if !alive {
+            self.monitor = None;
+        }
+    }
+
+    /// The bounded expiry work of a turn, reporting each connection that leaves the table (the
+    /// copies held for failover leave silently: their owner reports its flows).
+    #[cold]
+    #[inline(never)]
+    fn expire_reporting(&mut self, max: usize) {
+        let (cfg, now, now_ns, unit) = (&self.cfg, self.now, self.now_ns, self.cfg.unit);
+        let monitor = &mut self.monitor;
+        let mut alive = true;
+        self.fw.expire_with(now_ns, max, |c| {
+            let Some(m) = monitor.as_mut() else {
+                return;
+            };
+            if replica_bucket(cfg, c.bucket) || !m.wants_flow(Some(&c.key)) {
+                return;
+            }
+            alive &= m.offer(now, || MonitorEvent {
+                event: Some(FlowEvent::Expired),
+                bucket: Some(c.bucket),
+                orig_packets: Some(c.orig_packets),
+                orig_bytes: Some(c.orig_bytes),
+                reply_packets: Some(c.reply_packets),
+                reply_bytes: Some(c.reply_bytes),
+                duration_secs: Some(c.last_seen.saturating_sub(c.created) as f64 / 1e9),
+                ..MonitorEvent::new(EventType::Flow, unit, Some(&c.key))
+            });
+        });
+        if !alive {
+            self.monitor = None;
         }
     }
 
@@ -869,10 +1004,10 @@ impl Core {
         };
         let total = DVA_HEADER_LEN + body.len();
         let Some(slot) = self.tx.tx_slot() else {
-            return self.drops.inc(dr::TX_FULL);
+            return self.drop_packet(None, dr::TX_FULL);
         };
         if slot.len() < total {
-            return self.drops.inc(dr::TX_FULL);
+            return self.drop_packet(None, dr::TX_FULL);
         }
         geneve::encap_dva(slot, self.cfg.vni, PROTO_HANDOVER, &meta);
         slot[DVA_HEADER_LEN..total].copy_from_slice(body);
@@ -885,7 +1020,7 @@ impl Core {
     /// from the owner of a bucket we export, copies from a bucket's owner or previous owner.
     fn on_handover(&mut self, body: &[u8], sender: UnitId) {
         let Some(msg) = handover::decode(body) else {
-            return self.drops.inc(dr::MALFORMED_HANDOVER);
+            return self.drop_packet(None, dr::MALFORMED_HANDOVER);
         };
         let me = self.cfg.unit;
         let claimed = match &msg {
@@ -895,7 +1030,7 @@ impl Core {
             | Handover::Replicate { from, .. } => *from,
         };
         if claimed != sender {
-            return self.drops.inc(dr::HANDOVER_REFUSED);
+            return self.drop_packet(None, dr::HANDOVER_REFUSED);
         }
         let previous_owner = |cfg: &DataplaneConfig, bucket: u16| {
             cfg.table
@@ -913,7 +1048,7 @@ impl Core {
             Handover::Replicate { .. } => true, // checked per bucket below
         };
         if !allowed {
-            return self.drops.inc(dr::HANDOVER_REFUSED);
+            return self.drop_packet(None, dr::HANDOVER_REFUSED);
         }
         match msg {
             Handover::State {
@@ -925,7 +1060,7 @@ impl Core {
                 lb,
             } => {
                 if usize::from(bucket) >= self.cfg.table.len() {
-                    return self.drops.inc(dr::MALFORMED_HANDOVER);
+                    return self.drop_packet(None, dr::MALFORMED_HANDOVER);
                 }
                 for c in conns {
                     // Only what belongs to the bucket named; a repeat (resend) is already here.
@@ -946,7 +1081,7 @@ impl Core {
                 }
                 if last {
                     let Some(addr) = self.peers.get(&from).copied() else {
-                        return self.drops.inc(dr::MALFORMED_HANDOVER);
+                        return self.drop_packet(None, dr::MALFORMED_HANDOVER);
                     };
                     self.holds.entry(bucket).or_insert(self.now);
                     let marker = serde_json::to_vec(&Handover::Marker { from: me, bucket })
@@ -957,7 +1092,7 @@ impl Core {
             Handover::Marker { from, bucket } => {
                 // Every packet the owner punted to us before this marker has been processed.
                 let Some(addr) = self.peers.get(&from).copied() else {
-                    return self.drops.inc(dr::MALFORMED_HANDOVER);
+                    return self.drop_packet(None, dr::MALFORMED_HANDOVER);
                 };
                 let done =
                     serde_json::to_vec(&Handover::Done { from: me, bucket }).unwrap_or_default();
@@ -1003,11 +1138,7 @@ impl Core {
 
     /// A bucket whose flows we hold only as a backup's copy (not as its owner or a previous one).
     fn is_replica_bucket(&self, bucket: u16) -> bool {
-        let me = self.cfg.unit;
-        let Some(b) = self.cfg.table.get(bucket) else {
-            return false;
-        };
-        b.owner != me && !b.history.contains(&me)
+        replica_bucket(&self.cfg, bucket)
     }
 
     /// Send the backup of each bucket copies of the connections created or changed here (the
@@ -1169,28 +1300,28 @@ impl Core {
         let dispatcher = self.cfg.dispatchers.iter().find(|d| d.id == from.unit);
         let from_dispatcher = dispatcher.is_some();
         if !from_dispatcher && !self.peers.contains_key(&from.unit) {
-            return self.drops.inc(dr::FOREIGN);
+            return self.drop_packet(None, dr::FOREIGN);
         }
         let Ok((vni, ptype, meta, off)) = geneve::decap_dva(buf) else {
-            return self.drops.inc(dr::MALFORMED_GENEVE);
+            return self.drop_packet(None, dr::MALFORMED_GENEVE);
         };
         if vni != self.cfg.vni {
-            return self.drops.inc(dr::WRONG_VNI);
+            return self.drop_packet(None, dr::WRONG_VNI);
         }
         if ptype == PROTO_HANDOVER {
             if from_dispatcher {
-                return self.drops.inc(dr::FOREIGN);
+                return self.drop_packet(None, dr::FOREIGN);
             }
             return self.on_handover(&buf[off..], from.unit);
         }
         let ip = &buf[off..];
         let Ok(c) = classify(ip) else {
-            return self.drops.inc(dr::MALFORMED_IP);
+            return self.drop_packet(None, dr::MALFORMED_IP);
         };
         let ip = &ip[..c.ip_len.min(ip.len())];
         if c.fragment {
             // TODO(fragments): reassemble (or track by IP id) as nf_defrag does; until then they are counted.
-            return self.drops.inc(dr::FRAGMENT);
+            return self.drop_packet(Some((&c.key, meta.ingress_if)), dr::FRAGMENT);
         }
         let table = &self.cfg.table;
         let bucket = if usize::from(meta.bucket) < table.len() {
@@ -1240,11 +1371,16 @@ impl Core {
         if self.nat.is_none() && self.lb.is_none() {
             // Firewall only: nothing rewrites the packet, so no copy of it is made.
             match self.firewall(bucket, meta, ip, c, policy) {
-                Outcome::Forward => self.send(to, meta, 0, ip),
+                Outcome::Forward => {
+                    self.send(to, meta, 0, ip);
+                    if self.new_flow.is_some() {
+                        self.report_new_flow(meta.ingress_if);
+                    }
+                }
                 Outcome::Punt => self.punt(bucket, meta, ip, c),
-                Outcome::Drop(r) => self.drops.inc(r),
+                Outcome::Drop(r) => self.drop_packet(Some((&c.key, meta.ingress_if)), r),
                 Outcome::Reject(kind) => {
-                    self.drops.inc(dr::REJECTED);
+                    self.drop_packet(Some((&c.key, meta.ingress_if)), dr::REJECTED);
                     self.reject(kind, to, meta, ip, c);
                 }
             }
@@ -1328,13 +1464,22 @@ impl Core {
                 break;
             }
         }
+        if self.new_flow.is_some() && !matches!(outcome, Outcome::Forward) {
+            // Created, then refused further down the chain: nothing to report.
+            self.new_flow = None;
+        }
         match outcome {
-            Outcome::Forward => self.send(to, meta, 0, &pkt),
+            Outcome::Forward => {
+                self.send(to, meta, 0, &pkt);
+                if self.new_flow.is_some() {
+                    self.report_new_flow(meta.ingress_if);
+                }
+            }
             // The packet as it arrived: the previous owner runs the whole chain on it.
             Outcome::Punt => self.punt(bucket, meta, ip, c),
-            Outcome::Drop(r) => self.drops.inc(r),
+            Outcome::Drop(r) => self.drop_packet(Some((&c.key, meta.ingress_if)), r),
             Outcome::Reject(kind) => {
-                self.drops.inc(dr::REJECTED);
+                self.drop_packet(Some((&c.key, meta.ingress_if)), dr::REJECTED);
                 self.reject(kind, to, meta, &pkt, &cls);
             }
         }
@@ -1370,7 +1515,12 @@ impl Core {
         policy: NewFlowPolicy,
     ) -> Outcome {
         let info = packet_info(meta.ingress_if, ip, c);
-        match self.fw.process(self.now_ns, bucket, &info, policy) {
+        let created = self.monitor.is_some().then(|| self.fw.stats().created);
+        let verdict = self.fw.process(self.now_ns, bucket, &info, policy);
+        if created.is_some_and(|n| n != self.fw.stats().created) {
+            self.new_flow = Some((info.key, bucket, self.fw.last_rule()));
+        }
+        match verdict {
             Verdict::Accept => Outcome::Forward,
             Verdict::Drop(reason) => Outcome::Drop(match reason {
                 DropReason::RuleDrop => dr::FIREWALL_RULE,
@@ -1398,13 +1548,13 @@ impl Core {
     fn punt(&mut self, bucket: u16, meta: &DvaMeta, ip: &[u8], c: &Classified) {
         let hops = meta.hops;
         if hops >= MAX_HOPS {
-            return self.drops.inc(dr::PUNT_LOOP);
+            return self.drop_packet(Some((&c.key, meta.ingress_if)), dr::PUNT_LOOP);
         }
         let b = self.cfg.table.bucket(bucket);
         let next = usize::from(hops);
         if let Some(prev) = b.history.get(next).copied().filter(|p| *p != self.cfg.unit) {
             let Some(addr) = self.peers.get(&prev).copied() else {
-                return self.drops.inc(dr::NO_STATE);
+                return self.drop_packet(Some((&c.key, meta.ingress_if)), dr::NO_STATE);
             };
             self.event("punted_out");
             return self.send(addr, meta, dva_flags::PUNTED, ip);
@@ -1428,7 +1578,7 @@ impl Core {
                 return self.send(addr, meta, dva_flags::NEW_HERE, ip);
             }
         }
-        self.drops.inc(dr::NO_STATE)
+        self.drop_packet(Some((&c.key, meta.ingress_if)), dr::NO_STATE)
     }
 
     fn reject(
@@ -1515,9 +1665,40 @@ impl Core {
                 self.tx_packets += n as u64;
                 self.tx_bytes += (DVA_HEADER_LEN * n + ip.len()) as u64;
             }
-            offload::Sent::Failed => self.drops.inc(dr::TX_FULL),
+            offload::Sent::Failed => self.drop_packet(None, dr::TX_FULL),
         }
     }
+}
+
+/// Whether `cfg`'s data plane holds `bucket`'s flows only as a backup's copy.
+fn replica_bucket(cfg: &DataplaneConfig, bucket: u16) -> bool {
+    let me = cfg.unit;
+    let Some(b) = cfg.table.get(bucket) else {
+        return false;
+    };
+    b.owner != me && !b.history.contains(&me)
+}
+
+/// A rule as `dva stats` names it: its name, `#<index>` when unnamed, `(default)` for the
+/// default action.
+fn rule_name(cfg: &DataplaneConfig, index: Option<usize>) -> String {
+    match index {
+        None => "(default)".into(),
+        Some(i) => cfg
+            .firewall
+            .rules
+            .get(i)
+            .and_then(|r| r.name.clone())
+            .unwrap_or_else(|| format!("#{i}")),
+    }
+}
+
+/// The spec name of the interface with backplane index `id`.
+fn interface_name(cfg: &DataplaneConfig, id: u8) -> Option<String> {
+    cfg.interfaces
+        .iter()
+        .find(|i| i.id == id)
+        .map(|i| i.name.clone())
 }
 
 /// What the firewall reads of a packet: `c` is `ip`'s classification.

@@ -371,6 +371,11 @@ pub enum Request {
         tap: Tap,
         reply: SyncSender<Result<String, String>>,
     },
+    /// Start a monitor session (data planes), replacing any running one.
+    Monitor {
+        session: crate::monitor::Session,
+        reply: SyncSender<Result<(), String>>,
+    },
 }
 
 /// Where a capture taps besides the interfaces: the datagrams to and from data planes.

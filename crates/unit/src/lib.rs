@@ -7,7 +7,8 @@
 //! * [`dataplane`] runs the service chain (the stateful firewall) on the packets of the flows it owns,
 //!   punting mid-flow packets it has no state for to the bucket's previous owner.
 //! * [`control`] is the unit's local control socket (a Unix socket speaking minimal HTTP): readiness,
-//!   JSON stats and Prometheus metrics, and [`inspect`]ion: flow listings, config dumps, capture.
+//!   JSON stats and Prometheus metrics, and [`inspect`]ion: flow listings, config dumps, capture,
+//!   and the [`monitor`] stream of flow and drop events.
 //! * [`metrics`] encodes stats as Prometheus text (prometheus-client), for the control socket and
 //!   for `dva serve`'s aggregated `/metrics`.
 //!
@@ -24,6 +25,7 @@ pub mod inspect;
 mod keys;
 pub mod manager;
 pub mod metrics;
+pub mod monitor;
 pub mod offload;
 pub mod reply;
 pub mod runtime;

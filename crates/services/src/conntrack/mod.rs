@@ -745,6 +745,11 @@ impl Conntrack {
     /// Collect expired entries, examining at most `max` expiry records (so the data path can
     /// call this every batch without stalling). Returns the number of entries removed.
     pub fn expire(&mut self, now: u64, max: usize) -> usize {
+        self.expire_with(now, max, |_| {})
+    }
+
+    /// [`Conntrack::expire`], showing each removed connection to `gone` first.
+    pub fn expire_with(&mut self, now: u64, max: usize, mut gone: impl FnMut(&Conn)) -> usize {
         let mut removed = 0;
         for _ in 0..max {
             let Some(rec) = self.pop_due(now) else { break };
@@ -755,7 +760,9 @@ impl Conntrack {
                 continue; // superseded by a newer record of the same entry
             }
             if e.expires <= now {
-                self.remove_slot(rec.slot);
+                if let Some(c) = self.remove_slot(rec.slot) {
+                    gone(&c);
+                }
                 removed += 1;
             } else {
                 // Back to the class whose timeout matches what is left of the entry's, so the

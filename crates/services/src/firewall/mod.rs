@@ -193,6 +193,9 @@ pub struct Firewall {
     rules: CompiledRules,
     rule_hits: Vec<u64>,
     default_hits: u64,
+    /// The rule the last rule evaluation matched (`None`: the default action), for the data
+    /// plane's event stream to name; one store per evaluated packet.
+    last_rule: Option<usize>,
     ct: Conntrack,
     stats: FirewallStats,
 }
@@ -204,6 +207,7 @@ impl Firewall {
             rule_hits: vec![0; compiled.len()],
             rules: compiled,
             default_hits: 0,
+            last_rule: None,
             ct: Conntrack::new(limits),
             stats: FirewallStats::default(),
         }
@@ -314,6 +318,7 @@ impl Firewall {
     /// send something back).
     fn evaluate(&mut self, pkt: &PacketInfo, may_answer: bool) -> Verdict {
         let (index, action) = self.rules.evaluate(pkt);
+        self.last_rule = index;
         match index.and_then(|i| self.rule_hits.get_mut(i)) {
             Some(h) => *h += 1,
             None => self.default_hits += 1,
@@ -347,6 +352,18 @@ impl Firewall {
     /// with a budget of a few times the batch size). Returns how many were removed.
     pub fn expire(&mut self, now: u64, max: usize) -> usize {
         self.ct.expire(now, max)
+    }
+
+    /// [`Firewall::expire`], showing each removed connection to `gone` (event streams).
+    pub fn expire_with(&mut self, now: u64, max: usize, gone: impl FnMut(&Conn)) -> usize {
+        self.ct.expire_with(now, max, gone)
+    }
+
+    /// The index of the rule the last evaluated packet matched; `None` when it got the default
+    /// action. Meaningful right after [`Firewall::process`] returned a verdict from the rules
+    /// (a new connection, a rule or default-policy drop, a reject).
+    pub fn last_rule(&self) -> Option<usize> {
+        self.last_rule
     }
 
     /// Tracked connections (expired ones count until [`Firewall::expire`] collects them).

@@ -179,6 +179,9 @@ impl Link {
 
 struct Core {
     cfg: Arc<DispatcherConfig>,
+    /// The `dva monitor` session, if one runs: drops are reported to it (with no session,
+    /// one branch per drop).
+    monitor: Option<crate::monitor::Session>,
     links: Vec<Link>,
     routes: RouteTable,
     /// Per bucket: the owner's backplane address, resolved once per config instead of per packet.
@@ -346,6 +349,7 @@ impl Dispatcher {
             dnat_reverse: Vec::new(),
             health: health::HealthChecker::default(),
             reassembly: fragment::Reassembler::default(),
+            monitor: None,
         };
         core.configure(cfg)?;
         Ok(Dispatcher {
@@ -400,6 +404,10 @@ impl Dispatcher {
             // Inspection requests between batches too: one `try_recv` a turn when nobody asks.
             while let Ok(r) = requests.try_recv() {
                 self.inspect(r);
+            }
+            let now = self.core.now;
+            if self.core.monitor.as_ref().is_some_and(|m| m.over(now)) {
+                self.core.monitor = None;
             }
             for i in 0..self.ports.len() {
                 let core = &mut self.core;
@@ -461,6 +469,11 @@ impl Dispatcher {
             Request::Config { reply } => {
                 let cfg = RoleConfig::Dispatcher((*self.core.cfg).clone());
                 let _ = reply.try_send(cfg.redacted_json());
+            }
+            Request::Monitor { session, reply } => {
+                // One session at a time: a newer one replaces it (its stream sees the queue close).
+                self.core.monitor = Some(session);
+                let _ = reply.try_send(Ok(()));
             }
             Request::Capture {
                 interface,
@@ -705,6 +718,44 @@ impl Core {
     #[inline]
     fn drop(&mut self, reason: usize) {
         self.drops.inc(reason);
+        if self.monitor.is_some() {
+            self.report_drop(reason, None);
+        }
+    }
+
+    /// A drop of a parsed packet: reported with its tuple and the interface it came in on.
+    #[inline]
+    fn drop_flow(&mut self, reason: usize, key: &dva_flow::FlowKey, i: usize) {
+        self.drops.inc(reason);
+        if self.monitor.is_some() {
+            self.report_drop(reason, Some((key, i)));
+        }
+    }
+
+    /// Most dispatcher drops happen before the packet is parsed far enough for a tuple, so
+    /// most events carry only the reason (`dva monitor` shows them with an empty filter).
+    #[cold]
+    #[inline(never)]
+    fn report_drop(&mut self, reason: usize, at: Option<(&dva_flow::FlowKey, usize)>) {
+        use crate::monitor::{EventType, MonitorEvent};
+        let key = at.map(|(k, _)| *k);
+        let Some(m) = self.monitor.as_mut() else {
+            return;
+        };
+        if !m.wants_drop(key.as_ref()) {
+            return;
+        }
+        let (unit, links) = (self.cfg.unit, &self.links);
+        let alive = m.offer(self.now, || MonitorEvent {
+            reason: dr::NAMES.get(reason).map(|n| n.to_string()),
+            interface: at
+                .and_then(|(_, i)| links.get(i))
+                .map(|l| l.cfg.name.clone()),
+            ..MonitorEvent::new(EventType::Drop, unit, key.as_ref())
+        });
+        if !alive {
+            self.monitor = None;
+        }
     }
 
     fn event(&mut self, name: &'static str) {
@@ -1068,7 +1119,7 @@ impl Core {
             (PROTO_ICMP, Some((8, 0))) | (PROTO_ICMPV6, Some((128, 0)))
         );
         if !echo {
-            return self.drop(dr::TO_APPLIANCE);
+            return self.drop_flow(dr::TO_APPLIANCE, &c.key, i);
         }
         let link = &self.links[i];
         let ethertype = if c.is_v6() {
