@@ -81,6 +81,12 @@ fn at_least_one(what: &'static str, value: u32) -> Result<(), LabError> {
 /// stderr. Proxy variables from the environment are ignored: lab URLs are never proxied.
 pub fn curl(ns: &str, url: &str, timeout_secs: u32) -> Result<String, LabError> {
     at_least_one("curl timeout (seconds)", timeout_secs)?;
+    curl_ms(ns, url, timeout_secs.saturating_mul(1000))
+}
+
+/// [`curl`] with a timeout in milliseconds (curl's `--max-time` takes fractions).
+pub fn curl_ms(ns: &str, url: &str, timeout_ms: u32) -> Result<String, LabError> {
+    at_least_one("curl timeout (milliseconds)", timeout_ms)?;
     let program = cmd::tool("curl")?;
     let mut c = netns_command(ns, &program.to_string_lossy());
     c.args([
@@ -90,12 +96,12 @@ pub fn curl(ns: &str, url: &str, timeout_secs: u32) -> Result<String, LabError> 
         "--noproxy",
         "*",
         "--max-time",
-        &timeout_secs.to_string(),
+        &format!("{:.3}", f64::from(timeout_ms) / 1000.0),
         url,
     ]);
     let out = cmd::output_within(
         &mut c,
-        Duration::from_secs(u64::from(timeout_secs)) + CLIENT_GRACE,
+        Duration::from_millis(u64::from(timeout_ms)) + CLIENT_GRACE,
     )?;
     if !out.status.success() {
         return Err(LabError::Curl {

@@ -658,6 +658,15 @@ impl Core {
         Some(u32::from(port) & self.bucket_mask)
     }
 
+    /// A packet no route could ever take out, dropped on arrival (as the kernel's
+    /// `InNoRoutes`): no data plane work and no backplane crossing both ways for it. Under a SYN
+    /// flood from spoofed sources the server answers every SYN, and these answers were half the
+    /// dispatcher's work. Addresses the data planes rewrite (ours, a VIP, a port forward's
+    /// public side) are not judged by their destination here.
+    fn unroutable(&self, dst: IpAddr, c: &Classified) -> bool {
+        !self.is_local(dst) && !self.is_forwarded(dst, c) && self.routes.lookup(dst).is_none()
+    }
+
     /// Whether a packet to `dst` hits a port forward (the public side of a DNAT rule).
     fn is_forwarded(&self, dst: IpAddr, c: &Classified) -> bool {
         self.dnat_reverse.iter().any(|r| {
@@ -937,6 +946,9 @@ impl Core {
             self.drop(dr::TTL_EXCEEDED);
             return self.icmp_error(i, src_mac, ip, 11, 0);
         }
+        if self.unroutable(dst, &c) {
+            return self.drop(dr::NO_ROUTE);
+        }
         self.send_to_dataplane(i, ip, &c, &meta, bp, None);
     }
 
@@ -1017,6 +1029,9 @@ impl Core {
         if hop_limit <= 1 {
             self.drop(dr::TTL_EXCEEDED);
             return self.icmp_error(i, src_mac, ip, 3, 0);
+        }
+        if self.unroutable(dst, &c) {
+            return self.drop(dr::NO_ROUTE);
         }
         self.send_to_dataplane(i, ip, &c, &meta, bp, None);
     }
