@@ -48,6 +48,27 @@ pub struct UnitError {
 /// A unit of an appliance that serves: (id, role, control socket).
 pub(crate) type Target = (u32, UnitRole, PathBuf);
 
+/// The units an inspection asks: the one `unit` names (which must have a role `serves`, else
+/// `wrong_role` says why), or every running unit whose role does.
+fn pick(
+    name: &str,
+    units: Vec<Target>,
+    unit: Option<u32>,
+    serves: impl Fn(UnitRole) -> bool,
+    wrong_role: impl Fn(u32, UnitRole) -> String,
+) -> Result<Vec<Target>, ApiError> {
+    let Some(id) = unit else {
+        return Ok(units.into_iter().filter(|t| serves(t.1)).collect());
+    };
+    let t = units.into_iter().find(|t| t.0 == id).ok_or_else(|| {
+        ApiError::NotFound(format!("appliance {name:?} has no running unit {id}"))
+    })?;
+    if !serves(t.1) {
+        return Err(ApiError::Invalid(wrong_role(id, t.1)));
+    }
+    Ok(vec![t])
+}
+
 impl Mgmt {
     /// The running units of `name` (ready or draining), with their control sockets.
     pub(crate) fn serving_units(&self, name: &str) -> Result<Vec<Target>, ApiError> {
@@ -75,24 +96,18 @@ impl Mgmt {
     pub fn flows(&self, name: &str, query: &str) -> Result<FlowsView, ApiError> {
         let filter = FlowFilter::from_query(query).map_err(ApiError::BadRequest)?;
         let units = self.serving_units(name)?;
-        let targets: Vec<Target> = match filter.unit {
-            Some(id) => {
-                let t = units.into_iter().find(|t| t.0 == id).ok_or_else(|| {
-                    ApiError::NotFound(format!("appliance {name:?} has no running unit {id}"))
-                })?;
-                if t.1 != UnitRole::Dataplane {
-                    return Err(ApiError::Invalid(format!(
-                        "unit {id} is a {}: only data planes hold connections",
-                        t.1.as_str()
-                    )));
-                }
-                vec![t]
-            }
-            None => units
-                .into_iter()
-                .filter(|t| t.1 == UnitRole::Dataplane)
-                .collect(),
-        };
+        let targets = pick(
+            name,
+            units,
+            filter.unit,
+            |r| r == UnitRole::Dataplane,
+            |id, role| {
+                format!(
+                    "unit {id} is a {}: only data planes hold connections",
+                    role.as_str()
+                )
+            },
+        )?;
         let path = format!("/flows?{}", filter.to_query());
         let answers: Vec<(u32, Result<FlowList, String>)> = std::thread::scope(|s| {
             let handles: Vec<_> = targets
@@ -203,24 +218,18 @@ impl Mgmt {
     pub fn capture(&self, name: &str, query: &str) -> Result<CaptureStreams, ApiError> {
         let spec = CaptureSpec::from_query(query).map_err(ApiError::BadRequest)?;
         let units = self.serving_units(name)?;
-        let targets: Vec<Target> = match spec.unit {
-            Some(id) => {
-                let t = units.into_iter().find(|t| t.0 == id).ok_or_else(|| {
-                    ApiError::NotFound(format!("appliance {name:?} has no running unit {id}"))
-                })?;
-                if t.1 != UnitRole::Dispatcher {
-                    return Err(ApiError::Invalid(format!(
-                        "unit {id} is a {}: capture runs in dispatchers (they see the interfaces and every backplane datagram)",
-                        t.1.as_str()
-                    )));
-                }
-                vec![t]
-            }
-            None => units
-                .into_iter()
-                .filter(|t| t.1 == UnitRole::Dispatcher)
-                .collect(),
-        };
+        let targets = pick(
+            name,
+            units,
+            spec.unit,
+            |r| r == UnitRole::Dispatcher,
+            |id, role| {
+                format!(
+                "unit {id} is a {}: capture runs in dispatchers (they see the interfaces and every backplane datagram)",
+                role.as_str()
+            )
+            },
+        )?;
         if targets.is_empty() {
             return Err(ApiError::Conflict(format!(
                 "appliance {name:?} has no running dispatcher to capture on"
@@ -404,23 +413,15 @@ impl Mgmt {
     pub fn monitor(&self, name: &str, query: &str) -> Result<MonitorStreams, ApiError> {
         let spec = MonitorSpec::from_query(query).map_err(ApiError::BadRequest)?;
         let units = self.serving_units(name)?;
-        let targets: Vec<Target> = match spec.unit {
-            Some(id) => {
-                let t = units.into_iter().find(|t| t.0 == id).ok_or_else(|| {
-                    ApiError::NotFound(format!("appliance {name:?} has no running unit {id}"))
-                })?;
-                if t.1 == UnitRole::Manager {
-                    return Err(ApiError::Invalid(format!(
-                        "unit {id} is the manager: events come from data planes and dispatchers"
-                    )));
-                }
-                vec![t]
-            }
-            None => units
-                .into_iter()
-                .filter(|t| t.1 != UnitRole::Manager)
-                .collect(),
-        };
+        let targets = pick(
+            name,
+            units,
+            spec.unit,
+            |r| r != UnitRole::Manager,
+            |id, _| {
+                format!("unit {id} is the manager: events come from data planes and dispatchers")
+            },
+        )?;
         if targets.is_empty() {
             return Err(ApiError::Conflict(format!(
                 "appliance {name:?} has no running unit to monitor"
