@@ -381,61 +381,89 @@ pub fn delete(t: &Target, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often `--watch` asks the management tool again.
-const WATCH_EVERY: Duration = Duration::from_millis(250);
+/// How long one watch request lasts before the CLI asks again (the server then sends the current
+/// state, of which only what changed is printed): a server that vanished without closing the
+/// connection is noticed within this (plus a margin) rather than never.
+const WATCH_FOR: Duration = Duration::from_secs(300);
+
+/// Follow the server's watch at `path` (with `?watch=true`) for as long as it lasts, again and
+/// again, until `on` returns `false` (what it watched is gone: the server ends that watch).
+fn follow(
+    c: &Client,
+    path: &str,
+    on: &mut dyn FnMut(&str, serde_json::Value) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let path = format!("{path}?watch=true&timeoutSeconds={}", WATCH_FOR.as_secs());
+    let mut more = true;
+    while more {
+        let mut any = false;
+        c.watch(
+            &path,
+            WATCH_FOR + Duration::from_secs(30),
+            &mut |kind, obj| {
+                any = true;
+                more &= on(kind, obj)?;
+                Ok(())
+            },
+        )?;
+        // An appliance deleted between two watches: the next one is refused (not found).
+        if !any {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
 
 pub fn events(t: &Target, name: &str, format: Format, watch: bool) -> anyhow::Result<()> {
     let c = client(t)?;
-    let ev = c.events(name)?;
-    if !watch && structured(&ev, format)? {
-        return Ok(());
-    }
     let line = |e: &dva_mgmt::Event| -> anyhow::Result<()> {
         match format {
             // One JSON document per line while watching (as `kubectl get -w -o json` streams).
             Format::Json | Format::Yaml if watch => println!("{}", serde_json::to_string(e)?),
             _ => println!("{:>6}  {:<15} {}", age(e.time_ms), e.reason, e.message),
         }
+        std::io::Write::flush(&mut std::io::stdout())?;
         Ok(())
     };
+    if !watch {
+        let ev = c.events(name)?;
+        if structured(&ev, format)? {
+            return Ok(());
+        }
+        println!("{:>6}  {:<15} MESSAGE", "AGE", "REASON");
+        for e in &ev {
+            line(e)?;
+        }
+        return Ok(());
+    }
     if !matches!(format, Format::Json | Format::Yaml) {
         println!("{:>6}  {:<15} MESSAGE", "AGE", "REASON");
     }
-    for e in &ev {
-        line(e)?;
-    }
-    if !watch {
-        return Ok(());
-    }
-    // The store keeps the newest events (a bounded list): what is new is what follows the
-    // last one we printed.
-    let mut last = ev.last().cloned();
-    loop {
-        std::thread::sleep(WATCH_EVERY);
-        let now = c.events(name)?;
-        let start = match &last {
-            Some(l) => now.iter().rposition(|e| e == l).map_or(0, |i| i + 1),
-            None => 0,
-        };
-        for e in &now[start..] {
-            line(e)?;
-        }
-        if let Some(e) = now.last() {
-            last = Some(e.clone());
-        }
-    }
+    // The server streams every event, the stored ones first; after a reconnection the stored
+    // ones come again, and only those newer than the last printed are.
+    let mut last: Option<dva_mgmt::Event> = None;
+    follow(
+        &c,
+        &format!("/v1/appliances/{name}/events"),
+        &mut |_, obj| {
+            let e: dva_mgmt::Event = serde_json::from_value(obj)?;
+            if last
+                .as_ref()
+                .is_none_or(|l| e.time_ms > l.time_ms || (e.time_ms == l.time_ms && e != *l))
+            {
+                line(&e)?;
+                last = Some(e);
+            }
+            Ok(true)
+        },
+    )
 }
 
 /// `dva get [NAME] --watch`: the listing, then one line per change of an appliance's row
-/// (status, data planes ready/desired, config version, error), as `kubectl get -w` does.
+/// (status, data planes ready/desired, config version, error), as `kubectl get -w` does. The
+/// server pushes each change as it happens (a watch, not polling), so a scale shows its way.
 pub fn get_watch(t: &Target, name: Option<&str>, format: Format) -> anyhow::Result<()> {
     let c = client(t)?;
-    let rows = |c: &Client| -> anyhow::Result<Vec<ApplianceView>> {
-        Ok(match name {
-            Some(n) => vec![c.get(n)?],
-            None => c.list()?,
-        })
-    };
     let key = |v: &ApplianceView| {
         (
             v.status,
@@ -461,25 +489,41 @@ pub fn get_watch(t: &Target, name: Option<&str>, format: Format) -> anyhow::Resu
                     .unwrap_or_default()
             ),
         }
+        std::io::Write::flush(&mut std::io::stdout())?;
         Ok(())
     };
+    // A missing appliance is an error before anything is printed.
+    if let Some(n) = name {
+        c.get(n)?;
+    }
     if !matches!(format, Format::Json | Format::Yaml) {
         println!(
             "{:<20} {:<9} {:>10} {:>8}",
             "NAME", "STATUS", "DATAPLANES", "VERSION"
         );
     }
+    let path = match name {
+        Some(n) => format!("/v1/appliances/{n}"),
+        None => "/v1/appliances".to_string(),
+    };
     let mut seen = std::collections::BTreeMap::new();
-    loop {
-        for v in rows(&c)? {
-            let k = key(&v);
-            if seen.get(&v.name) != Some(&k) {
-                print(&v)?;
-                seen.insert(v.name.clone(), k);
+    follow(&c, &path, &mut |kind, obj| {
+        if kind == "DELETED" {
+            let gone = obj["name"].as_str().unwrap_or_default().to_string();
+            seen.remove(&gone);
+            if !matches!(format, Format::Json | Format::Yaml) {
+                println!("{gone:<20} deleted");
             }
+            return Ok(name.is_none());
         }
-        std::thread::sleep(WATCH_EVERY);
-    }
+        let v: ApplianceView = serde_json::from_value(obj)?;
+        let k = key(&v);
+        if seen.get(&v.name) != Some(&k) {
+            print(&v)?;
+            seen.insert(v.name.clone(), k);
+        }
+        Ok(true)
+    })
 }
 
 pub fn units(t: &Target, name: &str, format: Format) -> anyhow::Result<()> {

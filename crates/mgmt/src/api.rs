@@ -247,6 +247,8 @@ impl ApiServer {
             return;
         };
         self.shared.stop.store(true, Ordering::Release);
+        // Watches wake to see it.
+        self.shared.mgmt.inner.notify();
         // The acceptor blocks in accept(): a connection of our own wakes it to see the flag.
         let wake = SocketAddr::new(
             match self.addr.ip() {
@@ -871,16 +873,20 @@ fn serve_connection(conn: &Active, mut s: TcpStream) {
             // it went away (Ctrl-C) even while no event is written.
             let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n";
             if s.write_all(head.as_bytes()).is_ok() {
-                let probe = s.try_clone().ok();
-                if let Some(p) = &probe {
-                    let _ = p.set_read_timeout(Some(Duration::from_millis(1)));
-                }
-                let mut gone = move || {
-                    probe.as_ref().is_none_or(|mut p| {
-                        matches!(std::io::Read::read(&mut p, &mut [0u8; 64]), Ok(0))
-                    })
-                };
+                let mut gone = client_gone(&s);
                 let _ = streams.copy_to(&mut s, &mut gone);
+            }
+            linger(s);
+            return;
+        }
+        Ok(Answer::Watch(what, timeout)) => {
+            conn.shared.count(200);
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n";
+            if s.write_all(head.as_bytes()).is_ok() {
+                // A stopping server ends its watches (the client watches again, elsewhere).
+                let mut client = client_gone(&s);
+                let mut gone = || conn.shared.stop.load(Ordering::Acquire) || client();
+                let _ = watch(&conn.shared.mgmt, &what, timeout, &mut s, &mut gone);
             }
             linger(s);
             return;
@@ -898,9 +904,172 @@ fn serve_connection(conn: &Active, mut s: TcpStream) {
     linger(s);
 }
 
+/// Whether the client of a stream went away: it sends nothing after its request, so a read that
+/// sees the end of its side means it left (Ctrl-C) even while nothing is written to it.
+fn client_gone(s: &TcpStream) -> impl FnMut() -> bool {
+    let probe = s.try_clone().ok();
+    if let Some(p) = &probe {
+        let _ = p.set_read_timeout(Some(Duration::from_millis(1)));
+    }
+    move || {
+        probe
+            .as_ref()
+            .is_none_or(|mut p| matches!(std::io::Read::read(&mut p, &mut [0u8; 64]), Ok(0)))
+    }
+}
+
+/// The longest a watch runs before the server ends it (the client then watches again, as
+/// kubectl does): a stream is never held forever by a client that vanished without a FIN.
+const WATCH_MAX: Duration = Duration::from_secs(1800);
+
+/// `?watch=true` (or `1`) on a list, an appliance or its events, and `timeoutSeconds=N`: the
+/// watch asked for and how long it may last, or `None` for a plain answer.
+fn watch_query(target: &str) -> Result<Option<Duration>, Reply> {
+    let query = target
+        .split_once('?')
+        .map(|(_, q)| q.split('#').next().unwrap_or(""))
+        .unwrap_or("");
+    let mut watch = false;
+    let mut timeout = WATCH_MAX;
+    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        match k {
+            "watch" => watch = matches!(v, "true" | "1"),
+            "timeoutSeconds" => {
+                let secs: u64 = v.parse().map_err(|_| {
+                    Reply::error(
+                        400,
+                        "bad_request",
+                        format!("timeoutSeconds={v:?} is not a number of seconds"),
+                    )
+                })?;
+                timeout = Duration::from_secs(secs).min(WATCH_MAX);
+            }
+            _ => {}
+        }
+    }
+    Ok(watch.then_some(timeout))
+}
+
+/// One line of a watch: what happened to which object, as Kubernetes' watch events say it.
+#[derive(Serialize)]
+struct WatchEvent<'a, T: Serialize> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    object: &'a T,
+}
+
+/// What a watch follows.
+#[derive(Debug, Clone)]
+enum Watched {
+    List,
+    Get(String),
+    Events(String),
+}
+
+/// Stream a watch until `timeout`, the client leaving, or a write failing: first every object as
+/// `ADDED`, then each change as it happens. The server wakes on every write and after every
+/// reconciler pass, so each state a pass leaves is seen (a poll would fall between some).
+/// Appliances are `MODIFIED` when what an operator watches changes (status, data planes, config
+/// version, units, error, backends), not with every packet counted; `DELETED` when they go (a
+/// watch of one appliance or its events ends there).
+fn watch(
+    mgmt: &Mgmt,
+    what: &Watched,
+    timeout: Duration,
+    out: &mut impl Write,
+    gone: &mut impl FnMut() -> bool,
+) -> std::io::Result<()> {
+    let until = Instant::now() + timeout;
+    let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_event: Option<crate::model::Event> = None;
+    let mut seen = mgmt.change_count();
+    loop {
+        let mut lines = String::new();
+        let mut line = |kind: &str, object: &dyn erased::Object| {
+            lines.push_str(&object.line(kind));
+            lines.push('\n');
+        };
+        let mut ended = false;
+        match what {
+            Watched::Events(name) => match mgmt.events(name) {
+                Ok(events) => {
+                    // The store keeps the newest events (a bounded list): what is new is what
+                    // follows the last one sent.
+                    let start = match &last_event {
+                        Some(l) => events.iter().rposition(|e| e == l).map_or(0, |i| i + 1),
+                        None => 0,
+                    };
+                    for e in &events[start..] {
+                        line("ADDED", e);
+                    }
+                    if let Some(e) = events.last() {
+                        last_event = Some(e.clone());
+                    }
+                }
+                Err(_) => ended = true,
+            },
+            Watched::Get(_) | Watched::List => {
+                let views = match what {
+                    Watched::Get(name) => mgmt.get(name).map(|v| vec![v]).unwrap_or_default(),
+                    _ => mgmt.list(),
+                };
+                let mut now = BTreeMap::new();
+                for v in &views {
+                    let key = watch_key(v);
+                    match shown.get(&v.name) {
+                        None => line("ADDED", v),
+                        Some(k) if *k != key => line("MODIFIED", v),
+                        Some(_) => {}
+                    }
+                    now.insert(v.name.clone(), key);
+                }
+                for name in shown.keys().filter(|n| !now.contains_key(*n)) {
+                    line("DELETED", &serde_json::json!({ "name": name }));
+                }
+                ended = matches!(what, Watched::Get(_)) && views.is_empty();
+                shown = now;
+            }
+        }
+        if !lines.is_empty() {
+            out.write_all(lines.as_bytes())?;
+            out.flush()?;
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if ended || left.is_zero() || gone() {
+            return Ok(());
+        }
+        seen = mgmt.wait_change(seen, left.min(Duration::from_secs(1)));
+    }
+}
+
+/// What a watched appliance is compared by: its view without the counters that move with every
+/// packet.
+fn watch_key(v: &crate::model::ApplianceView) -> String {
+    let mut v = v.clone();
+    for u in &mut v.units {
+        u.packets = 0;
+        u.flows = 0;
+    }
+    serde_json::to_string(&v).unwrap_or_default()
+}
+
+/// Serialising the different objects a watch sends through one closure.
+mod erased {
+    pub trait Object {
+        fn line(&self, kind: &str) -> String;
+    }
+    impl<T: serde::Serialize> Object for T {
+        fn line(&self, kind: &str) -> String {
+            serde_json::to_string(&super::WatchEvent { kind, object: self }).unwrap_or_default()
+        }
+    }
+}
+
 /// What a request gets: a complete reply, or a stream.
 enum Answer {
     Reply(Reply),
+    /// A watch on a list, an appliance or its events, for at most this long.
+    Watch(Watched, Duration),
     Capture(crate::inspect::CaptureStreams),
     Monitor(crate::inspect::MonitorStreams),
 }
@@ -938,6 +1107,34 @@ fn answer(
             "not_leader",
             format!("captures and monitors stream from the leading replica: ask http://{api}"),
         )));
+    }
+    if let Call::List | Call::Get(_) | Call::Events(_) = call {
+        let timeout = match watch_query(&head.target) {
+            Ok(t) => t,
+            Err(r) => return Ok(Answer::Reply(r)),
+        };
+        if let Some(timeout) = timeout {
+            if let Leader::Other(api) = sh.mgmt.leader() {
+                // The leader alone knows the units' state as it changes.
+                return Ok(Answer::Reply(Reply::error(
+                    503,
+                    "not_leader",
+                    format!("watches stream from the leading replica: ask http://{api}"),
+                )));
+            }
+            let what = match call {
+                Call::Get(name) => Watched::Get(name.to_string()),
+                Call::Events(name) => Watched::Events(name.to_string()),
+                _ => Watched::List,
+            };
+            // A missing appliance is a plain 404, not an empty stream.
+            if let Watched::Get(name) | Watched::Events(name) = &what {
+                if let Err(e) = sh.mgmt.get(name) {
+                    return Ok(Answer::Reply(Reply::api(e)));
+                }
+            }
+            return Ok(Answer::Watch(what, timeout));
+        }
     }
     if let Call::Monitor(name, query) = call {
         return Ok(match sh.mgmt.monitor(name, query) {

@@ -229,6 +229,44 @@ impl Client {
         }
         Ok(std::io::copy(&mut r, out)?)
     }
+    /// Follow a watch (`path` with `?watch=true`): `on` gets each event's type (`ADDED`,
+    /// `MODIFIED`, `DELETED`) and object as they arrive; returns when the server ends the watch
+    /// (its `timeoutSeconds`, or the watched appliance deleted) or `on` fails.
+    pub fn watch(
+        &self,
+        path: &str,
+        timeout: Duration,
+        on: &mut dyn FnMut(&str, serde_json::Value) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        struct Lines<'a> {
+            pending: Vec<u8>,
+            on: &'a mut dyn FnMut(&str, serde_json::Value) -> anyhow::Result<()>,
+        }
+        impl std::io::Write for Lines<'_> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.pending.extend_from_slice(buf);
+                while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = self.pending.drain(..=end).collect();
+                    let v: serde_json::Value = match serde_json::from_slice(&line) {
+                        Ok(v) => v,
+                        Err(_) => continue,
+                    };
+                    let kind = v["type"].as_str().unwrap_or("").to_string();
+                    (self.on)(&kind, v["object"].clone()).map_err(std::io::Error::other)?;
+                }
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut lines = Lines {
+            pending: Vec::new(),
+            on,
+        };
+        self.download(path, &mut lines, timeout)?;
+        Ok(())
+    }
     pub fn unit_config(&self, name: &str, unit: u32) -> anyhow::Result<serde_json::Value> {
         self.call(
             "GET",

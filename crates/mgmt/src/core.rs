@@ -6,8 +6,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use dva_proto::ApplianceSpec;
 
@@ -113,6 +114,11 @@ pub(crate) struct Inner {
     pub pki: Pki,
     /// The tool's own end of the manager channel (its `dva://mgmt` certificate).
     pub link_tls: Arc<rustls::ClientConfig>,
+    /// How many times what the API shows may have changed (each write and each reconciler
+    /// pass), and the condition watches wait on: a watch sees every state a pass leaves, not
+    /// only the ones a poll happens to fall on.
+    pub changes: Mutex<u64>,
+    pub changed: Condvar,
 }
 
 impl Inner {
@@ -124,6 +130,12 @@ impl Inner {
 
     pub fn broken(&self) -> MutexGuard<'_, BTreeMap<String, Broken>> {
         self.broken.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wake the watches: what they show may have changed.
+    pub fn notify(&self) {
+        *self.changes.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.changed.notify_all();
     }
 }
 
@@ -180,6 +192,8 @@ impl Mgmt {
             last_pass_ms: AtomicU64::new(0),
             pki,
             link_tls,
+            changes: Mutex::new(0),
+            changed: Condvar::new(),
         });
         if inner.leadership.is_none() {
             reconcile::adopt_all(&inner);
@@ -237,6 +251,7 @@ impl Mgmt {
         spec_text: &str,
         opts: WriteOptions,
     ) -> Result<ApplianceView, ApiError> {
+        let _wake = Wake(&self.inner);
         let spec =
             ApplianceSpec::from_yaml(spec_text).map_err(|e| ApiError::Invalid(e.to_string()))?;
         reconcile::check_compiles(&spec).map_err(ApiError::Invalid)?;
@@ -364,6 +379,7 @@ impl Mgmt {
     }
 
     pub fn delete_with(&self, name: &str, opts: WriteOptions) -> Result<(), ApiError> {
+        let _wake = Wake(&self.inner);
         {
             let mut all = self.inner.lock();
             if all.contains_key(name) {
@@ -402,6 +418,7 @@ impl Mgmt {
         req: &ScaleRequest,
         opts: WriteOptions,
     ) -> Result<ApplianceView, ApiError> {
+        let _wake = Wake(&self.inner);
         let deadline = req
             .drain_deadline
             .as_deref()
@@ -471,6 +488,22 @@ impl Mgmt {
     }
 
     /// Stop the reconciler (units keep running: a restarted `dva serve` adopts them).
+    /// The change count now (see [`Mgmt::wait_change`]).
+    pub fn change_count(&self) -> u64 {
+        *self.inner.changes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait until the change count passes `seen` or `timeout` elapses; the count then.
+    pub fn wait_change(&self, seen: u64, timeout: Duration) -> u64 {
+        let guard = self.inner.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, _) = self
+            .inner
+            .changed
+            .wait_timeout_while(guard, timeout, |n| *n == seen)
+            .unwrap_or_else(|e| e.into_inner());
+        *guard
+    }
+
     pub fn shutdown(&self) {
         self.inner.stop.store(true, Ordering::Release);
         let handle = self.reconciler.lock().ok().and_then(|mut h| h.take());
@@ -539,6 +572,16 @@ pub(crate) fn load(
 
 /// Optimistic concurrency: a write that names the generation it last saw is refused when the
 /// appliance has moved on (or is gone), so two operators cannot overwrite each other unseen.
+/// Wakes the watches when a write returns, however it returns (declared first in a write, it
+/// is dropped last: after the appliances' lock is released).
+struct Wake<'a>(&'a Inner);
+
+impl Drop for Wake<'_> {
+    fn drop(&mut self) {
+        self.0.notify();
+    }
+}
+
 fn check_generation(name: &str, current: Option<u64>, opts: WriteOptions) -> Result<(), ApiError> {
     match (opts.if_match, current) {
         (Some(want), Some(have)) if want != have => Err(ApiError::PreconditionFailed(format!(

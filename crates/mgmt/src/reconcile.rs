@@ -239,6 +239,7 @@ pub(crate) fn run(inner: &Inner) {
             reconcile(inner, app, hosts.as_ref(), &ports);
         }
         inner.reconcile_passes.fetch_add(1, Ordering::Relaxed);
+        inner.notify();
         inner.last_pass_ms.store(now_ms(), Ordering::Relaxed);
         std::thread::sleep(PERIOD);
     }

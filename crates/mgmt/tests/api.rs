@@ -423,7 +423,7 @@ fn unknown_routes_wrong_methods_and_oversized_bodies() {
         error_message(status, &v, 405, "method_not_allowed");
     }
     // A query string or a trailing slash does not change the route.
-    assert_eq!(api.get("/v1/appliances?watch=1").0, 200);
+    assert_eq!(api.get("/v1/appliances?limit=1").0, 200);
     assert_eq!(api.get("/v1/appliances/").0, 200);
 
     // Bodies over 1 MiB: 413, and the server keeps answering.
@@ -1373,4 +1373,107 @@ fn openapi_carries_the_specs_generated_schema() {
             );
         }
     }
+}
+
+/// `?watch=true`: the current objects, then each change as it happens (a scale's desired count,
+/// a new event), a deletion ending the watch of that appliance; a missing appliance is a plain
+/// 404, a bad timeout a 400, and the token is needed as for any read.
+#[test]
+fn watches_stream_each_change_and_end_on_delete() {
+    let dir = TempDir::new("watch");
+    let api = Api::start(&dir.0);
+    let (status, v) = api.apply(&example("edge-firewall.yaml"));
+    assert_eq!(status, 200, "{v:#}");
+
+    let follow = |path: &str| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let client = api.client();
+        let path = path.to_string();
+        std::thread::spawn(move || {
+            let r = client.watch(&path, Duration::from_secs(30), &mut |kind, obj| {
+                tx.send((kind.to_string(), obj))
+                    .map_err(|_| anyhow::anyhow!("test gone"))
+            });
+            let _ = tx.send(("END".into(), serde_json::json!(r.is_ok())));
+        });
+        rx
+    };
+    let next = |rx: &std::sync::mpsc::Receiver<(String, Value)>| {
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a watch event within 10 s")
+    };
+    let one = follow("/v1/appliances/edge-fw?watch=true");
+    let all = follow("/v1/appliances?watch=1&timeoutSeconds=60");
+    let events = follow("/v1/appliances/edge-fw/events?watch=true");
+    let (kind, obj) = next(&one);
+    assert_eq!(
+        (kind.as_str(), obj["name"].as_str()),
+        ("ADDED", Some("edge-fw"))
+    );
+    assert_eq!(next(&all).0, "ADDED");
+    let (kind, obj) = next(&events);
+    assert_eq!(
+        (kind.as_str(), obj["reason"].as_str()),
+        ("ADDED", Some("applied"))
+    );
+
+    let (status, _) = api.call(
+        "POST",
+        "/v1/appliances/edge-fw/scale",
+        "application/json",
+        r#"{"dataplanes": 3}"#,
+    );
+    assert_eq!(status, 200);
+    let desired = |rx: &std::sync::mpsc::Receiver<(String, Value)>| loop {
+        let (kind, obj) = next(rx);
+        if obj["dataplanes"]["desired"] == 3 {
+            break kind;
+        }
+    };
+    assert_eq!(desired(&one), "MODIFIED");
+    assert_eq!(desired(&all), "MODIFIED");
+    loop {
+        let (kind, obj) = next(&events);
+        assert_eq!(kind, "ADDED");
+        if obj["reason"] == "scaled" {
+            break;
+        }
+    }
+
+    let (status, _) = api.call("DELETE", "/v1/appliances/edge-fw", "", "");
+    assert_eq!(status, 200);
+    let ended = |rx: &std::sync::mpsc::Receiver<(String, Value)>, deleted: bool| {
+        let mut saw_deleted = false;
+        loop {
+            let (kind, obj) = next(rx);
+            if kind == "DELETED" {
+                assert_eq!(obj["name"], "edge-fw");
+                saw_deleted = true;
+            }
+            if kind == "END" {
+                assert_eq!(saw_deleted, deleted);
+                break;
+            }
+        }
+    };
+    ended(&one, true);
+    ended(&events, false);
+    // The list's watch goes on after the deletion (until its timeout): it says DELETED.
+    loop {
+        if next(&all).0 == "DELETED" {
+            break;
+        }
+    }
+
+    assert_eq!(api.get("/v1/appliances/nosuch?watch=true").0, 404);
+    assert_eq!(
+        api.get("/v1/appliances?watch=true&timeoutSeconds=soon").0,
+        400
+    );
+    let anon = Client::new(&api.url(), None).expect("client");
+    let (status, _) = anon
+        .raw("GET", "/v1/appliances?watch=true", "", b"")
+        .expect("call");
+    assert_eq!(status, 401);
+    api.stop();
 }
