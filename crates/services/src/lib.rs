@@ -24,6 +24,7 @@
 pub mod conntrack;
 pub mod firewall;
 mod hash;
+mod index;
 pub mod icmp;
 pub mod lb;
 pub mod nat;

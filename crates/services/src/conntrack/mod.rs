@@ -27,12 +27,13 @@
 
 pub mod tcp;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use dva_flow::{proto, FlowKey};
 use serde::{Deserialize, Serialize};
 
 use crate::hash::{MapKey, SeededState};
+use crate::index::{Chunked, FlowIndex};
 pub use tcp::{flags, TcpPeer, TcpSegment, TcpState, TcpWindow};
 use tcp::{Next, RstEffect};
 
@@ -326,8 +327,9 @@ struct Record {
 pub struct Conntrack {
     config: ConntrackConfig,
     timeouts_ns: [u64; N_CLASSES],
-    map: HashMap<MapKey, u32, SeededState>,
-    slots: Vec<Option<Entry>>,
+    /// Key to slot; sized once for the limits (see [`crate::index`]: no growth stalls).
+    map: FlowIndex<u32>,
+    slots: Chunked<Option<Entry>>,
     free: Vec<u32>,
     queues: [VecDeque<Record>; N_CLASSES],
     cursor: usize,
@@ -356,11 +358,13 @@ impl std::fmt::Debug for Conntrack {
 
 impl Conntrack {
     pub fn new(config: ConntrackConfig) -> Conntrack {
+        // Own connections and replicas have a cap each.
+        let entries = config.max_entries.saturating_mul(2);
         Conntrack {
             timeouts_ns: config.timeouts.table_ns(),
             config,
-            map: HashMap::with_hasher(SeededState::random()),
-            slots: Vec::new(),
+            map: FlowIndex::new(entries, SeededState::random()),
+            slots: Chunked::default(),
             free: Vec::new(),
             queues: Default::default(),
             cursor: 0,
@@ -400,7 +404,7 @@ impl Conntrack {
     /// failover, counted against the replica cap until a packet of it is seen here).
     /// Timestamps restart at `now`, like [`Conntrack::import`].
     pub fn upsert(&mut self, now: u64, mut conn: Conn) -> Result<ConnId, CreateError> {
-        if let Some(&slot) = self.map.get(&MapKey(conn.key.canonical().0)) {
+        if let Some(slot) = self.map.get(&MapKey(conn.key.canonical().0)) {
             self.remove_slot(slot);
         }
         conn.last_seen = now;
@@ -459,14 +463,14 @@ impl Conntrack {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.map.len() == 0
     }
 
     /// The live connection `key` (either direction) belongs to, and the packet's direction.
     /// An expired entry found on the way is removed.
     #[inline]
     pub fn lookup(&mut self, now: u64, key: &FlowKey) -> Option<(ConnId, Direction)> {
-        let slot = *self.map.get(&MapKey(key.canonical().0))?;
+        let slot = self.map.get(&MapKey(key.canonical().0))?;
         let e = self.slots.get(slot as usize)?.as_ref()?;
         if e.expires <= now {
             self.remove_slot(slot);
@@ -539,7 +543,7 @@ impl Conntrack {
 
     fn insert(&mut self, now: u64, conn: Conn, replica: bool) -> Result<ConnId, CreateError> {
         let mk = MapKey(conn.key.canonical().0);
-        if let Some(&slot) = self.map.get(&mk) {
+        if let Some(slot) = self.map.get(&mk) {
             match self.entry(slot) {
                 Some(e) if e.expires > now => return Err(CreateError::Exists { key: conn.key }),
                 _ => {
@@ -807,7 +811,7 @@ impl Conntrack {
         let end = start.saturating_add(max_slots).min(self.slots.len());
         let next = if end >= self.slots.len() { 0 } else { end };
         (
-            self.slots[start..end].iter().flatten().map(|e| &e.conn),
+            self.slots.range(start, end).flatten().map(|e| &e.conn),
             next,
         )
     }
@@ -855,7 +859,7 @@ impl Conntrack {
     }
 
     fn find_entry(&self, key: &FlowKey) -> Option<&Entry> {
-        let slot = *self.map.get(&MapKey(key.canonical().0))?;
+        let slot = self.map.get(&MapKey(key.canonical().0))?;
         self.entry(slot)
     }
 

@@ -13,13 +13,14 @@
 //!   a change to a shorter class pushes one record, stale records are recognised by id. Lookups
 //!   never see an expired binding; memory is reclaimed by [`BindingTable::expire`] in slices.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use dva_flow::{proto, FlowKey};
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::Direction;
 use crate::hash::{MapKey, SeededState};
+use crate::index::{Chunked, FlowIndex};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -169,8 +170,10 @@ struct Record {
 pub(crate) struct BindingTable {
     max: usize,
     timeouts_ns: [u64; N_CLASSES],
-    map: HashMap<MapKey, (u32, Direction), SeededState>,
-    slots: Vec<Option<Entry>>,
+    /// Both keys of each binding to its slot; sized once for the limit (see [`crate::index`]: no
+    /// growth stalls).
+    map: FlowIndex<(u32, Direction)>,
+    slots: Chunked<Option<Entry>>,
     free: Vec<u32>,
     len: usize,
     queues: [VecDeque<Record>; N_CLASSES],
@@ -185,8 +188,8 @@ impl BindingTable {
         BindingTable {
             max,
             timeouts_ns: timeouts.table_ns(),
-            map: HashMap::with_hasher(SeededState::random()),
-            slots: Vec::new(),
+            map: FlowIndex::new(max.saturating_mul(2), SeededState::random()),
+            slots: Chunked::default(),
             free: Vec::new(),
             len: 0,
             queues: Default::default(),
@@ -214,7 +217,7 @@ impl BindingTable {
     /// binding found on the way is removed.
     #[inline]
     pub fn lookup(&mut self, now: u64, key: &FlowKey) -> Option<(u32, Direction)> {
-        let &(slot, dir) = self.map.get(&MapKey(*key))?;
+        let (slot, dir) = self.map.get(&MapKey(*key))?;
         let e = self.entry(slot)?;
         if e.expires <= now {
             self.remove_slot(slot);
@@ -306,7 +309,7 @@ impl BindingTable {
     /// Insert or replace (a replica kept for failover): bindings holding either key go first.
     pub fn upsert(&mut self, now: u64, b: Binding, tag: u32) -> Result<u32, BindingError> {
         for k in [b.orig, b.reply_key()] {
-            if let Some(&(slot, _)) = self.map.get(&MapKey(k)) {
+            if let Some((slot, _)) = self.map.get(&MapKey(k)) {
                 self.remove_slot(slot);
             }
         }
@@ -414,7 +417,7 @@ impl BindingTable {
     fn remove_slot(&mut self, slot: u32) -> Option<(Binding, u32)> {
         let e = self.slots.get_mut(slot as usize)?.take()?;
         for k in [e.b.orig, e.b.reply_key()] {
-            if self.map.get(&MapKey(k)).is_some_and(|&(s, _)| s == slot) {
+            if self.map.get(&MapKey(k)).is_some_and(|(s, _)| s == slot) {
                 self.map.remove(&MapKey(k));
             }
         }
