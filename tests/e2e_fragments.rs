@@ -394,3 +394,55 @@ fn ipv6_fragments_cross_whole_and_pmtud_works() {
         total(s, "icmp_too_big_sent") >= 1
     });
 }
+
+/// Masqueraded traffic gets path MTU discovery too: with the *outside* link at MTU 1400 and the
+/// `nat-gw` example, uploads from an inside host to the outside one (IPv4 and IPv6, DF) leave as
+/// 1500-byte packets from the appliance's address; the dispatcher's "fragmentation needed" /
+/// "packet too big" about them goes through the flow's data plane, which translates it back to
+/// the inside host, and the uploads complete.
+#[test]
+fn masqueraded_uploads_get_path_mtu_discovery() {
+    let _serial = serial();
+    let lab = LabGuard::up("fragnat-", 1, 2);
+    let client = lab.lab.client_ns();
+    let server = lab.lab.server_ns(1);
+    run(
+        &lab.lab.dispatcher_ns(1),
+        &["ip", "link", "set", "out0", "mtu", "1400"],
+    );
+    run(&client, &["ip", "link", "set", "eth0", "mtu", "1400"]);
+    // The outside host still advertises full-size segments, so the inside one needs PMTUD. It
+    // sees the masqueraded connections come from the appliance's address, on its own link: the
+    // connected routes carry the MSS.
+    for (family, net, mss) in [
+        ("-4", "198.18.1.0/24", "1460"),
+        ("-6", "2001:db8:1::/64", "1440"),
+    ] {
+        run(
+            &client,
+            &[
+                "ip", family, "route", "replace", net, "dev", "eth0", "advmss", mss,
+            ],
+        );
+    }
+    let app = Running::start("fragnat-", &example("nat-gateway.yaml"), "nat-gw", 2);
+    let c4: IpAddr = CLIENT.parse().unwrap();
+    assert!(
+        apps::wait_until(Duration::from_secs(10), Duration::from_millis(300), || {
+            apps::ping(&server, c4, 1, 3).unwrap_or(false)
+        }),
+        "a plain masqueraded ping must pass first"
+    );
+    for to in [CLIENT, "2001:db8:1::2"] {
+        let sink = Helper::start(&client, SINK, &[]);
+        let sent = run(&server, &[PYTHON, "-c", UPLOAD, to]);
+        assert_eq!(
+            sent, "2000000",
+            "the masqueraded upload to {to} must complete through PMTUD"
+        );
+        drop(sink);
+    }
+    wait_stats(&app, "too-big errors about masqueraded packets", |s| {
+        total(s, "icmp_too_big_sent") >= 2
+    });
+}

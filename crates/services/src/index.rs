@@ -62,7 +62,9 @@ impl<T> Chunked<T> {
 
     #[inline]
     pub(crate) fn get_mut(&mut self, i: usize) -> Option<&mut T> {
-        self.chunks.get_mut(i >> CHUNK_BITS)?.get_mut(i & (CHUNK - 1))
+        self.chunks
+            .get_mut(i >> CHUNK_BITS)?
+            .get_mut(i & (CHUNK - 1))
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &T> + '_ {

@@ -24,7 +24,7 @@
 pub mod conntrack;
 pub mod firewall;
 mod hash;
-mod index;
 pub mod icmp;
+mod index;
 pub mod lb;
 pub mod nat;

@@ -196,6 +196,9 @@ struct Core {
     from_dataplane: u64,
     /// Frames for interface `.0` produced while that interface's ring is borrowed.
     deferred: Vec<(usize, Vec<u8>)>,
+    /// ICMP errors about masqueraded packets, to enter as if they had arrived on interface `.0`
+    /// (see [`Core::too_big`]); taken after the backplane batch that made them.
+    reinject: Vec<(usize, Vec<u8>)>,
     scratch: Vec<u8>,
     /// Segments of a super-packet being cut in software, and each with its Ethernet header.
     segments: Vec<u8>,
@@ -337,6 +340,7 @@ impl Dispatcher {
             to_dataplane: 0,
             from_dataplane: 0,
             deferred: Vec::new(),
+            reinject: Vec::new(),
             scratch: Vec::with_capacity(16 * 1024),
             segments: Vec::new(),
             framed: Vec::new(),
@@ -424,6 +428,7 @@ impl Dispatcher {
                     .recv_batch(BATCH, |buf, from| core.on_backplane(buf, from, ports))
                     .unwrap_or(0);
             }
+            self.core.take_reinjected(&mut self.backplane);
             self.core.send_deferred(&mut self.ports);
             for p in &mut self.ports {
                 let _ = p.flush();
@@ -1381,6 +1386,27 @@ impl Core {
             Ok(c) => (c.key.src, c.is_v6()),
             Err(_) => return,
         };
+        if self.nat_sources.contains(&src) {
+            // A masqueraded packet: its sender is inside, behind an address the data planes
+            // rewrote. The error is made as the next router would make it (from our address on
+            // the egress link, quoting the packet as it would leave) and enters through that
+            // link: the flow's data plane translates it back to the sender as it does any
+            // error about the flow (RFC 5508), and the sender's path MTU discovery works.
+            let Some(from) = self.links.get(e).and_then(|l| l.cfg.address(!v6)) else {
+                return;
+            };
+            let mtu = mtu.min(usize::from(u16::MAX)) as u32;
+            let mut err = Vec::with_capacity(600);
+            let built = match from {
+                IpAddr::V4(s) => reply::icmpv4_error_with(&mut err, ip, s, 3, 4, mtu),
+                IpAddr::V6(s) => reply::icmpv6_error(&mut err, ip, s, 2, 0, mtu),
+            };
+            if built.is_some() && self.reinject.len() < BATCH {
+                self.event("icmp_too_big_sent");
+                self.reinject.push((e, err));
+            }
+            return;
+        }
         if self.is_local(src) {
             return; // our own packet (a health probe): nobody to tell
         }
@@ -1526,6 +1552,22 @@ impl Core {
             link.stats.tx_bytes += f.len() as u64;
         }
         *self.events.entry("neighbor_probes").or_insert(0) += 1;
+    }
+
+    /// Enter the ICMP errors [`Core::too_big`] made about masqueraded packets, each as if it
+    /// had arrived on its interface, past the arrival checks (its source is ours, which those
+    /// refuse from the wire): to the data plane of the flow it quotes.
+    fn take_reinjected(&mut self, bp: &mut Backplane) {
+        if self.reinject.is_empty() {
+            return;
+        }
+        for (i, ip) in std::mem::take(&mut self.reinject) {
+            let mac = EthernetAddress([0; 6]);
+            match ip.first().map(|b| b >> 4) {
+                Some(4) => self.on_ipv4_datagram(i, mac, true, &ip, RxMeta::default(), bp),
+                _ => self.on_ipv6_datagram(i, mac, true, &ip, RxMeta::default(), bp),
+            }
+        }
     }
 
     fn send_deferred(&mut self, ports: &mut [Port]) {
