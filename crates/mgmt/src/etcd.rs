@@ -96,22 +96,42 @@ impl EtcdLink {
             .with_context(|| format!("etcd at {}", endpoints.join(",")))?;
         let link = link_of(client);
         // Connecting is lazy: one read proves the cluster is there (and has a quorum).
-        let mut c = link.client.clone();
-        link.call(
-            "reading /dva/",
-            c.get(PREFIX, Some(GetOptions::new().with_count_only())),
-        )
+        link.call("reading /dva/", |mut c| async move {
+            c.get(PREFIX, Some(GetOptions::new().with_count_only()))
+                .await
+        })
         .with_context(|| format!("etcd at {}", endpoints.join(",")))?;
         Ok(link)
     }
 
-    /// Run one etcd call from a std thread, bounded by [`CALL_TIMEOUT`].
-    fn call<T>(
-        &self,
-        what: &str,
-        fut: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> anyhow::Result<T> {
-        block(&self.handle, what, fut)
+    /// Run one etcd call from a std thread, bounded by [`CALL_TIMEOUT`]. `op` makes the call
+    /// from a client handle, and is made again when an attempt fails in transport: the client
+    /// balances over every member and, for a while after one dies, may still send to it (its
+    /// answer: Unavailable, the request never reached a member that could apply it). Every call
+    /// here is safe to send twice (whole-record puts, guarded txns, reads).
+    fn call<T, Fut>(&self, what: &str, mut op: impl FnMut(Client) -> Fut) -> anyhow::Result<T>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+        let client = self.client.clone();
+        let attempts = async move {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match op(client.clone()).await {
+                    Err(e) if transient(&e) && tokio::time::Instant::now() + backoff < deadline => {
+                        tracing::debug!("etcd: {what}: {e}; trying another member");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                    r => return r,
+                }
+            }
+        };
+        self.handle
+            .block_on(async { tokio::time::timeout_at(deadline, attempts).await })
+            .map_err(|_| anyhow::anyhow!("etcd: {what}: no answer within {CALL_TIMEOUT:?}"))?
+            .with_context(|| format!("etcd: {what}"))
     }
 
     /// The API token every replica accepts: the one already in etcd, or else `candidate` (this
@@ -140,8 +160,10 @@ impl EtcdLink {
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, candidate, None)])
             .or_else([TxnOp::get(key, None)]);
-        let mut c = self.client.clone();
-        let resp = self.call(&format!("sharing {what}"), c.txn(txn))?;
+        let resp = self.call(&format!("sharing {what}"), |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })?;
         if resp.succeeded() {
             return Ok(candidate.to_string());
         }
@@ -169,9 +191,26 @@ impl EtcdLink {
     pub fn resign(&self, leadership: &Leadership) {
         if let Some(lease) = leadership.lease() {
             leadership.set(State::Unknown);
-            let mut c = self.client.clone();
-            let _ = self.call("revoking the lease", c.lease_revoke(lease));
+            let _ = self.call("revoking the lease", |mut c| async move {
+                c.lease_revoke(lease).await
+            });
         }
+    }
+}
+
+/// An error of the way to a member rather than of the call: another member may answer.
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => match s.code() {
+            tonic::Code::Unavailable => true,
+            // A connection that broke under the request (to a member that just died) comes back
+            // as Unknown "transport error", the transport's error as its source.
+            tonic::Code::Unknown => std::error::Error::source(s)
+                .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some()),
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -417,8 +456,10 @@ impl EtcdStore {
                     .and_then(ops)
             }
         };
-        let mut c = self.link.client.clone();
-        let resp = self.link.call(what, c.txn(txn))?;
+        let resp = self.link.call(what, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })?;
         if !resp.succeeded() {
             bail!("{what}: refused, this replica lost the leadership (its lease no longer holds {LEADER_KEY})");
         }
@@ -428,11 +469,12 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     fn load_all(&self) -> anyhow::Result<Loaded> {
-        let mut c = self.link.client.clone();
-        let resp = self.link.call(
-            "reading the appliances",
-            c.get(APPLIANCES, Some(GetOptions::new().with_prefix())),
-        )?;
+        let resp = self
+            .link
+            .call("reading the appliances", |mut c| async move {
+                c.get(APPLIANCES, Some(GetOptions::new().with_prefix()))
+                    .await
+            })?;
         let mut out = Loaded::default();
         for kv in resp.kvs() {
             let name = String::from_utf8_lossy(&kv.key()[APPLIANCES.len()..]).into_owned();
@@ -454,10 +496,12 @@ impl Store for EtcdStore {
     fn set_aside(&self, name: &str, why: &str) -> CorruptRecord {
         let key = Self::key(name);
         let aside = format!("{CORRUPT}{name}/{}", now_ms());
-        let mut c = self.link.client.clone();
         let moved = self
             .link
-            .call("reading a record to set aside", c.get(key.as_str(), None))
+            .call("reading a record to set aside", |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
             .and_then(|resp| {
                 let value = resp.kvs().first().map(|kv| kv.value().to_vec());
                 let Some(value) = value else {
@@ -510,15 +554,17 @@ impl EtcdStore {
 
     /// The records set aside for `name` (keys), oldest first.
     pub fn set_aside_keys(&self, name: &str) -> anyhow::Result<Vec<String>> {
-        let mut c = self.link.client.clone();
         let prefix = format!("{CORRUPT}{name}/");
-        let resp = self.link.call(
-            "listing set-aside records",
-            c.get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            ),
-        )?;
+        let resp = self.link.call("listing set-aside records", |mut c| {
+            let prefix = prefix.clone();
+            async move {
+                c.get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                )
+                .await
+            }
+        })?;
         Ok(resp
             .kvs()
             .iter()
