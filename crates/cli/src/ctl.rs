@@ -83,6 +83,7 @@ pub fn serve(o: &ServeOptions) -> anyhow::Result<()> {
         ClientConfig {
             server: url.clone(),
             token,
+            ca: None,
         }
         .save(&path)?;
         println!("dva serve: client config written to {}", path.display());
