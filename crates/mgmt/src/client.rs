@@ -227,6 +227,9 @@ impl Client {
             loop {
                 let before = got.len();
                 if limited.read_until(b'\n', &mut got)? == 0 {
+                    if speaks_tls(&got) {
+                        bail!(USE_HTTPS);
+                    }
                     bail!("the server closed the connection before answering");
                 }
                 if got[before..] == *b"\r\n" {
@@ -416,7 +419,17 @@ pub(crate) fn connect(
     ))))
 }
 
+/// A TLS alert record (what a TLS server answers plain HTTP with): the server wants https.
+fn speaks_tls(raw: &[u8]) -> bool {
+    raw.starts_with(&[0x15, 0x03])
+}
+
+const USE_HTTPS: &str = "the server speaks TLS: use https://HOST:PORT (and --ca or DVA_CA_FILE)";
+
 fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
+    if speaks_tls(raw) {
+        bail!(USE_HTTPS);
+    }
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -473,6 +486,8 @@ mod tests {
         .unwrap();
         assert_eq!((s, b.as_str()), (404, "abcde"));
         assert!(parse_response(b"garbage").is_err());
+        let e = parse_response(b"\x15\x03\x03\x00\x02\x02\x32").unwrap_err();
+        assert!(e.to_string().contains("https://"), "{e}");
         assert!(Client::new("http://127.0.0.1:7080/", None).is_ok());
     }
 

@@ -1734,7 +1734,10 @@ fn tls_serves_clients_that_trust_its_ca_only() {
     let resp = raw_exchange(api.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(!resp.starts_with("HTTP/"), "{resp:?}");
     let plain = Client::new(&format!("http://{}", api.addr), None).expect("client");
-    assert!(plain.raw("GET", "/healthz", "", b"").is_err());
+    let e = plain
+        .raw("GET", "/healthz", "", b"")
+        .expect_err("no plain HTTP");
+    assert!(format!("{e:#}").contains("https://"), "{e:#}");
     assert_eq!(api.get("/healthz").0, 200);
 
     // Keep-alive over TLS: two requests on one connection, then a HEAD that closes it.
