@@ -1103,6 +1103,20 @@ fn the_client_config_file_round_trips_privately() {
     assert_eq!(ClientConfig::load(&path).expect("load"), c);
     let mode = std::fs::metadata(&path).expect("file").permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
+    // With TLS it carries the CA to trust; a file from before TLS (no `ca`) still loads.
+    let tls = ClientConfig {
+        server: "https://127.0.0.1:7080".into(),
+        ca: Some("-----BEGIN CERTIFICATE-----\n...".into()),
+        ..c.clone()
+    };
+    tls.save(&path).expect("save");
+    assert_eq!(ClientConfig::load(&path).expect("load"), tls);
+    std::fs::write(
+        &path,
+        format!(r#"{{"server": "http://127.0.0.1:7080", "token": "{TOKEN}"}}"#),
+    )
+    .expect("write");
+    assert_eq!(ClientConfig::load(&path).expect("load"), c);
     std::fs::write(&path, "not json").expect("write");
     assert!(ClientConfig::load(&path).is_err());
     assert!(ClientConfig::load(&dir.0.join("missing.json")).is_err());
