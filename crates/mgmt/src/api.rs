@@ -2059,6 +2059,72 @@ mod tests {
         }
     }
 
+    /// Replicas serving TLS forward over TLS: the leader's certificate must chain to the CA
+    /// trusted and name the address forwarded to; the call arrives whole, marked forwarded.
+    #[test]
+    fn forwarding_speaks_tls_to_a_leader_the_ca_vouches_for() {
+        let pki = crate::pki::Pki::generate().expect("CA");
+        let leader_cert = pki.issue_server(&["127.0.0.1".into()]).expect("cert");
+        let config =
+            tls_server_config(&leader_cert.cert_pem, &leader_cert.key_pem).expect("config");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let api = listener.local_addr().expect("addr").to_string();
+        // The leader: answers each connection's request with what it received.
+        let leader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                let (sock, _) = listener.accept().expect("accept");
+                let conn = rustls::ServerConnection::new(config.clone()).expect("tls");
+                let mut s = rustls::StreamOwned::new(conn, sock);
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while head_end(&req).is_none() {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if req.is_empty() {
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&req).into_owned();
+                let _ = s.write_all(&Reply::new(200, "text/plain", text.clone()).to_bytes());
+                s.conn.send_close_notify();
+                let _ = s.flush();
+                got.push(text);
+            }
+            got
+        });
+        let head = Head {
+            method: "DELETE".into(),
+            target: "/v1/appliances/x".into(),
+            authorization: Some("Bearer t".into()),
+            ..Head::default()
+        };
+        let trusted = crate::client::tls_client_config(pki.ca_pem()).expect("client");
+        let r = forward(&api, &head, "", Some(&trusted));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            r.body.starts_with("DELETE /v1/appliances/x HTTP/1.1\r\n"),
+            "{}",
+            r.body
+        );
+        assert!(r.body.contains("\r\nX-Dva-Forwarded: 1\r\n"), "{}", r.body);
+        assert!(
+            r.body.contains("\r\nAuthorization: Bearer t\r\n"),
+            "{}",
+            r.body
+        );
+        // A leader this CA did not vouch for is not told the token.
+        let other = crate::pki::Pki::generate().expect("CA");
+        let untrusted = crate::client::tls_client_config(other.ca_pem()).expect("client");
+        let r = forward(&api, &head, "", Some(&untrusted));
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(r.body.contains("TLS handshake"), "{}", r.body);
+        let got = leader.join().expect("leader");
+        assert_eq!(got.len(), 1, "{got:?}");
+    }
+
     /// A call that reaches a non-leader already forwarded once is not forwarded again.
     #[test]
     fn the_forwarded_mark_is_read() {
