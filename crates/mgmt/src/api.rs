@@ -1552,7 +1552,7 @@ fn forward(api: &str, head: &Head, body: &str, tls: Option<&Arc<rustls::ClientCo
         return unavailable(e.to_string());
     }
     let mut answer = Vec::new();
-    // The leader closes after its answer (one request per connection); the answer is bounded
+    // The leader closes after its answer (asked to: `Connection: close`); the answer is bounded
     // like a request body, since a leader could be anything listening at that address.
     if let Err(e) = (&mut s).take(MAX_BODY as u64 * 8).read_to_end(&mut answer) {
         return unavailable(e.to_string());
