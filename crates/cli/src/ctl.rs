@@ -2,7 +2,8 @@
 //! (`dva flows/config/capture/monitor`) and `dva serve`.
 //!
 //! The server and token come from `--server`/`--token`, else `DVA_SERVER`/`DVA_TOKEN`, else the
-//! client file `dva serve` writes (`$DVA_CLIENT_CONFIG` or `~/.dva/client.json`).
+//! client file `dva serve` writes (`$DVA_CLIENT_CONFIG` or `~/.dva/client.json`); for an https
+//! server, the CA to trust from `--ca`, else `DVA_CA_FILE`, else the client file.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,8 @@ use dva_mgmt::{now_ms, ApplianceView, Mgmt, ScaleRequest};
 pub struct Target {
     pub server: Option<String>,
     pub token: Option<String>,
+    /// `--ca FILE`.
+    pub ca: Option<PathBuf>,
 }
 
 pub fn client(t: &Target) -> anyhow::Result<Client> {
@@ -40,7 +43,84 @@ pub fn client(t: &Target) -> anyhow::Result<Client> {
             file.display()
         );
     };
-    Client::new(&server, token)
+    let ca = ca_pem(
+        t.ca.as_deref(),
+        std::env::var_os("DVA_CA_FILE")
+            .map(PathBuf::from)
+            .as_deref(),
+        || from_file().and_then(|c| c.ca),
+    )?;
+    Client::with_ca(&server, token, ca.as_deref())
+}
+
+/// The CA an https server must chain to: the file `--ca` names, else the one `DVA_CA_FILE`
+/// names, else the client file's. `None`: no CA (fine for http).
+fn ca_pem(
+    flag: Option<&Path>,
+    env: Option<&Path>,
+    from_file: impl FnOnce() -> Option<String>,
+) -> anyhow::Result<Option<String>> {
+    let read = |p: &Path, what: &str| {
+        std::fs::read_to_string(p)
+            .with_context(|| format!("reading the CA {} ({what})", p.display()))
+    };
+    Ok(match (flag, env) {
+        (Some(p), _) => Some(read(p, "--ca")?),
+        (None, Some(p)) => Some(read(p, "DVA_CA_FILE")?),
+        (None, None) => from_file(),
+    })
+}
+
+/// How `dva serve` serves the API.
+pub enum ServeTls {
+    /// Plain HTTP.
+    Off,
+    /// TLS with the operator's certificate and key (PEM files).
+    Files { cert: PathBuf, key: PathBuf },
+    /// TLS with a certificate from the installation CA (`--tls-auto`).
+    Auto,
+}
+
+/// The names `--tls-auto`'s certificate carries: every way a client may dial this server (the
+/// addresses it listens on and advertises to the other replicas, this host's name, loopback).
+fn tls_auto_names(listen: SocketAddr, advertise: Option<SocketAddr>) -> Vec<String> {
+    let mut names: Vec<String> = ["127.0.0.1", "::1", "localhost"].map(String::from).into();
+    for ip in [Some(listen.ip()), advertise.map(|a| a.ip())]
+        .into_iter()
+        .flatten()
+        .filter(|ip| !ip.is_unspecified())
+    {
+        names.push(ip.to_string());
+    }
+    // A name a certificate cannot carry (not a DNS name) is left out rather than failing.
+    if let Some(host) = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| {
+            !h.is_empty()
+                && !h.starts_with(['-', '.'])
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        })
+    {
+        names.push(host);
+    }
+    names
+}
+
+/// How clients on this machine dial `bound`: a wildcard address is reached through loopback
+/// (the name a certificate carries, unlike 0.0.0.0).
+fn dial_address(bound: SocketAddr) -> SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match bound.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), bound.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), bound.port())
+        }
+        _ => bound,
+    }
 }
 
 /// `dva serve`'s flags.
@@ -51,6 +131,7 @@ pub struct ServeOptions {
     pub advertise: Option<SocketAddr>,
     pub place: crate::run::Place,
     pub write_client: bool,
+    pub tls: ServeTls,
 }
 
 pub fn serve(o: &ServeOptions) -> anyhow::Result<()> {
@@ -68,8 +149,35 @@ pub fn serve(o: &ServeOptions) -> anyhow::Result<()> {
     if token != local_token {
         api::save_token(state, &token)?;
     }
-    let server = api::serve(mgmt.clone(), o.listen, token.clone())?;
-    let url = format!("http://{}", server.local_addr());
+    // The client file's CA: the installation CA with --tls-auto; an operator's own certificate
+    // comes with a CA the clients are given (--ca, DVA_CA_FILE).
+    let (options, ca) = match &o.tls {
+        ServeTls::Off => (api::ServeOptions::default(), None),
+        ServeTls::Files { cert, key } => {
+            let options = api::ServeOptions {
+                tls: Some(api::tls_server_config_from_files(cert, key)?),
+                // Replicas forwarding to each other trust this chain (its CA, when the file
+                // holds it, or the certificate itself when self-signed).
+                forward_ca: std::fs::read_to_string(cert).ok(),
+            };
+            (options, None)
+        }
+        ServeTls::Auto => {
+            let (config, ca) = api::auto_tls(&mgmt, &tls_auto_names(o.listen, o.advertise))?;
+            let options = api::ServeOptions {
+                tls: Some(config),
+                ..Default::default()
+            };
+            (options, Some(ca))
+        }
+    };
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let server = api::serve_with(mgmt.clone(), o.listen, token.clone(), options)?;
+    let url = format!("{scheme}://{}", dial_address(server.local_addr()));
     if let StoreConfig::Etcd(endpoints) = &o.store {
         let advertise = o.advertise.unwrap_or(server.local_addr());
         mgmt.campaign(advertise.to_string());
@@ -83,6 +191,7 @@ pub fn serve(o: &ServeOptions) -> anyhow::Result<()> {
         ClientConfig {
             server: url.clone(),
             token,
+            ca,
         }
         .save(&path)?;
         println!("dva serve: client config written to {}", path.display());
@@ -93,6 +202,12 @@ pub fn serve(o: &ServeOptions) -> anyhow::Result<()> {
         place.describe(),
         state.join("token").display()
     );
+    if let ServeTls::Files { cert, .. } = &o.tls {
+        println!(
+            "dva serve: TLS with {}: clients trust its CA with --ca FILE or DVA_CA_FILE",
+            cert.display()
+        );
+    }
     // The token itself stays out of the output (logs): the fragment is for the user to fill in.
     println!(
         "dva serve: live web view at {url}/ui#token=<the token in {}>",
@@ -1179,5 +1294,52 @@ mod monitor_tests {
             "{line}"
         );
         assert!(event_line(&MonitorEvent::lost(2, 17)).contains("LOST  17 events"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ca_comes_from_the_flag_then_the_environment_then_the_client_file() {
+        let dir = std::env::temp_dir().join(format!("dva-ctl-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (flag, env) = (dir.join("flag.pem"), dir.join("env.pem"));
+        std::fs::write(&flag, "flag").unwrap();
+        std::fs::write(&env, "env").unwrap();
+        let file = || Some("file".to_string());
+        let pick = |f: Option<&Path>, e: Option<&Path>| ca_pem(f, e, file).unwrap();
+        assert_eq!(pick(Some(&flag), Some(&env)).as_deref(), Some("flag"));
+        assert_eq!(pick(None, Some(&env)).as_deref(), Some("env"));
+        assert_eq!(pick(None, None).as_deref(), Some("file"));
+        assert_eq!(ca_pem(None, None, || None).unwrap(), None);
+        // A CA named but unreadable is an error, not a silent fallback.
+        let e = ca_pem(Some(&dir.join("missing.pem")), None, file).unwrap_err();
+        assert!(format!("{e:#}").contains("--ca"), "{e:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tls_auto_names_every_address_a_client_dials() {
+        let listen: SocketAddr = "0.0.0.0:7080".parse().unwrap();
+        let names = tls_auto_names(listen, Some("198.51.100.7:7080".parse().unwrap()));
+        for want in ["127.0.0.1", "::1", "localhost", "198.51.100.7"] {
+            assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+        }
+        assert!(!names.iter().any(|n| n == "0.0.0.0"), "{names:?}");
+        let names = tls_auto_names("192.0.2.1:7080".parse().unwrap(), None);
+        assert!(names.iter().any(|n| n == "192.0.2.1"), "{names:?}");
+        assert_eq!(
+            dial_address(listen),
+            "127.0.0.1:7080".parse::<SocketAddr>().unwrap()
+        );
+        let v6: SocketAddr = "[::]:7080".parse().unwrap();
+        assert_eq!(
+            dial_address(v6),
+            "[::1]:7080".parse::<SocketAddr>().unwrap()
+        );
+        let bound: SocketAddr = "192.0.2.1:7080".parse().unwrap();
+        assert_eq!(dial_address(bound), bound);
     }
 }

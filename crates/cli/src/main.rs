@@ -81,6 +81,23 @@ enum Cmd {
         /// Do not write the client file (~/.dva/client.json) the CLI reads.
         #[arg(long)]
         no_client_config: bool,
+        /// Serve the API over TLS (1.2/1.3; no plain HTTP on the port) with this certificate:
+        /// PEM, the server's first, then its chain. With --tls-key.
+        #[arg(
+            long,
+            value_name = "FILE",
+            requires = "tls_key",
+            conflicts_with = "tls_auto"
+        )]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve the API over TLS with a certificate from the installation CA (kept in
+        /// <state>/pki/), naming the listen and advertised addresses, this host's name,
+        /// 127.0.0.1 and localhost. The client file carries the CA, so the CLI trusts it.
+        #[arg(long)]
+        tls_auto: bool,
     },
     /// Create or replace appliances from specs ("unchanged" when one already runs that spec).
     Apply {
@@ -451,6 +468,10 @@ struct TargetArgs {
     /// API token (env DVA_TOKEN).
     #[arg(long, global = true)]
     token: Option<String>,
+    /// The CA certificate (PEM) an https server's certificate must chain to (env DVA_CA_FILE;
+    /// default: the client file's, which `dva serve --tls-auto` writes).
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
 }
 
 impl TargetArgs {
@@ -458,6 +479,7 @@ impl TargetArgs {
         ctl::Target {
             server: self.server,
             token: self.token,
+            ca: self.ca,
         }
     }
 }
@@ -583,6 +605,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             lab,
             local,
             no_client_config,
+            tls_cert,
+            tls_key,
+            tls_auto,
         } => ctl::serve(&ctl::ServeOptions {
             store: store.unwrap_or_else(|| dva_mgmt::store::StoreConfig::File(state.clone())),
             state,
@@ -590,6 +615,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             advertise,
             place: run::Place::resolve(lab, local)?,
             write_client: !no_client_config,
+            tls: match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => ctl::ServeTls::Files { cert, key },
+                _ if tls_auto => ctl::ServeTls::Auto,
+                // clap allows neither file without the other.
+                _ => ctl::ServeTls::Off,
+            },
         }),
         Cmd::Apply {
             file,
@@ -890,6 +921,67 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 netns,
                 die_with_parent,
             })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("dva").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    /// `dva serve`'s TLS flags: a certificate and its key together, or `--tls-auto`, never both.
+    #[test]
+    fn serve_tls_flags_go_together() {
+        let tls = |args: &[&str]| match parse(args).map(|c| c.cmd) {
+            Ok(Cmd::Serve {
+                tls_cert,
+                tls_key,
+                tls_auto,
+                ..
+            }) => Ok((tls_cert.is_some(), tls_key.is_some(), tls_auto)),
+            Ok(_) => panic!("not serve"),
+            Err(e) => Err(e.kind()),
+        };
+        assert_eq!(tls(&["serve"]), Ok((false, false, false)));
+        assert_eq!(
+            tls(&["serve", "--tls-cert", "c.pem", "--tls-key", "k.pem"]),
+            Ok((true, true, false))
+        );
+        assert_eq!(tls(&["serve", "--tls-auto"]), Ok((false, false, true)));
+        let missing = Err(clap::error::ErrorKind::MissingRequiredArgument);
+        assert_eq!(tls(&["serve", "--tls-cert", "c.pem"]), missing);
+        assert_eq!(tls(&["serve", "--tls-key", "k.pem"]), missing);
+        assert_eq!(
+            tls(&["serve", "--tls-auto", "--tls-cert", "c", "--tls-key", "k"]),
+            Err(clap::error::ErrorKind::ArgumentConflict)
+        );
+    }
+
+    /// `--ca` goes with `--server` and `--token`, wherever they are taken.
+    #[test]
+    fn the_ca_is_a_target_flag() {
+        for args in [
+            &["get", "--ca", "ca.pem", "--server", "https://h:1"][..],
+            &["get", "edge-fw", "--ca", "ca.pem"][..],
+        ] {
+            match parse(args) {
+                Ok(Cli {
+                    cmd: Cmd::Get { target, .. },
+                    ..
+                }) => assert_eq!(target.ca, Some(PathBuf::from("ca.pem")), "{args:?}"),
+                Ok(_) => panic!("not get"),
+                Err(e) => panic!("{args:?}: {e}"),
+            }
         }
     }
 }

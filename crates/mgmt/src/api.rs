@@ -16,8 +16,18 @@
 //! nothing to lose and are what a flood of idle connections is made of: when a limit is reached,
 //! the oldest of those (of that client first) is closed to make room, so idle connections can
 //! never lock everyone out, also when they come from the same address (every local user is
-//! 127.0.0.1). The acceptor never waits on a client. One request per connection
-//! (`Connection: close`), which is all the CLI needs.
+//! 127.0.0.1). The acceptor never waits on a client.
+//!
+//! HTTP/1.1 connections are kept alive (the web view polls every second): after an answer the
+//! connection goes back to waiting for a head, evictable like a fresh one, for at most
+//! [`KEEPALIVE_IDLE`], and serves at most [`MAX_REQUESTS`]. Whatever leaves the stream in doubt
+//! (a body not read, a malformed request) and every stream (watch, capture, monitor) closes it;
+//! `Connection: close` is honoured (the CLI sends it).
+//!
+//! With [`ServeOptions::tls`] the port speaks TLS 1.2/1.3 only. The handshake runs on the
+//! connection's own thread, within the head's deadline: a client that connects and never
+//! handshakes is an idle connection like any other (counted, evictable, timed out). Everything
+//! after it goes through [`Conn`], the same over TCP or TLS.
 //! (tiny_http 0.12, tried first, allocates a request's declared `Content-Length` when it drops an
 //! unread body: one unauthenticated request declaring a few TB aborted the process.)
 
@@ -112,10 +122,32 @@ const MAX_HEADERS: usize = 100;
 const LINGER: Duration = Duration::from_millis(500);
 /// How long [`ApiServer::stop`] waits for calls in progress.
 const STOP_WAIT: Duration = Duration::from_secs(15);
+/// How long a kept-alive connection waits for its next request. A browser polling every second
+/// (the web view) comes back well within it and is spared a new connection (and TLS handshake)
+/// per poll; longer would only park threads for clients that left, which eviction reclaims
+/// anyway when room is needed.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Requests one connection serves before it is closed (its last answer says so): a client
+/// cannot hold one thread for ever, and a long-lived one is spread over fresh connections.
+pub const MAX_REQUESTS: u32 = 1000;
+
+/// How [`serve_with`] serves, beyond where and with which token.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Speak TLS with this configuration (see [`tls_server_config`]) instead of plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// With TLS: certificates (PEM) trusted, beside the installation CA, when a call is forwarded
+    /// to the leading replica, which serves TLS too (e.g. the `--tls-cert` chain).
+    pub forward_ca: Option<String>,
+}
 
 struct Shared {
     mgmt: Mgmt,
     token: String,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// How calls are forwarded to the leader: over TLS with this configuration when we serve TLS
+    /// (so do the other replicas).
+    forward_tls: Option<Arc<rustls::ClientConfig>>,
     stop: AtomicBool,
     /// Connection threads alive (what [`ApiServer::stop`] waits for).
     active: AtomicUsize,
@@ -125,6 +157,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// How clients reach this server (and the other replicas, served alike).
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     fn count(&self, status: u16) {
         let mut a = self.answered.lock().unwrap_or_else(|e| e.into_inner());
         *a.entry(status).or_default() += 1;
@@ -214,9 +255,16 @@ impl Connections {
             return false;
         };
         let slot = self.open.remove(i);
-        // Its thread, blocked reading, sees the end of input and finishes.
+        // Its thread, blocked reading (a head, or a TLS handshake), sees the end of input and
+        // finishes.
         let _ = slot.stream.shutdown(Shutdown::Both);
         true
+    }
+
+    /// Close every connection waiting for a head (the server stops: kept-alive connections
+    /// would otherwise hold it for their idle time).
+    fn evict_all_idle(&mut self) {
+        while self.evict(|_| true) {}
     }
 
     fn release(&mut self, id: u64) {
@@ -246,7 +294,7 @@ impl ApiServer {
         let Some(acceptor) = self.acceptor.take() else {
             return;
         };
-        self.shared.stop.store(true, Ordering::Release);
+        self.shared.stop.store(true, Ordering::SeqCst);
         // Watches wake to see it.
         self.shared.mgmt.inner.notify();
         // The acceptor blocks in accept(): a connection of our own wakes it to see the flag.
@@ -261,6 +309,7 @@ impl ApiServer {
         if TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok() {
             let _ = acceptor.join();
         }
+        self.shared.conns().evict_all_idle();
         let deadline = Instant::now() + STOP_WAIT;
         while self.shared.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -274,13 +323,40 @@ impl Drop for ApiServer {
     }
 }
 
-/// Serve the API on `listen`, each connection on its own thread (at most [`MAX_CONNECTIONS`]).
+/// Serve the API on `listen` over plain HTTP, each connection on its own thread (at most
+/// [`MAX_CONNECTIONS`]).
 pub fn serve(mgmt: Mgmt, listen: SocketAddr, token: String) -> anyhow::Result<ApiServer> {
+    serve_with(mgmt, listen, token, ServeOptions::default())
+}
+
+/// [`serve`], over TLS if `options` say so.
+pub fn serve_with(
+    mgmt: Mgmt,
+    listen: SocketAddr,
+    token: String,
+    options: ServeOptions,
+) -> anyhow::Result<ApiServer> {
+    let forward_tls = match &options.tls {
+        Some(_) => {
+            let mut trusted = mgmt.inner.pki.ca_pem().to_string();
+            if let Some(extra) = &options.forward_ca {
+                trusted += "\n";
+                trusted += extra;
+            }
+            Some(
+                crate::client::tls_client_config(&trusted)
+                    .context("the certificates trusted when forwarding to the leader")?,
+            )
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     let addr = listener.local_addr()?;
     let shared = Arc::new(Shared {
         mgmt,
         token,
+        tls: options.tls,
+        forward_tls,
         stop: AtomicBool::new(false),
         active: AtomicUsize::new(0),
         conns: Mutex::new(Connections::default()),
@@ -335,8 +411,12 @@ impl Shared {
 }
 
 /// Answer 503 from the acceptor without ever waiting on the client: one non-blocking write (a
-/// new connection's send buffer is empty, so it fits), whatever becomes of it.
-fn busy(stream: &TcpStream, why: String) {
+/// new connection's send buffer is empty, so it fits), whatever becomes of it. Over TLS the
+/// connection is just closed: an answer would need a handshake, which may wait on the client.
+fn busy(shared: &Shared, stream: &TcpStream, why: String) {
+    if shared.tls.is_some() {
+        return;
+    }
     let _ = stream.set_nonblocking(true);
     let r = Reply::error(503, "unavailable", why);
     let _ = (&*stream).write(&r.to_bytes());
@@ -348,7 +428,7 @@ fn dispatch(shared: &Arc<Shared>, stream: TcpStream, peer: IpAddr) {
         Ok(slot) => slot,
         Err(why) => {
             shared.count(503);
-            return busy(&stream, why);
+            return busy(shared, &stream, why);
         }
     };
     shared.active.fetch_add(1, Ordering::AcqRel);
@@ -363,11 +443,129 @@ fn dispatch(shared: &Arc<Shared>, stream: TcpStream, peer: IpAddr) {
         .spawn(move || serve_connection(&active, stream));
     // A failed spawn dropped the closure, and with it the registration.
     if let (Err(_), Ok(spare)) = (spawned, spare) {
-        busy(&spare, "out of threads; retry".into());
+        busy(shared, &spare, "out of threads; retry".into());
     }
 }
 
-/// An HTTP answer: always a complete body with its length, then the connection closes.
+/// A served connection: the client's TCP stream, or TLS over it. Reads take a deadline, so a
+/// client that trickles bytes (also inside a TLS record, or its handshake) is held to it; the
+/// TLS variant drives rustls one socket read at a time for that reason rather than through
+/// `rustls::StreamOwned`, whose reads loop over the socket until a record is whole.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsConn>),
+}
+
+struct TlsConn {
+    tls: rustls::ServerConnection,
+    sock: TcpStream,
+}
+
+impl Conn {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(t) => &t.sock,
+        }
+    }
+
+    /// Whether a TLS handshake is still under way (nothing can be answered yet).
+    fn handshaking(&self) -> bool {
+        matches!(self, Conn::Tls(t) if t.tls.is_handshaking())
+    }
+
+    /// Read what arrived (`Ok(0)` at the end of the client's input), waiting until `until` at
+    /// most: a `TimedOut` or `WouldBlock` error after it. Over TLS this also completes the
+    /// handshake, as the first bytes come.
+    fn read_before(&mut self, buf: &mut [u8], until: Instant) -> std::io::Result<usize> {
+        let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+        match self {
+            Conn::Plain(s) => {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(timed_out());
+                }
+                s.set_read_timeout(Some(left))?;
+                s.read(buf)
+            }
+            Conn::Tls(t) => loop {
+                match t.tls.reader().read(buf) {
+                    // Ok(0): the client's close_notify.
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    // The end of the TCP stream without close_notify: the client left.
+                    Err(e) => return Err(e),
+                }
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(timed_out());
+                }
+                t.sock.set_read_timeout(Some(left))?;
+                match t.tls.read_tls(&mut t.sock) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+                if let Err(e) = t.tls.process_new_packets() {
+                    // Tell the client why (the alert rustls queued), then give up on it.
+                    let _ = t.tls.write_tls(&mut t.sock);
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+                }
+                // Handshake messages, key updates: what rustls has to say goes out now.
+                while t.tls.wants_write() {
+                    t.tls.write_tls(&mut t.sock)?;
+                }
+            },
+        }
+    }
+
+    /// Stop sending: a TLS close_notify, then the end of our side of the TCP stream.
+    fn shutdown_write(&mut self) {
+        if let Conn::Tls(t) = self {
+            if !t.tls.is_handshaking() {
+                t.tls.send_close_notify();
+                let _ = t.flush();
+            }
+        }
+        let _ = self.tcp().shutdown(Shutdown::Write);
+    }
+}
+
+impl TlsConn {
+    fn flush(&mut self) -> std::io::Result<()> {
+        while self.tls.wants_write() {
+            self.tls.write_tls(&mut self.sock)?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(t) => {
+                // rustls takes as much plaintext as its bounded buffer has room for; all of it
+                // is sent before the next piece is taken (WRITE_TIMEOUT bounds each send).
+                let n = t.tls.writer().write(buf)?;
+                t.flush()?;
+                if n == 0 && !buf.is_empty() {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// An HTTP answer: always a complete body with its length.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Reply {
     status: u16,
@@ -435,7 +633,13 @@ impl Reply {
         }
     }
 
+    /// The answer, saying the connection closes after it.
     fn to_bytes(&self) -> Vec<u8> {
+        self.encode(false)
+    }
+
+    /// The answer; `keep_alive`: the connection serves another request after it.
+    fn encode(&self, keep_alive: bool) -> Vec<u8> {
         let reason = match self.status {
             200 => "OK",
             400 => "Bad Request",
@@ -455,10 +659,11 @@ impl Reply {
             _ => "",
         };
         let mut out = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n",
             self.status,
             self.content_type,
-            self.body.len()
+            self.body.len(),
+            if keep_alive { "keep-alive" } else { "close" }
         );
         if self.status == 401 {
             out += "WWW-Authenticate: Bearer\r\n";
@@ -486,6 +691,9 @@ struct Head {
     /// `X-Dva-Forwarded`: a replica forwarded this call to the one it takes for the leader, so
     /// it is never forwarded again (no loops while an election settles).
     forwarded: bool,
+    /// Whether the client would send another request on this connection: HTTP/1.1 unless it
+    /// says `Connection: close`, HTTP/1.0 only if it says `Connection: keep-alive`.
+    keep_alive: bool,
 }
 
 enum ReadError {
@@ -507,6 +715,8 @@ struct Deadline {
     /// "head" or "body", for the message.
     part: &'static str,
     limit: Duration,
+    /// Passing it closes the connection unanswered: a kept-alive connection nobody used again.
+    silent: bool,
 }
 
 impl Deadline {
@@ -515,6 +725,15 @@ impl Deadline {
             at: Instant::now() + limit,
             part,
             limit,
+            silent: false,
+        }
+    }
+
+    /// The wait for the first byte of a kept-alive connection's next request.
+    fn idle(limit: Duration) -> Deadline {
+        Deadline {
+            silent: true,
+            ..Deadline::after(limit, "next request")
         }
     }
 
@@ -532,13 +751,9 @@ impl Deadline {
 }
 
 /// One read before the deadline: `Ok(0)` at end of input.
-fn read_some(s: &mut TcpStream, buf: &mut [u8], deadline: Deadline) -> Result<usize, ReadError> {
-    let left = deadline.at.saturating_duration_since(Instant::now());
-    if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
-        return Err(deadline.timed_out());
-    }
+fn read_some(s: &mut Conn, buf: &mut [u8], deadline: Deadline) -> Result<usize, ReadError> {
     loop {
-        match s.read(buf) {
+        match s.read_before(buf, deadline.at) {
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e)
@@ -547,22 +762,33 @@ fn read_some(s: &mut TcpStream, buf: &mut [u8], deadline: Deadline) -> Result<us
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(deadline.timed_out())
+                // Before the TLS handshake is done there is no way to answer.
+                return Err(if deadline.silent || s.handshaking() {
+                    ReadError::Closed
+                } else {
+                    deadline.timed_out()
+                });
             }
             Err(_) => return Err(ReadError::Closed),
         }
     }
 }
 
-/// Read up to the end of the head; returns the head and the body bytes read past it.
-fn read_head(s: &mut TcpStream, deadline: Deadline) -> Result<(Head, Vec<u8>), ReadError> {
-    let mut buf = Vec::with_capacity(1024);
+/// Read up to the end of the next head. `input` holds what was read from the connection and not
+/// used yet (a pipelined request), and keeps what follows the head (body bytes). `idle`: how
+/// long a kept-alive connection waits for the request to begin, when it is not the first; the
+/// head then has [`HEAD_TIMEOUT`] from its first byte.
+fn read_head(s: &mut Conn, input: &mut Vec<u8>, idle: Option<Duration>) -> Result<Head, ReadError> {
+    let mut deadline = match idle {
+        Some(idle) if input.is_empty() => Deadline::idle(idle),
+        _ => Deadline::after(HEAD_TIMEOUT, "head"),
+    };
     let mut chunk = [0u8; 4096];
     let end = loop {
-        if let Some(end) = head_end(&buf) {
+        if let Some(end) = head_end(input) {
             break end;
         }
-        if buf.len() > MAX_HEAD {
+        if input.len() > MAX_HEAD {
             return Err(Reply::error(
                 431,
                 "too_large",
@@ -572,16 +798,19 @@ fn read_head(s: &mut TcpStream, deadline: Deadline) -> Result<(Head, Vec<u8>), R
         }
         let n = read_some(s, &mut chunk, deadline)?;
         if n == 0 {
-            if buf.iter().all(u8::is_ascii_whitespace) {
+            if input.iter().all(u8::is_ascii_whitespace) {
                 return Err(ReadError::Closed);
             }
             return Err(bad("the request ended inside its head").into());
         }
-        buf.extend_from_slice(&chunk[..n]);
+        if deadline.silent {
+            deadline = Deadline::after(HEAD_TIMEOUT, "head");
+        }
+        input.extend_from_slice(&chunk[..n]);
     };
-    let (head_bytes, rest) = buf.split_at(end.0);
-    let head = parse_head(head_bytes)?;
-    Ok((head, rest[end.1..].to_vec()))
+    let head = parse_head(&input[..end.0])?;
+    input.drain(..end.0 + end.1);
+    Ok(head)
 }
 
 /// Where the head ends: (its length, the length of the blank-line terminator).
@@ -635,6 +864,7 @@ fn parse_head(bytes: &[u8]) -> Result<Head, Reply> {
         target: target.to_string(),
         ..Head::default()
     };
+    let (mut close, mut keep_alive) = (false, version == "HTTP/1.1");
     for (i, line) in lines.enumerate() {
         if i >= MAX_HEADERS {
             return Err(Reply::error(
@@ -672,17 +902,27 @@ fn parse_head(bytes: &[u8]) -> Result<Head, Reply> {
             "authorization" => head.authorization = Some(value.to_string()),
             "if-match" => head.if_match = Some(value.to_string()),
             "x-dva-forwarded" => head.forwarded = true,
+            "connection" => {
+                for option in value.split(',').map(str::trim) {
+                    close |= option.eq_ignore_ascii_case("close");
+                    keep_alive |= option.eq_ignore_ascii_case("keep-alive");
+                }
+            }
             "expect" if value.eq_ignore_ascii_case("100-continue") => head.expect_continue = true,
             _ => {}
         }
     }
+    // `close` wins over anything else said.
+    head.keep_alive = keep_alive && !close;
     Ok(head)
 }
 
+/// Read the body `head` announces; `input` holds what was read past the head, and keeps what
+/// follows the body.
 fn read_body(
-    s: &mut TcpStream,
+    s: &mut Conn,
     head: &Head,
-    mut body: Vec<u8>,
+    input: &mut Vec<u8>,
     deadline: Deadline,
 ) -> Result<String, ReadError> {
     let len = head.content_length.unwrap_or(0);
@@ -694,19 +934,20 @@ fn read_body(
         )
         .into());
     }
-    if head.expect_continue && body.len() < len {
+    if head.expect_continue && input.len() < len {
         let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
     let mut chunk = [0u8; 16 << 10];
-    while body.len() < len {
-        let want = (len - body.len()).min(chunk.len());
+    while input.len() < len {
+        let want = (len - input.len()).min(chunk.len());
         let n = read_some(s, &mut chunk[..want], deadline)?;
         if n == 0 {
             return Err(bad("the body is shorter than its Content-Length").into());
         }
-        body.extend_from_slice(&chunk[..n]);
+        input.extend_from_slice(&chunk[..n]);
     }
-    body.truncate(len);
+    let next = input.split_off(len);
+    let body = std::mem::replace(input, next);
     String::from_utf8(body).map_err(|_| bad("the body is not UTF-8").into())
 }
 
@@ -848,73 +1089,130 @@ fn matches_template(template: &str, segments: &[&str]) -> bool {
             .all(|(a, b)| (a.starts_with('{') && !b.is_empty()) || a == b)
 }
 
-fn serve_connection(conn: &Active, mut s: TcpStream) {
-    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
-    let _ = s.set_nodelay(true);
-    let mut head_only = false;
-    let reply = match answer(&conn.shared, &conn.slot, &mut s, &mut head_only) {
-        Ok(Answer::Reply(r)) | Err(ReadError::Reply(r)) => r,
-        Ok(Answer::Capture(streams)) => {
-            conn.shared.count(200);
-            // No length: the stream ends when the connection closes (HTTP/1.1 allows it with
-            // `Connection: close`). A client that stops reading fails a write within
-            // WRITE_TIMEOUT, which ends the capture.
-            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.tcpdump.pcap\r\nConnection: close\r\n\r\n";
-            if s.write_all(head.as_bytes()).is_ok() {
-                let _ = streams.copy_to(&mut s);
-            }
-            linger(s);
-            return;
-        }
-        Ok(Answer::Monitor(streams)) => {
-            conn.shared.count(200);
-            // Like capture: no length, the stream ends when the connection closes. The client
-            // sends nothing after its request, so a read that sees the end of its side means
-            // it went away (Ctrl-C) even while no event is written.
-            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n";
-            if s.write_all(head.as_bytes()).is_ok() {
-                let mut gone = client_gone(&s);
-                let _ = streams.copy_to(&mut s, &mut gone);
-            }
-            linger(s);
-            return;
-        }
-        Ok(Answer::Watch(what, timeout)) => {
-            conn.shared.count(200);
-            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n";
-            if s.write_all(head.as_bytes()).is_ok() {
-                // A stopping server ends its watches (the client watches again, elsewhere).
-                let mut client = client_gone(&s);
-                let mut gone = || conn.shared.stop.load(Ordering::Acquire) || client();
-                let _ = watch(&conn.shared.mgmt, &what, timeout, &mut s, &mut gone);
-            }
-            linger(s);
-            return;
-        }
-        Err(ReadError::Closed) => return,
-    };
-    conn.shared.count(reply.status);
-    let mut bytes = reply.to_bytes();
-    if head_only {
-        // HEAD: the GET answer's status and headers (its Content-Length too), no body.
-        bytes.truncate(bytes.len() - reply.body.len());
-    }
-    let _ = s.write_all(&bytes);
-    let _ = s.flush();
-    linger(s);
+/// What serving a request learnt about the connection.
+#[derive(Debug, Default)]
+struct Request {
+    /// A HEAD: the answer goes without its body.
+    head_only: bool,
+    /// The client would send another request, and the stream is where it begins (no body left
+    /// unread).
+    keep_alive: bool,
 }
 
-/// Whether the client of a stream went away: it sends nothing after its request, so a read that
-/// sees the end of its side means it left (Ctrl-C) even while nothing is written to it.
-fn client_gone(s: &TcpStream) -> impl FnMut() -> bool {
-    let probe = s.try_clone().ok();
-    if let Some(p) = &probe {
-        let _ = p.set_read_timeout(Some(Duration::from_millis(1)));
+fn serve_connection(conn: &Active, stream: TcpStream) {
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let _ = stream.set_nodelay(true);
+    let mut s = match &conn.shared.tls {
+        None => Conn::Plain(stream),
+        Some(config) => match rustls::ServerConnection::new(config.clone()) {
+            Ok(tls) => Conn::Tls(Box::new(TlsConn { tls, sock: stream })),
+            Err(_) => return,
+        },
+    };
+    // Read from the connection and not used yet: what follows a request (pipelining).
+    let mut input = Vec::new();
+    for served in 0..MAX_REQUESTS {
+        let mut req = Request::default();
+        let reply = match answer(
+            &conn.shared,
+            &conn.slot,
+            &mut s,
+            &mut input,
+            served,
+            &mut req,
+        ) {
+            Ok(Answer::Reply(r)) => r,
+            // Where the next request would start is unknown.
+            Err(ReadError::Reply(r)) => {
+                req.keep_alive = false;
+                r
+            }
+            Ok(Answer::Capture(streams)) => {
+                conn.shared.count(200);
+                // No length: the stream ends when the connection closes (HTTP/1.1 allows it
+                // with `Connection: close`). A client that stops reading fails a write within
+                // WRITE_TIMEOUT, which ends the capture.
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.tcpdump.pcap\r\nConnection: close\r\n\r\n";
+                if s.write_all(head.as_bytes()).is_ok() {
+                    let _ = streams.copy_to(&mut s);
+                }
+                linger(s);
+                return;
+            }
+            Ok(Answer::Monitor(streams)) => {
+                conn.shared.count(200);
+                // Like capture: no length, the stream ends when the connection closes. The
+                // client sends nothing after its request, so its end of the stream closing
+                // means it went away (Ctrl-C) even while no event is written.
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n";
+                if s.write_all(head.as_bytes()).is_ok() {
+                    let mut gone = client_gone(s.tcp());
+                    let _ = streams.copy_to(&mut s, &mut gone);
+                }
+                linger(s);
+                return;
+            }
+            Ok(Answer::Watch(what, timeout)) => {
+                conn.shared.count(200);
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n";
+                if s.write_all(head.as_bytes()).is_ok() {
+                    // A stopping server ends its watches (the client watches again, elsewhere).
+                    let mut client = client_gone(s.tcp());
+                    let mut gone = || conn.shared.stop.load(Ordering::Acquire) || client();
+                    let _ = watch(&conn.shared.mgmt, &what, timeout, &mut s, &mut gone);
+                }
+                linger(s);
+                return;
+            }
+            Err(ReadError::Closed) => return,
+        };
+        conn.shared.count(reply.status);
+        let keep_alive =
+            req.keep_alive && served + 1 < MAX_REQUESTS && !conn.shared.stop.load(Ordering::SeqCst);
+        let mut bytes = reply.encode(keep_alive);
+        if req.head_only {
+            // HEAD: the GET answer's status and headers (its Content-Length too), no body.
+            bytes.truncate(bytes.len() - reply.body.len());
+        }
+        let sent = s.write_all(&bytes).and_then(|()| s.flush());
+        if !keep_alive {
+            linger(s);
+            return;
+        }
+        // Back to waiting for a head: from here the connection may be closed to make room, like
+        // a new one. (The stop flag is read after that, so a stopping server that saw this
+        // connection still serving does not leave it waiting.)
+        if sent.is_err()
+            || conn
+                .slot
+                .phase
+                .compare_exchange(SERVING, IN_HEAD, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            || conn.shared.stop.load(Ordering::SeqCst)
+        {
+            return;
+        }
     }
+}
+
+/// Whether the client of a stream went away: it sends nothing after its request, so its end of
+/// the connection closing means it left (Ctrl-C) even while nothing is written to it. Asked of
+/// the socket (poll(2)) without reading it: over TLS, bytes taken from under rustls would break
+/// the stream.
+fn client_gone(s: &TcpStream) -> impl FnMut() -> bool {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
     move || {
-        probe
-            .as_ref()
-            .is_none_or(|mut p| matches!(std::io::Read::read(&mut p, &mut [0u8; 64]), Ok(0)))
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: `p` is one valid pollfd for the duration of the call (timeout 0: no wait); `fd`
+        // belongs to the connection, which outlives this closure (both live in
+        // `serve_connection`'s scope), and poll(2) only reports on it.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
     }
 }
 
@@ -1074,19 +1372,25 @@ enum Answer {
     Monitor(crate::inspect::MonitorStreams),
 }
 
+/// Read and answer the request number `served` (from 0) of a connection.
 fn answer(
     sh: &Shared,
     slot: &Slot,
-    s: &mut TcpStream,
-    head_only: &mut bool,
+    s: &mut Conn,
+    input: &mut Vec<u8>,
+    served: u32,
+    req: &mut Request,
 ) -> Result<Answer, ReadError> {
-    let (head, rest) = read_head(s, Deadline::after(HEAD_TIMEOUT, "head"))?;
-    *head_only = head.method == "HEAD";
+    let head = read_head(s, input, (served > 0).then_some(KEEPALIVE_IDLE))?;
+    req.head_only = head.method == "HEAD";
+    // A body announced is read only by the calls that take one: until then the next request's
+    // start is unknown.
+    req.keep_alive = head.keep_alive && head.content_length.unwrap_or(0) == 0;
     // A whole request arrived: from here on the connection is not closed to make room (unless
     // that happened already, and then there is nobody to answer).
     if slot
         .phase
-        .compare_exchange(IN_HEAD, SERVING, Ordering::AcqRel, Ordering::Acquire)
+        .compare_exchange(IN_HEAD, SERVING, Ordering::SeqCst, Ordering::SeqCst)
         .is_err()
     {
         return Err(ReadError::Closed);
@@ -1105,7 +1409,10 @@ fn answer(
         return Ok(Answer::Reply(Reply::error(
             503,
             "not_leader",
-            format!("captures and monitors stream from the leading replica: ask http://{api}"),
+            format!(
+                "captures and monitors stream from the leading replica: ask {}://{api}",
+                sh.scheme()
+            ),
         )));
     }
     if let Call::List | Call::Get(_) | Call::Events(_) = call {
@@ -1119,7 +1426,10 @@ fn answer(
                 return Ok(Answer::Reply(Reply::error(
                     503,
                     "not_leader",
-                    format!("watches stream from the leading replica: ask http://{api}"),
+                    format!(
+                        "watches stream from the leading replica: ask {}://{api}",
+                        sh.scheme()
+                    ),
                 )));
             }
             let what = match call {
@@ -1149,7 +1459,9 @@ fn answer(
         });
     }
     let body = if call.has_body() {
-        read_body(s, &head, rest, Deadline::after(BODY_TIMEOUT, "body"))?
+        let body = read_body(s, &head, input, Deadline::after(BODY_TIMEOUT, "body"))?;
+        req.keep_alive = head.keep_alive;
+        body
     } else {
         String::new()
     };
@@ -1164,7 +1476,14 @@ fn answer(
                         .into(),
                 )))
             }
-            Leader::Other(api) => return Ok(Answer::Reply(forward(&api, &head, &body))),
+            Leader::Other(api) => {
+                return Ok(Answer::Reply(forward(
+                    &api,
+                    &head,
+                    &body,
+                    sh.forward_tls.as_ref(),
+                )))
+            }
             Leader::Unknown => {
                 return Ok(Answer::Reply(Reply::error(
                     503,
@@ -1192,8 +1511,10 @@ fn answer(
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Relay a call to the leader's API at `api` (`HOST:PORT`) and its answer back: the method,
-/// target (query included), body, and the headers that matter (Authorization, If-Match).
-fn forward(api: &str, head: &Head, body: &str) -> Reply {
+/// target (query included), body, and the headers that matter (Authorization, If-Match). Over
+/// TLS with `tls` (we serve TLS, so does the leader), checking its certificate names `api`'s
+/// address.
+fn forward(api: &str, head: &Head, body: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Reply {
     let unavailable = |why: String| {
         Reply::error(
             503,
@@ -1205,12 +1526,13 @@ fn forward(api: &str, head: &Head, body: &str) -> Reply {
         Ok(a) => a,
         Err(e) => return unavailable(format!("not an address ({e})")),
     };
-    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+    let host = addr.ip().to_string();
+    let mut s = match crate::client::connect(addr, &host, tls, Duration::from_secs(2)) {
         Ok(s) => s,
-        Err(e) => return unavailable(e.to_string()),
+        Err(e) => return unavailable(format!("{e:#}")),
     };
-    let _ = s.set_read_timeout(Some(FORWARD_TIMEOUT));
-    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+    let _ = s.tcp().set_read_timeout(Some(FORWARD_TIMEOUT));
+    let _ = s.tcp().set_write_timeout(Some(WRITE_TIMEOUT));
     let mut req = format!(
         "{} {} HTTP/1.1\r\nHost: {api}\r\nX-Dva-Forwarded: 1\r\nConnection: close\r\n\
          Content-Length: {}\r\n",
@@ -1230,7 +1552,7 @@ fn forward(api: &str, head: &Head, body: &str) -> Reply {
         return unavailable(e.to_string());
     }
     let mut answer = Vec::new();
-    // The leader closes after its answer (one request per connection); the answer is bounded
+    // The leader closes after its answer (asked to: `Connection: close`); the answer is bounded
     // like a request body, since a leader could be anything listening at that address.
     if let Err(e) = (&mut s).take(MAX_BODY as u64 * 8).read_to_end(&mut answer) {
         return unavailable(e.to_string());
@@ -1370,9 +1692,11 @@ fn execute(sh: &Shared, call: Call<'_>, body: &str, opts: WriteOptions) -> Reply
 }
 
 /// Close after the answer without resetting it away: stop sending, then drain what the client
-/// still sends (a body we refused) for a short while.
-fn linger(mut s: TcpStream) {
-    let _ = s.shutdown(Shutdown::Write);
+/// still sends (a body we refused) for a short while, from the TCP stream itself (over TLS too:
+/// it is only thrown away).
+fn linger(mut conn: Conn) {
+    conn.shutdown_write();
+    let mut s = conn.tcp();
     let until = Instant::now() + LINGER;
     let mut sink = [0u8; 16 << 10];
     let mut drained = 0usize;
@@ -1386,6 +1710,57 @@ fn linger(mut s: TcpStream) {
             Ok(n) => drained += n,
         }
     }
+}
+
+/// The API's TLS configuration: TLS 1.3 and 1.2 (what curl and browsers speak; nothing older),
+/// the `ring` provider, no client certificates (clients are known by the token), HTTP/1.1 by
+/// ALPN. `cert_pem`: the server's certificate, then the chain up to its CA.
+pub fn tls_server_config(
+    cert_pem: &str,
+    key_pem: &str,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("the certificate is not PEM: {e}"))?;
+    anyhow::ensure!(!chain.is_empty(), "no certificate (PEM) found");
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("no private key (PEM) found: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the certificate and the key do not make a pair")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// [`tls_server_config`] from PEM files (`dva serve --tls-cert FILE --tls-key FILE`).
+pub fn tls_server_config_from_files(
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let read =
+        |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    tls_server_config(&read(cert)?, &read(key)?)
+        .with_context(|| format!("{} and {}", cert.display(), key.display()))
+}
+
+/// TLS with no files to make (`dva serve --tls-auto`): a certificate from the installation CA
+/// naming `names` (the addresses and host names clients dial), kept in `<state>/pki/api.crt` and
+/// `api.key` (0600). Returns the server configuration and the CA's certificate (PEM), which
+/// clients trust (the client file carries it).
+pub fn auto_tls(
+    mgmt: &Mgmt,
+    names: &[String],
+) -> anyhow::Result<(Arc<rustls::ServerConfig>, String)> {
+    let pki = &mgmt.inner.pki;
+    let issued = pki.issue_server(names)?;
+    crate::pki::write_server_files(&mgmt.inner.opts.state_dir.join("pki"), &issued)?;
+    let config = tls_server_config(&issued.cert_pem, &issued.key_pem)?;
+    Ok((config, pki.ca_pem().to_string()))
 }
 
 /// The API token: `<state>/token`, 32 random bytes in hex, created (mode 0600) on first start and
@@ -1435,9 +1810,13 @@ pub fn save_token(state_dir: &Path, token: &str) -> anyhow::Result<()> {
 /// Where the CLI finds the server and its token (kubeconfig-like), written by `dva serve`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientConfig {
-    /// e.g. `http://127.0.0.1:7080`
+    /// e.g. `http://127.0.0.1:7080`, or `https://...` with TLS
     pub server: String,
     pub token: String,
+    /// The CA (PEM) whose certificate the server must present over https: the installation CA
+    /// with `dva serve --tls-auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 impl ClientConfig {
@@ -1678,6 +2057,72 @@ mod tests {
         ] {
             assert_eq!(parse_answer(junk), None, "{junk:?}");
         }
+    }
+
+    /// Replicas serving TLS forward over TLS: the leader's certificate must chain to the CA
+    /// trusted and name the address forwarded to; the call arrives whole, marked forwarded.
+    #[test]
+    fn forwarding_speaks_tls_to_a_leader_the_ca_vouches_for() {
+        let pki = crate::pki::Pki::generate().expect("CA");
+        let leader_cert = pki.issue_server(&["127.0.0.1".into()]).expect("cert");
+        let config =
+            tls_server_config(&leader_cert.cert_pem, &leader_cert.key_pem).expect("config");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let api = listener.local_addr().expect("addr").to_string();
+        // The leader: answers each connection's request with what it received.
+        let leader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                let (sock, _) = listener.accept().expect("accept");
+                let conn = rustls::ServerConnection::new(config.clone()).expect("tls");
+                let mut s = rustls::StreamOwned::new(conn, sock);
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while head_end(&req).is_none() {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if req.is_empty() {
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&req).into_owned();
+                let _ = s.write_all(&Reply::new(200, "text/plain", text.clone()).to_bytes());
+                s.conn.send_close_notify();
+                let _ = s.flush();
+                got.push(text);
+            }
+            got
+        });
+        let head = Head {
+            method: "DELETE".into(),
+            target: "/v1/appliances/x".into(),
+            authorization: Some("Bearer t".into()),
+            ..Head::default()
+        };
+        let trusted = crate::client::tls_client_config(pki.ca_pem()).expect("client");
+        let r = forward(&api, &head, "", Some(&trusted));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            r.body.starts_with("DELETE /v1/appliances/x HTTP/1.1\r\n"),
+            "{}",
+            r.body
+        );
+        assert!(r.body.contains("\r\nX-Dva-Forwarded: 1\r\n"), "{}", r.body);
+        assert!(
+            r.body.contains("\r\nAuthorization: Bearer t\r\n"),
+            "{}",
+            r.body
+        );
+        // A leader this CA did not vouch for is not told the token.
+        let other = crate::pki::Pki::generate().expect("CA");
+        let untrusted = crate::client::tls_client_config(other.ca_pem()).expect("client");
+        let r = forward(&api, &head, "", Some(&untrusted));
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(r.body.contains("TLS handshake"), "{}", r.body);
+        let got = leader.join().expect("leader");
+        assert_eq!(got.len(), 1, "{got:?}");
     }
 
     /// A call that reaches a non-leader already forwarded once is not forwarded again.

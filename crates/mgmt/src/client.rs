@@ -1,9 +1,12 @@
 //! A small HTTP/1.1 client for the management API (what the CLI and tests use): one request per
-//! connection, `Connection: close`, JSON in and out. Plain HTTP over TCP; no dependency needed.
+//! connection, `Connection: close`, JSON in and out. Plain HTTP over TCP, or https (rustls)
+//! trusting only the CA it is given: there are no system roots here, a dva server's certificate
+//! comes from its installation CA or from the operator's own.
 
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde::de::DeserializeOwned;
@@ -14,6 +17,10 @@ use crate::model::{ApplianceView, Event, ScaleRequest, UnitView};
 pub struct Client {
     /// host:port
     authority: String,
+    /// The host of `authority`, which the server's certificate must name (https).
+    host: String,
+    /// https: the TLS configuration, trusting the CA given.
+    tls: Option<Arc<rustls::ClientConfig>>,
     token: Option<String>,
     timeout: Duration,
 }
@@ -28,22 +35,64 @@ pub struct HttpError {
 }
 
 impl Client {
-    /// `server` is `http://host:port` (or `host:port`).
+    /// `server` is `http://host:port` (or `host:port`), or `https://host:port` trusting the CA
+    /// in the file `$DVA_CA_FILE`.
     pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Client> {
+        Client::with_ca(server, token, None)
+    }
+
+    /// [`Client::new`]; over https trusting `ca_pem` (PEM certificates) if given, else the CA in
+    /// the file `$DVA_CA_FILE`, else refusing (no system roots: see the module doc).
+    pub fn with_ca(
+        server: &str,
+        token: Option<String>,
+        ca_pem: Option<&str>,
+    ) -> anyhow::Result<Client> {
         let s = server.trim().trim_end_matches('/');
-        let authority = s.strip_prefix("http://").unwrap_or(s);
-        if s.starts_with("https://") {
-            bail!("https is not supported by this client: use http://host:port");
-        }
+        let (https, authority) = match s.strip_prefix("https://") {
+            Some(a) => (true, a),
+            None => (false, s.strip_prefix("http://").unwrap_or(s)),
+        };
         if authority.is_empty() || authority.contains('/') {
-            bail!("invalid server address {server:?} (expected http://host:port)");
+            bail!("invalid server address {server:?} (expected http://host:port or https://host:port)");
         }
+        let host = host_of(authority);
+        let tls = if https {
+            let ca = match (ca_pem, std::env::var_os("DVA_CA_FILE")) {
+                (Some(pem), _) => pem.to_string(),
+                (None, Some(path)) => std::fs::read_to_string(&path).with_context(|| {
+                    format!("reading the CA file {} (DVA_CA_FILE)", path.to_string_lossy())
+                })?,
+                (None, None) => bail!(
+                    "{server}: https needs the CA that issued the server's certificate: pass --ca FILE or set DVA_CA_FILE (the client file `dva serve --tls-auto` writes has it)"
+                ),
+            };
+            Some(tls_client_config(&ca).context("the CA to trust")?)
+        } else {
+            None
+        };
         Ok(Client {
             authority: authority.to_string(),
+            host: host.to_string(),
+            tls,
             token,
             // A delete waits for the units to stop (up to ~5 s).
             timeout: Duration::from_secs(30),
         })
+    }
+
+    /// A connection to the server, over TLS for https; reads wait `read_timeout` at most.
+    fn open(&self, read_timeout: Duration) -> anyhow::Result<ClientStream> {
+        let addr = self
+            .authority
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {}", self.authority))?
+            .next()
+            .ok_or_else(|| anyhow!("{} resolves to nothing", self.authority))?;
+        let s = connect(addr, &self.host, self.tls.as_ref(), Duration::from_secs(5))?;
+        s.tcp().set_read_timeout(Some(read_timeout))?;
+        s.tcp().set_write_timeout(Some(self.timeout))?;
+        Ok(s)
     }
 
     /// Send one request; `Ok((status, body))` whatever the status.
@@ -54,18 +103,7 @@ impl Client {
         content_type: &str,
         body: &[u8],
     ) -> anyhow::Result<(u16, String)> {
-        let addr = self
-            .authority
-            .to_socket_addrs()
-            .with_context(|| format!("resolving {}", self.authority))?
-            .next()
-            .ok_or_else(|| anyhow!("{} resolves to nothing", self.authority))?;
-        let mut s =
-            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| {
-                format!("connecting to the management API at {addr} (is `dva serve` running?)")
-            })?;
-        s.set_read_timeout(Some(self.timeout))?;
-        s.set_write_timeout(Some(self.timeout))?;
+        let mut s = self.open(self.timeout)?;
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\nContent-Length: {}\r\n",
             self.authority,
@@ -171,18 +209,7 @@ impl Client {
         out: &mut dyn std::io::Write,
         timeout: Duration,
     ) -> anyhow::Result<u64> {
-        let addr = self
-            .authority
-            .to_socket_addrs()
-            .with_context(|| format!("resolving {}", self.authority))?
-            .next()
-            .ok_or_else(|| anyhow!("{} resolves to nothing", self.authority))?;
-        let mut s =
-            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| {
-                format!("connecting to the management API at {addr} (is `dva serve` running?)")
-            })?;
-        s.set_read_timeout(Some(timeout))?;
-        s.set_write_timeout(Some(self.timeout))?;
+        let mut s = self.open(timeout)?;
         let mut head = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
             self.authority
@@ -200,6 +227,9 @@ impl Client {
             loop {
                 let before = got.len();
                 if limited.read_until(b'\n', &mut got)? == 0 {
+                    if speaks_tls(&got) {
+                        bail!(USE_HTTPS);
+                    }
                     bail!("the server closed the connection before answering");
                 }
                 if got[before..] == *b"\r\n" {
@@ -277,7 +307,129 @@ impl Client {
     }
 }
 
+/// The host part of `host:port` (`[v6]:port` too), which a server certificate names.
+fn host_of(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+}
+
+/// A TLS client configuration trusting only the certificates in `ca_pem`: TLS 1.3 and 1.2, the
+/// `ring` provider, HTTP/1.1 by ALPN.
+pub fn tls_client_config(ca_pem: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| anyhow!("not a PEM certificate: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| anyhow!("not a usable CA certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        bail!("no certificate (PEM) found");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A connection to a management API: TCP, or TLS over it.
+pub(crate) enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl ClientStream {
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            ClientStream::Plain(s) => s,
+            ClientStream::Tls(t) => t.get_ref(),
+        }
+    }
+}
+
+impl Read for ClientStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            ClientStream::Plain(s) => s.read(buf),
+            ClientStream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for ClientStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            ClientStream::Plain(s) => s.write(buf),
+            ClientStream::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            ClientStream::Plain(s) => s.flush(),
+            ClientStream::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// Connect to the API at `addr`, within `timeout`; with `tls`, also complete the handshake,
+/// which checks that the server's certificate names `host` and chains to the CA trusted. A
+/// failed handshake says so (a wrong CA, most likely), not that the server is down.
+pub(crate) fn connect(
+    addr: SocketAddr,
+    host: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+) -> anyhow::Result<ClientStream> {
+    let mut sock = TcpStream::connect_timeout(&addr, timeout).with_context(|| {
+        format!("connecting to the management API at {addr} (is `dva serve` running?)")
+    })?;
+    let Some(config) = tls else {
+        return Ok(ClientStream::Plain(sock));
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| anyhow!("{host:?} is not a server name for TLS: {e}"))?;
+    let mut conn = rustls::ClientConnection::new(config.clone(), name)?;
+    let deadline = Instant::now() + timeout;
+    let failed = || {
+        format!(
+            "TLS handshake with the management API at {addr} (is it https, and does the CA given by --ca, DVA_CA_FILE or the client file issue its certificate for {host}?)"
+        )
+    };
+    while conn.is_handshaking() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(anyhow!("timed out")).with_context(failed);
+        }
+        sock.set_read_timeout(Some(left))?;
+        sock.set_write_timeout(Some(left))?;
+        conn.complete_io(&mut sock).with_context(failed)?;
+    }
+    Ok(ClientStream::Tls(Box::new(rustls::StreamOwned::new(
+        conn, sock,
+    ))))
+}
+
+/// A TLS alert record (what a TLS server answers plain HTTP with): the server wants https.
+fn speaks_tls(raw: &[u8]) -> bool {
+    raw.starts_with(&[0x15, 0x03])
+}
+
+const USE_HTTPS: &str = "the server speaks TLS: use https://HOST:PORT (and --ca or DVA_CA_FILE)";
+
 fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
+    if speaks_tls(raw) {
+        bail!(USE_HTTPS);
+    }
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -334,7 +486,30 @@ mod tests {
         .unwrap();
         assert_eq!((s, b.as_str()), (404, "abcde"));
         assert!(parse_response(b"garbage").is_err());
-        assert!(Client::new("https://x:1", None).is_err());
+        let e = parse_response(b"\x15\x03\x03\x00\x02\x02\x32").unwrap_err();
+        assert!(e.to_string().contains("https://"), "{e}");
         assert!(Client::new("http://127.0.0.1:7080/", None).is_ok());
+    }
+
+    #[test]
+    fn https_needs_a_ca_to_trust() {
+        let ca = crate::pki::Pki::generate().unwrap();
+        let c = Client::with_ca("https://127.0.0.1:7443/", None, Some(ca.ca_pem())).unwrap();
+        assert_eq!(
+            (c.authority.as_str(), c.host.as_str()),
+            ("127.0.0.1:7443", "127.0.0.1")
+        );
+        assert!(c.tls.is_some());
+        let v6 = Client::with_ca("https://[::1]:7443", None, Some(ca.ca_pem())).unwrap();
+        assert_eq!(v6.host, "::1");
+        assert!(Client::with_ca("https://x:1", None, Some("not a certificate")).is_err());
+        // A CA given to a plain http client is not needed, and not an error.
+        let plain = Client::with_ca("http://127.0.0.1:7080", None, Some(ca.ca_pem())).unwrap();
+        assert!(plain.tls.is_none());
+        if std::env::var_os("DVA_CA_FILE").is_none() {
+            let e = Client::new("https://x:1", None).unwrap_err().to_string();
+            assert!(e.contains("--ca") && e.contains("DVA_CA_FILE"), "{e}");
+        }
+        assert_eq!(host_of("dva.example:7080"), "dva.example");
     }
 }

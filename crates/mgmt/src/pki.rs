@@ -11,6 +11,10 @@
 //!   `manager.APPLIANCE.dva`, the server name units check. The provisioner writes them into the
 //!   unit's private directory ([`write_unit_files`]).
 //! * The management tool: `dva://mgmt`, held in memory, issued when it opens.
+//! * The API server (`dva serve --tls-auto`): a server-only certificate naming the addresses and
+//!   host names clients reach it by, valid [`SERVER_VALIDITY`], `api.crt` and `api.key` in
+//!   `<state>/pki/` ([`write_server_files`]). It names no dva identity, so it cannot join a
+//!   unit channel.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -29,6 +33,9 @@ use dva_unit::tls::{self, TlsFiles};
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
 /// How long a unit's certificate is valid: units get a new one whenever they are (re)started.
 pub const LEAF_VALIDITY: Duration = Duration::from_secs(90 * 86_400);
+/// How long the API server's certificate is valid: issued anew at every start, but a `dva serve`
+/// may run for a long time, so longer than a unit's; not longer than browsers accept (397 days).
+pub const SERVER_VALIDITY: Duration = Duration::from_secs(397 * 86_400);
 /// Certificates start this long before they are issued, for clocks a little behind ours.
 const BACKDATE: Duration = Duration::from_secs(300);
 
@@ -179,6 +186,39 @@ impl Pki {
             .with_context(|| format!("issuing the certificate of unit {id} of {appliance}"))
     }
 
+    /// The API server's certificate, naming `names` (IP addresses and DNS names, as the clients
+    /// dial it): for TLS server authentication only.
+    pub fn issue_server(&self, names: &[String]) -> anyhow::Result<Issued> {
+        let mut unique: Vec<String> = Vec::new();
+        for n in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+            if !unique.iter().any(|u| u.eq_ignore_ascii_case(n)) {
+                unique.push(n.to_string());
+            }
+        }
+        anyhow::ensure!(!unique.is_empty(), "a server certificate needs a name");
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut p = CertificateParams::new(unique.clone())
+            .with_context(|| format!("server names {unique:?}"))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "dva API server");
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - BACKDATE;
+        p.not_after = now + SERVER_VALIDITY;
+        let cert = p
+            .signed_by(&key, &self.issuer, &self.key)
+            .context("issuing the API server's certificate")?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            ca_pem: self.ca_pem.clone(),
+        })
+    }
+
     /// The management tool's client certificate.
     pub fn issue_mgmt(&self) -> anyhow::Result<Issued> {
         self.issue(tls::mgmt_uri(), Vec::new())
@@ -206,6 +246,21 @@ pub fn write_unit_files(dir: &Path, issued: &Issued) -> anyhow::Result<TlsFiles>
     write_private(&files.cert, &issued.cert_pem)?;
     write_private(&files.ca, &issued.ca_pem)?;
     Ok(files)
+}
+
+/// Write the API server's certificate and key into the PKI directory `dir` (`api.crt`,
+/// `api.key`, 0600, replacing those of an earlier start) and return their paths.
+pub fn write_server_files(
+    dir: &Path,
+    issued: &Issued,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    dva_io::local::create_private_dir_all(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let (crt, key) = (dir.join("api.crt"), dir.join("api.key"));
+    // Key first, as for the CA: a certificate is never left without its key.
+    write_private(&key, &issued.key_pem)?;
+    write_private(&crt, &issued.cert_pem)?;
+    Ok((crt, key))
 }
 
 /// Replace `path` with `text`, mode 0600 whatever the file had before.
@@ -299,6 +354,57 @@ mod tests {
                 id: 7
             }
         );
+    }
+
+    /// The API server's certificate chains to the CA, names what it was asked to (IP addresses
+    /// as addresses), serves but cannot be a unit channel client or identity.
+    #[test]
+    fn server_certificates_name_their_addresses_and_only_serve() {
+        let pki = Pki::generate().unwrap();
+        let names = [
+            "127.0.0.1",
+            "localhost",
+            "LOCALHOST",
+            "::1",
+            "dva.example",
+            " ",
+        ]
+        .map(String::from);
+        let server = pki.issue_server(&names).unwrap();
+        let (ca, leaf) = (der(pki.ca_pem()), der(&server.cert_pem));
+        let anchor = webpki::anchor_from_trusted_cert(&ca).unwrap().to_owned();
+        let ee = webpki::EndEntityCert::try_from(&leaf).unwrap();
+        let usage = |u| {
+            ee.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                std::slice::from_ref(&anchor),
+                &[],
+                UnixTime::now(),
+                u,
+                None,
+                None,
+            )
+            .is_ok()
+        };
+        assert!(usage(webpki::KeyUsage::server_auth()));
+        assert!(!usage(webpki::KeyUsage::client_auth()));
+        for ok in ["127.0.0.1", "localhost", "::1", "dva.example"] {
+            let name = ServerName::try_from(ok).unwrap();
+            assert!(ee.verify_is_valid_for_subject_name(&name).is_ok(), "{ok}");
+        }
+        let other = ServerName::try_from("10.9.9.9").unwrap();
+        assert!(ee.verify_is_valid_for_subject_name(&other).is_err());
+        assert!(Peer::of_cert(&leaf).is_err(), "no dva identity");
+        assert!(pki.issue_server(&[" ".into()]).is_err());
+
+        let dir = std::env::temp_dir().join(format!("dva-pki-srv-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (crt, key) = write_server_files(&dir, &server).unwrap();
+        for f in [&crt, &key] {
+            assert_eq!(std::fs::metadata(f).unwrap().mode() & 0o777, 0o600);
+        }
+        assert_eq!(std::fs::read_to_string(&crt).unwrap(), server.cert_pem);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

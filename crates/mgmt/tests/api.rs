@@ -58,6 +58,9 @@ fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
         .expect("timeout");
     // The server may answer (and stop reading) before all of it is written.
     let _ = s.write_all(request);
+    // Nothing more comes: a server keeping the connection alive for another request sees its
+    // end, and closes after the answer.
+    let _ = s.shutdown(std::net::Shutdown::Write);
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     String::from_utf8_lossy(&resp).into_owned()
@@ -75,6 +78,8 @@ struct Api {
     mgmt: Mgmt,
     server: Option<ApiServer>,
     addr: SocketAddr,
+    /// With TLS (as `dva serve --tls-auto`): the installation CA, which clients trust.
+    ca: Option<String>,
 }
 
 impl Api {
@@ -92,15 +97,54 @@ impl Api {
             mgmt,
             server: Some(server),
             addr,
+            ca: None,
+        }
+    }
+
+    /// Over TLS, with a certificate the installation CA issues for 127.0.0.1 and localhost.
+    fn start_tls(dir: &Path) -> Api {
+        let mgmt = open(dir);
+        let names = ["127.0.0.1".to_string(), "localhost".to_string()];
+        let (tls, ca) = api::auto_tls(&mgmt, &names).expect("a certificate");
+        let options = api::ServeOptions {
+            tls: Some(tls),
+            ..Default::default()
+        };
+        let listen = "127.0.0.1:0".parse().expect("addr");
+        let server = api::serve_with(mgmt.clone(), listen, TOKEN.into(), options).expect("serve");
+        let addr = server.local_addr();
+        Api {
+            mgmt,
+            server: Some(server),
+            addr,
+            ca: Some(ca),
         }
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.ca {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     fn client(&self) -> Client {
-        Client::new(&self.url(), Some(TOKEN.into())).expect("client")
+        Client::with_ca(&self.url(), Some(TOKEN.into()), self.ca.as_deref()).expect("client")
+    }
+
+    /// A TLS connection to the server, trusting its CA, handshake done.
+    fn tls_stream(&self) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+        let config = dva_mgmt::client::tls_client_config(self.ca.as_deref().expect("a TLS server"))
+            .expect("config");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let mut conn = rustls::ClientConnection::new(config, name).expect("connection");
+        let mut sock = TcpStream::connect(self.addr).expect("connect");
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock).expect("handshake");
+        }
+        rustls::StreamOwned::new(conn, sock)
     }
 
     /// (status, parsed JSON body or `Value::String` of the raw body if it is not JSON).
@@ -476,7 +520,7 @@ fn unknown_routes_wrong_methods_and_oversized_bodies() {
         .expect("timeout");
     write!(
         s,
-        "PUT /v1/appliances/edge-fw HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/yaml\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        "PUT /v1/appliances/edge-fw HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/yaml\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
         spec.len()
     )
     .expect("write");
@@ -1053,11 +1097,26 @@ fn the_client_config_file_round_trips_privately() {
     let c = ClientConfig {
         server: "http://127.0.0.1:7080".into(),
         token: TOKEN.into(),
+        ca: None,
     };
     c.save(&path).expect("save");
     assert_eq!(ClientConfig::load(&path).expect("load"), c);
     let mode = std::fs::metadata(&path).expect("file").permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
+    // With TLS it carries the CA to trust; a file from before TLS (no `ca`) still loads.
+    let tls = ClientConfig {
+        server: "https://127.0.0.1:7080".into(),
+        ca: Some("-----BEGIN CERTIFICATE-----\n...".into()),
+        ..c.clone()
+    };
+    tls.save(&path).expect("save");
+    assert_eq!(ClientConfig::load(&path).expect("load"), tls);
+    std::fs::write(
+        &path,
+        format!(r#"{{"server": "http://127.0.0.1:7080", "token": "{TOKEN}"}}"#),
+    )
+    .expect("write");
+    assert_eq!(ClientConfig::load(&path).expect("load"), c);
     std::fs::write(&path, "not json").expect("write");
     assert!(ClientConfig::load(&path).is_err());
     assert!(ClientConfig::load(&dir.0.join("missing.json")).is_err());
@@ -1476,4 +1535,283 @@ fn watches_stream_each_change_and_end_on_delete() {
         .expect("call");
     assert_eq!(status, 401);
     api.stop();
+}
+
+/// Read one answer off a kept-alive connection: the head (up to the blank line) and the body
+/// its Content-Length announces.
+fn read_answer(r: &mut impl Read) -> (String, String) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        r.read_exact(&mut byte)
+            .unwrap_or_else(|e| panic!("{e} after {:?}", String::from_utf8_lossy(&head)));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).expect("UTF-8 head");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Content-Length in {head}"));
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).expect("body");
+    (head, String::from_utf8(body).expect("UTF-8 body"))
+}
+
+/// HTTP/1.1 connections serve request after request (pipelined ones too, and bodies in
+/// between), each answer saying whether another may follow; `Connection: close`, HTTP/1.0, a
+/// body left unread and a malformed request close it; a kept-alive connection may wait for its
+/// next request longer than a head may take.
+#[test]
+fn connections_are_kept_alive_until_closed() {
+    let dir = TempDir::new("keepalive");
+    let api = Api::start(&dir.0);
+    let mut s = TcpStream::connect(api.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let (head, body) = read_answer(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("\r\nConnection: keep-alive\r\n"), "{head}");
+    assert_eq!(body, "ok\n");
+    // Two requests at once, the first with a body: both answered, in order.
+    let spec = example("edge-firewall.yaml");
+    write!(
+        s,
+        "POST /v1/appliances HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n{spec}GET /v1/appliances/edge-fw HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n",
+        spec.len()
+    )
+    .expect("write");
+    let (head, body) = read_answer(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}{body}");
+    assert!(head.contains("\r\nConnection: keep-alive\r\n"), "{head}");
+    let (head, body) = read_answer(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["name"], "edge-fw");
+    // Idle for longer than a head may take: still there for the next request.
+    std::thread::sleep(api::HEAD_TIMEOUT + Duration::from_secs(1));
+    s.write_all(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let (head, _) = read_answer(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("\r\nConnection: close\r\n"), "{head}");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("closed after the answer");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+
+    // Each of these answers closes the connection.
+    for (request, status) in [
+        (&b"GET /healthz HTTP/1.0\r\n\r\n"[..], "200"),
+        // A body the call does not read: where the next request starts is unknown.
+        (
+            b"GET /healthz HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            "200",
+        ),
+        (
+            b"GET /v1/appliances HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            "401",
+        ),
+        (b"GET /healthz HTTP/1.1\r\nbroken header\r\n\r\n", "400"),
+    ] {
+        let mut s = TcpStream::connect(api.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(request).expect("write");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)
+            .expect("the server closes after the answer");
+        assert!(resp.starts_with(&format!("HTTP/1.1 {status}")), "{resp}");
+        assert!(resp.contains("\r\nConnection: close\r\n"), "{resp}");
+    }
+    // HTTP/1.0 asking for it is kept alive.
+    let mut s = TcpStream::connect(api.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .expect("write");
+    let (head, _) = read_answer(&mut s);
+    assert!(head.contains("\r\nConnection: keep-alive\r\n"), "{head}");
+}
+
+/// A kept-alive connection waiting for its next request is an idle connection like a new one:
+/// closed to make room when its client floods the server (every local client is 127.0.0.1),
+/// and normal calls are still answered.
+#[test]
+fn idle_kept_alive_connections_are_evicted_under_a_flood() {
+    let dir = TempDir::new("keepalive-evict");
+    let api = Api::start(&dir.0);
+    let mut kept = TcpStream::connect(api.addr).expect("connect");
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    kept.write_all(b"GET /healthz HTTP/1.1\r\n\r\n")
+        .expect("write");
+    let (head, _) = read_answer(&mut kept);
+    assert!(head.contains("\r\nConnection: keep-alive\r\n"), "{head}");
+
+    let t = std::time::Instant::now();
+    let _idle: Vec<TcpStream> = (0..api::MAX_PER_CLIENT + 4)
+        .map(|_| {
+            let mut s = TcpStream::connect(api.addr).expect("connect");
+            s.write_all(b"G").expect("write");
+            s
+        })
+        .collect();
+    // The oldest idle connection, the kept-alive one, made room first: closed, unanswered.
+    let mut rest = Vec::new();
+    kept.read_to_end(&mut rest).expect("closed");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(
+        t.elapsed() < api::HEAD_TIMEOUT,
+        "closed after {:?}: timed out, not evicted",
+        t.elapsed()
+    );
+    let t = std::time::Instant::now();
+    let (status, v) = api.get("/v1/appliances");
+    assert_eq!(status, 200, "{v:#}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}
+
+/// `dva serve --tls-auto`: a certificate from the installation CA (kept private in its PKI
+/// directory), which the typed client trusts to apply, read and watch over https; a client
+/// trusting another CA fails the handshake and says so; plain HTTP on the TLS port gets no
+/// answer and does not disturb the server; a kept-alive TLS connection serves several requests.
+#[test]
+fn tls_serves_clients_that_trust_its_ca_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("tls");
+    let api = Api::start_tls(&dir.0);
+    for f in ["api.crt", "api.key"] {
+        let path = dir.0.join("state/pki").join(f);
+        let mode = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    assert!(api.url().starts_with("https://"));
+    let c = api.client();
+    let view = c
+        .apply(&example("edge-firewall.yaml"))
+        .expect("apply over https");
+    assert_eq!(view.name, "edge-fw");
+    assert_eq!(c.get("edge-fw").expect("get").name, "edge-fw");
+    assert_eq!(c.list().expect("list").len(), 1);
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let watcher = api.client();
+    std::thread::spawn(move || {
+        let r = watcher.watch(
+            "/v1/appliances?watch=true&timeoutSeconds=20",
+            Duration::from_secs(30),
+            &mut |kind, obj| {
+                tx.send((kind.to_string(), obj))
+                    .map_err(|_| anyhow::anyhow!("test gone"))
+            },
+        );
+        let _ = tx.send(("END".into(), serde_json::json!(format!("{r:?}"))));
+    });
+    let next = || {
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a watch event within 10 s")
+    };
+    let (kind, obj) = next();
+    assert_eq!(
+        (kind.as_str(), obj["name"].as_str()),
+        ("ADDED", Some("edge-fw"))
+    );
+    let scaled = c
+        .scale(
+            "edge-fw",
+            &serde_json::from_str(r#"{"dataplanes": 3}"#).expect("request"),
+        )
+        .expect("scale");
+    assert_eq!(scaled.dataplanes.desired, 3);
+    loop {
+        let (kind, obj) = next();
+        assert_ne!(kind, "END", "{obj}");
+        if obj["dataplanes"]["desired"] == 3 {
+            assert_eq!(kind, "MODIFIED");
+            break;
+        }
+    }
+
+    // Another installation's CA: the handshake fails, and the error says it is about TLS.
+    let other = dva_mgmt::pki::Pki::generate().expect("CA");
+    let stranger =
+        Client::with_ca(&api.url(), Some(TOKEN.into()), Some(other.ca_pem())).expect("client");
+    let e = format!("{:#}", stranger.list().expect_err("an untrusted server"));
+    assert!(e.contains("TLS handshake"), "{e}");
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    // Plain HTTP on the TLS port: no HTTP answer (at most a TLS alert), the connection closed.
+    let resp = raw_exchange(api.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(!resp.starts_with("HTTP/"), "{resp:?}");
+    let plain = Client::new(&format!("http://{}", api.addr), None).expect("client");
+    let e = plain
+        .raw("GET", "/healthz", "", b"")
+        .expect_err("no plain HTTP");
+    assert!(format!("{e:#}").contains("https://"), "{e:#}");
+    assert_eq!(api.get("/healthz").0, 200);
+
+    // Keep-alive over TLS: two requests on one connection, then a HEAD that closes it.
+    let mut s = api.tls_stream();
+    for _ in 0..2 {
+        write!(
+            s,
+            "GET /v1/appliances HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        )
+        .expect("write");
+        let (head, body) = read_answer(&mut s);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.contains("\r\nConnection: keep-alive\r\n"), "{head}");
+        assert!(body.contains("edge-fw"), "{body}");
+    }
+    s.write_all(b"HEAD /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .expect("a clean close (close_notify)");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("\r\n\r\n"), "HEAD has no body: {resp}");
+    api.stop();
+}
+
+/// Over TLS, connections that never send a ClientHello (or only its first byte) are idle
+/// connections like any other: a normal call is still answered promptly, and they are closed
+/// once their head is overdue (with no answer: without a handshake there is no way to send one).
+#[test]
+fn tls_connections_that_never_handshake_do_not_lock_out_other_clients() {
+    let dir = TempDir::new("tls-idle");
+    let api = Api::start_tls(&dir.0);
+    let mut idle: Vec<TcpStream> = (0..100)
+        .map(|i| {
+            let mut s = TcpStream::connect(api.addr).expect("connect");
+            if i % 2 == 0 {
+                // The first byte of a TLS handshake record.
+                s.write_all(&[0x16]).expect("write");
+            }
+            s
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let (status, v) = api.get("/v1/appliances");
+    let took = t.elapsed();
+    assert_eq!(status, 200, "{v:#}");
+    // A handshake more than over plain HTTP, on a shared machine: still prompt.
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+
+    let last = idle.last_mut().expect("connections");
+    last.set_read_timeout(Some(api::HEAD_TIMEOUT * 2))
+        .expect("timeout");
+    let t = std::time::Instant::now();
+    let mut resp = Vec::new();
+    last.read_to_end(&mut resp)
+        .expect("closed once its head is overdue");
+    assert!(resp.is_empty(), "{resp:?}");
+    assert!(
+        t.elapsed() < api::HEAD_TIMEOUT + Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
 }
