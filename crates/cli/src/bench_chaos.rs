@@ -26,6 +26,8 @@ pub struct Options {
     pub seed: u64,
     /// Kill only units of this role.
     pub only: Option<UnitRole>,
+    /// Also draw the kills and recoveries into this SVG file (docs/chaos.svg).
+    pub svg: Option<std::path::PathBuf>,
 }
 
 struct Kill {
@@ -222,6 +224,26 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     );
     for b in broken.iter().take(5) {
         println!("  broken: {b}");
+    }
+    if let Some(path) = &opts.svg {
+        let kills: Vec<crate::chart::Recovery> = log
+            .iter()
+            .map(|k| crate::chart::Recovery {
+                at: k.at,
+                label: format!("{} {}", k.role.as_str(), k.unit),
+                seconds: k.recovery.as_secs_f64(),
+            })
+            .collect();
+        let title = format!(
+            "dva bench chaos: kill -9 under traffic, time back to the layout ({}/{} TCP connections broken, {} of {} UDP datagrams lost)",
+            r.tcp_broken, r.tcp_total, r.udp_lost, r.udp_sent
+        );
+        std::fs::write(
+            path,
+            crate::chart::recovery_timeline(&title, secs as f64, &kills),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+        println!("chart: {}", path.display());
     }
     Ok(())
 }

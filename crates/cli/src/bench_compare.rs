@@ -53,6 +53,8 @@ pub struct Options {
     pub secs: u32,
     /// Also print the table as Markdown (what docs/PERFORMANCE.md holds).
     pub markdown: bool,
+    /// Also draw the ratios into this SVG file (docs/performance.svg).
+    pub svg: Option<std::path::PathBuf>,
 }
 
 /// The address the load balancers serve, on the router's outside interface.
@@ -595,6 +597,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if opts.markdown {
         println!("{}", render(&bench.rows, opts.secs, true));
     }
+    if let Some(path) = &opts.svg {
+        std::fs::write(path, chart(&bench.rows))
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("chart: {}", path.display());
+    }
     let failed = bench.rows.iter().filter(|r| r.result.is_err()).count();
     if failed > 0 {
         bail!("{failed} measurement(s) failed (see the table)");
@@ -653,6 +660,38 @@ fn per_mpkt(cpu_s: f64, frames: u64) -> String {
         return "-".into();
     }
     format!("{:.2}", cpu_s / (frames as f64 / 1e6))
+}
+
+/// The ratios to each workload's baseline as bars (`--svg`).
+fn chart(rows: &[Row]) -> String {
+    let mut bars = Vec::new();
+    for w in Workload::ALL {
+        let base = rows
+            .iter()
+            .find(|r| r.workload == w && r.path.is_baseline())
+            .and_then(|r| r.result.as_ref().ok())
+            .map(|(v, _)| *v)
+            .filter(|b| *b > 0.0);
+        for r in rows.iter().filter(|r| r.workload == w) {
+            let ratio = match (&r.result, base) {
+                (Ok((v, _)), Some(b)) => v / b,
+                _ => f64::NAN,
+            };
+            bars.push(crate::chart::Bar {
+                group: w.name().to_string(),
+                label: r.path.name(),
+                ratio,
+                baseline: r.path.is_baseline(),
+            });
+        }
+    }
+    crate::chart::ratio_bars(
+        &format!(
+            "dva bench compare: result / the kernel's ({} cores)",
+            crate::bench_elasticity::num_cpus()
+        ),
+        &bars,
+    )
 }
 
 fn render(rows: &[Row], secs: u32, markdown: bool) -> String {

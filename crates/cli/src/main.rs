@@ -6,6 +6,7 @@ mod bench_compare;
 mod bench_elasticity;
 mod bench_flood;
 mod bench_lab;
+mod chart;
 mod ctl;
 mod demo;
 mod log;
@@ -436,6 +437,9 @@ enum BenchCmd {
         /// Also print the table as Markdown.
         #[arg(long)]
         markdown: bool,
+        /// Also draw the ratios to the kernel as bars, into this SVG file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
     /// Probe latency and new legitimate connections during a SYN flood and a unique-UDP-tuple
     /// flood, through dva (2 data planes) and through the kernel with an equivalent nftables
@@ -456,6 +460,9 @@ enum BenchCmd {
         /// Kill only units of this role.
         #[arg(long, value_enum)]
         only: Option<UnitRole>,
+        /// Also draw the kills and their recovery times along the run, into this SVG file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
 }
 
@@ -829,11 +836,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     prefix,
                     secs,
                     markdown,
+                    svg,
                 },
         } => bench_compare::run(&bench_compare::Options {
             prefix,
             secs,
             markdown,
+            svg,
         }),
         Cmd::Bench {
             cmd: BenchCmd::Flood(opts),
@@ -846,12 +855,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     every,
                     seed,
                     only,
+                    svg,
                 },
         } => bench_chaos::run(&bench_chaos::Options {
             prefix,
             kills,
             every,
             seed,
+            svg,
             only: only.map(|r| match r {
                 UnitRole::Manager => dva_mgmt::UnitRole::Manager,
                 UnitRole::Dispatcher => dva_mgmt::UnitRole::Dispatcher,
