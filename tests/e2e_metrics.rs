@@ -3,6 +3,11 @@
 //! over HTTP with the bearer token as Prometheus would, passes `promtool check metrics`, has each
 //! family once, and counts what the traffic did. The inside device has a name the spec accepts
 //! but the exposition must escape (a quote and a backslash).
+//!
+//! The latency histograms are there with real observations: config pushes ACKed by both roles
+//! and the first table switch once the appliance is up, API answers by route template, and
+//! after a scale-in that hands open connections over, the bucket handovers on the data plane
+//! that stays.
 
 mod common;
 
@@ -12,9 +17,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use dva_lab::apps::{self, Nginx};
+use dva_lab::apps::{self, Nginx, StreamServer};
 
 const SERVER1: &str = "198.18.2.2";
+/// A port the edge firewall's `web-in` rule lets in besides nginx's 80: long-lived streams.
+const STREAM_PORT: u16 = 5201;
 /// A device name the kernel and the spec accept (no '/', ':', whitespace or control characters)
 /// holding both characters a Prometheus label value must escape.
 const HOSTILE_DEVICE: &str = r#"i"n\0"#;
@@ -158,6 +165,10 @@ fn serve_exposes_every_units_metrics_once_and_promtool_accepts_them() {
         ("process_resident_memory_bytes", "gauge"),
         ("dva_mgmt_units", "gauge"),
         ("dva_mgmt_api_requests_total", "counter"),
+        ("dva_config_ack_seconds", "histogram"),
+        ("dva_table_switch_seconds", "histogram"),
+        ("dva_handover_seconds", "histogram"),
+        ("dva_mgmt_api_request_seconds", "histogram"),
     ] {
         assert!(
             seen.contains(&format!("# TYPE {family} {kind}")),
@@ -234,7 +245,142 @@ fn serve_exposes_every_units_metrics_once_and_promtool_accepts_them() {
         value(&text, "dva_build_info", &["role=\"mgmt\""]),
         Some(1.0)
     );
+
+    // Up: the manager timed every unit's first config and the first table switch.
+    let manager = "role=\"manager\"";
+    for target in ["dataplane", "dispatcher"] {
+        let target = format!("target_role=\"{target}\"");
+        assert!(
+            sum(
+                &text,
+                "dva_config_ack_seconds_count",
+                &[app, manager, &target]
+            ) > 0.0,
+            "{target}: config ACKs timed:\n{text}"
+        );
+    }
+    assert!(
+        sum(&text, "dva_table_switch_seconds_count", &[app, manager]) > 0.0,
+        "the first table switch timed:\n{text}"
+    );
+    assert_histograms_whole(&text);
+
+    // A scale-in past a short drain deadline with connections open on both data planes: the
+    // leaving one hands their buckets' state to the one that stays, which times each bucket.
+    let _streams_server =
+        StreamServer::start(&lab.lab.server_ns(1), STREAM_PORT).expect("stream server");
+    let streams = apps::start_streams(
+        &client,
+        format!("{SERVER1}:{STREAM_PORT}").parse().expect("address"),
+        16,
+        Duration::from_secs(10),
+        20_000,
+    );
+    m.wait(
+        "edge-fw",
+        "open connections on both data planes",
+        Duration::from_secs(10),
+        |v| {
+            v.units
+                .iter()
+                .filter(|u| u.role == dva_mgmt::UnitRole::Dataplane)
+                .all(|u| u.flows >= 2)
+        },
+    );
+    m.scale("edge-fw", 1, Some("1s"));
+    m.wait_ready("edge-fw", 1);
+    let (status, body) = prometheus
+        .raw("GET", "/v1/appliances/edge-fw", "", b"")
+        .expect("get");
+    assert_eq!(status, 200, "{body}");
+    let handed = apps::wait_until(Duration::from_secs(10), Duration::from_millis(300), || {
+        text = prometheus
+            .raw("GET", "/metrics", "", b"")
+            .expect("scrape")
+            .1;
+        sum(
+            &text,
+            "dva_handover_seconds_count",
+            &[app, "role=\"dataplane\""],
+        ) > 0.0
+    });
+    assert!(
+        handed,
+        "bucket handovers timed on the data plane that stayed:\n{text}\nevents: {:#?}",
+        m.mgmt.events("edge-fw").unwrap_or_default()
+    );
+    let (ok, report) = promtool_check(&text);
+    assert!(ok, "promtool check metrics: {report}\n---\n{text}");
+    assert_histograms_whole(&text);
+    // The figures, for whoever reads the test's output (never asserted: timings are not tests).
+    for l in text.lines().filter(|l| {
+        ["_seconds_count{", "_seconds_sum{"]
+            .iter()
+            .any(|s| l.contains(s))
+            && !l.starts_with("process_")
+    }) {
+        eprintln!("  {l}");
+    }
+    assert!(
+        value(
+            &text,
+            "dva_mgmt_api_request_seconds_count",
+            &["method=\"GET\"", "route=\"/v1/appliances/{name}\""]
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "API answers timed by route template:\n{text}"
+    );
+    assert!(
+        !text.contains("route=\"/v1/appliances/edge-fw"),
+        "a raw path became a label:\n{text}"
+    );
+    // The streams end by themselves; whether they survived the move is e2e_handover's matter.
+    let _ = streams.join();
     api.stop();
+}
+
+/// Every histogram series is whole: its `+Inf` bucket equals its `_count`, and its buckets never
+/// decrease.
+fn assert_histograms_whole(text: &str) {
+    let mut series: std::collections::BTreeMap<String, Vec<(String, f64)>> = Default::default();
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name_labels, v)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let Some((name, labels)) = name_labels.split_once('{') else {
+            continue;
+        };
+        let Some(family) = name.strip_suffix("_bucket") else {
+            continue;
+        };
+        let (rest, le) = labels
+            .rsplit_once(",le=\"")
+            .unwrap_or_else(|| panic!("a bucket without le: {l}"));
+        let key = format!("{family}{{{rest}}}");
+        let v: f64 = v.parse().unwrap_or_else(|_| panic!("{l}"));
+        series
+            .entry(key)
+            .or_default()
+            .push((le.trim_end_matches("\"}").to_string(), v));
+    }
+    assert!(!series.is_empty(), "no histogram at all:\n{text}");
+    for (key, buckets) in &series {
+        assert!(
+            buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+            "{key}: buckets decrease: {buckets:?}"
+        );
+        let inf = buckets.last().filter(|(le, _)| le == "+Inf").map(|b| b.1);
+        let (family, labels) = key.split_once('{').expect("series key");
+        let count = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{family}_count{{{labels} ")))
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(
+            inf.is_some() && inf == count,
+            "{key}: +Inf {inf:?}, count {count:?}"
+        );
+    }
 }
 
 /// A load balancer: per-backend counters of every data plane come out under one family each,

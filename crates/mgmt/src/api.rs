@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::Mgmt;
 use crate::etcd::Leader;
+use crate::metrics::{ApiLatency, ApiRoute};
 use crate::model::{ApiError, ScaleRequest, WriteOptions};
 
 /// The OpenAPI document, served at `/v1/openapi.json`.
@@ -154,6 +155,8 @@ struct Shared {
     conns: Mutex<Connections>,
     /// Answers sent, by status code (exported in `/metrics`).
     answered: Mutex<BTreeMap<u16, u64>>,
+    /// How long answers took, by route (exported in `/metrics`).
+    latency: ApiLatency,
 }
 
 impl Shared {
@@ -361,6 +364,7 @@ pub fn serve_with(
         active: AtomicUsize::new(0),
         conns: Mutex::new(Connections::default()),
         answered: Mutex::new(BTreeMap::new()),
+        latency: crate::metrics::api_latency(),
     });
     let acceptor = {
         let shared = shared.clone();
@@ -1002,6 +1006,30 @@ enum Call<'a> {
 }
 
 impl Call<'_> {
+    /// The call's path template in [`ROUTES`]: what its answer time is labelled by (a raw path
+    /// would make a label value of every appliance name a client tries).
+    fn template(self) -> &'static str {
+        match self {
+            Call::Health => "/healthz",
+            Call::Ready => "/readyz",
+            Call::OpenApi => "/v1/openapi.json",
+            Call::Metrics => "/metrics",
+            Call::List | Call::Apply => "/v1/appliances",
+            Call::Get(_) | Call::Put(_) | Call::Delete(_) => "/v1/appliances/{name}",
+            Call::Scale(_) => "/v1/appliances/{name}/scale",
+            Call::Units(_) => "/v1/appliances/{name}/units",
+            Call::Events(_) => "/v1/appliances/{name}/events",
+            Call::Stats(_) => "/v1/appliances/{name}/stats",
+            Call::Ui => "/ui",
+            Call::UiScript => "/ui/app.js",
+            Call::UiStyle => "/ui/app.css",
+            Call::Flows(..) => "/v1/appliances/{name}/flows",
+            Call::Capture(..) => "/v1/appliances/{name}/capture",
+            Call::Monitor(..) => "/v1/appliances/{name}/monitor",
+            Call::UnitConfig(..) => "/v1/appliances/{name}/units/{unit}/config",
+        }
+    }
+
     /// Whether only the leader answers it (several replicas on etcd): every call on appliances
     /// and `/metrics`, since the leader alone holds the units' state. Health, readiness, the
     /// OpenAPI document and the web view's files are each replica's own.
@@ -1089,6 +1117,21 @@ fn matches_template(template: &str, segments: &[&str]) -> bool {
             .all(|(a, b)| (a.starts_with('{') && !b.is_empty()) || a == b)
 }
 
+/// The labels of a request's answer time: its route's method and template from [`ROUTES`], or
+/// `(unmatched)` for a path no route has (404, 405).
+fn route_labels(method: &str, call: Option<Call<'_>>) -> ApiRoute {
+    let unmatched = "(unmatched)";
+    let Some(call) = call else {
+        return [("method", unmatched), ("route", unmatched)];
+    };
+    let template = call.template();
+    let method = ROUTES
+        .iter()
+        .find(|(m, t)| *m == method && *t == template)
+        .map_or(unmatched, |(m, _)| *m);
+    [("method", method), ("route", template)]
+}
+
 /// What serving a request learnt about the connection.
 #[derive(Debug, Default)]
 struct Request {
@@ -1097,6 +1140,9 @@ struct Request {
     /// The client would send another request, and the stream is where it begins (no body left
     /// unread).
     keep_alive: bool,
+    /// When the request head had arrived, and the labels its answer time goes under; `None`
+    /// until a whole head has been read (a request that never sent one is not timed).
+    timed: Option<(Instant, ApiRoute)>,
 }
 
 fn serve_connection(conn: &Active, stream: TcpStream) {
@@ -1175,6 +1221,15 @@ fn serve_connection(conn: &Active, stream: TcpStream) {
             bytes.truncate(bytes.len() - reply.body.len());
         }
         let sent = s.write_all(&bytes).and_then(|()| s.flush());
+        // Written (or failed to be): what follows is the client's time, not ours. Streams
+        // (capture, monitor, watch) returned above: counted but not timed, or they would swamp
+        // every other answer time.
+        if let Some((arrived, labels)) = req.timed.take() {
+            conn.shared
+                .latency
+                .get_or_create(&labels)
+                .observe(arrived.elapsed().as_secs_f64());
+        }
         if !keep_alive {
             linger(s);
             return;
@@ -1382,6 +1437,7 @@ fn answer(
     req: &mut Request,
 ) -> Result<Answer, ReadError> {
     let head = read_head(s, input, (served > 0).then_some(KEEPALIVE_IDLE))?;
+    let arrived = Instant::now();
     req.head_only = head.method == "HEAD";
     // A body announced is read only by the calls that take one: until then the next request's
     // start is unknown.
@@ -1395,7 +1451,12 @@ fn answer(
     {
         return Err(ReadError::Closed);
     }
-    let call = route(&head.method, &head.target)?;
+    let routed = route(&head.method, &head.target);
+    req.timed = Some((
+        arrived,
+        route_labels(&head.method, routed.as_ref().ok().copied()),
+    ));
+    let call = routed?;
     if call.guarded() && !authorized(&head, &sh.token) {
         return Ok(Answer::Reply(Reply::error(
             401,
@@ -1646,7 +1707,7 @@ fn execute(sh: &Shared, call: Call<'_>, body: &str, opts: WriteOptions) -> Reply
             Reply::new(
                 200,
                 dva_unit::metrics::CONTENT_TYPE,
-                mgmt.metrics(&answered),
+                mgmt.metrics(&answered, &sh.latency),
             )
         }
         Call::List => Reply::json(200, &mgmt.list()),
@@ -1906,6 +1967,20 @@ mod tests {
         }
         assert_eq!(route("GET", "/v1/appliances/x"), Ok(Call::Get("x")));
         assert_eq!(route("GET", "/v1/appliances/x/?a=b"), Ok(Call::Get("x")));
+        // Answer times are labelled by the ROUTES entry a call came in by, never the raw path.
+        for (m, template) in ROUTES {
+            let path = template.replace("{name}", "edge-fw").replace("{unit}", "3");
+            let call = route(m, &path).ok();
+            assert_eq!(
+                route_labels(m, call),
+                [("method", *m), ("route", *template)],
+                "{m} {path}"
+            );
+        }
+        assert_eq!(
+            route_labels("GET", route("GET", "/v1/nope\"x").ok()),
+            [("method", "(unmatched)"), ("route", "(unmatched)")]
+        );
         assert_eq!(route("GET", "/v1/appliances?x"), Ok(Call::List));
         for p in [
             "/",

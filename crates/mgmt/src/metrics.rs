@@ -20,6 +20,7 @@ use dva_unit::UnitStats;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 
 use crate::core::Mgmt;
 use crate::model::{now_ms, ApiError, StatsView, UnitCounters, UnitRecord, UnitState};
@@ -30,6 +31,29 @@ pub const UNIT_TIMEOUT: Duration = Duration::from_millis(500);
 /// `ceil(n / SCRAPE_PARALLEL) * UNIT_TIMEOUT`.
 const SCRAPE_PARALLEL: usize = 32;
 
+/// Upper bounds (seconds) of API answer times: a health check or a read takes well under a
+/// millisecond, a scrape up to [`UNIT_TIMEOUT`] per round of units, a delete waits for units to
+/// stop (seconds), and a call forwarded to the leader may take up to two minutes.
+const API_BOUNDS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    120.0,
+];
+
+/// Labels of an API answer time: `method` and `route`, both `'static` strings taken from
+/// [`crate::api::ROUTES`] (never the raw request), so the label set is closed.
+pub type ApiRoute = [(&'static str, &'static str); 2];
+
+/// `dva_mgmt_api_request_seconds`, which the API server observes and `/metrics` encodes.
+pub type ApiLatency = Family<ApiRoute, Histogram, fn() -> Histogram>;
+
+/// An empty [`ApiLatency`].
+pub fn api_latency() -> ApiLatency {
+    fn new() -> Histogram {
+        Histogram::new(API_BOUNDS)
+    }
+    Family::new_with_constructor(new)
+}
+
 /// A unit to read: (appliance, id, role) and its control socket.
 struct Target {
     labels: Labels,
@@ -37,8 +61,9 @@ struct Target {
 }
 
 impl Mgmt {
-    /// The exposition `GET /metrics` serves; `api_requests` counts API answers by status code.
-    pub fn metrics(&self, api_requests: &BTreeMap<u16, u64>) -> String {
+    /// The exposition `GET /metrics` serves; `api_requests` counts API answers by status code,
+    /// `api_latency` times them by route.
+    pub fn metrics(&self, api_requests: &BTreeMap<u16, u64>, api_latency: &ApiLatency) -> String {
         let mut units_by_state: BTreeMap<(String, &'static str, &'static str), i64> =
             BTreeMap::new();
         let mut targets = Vec::new();
@@ -98,6 +123,13 @@ impl Mgmt {
             "dva_mgmt_api_requests",
             "API requests answered, by HTTP status code",
             requests.clone(),
+        );
+        // The API server's own family, observed as requests are answered: registered as is
+        // (a clone shares its samples), never copied.
+        r.register(
+            "dva_mgmt_api_request_seconds",
+            "API requests: time from the request head having arrived to the answer written, by method and route template (streams excluded)",
+            api_latency.clone(),
         );
 
         appliances_g.set(i64::try_from(appliances).unwrap_or(i64::MAX));
@@ -238,7 +270,11 @@ mod tests {
         let mut opts = MgmtOptions::local(state.clone()).expect("options");
         opts.run_root = state.join("run");
         let mgmt = Mgmt::open(opts).expect("open");
-        let text = mgmt.metrics(&[(200, 3), (401, 1)].into_iter().collect());
+        let latency = api_latency();
+        latency
+            .get_or_create(&[("method", "GET"), ("route", "/v1/appliances/{name}")])
+            .observe(0.003);
+        let text = mgmt.metrics(&[(200, 3), (401, 1)].into_iter().collect(), &latency);
         let missing = mgmt.stats("nope").map(|_| ()).map_err(|e| e.status());
         mgmt.shutdown();
         assert_eq!(missing, Err(404));
@@ -251,6 +287,11 @@ mod tests {
             "dva_mgmt_api_requests_total{code=\"401\"} 1",
             "dva_mgmt_api_requests_total{code=\"200\"} 3",
             "# TYPE process_cpu_seconds_total counter",
+            "# TYPE dva_mgmt_api_request_seconds histogram",
+            r#"dva_mgmt_api_request_seconds_bucket{method="GET",route="/v1/appliances/{name}",le="0.0025"} 0"#,
+            r#"dva_mgmt_api_request_seconds_bucket{method="GET",route="/v1/appliances/{name}",le="0.005"} 1"#,
+            r#"dva_mgmt_api_request_seconds_bucket{method="GET",route="/v1/appliances/{name}",le="+Inf"} 1"#,
+            r#"dva_mgmt_api_request_seconds_count{method="GET",route="/v1/appliances/{name}"} 1"#,
         ] {
             assert!(
                 text.lines().any(|l| l == want),

@@ -1815,3 +1815,77 @@ fn tls_connections_that_never_handshake_do_not_lock_out_other_clients() {
         t.elapsed()
     );
 }
+
+/// `dva_mgmt_api_request_seconds`: every answered request is timed under its method and route
+/// template (never the raw path, so a scan of names adds no series); unrouted paths share one
+/// `(unmatched)` series; a stream (here a watch) is not timed.
+#[test]
+fn answer_times_are_labelled_by_route_template() {
+    let dir = TempDir::new("latency");
+    let api = Api::start(&dir.0);
+    for name in ["no-such-a", "no-such-b", "no-such-c"] {
+        assert_eq!(api.get(&format!("/v1/appliances/{name}")).0, 404);
+    }
+    assert_eq!(api.get("/v1/no/such/route").0, 404);
+    assert_eq!(api.call("HEAD", "/healthz", "", "").0, 200);
+    // A watch that ends by itself after a second: counted as answered, not timed.
+    let (status, _) = api.get("/v1/appliances?watch=true&timeoutSeconds=1");
+    assert_eq!(status, 200);
+
+    let (status, text) = api
+        .client()
+        .raw("GET", "/metrics", "", b"")
+        .expect("scrape");
+    assert_eq!(status, 200, "{text}");
+    let count = |labels: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("dva_mgmt_api_request_seconds_count{{{labels}}} "))
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert!(
+        text.lines()
+            .any(|l| l == "# TYPE dva_mgmt_api_request_seconds histogram"),
+        "{text}"
+    );
+    assert_eq!(
+        count(r#"method="GET",route="/v1/appliances/{name}""#),
+        Some(3),
+        "{text}"
+    );
+    assert_eq!(
+        count(r#"method="(unmatched)",route="(unmatched)""#),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        count(r#"method="HEAD",route="/healthz""#),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        count(r#"method="GET",route="/v1/appliances""#),
+        None,
+        "the watch is a stream, not timed:\n{text}"
+    );
+    assert!(
+        !text.contains("no-such"),
+        "raw paths never become labels:\n{text}"
+    );
+    // The `+Inf` bucket of every series is its count.
+    for l in text.lines().filter(|l| {
+        l.starts_with("dva_mgmt_api_request_seconds_bucket{") && l.contains("le=\"+Inf\"")
+    }) {
+        let (series, n) = l.rsplit_once(' ').expect("sample");
+        let labels = series
+            .trim_start_matches("dva_mgmt_api_request_seconds_bucket{")
+            .trim_end_matches(",le=\"+Inf\"}");
+        assert_eq!(
+            count(labels).map(|c| c.to_string()).as_deref(),
+            Some(n),
+            "{l}"
+        );
+    }
+    api.stop();
+}

@@ -43,7 +43,9 @@ use crate::keys::epoch_keys;
 use crate::monitor::{EventType, FlowEvent, MonitorEvent, Session};
 use crate::offload;
 use crate::reply;
-use crate::stats::{DropCounters, Every, StatsCell, UnitStats};
+use crate::stats::{
+    DropCounters, Every, Histogram, Latencies, StatsCell, UnitStats, HANDOVER_BOUNDS,
+};
 
 const BATCH: usize = 64;
 /// Journaled connections copied to backups per loop turn, at most; the rest wait for the next
@@ -57,6 +59,9 @@ const REFRESH_SLOTS: usize = 1024;
 const CENSUS_SLOTS: usize = 16_384;
 /// Longest punt chain: the bucket history is capped at 4 previous owners, plus the hand-back.
 const MAX_HOPS: u8 = 6;
+/// State of a handed-over bucket that started no hold this long after its first chunk is given
+/// up: by then the previous owner stopped resending it ([`MAX_RESENDS`] × [`RESEND_AFTER`]).
+const IMPORT_FORGOTTEN: Duration = RESEND_AFTER.saturating_mul(MAX_RESENDS + 2);
 
 mod drop_reason {
     pub const FOREIGN: usize = 0;
@@ -151,6 +156,13 @@ struct Core {
     export_pending: BTreeMap<u16, (UnitId, Instant, u32)>,
     // ...and as the receiving owner.
     holds: HashMap<u16, Instant>,
+    /// When the first state message of a bucket handed to us arrived, until its hold ends.
+    importing: HashMap<u16, Instant>,
+    /// From `importing` to the hold's end, per bucket: published as `dva_handover_seconds`.
+    /// Timed here, on the receiving owner, because it sees both the state arrive and the
+    /// handover end (`Done`), and it outlives the move: the sender is stopped as soon as it
+    /// has exported, taking whatever it measured with it.
+    handover_latency: Histogram,
     held: VecDeque<(u16, Vec<u8>, Origin)>,
     /// Bytes in `held` (super-packets make the packet count a poor bound on memory).
     held_bytes: usize,
@@ -332,6 +344,8 @@ impl Dataplane {
                 export_queue: VecDeque::new(),
                 export_pending: BTreeMap::new(),
                 holds: HashMap::new(),
+                importing: HashMap::new(),
+                handover_latency: Histogram::new(HANDOVER_BOUNDS),
                 held: VecDeque::new(),
                 held_bytes: 0,
                 census_due: false,
@@ -904,6 +918,10 @@ impl Core {
                 .map(|l| l.backend_stats())
                 .unwrap_or_default(),
             rules: self.rule_hits(),
+            latency: Latencies {
+                handover: Some(self.handover_latency.clone()),
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
@@ -969,6 +987,13 @@ impl Core {
                 self.event("hold_timeouts");
                 self.release(b);
             }
+        }
+        if !self.importing.is_empty() {
+            // State whose last chunk never came (the previous owner gave up resending) starts
+            // no hold: forget it, or a later handover of the bucket would be timed from it.
+            self.importing.retain(|b, since| {
+                self.holds.contains_key(b) || now.duration_since(*since) < IMPORT_FORGOTTEN
+            });
         }
     }
 
@@ -1062,6 +1087,8 @@ impl Core {
                 if usize::from(bucket) >= self.cfg.table.len() {
                     return self.drop_packet(None, dr::MALFORMED_HANDOVER);
                 }
+                // A resent chunk keeps the first arrival: the resend's wait is part of the move.
+                self.importing.entry(bucket).or_insert(self.now);
                 for c in conns {
                     // Only what belongs to the bucket named; a repeat (resend) is already here.
                     if c.bucket == bucket && self.fw.import(self.now_ns, c).is_ok() {
@@ -1270,6 +1297,11 @@ impl Core {
     fn release(&mut self, bucket: u16) {
         if self.holds.remove(&bucket).is_none() {
             return;
+        }
+        // One observation per bucket handed over, whether `Done` or the hold limit ended it.
+        if let Some(since) = self.importing.remove(&bucket) {
+            self.handover_latency
+                .observe(self.now.duration_since(since));
         }
         let (mine, rest): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.held)
             .into_iter()

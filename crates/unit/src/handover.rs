@@ -12,6 +12,9 @@
 //!    stops holding. A lost message is covered by X resending the state and O releasing a hold
 //!    after [`HOLD_LIMIT`].
 //!
+//! O times each bucket from its first `State` to the end of its hold (`dva_handover_seconds`):
+//! it sees both ends, and it is still there to be scraped once X has been stopped.
+//!
 //! Messages travel as GENEVE with protocol type [`PROTO_HANDOVER`] and a JSON body: rare control
 //! traffic, readable in a capture. The exception is `Replicate`, sent for every change of every
 //! replicated flow: a compact versioned binary body ([`binary`]). [`decode`] takes either.

@@ -13,6 +13,10 @@
 //!
 //! One thread runs the state machine; one reader thread per connection feeds it events.
 //!
+//! The manager is where a config push's two ends are both seen, so it times them
+//! ([`Latencies`] in its stats): each unit's ACK from the version's first send to it, and each
+//! table switch from the first push of the table that moved buckets to the last dispatcher's ACK.
+//!
 //! The channel is TCP with mutual TLS ([`crate::tls`]): a peer must present a certificate of the
 //! installation's CA naming a unit of this appliance or the management tool. A unit's hello must
 //! name the unit its certificate names, and only the management tool may send desired state.
@@ -39,7 +43,9 @@ use dva_proto::role::{BackendStateConfig, BackplaneAuth, BackplaneKey};
 use dva_proto::{compile, Placement, RoleConfig, UnitEndpoint};
 use dva_services::lb::BackendState;
 
-use crate::stats::{StatsCell, UnitStats};
+use crate::stats::{
+    Histogram, Latencies, StatsCell, UnitStats, CONFIG_ACK_BOUNDS, TABLE_SWITCH_BOUNDS,
+};
 use crate::tls::{self, Credentials, Peer, TlsFiles, TlsWriter};
 
 /// Dispatchers get a new table once every data plane ACKed it, or after this long.
@@ -86,6 +92,9 @@ struct UnitConn {
     acked: u64,
     sent: u64,
     sent_at: Option<Instant>,
+    /// The version last sent on this connection and when it was *first* sent: a resend keeps
+    /// the time, so the ACK latency includes the wait that made the resend necessary.
+    first_sent: Option<(u64, Instant)>,
     nonce: u64,
     nack: Option<(u64, String)>,
     report: Option<(Instant, UnitReport)>,
@@ -99,6 +108,10 @@ struct State {
     /// The version that last changed bucket ownership, and when every dispatcher ACKed it.
     table_version: u64,
     dispatchers_switched: Option<Instant>,
+    /// When `table_version` was first pushed (to the data planes), while dispatchers have not
+    /// all switched to it yet.
+    table_sent: Option<Instant>,
+    latency: ManagerLatency,
     /// What the current version was compiled from, to notice when a new one is needed.
     compiled_key: Option<String>,
     configs: BTreeMap<UnitId, RoleConfig>,
@@ -122,6 +135,47 @@ struct State {
     born: Option<Instant>,
     /// This manager's unit id (it leads).
     me: UnitId,
+}
+
+/// What the manager measures, published in its stats ([`Latencies`]).
+struct ManagerLatency {
+    /// Config push to ACK, by the role of the unit that ACKed.
+    config_ack: [(&'static str, Histogram); 2],
+    table_switch: Histogram,
+}
+
+impl Default for ManagerLatency {
+    fn default() -> Self {
+        ManagerLatency {
+            config_ack: [
+                ("dispatcher", Histogram::new(CONFIG_ACK_BOUNDS)),
+                ("dataplane", Histogram::new(CONFIG_ACK_BOUNDS)),
+            ],
+            table_switch: Histogram::new(TABLE_SWITCH_BOUNDS),
+        }
+    }
+}
+
+impl ManagerLatency {
+    /// An ACK `took` this long from the first send, from a unit that said it has `role`; other
+    /// roles (a manager never gets configs) are not recorded, keeping the label set closed.
+    fn acked(&mut self, role: &str, took: Duration) {
+        if let Some((_, h)) = self.config_ack.iter_mut().find(|(r, _)| *r == role) {
+            h.observe(took);
+        }
+    }
+
+    fn snapshot(&self) -> Latencies {
+        Latencies {
+            config_ack: self
+                .config_ack
+                .iter()
+                .map(|(role, h)| (role.to_string(), h.clone()))
+                .collect(),
+            table_switch: Some(self.table_switch.clone()),
+            handover: None,
+        }
+    }
 }
 
 /// After a (re)start, units reconnect one by one: the table's membership is left alone this long
@@ -287,6 +341,7 @@ pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
                 role: "manager".into(),
                 counters,
                 config_version: st.version,
+                latency: st.latency.snapshot(),
                 appliance: st
                     .desired
                     .as_ref()
@@ -417,6 +472,9 @@ impl State {
                 u.acked = running.as_ref().map_or(0, |r| r.version);
                 u.sent = u.acked;
                 u.sent_at = None;
+                // A new session: what was sent on the old one is not waited for any more (the
+                // time the unit was away would measure its outage, not the push).
+                u.first_sent = None;
                 if let Some(r) = running {
                     if r.backplane.check().is_ok()
                         && self.keys.is_none()
@@ -441,6 +499,10 @@ impl State {
                     if nonce == u.nonce && version > u.acked {
                         u.acked = version;
                         u.nack = None;
+                        // Only the first ACK of a send counts: `first_sent` goes with it.
+                        if let Some((_, at)) = u.first_sent.take_if(|(v, _)| *v == version) {
+                            self.latency.acked(&u.role, at.elapsed());
+                        }
                     }
                 }
                 self.dirty = true;
@@ -561,6 +623,9 @@ impl State {
             self.table = Some(t);
             self.table_version = self.version + 1;
             self.dispatchers_switched = None;
+            // A table that replaces one not yet switched to restarts the clock: the dispatchers
+            // will switch straight to the newer one.
+            self.table_sent = None;
             self.dirty = true;
         }
         self.retire(now);
@@ -775,6 +840,14 @@ impl State {
             .iter()
             .map(|u| u.id)
             .collect();
+        // The table switch starts with the first push of the version carrying it (to the data
+        // planes, which get it first).
+        if version >= self.table_version
+            && self.dispatchers_switched.is_none()
+            && self.table_sent.is_none()
+        {
+            self.table_sent = Some(now);
+        }
         for id in &dp_ids {
             self.send_config(*id, version, now);
         }
@@ -808,6 +881,9 @@ impl State {
                 })
             {
                 self.dispatchers_switched = Some(now);
+                if let Some(sent) = self.table_sent.take() {
+                    self.latency.table_switch.observe(now.duration_since(sent));
+                }
             }
         }
     }
@@ -834,6 +910,9 @@ impl State {
         u.nonce = self.next_nonce;
         u.sent = version;
         u.sent_at = Some(now);
+        if u.first_sent.is_none_or(|(v, _)| v != version) {
+            u.first_sent = Some((version, now));
+        }
         let msg = FromManager::Config {
             version,
             nonce: u.nonce,
@@ -945,6 +1024,124 @@ mod tests {
         let auth = &s.keys.as_ref().expect("keys").0;
         assert_ne!(auth.keys[0].key, auth.keys[1].key);
         assert_ne!(auth.keys[1].key, auth.keys[2].key);
+    }
+
+    /// A unit on connection 1 with version 3 sent to it `ago`, under nonce 7.
+    fn waiting(role: &str, ago: Duration) -> State {
+        let mut s = State::default();
+        s.units.insert(
+            5,
+            UnitConn {
+                conn: Some(1),
+                role: role.into(),
+                sent: 3,
+                nonce: 7,
+                first_sent: Some((3, Instant::now() - ago)),
+                ..Default::default()
+            },
+        );
+        s
+    }
+
+    fn acks(s: &State, role: &str) -> (u64, f64) {
+        let snap = s.latency.snapshot();
+        let h = &snap.config_ack[role];
+        (h.count(), h.sum())
+    }
+
+    #[test]
+    fn the_first_ack_of_a_send_is_timed_by_the_acking_role() {
+        let mut s = waiting("dataplane", Duration::from_millis(40));
+        // A stale ACK (an older send's nonce) is not this send's.
+        s.on_msg(
+            1,
+            ToManager::Ack {
+                version: 3,
+                nonce: 6,
+            },
+        );
+        assert_eq!(acks(&s, "dataplane").0, 0);
+        s.on_msg(
+            1,
+            ToManager::Ack {
+                version: 3,
+                nonce: 7,
+            },
+        );
+        let (n, sum) = acks(&s, "dataplane");
+        assert_eq!(n, 1);
+        assert!((0.04..5.0).contains(&sum), "{sum}");
+        // A repeated ACK is not timed again; nothing lands under another role.
+        s.on_msg(
+            1,
+            ToManager::Ack {
+                version: 3,
+                nonce: 7,
+            },
+        );
+        assert_eq!(acks(&s, "dataplane").0, 1);
+        assert_eq!(acks(&s, "dispatcher").0, 0);
+        // A role the manager never configures is not recorded (the label set stays closed).
+        let mut s = waiting("manager", Duration::from_millis(1));
+        s.on_msg(
+            1,
+            ToManager::Ack {
+                version: 3,
+                nonce: 7,
+            },
+        );
+        assert!(s
+            .latency
+            .snapshot()
+            .config_ack
+            .values()
+            .all(|h| h.count() == 0));
+    }
+
+    #[test]
+    fn a_table_switch_is_timed_from_its_first_push_to_the_last_dispatcher_ack() {
+        let spec = dva_proto::ApplianceSpec::from_yaml(include_str!(
+            "../../../examples/edge-firewall.yaml"
+        ))
+        .expect("example spec");
+        let mut s = State {
+            desired: Some(Desired {
+                generation: 1,
+                spec,
+                units: vec![dva_proto::channel::DesiredUnit {
+                    id: 2,
+                    role: DesiredRole::Dispatcher,
+                    addr: "127.0.0.1:1".parse().expect("addr"),
+                    draining: false,
+                    export: false,
+                }],
+            }),
+            version: 4,
+            table_version: 4,
+            released: 4,
+            ..State::default()
+        };
+        s.units.insert(2, UnitConn::default());
+        let t0 = Instant::now();
+        s.push(t0);
+        assert_eq!(s.table_sent, Some(t0));
+        assert_eq!(s.latency.table_switch.count(), 0, "not switched yet");
+        s.push(t0 + Duration::from_millis(10));
+        assert_eq!(
+            s.table_sent,
+            Some(t0),
+            "a later push does not restart the clock"
+        );
+        if let Some(u) = s.units.get_mut(&2) {
+            u.acked = 4;
+        }
+        s.push(t0 + Duration::from_millis(30));
+        assert_eq!(s.latency.table_switch.count(), 1);
+        assert!((s.latency.table_switch.sum() - 0.03).abs() < 1e-9);
+        // Switched: further pushes of the same table time nothing.
+        s.push(t0 + Duration::from_millis(50));
+        assert_eq!(s.latency.table_switch.count(), 1);
+        assert_eq!(s.table_sent, None);
     }
 
     #[test]

@@ -10,17 +10,22 @@
 //! [`Exposition`] share each family (one `# HELP`/`# TYPE`), their samples told apart by those
 //! labels. The encoding is the Prometheus text format 0.0.4 (what promtool and Prometheus 2.x
 //! read natively), with label values escaped by the crate.
+//!
+//! Latency histograms arrive pre-aggregated ([`crate::stats::Histogram`]) and are encoded as
+//! real Prometheus histograms (`_bucket{le=...}`, `_sum`, `_count`) through [`Snapshot`].
 
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
-use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::{prometheus_text, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
-use crate::stats::UnitStats;
+use crate::stats::{Histogram, UnitStats};
 
 /// The `Content-Type` of what [`Exposition::encode`] writes.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -124,6 +129,37 @@ fn gauge(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// A histogram of a stats snapshot as a prometheus-client metric. The crate's own `Histogram`
+/// observes live values; this one is set once per scrape from what a unit already aggregated.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot(Arc<Mutex<Option<Histogram>>>);
+
+impl Snapshot {
+    fn set(&self, h: &Histogram) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(h.clone());
+    }
+}
+
+impl TypedMetric for Snapshot {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Snapshot {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // `add_unit` sets only consistent histograms; the check is repeated here so nothing
+        // else can make the `+Inf` bucket disagree with the count.
+        let Some((h, buckets)) = guard.as_ref().and_then(|h| Some((h, h.buckets()?))) else {
+            return Ok(());
+        };
+        encoder.encode_histogram::<NoLabelSet>(h.sum(), h.count(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 /// One scrape's registry. Add units (and anything else) to it, then [`encode`](Self::encode).
 pub struct Exposition {
     registry: Registry,
@@ -153,6 +189,9 @@ pub struct Exposition {
     backend_up: Family<Labels, Gauge>,
     backend_healthy: Family<Labels, Gauge>,
     rule_hits: Family<Labels, Counter>,
+    config_ack: Family<Labels, Snapshot>,
+    table_switch: Family<Labels, Snapshot>,
+    handover: Family<Labels, Snapshot>,
     cpu: Family<Labels, CounterF>,
     resident: Family<Labels, Gauge>,
     virt: Family<Labels, Gauge>,
@@ -281,6 +320,21 @@ impl Exposition {
                 &mut r,
                 "dva_firewall_rule_hits",
                 "New connections a firewall rule decided (rule \"(default)\": none matched), since the rules last changed",
+            ),
+            config_ack: reg(
+                &mut r,
+                "dva_config_ack_seconds",
+                "Manager: time from a config version's first send to a unit until that unit ACKed it, by the unit's role (target_role)",
+            ),
+            table_switch: reg(
+                &mut r,
+                "dva_table_switch_seconds",
+                "Manager: time from the first send of a config whose bucket table moved buckets until every dispatcher ACKed it",
+            ),
+            handover: reg(
+                &mut r,
+                "dva_handover_seconds",
+                "Data plane: time from a handed-over bucket's first state message arriving until the previous owner's Done (or the hold limit) released it",
             ),
             cpu: reg(
                 &mut r,
@@ -418,6 +472,21 @@ impl Exposition {
                 .get_or_create(&with(&base, [("rule", &r.rule)]))
                 .inc_by(r.hits);
         }
+        let lat = &s.latency;
+        // The base labels already hold `role` (the manager's): the acking unit's is `target_role`.
+        for (role, h) in &lat.config_ack {
+            histogram(
+                &self.config_ack,
+                &with(&base, [("target_role", role.as_str())]),
+                h,
+            );
+        }
+        if let Some(h) = &lat.table_switch {
+            histogram(&self.table_switch, &base, h);
+        }
+        if let Some(h) = &lat.handover {
+            histogram(&self.handover, &base, h);
+        }
     }
 
     /// The Prometheus text exposition of everything added.
@@ -426,6 +495,14 @@ impl Exposition {
         // Writing to a String cannot fail; the encoder only passes on the writer's errors.
         let _ = prometheus_text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// A consistent histogram under `labels`; one whose parts disagree (see
+/// [`Histogram::buckets`]) is left out, so a family never holds an empty sample.
+fn histogram(family: &Family<Labels, Snapshot>, labels: &Labels, h: &Histogram) {
+    if h.buckets().is_some() {
+        family.get_or_create(labels).set(h);
     }
 }
 
@@ -554,6 +631,73 @@ mod tests {
         for l in m.lines().filter(|l| l.starts_with("# TYPE ")) {
             assert!(seen.insert(l), "family typed twice: {l}");
         }
+    }
+
+    #[test]
+    fn latency_histograms_are_prometheus_histograms() {
+        use crate::stats::{Latencies, CONFIG_ACK_BOUNDS, TABLE_SWITCH_BOUNDS};
+        use std::time::Duration;
+        let mut dp = Histogram::new(CONFIG_ACK_BOUNDS);
+        dp.observe(Duration::from_micros(300));
+        dp.observe(Duration::from_millis(3));
+        dp.observe(Duration::from_secs(60));
+        let mut disp = Histogram::new(CONFIG_ACK_BOUNDS);
+        disp.observe(Duration::from_millis(2));
+        // What a unit could send that does not hold together: left out, not encoded wrong.
+        let broken: Histogram =
+            serde_json::from_str(r#"{"bounds":[1.0],"counts":[1,1],"sum":1,"count":7}"#)
+                .expect("parses");
+        let s = UnitStats {
+            appliance: "fw1".into(),
+            unit: 1,
+            role: "manager".into(),
+            latency: Latencies {
+                config_ack: [
+                    ("dataplane".to_string(), dp),
+                    ("dispatcher".to_string(), disp),
+                    ("a\"b".to_string(), broken),
+                ]
+                .into_iter()
+                .collect(),
+                table_switch: Some(Histogram::new(TABLE_SWITCH_BOUNDS)),
+                handover: None,
+            },
+            ..Default::default()
+        };
+        let m = unit_exposition(&s);
+        assert_eq!(
+            type_of(&m, "dva_config_ack_seconds"),
+            Some("histogram"),
+            "{m}"
+        );
+        assert_eq!(type_of(&m, "dva_table_switch_seconds"), Some("histogram"));
+        // No data plane here: no handover family at all, not an empty one.
+        assert_eq!(type_of(&m, "dva_handover_seconds"), None, "{m}");
+        let base = r#"appliance="fw1",unit="1",role="manager""#;
+        let dp = format!(r#"{base},target_role="dataplane""#);
+        for want in [
+            format!(r#"dva_config_ack_seconds_bucket{{{dp},le="0.0005"}} 1"#),
+            format!(r#"dva_config_ack_seconds_bucket{{{dp},le="0.0025"}} 1"#),
+            format!(r#"dva_config_ack_seconds_bucket{{{dp},le="0.005"}} 2"#),
+            format!(r#"dva_config_ack_seconds_bucket{{{dp},le="30"}} 2"#),
+            format!(r#"dva_config_ack_seconds_bucket{{{dp},le="+Inf"}} 3"#),
+            format!(r#"dva_config_ack_seconds_sum{{{dp}}} 60.0033"#),
+            format!(r#"dva_config_ack_seconds_count{{{dp}}} 3"#),
+            format!(r#"dva_config_ack_seconds_count{{{base},target_role="dispatcher"}} 1"#),
+            format!(r#"dva_table_switch_seconds_bucket{{{base},le="+Inf"}} 0"#),
+            format!(r#"dva_table_switch_seconds_count{{{base}}} 0"#),
+        ] {
+            assert!(m.lines().any(|l| l == want), "missing {want:?} in\n{m}");
+        }
+        assert!(!m.contains(r#"target_role="a"#), "{m}");
+        // Every bucket line of a series: one per bound, then +Inf, cumulative.
+        let buckets: Vec<u64> = m
+            .lines()
+            .filter(|l| l.starts_with(&format!("dva_config_ack_seconds_bucket{{{dp},")))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+            .collect();
+        assert_eq!(buckets.len(), CONFIG_ACK_BOUNDS.len() + 1, "{m}");
+        assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
     }
 
     #[test]
