@@ -234,13 +234,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 seconds: k.recovery.as_secs_f64(),
             })
             .collect();
-        let title = format!(
-            "dva bench chaos: kill -9 under traffic, time back to the layout ({}/{} TCP connections broken, {} of {} UDP datagrams lost)",
-            r.tcp_broken, r.tcp_total, r.udp_lost, r.udp_sent
+        let title = "dva bench chaos: kill -9 under traffic, and the time back to the layout";
+        let subtitle = format!(
+            "{}/{} checked TCP connections broken, {} HTTP errors, {} of {} UDP datagrams lost ({} cores)",
+            r.tcp_broken,
+            r.tcp_total,
+            r.http_errors,
+            r.udp_lost,
+            r.udp_sent,
+            crate::bench_elasticity::num_cpus()
         );
         std::fs::write(
             path,
-            crate::chart::recovery_timeline(&title, secs as f64, &kills),
+            crate::chart::recovery_timeline(title, &subtitle, secs as f64, &kills),
         )
         .with_context(|| format!("writing {}", path.display()))?;
         println!("chart: {}", path.display());

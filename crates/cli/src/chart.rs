@@ -133,7 +133,7 @@ pub struct Recovery {
 }
 
 /// Kills along the run's time axis, each a bar as tall as its recovery took.
-pub fn recovery_timeline(title: &str, run_secs: f64, kills: &[Recovery]) -> String {
+pub fn recovery_timeline(title: &str, subtitle: &str, run_secs: f64, kills: &[Recovery]) -> String {
     const W: f64 = 860.0;
     const H: f64 = 320.0;
     const LEFT: f64 = 60.0;
@@ -152,10 +152,12 @@ pub fn recovery_timeline(title: &str, run_secs: f64, kills: &[Recovery]) -> Stri
         "<svg xmlns='http://www.w3.org/2000/svg' width='{W}' height='{H}' font-family='sans-serif' font-size='12'>\n\
          <rect width='100%' height='100%' fill='white'/>\n\
          <text x='8' y='20' font-size='14' font-weight='bold'>{}</text>\n\
+         <text x='8' y='38' fill='#555'>{}</text>\n\
          <line x1='{LEFT}' y1='{:.1}' x2='{:.1}' y2='{:.1}' stroke='#333'/>\n\
          <line x1='{LEFT}' y1='{TOP}' x2='{LEFT}' y2='{:.1}' stroke='#333'/>\n\
          <text x='12' y='{:.1}' transform='rotate(-90 12 {:.1})' text-anchor='middle'>recovery, s</text>\n",
         esc(title),
+        esc(subtitle),
         y(0.0),
         W - RIGHT,
         y(0.0),
@@ -174,7 +176,13 @@ pub fn recovery_timeline(title: &str, run_secs: f64, kills: &[Recovery]) -> Stri
             y(s),
             W - RIGHT
         );
-        s += if top > 3.0 { 1.0 } else { 0.5 };
+        s += if top > 3.0 {
+            1.0
+        } else if top > 1.0 {
+            0.5
+        } else {
+            0.1
+        };
     }
     let step = if span > 60.0 { 10.0 } else { 5.0 };
     let mut t = 0.0;
@@ -272,7 +280,7 @@ mod tests {
                 seconds: 1.3,
             },
         ];
-        let svg = recovery_timeline("kills", 36.0, &kills);
+        let svg = recovery_timeline("kills", "0 broken", 36.0, &kills);
         well_formed(&svg);
         assert!(svg.contains("0.40 s") && svg.contains("1.30 s"));
         assert!(svg.contains("dataplane 6") && svg.contains("35 s"));
