@@ -433,12 +433,36 @@ fn serve_apply_get_scale_events_and_a_restart_that_loses_nothing() {
         "via cli\n"
     );
 
+    // Watches end with the appliance: both say so and exit 0.
+    let (mut get_w, get_lines) = watch(&["get", "edge-fw", "--watch"]);
+    let (mut ev_w, ev_lines) = watch(&["events", "edge-fw", "-w"]);
+    get_lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("get --watch header");
     let out = dva(&cf, &["delete", "edge-fw"]);
     assert!(
         out.status.success(),
         "delete: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    seen(&get_lines, &|l| {
+        l.contains("edge-fw") && l.contains("deleted")
+    });
+    seen(&ev_lines, &|l| l.contains("appliance edge-fw deleted"));
+    for (what, w) in [("get --watch", &mut get_w), ("events -w", &mut ev_w)] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = w.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} still running after the delete"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(status.success(), "{what} after the delete: {status}");
+    }
     for pid in pids {
         assert!(!pid_alive(pid as u32), "unit {pid} stopped by delete");
     }

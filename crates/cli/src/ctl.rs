@@ -557,7 +557,7 @@ pub fn events(t: &Target, name: &str, format: Format, watch: bool) -> anyhow::Re
     // The server streams every event, the stored ones first; after a reconnection the stored
     // ones come again, and only those newer than the last printed are.
     let mut last: Option<dva_mgmt::Event> = None;
-    follow(
+    let followed = follow(
         &c,
         &format!("/v1/appliances/{name}/events"),
         &mut |_, obj| {
@@ -571,7 +571,21 @@ pub fn events(t: &Target, name: &str, format: Format, watch: bool) -> anyhow::Re
             }
             Ok(true)
         },
-    )
+    );
+    // The server ends an appliance's event stream when it is deleted; the watch that follows
+    // finds it gone: the end of what was watched, as `get --watch` says `deleted`.
+    match followed {
+        Err(e)
+            if e.downcast_ref::<dva_mgmt::client::HttpError>()
+                .is_some_and(|h| h.status == 404) =>
+        {
+            if !matches!(format, Format::Json | Format::Yaml) {
+                println!("appliance {name} deleted");
+            }
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 /// `dva get [NAME] --watch`: the listing, then one line per change of an appliance's row
