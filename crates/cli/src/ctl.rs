@@ -1069,14 +1069,14 @@ pub fn capture(
     let timeout = duration + Duration::from_secs(30);
     let bytes = if file == Path::new("-") {
         let mut out = std::io::stdout().lock();
-        let n = c.download(&path, &mut out, timeout)?;
+        let n = c.download_from_leader(&path, &mut out, timeout)?;
         out.flush()?;
         n
     } else {
         let f =
             std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
         let mut out = std::io::BufWriter::new(f);
-        let n = c.download(&path, &mut out, timeout)?;
+        let n = c.download_from_leader(&path, &mut out, timeout)?;
         out.flush()
             .with_context(|| format!("writing {}", file.display()))?;
         let packets = std::fs::read(file).map(|b| pcap_records(&b)).unwrap_or(0);
@@ -1109,7 +1109,7 @@ pub fn monitor(
         json,
         pending: Vec::new(),
     };
-    c.download(&path, &mut out, timeout)?;
+    c.download_from_leader(&path, &mut out, timeout)?;
     Ok(())
 }
 

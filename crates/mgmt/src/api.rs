@@ -588,6 +588,9 @@ struct ErrorBody<'a> {
 struct ErrorDetail<'a> {
     code: &'a str,
     message: String,
+    /// `not_leader`: the leading replica's URL (`scheme://host:port`), where a client follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leader: Option<String>,
 }
 
 impl Reply {
@@ -600,10 +603,31 @@ impl Reply {
 
     fn error(status: u16, code: &str, message: String) -> Reply {
         let body = ErrorBody {
-            error: ErrorDetail { code, message },
+            error: ErrorDetail {
+                code,
+                message,
+                leader: None,
+            },
         };
         Reply::new(
             status,
+            "application/json",
+            serde_json::to_string_pretty(&body).unwrap_or_default() + "\n",
+        )
+    }
+
+    /// 503 `not_leader` for what only the leader streams, naming it (`leader`) so a client can
+    /// go there itself.
+    fn not_leader(what: &str, leader: String) -> Reply {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: "not_leader",
+                message: format!("{what} stream from the leading replica: ask {leader}"),
+                leader: Some(leader),
+            },
+        };
+        Reply::new(
+            503,
             "application/json",
             serde_json::to_string_pretty(&body).unwrap_or_default() + "\n",
         )
@@ -1467,13 +1491,9 @@ fn answer(
     if let (Call::Capture(..) | Call::Monitor(..), Leader::Other(api)) = (call, sh.mgmt.leader()) {
         // A capture or monitor streams for seconds: relayed through a follower it would hold two
         // connections; the leader answers it directly.
-        return Ok(Answer::Reply(Reply::error(
-            503,
-            "not_leader",
-            format!(
-                "captures and monitors stream from the leading replica: ask {}://{api}",
-                sh.scheme()
-            ),
+        return Ok(Answer::Reply(Reply::not_leader(
+            "captures and monitors",
+            format!("{}://{api}", sh.scheme()),
         )));
     }
     if let Call::List | Call::Get(_) | Call::Events(_) = call {
@@ -1484,13 +1504,9 @@ fn answer(
         if let Some(timeout) = timeout {
             if let Leader::Other(api) = sh.mgmt.leader() {
                 // The leader alone knows the units' state as it changes.
-                return Ok(Answer::Reply(Reply::error(
-                    503,
-                    "not_leader",
-                    format!(
-                        "watches stream from the leading replica: ask {}://{api}",
-                        sh.scheme()
-                    ),
+                return Ok(Answer::Reply(Reply::not_leader(
+                    "watches",
+                    format!("{}://{api}", sh.scheme()),
                 )));
             }
             let what = match call {

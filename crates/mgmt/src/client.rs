@@ -32,6 +32,8 @@ pub struct HttpError {
     pub status: u16,
     pub code: String,
     pub message: String,
+    /// `not_leader`: where the leading replica is (`scheme://host:port`).
+    pub leader: Option<String>,
 }
 
 impl Client {
@@ -140,6 +142,7 @@ impl Client {
                     .as_str()
                     .map(str::to_string)
                     .unwrap_or_else(|| format!("HTTP {status}: {}", text.trim())),
+                leader: v["error"]["leader"].as_str().map(str::to_string),
             }
             .into());
         }
@@ -254,10 +257,53 @@ impl Client {
                     .as_str()
                     .map(str::to_string)
                     .unwrap_or_else(|| format!("HTTP {status}: {}", body.trim())),
+                leader: v["error"]["leader"].as_str().map(str::to_string),
             }
             .into());
         }
         Ok(std::io::copy(&mut r, out)?)
+    }
+
+    /// [`Client::download`] from the leading replica: a replica that does not lead answers a
+    /// stream (watch, capture, monitor) with 503 `not_leader` and the leader's URL, which is
+    /// followed once, with the same token and trust (replicas share both).
+    pub fn download_from_leader(
+        &self,
+        path: &str,
+        out: &mut dyn std::io::Write,
+        timeout: Duration,
+    ) -> anyhow::Result<u64> {
+        match self.download(path, out, timeout) {
+            Err(e) => {
+                let Some(url) = e
+                    .downcast_ref::<HttpError>()
+                    .filter(|h| h.status == 503 && h.code == "not_leader")
+                    .and_then(|h| h.leader.clone())
+                else {
+                    return Err(e);
+                };
+                let leader = self.at(&url)?;
+                leader.download(path, out, timeout)
+            }
+            r => r,
+        }
+    }
+
+    /// This client aimed at another replica (`scheme://host:port`): same token, same trust. The
+    /// scheme must be this client's (a replica never sends us from https to http).
+    fn at(&self, url: &str) -> anyhow::Result<Client> {
+        let (https, authority) = match url.strip_prefix("https://") {
+            Some(a) => (true, a),
+            None => (false, url.strip_prefix("http://").unwrap_or(url)),
+        };
+        if https != self.tls.is_some() || authority.is_empty() || authority.contains('/') {
+            bail!("the replica named {url:?} as the leader: not a server this client can follow");
+        }
+        Ok(Client {
+            authority: authority.to_string(),
+            host: host_of(authority).to_string(),
+            ..self.clone()
+        })
     }
     /// Follow a watch (`path` with `?watch=true`): `on` gets each event's type (`ADDED`,
     /// `MODIFIED`, `DELETED`) and object as they arrive; returns when the server ends the watch
@@ -294,7 +340,7 @@ impl Client {
             pending: Vec::new(),
             on,
         };
-        self.download(path, &mut lines, timeout)?;
+        self.download_from_leader(path, &mut lines, timeout)?;
         Ok(())
     }
     pub fn unit_config(&self, name: &str, unit: u32) -> anyhow::Result<serde_json::Value> {

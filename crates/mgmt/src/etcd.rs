@@ -52,6 +52,8 @@ pub const LEASE_TTL: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_millis(300);
 /// Longest any one etcd call may take (a member that died must not hang the API or reconciler).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one attempt of a call may take before it is made again (see [`EtcdLink::call`]).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(900);
 
 /// A connection to one etcd cluster, with the runtime that drives it.
 pub struct EtcdLink {
@@ -118,14 +120,26 @@ impl EtcdLink {
         let attempts = async move {
             let mut backoff = Duration::from_millis(50);
             loop {
-                match op(client.clone()).await {
-                    Err(e) if transient(&e) && tokio::time::Instant::now() + backoff < deadline => {
-                        tracing::debug!("etcd: {what}: {e}; trying another member");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_millis(500));
-                    }
-                    r => return r,
+                // A request sent on the connection to a member that just died gets no answer
+                // until the keep-alive notices (~2 s): an attempt is given up sooner and made
+                // again, which the balancer sends to a live member.
+                let attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, op(client.clone())).await;
+                let retry = match &attempt {
+                    Err(_) => true,
+                    Ok(Err(e)) => transient(e),
+                    Ok(Ok(_)) => false,
+                };
+                if !retry || tokio::time::Instant::now() + backoff >= deadline {
+                    return match attempt {
+                        Ok(r) => r,
+                        Err(_) => Err(etcd_client::Error::IoError(std::io::Error::from(
+                            std::io::ErrorKind::TimedOut,
+                        ))),
+                    };
                 }
+                tracing::debug!("etcd: {what}: no answer from a member; trying another");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
             }
         };
         self.handle
