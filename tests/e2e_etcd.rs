@@ -29,58 +29,6 @@ const SERVER: &str = "etcd-server";
 /// Client ports of the three members (their peer ports are these + 10).
 const MEMBERS: [u16; 3] = [23791, 23792, 23793];
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The appliance's machine, a client and a server, as in e2e_nolab; removed on drop.
-struct Machines;
-
-impl Machines {
-    fn up() -> Machines {
-        Machines::down();
-        for ns in [APP, CLIENT, SERVER] {
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        for (dev, peer, addr, gw) in [
-            ("out0", CLIENT, "198.18.1.2/24", "198.18.1.1"),
-            ("in0", SERVER, "198.18.2.2/24", "198.18.2.1"),
-        ] {
-            ip(&[
-                "-n", APP, "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns",
-                peer,
-            ]);
-            ip(&["-n", APP, "link", "set", dev, "up"]);
-            ip(&["-n", peer, "addr", "add", addr, "dev", "eth0"]);
-            ip(&["-n", peer, "link", "set", "eth0", "up"]);
-            ip(&["-n", peer, "route", "add", "default", "via", gw]);
-        }
-        Machines
-    }
-
-    fn down() {
-        for ns in [APP, CLIENT, SERVER] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-impl Drop for Machines {
-    fn drop(&mut self) {
-        Machines::down();
-    }
-}
-
 /// Three etcd members on the appliance machine's loopback, each with its own data dir; killed
 /// and removed on drop.
 struct Etcd {
@@ -390,7 +338,7 @@ fn store_round_trip() {
 #[test]
 fn replicas_on_etcd_fail_over_without_touching_the_units() {
     let _serial = serial();
-    let _m = Machines::up();
+    let _m = Machines::up([APP, CLIENT, SERVER]);
     let mut etcd = Etcd::start();
     store_round_trip();
 

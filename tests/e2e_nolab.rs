@@ -18,60 +18,6 @@ const APP: &str = "nolab-app";
 const CLIENT: &str = "nolab-client";
 const SERVER: &str = "nolab-server";
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Three namespaces: the appliance's machine with `out0` and `in0` (up, no addresses: the
-/// appliance owns 198.18.1.1 and 198.18.2.1), a client behind `out0`, a server behind `in0`.
-/// Removed on drop.
-struct Machines;
-
-impl Machines {
-    fn up() -> Machines {
-        Machines::down();
-        for ns in [APP, CLIENT, SERVER] {
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        for (dev, peer, addr, gw) in [
-            ("out0", CLIENT, "198.18.1.2/24", "198.18.1.1"),
-            ("in0", SERVER, "198.18.2.2/24", "198.18.2.1"),
-        ] {
-            ip(&[
-                "-n", APP, "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns",
-                peer,
-            ]);
-            ip(&["-n", APP, "link", "set", dev, "up"]);
-            ip(&["-n", peer, "addr", "add", addr, "dev", "eth0"]);
-            ip(&["-n", peer, "link", "set", "eth0", "up"]);
-            ip(&["-n", peer, "route", "add", "default", "via", gw]);
-        }
-        Machines
-    }
-
-    fn down() {
-        for ns in [APP, CLIENT, SERVER] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-impl Drop for Machines {
-    fn drop(&mut self) {
-        Machines::down();
-    }
-}
-
 /// A `dva` process in the appliance's namespace; its output lines on a channel; stopped
 /// (SIGTERM, then SIGKILL) on drop.
 struct Dva {
@@ -187,7 +133,7 @@ fn dataplanes(server: &str, token: &str) -> Vec<String> {
 #[test]
 fn the_appliance_between_a_machines_own_nics_without_a_lab() {
     let _serial = serial();
-    let _m = Machines::up();
+    let _m = Machines::up([APP, CLIENT, SERVER]);
     let _web = Nginx::start(SERVER, &[80, 8080], "behind a real server's NICs\n").expect("nginx");
     let spec = example("edge-firewall.yaml");
     let spec = spec.to_str().expect("path");

@@ -450,3 +450,61 @@ pub fn wait_stats(app: &Running, what: &str, mut f: impl FnMut(&Stats) -> bool) 
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Run `ip ARGS`, failing the test with its error.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Machines without a lab, made by the test: the appliance's machine (namespace `app`) with
+/// `out0` and `in0` (up, no addresses: the appliance owns 198.18.1.1 and 198.18.2.1), a client
+/// (198.18.1.2) behind `out0` and a server (198.18.2.2) behind `in0`. Removed on drop.
+pub struct Machines([&'static str; 3]);
+
+impl Machines {
+    /// Namespaces `[app, client, server]`.
+    pub fn up(names: [&'static str; 3]) -> Machines {
+        let m = Machines(names);
+        m.down();
+        let [app, client, server] = names;
+        for ns in names {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        for (dev, peer, addr, gw) in [
+            ("out0", client, "198.18.1.2/24", "198.18.1.1"),
+            ("in0", server, "198.18.2.2/24", "198.18.2.1"),
+        ] {
+            ip(&[
+                "-n", app, "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns",
+                peer,
+            ]);
+            ip(&["-n", app, "link", "set", dev, "up"]);
+            ip(&["-n", peer, "addr", "add", addr, "dev", "eth0"]);
+            ip(&["-n", peer, "link", "set", "eth0", "up"]);
+            ip(&["-n", peer, "route", "add", "default", "via", gw]);
+        }
+        m
+    }
+
+    fn down(&self) {
+        for ns in self.0 {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Machines {
+    fn drop(&mut self) {
+        self.down();
+    }
+}

@@ -602,34 +602,34 @@ impl Reply {
     }
 
     fn error(status: u16, code: &str, message: String) -> Reply {
-        let body = ErrorBody {
-            error: ErrorDetail {
+        Reply::error_detail(
+            status,
+            ErrorDetail {
                 code,
                 message,
                 leader: None,
             },
-        };
+        )
+    }
+
+    fn error_detail(status: u16, error: ErrorDetail<'_>) -> Reply {
         Reply::new(
             status,
             "application/json",
-            serde_json::to_string_pretty(&body).unwrap_or_default() + "\n",
+            serde_json::to_string_pretty(&ErrorBody { error }).unwrap_or_default() + "\n",
         )
     }
 
     /// 503 `not_leader` for what only the leader streams, naming it (`leader`) so a client can
     /// go there itself.
     fn not_leader(what: &str, leader: String) -> Reply {
-        let body = ErrorBody {
-            error: ErrorDetail {
+        Reply::error_detail(
+            503,
+            ErrorDetail {
                 code: "not_leader",
                 message: format!("{what} stream from the leading replica: ask {leader}"),
                 leader: Some(leader),
             },
-        };
-        Reply::new(
-            503,
-            "application/json",
-            serde_json::to_string_pretty(&body).unwrap_or_default() + "\n",
         )
     }
 
@@ -1362,10 +1362,6 @@ fn watch(
     let mut seen = mgmt.change_count();
     loop {
         let mut lines = String::new();
-        let mut line = |kind: &str, object: &dyn erased::Object| {
-            lines.push_str(&object.line(kind));
-            lines.push('\n');
-        };
         let mut ended = false;
         match what {
             Watched::Events(name) => match mgmt.events(name) {
@@ -1377,7 +1373,7 @@ fn watch(
                         None => 0,
                     };
                     for e in &events[start..] {
-                        line("ADDED", e);
+                        line(&mut lines, "ADDED", e);
                     }
                     if let Some(e) = events.last() {
                         last_event = Some(e.clone());
@@ -1394,14 +1390,14 @@ fn watch(
                 for v in &views {
                     let key = watch_key(v);
                     match shown.get(&v.name) {
-                        None => line("ADDED", v),
-                        Some(k) if *k != key => line("MODIFIED", v),
+                        None => line(&mut lines, "ADDED", v),
+                        Some(k) if *k != key => line(&mut lines, "MODIFIED", v),
                         Some(_) => {}
                     }
                     now.insert(v.name.clone(), key);
                 }
                 for name in shown.keys().filter(|n| !now.contains_key(*n)) {
-                    line("DELETED", &serde_json::json!({ "name": name }));
+                    line(&mut lines, "DELETED", &serde_json::json!({ "name": name }));
                 }
                 ended = matches!(what, Watched::Get(_)) && views.is_empty();
                 shown = now;
@@ -1430,16 +1426,10 @@ fn watch_key(v: &crate::model::ApplianceView) -> String {
     serde_json::to_string(&v).unwrap_or_default()
 }
 
-/// Serialising the different objects a watch sends through one closure.
-mod erased {
-    pub trait Object {
-        fn line(&self, kind: &str) -> String;
-    }
-    impl<T: serde::Serialize> Object for T {
-        fn line(&self, kind: &str) -> String {
-            serde_json::to_string(&super::WatchEvent { kind, object: self }).unwrap_or_default()
-        }
-    }
+/// Append one watch line: `{"type": kind, "object": object}`.
+fn line<T: Serialize>(lines: &mut String, kind: &str, object: &T) {
+    lines.push_str(&serde_json::to_string(&WatchEvent { kind, object }).unwrap_or_default());
+    lines.push('\n');
 }
 
 /// What a request gets: a complete reply, or a stream.

@@ -1381,43 +1381,28 @@ impl Core {
         if !self.icmp_budget.take(self.now) {
             return self.drop(dr::ICMP_RATE_LIMITED);
         }
-        // From our address on the link towards the source (where the error leaves).
         let (src, v6) = match classify(ip) {
             Ok(c) => (c.key.src, c.is_v6()),
             Err(_) => return,
         };
-        if self.nat_sources.contains(&src) {
-            // A masqueraded packet: its sender is inside, behind an address the data planes
-            // rewrote. The error is made as the next router would make it (from our address on
-            // the egress link, quoting the packet as it would leave) and enters through that
-            // link: the flow's data plane translates it back to the sender as it does any
-            // error about the flow (RFC 5508), and the sender's path MTU discovery works.
-            let Some(from) = self.links.get(e).and_then(|l| l.cfg.address(!v6)) else {
-                return;
-            };
-            let mtu = mtu.min(usize::from(u16::MAX)) as u32;
-            let mut err = Vec::with_capacity(600);
-            let built = match from {
-                IpAddr::V4(s) => reply::icmpv4_error_with(&mut err, ip, s, 3, 4, mtu),
-                IpAddr::V6(s) => reply::icmpv6_error(&mut err, ip, s, 2, 0, mtu),
-            };
-            if built.is_some() && self.reinject.len() < BATCH {
-                self.event("icmp_too_big_sent");
-                self.reinject.push((e, err));
-            }
-            return;
-        }
-        if self.is_local(src) {
+        // A masqueraded packet: its sender is inside, behind an address the data planes rewrote.
+        // The error is made as the next router would make it (from our address on the egress
+        // link, quoting the packet as it would leave) and enters through that link: the flow's
+        // data plane translates it back to the sender as it does any error about the flow
+        // (RFC 5508), and the sender's path MTU discovery works. Otherwise it comes from our
+        // address on the link towards the source (where it leaves).
+        let masqueraded = self.nat_sources.contains(&src);
+        let link = if masqueraded {
+            e
+        } else if self.is_local(src) {
             return; // our own packet (a health probe): nobody to tell
-        }
-        let Some(back) = self.routes.lookup(src) else {
-            return;
+        } else {
+            match self.routes.lookup(src) {
+                Some(back) => usize::from(back.interface),
+                None => return,
+            }
         };
-        let Some(from) = self
-            .links
-            .get(usize::from(back.interface))
-            .and_then(|l| l.cfg.address(!v6))
-        else {
+        let Some(from) = self.links.get(link).and_then(|l| l.cfg.address(!v6)) else {
             return;
         };
         let mtu = mtu.min(usize::from(u16::MAX)) as u32;
@@ -1426,7 +1411,15 @@ impl Core {
             IpAddr::V4(s) => reply::icmpv4_error_with(&mut err, ip, s, 3, 4, mtu),
             IpAddr::V6(s) => reply::icmpv6_error(&mut err, ip, s, 2, 0, mtu),
         };
-        if built.is_some() {
+        if built.is_none() {
+            return;
+        }
+        if masqueraded {
+            if self.reinject.len() < BATCH {
+                self.event("icmp_too_big_sent");
+                self.reinject.push((e, err));
+            }
+        } else {
             self.event("icmp_too_big_sent");
             self.forward(&err, &DvaMeta::default(), ports);
         }
