@@ -1533,7 +1533,7 @@ fn answer(
         String::new()
     };
     if call.leader_only() {
-        match sh.mgmt.leader() {
+        match sh.mgmt.settled_leader(ELECTION_WAIT) {
             Leader::Me => {}
             Leader::Other(_) if head.forwarded => {
                 return Ok(Answer::Reply(Reply::error(
@@ -1573,6 +1573,11 @@ fn answer(
             }),
     ))
 }
+
+/// How long a call that needs the leader waits for an election to settle before it is refused:
+/// a dead leader's lease runs out in [`crate::etcd::LEASE_TTL`], an etcd member's death holds up
+/// renewals while etcd elects its own leader (up to twice its 1 s election timeout).
+const ELECTION_WAIT: Duration = Duration::from_secs(6);
 
 /// How long a forwarded call may take at the leader (a delete waits for its units to stop).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(120);

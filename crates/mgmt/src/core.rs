@@ -220,9 +220,15 @@ impl Mgmt {
 
     /// Who leads: always this replica, but with the etcd store.
     pub fn leader(&self) -> Leader {
+        self.settled_leader(Duration::ZERO)
+    }
+
+    /// The leader, waiting up to `wait` for an election that is settling (see
+    /// [`crate::etcd::Leadership::settled`]).
+    pub fn settled_leader(&self, wait: Duration) -> Leader {
         match &self.inner.leadership {
             None => Leader::Me,
-            Some(l) => l.leader(),
+            Some(l) => l.settled(wait),
         }
     }
 

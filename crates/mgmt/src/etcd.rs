@@ -25,7 +25,7 @@
 //! by etcd itself.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -275,12 +275,15 @@ enum State {
 /// API (which forwards to the leader).
 pub struct Leadership {
     state: Mutex<State>,
+    /// Notified on every [`Leadership::set`] (a renewal too), for [`Leadership::settled`].
+    changed: Condvar,
 }
 
 impl Default for Leadership {
     fn default() -> Self {
         Leadership {
             state: Mutex::new(State::Unknown),
+            changed: Condvar::new(),
         }
     }
 }
@@ -307,14 +310,38 @@ impl Leadership {
             }
         }
         *st = new;
+        self.changed.notify_all();
+    }
+
+    /// The leader, waiting up to `wait` while nobody is known. An etcd member's death can hold up
+    /// lease renewals for as long as etcd takes to elect its own leader (a second or two, about
+    /// the lease's TTL): meanwhile this replica cannot be sure it still leads, and a caller is
+    /// better served by an answer a little late than by a refusal.
+    pub fn settled(&self, wait: Duration) -> Leader {
+        let deadline = Instant::now() + wait;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let now = Instant::now();
+            let leader = match &*st {
+                State::Leading { until, .. } if now < *until => Leader::Me,
+                State::Leading { .. } | State::Unknown => Leader::Unknown,
+                State::Following(api) => Leader::Other(api.clone()),
+            };
+            if !matches!(leader, Leader::Unknown) || now >= deadline {
+                return leader;
+            }
+            // `until` passing is no event: look again at least every tick.
+            let nap = (deadline - now).min(TICK);
+            st = self
+                .changed
+                .wait_timeout(st, nap)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     pub fn leader(&self) -> Leader {
-        match self.get() {
-            State::Leading { until, .. } if Instant::now() < until => Leader::Me,
-            State::Leading { .. } | State::Unknown => Leader::Unknown,
-            State::Following(api) => Leader::Other(api),
-        }
+        self.settled(Duration::ZERO)
     }
 
     /// The current term while this replica leads and its lease is surely alive.
@@ -358,7 +385,9 @@ async fn elect(mut client: Client, l: Arc<Leadership>, value: String) {
         let mut keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
         loop {
             if keeper.is_none() {
-                keeper = tokio::time::timeout(CALL_TIMEOUT, client.lease_keep_alive(lease))
+                // Short attempts: a stream that lands on a dying member is given up for another
+                // well within the lease's TTL.
+                keeper = tokio::time::timeout(ATTEMPT_TIMEOUT, client.lease_keep_alive(lease))
                     .await
                     .ok()
                     .and_then(Result::ok);
@@ -410,7 +439,7 @@ async fn lead_or_follow(
         )])
         .or_else([TxnOp::get(LEADER_KEY, None)]);
     // No answer: the state stays, and a leader's `until` runs out by itself.
-    let Ok(Ok(resp)) = tokio::time::timeout(CALL_TIMEOUT, client.txn(txn)).await else {
+    let Ok(Ok(resp)) = tokio::time::timeout(ATTEMPT_TIMEOUT, client.txn(txn)).await else {
         return;
     };
     if resp.succeeded() {
