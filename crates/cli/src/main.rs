@@ -99,6 +99,21 @@ enum Cmd {
         /// 127.0.0.1 and localhost. The client file carries the CA, so the CLI trusts it.
         #[arg(long)]
         tls_auto: bool,
+        /// Talk to etcd over TLS, checking the members' certificates against this CA (PEM).
+        #[arg(long, value_name = "FILE")]
+        etcd_cafile: Option<PathBuf>,
+        /// This replica's client certificate for etcd (PEM; etcd's --client-cert-auth). With
+        /// --etcd-keyfile and --etcd-cafile.
+        #[arg(
+            long,
+            value_name = "FILE",
+            requires = "etcd_keyfile",
+            requires = "etcd_cafile"
+        )]
+        etcd_certfile: Option<PathBuf>,
+        /// The private key (PEM) of --etcd-certfile.
+        #[arg(long, value_name = "FILE", requires = "etcd_certfile")]
+        etcd_keyfile: Option<PathBuf>,
     },
     /// Create or replace appliances from specs ("unchanged" when one already runs that spec).
     Apply {
@@ -615,7 +630,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             tls_auto,
+            etcd_cafile,
+            etcd_certfile,
+            etcd_keyfile,
         } => ctl::serve(&ctl::ServeOptions {
+            etcd_tls: etcd_cafile.map(|ca| dva_mgmt::store::EtcdTls {
+                ca,
+                // clap allows neither file without the other.
+                identity: etcd_certfile.zip(etcd_keyfile),
+            }),
             store: store.unwrap_or_else(|| dva_mgmt::store::StoreConfig::File(state.clone())),
             state,
             listen,
