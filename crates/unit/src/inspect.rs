@@ -22,9 +22,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use dva_flow::{proto, FlowKey};
+use dva_flow::FlowKey;
 use dva_io::capture::{CaptureFilter, Tap, MAX_SNAPLEN};
 use dva_services::conntrack::{ConnState, TcpState};
+use dva_wire::ip_proto;
 
 /// Longest query string accepted (the filters are a handful of short values).
 pub const MAX_QUERY: usize = 1024;
@@ -87,12 +88,12 @@ pub fn state_name(s: ConnState) -> &'static str {
 /// `tcp`, `udp`, `icmp`, `icmpv6`, `sctp`, `udplite` or a protocol number.
 pub fn parse_proto(s: &str) -> Result<u8, String> {
     Ok(match s.to_ascii_lowercase().as_str() {
-        "tcp" => proto::TCP,
-        "udp" => proto::UDP,
-        "icmp" => proto::ICMP,
-        "icmpv6" | "ipv6-icmp" => proto::ICMPV6,
-        "sctp" => proto::SCTP,
-        "udplite" => proto::UDPLITE,
+        "tcp" => ip_proto::TCP,
+        "udp" => ip_proto::UDP,
+        "icmp" => ip_proto::ICMP,
+        "icmpv6" | "ipv6-icmp" => ip_proto::ICMPV6,
+        "sctp" => ip_proto::SCTP,
+        "udplite" => ip_proto::UDPLITE,
         n => n.parse::<u8>().map_err(|_| {
             format!("proto {s:?}: use tcp, udp, icmp, icmpv6, sctp, udplite or a number 0..=255")
         })?,
@@ -102,12 +103,12 @@ pub fn parse_proto(s: &str) -> Result<u8, String> {
 /// The name of a protocol number, for tables.
 pub fn proto_name(p: u8) -> String {
     match p {
-        proto::TCP => "tcp".into(),
-        proto::UDP => "udp".into(),
-        proto::ICMP => "icmp".into(),
-        proto::ICMPV6 => "icmpv6".into(),
-        proto::SCTP => "sctp".into(),
-        proto::UDPLITE => "udplite".into(),
+        ip_proto::TCP => "tcp".into(),
+        ip_proto::UDP => "udp".into(),
+        ip_proto::ICMP => "icmp".into(),
+        ip_proto::ICMPV6 => "icmpv6".into(),
+        ip_proto::SCTP => "sctp".into(),
+        ip_proto::UDPLITE => "udplite".into(),
         n => n.to_string(),
     }
 }

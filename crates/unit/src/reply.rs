@@ -6,9 +6,10 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use dva_wire::checksum;
+use dva_wire::ip_proto;
 use dva_wire::EthernetAddress;
 
-use crate::classify::{Classified, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP};
+use crate::classify::Classified;
 
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const ETHERTYPE_ARP: u16 = 0x0806;
@@ -116,7 +117,7 @@ pub fn icmpv4_error_with(
 ) -> Option<()> {
     let osrc = Ipv4Addr::new(*orig.get(12)?, orig[13], orig[14], orig[15]);
     let quote = &orig[..orig.len().min(ICMP_QUOTE_V4)];
-    ipv4_header(out, src, osrc, PROTO_ICMP, 8 + quote.len(), DEFAULT_TTL);
+    ipv4_header(out, src, osrc, ip_proto::ICMP, 8 + quote.len(), DEFAULT_TTL);
     let s = out.len();
     out.extend_from_slice(&[typ, code, 0, 0]);
     out.extend_from_slice(&rest.to_be_bytes());
@@ -137,12 +138,19 @@ pub fn icmpv6_error(
     let osrc: [u8; 16] = orig.get(8..24)?.try_into().ok()?;
     let osrc = Ipv6Addr::from(osrc);
     let quote = &orig[..orig.len().min(ICMP_QUOTE_V6)];
-    ipv6_header(out, src, osrc, PROTO_ICMPV6, 8 + quote.len(), DEFAULT_TTL);
+    ipv6_header(
+        out,
+        src,
+        osrc,
+        ip_proto::ICMPV6,
+        8 + quote.len(),
+        DEFAULT_TTL,
+    );
     let s = out.len();
     out.extend_from_slice(&[typ, code, 0, 0]);
     out.extend_from_slice(&param.to_be_bytes());
     out.extend_from_slice(quote);
-    let c = l4_checksum_v6(&out[s..], src, osrc, PROTO_ICMPV6);
+    let c = l4_checksum_v6(&out[s..], src, osrc, ip_proto::ICMPV6);
     out[s + 2..s + 4].copy_from_slice(&c.to_be_bytes());
     Some(())
 }
@@ -155,7 +163,7 @@ pub fn echo_reply(out: &mut Vec<u8>, req: &[u8], c: &Classified) -> Option<()> {
     }
     match (c.key.src, c.key.dst) {
         (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
-            ipv4_header(out, d, s, PROTO_ICMP, l4.len(), DEFAULT_TTL);
+            ipv4_header(out, d, s, ip_proto::ICMP, l4.len(), DEFAULT_TTL);
             let st = out.len();
             out.extend_from_slice(l4);
             out[st] = 0;
@@ -164,12 +172,12 @@ pub fn echo_reply(out: &mut Vec<u8>, req: &[u8], c: &Classified) -> Option<()> {
             out[st + 2..st + 4].copy_from_slice(&ck.to_be_bytes());
         }
         (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
-            ipv6_header(out, d, s, PROTO_ICMPV6, l4.len(), DEFAULT_TTL);
+            ipv6_header(out, d, s, ip_proto::ICMPV6, l4.len(), DEFAULT_TTL);
             let st = out.len();
             out.extend_from_slice(l4);
             out[st] = 129;
             out[st + 2..st + 4].copy_from_slice(&[0, 0]);
-            let ck = l4_checksum_v6(&out[st..], d, s, PROTO_ICMPV6);
+            let ck = l4_checksum_v6(&out[st..], d, s, ip_proto::ICMPV6);
             out[st + 2..st + 4].copy_from_slice(&ck.to_be_bytes());
         }
         _ => return None,
@@ -180,7 +188,7 @@ pub fn echo_reply(out: &mut Vec<u8>, req: &[u8], c: &Classified) -> Option<()> {
 /// TCP RST answering `orig` as its destination would (RFC 793 reset generation), as nftables'
 /// `reject with tcp reset` does: from the original destination to the original source.
 pub fn tcp_reset(out: &mut Vec<u8>, orig: &[u8], c: &Classified) -> Option<()> {
-    if c.key.proto != PROTO_TCP {
+    if c.key.proto != ip_proto::TCP {
         return None;
     }
     let tcp = orig.get(c.l4_offset..c.ip_len)?;
@@ -210,14 +218,14 @@ pub fn tcp_reset(out: &mut Vec<u8>, orig: &[u8], c: &Classified) -> Option<()> {
     seg[13] = rflags;
     match (c.key.src, c.key.dst) {
         (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
-            let ck = l4_checksum_v4(&seg, d, s, PROTO_TCP);
+            let ck = l4_checksum_v4(&seg, d, s, ip_proto::TCP);
             seg[16..18].copy_from_slice(&ck.to_be_bytes());
-            ipv4_header(out, d, s, PROTO_TCP, 20, DEFAULT_TTL);
+            ipv4_header(out, d, s, ip_proto::TCP, 20, DEFAULT_TTL);
         }
         (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
-            let ck = l4_checksum_v6(&seg, d, s, PROTO_TCP);
+            let ck = l4_checksum_v6(&seg, d, s, ip_proto::TCP);
             seg[16..18].copy_from_slice(&ck.to_be_bytes());
-            ipv6_header(out, d, s, PROTO_TCP, 20, DEFAULT_TTL);
+            ipv6_header(out, d, s, ip_proto::TCP, 20, DEFAULT_TTL);
         }
         _ => return None,
     }
@@ -264,9 +272,9 @@ pub fn ndisc(
     body[24] = if typ == 135 { 1 } else { 2 };
     body[25] = 1;
     body[26..32].copy_from_slice(&lladdr.0);
-    let ck = l4_checksum_v6(&body, src, dst, PROTO_ICMPV6);
+    let ck = l4_checksum_v6(&body, src, dst, ip_proto::ICMPV6);
     body[2..4].copy_from_slice(&ck.to_be_bytes());
-    ipv6_header(out, src, dst, PROTO_ICMPV6, body.len(), 255);
+    ipv6_header(out, src, dst, ip_proto::ICMPV6, body.len(), 255);
     out.extend_from_slice(&body);
 }
 
@@ -279,12 +287,12 @@ pub fn complete_l4_checksum(ip: &mut [u8], c: &Classified) -> bool {
         return false;
     }
     match (c.key.proto, c.key.src, c.key.dst) {
-        (PROTO_TCP | crate::classify::PROTO_UDP, _, _) => {
+        (ip_proto::TCP | ip_proto::UDP, _, _) => {
             dva_wire::gso::complete_checksum(&mut ip[..end], off, c.key.proto).is_ok()
         }
-        (PROTO_ICMPV6, std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) if end >= off + 4 => {
+        (ip_proto::ICMPV6, std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) if end >= off + 4 => {
             ip[off + 2..off + 4].copy_from_slice(&[0, 0]);
-            let ck = l4_checksum_v6(&ip[off..end], s, d, PROTO_ICMPV6);
+            let ck = l4_checksum_v6(&ip[off..end], s, d, ip_proto::ICMPV6);
             ip[off + 2..off + 4].copy_from_slice(&ck.to_be_bytes());
             true
         }
@@ -318,14 +326,14 @@ pub fn tcp_segment(
     let len = seg.len();
     match (src, dst) {
         (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
-            let ck = l4_checksum_v4(&seg, s, d, PROTO_TCP);
+            let ck = l4_checksum_v4(&seg, s, d, ip_proto::TCP);
             seg[16..18].copy_from_slice(&ck.to_be_bytes());
-            ipv4_header(out, s, d, PROTO_TCP, len, DEFAULT_TTL);
+            ipv4_header(out, s, d, ip_proto::TCP, len, DEFAULT_TTL);
         }
         (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
-            let ck = l4_checksum_v6(&seg, s, d, PROTO_TCP);
+            let ck = l4_checksum_v6(&seg, s, d, ip_proto::TCP);
             seg[16..18].copy_from_slice(&ck.to_be_bytes());
-            ipv6_header(out, s, d, PROTO_TCP, len, DEFAULT_TTL);
+            ipv6_header(out, s, d, ip_proto::TCP, len, DEFAULT_TTL);
         }
         _ => return None,
     }

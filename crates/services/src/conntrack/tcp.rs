@@ -7,22 +7,11 @@
 //! and this does not: the "unacknowledged data" and retransmission timeouts, NAT sequence
 //! adjustment (nothing here rewrites sequence numbers).
 
+use dva_wire::tcp::flags;
 use dva_wire::{TcpOption, TcpPacket};
 use serde::{Deserialize, Serialize};
 
 use super::Direction;
-
-/// TCP header flag bits (the flags byte, offset 13).
-pub mod flags {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const PSH: u8 = 0x08;
-    pub const ACK: u8 = 0x10;
-    pub const URG: u8 = 0x20;
-    pub const ECE: u8 = 0x40;
-    pub const CWR: u8 = 0x80;
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -37,12 +37,12 @@ use dva_io::{FrameIo, GsoType, RxMeta};
 use dva_proto::{DispatcherConfig, InterfaceConfig, RoleConfig};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
 use dva_wire::{
-    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, Ipv4Packet, Ipv6Packet,
-    OptionsError,
+    ip_proto, ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, Ipv4Packet,
+    Ipv6Packet, OptionsError,
 };
 
 use crate::channel::Update;
-use crate::classify::{classify, Classified, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP};
+use crate::classify::{classify, Classified};
 use crate::inspect::{Request, Requests, BACKPLANE};
 use crate::keys::epoch_keys;
 use crate::offload;
@@ -141,7 +141,7 @@ use drop_reason as dr;
 /// with options, or UDP).
 fn segment_header_len(ip: &[u8], c: &Classified) -> Option<usize> {
     match c.key.proto {
-        PROTO_TCP => ip
+        ip_proto::TCP => ip
             .get(c.l4_offset + 12)
             .map(|b| c.l4_offset + usize::from(b >> 4) * 4),
         _ => Some(c.l4_offset + 8),
@@ -655,8 +655,10 @@ impl Core {
         let port = match (c.key.proto, c.icmp, &c.icmp_inner) {
             // Errors quote the packet we sent: its source port is the one we chose.
             (_, Some(_), Some(inner)) if inner.src == dst => inner.src_port,
-            (PROTO_ICMP, Some((0, _)), _) | (PROTO_ICMPV6, Some((129, _)), _) => c.key.dst_port,
-            (PROTO_ICMP, _, _) | (PROTO_ICMPV6, _, _) => return None,
+            (ip_proto::ICMP, Some((0, _)), _) | (ip_proto::ICMPV6, Some((129, _)), _) => {
+                c.key.dst_port
+            }
+            (ip_proto::ICMP, _, _) | (ip_proto::ICMPV6, _, _) => return None,
             _ if health::HealthChecker::is_probe_port(c.key.dst_port) => return None,
             _ => c.key.dst_port,
         };
@@ -1011,7 +1013,7 @@ impl Core {
         let Ok(c) = classify(ip) else {
             return self.drop(dr::MALFORMED_L4);
         };
-        if c.key.proto == PROTO_ICMPV6 {
+        if c.key.proto == ip_proto::ICMPV6 {
             if let Some((135, _)) | Some((136, _)) = c.icmp {
                 return self.on_ndisc(i, ip, &c);
             }
@@ -1108,12 +1110,12 @@ impl Core {
         (self.vips.contains(&dst) || self.is_forwarded(dst, c))
             && !matches!(
                 (c.key.proto, c.icmp),
-                (PROTO_ICMP, Some((8, 0))) | (PROTO_ICMPV6, Some((128, 0)))
+                (ip_proto::ICMP, Some((8, 0))) | (ip_proto::ICMPV6, Some((128, 0)))
             )
     }
 
     fn on_local(&mut self, i: usize, src_mac: EthernetAddress, ip: &[u8], c: &Classified) {
-        if c.key.proto == PROTO_TCP && health::HealthChecker::is_probe_port(c.key.dst_port) {
+        if c.key.proto == ip_proto::TCP && health::HealthChecker::is_probe_port(c.key.dst_port) {
             if let Some(answer) = self.health.on_segment(ip, c) {
                 let link = &self.links[i];
                 let ethertype = if c.is_v6() {
@@ -1136,7 +1138,7 @@ impl Core {
         }
         let echo = matches!(
             (c.key.proto, c.icmp),
-            (PROTO_ICMP, Some((8, 0))) | (PROTO_ICMPV6, Some((128, 0)))
+            (ip_proto::ICMP, Some((8, 0))) | (ip_proto::ICMPV6, Some((128, 0)))
         );
         if !echo {
             return self.drop_flow(dr::TO_APPLIANCE, &c.key, i);
