@@ -123,6 +123,33 @@ pub fn parse_net(what: &str, s: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("{what} {s:?} is neither an IP address nor a prefix (a.b.c.d/len)"))
 }
 
+/// `unit=` of a query: a unit id.
+pub fn parse_unit(s: &str) -> Result<u32, String> {
+    s.parse()
+        .map_err(|_| format!("unit {s:?} is not a unit id"))
+}
+
+/// `port=` of a query: either end's port.
+pub fn parse_port(s: &str) -> Result<u16, String> {
+    s.parse()
+        .map_err(|_| format!("port {s:?} is not a number 0..=65535"))
+}
+
+/// `host=` of a query: one address.
+pub fn parse_host(s: &str) -> Result<IpAddr, String> {
+    s.parse()
+        .map_err(|_| format!("host {s:?} is not an IP address"))
+}
+
+/// `duration=` of a query (`10s`, `500ms`, ...): more than 0 and at most `max_secs`.
+pub fn parse_duration(s: &str, max_secs: u64) -> Result<Duration, String> {
+    let ms = dva_proto::spec::parse_duration_ms(s).map_err(|e| format!("duration {s:?}: {e}"))?;
+    if ms == 0 || ms > max_secs * 1000 {
+        return Err(format!("duration {s:?} is outside (0, {max_secs}s]"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
 /// The `key=value` pairs of a query string, percent-decoded, each key at most once and from
 /// `known`. Bounded: the whole query is at most [`MAX_QUERY`] bytes.
 pub fn query_pairs(query: &str, known: &[&str]) -> Result<Vec<(String, String)>, String> {
@@ -213,12 +240,7 @@ impl FlowFilter {
             match k.as_str() {
                 "src" => f.src = Some(parse_net("src", &v)?),
                 "dst" => f.dst = Some(parse_net("dst", &v)?),
-                "port" => {
-                    f.port = Some(
-                        v.parse()
-                            .map_err(|_| format!("port {v:?} is not a number 0..=65535"))?,
-                    )
-                }
+                "port" => f.port = Some(parse_port(&v)?),
                 "proto" => f.proto = Some(parse_proto(&v)?),
                 "state" => {
                     let s = v.to_ascii_lowercase();
@@ -230,12 +252,7 @@ impl FlowFilter {
                     }
                     f.state = Some(s);
                 }
-                "unit" => {
-                    f.unit = Some(
-                        v.parse()
-                            .map_err(|_| format!("unit {v:?} is not a unit id"))?,
-                    )
-                }
+                "unit" => f.unit = Some(parse_unit(&v)?),
                 "replicas" => f.replicas = parse_bool("replicas", &v)?,
                 "limit" => {
                     f.limit = v
@@ -440,12 +457,7 @@ impl CaptureSpec {
                     }
                     c.interface = Some(v);
                 }
-                "unit" => {
-                    c.unit = Some(
-                        v.parse()
-                            .map_err(|_| format!("unit {v:?} is not a unit id"))?,
-                    )
-                }
+                "unit" => c.unit = Some(parse_unit(&v)?),
                 "count" => {
                     c.count = v
                         .parse()
@@ -453,16 +465,7 @@ impl CaptureSpec {
                         .filter(|n| (1..=MAX_CAPTURE_COUNT).contains(n))
                         .ok_or_else(|| format!("count {v:?} is outside 1..={MAX_CAPTURE_COUNT}"))?
                 }
-                "duration" => {
-                    let ms = dva_proto::spec::parse_duration_ms(&v)
-                        .map_err(|e| format!("duration {v:?}: {e}"))?;
-                    if ms == 0 || ms > MAX_CAPTURE_SECS * 1000 {
-                        return Err(format!(
-                            "duration {v:?} is outside (0, {MAX_CAPTURE_SECS}s]"
-                        ));
-                    }
-                    c.duration = Duration::from_millis(ms);
-                }
+                "duration" => c.duration = parse_duration(&v, MAX_CAPTURE_SECS)?,
                 "snaplen" => {
                     c.snaplen = v
                         .parse()
@@ -470,18 +473,8 @@ impl CaptureSpec {
                         .filter(|n| (64..=MAX_SNAPLEN).contains(n))
                         .ok_or_else(|| format!("snaplen {v:?} is outside 64..={MAX_SNAPLEN}"))?
                 }
-                "host" => {
-                    c.filter.host = Some(
-                        v.parse()
-                            .map_err(|_| format!("host {v:?} is not an IP address"))?,
-                    )
-                }
-                "port" => {
-                    c.filter.port = Some(
-                        v.parse()
-                            .map_err(|_| format!("port {v:?} is not a number 0..=65535"))?,
-                    )
-                }
+                "host" => c.filter.host = Some(parse_host(&v)?),
+                "port" => c.filter.port = Some(parse_port(&v)?),
                 "proto" => c.filter.proto = Some(parse_proto(&v)?),
                 _ => {}
             }
