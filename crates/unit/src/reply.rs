@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use dva_wire::checksum;
 use dva_wire::ip_proto;
-use dva_wire::EthernetAddress;
+use dva_wire::{EthernetAddress, Icmpv6Packet, NdiscRepr};
 
 use crate::classify::Classified;
 
@@ -253,29 +253,15 @@ pub fn solicited_node(target: Ipv6Addr) -> (Ipv6Addr, EthernetAddress) {
     )
 }
 
-/// Neighbour solicitation (135) or advertisement (136) with our link-layer address option, as an
-/// IPv6 packet with hop limit 255 (RFC 4861 requires it).
-pub fn ndisc(
-    out: &mut Vec<u8>,
-    typ: u8,
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    target: Ipv6Addr,
-    flags: u8,
-    lladdr: EthernetAddress,
-) {
+/// A neighbour solicitation or advertisement from `src` to `dst`, as an IPv6 packet with hop
+/// limit 255 (RFC 4861 requires it).
+pub fn ndisc(out: &mut Vec<u8>, src: Ipv6Addr, dst: Ipv6Addr, msg: &NdiscRepr) {
+    // 24 bytes of message and 8 of link-layer address option at the most.
     let mut body = [0u8; 32];
-    body[0] = typ;
-    body[4] = flags;
-    body[8..24].copy_from_slice(&target.octets());
-    // Option: source (1) for solicitations, target (2) for advertisements; length in 8-byte units.
-    body[24] = if typ == 135 { 1 } else { 2 };
-    body[25] = 1;
-    body[26..32].copy_from_slice(&lladdr.0);
-    let ck = l4_checksum_v6(&body, src, dst, ip_proto::ICMPV6);
-    body[2..4].copy_from_slice(&ck.to_be_bytes());
+    let body = &mut body[..msg.buffer_len()];
+    msg.emit(&mut Icmpv6Packet::new_unchecked(&mut *body), &src, &dst);
     ipv6_header(out, src, dst, ip_proto::ICMPV6, body.len(), 255);
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
 }
 
 /// Recompute a TCP/UDP/ICMPv6 checksum over the whole packet: the kernel left it partial
@@ -387,5 +373,55 @@ mod budget_tests {
         assert_eq!((0..5).filter(|_| b.take(now)).count(), 3);
         let later = now + Duration::from_millis(200);
         assert_eq!((0..5).filter(|_| b.take(later)).count(), 2);
+    }
+}
+
+#[cfg(test)]
+mod ndisc_tests {
+    use std::net::Ipv6Addr;
+
+    use dva_wire::icmpv6::ndisc_flags;
+    use dva_wire::{ip_proto, EthernetAddress, NdiscRepr};
+
+    use super::{l4_checksum_v6, ndisc};
+
+    /// The layout RFC 4861 §4.4 gives a solicited advertisement with its target link-layer
+    /// address option, byte by byte.
+    #[test]
+    fn an_advertisement_byte_by_byte() {
+        let (src, dst): (Ipv6Addr, Ipv6Addr) = (
+            "2001:db8::1".parse().expect("address"),
+            "fe80::2".parse().unwrap(),
+        );
+        let mac = EthernetAddress([0x02, 0xd7, 0xa0, 0, 0, 1]);
+        let mut out = Vec::new();
+        let advert = NdiscRepr::NeighborAdvert {
+            flags: ndisc_flags::SOLICITED | ndisc_flags::OVERRIDE,
+            target_addr: src,
+            lladdr: Some(mac),
+        };
+        ndisc(&mut out, src, dst, &advert);
+
+        let mut body = [0u8; 32];
+        body[0] = 136;
+        body[4] = 0x60;
+        body[8..24].copy_from_slice(&src.octets());
+        body[24..26].copy_from_slice(&[2, 1]);
+        body[26..32].copy_from_slice(&mac.0);
+        let ck = l4_checksum_v6(&body, src, dst, ip_proto::ICMPV6);
+        body[2..4].copy_from_slice(&ck.to_be_bytes());
+        assert_eq!(out.len(), 40 + 32);
+        assert_eq!((out[6], out[7]), (ip_proto::ICMPV6, 255));
+        assert_eq!(&out[4..6], &32u16.to_be_bytes());
+        assert_eq!(&out[40..], &body);
+
+        // A solicitation carries the source link-layer address option (type 1).
+        out.clear();
+        let solicit = NdiscRepr::NeighborSolicit {
+            target_addr: dst,
+            lladdr: Some(mac),
+        };
+        ndisc(&mut out, src, dst, &solicit);
+        assert_eq!((out[40], out[44], out[64], out[65]), (135, 0, 1, 1));
     }
 }

@@ -36,9 +36,10 @@ use dva_io::port::{DriverChoice, Port as Device};
 use dva_io::{FrameIo, GsoType, RxMeta};
 use dva_proto::{DispatcherConfig, InterfaceConfig, RoleConfig};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
+use dva_wire::icmpv6::ndisc_flags;
 use dva_wire::{
-    ip_proto, ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, Ipv4Packet,
-    Ipv6Packet, OptionsError,
+    icmpv6_type, ip_proto, ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame,
+    Icmpv6Packet, Ipv4Packet, Ipv6Packet, NdiscRepr, OptionsError,
 };
 
 use crate::channel::Update;
@@ -1014,7 +1015,8 @@ impl Core {
             return self.drop(dr::MALFORMED_L4);
         };
         if c.key.proto == ip_proto::ICMPV6 {
-            if let Some((135, _)) | Some((136, _)) = c.icmp {
+            if let Some((icmpv6_type::NEIGHBOR_SOLICIT | icmpv6_type::NEIGHBOR_ADVERT, _)) = c.icmp
+            {
                 return self.on_ndisc(i, ip, &c);
             }
         }
@@ -1045,41 +1047,26 @@ impl Core {
 
     /// Neighbour solicitation for one of our addresses: advertise; any NS/NA teaches us the sender.
     fn on_ndisc(&mut self, i: usize, ip: &[u8], c: &Classified) {
-        let Some(body) = ip.get(c.l4_offset..c.ip_len) else {
+        let Some(msg) = ndisc_message(ip, c) else {
             return self.drop(dr::MALFORMED_L4);
         };
-        // RFC 4861 §7.1: hop limit 255 proves the message was not forwarded.
-        if body.len() < 24 || ip[7] != 255 {
-            return self.drop(dr::MALFORMED_L4);
-        }
-        let Ok(target) = <[u8; 16]>::try_from(&body[8..24]) else {
-            return self.drop(dr::MALFORMED_L4);
-        };
-        let target = std::net::Ipv6Addr::from(target);
-        let mut lladdr = None;
-        let mut opts = &body[24..];
-        while opts.len() >= 8 {
-            let len = usize::from(opts[1]) * 8;
-            if len == 0 || len > opts.len() {
-                break;
-            }
-            if (opts[0] == 1 || opts[0] == 2) && len == 8 {
-                let mut m = [0u8; 6];
-                m.copy_from_slice(&opts[2..8]);
-                lladdr = Some(EthernetAddress(m));
-            }
-            opts = &opts[len..];
-        }
         let now = self.now;
-        let (IpAddr::V6(src), typ) = (c.key.src, c.icmp.map(|t| t.0).unwrap_or(0)) else {
+        let IpAddr::V6(src) = c.key.src else {
             return;
         };
         // NS: the sender is src; NA: the advertised one is target.
-        let learned = if typ == 135 {
-            IpAddr::V6(src)
-        } else {
-            IpAddr::V6(target)
+        let (solicit, target, lladdr) = match msg {
+            NdiscRepr::NeighborSolicit {
+                target_addr,
+                lladdr,
+            } => (true, target_addr, lladdr),
+            NdiscRepr::NeighborAdvert {
+                target_addr,
+                lladdr,
+                ..
+            } => (false, target_addr, lladdr),
         };
+        let learned = IpAddr::V6(if solicit { src } else { target });
         if let Some(mac) = lladdr {
             let link = &mut self.links[i];
             if link.on_link(learned) && !src.is_unspecified() {
@@ -1090,15 +1077,19 @@ impl Core {
             }
         }
         let link = &self.links[i];
-        if typ == 135 && link.owns(IpAddr::V6(target)) {
+        if solicit && link.owns(IpAddr::V6(target)) {
             let Some(mac) = lladdr else { return };
             if src.is_unspecified() {
                 return; // duplicate address detection probe: not for us to answer
             }
             let mut f = Vec::with_capacity(86);
             reply::ethernet(&mut f, mac, link.mac, ETHERTYPE_IPV6);
-            // Solicited + override.
-            reply::ndisc(&mut f, 136, target, src, target, 0x60, link.mac);
+            let advert = NdiscRepr::NeighborAdvert {
+                flags: ndisc_flags::SOLICITED | ndisc_flags::OVERRIDE,
+                target_addr: target,
+                lladdr: Some(link.mac),
+            };
+            reply::ndisc(&mut f, target, src, &advert);
             self.deferred.push((i, f));
             self.event("nd_advertisements");
         }
@@ -1538,7 +1529,11 @@ impl Core {
             (IpAddr::V6(s), IpAddr::V6(t)) => {
                 let (group, group_mac) = reply::solicited_node(t);
                 reply::ethernet(&mut f, group_mac, link.mac, ETHERTYPE_IPV6);
-                reply::ndisc(&mut f, 135, s, group, t, 0, link.mac);
+                let solicit = NdiscRepr::NeighborSolicit {
+                    target_addr: t,
+                    lladdr: Some(link.mac),
+                };
+                reply::ndisc(&mut f, s, group, &solicit);
             }
             _ => return,
         }
@@ -1598,5 +1593,81 @@ impl Core {
                 self.probe(e, ip, ports);
             }
         }
+    }
+}
+
+/// The neighbour solicitation or advertisement in the IPv6 packet `ip`, or `None` when it is to
+/// be dropped: sent with a hop limit other than 255 (RFC 4861 §7.1: the proof it was not
+/// forwarded) or malformed as [`NdiscRepr::parse`] judges it.
+fn ndisc_message(ip: &[u8], c: &Classified) -> Option<NdiscRepr> {
+    let body = ip.get(c.l4_offset..c.ip_len)?;
+    if Ipv6Packet::new_checked(ip).ok()?.hop_limit() != 255 {
+        return None;
+    }
+    NdiscRepr::parse(&Icmpv6Packet::new_unchecked(body)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use dva_wire::icmpv6::ndisc_flags;
+    use dva_wire::{EthernetAddress, NdiscRepr};
+
+    use super::ndisc_message;
+    use crate::classify::classify;
+    use crate::reply;
+
+    const MAC: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 2]);
+
+    fn addr(s: &str) -> Ipv6Addr {
+        s.parse().expect("test address")
+    }
+
+    /// `msg` from `src` to `dst` as the IPv6 packet a neighbour sends.
+    fn packet(src: Ipv6Addr, dst: Ipv6Addr, msg: &NdiscRepr) -> Vec<u8> {
+        let mut ip = Vec::new();
+        reply::ndisc(&mut ip, src, dst, msg);
+        ip
+    }
+
+    #[test]
+    fn solicitations_and_advertisements_are_read() {
+        let ns = NdiscRepr::NeighborSolicit {
+            target_addr: addr("2001:db8:1::1"),
+            lladdr: Some(MAC),
+        };
+        let (group, _) = reply::solicited_node(addr("2001:db8:1::1"));
+        let ip = packet(addr("2001:db8:1::2"), group, &ns);
+        let c = classify(&ip).expect("classified");
+        assert_eq!(ndisc_message(&ip, &c), Some(ns));
+
+        let na = NdiscRepr::NeighborAdvert {
+            flags: ndisc_flags::SOLICITED | ndisc_flags::OVERRIDE,
+            target_addr: addr("2001:db8:1::2"),
+            lladdr: Some(MAC),
+        };
+        let ip = packet(addr("2001:db8:1::2"), addr("2001:db8:1::1"), &na);
+        let c = classify(&ip).expect("classified");
+        assert_eq!(ndisc_message(&ip, &c), Some(na));
+    }
+
+    #[test]
+    fn forwarded_or_truncated_messages_are_refused() {
+        let ns = NdiscRepr::NeighborSolicit {
+            target_addr: addr("2001:db8:1::1"),
+            lladdr: Some(MAC),
+        };
+        let mut ip = packet(addr("2001:db8:1::2"), addr("2001:db8:1::1"), &ns);
+        let c = classify(&ip).expect("classified");
+        ip[7] = 254; // a router on the way decremented the hop limit
+        assert_eq!(ndisc_message(&ip, &c), None);
+
+        // Cut inside the target address (the IPv6 payload length says so too).
+        let mut ip = packet(addr("2001:db8:1::2"), addr("2001:db8:1::1"), &ns);
+        ip.truncate(40 + 20);
+        ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+        let c = classify(&ip).expect("an ICMPv6 header fits");
+        assert_eq!(ndisc_message(&ip, &c), None);
     }
 }
