@@ -11,9 +11,6 @@ use dva_wire::{EthernetAddress, Icmpv6Packet, NdiscRepr};
 
 use crate::classify::Classified;
 
-pub const ETHERTYPE_IPV4: u16 = 0x0800;
-pub const ETHERTYPE_ARP: u16 = 0x0806;
-pub const ETHERTYPE_IPV6: u16 = 0x86DD;
 /// TTL/hop limit of packets we originate (Linux's default).
 pub const DEFAULT_TTL: u8 = 64;
 /// RFC 1812 asks for as much of the original as fits in 576 bytes; the same bound keeps our replies small.

@@ -38,8 +38,8 @@ use dva_proto::{DispatcherConfig, InterfaceConfig, RoleConfig};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
 use dva_wire::icmpv6::ndisc_flags;
 use dva_wire::{
-    icmpv6_type, ip_proto, ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame,
-    Icmpv6Packet, Ipv4Packet, Ipv6Packet, NdiscRepr, OptionsError,
+    ethertype, icmpv6_type, ip_proto, ArpOperation, ArpPacket, ArpRepr, EthernetAddress,
+    EthernetFrame, Icmpv6Packet, Ipv4Packet, Ipv6Packet, NdiscRepr, OptionsError,
 };
 
 use crate::channel::Update;
@@ -47,7 +47,7 @@ use crate::classify::{classify, Classified};
 use crate::inspect::{Request, Requests, BACKPLANE};
 use crate::keys::epoch_keys;
 use crate::offload;
-use crate::reply::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
+use crate::reply;
 use crate::stats::{DropCounters, Every, InterfaceStats, StatsCell, UnitStats};
 use hygiene::L4Checksum;
 use neighbor::NeighborTable;
@@ -825,7 +825,7 @@ impl Core {
         if meta.truncated {
             return self.drop(dr::OVERSIZE);
         }
-        let Ok((l3, ethertype)) = dva_wire::ethernet::l3_offset(frame) else {
+        let Ok((l3, etype)) = dva_wire::ethernet::l3_offset(frame) else {
             return self.drop(dr::MALFORMED_ETHERNET);
         };
         // A tag the kernel moved into the packet's metadata (rx VLAN offload) counts too.
@@ -839,10 +839,10 @@ impl Core {
             return self.drop(dr::NOT_FOR_US);
         }
         let payload = &frame[l3..];
-        match ethertype {
-            ETHERTYPE_ARP => self.on_arp(i, payload),
-            ETHERTYPE_IPV4 => self.on_ipv4(i, src_mac, to_us, payload, meta, bp),
-            ETHERTYPE_IPV6 => self.on_ipv6(i, src_mac, to_us, payload, meta, bp),
+        match etype {
+            ethertype::ARP => self.on_arp(i, payload),
+            ethertype::IPV4 => self.on_ipv4(i, src_mac, to_us, payload, meta, bp),
+            ethertype::IPV6 => self.on_ipv6(i, src_mac, to_us, payload, meta, bp),
             _ => self.drop(dr::UNSUPPORTED_ETHERTYPE),
         }
     }
@@ -870,7 +870,7 @@ impl Core {
         if arp.operation == ArpOperation::Request && link.owns(IpAddr::V4(arp.target_protocol_addr))
         {
             let mut f = Vec::with_capacity(60);
-            reply::ethernet(&mut f, arp.source_hardware_addr, link.mac, ETHERTYPE_ARP);
+            reply::ethernet(&mut f, arp.source_hardware_addr, link.mac, ethertype::ARP);
             reply::arp(
                 &mut f,
                 2,
@@ -1083,7 +1083,7 @@ impl Core {
                 return; // duplicate address detection probe: not for us to answer
             }
             let mut f = Vec::with_capacity(86);
-            reply::ethernet(&mut f, mac, link.mac, ETHERTYPE_IPV6);
+            reply::ethernet(&mut f, mac, link.mac, ethertype::IPV6);
             let advert = NdiscRepr::NeighborAdvert {
                 flags: ndisc_flags::SOLICITED | ndisc_flags::OVERRIDE,
                 target_addr: target,
@@ -1109,13 +1109,13 @@ impl Core {
         if c.key.proto == ip_proto::TCP && health::HealthChecker::is_probe_port(c.key.dst_port) {
             if let Some(answer) = self.health.on_segment(ip, c) {
                 let link = &self.links[i];
-                let ethertype = if c.is_v6() {
-                    ETHERTYPE_IPV6
+                let etype = if c.is_v6() {
+                    ethertype::IPV6
                 } else {
-                    ETHERTYPE_IPV4
+                    ethertype::IPV4
                 };
                 let mut f = Vec::with_capacity(answer.len() + 14);
-                reply::ethernet(&mut f, src_mac, link.mac, ethertype);
+                reply::ethernet(&mut f, src_mac, link.mac, etype);
                 f.extend_from_slice(&answer);
                 if f.len() < 60 {
                     f.resize(60, 0);
@@ -1135,13 +1135,13 @@ impl Core {
             return self.drop_flow(dr::TO_APPLIANCE, &c.key, i);
         }
         let link = &self.links[i];
-        let ethertype = if c.is_v6() {
-            ETHERTYPE_IPV6
+        let etype = if c.is_v6() {
+            ethertype::IPV6
         } else {
-            ETHERTYPE_IPV4
+            ethertype::IPV4
         };
         let mut f = Vec::with_capacity(ip.len() + 14);
-        reply::ethernet(&mut f, src_mac, link.mac, ethertype);
+        reply::ethernet(&mut f, src_mac, link.mac, etype);
         if reply::echo_reply(&mut f, ip, c).is_some() {
             self.deferred.push((i, f));
             self.event("echo_replies");
@@ -1163,13 +1163,13 @@ impl Core {
         let mut f = Vec::with_capacity(600);
         match src {
             IpAddr::V4(s) => {
-                reply::ethernet(&mut f, to_mac, link.mac, ETHERTYPE_IPV4);
+                reply::ethernet(&mut f, to_mac, link.mac, ethertype::IPV4);
                 if reply::icmpv4_error(&mut f, ip, s, typ, code).is_none() {
                     return;
                 }
             }
             IpAddr::V6(s) => {
-                reply::ethernet(&mut f, to_mac, link.mac, ETHERTYPE_IPV6);
+                reply::ethernet(&mut f, to_mac, link.mac, ethertype::IPV6);
                 if reply::icmpv6_error(&mut f, ip, s, typ, code, 0).is_none() {
                     return;
                 }
@@ -1277,13 +1277,13 @@ impl Core {
 
     /// Route a processed packet out of the appliance: next hop, TTL, MAC rewrite, neighbour resolution.
     fn forward(&mut self, ip: &[u8], meta: &DvaMeta, ports: &mut [Port]) {
-        let (dst, ttl, len, ethertype) = match ip.first().map(|b| b >> 4) {
+        let (dst, ttl, len, etype) = match ip.first().map(|b| b >> 4) {
             Some(4) => match Ipv4Packet::new_checked(ip) {
                 Ok(p) => (
                     IpAddr::V4(p.dst_addr()),
                     p.hop_limit(),
                     usize::from(p.total_len()),
-                    ETHERTYPE_IPV4,
+                    ethertype::IPV4,
                 ),
                 Err(_) => return self.drop(dr::MALFORMED_IP),
             },
@@ -1292,7 +1292,7 @@ impl Core {
                     IpAddr::V6(p.dst_addr()),
                     p.hop_limit(),
                     Ipv6Packet::<&[u8]>::HEADER_LEN + usize::from(p.payload_len()),
-                    ETHERTYPE_IPV6,
+                    ethertype::IPV6,
                 ),
                 Err(_) => return self.drop(dr::MALFORMED_IP),
             },
@@ -1310,7 +1310,7 @@ impl Core {
         };
         // Offload work (a partial checksum, a super-packet) needs the L4 header's place.
         let offload = meta.gso_size > 0 || meta.flags & dva_flags::CSUM_PARTIAL != 0;
-        if ethertype == ETHERTYPE_IPV6 && !offload {
+        if etype == ethertype::IPV6 && !offload {
             // A datagram we reassembled (it kept an atomic fragment header): whole, or cut to
             // this link as its sender allowed.
             let mut pieces = Vec::new();
@@ -1319,7 +1319,7 @@ impl Core {
                     self.event("datagrams_fragmented");
                 }
                 for p in pieces {
-                    self.transmit(e, nh.addr, &p, ethertype, None, meta, ports);
+                    self.transmit(e, nh.addr, &p, etype, None, meta, ports);
                 }
                 return;
             }
@@ -1343,7 +1343,7 @@ impl Core {
         if wire_len > mtu {
             return self.too_big(e, nh.addr, &ip[..len], mtu, c.is_some(), ports);
         }
-        self.transmit(e, nh.addr, &ip[..len], ethertype, c, meta, ports);
+        self.transmit(e, nh.addr, &ip[..len], etype, c, meta, ports);
     }
 
     /// A datagram larger than the egress MTU: IPv4 without DF is cut into fragments (as a
@@ -1366,7 +1366,7 @@ impl Core {
             }
             self.event("datagrams_fragmented");
             for p in pieces {
-                self.transmit(e, nh, &p, ETHERTYPE_IPV4, None, &DvaMeta::default(), ports);
+                self.transmit(e, nh, &p, ethertype::IPV4, None, &DvaMeta::default(), ports);
             }
             return;
         }
@@ -1426,7 +1426,7 @@ impl Core {
         e: usize,
         nh: IpAddr,
         ip: &[u8],
-        ethertype: u16,
+        etype: u16,
         c: Option<Classified>,
         meta: &DvaMeta,
         ports: &mut [Port],
@@ -1435,9 +1435,9 @@ impl Core {
         let len = ip.len();
         let f = &mut self.scratch;
         f.clear();
-        reply::ethernet(f, EthernetAddress([0; 6]), link.mac, ethertype);
+        reply::ethernet(f, EthernetAddress([0; 6]), link.mac, etype);
         f.extend_from_slice(&ip[..len]);
-        if ethertype == ETHERTYPE_IPV4 {
+        if etype == ethertype::IPV4 {
             let mut p = Ipv4Packet::new_unchecked(&mut f[14..]);
             dva_wire::ipv4::decrement_ttl(&mut p);
         } else {
@@ -1522,13 +1522,13 @@ impl Core {
         let mut f = Vec::with_capacity(86);
         match (src, ip) {
             (IpAddr::V4(s), IpAddr::V4(t)) => {
-                reply::ethernet(&mut f, EthernetAddress::BROADCAST, link.mac, ETHERTYPE_ARP);
+                reply::ethernet(&mut f, EthernetAddress::BROADCAST, link.mac, ethertype::ARP);
                 reply::arp(&mut f, 1, link.mac, s, EthernetAddress([0; 6]), t);
                 f.resize(60, 0);
             }
             (IpAddr::V6(s), IpAddr::V6(t)) => {
                 let (group, group_mac) = reply::solicited_node(t);
-                reply::ethernet(&mut f, group_mac, link.mac, ETHERTYPE_IPV6);
+                reply::ethernet(&mut f, group_mac, link.mac, ethertype::IPV6);
                 let solicit = NdiscRepr::NeighborSolicit {
                     target_addr: t,
                     lladdr: Some(link.mac),
