@@ -1,8 +1,9 @@
 //! The data-plane role: runs the service chain on the packets of the flows it owns.
 //!
 //! ```text
-//!  dispatcher ──GENEVE(bucket, ingress_if)──> on_packet ── firewall ──Accept──> back to a dispatcher
-//!                                                │            └─Reject──> RST / ICMP unreachable to a dispatcher
+//!  dispatcher ──GENEVE(bucket, ingress_if)──> on_packet ── chain (firewall, NAT, LB, as configured)
+//!                                                │            ├─pass──> back to a dispatcher
+//!                                                │            └─reject──> RST / ICMP unreachable to a dispatcher
 //!                                                └─NoState, bucket has history──> punt to the previous owner
 //! ```
 //!

@@ -1,8 +1,8 @@
 //! The TCP connection state machine, after Linux `nf_conntrack_proto_tcp.c`.
 //!
 //! Same states, same transition table (`tcp_conntracks`), same flag validity check
-//! (`tcp_valid_flags`), and the same sequence/window tracking (`tcp_in_window`, see [`in_window`]
-//! and [`rst_effect`]): a segment outside what the receiver can accept is invalid, and so is a RST
+//! (`tcp_valid_flags`), and the same sequence/window tracking (`tcp_in_window`, see `in_window`
+//! and `rst_effect`): a segment outside what the receiver can accept is invalid, and so is a RST
 //! that is not in the window; only a RST at the exact next sequence number closes. What Linux has
 //! and this does not: the "unacknowledged data" and retransmission timeouts, NAT sequence
 //! adjustment (nothing here rewrites sequence numbers).
