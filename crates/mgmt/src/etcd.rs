@@ -445,15 +445,26 @@ async fn elect(mut client: Client, l: Arc<Leadership>, value: String) {
                 }
             }
             if Instant::now() >= until {
-                break;
+                // Renewals stalled past the lease's TTL (etcd electing its own leader, a member
+                // dying, a loaded machine): this replica can no longer prove it leads, so it stops
+                // acting as leader at once; but etcd may well have kept the lease (a new etcd
+                // leader even extends every lease), so it keeps renewing this one rather than
+                // take a new lease that would find its own old reign in `/dva/leader` and wait
+                // it out. Only etcd's word that the lease expired (TTL 0) starts over.
+                if matches!(l.get(), State::Leading { .. } | State::Following(_)) {
+                    tracing::warn!(
+                        lease,
+                        "leadership: lease not renewed in time (etcd unreachable or slow); \
+                         renewing it"
+                    );
+                }
+                l.set(State::Unknown);
+            } else {
+                lead_or_follow(&mut client, &l, &value, lease, until).await;
             }
-            lead_or_follow(&mut client, &l, &value, lease, until).await;
             tokio::time::sleep(TICK).await;
         }
-        tracing::warn!(
-            lease,
-            "leadership: lease lost (etcd unreachable or too slow)"
-        );
+        tracing::warn!(lease, "leadership: lease expired in etcd; taking a new one");
         l.set(State::Unknown);
     }
 }
@@ -493,6 +504,12 @@ async fn lead_or_follow(
         if kv.lease() == lease {
             let term = kv.create_revision();
             return l.set(State::Leading { term, lease, until });
+        }
+        // Our own address under another lease: an earlier reign of this replica (a lease it
+        // gave up on, or a previous run at the same address) that etcd has not expired yet.
+        // Following it would forward calls to ourselves; nobody leads until it expires.
+        if kv.value() == value.as_bytes() {
+            return l.set(State::Unknown);
         }
         match serde_json::from_slice::<LeaderValue>(kv.value()) {
             Ok(v) => l.set(State::Following(v.api)),
