@@ -124,14 +124,24 @@ const LAB_EVERY: Duration = Duration::from_secs(2);
 struct Host {
     name: String,
     backplane: IpAddr,
+    /// The network namespace its units run in, as seen from `dva serve` (a lab host); `None`:
+    /// ours, or another machine's (an agent's host, reached over the network).
+    netns: Option<String>,
+    /// Its CPUs (agents' hosts; 1 elsewhere): data planes go where fewest run per CPU.
+    cpus: u32,
 }
 
-/// Where units may go: the lab's hosts, or this machine alone.
+/// Where units may go: the hosts of registered agents, the lab's hosts, or this machine alone.
 struct Hosts {
     dispatchers: Vec<Host>,
     dataplanes: Vec<Host>,
+    /// Every host a manager may be on (including agents' hosts not ready right now, where a
+    /// manager may still run): where its channel address is looked up, and what units are told.
+    managers: Vec<Host>,
     /// The lab, for what only a lab has (upstream ECMP routers).
     lab: Option<Lab>,
+    /// Units are placed on agents' hosts.
+    agents: bool,
 }
 
 impl Hosts {
@@ -140,19 +150,65 @@ impl Hosts {
             .map(|d| Host {
                 name: lab.dispatcher_ns(d),
                 backplane: IpAddr::V4(Lab::dispatcher_backplane_addr(d)),
+                netns: Some(lab.dispatcher_ns(d)),
+                cpus: 1,
             })
             .collect();
-        let dataplanes = (1..=lab.hosts.max(1))
+        let dataplanes: Vec<Host> = (1..=lab.hosts.max(1))
             .map(|m| Host {
                 name: lab.host_ns(m),
                 backplane: IpAddr::V4(Lab::host_backplane_addr(m)),
+                netns: Some(lab.host_ns(m)),
+                cpus: 1,
             })
             .collect();
         Hosts {
             dispatchers,
+            managers: dataplanes.clone(),
             dataplanes,
             lab: Some(lab),
+            agents: false,
         }
+    }
+
+    /// The hosts of registered agents: dispatchers on those labelled `dispatcher=true`, data
+    /// planes and managers on the others (on all when every host is labelled). Only ready hosts
+    /// take new units; a lost one is left out of everything.
+    fn agents(registry: &crate::hosts::Registry) -> Hosts {
+        use crate::hosts::HostState;
+        let all = registry.placeable();
+        let host = |p: &crate::hosts::Placeable| Host {
+            name: p.record.name.clone(),
+            backplane: p.record.backplane,
+            netns: None,
+            cpus: p.record.cpus.max(1),
+        };
+        let unlabelled = all.iter().any(|p| !p.record.is_dispatcher());
+        let dp_kind = |p: &crate::hosts::Placeable| !unlabelled || !p.record.is_dispatcher();
+        Hosts {
+            dispatchers: all
+                .iter()
+                .filter(|p| p.state == HostState::Ready && p.record.is_dispatcher())
+                .map(host)
+                .collect(),
+            dataplanes: all
+                .iter()
+                .filter(|p| p.state == HostState::Ready && dp_kind(p))
+                .map(host)
+                .collect(),
+            managers: all.iter().filter(|p| dp_kind(p)).map(host).collect(),
+            lab: None,
+            agents: true,
+        }
+    }
+
+    /// The network namespace `dva serve` reaches units of `host` from.
+    fn netns_of(&self, host: &str) -> Option<&str> {
+        self.managers
+            .iter()
+            .chain(&self.dispatchers)
+            .find(|h| h.name == host)
+            .and_then(|h| h.netns.as_deref())
     }
 
     /// This machine: units in our own network namespace (where the spec's devices are), the
@@ -167,17 +223,22 @@ impl Hosts {
         let host = Host {
             name,
             backplane: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            netns: None,
+            cpus: 1,
         };
         Hosts {
             dispatchers: vec![host.clone()],
+            managers: vec![host.clone()],
             dataplanes: vec![host],
             lab: None,
+            agents: false,
         }
     }
 
     fn describe(&self) -> String {
         match &self.lab {
             Some(lab) => format!("lab {}", lab.prefix),
+            None if self.agents => "the registered hosts".to_string(),
             None => "this machine".to_string(),
         }
     }
@@ -211,7 +272,11 @@ pub(crate) fn run(inner: &Inner) {
                 continue;
             }
         }
-        if hosts.is_none() || hosts_at.is_none_or(|t| t.elapsed() >= LAB_EVERY) {
+        if !inner.registry.is_empty() {
+            // Agents' hosts change state every poll: read them every pass (no I/O).
+            hosts = Some(Hosts::agents(&inner.registry));
+            hosts_at = None;
+        } else if hosts.is_none() || hosts_at.is_none_or(|t| t.elapsed() >= LAB_EVERY) {
             hosts = if inner.opts.local {
                 Some(Hosts::local())
             } else {
@@ -252,7 +317,7 @@ pub(crate) fn run_dir(inner: &Inner, name: &str) -> PathBuf {
         .join(format!("{}{}", inner.opts.lab_prefix, name))
 }
 
-fn launch(inner: &Inner, name: &str, u: &UnitRecord) -> UnitLaunch {
+pub(crate) fn launch(inner: &Inner, name: &str, u: &UnitRecord) -> UnitLaunch {
     let dir = run_dir(inner, name);
     UnitLaunch {
         appliance: name.to_string(),
@@ -304,7 +369,7 @@ fn pick_manager_port(taken: &[u16], local: bool) -> Option<u16> {
 /// Where a manager on `host` listens.
 fn manager_addr(hosts: &Hosts, host: &str, port: u16) -> Option<SocketAddr> {
     hosts
-        .dataplanes
+        .managers
         .iter()
         .find(|h| h.name == host)
         .map(|h| SocketAddr::new(h.backplane, port))
@@ -313,7 +378,7 @@ fn manager_addr(hosts: &Hosts, host: &str, port: u16) -> Option<SocketAddr> {
 /// Every address a manager may lead from (managers go on data-plane hosts): what units are told.
 fn manager_endpoints(hosts: &Hosts, port: u16) -> String {
     let mut v: Vec<String> = Vec::new();
-    for h in &hosts.dataplanes {
+    for h in &hosts.managers {
         let e = format!("tcp://{}", SocketAddr::new(h.backplane, port));
         if !v.contains(&e) {
             v.push(e);
@@ -325,7 +390,8 @@ fn manager_endpoints(hosts: &Hosts, port: u16) -> String {
 fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &[u16]) {
     let Some(hosts) = hosts else {
         app.rt.error = Some(format!(
-            "no lab with prefix {:?} (create it with `dva lab up --prefix {}`)",
+            "no lab with prefix {:?} (create it with `dva lab up --prefix {}`, or run `dva \
+             agent` on the machines units may use)",
             inner.opts.lab_prefix, inner.opts.lab_prefix
         ));
         return;
@@ -351,6 +417,19 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
                 "unit-stopped",
                 format!("{} unit {} on {} exited", u.role.as_str(), u.id, u.host),
             );
+        } else if inner.registry.state(&u.host) == Some(crate::hosts::HostState::Lost) {
+            push_event(
+                &mut app.rec,
+                "unit-died",
+                format!(
+                    "{} unit {} on {}: the host is lost (its agent has not answered for {} ms); \
+                     replacing it on another host",
+                    u.role.as_str(),
+                    u.id,
+                    u.host,
+                    inner.opts.host_lost_after.as_millis()
+                ),
+            );
         } else {
             push_event(
                 &mut app.rec,
@@ -367,6 +446,26 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
         app.rt.drain_clear.remove(&u.id);
     }
     app.rec.units = kept;
+    if hosts.dataplanes.is_empty() {
+        // Agents' hosts, none ready yet (or all lost): nothing can be placed.
+        app.rt.error = Some(
+            "no ready host for data planes and managers (is `dva agent` running on them?)".into(),
+        );
+        if app.rec != before {
+            if let Err(e) = inner.store.save(&app.rec) {
+                app.rt.error = Some(format!("store: {e:#}"));
+            }
+        }
+        return;
+    }
+    if app
+        .rt
+        .error
+        .as_deref()
+        .is_some_and(|e| e.starts_with("no ready host"))
+    {
+        app.rt.error = None;
+    }
 
     // 2. The layout: one manager, one dispatcher per dispatcher host, N data planes.
     let mut to_start = Vec::new();
@@ -398,6 +497,11 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
                 "spec.layout.dispatchers is {want_disp} but lab {} has {have_disp} dispatcher \
                  host(s) (`dva lab up --dispatchers {want_disp}`)",
                 lab.prefix
+            ),
+            None if hosts.agents => format!(
+                "spec.layout.dispatchers is {want_disp} but {have_disp} ready host(s) are \
+                 labelled dispatcher=true (`dva agent --label dispatcher=true` on the machines \
+                 that hold the interfaces)"
             ),
             None => format!(
                 "spec.layout.dispatchers is {want_disp} but {} holds the interfaces of one \
@@ -456,7 +560,7 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
         }
     }
     if !to_start.is_empty() && app.rec.manager_port.is_none() {
-        match pick_manager_port(ports, inner.opts.local) {
+        match pick_manager_port(ports, inner.opts.local && !hosts.agents) {
             Some(p) => app.rec.manager_port = Some(p),
             None => {
                 app.rt.error = Some(format!(
@@ -553,7 +657,7 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
             let Some(addr) = manager_addr(hosts, &u.host, port) else {
                 continue;
             };
-            let netns = (!inner.opts.local).then_some(u.host.as_str());
+            let netns = hosts.netns_of(&u.host);
             if let Ok(link) = ManagerLink::connect(inner, &name, addr, netns) {
                 app.rt.link = Some(link);
                 break;
@@ -753,9 +857,11 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
     // A manager is ready (leading or standing by) once its control socket says so.
     for u in app.rec.units.iter_mut() {
         if u.role == UnitRole::Manager && u.state == UnitState::Starting {
-            let control = launch(inner, &name, u).control;
+            let l = launch(inner, &name, u);
             if let Ok((200, _)) =
-                dva_unit::control::get(&control, "/ready", Duration::from_millis(200))
+                inner
+                    .provisioner
+                    .control_get(&l, "/ready", Duration::from_millis(300))
             {
                 u.state = UnitState::Ready;
             }
@@ -922,7 +1028,8 @@ fn place_dataplane(
     units: &[UnitRecord],
     planned: &[(String, SocketAddr)],
 ) -> (String, SocketAddr) {
-    let mut best = (usize::MAX, 0);
+    // Fewest data planes per CPU: compared as n/cpus < best_n/best_cpus without division.
+    let mut best = (usize::MAX, 1u32, 0);
     for (i, h) in hosts.dataplanes.iter().enumerate() {
         let n = units
             .iter()
@@ -931,11 +1038,12 @@ fn place_dataplane(
             })
             .count()
             + planned.iter().filter(|(p, _)| *p == h.name).count();
-        if n < best.0 {
-            best = (n, i);
+        let fewer = best.0 == usize::MAX || n * (best.1 as usize) < best.0 * (h.cpus as usize);
+        if fewer {
+            best = (n, h.cpus, i);
         }
     }
-    let host = &hosts.dataplanes[best.1];
+    let host = &hosts.dataplanes[best.2];
     let (ns, ip) = (host.name.clone(), host.backplane);
     let used: Vec<u16> = units
         .iter()
