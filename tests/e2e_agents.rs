@@ -65,18 +65,7 @@ impl Backplane {
     /// Kill every process in the test's namespaces (they are all ours), then delete ours.
     fn down(&self) {
         for ns in [APP, DP1, DP2, CLIENT, SERVER] {
-            let out = Command::new("ip").args(["netns", "pids", ns]).output();
-            if let Ok(out) = out {
-                for pid in String::from_utf8_lossy(&out.stdout)
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok())
-                {
-                    // SAFETY: kill(2) with a pid `ip netns pids` listed in our own namespace.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                    }
-                }
-            }
+            kill_all_in(ns);
         }
         for ns in [DP1, DP2] {
             let _ = Command::new("ip")
@@ -414,6 +403,114 @@ fn agents_on_three_machines_run_the_appliance() {
         "units answered through their agents: {stats}"
     );
 
+    // 2. The agent of ag-dp1 dies and comes back: its units ran on meanwhile and are adopted
+    // (same pids, none replaced). It comes back into the same mount namespace (its units' one:
+    // their sockets and its state are there).
+    let pids_before = unit_pids(&token);
+    let unit_on_dp1 = pids_before
+        .iter()
+        .find(|(_, h, _)| h == DP1)
+        .map(|(_, _, pid)| *pid)
+        .expect("a unit on ag-dp1");
+    drop(a_dp1);
+    let st = dir.join(format!("{DP1}-state"));
+    let restart = [
+        format!("--mount=/proc/{unit_on_dp1}/ns/mnt"),
+        dva_bin().display().to_string(),
+        "agent".into(),
+        "--server".into(),
+        server.clone(),
+        "--name".into(),
+        DP1.into(),
+        "--listen".into(),
+        format!("198.19.0.2:{AGENT_PORT}"),
+        "--backplane".into(),
+        "198.19.0.2".into(),
+        "--state".into(),
+        format!("{}/agent", st.display()),
+    ];
+    let a_dp1 = Proc::start(DP1, "nsenter", &restart, dir.join("dp1-again.log"));
+    let logs = || {
+        format!(
+            "--- serve\n{}\n--- {DP1} (restarted)\n{}",
+            serve.output(),
+            a_dp1.output()
+        )
+    };
+    wait_until("ag-dp1's agent back", 20, &logs, || {
+        a_dp1.output().contains("adopted the units")
+            && json(&token, &["get", "hosts", "-o", "json"])
+                .as_array()
+                .is_some_and(|a| a.iter().all(|h| h["state"] == "ready"))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        unit_pids(&token),
+        pids_before,
+        "the restarted agent adopted its units (none replaced)\n{}",
+        logs()
+    );
+    allowed_passes_and_the_rest_is_blocked();
+
+    // 3. ag-dp2 is lost (every process of it killed, its link cut): its data planes are
+    // replaced on ag-dp1, the events say why, traffic passes.
+    ip(&["-n", APP, "link", "set", "bp-dp2", "down"]);
+    kill_all_in(DP2);
+    wait_until("ag-dp2 lost, 3 data planes on ag-dp1", 30, &logs, || {
+        let hosts = json(&token, &["get", "hosts", "-o", "json"]);
+        let lost = hosts
+            .as_array()
+            .is_some_and(|a| a.iter().any(|h| h["name"] == DP2 && h["state"] == "lost"));
+        let dps: Vec<String> = ready_units(&token)
+            .into_iter()
+            .filter(|(r, _)| r == "dataplane")
+            .map(|(_, h)| h)
+            .collect();
+        lost && dps.len() == 3 && dps.iter().all(|h| h == DP1)
+    });
+    let events = ctl(&token, &["events", "edge-fw", "-o", "json"]);
+    assert!(
+        events.contains("ag-dp2: the host is lost"),
+        "events say why: {events}"
+    );
+    allowed_passes_and_the_rest_is_blocked();
+
     ctl(&token, &["delete", "edge-fw"]);
     drop(serve);
+}
+
+/// (id, host, pid) of every unit.
+fn unit_pids(token: &str) -> Vec<(u64, String, u64)> {
+    let v = json(token, &["get", "edge-fw", "-o", "json"]);
+    let mut out: Vec<(u64, String, u64)> = v["units"]
+        .as_array()
+        .expect("units")
+        .iter()
+        .map(|u| {
+            (
+                u["id"].as_u64().unwrap_or(0),
+                u["host"].as_str().unwrap_or("").to_string(),
+                u["pid"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// SIGKILL every process in namespace `ns` (a machine's sudden death).
+fn kill_all_in(ns: &str) {
+    // Also called from Drop: no panic here.
+    let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        // SAFETY: kill(2) with a pid `ip netns pids` listed in the test's own namespace.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
 }
