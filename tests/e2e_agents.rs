@@ -452,10 +452,10 @@ fn agents_on_three_machines_run_the_appliance() {
     );
     allowed_passes_and_the_rest_is_blocked();
 
-    // 3. ag-dp2 is lost (every process of it killed, its link cut): its data planes are
-    // replaced on ag-dp1, the events say why, traffic passes.
+    // 3. ag-dp2 is cut off (partition): lost after --host-lost-after, its data planes are
+    // replaced on ag-dp1, the events say why, traffic passes. Healed, its agent answers again and
+    // the units it still runs (replaced meanwhile) are stopped: no bucket has two owners.
     ip(&["-n", APP, "link", "set", "bp-dp2", "down"]);
-    kill_all_in(DP2);
     wait_until("ag-dp2 lost, 3 data planes on ag-dp1", 30, &logs, || {
         let hosts = json(&token, &["get", "hosts", "-o", "json"]);
         let lost = hosts
@@ -468,9 +468,19 @@ fn agents_on_three_machines_run_the_appliance() {
             .collect();
         lost && dps.len() == 3 && dps.iter().all(|h| h == DP1)
     });
+    allowed_passes_and_the_rest_is_blocked();
+    ip(&["-n", APP, "link", "set", "bp-dp2", "up"]);
+    wait_until("ag-dp2 back, its old units stopped", 30, &logs, || {
+        json(&token, &["get", "hosts", "-o", "json"])
+            .as_array()
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|h| h["name"] == DP2 && h["state"] == "ready" && h["units"] == 0)
+            })
+    });
     let events = ctl(&token, &["events", "edge-fw", "-o", "json"]);
     assert!(
-        events.contains("ag-dp2: the host is lost"),
+        events.contains("ag-dp2: the host is lost") && events.contains("unit-fenced"),
         "events say why: {events}"
     );
     allowed_passes_and_the_rest_is_blocked();

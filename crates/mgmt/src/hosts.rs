@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{self, AgentStatus, StartRequest, UnitRef};
+use crate::agent::{self, AgentStatus, AgentUnit, StartRequest, UnitRef};
 use crate::provision::{LocalProvisioner, Provisioner, UnitLaunch, UnitProcess};
 
 /// How often the leader polls each agent.
@@ -272,6 +272,26 @@ impl Registry {
                     .status
                     .as_ref()
                     .map_or(0, |s| s.units.iter().filter(|u| u.alive).count()),
+            })
+            .collect()
+    }
+
+    /// The alive units each ready host's agent last reported: (host, unit).
+    pub fn reported_units(&self) -> Vec<(String, AgentUnit)> {
+        self.lock()
+            .values()
+            .filter(|e| e.state(self.lost_after) == HostState::Ready)
+            .flat_map(|e| {
+                let units = e
+                    .status
+                    .as_ref()
+                    .map(|s| s.units.clone())
+                    .unwrap_or_default();
+                units
+                    .into_iter()
+                    .filter(|u| u.alive)
+                    .map(|u| (e.record.name.clone(), u))
+                    .collect::<Vec<_>>()
             })
             .collect()
     }

@@ -249,6 +249,8 @@ pub(crate) fn run(inner: &Inner) {
     let mut hosts_at: Option<Instant> = None;
     // The term this replica reconciles for (etcd store); a new one means a fresh takeover.
     let mut led: Option<i64> = None;
+    // Orphans asked to stop, and when (asked again after a while if still running).
+    let mut fenced: BTreeMap<(String, u32), Instant> = BTreeMap::new();
     while !inner.stop.load(Ordering::Acquire) {
         if let Some(l) = &inner.leadership {
             let term = l.term();
@@ -302,6 +304,9 @@ pub(crate) fn run(inner: &Inner) {
                 continue;
             }
             reconcile(inner, app, hosts.as_ref(), &ports);
+        }
+        if !inner.registry.is_empty() {
+            fence_orphans(inner, &mut fenced);
         }
         inner.reconcile_passes.fetch_add(1, Ordering::Relaxed);
         inner.notify();
@@ -907,6 +912,76 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
         }
     }
     write_units_json(inner, app, hosts);
+}
+
+/// Units an agent runs that no record names any more (on that host, with that pid): those of a
+/// host that was lost and came back (they were replaced elsewhere), or of a deleted appliance.
+/// They are stopped, so a bucket never has two serving owners; a record still without a pid (a
+/// crash between start and save) is left to adoption.
+fn fence_orphans(inner: &Inner, fenced: &mut BTreeMap<(String, u32), Instant>) {
+    const AGAIN: Duration = Duration::from_secs(5);
+    let reported = inner.registry.reported_units();
+    let orphans: Vec<(String, crate::agent::AgentUnit)> = {
+        let all = inner.lock();
+        reported
+            .into_iter()
+            .filter(|(host, au)| {
+                // An appliance no record names was deleted (records are loaded before any pass).
+                let Some(app) = all.get(&au.appliance) else {
+                    return true;
+                };
+                !app.rec
+                    .units
+                    .iter()
+                    .any(|u| u.id == au.id && u.host == *host && u.pid.is_none_or(|p| p == au.pid))
+            })
+            .collect()
+    };
+    fenced.retain(|_, t| t.elapsed() < AGAIN);
+    for (host, au) in orphans {
+        if fenced.contains_key(&(host.clone(), au.pid)) {
+            continue;
+        }
+        fenced.insert((host.clone(), au.pid), Instant::now());
+        let rec = UnitRecord {
+            id: au.id,
+            role: au.role,
+            host: host.clone(),
+            pid: Some(au.pid),
+            pid_start: au.start,
+            addr: None,
+            state: UnitState::Stopped,
+            started_ms: au.started_ms,
+            draining_since_ms: None,
+            exporting_since_ms: None,
+        };
+        let l = launch(inner, &au.appliance, &rec);
+        inner.provisioner.stop(
+            UnitProcess {
+                pid: au.pid,
+                start: au.start,
+            },
+            &l,
+        );
+        let msg = format!(
+            "{} unit {} on {} (pid {}) is no longer the appliance's (its host was lost, the unit \
+             replaced): stopping it",
+            au.role.as_str(),
+            au.id,
+            host,
+            au.pid
+        );
+        let mut all = inner.lock();
+        match all.get_mut(&au.appliance) {
+            Some(app) => {
+                push_event(&mut app.rec, "unit-fenced", msg);
+                if let Err(e) = inner.store.save(&app.rec) {
+                    app.rt.error = Some(format!("store: {e:#}"));
+                }
+            }
+            None => tracing::warn!(appliance = %au.appliance, "{msg}"),
+        }
+    }
 }
 
 /// The recorded process of a unit, if a pid was recorded.
