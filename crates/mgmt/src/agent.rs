@@ -735,3 +735,95 @@ pub fn call_json<T: DeserializeOwned>(
     }
     serde_json::from_str(&text).with_context(|| format!("the agent's answer to {method} {path}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::Pki;
+
+    fn client(issued: &Issued) -> Arc<rustls::ClientConfig> {
+        Credentials::from_pem(&issued.cert_pem, &issued.key_pem, &issued.ca_pem)
+            .and_then(|c| c.client_config())
+            .expect("client config")
+    }
+
+    /// The agent's API answers the management tool only: a unit's certificate of the same CA
+    /// gets 403, another CA's (or none) does not get through the handshake; a restart reuses the
+    /// stored certificate (no join: the server named here does not exist).
+    #[test]
+    fn only_the_management_tool_may_call_an_agent() {
+        let pki = Pki::generate().unwrap();
+        let dir = std::env::temp_dir().join(format!("dva-agent-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        crate::pki::write_unit_files(&dir.join("state"), &pki.issue_agent("h1", ip).unwrap())
+            .unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let addr = SocketAddr::new(ip, port);
+        let opts = AgentOptions {
+            server: "http://127.0.0.1:1".into(),
+            join_token: String::new(),
+            server_ca: None,
+            name: "h1".into(),
+            listen: addr,
+            backplane: ip,
+            labels: BTreeMap::new(),
+            state_dir: dir.join("state"),
+            run_dir: dir.join("run"),
+            exe: PathBuf::from("/bin/false"),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = {
+            let stop = stop.clone();
+            std::thread::spawn(move || run(&opts, &stop))
+        };
+        let t = Duration::from_secs(3);
+        let mgmt = client(&pki.issue_mgmt().unwrap());
+        let mut status = None;
+        for _ in 0..50 {
+            if let Ok(s) = call_json::<AgentStatus>(addr, &mgmt, "GET", "/v1/status", None, t) {
+                status = Some(s);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let status = status.expect("the agent answers the management tool");
+        assert_eq!(status.name, "h1");
+        assert!(status.units.is_empty());
+
+        let unit = client(&pki.issue_unit("edge-fw", 3, false).unwrap());
+        let (code, _) = call(addr, &unit, "GET", "/v1/status", None, t).unwrap();
+        assert_eq!(code, 403, "a unit may not call the agent");
+
+        let other = Pki::generate().unwrap();
+        let foreign = client(&other.issue_mgmt().unwrap());
+        assert!(call(addr, &foreign, "GET", "/v1/status", None, t).is_err());
+
+        // Bad input: clear errors, no crash.
+        let (code, body) = call(addr, &mgmt, "POST", "/v1/units", Some(b"{"), t).unwrap();
+        assert_eq!(code, 400, "{body}");
+        let (code, _) = call(addr, &mgmt, "POST", "/v1/units/../1/stop", Some(b"{}"), t).unwrap();
+        assert_eq!(code, 400);
+        let (code, _) = call(addr, &mgmt, "GET", "/v1/nothing", None, t).unwrap();
+        assert_eq!(code, 404);
+        let (code, _) = call(addr, &mgmt, "GET", "/v1/units/a/x/control/stats", None, t).unwrap();
+        assert_eq!(code, 400, "unit ids are numbers");
+
+        stop.store(true, Ordering::Release);
+        server.join().unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn appliance_names_stay_in_the_run_directory() {
+        for ok in ["edge-fw", "a", "x.y_z"] {
+            assert!(check_appliance(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "..", ".x", "a/b", "-a", &"x".repeat(64)] {
+            assert!(check_appliance(bad).is_err(), "{bad:?}");
+        }
+    }
+}

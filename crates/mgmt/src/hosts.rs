@@ -663,3 +663,99 @@ impl crate::core::Mgmt {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FileStore, Store};
+
+    fn record(name: &str, labels: &[(&str, &str)]) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            agent: "198.19.0.2:7070".parse().unwrap(),
+            backplane: "198.19.0.2".parse().unwrap(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            cpus: 2,
+            memory_mb: 1024,
+            joined_ms: 1,
+        }
+    }
+
+    #[test]
+    fn host_states_follow_the_polls() {
+        let e = |last: Option<Duration>, known: Duration| Entry {
+            record: record("h", &[]),
+            known_since: Instant::now() - known,
+            last_ok: last.map(|d| Instant::now() - d),
+            last_ok_ms: None,
+            status: None,
+            error: None,
+        };
+        let lost = Duration::from_secs(10);
+        let s = |x: Entry| x.state(lost);
+        assert_eq!(s(e(Some(Duration::ZERO), Duration::ZERO)), HostState::Ready);
+        assert_eq!(
+            s(e(Some(Duration::from_secs(3)), lost)),
+            HostState::NotReady
+        );
+        assert_eq!(s(e(Some(Duration::from_secs(11)), lost)), HostState::Lost);
+        // Never answered: not ready, then lost once it has been known that long.
+        assert_eq!(s(e(None, Duration::ZERO)), HostState::NotReady);
+        assert_eq!(s(e(None, Duration::from_secs(11))), HostState::Lost);
+    }
+
+    #[test]
+    fn names_and_token_hashes() {
+        for ok in ["dp1", "fw-1.example", "a_b"] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "a/b", "a b", &"x".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        let h = token_hash("secret");
+        assert_eq!(h.len(), 64);
+        assert_ne!(h, token_hash("secret2"));
+        assert!(record("f", &[("dispatcher", "true")]).is_dispatcher());
+        assert!(!record("f", &[("dispatcher", "yes")]).is_dispatcher());
+    }
+
+    /// Hosts and join tokens in the file store: private files, a token good once.
+    #[test]
+    fn the_file_store_keeps_hosts_and_one_time_tokens() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("dva-hosts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = FileStore::open(&dir).unwrap();
+        store.save_host(&record("b", &[])).unwrap();
+        store
+            .save_host(&record("a", &[("dispatcher", "true")]))
+            .unwrap();
+        let hosts = store.load_hosts().unwrap();
+        assert_eq!(
+            hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(hosts[0], record("a", &[("dispatcher", "true")]));
+        let mode = std::fs::metadata(dir.join("hosts/a.json")).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        store.remove_host("a").unwrap();
+        store.remove_host("a").unwrap();
+        assert_eq!(store.load_hosts().unwrap().len(), 1);
+
+        let t = JoinTokenRecord { expires_ms: 5 };
+        store.save_join_token(&token_hash("t"), &t).unwrap();
+        assert!(store.take_join_token(&token_hash("x")).unwrap().is_none());
+        assert_eq!(
+            store
+                .take_join_token(&token_hash("t"))
+                .unwrap()
+                .map(|t| t.expires_ms),
+            Some(5)
+        );
+        assert!(store.take_join_token(&token_hash("t")).unwrap().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
