@@ -149,6 +149,13 @@ pub fn run(opts: &AgentOptions, stop: &AtomicBool) -> anyhow::Result<()> {
             c
         }
         None => {
+            if opts.join_token.is_empty() {
+                bail!(
+                    "no certificate in {} yet: --join-token is needed to join (make one with \
+                     `dva join-token`)",
+                    opts.state_dir.display()
+                );
+            }
             let answer = join(opts)?;
             let issued = Issued {
                 cert_pem: answer.cert_pem,

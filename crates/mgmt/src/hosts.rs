@@ -407,7 +407,7 @@ impl HostProvisioner {
         let sent = serde_json::to_vec(&body)
             .map_err(anyhow::Error::from)
             .and_then(|b| {
-                agent::call(
+                agent::call_json::<serde_json::Value>(
                     addr,
                     &self.registry.tls,
                     "POST",
