@@ -1041,6 +1041,15 @@ fn adopt_unit(inner: &Inner, name: &str, u: &mut UnitRecord, rec: &mut Appliance
 /// started (they outlive it), records the takeover in each appliance's events, and reconciles
 /// from there.
 fn take_over(inner: &Inner, term: i64) -> bool {
+    // Hosts first: a pass that found no registered host would take the agents' units for
+    // units of this machine, find them dead here and start them again.
+    match inner.store.load_hosts() {
+        Ok(h) => inner.registry.set(h),
+        Err(e) => {
+            tracing::warn!(term, "leadership: loading the hosts failed: {e:#}");
+            return false;
+        }
+    }
     let (appliances, broken) = match crate::core::load(inner.store.as_ref()) {
         Ok(l) => l,
         Err(e) => {
