@@ -400,6 +400,12 @@ impl HostProvisioner {
     }
 
     fn signal(&self, addr: SocketAddr, p: UnitProcess, u: &UnitLaunch, op: &str) {
+        if self.registry.state(&u.host) == Some(HostState::Lost) {
+            // Unreachable for a while: a call would only wait out its timeout (the reconciler
+            // waits with it). Its units are stopped when it comes back (fencing).
+            tracing::debug!(host = %u.host, unit = u.id, "{op}: host lost, not asked");
+            return;
+        }
         let body = UnitRef {
             pid: p.pid,
             start: p.start,
