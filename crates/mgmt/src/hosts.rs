@@ -182,6 +182,8 @@ pub struct Placeable {
     pub state: HostState,
     /// Alive units its agent runs.
     pub units: usize,
+    /// The appliance of each alive unit its agent runs.
+    pub appliances: Vec<String>,
 }
 
 impl Registry {
@@ -265,13 +267,24 @@ impl Registry {
     pub fn placeable(&self) -> Vec<Placeable> {
         self.lock()
             .values()
-            .map(|e| Placeable {
-                record: e.record.clone(),
-                state: e.state(self.lost_after),
-                units: e
+            .map(|e| {
+                let appliances: Vec<String> = e
                     .status
                     .as_ref()
-                    .map_or(0, |s| s.units.iter().filter(|u| u.alive).count()),
+                    .map(|s| {
+                        s.units
+                            .iter()
+                            .filter(|u| u.alive)
+                            .map(|u| u.appliance.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Placeable {
+                    record: e.record.clone(),
+                    state: e.state(self.lost_after),
+                    units: appliances.len(),
+                    appliances,
+                }
             })
             .collect()
     }

@@ -129,6 +129,9 @@ struct Host {
     netns: Option<String>,
     /// Its CPUs (agents' hosts; 1 elsewhere): data planes go where fewest run per CPU.
     cpus: u32,
+    /// The appliance of each unit its agent last reported (agents' hosts): other appliances'
+    /// units take capacity too.
+    running: Vec<String>,
 }
 
 /// Where units may go: the hosts of registered agents, the lab's hosts, or this machine alone.
@@ -152,6 +155,7 @@ impl Hosts {
                 backplane: IpAddr::V4(Lab::dispatcher_backplane_addr(d)),
                 netns: Some(lab.dispatcher_ns(d)),
                 cpus: 1,
+                running: Vec::new(),
             })
             .collect();
         let dataplanes: Vec<Host> = (1..=lab.hosts.max(1))
@@ -160,6 +164,7 @@ impl Hosts {
                 backplane: IpAddr::V4(Lab::host_backplane_addr(m)),
                 netns: Some(lab.host_ns(m)),
                 cpus: 1,
+                running: Vec::new(),
             })
             .collect();
         Hosts {
@@ -182,6 +187,7 @@ impl Hosts {
             backplane: p.record.backplane,
             netns: None,
             cpus: p.record.cpus.max(1),
+            running: p.appliances.clone(),
         };
         let unlabelled = all.iter().any(|p| !p.record.is_dispatcher());
         let dp_kind = |p: &crate::hosts::Placeable| !unlabelled || !p.record.is_dispatcher();
@@ -225,6 +231,7 @@ impl Hosts {
             backplane: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             netns: None,
             cpus: 1,
+            running: Vec::new(),
         };
         Hosts {
             dispatchers: vec![host.clone()],
@@ -544,7 +551,7 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
     let want = app.rec.dataplanes as usize;
     if active.len() < want {
         for _ in active.len()..want {
-            let (host, addr) = place_dataplane(hosts, &app.rec.units, &planned);
+            let (host, addr) = place_dataplane(hosts, &name, &app.rec.units, &planned);
             planned.push((host.clone(), addr));
             to_start.push((UnitRole::Dataplane, host, Some(addr)));
         }
@@ -1106,9 +1113,11 @@ pub(crate) fn adopt_all(inner: &Inner) {
     }
 }
 
-/// The data-plane host with the fewest data planes, and the next free backplane port on it.
+/// The data-plane host with the fewest data planes of this appliance and units of others per
+/// CPU, and the next free backplane port on it.
 fn place_dataplane(
     hosts: &Hosts,
+    appliance: &str,
     units: &[UnitRecord],
     planned: &[(String, SocketAddr)],
 ) -> (String, SocketAddr) {
@@ -1121,7 +1130,8 @@ fn place_dataplane(
                 u.role == UnitRole::Dataplane && u.host == h.name && u.state != UnitState::Stopped
             })
             .count()
-            + planned.iter().filter(|(p, _)| *p == h.name).count();
+            + planned.iter().filter(|(p, _)| *p == h.name).count()
+            + h.running.iter().filter(|a| *a != appliance).count();
         let fewer = best.0 == usize::MAX || n * (best.1 as usize) < best.0 * (h.cpus as usize);
         if fewer {
             best = (n, h.cpus, i);
@@ -1390,4 +1400,50 @@ pub(crate) fn delete(inner: &Inner, name: &str) -> anyhow::Result<()> {
     inner.store.remove(name)?;
     let _ = std::fs::remove_dir_all(run_dir(inner, name));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, cpus: u32, running: &[&str]) -> Host {
+        Host {
+            name: name.into(),
+            backplane: IpAddr::from([198, 19, 0, 2]),
+            netns: None,
+            cpus,
+            running: running.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Data planes go where fewest units run per CPU, other appliances' units counted.
+    #[test]
+    fn data_planes_go_to_free_capacity() {
+        let hosts = Hosts {
+            dispatchers: Vec::new(),
+            dataplanes: vec![host("a", 1, &["other"]), host("b", 2, &[])],
+            managers: Vec::new(),
+            lab: None,
+            agents: true,
+        };
+        let mut planned = Vec::new();
+        let mut placed = Vec::new();
+        for _ in 0..4 {
+            let (h, addr) = place_dataplane(&hosts, "edge-fw", &[], &planned);
+            planned.push((h.clone(), addr));
+            placed.push(h);
+        }
+        // b (2 CPUs, empty) takes two before a (1 CPU, one unit of another appliance) takes one.
+        assert_eq!(placed, ["b", "b", "a", "b"]);
+        // Ports on one host do not collide.
+        let ports: Vec<u16> = planned
+            .iter()
+            .filter(|(h, _)| h == "b")
+            .map(|(_, a)| a.port())
+            .collect();
+        assert_eq!(
+            ports,
+            [BACKPLANE_PORT, BACKPLANE_PORT + 1, BACKPLANE_PORT + 2]
+        );
+    }
 }
