@@ -2,7 +2,8 @@
 //! store's round trip through etcd, one leader among two replicas with the follower forwarding
 //! API calls, a `kill -9` of the leader taken over within 5 s without restarting any unit (and
 //! without breaking the connections through the appliance), the loss of one etcd member, and of
-//! the quorum (the leader fences itself: it stops reconciling).
+//! the quorum (the leader fences itself: it stops reconciling). The cluster speaks only TLS and
+//! takes only clients with a certificate of its CA, as a production one should.
 //!
 //! Everything runs in network namespaces this test makes (as tests/e2e_nolab.rs does): the
 //! appliance's machine with `out0`/`in0` (the devices examples/edge-firewall.yaml names), a
@@ -36,15 +37,82 @@ struct Etcd {
     dir: PathBuf,
 }
 
+/// The cluster's own CA (not dva's: etcd's certificates are the operator's), a certificate for
+/// the members (client and peer links, naming 127.0.0.1) and one for dva serve. Files under
+/// `dir`; returns nothing, the paths are [`pki_file`]'s.
+fn make_etcd_pki(dir: &std::path::Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    std::fs::create_dir_all(dir).expect("pki dir");
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.distinguished_name
+        .push(DnType::CommonName, "e2e etcd CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = ca.self_signed(&ca_key).expect("CA");
+    let leaf = |name: &str, ip: bool, usages: Vec<ExtendedKeyUsagePurpose>| {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name.push(DnType::CommonName, name);
+        if ip {
+            p.subject_alt_names
+                .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        }
+        p.extended_key_usages = usages;
+        let cert = p.signed_by(&key, &ca, &ca_key).expect("sign");
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write cert");
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).expect("key");
+    };
+    use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+    // Members authenticate each other with the same certificate, as clients and servers.
+    leaf("member", true, vec![ServerAuth, ClientAuth]);
+    leaf("dva", false, vec![ClientAuth]);
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write CA");
+}
+
+/// A file of the cluster's PKI (see [`make_etcd_pki`]).
+fn pki_file(name: &str) -> String {
+    Etcd::dir()
+        .join("pki")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The flags that make `dva serve` talk TLS to the cluster with its client certificate.
+fn etcd_tls_args() -> Vec<String> {
+    vec![
+        "--etcd-cafile".into(),
+        pki_file("ca.pem"),
+        "--etcd-certfile".into(),
+        pki_file("dva.pem"),
+        "--etcd-keyfile".into(),
+        pki_file("dva-key.pem"),
+    ]
+}
+
 impl Etcd {
+    fn dir() -> PathBuf {
+        std::env::temp_dir().join(format!("dva-etcd-{}", std::process::id()))
+    }
+
+    /// Three members that speak only TLS, to clients and to each other, and accept only clients
+    /// with a certificate of the cluster's CA (`--client-cert-auth`).
     fn start() -> Etcd {
-        let dir = std::env::temp_dir().join(format!("dva-etcd-{}", std::process::id()));
+        let dir = Etcd::dir();
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("etcd dir");
+        make_etcd_pki(&dir.join("pki"));
         let cluster: Vec<String> = MEMBERS
             .iter()
             .enumerate()
-            .map(|(i, p)| format!("m{}=http://127.0.0.1:{}", i + 1, p + 10))
+            .map(|(i, p)| format!("m{}=https://127.0.0.1:{}", i + 1, p + 10))
             .collect();
         let cluster = cluster.join(",");
         let members = MEMBERS
@@ -52,8 +120,8 @@ impl Etcd {
             .enumerate()
             .map(|(i, port)| {
                 let name = format!("m{}", i + 1);
-                let client = format!("http://127.0.0.1:{port}");
-                let peer = format!("http://127.0.0.1:{}", port + 10);
+                let client = format!("https://127.0.0.1:{port}");
+                let peer = format!("https://127.0.0.1:{}", port + 10);
                 let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
                 let child = Command::new("ip")
                     .args(["netns", "exec", APP, "etcd", "--name", &name, "--data-dir"])
@@ -65,6 +133,13 @@ impl Etcd {
                     .args(["--initial-cluster", &cluster])
                     .args(["--initial-cluster-state", "new"])
                     .args(["--initial-cluster-token", "dva-e2e"])
+                    .args(["--client-cert-auth", "--peer-client-cert-auth"])
+                    .args(["--trusted-ca-file", &pki_file("ca.pem")])
+                    .args(["--cert-file", &pki_file("member.pem")])
+                    .args(["--key-file", &pki_file("member-key.pem")])
+                    .args(["--peer-trusted-ca-file", &pki_file("ca.pem")])
+                    .args(["--peer-cert-file", &pki_file("member.pem")])
+                    .args(["--peer-key-file", &pki_file("member-key.pem")])
                     .stdout(Stdio::null())
                     .stderr(log)
                     .spawn()
@@ -75,9 +150,16 @@ impl Etcd {
         let etcd = Etcd { members, dir };
         let deadline = Instant::now() + Duration::from_secs(30);
         for port in MEMBERS {
-            let url = format!("http://127.0.0.1:{port}/health");
+            let url = format!("https://127.0.0.1:{port}/health");
             loop {
-                match apps::curl(APP, &url, 2) {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", APP, "curl", "-sS", "--max-time", "2"])
+                    .args(["--cacert", &pki_file("ca.pem")])
+                    .args(["--cert", &pki_file("dva.pem")])
+                    .args(["--key", &pki_file("dva-key.pem"), &url])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+                match out {
                     Ok(body) if body.contains("\"health\":\"true\"") => break,
                     _ if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(200))
@@ -132,6 +214,7 @@ impl Replica {
             .args(["serve", "--local", "--no-client-config", "--state"])
             .arg(&state)
             .args(["--store", &store, "--listen", &listen])
+            .args(etcd_tls_args())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -293,7 +376,28 @@ fn store_round_trip() {
     std::thread::spawn(|| {
         dva_io::netns::enter(APP).expect("enter the namespace");
         let endpoints: Vec<String> = MEMBERS.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let link = EtcdLink::connect(&endpoints).expect("connect to etcd");
+        let tls = dva_mgmt::store::EtcdTls {
+            ca: pki_file("ca.pem").into(),
+            identity: Some((pki_file("dva.pem").into(), pki_file("dva-key.pem").into())),
+        };
+        // The cluster takes no client without a certificate of its CA: not in plain HTTP/2, not
+        // over TLS without a client certificate.
+        for (what, tls) in [
+            ("plain HTTP/2", None),
+            (
+                "TLS without a client certificate",
+                Some(dva_mgmt::store::EtcdTls {
+                    ca: pki_file("ca.pem").into(),
+                    identity: None,
+                }),
+            ),
+        ] {
+            match EtcdLink::connect(&endpoints, tls.as_ref()) {
+                Ok(_) => panic!("etcd accepted a client over {what}"),
+                Err(e) => println!("etcd refused a client over {what}: {e:#}"),
+            }
+        }
+        let link = EtcdLink::connect(&endpoints, Some(&tls)).expect("connect to etcd");
         let store = EtcdStore::new(link, None);
         let rec = ApplianceRecord {
             name: "round-trip".into(),

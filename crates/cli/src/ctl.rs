@@ -133,6 +133,8 @@ pub struct ServeOptions {
     pub place: crate::run::Place,
     pub write_client: bool,
     pub tls: ServeTls,
+    /// TLS towards etcd (`--etcd-cafile` and friends).
+    pub etcd_tls: Option<dva_mgmt::store::EtcdTls>,
 }
 
 pub fn serve(o: &ServeOptions) -> anyhow::Result<()> {
@@ -144,6 +146,10 @@ pub fn serve(o: &ServeOptions) -> anyhow::Result<()> {
     let mut opts = place.options(state.to_path_buf())?;
     opts.store = o.store.clone();
     opts.host_lost_after = o.host_lost_after;
+    if o.etcd_tls.is_some() && !matches!(o.store, StoreConfig::Etcd(_)) {
+        anyhow::bail!("--etcd-cafile needs --store etcd://...");
+    }
+    opts.etcd_tls = o.etcd_tls.clone();
     let mgmt = Mgmt::open(opts)?;
     // Replicas on one etcd accept one token: the first to start puts its own there, the others
     // take it (and keep it in their own state dir too, where the CLI and the web view look).

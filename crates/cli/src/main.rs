@@ -103,6 +103,21 @@ enum Cmd {
         /// are replaced on other hosts (e.g. 10s).
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         host_lost_after: std::time::Duration,
+        /// Talk to etcd over TLS, checking the members' certificates against this CA (PEM).
+        #[arg(long, value_name = "FILE")]
+        etcd_cafile: Option<PathBuf>,
+        /// This replica's client certificate for etcd (PEM; etcd's --client-cert-auth). With
+        /// --etcd-keyfile and --etcd-cafile.
+        #[arg(
+            long,
+            value_name = "FILE",
+            requires = "etcd_keyfile",
+            requires = "etcd_cafile"
+        )]
+        etcd_certfile: Option<PathBuf>,
+        /// The private key (PEM) of --etcd-certfile.
+        #[arg(long, value_name = "FILE", requires = "etcd_certfile")]
+        etcd_keyfile: Option<PathBuf>,
     },
     /// Run this machine's agent: join the installation once, then start, stop and adopt the
     /// units the management tool assigns to this machine (they keep running without it).
@@ -672,8 +687,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             tls_key,
             tls_auto,
             host_lost_after,
+            etcd_cafile,
+            etcd_certfile,
+            etcd_keyfile,
         } => ctl::serve(&ctl::ServeOptions {
             host_lost_after,
+            etcd_tls: etcd_cafile.map(|ca| dva_mgmt::store::EtcdTls {
+                ca,
+                // clap allows neither file without the other.
+                identity: etcd_certfile.zip(etcd_keyfile),
+            }),
             store: store.unwrap_or_else(|| dva_mgmt::store::StoreConfig::File(state.clone())),
             state,
             listen,

@@ -24,16 +24,6 @@ pub use table::{Bucket, BucketTable, DEFAULT_BUCKETS, MAX_BUCKETS, MAX_HISTORY};
 /// Identifier of a compute unit (assigned by the manager, unique within an appliance).
 pub type UnitId = u32;
 
-/// IP protocol numbers the flow layer and its users care about.
-pub mod proto {
-    pub const ICMP: u8 = 1;
-    pub const TCP: u8 = 6;
-    pub const UDP: u8 = 17;
-    pub const ICMPV6: u8 = 58;
-    pub const SCTP: u8 = 132;
-    pub const UDPLITE: u8 = 136;
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FlowError {
     #[error("a bucket table needs at least one bucket (got 0)")]

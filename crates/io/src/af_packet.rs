@@ -301,7 +301,7 @@ impl AfPacket {
             sys::setsockopt(raw, libc::SOL_PACKET, PACKET_VNET_HDR, &1 as &libc::c_int)
                 .map_err(err("setsockopt PACKET_VNET_HDR"))?;
         }
-        // SAFETY: plain old data; all-zero is valid.
+        // SAFETY: tpacket_req3 is a C struct of integers only; all-zero is a valid value.
         let mut req: libc::tpacket_req3 = unsafe { zeroed() };
         // The casts cannot truncate: `validate` checked these fit in 32 bits.
         req.tp_block_size = cfg.block_size as u32;
@@ -367,7 +367,7 @@ impl AfPacket {
         sys::set_socket_buffer(raw, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 4 << 20)
             .map_err(err("setsockopt SO_SNDBUF"))?;
 
-        // SAFETY: plain old data; all-zero is valid.
+        // SAFETY: sockaddr_ll is a C struct of integers and byte arrays; all-zero is a valid value.
         let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
         sll.sll_family = libc::AF_PACKET as libc::c_ushort;
         sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
@@ -383,7 +383,7 @@ impl AfPacket {
         .map_err(err("bind AF_PACKET"))?;
 
         if cfg.promiscuous {
-            // SAFETY: plain old data; all-zero is valid.
+            // SAFETY: packet_mreq is a C struct of integers and a byte array; all-zero is valid.
             let mut mreq: libc::packet_mreq = unsafe { zeroed() };
             mreq.mr_ifindex = ifindex as libc::c_int;
             mreq.mr_type = libc::PACKET_MR_PROMISC as libc::c_ushort;
@@ -434,7 +434,7 @@ impl AfPacket {
     /// Ring and TX counters. Reads (and so resets) the kernel's PACKET_STATISTICS and adds them
     /// to the running totals; if that read fails, the totals so far are returned.
     pub fn stats(&self) -> AfPacketStats {
-        // SAFETY: plain old data; all-zero is valid.
+        // SAFETY: tpacket_stats_v3 is a C struct of integers only; all-zero is a valid value.
         let mut st: libc::tpacket_stats_v3 = unsafe { zeroed() };
         let mut len = size_of::<libc::tpacket_stats_v3>() as libc::socklen_t;
         // SAFETY: `st` and `len` are live locals; the kernel writes at most `len` bytes.
@@ -751,7 +751,7 @@ fn encode_vnet(off: &Offload) -> [u8; VNET_HDR_LEN] {
 }
 
 fn page_size() -> usize {
-    // SAFETY: sysconf takes no pointers.
+    // SAFETY: sysconf(3) takes a constant, touches no memory of ours, and -1 is its error.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(page)
         .ok()

@@ -960,7 +960,7 @@ mod tests {
         assert_eq!(size_of::<SockaddrXdp>(), 16);
         assert_eq!(size_of::<XdpDesc>(), 16);
         assert_eq!(size_of::<XdpStatistics>(), 48);
-        // SAFETY: plain old data; all-zero is valid.
+        // SAFETY: XdpDesc is a #[repr(C)] struct of integers only; all-zero is a valid value.
         let _: XdpDesc = unsafe { zeroed() };
     }
 

@@ -24,6 +24,8 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use dva_wire::{ethertype, geneve, ip_proto};
+
 use crate::{FrameIo, Offload, RxMeta};
 
 /// LINKTYPE_ETHERNET.
@@ -34,13 +36,6 @@ pub const RECORD_HEADER_LEN: usize = 16;
 pub const FILE_HEADER_LEN: usize = 24;
 /// Largest snap length a session may ask for (a GSO super-packet is at most 64 KiB).
 pub const MAX_SNAPLEN: usize = 65_535;
-
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
-const ETHERTYPE_VLAN: u16 = 0x8100;
-const GENEVE_IPV4: u16 = 0x0800;
-const GENEVE_IPV6: u16 = 0x86dd;
-const GENEVE_ETHERNET: u16 = 0x6558;
 
 /// The pcap file header: magic, version 2.4, no time zone, `snaplen`, Ethernet.
 pub fn pcap_header(snaplen: u32) -> [u8; FILE_HEADER_LEN] {
@@ -129,29 +124,29 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
 }
 
 fn summarize_frame(frame: &[u8]) -> Option<Summary> {
-    let mut ethertype = be16(frame, 12)?;
+    let mut etype = be16(frame, 12)?;
     let mut at = 14;
-    if ethertype == ETHERTYPE_VLAN {
-        ethertype = be16(frame, 16)?;
+    if etype == ethertype::VLAN {
+        etype = be16(frame, 16)?;
         at = 18;
     }
-    summarize_ip(ethertype, frame.get(at..)?)
+    summarize_ip(etype, frame.get(at..)?)
 }
 
 fn summarize_geneve(d: &[u8]) -> Option<Summary> {
     let opt_len = usize::from(*d.first()? & 0x3f) * 4;
     let inner = d.get(8 + opt_len..)?;
     match be16(d, 2)? {
-        GENEVE_ETHERNET => summarize_frame(inner),
-        t @ (GENEVE_IPV4 | GENEVE_IPV6) => summarize_ip(t, inner),
+        geneve::PROTO_ETHERNET => summarize_frame(inner),
+        t @ (geneve::PROTO_IPV4 | geneve::PROTO_IPV6) => summarize_ip(t, inner),
         _ => None,
     }
 }
 
 /// Addresses, protocol and ports of an IP packet (the first fragment's ports only).
-fn summarize_ip(ethertype: u16, ip: &[u8]) -> Option<Summary> {
-    let (src, dst, proto, l4) = match ethertype {
-        ETHERTYPE_IPV4 => {
+fn summarize_ip(etype: u16, ip: &[u8]) -> Option<Summary> {
+    let (src, dst, proto, l4) = match etype {
+        ethertype::IPV4 => {
             let ihl = usize::from(*ip.first()? & 0x0f) * 4;
             let src: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
             let dst: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
@@ -159,7 +154,7 @@ fn summarize_ip(ethertype: u16, ip: &[u8]) -> Option<Summary> {
             let l4 = if first_fragment { ip.get(ihl..) } else { None };
             (IpAddr::from(src), IpAddr::from(dst), *ip.get(9)?, l4)
         }
-        ETHERTYPE_IPV6 => {
+        ethertype::IPV6 => {
             let src: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
             let dst: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
             // Extension headers are not walked: the filter sees the next header as the protocol.
@@ -173,7 +168,9 @@ fn summarize_ip(ethertype: u16, ip: &[u8]) -> Option<Summary> {
         _ => return None,
     };
     let ports = match proto {
-        6 | 17 | 132 | 136 => l4.and_then(|l| Some((be16(l, 0)?, be16(l, 2)?))),
+        ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP | ip_proto::UDPLITE => {
+            l4.and_then(|l| Some((be16(l, 0)?, be16(l, 2)?)))
+        }
         _ => None,
     };
     Some(Summary {
@@ -293,7 +290,7 @@ impl Tap {
             v.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01]);
             match (src.ip(), dst.ip()) {
                 (IpAddr::V4(s), IpAddr::V4(d)) => {
-                    v.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+                    v.extend_from_slice(&ethertype::IPV4.to_be_bytes());
                     let total = (20 + usize::from(udp_len)).min(usize::from(u16::MAX)) as u16;
                     let mut h = [0u8; 20];
                     h[0] = 0x45;
@@ -312,7 +309,7 @@ impl Tap {
                         IpAddr::V6(a) => a.octets(),
                         IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
                     };
-                    v.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+                    v.extend_from_slice(&ethertype::IPV6.to_be_bytes());
                     let mut h = [0u8; 40];
                     h[0] = 0x60;
                     h[4..6].copy_from_slice(&udp_len.to_be_bytes());
@@ -463,7 +460,7 @@ mod tests {
 
     fn tcp_frame(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
         let mut f = vec![0u8; 14 + 20 + 20];
-        f[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        f[12..14].copy_from_slice(&ethertype::IPV4.to_be_bytes());
         f[14] = 0x45;
         f[14 + 9] = 6;
         f[14 + 12..14 + 16].copy_from_slice(&src);
@@ -545,7 +542,7 @@ mod tests {
         assert!(tap.datagram(src, dst, &payload, &payload));
         let p = rx.recv().unwrap();
         let d = &p.data;
-        assert_eq!(be16(d, 12), Some(ETHERTYPE_IPV4));
+        assert_eq!(be16(d, 12), Some(ethertype::IPV4));
         assert_eq!(checksum(&d[14..34]), 0, "a valid IPv4 header checksum");
         assert_eq!(&d[26..30], &[198, 19, 0, 1]);
         assert_eq!(be16(d, 36), Some(6081));

@@ -12,18 +12,24 @@
 //!   interfaces, with [`port::Port`] choosing between them (AF_XDP first, AF_PACKET when XDP
 //!   cannot attach), [`udp::UdpEndpoint`] (`recvmmsg`/`sendmmsg`) for the GENEVE
 //!   backplane, [`memory::MemoryIo`] for tests and benchmarks.
+//! - [`backplane::Backplane`]: a unit's backplane endpoint, GENEVE over UDP to other machines
+//!   and over [`shm`] rings (no syscall per packet) to peers on the same machine, with every
+//!   UDP datagram [`seal`]ed (authenticated for its receiver, its packet encrypted).
 //! - [`capture`]: packet capture inside the data path (a tap on any device or on the
 //!   backplane, bounded, never blocking), written out as pcap.
 //! - Helpers around them: [`netif`] (interface index, MAC, MTU, admin up, the device holding
-//!   an address), [`netns`]
-//!   (enter a named network namespace), [`poll`] (wait for readability without
-//!   allocating).
+//!   an address), [`netns`] (enter a named network namespace), [`poll`] (wait for readability
+//!   without allocating), [`local`] (file modes and peer credentials of what dva creates on
+//!   the machine).
 //! - Setup errors are [`IoError`]s naming the syscall, the interface or address and the
 //!   errno. Data-path errors are plain `std::io::Error`s so the hot path stays cheap.
-//! - The packet path's `unsafe` (mmap, ring access, raw socket syscalls) lives in this crate;
-//!   outside it only a few process and CPU syscalls (pidfd, flock, sched_setaffinity, kill)
-//!   use it, and `wire`, `flow`, `services`, `proto` and `lab` forbid it. Every block has a
-//!   `// SAFETY:` comment (workspace lint `clippy::undocumented_unsafe_blocks`).
+//! - The packet path's `unsafe` (mmap, ring access, raw socket syscalls, the bpf(2) calls that
+//!   load the XDP program) lives in this crate. Outside it, `unsafe` is confined to a few
+//!   process and CPU syscalls: in `dva-unit` prctl, sched_setaffinity, flock, sysconf and
+//!   getrlimit; in `dva-mgmt` pidfd_open, pidfd_send_signal, kill and a zero-timeout poll; in
+//!   the `dva` binary kill and sysconf. `wire`, `flow`, `services`, `proto` and `lab` forbid
+//!   it. Every block has a `// SAFETY:` comment (workspace lint
+//!   `clippy::undocumented_unsafe_blocks`).
 //!
 //! Sockets belong to the network namespace of the thread that creates them: the caller
 //! enters the namespace first ([`netns::enter`] or [`netns::in_netns`]), then opens.

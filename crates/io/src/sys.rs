@@ -224,7 +224,9 @@ impl MsgBatch {
             iov_base: buf.cast(),
             iov_len: len,
         };
-        // SAFETY: plain old data, see `new`.
+        // SAFETY: msghdr is a C struct of integers and pointers; all-zero (null pointers, zero
+        // lengths) is a valid value. The iov and name are set below; msg_control stays null with
+        // length 0, which the kernel reads as "no control data".
         let mut hdr: libc::msghdr = unsafe { zeroed() };
         hdr.msg_iov = &mut self.iov[i];
         hdr.msg_iovlen = 1;
@@ -307,7 +309,7 @@ mod tests {
     fn short_or_foreign_sockaddr_is_rejected() {
         let (raw, len) = to_raw_addr(&"10.0.0.1:1".parse().unwrap());
         assert_eq!(from_raw_addr(&raw, len - 1), None);
-        // SAFETY: plain old data.
+        // SAFETY: sockaddr_storage is a C struct of integers only; all-zero is a valid value.
         let mut unix: libc::sockaddr_storage = unsafe { zeroed() };
         unix.ss_family = libc::AF_UNIX as libc::sa_family_t;
         assert_eq!(

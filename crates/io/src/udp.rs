@@ -162,7 +162,8 @@ impl UdpEndpoint {
             },
         })?;
 
-        // SAFETY: plain old data; all-zero is valid.
+        // SAFETY: sockaddr_storage is a C struct of integers only; all-zero is a valid
+        // (AF_UNSPEC) value.
         let zero_name: libc::sockaddr_storage = unsafe { zeroed() };
         Ok(UdpEndpoint {
             fd,
@@ -427,7 +428,8 @@ enum LocalAddrError {
 }
 
 fn local_addr(fd: RawFd) -> Result<SocketAddr, LocalAddrError> {
-    // SAFETY: plain old data; all-zero is valid.
+    // SAFETY: sockaddr_storage is a C struct of integers only; all-zero is a valid
+    // (AF_UNSPEC) value.
     let mut name: libc::sockaddr_storage = unsafe { zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: `name`/`len` are live locals; the kernel writes at most `len` bytes.

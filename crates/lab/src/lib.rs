@@ -12,7 +12,7 @@
 //!   different prefixes coexist. [`Lab::describe`] prints the whole plan.
 //! - The dispatcher host's kernel never answers for the appliance: `out0` and `in0` in
 //!   `{P}disp1` carry no address and have IPv6 disabled; the appliance's dispatcher owns
-//!   198.18.1.1 / 198.18.2.1 through AF_PACKET. IPv4 forwarding is off in every namespace
+//!   198.18.1.1 / 198.18.2.1 through AF_XDP or AF_PACKET. IPv4 forwarding is off in every namespace
 //!   unless [`Lab::set_kernel_router`] turns `{P}disp1` into a plain router (the benchmark
 //!   baseline).
 //! - Offloads: TSO, GSO, GRO and TX checksumming are off on every veth end, both sides, so

@@ -18,7 +18,7 @@ use crate::model::*;
 use crate::pki::Pki;
 use crate::provision::{LocalProvisioner, Provisioner};
 use crate::reconcile::{self, Runtime};
-use crate::store::{CorruptRecord, FileStore, Store, StoreConfig};
+use crate::store::{CorruptRecord, EtcdTls, FileStore, Store, StoreConfig};
 
 #[derive(Debug, Clone)]
 pub struct MgmtOptions {
@@ -26,6 +26,8 @@ pub struct MgmtOptions {
     pub state_dir: PathBuf,
     /// Where appliance records live (`--store`; default: files under `state_dir`).
     pub store: StoreConfig,
+    /// TLS towards etcd (with an `etcd://` store): `None` speaks plain HTTP/2.
+    pub etcd_tls: Option<EtcdTls>,
     /// The lab whose hosts units are placed on; empty with `local`.
     pub lab_prefix: String,
     /// Place every unit on this machine, in the management tool's own network namespace, with
@@ -44,6 +46,7 @@ impl MgmtOptions {
     pub fn new(state_dir: PathBuf, lab_prefix: &str) -> anyhow::Result<MgmtOptions> {
         Ok(MgmtOptions {
             store: StoreConfig::File(state_dir.clone()),
+            etcd_tls: None,
             state_dir,
             lab_prefix: lab_prefix.to_string(),
             local: false,
@@ -160,7 +163,7 @@ impl Mgmt {
         let (store, leadership, etcd): (Box<dyn Store>, _, _) = match &opts.store {
             StoreConfig::File(dir) => (Box::new(FileStore::open(dir)?), None, None),
             StoreConfig::Etcd(endpoints) => {
-                let link = EtcdLink::connect(endpoints)?;
+                let link = EtcdLink::connect(endpoints, opts.etcd_tls.as_ref())?;
                 let leadership = Arc::new(Leadership::default());
                 let store = EtcdStore::new(link.clone(), Some(leadership.clone()));
                 (Box::new(store), Some(leadership), Some(link))

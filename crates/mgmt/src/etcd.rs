@@ -30,13 +30,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
-    PutOptions, Txn, TxnOp, TxnOpResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::model::{now_ms, ApplianceRecord};
-use crate::store::{CorruptRecord, Loaded, Store};
+use crate::store::{CorruptRecord, EtcdTls, Loaded, Store};
 
 pub const PREFIX: &str = "/dva/";
 const APPLIANCES: &str = "/dva/appliances/";
@@ -66,8 +66,13 @@ pub struct EtcdLink {
 }
 
 impl EtcdLink {
-    /// Connect to `endpoints` (`HOST:PORT`), checking that the cluster answers.
-    pub fn connect(endpoints: &[String]) -> anyhow::Result<Arc<EtcdLink>> {
+    /// Connect to `endpoints` (`HOST:PORT`), over TLS with `tls`, checking that the cluster
+    /// answers.
+    pub fn connect(endpoints: &[String], tls: Option<&EtcdTls>) -> anyhow::Result<Arc<EtcdLink>> {
+        // Read the credentials before anything starts: a missing file is the operator's error,
+        // named as such, not a connection failure.
+        let tls = tls.map(tls_options).transpose()?;
+        let secure = tls.is_some();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -82,13 +87,20 @@ impl EtcdLink {
                 })
             })
             .context("starting the etcd thread")?;
-        let urls: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
-        let opts = ConnectOptions::new()
+        let scheme = if secure { "https" } else { "http" };
+        let urls: Vec<String> = endpoints
+            .iter()
+            .map(|e| format!("{scheme}://{e}"))
+            .collect();
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(CALL_TIMEOUT)
             // Find a dead member's connection quickly, so calls go to the live ones.
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = tls {
+            opts = opts.with_tls(tls);
+        }
         let link_of = |client| {
             Arc::new(EtcdLink {
                 handle: handle.clone(),
@@ -100,11 +112,18 @@ impl EtcdLink {
             .with_context(|| format!("etcd at {}", endpoints.join(",")))?;
         let link = link_of(client);
         // Connecting is lazy: one read proves the cluster is there (and has a quorum).
+        let hint = if secure {
+            "check that --etcd-cafile signed the members' certificates, which must name the \
+             addresses given, and that the cluster accepts --etcd-certfile"
+        } else {
+            "a cluster that serves TLS needs --etcd-cafile (and --etcd-certfile/--etcd-keyfile \
+             when it asks clients for certificates)"
+        };
         link.call("reading /dva/", |mut c| async move {
             c.get(PREFIX, Some(GetOptions::new().with_count_only()))
                 .await
         })
-        .with_context(|| format!("etcd at {}", endpoints.join(",")))?;
+        .with_context(|| format!("etcd at {} ({hint})", endpoints.join(",")))?;
         Ok(link)
     }
 
@@ -215,6 +234,22 @@ impl EtcdLink {
 }
 
 /// An error of the way to a member rather than of the call: another member may answer.
+/// The client's TLS settings from the operator's PEM files: the members are checked against
+/// `ca` (and must name the address dialled), and present `identity` when the cluster asks.
+fn tls_options(tls: &EtcdTls) -> anyhow::Result<TlsOptions> {
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("reading etcd's {what} {}", path.display()))
+    };
+    let mut opts = TlsOptions::new().ca_certificate(Certificate::from_pem(read("CA", &tls.ca)?));
+    if let Some((cert, key)) = &tls.identity {
+        opts = opts.identity(Identity::from_pem(
+            read("client certificate", cert)?,
+            read("client key", key)?,
+        ));
+    }
+    Ok(opts)
+}
+
 fn transient(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,

@@ -69,6 +69,17 @@ impl StoreConfig {
     }
 }
 
+/// TLS towards etcd (`dva serve --etcd-cafile/--etcd-certfile/--etcd-keyfile`, the names
+/// kube-apiserver uses): the CA that signed the members' certificates, and this client's own
+/// certificate and key for a cluster that runs with `--client-cert-auth` (as it should: whoever
+/// can write to etcd can rewrite every appliance's spec).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    /// Certificate and key, PEM; both or neither.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
 /// A durable home for appliance records. Every write is whole (a record is replaced, never
 /// torn) and done before the caller acts on it, so a crash loses nothing that was accepted.
 pub trait Store: Send + Sync {

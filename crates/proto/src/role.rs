@@ -9,10 +9,11 @@ use dva_flow::{BucketTable, UnitId};
 use dva_services::firewall::{Action, PortRange, Rule, RuleSet};
 use dva_services::lb::{Backend, BackendState, LbConfig, VirtualService};
 use dva_services::nat::{DnatRule, NatConfig, SnatRule};
+use dva_wire::ip_proto;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{ActionSpec, ApplianceSpec, Proto, ServiceSpec, SpecError, TcpWindowSpec};
+use crate::spec::{ActionSpec, ApplianceSpec, ServiceSpec, SpecError, TcpWindowSpec};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceConfig {
@@ -720,7 +721,7 @@ fn compile_firewall(
     for (i, r) in fw.rules.iter().enumerate() {
         let icmp_type = match &r.icmp_type {
             Some(t) => Some(
-                t.resolve(r.proto.map(|p| p.0) == Some(Proto::ICMPV6))
+                t.resolve(r.proto.map(|p| p.0) == Some(ip_proto::ICMPV6))
                     .map_err(|m| SpecError::Field {
                         path: format!("spec.services[{svc}].firewall.rules[{i}].icmp_type"),
                         message: m,

@@ -24,6 +24,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use dva_wire::ip_proto;
 use ipnet::IpNet;
 use schemars::JsonSchema;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
@@ -708,22 +709,18 @@ impl<'de> Deserialize<'de> for PortList {
 pub struct Proto(pub u8);
 
 impl Proto {
-    pub const ICMP: u8 = 1;
-    pub const TCP: u8 = 6;
-    pub const UDP: u8 = 17;
-    pub const ICMPV6: u8 = 58;
     pub fn has_ports(self) -> bool {
-        matches!(self.0, Self::TCP | Self::UDP | 132 /* sctp */)
+        matches!(self.0, ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP)
     }
 }
 
 impl Serialize for Proto {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self.0 {
-            Self::TCP => s.serialize_str("tcp"),
-            Self::UDP => s.serialize_str("udp"),
-            Self::ICMP => s.serialize_str("icmp"),
-            Self::ICMPV6 => s.serialize_str("icmpv6"),
+            ip_proto::TCP => s.serialize_str("tcp"),
+            ip_proto::UDP => s.serialize_str("udp"),
+            ip_proto::ICMP => s.serialize_str("icmp"),
+            ip_proto::ICMPV6 => s.serialize_str("icmpv6"),
             n => s.serialize_u8(n),
         }
     }
@@ -749,10 +746,10 @@ impl<'de> Deserialize<'de> for Proto {
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Proto, E> {
                 Ok(Proto(match v.to_ascii_lowercase().as_str() {
-                    "tcp" => Proto::TCP,
-                    "udp" => Proto::UDP,
-                    "icmp" => Proto::ICMP,
-                    "icmpv6" | "ipv6-icmp" => Proto::ICMPV6,
+                    "tcp" => ip_proto::TCP,
+                    "udp" => ip_proto::UDP,
+                    "icmp" => ip_proto::ICMP,
+                    "icmpv6" | "ipv6-icmp" => ip_proto::ICMPV6,
                     _ => {
                         return Err(E::custom(format!(
                             "unknown protocol {v:?} (expected tcp, udp, icmp, icmpv6 or a number)"
@@ -1344,8 +1341,8 @@ impl ApplianceSpec {
         }
         if let Some(t) = &r.icmp_type {
             match r.proto.map(|p| p.0) {
-                Some(Proto::ICMP) => t.resolve(false),
-                Some(Proto::ICMPV6) => t.resolve(true),
+                Some(ip_proto::ICMP) => t.resolve(false),
+                Some(ip_proto::ICMPV6) => t.resolve(true),
                 _ => Err("icmp_type needs proto: icmp or icmpv6".to_string()),
             }
             .map_err(|m| SpecError::field(format!("{path}.icmp_type"), m))?;

@@ -21,10 +21,11 @@ use std::hint::black_box;
 use std::net::IpAddr;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dva_flow::proto;
 use dva_services::firewall::PortRange;
 use dva_services::lb::{Backend, Lb, LbConfig, LbVerdict, VirtualService};
 use dva_services::nat::{Nat, NatConfig, NatVerdict, SnatRule};
+use dva_wire::ip_proto;
+use dva_wire::tcp::flags::{ACK, SYN};
 use testpkt::{tcp4, v4};
 
 const SEC: u64 = 1_000_000_000;
@@ -32,8 +33,6 @@ const BUCKETS: usize = 4096;
 /// Flows held while the established-flow figures are taken (the same for NAT and LB: the
 /// table's size, through cache misses, dominates the cost).
 const FLOWS: u32 = 32_768;
-const ACK: u8 = 0x10;
-const SYN: u8 = 0x02;
 
 /// Inside host and port of flow `i` (distinct for every i < 2^24).
 fn inside(i: u32) -> (String, u16) {
@@ -167,7 +166,7 @@ fn load_balancer() -> Lb {
             services: vec![VirtualService {
                 name: "web".into(),
                 vip: "198.18.1.100".parse().expect("vip"),
-                proto: proto::TCP,
+                proto: ip_proto::TCP,
                 port: 80,
                 backends,
                 source: vec!["198.18.2.1".parse::<IpAddr>().expect("source")],

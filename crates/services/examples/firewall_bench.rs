@@ -9,13 +9,12 @@ use dva_flow::FlowKey;
 use dva_services::firewall::{
     Action, ConntrackConfig, Firewall, NewFlowPolicy, PacketInfo, PortRange, Rule, RuleSet, Verdict,
 };
-
-const ACK: u8 = 0x10;
-const SYN: u8 = 0x02;
+use dva_wire::ip_proto;
+use dva_wire::tcp::flags::{ACK, SYN};
 
 fn key(i: u32, dport: u16) -> FlowKey {
     FlowKey {
-        proto: 6,
+        proto: ip_proto::TCP,
         src: IpAddr::V4(Ipv4Addr::from_bits(0xc612_0000 | (i >> 8))),
         dst: IpAddr::V4(Ipv4Addr::from_bits(0xc613_0202)),
         src_port: 1024 + (i & 0xff) as u16 * 97 % 60_000,
@@ -40,13 +39,13 @@ fn rules(n: u16) -> RuleSet {
     let mut rules: Vec<Rule> = (0..n - 1)
         .map(|i| Rule {
             dst: vec!["198.19.0.0/16".parse().expect("cidr")],
-            proto: Some(6),
+            proto: Some(ip_proto::TCP),
             dst_ports: vec![PortRange::single(10_000 + i)],
             ..Rule::any(Action::Drop)
         })
         .collect();
     rules.push(Rule {
-        proto: Some(6),
+        proto: Some(ip_proto::TCP),
         dst_ports: vec![PortRange::single(80)],
         ..Rule::any(Action::Accept)
     });

@@ -19,6 +19,10 @@
 //! packet bytes in place (incremental checksums), allocating translated ports in the flow's bucket.
 //!
 //! [`lb`]: L4 load balancer, VIPs to weighted backends by Maglev lookup, full NAT, backend drain.
+//!
+//! [`icmp`]: what each ICMP / ICMPv6 type means to connection tracking (request, reply, error).
+//! Per-flow tables use a per-table keyed hasher (flow keys come from the network) and storage
+//! that grows without stopping the data path.
 #![forbid(unsafe_code)]
 
 pub mod conntrack;

@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use dva_flow::BucketTable;
 use dva_services::firewall::{Firewall, NewFlowPolicy, PacketInfo, Verdict};
+use dva_wire::ip_proto;
 
 const SEC: u64 = 1_000_000_000;
 /// Connections tracked for `firewall-established`: instruction counts do not depend on the
@@ -89,10 +90,13 @@ fn translated_flows(
             let host = format!("10.0.{}.{}", (i >> 8) & 0xff, i & 0xff);
             let (sport, dport) = (1024 + (i % 50_000) as u16, 80 + (i % 1024) as u16);
             let dport = if dst.ends_with(".100") { 80 } else { dport };
-            let mut syn = testpkt::tcp4(&host, sport, dst, dport, 0x02);
+            let mut syn = testpkt::tcp4(&host, sport, dst, dport, dva_wire::tcp::flags::SYN);
             let b = (testpkt::check(&syn).symmetric_hash() as usize & (BUCKETS - 1)) as u16;
             assert!(open(b, &mut syn), "flow {i} not translated");
-            (b, testpkt::tcp4(&host, sport, dst, dport, 0x10))
+            (
+                b,
+                testpkt::tcp4(&host, sport, dst, dport, dva_wire::tcp::flags::ACK),
+            )
         })
         .collect()
 }
@@ -171,7 +175,7 @@ fn main() {
                     services: vec![VirtualService {
                         name: "web".into(),
                         vip: "198.18.1.100".parse().expect("vip"),
-                        proto: 6,
+                        proto: ip_proto::TCP,
                         port: 80,
                         backends: (0..3u8)
                             .map(|k| Backend {

@@ -8,12 +8,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use dva_flow::FlowKey;
-use dva_wire::{Icmpv4Packet, Icmpv6Packet, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket};
-
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-pub const PROTO_ICMPV6: u8 = 58;
+use dva_wire::{
+    ip_proto, Icmpv4Packet, Icmpv6Packet, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClassifyError {
@@ -50,8 +47,8 @@ impl Classified {
     /// A packet that may start a connection: TCP SYN without ACK, any UDP, ICMP queries.
     pub fn can_start_flow(&self) -> bool {
         match self.key.proto {
-            PROTO_TCP => self.tcp_flags & 0x12 == 0x02,
-            PROTO_ICMP | PROTO_ICMPV6 => self.icmp_inner.is_none(),
+            ip_proto::TCP => self.tcp_flags & 0x12 == 0x02,
+            ip_proto::ICMP | ip_proto::ICMPV6 => self.icmp_inner.is_none(),
             _ => true,
         }
     }
@@ -137,18 +134,18 @@ fn classify_v6(ip: &[u8]) -> Result<Classified, ClassifyError> {
 
 fn transport(c: &mut Classified, l4: &[u8], v6: bool) -> Result<(), ClassifyError> {
     match c.key.proto {
-        PROTO_TCP => {
+        ip_proto::TCP => {
             let t = TcpPacket::new_checked(l4).map_err(|_| ClassifyError::MalformedL4)?;
             c.key.src_port = t.src_port();
             c.key.dst_port = t.dst_port();
             c.tcp_flags = t.flags();
         }
-        PROTO_UDP => {
+        ip_proto::UDP => {
             let u = UdpPacket::new_checked(l4).map_err(|_| ClassifyError::MalformedL4)?;
             c.key.src_port = u.src_port();
             c.key.dst_port = u.dst_port();
         }
-        PROTO_ICMP if !v6 => {
+        ip_proto::ICMP if !v6 => {
             let i = Icmpv4Packet::new_checked(l4).map_err(|_| ClassifyError::MalformedL4)?;
             let (t, code) = (i.msg_type(), i.msg_code());
             c.icmp = Some((t, code));
@@ -160,7 +157,7 @@ fn transport(c: &mut Classified, l4: &[u8], v6: bool) -> Result<(), ClassifyErro
                 c.key.dst_port = i.echo_ident();
             }
         }
-        PROTO_ICMPV6 if v6 => {
+        ip_proto::ICMPV6 if v6 => {
             let i = Icmpv6Packet::new_checked(l4).map_err(|_| ClassifyError::MalformedL4)?;
             let (t, code) = (i.msg_type(), i.msg_code());
             c.icmp = Some((t, code));
@@ -191,7 +188,7 @@ fn quoted_v4(q: &[u8]) -> Option<FlowKey> {
     let src = Ipv4Addr::new(q[12], q[13], q[14], q[15]);
     let dst = Ipv4Addr::new(q[16], q[17], q[18], q[19]);
     let l4 = &q[ihl..];
-    let (sp, dp) = quoted_ports(proto, l4, PROTO_ICMP);
+    let (sp, dp) = quoted_ports(proto, l4, ip_proto::ICMP);
     Some(FlowKey {
         proto,
         src: IpAddr::V4(src),
@@ -208,7 +205,7 @@ fn quoted_v6(q: &[u8]) -> Option<FlowKey> {
     let (proto, off, _) = dva_wire::ipv6::upper_layer(q).ok()?;
     let src: [u8; 16] = q[8..24].try_into().ok()?;
     let dst: [u8; 16] = q[24..40].try_into().ok()?;
-    let (sp, dp) = quoted_ports(proto, q.get(off..).unwrap_or(&[]), PROTO_ICMPV6);
+    let (sp, dp) = quoted_ports(proto, q.get(off..).unwrap_or(&[]), ip_proto::ICMPV6);
     Some(FlowKey {
         proto,
         src: IpAddr::V6(Ipv6Addr::from(src)),
@@ -221,7 +218,7 @@ fn quoted_v6(q: &[u8]) -> Option<FlowKey> {
 fn quoted_ports(proto: u8, l4: &[u8], icmp_proto: u8) -> (u16, u16) {
     let be = |i: usize| l4.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
     match proto {
-        PROTO_TCP | PROTO_UDP => (be(0).unwrap_or(0), be(2).unwrap_or(0)),
+        ip_proto::TCP | ip_proto::UDP => (be(0).unwrap_or(0), be(2).unwrap_or(0)),
         // A quoted echo: identifier at offset 4.
         p if p == icmp_proto => {
             let id = be(4).unwrap_or(0);

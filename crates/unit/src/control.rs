@@ -7,7 +7,7 @@
 //! `GET /metrics` (Prometheus text, [`crate::metrics`]), and the [`crate::inspect`] requests the
 //! data path answers: `GET /flows?<filter>` (JSON [`FlowList`]), `GET /config` (the role config,
 //! backplane keys redacted), `GET /capture?<spec>` (dispatchers: a pcap stream, see
-//! [`stream_capture`]), `GET /monitor?<spec>` (data planes: flow and drop events, one JSON
+//! `stream_capture`), `GET /monitor?<spec>` (data planes: flow and drop events, one JSON
 //! object per line, see [`stream_monitor`]).
 //!
 //! Only root and the user the unit runs as are served (SO_PEERCRED); anyone else's connection
@@ -339,7 +339,7 @@ fn start_monitor(conn: UnixStream, query: &str, inspector: &Inspector) -> io::Re
 /// Start a monitor session on the data path and write its events, one JSON object per line,
 /// until the deadline, the data path ends the session, or the reader goes away (seen at a
 /// failed write or, when there is nothing to write, at the end of its side of the connection,
-/// checked every [`MONITOR_TICK`]). Lost events are reported as `{"type":"lost"}` lines.
+/// checked every `MONITOR_TICK`). Lost events are reported as `{"type":"lost"}` lines.
 pub fn stream_monitor(
     conn: UnixStream,
     spec: &crate::monitor::MonitorSpec,

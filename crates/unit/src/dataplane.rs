@@ -1,8 +1,9 @@
 //! The data-plane role: runs the service chain on the packets of the flows it owns.
 //!
 //! ```text
-//!  dispatcher ──GENEVE(bucket, ingress_if)──> on_packet ── firewall ──Accept──> back to a dispatcher
-//!                                                │            └─Reject──> RST / ICMP unreachable to a dispatcher
+//!  dispatcher ──GENEVE(bucket, ingress_if)──> on_packet ── chain (firewall, NAT, LB, as configured)
+//!                                                │            ├─pass──> back to a dispatcher
+//!                                                │            └─reject──> RST / ICMP unreachable to a dispatcher
 //!                                                └─NoState, bucket has history──> punt to the previous owner
 //! ```
 //!
@@ -31,9 +32,10 @@ use dva_services::firewall::{
 use dva_services::lb::{Lb, LbDropReason, LbVerdict};
 use dva_services::nat::{Direction, Nat, NatDropReason, NatVerdict};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
+use dva_wire::ip_proto;
 
 use crate::channel::Update;
-use crate::classify::{classify, Classified, PROTO_TCP};
+use crate::classify::{classify, Classified};
 use crate::handover::{
     self, Flows, Handover, HOLD_LIMIT, HOLD_MAX_BYTES, HOLD_MAX_PACKETS, MAX_RESENDS,
     PROTO_HANDOVER, RESEND_AFTER,
@@ -1379,7 +1381,7 @@ impl Core {
         // may belong to a flow a previous owner holds, so ask before creating state.
         let policy = if new_here
             || (!punted && history_len == 0)
-            || (c.key.proto == PROTO_TCP && c.can_start_flow() && !punted)
+            || (c.key.proto == ip_proto::TCP && c.can_start_flow() && !punted)
         {
             NewFlowPolicy::Create
         } else {
@@ -1592,7 +1594,7 @@ impl Core {
             return self.send(addr, meta, dva_flags::PUNTED, ip);
         }
         // End of the chain: nobody holds this flow.
-        if c.can_start_flow() && c.key.proto != PROTO_TCP {
+        if c.can_start_flow() && c.key.proto != ip_proto::TCP {
             let owner = b.owner;
             if owner == self.cfg.unit {
                 // We are the owner and the chain came back empty: create it here, through the
@@ -1736,7 +1738,7 @@ fn interface_name(cfg: &DataplaneConfig, id: u8) -> Option<String> {
 /// What the firewall reads of a packet: `c` is `ip`'s classification.
 fn packet_info(ingress_if: u8, ip: &[u8], c: &Classified) -> PacketInfo {
     // The classifier already checked the TCP header fits; a fragment has none.
-    let tcp = if c.key.proto == PROTO_TCP && !c.fragment {
+    let tcp = if c.key.proto == ip_proto::TCP && !c.fragment {
         ip.get(c.l4_offset..)
             .and_then(TcpSegment::parse)
             .unwrap_or_default()
@@ -1762,12 +1764,11 @@ mod tests {
     use dva_services::firewall::{
         Action, ConntrackConfig, DropReason, Firewall, NewFlowPolicy, RuleSet, Verdict,
     };
+    use dva_wire::tcp::flags::SYN;
 
     use super::packet_info;
     use crate::classify::classify;
     use crate::reply;
-
-    const SYN: u8 = 0x02;
 
     #[test]
     fn one_data_plane_alone_replicates_nothing() {

@@ -22,9 +22,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use dva_flow::{proto, FlowKey};
+use dva_flow::FlowKey;
 use dva_io::capture::{CaptureFilter, Tap, MAX_SNAPLEN};
 use dva_services::conntrack::{ConnState, TcpState};
+use dva_wire::ip_proto;
 
 /// Longest query string accepted (the filters are a handful of short values).
 pub const MAX_QUERY: usize = 1024;
@@ -87,12 +88,12 @@ pub fn state_name(s: ConnState) -> &'static str {
 /// `tcp`, `udp`, `icmp`, `icmpv6`, `sctp`, `udplite` or a protocol number.
 pub fn parse_proto(s: &str) -> Result<u8, String> {
     Ok(match s.to_ascii_lowercase().as_str() {
-        "tcp" => proto::TCP,
-        "udp" => proto::UDP,
-        "icmp" => proto::ICMP,
-        "icmpv6" | "ipv6-icmp" => proto::ICMPV6,
-        "sctp" => proto::SCTP,
-        "udplite" => proto::UDPLITE,
+        "tcp" => ip_proto::TCP,
+        "udp" => ip_proto::UDP,
+        "icmp" => ip_proto::ICMP,
+        "icmpv6" | "ipv6-icmp" => ip_proto::ICMPV6,
+        "sctp" => ip_proto::SCTP,
+        "udplite" => ip_proto::UDPLITE,
         n => n.parse::<u8>().map_err(|_| {
             format!("proto {s:?}: use tcp, udp, icmp, icmpv6, sctp, udplite or a number 0..=255")
         })?,
@@ -102,12 +103,12 @@ pub fn parse_proto(s: &str) -> Result<u8, String> {
 /// The name of a protocol number, for tables.
 pub fn proto_name(p: u8) -> String {
     match p {
-        proto::TCP => "tcp".into(),
-        proto::UDP => "udp".into(),
-        proto::ICMP => "icmp".into(),
-        proto::ICMPV6 => "icmpv6".into(),
-        proto::SCTP => "sctp".into(),
-        proto::UDPLITE => "udplite".into(),
+        ip_proto::TCP => "tcp".into(),
+        ip_proto::UDP => "udp".into(),
+        ip_proto::ICMP => "icmp".into(),
+        ip_proto::ICMPV6 => "icmpv6".into(),
+        ip_proto::SCTP => "sctp".into(),
+        ip_proto::UDPLITE => "udplite".into(),
         n => n.to_string(),
     }
 }
@@ -120,6 +121,33 @@ pub fn parse_net(what: &str, s: &str) -> Result<IpNet, String> {
     s.parse::<IpAddr>()
         .map(IpNet::from)
         .map_err(|_| format!("{what} {s:?} is neither an IP address nor a prefix (a.b.c.d/len)"))
+}
+
+/// `unit=` of a query: a unit id.
+pub fn parse_unit(s: &str) -> Result<u32, String> {
+    s.parse()
+        .map_err(|_| format!("unit {s:?} is not a unit id"))
+}
+
+/// `port=` of a query: either end's port.
+pub fn parse_port(s: &str) -> Result<u16, String> {
+    s.parse()
+        .map_err(|_| format!("port {s:?} is not a number 0..=65535"))
+}
+
+/// `host=` of a query: one address.
+pub fn parse_host(s: &str) -> Result<IpAddr, String> {
+    s.parse()
+        .map_err(|_| format!("host {s:?} is not an IP address"))
+}
+
+/// `duration=` of a query (`10s`, `500ms`, ...): more than 0 and at most `max_secs`.
+pub fn parse_duration(s: &str, max_secs: u64) -> Result<Duration, String> {
+    let ms = dva_proto::spec::parse_duration_ms(s).map_err(|e| format!("duration {s:?}: {e}"))?;
+    if ms == 0 || ms > max_secs * 1000 {
+        return Err(format!("duration {s:?} is outside (0, {max_secs}s]"));
+    }
+    Ok(Duration::from_millis(ms))
 }
 
 /// The `key=value` pairs of a query string, percent-decoded, each key at most once and from
@@ -212,12 +240,7 @@ impl FlowFilter {
             match k.as_str() {
                 "src" => f.src = Some(parse_net("src", &v)?),
                 "dst" => f.dst = Some(parse_net("dst", &v)?),
-                "port" => {
-                    f.port = Some(
-                        v.parse()
-                            .map_err(|_| format!("port {v:?} is not a number 0..=65535"))?,
-                    )
-                }
+                "port" => f.port = Some(parse_port(&v)?),
                 "proto" => f.proto = Some(parse_proto(&v)?),
                 "state" => {
                     let s = v.to_ascii_lowercase();
@@ -229,12 +252,7 @@ impl FlowFilter {
                     }
                     f.state = Some(s);
                 }
-                "unit" => {
-                    f.unit = Some(
-                        v.parse()
-                            .map_err(|_| format!("unit {v:?} is not a unit id"))?,
-                    )
-                }
+                "unit" => f.unit = Some(parse_unit(&v)?),
                 "replicas" => f.replicas = parse_bool("replicas", &v)?,
                 "limit" => {
                     f.limit = v
@@ -439,12 +457,7 @@ impl CaptureSpec {
                     }
                     c.interface = Some(v);
                 }
-                "unit" => {
-                    c.unit = Some(
-                        v.parse()
-                            .map_err(|_| format!("unit {v:?} is not a unit id"))?,
-                    )
-                }
+                "unit" => c.unit = Some(parse_unit(&v)?),
                 "count" => {
                     c.count = v
                         .parse()
@@ -452,16 +465,7 @@ impl CaptureSpec {
                         .filter(|n| (1..=MAX_CAPTURE_COUNT).contains(n))
                         .ok_or_else(|| format!("count {v:?} is outside 1..={MAX_CAPTURE_COUNT}"))?
                 }
-                "duration" => {
-                    let ms = dva_proto::spec::parse_duration_ms(&v)
-                        .map_err(|e| format!("duration {v:?}: {e}"))?;
-                    if ms == 0 || ms > MAX_CAPTURE_SECS * 1000 {
-                        return Err(format!(
-                            "duration {v:?} is outside (0, {MAX_CAPTURE_SECS}s]"
-                        ));
-                    }
-                    c.duration = Duration::from_millis(ms);
-                }
+                "duration" => c.duration = parse_duration(&v, MAX_CAPTURE_SECS)?,
                 "snaplen" => {
                     c.snaplen = v
                         .parse()
@@ -469,18 +473,8 @@ impl CaptureSpec {
                         .filter(|n| (64..=MAX_SNAPLEN).contains(n))
                         .ok_or_else(|| format!("snaplen {v:?} is outside 64..={MAX_SNAPLEN}"))?
                 }
-                "host" => {
-                    c.filter.host = Some(
-                        v.parse()
-                            .map_err(|_| format!("host {v:?} is not an IP address"))?,
-                    )
-                }
-                "port" => {
-                    c.filter.port = Some(
-                        v.parse()
-                            .map_err(|_| format!("port {v:?} is not a number 0..=65535"))?,
-                    )
-                }
+                "host" => c.filter.host = Some(parse_host(&v)?),
+                "port" => c.filter.port = Some(parse_port(&v)?),
                 "proto" => c.filter.proto = Some(parse_proto(&v)?),
                 _ => {}
             }

@@ -22,7 +22,7 @@
 //! name the unit its certificate names, and only the management tool may send desired state.
 //! Anything else is closed and counted as `channel_peer_refused`. At most
 //! [`MAX_HANDSHAKING`] connections may be mid-handshake at once, each for at most
-//! [`tls::HANDSHAKE_TIMEOUT`](crate::tls::HANDSHAKE_TIMEOUT).
+//! [`tls::HANDSHAKE_TIMEOUT`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufReader;

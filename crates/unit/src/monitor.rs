@@ -22,7 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use dva_flow::FlowKey;
 
-use crate::inspect::{parse_proto, percent_encode, query_pairs, Tuple};
+use crate::inspect::{
+    parse_duration, parse_host, parse_port, parse_proto, parse_unit, percent_encode, query_pairs,
+    Tuple,
+};
 use crate::reply::TokenBucket;
 
 /// Events a second per unit when the request does not say, and at most.
@@ -126,12 +129,7 @@ impl MonitorSpec {
                         _ => return Err(format!("type {v:?}: use flow, drop or all")),
                     }
                 }
-                "unit" => {
-                    m.unit = Some(
-                        v.parse()
-                            .map_err(|_| format!("unit {v:?} is not a unit id"))?,
-                    )
-                }
+                "unit" => m.unit = Some(parse_unit(&v)?),
                 "rate" => {
                     m.rate = v
                         .parse()
@@ -141,27 +139,10 @@ impl MonitorSpec {
                             format!("rate {v:?} is outside 1..={MAX_RATE} events a second")
                         })?
                 }
-                "host" => {
-                    m.filter.host = Some(
-                        v.parse()
-                            .map_err(|_| format!("host {v:?} is not an IP address"))?,
-                    )
-                }
-                "port" => {
-                    m.filter.port = Some(
-                        v.parse()
-                            .map_err(|_| format!("port {v:?} is not a number 0..=65535"))?,
-                    )
-                }
+                "host" => m.filter.host = Some(parse_host(&v)?),
+                "port" => m.filter.port = Some(parse_port(&v)?),
                 "proto" => m.filter.proto = Some(parse_proto(&v)?),
-                "duration" => {
-                    let ms = dva_proto::spec::parse_duration_ms(&v)
-                        .map_err(|e| format!("duration {v:?}: {e}"))?;
-                    if ms == 0 || ms > MAX_SECS * 1000 {
-                        return Err(format!("duration {v:?} is outside (0, {MAX_SECS}s]"));
-                    }
-                    m.duration = Duration::from_millis(ms);
-                }
+                "duration" => m.duration = parse_duration(&v, MAX_SECS)?,
                 _ => {}
             }
         }

@@ -27,9 +27,9 @@ use std::net::{IpAddr, SocketAddr};
 use dva_io::backplane::Backplane;
 use dva_io::{FrameIo, GsoType, Offload};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
-use dva_wire::{gso, TcpPacket, UdpPacket};
+use dva_wire::{gso, ip_proto, TcpPacket, UdpPacket};
 
-use crate::classify::{Classified, PROTO_TCP, PROTO_UDP};
+use crate::classify::Classified;
 
 /// How a datagram left: whole, in `n` segments, or not at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +43,7 @@ pub enum Sent {
 /// Whether a packet with this classification can be offloaded (a partial checksum kept, a
 /// super-packet carried whole): TCP and UDP, not fragments.
 pub fn offloadable(c: &Classified) -> bool {
-    matches!(c.key.proto, PROTO_TCP | PROTO_UDP) && !c.fragment
+    matches!(c.key.proto, ip_proto::TCP | ip_proto::UDP) && !c.fragment
 }
 
 /// Whether the TCP/UDP checksum of `ip` verifies (the wire views' own check). A transport
@@ -52,16 +52,16 @@ pub fn offloadable(c: &Classified) -> bool {
 pub fn l4_checksum_ok(ip: &[u8], c: &Classified) -> bool {
     let seg = &ip[c.l4_offset.min(ip.len())..c.ip_len.min(ip.len())];
     match (c.key.proto, c.key.src, c.key.dst) {
-        (PROTO_TCP, IpAddr::V4(s), IpAddr::V4(d)) => {
+        (ip_proto::TCP, IpAddr::V4(s), IpAddr::V4(d)) => {
             TcpPacket::new_checked(seg).map_or(true, |t| t.verify_checksum_v4(&s, &d))
         }
-        (PROTO_TCP, IpAddr::V6(s), IpAddr::V6(d)) => {
+        (ip_proto::TCP, IpAddr::V6(s), IpAddr::V6(d)) => {
             TcpPacket::new_checked(seg).map_or(true, |t| t.verify_checksum_v6(&s, &d))
         }
-        (PROTO_UDP, IpAddr::V4(s), IpAddr::V4(d)) => {
+        (ip_proto::UDP, IpAddr::V4(s), IpAddr::V4(d)) => {
             UdpPacket::new_checked(seg).map_or(true, |u| u.verify_checksum_v4(&s, &d))
         }
-        (PROTO_UDP, IpAddr::V6(s), IpAddr::V6(d)) => {
+        (ip_proto::UDP, IpAddr::V6(s), IpAddr::V6(d)) => {
             UdpPacket::new_checked(seg).map_or(true, |u| u.verify_checksum_v6(&s, &d))
         }
         _ => true,
@@ -142,13 +142,13 @@ pub fn encap_send(
 pub fn offload_for(c: &Classified, gso_size: u16, csum_offset: usize, tcp_cwr: bool) -> Offload {
     let gso = match (gso_size, c.key.proto, c.is_v6()) {
         (0, _, _) => GsoType::None,
-        (_, PROTO_TCP, false) => GsoType::TcpV4,
-        (_, PROTO_TCP, true) => GsoType::TcpV6,
+        (_, ip_proto::TCP, false) => GsoType::TcpV4,
+        (_, ip_proto::TCP, true) => GsoType::TcpV6,
         _ => GsoType::UdpL4,
     };
     Offload {
         gso,
-        ecn: gso != GsoType::None && c.key.proto == PROTO_TCP && tcp_cwr,
+        ecn: gso != GsoType::None && c.key.proto == ip_proto::TCP && tcp_cwr,
         gso_size,
         needs_csum: true,
         csum_start: (14 + c.l4_offset) as u16,
@@ -213,7 +213,7 @@ pub fn tx_offloaded<P: FrameIo>(
 ) -> Option<usize> {
     if port.offloads() {
         let csum_offset = prepare_partial(&mut frame[14..], c)?;
-        let cwr = c.key.proto == PROTO_TCP && c.tcp_flags & 0x80 != 0;
+        let cwr = c.key.proto == ip_proto::TCP && c.tcp_flags & 0x80 != 0;
         let off = offload_for(c, gso_size, csum_offset, cwr);
         return Some(usize::from(port.tx_offload(frame, &off).is_ok()));
     }

@@ -6,13 +6,11 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use dva_wire::checksum;
-use dva_wire::EthernetAddress;
+use dva_wire::ip_proto;
+use dva_wire::{EthernetAddress, Icmpv6Packet, NdiscRepr};
 
-use crate::classify::{Classified, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP};
+use crate::classify::Classified;
 
-pub const ETHERTYPE_IPV4: u16 = 0x0800;
-pub const ETHERTYPE_ARP: u16 = 0x0806;
-pub const ETHERTYPE_IPV6: u16 = 0x86DD;
 /// TTL/hop limit of packets we originate (Linux's default).
 pub const DEFAULT_TTL: u8 = 64;
 /// RFC 1812 asks for as much of the original as fits in 576 bytes; the same bound keeps our replies small.
@@ -116,7 +114,7 @@ pub fn icmpv4_error_with(
 ) -> Option<()> {
     let osrc = Ipv4Addr::new(*orig.get(12)?, orig[13], orig[14], orig[15]);
     let quote = &orig[..orig.len().min(ICMP_QUOTE_V4)];
-    ipv4_header(out, src, osrc, PROTO_ICMP, 8 + quote.len(), DEFAULT_TTL);
+    ipv4_header(out, src, osrc, ip_proto::ICMP, 8 + quote.len(), DEFAULT_TTL);
     let s = out.len();
     out.extend_from_slice(&[typ, code, 0, 0]);
     out.extend_from_slice(&rest.to_be_bytes());
@@ -137,12 +135,19 @@ pub fn icmpv6_error(
     let osrc: [u8; 16] = orig.get(8..24)?.try_into().ok()?;
     let osrc = Ipv6Addr::from(osrc);
     let quote = &orig[..orig.len().min(ICMP_QUOTE_V6)];
-    ipv6_header(out, src, osrc, PROTO_ICMPV6, 8 + quote.len(), DEFAULT_TTL);
+    ipv6_header(
+        out,
+        src,
+        osrc,
+        ip_proto::ICMPV6,
+        8 + quote.len(),
+        DEFAULT_TTL,
+    );
     let s = out.len();
     out.extend_from_slice(&[typ, code, 0, 0]);
     out.extend_from_slice(&param.to_be_bytes());
     out.extend_from_slice(quote);
-    let c = l4_checksum_v6(&out[s..], src, osrc, PROTO_ICMPV6);
+    let c = l4_checksum_v6(&out[s..], src, osrc, ip_proto::ICMPV6);
     out[s + 2..s + 4].copy_from_slice(&c.to_be_bytes());
     Some(())
 }
@@ -155,7 +160,7 @@ pub fn echo_reply(out: &mut Vec<u8>, req: &[u8], c: &Classified) -> Option<()> {
     }
     match (c.key.src, c.key.dst) {
         (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
-            ipv4_header(out, d, s, PROTO_ICMP, l4.len(), DEFAULT_TTL);
+            ipv4_header(out, d, s, ip_proto::ICMP, l4.len(), DEFAULT_TTL);
             let st = out.len();
             out.extend_from_slice(l4);
             out[st] = 0;
@@ -164,12 +169,12 @@ pub fn echo_reply(out: &mut Vec<u8>, req: &[u8], c: &Classified) -> Option<()> {
             out[st + 2..st + 4].copy_from_slice(&ck.to_be_bytes());
         }
         (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
-            ipv6_header(out, d, s, PROTO_ICMPV6, l4.len(), DEFAULT_TTL);
+            ipv6_header(out, d, s, ip_proto::ICMPV6, l4.len(), DEFAULT_TTL);
             let st = out.len();
             out.extend_from_slice(l4);
             out[st] = 129;
             out[st + 2..st + 4].copy_from_slice(&[0, 0]);
-            let ck = l4_checksum_v6(&out[st..], d, s, PROTO_ICMPV6);
+            let ck = l4_checksum_v6(&out[st..], d, s, ip_proto::ICMPV6);
             out[st + 2..st + 4].copy_from_slice(&ck.to_be_bytes());
         }
         _ => return None,
@@ -180,7 +185,7 @@ pub fn echo_reply(out: &mut Vec<u8>, req: &[u8], c: &Classified) -> Option<()> {
 /// TCP RST answering `orig` as its destination would (RFC 793 reset generation), as nftables'
 /// `reject with tcp reset` does: from the original destination to the original source.
 pub fn tcp_reset(out: &mut Vec<u8>, orig: &[u8], c: &Classified) -> Option<()> {
-    if c.key.proto != PROTO_TCP {
+    if c.key.proto != ip_proto::TCP {
         return None;
     }
     let tcp = orig.get(c.l4_offset..c.ip_len)?;
@@ -210,14 +215,14 @@ pub fn tcp_reset(out: &mut Vec<u8>, orig: &[u8], c: &Classified) -> Option<()> {
     seg[13] = rflags;
     match (c.key.src, c.key.dst) {
         (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
-            let ck = l4_checksum_v4(&seg, d, s, PROTO_TCP);
+            let ck = l4_checksum_v4(&seg, d, s, ip_proto::TCP);
             seg[16..18].copy_from_slice(&ck.to_be_bytes());
-            ipv4_header(out, d, s, PROTO_TCP, 20, DEFAULT_TTL);
+            ipv4_header(out, d, s, ip_proto::TCP, 20, DEFAULT_TTL);
         }
         (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
-            let ck = l4_checksum_v6(&seg, d, s, PROTO_TCP);
+            let ck = l4_checksum_v6(&seg, d, s, ip_proto::TCP);
             seg[16..18].copy_from_slice(&ck.to_be_bytes());
-            ipv6_header(out, d, s, PROTO_TCP, 20, DEFAULT_TTL);
+            ipv6_header(out, d, s, ip_proto::TCP, 20, DEFAULT_TTL);
         }
         _ => return None,
     }
@@ -245,29 +250,15 @@ pub fn solicited_node(target: Ipv6Addr) -> (Ipv6Addr, EthernetAddress) {
     )
 }
 
-/// Neighbour solicitation (135) or advertisement (136) with our link-layer address option, as an
-/// IPv6 packet with hop limit 255 (RFC 4861 requires it).
-pub fn ndisc(
-    out: &mut Vec<u8>,
-    typ: u8,
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    target: Ipv6Addr,
-    flags: u8,
-    lladdr: EthernetAddress,
-) {
+/// A neighbour solicitation or advertisement from `src` to `dst`, as an IPv6 packet with hop
+/// limit 255 (RFC 4861 requires it).
+pub fn ndisc(out: &mut Vec<u8>, src: Ipv6Addr, dst: Ipv6Addr, msg: &NdiscRepr) {
+    // 24 bytes of message and 8 of link-layer address option at the most.
     let mut body = [0u8; 32];
-    body[0] = typ;
-    body[4] = flags;
-    body[8..24].copy_from_slice(&target.octets());
-    // Option: source (1) for solicitations, target (2) for advertisements; length in 8-byte units.
-    body[24] = if typ == 135 { 1 } else { 2 };
-    body[25] = 1;
-    body[26..32].copy_from_slice(&lladdr.0);
-    let ck = l4_checksum_v6(&body, src, dst, PROTO_ICMPV6);
-    body[2..4].copy_from_slice(&ck.to_be_bytes());
-    ipv6_header(out, src, dst, PROTO_ICMPV6, body.len(), 255);
-    out.extend_from_slice(&body);
+    let body = &mut body[..msg.buffer_len()];
+    msg.emit(&mut Icmpv6Packet::new_unchecked(&mut *body), &src, &dst);
+    ipv6_header(out, src, dst, ip_proto::ICMPV6, body.len(), 255);
+    out.extend_from_slice(body);
 }
 
 /// Recompute a TCP/UDP/ICMPv6 checksum over the whole packet: the kernel left it partial
@@ -279,12 +270,12 @@ pub fn complete_l4_checksum(ip: &mut [u8], c: &Classified) -> bool {
         return false;
     }
     match (c.key.proto, c.key.src, c.key.dst) {
-        (PROTO_TCP | crate::classify::PROTO_UDP, _, _) => {
+        (ip_proto::TCP | ip_proto::UDP, _, _) => {
             dva_wire::gso::complete_checksum(&mut ip[..end], off, c.key.proto).is_ok()
         }
-        (PROTO_ICMPV6, std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) if end >= off + 4 => {
+        (ip_proto::ICMPV6, std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) if end >= off + 4 => {
             ip[off + 2..off + 4].copy_from_slice(&[0, 0]);
-            let ck = l4_checksum_v6(&ip[off..end], s, d, PROTO_ICMPV6);
+            let ck = l4_checksum_v6(&ip[off..end], s, d, ip_proto::ICMPV6);
             ip[off + 2..off + 4].copy_from_slice(&ck.to_be_bytes());
             true
         }
@@ -318,14 +309,14 @@ pub fn tcp_segment(
     let len = seg.len();
     match (src, dst) {
         (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
-            let ck = l4_checksum_v4(&seg, s, d, PROTO_TCP);
+            let ck = l4_checksum_v4(&seg, s, d, ip_proto::TCP);
             seg[16..18].copy_from_slice(&ck.to_be_bytes());
-            ipv4_header(out, s, d, PROTO_TCP, len, DEFAULT_TTL);
+            ipv4_header(out, s, d, ip_proto::TCP, len, DEFAULT_TTL);
         }
         (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
-            let ck = l4_checksum_v6(&seg, s, d, PROTO_TCP);
+            let ck = l4_checksum_v6(&seg, s, d, ip_proto::TCP);
             seg[16..18].copy_from_slice(&ck.to_be_bytes());
-            ipv6_header(out, s, d, PROTO_TCP, len, DEFAULT_TTL);
+            ipv6_header(out, s, d, ip_proto::TCP, len, DEFAULT_TTL);
         }
         _ => return None,
     }
@@ -379,5 +370,55 @@ mod budget_tests {
         assert_eq!((0..5).filter(|_| b.take(now)).count(), 3);
         let later = now + Duration::from_millis(200);
         assert_eq!((0..5).filter(|_| b.take(later)).count(), 2);
+    }
+}
+
+#[cfg(test)]
+mod ndisc_tests {
+    use std::net::Ipv6Addr;
+
+    use dva_wire::icmpv6::ndisc_flags;
+    use dva_wire::{ip_proto, EthernetAddress, NdiscRepr};
+
+    use super::{l4_checksum_v6, ndisc};
+
+    /// The layout RFC 4861 §4.4 gives a solicited advertisement with its target link-layer
+    /// address option, byte by byte.
+    #[test]
+    fn an_advertisement_byte_by_byte() {
+        let (src, dst): (Ipv6Addr, Ipv6Addr) = (
+            "2001:db8::1".parse().expect("address"),
+            "fe80::2".parse().unwrap(),
+        );
+        let mac = EthernetAddress([0x02, 0xd7, 0xa0, 0, 0, 1]);
+        let mut out = Vec::new();
+        let advert = NdiscRepr::NeighborAdvert {
+            flags: ndisc_flags::SOLICITED | ndisc_flags::OVERRIDE,
+            target_addr: src,
+            lladdr: Some(mac),
+        };
+        ndisc(&mut out, src, dst, &advert);
+
+        let mut body = [0u8; 32];
+        body[0] = 136;
+        body[4] = 0x60;
+        body[8..24].copy_from_slice(&src.octets());
+        body[24..26].copy_from_slice(&[2, 1]);
+        body[26..32].copy_from_slice(&mac.0);
+        let ck = l4_checksum_v6(&body, src, dst, ip_proto::ICMPV6);
+        body[2..4].copy_from_slice(&ck.to_be_bytes());
+        assert_eq!(out.len(), 40 + 32);
+        assert_eq!((out[6], out[7]), (ip_proto::ICMPV6, 255));
+        assert_eq!(&out[4..6], &32u16.to_be_bytes());
+        assert_eq!(&out[40..], &body);
+
+        // A solicitation carries the source link-layer address option (type 1).
+        out.clear();
+        let solicit = NdiscRepr::NeighborSolicit {
+            target_addr: dst,
+            lladdr: Some(mac),
+        };
+        ndisc(&mut out, src, dst, &solicit);
+        assert_eq!((out[40], out[44], out[64], out[65]), (135, 0, 1, 1));
     }
 }

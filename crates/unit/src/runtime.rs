@@ -262,16 +262,16 @@ mod tests {
         // CPU 0 always exists; the thread's affinity afterwards is exactly it.
         std::thread::spawn(|| {
             pin_to(0).expect("pin");
-            // SAFETY: as in pin_to.
+            // SAFETY: cpu_set_t is a bit array; all-zero is the empty set.
             let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
             // SAFETY: pid 0, a live cpu_set_t of the size we pass.
             let r = unsafe {
                 libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
             };
             assert_eq!(r, 0);
-            // SAFETY: reading bits of a live set.
+            // SAFETY: CPU_ISSET reads bit 0 of a live, initialised cpu_set_t.
             assert!(unsafe { libc::CPU_ISSET(0, &set) });
-            // SAFETY: as above.
+            // SAFETY: CPU_COUNT reads a live, initialised cpu_set_t.
             assert_eq!(unsafe { libc::CPU_COUNT(&set) }, 1);
         })
         .join()

@@ -31,6 +31,10 @@ pub mod ip_proto {
     pub const NONE: u8 = 59;
     /// IPv6 destination options.
     pub const DSTOPTS: u8 = 60;
+    /// SCTP.
+    pub const SCTP: u8 = 132;
+    /// UDP-Lite.
+    pub const UDPLITE: u8 = 136;
 }
 
 mod field {

@@ -26,8 +26,10 @@
 //!
 //! [`checksum`] (RFC 1071 sums, RFC 1624 incremental updates), [`ethernet`] (with one 802.1Q
 //! tag), [`arp`], [`ipv4`], [`ipv6`] (with an extension-header walk), [`tcp`], [`udp`],
-//! [`icmpv4`], [`icmpv6`] (with neighbour discovery) and [`geneve`] (RFC 8926, plus dva's own
-//! backplane option).
+//! [`icmpv4`], [`icmpv6`] (with neighbour discovery), [`geneve`] (RFC 8926, plus dva's own
+//! backplane option) and [`gso`] (partial checksums and software segmentation of GSO
+//! super-packets). The numbers every layer above shares are defined here once: [`ip_proto`],
+//! [`ethertype`], [`tcp::flags`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

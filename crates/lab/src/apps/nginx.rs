@@ -22,7 +22,7 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// Starts nginx listening on 0.0.0.0 and [::] at each of `ports` in `ns`; returns once every port
+    /// Starts nginx listening on `0.0.0.0` and `[::]` at each of `ports` in `ns`; returns once every port
     /// accepts connections from inside the namespace.
     pub fn start(ns: &str, ports: &[u16], body: &str) -> Result<Nginx, LabError> {
         if ports.is_empty() || ports.contains(&0) {

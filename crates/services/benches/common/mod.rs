@@ -11,6 +11,7 @@ use dva_flow::FlowKey;
 use dva_services::firewall::{
     Action, ConntrackConfig, Firewall, NewFlowPolicy, PacketInfo, PortRange, Rule, RuleSet, Verdict,
 };
+use dva_wire::ip_proto::{ICMP, TCP, UDP};
 
 pub const RULES: usize = 1000;
 /// Index of the rule that accepts the benchmark's flows: 990 rules are scanned before it.
@@ -19,13 +20,8 @@ pub const MATCHING_RULE: usize = 990;
 pub const OUTSIDE: u8 = 0;
 pub const INSIDE: u8 = 1;
 
-pub const SYN: u8 = 0x02;
-pub const ACK: u8 = 0x10;
+pub use dva_wire::tcp::flags::{ACK, SYN};
 pub const SYN_ACK: u8 = SYN | ACK;
-
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMP: u8 = 1;
 
 /// A small deterministic generator (xorshift*), so every run builds the same rules.
 struct Rng(u64);

@@ -29,13 +29,15 @@ pub mod tcp;
 
 use std::collections::VecDeque;
 
-use dva_flow::{proto, FlowKey};
+use dva_flow::FlowKey;
+use dva_wire::ip_proto;
+use dva_wire::tcp::flags;
 use serde::{Deserialize, Serialize};
 
 use crate::hash::{MapKey, SeededState};
 use crate::index::{Chunked, FlowIndex};
-pub use tcp::{flags, TcpPeer, TcpSegment, TcpState, TcpWindow};
 use tcp::{Next, RstEffect};
+pub use tcp::{TcpPeer, TcpSegment, TcpState, TcpWindow};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -185,10 +187,10 @@ impl ConnState {
         Some(match key.proto {
             // Only a SYN: Linux would also pick up a connection mid-stream from an ACK (NONE ->
             // ESTABLISHED), but here a data plane without state punts to the previous owner instead.
-            proto::TCP if tcp::starts_connection(tcp_flags) => ConnState::Tcp(TcpState::SynSent),
-            proto::TCP => return None,
-            proto::UDP | proto::UDPLITE => ConnState::Udp { replied: false },
-            proto::ICMP | proto::ICMPV6 => ConnState::Icmp { replied: false },
+            ip_proto::TCP if tcp::starts_connection(tcp_flags) => ConnState::Tcp(TcpState::SynSent),
+            ip_proto::TCP => return None,
+            ip_proto::UDP | ip_proto::UDPLITE => ConnState::Udp { replied: false },
+            ip_proto::ICMP | ip_proto::ICMPV6 => ConnState::Icmp { replied: false },
             _ => ConnState::Generic { replied: false },
         })
     }

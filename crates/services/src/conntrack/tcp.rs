@@ -1,28 +1,17 @@
 //! The TCP connection state machine, after Linux `nf_conntrack_proto_tcp.c`.
 //!
 //! Same states, same transition table (`tcp_conntracks`), same flag validity check
-//! (`tcp_valid_flags`), and the same sequence/window tracking (`tcp_in_window`, see [`in_window`]
-//! and [`rst_effect`]): a segment outside what the receiver can accept is invalid, and so is a RST
+//! (`tcp_valid_flags`), and the same sequence/window tracking (`tcp_in_window`, see `in_window`
+//! and `rst_effect`): a segment outside what the receiver can accept is invalid, and so is a RST
 //! that is not in the window; only a RST at the exact next sequence number closes. What Linux has
 //! and this does not: the "unacknowledged data" and retransmission timeouts, NAT sequence
 //! adjustment (nothing here rewrites sequence numbers).
 
+use dva_wire::tcp::flags;
 use dva_wire::{TcpOption, TcpPacket};
 use serde::{Deserialize, Serialize};
 
 use super::Direction;
-
-/// TCP header flag bits (the flags byte, offset 13).
-pub mod flags {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const PSH: u8 = 0x08;
-    pub const ACK: u8 = 0x10;
-    pub const URG: u8 = 0x20;
-    pub const ECE: u8 = 0x40;
-    pub const CWR: u8 = 0x80;
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -18,7 +18,7 @@
 
 use std::net::IpAddr;
 
-use dva_flow::proto;
+use dva_wire::ip_proto;
 use ipnet::IpNet;
 
 use super::rules::{has_ports, PortRange, Rule};
@@ -258,7 +258,7 @@ impl RuleIndex {
         let proto = self.proto.lookup(k.proto);
         let ingress = self.ingress.lookup(pkt.ingress_if);
         let icmp = match (k.proto, pkt.icmp) {
-            (proto::ICMP | proto::ICMPV6, Some((ty, _))) => self.icmp.lookup(ty),
+            (ip_proto::ICMP | ip_proto::ICMPV6, Some((ty, _))) => self.icmp.lookup(ty),
             _ => self.icmp.unconditioned(),
         };
         let (src, dst) = match (k.src, k.dst) {
@@ -302,7 +302,13 @@ mod tests {
     use dva_flow::FlowKey;
 
     // Small value domains, so rules overlap and packets hit their edges.
-    const PROTOS: [u8; 5] = [proto::TCP, proto::UDP, proto::ICMP, proto::ICMPV6, 47];
+    const PROTOS: [u8; 5] = [
+        ip_proto::TCP,
+        ip_proto::UDP,
+        ip_proto::ICMP,
+        ip_proto::ICMPV6,
+        47,
+    ];
 
     fn addr(rng: &mut Rng, v6: bool) -> IpAddr {
         let x = rng.below(64) as u8;
@@ -359,8 +365,8 @@ mod tests {
 
     fn rule(rng: &mut Rng) -> Rule {
         let proto = rng.chance(70).then(|| PROTOS[rng.below(5) as usize]);
-        let icmp = matches!(proto, Some(proto::ICMP | proto::ICMPV6));
-        let with_ports = matches!(proto, Some(proto::TCP | proto::UDP)) || proto.is_none();
+        let icmp = matches!(proto, Some(ip_proto::ICMP | ip_proto::ICMPV6));
+        let with_ports = matches!(proto, Some(ip_proto::TCP | ip_proto::UDP)) || proto.is_none();
         Rule {
             name: None,
             ingress_if: rng.chance(50).then(|| rng.below(3) as u8),
@@ -403,7 +409,7 @@ mod tests {
             },
             tcp_flags: 2,
             tcp: Default::default(),
-            icmp: matches!(proto, proto::ICMP | proto::ICMPV6)
+            icmp: matches!(proto, ip_proto::ICMP | ip_proto::ICMPV6)
                 .then(|| ([0u8, 3, 8, 128, 11][rng.below(5) as usize], 0)),
             icmp_inner: None,
             len: 60,

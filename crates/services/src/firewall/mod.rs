@@ -25,7 +25,8 @@
 mod index;
 mod rules;
 
-use dva_flow::{proto, FlowKey};
+use dva_flow::FlowKey;
+use dva_wire::ip_proto;
 use serde::Serialize;
 
 use crate::conntrack::{self, Conntrack, Update};
@@ -166,15 +167,15 @@ enum Kind {
 
 fn kind_of(pkt: &PacketInfo) -> Kind {
     match pkt.key.proto {
-        proto::TCP => {
+        ip_proto::TCP => {
             if conntrack::tcp::starts_connection(pkt.tcp_flags) {
                 Kind::Opener
             } else {
                 Kind::FollowerOnly
             }
         }
-        p @ (proto::ICMP | proto::ICMPV6) => match pkt.icmp {
-            Some((ty, _)) => match icmp::classify(p == proto::ICMPV6, ty) {
+        p @ (ip_proto::ICMP | ip_proto::ICMPV6) => match pkt.icmp {
+            Some((ty, _)) => match icmp::classify(p == ip_proto::ICMPV6, ty) {
                 IcmpClass::Error => Kind::IcmpError,
                 IcmpClass::Request => Kind::Opener,
                 IcmpClass::Reply => Kind::FollowerOnly,
@@ -334,7 +335,7 @@ impl Firewall {
             Action::Reject if !may_answer => self.drop(reason),
             Action::Reject => {
                 self.stats.rejected += 1;
-                Verdict::Reject(if pkt.key.proto == proto::TCP {
+                Verdict::Reject(if pkt.key.proto == ip_proto::TCP {
                     RejectKind::TcpReset
                 } else {
                     RejectKind::IcmpPortUnreachable

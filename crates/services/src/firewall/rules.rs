@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use dva_flow::proto;
+use dva_wire::ip_proto;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -124,7 +124,10 @@ fn name_suffix(name: &Option<String>) -> String {
 
 #[inline]
 pub(crate) fn has_ports(p: u8) -> bool {
-    matches!(p, proto::TCP | proto::UDP | proto::SCTP | proto::UDPLITE)
+    matches!(
+        p,
+        ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP | ip_proto::UDPLITE
+    )
 }
 
 impl RuleSet {
@@ -162,7 +165,7 @@ impl RuleSet {
                 }
             }
             if let Some(icmp_type) = r.icmp_type {
-                if !matches!(r.proto, Some(proto::ICMP | proto::ICMPV6)) {
+                if !matches!(r.proto, Some(ip_proto::ICMP | ip_proto::ICMPV6)) {
                     return Err(RuleError::IcmpTypeWithoutIcmp {
                         index,
                         name: name(),
@@ -244,7 +247,7 @@ impl CompiledRule {
             return false;
         }
         if let Some(t) = self.icmp_type {
-            let is_icmp = matches!(k.proto, proto::ICMP | proto::ICMPV6);
+            let is_icmp = matches!(k.proto, ip_proto::ICMP | ip_proto::ICMPV6);
             if !is_icmp || pkt.icmp.map(|(ty, _)| ty) != Some(t) {
                 return false;
             }

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use super::*;
-use crate::conntrack::flags::*;
+use dva_wire::tcp::flags::*;
 
 const SEC: u64 = 1_000_000_000;
 const OUT: u8 = 0; // interface "outside"
@@ -65,16 +65,16 @@ fn icmp_err(ingress_if: u8, key: FlowKey, ty: u8, code: u8, inner: FlowKey) -> P
 
 /// Client -> server web connection, as the client sends it.
 fn web() -> FlowKey {
-    key(proto::TCP, CLIENT, 40000, SERVER, 80)
+    key(ip_proto::TCP, CLIENT, 40000, SERVER, 80)
 }
 fn web6() -> FlowKey {
-    key(proto::TCP, CLIENT6, 40000, SERVER6, 443)
+    key(ip_proto::TCP, CLIENT6, 40000, SERVER6, 443)
 }
 fn dns() -> FlowKey {
-    key(proto::UDP, CLIENT, 5353, SERVER, 53)
+    key(ip_proto::UDP, CLIENT, 5353, SERVER, 53)
 }
 fn ping(id: u16) -> FlowKey {
-    key(proto::ICMP, CLIENT, id, SERVER, id)
+    key(ip_proto::ICMP, CLIENT, id, SERVER, id)
 }
 
 fn rule(name: &str, action: Action) -> Rule {
@@ -100,49 +100,49 @@ fn ruleset() -> RuleSet {
                     "198.18.2.0/24".parse().unwrap(),
                     "2001:db8:2::/48".parse().unwrap(),
                 ],
-                proto: Some(proto::TCP),
+                proto: Some(ip_proto::TCP),
                 dst_ports: ports(&[80, 443]),
                 ..rule("web", Action::Accept)
             },
             // 2
             Rule {
-                proto: Some(proto::UDP),
+                proto: Some(ip_proto::UDP),
                 dst_ports: ports(&[53]),
                 ..rule("dns", Action::Accept)
             },
             // 3
             Rule {
-                proto: Some(proto::ICMP),
+                proto: Some(ip_proto::ICMP),
                 icmp_type: Some(8),
                 ..rule("ping", Action::Accept)
             },
             // 4
             Rule {
-                proto: Some(proto::ICMPV6),
+                proto: Some(ip_proto::ICMPV6),
                 icmp_type: Some(128),
                 ..rule("ping6", Action::Accept)
             },
             // 5
             Rule {
-                proto: Some(proto::TCP),
+                proto: Some(ip_proto::TCP),
                 dst_ports: ports(&[22]),
                 ..rule("ssh", Action::Reject)
             },
             // 6
             Rule {
-                proto: Some(proto::UDP),
+                proto: Some(ip_proto::UDP),
                 dst_ports: ports(&[9]),
                 ..rule("discard", Action::Reject)
             },
             // 7: ICMP errors from the router are fine; anyone else's get rejected (-> dropped).
             Rule {
                 src: vec!["198.18.9.1/32".parse().unwrap()],
-                proto: Some(proto::ICMP),
+                proto: Some(ip_proto::ICMP),
                 ..rule("router", Action::Accept)
             },
             // 8
             Rule {
-                proto: Some(proto::ICMP),
+                proto: Some(ip_proto::ICMP),
                 icmp_type: Some(3),
                 ..rule("unreach", Action::Reject)
             },
@@ -154,7 +154,7 @@ fn ruleset() -> RuleSet {
             },
             // 10: ranges
             Rule {
-                proto: Some(proto::TCP),
+                proto: Some(ip_proto::TCP),
                 dst_ports: vec![PortRange {
                     first: 6000,
                     last: 6010,
@@ -929,7 +929,7 @@ fn malformed_input_never_panics() {
 fn thousand_rules_first_match_wins() {
     let mut rules: Vec<Rule> = (0..1000u16)
         .map(|i| Rule {
-            proto: Some(proto::TCP),
+            proto: Some(ip_proto::TCP),
             dst_ports: vec![PortRange::single(10_000 + i)],
             ..Rule::any(if i % 2 == 0 {
                 Action::Accept
@@ -939,7 +939,7 @@ fn thousand_rules_first_match_wins() {
         })
         .collect();
     rules.push(Rule {
-        proto: Some(proto::TCP),
+        proto: Some(ip_proto::TCP),
         ..Rule::any(Action::Reject)
     });
     let mut fw = Firewall::new(

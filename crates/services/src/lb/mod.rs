@@ -34,7 +34,8 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 
-use dva_flow::{proto, FlowKey};
+use dva_flow::FlowKey;
+use dva_wire::ip_proto;
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::tcp::starts_connection;
@@ -425,7 +426,7 @@ impl Lb {
             }
             self.rebuild_if_changed(&mut svc);
             let idx = self.services.len();
-            if matches!(s.proto, proto::TCP | proto::UDP) {
+            if matches!(s.proto, ip_proto::TCP | ip_proto::UDP) {
                 self.by_vip.entry((s.vip, s.proto, s.port)).or_insert(idx);
                 for &a in &svc.source {
                     self.sources.push((a, s.proto, s.ports));

@@ -1,5 +1,7 @@
 use std::collections::HashMap;
 
+use dva_wire::tcp::flags::*;
+
 use super::*;
 use crate::nat::testpkt::*;
 
@@ -22,7 +24,7 @@ fn web(backends: Vec<Backend>) -> VirtualService {
     VirtualService {
         name: "web".into(),
         vip: ip(VIP),
-        proto: proto::TCP,
+        proto: ip_proto::TCP,
         port: 80,
         backends,
         source: vec![ip(SOURCE)],
@@ -52,7 +54,7 @@ fn lb_with(services: Vec<VirtualService>) -> Lb {
 fn client_key(rng: &mut Rng) -> FlowKey {
     let r = rng.next();
     FlowKey {
-        proto: proto::TCP,
+        proto: ip_proto::TCP,
         src: v4([198, 19, (r >> 8) as u8, (r >> 16) as u8]),
         dst: ip(VIP),
         src_port: (r >> 24) as u16 | 1024,
@@ -194,7 +196,7 @@ fn full_nat_rewrite_both_ways_with_counters() {
 fn udp_service_and_icmp_error_from_the_backend() {
     let mut dns = web(vec![backend("ns1", 53, 1)]);
     dns.name = "dns".into();
-    dns.proto = proto::UDP;
+    dns.proto = ip_proto::UDP;
     dns.port = 53;
     let mut lb = lb_with(vec![dns]);
     let mut q = udp4(CLIENT, 5353, VIP, 53, b"query");
@@ -470,7 +472,7 @@ fn ipv6_service() {
     let svc = VirtualService {
         name: "web6".into(),
         vip: ip("2001:db8:0:100::1"),
-        proto: proto::TCP,
+        proto: ip_proto::TCP,
         port: 443,
         backends: vec![
             Backend {

@@ -34,7 +34,8 @@ pub(crate) mod testpkt;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 
-use dva_flow::{proto, FlowKey};
+use dva_flow::FlowKey;
+use dva_wire::ip_proto;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -433,7 +434,10 @@ impl Nat {
 
     /// Could NAT have to translate a fragment with these header fields?
     fn fragment_concerns(&self, ingress_if: u8, p: u8, src: IpAddr, dst: IpAddr) -> bool {
-        if !matches!(p, proto::TCP | proto::UDP | proto::ICMP | proto::ICMPV6) {
+        if !matches!(
+            p,
+            ip_proto::TCP | ip_proto::UDP | ip_proto::ICMP | ip_proto::ICMPV6
+        ) {
             return false; // passed untouched whole, so in pieces too
         }
         let k = FlowKey {
@@ -610,7 +614,7 @@ pub(crate) fn allocate_source(
     if n == 0 {
         return None;
     }
-    let echo = matches!(to.proto, proto::ICMP | proto::ICMPV6);
+    let echo = matches!(to.proto, ip_proto::ICMP | ip_proto::ICMPV6);
     let ports = alloc::BucketPorts::new(req.ports, req.bucket, req.n_buckets);
     let mut budget = alloc::MAX_PROBES;
     let first = (req.addr_hash % n as u64) as usize;

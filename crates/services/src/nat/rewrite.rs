@@ -21,8 +21,8 @@
 
 use std::net::IpAddr;
 
-use dva_flow::{proto, FlowKey};
-use dva_wire::{ipv6, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket};
+use dva_flow::FlowKey;
+use dva_wire::{ip_proto, ipv6, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket};
 
 /// Why a packet cannot be translated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,15 +160,15 @@ fn parse_l4(
 ) -> Result<(Kind, u16, u16), ParseError> {
     let seg = pkt.get(l4..end).ok_or(ParseError::Malformed)?;
     match p {
-        proto::TCP => {
+        ip_proto::TCP => {
             let t = TcpPacket::new_checked(seg).map_err(|_| ParseError::Malformed)?;
             Ok((Kind::Tcp { flags: t.flags() }, t.src_port(), t.dst_port()))
         }
-        proto::UDP => {
+        ip_proto::UDP => {
             let u = UdpPacket::new_checked(seg).map_err(|_| ParseError::Malformed)?;
             Ok((Kind::Udp, u.src_port(), u.dst_port()))
         }
-        proto::ICMP | proto::ICMPV6 if (p == proto::ICMPV6) == v6 => {
+        ip_proto::ICMP | ip_proto::ICMPV6 if (p == ip_proto::ICMPV6) == v6 => {
             if seg.len() < ICMP_HEADER_LEN {
                 return Err(ParseError::Malformed);
             }
@@ -225,15 +225,15 @@ fn parse_inner(pkt: &[u8], v6: bool, start: usize, end: usize) -> Result<Kind, P
         return Err(ParseError::Malformed);
     };
     let (sport, dport) = match p {
-        proto::TCP | proto::UDP => (
+        ip_proto::TCP | ip_proto::UDP => (
             u16::from_be_bytes([l4[0], l4[1]]),
             u16::from_be_bytes([l4[2], l4[3]]),
         ),
-        proto::ICMP if !v6 && matches!(l4[0], 0 | 8) => {
+        ip_proto::ICMP if !v6 && matches!(l4[0], 0 | 8) => {
             let id = u16::from_be_bytes([l4[4], l4[5]]);
             (id, id)
         }
-        proto::ICMPV6 if v6 && matches!(l4[0], 128 | 129) => {
+        ip_proto::ICMPV6 if v6 && matches!(l4[0], 128 | 129) => {
             let id = u16::from_be_bytes([l4[4], l4[5]]);
             (id, id)
         }
@@ -346,10 +346,10 @@ const fn addr_offsets(v6: bool) -> (usize, usize) {
 /// pseudo-header.
 fn l4_checksum(proto: u8) -> Option<(usize, bool)> {
     match proto {
-        proto::TCP => Some((16, true)),
-        proto::UDP => Some((6, true)),
-        proto::ICMP => Some((2, false)),
-        proto::ICMPV6 => Some((2, true)),
+        ip_proto::TCP => Some((16, true)),
+        ip_proto::UDP => Some((6, true)),
+        ip_proto::ICMP => Some((2, false)),
+        ip_proto::ICMPV6 => Some((2, true)),
         _ => None,
     }
 }
@@ -388,7 +388,7 @@ pub(crate) fn rewrite(pkt: &mut [u8], p: &Parsed, to: &FlowKey) {
         }
         Kind::IcmpError(_) | Kind::Other => return,
     }
-    patch(pkt, p.l4 + csum_off, l4, p.key.proto == proto::UDP, p.v6);
+    patch(pkt, p.l4 + csum_off, l4, p.key.proto == ip_proto::UDP, p.v6);
     if !p.v6 {
         patch(pkt, 10, ip, false, false);
     }
@@ -427,7 +427,7 @@ pub(crate) fn rewrite_icmp_error(
             icmp.add(d);
         }
     }
-    let is_echo = matches!(inner.key.proto, proto::ICMP | proto::ICMPV6);
+    let is_echo = matches!(inner.key.proto, ip_proto::ICMP | ip_proto::ICMPV6);
     let port_fields: [(usize, u16, u16); 2] = if is_echo {
         [(inner.l4 + 4, old.src_port, new_inner.src_port), (0, 0, 0)]
     } else {
@@ -447,7 +447,13 @@ pub(crate) fn rewrite_icmp_error(
     // RFC 792 guarantees).
     let in_csum_at = inner.l4 + in_csum_off;
     if in_csum_at + 2 <= p.end {
-        let d = patch(pkt, in_csum_at, in_l4, inner.key.proto == proto::UDP, p.v6);
+        let d = patch(
+            pkt,
+            in_csum_at,
+            in_l4,
+            inner.key.proto == ip_proto::UDP,
+            p.v6,
+        );
         icmp.add(d);
     }
     if !p.v6 {
@@ -476,6 +482,8 @@ pub(crate) fn rewrite_icmp_error(
 
 #[cfg(test)]
 mod tests {
+    use dva_wire::tcp::flags::{ACK, SYN};
+
     use super::*;
     use crate::nat::testpkt::*;
 

@@ -15,7 +15,8 @@
 
 use std::collections::VecDeque;
 
-use dva_flow::{proto, FlowKey};
+use dva_flow::FlowKey;
+use dva_wire::ip_proto;
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::Direction;
@@ -91,10 +92,10 @@ impl FlowState {
 
     fn class(self, p: u8) -> usize {
         match p {
-            proto::TCP if self.closing() => 2,
-            proto::TCP if self.replied => 1,
-            proto::TCP => 0,
-            proto::ICMP | proto::ICMPV6 => 5,
+            ip_proto::TCP if self.closing() => 2,
+            ip_proto::TCP if self.replied => 1,
+            ip_proto::TCP => 0,
+            ip_proto::ICMP | ip_proto::ICMPV6 => 5,
             _ if self.replied => 4,
             _ => 3,
         }
@@ -325,7 +326,7 @@ impl BindingTable {
         if dir == Direction::Reply {
             s.replied = true;
         }
-        if e.b.orig.proto == proto::TCP {
+        if e.b.orig.proto == ip_proto::TCP {
             if tcp_flags & 0x01 != 0 {
                 match dir {
                     Direction::Original => s.fin_orig = true,

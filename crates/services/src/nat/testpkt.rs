@@ -3,14 +3,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use dva_flow::{proto, FlowKey};
-use dva_wire::{Icmpv4Packet, Icmpv6Packet, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket};
-
-pub const FIN: u8 = 0x01;
-pub const SYN: u8 = 0x02;
-pub const RST: u8 = 0x04;
-pub const PSH: u8 = 0x08;
-pub const ACK: u8 = 0x10;
+use dva_flow::FlowKey;
+use dva_wire::{
+    ip_proto, Icmpv4Packet, Icmpv6Packet, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket,
+};
 
 pub fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
@@ -29,15 +25,15 @@ pub fn key(proto: u8, src: &str, sport: u16, dst: &str, dport: u16) -> FlowKey {
 fn fill_l4(src: IpAddr, dst: IpAddr, p: u8, seg: &mut [u8]) {
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => match p {
-            proto::TCP => TcpPacket::new_unchecked(seg).fill_checksum_v4(&s, &d),
-            proto::UDP => UdpPacket::new_unchecked(seg).fill_checksum_v4(&s, &d),
-            proto::ICMP => Icmpv4Packet::new_unchecked(seg).fill_checksum(),
+            ip_proto::TCP => TcpPacket::new_unchecked(seg).fill_checksum_v4(&s, &d),
+            ip_proto::UDP => UdpPacket::new_unchecked(seg).fill_checksum_v4(&s, &d),
+            ip_proto::ICMP => Icmpv4Packet::new_unchecked(seg).fill_checksum(),
             _ => {}
         },
         (IpAddr::V6(s), IpAddr::V6(d)) => match p {
-            proto::TCP => TcpPacket::new_unchecked(seg).fill_checksum_v6(&s, &d),
-            proto::UDP => UdpPacket::new_unchecked(seg).fill_checksum_v6(&s, &d),
-            proto::ICMPV6 => Icmpv6Packet::new_unchecked(seg).fill_checksum(&s, &d),
+            ip_proto::TCP => TcpPacket::new_unchecked(seg).fill_checksum_v6(&s, &d),
+            ip_proto::UDP => UdpPacket::new_unchecked(seg).fill_checksum_v6(&s, &d),
+            ip_proto::ICMPV6 => Icmpv6Packet::new_unchecked(seg).fill_checksum(&s, &d),
             _ => {}
         },
         _ => panic!("mixed families"),
@@ -90,7 +86,12 @@ fn tcp_bytes(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
 }
 
 pub fn tcp4(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Vec<u8> {
-    packet(ip(src), ip(dst), proto::TCP, tcp_bytes(sport, dport, flags))
+    packet(
+        ip(src),
+        ip(dst),
+        ip_proto::TCP,
+        tcp_bytes(sport, dport, flags),
+    )
 }
 
 pub fn tcp6(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Vec<u8> {
@@ -110,7 +111,7 @@ pub fn udp4(src: &str, sport: u16, dst: &str, dport: u16, payload: &[u8]) -> Vec
     packet(
         ip(src),
         ip(dst),
-        proto::UDP,
+        ip_proto::UDP,
         udp_bytes(sport, dport, payload),
     )
 }
@@ -137,7 +138,7 @@ pub fn echo4(src: &str, dst: &str, id: u16, request: bool) -> Vec<u8> {
     packet(
         ip(src),
         ip(dst),
-        proto::ICMP,
+        ip_proto::ICMP,
         echo_bytes(false, id, request),
     )
 }
@@ -146,7 +147,7 @@ pub fn echo6(src: &str, dst: &str, id: u16, request: bool) -> Vec<u8> {
     packet(
         ip(src),
         ip(dst),
-        proto::ICMPV6,
+        ip_proto::ICMPV6,
         echo_bytes(true, id, request),
     )
 }
@@ -156,9 +157,9 @@ pub fn icmp_error(from: &str, to: &str, ty: u8, code: u8, quoted: &[u8]) -> Vec<
     let mut m = vec![ty, code, 0, 0, 0, 0, 0, 0];
     m.extend_from_slice(quoted);
     let p = if ip(from).is_ipv4() {
-        proto::ICMP
+        ip_proto::ICMP
     } else {
-        proto::ICMPV6
+        ip_proto::ICMPV6
     };
     packet(ip(from), ip(to), p, m)
 }
@@ -170,15 +171,15 @@ pub fn icmp4_error(from: &str, to: &str, ty: u8, code: u8, quoted: &[u8]) -> Vec
 fn verify_l4(src: IpAddr, dst: IpAddr, p: u8, seg: &[u8]) -> bool {
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => match p {
-            proto::TCP => TcpPacket::new_unchecked(seg).verify_checksum_v4(&s, &d),
-            proto::UDP => UdpPacket::new_unchecked(seg).verify_checksum_v4(&s, &d),
-            proto::ICMP => Icmpv4Packet::new_unchecked(seg).verify_checksum(),
+            ip_proto::TCP => TcpPacket::new_unchecked(seg).verify_checksum_v4(&s, &d),
+            ip_proto::UDP => UdpPacket::new_unchecked(seg).verify_checksum_v4(&s, &d),
+            ip_proto::ICMP => Icmpv4Packet::new_unchecked(seg).verify_checksum(),
             _ => true,
         },
         (IpAddr::V6(s), IpAddr::V6(d)) => match p {
-            proto::TCP => TcpPacket::new_unchecked(seg).verify_checksum_v6(&s, &d),
-            proto::UDP => UdpPacket::new_unchecked(seg).verify_checksum_v6(&s, &d),
-            proto::ICMPV6 => Icmpv6Packet::new_unchecked(seg).verify_checksum(&s, &d),
+            ip_proto::TCP => TcpPacket::new_unchecked(seg).verify_checksum_v6(&s, &d),
+            ip_proto::UDP => UdpPacket::new_unchecked(seg).verify_checksum_v6(&s, &d),
+            ip_proto::ICMPV6 => Icmpv6Packet::new_unchecked(seg).verify_checksum(&s, &d),
             _ => true,
         },
         _ => false,
@@ -210,11 +211,11 @@ fn ip_fields(pkt: &[u8]) -> (IpAddr, IpAddr, u8, usize, usize) {
 
 fn ports(p: u8, l4: &[u8]) -> (u16, u16) {
     match p {
-        proto::TCP | proto::UDP => (
+        ip_proto::TCP | ip_proto::UDP => (
             u16::from_be_bytes([l4[0], l4[1]]),
             u16::from_be_bytes([l4[2], l4[3]]),
         ),
-        proto::ICMP | proto::ICMPV6 => {
+        ip_proto::ICMP | ip_proto::ICMPV6 => {
             let id = u16::from_be_bytes([l4[4], l4[5]]);
             (id, id)
         }
@@ -238,7 +239,7 @@ pub fn check(pkt: &[u8]) -> FlowKey {
     let (sp, dp) = ports(p, seg);
     let is_error = matches!(
         (p, seg[0]),
-        (proto::ICMP, 3 | 11 | 12) | (proto::ICMPV6, 1..=4)
+        (ip_proto::ICMP, 3 | 11 | 12) | (ip_proto::ICMPV6, 1..=4)
     );
     if is_error {
         let q = &seg[8..];

@@ -2,6 +2,8 @@
 //! `nft_nat.sh` masquerade / snat / port forwarding / port shadowing, `nat_related` ICMP errors),
 //! at the level of one stage: packets in, packets out, every checksum recomputed from scratch.
 
+use dva_wire::tcp::flags::*;
+
 use super::testpkt::*;
 use super::*;
 
@@ -35,7 +37,7 @@ fn forward_8080() -> DnatRule {
         name: Some("web".into()),
         ingress_if: Some(1),
         dst: ip(POOL),
-        proto: proto::TCP,
+        proto: ip_proto::TCP,
         dport: PortRange {
             first: 8080,
             last: 8081,
@@ -161,7 +163,7 @@ fn full_nat() -> NatConfig {
         name: Some("https".into()),
         ingress_if: None,
         dst: ip(POOL),
-        proto: proto::TCP,
+        proto: ip_proto::TCP,
         dport: PortRange::single(443),
         to_addr: ip(INSIDE_SERVER),
         to_port: None,
@@ -170,7 +172,7 @@ fn full_nat() -> NatConfig {
         name: Some("to-inside".into()),
         src: vec![],
         dst: vec![net("198.18.1.10/32")],
-        proto: Some(proto::TCP),
+        proto: Some(ip_proto::TCP),
         to: vec![ip("198.18.1.1")],
         ports: DEFAULT_PORTS,
     };

@@ -15,8 +15,9 @@ use std::net::Ipv4Addr;
 use dva_flow::BucketTable;
 use dva_unit::classify::{classify, Classified};
 use dva_wire::geneve::{self, DvaMeta, DVA_HEADER_LEN};
+use dva_wire::tcp::flags;
 use dva_wire::{ethertype, EthernetAddress, EthernetFrame, EthernetRepr, Ipv4Packet, Ipv4Repr};
-use dva_wire::{TcpPacket, TcpRepr};
+use dva_wire::{ip_proto, TcpPacket, TcpRepr};
 
 /// Distinct flows in a batch: enough that the batch is not one cached flow, few enough that
 /// the frames stay in L2 like a receive ring's would.
@@ -62,14 +63,14 @@ fn tcp_frame(
         dst_port: dport,
         seq_number: seq.wrapping_mul(2_654_435_761),
         ack_number: 1,
-        flags: 0x10,
+        flags: flags::ACK,
         window_len: 502,
         payload_len: payload,
     };
     let ip = Ipv4Repr {
         src_addr: src,
         dst_addr: dst,
-        next_header: 6,
+        next_header: ip_proto::TCP,
         payload_len: tcp.buffer_len(),
         hop_limit: 64,
     };

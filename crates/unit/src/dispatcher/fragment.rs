@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
+use dva_wire::ip_proto;
 use dva_wire::Ipv4Packet;
 
 /// How long an incomplete datagram is held (Linux: ipfrag_time, 30 s; a fragment later than a
@@ -35,12 +36,7 @@ pub const MAX_DATAGRAMS: usize = 4096;
 /// Largest IP datagram reassembled (IPv4 total length; IPv6 payload length without jumbograms).
 pub const MAX_DATAGRAM: usize = 65_535;
 
-const PROTO_ICMP: u8 = 1;
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
-const PROTO_ICMPV6: u8 = 58;
 const IPV6_HEADER: usize = 40;
-const IPV6_FRAGMENT: u8 = 44;
 
 /// Why a fragment (or its whole datagram) was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,17 +308,17 @@ fn admit(d: &Datagram, f: &Fragment, end: usize) -> Result<(), FragDrop> {
 /// and no TCP fragment starts at offset 8, inside the header.
 fn check_tiny(f: &Fragment) -> Result<(), FragDrop> {
     let need = match f.proto {
-        PROTO_TCP => match f.payload.get(12) {
+        ip_proto::TCP => match f.payload.get(12) {
             Some(b) => usize::from(b >> 4).max(5) * 4,
             None => 20,
         },
-        PROTO_UDP | PROTO_ICMP | PROTO_ICMPV6 => 8,
+        ip_proto::UDP | ip_proto::ICMP | ip_proto::ICMPV6 => 8,
         _ => 0,
     };
     if f.offset == 0 && f.payload.len() < need {
         return Err(FragDrop::Tiny);
     }
-    if f.offset == 8 && f.proto == PROTO_TCP {
+    if f.offset == 8 && f.proto == ip_proto::TCP {
         return Err(FragDrop::Tiny);
     }
     Ok(())
@@ -372,7 +368,7 @@ fn v6_fragment_header(ip: &[u8]) -> Result<Option<(usize, usize)>, FragDrop> {
                 at = off;
                 off += len;
             }
-            IPV6_FRAGMENT => {
+            ip_proto::FRAGMENT => {
                 return if off + 8 <= limit {
                     Ok(Some((off, at)))
                 } else {
@@ -421,7 +417,7 @@ fn build(header: &[u8], next_header_at: usize, proto: u8, id: u32, data: &[u8]) 
     let mut out = Vec::with_capacity(header.len() + 8 + data.len());
     out.extend_from_slice(header);
     if out[0] >> 4 == 6 {
-        out[next_header_at] = IPV6_FRAGMENT;
+        out[next_header_at] = ip_proto::FRAGMENT;
         out.extend_from_slice(&[proto, 0, 0, 0]);
         out.extend_from_slice(&id.to_be_bytes());
     }
@@ -568,7 +564,7 @@ mod tests {
         ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         ip[4..6].copy_from_slice(&id.to_be_bytes());
         ip[8] = 64;
-        ip[9] = PROTO_UDP;
+        ip[9] = ip_proto::UDP;
         ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
         ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
         ip[20..22].copy_from_slice(&1000u16.to_be_bytes());
@@ -598,7 +594,7 @@ mod tests {
         let mut whole = vec![0u8; 40 + 8 + len];
         whole[0] = 0x60;
         whole[4..6].copy_from_slice(&((8 + len) as u16).to_be_bytes());
-        whole[6] = PROTO_UDP;
+        whole[6] = ip_proto::UDP;
         whole[7] = 64;
         whole[23] = 1;
         whole[39] = 2;
@@ -611,9 +607,9 @@ mod tests {
             .iter()
             .map(|&(from, to, more)| {
                 let mut f = whole[..40].to_vec();
-                f[6] = IPV6_FRAGMENT;
+                f[6] = ip_proto::FRAGMENT;
                 let off_flags = (from as u16) | u16::from(more);
-                f.extend_from_slice(&[PROTO_UDP, 0]);
+                f.extend_from_slice(&[ip_proto::UDP, 0]);
                 f.extend_from_slice(&off_flags.to_be_bytes());
                 f.extend_from_slice(&0x1234_5678u32.to_be_bytes());
                 f.extend_from_slice(&whole[40 + from..40 + to]);
@@ -717,7 +713,7 @@ mod tests {
         let now = t0();
         // TCP with a 16-byte first fragment: the header is 20.
         let mut tcp = udp_v4(100, 4);
-        tcp[9] = PROTO_TCP;
+        tcp[9] = ip_proto::TCP;
         assert_eq!(
             r.insert(&piece_v4(&tcp, 0, 16, true), now),
             Err(FragDrop::Tiny)

@@ -12,17 +12,13 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use dva_proto::role::{HealthCheckConfig, HealthKind};
+use dva_wire::tcp::flags::{ACK, PSH, RST, SYN};
 
 use crate::classify::Classified;
 use crate::reply;
 
 pub const PORT_FIRST: u16 = 65000;
 pub const PORT_LAST: u16 = 65535;
-
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const PSH: u8 = 0x08;
-const ACK: u8 = 0x10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {

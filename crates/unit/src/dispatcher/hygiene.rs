@@ -14,8 +14,9 @@ use std::net::IpAddr;
 
 use dva_io::{GsoType, RxMeta};
 use dva_wire::checksum;
+use dva_wire::ip_proto;
 
-use crate::classify::{Classified, PROTO_TCP};
+use crate::classify::Classified;
 use crate::offload;
 
 /// Whether `src` can never be a packet's source on a wire. `dst` exempts the two cases that
@@ -85,7 +86,7 @@ pub fn l4_checksum(ip: &[u8], c: &Classified, rx: &RxMeta) -> L4Checksum {
 /// Whether the checksum field holds the pseudo-header sum of the packet's addresses and L4
 /// length, as a kernel leaves it for `CHECKSUM_PARTIAL` (`~tcp_v4_check(len, s, d, 0)`).
 fn holds_pseudo_header_sum(ip: &[u8], c: &Classified) -> bool {
-    let field = if c.key.proto == PROTO_TCP { 16 } else { 6 };
+    let field = if c.key.proto == ip_proto::TCP { 16 } else { 6 };
     let Some(&[hi, lo]) = ip.get(c.l4_offset + field..c.l4_offset + field + 2) else {
         return false;
     };

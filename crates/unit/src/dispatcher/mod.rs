@@ -36,17 +36,18 @@ use dva_io::port::{DriverChoice, Port as Device};
 use dva_io::{FrameIo, GsoType, RxMeta};
 use dva_proto::{DispatcherConfig, InterfaceConfig, RoleConfig};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
+use dva_wire::icmpv6::ndisc_flags;
 use dva_wire::{
-    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, Ipv4Packet, Ipv6Packet,
-    OptionsError,
+    ethertype, icmpv6_type, ip_proto, ArpOperation, ArpPacket, ArpRepr, EthernetAddress,
+    EthernetFrame, Icmpv6Packet, Ipv4Packet, Ipv6Packet, NdiscRepr, OptionsError,
 };
 
 use crate::channel::Update;
-use crate::classify::{classify, Classified, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP};
+use crate::classify::{classify, Classified};
 use crate::inspect::{Request, Requests, BACKPLANE};
 use crate::keys::epoch_keys;
 use crate::offload;
-use crate::reply::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
+use crate::reply;
 use crate::stats::{DropCounters, Every, InterfaceStats, StatsCell, UnitStats};
 use hygiene::L4Checksum;
 use neighbor::NeighborTable;
@@ -141,7 +142,7 @@ use drop_reason as dr;
 /// with options, or UDP).
 fn segment_header_len(ip: &[u8], c: &Classified) -> Option<usize> {
     match c.key.proto {
-        PROTO_TCP => ip
+        ip_proto::TCP => ip
             .get(c.l4_offset + 12)
             .map(|b| c.l4_offset + usize::from(b >> 4) * 4),
         _ => Some(c.l4_offset + 8),
@@ -655,8 +656,10 @@ impl Core {
         let port = match (c.key.proto, c.icmp, &c.icmp_inner) {
             // Errors quote the packet we sent: its source port is the one we chose.
             (_, Some(_), Some(inner)) if inner.src == dst => inner.src_port,
-            (PROTO_ICMP, Some((0, _)), _) | (PROTO_ICMPV6, Some((129, _)), _) => c.key.dst_port,
-            (PROTO_ICMP, _, _) | (PROTO_ICMPV6, _, _) => return None,
+            (ip_proto::ICMP, Some((0, _)), _) | (ip_proto::ICMPV6, Some((129, _)), _) => {
+                c.key.dst_port
+            }
+            (ip_proto::ICMP, _, _) | (ip_proto::ICMPV6, _, _) => return None,
             _ if health::HealthChecker::is_probe_port(c.key.dst_port) => return None,
             _ => c.key.dst_port,
         };
@@ -822,7 +825,7 @@ impl Core {
         if meta.truncated {
             return self.drop(dr::OVERSIZE);
         }
-        let Ok((l3, ethertype)) = dva_wire::ethernet::l3_offset(frame) else {
+        let Ok((l3, etype)) = dva_wire::ethernet::l3_offset(frame) else {
             return self.drop(dr::MALFORMED_ETHERNET);
         };
         // A tag the kernel moved into the packet's metadata (rx VLAN offload) counts too.
@@ -836,10 +839,10 @@ impl Core {
             return self.drop(dr::NOT_FOR_US);
         }
         let payload = &frame[l3..];
-        match ethertype {
-            ETHERTYPE_ARP => self.on_arp(i, payload),
-            ETHERTYPE_IPV4 => self.on_ipv4(i, src_mac, to_us, payload, meta, bp),
-            ETHERTYPE_IPV6 => self.on_ipv6(i, src_mac, to_us, payload, meta, bp),
+        match etype {
+            ethertype::ARP => self.on_arp(i, payload),
+            ethertype::IPV4 => self.on_ipv4(i, src_mac, to_us, payload, meta, bp),
+            ethertype::IPV6 => self.on_ipv6(i, src_mac, to_us, payload, meta, bp),
             _ => self.drop(dr::UNSUPPORTED_ETHERTYPE),
         }
     }
@@ -867,7 +870,7 @@ impl Core {
         if arp.operation == ArpOperation::Request && link.owns(IpAddr::V4(arp.target_protocol_addr))
         {
             let mut f = Vec::with_capacity(60);
-            reply::ethernet(&mut f, arp.source_hardware_addr, link.mac, ETHERTYPE_ARP);
+            reply::ethernet(&mut f, arp.source_hardware_addr, link.mac, ethertype::ARP);
             reply::arp(
                 &mut f,
                 2,
@@ -1011,8 +1014,9 @@ impl Core {
         let Ok(c) = classify(ip) else {
             return self.drop(dr::MALFORMED_L4);
         };
-        if c.key.proto == PROTO_ICMPV6 {
-            if let Some((135, _)) | Some((136, _)) = c.icmp {
+        if c.key.proto == ip_proto::ICMPV6 {
+            if let Some((icmpv6_type::NEIGHBOR_SOLICIT | icmpv6_type::NEIGHBOR_ADVERT, _)) = c.icmp
+            {
                 return self.on_ndisc(i, ip, &c);
             }
         }
@@ -1043,41 +1047,26 @@ impl Core {
 
     /// Neighbour solicitation for one of our addresses: advertise; any NS/NA teaches us the sender.
     fn on_ndisc(&mut self, i: usize, ip: &[u8], c: &Classified) {
-        let Some(body) = ip.get(c.l4_offset..c.ip_len) else {
+        let Some(msg) = ndisc_message(ip, c) else {
             return self.drop(dr::MALFORMED_L4);
         };
-        // RFC 4861 §7.1: hop limit 255 proves the message was not forwarded.
-        if body.len() < 24 || ip[7] != 255 {
-            return self.drop(dr::MALFORMED_L4);
-        }
-        let Ok(target) = <[u8; 16]>::try_from(&body[8..24]) else {
-            return self.drop(dr::MALFORMED_L4);
-        };
-        let target = std::net::Ipv6Addr::from(target);
-        let mut lladdr = None;
-        let mut opts = &body[24..];
-        while opts.len() >= 8 {
-            let len = usize::from(opts[1]) * 8;
-            if len == 0 || len > opts.len() {
-                break;
-            }
-            if (opts[0] == 1 || opts[0] == 2) && len == 8 {
-                let mut m = [0u8; 6];
-                m.copy_from_slice(&opts[2..8]);
-                lladdr = Some(EthernetAddress(m));
-            }
-            opts = &opts[len..];
-        }
         let now = self.now;
-        let (IpAddr::V6(src), typ) = (c.key.src, c.icmp.map(|t| t.0).unwrap_or(0)) else {
+        let IpAddr::V6(src) = c.key.src else {
             return;
         };
         // NS: the sender is src; NA: the advertised one is target.
-        let learned = if typ == 135 {
-            IpAddr::V6(src)
-        } else {
-            IpAddr::V6(target)
+        let (solicit, target, lladdr) = match msg {
+            NdiscRepr::NeighborSolicit {
+                target_addr,
+                lladdr,
+            } => (true, target_addr, lladdr),
+            NdiscRepr::NeighborAdvert {
+                target_addr,
+                lladdr,
+                ..
+            } => (false, target_addr, lladdr),
         };
+        let learned = IpAddr::V6(if solicit { src } else { target });
         if let Some(mac) = lladdr {
             let link = &mut self.links[i];
             if link.on_link(learned) && !src.is_unspecified() {
@@ -1088,15 +1077,19 @@ impl Core {
             }
         }
         let link = &self.links[i];
-        if typ == 135 && link.owns(IpAddr::V6(target)) {
+        if solicit && link.owns(IpAddr::V6(target)) {
             let Some(mac) = lladdr else { return };
             if src.is_unspecified() {
                 return; // duplicate address detection probe: not for us to answer
             }
             let mut f = Vec::with_capacity(86);
-            reply::ethernet(&mut f, mac, link.mac, ETHERTYPE_IPV6);
-            // Solicited + override.
-            reply::ndisc(&mut f, 136, target, src, target, 0x60, link.mac);
+            reply::ethernet(&mut f, mac, link.mac, ethertype::IPV6);
+            let advert = NdiscRepr::NeighborAdvert {
+                flags: ndisc_flags::SOLICITED | ndisc_flags::OVERRIDE,
+                target_addr: target,
+                lladdr: Some(link.mac),
+            };
+            reply::ndisc(&mut f, target, src, &advert);
             self.deferred.push((i, f));
             self.event("nd_advertisements");
         }
@@ -1108,21 +1101,21 @@ impl Core {
         (self.vips.contains(&dst) || self.is_forwarded(dst, c))
             && !matches!(
                 (c.key.proto, c.icmp),
-                (PROTO_ICMP, Some((8, 0))) | (PROTO_ICMPV6, Some((128, 0)))
+                (ip_proto::ICMP, Some((8, 0))) | (ip_proto::ICMPV6, Some((128, 0)))
             )
     }
 
     fn on_local(&mut self, i: usize, src_mac: EthernetAddress, ip: &[u8], c: &Classified) {
-        if c.key.proto == PROTO_TCP && health::HealthChecker::is_probe_port(c.key.dst_port) {
+        if c.key.proto == ip_proto::TCP && health::HealthChecker::is_probe_port(c.key.dst_port) {
             if let Some(answer) = self.health.on_segment(ip, c) {
                 let link = &self.links[i];
-                let ethertype = if c.is_v6() {
-                    ETHERTYPE_IPV6
+                let etype = if c.is_v6() {
+                    ethertype::IPV6
                 } else {
-                    ETHERTYPE_IPV4
+                    ethertype::IPV4
                 };
                 let mut f = Vec::with_capacity(answer.len() + 14);
-                reply::ethernet(&mut f, src_mac, link.mac, ethertype);
+                reply::ethernet(&mut f, src_mac, link.mac, etype);
                 f.extend_from_slice(&answer);
                 if f.len() < 60 {
                     f.resize(60, 0);
@@ -1136,19 +1129,19 @@ impl Core {
         }
         let echo = matches!(
             (c.key.proto, c.icmp),
-            (PROTO_ICMP, Some((8, 0))) | (PROTO_ICMPV6, Some((128, 0)))
+            (ip_proto::ICMP, Some((8, 0))) | (ip_proto::ICMPV6, Some((128, 0)))
         );
         if !echo {
             return self.drop_flow(dr::TO_APPLIANCE, &c.key, i);
         }
         let link = &self.links[i];
-        let ethertype = if c.is_v6() {
-            ETHERTYPE_IPV6
+        let etype = if c.is_v6() {
+            ethertype::IPV6
         } else {
-            ETHERTYPE_IPV4
+            ethertype::IPV4
         };
         let mut f = Vec::with_capacity(ip.len() + 14);
-        reply::ethernet(&mut f, src_mac, link.mac, ethertype);
+        reply::ethernet(&mut f, src_mac, link.mac, etype);
         if reply::echo_reply(&mut f, ip, c).is_some() {
             self.deferred.push((i, f));
             self.event("echo_replies");
@@ -1170,13 +1163,13 @@ impl Core {
         let mut f = Vec::with_capacity(600);
         match src {
             IpAddr::V4(s) => {
-                reply::ethernet(&mut f, to_mac, link.mac, ETHERTYPE_IPV4);
+                reply::ethernet(&mut f, to_mac, link.mac, ethertype::IPV4);
                 if reply::icmpv4_error(&mut f, ip, s, typ, code).is_none() {
                     return;
                 }
             }
             IpAddr::V6(s) => {
-                reply::ethernet(&mut f, to_mac, link.mac, ETHERTYPE_IPV6);
+                reply::ethernet(&mut f, to_mac, link.mac, ethertype::IPV6);
                 if reply::icmpv6_error(&mut f, ip, s, typ, code, 0).is_none() {
                     return;
                 }
@@ -1284,13 +1277,13 @@ impl Core {
 
     /// Route a processed packet out of the appliance: next hop, TTL, MAC rewrite, neighbour resolution.
     fn forward(&mut self, ip: &[u8], meta: &DvaMeta, ports: &mut [Port]) {
-        let (dst, ttl, len, ethertype) = match ip.first().map(|b| b >> 4) {
+        let (dst, ttl, len, etype) = match ip.first().map(|b| b >> 4) {
             Some(4) => match Ipv4Packet::new_checked(ip) {
                 Ok(p) => (
                     IpAddr::V4(p.dst_addr()),
                     p.hop_limit(),
                     usize::from(p.total_len()),
-                    ETHERTYPE_IPV4,
+                    ethertype::IPV4,
                 ),
                 Err(_) => return self.drop(dr::MALFORMED_IP),
             },
@@ -1299,7 +1292,7 @@ impl Core {
                     IpAddr::V6(p.dst_addr()),
                     p.hop_limit(),
                     Ipv6Packet::<&[u8]>::HEADER_LEN + usize::from(p.payload_len()),
-                    ETHERTYPE_IPV6,
+                    ethertype::IPV6,
                 ),
                 Err(_) => return self.drop(dr::MALFORMED_IP),
             },
@@ -1317,7 +1310,7 @@ impl Core {
         };
         // Offload work (a partial checksum, a super-packet) needs the L4 header's place.
         let offload = meta.gso_size > 0 || meta.flags & dva_flags::CSUM_PARTIAL != 0;
-        if ethertype == ETHERTYPE_IPV6 && !offload {
+        if etype == ethertype::IPV6 && !offload {
             // A datagram we reassembled (it kept an atomic fragment header): whole, or cut to
             // this link as its sender allowed.
             let mut pieces = Vec::new();
@@ -1326,7 +1319,7 @@ impl Core {
                     self.event("datagrams_fragmented");
                 }
                 for p in pieces {
-                    self.transmit(e, nh.addr, &p, ethertype, None, meta, ports);
+                    self.transmit(e, nh.addr, &p, etype, None, meta, ports);
                 }
                 return;
             }
@@ -1350,7 +1343,7 @@ impl Core {
         if wire_len > mtu {
             return self.too_big(e, nh.addr, &ip[..len], mtu, c.is_some(), ports);
         }
-        self.transmit(e, nh.addr, &ip[..len], ethertype, c, meta, ports);
+        self.transmit(e, nh.addr, &ip[..len], etype, c, meta, ports);
     }
 
     /// A datagram larger than the egress MTU: IPv4 without DF is cut into fragments (as a
@@ -1373,7 +1366,7 @@ impl Core {
             }
             self.event("datagrams_fragmented");
             for p in pieces {
-                self.transmit(e, nh, &p, ETHERTYPE_IPV4, None, &DvaMeta::default(), ports);
+                self.transmit(e, nh, &p, ethertype::IPV4, None, &DvaMeta::default(), ports);
             }
             return;
         }
@@ -1433,7 +1426,7 @@ impl Core {
         e: usize,
         nh: IpAddr,
         ip: &[u8],
-        ethertype: u16,
+        etype: u16,
         c: Option<Classified>,
         meta: &DvaMeta,
         ports: &mut [Port],
@@ -1442,9 +1435,9 @@ impl Core {
         let len = ip.len();
         let f = &mut self.scratch;
         f.clear();
-        reply::ethernet(f, EthernetAddress([0; 6]), link.mac, ethertype);
+        reply::ethernet(f, EthernetAddress([0; 6]), link.mac, etype);
         f.extend_from_slice(&ip[..len]);
-        if ethertype == ETHERTYPE_IPV4 {
+        if etype == ethertype::IPV4 {
             let mut p = Ipv4Packet::new_unchecked(&mut f[14..]);
             dva_wire::ipv4::decrement_ttl(&mut p);
         } else {
@@ -1529,14 +1522,18 @@ impl Core {
         let mut f = Vec::with_capacity(86);
         match (src, ip) {
             (IpAddr::V4(s), IpAddr::V4(t)) => {
-                reply::ethernet(&mut f, EthernetAddress::BROADCAST, link.mac, ETHERTYPE_ARP);
+                reply::ethernet(&mut f, EthernetAddress::BROADCAST, link.mac, ethertype::ARP);
                 reply::arp(&mut f, 1, link.mac, s, EthernetAddress([0; 6]), t);
                 f.resize(60, 0);
             }
             (IpAddr::V6(s), IpAddr::V6(t)) => {
                 let (group, group_mac) = reply::solicited_node(t);
-                reply::ethernet(&mut f, group_mac, link.mac, ETHERTYPE_IPV6);
-                reply::ndisc(&mut f, 135, s, group, t, 0, link.mac);
+                reply::ethernet(&mut f, group_mac, link.mac, ethertype::IPV6);
+                let solicit = NdiscRepr::NeighborSolicit {
+                    target_addr: t,
+                    lladdr: Some(link.mac),
+                };
+                reply::ndisc(&mut f, s, group, &solicit);
             }
             _ => return,
         }
@@ -1596,5 +1593,81 @@ impl Core {
                 self.probe(e, ip, ports);
             }
         }
+    }
+}
+
+/// The neighbour solicitation or advertisement in the IPv6 packet `ip`, or `None` when it is to
+/// be dropped: sent with a hop limit other than 255 (RFC 4861 §7.1: the proof it was not
+/// forwarded) or malformed as [`NdiscRepr::parse`] judges it.
+fn ndisc_message(ip: &[u8], c: &Classified) -> Option<NdiscRepr> {
+    let body = ip.get(c.l4_offset..c.ip_len)?;
+    if Ipv6Packet::new_checked(ip).ok()?.hop_limit() != 255 {
+        return None;
+    }
+    NdiscRepr::parse(&Icmpv6Packet::new_unchecked(body)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use dva_wire::icmpv6::ndisc_flags;
+    use dva_wire::{EthernetAddress, NdiscRepr};
+
+    use super::ndisc_message;
+    use crate::classify::classify;
+    use crate::reply;
+
+    const MAC: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 2]);
+
+    fn addr(s: &str) -> Ipv6Addr {
+        s.parse().expect("test address")
+    }
+
+    /// `msg` from `src` to `dst` as the IPv6 packet a neighbour sends.
+    fn packet(src: Ipv6Addr, dst: Ipv6Addr, msg: &NdiscRepr) -> Vec<u8> {
+        let mut ip = Vec::new();
+        reply::ndisc(&mut ip, src, dst, msg);
+        ip
+    }
+
+    #[test]
+    fn solicitations_and_advertisements_are_read() {
+        let ns = NdiscRepr::NeighborSolicit {
+            target_addr: addr("2001:db8:1::1"),
+            lladdr: Some(MAC),
+        };
+        let (group, _) = reply::solicited_node(addr("2001:db8:1::1"));
+        let ip = packet(addr("2001:db8:1::2"), group, &ns);
+        let c = classify(&ip).expect("classified");
+        assert_eq!(ndisc_message(&ip, &c), Some(ns));
+
+        let na = NdiscRepr::NeighborAdvert {
+            flags: ndisc_flags::SOLICITED | ndisc_flags::OVERRIDE,
+            target_addr: addr("2001:db8:1::2"),
+            lladdr: Some(MAC),
+        };
+        let ip = packet(addr("2001:db8:1::2"), addr("2001:db8:1::1"), &na);
+        let c = classify(&ip).expect("classified");
+        assert_eq!(ndisc_message(&ip, &c), Some(na));
+    }
+
+    #[test]
+    fn forwarded_or_truncated_messages_are_refused() {
+        let ns = NdiscRepr::NeighborSolicit {
+            target_addr: addr("2001:db8:1::1"),
+            lladdr: Some(MAC),
+        };
+        let mut ip = packet(addr("2001:db8:1::2"), addr("2001:db8:1::1"), &ns);
+        let c = classify(&ip).expect("classified");
+        ip[7] = 254; // a router on the way decremented the hop limit
+        assert_eq!(ndisc_message(&ip, &c), None);
+
+        // Cut inside the target address (the IPv6 payload length says so too).
+        let mut ip = packet(addr("2001:db8:1::2"), addr("2001:db8:1::1"), &ns);
+        ip.truncate(40 + 20);
+        ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+        let c = classify(&ip).expect("an ICMPv6 header fits");
+        assert_eq!(ndisc_message(&ip, &c), None);
     }
 }
