@@ -125,6 +125,7 @@ fn dial_address(bound: SocketAddr) -> SocketAddr {
 
 /// `dva serve`'s flags.
 pub struct ServeOptions {
+    pub host_lost_after: Duration,
     pub state: PathBuf,
     pub store: StoreConfig,
     pub listen: SocketAddr,
@@ -144,6 +145,7 @@ pub fn serve(o: &ServeOptions) -> anyhow::Result<()> {
     let local_token = api::load_or_create_token(state)?;
     let mut opts = place.options(state.to_path_buf())?;
     opts.store = o.store.clone();
+    opts.host_lost_after = o.host_lost_after;
     if o.etcd_tls.is_some() && !matches!(o.store, StoreConfig::Etcd(_)) {
         anyhow::bail!("--etcd-cafile needs --store etcd://...");
     }
@@ -395,6 +397,53 @@ pub fn apply(t: &Target, file: &Path, dry_run: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `dva get hosts`: the machines running `dva agent`.
+pub fn get_hosts(t: &Target, format: Format) -> anyhow::Result<()> {
+    let hosts = client(t)?.hosts()?;
+    if structured(&hosts, format)? {
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<10} {:<22} {:<16} {:>4} {:>8} {:>5}  LABELS",
+        "NAME", "STATE", "AGENT", "BACKPLANE", "CPUS", "MEM(MB)", "UNITS"
+    );
+    for h in hosts {
+        let labels: Vec<String> = h
+            .record
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!(
+            "{:<16} {:<10} {:<22} {:<16} {:>4} {:>8} {:>5}  {}",
+            h.record.name,
+            h.state.as_str(),
+            h.record.agent.to_string(),
+            h.record.backplane.to_string(),
+            h.record.cpus,
+            h.record.memory_mb,
+            h.units,
+            labels.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// `dva join-token`: print a one-time token for `dva agent --join-token`.
+pub fn join_token(t: &Target) -> anyhow::Result<()> {
+    let tok = client(t)?.join_token()?;
+    println!("{}", tok.token);
+    Ok(())
+}
+
+/// `dva agent`: run this machine's agent until SIGTERM or Ctrl-C (its units keep running).
+pub fn agent(o: &dva_mgmt::agent::AgentOptions) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    dva_mgmt::agent::run(o, &stop)
 }
 
 pub fn get(t: &Target, name: Option<&str>, format: Format) -> anyhow::Result<()> {

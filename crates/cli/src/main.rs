@@ -99,6 +99,10 @@ enum Cmd {
         /// 127.0.0.1 and localhost. The client file carries the CA, so the CLI trusts it.
         #[arg(long)]
         tls_auto: bool,
+        /// A registered host whose agent has not answered for this long is lost: its units
+        /// are replaced on other hosts (e.g. 10s).
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        host_lost_after: std::time::Duration,
         /// Talk to etcd over TLS, checking the members' certificates against this CA (PEM).
         #[arg(long, value_name = "FILE")]
         etcd_cafile: Option<PathBuf>,
@@ -114,6 +118,45 @@ enum Cmd {
         /// The private key (PEM) of --etcd-certfile.
         #[arg(long, value_name = "FILE", requires = "etcd_certfile")]
         etcd_keyfile: Option<PathBuf>,
+    },
+    /// Run this machine's agent: join the installation once, then start, stop and adopt the
+    /// units the management tool assigns to this machine (they keep running without it).
+    Agent {
+        /// The management API (http://HOST:PORT or https://HOST:PORT).
+        #[arg(long)]
+        server: String,
+        /// A one-time token from `dva join-token` (or the API token). Only needed to join: a
+        /// restart reuses the certificate in --state.
+        #[arg(long, default_value = "")]
+        join_token: String,
+        /// With an https server: the CA file its certificate chains to.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// This host's name (as `dva get` shows it).
+        #[arg(long)]
+        name: String,
+        /// Where the agent's API listens (an address the management tool reaches; its
+        /// certificate names this IP).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// This host's backplane address: units here bind it for the backplane and the manager
+        /// channel.
+        #[arg(long)]
+        backplane: std::net::IpAddr,
+        /// A label (k=v), e.g. dispatcher=true on machines holding the appliance's interfaces.
+        #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// The agent's state: its certificate, key, the CA, its units (0700).
+        #[arg(long, default_value = "/var/lib/dva/agent")]
+        state: PathBuf,
+        /// Where the units' sockets, logs and credentials go.
+        #[arg(long, default_value = "/run/dva")]
+        run_dir: PathBuf,
+    },
+    /// Make a one-time token (valid 1 h) for `dva agent --join-token`.
+    JoinToken {
+        #[command(flatten)]
+        target: TargetArgs,
     },
     /// Create or replace appliances from specs ("unchanged" when one already runs that spec).
     Apply {
@@ -538,6 +581,19 @@ enum UnitRole {
     Dataplane,
 }
 
+/// `--label k=v`.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("{s:?}: expected KEY=VALUE")),
+    }
+}
+
+/// `--host-lost-after 10s`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    dva_proto::spec::parse_duration_ms(s).map(std::time::Duration::from_millis)
+}
+
 fn main() -> ExitCode {
     // Everything dva creates sets its mode explicitly; this catches what does not (files written
     // by subcommands, tools it starts) so nothing of ours is readable by other local users.
@@ -630,10 +686,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             tls_auto,
+            host_lost_after,
             etcd_cafile,
             etcd_certfile,
             etcd_keyfile,
         } => ctl::serve(&ctl::ServeOptions {
+            host_lost_after,
             etcd_tls: etcd_cafile.map(|ca| dva_mgmt::store::EtcdTls {
                 ca,
                 // clap allows neither file without the other.
@@ -684,6 +742,35 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "dva", &mut std::io::stdout());
             Ok(())
         }
+        Cmd::Agent {
+            server,
+            join_token,
+            ca,
+            name,
+            listen,
+            backplane,
+            labels,
+            state,
+            run_dir,
+        } => ctl::agent(&dva_mgmt::agent::AgentOptions {
+            server,
+            join_token,
+            server_ca: ca,
+            name,
+            listen,
+            backplane,
+            labels: labels.into_iter().collect(),
+            state_dir: state,
+            run_dir,
+            exe: std::env::current_exe()?,
+        }),
+        Cmd::JoinToken { target } => ctl::join_token(&target.target()),
+        Cmd::Get {
+            name: Some(name),
+            output,
+            watch: false,
+            target,
+        } if name == "hosts" => ctl::get_hosts(&target.target(), output.format()),
         Cmd::Get {
             name,
             output,

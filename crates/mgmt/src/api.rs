@@ -76,6 +76,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/appliances/{name}/capture"),
     ("GET", "/v1/appliances/{name}/monitor"),
     ("GET", "/v1/appliances/{name}/units/{unit}/config"),
+    ("GET", "/v1/hosts"),
+    ("DELETE", "/v1/hosts/{name}"),
+    ("POST", "/v1/hosts/{name}/join"),
+    ("POST", "/v1/join-tokens"),
 ];
 
 /// The web view (`/ui`): a page, its script and its style, served without the token because they
@@ -987,6 +991,16 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+impl Head {
+    /// The bearer credentials of `Authorization`, if it has that scheme.
+    fn bearer(&self) -> Option<&str> {
+        let (scheme, credentials) = self.authorization.as_deref()?.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| credentials.trim())
+    }
+}
+
 fn authorized(head: &Head, token: &str) -> bool {
     let Some(value) = head.authorization.as_deref() else {
         return false;
@@ -1027,6 +1041,13 @@ enum Call<'a> {
     /// A stream of flow and drop events from the data planes (NDJSON); the query says which.
     Monitor(&'a str, &'a str),
     UnitConfig(&'a str, &'a str),
+    /// The registered hosts and their state.
+    Hosts,
+    RemoveHost(&'a str),
+    /// An agent joins: authorized by a one-time join token (or the API token), not the API
+    /// token alone.
+    Join(&'a str),
+    JoinToken,
 }
 
 impl Call<'_> {
@@ -1051,6 +1072,10 @@ impl Call<'_> {
             Call::Capture(..) => "/v1/appliances/{name}/capture",
             Call::Monitor(..) => "/v1/appliances/{name}/monitor",
             Call::UnitConfig(..) => "/v1/appliances/{name}/units/{unit}/config",
+            Call::Hosts => "/v1/hosts",
+            Call::RemoveHost(_) => "/v1/hosts/{name}",
+            Call::Join(_) => "/v1/hosts/{name}/join",
+            Call::JoinToken => "/v1/join-tokens",
         }
     }
 
@@ -1058,17 +1083,26 @@ impl Call<'_> {
     /// and `/metrics`, since the leader alone holds the units' state. Health, readiness, the
     /// OpenAPI document and the web view's files are each replica's own.
     fn leader_only(self) -> bool {
-        self.guarded()
+        self.guarded() || matches!(self, Call::Join(_))
     }
     /// Whether the call needs the bearer token.
     fn guarded(self) -> bool {
         !matches!(
             self,
-            Call::Health | Call::Ready | Call::OpenApi | Call::Ui | Call::UiScript | Call::UiStyle
+            Call::Health
+                | Call::Ready
+                | Call::OpenApi
+                | Call::Ui
+                | Call::UiScript
+                | Call::UiStyle
+                | Call::Join(_)
         )
     }
     fn has_body(self) -> bool {
-        matches!(self, Call::Apply | Call::Put(_) | Call::Scale(_))
+        matches!(
+            self,
+            Call::Apply | Call::Put(_) | Call::Scale(_) | Call::Join(_)
+        )
     }
 }
 
@@ -1099,6 +1133,10 @@ fn route<'a>(method: &str, target: &'a str) -> Result<Call<'a>, Reply> {
         ("GET", ["v1", "appliances", n, "units"]) if !n.is_empty() => Call::Units(n),
         ("GET", ["v1", "appliances", n, "events"]) if !n.is_empty() => Call::Events(n),
         ("GET", ["v1", "appliances", n, "stats"]) if !n.is_empty() => Call::Stats(n),
+        ("GET", ["v1", "hosts"]) => Call::Hosts,
+        ("DELETE", ["v1", "hosts", n]) if !n.is_empty() => Call::RemoveHost(n),
+        ("POST", ["v1", "hosts", n, "join"]) if !n.is_empty() => Call::Join(n),
+        ("POST", ["v1", "join-tokens"]) => Call::JoinToken,
         ("GET", ["ui"]) => Call::Ui,
         ("GET", ["ui", "app.js"]) => Call::UiScript,
         ("GET", ["ui", "app.css"]) => Call::UiStyle,
@@ -1560,6 +1598,22 @@ fn answer(
             }
         }
     }
+    if let Call::Join(_) = call {
+        // The API token, or a one-time join token (used up here, whatever the join's outcome).
+        let ok = authorized(&head, &sh.token)
+            || head
+                .bearer()
+                .is_some_and(|t| !t.is_empty() && sh.mgmt.use_join_token(t));
+        if !ok {
+            return Ok(Answer::Reply(Reply::error(
+                401,
+                "unauthorized",
+                "missing, used, expired or wrong join token (Authorization: Bearer <token>; \
+                 `dva join-token` makes one)"
+                    .into(),
+            )));
+        }
+    }
     let opts = match write_options(&head) {
         Ok(o) => o,
         Err(r) => return Ok(Answer::Reply(r)),
@@ -1756,6 +1810,13 @@ fn execute(sh: &Shared, call: Call<'_>, body: &str, opts: WriteOptions) -> Reply
         Call::Stats(name) => Reply::from(mgmt.stats(name)),
         Call::Flows(name, query) => Reply::from(mgmt.flows(name, query)),
         Call::UnitConfig(name, unit) => Reply::from(mgmt.unit_config(name, unit)),
+        Call::Hosts => Reply::json(200, &mgmt.hosts()),
+        Call::RemoveHost(name) => match mgmt.remove_host(name) {
+            Ok(()) => Reply::json(200, &serde_json::json!({ "deleted": name })),
+            Err(e) => Reply::api(e),
+        },
+        Call::Join(name) => Reply::from(mgmt.join(name, body)),
+        Call::JoinToken => Reply::from(mgmt.create_join_token()),
         // Streamed by `answer` itself; never reaches here.
         Call::Capture(..) | Call::Monitor(..) => {
             Reply::error(500, "internal", "capture and monitor are streamed".into())

@@ -184,6 +184,17 @@ impl Client {
             &body,
         )
     }
+    /// The registered hosts (`GET /v1/hosts`).
+    pub fn hosts(&self) -> anyhow::Result<Vec<crate::hosts::HostView>> {
+        self.call("GET", "/v1/hosts", "", b"")
+    }
+    /// A one-time join token for `dva agent` (`POST /v1/join-tokens`).
+    pub fn join_token(&self) -> anyhow::Result<crate::hosts::JoinToken> {
+        self.call("POST", "/v1/join-tokens", "", b"")
+    }
+    pub fn remove_host(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        self.call("DELETE", &format!("/v1/hosts/{name}"), "", b"")
+    }
     pub fn units(&self, name: &str) -> anyhow::Result<Vec<UnitView>> {
         self.call("GET", &format!("/v1/appliances/{name}/units"), "", b"")
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use dva_proto::ApplianceSpec;
 
 use crate::etcd::{EtcdLink, EtcdStore, Leader, Leadership};
+use crate::hosts::{HostProvisioner, Registry};
 use crate::model::*;
 use crate::pki::Pki;
 use crate::provision::{LocalProvisioner, Provisioner};
@@ -36,6 +37,9 @@ pub struct MgmtOptions {
     pub run_root: PathBuf,
     /// The `dva` executable units are started from.
     pub exe: PathBuf,
+    /// A registered host whose agent has not answered for this long is lost: its units are
+    /// replaced on other hosts (`--host-lost-after`).
+    pub host_lost_after: Duration,
 }
 
 impl MgmtOptions {
@@ -48,6 +52,7 @@ impl MgmtOptions {
             local: false,
             run_root: PathBuf::from("/run/dva"),
             exe: std::env::current_exe()?,
+            host_lost_after: crate::hosts::DEFAULT_LOST_AFTER,
         })
     }
 
@@ -109,6 +114,8 @@ pub(crate) struct Inner {
     pub broken: Mutex<BTreeMap<String, Broken>>,
     pub stop: AtomicBool,
     pub provisioner: Box<dyn Provisioner>,
+    /// The hosts running `dva agent`; when there are any, units are placed on them.
+    pub registry: Arc<Registry>,
     /// Reconciler passes over every appliance (exported in `/metrics`).
     pub reconcile_passes: AtomicU64,
     /// When the last pass ended (ms since the epoch): `/readyz` answers from it.
@@ -168,7 +175,6 @@ impl Mgmt {
             None => load(store.as_ref())?,
             Some(_) => Default::default(),
         };
-        let provisioner = Box::new(LocalProvisioner::new(opts.exe.clone()));
         let pki_dir = opts.state_dir.join("pki");
         let mut pki = Pki::open(&pki_dir)?;
         if let Some(link) = &etcd {
@@ -182,6 +188,14 @@ impl Mgmt {
         let link_tls =
             dva_unit::tls::Credentials::from_pem(&mine.cert_pem, &mine.key_pem, &mine.ca_pem)?
                 .client_config()?;
+        let registry = Arc::new(Registry::new(link_tls.clone(), opts.host_lost_after));
+        if leadership.is_none() {
+            registry.set(store.load_hosts()?);
+        }
+        let provisioner = Box::new(HostProvisioner::new(
+            LocalProvisioner::new(opts.exe.clone()),
+            registry.clone(),
+        ));
         let inner = Arc::new(Inner {
             opts,
             store,
@@ -191,6 +205,7 @@ impl Mgmt {
             broken: Mutex::new(broken),
             stop: AtomicBool::new(false),
             provisioner,
+            registry,
             reconcile_passes: AtomicU64::new(0),
             last_pass_ms: AtomicU64::new(0),
             pki,
@@ -200,6 +215,12 @@ impl Mgmt {
         });
         if inner.leadership.is_none() {
             reconcile::adopt_all(&inner);
+        }
+        {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("host-poller".into())
+                .spawn(move || crate::hosts::poll_loop(&inner))?;
         }
         let handle = {
             let inner = inner.clone();

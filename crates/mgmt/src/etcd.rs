@@ -41,6 +41,8 @@ use crate::store::{CorruptRecord, EtcdTls, Loaded, Store};
 pub const PREFIX: &str = "/dva/";
 const APPLIANCES: &str = "/dva/appliances/";
 const CORRUPT: &str = "/dva/corrupt/";
+const HOSTS: &str = "/dva/hosts/";
+const JOIN_TOKENS: &str = "/dva/join-tokens/";
 const LEADER_KEY: &str = "/dva/leader";
 const TOKEN_KEY: &str = "/dva/token";
 /// The installation CA, certificate and key (see [`EtcdLink::share_ca`]).
@@ -635,6 +637,75 @@ impl Store for EtcdStore {
             "removing a record",
             vec![TxnOp::delete(Self::key(name), None)],
         )
+    }
+
+    fn load_hosts(&self) -> anyhow::Result<Vec<crate::hosts::HostRecord>> {
+        let resp = self.link.call("reading the hosts", |mut c| async move {
+            c.get(HOSTS, Some(GetOptions::new().with_prefix())).await
+        })?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            match serde_json::from_slice::<crate::hosts::HostRecord>(kv.value()) {
+                Ok(h) => out.push(h),
+                Err(e) => tracing::warn!(
+                    "host record {}: {e}; ignored",
+                    String::from_utf8_lossy(kv.key())
+                ),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn save_host(&self, host: &crate::hosts::HostRecord) -> anyhow::Result<()> {
+        let text = serde_json::to_vec(host)?;
+        self.commit(
+            "saving a host",
+            vec![TxnOp::put(format!("{HOSTS}{}", host.name), text, None)],
+        )
+    }
+
+    fn remove_host(&self, name: &str) -> anyhow::Result<()> {
+        self.commit(
+            "removing a host",
+            vec![TxnOp::delete(format!("{HOSTS}{name}"), None)],
+        )
+    }
+
+    fn save_join_token(
+        &self,
+        hash: &str,
+        token: &crate::hosts::JoinTokenRecord,
+    ) -> anyhow::Result<()> {
+        let text = serde_json::to_vec(token)?;
+        self.commit(
+            "saving a join token",
+            vec![TxnOp::put(format!("{JOIN_TOKENS}{hash}"), text, None)],
+        )
+    }
+
+    fn take_join_token(&self, hash: &str) -> anyhow::Result<Option<crate::hosts::JoinTokenRecord>> {
+        let key = format!("{JOIN_TOKENS}{hash}");
+        let resp = self.link.call("reading a join token", |mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        })?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        let (value, rev) = (kv.value().to_vec(), kv.mod_revision());
+        // Deleted only if unchanged since read: of two joins with one token, one wins.
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        let resp = self.link.call("using a join token", |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        Ok(serde_json::from_slice(&value).ok())
     }
 }
 

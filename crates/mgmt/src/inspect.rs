@@ -10,7 +10,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -45,8 +44,8 @@ pub struct UnitError {
     pub error: String,
 }
 
-/// A unit of an appliance that serves: (id, role, control socket).
-pub(crate) type Target = (u32, UnitRole, PathBuf);
+/// A unit of an appliance that serves: (id, role, how to reach it).
+pub(crate) type Target = (u32, UnitRole, crate::provision::UnitLaunch);
 
 /// The units an inspection asks: the one `unit` names (which must have a role `serves`, else
 /// `wrong_role` says why), or every running unit whose role does.
@@ -81,13 +80,7 @@ impl Mgmt {
             .units
             .iter()
             .filter(|u| matches!(u.state, UnitState::Ready | UnitState::Draining))
-            .map(|u| {
-                (
-                    u.id,
-                    u.role,
-                    crate::reconcile::control_socket(&self.inner, name, u.id),
-                )
-            })
+            .map(|u| (u.id, u.role, crate::reconcile::launch(&self.inner, name, u)))
             .collect())
     }
 
@@ -112,7 +105,7 @@ impl Mgmt {
         let answers: Vec<(u32, Result<FlowList, String>)> = std::thread::scope(|s| {
             let handles: Vec<_> = targets
                 .iter()
-                .map(|(id, _, socket)| (*id, s.spawn(|| ask_json::<FlowList>(socket, &path))))
+                .map(|(id, _, l)| (*id, s.spawn(|| ask_json::<FlowList>(&self.inner, l, &path))))
                 .collect();
             handles
                 .into_iter()
@@ -173,7 +166,7 @@ impl Mgmt {
         let id: u32 = unit
             .parse()
             .map_err(|_| ApiError::BadRequest(format!("unit {unit:?} is not a unit id")))?;
-        let (_, role, socket) = self
+        let (_, role, l) = self
             .serving_units(name)?
             .into_iter()
             .find(|t| t.0 == id)
@@ -185,17 +178,21 @@ impl Mgmt {
                 "unit {id} is the manager: it runs no role config (ask a dispatcher or a data plane)"
             )));
         }
-        ask_json(&socket, "/config").map_err(ApiError::Internal)
+        ask_json(&self.inner, &l, "/config").map_err(ApiError::Internal)
     }
 }
 
-/// `GET path` on a unit's control socket, answered with JSON.
+/// `GET path` on a unit's control socket (through its host's agent when it has one), answered
+/// with JSON.
 fn ask_json<T: serde::de::DeserializeOwned>(
-    socket: &std::path::Path,
+    inner: &crate::core::Inner,
+    l: &crate::provision::UnitLaunch,
     path: &str,
 ) -> Result<T, String> {
-    let (status, body) = dva_unit::control::get(socket, path, UNIT_TIMEOUT)
-        .map_err(|e| format!("control socket {}: {e}", socket.display()))?;
+    let (status, body) = inner
+        .provisioner
+        .control_get(l, path, UNIT_TIMEOUT)
+        .map_err(|e| format!("control socket {}: {e}", l.control.display()))?;
     if status != 200 {
         return Err(format!("HTTP {status}: {}", body.trim()));
     }
@@ -241,9 +238,9 @@ impl Mgmt {
         }
         .to_query();
         let mut streams = Vec::new();
-        for (id, _, socket) in targets {
+        for (id, _, l) in targets {
             // Dropping the streams opened so far ends their sessions.
-            let s = open_capture(&socket, &query, spec.duration).map_err(|e| e.with_unit(id))?;
+            let s = open_capture(&l.control, &query, spec.duration).map_err(|e| e.with_unit(id))?;
             streams.push((id, s));
         }
         Ok(CaptureStreams {
@@ -438,7 +435,8 @@ impl Mgmt {
         let mut streams = Vec::new();
         for (id, _, socket) in targets {
             // Dropping the streams opened so far ends their sessions.
-            let s = open_stream(&socket, &target, spec.duration).map_err(|e| e.with_unit(id))?;
+            let s = open_stream(&socket.control, &target, spec.duration)
+                .map_err(|e| e.with_unit(id))?;
             streams.push((id, s));
         }
         Ok(MonitorStreams { units: streams })

@@ -11,7 +11,6 @@
 //! scrape at most that long; a unit that does not answer has `dva_unit_scrape_up` 0.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -57,7 +56,7 @@ pub fn api_latency() -> ApiLatency {
 /// A unit to read: (appliance, id, role) and its control socket.
 struct Target {
     labels: Labels,
-    control: PathBuf,
+    unit: crate::provision::UnitLaunch,
 }
 
 impl Mgmt {
@@ -84,13 +83,13 @@ impl Mgmt {
                                 ("unit", u.id.to_string()),
                                 ("role", u.role.as_str().to_string()),
                             ],
-                            control: crate::reconcile::control_socket(&self.inner, name, u.id),
+                            unit: crate::reconcile::launch(&self.inner, name, u),
                         });
                     }
                 }
             }
         }
-        let stats = read_units(targets.iter().map(|t| t.control.as_path()));
+        let stats = read_units(&self.inner, targets.iter().map(|t| &t.unit));
 
         let mut e = Exposition::new();
         let r = e.registry_mut();
@@ -169,7 +168,7 @@ impl Mgmt {
     /// `GET /v1/appliances/{name}/stats`: every unit's counters, read as `/metrics` reads them
     /// (the same timeout and parallelism), so a live view can turn two reads into rates.
     pub fn stats(&self, name: &str) -> Result<StatsView, ApiError> {
-        let units: Vec<(UnitRecord, Option<PathBuf>)> = {
+        let units: Vec<(UnitRecord, Option<crate::provision::UnitLaunch>)> = {
             let all = self.inner.lock();
             let app = all
                 .get(name)
@@ -180,15 +179,14 @@ impl Mgmt {
                 .map(|u| {
                     // Only units serving traffic have a control socket worth waiting for.
                     let serving = matches!(u.state, UnitState::Ready | UnitState::Draining);
-                    let control =
-                        serving.then(|| crate::reconcile::control_socket(&self.inner, name, u.id));
+                    let control = serving.then(|| crate::reconcile::launch(&self.inner, name, u));
                     (u.clone(), control)
                 })
                 .collect()
         };
         // Read outside the lock: a slow unit must not hold up the reconciler.
-        let asked: Vec<&std::path::Path> = units.iter().filter_map(|(_, c)| c.as_deref()).collect();
-        let mut answers = read_units(asked.into_iter()).into_iter();
+        let asked = units.iter().filter_map(|(_, c)| c.as_ref());
+        let mut answers = read_units(&self.inner, asked).into_iter();
         let time_ms = now_ms();
         let units = units
             .iter()
@@ -222,13 +220,16 @@ impl Mgmt {
 
 /// Read the stats of every unit at `controls`, [`SCRAPE_PARALLEL`] at a time, each within
 /// [`UNIT_TIMEOUT`]; `None` for a unit that did not answer. In the order given.
-fn read_units<'a>(controls: impl Iterator<Item = &'a std::path::Path>) -> Vec<Option<UnitStats>> {
-    let controls: Vec<&std::path::Path> = controls.collect();
+fn read_units<'a>(
+    inner: &crate::core::Inner,
+    controls: impl Iterator<Item = &'a crate::provision::UnitLaunch>,
+) -> Vec<Option<UnitStats>> {
+    let controls: Vec<&crate::provision::UnitLaunch> = controls.collect();
     controls
         .chunks(SCRAPE_PARALLEL)
         .flat_map(|chunk| {
             std::thread::scope(|s| {
-                let handles: Vec<_> = chunk.iter().map(|c| s.spawn(|| fetch(c))).collect();
+                let handles: Vec<_> = chunk.iter().map(|c| s.spawn(|| fetch(inner, c))).collect();
                 // A unit whose thread could not finish counts as not answering.
                 handles
                     .into_iter()
@@ -239,8 +240,12 @@ fn read_units<'a>(controls: impl Iterator<Item = &'a std::path::Path>) -> Vec<Op
         .collect()
 }
 
-fn fetch(control: &std::path::Path) -> Option<UnitStats> {
-    let (status, body) = dva_unit::control::get(control, "/stats", UNIT_TIMEOUT).ok()?;
+/// A unit's `/stats`, through the provisioner: the socket here, or the unit's agent.
+fn fetch(inner: &crate::core::Inner, unit: &crate::provision::UnitLaunch) -> Option<UnitStats> {
+    let (status, body) = inner
+        .provisioner
+        .control_get(unit, "/stats", UNIT_TIMEOUT)
+        .ok()?;
     if status != 200 {
         return None;
     }

@@ -219,6 +219,36 @@ impl Pki {
         })
     }
 
+    /// An agent's certificate: it serves the agent's API, so it names the address the management
+    /// tool dials (an IP address SAN) and `dva://host/NAME`, which is no unit's or the tool's
+    /// identity (an agent cannot join a unit channel with it).
+    pub fn issue_agent(&self, host: &str, addr: std::net::IpAddr) -> anyhow::Result<Issued> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.subject_alt_names.push(SanType::IpAddress(addr));
+        let uri = format!("dva://host/{host}");
+        p.subject_alt_names
+            .push(SanType::URI(uri.as_str().try_into()?));
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, uri.as_str());
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - BACKDATE;
+        p.not_after = now + SERVER_VALIDITY;
+        let cert = p
+            .signed_by(&key, &self.issuer, &self.key)
+            .with_context(|| format!("issuing the certificate of host {host}'s agent"))?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            ca_pem: self.ca_pem.clone(),
+        })
+    }
+
     /// The management tool's client certificate.
     pub fn issue_mgmt(&self) -> anyhow::Result<Issued> {
         self.issue(tls::mgmt_uri(), Vec::new())

@@ -64,6 +64,16 @@ pub trait Provisioner: Send + Sync {
     /// The running processes that are this unit, oldest first: how a restarted management tool
     /// finds a unit it started but had not yet recorded the pid of.
     fn find(&self, unit: &UnitLaunch) -> Vec<UnitProcess>;
+    /// `GET path` on the unit's control socket: on this machine the socket itself; on an agent's
+    /// host the agent relays it (the socket is a file of that machine).
+    fn control_get(
+        &self,
+        unit: &UnitLaunch,
+        path: &str,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<(u16, String)> {
+        dva_unit::control::get(&unit.control, path, timeout)
+    }
 }
 
 /// A child we started, with a pidfd on it: signals through the pidfd reach this very process
@@ -78,6 +88,8 @@ pub struct LocalProvisioner {
     /// Units we started ourselves, so their exit status is collected (no zombies). Units adopted
     /// after a restart of the management tool are not our children and are probed through /proc.
     children: Mutex<HashMap<u32, Started>>,
+    /// Exit codes of children reaped (`-signal` when killed by one), for the agent's status.
+    exits: Mutex<HashMap<u32, i32>>,
 }
 
 impl LocalProvisioner {
@@ -85,7 +97,13 @@ impl LocalProvisioner {
         LocalProvisioner {
             exe,
             children: Mutex::new(HashMap::new()),
+            exits: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How a child of ours that exited ended: its exit code, or minus the signal that ended it.
+    pub fn exit_code(&self, pid: u32) -> Option<i32> {
+        self.exits.lock().ok()?.get(&pid).copied()
     }
 
     /// Signal the unit's process, and only it.
@@ -193,7 +211,16 @@ impl Provisioner for LocalProvisioner {
             if let Some(started) = c.get_mut(&p.pid) {
                 return match started.child.try_wait() {
                     Ok(None) => true,
-                    _ => {
+                    Ok(Some(status)) => {
+                        use std::os::unix::process::ExitStatusExt;
+                        let code = status.code().or(status.signal().map(|s| -s));
+                        if let (Some(code), Ok(mut e)) = (code, self.exits.lock()) {
+                            e.insert(p.pid, code);
+                        }
+                        c.remove(&p.pid);
+                        false
+                    }
+                    Err(_) => {
                         c.remove(&p.pid);
                         false
                     }

@@ -124,14 +124,27 @@ const LAB_EVERY: Duration = Duration::from_secs(2);
 struct Host {
     name: String,
     backplane: IpAddr,
+    /// The network namespace its units run in, as seen from `dva serve` (a lab host); `None`:
+    /// ours, or another machine's (an agent's host, reached over the network).
+    netns: Option<String>,
+    /// Its CPUs (agents' hosts; 1 elsewhere): data planes go where fewest run per CPU.
+    cpus: u32,
+    /// The appliance of each unit its agent last reported (agents' hosts): other appliances'
+    /// units take capacity too.
+    running: Vec<String>,
 }
 
-/// Where units may go: the lab's hosts, or this machine alone.
+/// Where units may go: the hosts of registered agents, the lab's hosts, or this machine alone.
 struct Hosts {
     dispatchers: Vec<Host>,
     dataplanes: Vec<Host>,
+    /// Every host a manager may be on (including agents' hosts not ready right now, where a
+    /// manager may still run): where its channel address is looked up, and what units are told.
+    managers: Vec<Host>,
     /// The lab, for what only a lab has (upstream ECMP routers).
     lab: Option<Lab>,
+    /// Units are placed on agents' hosts.
+    agents: bool,
 }
 
 impl Hosts {
@@ -140,19 +153,68 @@ impl Hosts {
             .map(|d| Host {
                 name: lab.dispatcher_ns(d),
                 backplane: IpAddr::V4(Lab::dispatcher_backplane_addr(d)),
+                netns: Some(lab.dispatcher_ns(d)),
+                cpus: 1,
+                running: Vec::new(),
             })
             .collect();
-        let dataplanes = (1..=lab.hosts.max(1))
+        let dataplanes: Vec<Host> = (1..=lab.hosts.max(1))
             .map(|m| Host {
                 name: lab.host_ns(m),
                 backplane: IpAddr::V4(Lab::host_backplane_addr(m)),
+                netns: Some(lab.host_ns(m)),
+                cpus: 1,
+                running: Vec::new(),
             })
             .collect();
         Hosts {
             dispatchers,
+            managers: dataplanes.clone(),
             dataplanes,
             lab: Some(lab),
+            agents: false,
         }
+    }
+
+    /// The hosts of registered agents: dispatchers on those labelled `dispatcher=true`, data
+    /// planes and managers on the others (on all when every host is labelled). Only ready hosts
+    /// take new units; a lost one is left out of everything.
+    fn agents(registry: &crate::hosts::Registry) -> Hosts {
+        use crate::hosts::HostState;
+        let all = registry.placeable();
+        let host = |p: &crate::hosts::Placeable| Host {
+            name: p.record.name.clone(),
+            backplane: p.record.backplane,
+            netns: None,
+            cpus: p.record.cpus.max(1),
+            running: p.appliances.clone(),
+        };
+        let unlabelled = all.iter().any(|p| !p.record.is_dispatcher());
+        let dp_kind = |p: &crate::hosts::Placeable| !unlabelled || !p.record.is_dispatcher();
+        Hosts {
+            dispatchers: all
+                .iter()
+                .filter(|p| p.state == HostState::Ready && p.record.is_dispatcher())
+                .map(host)
+                .collect(),
+            dataplanes: all
+                .iter()
+                .filter(|p| p.state == HostState::Ready && dp_kind(p))
+                .map(host)
+                .collect(),
+            managers: all.iter().filter(|p| dp_kind(p)).map(host).collect(),
+            lab: None,
+            agents: true,
+        }
+    }
+
+    /// The network namespace `dva serve` reaches units of `host` from.
+    fn netns_of(&self, host: &str) -> Option<&str> {
+        self.managers
+            .iter()
+            .chain(&self.dispatchers)
+            .find(|h| h.name == host)
+            .and_then(|h| h.netns.as_deref())
     }
 
     /// This machine: units in our own network namespace (where the spec's devices are), the
@@ -167,17 +229,23 @@ impl Hosts {
         let host = Host {
             name,
             backplane: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            netns: None,
+            cpus: 1,
+            running: Vec::new(),
         };
         Hosts {
             dispatchers: vec![host.clone()],
+            managers: vec![host.clone()],
             dataplanes: vec![host],
             lab: None,
+            agents: false,
         }
     }
 
     fn describe(&self) -> String {
         match &self.lab {
             Some(lab) => format!("lab {}", lab.prefix),
+            None if self.agents => "the registered hosts".to_string(),
             None => "this machine".to_string(),
         }
     }
@@ -188,6 +256,8 @@ pub(crate) fn run(inner: &Inner) {
     let mut hosts_at: Option<Instant> = None;
     // The term this replica reconciles for (etcd store); a new one means a fresh takeover.
     let mut led: Option<i64> = None;
+    // Orphans asked to stop, and when (asked again after a while if still running).
+    let mut fenced: BTreeMap<(String, u32), Instant> = BTreeMap::new();
     while !inner.stop.load(Ordering::Acquire) {
         if let Some(l) = &inner.leadership {
             let term = l.term();
@@ -211,7 +281,11 @@ pub(crate) fn run(inner: &Inner) {
                 continue;
             }
         }
-        if hosts.is_none() || hosts_at.is_none_or(|t| t.elapsed() >= LAB_EVERY) {
+        if !inner.registry.is_empty() {
+            // Agents' hosts change state every poll: read them every pass (no I/O).
+            hosts = Some(Hosts::agents(&inner.registry));
+            hosts_at = None;
+        } else if hosts.is_none() || hosts_at.is_none_or(|t| t.elapsed() >= LAB_EVERY) {
             hosts = if inner.opts.local {
                 Some(Hosts::local())
             } else {
@@ -238,6 +312,9 @@ pub(crate) fn run(inner: &Inner) {
             }
             reconcile(inner, app, hosts.as_ref(), &ports);
         }
+        if !inner.registry.is_empty() {
+            fence_orphans(inner, &mut fenced);
+        }
         inner.reconcile_passes.fetch_add(1, Ordering::Relaxed);
         inner.notify();
         inner.last_pass_ms.store(now_ms(), Ordering::Relaxed);
@@ -252,7 +329,7 @@ pub(crate) fn run_dir(inner: &Inner, name: &str) -> PathBuf {
         .join(format!("{}{}", inner.opts.lab_prefix, name))
 }
 
-fn launch(inner: &Inner, name: &str, u: &UnitRecord) -> UnitLaunch {
+pub(crate) fn launch(inner: &Inner, name: &str, u: &UnitRecord) -> UnitLaunch {
     let dir = run_dir(inner, name);
     UnitLaunch {
         appliance: name.to_string(),
@@ -304,7 +381,7 @@ fn pick_manager_port(taken: &[u16], local: bool) -> Option<u16> {
 /// Where a manager on `host` listens.
 fn manager_addr(hosts: &Hosts, host: &str, port: u16) -> Option<SocketAddr> {
     hosts
-        .dataplanes
+        .managers
         .iter()
         .find(|h| h.name == host)
         .map(|h| SocketAddr::new(h.backplane, port))
@@ -313,7 +390,7 @@ fn manager_addr(hosts: &Hosts, host: &str, port: u16) -> Option<SocketAddr> {
 /// Every address a manager may lead from (managers go on data-plane hosts): what units are told.
 fn manager_endpoints(hosts: &Hosts, port: u16) -> String {
     let mut v: Vec<String> = Vec::new();
-    for h in &hosts.dataplanes {
+    for h in &hosts.managers {
         let e = format!("tcp://{}", SocketAddr::new(h.backplane, port));
         if !v.contains(&e) {
             v.push(e);
@@ -325,7 +402,8 @@ fn manager_endpoints(hosts: &Hosts, port: u16) -> String {
 fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &[u16]) {
     let Some(hosts) = hosts else {
         app.rt.error = Some(format!(
-            "no lab with prefix {:?} (create it with `dva lab up --prefix {}`)",
+            "no lab with prefix {:?} (create it with `dva lab up --prefix {}`, or run `dva \
+             agent` on the machines units may use)",
             inner.opts.lab_prefix, inner.opts.lab_prefix
         ));
         return;
@@ -351,6 +429,19 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
                 "unit-stopped",
                 format!("{} unit {} on {} exited", u.role.as_str(), u.id, u.host),
             );
+        } else if inner.registry.state(&u.host) == Some(crate::hosts::HostState::Lost) {
+            push_event(
+                &mut app.rec,
+                "unit-died",
+                format!(
+                    "{} unit {} on {}: the host is lost (its agent has not answered for {} ms); \
+                     replacing it on another host",
+                    u.role.as_str(),
+                    u.id,
+                    u.host,
+                    inner.opts.host_lost_after.as_millis()
+                ),
+            );
         } else {
             push_event(
                 &mut app.rec,
@@ -367,6 +458,26 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
         app.rt.drain_clear.remove(&u.id);
     }
     app.rec.units = kept;
+    if hosts.dataplanes.is_empty() {
+        // Agents' hosts, none ready yet (or all lost): nothing can be placed.
+        app.rt.error = Some(
+            "no ready host for data planes and managers (is `dva agent` running on them?)".into(),
+        );
+        if app.rec != before {
+            if let Err(e) = inner.store.save(&app.rec) {
+                app.rt.error = Some(format!("store: {e:#}"));
+            }
+        }
+        return;
+    }
+    if app
+        .rt
+        .error
+        .as_deref()
+        .is_some_and(|e| e.starts_with("no ready host"))
+    {
+        app.rt.error = None;
+    }
 
     // 2. The layout: one manager, one dispatcher per dispatcher host, N data planes.
     let mut to_start = Vec::new();
@@ -398,6 +509,11 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
                 "spec.layout.dispatchers is {want_disp} but lab {} has {have_disp} dispatcher \
                  host(s) (`dva lab up --dispatchers {want_disp}`)",
                 lab.prefix
+            ),
+            None if hosts.agents => format!(
+                "spec.layout.dispatchers is {want_disp} but {have_disp} ready host(s) are \
+                 labelled dispatcher=true (`dva agent --label dispatcher=true` on the machines \
+                 that hold the interfaces)"
             ),
             None => format!(
                 "spec.layout.dispatchers is {want_disp} but {} holds the interfaces of one \
@@ -435,7 +551,7 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
     let want = app.rec.dataplanes as usize;
     if active.len() < want {
         for _ in active.len()..want {
-            let (host, addr) = place_dataplane(hosts, &app.rec.units, &planned);
+            let (host, addr) = place_dataplane(hosts, &name, &app.rec.units, &planned);
             planned.push((host.clone(), addr));
             to_start.push((UnitRole::Dataplane, host, Some(addr)));
         }
@@ -456,7 +572,7 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
         }
     }
     if !to_start.is_empty() && app.rec.manager_port.is_none() {
-        match pick_manager_port(ports, inner.opts.local) {
+        match pick_manager_port(ports, inner.opts.local && !hosts.agents) {
             Some(p) => app.rec.manager_port = Some(p),
             None => {
                 app.rt.error = Some(format!(
@@ -553,7 +669,7 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
             let Some(addr) = manager_addr(hosts, &u.host, port) else {
                 continue;
             };
-            let netns = (!inner.opts.local).then_some(u.host.as_str());
+            let netns = hosts.netns_of(&u.host);
             if let Ok(link) = ManagerLink::connect(inner, &name, addr, netns) {
                 app.rt.link = Some(link);
                 break;
@@ -753,9 +869,11 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
     // A manager is ready (leading or standing by) once its control socket says so.
     for u in app.rec.units.iter_mut() {
         if u.role == UnitRole::Manager && u.state == UnitState::Starting {
-            let control = launch(inner, &name, u).control;
+            let l = launch(inner, &name, u);
             if let Ok((200, _)) =
-                dva_unit::control::get(&control, "/ready", Duration::from_millis(200))
+                inner
+                    .provisioner
+                    .control_get(&l, "/ready", Duration::from_millis(300))
             {
                 u.state = UnitState::Ready;
             }
@@ -801,6 +919,76 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
         }
     }
     write_units_json(inner, app, hosts);
+}
+
+/// Units an agent runs that no record names any more (on that host, with that pid): those of a
+/// host that was lost and came back (they were replaced elsewhere), or of a deleted appliance.
+/// They are stopped, so a bucket never has two serving owners; a record still without a pid (a
+/// crash between start and save) is left to adoption.
+fn fence_orphans(inner: &Inner, fenced: &mut BTreeMap<(String, u32), Instant>) {
+    const AGAIN: Duration = Duration::from_secs(5);
+    let reported = inner.registry.reported_units();
+    let orphans: Vec<(String, crate::agent::AgentUnit)> = {
+        let all = inner.lock();
+        reported
+            .into_iter()
+            .filter(|(host, au)| {
+                // An appliance no record names was deleted (records are loaded before any pass).
+                let Some(app) = all.get(&au.appliance) else {
+                    return true;
+                };
+                !app.rec
+                    .units
+                    .iter()
+                    .any(|u| u.id == au.id && u.host == *host && u.pid.is_none_or(|p| p == au.pid))
+            })
+            .collect()
+    };
+    fenced.retain(|_, t| t.elapsed() < AGAIN);
+    for (host, au) in orphans {
+        if fenced.contains_key(&(host.clone(), au.pid)) {
+            continue;
+        }
+        fenced.insert((host.clone(), au.pid), Instant::now());
+        let rec = UnitRecord {
+            id: au.id,
+            role: au.role,
+            host: host.clone(),
+            pid: Some(au.pid),
+            pid_start: au.start,
+            addr: None,
+            state: UnitState::Stopped,
+            started_ms: au.started_ms,
+            draining_since_ms: None,
+            exporting_since_ms: None,
+        };
+        let l = launch(inner, &au.appliance, &rec);
+        inner.provisioner.stop(
+            UnitProcess {
+                pid: au.pid,
+                start: au.start,
+            },
+            &l,
+        );
+        let msg = format!(
+            "{} unit {} on {} (pid {}) is no longer the appliance's (its host was lost, the unit \
+             replaced): stopping it",
+            au.role.as_str(),
+            au.id,
+            host,
+            au.pid
+        );
+        let mut all = inner.lock();
+        match all.get_mut(&au.appliance) {
+            Some(app) => {
+                push_event(&mut app.rec, "unit-fenced", msg);
+                if let Err(e) = inner.store.save(&app.rec) {
+                    app.rt.error = Some(format!("store: {e:#}"));
+                }
+            }
+            None => tracing::warn!(appliance = %au.appliance, "{msg}"),
+        }
+    }
 }
 
 /// The recorded process of a unit, if a pid was recorded.
@@ -860,6 +1048,15 @@ fn adopt_unit(inner: &Inner, name: &str, u: &mut UnitRecord, rec: &mut Appliance
 /// started (they outlive it), records the takeover in each appliance's events, and reconciles
 /// from there.
 fn take_over(inner: &Inner, term: i64) -> bool {
+    // Hosts first: a pass that found no registered host would take the agents' units for
+    // units of this machine, find them dead here and start them again.
+    match inner.store.load_hosts() {
+        Ok(h) => inner.registry.set(h),
+        Err(e) => {
+            tracing::warn!(term, "leadership: loading the hosts failed: {e:#}");
+            return false;
+        }
+    }
     let (appliances, broken) = match crate::core::load(inner.store.as_ref()) {
         Ok(l) => l,
         Err(e) => {
@@ -916,13 +1113,16 @@ pub(crate) fn adopt_all(inner: &Inner) {
     }
 }
 
-/// The data-plane host with the fewest data planes, and the next free backplane port on it.
+/// The data-plane host with the fewest data planes of this appliance and units of others per
+/// CPU, and the next free backplane port on it.
 fn place_dataplane(
     hosts: &Hosts,
+    appliance: &str,
     units: &[UnitRecord],
     planned: &[(String, SocketAddr)],
 ) -> (String, SocketAddr) {
-    let mut best = (usize::MAX, 0);
+    // Fewest data planes per CPU: compared as n/cpus < best_n/best_cpus without division.
+    let mut best = (usize::MAX, 1u32, 0);
     for (i, h) in hosts.dataplanes.iter().enumerate() {
         let n = units
             .iter()
@@ -930,12 +1130,14 @@ fn place_dataplane(
                 u.role == UnitRole::Dataplane && u.host == h.name && u.state != UnitState::Stopped
             })
             .count()
-            + planned.iter().filter(|(p, _)| *p == h.name).count();
-        if n < best.0 {
-            best = (n, i);
+            + planned.iter().filter(|(p, _)| *p == h.name).count()
+            + h.running.iter().filter(|a| *a != appliance).count();
+        let fewer = best.0 == usize::MAX || n * (best.1 as usize) < best.0 * (h.cpus as usize);
+        if fewer {
+            best = (n, h.cpus, i);
         }
     }
-    let host = &hosts.dataplanes[best.1];
+    let host = &hosts.dataplanes[best.2];
     let (ns, ip) = (host.name.clone(), host.backplane);
     let used: Vec<u16> = units
         .iter()
@@ -1198,4 +1400,50 @@ pub(crate) fn delete(inner: &Inner, name: &str) -> anyhow::Result<()> {
     inner.store.remove(name)?;
     let _ = std::fs::remove_dir_all(run_dir(inner, name));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, cpus: u32, running: &[&str]) -> Host {
+        Host {
+            name: name.into(),
+            backplane: IpAddr::from([198, 19, 0, 2]),
+            netns: None,
+            cpus,
+            running: running.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Data planes go where fewest units run per CPU, other appliances' units counted.
+    #[test]
+    fn data_planes_go_to_free_capacity() {
+        let hosts = Hosts {
+            dispatchers: Vec::new(),
+            dataplanes: vec![host("a", 1, &["other"]), host("b", 2, &[])],
+            managers: Vec::new(),
+            lab: None,
+            agents: true,
+        };
+        let mut planned = Vec::new();
+        let mut placed = Vec::new();
+        for _ in 0..4 {
+            let (h, addr) = place_dataplane(&hosts, "edge-fw", &[], &planned);
+            planned.push((h.clone(), addr));
+            placed.push(h);
+        }
+        // b (2 CPUs, empty) takes two before a (1 CPU, one unit of another appliance) takes one.
+        assert_eq!(placed, ["b", "b", "a", "b"]);
+        // Ports on one host do not collide.
+        let ports: Vec<u16> = planned
+            .iter()
+            .filter(|(h, _)| h == "b")
+            .map(|(_, a)| a.port())
+            .collect();
+        assert_eq!(
+            ports,
+            [BACKPLANE_PORT, BACKPLANE_PORT + 1, BACKPLANE_PORT + 2]
+        );
+    }
 }

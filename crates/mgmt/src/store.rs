@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+use crate::hosts::{HostRecord, JoinTokenRecord};
 use crate::model::ApplianceRecord;
 
 /// What [`Store::load_all`] found.
@@ -90,22 +91,67 @@ pub trait Store: Send + Sync {
     fn save(&self, rec: &ApplianceRecord) -> anyhow::Result<()>;
     /// Forget `name` (no error when it is not there).
     fn remove(&self, name: &str) -> anyhow::Result<()>;
+    /// The registered hosts (agents).
+    fn load_hosts(&self) -> anyhow::Result<Vec<HostRecord>>;
+    fn save_host(&self, host: &HostRecord) -> anyhow::Result<()>;
+    fn remove_host(&self, name: &str) -> anyhow::Result<()>;
+    /// Keep a one-time join token, by its hash.
+    fn save_join_token(&self, hash: &str, token: &JoinTokenRecord) -> anyhow::Result<()>;
+    /// Remove the join token with this hash and return it: a second use finds nothing.
+    fn take_join_token(&self, hash: &str) -> anyhow::Result<Option<JoinTokenRecord>>;
 }
 
 pub struct FileStore {
     dir: PathBuf,
+    /// `<state>/hosts/NAME.json`.
+    hosts: PathBuf,
+    /// `<state>/join-tokens/HASH.json`.
+    tokens: PathBuf,
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename (0600), then sync the directory.
+fn replace_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn remove_file(path: &Path) -> anyhow::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("removing {}", path.display()))),
+    }
 }
 
 impl FileStore {
     pub fn open(state_dir: &Path) -> anyhow::Result<FileStore> {
         let dir = state_dir.join("appliances");
+        let hosts = state_dir.join("hosts");
+        let tokens = state_dir.join("join-tokens");
         // The store holds the appliances' specs: root and our user only.
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        Ok(FileStore { dir })
+        for d in [&dir, &hosts, &tokens] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(FileStore { dir, hosts, tokens })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -202,6 +248,54 @@ impl Store for FileStore {
         }
         File::open(&self.dir)?.sync_all()?;
         Ok(())
+    }
+
+    fn load_hosts(&self) -> anyhow::Result<Vec<HostRecord>> {
+        let mut out = Vec::new();
+        let entries = fs::read_dir(&self.hosts)
+            .with_context(|| format!("reading {}", self.hosts.display()))?;
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let parsed = fs::read_to_string(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|t| Ok(serde_json::from_str::<HostRecord>(&t)?));
+            match parsed {
+                Ok(h) => out.push(h),
+                // One unreadable host record must not hide the others.
+                Err(e) => tracing::warn!("host record {}: {e:#}; ignored", path.display()),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn save_host(&self, host: &HostRecord) -> anyhow::Result<()> {
+        let path = self.hosts.join(format!("{}.json", host.name));
+        replace_file(&path, &serde_json::to_vec_pretty(host)?)
+    }
+
+    fn remove_host(&self, name: &str) -> anyhow::Result<()> {
+        remove_file(&self.hosts.join(format!("{name}.json"))).map(|_| ())
+    }
+
+    fn save_join_token(&self, hash: &str, token: &JoinTokenRecord) -> anyhow::Result<()> {
+        let path = self.tokens.join(format!("{hash}.json"));
+        replace_file(&path, &serde_json::to_vec(token)?)
+    }
+
+    fn take_join_token(&self, hash: &str) -> anyhow::Result<Option<JoinTokenRecord>> {
+        let path = self.tokens.join(format!("{hash}.json"));
+        let Ok(text) = fs::read_to_string(&path) else {
+            return Ok(None);
+        };
+        // Whoever removes the file used the token: one process, one use.
+        if !remove_file(&path)? {
+            return Ok(None);
+        }
+        Ok(serde_json::from_str(&text).ok())
     }
 }
 
