@@ -240,6 +240,21 @@ fn load_credentials(dir: &Path) -> anyhow::Result<Option<Issued>> {
 }
 
 /// `POST /v1/hosts/{name}/join` on the management API.
+/// Whether `url` (`http://HOST:PORT...`) names a loopback address.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn join(opts: &AgentOptions) -> anyhow::Result<JoinAnswer> {
     let (cpus, memory_mb) = capacity();
     let req = JoinRequest {
@@ -255,6 +270,15 @@ fn join(opts: &AgentOptions) -> anyhow::Result<JoinAnswer> {
         }
         None => None,
     };
+    // The join token goes up and the agent's private key comes back: over plain HTTP anyone on
+    // the path reads both. Allowed (a lab, loopback), but said.
+    if opts.server.starts_with("http://") && !is_loopback_url(&opts.server) {
+        tracing::warn!(
+            server = %opts.server,
+            "joining over plain HTTP: the join token and this agent's key cross the network in \
+             clear; serve the API with `dva serve --tls-auto` (or --tls-cert) and give --ca"
+        );
+    }
     let client =
         crate::client::Client::with_ca(&opts.server, Some(opts.join_token.clone()), ca.as_deref())?;
     let path = format!("/v1/hosts/{}/join", opts.name);
@@ -747,6 +771,24 @@ pub fn call_json<T: DeserializeOwned>(
 mod tests {
     use super::*;
     use crate::pki::Pki;
+
+    #[test]
+    fn loopback_urls() {
+        for u in [
+            "http://127.0.0.1:7080",
+            "http://localhost:7080/",
+            "http://[::1]:7080",
+        ] {
+            assert!(is_loopback_url(u), "{u}");
+        }
+        for u in [
+            "http://198.19.0.1:7080",
+            "http://fw1:7080",
+            "http://[2001:db8::1]:80",
+        ] {
+            assert!(!is_loopback_url(u), "{u}");
+        }
+    }
 
     fn client(issued: &Issued) -> Arc<rustls::ClientConfig> {
         Credentials::from_pem(&issued.cert_pem, &issued.key_pem, &issued.ca_pem)
