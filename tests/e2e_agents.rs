@@ -456,6 +456,7 @@ fn agents_on_three_machines_run_the_appliance() {
     // replaced on ag-dp1, the events say why, traffic passes. Healed, its agent answers again and
     // the units it still runs (replaced meanwhile) are stopped: no bucket has two owners.
     ip(&["-n", APP, "link", "set", "bp-dp2", "down"]);
+    let cut = Instant::now();
     wait_until("ag-dp2 lost, 3 data planes on ag-dp1", 30, &logs, || {
         let hosts = json(&token, &["get", "hosts", "-o", "json"]);
         let lost = hosts
@@ -468,8 +469,15 @@ fn agents_on_three_machines_run_the_appliance() {
             .collect();
         lost && dps.len() == 3 && dps.iter().all(|h| h == DP1)
     });
+    // A figure for docs/CHAOS.md, not an assertion (the machine's load decides it).
+    println!(
+        "machine loss: ag-dp2 declared lost and its data planes ready on ag-dp1 {:?} after its \
+         link was cut (--host-lost-after 5s)",
+        cut.elapsed()
+    );
     allowed_passes_and_the_rest_is_blocked();
     ip(&["-n", APP, "link", "set", "bp-dp2", "up"]);
+    let healed = Instant::now();
     wait_until("ag-dp2 back, its old units stopped", 30, &logs, || {
         json(&token, &["get", "hosts", "-o", "json"])
             .as_array()
@@ -478,6 +486,11 @@ fn agents_on_three_machines_run_the_appliance() {
                     .any(|h| h["name"] == DP2 && h["state"] == "ready" && h["units"] == 0)
             })
     });
+    println!(
+        "partition healed: ag-dp2 ready again with its replaced units stopped {:?} after the link \
+         came back",
+        healed.elapsed()
+    );
     let events = ctl(&token, &["events", "edge-fw", "-o", "json"]);
     assert!(
         events.contains("ag-dp2: the host is lost") && events.contains("unit-fenced"),
