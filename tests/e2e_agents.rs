@@ -147,21 +147,7 @@ fn agent(ns: &str, dir: &Path, server: &str, token: &str, addr: &str, labels: &[
 
 /// The CLI against `dva serve`, from the dispatcher host.
 fn ctl(token: &str, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", APP])
-        .arg(dva_bin())
-        .args(args)
-        .args(["--server", &format!("http://{API}"), "--token", token])
-        .output()
-        .expect("dva");
-    assert!(
-        out.status.success(),
-        "dva {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ctl_in(APP, &format!("http://{API}"), token, args)
 }
 
 fn json(token: &str, args: &[&str]) -> serde_json::Value {

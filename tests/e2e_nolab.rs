@@ -89,21 +89,7 @@ impl Drop for Dva {
 
 /// The CLI against the management tool in the appliance's namespace.
 fn ctl(server: &str, token: &str, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", APP])
-        .arg(dva_bin())
-        .args(args)
-        .args(["--server", server, "--token", token])
-        .output()
-        .expect("dva");
-    assert!(
-        out.status.success(),
-        "dva {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ctl_in(APP, server, token, args)
 }
 
 fn allowed_passes_and_the_rest_is_blocked() {

@@ -462,6 +462,26 @@ pub fn ip(args: &[&str]) {
     );
 }
 
+/// The CLI inside namespace `ns` against the API at `server`: its standard output; any failure
+/// fails the test with what the CLI printed.
+pub fn ctl_in(ns: &str, server: &str, token: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(dva_bin())
+        .args(args)
+        .args(["--server", server, "--token", token])
+        .output()
+        .expect("dva");
+    assert!(
+        out.status.success(),
+        "dva {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Machines without a lab, made by the test: the appliance's machine (namespace `app`) with
 /// `out0` and `in0` (up, no addresses: the appliance owns 198.18.1.1 and 198.18.2.1), a client
 /// (198.18.1.2) behind `out0` and a server (198.18.2.2) behind `in0`. Removed on drop.

@@ -150,24 +150,37 @@ impl Pki {
     }
 
     fn issue(&self, uri: String, dns: Vec<String>) -> anyhow::Result<Issued> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut p = CertificateParams::new(dns)?;
         p.subject_alt_names
             .push(SanType::URI(uri.as_str().try_into()?));
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, uri.as_str());
-        p.distinguished_name = dn;
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         // Every party is a client of the channel; a manager is also its server.
-        p.extended_key_usages = vec![
+        let eku = vec![
             ExtendedKeyUsagePurpose::ClientAuth,
             ExtendedKeyUsagePurpose::ServerAuth,
         ];
+        self.sign(p, &uri, eku, LEAF_VALIDITY)
+    }
+
+    /// Sign a leaf certificate of `p`'s names with a fresh key: common name `cn`, extended key
+    /// usages `eku`, valid from a little before now for `validity`.
+    fn sign(
+        &self,
+        mut p: CertificateParams,
+        cn: &str,
+        eku: Vec<ExtendedKeyUsagePurpose>,
+        validity: Duration,
+    ) -> anyhow::Result<Issued> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = eku;
         p.use_authority_key_identifier_extension = true;
         let now = time::OffsetDateTime::now_utc();
         p.not_before = now - BACKDATE;
-        p.not_after = now + LEAF_VALIDITY;
+        p.not_after = now + validity;
         let cert = p.signed_by(&key, &self.issuer, &self.key)?;
         Ok(Issued {
             cert_pem: cert.pem(),
@@ -196,57 +209,33 @@ impl Pki {
             }
         }
         anyhow::ensure!(!unique.is_empty(), "a server certificate needs a name");
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut p = CertificateParams::new(unique.clone())
+        let p = CertificateParams::new(unique.clone())
             .with_context(|| format!("server names {unique:?}"))?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "dva API server");
-        p.distinguished_name = dn;
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        p.use_authority_key_identifier_extension = true;
-        let now = time::OffsetDateTime::now_utc();
-        p.not_before = now - BACKDATE;
-        p.not_after = now + SERVER_VALIDITY;
-        let cert = p
-            .signed_by(&key, &self.issuer, &self.key)
-            .context("issuing the API server's certificate")?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            ca_pem: self.ca_pem.clone(),
-        })
+        self.sign(
+            p,
+            "dva API server",
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+            SERVER_VALIDITY,
+        )
+        .context("issuing the API server's certificate")
     }
 
     /// An agent's certificate: it serves the agent's API, so it names the address the management
     /// tool dials (an IP address SAN) and `dva://host/NAME`, which is no unit's or the tool's
     /// identity (an agent cannot join a unit channel with it).
     pub fn issue_agent(&self, host: &str, addr: std::net::IpAddr) -> anyhow::Result<Issued> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut p = CertificateParams::new(Vec::<String>::new())?;
         p.subject_alt_names.push(SanType::IpAddress(addr));
         let uri = format!("dva://host/{host}");
         p.subject_alt_names
             .push(SanType::URI(uri.as_str().try_into()?));
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, uri.as_str());
-        p.distinguished_name = dn;
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        p.use_authority_key_identifier_extension = true;
-        let now = time::OffsetDateTime::now_utc();
-        p.not_before = now - BACKDATE;
-        p.not_after = now + SERVER_VALIDITY;
-        let cert = p
-            .signed_by(&key, &self.issuer, &self.key)
-            .with_context(|| format!("issuing the certificate of host {host}'s agent"))?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            ca_pem: self.ca_pem.clone(),
-        })
+        self.sign(
+            p,
+            &uri,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+            SERVER_VALIDITY,
+        )
+        .with_context(|| format!("issuing the certificate of host {host}'s agent"))
     }
 
     /// The management tool's client certificate.

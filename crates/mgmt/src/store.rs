@@ -221,23 +221,7 @@ impl Store for FileStore {
     }
 
     fn save(&self, rec: &ApplianceRecord) -> anyhow::Result<()> {
-        let path = self.path(&rec.name);
-        let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_vec_pretty(rec)?;
-        {
-            let mut f = fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(&tmp)
-                .with_context(|| format!("creating {}", tmp.display()))?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
-        File::open(&self.dir)?.sync_all()?;
-        Ok(())
+        replace_file(&self.path(&rec.name), &serde_json::to_vec_pretty(rec)?)
     }
 
     fn remove(&self, name: &str) -> anyhow::Result<()> {
