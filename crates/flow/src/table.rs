@@ -348,6 +348,103 @@ impl BucketTable {
         backup
     }
 
+    /// Backups as [`BucketTable::backups`] chooses them, but never on the owner's host when
+    /// another host has a member: the backup of a member's buckets is their owner in
+    /// `rebalance(members on other hosts)`. A machine's loss takes every data plane on it at once,
+    /// so a backup beside its owner would die with it and its flows' state with both. `host_of`
+    /// names each member's host; a member it does not know counts as a host of its own. When every
+    /// member shares one host this is exactly [`BucketTable::backups`].
+    ///
+    /// The manager must then fail over with [`BucketTable::transition_with`] and these backups:
+    /// a single member's loss (its host still up) no longer lands where `rebalance` would put it.
+    pub fn backups_apart(&self, host_of: &dyn Fn(UnitId) -> Option<String>) -> Vec<UnitId> {
+        let members = self.members();
+        if members.len() < 2 {
+            return Vec::new();
+        }
+        let hosts: Vec<Option<String>> = members.iter().map(|&m| host_of(m)).collect();
+        let mut backup = vec![0; self.buckets.len()];
+        for (i, &m) in members.iter().enumerate() {
+            let others = |apart: bool| -> Vec<UnitId> {
+                members
+                    .iter()
+                    .zip(&hosts)
+                    .filter(|&(&u, h)| u != m && !(apart && h.is_some() && *h == hosts[i]))
+                    .map(|(&u, _)| u)
+                    .collect()
+            };
+            let mut rest = others(true);
+            if rest.is_empty() {
+                rest = others(false);
+            }
+            let Ok(without) = self.rebalance(&rest) else {
+                continue;
+            };
+            for (b, bucket) in self.buckets.iter().enumerate() {
+                if bucket.owner == m {
+                    backup[b] = without.buckets[b].owner;
+                }
+            }
+        }
+        backup
+    }
+
+    /// Move to `members` the way failover needs when backups were chosen by something other than
+    /// `rebalance` (see [`BucketTable::backups_apart`]): each bucket of a member that leaves goes
+    /// to its backup in `backups` if that one stays (it holds the bucket's replicated state),
+    /// else where `rebalance(staying)` puts it; the other buckets keep their owners. Then new
+    /// members join by [`BucketTable::rebalance`], as in [`BucketTable::transition`], so a moved
+    /// bucket keeps its backup in history to punt to.
+    pub fn transition_with(
+        &self,
+        members: &[UnitId],
+        backups: &[UnitId],
+    ) -> Result<BucketTable, FlowError> {
+        let current = self.members();
+        let staying: Vec<UnitId> = current
+            .iter()
+            .copied()
+            .filter(|m| members.contains(m))
+            .collect();
+        if staying.is_empty() || staying.len() == current.len() {
+            return self.rebalance(members);
+        }
+        let fallback = self.rebalance(&staying)?;
+        let buckets = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(b, old)| {
+                if staying.contains(&old.owner) {
+                    return old.clone();
+                }
+                let owner = backups
+                    .get(b)
+                    .copied()
+                    .filter(|u| staying.contains(u))
+                    .unwrap_or(fallback.buckets[b].owner);
+                let mut history = Vec::with_capacity(MAX_HISTORY);
+                for u in std::iter::once(old.owner).chain(old.history.iter().copied()) {
+                    if u != owner && !history.contains(&u) && history.len() < MAX_HISTORY {
+                        history.push(u);
+                    }
+                }
+                Bucket { owner, history }
+            })
+            .collect();
+        let failed_over = BucketTable {
+            epoch: self.epoch + 1,
+            buckets,
+        };
+        let mut joining: Vec<UnitId> = members.to_vec();
+        joining.sort_unstable();
+        joining.dedup();
+        if joining == staying {
+            return Ok(failed_over);
+        }
+        failed_over.rebalance(members)
+    }
+
     /// Distinct owners, sorted.
     pub fn members(&self) -> Vec<UnitId> {
         let mut m: Vec<UnitId> = self.buckets.iter().map(|b| b.owner).collect();
@@ -704,6 +801,60 @@ mod tests {
             .collect();
         assert_eq!(of_1.len(), 3);
         assert!(BucketTable::maglev(64, &[7]).unwrap().backups().is_empty());
+    }
+
+    #[test]
+    fn backups_apart_survive_the_loss_of_a_whole_host() {
+        // Units 1 and 2 on host a, 3 and 4 on host b, 5 somewhere unknown.
+        let host_of = |u: UnitId| match u {
+            1 | 2 => Some("a".to_string()),
+            3 | 4 => Some("b".to_string()),
+            _ => None,
+        };
+        let t = BucketTable::maglev(1024, &[1, 2, 3, 4, 5]).unwrap();
+        let backups = t.backups_apart(&host_of);
+        for b in 0..1024u16 {
+            let (owner, backup) = (t.owner(b), backups[usize::from(b)]);
+            assert_ne!(backup, 0);
+            assert_ne!(backup, owner);
+            if owner != 5 {
+                assert_ne!(
+                    host_of(backup),
+                    host_of(owner),
+                    "bucket {b}: backup beside owner"
+                );
+            }
+        }
+        // Host a dies: every bucket of 1 and 2 goes to the backup holding its state.
+        let after = t.transition_with(&[3, 4, 5], &backups).unwrap();
+        // One member dies, its host lives on: its buckets still go to their backups.
+        let one = t.transition_with(&[2, 3, 4, 5], &backups).unwrap();
+        // Host a dies and a replacement joins in the same change: the backup stays in history.
+        let replaced = t.transition_with(&[3, 4, 5, 6], &backups).unwrap();
+        for b in 0..1024u16 {
+            let (owner, backup) = (t.owner(b), backups[usize::from(b)]);
+            if owner == 1 || owner == 2 {
+                assert_eq!(after.owner(b), backup, "bucket {b} after host a's loss");
+                assert_eq!(after.bucket(b).history.first(), Some(&owner));
+                let r = replaced.bucket(b);
+                assert!(
+                    r.owner == backup || r.history.first() == Some(&backup),
+                    "{b}: {r:?}"
+                );
+            } else {
+                assert_eq!(after.owner(b), owner, "bucket {b} of a survivor moved");
+            }
+            if owner == 1 {
+                assert_eq!(one.owner(b), backup, "bucket {b} after unit 1's loss");
+            } else {
+                assert_eq!(one.owner(b), owner, "bucket {b} of a survivor moved");
+            }
+        }
+        assert!(after.epoch() > t.epoch());
+        // Everyone on one host: the same backups as without hosts.
+        let same = t.backups_apart(&|_| Some("a".to_string()));
+        assert_eq!(same, t.backups());
+        assert_eq!(t.backups_apart(&|_| None), t.backups());
     }
 
     #[test]

@@ -694,6 +694,7 @@ fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &
                     addr: u.addr?,
                     draining: u.state == UnitState::Draining,
                     export: u.state == UnitState::Draining && u.exporting_since_ms.is_some(),
+                    host: Some(u.host.clone()),
                 })
             })
             .collect(),

@@ -161,6 +161,7 @@ fn only_certified_units_get_their_config() {
                 addr: "127.0.0.1:6081".parse().expect("addr"),
                 draining: false,
                 export: false,
+                host: None,
             },
             DesiredUnit {
                 id: 3,
@@ -168,6 +169,7 @@ fn only_certified_units_get_their_config() {
                 addr: "127.0.0.1:6082".parse().expect("addr"),
                 draining: false,
                 export: false,
+                host: None,
             },
         ],
     };

@@ -118,6 +118,11 @@ pub struct DesiredUnit {
     /// owners.
     #[serde(default)]
     pub export: bool,
+    /// The machine the unit runs on (the management tool's host name): the manager keeps a
+    /// bucket's backup off its owner's machine, and takes the silence of one unit as a sign
+    /// about the others there. `None` from a management tool that does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

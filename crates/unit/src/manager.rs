@@ -135,6 +135,17 @@ struct State {
     born: Option<Instant>,
     /// This manager's unit id (it leads).
     me: UnitId,
+    /// Data planes whose reports stopped (see [`SILENT_AFTER`]): out of the bucket table, sent
+    /// nothing, not waited for, until they report again.
+    silent: BTreeSet<UnitId>,
+    /// Data planes failed over while silent, and the config version that took their buckets:
+    /// one that reports again owns nothing until it has ACKed that version, which drops the
+    /// copies it still holds of its old buckets (they went stale while others served them).
+    rejoin_after: BTreeMap<UnitId, u64>,
+    /// The backups of the current table as handed to the data planes: where each bucket's state
+    /// is being replicated, so where a leaving owner's buckets must go. Kept rather than
+    /// recomputed at failover, when a dead unit's host may no longer be in the desired state.
+    backups: Vec<UnitId>,
 }
 
 /// What the manager measures, published in its stats ([`Latencies`]).
@@ -177,6 +188,20 @@ impl ManagerLatency {
         }
     }
 }
+
+/// A data plane that has reported before and then says nothing for this long is taken out of
+/// the bucket table: its buckets go to their backups, which hold their flows' state. Units report
+/// every 250 ms from a thread of their own that does nothing else, so this is three reports
+/// missed. A process that dies closes its connection and the management tool replaces it; this
+/// is for what closes nothing: a machine that lost power or its link (TCP would notice after
+/// [`IDLE_TIMEOUT`]; the management tool declares a host lost after seconds), where every second
+/// of waiting is a second of black-holed flows.
+const SILENT_AFTER: Duration = Duration::from_millis(800);
+/// Once one data plane of a machine is silent, others there whose last report is older than this
+/// go with it: they stopped at the same moment (the machine or its link did), a report interval
+/// apart at most, and failing them over together moves each bucket once, to the backup its owner
+/// replicated to, instead of rebuilding the backups between two partial failovers.
+const SILENT_BESIDE: Duration = Duration::from_millis(2 * dva_proto::channel::REPORT_INTERVAL_MS);
 
 /// After a (re)start, units reconnect one by one: the table's membership is left alone this long
 /// so a restart does not look like every data plane leaving.
@@ -568,6 +593,73 @@ impl State {
         }
     }
 
+    /// Each desired unit's machine, as the management tool named it.
+    fn host_of(&self) -> impl Fn(UnitId) -> Option<String> + use<> {
+        let hosts: BTreeMap<UnitId, String> = self
+            .desired
+            .iter()
+            .flat_map(|d| &d.units)
+            .filter_map(|u| Some((u.id, u.host.clone()?)))
+            .collect();
+        move |u| hosts.get(&u).cloned()
+    }
+
+    /// Recompute [`State::silent`]: data planes whose last report is [`SILENT_AFTER`] old, and
+    /// with each of them the others on its machine whose last report is [`SILENT_BESIDE`] old.
+    /// One that never reported is not silent (it is starting, or we are): readiness waits for
+    /// its ACK anyway.
+    fn find_silent(&mut self, now: Instant) {
+        let age = |id: &UnitId| {
+            self.units
+                .get(id)
+                .and_then(|u| u.report.as_ref())
+                .map(|(at, _)| now.saturating_duration_since(*at))
+        };
+        let dps: Vec<(UnitId, Option<String>)> = self
+            .desired_units(DesiredRole::Dataplane)
+            .iter()
+            .map(|u| (u.id, u.host.clone()))
+            .collect();
+        let mut silent: BTreeSet<UnitId> = dps
+            .iter()
+            .filter(|(id, _)| age(id).is_some_and(|a| a >= SILENT_AFTER))
+            .map(|(id, _)| *id)
+            .collect();
+        let machines: BTreeSet<&String> = dps
+            .iter()
+            .filter(|(id, _)| silent.contains(id))
+            .filter_map(|(_, h)| h.as_ref())
+            .collect();
+        for (id, host) in &dps {
+            if host.as_ref().is_some_and(|h| machines.contains(h))
+                && age(id).is_some_and(|a| a >= SILENT_BESIDE)
+            {
+                silent.insert(*id);
+            }
+        }
+        for id in silent.difference(&self.silent) {
+            tracing::warn!(
+                unit = id,
+                host = dps
+                    .iter()
+                    .find(|(u, _)| u == id)
+                    .and_then(|(_, h)| h.as_deref()),
+                silent_ms = age(id).map(|a| a.as_millis() as u64),
+                "data plane silent: its buckets go to their backups"
+            );
+        }
+        for id in self.silent.difference(&silent) {
+            tracing::info!(
+                unit = id,
+                "data plane reports again: it may own buckets again"
+            );
+        }
+        if silent != self.silent {
+            self.dirty = true;
+        }
+        self.silent = silent;
+    }
+
     /// Bring the bucket table's members in line with the data planes that are ready to own buckets.
     fn update_table(&mut self, now: Instant) {
         let Some(d) = &self.desired else { return };
@@ -593,11 +685,20 @@ impl State {
         }
         // Members must have ACKed a config (so they know their peers) before they own buckets.
         // The first table is the exception: nothing flows before the dispatchers get one.
+        self.find_silent(now);
         let ready: Vec<UnitId> = wanted
             .iter()
             .copied()
             .filter(|id| self.units.get(id).is_some_and(|u| u.acked > 0))
+            .filter(|id| !self.silent.contains(id))
+            .filter(|id| {
+                self.rejoin_after
+                    .get(id)
+                    .is_none_or(|v| self.units.get(id).is_some_and(|u| u.acked >= *v))
+            })
             .collect();
+        self.rejoin_after
+            .retain(|id, _| wanted.contains(id) && !ready.contains(id));
         let settling = now.duration_since(born) < SETTLE_AFTER_START && self.table.is_some();
         let new_table = match &self.table {
             None if !connected.is_empty() => BucketTable::maglev(n_buckets, &connected).ok(),
@@ -607,10 +708,22 @@ impl State {
             }
             // Leavers first, then joiners (see `BucketTable::transition`): the reconciler may
             // report a death and its replacement in either order.
-            Some(t) if !ready.is_empty() && t.members() != ready => t.transition(&ready).ok(),
+            Some(t) if !ready.is_empty() && t.members() != ready => {
+                t.transition_with(&ready, &self.backups).ok()
+            }
             _ => None,
         };
-        if let Some(t) = new_table {
+        if let Some(mut t) = new_table {
+            // A silent data plane is no previous owner to punt to (nothing reaches it), and out
+            // of every history its stale copies are dropped when it takes a config again.
+            for &id in &self.silent {
+                for b in 0..t.len() {
+                    t.retire(b as u16, id);
+                }
+                if !t.members().contains(&id) {
+                    self.rejoin_after.entry(id).or_insert(self.version + 1);
+                }
+            }
             // One line per table change: the unit log is where an operator (or a failing test)
             // reconstructs which data plane owned what when.
             tracing::info!(
@@ -655,7 +768,7 @@ impl State {
             let bucket = b as u16;
             let history = t.bucket(bucket).history.clone();
             for h in history {
-                let gone = !known.contains(&h);
+                let gone = !known.contains(&h) || self.silent.contains(&h);
                 let empty = settled.is_some_and(|switched| {
                     self.units.get(&h).is_some_and(|u| {
                         u.report.as_ref().is_some_and(|(at, r)| {
@@ -760,7 +873,7 @@ impl State {
             return;
         }
         let version = self.version + 1;
-        let backups = table.backups();
+        let backups = table.backups_apart(&self.host_of());
         match compile(&d.spec, &placement, version) {
             Ok((disps, dps)) => {
                 self.configs = disps
@@ -786,6 +899,7 @@ impl State {
                     }))
                     .collect();
                 self.version = version;
+                self.backups = backups;
                 self.error = None;
             }
             Err(e) => {
@@ -849,7 +963,11 @@ impl State {
             self.table_sent = Some(now);
         }
         for id in &dp_ids {
-            self.send_config(*id, version, now);
+            // A silent data plane's socket may be one a cut link left open: a write could block
+            // the manager for its timeout. It gets the version when it reports again.
+            if !self.silent.contains(id) {
+                self.send_config(*id, version, now);
+            }
         }
         if self.released < version {
             let oldest_send = dp_ids
@@ -857,11 +975,12 @@ impl State {
                 .filter_map(|id| self.units.get(id).and_then(|u| u.sent_at))
                 .min();
             let all_answered = dp_ids.iter().all(|id| {
-                self.units.get(id).is_none_or(|u| {
-                    u.conn.is_none()
-                        || u.acked >= version
-                        || u.nack.as_ref().is_some_and(|(v, _)| *v >= version)
-                })
+                self.silent.contains(id)
+                    || self.units.get(id).is_none_or(|u| {
+                        u.conn.is_none()
+                            || u.acked >= version
+                            || u.nack.as_ref().is_some_and(|(v, _)| *v >= version)
+                    })
             });
             let timed_out =
                 oldest_send.is_some_and(|t| now.duration_since(t) > DATAPLANE_ACK_TIMEOUT);
@@ -1004,6 +1123,175 @@ mod tests {
         (auth.send_epoch, auth.keys.iter().map(|k| k.epoch).collect())
     }
 
+    /// A manager state with data planes `dps` (id, host), every one connected, configured and
+    /// reporting at `t0`, and its first bucket table made.
+    fn running(dps: &[(UnitId, &str)], t0: Instant) -> State {
+        let spec = dva_proto::ApplianceSpec::from_yaml(include_str!(
+            "../../../examples/edge-firewall.yaml"
+        ))
+        .expect("example spec");
+        let units = dps
+            .iter()
+            .map(|&(id, host)| dva_proto::channel::DesiredUnit {
+                id,
+                role: DesiredRole::Dataplane,
+                addr: "127.0.0.1:1".parse().expect("addr"),
+                draining: false,
+                export: false,
+                host: Some(host.to_string()),
+            })
+            .collect();
+        let mut s = State {
+            desired: Some(Desired {
+                generation: 1,
+                spec,
+                units,
+            }),
+            version: 1,
+            ..State::default()
+        };
+        for (i, &(id, _)) in dps.iter().enumerate() {
+            s.units.insert(
+                id,
+                UnitConn {
+                    conn: Some(i as u64 + 1),
+                    acked: 1,
+                    report: Some((t0, UnitReport::default())),
+                    ..UnitConn::default()
+                },
+            );
+        }
+        s.update_table(t0);
+        assert_eq!(s.table.as_ref().expect("table").members().len(), dps.len());
+        // Compiled and handed out: the backups the data planes replicate to are now known.
+        s.rotate_keys(t0).expect("keys");
+        s.recompile();
+        assert_eq!(s.backups.len(), s.table.as_ref().map_or(0, |t| t.len()));
+        s
+    }
+
+    fn report(s: &mut State, id: UnitId, at: Instant) {
+        if let Some(u) = s.units.get_mut(&id) {
+            u.report = Some((at, UnitReport::default()));
+        }
+    }
+
+    #[test]
+    fn a_silent_machine_s_buckets_go_to_backups_on_other_machines() {
+        let t0 = Instant::now();
+        let mut s = running(&[(3, "a"), (4, "a"), (5, "b"), (6, "b")], t0);
+        let before = s.table.clone().expect("table");
+        let backups = before.backups_apart(&s.host_of());
+        assert_eq!(s.backups, backups);
+        let v0 = s.version;
+        // Past the settling time; machine a stops reporting (its two units 200 ms apart),
+        // machine b goes on.
+        let t = t0 + Duration::from_secs(5);
+        report(&mut s, 3, t - Duration::from_millis(900));
+        report(&mut s, 4, t - Duration::from_millis(700));
+        report(&mut s, 5, t - Duration::from_millis(100));
+        report(&mut s, 6, t - Duration::from_millis(200));
+        s.update_table(t);
+        assert_eq!(s.silent, [3, 4].into_iter().collect::<BTreeSet<_>>());
+        let after = s.table.clone().expect("table");
+        assert_eq!(
+            after.members(),
+            vec![5, 6],
+            "one failover for the whole machine"
+        );
+        for b in 0..before.len() as u16 {
+            let owner = before.owner(b);
+            let want = if owner == 3 || owner == 4 {
+                backups[usize::from(b)]
+            } else {
+                owner
+            };
+            assert_eq!(after.owner(b), want, "bucket {b}");
+            let h = &after.bucket(b).history;
+            assert!(!h.contains(&3) && !h.contains(&4), "bucket {b}: {h:?}");
+        }
+        // Silent units are sent nothing and not waited for: the dispatchers get the new table
+        // at once instead of after the data-plane ACK timeout.
+        s.recompile();
+        let v = s.version;
+        assert!(v > v0, "the failover is compiled");
+        for id in [5, 6] {
+            if let Some(u) = s.units.get_mut(&id) {
+                u.acked = v;
+            }
+        }
+        s.push(t);
+        assert_eq!(s.released, v);
+        assert!(s.units.get(&3).is_some_and(|u| u.sent < v));
+
+        // Machine a reports again: its units own nothing until they have taken the version
+        // that failed them over (dropping their stale copies), then they join again.
+        let t2 = t + Duration::from_secs(1);
+        for id in [3, 4, 5, 6] {
+            report(&mut s, id, t2);
+        }
+        s.update_table(t2);
+        assert!(s.silent.is_empty());
+        assert_eq!(s.table.as_ref().expect("table").members(), vec![5, 6]);
+        for id in [3, 4] {
+            if let Some(u) = s.units.get_mut(&id) {
+                u.acked = v;
+            }
+        }
+        s.update_table(t2 + Duration::from_millis(50));
+        assert_eq!(s.table.as_ref().expect("table").members(), vec![3, 4, 5, 6]);
+        assert!(s.rejoin_after.is_empty());
+    }
+
+    #[test]
+    fn one_silent_unit_leaves_alone_when_its_neighbours_report() {
+        let t0 = Instant::now();
+        let mut s = running(&[(3, "a"), (4, "a"), (5, "b")], t0);
+        let before = s.table.clone().expect("table");
+        let backups = s.backups.clone();
+        let t = t0 + Duration::from_secs(5);
+        report(&mut s, 3, t - Duration::from_millis(900));
+        report(&mut s, 4, t - Duration::from_millis(300));
+        report(&mut s, 5, t - Duration::from_millis(100));
+        s.update_table(t);
+        assert_eq!(s.silent, [3].into_iter().collect::<BTreeSet<_>>());
+        let after = s.table.clone().expect("table");
+        assert_eq!(after.members(), vec![4, 5]);
+        for b in 0..before.len() as u16 {
+            if before.owner(b) == 3 {
+                assert_eq!(after.owner(b), backups[usize::from(b)]);
+                assert_eq!(after.owner(b), 5, "the backup is on the other machine");
+            }
+        }
+        // A unit whose process died leaves the desired state (the management tool saw it exit)
+        // before the manager fails it over: its host is unknown by then, and its buckets must
+        // still go where they were replicated, to the other machine.
+        let mut s = running(&[(3, "a"), (4, "a"), (5, "b")], t0);
+        if let Some(d) = s.desired.as_mut() {
+            d.units.retain(|u| u.id != 3);
+        }
+        for id in [4, 5] {
+            report(&mut s, id, t);
+        }
+        s.update_table(t);
+        assert!(s.silent.is_empty());
+        let after = s.table.clone().expect("table");
+        assert_eq!(after.members(), vec![4, 5]);
+        for b in 0..before.len() as u16 {
+            if before.owner(b) == 3 {
+                assert_eq!(after.owner(b), 5, "bucket {b} went where it was replicated");
+            }
+        }
+        // A unit that never reported (just started) is not silent.
+        let mut s = running(&[(3, "a"), (5, "b")], t0);
+        if let Some(u) = s.units.get_mut(&3) {
+            u.report = None;
+        }
+        report(&mut s, 5, t);
+        s.update_table(t);
+        assert!(s.silent.is_empty());
+    }
+
     #[test]
     fn keys_rotate_with_the_next_one_handed_out_ahead() {
         let mut s = State::default();
@@ -1114,6 +1402,7 @@ mod tests {
                     addr: "127.0.0.1:1".parse().expect("addr"),
                     draining: false,
                     export: false,
+                    host: None,
                 }],
             }),
             version: 4,
