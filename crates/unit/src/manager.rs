@@ -593,17 +593,6 @@ impl State {
         }
     }
 
-    /// Each desired unit's machine, as the management tool named it.
-    fn host_of(&self) -> impl Fn(UnitId) -> Option<String> + use<> {
-        let hosts: BTreeMap<UnitId, String> = self
-            .desired
-            .iter()
-            .flat_map(|d| &d.units)
-            .filter_map(|u| Some((u.id, u.host.clone()?)))
-            .collect();
-        move |u| hosts.get(&u).cloned()
-    }
-
     /// Recompute [`State::silent`]: data planes whose last report is [`SILENT_AFTER`] old, and
     /// with each of them the others on its machine whose last report is [`SILENT_BESIDE`] old.
     /// One that never reported is not silent (it is starting, or we are): readiness waits for
@@ -873,7 +862,10 @@ impl State {
             return;
         }
         let version = self.version + 1;
-        let backups = table.backups_apart(&self.host_of());
+        // Not yet `backups_apart(host_of)` (a backup on another machine than its owner): with
+        // it, e2e_failover's killed data plane broke connections in 3 of 8 runs (flows stalled
+        // with invalid-state drops at the new owners) and the cause is not found yet.
+        let backups = table.backups();
         match compile(&d.spec, &placement, version) {
             Ok((disps, dps)) => {
                 self.configs = disps
@@ -1177,12 +1169,11 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_machine_s_buckets_go_to_backups_on_other_machines() {
+    fn a_silent_machine_s_buckets_go_to_their_backups_at_once() {
         let t0 = Instant::now();
         let mut s = running(&[(3, "a"), (4, "a"), (5, "b"), (6, "b")], t0);
         let before = s.table.clone().expect("table");
-        let backups = before.backups_apart(&s.host_of());
-        assert_eq!(s.backups, backups);
+        let backups = s.backups.clone();
         let v0 = s.version;
         // Past the settling time; machine a stops reporting (its two units 200 ms apart),
         // machine b goes on.
@@ -1201,12 +1192,18 @@ mod tests {
         );
         for b in 0..before.len() as u16 {
             let owner = before.owner(b);
-            let want = if owner == 3 || owner == 4 {
-                backups[usize::from(b)]
+            let backup = backups[usize::from(b)];
+            if owner == 3 || owner == 4 {
+                // To the backup holding its state, unless that one was on the lost machine too
+                // (backups are not yet kept off their owner's machine).
+                if backup == 5 || backup == 6 {
+                    assert_eq!(after.owner(b), backup, "bucket {b}");
+                } else {
+                    assert!([5, 6].contains(&after.owner(b)), "bucket {b}");
+                }
             } else {
-                owner
-            };
-            assert_eq!(after.owner(b), want, "bucket {b}");
+                assert_eq!(after.owner(b), owner, "bucket {b}");
+            }
             let h = &after.bucket(b).history;
             assert!(!h.contains(&3) && !h.contains(&4), "bucket {b}: {h:?}");
         }
@@ -1260,7 +1257,6 @@ mod tests {
         for b in 0..before.len() as u16 {
             if before.owner(b) == 3 {
                 assert_eq!(after.owner(b), backups[usize::from(b)]);
-                assert_eq!(after.owner(b), 5, "the backup is on the other machine");
             }
         }
         // A unit whose process died leaves the desired state (the management tool saw it exit)
@@ -1279,7 +1275,11 @@ mod tests {
         assert_eq!(after.members(), vec![4, 5]);
         for b in 0..before.len() as u16 {
             if before.owner(b) == 3 {
-                assert_eq!(after.owner(b), 5, "bucket {b} went where it was replicated");
+                assert_eq!(
+                    after.owner(b),
+                    backups[usize::from(b)],
+                    "bucket {b} went where it was replicated"
+                );
             }
         }
         // A unit that never reported (just started) is not silent.
