@@ -1738,7 +1738,15 @@ async fn forward(
     };
     let host = addr.ip().to_string();
     let exchange = async {
-        let resp = crate::client::exchange(addr, &host, tls, Duration::from_secs(2), req).await?;
+        let resp = crate::client::exchange(
+            crate::client::Callee::Api,
+            addr,
+            &host,
+            tls,
+            Duration::from_secs(2),
+            req,
+        )
+        .await?;
         let status = resp.status().as_u16();
         let content_type = resp
             .headers()

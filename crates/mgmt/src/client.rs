@@ -126,7 +126,14 @@ impl Client {
         let req = req
             .body(Full::new(Bytes::copy_from_slice(body)))
             .with_context(|| format!("{method} {path} is not a request"))?;
-        let exchange = exchange(addr, &self.host, self.tls.as_ref(), CONNECT_TIMEOUT, req);
+        let exchange = exchange(
+            Callee::Api,
+            addr,
+            &self.host,
+            self.tls.as_ref(),
+            CONNECT_TIMEOUT,
+            req,
+        );
         tokio::time::timeout(timeout, exchange).await.map_err(|_| {
             anyhow!(
                 "no answer from the management API at {addr} within {} s",
@@ -416,11 +423,50 @@ impl HttpError {
     }
 }
 
-/// Send `req` to the API at `addr` on a new connection, within `connect_timeout` to connect;
+/// Who is called, as the messages of a failure to reach it say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Callee {
+    /// A management API (`dva serve`): the hints name what the operator can check.
+    Api,
+    /// A `dva agent`, called with the management tool's certificate.
+    Agent,
+}
+
+impl Callee {
+    fn unreachable(self, addr: SocketAddr) -> String {
+        match self {
+            Callee::Api => {
+                format!("connecting to the management API at {addr} (is `dva serve` running?)")
+            }
+            Callee::Agent => format!("connecting to the agent at {addr}"),
+        }
+    }
+
+    fn handshake_failed(self, addr: SocketAddr, host: &str) -> String {
+        match self {
+            Callee::Api => format!(
+                "TLS handshake with the management API at {addr} (is it https, and does the CA given by --ca, DVA_CA_FILE or the client file issue its certificate for {host}?)"
+            ),
+            Callee::Agent => format!(
+                "TLS handshake with the agent at {addr} (does the installation CA issue its certificate for {host}?)"
+            ),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Callee::Api => "the management API",
+            Callee::Agent => "the agent",
+        }
+    }
+}
+
+/// Send `req` to `callee` at `addr` on a new connection, within `connect_timeout` to connect;
 /// with `tls`, over TLS checking that the server's certificate names `host` and chains to the
 /// CA trusted. A failed handshake says so (a wrong CA, most likely), not that the server is
 /// down; an answer that is not HTTP says the server may want https.
 pub(crate) async fn exchange(
+    callee: Callee,
     addr: SocketAddr,
     host: &str,
     tls: Option<&Arc<rustls::ClientConfig>>,
@@ -430,34 +476,37 @@ pub(crate) async fn exchange(
     let connected = tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(addr))
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-        .with_context(|| {
-            format!("connecting to the management API at {addr} (is `dva serve` running?)")
-        })?;
+        .with_context(|| callee.unreachable(addr))?;
     let _ = connected.set_nodelay(true);
     let Some(config) = tls else {
         return send_over(connected, req).await.map_err(|e| {
             if e.is_parse() || e.is_incomplete_message() {
                 anyhow!(e).context(USE_HTTPS)
             } else {
-                anyhow!(e).context(format!("the management API at {addr}"))
+                anyhow!(e).context(format!("{} at {addr}", callee.name()))
             }
         });
     };
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|e| anyhow!("{host:?} is not a server name for TLS: {e}"))?;
-    let failed = || {
-        format!(
-            "TLS handshake with the management API at {addr} (is it https, and does the CA given by --ca, DVA_CA_FILE or the client file issue its certificate for {host}?)"
-        )
-    };
     let handshake = tokio_rustls::TlsConnector::from(config.clone()).connect(name, connected);
     let stream = tokio::time::timeout(connect_timeout, handshake)
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-        .with_context(failed)?;
+        .with_context(|| callee.handshake_failed(addr, host))?;
     send_over(stream, req)
         .await
-        .with_context(|| format!("the management API at {addr}"))
+        .with_context(|| format!("{} at {addr}", callee.name()))
+}
+
+/// Run `f` to its end on a runtime of its own: for the synchronous callers of [`exchange`] that
+/// hold no client (the engine's calls to agents, from its own threads).
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime for the call")?;
+    Ok(runtime.block_on(f))
 }
 
 /// One request on a connection of its own (driven by a task until its answer is read).
