@@ -722,30 +722,19 @@ pub fn call(
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::copy_from_slice(body.unwrap_or(b""))))
         .with_context(|| format!("{method} {path} is not a request"))?;
-    // The agent's certificate names its IP address.
-    let host = addr.ip().to_string();
-    let exchange = async {
-        let resp = crate::client::exchange(
-            crate::client::Callee::Agent,
-            addr,
-            &host,
-            Some(tls),
-            timeout,
-            req,
-        )
-        .await?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .with_context(|| format!("reading the agent's answer ({addr})"))?
-            .to_bytes();
-        anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
-    };
+    let exchange = crate::client::exchange_whole(
+        crate::client::Callee::Agent,
+        addr,
+        Some(tls),
+        timeout,
+        req,
+        // Statuses list every unit: bounded, but well above a request's limit.
+        MAX_BODY * 16,
+    );
     // The timer is made inside the runtime (it needs one).
-    crate::client::block_on(async { tokio::time::timeout(timeout, exchange).await })?
-        .map_err(|_| anyhow!("the agent at {addr} did not answer within {timeout:?}"))?
+    let answer = crate::client::block_on(async { tokio::time::timeout(timeout, exchange).await })?
+        .map_err(|_| anyhow!("the agent at {addr} did not answer within {timeout:?}"))??;
+    Ok((answer.status, answer.body))
 }
 
 /// [`call`], expecting 200 and JSON.

@@ -1736,38 +1736,22 @@ async fn forward(
         Ok(r) => r,
         Err(e) => return unavailable(e.to_string()),
     };
-    let host = addr.ip().to_string();
-    let exchange = async {
-        let resp = crate::client::exchange(
-            crate::client::Callee::Api,
-            addr,
-            &host,
-            tls,
-            Duration::from_secs(2),
-            req,
-        )
-        .await?;
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(forwarded_type)
-            .unwrap_or("application/json");
-        // Bounded like a request body, since a leader could be anything listening there.
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY * 8)
-            .collect()
-            .await
-            .map_err(|e| anyhow::anyhow!("reading its answer: {e}"))?
-            .to_bytes();
-        anyhow::Ok(Reply::new(
-            status,
-            content_type,
-            String::from_utf8_lossy(&body).into_owned(),
-        ))
-    };
+    let exchange = crate::client::exchange_whole(
+        crate::client::Callee::Api,
+        addr,
+        tls,
+        Duration::from_secs(2),
+        req,
+        MAX_BODY * 8,
+    );
     match tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
-        Ok(Ok(r)) => r,
+        Ok(Ok(a)) => Reply::new(
+            a.status,
+            a.content_type
+                .as_deref()
+                .map_or("application/json", forwarded_type),
+            a.body,
+        ),
         Ok(Err(e)) => unavailable(format!("{e:#}")),
         Err(_) => unavailable(format!("no answer within {} s", FORWARD_TIMEOUT.as_secs())),
     }

@@ -499,6 +499,44 @@ pub(crate) async fn exchange(
         .with_context(|| format!("{} at {addr}", callee.name()))
 }
 
+/// A whole answer: its status, content type and body.
+pub(crate) struct Answer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: String,
+}
+
+/// [`exchange`], then the answer's body, at most `limit` bytes of it (the other end could be
+/// anything listening there).
+pub(crate) async fn exchange_whole(
+    callee: Callee,
+    addr: SocketAddr,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    connect_timeout: Duration,
+    req: http::Request<Full<Bytes>>,
+    limit: usize,
+) -> anyhow::Result<Answer> {
+    // Replicas and agents are dialled by address, and their certificates name it.
+    let host = addr.ip().to_string();
+    let resp = exchange(callee, addr, &host, tls, connect_timeout, req).await?;
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = http_body_util::Limited::new(resp.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| anyhow!("reading the answer of {} at {addr}: {e}", callee.name()))?
+        .to_bytes();
+    Ok(Answer {
+        status,
+        content_type,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
 /// Run `f` to its end on a runtime of its own: for the synchronous callers of [`exchange`] that
 /// hold no client (the engine's calls to agents, from its own threads).
 pub(crate) fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
