@@ -1266,6 +1266,13 @@ async fn handle(conn: Arc<ConnState>, req: http::Request<Incoming>) -> http::Res
         route_labels(&head.method, routed.as_ref().ok().copied()),
     ));
     let answer = match routed {
+        // Closed to make room as its head arrived: nobody will read an answer, so nothing is
+        // done for it.
+        _ if !serving => Answer::Reply(Reply::error(
+            503,
+            "unavailable",
+            "closed to make room for other connections; retry".into(),
+        )),
         Err(r) => Answer::Reply(r),
         Ok(call) => {
             let what = (call.guarded(), call.has_body());
