@@ -14,21 +14,26 @@
 //! * `<state>` (default `/var/lib/dva/agent`) is 0700 and holds `ca.pem`, `cert.pem`, `key.pem`,
 //!   `units.json` (0600); a restart reuses the certificate rather than joining again.
 //!
-//! The HTTP layer is one request per connection (`Connection: close`), bounded like the API's:
-//! a head of at most [`MAX_HEAD`] bytes, a body of at most [`MAX_BODY`], [`IO_TIMEOUT`] for each,
-//! at most [`MAX_CONNECTIONS`] at once.
+//! HTTP/1.1 is hyper's (a tokio runtime of the agent's own, TLS by tokio-rustls), one request
+//! per connection (`Connection: close`), bounded like the API's: a head of at most [`MAX_HEAD`]
+//! bytes, a body of at most [`MAX_BODY`] (checked against `Content-Length` before reading), the
+//! handshake, head and body within [`IO_TIMEOUT`] of connecting, at most [`MAX_CONNECTIONS`] at
+//! once. The calls themselves (start a unit, ask one) block, so they run on the blocking pool.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
-use rustls::pki_types::ServerName;
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -184,10 +189,38 @@ pub fn run(opts: &AgentOptions, stop: &AtomicBool) -> anyhow::Result<()> {
     let listener = TcpListener::bind(opts.listen)
         .with_context(|| format!("listening on {} (--listen)", opts.listen))?;
     listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_CONNECTIONS)
+        .thread_name("agent")
+        .build()
+        .context("starting the agent's runtime")?;
+    let listener = {
+        let _entered = runtime.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
     tracing::info!(listen = %opts.listen, "agent: serving the management tool (mutual TLS)");
+    runtime.block_on(accept_loop(&listener, &agent, &config, stop));
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    // The units keep running: they serve traffic whether or not an agent watches them.
+    Ok(())
+}
+
+/// Accept until `stop` (a plain flag: looked at between accepts, every 50 ms at most).
+async fn accept_loop(
+    listener: &tokio::net::TcpListener,
+    agent: &Arc<Agent>,
+    config: &Arc<rustls::ServerConfig>,
+    stop: &AtomicBool,
+) {
     let active = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::Acquire) {
-        match listener.accept() {
+        let accepted =
+            match tokio::time::timeout(Duration::from_millis(50), listener.accept()).await {
+                Ok(a) => a,
+                Err(_) => continue,
+            };
+        match accepted {
             Ok((sock, peer)) => {
                 if active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
                     tracing::warn!(%peer, "agent: too many connections; closing one");
@@ -195,30 +228,19 @@ pub fn run(opts: &AgentOptions, stop: &AtomicBool) -> anyhow::Result<()> {
                 }
                 active.fetch_add(1, Ordering::AcqRel);
                 let (agent, config, count) = (agent.clone(), config.clone(), active.clone());
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("agent-conn".into())
-                        .spawn(move || {
-                            if let Err(e) = serve_connection(&agent, config, sock) {
-                                tracing::debug!(%peer, "agent: connection: {e:#}");
-                            }
-                            count.fetch_sub(1, Ordering::AcqRel);
-                        });
-                if spawned.is_err() {
-                    active.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
+                tokio::spawn(async move {
+                    if let Err(e) = serve_connection(agent, config, sock).await {
+                        tracing::debug!(%peer, "agent: connection: {e:#}");
+                    }
+                    count.fetch_sub(1, Ordering::AcqRel);
+                });
             }
             Err(e) => {
                 tracing::warn!("agent: accept: {e}");
-                std::thread::sleep(Duration::from_millis(50));
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
-    // The units keep running: they serve traffic whether or not an agent watches them.
-    Ok(())
 }
 
 fn load_credentials(dir: &Path) -> anyhow::Result<Option<Issued>> {
@@ -503,115 +525,96 @@ impl Reply {
     }
 }
 
-fn serve_connection(
-    agent: &Agent,
-    config: Arc<rustls::ServerConfig>,
-    mut sock: TcpStream,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + IO_TIMEOUT;
-    sock.set_read_timeout(Some(IO_TIMEOUT))?;
-    sock.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut conn = rustls::ServerConnection::new(config)?;
-    // The client verifier refuses a peer without a certificate of our CA here.
-    while conn.is_handshaking() {
-        if Instant::now() > deadline {
-            bail!("TLS handshake timed out");
-        }
-        let (rd, wr) = conn.complete_io(&mut sock).context("TLS handshake")?;
-        if rd == 0 && wr == 0 && conn.is_handshaking() {
-            bail!("peer closed during the TLS handshake");
-        }
+impl Reply {
+    fn into_response(self) -> http::Response<Full<Bytes>> {
+        let mut r = http::Response::new(Full::new(Bytes::from(self.body)));
+        *r.status_mut() = http::StatusCode::from_u16(self.status)
+            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(self.content_type),
+        );
+        r
     }
-    let peer = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(Peer::of_cert);
-    let mut s = rustls::StreamOwned::new(conn, sock);
-    let reply = match peer {
-        Some(Ok(Peer::Mgmt)) => match read_request(&mut s, deadline) {
-            Ok((method, target, body)) => route(agent, &method, &target, &body),
-            Err(r) => r,
-        },
-        Some(Ok(other)) => Reply::error(403, format!("{other:?} may not call the agent")),
-        Some(Err(e)) => Reply::error(403, e),
-        None => Reply::error(403, "no client certificate".into()),
-    };
-    let reason = match reply.status {
-        200 => "OK",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        _ => "Error",
-    };
-    let head = format!(
-        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        reply.status,
-        reply.content_type,
-        reply.body.len()
-    );
-    s.write_all(head.as_bytes())?;
-    s.write_all(reply.body.as_bytes())?;
-    s.conn.send_close_notify();
-    s.flush()?;
-    Ok(())
 }
 
-/// The request line's method and target, and the body.
-fn read_request(s: &mut impl Read, deadline: Instant) -> Result<(String, String, Vec<u8>), Reply> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(Reply::error(400, "request head too large".into()));
-        }
-        if Instant::now() > deadline {
-            return Err(Reply::error(400, "request head timed out".into()));
-        }
-        match s.read(&mut chunk) {
-            Ok(0) => return Err(Reply::error(400, "connection closed mid-request".into())),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(Reply::error(400, format!("reading the request: {e}"))),
-        }
+async fn serve_connection(
+    agent: Arc<Agent>,
+    config: Arc<rustls::ServerConfig>,
+    sock: tokio::net::TcpStream,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+    let _ = sock.set_nodelay(true);
+    // The client verifier refuses a peer without a certificate of our CA here.
+    let tls = tokio::time::timeout_at(
+        deadline,
+        tokio_rustls::TlsAcceptor::from(config).accept(sock),
+    )
+    .await
+    .map_err(|_| anyhow!("TLS handshake timed out"))?
+    .context("TLS handshake")?;
+    let refused = match tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(Peer::of_cert)
+    {
+        Some(Ok(Peer::Mgmt)) => None,
+        Some(Ok(other)) => Some(format!("{other:?} may not call the agent")),
+        Some(Err(e)) => Some(e),
+        None => Some("no client certificate".into()),
     };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next().unwrap_or("").split(' ');
-    let (Some(method), Some(target)) = (first.next(), first.next()) else {
-        return Err(Reply::error(400, "bad request line".into()));
+    let service = hyper::service::service_fn(move |req| {
+        let (agent, refused) = (agent.clone(), refused.clone());
+        async move {
+            let reply = match refused {
+                Some(why) => Reply::error(403, why),
+                None => answer(agent, req, deadline).await,
+            };
+            Ok::<_, Infallible>(reply.into_response())
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .keep_alive(false)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+        .await
+        .context("serving")
+}
+
+/// Read the body (by `deadline`, at most [`MAX_BODY`]) and route the call on the blocking pool.
+async fn answer(
+    agent: Arc<Agent>,
+    req: http::Request<Incoming>,
+    deadline: tokio::time::Instant,
+) -> Reply {
+    let method = req.method().as_str().to_string();
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let length = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if length > MAX_BODY as u64 {
+        return Reply::error(400, format!("body of {length} bytes is too large"));
+    }
+    let read = http_body_util::Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => return Reply::error(400, format!("reading the body: {e}")),
+        Err(_) => return Reply::error(400, "request body timed out".into()),
     };
-    let mut length = 0usize;
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
-                length = v
-                    .trim()
-                    .parse()
-                    .map_err(|_| Reply::error(400, format!("Content-Length {:?}", v.trim())))?;
-            }
-        }
-    }
-    if length > MAX_BODY {
-        return Err(Reply::error(
-            400,
-            format!("body of {length} bytes is too large"),
-        ));
-    }
-    let mut body = buf[head_end..].to_vec();
-    while body.len() < length {
-        if Instant::now() > deadline {
-            return Err(Reply::error(400, "request body timed out".into()));
-        }
-        match s.read(&mut chunk) {
-            Ok(0) => return Err(Reply::error(400, "connection closed mid-body".into())),
-            Ok(n) => body.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(Reply::error(400, format!("reading the body: {e}"))),
-        }
-    }
-    body.truncate(length);
-    Ok((method.to_string(), target.to_string(), body))
+    tokio::task::spawn_blocking(move || route(&agent, &method, &target, &body))
+        .await
+        .unwrap_or_else(|_| Reply::error(500, "the call failed unexpectedly".into()))
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
@@ -711,40 +714,27 @@ pub fn call(
     body: Option<&[u8]>,
     timeout: Duration,
 ) -> anyhow::Result<(u16, String)> {
-    let name = ServerName::IpAddress(addr.ip().into());
-    let sock = TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("connecting to the agent at {addr}"))?;
-    sock.set_read_timeout(Some(timeout))?;
-    sock.set_write_timeout(Some(timeout))?;
-    sock.set_nodelay(true)?;
-    let conn = rustls::ClientConnection::new(tls.clone(), name)?;
-    let mut s = rustls::StreamOwned::new(conn, sock);
-    let body = body.unwrap_or(b"");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr.to_string())
+        .header(http::header::CONNECTION, "close")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::copy_from_slice(body.unwrap_or(b""))))
+        .with_context(|| format!("{method} {path} is not a request"))?;
+    let exchange = crate::client::exchange_whole(
+        crate::client::Callee::Agent,
+        addr,
+        Some(tls),
+        timeout,
+        req,
+        // Statuses list every unit: bounded, but well above a request's limit.
+        MAX_BODY * 16,
     );
-    s.write_all(head.as_bytes())
-        .and_then(|()| s.write_all(body))
-        .and_then(|()| s.flush())
-        .with_context(|| format!("calling the agent at {addr}"))?;
-    let mut raw = Vec::new();
-    match s.read_to_end(&mut raw) {
-        Ok(_) => {}
-        // An answer followed by a close without close_notify is still an answer.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
-        Err(e) => return Err(e).with_context(|| format!("reading the agent's answer ({addr})")),
-    }
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("the agent at {addr} sent no HTTP answer"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("the agent at {addr}: bad status line"))?;
-    Ok((status, body.to_string()))
+    // The timer is made inside the runtime (it needs one).
+    let answer = crate::client::block_on(async { tokio::time::timeout(timeout, exchange).await })?
+        .map_err(|_| anyhow!("the agent at {addr} did not answer within {timeout:?}"))??;
+    Ok((answer.status, answer.body))
 }
 
 /// [`call`], expecting 200 and JSON.

@@ -6,43 +6,60 @@
 //! the server panic or lose state: operations go through [`Mgmt`], which validates before it
 //! changes anything.
 //!
-//! The HTTP/1.1 layer is a small one of our own on `std::net` rather than a library: it is all
-//! bounds. A request head is at most [`MAX_HEAD`] bytes, a body at most [`MAX_BODY`] (checked
-//! against `Content-Length` before anything is read or allocated); the head must arrive within
-//! [`HEAD_TIMEOUT`] of connecting and the body within [`BODY_TIMEOUT`] after it. At most
-//! [`MAX_CONNECTIONS`] are served at once, [`MAX_PER_CLIENT`] from one address (IPv6: one /64),
-//! each on its own thread, so a slow call (a delete waits for units to stop) or a slow client
+//! HTTP/1.1 is hyper's (on a tokio runtime of the server's own, TLS by tokio-rustls); what is ours
+//! is the bounds around it. A request head is at most [`MAX_HEAD`] bytes (hyper's buffer limit:
+//! 431), a body at most [`MAX_BODY`] (checked against `Content-Length` before anything is read or
+//! allocated: 413); the head must arrive within [`HEAD_TIMEOUT`] of connecting (408, written by
+//! [`ConnIo`], which times the wait for a head) and the body within [`BODY_TIMEOUT`] after it. At
+//! most [`MAX_CONNECTIONS`] are served at once, [`MAX_PER_CLIENT`] from one address (IPv6: one
+//! /64). [`Mgmt`] is synchronous (locks, blocking calls to units and agents): each call runs on
+//! the runtime's blocking pool, so a slow call (a delete waits for units to stop) or a slow client
 //! holds up nobody else. Connections that have not yet sent a whole head cost their client
 //! nothing to lose and are what a flood of idle connections is made of: when a limit is reached,
-//! the oldest of those (of that client first) is closed to make room, so idle connections can
-//! never lock everyone out, also when they come from the same address (every local user is
-//! 127.0.0.1). The acceptor never waits on a client.
+//! the oldest of those (of that client first; a fresh one, a kept-alive idle one, or one still in
+//! its TLS handshake) is closed to make room, so idle connections can never lock everyone out,
+//! also when they come from the same address (every local user is 127.0.0.1). The acceptor never
+//! waits on a client.
 //!
 //! HTTP/1.1 connections are kept alive (the web view polls every second): after an answer the
-//! connection goes back to waiting for a head, evictable like a fresh one, for at most
-//! [`KEEPALIVE_IDLE`], and serves at most [`MAX_REQUESTS`]. Whatever leaves the stream in doubt
-//! (a body not read, a malformed request) and every stream (watch, capture, monitor) closes it;
-//! `Connection: close` is honoured (the CLI sends it).
+//! connection goes back to waiting for a head (the service marks a connection serving when hyper
+//! hands it a request, and idle again when the answer's body is done), evictable like a fresh
+//! one, for at most [`KEEPALIVE_IDLE`], and serves at most [`MAX_REQUESTS`]. Whatever leaves the
+//! stream in doubt (a body not read, a malformed request) and every stream (watch, capture,
+//! monitor) closes it; `Connection: close` is honoured (the CLI sends it). Streams are response
+//! bodies fed by a producer on the blocking pool through a bounded channel; the producer stops
+//! when the client goes away (the channel closes, or the socket reports the client's end closed).
 //!
-//! With [`ServeOptions::tls`] the port speaks TLS 1.2/1.3 only. The handshake runs on the
-//! connection's own thread, within the head's deadline: a client that connects and never
-//! handshakes is an idle connection like any other (counted, evictable, timed out). Everything
-//! after it goes through [`Conn`], the same over TCP or TLS.
+//! With [`ServeOptions::tls`] the port speaks TLS 1.2/1.3 only. The handshake runs in the
+//! connection's task, within the head's deadline: a client that connects and never handshakes is
+//! an idle connection like any other (counted, evictable, timed out).
 //! (tiny_http 0.12, tried first, allocates a request's declared `Content-Length` when it drops an
-//! unread body: one unauthenticated request declaring a few TB aborted the process.)
+//! unread body: one unauthenticated request declaring a few TB aborted the process; hyper reads a
+//! body only as the service asks for it.)
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::panic::AssertUnwindSafe;
+use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use bytes::Bytes;
+use http::header::{
+    HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, IF_MATCH,
+    TRANSFER_ENCODING,
+};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming, SizeHint};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::core::Mgmt;
 use crate::etcd::Leader;
@@ -129,11 +146,11 @@ const LINGER: Duration = Duration::from_millis(500);
 const STOP_WAIT: Duration = Duration::from_secs(15);
 /// How long a kept-alive connection waits for its next request. A browser polling every second
 /// (the web view) comes back well within it and is spared a new connection (and TLS handshake)
-/// per poll; longer would only park threads for clients that left, which eviction reclaims
+/// per poll; longer would only hold connections for clients that left, which eviction reclaims
 /// anyway when room is needed.
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 /// Requests one connection serves before it is closed (its last answer says so): a client
-/// cannot hold one thread for ever, and a long-lived one is spread over fresh connections.
+/// cannot hold one connection for ever, and a long-lived one is spread over fresh connections.
 pub const MAX_REQUESTS: u32 = 1000;
 
 /// How [`serve_with`] serves, beyond where and with which token.
@@ -154,7 +171,7 @@ struct Shared {
     /// (so do the other replicas).
     forward_tls: Option<Arc<rustls::ClientConfig>>,
     stop: AtomicBool,
-    /// Connection threads alive (what [`ApiServer::stop`] waits for).
+    /// Connection tasks alive (what [`ApiServer::stop`] waits for).
     active: AtomicUsize,
     conns: Mutex<Connections>,
     /// Answers sent, by status code (exported in `/metrics`).
@@ -207,10 +224,12 @@ struct Slot {
     id: u64,
     client: ClientKey,
     /// [`IN_HEAD`] (closing it loses its client nothing), [`SERVING`] or [`EVICTED`]; the
-    /// acceptor and the connection's thread each claim it with one compare-exchange, so a
+    /// acceptor and the connection's service each claim it with one compare-exchange, so a
     /// connection is never closed once its request is being served.
     phase: AtomicU8,
-    /// To close it from the acceptor when it must make room.
+    /// The socket (a handle of its own beside hyper's): to close it when room is needed (its
+    /// task, reading a head or a TLS handshake, sees the end of input and finishes), and to ask
+    /// whether a stream's client left.
     stream: TcpStream,
 }
 
@@ -223,23 +242,28 @@ struct Connections {
 
 impl Connections {
     /// Make room for a connection from `client` and register it; `Err` says why there is none.
-    fn admit(&mut self, client: ClientKey, stream: &TcpStream) -> Result<Arc<Slot>, String> {
+    fn admit(
+        &mut self,
+        client: ClientKey,
+        stream: TcpStream,
+    ) -> Result<Arc<Slot>, (String, TcpStream)> {
         if self.open.iter().filter(|c| c.client == client).count() >= MAX_PER_CLIENT
             && !self.evict(|c| c.client == client)
         {
-            return Err(format!(
-                "too many connections from {} (at most {MAX_PER_CLIENT}); retry",
-                client.0
+            return Err((
+                format!(
+                    "too many connections from {} (at most {MAX_PER_CLIENT}); retry",
+                    client.0
+                ),
+                stream,
             ));
         }
         if self.open.len() >= MAX_CONNECTIONS && !self.evict(|_| true) {
-            return Err(format!(
-                "too many connections (at most {MAX_CONNECTIONS}); retry"
+            return Err((
+                format!("too many connections (at most {MAX_CONNECTIONS}); retry"),
+                stream,
             ));
         }
-        let stream = stream
-            .try_clone()
-            .map_err(|e| format!("out of resources ({e}); retry"))?;
         self.next_id += 1;
         let slot = Arc::new(Slot {
             id: self.next_id,
@@ -262,7 +286,7 @@ impl Connections {
             return false;
         };
         let slot = self.open.remove(i);
-        // Its thread, blocked reading (a head, or a TLS handshake), sees the end of input and
+        // Its task, waiting to read (a head, or a TLS handshake), sees the end of input and
         // finishes.
         let _ = slot.stream.shutdown(Shutdown::Both);
         true
@@ -283,7 +307,10 @@ impl Connections {
 pub struct ApiServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    acceptor: Option<JoinHandle<()>>,
+    /// Wakes the acceptor to see the stop flag.
+    wake: Arc<tokio::sync::Notify>,
+    /// The runtime's thread: accepts, then (stopping) waits for the connections.
+    runner: Option<JoinHandle<()>>,
 }
 
 impl ApiServer {
@@ -298,29 +325,14 @@ impl ApiServer {
     }
 
     fn shutdown(&mut self) {
-        let Some(acceptor) = self.acceptor.take() else {
+        let Some(runner) = self.runner.take() else {
             return;
         };
         self.shared.stop.store(true, Ordering::SeqCst);
         // Watches wake to see it.
         self.shared.mgmt.inner.notify();
-        // The acceptor blocks in accept(): a connection of our own wakes it to see the flag.
-        let wake = SocketAddr::new(
-            match self.addr.ip() {
-                IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-                ip => ip,
-            },
-            self.addr.port(),
-        );
-        if TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok() {
-            let _ = acceptor.join();
-        }
-        self.shared.conns().evict_all_idle();
-        let deadline = Instant::now() + STOP_WAIT;
-        while self.shared.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.wake.notify_one();
+        let _ = runner.join();
     }
 }
 
@@ -330,8 +342,7 @@ impl Drop for ApiServer {
     }
 }
 
-/// Serve the API on `listen` over plain HTTP, each connection on its own thread (at most
-/// [`MAX_CONNECTIONS`]).
+/// Serve the API on `listen` over plain HTTP (at most [`MAX_CONNECTIONS`] at once).
 pub fn serve(mgmt: Mgmt, listen: SocketAddr, token: String) -> anyhow::Result<ApiServer> {
     serve_with(mgmt, listen, token, ServeOptions::default())
 }
@@ -357,8 +368,22 @@ pub fn serve_with(
         }
         None => None,
     };
-    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    // One thread drives every connection (an API's I/O is light); the engine's calls and the
+    // streams' producers run on the blocking pool, at most one per connection at a time.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_CONNECTIONS + 16)
+        .thread_name("api")
+        .build()
+        .context("starting the API's runtime")?;
+    let listener =
+        std::net::TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
+    let listener = {
+        let _entered = runtime.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
     let shared = Arc::new(Shared {
         mgmt,
         token,
@@ -370,35 +395,52 @@ pub fn serve_with(
         answered: Mutex::new(BTreeMap::new()),
         latency: crate::metrics::api_latency(),
     });
-    let acceptor = {
-        let shared = shared.clone();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let runner = {
+        let (shared, wake) = (shared.clone(), wake.clone());
         std::thread::Builder::new()
             .name("api-accept".into())
-            .spawn(move || accept_loop(&listener, &shared))?
+            .spawn(move || {
+                runtime.block_on(run(listener, &shared, &wake));
+                // Whatever is still running after STOP_WAIT (a call stuck in a unit) is left.
+                runtime.shutdown_timeout(Duration::from_millis(100));
+            })?
     };
     Ok(ApiServer {
         addr,
         shared,
-        acceptor: Some(acceptor),
+        wake,
+        runner: Some(runner),
     })
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+/// Accept until stopped; then close the idle connections and wait (at most [`STOP_WAIT`]) for the
+/// others to finish.
+async fn run(listener: tokio::net::TcpListener, shared: &Arc<Shared>, wake: &tokio::sync::Notify) {
     loop {
-        let accepted = listener.accept();
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => dispatch(shared, stream, peer.ip()),
+                // Out of file descriptors and the like: back off instead of spinning.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            },
+            () = wake.notified() => {}
+        }
         if shared.stop.load(Ordering::Acquire) {
-            return;
+            break;
         }
-        match accepted {
-            Ok((stream, peer)) => dispatch(shared, stream, peer.ip()),
-            // Out of file descriptors and the like: back off instead of spinning.
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
+    }
+    drop(listener);
+    shared.conns().evict_all_idle();
+    let deadline = Instant::now() + STOP_WAIT;
+    while shared.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-/// A connection in progress, for as long as it lives (also through a panic): counted, and
-/// registered with the limits.
+/// A connection in progress, for as long as its task lives (also through a panic): counted,
+/// registered with the limits, and its socket closed at the end (a producer may still hold the
+/// registry's handle on it).
 struct Active {
     shared: Arc<Shared>,
     slot: Arc<Slot>,
@@ -406,6 +448,7 @@ struct Active {
 
 impl Drop for Active {
     fn drop(&mut self) {
+        let _ = self.slot.stream.shutdown(Shutdown::Both);
         self.shared.conns().release(self.slot.id);
         self.shared.active.fetch_sub(1, Ordering::AcqRel);
     }
@@ -418,6 +461,24 @@ impl Shared {
     }
 }
 
+/// An answer written straight to a socket, bypassing hyper: where there is no HTTP exchange to
+/// answer within (a connection refused for room, a head that never came).
+fn raw_answer(r: &Reply) -> Vec<u8> {
+    let reason = http::StatusCode::from_u16(r.status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let mut out = format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        r.status,
+        r.content_type,
+        r.body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(r.body.as_bytes());
+    out
+}
+
 /// Answer 503 from the acceptor without ever waiting on the client: one non-blocking write (a
 /// new connection's send buffer is empty, so it fits), whatever becomes of it. Over TLS the
 /// connection is just closed: an answer would need a handshake, which may wait on the client.
@@ -426,17 +487,23 @@ fn busy(shared: &Shared, stream: &TcpStream, why: String) {
         return;
     }
     let _ = stream.set_nonblocking(true);
-    let r = Reply::error(503, "unavailable", why);
-    let _ = (&*stream).write(&r.to_bytes());
+    let _ = (&*stream).write(&raw_answer(&Reply::error(503, "unavailable", why)));
 }
 
-fn dispatch(shared: &Arc<Shared>, stream: TcpStream, peer: IpAddr) {
-    let admitted = shared.conns().admit(ClientKey::of(peer), &stream);
+fn dispatch(shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: IpAddr) {
+    use std::os::fd::AsFd;
+    // A second handle on the socket, outside hyper's: to close it when room is needed, and to
+    // ask whether a stream's client left.
+    let Ok(handle) = stream.as_fd().try_clone_to_owned().map(TcpStream::from) else {
+        shared.count(503);
+        return;
+    };
+    let admitted = shared.conns().admit(ClientKey::of(peer), handle);
     let slot = match admitted {
         Ok(slot) => slot,
-        Err(why) => {
+        Err((why, handle)) => {
             shared.count(503);
-            return busy(shared, &stream, why);
+            return busy(shared, &handle, why);
         }
     };
     shared.active.fetch_add(1, Ordering::AcqRel);
@@ -444,136 +511,233 @@ fn dispatch(shared: &Arc<Shared>, stream: TcpStream, peer: IpAddr) {
         shared: shared.clone(),
         slot,
     };
-    // Kept to say "busy" should the thread not start (the stream itself moves into it).
-    let spare = stream.try_clone();
-    let spawned = std::thread::Builder::new()
-        .name("api-conn".into())
-        .spawn(move || serve_connection(&active, stream));
-    // A failed spawn dropped the closure, and with it the registration.
-    if let (Err(_), Ok(spare)) = (spawned, spare) {
-        busy(shared, &spare, "out of threads; retry".into());
-    }
+    tokio::spawn(connection(active, stream, tokio::time::Instant::now()));
 }
 
-/// A served connection: the client's TCP stream, or TLS over it. Reads take a deadline, so a
-/// client that trickles bytes (also inside a TLS record, or its handshake) is held to it; the
-/// TLS variant drives rustls one socket read at a time for that reason rather than through
-/// `rustls::StreamOwned`, whose reads loop over the socket until a record is whole.
-enum Conn {
-    Plain(TcpStream),
-    Tls(Box<TlsConn>),
-}
-
-struct TlsConn {
-    tls: rustls::ServerConnection,
-    sock: TcpStream,
-}
-
-impl Conn {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Conn::Plain(s) => s,
-            Conn::Tls(t) => &t.sock,
-        }
-    }
-
-    /// Whether a TLS handshake is still under way (nothing can be answered yet).
-    fn handshaking(&self) -> bool {
-        matches!(self, Conn::Tls(t) if t.tls.is_handshaking())
-    }
-
-    /// Read what arrived (`Ok(0)` at the end of the client's input), waiting until `until` at
-    /// most: a `TimedOut` or `WouldBlock` error after it. Over TLS this also completes the
-    /// handshake, as the first bytes come.
-    fn read_before(&mut self, buf: &mut [u8], until: Instant) -> std::io::Result<usize> {
-        let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
-        match self {
-            Conn::Plain(s) => {
-                let left = until.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(timed_out());
-                }
-                s.set_read_timeout(Some(left))?;
-                s.read(buf)
-            }
-            Conn::Tls(t) => loop {
-                match t.tls.reader().read(buf) {
-                    // Ok(0): the client's close_notify.
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    // The end of the TCP stream without close_notify: the client left.
-                    Err(e) => return Err(e),
-                }
-                let left = until.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(timed_out());
-                }
-                t.sock.set_read_timeout(Some(left))?;
-                match t.tls.read_tls(&mut t.sock) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                }
-                if let Err(e) = t.tls.process_new_packets() {
-                    // Tell the client why (the alert rustls queued), then give up on it.
-                    let _ = t.tls.write_tls(&mut t.sock);
-                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
-                }
-                // Handshake messages, key updates: what rustls has to say goes out now.
-                while t.tls.wants_write() {
-                    t.tls.write_tls(&mut t.sock)?;
-                }
-            },
-        }
-    }
-
-    /// Stop sending: a TLS close_notify, then the end of our side of the TCP stream.
-    fn shutdown_write(&mut self) {
-        if let Conn::Tls(t) = self {
-            if !t.tls.is_handshaking() {
-                t.tls.send_close_notify();
-                let _ = t.flush();
-            }
-        }
-        let _ = self.tcp().shutdown(Shutdown::Write);
-    }
-}
-
-impl TlsConn {
-    fn flush(&mut self) -> std::io::Result<()> {
-        while self.tls.wants_write() {
-            self.tls.write_tls(&mut self.sock)?;
-        }
-        Ok(())
-    }
-}
-
-impl Write for Conn {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Conn::Plain(s) => s.write(buf),
-            Conn::Tls(t) => {
-                // rustls takes as much plaintext as its bounded buffer has room for; all of it
-                // is sent before the next piece is taken (WRITE_TIMEOUT bounds each send).
-                let n = t.tls.writer().write(buf)?;
-                t.flush()?;
-                if n == 0 && !buf.is_empty() {
-                    return Err(std::io::ErrorKind::WriteZero.into());
-                }
-                Ok(n)
+/// One connection: the TLS handshake (within the head's deadline), then hyper's HTTP/1.1 over
+/// [`ConnIo`], then a short linger so the client reads our last answer rather than a reset.
+async fn connection(active: Active, tcp: tokio::net::TcpStream, connected: tokio::time::Instant) {
+    let _ = tcp.set_nodelay(true);
+    let conn = Arc::new(ConnState {
+        shared: active.shared.clone(),
+        slot: active.slot.clone(),
+        requests: AtomicU32::new(0),
+        answered: AtomicU32::new(0),
+    });
+    let head_by = connected + HEAD_TIMEOUT;
+    match active.shared.tls.clone() {
+        None => serve_http(ConnIo::new(tcp, conn.clone(), head_by), &conn).await,
+        Some(config) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            // No answer is possible before the handshake: a late or failed one just closes.
+            if let Ok(Ok(tls)) = tokio::time::timeout_at(head_by, acceptor.accept(tcp)).await {
+                serve_http(ConnIo::new(tls, conn.clone(), head_by), &conn).await;
             }
         }
     }
+    linger(&active.slot.stream).await;
+}
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Conn::Plain(s) => s.flush(),
-            Conn::Tls(t) => t.flush(),
+async fn serve_http<S>(io: ConnIo<S>, conn: &Arc<ConnState>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = {
+        let conn = conn.clone();
+        hyper::service::service_fn(move |req| {
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(handle(conn, req).await) }
+        })
+    };
+    let _ = hyper::server::conn::http1::Builder::new()
+        // The head's deadline is ConnIo's: hyper's would also cut kept-alive connections idle
+        // for less than KEEPALIVE_IDLE, and closes without the 408.
+        .header_read_timeout(None)
+        // A client may end its side once its request is sent (it still reads the answer).
+        .half_close(true)
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS)
+        // Clients written against the hand-made server (and its tests) read `Connection:`.
+        .title_case_headers(true)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await;
+}
+
+/// What a connection's task and its service share.
+struct ConnState {
+    shared: Arc<Shared>,
+    slot: Arc<Slot>,
+    /// Requests handed to the service so far.
+    requests: AtomicU32,
+    /// Answers done after which the connection was kept alive (see [`ConnIo`]).
+    answered: AtomicU32,
+}
+
+/// The connection's socket (TCP, or TLS over it) as hyper reads and writes it, timing what
+/// hyper has no timer for in the form needed here: while the connection waits for a head, a
+/// fresh connection's head is due [`HEAD_TIMEOUT`] after connecting (408, then closed); a
+/// kept-alive connection waits [`KEEPALIVE_IDLE`] for its next request to begin (then closes,
+/// silently), then [`HEAD_TIMEOUT`] for the rest of its head. A write that makes no progress
+/// for [`WRITE_TIMEOUT`] fails (a client that stopped reading).
+struct ConnIo<S> {
+    io: S,
+    conn: Arc<ConnState>,
+    /// `answered` when the current wait for a head began.
+    seen: u32,
+    /// Whether the current wait is a kept-alive connection's (no byte of the next request yet).
+    idle: bool,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timed_out: bool,
+    /// Since when a write has been waiting for the client.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ConnIo<S> {
+    fn new(io: S, conn: Arc<ConnState>, head_by: tokio::time::Instant) -> ConnIo<S> {
+        ConnIo {
+            io,
+            conn,
+            seen: 0,
+            idle: false,
+            deadline: Box::pin(tokio::time::sleep_until(head_by)),
+            timed_out: false,
+            stalled: None,
+        }
+    }
+
+    /// Best effort (one write, no wait: the connection is closed right after): tell a client
+    /// whose head is late why it is cut off.
+    fn send_timeout(&mut self, cx: &mut TaskContext<'_>) {
+        let r = Reply::error(
+            408,
+            "timeout",
+            format!(
+                "the request head did not arrive within {} s",
+                HEAD_TIMEOUT.as_secs()
+            ),
+        );
+        let _ = Pin::new(&mut self.io).poll_write(cx, &raw_answer(&r));
+        let _ = Pin::new(&mut self.io).poll_flush(cx);
+    }
+
+    /// A write's progress, failing one that waited [`WRITE_TIMEOUT`] for the client.
+    fn bound_write<T>(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        r: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_TIMEOUT)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
 
-/// An HTTP answer: always a complete body with its length.
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        // Serving: the body's time is the service's to bound.
+        if this.conn.slot.phase.load(Ordering::SeqCst) != IN_HEAD {
+            return r;
+        }
+        let answered = this.conn.answered.load(Ordering::SeqCst);
+        if answered != this.seen {
+            // A kept-alive connection begins to wait for its next request.
+            this.seen = answered;
+            this.idle = true;
+            let at = tokio::time::Instant::now() + KEEPALIVE_IDLE;
+            this.deadline.as_mut().reset(at);
+        }
+        match r {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                if this.idle {
+                    this.idle = false;
+                    let at = tokio::time::Instant::now() + HEAD_TIMEOUT;
+                    this.deadline.as_mut().reset(at);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if !this.idle && !this.timed_out {
+                    this.timed_out = true;
+                    this.send_timeout(cx);
+                }
+                // The end of input, as far as hyper is concerned: it closes the connection.
+                Poll::Ready(Ok(()))
+            }
+            r => r,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, data);
+        this.bound_write(cx, r)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_flush(cx);
+        this.bound_write(cx, r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.bound_write(cx, r)
+    }
+}
+
+/// Close after the answer without resetting it away: stop sending (hyper did, over TLS with a
+/// close_notify), then drain what the client still sends (a body we refused) for a short while,
+/// from the TCP socket itself (over TLS too: it is only thrown away).
+async fn linger(socket: &TcpStream) {
+    let _ = socket.shutdown(Shutdown::Write);
+    let Ok(s) = socket
+        .try_clone()
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        .and_then(tokio::net::TcpStream::from_std)
+    else {
+        return;
+    };
+    let until = tokio::time::Instant::now() + LINGER;
+    let mut sink = [0u8; 16 << 10];
+    let mut drained = 0usize;
+    while drained <= MAX_BODY {
+        match tokio::time::timeout_at(until, s.readable()).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+        match s.try_read(&mut sink) {
+            Ok(0) => return,
+            Ok(n) => drained += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Reply {
     status: u16,
@@ -665,48 +829,115 @@ impl Reply {
         }
     }
 
-    /// The answer, saying the connection closes after it.
-    fn to_bytes(&self) -> Vec<u8> {
-        self.encode(false)
-    }
-
-    /// The answer; `keep_alive`: the connection serves another request after it.
-    fn encode(&self, keep_alive: bool) -> Vec<u8> {
-        let reason = match self.status {
-            200 => "OK",
-            400 => "Bad Request",
-            401 => "Unauthorized",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            408 => "Request Timeout",
-            409 => "Conflict",
-            412 => "Precondition Failed",
-            411 => "Length Required",
-            413 => "Content Too Large",
-            422 => "Unprocessable Content",
-            431 => "Request Header Fields Too Large",
-            500 => "Internal Server Error",
-            503 => "Service Unavailable",
-            505 => "HTTP Version Not Supported",
-            _ => "",
-        };
-        let mut out = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n",
-            self.status,
-            self.content_type,
-            self.body.len(),
-            if keep_alive { "keep-alive" } else { "close" }
-        );
+    /// The answer's headers; `keep_alive`: the connection serves another request after it.
+    fn headers(&self, keep_alive: bool) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        h.insert(CONTENT_LENGTH, HeaderValue::from(self.body.len()));
+        h.insert(CONNECTION, connection_value(keep_alive));
         if self.status == 401 {
-            out += "WWW-Authenticate: Bearer\r\n";
+            h.insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
         }
         for (name, value) in self.headers {
-            out += &format!("{name}: {value}\r\n");
+            h.insert(*name, HeaderValue::from_static(value));
         }
-        out += "\r\n";
-        let mut bytes = out.into_bytes();
-        bytes.extend_from_slice(self.body.as_bytes());
-        bytes
+        h
+    }
+
+    /// The answer as hyper sends it. A HEAD request gets the same head (its `Content-Length`
+    /// too), and hyper leaves out the body.
+    fn into_response(self, keep_alive: bool, served: Served) -> http::Response<AnswerBody> {
+        let status = http::StatusCode::from_u16(self.status)
+            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        let headers = self.headers(keep_alive);
+        let mut r = http::Response::new(AnswerBody {
+            data: AnswerData::Full(Some(Bytes::from(self.body))),
+            _served: served,
+        });
+        *r.status_mut() = status;
+        *r.headers_mut() = headers;
+        r
+    }
+}
+
+fn connection_value(keep_alive: bool) -> HeaderValue {
+    HeaderValue::from_static(if keep_alive { "keep-alive" } else { "close" })
+}
+
+/// An answer's body: whole, or a stream's chunks as its producer sends them.
+struct AnswerBody {
+    data: AnswerData,
+    /// Dropped with the body, once hyper has taken all of it or given up on it.
+    _served: Served,
+}
+
+enum AnswerData {
+    Full(Option<Bytes>),
+    Stream(tokio::sync::mpsc::Receiver<Bytes>),
+}
+
+impl hyper::body::Body for AnswerBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match &mut self.get_mut().data {
+            AnswerData::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            AnswerData::Stream(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.data, AnswerData::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.data {
+            AnswerData::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            AnswerData::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// The end of serving one request: its answer time recorded, and a kept-alive connection back
+/// to waiting for a head, from where it may be closed to make room like a new one.
+struct Served {
+    conn: Arc<ConnState>,
+    keep_alive: bool,
+    /// When the request head had arrived, and the labels its answer time goes under; `None` for
+    /// streams (counted but not timed, or they would swamp every other answer time).
+    timed: Option<(Instant, ApiRoute)>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let sh = &self.conn.shared;
+        if let Some((arrived, labels)) = self.timed.take() {
+            sh.latency
+                .get_or_create(&labels)
+                .observe(arrived.elapsed().as_secs_f64());
+        }
+        if !self.keep_alive {
+            return;
+        }
+        self.conn.answered.fetch_add(1, Ordering::SeqCst);
+        let slot = &self.conn.slot;
+        // The stop flag is read after that, so a stopping server that saw this connection still
+        // serving does not leave it waiting.
+        if slot
+            .phase
+            .compare_exchange(SERVING, IN_HEAD, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+            && sh.stop.load(Ordering::SeqCst)
+        {
+            let _ = slot.stream.shutdown(Shutdown::Both);
+        }
     }
 }
 
@@ -716,8 +947,9 @@ struct Head {
     method: String,
     target: String,
     authorization: Option<String>,
-    content_length: Option<usize>,
-    expect_continue: bool,
+    content_length: Option<u64>,
+    /// A `Transfer-Encoding`: refused (411), bodies come with their length.
+    chunked: bool,
     /// `If-Match: "<generation>"` (or `W/"…"`, or bare): the generation a write expects.
     if_match: Option<String>,
     /// `X-Dva-Forwarded`: a replica forwarded this call to the one it takes for the leader, so
@@ -728,133 +960,40 @@ struct Head {
     keep_alive: bool,
 }
 
-enum ReadError {
-    /// The client went away before sending anything: nothing to answer.
-    Closed,
-    Reply(Reply),
-}
-
-impl From<Reply> for ReadError {
-    fn from(r: Reply) -> ReadError {
-        ReadError::Reply(r)
-    }
-}
-
-/// A time limit for one part of the request.
-#[derive(Debug, Clone, Copy)]
-struct Deadline {
-    at: Instant,
-    /// "head" or "body", for the message.
-    part: &'static str,
-    limit: Duration,
-    /// Passing it closes the connection unanswered: a kept-alive connection nobody used again.
-    silent: bool,
-}
-
-impl Deadline {
-    fn after(limit: Duration, part: &'static str) -> Deadline {
-        Deadline {
-            at: Instant::now() + limit,
-            part,
-            limit,
-            silent: false,
-        }
-    }
-
-    /// The wait for the first byte of a kept-alive connection's next request.
-    fn idle(limit: Duration) -> Deadline {
-        Deadline {
-            silent: true,
-            ..Deadline::after(limit, "next request")
-        }
-    }
-
-    fn timed_out(&self) -> ReadError {
-        ReadError::Reply(Reply::error(
-            408,
-            "timeout",
-            format!(
-                "the request {} did not arrive within {} s",
-                self.part,
-                self.limit.as_secs()
-            ),
-        ))
-    }
-}
-
-/// One read before the deadline: `Ok(0)` at end of input.
-fn read_some(s: &mut Conn, buf: &mut [u8], deadline: Deadline) -> Result<usize, ReadError> {
-    loop {
-        match s.read_before(buf, deadline.at) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                // Before the TLS handshake is done there is no way to answer.
-                return Err(if deadline.silent || s.handshaking() {
-                    ReadError::Closed
-                } else {
-                    deadline.timed_out()
-                });
+impl Head {
+    fn of<B>(req: &http::Request<B>) -> Head {
+        let h = req.headers();
+        let text = |name| {
+            h.get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (mut close, mut keep_alive) = (false, req.version() == http::Version::HTTP_11);
+        for value in h.get_all(CONNECTION) {
+            for option in value.to_str().unwrap_or("").split(',').map(str::trim) {
+                close |= option.eq_ignore_ascii_case("close");
+                keep_alive |= option.eq_ignore_ascii_case("keep-alive");
             }
-            Err(_) => return Err(ReadError::Closed),
         }
-    }
-}
-
-/// Read up to the end of the next head. `input` holds what was read from the connection and not
-/// used yet (a pipelined request), and keeps what follows the head (body bytes). `idle`: how
-/// long a kept-alive connection waits for the request to begin, when it is not the first; the
-/// head then has [`HEAD_TIMEOUT`] from its first byte.
-fn read_head(s: &mut Conn, input: &mut Vec<u8>, idle: Option<Duration>) -> Result<Head, ReadError> {
-    let mut deadline = match idle {
-        Some(idle) if input.is_empty() => Deadline::idle(idle),
-        _ => Deadline::after(HEAD_TIMEOUT, "head"),
-    };
-    let mut chunk = [0u8; 4096];
-    let end = loop {
-        if let Some(end) = head_end(input) {
-            break end;
+        Head {
+            method: req.method().as_str().to_string(),
+            target: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+            authorization: text(AUTHORIZATION),
+            // hyper refused a malformed or conflicting length already.
+            content_length: h
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok()),
+            chunked: h.contains_key(TRANSFER_ENCODING),
+            if_match: text(IF_MATCH),
+            forwarded: h.contains_key("x-dva-forwarded"),
+            // `close` wins over anything else said.
+            keep_alive: keep_alive && !close,
         }
-        if input.len() > MAX_HEAD {
-            return Err(Reply::error(
-                431,
-                "too_large",
-                format!("request head over {MAX_HEAD} bytes"),
-            )
-            .into());
-        }
-        let n = read_some(s, &mut chunk, deadline)?;
-        if n == 0 {
-            if input.iter().all(u8::is_ascii_whitespace) {
-                return Err(ReadError::Closed);
-            }
-            return Err(bad("the request ended inside its head").into());
-        }
-        if deadline.silent {
-            deadline = Deadline::after(HEAD_TIMEOUT, "head");
-        }
-        input.extend_from_slice(&chunk[..n]);
-    };
-    let head = parse_head(&input[..end.0])?;
-    input.drain(..end.0 + end.1);
-    Ok(head)
-}
-
-/// Where the head ends: (its length, the length of the blank-line terminator).
-fn head_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, 4));
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
     }
 }
 
@@ -862,127 +1001,33 @@ fn bad(message: &str) -> Reply {
     Reply::error(400, "bad_request", message.to_string())
 }
 
-fn parse_head(bytes: &[u8]) -> Result<Head, Reply> {
-    let text = std::str::from_utf8(bytes).map_err(|_| bad("request head is not UTF-8"))?;
-    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
-    // Tolerate blank lines before the request line (RFC 9112 §2.2).
-    let request_line = lines
-        .by_ref()
-        .find(|l| !l.is_empty())
-        .ok_or_else(|| bad("empty request"))?;
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(bad(
-            "malformed request line (expected METHOD TARGET HTTP/1.1)",
-        ));
-    };
-    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(bad("malformed request method"));
-    }
-    if !target.starts_with('/') {
-        return Err(bad("the request target must be a path"));
-    }
-    if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return Err(Reply::error(
-            505,
-            "bad_request",
-            format!("{version} is not supported (HTTP/1.1 is)"),
-        ));
-    }
-    let mut head = Head {
-        method: method.to_string(),
-        target: target.to_string(),
-        ..Head::default()
-    };
-    let (mut close, mut keep_alive) = (false, version == "HTTP/1.1");
-    for (i, line) in lines.enumerate() {
-        if i >= MAX_HEADERS {
-            return Err(Reply::error(
-                431,
-                "too_large",
-                format!("more than {MAX_HEADERS} headers"),
-            ));
-        }
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| bad("malformed header line"))?;
-        if name.is_empty() || name.bytes().any(|b| b.is_ascii_whitespace()) {
-            return Err(bad("malformed header name"));
-        }
-        let value = value.trim();
-        match name.to_ascii_lowercase().as_str() {
-            "content-length" => {
-                let n: u64 = value
-                    .parse()
-                    .map_err(|_| bad("Content-Length is not a number"))?;
-                let n = usize::try_from(n).unwrap_or(usize::MAX);
-                // Two differing lengths are how requests get smuggled: refuse.
-                if head.content_length.is_some_and(|m| m != n) {
-                    return Err(bad("conflicting Content-Length headers"));
-                }
-                head.content_length = Some(n);
-            }
-            "transfer-encoding" => {
-                return Err(Reply::error(
-                    411,
-                    "length_required",
-                    "chunked bodies are not accepted: send Content-Length".into(),
-                ))
-            }
-            "authorization" => head.authorization = Some(value.to_string()),
-            "if-match" => head.if_match = Some(value.to_string()),
-            "x-dva-forwarded" => head.forwarded = true,
-            "connection" => {
-                for option in value.split(',').map(str::trim) {
-                    close |= option.eq_ignore_ascii_case("close");
-                    keep_alive |= option.eq_ignore_ascii_case("keep-alive");
-                }
-            }
-            "expect" if value.eq_ignore_ascii_case("100-continue") => head.expect_continue = true,
-            _ => {}
-        }
-    }
-    // `close` wins over anything else said.
-    head.keep_alive = keep_alive && !close;
-    Ok(head)
-}
-
-/// Read the body `head` announces; `input` holds what was read past the head, and keeps what
-/// follows the body.
-fn read_body(
-    s: &mut Conn,
-    head: &Head,
-    input: &mut Vec<u8>,
-    deadline: Deadline,
-) -> Result<String, ReadError> {
+/// Read the body `head` announces, refusing one over [`MAX_BODY`] before reading any of it.
+async fn read_body(head: &Head, body: Incoming) -> Result<String, Reply> {
     let len = head.content_length.unwrap_or(0);
-    if len > MAX_BODY {
+    if len > MAX_BODY as u64 {
         return Err(Reply::error(
             413,
             "too_large",
             format!("body of {len} bytes is over the limit of {MAX_BODY}"),
-        )
-        .into());
+        ));
     }
-    if head.expect_continue && input.len() < len {
-        let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
-    }
-    let mut chunk = [0u8; 16 << 10];
-    while input.len() < len {
-        let want = (len - input.len()).min(chunk.len());
-        let n = read_some(s, &mut chunk[..want], deadline)?;
-        if n == 0 {
-            return Err(bad("the body is shorter than its Content-Length").into());
+    let read = http_body_util::Limited::new(body, MAX_BODY).collect();
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => return Err(bad("the body is shorter than its Content-Length")),
+        Err(_) => {
+            return Err(Reply::error(
+                408,
+                "timeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            ))
         }
-        input.extend_from_slice(&chunk[..n]);
-    }
-    let next = input.split_off(len);
-    let body = std::mem::replace(input, next);
-    String::from_utf8(body).map_err(|_| bad("the body is not UTF-8").into())
+    };
+    String::from_utf8(bytes.into()).map_err(|_| bad("the body is not UTF-8"))
 }
-
 /// Constant-time comparison, so the token cannot be guessed byte by byte from response times.
 fn same(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -1194,124 +1239,306 @@ fn route_labels(method: &str, call: Option<Call<'_>>) -> ApiRoute {
     [("method", method), ("route", template)]
 }
 
-/// What serving a request learnt about the connection.
-#[derive(Debug, Default)]
-struct Request {
-    /// A HEAD: the answer goes without its body.
-    head_only: bool,
-    /// The client would send another request, and the stream is where it begins (no body left
-    /// unread).
-    keep_alive: bool,
-    /// When the request head had arrived, and the labels its answer time goes under; `None`
-    /// until a whole head has been read (a request that never sent one is not timed).
-    timed: Option<(Instant, ApiRoute)>,
+/// Serve one request of a connection (hyper hands them over one at a time).
+async fn handle(conn: Arc<ConnState>, req: http::Request<Incoming>) -> http::Response<AnswerBody> {
+    let sh = conn.shared.clone();
+    let arrived = Instant::now();
+    // A whole head arrived: from here on the connection is not closed to make room (unless that
+    // happened already, and then nobody reads the answer).
+    let serving = conn
+        .slot
+        .phase
+        .compare_exchange(IN_HEAD, SERVING, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok();
+    let n = conn.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let head = Head::of(&req);
+    // A body announced is read only by the calls that take one: until then the next request's
+    // start is unknown.
+    let can_keep = serving
+        && head.keep_alive
+        && !head.chunked
+        && n < MAX_REQUESTS
+        && !sh.stop.load(Ordering::SeqCst);
+    let mut keep_alive = can_keep && head.content_length.unwrap_or(0) == 0;
+    let routed = route(&head.method, &head.target);
+    let timed = Some((
+        arrived,
+        route_labels(&head.method, routed.as_ref().ok().copied()),
+    ));
+    let answer = match routed {
+        // Closed to make room as its head arrived: nobody will read an answer, so nothing is
+        // done for it.
+        _ if !serving => Answer::Reply(Reply::error(
+            503,
+            "unavailable",
+            "closed to make room for other connections; retry".into(),
+        )),
+        Err(r) => Answer::Reply(r),
+        Ok(call) => {
+            let what = (call.guarded(), call.has_body());
+            let body = req.into_body();
+            answer(&sh, head, what, body, (&mut keep_alive, can_keep)).await
+        }
+    };
+    let served = |timed| Served {
+        conn: conn.clone(),
+        keep_alive,
+        timed,
+    };
+    let reply = match answer {
+        Answer::Reply(r) => r,
+        Answer::Stream(content_type, produce) => {
+            sh.count(200);
+            return stream_response(&conn, content_type, produce, served(None));
+        }
+    };
+    sh.count(reply.status);
+    reply.into_response(keep_alive, served(timed))
 }
 
-fn serve_connection(conn: &Active, stream: TcpStream) {
-    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    let _ = stream.set_nodelay(true);
-    let mut s = match &conn.shared.tls {
-        None => Conn::Plain(stream),
-        Some(config) => match rustls::ServerConnection::new(config.clone()) {
-            Ok(tls) => Conn::Tls(Box::new(TlsConn { tls, sock: stream })),
-            Err(_) => return,
-        },
+/// A stream's producer: writes until done, the client gone (`gone`), or a write failing.
+type Producer = Box<dyn FnOnce(&mut dyn Write, &mut dyn FnMut() -> bool) + Send>;
+
+/// What a request gets: a complete reply, or a stream of this content type.
+enum Answer {
+    Reply(Reply),
+    Stream(&'static str, Producer),
+}
+
+/// A streamed answer (no length: chunked, and the connection closes after it): its producer runs
+/// on the blocking pool, handing chunks to hyper through a bounded channel. It stops when the
+/// channel closes (hyper gave up on the body: the client went away or stopped reading), when the
+/// client's end of the socket closes (it sends nothing after its request, so that means it left,
+/// even while nothing is written), or when the server stops.
+fn stream_response(
+    conn: &Arc<ConnState>,
+    content_type: &'static str,
+    produce: Producer,
+    served: Served,
+) -> http::Response<AnswerBody> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let producer = {
+        let conn = conn.clone();
+        move || {
+            let mut out = ChannelWriter(tx.clone());
+            let mut client = client_gone(&conn.slot.stream);
+            let mut gone =
+                || tx.is_closed() || conn.shared.stop.load(Ordering::Acquire) || client();
+            produce(&mut out, &mut gone);
+        }
     };
-    // Read from the connection and not used yet: what follows a request (pipelining).
-    let mut input = Vec::new();
-    for served in 0..MAX_REQUESTS {
-        let mut req = Request::default();
-        let reply = match answer(
-            &conn.shared,
-            &conn.slot,
-            &mut s,
-            &mut input,
-            served,
-            &mut req,
-        ) {
-            Ok(Answer::Reply(r)) => r,
-            // Where the next request would start is unknown.
-            Err(ReadError::Reply(r)) => {
-                req.keep_alive = false;
-                r
-            }
-            Ok(Answer::Capture(streams)) => {
-                conn.shared.count(200);
-                // No length: the stream ends when the connection closes (HTTP/1.1 allows it
-                // with `Connection: close`). A client that stops reading fails a write within
-                // WRITE_TIMEOUT, which ends the capture.
-                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.tcpdump.pcap\r\nConnection: close\r\n\r\n";
-                if s.write_all(head.as_bytes()).is_ok() {
-                    let _ = streams.copy_to(&mut s);
-                }
-                linger(s);
-                return;
-            }
-            Ok(Answer::Monitor(streams)) => {
-                conn.shared.count(200);
-                // Like capture: no length, the stream ends when the connection closes. The
-                // client sends nothing after its request, so its end of the stream closing
-                // means it went away (Ctrl-C) even while no event is written.
-                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n";
-                if s.write_all(head.as_bytes()).is_ok() {
-                    let mut gone = client_gone(s.tcp());
-                    let _ = streams.copy_to(&mut s, &mut gone);
-                }
-                linger(s);
-                return;
-            }
-            Ok(Answer::Watch(what, timeout)) => {
-                conn.shared.count(200);
-                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n";
-                if s.write_all(head.as_bytes()).is_ok() {
-                    // A stopping server ends its watches (the client watches again, elsewhere).
-                    let mut client = client_gone(s.tcp());
-                    let mut gone = || conn.shared.stop.load(Ordering::Acquire) || client();
-                    let _ = watch(&conn.shared.mgmt, &what, timeout, &mut s, &mut gone);
-                }
-                linger(s);
-                return;
-            }
-            Err(ReadError::Closed) => return,
-        };
-        conn.shared.count(reply.status);
-        let keep_alive =
-            req.keep_alive && served + 1 < MAX_REQUESTS && !conn.shared.stop.load(Ordering::SeqCst);
-        let mut bytes = reply.encode(keep_alive);
-        if req.head_only {
-            // HEAD: the GET answer's status and headers (its Content-Length too), no body.
-            bytes.truncate(bytes.len() - reply.body.len());
-        }
-        let sent = s.write_all(&bytes).and_then(|()| s.flush());
-        // Written (or failed to be): what follows is the client's time, not ours. Streams
-        // (capture, monitor, watch) returned above: counted but not timed, or they would swamp
-        // every other answer time.
-        if let Some((arrived, labels)) = req.timed.take() {
-            conn.shared
-                .latency
-                .get_or_create(&labels)
-                .observe(arrived.elapsed().as_secs_f64());
-        }
-        if !keep_alive {
-            linger(s);
-            return;
-        }
-        // Back to waiting for a head: from here the connection may be closed to make room, like
-        // a new one. (The stop flag is read after that, so a stopping server that saw this
-        // connection still serving does not leave it waiting.)
-        if sent.is_err()
-            || conn
-                .slot
-                .phase
-                .compare_exchange(SERVING, IN_HEAD, Ordering::SeqCst, Ordering::SeqCst)
-                .is_err()
-            || conn.shared.stop.load(Ordering::SeqCst)
-        {
-            return;
-        }
+    // Without a thread for it the stream is empty (its sender dropped with the closure).
+    drop(tokio::task::spawn_blocking(producer));
+    let mut r = http::Response::new(AnswerBody {
+        data: AnswerData::Stream(rx),
+        _served: served,
+    });
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    h.insert(CONNECTION, connection_value(false));
+    r
+}
+
+/// A stream's output: each write one chunk of the answer's body, waiting while the channel is
+/// full (the client reads slower than the producer writes).
+struct ChannelWriter(tokio::sync::mpsc::Sender<Bytes>);
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Bytes::copy_from_slice(buf))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
+/// Answer a routed request: the token, the body, then [`decide`] on the blocking pool (the
+/// engine is synchronous), then forwarding to the leader if it says so.
+async fn answer(
+    sh: &Arc<Shared>,
+    head: Head,
+    (guarded, has_body): (bool, bool),
+    body: Incoming,
+    (keep_alive, can_keep): (&mut bool, bool),
+) -> Answer {
+    if head.chunked {
+        return Answer::Reply(Reply::error(
+            411,
+            "length_required",
+            "chunked bodies are not accepted: send Content-Length".into(),
+        ));
+    }
+    if guarded && !authorized(&head, &sh.token) {
+        return Answer::Reply(Reply::error(
+            401,
+            "unauthorized",
+            "missing or wrong bearer token (Authorization: Bearer <token>; `dva serve` keeps it in <state>/token)".into(),
+        ));
+    }
+    let body = if has_body {
+        match read_body(&head, body).await {
+            Ok(b) => {
+                // Read whole: the next request starts right after it.
+                *keep_alive = can_keep;
+                b
+            }
+            Err(r) => return Answer::Reply(r),
+        }
+    } else {
+        String::new()
+    };
+    let decided = {
+        let sh = sh.clone();
+        tokio::task::spawn_blocking(move || {
+            let d = decide(&sh, &head, &body);
+            (d, head, body)
+        })
+        .await
+    };
+    match decided {
+        Ok((Decision::Answer(a), _, _)) => a,
+        Ok((Decision::Forward(api), head, body)) => {
+            Answer::Reply(forward(&api, &head, body, sh.forward_tls.as_ref()).await)
+        }
+        // Mgmt does not panic on input; should a bug make it, the caller gets a 500 and the
+        // server keeps serving.
+        Err(_) => Answer::Reply(Reply::error(
+            500,
+            "internal",
+            "the call failed unexpectedly".into(),
+        )),
+    }
+}
+
+/// What [`decide`] concluded.
+enum Decision {
+    Answer(Answer),
+    /// Only the leader answers it, and that is the replica at this API address.
+    Forward(String),
+}
+
+/// The engine's part of answering an authorized request whose body (if any) was read: blocking
+/// (the leader may be settling, calls wait on units), so it runs on the blocking pool.
+fn decide(sh: &Arc<Shared>, head: &Head, body: &str) -> Decision {
+    let reply = |r| Decision::Answer(Answer::Reply(r));
+    let call = match route(&head.method, &head.target) {
+        Ok(c) => c,
+        Err(r) => return reply(r),
+    };
+    if let (Call::Capture(..) | Call::Monitor(..), Leader::Other(api)) = (call, sh.mgmt.leader()) {
+        // A capture or monitor streams for seconds: relayed through a follower it would hold two
+        // connections; the leader answers it directly.
+        return reply(Reply::not_leader(
+            "captures and monitors",
+            format!("{}://{api}", sh.scheme()),
+        ));
+    }
+    if let Call::List | Call::Get(_) | Call::Events(_) = call {
+        let timeout = match watch_query(&head.target) {
+            Ok(t) => t,
+            Err(r) => return reply(r),
+        };
+        if let Some(timeout) = timeout {
+            if let Leader::Other(api) = sh.mgmt.leader() {
+                // The leader alone knows the units' state as it changes.
+                return reply(Reply::not_leader(
+                    "watches",
+                    format!("{}://{api}", sh.scheme()),
+                ));
+            }
+            let what = match call {
+                Call::Get(name) => Watched::Get(name.to_string()),
+                Call::Events(name) => Watched::Events(name.to_string()),
+                _ => Watched::List,
+            };
+            // A missing appliance is a plain 404, not an empty stream.
+            if let Watched::Get(name) | Watched::Events(name) = &what {
+                if let Err(e) = sh.mgmt.get(name) {
+                    return reply(Reply::api(e));
+                }
+            }
+            let mgmt = sh.mgmt.clone();
+            return Decision::Answer(Answer::Stream(
+                "application/x-ndjson",
+                Box::new(move |out, gone| {
+                    let _ = watch(&mgmt, &what, timeout, out, gone);
+                }),
+            ));
+        }
+    }
+    if let Call::Monitor(name, query) = call {
+        return Decision::Answer(match sh.mgmt.monitor(name, query) {
+            Ok(streams) => Answer::Stream(
+                "application/x-ndjson",
+                Box::new(move |out, gone| {
+                    let _ = streams.copy_to(out, gone);
+                }),
+            ),
+            Err(e) => Answer::Reply(Reply::api(e)),
+        });
+    }
+    if let Call::Capture(name, query) = call {
+        return Decision::Answer(match sh.mgmt.capture(name, query) {
+            // A client that stops reading fails a write (the channel closes), which ends it.
+            Ok(streams) => Answer::Stream(
+                "application/vnd.tcpdump.pcap",
+                Box::new(move |out, _| {
+                    let _ = streams.copy_to(out);
+                }),
+            ),
+            Err(e) => Answer::Reply(Reply::api(e)),
+        });
+    }
+    if call.leader_only() {
+        match sh.mgmt.settled_leader(ELECTION_WAIT) {
+            Leader::Me => {}
+            Leader::Other(_) if head.forwarded => {
+                return reply(Reply::error(
+                    503,
+                    "no_leader",
+                    "forwarded to a replica that does not lead (an election is settling); retry"
+                        .into(),
+                ))
+            }
+            Leader::Other(api) => return Decision::Forward(api),
+            Leader::Unknown => {
+                return reply(Reply::error(
+                    503,
+                    "no_leader",
+                    "no dva serve replica leads right now (an election is settling); retry".into(),
+                ))
+            }
+        }
+    }
+    if let Call::Join(_) = call {
+        // The API token, or a one-time join token (used up here, whatever the join's outcome).
+        let ok = authorized(head, &sh.token)
+            || head
+                .bearer()
+                .is_some_and(|t| !t.is_empty() && sh.mgmt.use_join_token(t));
+        if !ok {
+            return reply(Reply::error(
+                401,
+                "unauthorized",
+                "missing, used, expired or wrong join token (Authorization: Bearer <token>; \
+                 `dva join-token` makes one)"
+                    .into(),
+            ));
+        }
+    }
+    match write_options(head) {
+        Ok(opts) => reply(execute(sh, call, body, opts)),
+        Err(r) => reply(r),
+    }
+}
 /// Whether the client of a stream went away: it sends nothing after its request, so its end of
 /// the connection closing means it left (Ctrl-C) even while nothing is written to it. Asked of
 /// the socket (poll(2)) without reading it: over TLS, bytes taken from under rustls would break
@@ -1326,8 +1553,9 @@ fn client_gone(s: &TcpStream) -> impl FnMut() -> bool {
             revents: 0,
         };
         // SAFETY: `p` is one valid pollfd for the duration of the call (timeout 0: no wait); `fd`
-        // belongs to the connection, which outlives this closure (both live in
-        // `serve_connection`'s scope), and poll(2) only reports on it.
+        // is the registry's handle on the connection's socket, which the stream's producer keeps
+        // open (it holds the connection's state) for as long as it calls this, and poll(2) only
+        // reports on it.
         let r = unsafe { libc::poll(&mut p, 1, 0) };
         r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
     }
@@ -1391,8 +1619,8 @@ fn watch(
     mgmt: &Mgmt,
     what: &Watched,
     timeout: Duration,
-    out: &mut impl Write,
-    gone: &mut impl FnMut() -> bool,
+    out: &mut dyn Write,
+    gone: &mut dyn FnMut() -> bool,
 ) -> std::io::Result<()> {
     let until = Instant::now() + timeout;
     let mut shown: BTreeMap<String, String> = BTreeMap::new();
@@ -1470,164 +1698,6 @@ fn line<T: Serialize>(lines: &mut String, kind: &str, object: &T) {
     lines.push('\n');
 }
 
-/// What a request gets: a complete reply, or a stream.
-enum Answer {
-    Reply(Reply),
-    /// A watch on a list, an appliance or its events, for at most this long.
-    Watch(Watched, Duration),
-    Capture(crate::inspect::CaptureStreams),
-    Monitor(crate::inspect::MonitorStreams),
-}
-
-/// Read and answer the request number `served` (from 0) of a connection.
-fn answer(
-    sh: &Shared,
-    slot: &Slot,
-    s: &mut Conn,
-    input: &mut Vec<u8>,
-    served: u32,
-    req: &mut Request,
-) -> Result<Answer, ReadError> {
-    let head = read_head(s, input, (served > 0).then_some(KEEPALIVE_IDLE))?;
-    let arrived = Instant::now();
-    req.head_only = head.method == "HEAD";
-    // A body announced is read only by the calls that take one: until then the next request's
-    // start is unknown.
-    req.keep_alive = head.keep_alive && head.content_length.unwrap_or(0) == 0;
-    // A whole request arrived: from here on the connection is not closed to make room (unless
-    // that happened already, and then there is nobody to answer).
-    if slot
-        .phase
-        .compare_exchange(IN_HEAD, SERVING, Ordering::SeqCst, Ordering::SeqCst)
-        .is_err()
-    {
-        return Err(ReadError::Closed);
-    }
-    let routed = route(&head.method, &head.target);
-    req.timed = Some((
-        arrived,
-        route_labels(&head.method, routed.as_ref().ok().copied()),
-    ));
-    let call = routed?;
-    if call.guarded() && !authorized(&head, &sh.token) {
-        return Ok(Answer::Reply(Reply::error(
-            401,
-            "unauthorized",
-            "missing or wrong bearer token (Authorization: Bearer <token>; `dva serve` keeps it in <state>/token)".into(),
-        )));
-    }
-    if let (Call::Capture(..) | Call::Monitor(..), Leader::Other(api)) = (call, sh.mgmt.leader()) {
-        // A capture or monitor streams for seconds: relayed through a follower it would hold two
-        // connections; the leader answers it directly.
-        return Ok(Answer::Reply(Reply::not_leader(
-            "captures and monitors",
-            format!("{}://{api}", sh.scheme()),
-        )));
-    }
-    if let Call::List | Call::Get(_) | Call::Events(_) = call {
-        let timeout = match watch_query(&head.target) {
-            Ok(t) => t,
-            Err(r) => return Ok(Answer::Reply(r)),
-        };
-        if let Some(timeout) = timeout {
-            if let Leader::Other(api) = sh.mgmt.leader() {
-                // The leader alone knows the units' state as it changes.
-                return Ok(Answer::Reply(Reply::not_leader(
-                    "watches",
-                    format!("{}://{api}", sh.scheme()),
-                )));
-            }
-            let what = match call {
-                Call::Get(name) => Watched::Get(name.to_string()),
-                Call::Events(name) => Watched::Events(name.to_string()),
-                _ => Watched::List,
-            };
-            // A missing appliance is a plain 404, not an empty stream.
-            if let Watched::Get(name) | Watched::Events(name) = &what {
-                if let Err(e) = sh.mgmt.get(name) {
-                    return Ok(Answer::Reply(Reply::api(e)));
-                }
-            }
-            return Ok(Answer::Watch(what, timeout));
-        }
-    }
-    if let Call::Monitor(name, query) = call {
-        return Ok(match sh.mgmt.monitor(name, query) {
-            Ok(streams) => Answer::Monitor(streams),
-            Err(e) => Answer::Reply(Reply::api(e)),
-        });
-    }
-    if let Call::Capture(name, query) = call {
-        return Ok(match sh.mgmt.capture(name, query) {
-            Ok(streams) => Answer::Capture(streams),
-            Err(e) => Answer::Reply(Reply::api(e)),
-        });
-    }
-    let body = if call.has_body() {
-        let body = read_body(s, &head, input, Deadline::after(BODY_TIMEOUT, "body"))?;
-        req.keep_alive = head.keep_alive;
-        body
-    } else {
-        String::new()
-    };
-    if call.leader_only() {
-        match sh.mgmt.settled_leader(ELECTION_WAIT) {
-            Leader::Me => {}
-            Leader::Other(_) if head.forwarded => {
-                return Ok(Answer::Reply(Reply::error(
-                    503,
-                    "no_leader",
-                    "forwarded to a replica that does not lead (an election is settling); retry"
-                        .into(),
-                )))
-            }
-            Leader::Other(api) => {
-                return Ok(Answer::Reply(forward(
-                    &api,
-                    &head,
-                    &body,
-                    sh.forward_tls.as_ref(),
-                )))
-            }
-            Leader::Unknown => {
-                return Ok(Answer::Reply(Reply::error(
-                    503,
-                    "no_leader",
-                    "no dva serve replica leads right now (an election is settling); retry".into(),
-                )))
-            }
-        }
-    }
-    if let Call::Join(_) = call {
-        // The API token, or a one-time join token (used up here, whatever the join's outcome).
-        let ok = authorized(&head, &sh.token)
-            || head
-                .bearer()
-                .is_some_and(|t| !t.is_empty() && sh.mgmt.use_join_token(t));
-        if !ok {
-            return Ok(Answer::Reply(Reply::error(
-                401,
-                "unauthorized",
-                "missing, used, expired or wrong join token (Authorization: Bearer <token>; \
-                 `dva join-token` makes one)"
-                    .into(),
-            )));
-        }
-    }
-    let opts = match write_options(&head) {
-        Ok(o) => o,
-        Err(r) => return Ok(Answer::Reply(r)),
-    };
-    // Mgmt does not panic on input; should a bug make it, the caller gets a 500 and the server
-    // keeps serving.
-    Ok(Answer::Reply(
-        std::panic::catch_unwind(AssertUnwindSafe(|| execute(sh, call, &body, opts)))
-            .unwrap_or_else(|_| {
-                Reply::error(500, "internal", "the call failed unexpectedly".into())
-            }),
-    ))
-}
-
 /// How long a call that needs the leader waits for an election to settle before it is refused:
 /// a dead leader's lease runs out in [`crate::etcd::LEASE_TTL`], an etcd member's death holds up
 /// renewals while etcd elects its own leader (up to twice its 1 s election timeout).
@@ -1640,7 +1710,12 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(120);
 /// target (query included), body, and the headers that matter (Authorization, If-Match). Over
 /// TLS with `tls` (we serve TLS, so does the leader), checking its certificate names `api`'s
 /// address.
-fn forward(api: &str, head: &Head, body: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Reply {
+async fn forward(
+    api: &str,
+    head: &Head,
+    body: String,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Reply {
     let unavailable = |why: String| {
         Reply::error(
             503,
@@ -1652,66 +1727,52 @@ fn forward(api: &str, head: &Head, body: &str, tls: Option<&Arc<rustls::ClientCo
         Ok(a) => a,
         Err(e) => return unavailable(format!("not an address ({e})")),
     };
-    let host = addr.ip().to_string();
-    let mut s = match crate::client::connect(addr, &host, tls, Duration::from_secs(2)) {
-        Ok(s) => s,
-        Err(e) => return unavailable(format!("{e:#}")),
-    };
-    let _ = s.tcp().set_read_timeout(Some(FORWARD_TIMEOUT));
-    let _ = s.tcp().set_write_timeout(Some(WRITE_TIMEOUT));
-    let mut req = format!(
-        "{} {} HTTP/1.1\r\nHost: {api}\r\nX-Dva-Forwarded: 1\r\nConnection: close\r\n\
-         Content-Length: {}\r\n",
-        head.method,
-        head.target,
-        body.len()
-    );
+    let mut req = http::Request::builder()
+        .method(head.method.as_str())
+        .uri(head.target.as_str())
+        .header(HOST, api)
+        .header("X-Dva-Forwarded", "1")
+        .header(CONNECTION, "close");
     if let Some(a) = &head.authorization {
-        req += &format!("Authorization: {a}\r\n");
+        req = req.header(AUTHORIZATION, a);
     }
     if let Some(m) = &head.if_match {
-        req += &format!("If-Match: {m}\r\n");
+        req = req.header(IF_MATCH, m);
     }
-    req += "\r\n";
-    req += body;
-    if let Err(e) = s.write_all(req.as_bytes()) {
-        return unavailable(e.to_string());
+    let req = match req.body(http_body_util::Full::new(Bytes::from(body))) {
+        Ok(r) => r,
+        Err(e) => return unavailable(e.to_string()),
+    };
+    let exchange = crate::client::exchange_whole(
+        crate::client::Callee::Api,
+        addr,
+        tls,
+        Duration::from_secs(2),
+        req,
+        MAX_BODY * 8,
+    );
+    match tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
+        Ok(Ok(a)) => Reply::new(
+            a.status,
+            a.content_type
+                .as_deref()
+                .map_or("application/json", forwarded_type),
+            a.body,
+        ),
+        Ok(Err(e)) => unavailable(format!("{e:#}")),
+        Err(_) => unavailable(format!("no answer within {} s", FORWARD_TIMEOUT.as_secs())),
     }
-    let mut answer = Vec::new();
-    // The leader closes after its answer (asked to: `Connection: close`); the answer is bounded
-    // like a request body, since a leader could be anything listening at that address.
-    if let Err(e) = (&mut s).take(MAX_BODY as u64 * 8).read_to_end(&mut answer) {
-        return unavailable(e.to_string());
-    }
-    parse_answer(&answer).unwrap_or_else(|| unavailable("a malformed answer".into()))
 }
 
-/// An HTTP answer from another replica, as a [`Reply`] (the content types are ours, so they map
-/// onto the ones this server sends).
-fn parse_answer(bytes: &[u8]) -> Option<Reply> {
-    let (head_len, terminator) = head_end(bytes)?;
-    let body_at = head_len + terminator;
-    let head = std::str::from_utf8(&bytes[..head_len]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let mut content_type = "application/json";
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        if name.eq_ignore_ascii_case("content-type") {
-            let value = value.trim();
-            content_type = if value == dva_unit::metrics::CONTENT_TYPE {
-                dva_unit::metrics::CONTENT_TYPE
-            } else if value.starts_with("text/plain") {
-                "text/plain"
-            } else {
-                "application/json"
-            };
-        }
+/// The content type of another replica's answer, as one this server sends (they are ours).
+fn forwarded_type(value: &str) -> &'static str {
+    if value == dva_unit::metrics::CONTENT_TYPE {
+        dva_unit::metrics::CONTENT_TYPE
+    } else if value.starts_with("text/plain") {
+        "text/plain"
+    } else {
+        "application/json"
     }
-    let body = String::from_utf8_lossy(&bytes[body_at..]).into_owned();
-    Some(Reply::new(status, content_type, body))
 }
 
 /// `?dryRun=All` (kubectl's spelling; `true` and `1` too) and `If-Match: "<generation>"`.
@@ -1823,28 +1884,6 @@ fn execute(sh: &Shared, call: Call<'_>, body: &str, opts: WriteOptions) -> Reply
         }
     }
 }
-
-/// Close after the answer without resetting it away: stop sending, then drain what the client
-/// still sends (a body we refused) for a short while, from the TCP stream itself (over TLS too:
-/// it is only thrown away).
-fn linger(mut conn: Conn) {
-    conn.shutdown_write();
-    let mut s = conn.tcp();
-    let until = Instant::now() + LINGER;
-    let mut sink = [0u8; 16 << 10];
-    let mut drained = 0usize;
-    while drained <= MAX_BODY {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
-            return;
-        }
-        match s.read(&mut sink) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => drained += n,
-        }
-    }
-}
-
 /// The API's TLS configuration: TLS 1.3 and 1.2 (what curl and browsers speak; nothing older),
 /// the `ring` provider, no client certificates (clients are known by the token), HTTP/1.1 by
 /// ALPN. `cert_pem`: the server's certificate, then the chain up to its CA.
@@ -2095,47 +2134,6 @@ mod tests {
         assert!(!authorized(&head("Bearer to"), "tok"));
         assert!(!authorized(&Head::default(), "tok"));
     }
-
-    #[test]
-    fn heads_parse_or_are_refused() {
-        let h = parse_head(
-            b"POST /v1/appliances HTTP/1.1\r\nHost: x\r\ncontent-length: 12\r\nAuthorization: Bearer t\r\nExpect: 100-continue",
-        )
-        .expect("valid head");
-        assert_eq!(
-            (h.method.as_str(), h.target.as_str(), h.content_length),
-            ("POST", "/v1/appliances", Some(12))
-        );
-        assert_eq!(h.authorization.as_deref(), Some("Bearer t"));
-        assert!(h.expect_continue);
-        let status = |b: &[u8]| parse_head(b).map(|_| 0).unwrap_or_else(|r| r.status);
-        assert_eq!(status(b"GET / HTTP/1.0\nHost: x"), 0);
-        assert_eq!(status(b"GET / HTTP/2.0"), 505);
-        assert_eq!(status(b"GET /"), 400);
-        assert_eq!(status(b"GET  / HTTP/1.1"), 400);
-        assert_eq!(status(b"get / HTTP/1.1"), 400);
-        assert_eq!(status(b"GET http://x/ HTTP/1.1"), 400);
-        assert_eq!(status(b"GET / HTTP/1.1\r\nno colon"), 400);
-        assert_eq!(status(b"GET / HTTP/1.1\r\nContent-Length: -1"), 400);
-        assert_eq!(
-            status(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2"),
-            400
-        );
-        assert_eq!(status(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked"), 411);
-        assert_eq!(status(b"GET / HTTP/1.1\r\n\xff: x"), 400);
-        let many = format!("GET / HTTP/1.1{}", "\r\nX: y".repeat(MAX_HEADERS + 1));
-        assert_eq!(status(many.as_bytes()), 431);
-        let huge = parse_head(b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999")
-            .map(|h| h.content_length);
-        assert_eq!(huge.map_err(|r| r.status), Err(400));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some((14, 4)));
-        assert_eq!(head_end(b"GET / HTTP/1.1\n\nbody"), Some((14, 2)));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\n"), None);
-    }
-
-    /// The web view's files need no token (they hold no data) and carry the headers that keep
-    /// anything but our own script from running in the page; they show data only through the
-    /// DOM's text, never as markup.
     #[test]
     fn the_web_view_is_open_locked_down_and_inert() {
         for (path, call) in [
@@ -2148,19 +2146,29 @@ mod tests {
             assert!(!call.guarded(), "{path}");
         }
         assert!(route("GET", "/v1/appliances/x/stats").is_ok_and(Call::guarded));
-        let text = String::from_utf8(Reply::ui("text/html", UI_HTML).to_bytes()).expect("utf8");
-        for want in [
-            "\r\nContent-Security-Policy: default-src 'none'; script-src 'self'; style-src 'self'; ",
-            "\r\nX-Content-Type-Options: nosniff\r\n",
-            "\r\nCache-Control: no-store\r\n",
-            "\r\nX-Frame-Options: DENY\r\n",
+        let ui = Reply::ui("text/html", UI_HTML).headers(true);
+        let header = |h: &http::HeaderMap, name: &str| {
+            h.get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        assert!(
+            header(&ui, "content-security-policy")
+                .starts_with("default-src 'none'; script-src 'self'; style-src 'self'; "),
+            "{ui:?}"
+        );
+        for (name, want) in [
+            ("x-content-type-options", "nosniff"),
+            ("cache-control", "no-store"),
+            ("x-frame-options", "DENY"),
         ] {
-            assert!(text.contains(want), "missing {want:?} in {text}");
+            assert_eq!(header(&ui, name), want, "{ui:?}");
         }
-        assert!(!text.contains("unsafe-inline"));
+        assert!(!format!("{ui:?}").contains("unsafe-inline"));
         // The API's own answers carry none of them (JSON is never rendered as a page).
-        let api = String::from_utf8(Reply::json(200, &1).to_bytes()).expect("utf8");
-        assert!(!api.contains("Content-Security-Policy"), "{api}");
+        let api = Reply::json(200, &1).headers(true);
+        assert!(!api.contains_key("content-security-policy"), "{api:?}");
         // The CSP allows no inline script or style, so the page must have none (they would be
         // silently refused); and the script builds the DOM from text nodes only.
         assert!(UI_HTML.contains("<script src=\"/ui/app.js\""));
@@ -2178,6 +2186,45 @@ mod tests {
         }
     }
 
+    /// What the server reads of a request head: the body's length, the token, the forwarded
+    /// mark (a call that reaches a non-leader already forwarded once is not forwarded again),
+    /// and whether the connection is kept alive.
+    #[test]
+    fn heads_are_read_from_requests() {
+        let req = |version, headers: &[(&str, &str)]| {
+            let mut r = http::Request::builder()
+                .method("POST")
+                .uri("/v1/appliances?dryRun=All")
+                .version(version);
+            for (n, v) in headers {
+                r = r.header(*n, *v);
+            }
+            Head::of(&r.body(()).expect("request"))
+        };
+        let h = req(
+            http::Version::HTTP_11,
+            &[("content-length", "12"), ("Authorization", "Bearer t")],
+        );
+        assert_eq!(
+            (h.method.as_str(), h.target.as_str(), h.content_length),
+            ("POST", "/v1/appliances?dryRun=All", Some(12))
+        );
+        assert_eq!(h.authorization.as_deref(), Some("Bearer t"));
+        assert!(h.keep_alive && !h.forwarded && !h.chunked);
+        assert!(req(http::Version::HTTP_11, &[("X-Dva-Forwarded", "1")]).forwarded);
+        assert!(req(http::Version::HTTP_11, &[("Transfer-Encoding", "chunked")]).chunked);
+        assert!(!req(http::Version::HTTP_11, &[("Connection", "close")]).keep_alive);
+        assert!(!req(http::Version::HTTP_10, &[]).keep_alive);
+        assert!(req(http::Version::HTTP_10, &[("Connection", "Keep-Alive")]).keep_alive);
+        assert!(
+            !req(
+                http::Version::HTTP_10,
+                &[("Connection", "keep-alive, close")]
+            )
+            .keep_alive
+        );
+    }
+
     #[test]
     fn clients_are_told_apart_by_address_and_ipv6_slash_64() {
         let key = |s: &str| ClientKey::of(s.parse().expect("address"));
@@ -2189,21 +2236,14 @@ mod tests {
 
     /// A follower relays the leader's answer as it came: status, type and body.
     #[test]
-    fn forwarded_answers_parse() {
-        let r = Reply::error(409, "conflict", "appliance x is being deleted".into());
-        assert_eq!(parse_answer(&r.to_bytes()), Some(r));
-        let ok = Reply::new(200, "text/plain", "ready\n".into());
-        assert_eq!(parse_answer(&ok.to_bytes()), Some(ok));
-        let metrics = Reply::new(200, dva_unit::metrics::CONTENT_TYPE, "# EOF\n".into());
-        assert_eq!(parse_answer(&metrics.to_bytes()), Some(metrics));
-        for junk in [
-            &b""[..],
-            b"HTTP/1.1 200 OK\r\n",
-            b"garbage\r\n\r\n",
-            b"HTTP/1.1 abc\r\n\r\n",
-        ] {
-            assert_eq!(parse_answer(junk), None, "{junk:?}");
-        }
+    fn forwarded_answers_keep_their_type() {
+        assert_eq!(
+            forwarded_type(dva_unit::metrics::CONTENT_TYPE),
+            dva_unit::metrics::CONTENT_TYPE
+        );
+        assert_eq!(forwarded_type("text/plain; charset=utf-8"), "text/plain");
+        assert_eq!(forwarded_type("application/json"), "application/json");
+        assert_eq!(forwarded_type("text/html"), "application/json");
     }
 
     /// Replicas serving TLS forward over TLS: the leader's certificate must chain to the CA
@@ -2214,7 +2254,7 @@ mod tests {
         let leader_cert = pki.issue_server(&["127.0.0.1".into()]).expect("cert");
         let config =
             tls_server_config(&leader_cert.cert_pem, &leader_cert.key_pem).expect("config");
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let api = listener.local_addr().expect("addr").to_string();
         // The leader: answers each connection's request with what it received.
         let leader = std::thread::spawn(move || {
@@ -2225,7 +2265,7 @@ mod tests {
                 let mut s = rustls::StreamOwned::new(conn, sock);
                 let mut req = Vec::new();
                 let mut buf = [0u8; 4096];
-                while head_end(&req).is_none() {
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
                     match s.read(&mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => req.extend_from_slice(&buf[..n]),
@@ -2235,7 +2275,7 @@ mod tests {
                     continue;
                 }
                 let text = String::from_utf8_lossy(&req).into_owned();
-                let _ = s.write_all(&Reply::new(200, "text/plain", text.clone()).to_bytes());
+                let _ = s.write_all(&raw_answer(&Reply::new(200, "text/plain", text.clone())));
                 s.conn.send_close_notify();
                 let _ = s.flush();
                 got.push(text);
@@ -2248,48 +2288,51 @@ mod tests {
             authorization: Some("Bearer t".into()),
             ..Head::default()
         };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         let trusted = crate::client::tls_client_config(pki.ca_pem()).expect("client");
-        let r = forward(&api, &head, "", Some(&trusted));
+        let r = rt.block_on(forward(&api, &head, String::new(), Some(&trusted)));
         assert_eq!(r.status, 200, "{}", r.body);
+        let sent = r.body.to_ascii_lowercase();
         assert!(
-            r.body.starts_with("DELETE /v1/appliances/x HTTP/1.1\r\n"),
+            sent.starts_with("delete /v1/appliances/x http/1.1\r\n"),
             "{}",
             r.body
         );
-        assert!(r.body.contains("\r\nX-Dva-Forwarded: 1\r\n"), "{}", r.body);
+        assert!(sent.contains("\r\nx-dva-forwarded: 1\r\n"), "{}", r.body);
         assert!(
-            r.body.contains("\r\nAuthorization: Bearer t\r\n"),
+            sent.contains("\r\nauthorization: bearer t\r\n"),
             "{}",
             r.body
         );
         // A leader this CA did not vouch for is not told the token.
         let other = crate::pki::Pki::generate().expect("CA");
         let untrusted = crate::client::tls_client_config(other.ca_pem()).expect("client");
-        let r = forward(&api, &head, "", Some(&untrusted));
+        let r = rt.block_on(forward(&api, &head, String::new(), Some(&untrusted)));
         assert_eq!(r.status, 503, "{}", r.body);
         assert!(r.body.contains("TLS handshake"), "{}", r.body);
         let got = leader.join().expect("leader");
         assert_eq!(got.len(), 1, "{got:?}");
     }
 
-    /// A call that reaches a non-leader already forwarded once is not forwarded again.
     #[test]
-    fn the_forwarded_mark_is_read() {
-        let head = parse_head(b"GET /v1/appliances HTTP/1.1\r\nX-Dva-Forwarded: 1").expect("head");
-        assert!(head.forwarded);
-        let head = parse_head(b"GET /v1/appliances HTTP/1.1").expect("head");
-        assert!(!head.forwarded);
-    }
-
-    #[test]
-    fn replies_are_complete_http() {
+    fn replies_carry_their_headers() {
         let r = Reply::error(401, "unauthorized", "no".into());
-        let text = String::from_utf8(r.to_bytes()).expect("utf8");
-        assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
-        assert!(text.contains("\r\nWWW-Authenticate: Bearer\r\n"), "{text}");
-        assert!(text.contains(&format!("\r\nContent-Length: {}\r\n", r.body.len())));
+        let h = r.headers(false);
+        assert_eq!(h["www-authenticate"], "Bearer");
+        assert_eq!(h["content-length"], r.body.len().to_string().as_str());
+        assert_eq!(h["connection"], "close");
+        assert_eq!(
+            Reply::json(200, &1).headers(true)["connection"],
+            "keep-alive"
+        );
         let v: serde_json::Value = serde_json::from_str(&r.body).expect("json");
         assert_eq!(v["error"]["code"], "unauthorized");
         assert_eq!(v["error"]["message"], "no");
+        let raw = String::from_utf8(raw_answer(&r)).expect("utf8");
+        assert!(raw.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{raw}");
+        assert!(raw.ends_with(&r.body), "{raw}");
     }
 }

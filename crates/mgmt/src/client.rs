@@ -1,15 +1,20 @@
-//! A small HTTP/1.1 client for the management API (what the CLI and tests use): one request per
-//! connection, `Connection: close`, JSON in and out. Plain HTTP over TCP, or https (rustls)
-//! trusting only the CA it is given: there are no system roots here, a dva server's certificate
-//! comes from its installation CA or from the operator's own.
+//! The management API's client (what the CLI and tests use): one request per connection,
+//! `Connection: close`, JSON in and out, streams (watch, capture, monitor) read as they come.
+//! HTTP/1.1 is hyper's, on a small runtime of the client's own (the CLI is synchronous). Plain
+//! HTTP over TCP, or https (tokio-rustls) trusting only the CA it is given: there are no system
+//! roots here, a dva server's certificate comes from its installation CA or from the operator's
+//! own.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::model::{ApplianceView, Event, ScaleRequest, UnitView};
 
@@ -23,6 +28,8 @@ pub struct Client {
     tls: Option<Arc<rustls::ClientConfig>>,
     token: Option<String>,
     timeout: Duration,
+    /// Drives the connections (shared by the clones of this client).
+    runtime: Arc<tokio::runtime::Runtime>,
 }
 
 /// An answer that is not 2xx: the status and the server's message.
@@ -80,21 +87,59 @@ impl Client {
             token,
             // A delete waits for the units to stop (up to ~5 s).
             timeout: Duration::from_secs(30),
+            runtime: Arc::new(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the client's runtime")?,
+            ),
         })
     }
 
-    /// A connection to the server, over TLS for https; reads wait `read_timeout` at most.
-    fn open(&self, read_timeout: Duration) -> anyhow::Result<ClientStream> {
+    /// Send one request and wait (`timeout` at most) for the answer's head.
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> anyhow::Result<http::Response<Incoming>> {
         let addr = self
             .authority
             .to_socket_addrs()
             .with_context(|| format!("resolving {}", self.authority))?
             .next()
             .ok_or_else(|| anyhow!("{} resolves to nothing", self.authority))?;
-        let s = connect(addr, &self.host, self.tls.as_ref(), Duration::from_secs(5))?;
-        s.tcp().set_read_timeout(Some(read_timeout))?;
-        s.tcp().set_write_timeout(Some(self.timeout))?;
-        Ok(s)
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, &self.authority)
+            .header(http::header::CONNECTION, "close")
+            .header(http::header::ACCEPT, "application/json");
+        if !body.is_empty() {
+            req = req.header(http::header::CONTENT_TYPE, content_type);
+        }
+        if let Some(t) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .with_context(|| format!("{method} {path} is not a request"))?;
+        let exchange = exchange(
+            Callee::Api,
+            addr,
+            &self.host,
+            self.tls.as_ref(),
+            CONNECT_TIMEOUT,
+            req,
+        );
+        tokio::time::timeout(timeout, exchange).await.map_err(|_| {
+            anyhow!(
+                "no answer from the management API at {addr} within {} s",
+                timeout.as_secs()
+            )
+        })?
     }
 
     /// Send one request; `Ok((status, body))` whatever the status.
@@ -105,24 +150,18 @@ impl Client {
         content_type: &str,
         body: &[u8],
     ) -> anyhow::Result<(u16, String)> {
-        let mut s = self.open(self.timeout)?;
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\nContent-Length: {}\r\n",
-            self.authority,
-            body.len()
-        );
-        if !body.is_empty() {
-            head += &format!("Content-Type: {content_type}\r\n");
-        }
-        if let Some(t) = &self.token {
-            head += &format!("Authorization: Bearer {t}\r\n");
-        }
-        head += "\r\n";
-        s.write_all(head.as_bytes())?;
-        s.write_all(body)?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).context("reading the response")?;
-        parse_response(&raw)
+        self.runtime.block_on(async {
+            let resp = self
+                .send(method, path, content_type, body, self.timeout)
+                .await?;
+            let status = resp.status().as_u16();
+            let body = tokio::time::timeout(self.timeout, resp.into_body().collect())
+                .await
+                .map_err(|_| anyhow!("the answer did not arrive within {:?}", self.timeout))?
+                .context("reading the response")?
+                .to_bytes();
+            Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        })
     }
 
     fn call<T: DeserializeOwned>(
@@ -134,17 +173,7 @@ impl Client {
     ) -> anyhow::Result<T> {
         let (status, text) = self.raw(method, path, content_type, body)?;
         if !(200..300).contains(&status) {
-            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-            return Err(HttpError {
-                status,
-                code: v["error"]["code"].as_str().unwrap_or("").to_string(),
-                message: v["error"]["message"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("HTTP {status}: {}", text.trim())),
-                leader: v["error"]["leader"].as_str().map(str::to_string),
-            }
-            .into());
+            return Err(HttpError::of(status, &text).into());
         }
         serde_json::from_str(&text).with_context(|| format!("unexpected answer to {method} {path}"))
     }
@@ -223,56 +252,33 @@ impl Client {
         out: &mut dyn std::io::Write,
         timeout: Duration,
     ) -> anyhow::Result<u64> {
-        let mut s = self.open(timeout)?;
-        let mut head = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-            self.authority
-        );
-        if let Some(t) = &self.token {
-            head += &format!("Authorization: Bearer {t}\r\n");
-        }
-        head += "\r\n";
-        s.write_all(head.as_bytes())?;
-        let mut r = std::io::BufReader::new(s);
-        let mut got = Vec::new();
-        {
-            use std::io::BufRead;
-            let mut limited = (&mut r).take(16 * 1024);
+        self.runtime.block_on(async {
+            let resp = self.send("GET", path, "", b"", timeout).await?;
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            if status != 200 {
+                let text = http_body_util::Limited::new(body, 64 * 1024)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                return Err(HttpError::of(status, &String::from_utf8_lossy(&text)).into());
+            }
+            let mut written = 0u64;
             loop {
-                let before = got.len();
-                if limited.read_until(b'\n', &mut got)? == 0 {
-                    if speaks_tls(&got) {
-                        bail!(USE_HTTPS);
-                    }
-                    bail!("the server closed the connection before answering");
-                }
-                if got[before..] == *b"\r\n" {
-                    break;
+                let frame = tokio::time::timeout(timeout, body.frame())
+                    .await
+                    .map_err(|_| anyhow!("nothing from the server for {} s", timeout.as_secs()))?;
+                let Some(frame) = frame else {
+                    return Ok(written);
+                };
+                if let Ok(data) = frame.context("reading the stream")?.into_data() {
+                    out.write_all(&data)?;
+                    out.flush()?;
+                    written += data.len() as u64;
                 }
             }
-        }
-        let text = String::from_utf8_lossy(&got);
-        let status: u16 = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("malformed HTTP status line"))?;
-        if status != 200 {
-            let mut body = String::new();
-            let _ = (&mut r).take(64 * 1024).read_to_string(&mut body);
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            return Err(HttpError {
-                status,
-                code: v["error"]["code"].as_str().unwrap_or("").to_string(),
-                message: v["error"]["message"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("HTTP {status}: {}", body.trim())),
-                leader: v["error"]["leader"].as_str().map(str::to_string),
-            }
-            .into());
-        }
-        Ok(std::io::copy(&mut r, out)?)
+        })
     }
 
     /// [`Client::download`] from the leading replica: a replica that does not lead answers a
@@ -398,153 +404,184 @@ pub fn tls_client_config(ca_pem: &str) -> anyhow::Result<Arc<rustls::ClientConfi
     Ok(Arc::new(config))
 }
 
-/// A connection to a management API: TCP, or TLS over it.
-pub(crate) enum ClientStream {
-    Plain(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
-}
+/// How long connecting (and a TLS handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-impl ClientStream {
-    pub(crate) fn tcp(&self) -> &TcpStream {
-        match self {
-            ClientStream::Plain(s) => s,
-            ClientStream::Tls(t) => t.get_ref(),
+impl HttpError {
+    /// A non-2xx answer: the server's JSON error, or its text if it sent something else.
+    fn of(status: u16, text: &str) -> HttpError {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+        HttpError {
+            status,
+            code: v["error"]["code"].as_str().unwrap_or("").to_string(),
+            message: v["error"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("HTTP {status}: {}", text.trim())),
+            leader: v["error"]["leader"].as_str().map(str::to_string),
         }
     }
 }
 
-impl Read for ClientStream {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Who is called, as the messages of a failure to reach it say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Callee {
+    /// A management API (`dva serve`): the hints name what the operator can check.
+    Api,
+    /// A `dva agent`, called with the management tool's certificate.
+    Agent,
+}
+
+impl Callee {
+    fn unreachable(self, addr: SocketAddr) -> String {
         match self {
-            ClientStream::Plain(s) => s.read(buf),
-            ClientStream::Tls(t) => t.read(buf),
+            Callee::Api => {
+                format!("connecting to the management API at {addr} (is `dva serve` running?)")
+            }
+            Callee::Agent => format!("connecting to the agent at {addr}"),
+        }
+    }
+
+    fn handshake_failed(self, addr: SocketAddr, host: &str) -> String {
+        match self {
+            Callee::Api => format!(
+                "TLS handshake with the management API at {addr} (is it https, and does the CA given by --ca, DVA_CA_FILE or the client file issue its certificate for {host}?)"
+            ),
+            Callee::Agent => format!(
+                "TLS handshake with the agent at {addr} (does the installation CA issue its certificate for {host}?)"
+            ),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Callee::Api => "the management API",
+            Callee::Agent => "the agent",
         }
     }
 }
 
-impl Write for ClientStream {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            ClientStream::Plain(s) => s.write(buf),
-            ClientStream::Tls(t) => t.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            ClientStream::Plain(s) => s.flush(),
-            ClientStream::Tls(t) => t.flush(),
-        }
-    }
-}
-
-/// Connect to the API at `addr`, within `timeout`; with `tls`, also complete the handshake,
-/// which checks that the server's certificate names `host` and chains to the CA trusted. A
-/// failed handshake says so (a wrong CA, most likely), not that the server is down.
-pub(crate) fn connect(
+/// Send `req` to `callee` at `addr` on a new connection, within `connect_timeout` to connect;
+/// with `tls`, over TLS checking that the server's certificate names `host` and chains to the
+/// CA trusted. A failed handshake says so (a wrong CA, most likely), not that the server is
+/// down; an answer that is not HTTP says the server may want https.
+pub(crate) async fn exchange(
+    callee: Callee,
     addr: SocketAddr,
     host: &str,
     tls: Option<&Arc<rustls::ClientConfig>>,
-    timeout: Duration,
-) -> anyhow::Result<ClientStream> {
-    let mut sock = TcpStream::connect_timeout(&addr, timeout).with_context(|| {
-        format!("connecting to the management API at {addr} (is `dva serve` running?)")
-    })?;
+    connect_timeout: Duration,
+    req: http::Request<Full<Bytes>>,
+) -> anyhow::Result<http::Response<Incoming>> {
+    let connected = tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        .with_context(|| callee.unreachable(addr))?;
+    let _ = connected.set_nodelay(true);
     let Some(config) = tls else {
-        return Ok(ClientStream::Plain(sock));
+        return send_over(connected, req).await.map_err(|e| {
+            if e.is_parse() || e.is_incomplete_message() {
+                anyhow!(e).context(USE_HTTPS)
+            } else {
+                anyhow!(e).context(format!("{} at {addr}", callee.name()))
+            }
+        });
     };
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|e| anyhow!("{host:?} is not a server name for TLS: {e}"))?;
-    let mut conn = rustls::ClientConnection::new(config.clone(), name)?;
-    let deadline = Instant::now() + timeout;
-    let failed = || {
-        format!(
-            "TLS handshake with the management API at {addr} (is it https, and does the CA given by --ca, DVA_CA_FILE or the client file issue its certificate for {host}?)"
-        )
-    };
-    while conn.is_handshaking() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(anyhow!("timed out")).with_context(failed);
-        }
-        sock.set_read_timeout(Some(left))?;
-        sock.set_write_timeout(Some(left))?;
-        conn.complete_io(&mut sock).with_context(failed)?;
-    }
-    Ok(ClientStream::Tls(Box::new(rustls::StreamOwned::new(
-        conn, sock,
-    ))))
+    let handshake = tokio_rustls::TlsConnector::from(config.clone()).connect(name, connected);
+    let stream = tokio::time::timeout(connect_timeout, handshake)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        .with_context(|| callee.handshake_failed(addr, host))?;
+    send_over(stream, req)
+        .await
+        .with_context(|| format!("{} at {addr}", callee.name()))
 }
 
-/// A TLS alert record (what a TLS server answers plain HTTP with): the server wants https.
-fn speaks_tls(raw: &[u8]) -> bool {
-    raw.starts_with(&[0x15, 0x03])
+/// A whole answer: its status, content type and body.
+pub(crate) struct Answer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: String,
 }
 
-const USE_HTTPS: &str = "the server speaks TLS: use https://HOST:PORT (and --ca or DVA_CA_FILE)";
-
-fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
-    if speaks_tls(raw) {
-        bail!(USE_HTTPS);
-    }
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| anyhow!("malformed HTTP response (no header end)"))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let mut lines = head.lines();
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("malformed HTTP status line"))?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let mut body = raw[split + 4..].to_vec();
-    if chunked {
-        body = dechunk(&body)?;
-    }
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+/// [`exchange`], then the answer's body, at most `limit` bytes of it (the other end could be
+/// anything listening there).
+pub(crate) async fn exchange_whole(
+    callee: Callee,
+    addr: SocketAddr,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    connect_timeout: Duration,
+    req: http::Request<Full<Bytes>>,
+    limit: usize,
+) -> anyhow::Result<Answer> {
+    // Replicas and agents are dialled by address, and their certificates name it.
+    let host = addr.ip().to_string();
+    let resp = exchange(callee, addr, &host, tls, connect_timeout, req).await?;
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = http_body_util::Limited::new(resp.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| anyhow!("reading the answer of {} at {addr}: {e}", callee.name()))?
+        .to_bytes();
+    Ok(Answer {
+        status,
+        content_type,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
-fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| anyhow!("malformed chunked body"))?;
-        let size_text = String::from_utf8_lossy(&b[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| anyhow!("malformed chunk size {size_text:?}"))?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = b.get(..size).ok_or_else(|| anyhow!("truncated chunk"))?;
-        out.extend_from_slice(chunk);
-        b = b.get(size + 2..).unwrap_or(&[]);
-    }
+/// Run `f` to its end on a runtime of its own: for the synchronous callers of [`exchange`] that
+/// hold no client (the engine's calls to agents, from its own threads).
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime for the call")?;
+    Ok(runtime.block_on(f))
 }
+
+/// One request on a connection of its own (driven by a task until its answer is read).
+async fn send_over<S>(
+    io: S,
+    req: http::Request<Full<Bytes>>,
+) -> Result<http::Response<Incoming>, hyper::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    sender.send_request(req).await
+}
+
+/// What a plain request to a TLS port gets (a TLS alert, or the connection closed unanswered).
+const USE_HTTPS: &str = "the server did not answer in HTTP: if it speaks TLS, use https://HOST:PORT (and --ca or DVA_CA_FILE)";
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// An error answer's message is the server's; other text is shown as it came.
     #[test]
-    fn parses_plain_and_chunked_responses() {
-        let (s, b) = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").unwrap();
-        assert_eq!((s, b.as_str()), (200, "ok"));
-        let (s, b) = parse_response(
-            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!((s, b.as_str()), (404, "abcde"));
-        assert!(parse_response(b"garbage").is_err());
-        let e = parse_response(b"\x15\x03\x03\x00\x02\x02\x32").unwrap_err();
-        assert!(e.to_string().contains("https://"), "{e}");
+    fn error_answers_carry_the_servers_message() {
+        let e = HttpError::of(
+            503,
+            r#"{"error": {"code": "not_leader", "message": "ask x", "leader": "https://x:1"}}"#,
+        );
+        assert_eq!(
+            (e.status, e.code.as_str(), e.message.as_str()),
+            (503, "not_leader", "ask x")
+        );
+        assert_eq!(e.leader.as_deref(), Some("https://x:1"));
+        let e = HttpError::of(502, "bad gateway\n");
+        assert_eq!(e.message, "HTTP 502: bad gateway");
         assert!(Client::new("http://127.0.0.1:7080/", None).is_ok());
     }
 

@@ -493,6 +493,10 @@ fn unknown_routes_wrong_methods_and_oversized_bodies() {
         );
         let want = if auth.is_empty() {
             "HTTP/1.1 401"
+        } else if len == "18446744073709551615" {
+            // Past what hyper represents (2^64 - 2): refused by hyper itself, as a head field
+            // too large, before any service sees the request.
+            "HTTP/1.1 431"
         } else {
             "HTTP/1.1 413"
         };
@@ -1601,7 +1605,7 @@ fn connections_are_kept_alive_until_closed() {
     s.read_to_end(&mut rest).expect("closed after the answer");
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
 
-    // Each of these answers closes the connection.
+    // Each of these answers closes the connection (an HTTP/1.0 client is answered in HTTP/1.0).
     for (request, status) in [
         (&b"GET /healthz HTTP/1.0\r\n\r\n"[..], "200"),
         // A body the call does not read: where the next request starts is unknown.
@@ -1622,7 +1626,12 @@ fn connections_are_kept_alive_until_closed() {
         let mut resp = String::new();
         s.read_to_string(&mut resp)
             .expect("the server closes after the answer");
-        assert!(resp.starts_with(&format!("HTTP/1.1 {status}")), "{resp}");
+        let version = if request.ends_with(b"HTTP/1.0\r\n\r\n") {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        };
+        assert!(resp.starts_with(&format!("{version} {status}")), "{resp}");
         assert!(resp.contains("\r\nConnection: close\r\n"), "{resp}");
     }
     // HTTP/1.0 asking for it is kept alive.
