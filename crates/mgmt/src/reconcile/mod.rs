@@ -8,7 +8,14 @@
 //! * the desired state (spec + units) goes to the manager over a long-lived channel; the manager's
 //!   status (ACKs, NACKs, per-unit reports) comes back on it and feeds `get`.
 //!
+//! A pass over one appliance is snapshot → observe → [`plan`](plan::plan) → execute → commit:
+//! the decisions are a pure function of the record, what was observed and the hosts (tested as
+//! data in [`plan`]); the I/O runs without the appliances' lock, so API calls never wait on a
+//! process start, an agent or `ip` (see `reconcile_one`).
+//!
 //! The store is written before anything is started, so a restart finds every unit it started.
+
+mod plan;
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Write};
@@ -21,9 +28,7 @@ use std::time::{Duration, Instant};
 
 use dva_flow::BucketTable;
 use dva_lab::Lab;
-use dva_proto::channel::{
-    self, Desired, DesiredRole, DesiredUnit, FromManager, ManagerStatus, ToManager, UnitStatus,
-};
+use dva_proto::channel::{self, Desired, FromManager, ManagerStatus, ToManager, UnitStatus};
 use dva_proto::{compile, ApplianceSpec, Placement, UnitEndpoint};
 use dva_unit::tls::{self, TlsWriter};
 
@@ -31,31 +36,25 @@ use crate::autoscale::Autoscaler;
 use crate::core::{push_event, Appliance, Inner};
 use crate::model::*;
 use crate::provision::{UnitLaunch, UnitProcess};
+use plan::{manager_addr, Action, Host, Hosts, Liveness, Observed, Snapshot};
+use plan::{BACKPLANE_PORT, MANAGER_PORT};
 
 const PERIOD: Duration = Duration::from_millis(200);
-/// GENEVE's IANA port; further units on one host take the next ports.
-const BACKPLANE_PORT: u16 = 6081;
-/// The first port an appliance's managers may listen on; each appliance of this management
-/// tool gets its own, kept in its record.
-const MANAGER_PORT: u16 = 7443;
 /// How long the link to a manager may take to connect and finish its TLS handshake (the
 /// reconciler waits for it).
 const LINK_TIMEOUT: Duration = Duration::from_secs(2);
-/// A draining data plane must look empty this long before it is stopped (reports are 4 Hz).
-const DRAIN_CLEAR_FOR: Duration = Duration::from_millis(1000);
-/// Desired state is re-sent this often even when unchanged (a restarted manager needs it).
-const DESIRED_EVERY: Duration = Duration::from_millis(1000);
-/// A data plane exporting its state is stopped after this long whatever it still holds.
-const EXPORT_LIMIT_MS: u64 = 5_000;
 
 /// What the reconciler knows at run time about one appliance (never stored).
 #[derive(Default)]
 pub struct Runtime {
-    link: Option<ManagerLink>,
-    desired_sent: Option<(Instant, Desired)>,
+    /// Shared with a pass that uses it outside the appliances' lock.
+    link: Option<Arc<ManagerLink>>,
+    /// When the desired state was last sent (ms), and what it was.
+    desired_sent: Option<(u64, Desired)>,
     /// Why the appliance cannot be reconciled right now (no lab, a unit that fails to start).
     error: Option<String>,
-    drain_clear: BTreeMap<u32, Instant>,
+    /// Draining data planes that looked empty, and since when (ms).
+    drain_clear: BTreeMap<u32, u64>,
     units_json: String,
     pub(crate) autoscaler: Autoscaler,
     /// Dispatcher hosts the upstream routes point at.
@@ -63,7 +62,8 @@ pub struct Runtime {
 }
 
 struct ManagerLink {
-    writer: TlsWriter,
+    /// Locked only by the reconciler's pass that sends; a pass and `delete` never contend.
+    writer: Mutex<TlsWriter>,
     status: Arc<Mutex<Option<ManagerStatus>>>,
     alive: Arc<AtomicBool>,
 }
@@ -104,7 +104,7 @@ impl ManagerLink {
                 })?;
         }
         Ok(ManagerLink {
-            writer,
+            writer: Mutex::new(writer),
             status,
             alive,
         })
@@ -117,35 +117,6 @@ impl ManagerLink {
 
 /// How often the lab's shape is read again (it runs `ip netns list`).
 const LAB_EVERY: Duration = Duration::from_secs(2);
-
-/// A host units can be placed on: its name (a lab host's network namespace, or this machine's
-/// host name) and the address its units' backplane sockets bind.
-#[derive(Debug, Clone)]
-struct Host {
-    name: String,
-    backplane: IpAddr,
-    /// The network namespace its units run in, as seen from `dva serve` (a lab host); `None`:
-    /// ours, or another machine's (an agent's host, reached over the network).
-    netns: Option<String>,
-    /// Its CPUs (agents' hosts; 1 elsewhere): data planes go where fewest run per CPU.
-    cpus: u32,
-    /// The appliance of each unit its agent last reported (agents' hosts): other appliances'
-    /// units take capacity too.
-    running: Vec<String>,
-}
-
-/// Where units may go: the hosts of registered agents, the lab's hosts, or this machine alone.
-struct Hosts {
-    dispatchers: Vec<Host>,
-    dataplanes: Vec<Host>,
-    /// Every host a manager may be on (including agents' hosts not ready right now, where a
-    /// manager may still run): where its channel address is looked up, and what units are told.
-    managers: Vec<Host>,
-    /// The lab, for what only a lab has (upstream ECMP routers).
-    lab: Option<Lab>,
-    /// Units are placed on agents' hosts.
-    agents: bool,
-}
 
 impl Hosts {
     fn lab(lab: Lab) -> Hosts {
@@ -208,15 +179,6 @@ impl Hosts {
         }
     }
 
-    /// The network namespace `dva serve` reaches units of `host` from.
-    fn netns_of(&self, host: &str) -> Option<&str> {
-        self.managers
-            .iter()
-            .chain(&self.dispatchers)
-            .find(|h| h.name == host)
-            .and_then(|h| h.netns.as_deref())
-    }
-
     /// This machine: units in our own network namespace (where the spec's devices are), the
     /// backplane on loopback (dispatchers and data planes exchange packets through rings; data
     /// planes reach each other over UDP on loopback).
@@ -239,14 +201,6 @@ impl Hosts {
             dataplanes: vec![host],
             lab: None,
             agents: false,
-        }
-    }
-
-    fn describe(&self) -> String {
-        match &self.lab {
-            Some(lab) => format!("lab {}", lab.prefix),
-            None if self.agents => "the registered hosts".to_string(),
-            None => "this machine".to_string(),
         }
     }
 }
@@ -302,15 +256,7 @@ pub(crate) fn run(inner: &Inner) {
             if inner.leadership.as_ref().is_some_and(|l| l.term() != led) {
                 break;
             }
-            let mut all = inner.lock();
-            let ports: Vec<u16> = all.values().filter_map(|a| a.rec.manager_port).collect();
-            let Some(app) = all.get_mut(&name) else {
-                continue;
-            };
-            if app.deleting {
-                continue;
-            }
-            reconcile(inner, app, hosts.as_ref(), &ports);
+            reconcile_one(inner, &name, hosts.as_ref());
         }
         if !inner.registry.is_empty() {
             fence_orphans(inner, &mut fenced);
@@ -378,547 +324,467 @@ fn pick_manager_port(taken: &[u16], local: bool) -> Option<u16> {
     })
 }
 
-/// Where a manager on `host` listens.
-fn manager_addr(hosts: &Hosts, host: &str, port: u16) -> Option<SocketAddr> {
-    hosts
-        .managers
+/// One appliance's pass: snapshot, observe, plan, execute, commit.
+///
+/// The appliances' lock is held only to take the snapshot, to record the units about to start
+/// (and store them: a crash in between must leave a record to reconcile), and to commit the
+/// results. Starting and stopping processes, agents' HTTP calls, the manager link and `ip` run
+/// without it, so API calls do not wait on them.
+///
+/// An API write may land while the actions run:
+/// * **scale / apply** (the generation moves): what the pass found out is still true (a process
+///   died, a unit started with this pid, a drained unit was stopped, a unit turned ready) and is
+///   merged; what it decided from the old desired state (draining a data plane, exporting one
+///   past its deadline, the autoscaler's count and samples) is dropped, and the next pass
+///   decides again from the new record. Units started for the old count stay recorded (a write
+///   never drops units: it copies the record the pass already stored them in), so a scale-down
+///   meanwhile drains them like any other. A desired state already sent for the old generation
+///   is replaced on the next pass (it differs from the new one, so it is due at once). A write
+///   that lands before the units to start are recorded cancels the whole pass (nothing was done).
+/// * **delete** (the appliance is `deleting` or gone): nothing is committed, and the processes
+///   this pass started are stopped here: `delete` may have listed the units before their
+///   processes existed, and would leave them running.
+fn reconcile_one(inner: &Inner, name: &str, hosts: Option<&Hosts>) {
+    let Some((snap, link, ports)) = snapshot(inner, name, hosts) else {
+        return;
+    };
+    let Some(hosts) = hosts else {
+        return;
+    };
+    let obs = observe(inner, &snap, link.as_deref(), hosts, &ports);
+    let now = now_ms();
+    let actions = plan::plan(&snap, &obs, hosts, now);
+    if actions
         .iter()
-        .find(|h| h.name == host)
-        .map(|h| SocketAddr::new(h.backplane, port))
-}
-
-/// Every address a manager may lead from (managers go on data-plane hosts): what units are told.
-fn manager_endpoints(hosts: &Hosts, port: u16) -> String {
-    let mut v: Vec<String> = Vec::new();
-    for h in &hosts.managers {
-        let e = format!("tcp://{}", SocketAddr::new(h.backplane, port));
-        if !v.contains(&e) {
-            v.push(e);
+        .any(|a| matches!(a, Action::StartUnit { .. }))
+        && !record_starts(inner, &snap, &actions)
+    {
+        return;
+    }
+    let link = link.filter(|_| obs.link_up);
+    let outcome = execute(inner, &snap, link.as_ref(), &actions, hosts);
+    let committed = {
+        let mut all = inner.lock();
+        match all.get_mut(name).filter(|a| !a.deleting) {
+            Some(app) => {
+                commit(inner, app, &snap, &obs, &actions, outcome, now);
+                Some((app.rec.clone(), app.rt.units_json.clone()))
+            }
+            None => {
+                drop(all);
+                stop_started(inner, &snap, &actions, &outcome);
+                None
+            }
+        }
+    };
+    // As before the split, an appliance with nowhere to place units publishes nothing.
+    if let (Some((rec, published)), false) = (committed, hosts.dataplanes.is_empty()) {
+        if let Some(text) = write_units_json(inner, &rec, hosts, &published) {
+            if let Some(app) = inner.lock().get_mut(name) {
+                app.rt.units_json = text;
+            }
         }
     }
-    v.join(",")
 }
 
-fn reconcile(inner: &Inner, app: &mut Appliance, hosts: Option<&Hosts>, ports: &[u16]) {
-    let Some(hosts) = hosts else {
+/// The record and run-time state the pass plans from, the manager link, and the manager ports
+/// other appliances hold; `None` when the appliance is gone, being deleted, or has no hosts.
+fn snapshot(
+    inner: &Inner,
+    name: &str,
+    hosts: Option<&Hosts>,
+) -> Option<(Snapshot, Option<Arc<ManagerLink>>, Vec<u16>)> {
+    let mut all = inner.lock();
+    let ports: Vec<u16> = all.values().filter_map(|a| a.rec.manager_port).collect();
+    let app = all.get_mut(name)?;
+    if app.deleting {
+        return None;
+    }
+    if hosts.is_none() {
         app.rt.error = Some(format!(
             "no lab with prefix {:?} (create it with `dva lab up --prefix {}`, or run `dva \
              agent` on the machines units may use)",
             inner.opts.lab_prefix, inner.opts.lab_prefix
         ));
-        return;
-    };
-    let before = app.rec.clone();
-    let name = app.rec.name.clone();
-    let status = app.rt.link.as_ref().and_then(|l| l.status());
-    let now = now_ms();
-
-    // 1. Units whose process is gone.
-    let mut kept = Vec::new();
-    for mut u in std::mem::take(&mut app.rec.units) {
-        let alive = process(&u)
-            .is_some_and(|p| inner.provisioner.alive(p, &launch(inner, &name, &u)))
-            || adopt_unit(inner, &name, &mut u, &mut app.rec);
-        if alive {
-            kept.push(u);
-            continue;
-        }
-        if u.state == UnitState::Stopped {
-            push_event(
-                &mut app.rec,
-                "unit-stopped",
-                format!("{} unit {} on {} exited", u.role.as_str(), u.id, u.host),
-            );
-        } else if inner.registry.state(&u.host) == Some(crate::hosts::HostState::Lost) {
-            push_event(
-                &mut app.rec,
-                "unit-died",
-                format!(
-                    "{} unit {} on {}: the host is lost (its agent has not answered for {} ms); \
-                     replacing it on another host",
-                    u.role.as_str(),
-                    u.id,
-                    u.host,
-                    inner.opts.host_lost_after.as_millis()
-                ),
-            );
-        } else {
-            push_event(
-                &mut app.rec,
-                "unit-died",
-                format!(
-                    "{} unit {} on {} (pid {}) died; replacing it",
-                    u.role.as_str(),
-                    u.id,
-                    u.host,
-                    u.pid.unwrap_or(0)
-                ),
-            );
-        }
-        app.rt.drain_clear.remove(&u.id);
+        return None;
     }
-    app.rec.units = kept;
-    if hosts.dataplanes.is_empty() {
-        // Agents' hosts, none ready yet (or all lost): nothing can be placed.
-        app.rt.error = Some(
-            "no ready host for data planes and managers (is `dva agent` running on them?)".into(),
-        );
-        if app.rec != before {
-            if let Err(e) = inner.store.save(&app.rec) {
-                app.rt.error = Some(format!("store: {e:#}"));
-            }
-        }
-        return;
-    }
-    if app
-        .rt
-        .error
-        .as_deref()
-        .is_some_and(|e| e.starts_with("no ready host"))
-    {
-        app.rt.error = None;
-    }
-
-    // 2. The layout: one manager, one dispatcher per dispatcher host, N data planes.
-    let mut to_start = Vec::new();
-    let managers = app
-        .rec
-        .units
-        .iter()
-        .filter(|u| u.role == UnitRole::Manager)
-        .count();
-    for k in managers..app.spec.spec.layout.managers as usize {
-        // Spread managers over the hosts, so one host's loss leaves a standby.
-        let host = &hosts.dataplanes[k % hosts.dataplanes.len()];
-        to_start.push((UnitRole::Manager, host.name.clone(), None));
-    }
-    let want_disp = app.spec.spec.layout.dispatchers as usize;
-    let have_disp = hosts.dispatchers.len();
-    if want_disp <= have_disp
-        && app
-            .rt
-            .error
-            .as_deref()
-            .is_some_and(|e| e.starts_with("spec.layout.dispatchers"))
-    {
-        app.rt.error = None;
-    }
-    if want_disp > have_disp {
-        app.rt.error = Some(match &hosts.lab {
-            Some(lab) => format!(
-                "spec.layout.dispatchers is {want_disp} but lab {} has {have_disp} dispatcher \
-                 host(s) (`dva lab up --dispatchers {want_disp}`)",
-                lab.prefix
-            ),
-            None if hosts.agents => format!(
-                "spec.layout.dispatchers is {want_disp} but {have_disp} ready host(s) are \
-                 labelled dispatcher=true (`dva agent --label dispatcher=true` on the machines \
-                 that hold the interfaces)"
-            ),
-            None => format!(
-                "spec.layout.dispatchers is {want_disp} but {} holds the interfaces of one \
-                 dispatcher",
-                hosts.describe()
-            ),
-        });
-    }
-    // Addresses of the units about to start: on one machine dispatchers and data planes share
-    // the backplane address, so a data plane's port must avoid theirs.
-    let mut planned: Vec<(String, SocketAddr)> = Vec::new();
-    for host in hosts.dispatchers.iter().take(want_disp) {
-        if !app
-            .rec
-            .units
-            .iter()
-            .any(|u| u.role == UnitRole::Dispatcher && u.host == host.name)
-        {
-            let addr = SocketAddr::new(host.backplane, BACKPLANE_PORT);
-            planned.push((host.name.clone(), addr));
-            to_start.push((UnitRole::Dispatcher, host.name.clone(), Some(addr)));
-        }
-    }
-    let active: Vec<u32> = app
-        .rec
-        .units
-        .iter()
-        .filter(|u| {
-            u.role == UnitRole::Dataplane
-                && u.state != UnitState::Draining
-                && u.state != UnitState::Stopped
-        })
-        .map(|u| u.id)
-        .collect();
-    let want = app.rec.dataplanes as usize;
-    if active.len() < want {
-        for _ in active.len()..want {
-            let (host, addr) = place_dataplane(hosts, &name, &app.rec.units, &planned);
-            planned.push((host.clone(), addr));
-            to_start.push((UnitRole::Dataplane, host, Some(addr)));
-        }
-    } else if active.len() > want {
-        // Newest first: the longest-lived data planes hold the most flows.
-        let mut ids = active.clone();
-        ids.sort_unstable_by(|a, b| b.cmp(a));
-        for id in ids.into_iter().take(active.len() - want) {
-            if let Some(u) = app.rec.units.iter_mut().find(|u| u.id == id) {
-                u.state = UnitState::Draining;
-                u.draining_since_ms = Some(now);
-            }
-            let msg = format!(
-                "data plane {id} draining: no new flows, existing ones served (deadline {} ms)",
-                app.rec.drain_deadline_ms
-            );
-            push_event(&mut app.rec, "unit-draining", msg);
-        }
-    }
-    if !to_start.is_empty() && app.rec.manager_port.is_none() {
-        match pick_manager_port(ports, inner.opts.local && !hosts.agents) {
-            Some(p) => app.rec.manager_port = Some(p),
-            None => {
-                app.rt.error = Some(format!(
-                    "no free port for the manager channel from {MANAGER_PORT}"
-                ));
-                return;
-            }
-        }
-    }
-    let port = app.rec.manager_port.unwrap_or(MANAGER_PORT);
-    if !to_start.is_empty() {
-        // Store the units before starting them, so a crash in between leaves a record to reconcile.
-        let mut new_units = Vec::new();
-        for (role, host, addr) in to_start {
-            let id = app.rec.next_unit_id;
-            app.rec.next_unit_id += 1;
-            new_units.push(UnitRecord {
-                id,
-                role,
-                host,
-                pid: None,
-                pid_start: None,
-                addr,
-                state: UnitState::Starting,
-                started_ms: now,
-                draining_since_ms: None,
-                exporting_since_ms: None,
-            });
-        }
-        app.rec.units.extend(new_units.iter().cloned());
-        if let Err(e) = inner.store.save(&app.rec) {
-            app.rt.error = Some(format!("store: {e:#}"));
-            return;
-        }
-        for nu in new_units {
-            let mut l = launch(inner, &name, &nu);
-            l.managers = manager_endpoints(hosts, port);
-            if nu.role == UnitRole::Manager {
-                l.listen = manager_addr(hosts, &nu.host, port).map(|a| format!("tcp://{a}"));
-            }
-            let started = inner
-                .pki
-                .issue_unit(&name, nu.id, nu.role == UnitRole::Manager)
-                .and_then(|issued| {
-                    l.credentials = Some(issued);
-                    inner.provisioner.start(&l)
-                });
-            match started {
-                Ok(p) => {
-                    let pid = p.pid;
-                    if let Some(u) = app.rec.units.iter_mut().find(|u| u.id == nu.id) {
-                        u.pid = Some(pid);
-                        u.pid_start = p.start;
-                    }
-                    push_event(
-                        &mut app.rec,
-                        "unit-started",
-                        format!(
-                            "{} unit {} on {} (pid {pid})",
-                            nu.role.as_str(),
-                            nu.id,
-                            nu.host
-                        ),
-                    );
-                }
-                Err(e) => {
-                    app.rec.units.retain(|u| u.id != nu.id);
-                    let msg = format!("{e:#}");
-                    push_event(&mut app.rec, "unit-failed", msg.clone());
-                    app.rt.error = Some(msg);
-                }
-            }
-        }
-    }
-
-    // 3. The manager link, and the desired state over it.
-    if app
-        .rt
-        .link
-        .as_ref()
-        .is_some_and(|l| !l.alive.load(Ordering::Acquire))
-    {
-        app.rt.link = None;
-        app.rt.desired_sent = None;
-    }
-    if app.rt.link.is_none() {
-        // The leader is one of the managers; standbys do not listen.
-        let managers = app
-            .rec
-            .units
-            .iter()
-            .filter(|u| u.role == UnitRole::Manager && u.state != UnitState::Stopped);
-        for u in managers {
-            let Some(addr) = manager_addr(hosts, &u.host, port) else {
-                continue;
-            };
-            let netns = hosts.netns_of(&u.host);
-            if let Ok(link) = ManagerLink::connect(inner, &name, addr, netns) {
-                app.rt.link = Some(link);
-                break;
-            }
-        }
-    }
-    let desired = Desired {
-        generation: app.rec.generation,
+    let snap = Snapshot {
+        rec: app.rec.clone(),
         spec: app.spec.clone(),
-        units: app
-            .rec
-            .units
-            .iter()
-            .filter(|u| u.role != UnitRole::Manager && u.state != UnitState::Stopped)
-            .filter_map(|u| {
-                Some(DesiredUnit {
-                    id: u.id,
-                    role: match u.role {
-                        UnitRole::Dispatcher => DesiredRole::Dispatcher,
-                        _ => DesiredRole::Dataplane,
-                    },
-                    addr: u.addr?,
-                    draining: u.state == UnitState::Draining,
-                    export: u.state == UnitState::Draining && u.exporting_since_ms.is_some(),
-                })
-            })
-            .collect(),
+        error: app.rt.error.clone(),
+        drain_clear: app.rt.drain_clear.clone(),
+        autoscaler: app.rt.autoscaler.clone(),
+        ecmp: app.rt.ecmp.clone(),
+        desired_sent: app.rt.desired_sent.clone(),
     };
-    if let Some(link) = app.rt.link.as_mut() {
-        let due = app
-            .rt
-            .desired_sent
-            .as_ref()
-            .is_none_or(|(at, d)| *d != desired || at.elapsed() >= DESIRED_EVERY);
-        if due {
-            let msg = ToManager::Desired(Box::new(desired.clone()));
-            if channel::send(&mut link.writer, &msg).is_ok() {
-                app.rt.desired_sent = Some((Instant::now(), desired));
-            } else {
-                app.rt.link = None;
-            }
-        }
-    }
+    Some((snap, app.rt.link.clone(), ports))
+}
 
-    // 4. Unit states from the manager's status; draining data planes that are done get stopped.
-    if let Some(st) = &status {
-        let by_id: BTreeMap<u32, &UnitStatus> = st.units.iter().map(|u| (u.id, u)).collect();
-        let mut events = Vec::new();
-        for u in app.rec.units.iter_mut() {
-            let us = by_id.get(&u.id);
-            match u.state {
-                UnitState::Starting if us.is_some_and(|s| s.connected && s.acked > 0) => {
-                    u.state = UnitState::Ready;
-                    events.push((
-                        "unit-ready",
-                        format!(
-                            "{} unit {} on {} serving config version {}",
-                            u.role.as_str(),
-                            u.id,
-                            u.host,
-                            us.map_or(0, |s| s.acked)
-                        ),
-                    ));
-                }
-                UnitState::Draining => {
-                    let since = u.draining_since_ms.unwrap_or(now);
-                    let empty = us.is_some_and(|s| {
-                        s.buckets == 0
-                            && st.converged
-                            && s.report
-                                .as_ref()
-                                .is_some_and(|r| r.version >= st.version && r.active_flows == 0)
-                    });
-                    let clear_since = if empty {
-                        *app.rt.drain_clear.entry(u.id).or_insert_with(Instant::now)
-                    } else {
-                        app.rt.drain_clear.remove(&u.id);
-                        Instant::now()
-                    };
-                    let past_deadline = now.saturating_sub(since) >= app.rec.drain_deadline_ms;
-                    let open = us
-                        .and_then(|s| s.report.as_ref())
-                        .map_or(0, |r| r.active_flows);
-                    if past_deadline && u.exporting_since_ms.is_none() && !empty {
-                        // Past the deadline: hand the remaining flows to their buckets' owners
-                        // instead of cutting them (the unit stops once it holds none).
-                        u.exporting_since_ms = Some(now);
-                        events.push((
-                            "unit-exporting",
-                            format!(
-                                "data plane {} passed its drain deadline with {open} open flow(s); \
-                                 exporting their state to the buckets' owners",
-                                u.id
-                            ),
-                        ));
-                        continue;
-                    }
-                    let export_overdue = u
-                        .exporting_since_ms
-                        .is_some_and(|t| now.saturating_sub(t) >= EXPORT_LIMIT_MS);
-                    // Once exporting, the unit holds no flows within milliseconds: no need to
-                    // watch it stay empty for long.
-                    let clear_for = if u.exporting_since_ms.is_some() {
-                        Duration::from_millis(300)
-                    } else {
-                        DRAIN_CLEAR_FOR
-                    };
-                    // An exporting unit that holds no connection at all is done (draining units
-                    // create none, so a zero here is final).
-                    let exported = u.exporting_since_ms.is_some()
-                        && us.is_some_and(|s| s.report.as_ref().is_some_and(|r| r.flows == 0));
-                    let held = us.and_then(|s| s.report.as_ref()).map_or(0, |r| r.flows);
-                    if empty
-                        && clear_since.elapsed() >= clear_for
-                        && held > 0
-                        && u.exporting_since_ms.is_none()
-                    {
-                        // Nothing in use here any more, but state is still held (closing
-                        // connections, quiet ones, ones whose packets the owner already serves):
-                        // hand it over rather than drop it.
-                        u.exporting_since_ms = Some(now);
-                        events.push((
-                            "unit-exporting",
-                            format!(
-                                "data plane {} is idle and holds {held} connection(s); exporting their state to the buckets' owners",
-                                u.id
-                            ),
-                        ));
-                        continue;
-                    }
-                    if (empty && clear_since.elapsed() >= clear_for) || exported || export_overdue {
-                        let flows = open;
-                        if let Some(p) = process(u) {
-                            inner.provisioner.stop(p, &launch(inner, &name, u));
-                        }
-                        u.state = UnitState::Stopped;
-                        events.push((
-                            "unit-drained",
-                            if exported || (empty && u.exporting_since_ms.is_some()) {
-                                let ms = now.saturating_sub(since);
-                                format!(
-                                    "data plane {} exported its flows; stopping it ({ms} ms after it started draining)",
-                                    u.id
-                                )
-                            } else if empty {
-                                format!("data plane {} holds no open flows; stopping it", u.id)
-                            } else {
-                                format!(
-                                    "data plane {} passed its drain deadline with {flows} open flow(s); stopping it",
-                                    u.id
-                                )
-                            },
-                        ));
-                    }
-                }
-                _ => {}
+/// The I/O a plan decides on: which unit processes run (found again by command line when the
+/// recorded one is gone), which hosts are lost, the manager's status, which starting managers
+/// are ready, and a free manager port when the record has none.
+fn observe(
+    inner: &Inner,
+    snap: &Snapshot,
+    link: Option<&ManagerLink>,
+    hosts: &Hosts,
+    ports: &[u16],
+) -> Observed {
+    let name = &snap.rec.name;
+    let mut obs = Observed {
+        lost_after_ms: inner.opts.host_lost_after.as_millis() as u64,
+        ..Observed::default()
+    };
+    for u in &snap.rec.units {
+        let l = launch(inner, name, u);
+        let alive = process(u).is_some_and(|p| inner.provisioner.alive(p, &l));
+        let liveness = if alive {
+            Liveness::Alive
+        } else {
+            match inner.provisioner.find(&l).split_first() {
+                Some((&first, rest)) => Liveness::Found {
+                    first,
+                    duplicates: rest.to_vec(),
+                },
+                None => Liveness::Gone,
             }
+        };
+        if liveness == Liveness::Gone
+            && inner.registry.state(&u.host) == Some(crate::hosts::HostState::Lost)
+        {
+            obs.lost_hosts.insert(u.host.clone());
         }
-        for (reason, msg) in events {
-            push_event(&mut app.rec, reason, msg);
-        }
-    }
-    // 5. The autoscaler, on the serving data planes' reports.
-    if let (Some(policy), Some(st)) = (&app.spec.spec.layout.autoscale, &status) {
-        let by_id: BTreeMap<u32, &UnitStatus> = st.units.iter().map(|u| (u.id, u)).collect();
-        let dps: Vec<(u32, u64, f64, u64)> = app
-            .rec
-            .units
-            .iter()
-            .filter(|u| u.role == UnitRole::Dataplane && u.state == UnitState::Ready)
-            .filter_map(|u| {
-                let r = by_id.get(&u.id)?.report.as_ref()?;
-                Some((u.id, r.rx_packets, r.cpu_percent, r.active_flows))
-            })
-            .collect();
-        let load = app.rt.autoscaler.observe(now, &dps);
-        let l = &app.spec.spec.layout.dataplanes;
-        let settled = app
-            .rec
-            .units
-            .iter()
-            .filter(|u| u.role == UnitRole::Dataplane && u.state == UnitState::Ready)
-            .count() as u32
-            == app.rec.dataplanes;
-        if settled {
-            if let Some(d) =
-                app.rt
-                    .autoscaler
-                    .decide(now, policy, &load, app.rec.dataplanes, l.min, l.max)
-            {
-                app.rec.dataplanes = d.target;
-                app.rec.generation += 1;
-                push_event(&mut app.rec, "autoscale", d.reason);
-            }
-        }
-    }
-    // A manager is ready (leading or standing by) once its control socket says so.
-    for u in app.rec.units.iter_mut() {
-        if u.role == UnitRole::Manager && u.state == UnitState::Starting {
-            let l = launch(inner, &name, u);
+        if u.role == UnitRole::Manager
+            && u.state == UnitState::Starting
+            && liveness != Liveness::Gone
+        {
             if let Ok((200, _)) =
                 inner
                     .provisioner
                     .control_get(&l, "/ready", Duration::from_millis(300))
             {
-                u.state = UnitState::Ready;
+                obs.managers_ready.insert(u.id);
             }
         }
+        obs.units.insert(u.id, liveness);
     }
-    if app
-        .rt
-        .error
-        .as_deref()
-        .is_some_and(|e| e.starts_with("no lab"))
-    {
-        app.rt.error = None;
+    obs.link_up = link.is_some_and(|l| l.alive.load(Ordering::Acquire));
+    // A link that just died still tells the last status it received.
+    obs.status = link.and_then(|l| l.status());
+    if snap.rec.manager_port.is_none() {
+        obs.manager_port = pick_manager_port(ports, inner.opts.local && !hosts.agents);
     }
-    // Upstream ECMP over the dispatchers that serve: a dead one is withdrawn at once, its
-    // replacement put back once ready (labs with several dispatcher hosts).
-    if let Some(lab) = hosts.lab.as_ref().filter(|l| l.dispatchers > 1) {
-        let serving: Vec<usize> = (1..=lab.dispatchers)
-            .filter(|&d| {
-                app.rec.units.iter().any(|u| {
-                    u.role == UnitRole::Dispatcher
-                        && u.state == UnitState::Ready
-                        && u.host == lab.dispatcher_ns(d)
-                })
-            })
-            .collect();
-        if !serving.is_empty() && serving != app.rt.ecmp {
-            match lab.set_ecmp(&serving) {
-                Ok(()) => {
+    obs
+}
+
+/// Record the units about to start (and the manager port) in the record, and store it, before
+/// any process starts. Returns false when the pass must not go on: an API write changed the
+/// appliance since the snapshot (the plan is stale), or the store failed.
+fn record_starts(inner: &Inner, snap: &Snapshot, actions: &[Action]) -> bool {
+    let mut all = inner.lock();
+    let Some(app) = all
+        .get_mut(&snap.rec.name)
+        .filter(|a| !a.deleting && a.rec.generation == snap.rec.generation)
+    else {
+        return false;
+    };
+    let before = app.rec.clone();
+    for a in actions {
+        match a {
+            Action::SetManagerPort(p) => app.rec.manager_port = Some(*p),
+            Action::StartUnit { unit, .. } => {
+                app.rec.units.push(unit.clone());
+                app.rec.next_unit_id = app.rec.next_unit_id.max(unit.id + 1);
+            }
+            _ => {}
+        }
+    }
+    if let Err(e) = inner.store.save(&app.rec) {
+        app.rec = before;
+        app.rt.error = Some(format!("store: {e:#}"));
+        return false;
+    }
+    true
+}
+
+/// What executing a plan did, for [`commit`].
+#[derive(Default)]
+struct Outcome {
+    /// Per unit started: its process, or why it did not start.
+    started: BTreeMap<u32, Result<UnitProcess, String>>,
+    /// A link connected this pass.
+    link: Option<Arc<ManagerLink>>,
+    /// The desired state the manager was sent (without units that failed to start).
+    sent: Option<Desired>,
+    /// Sending failed: the link is dropped.
+    link_broken: bool,
+    /// The upstream routes now point at these dispatcher hosts, or why they could not.
+    ecmp: Option<Result<Vec<usize>, String>>,
+}
+
+/// Run the plan's I/O, in order, without the appliances' lock.
+fn execute(
+    inner: &Inner,
+    snap: &Snapshot,
+    link: Option<&Arc<ManagerLink>>,
+    actions: &[Action],
+    hosts: &Hosts,
+) -> Outcome {
+    let name = &snap.rec.name;
+    let recorded = |id: u32| snap.rec.units.iter().find(|u| u.id == id);
+    let mut out = Outcome::default();
+    for a in actions {
+        match a {
+            Action::StopDuplicate { id, process, .. } => {
+                if let Some(u) = recorded(*id) {
+                    inner.provisioner.stop(*process, &launch(inner, name, u));
+                }
+            }
+            Action::StartUnit {
+                unit,
+                managers,
+                listen,
+            } => {
+                let mut l = launch(inner, name, unit);
+                l.managers = managers.clone();
+                l.listen = listen.clone();
+                let started = inner
+                    .pki
+                    .issue_unit(name, unit.id, unit.role == UnitRole::Manager)
+                    .and_then(|issued| {
+                        l.credentials = Some(issued);
+                        inner.provisioner.start(&l)
+                    })
+                    .map_err(|e| format!("{e:#}"));
+                out.started.insert(unit.id, started);
+            }
+            Action::ConnectManager { candidates } => {
+                for (addr, netns) in candidates {
+                    if let Ok(l) = ManagerLink::connect(inner, name, *addr, netns.as_deref()) {
+                        out.link = Some(Arc::new(l));
+                        break;
+                    }
+                }
+            }
+            Action::SendDesired(d) => {
+                let Some(l) = out.link.as_ref().or(link) else {
+                    continue;
+                };
+                let mut d = (**d).clone();
+                d.units
+                    .retain(|u| !matches!(out.started.get(&u.id), Some(Err(_))));
+                let msg = ToManager::Desired(Box::new(d.clone()));
+                let sent = match l.writer.lock() {
+                    Ok(mut w) => channel::send(&mut *w, &msg).is_ok(),
+                    Err(_) => false,
+                };
+                if sent {
+                    out.sent = Some(d);
+                } else {
+                    out.link_broken = true;
+                }
+            }
+            Action::StopUnit {
+                id,
+                process: Some(p),
+                ..
+            } => {
+                if let Some(u) = recorded(*id) {
+                    inner.provisioner.stop(*p, &launch(inner, name, u));
+                }
+            }
+            Action::SetEcmp(serving) => {
+                if let Some(lab) = &hosts.lab {
+                    out.ecmp = Some(
+                        lab.set_ecmp(serving)
+                            .map(|()| serving.clone())
+                            .map_err(|e| e.to_string()),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Apply a pass's actions and their results to the appliance as it is now (not as it was at the
+/// snapshot: API writes meanwhile are kept), under the lock. See [`reconcile_one`] for what an
+/// API write in between changes.
+fn commit(
+    inner: &Inner,
+    app: &mut Appliance,
+    snap: &Snapshot,
+    obs: &Observed,
+    actions: &[Action],
+    mut outcome: Outcome,
+    now: u64,
+) {
+    let before = app.rec.clone();
+    // Decisions made from the desired state hold only if nobody changed it meanwhile.
+    let fresh = app.rec.generation == snap.rec.generation;
+    if !obs.link_up {
+        app.rt.link = None;
+        app.rt.desired_sent = None;
+    }
+    let rec = &mut app.rec;
+    let rt = &mut app.rt;
+    let unit = |rec: &mut ApplianceRecord, id: u32| rec.units.iter_mut().position(|u| u.id == id);
+    for a in actions {
+        match a {
+            Action::ForgetUnit {
+                id,
+                reason,
+                message,
+            } => {
+                rec.units.retain(|u| u.id != *id);
+                rt.drain_clear.remove(id);
+                push_event(rec, reason, message.clone());
+            }
+            Action::StopDuplicate { message, .. } => {
+                push_event(rec, "unit-duplicate", message.clone());
+            }
+            Action::Adopt {
+                id,
+                process,
+                message,
+            } => {
+                if let Some(i) = unit(rec, *id) {
+                    rec.units[i].pid = Some(process.pid);
+                    rec.units[i].pid_start = process.start;
+                }
+                if let Some(m) = message {
+                    push_event(rec, "unit-adopted", m.clone());
+                }
+            }
+            Action::SetError(e) => rt.error = Some(e.clone()),
+            Action::ClearError(prefix) => {
+                if rt.error.as_deref().is_some_and(|e| e.starts_with(prefix)) {
+                    rt.error = None;
+                }
+            }
+            // Recorded before the processes started (`record_starts`).
+            Action::SetManagerPort(_) => {}
+            Action::StartUnit { unit: nu, .. } => match outcome.started.remove(&nu.id) {
+                Some(Ok(p)) => {
+                    if let Some(i) = unit(rec, nu.id) {
+                        rec.units[i].pid = Some(p.pid);
+                        rec.units[i].pid_start = p.start;
+                    }
+                    let msg = format!(
+                        "{} unit {} on {} (pid {})",
+                        nu.role.as_str(),
+                        nu.id,
+                        nu.host,
+                        p.pid
+                    );
+                    push_event(rec, "unit-started", msg);
+                }
+                Some(Err(msg)) => {
+                    rec.units.retain(|u| u.id != nu.id);
+                    push_event(rec, "unit-failed", msg.clone());
+                    rt.error = Some(msg);
+                }
+                None => {}
+            },
+            Action::DrainUnit { id, at, message } if fresh => {
+                if let Some(i) = unit(rec, *id) {
+                    rec.units[i].state = UnitState::Draining;
+                    rec.units[i].draining_since_ms = Some(*at);
+                }
+                push_event(rec, "unit-draining", message.clone());
+            }
+            Action::ConnectManager { .. } => {
+                if let Some(l) = outcome.link.take() {
+                    rt.link = Some(l);
+                    rt.desired_sent = None;
+                }
+            }
+            Action::SendDesired(_) => {
+                if let Some(d) = outcome.sent.take() {
+                    rt.desired_sent = Some((now, d));
+                }
+                if outcome.link_broken {
+                    rt.link = None;
+                }
+            }
+            Action::UnitReady { id, message } => {
+                if let Some(i) = unit(rec, *id) {
+                    rec.units[i].state = UnitState::Ready;
+                }
+                if let Some(m) = message {
+                    push_event(rec, "unit-ready", m.clone());
+                }
+            }
+            Action::Export { id, at, message } if fresh => {
+                if let Some(i) = unit(rec, *id) {
+                    rec.units[i].exporting_since_ms = Some(*at);
+                }
+                push_event(rec, "unit-exporting", message.clone());
+            }
+            // The process was asked to stop: that holds whatever the API did meanwhile.
+            Action::StopUnit { id, message, .. } => {
+                if let Some(i) = unit(rec, *id) {
+                    rec.units[i].state = UnitState::Stopped;
+                }
+                push_event(rec, "unit-drained", message.clone());
+            }
+            Action::DrainClear { id, since } => match since {
+                Some(t) => {
+                    rt.drain_clear.insert(*id, *t);
+                }
+                None => {
+                    rt.drain_clear.remove(id);
+                }
+            },
+            Action::Autoscale { target, reason } if fresh => {
+                rec.dataplanes = *target;
+                rec.generation += 1;
+                push_event(rec, "autoscale", reason.clone());
+            }
+            Action::Autoscaler(a) if fresh => rt.autoscaler = (**a).clone(),
+            Action::SetEcmp(_) => match outcome.ecmp.take() {
+                Some(Ok(serving)) => {
                     let msg = format!(
                         "upstream routes now spread flows over dispatcher host(s) {serving:?}"
                     );
-                    push_event(&mut app.rec, "routes", msg);
-                    app.rt.ecmp = serving;
+                    push_event(rec, "routes", msg);
+                    rt.ecmp = serving;
                 }
-                Err(e) => app.rt.error = Some(format!("updating upstream routes: {e}")),
-            }
+                Some(Err(e)) => rt.error = Some(format!("updating upstream routes: {e}")),
+                None => {}
+            },
+            Action::DrainUnit { .. } | Action::Export { .. } | Action::Autoscale { .. } => {}
+            Action::Autoscaler(_) => {}
         }
     }
-
     if app.rec != before {
         if let Err(e) = inner.store.save(&app.rec) {
             app.rt.error = Some(format!("store: {e:#}"));
         }
     }
-    write_units_json(inner, app, hosts);
+}
+
+/// The appliance was deleted while this pass started units: stop what it started (see
+/// [`reconcile_one`]).
+fn stop_started(inner: &Inner, snap: &Snapshot, actions: &[Action], outcome: &Outcome) {
+    for a in actions {
+        let Action::StartUnit { unit, .. } = a else {
+            continue;
+        };
+        if let Some(Ok(p)) = outcome.started.get(&unit.id) {
+            tracing::info!(
+                appliance = %snap.rec.name,
+                "{} unit {} on {} started while the appliance was deleted: stopping it",
+                unit.role.as_str(),
+                unit.id,
+                unit.host
+            );
+            inner
+                .provisioner
+                .stop(*p, &launch(inner, &snap.rec.name, unit));
+        }
+    }
 }
 
 /// Units an agent runs that no record names any more (on that host, with that pid): those of a
@@ -1113,60 +979,22 @@ pub(crate) fn adopt_all(inner: &Inner) {
     }
 }
 
-/// The data-plane host with the fewest data planes of this appliance and units of others per
-/// CPU, and the next free backplane port on it.
-fn place_dataplane(
-    hosts: &Hosts,
-    appliance: &str,
-    units: &[UnitRecord],
-    planned: &[(String, SocketAddr)],
-) -> (String, SocketAddr) {
-    // Fewest data planes per CPU: compared as n/cpus < best_n/best_cpus without division.
-    let mut best = (usize::MAX, 1u32, 0);
-    for (i, h) in hosts.dataplanes.iter().enumerate() {
-        let n = units
-            .iter()
-            .filter(|u| {
-                u.role == UnitRole::Dataplane && u.host == h.name && u.state != UnitState::Stopped
-            })
-            .count()
-            + planned.iter().filter(|(p, _)| *p == h.name).count()
-            + h.running.iter().filter(|a| *a != appliance).count();
-        let fewer = best.0 == usize::MAX || n * (best.1 as usize) < best.0 * (h.cpus as usize);
-        if fewer {
-            best = (n, h.cpus, i);
-        }
-    }
-    let host = &hosts.dataplanes[best.2];
-    let (ns, ip) = (host.name.clone(), host.backplane);
-    let used: Vec<u16> = units
-        .iter()
-        .filter(|u| u.host == ns)
-        .filter_map(|u| u.addr.map(|a| a.port()))
-        .chain(
-            planned
-                .iter()
-                .filter(|(h, _)| *h == ns)
-                .map(|(_, a)| a.port()),
-        )
-        .collect();
-    let port = (BACKPLANE_PORT..u16::MAX)
-        .find(|p| !used.contains(p))
-        .unwrap_or(BACKPLANE_PORT);
-    (ns, SocketAddr::new(ip, port))
-}
-
 /// `units.json` in the run directory: where `dva stats` and the tests find the units' sockets.
-fn write_units_json(inner: &Inner, app: &mut Appliance, hosts: &Hosts) {
-    let port = app.rec.manager_port.unwrap_or(MANAGER_PORT);
-    let dir = run_dir(inner, &app.rec.name);
-    let units: Vec<serde_json::Value> = app
-        .rec
+/// Returns what it wrote, when it differs from what was `published` and the write succeeded.
+fn write_units_json(
+    inner: &Inner,
+    rec: &ApplianceRecord,
+    hosts: &Hosts,
+    published: &str,
+) -> Option<String> {
+    let port = rec.manager_port.unwrap_or(MANAGER_PORT);
+    let dir = run_dir(inner, &rec.name);
+    let units: Vec<serde_json::Value> = rec
         .units
         .iter()
         .filter(|u| matches!(u.state, UnitState::Ready | UnitState::Draining))
         .map(|u| {
-            let l = launch(inner, &app.rec.name, u);
+            let l = launch(inner, &rec.name, u);
             serde_json::json!({
                 "id": u.id,
                 "role": u.role.as_str(),
@@ -1184,8 +1012,8 @@ fn write_units_json(inner: &Inner, app: &mut Appliance, hosts: &Hosts) {
         })
         .collect();
     let text = serde_json::to_string_pretty(&units).unwrap_or_default();
-    if text == app.rt.units_json {
-        return;
+    if text == published {
+        return None;
     }
     // Root and our user only, like everything in the run directory.
     let _ = std::fs::DirBuilder::new()
@@ -1200,9 +1028,7 @@ fn write_units_json(inner: &Inner, app: &mut Appliance, hosts: &Hosts) {
         .mode(0o600)
         .open(&tmp)
         .and_then(|mut f| f.write_all(text.as_bytes()));
-    if written.is_ok() && std::fs::rename(&tmp, dir.join("units.json")).is_ok() {
-        app.rt.units_json = text;
-    }
+    (written.is_ok() && std::fs::rename(&tmp, dir.join("units.json")).is_ok()).then_some(text)
 }
 
 pub(crate) fn view(inner: &Inner, app: &Appliance) -> ApplianceView {
@@ -1400,50 +1226,4 @@ pub(crate) fn delete(inner: &Inner, name: &str) -> anyhow::Result<()> {
     inner.store.remove(name)?;
     let _ = std::fs::remove_dir_all(run_dir(inner, name));
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn host(name: &str, cpus: u32, running: &[&str]) -> Host {
-        Host {
-            name: name.into(),
-            backplane: IpAddr::from([198, 19, 0, 2]),
-            netns: None,
-            cpus,
-            running: running.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    /// Data planes go where fewest units run per CPU, other appliances' units counted.
-    #[test]
-    fn data_planes_go_to_free_capacity() {
-        let hosts = Hosts {
-            dispatchers: Vec::new(),
-            dataplanes: vec![host("a", 1, &["other"]), host("b", 2, &[])],
-            managers: Vec::new(),
-            lab: None,
-            agents: true,
-        };
-        let mut planned = Vec::new();
-        let mut placed = Vec::new();
-        for _ in 0..4 {
-            let (h, addr) = place_dataplane(&hosts, "edge-fw", &[], &planned);
-            planned.push((h.clone(), addr));
-            placed.push(h);
-        }
-        // b (2 CPUs, empty) takes two before a (1 CPU, one unit of another appliance) takes one.
-        assert_eq!(placed, ["b", "b", "a", "b"]);
-        // Ports on one host do not collide.
-        let ports: Vec<u16> = planned
-            .iter()
-            .filter(|(h, _)| h == "b")
-            .map(|(_, a)| a.port())
-            .collect();
-        assert_eq!(
-            ports,
-            [BACKPLANE_PORT, BACKPLANE_PORT + 1, BACKPLANE_PORT + 2]
-        );
-    }
 }
