@@ -16,6 +16,7 @@
 //! The store is written before anything is started, so a restart finds every unit it started.
 
 mod plan;
+mod topology;
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Write};
@@ -27,7 +28,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dva_flow::BucketTable;
-use dva_lab::Lab;
 use dva_proto::channel::{self, Desired, FromManager, ManagerStatus, ToManager, UnitStatus};
 use dva_proto::{compile, ApplianceSpec, Placement, UnitEndpoint};
 use dva_unit::tls::{self, TlsWriter};
@@ -36,8 +36,9 @@ use crate::autoscale::Autoscaler;
 use crate::core::{push_event, Appliance, Inner};
 use crate::model::*;
 use crate::provision::{UnitLaunch, UnitProcess};
-use plan::{manager_addr, Action, Host, Hosts, Liveness, Observed, Snapshot};
+use plan::{manager_addr, Action, Hosts, Liveness, Observed, Place, Snapshot};
 use plan::{BACKPLANE_PORT, MANAGER_PORT};
+use topology::{AgentHosts, LabHosts, ThisMachine, Topology};
 
 const PERIOD: Duration = Duration::from_millis(200);
 /// How long the link to a manager may take to connect and finish its TLS handshake (the
@@ -115,99 +116,9 @@ impl ManagerLink {
     }
 }
 
-/// How often the lab's shape is read again (it runs `ip netns list`).
-const LAB_EVERY: Duration = Duration::from_secs(2);
-
-impl Hosts {
-    fn lab(lab: Lab) -> Hosts {
-        let dispatchers = (1..=lab.dispatchers.max(1))
-            .map(|d| Host {
-                name: lab.dispatcher_ns(d),
-                backplane: IpAddr::V4(Lab::dispatcher_backplane_addr(d)),
-                netns: Some(lab.dispatcher_ns(d)),
-                cpus: 1,
-                running: Vec::new(),
-            })
-            .collect();
-        let dataplanes: Vec<Host> = (1..=lab.hosts.max(1))
-            .map(|m| Host {
-                name: lab.host_ns(m),
-                backplane: IpAddr::V4(Lab::host_backplane_addr(m)),
-                netns: Some(lab.host_ns(m)),
-                cpus: 1,
-                running: Vec::new(),
-            })
-            .collect();
-        Hosts {
-            dispatchers,
-            managers: dataplanes.clone(),
-            dataplanes,
-            lab: Some(lab),
-            agents: false,
-        }
-    }
-
-    /// The hosts of registered agents: dispatchers on those labelled `dispatcher=true`, data
-    /// planes and managers on the others (on all when every host is labelled). Only ready hosts
-    /// take new units; a lost one is left out of everything.
-    fn agents(registry: &crate::hosts::Registry) -> Hosts {
-        use crate::hosts::HostState;
-        let all = registry.placeable();
-        let host = |p: &crate::hosts::Placeable| Host {
-            name: p.record.name.clone(),
-            backplane: p.record.backplane,
-            netns: None,
-            cpus: p.record.cpus.max(1),
-            running: p.appliances.clone(),
-        };
-        let unlabelled = all.iter().any(|p| !p.record.is_dispatcher());
-        let dp_kind = |p: &crate::hosts::Placeable| !unlabelled || !p.record.is_dispatcher();
-        Hosts {
-            dispatchers: all
-                .iter()
-                .filter(|p| p.state == HostState::Ready && p.record.is_dispatcher())
-                .map(host)
-                .collect(),
-            dataplanes: all
-                .iter()
-                .filter(|p| p.state == HostState::Ready && dp_kind(p))
-                .map(host)
-                .collect(),
-            managers: all.iter().filter(|p| dp_kind(p)).map(host).collect(),
-            lab: None,
-            agents: true,
-        }
-    }
-
-    /// This machine: units in our own network namespace (where the spec's devices are), the
-    /// backplane on loopback (dispatchers and data planes exchange packets through rings; data
-    /// planes reach each other over UDP on loopback).
-    fn local() -> Hosts {
-        let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "localhost".to_string());
-        let host = Host {
-            name,
-            backplane: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-            netns: None,
-            cpus: 1,
-            running: Vec::new(),
-        };
-        Hosts {
-            dispatchers: vec![host.clone()],
-            managers: vec![host.clone()],
-            dataplanes: vec![host],
-            lab: None,
-            agents: false,
-        }
-    }
-}
-
 pub(crate) fn run(inner: &Inner) {
-    let mut hosts: Option<Hosts> = None;
-    let mut hosts_at: Option<Instant> = None;
+    let mut lab = LabHosts::new(&inner.opts.lab_prefix);
+    let mut agents = AgentHosts(&inner.registry);
     // The term this replica reconciles for (etcd store); a new one means a fresh takeover.
     let mut led: Option<i64> = None;
     // Orphans asked to stop, and when (asked again after a while if still running).
@@ -235,28 +146,23 @@ pub(crate) fn run(inner: &Inner) {
                 continue;
             }
         }
-        if !inner.registry.is_empty() {
-            // Agents' hosts change state every poll: read them every pass (no I/O).
-            hosts = Some(Hosts::agents(&inner.registry));
-            hosts_at = None;
-        } else if hosts.is_none() || hosts_at.is_none_or(|t| t.elapsed() >= LAB_EVERY) {
-            hosts = if inner.opts.local {
-                Some(Hosts::local())
-            } else {
-                Lab::discover(&inner.opts.lab_prefix)
-                    .ok()
-                    .flatten()
-                    .map(Hosts::lab)
-            };
-            hosts_at = Some(Instant::now());
-        }
+        // Agents' hosts, once any registered, whatever the options say: their states change
+        // every poll, so they are read every pass (no I/O).
+        let topology: &mut dyn Topology = if !inner.registry.is_empty() {
+            &mut agents
+        } else if inner.opts.local {
+            &mut ThisMachine
+        } else {
+            &mut lab
+        };
+        let hosts = topology.hosts();
         let names: Vec<String> = inner.lock().keys().cloned().collect();
         for name in names {
             // Fencing: a leader whose lease may have run out stops at once, mid-pass.
             if inner.leadership.as_ref().is_some_and(|l| l.term() != led) {
                 break;
             }
-            reconcile_one(inner, &name, hosts.as_ref());
+            reconcile_one(inner, &name, hosts.as_ref(), &*topology);
         }
         if !inner.registry.is_empty() {
             fence_orphans(inner, &mut fenced);
@@ -344,7 +250,7 @@ fn pick_manager_port(taken: &[u16], local: bool) -> Option<u16> {
 /// * **delete** (the appliance is `deleting` or gone): nothing is committed, and the processes
 ///   this pass started are stopped here: `delete` may have listed the units before their
 ///   processes existed, and would leave them running.
-fn reconcile_one(inner: &Inner, name: &str, hosts: Option<&Hosts>) {
+fn reconcile_one(inner: &Inner, name: &str, hosts: Option<&Hosts>, topology: &dyn Topology) {
     let Some((snap, link, ports)) = snapshot(inner, name, hosts) else {
         return;
     };
@@ -362,7 +268,7 @@ fn reconcile_one(inner: &Inner, name: &str, hosts: Option<&Hosts>) {
         return;
     }
     let link = link.filter(|_| obs.link_up);
-    let outcome = execute(inner, &snap, link.as_ref(), &actions, hosts);
+    let outcome = execute(inner, &snap, link.as_ref(), &actions, topology);
     let committed = {
         let mut all = inner.lock();
         match all.get_mut(name).filter(|a| !a.deleting) {
@@ -472,7 +378,8 @@ fn observe(
     // A link that just died still tells the last status it received.
     obs.status = link.and_then(|l| l.status());
     if snap.rec.manager_port.is_none() {
-        obs.manager_port = pick_manager_port(ports, inner.opts.local && !hosts.agents);
+        obs.manager_port =
+            pick_manager_port(ports, inner.opts.local && hosts.place != Place::Agents);
     }
     obs
 }
@@ -528,7 +435,7 @@ fn execute(
     snap: &Snapshot,
     link: Option<&Arc<ManagerLink>>,
     actions: &[Action],
-    hosts: &Hosts,
+    topology: &dyn Topology,
 ) -> Outcome {
     let name = &snap.rec.name;
     let recorded = |id: u32| snap.rec.units.iter().find(|u| u.id == id);
@@ -594,13 +501,7 @@ fn execute(
                 }
             }
             Action::SetEcmp(serving) => {
-                if let Some(lab) = &hosts.lab {
-                    out.ecmp = Some(
-                        lab.set_ecmp(serving)
-                            .map(|()| serving.clone())
-                            .map_err(|e| e.to_string()),
-                    );
-                }
+                out.ecmp = Some(topology.set_upstream(serving).map(|()| serving.clone()));
             }
             _ => {}
         }

@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use dva_lab::Lab;
 use dva_proto::channel::{Desired, DesiredRole, DesiredUnit, ManagerStatus, UnitStatus};
 use dva_proto::ApplianceSpec;
 
@@ -56,10 +55,21 @@ pub(crate) struct Hosts {
     /// Every host a manager may be on (including agents' hosts not ready right now, where a
     /// manager may still run): where its channel address is looked up, and what units are told.
     pub managers: Vec<Host>,
-    /// The lab, for what only a lab has (upstream ECMP routers).
-    pub lab: Option<Lab>,
-    /// Units are placed on agents' hosts.
-    pub agents: bool,
+    pub place: Place,
+    /// Upstream routers spread flows over the dispatcher hosts (a lab with several): a pass
+    /// points them at those whose dispatcher serves.
+    pub upstream: bool,
+}
+
+/// What kind of hosts these are, for what a pass tells the user.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Place {
+    Lab {
+        prefix: String,
+    },
+    /// Agents' hosts (`dva agent`).
+    Agents,
+    ThisMachine,
 }
 
 impl Hosts {
@@ -73,10 +83,10 @@ impl Hosts {
     }
 
     fn describe(&self) -> String {
-        match &self.lab {
-            Some(lab) => format!("lab {}", lab.prefix),
-            None if self.agents => "the registered hosts".to_string(),
-            None => "this machine".to_string(),
+        match &self.place {
+            Place::Lab { prefix } => format!("lab {prefix}"),
+            Place::Agents => "the registered hosts".to_string(),
+            Place::ThisMachine => "this machine".to_string(),
         }
     }
 }
@@ -302,15 +312,16 @@ pub(crate) fn plan(snap: &Snapshot, obs: &Observed, hosts: &Hosts, now: u64) -> 
     p.clear_error("no lab");
     // Upstream ECMP over the dispatchers that serve: a dead one is withdrawn at once, its
     // replacement put back once ready (labs with several dispatcher hosts).
-    if let Some(lab) = hosts.lab.as_ref().filter(|l| l.dispatchers > 1) {
-        let serving: Vec<usize> = (1..=lab.dispatchers)
-            .filter(|&d| {
+    if hosts.upstream {
+        let serving: Vec<usize> = (hosts.dispatchers.iter().enumerate())
+            .filter(|(_, h)| {
                 p.rec.units.iter().any(|u| {
                     u.role == UnitRole::Dispatcher
                         && u.state == UnitState::Ready
-                        && u.host == lab.dispatcher_ns(d)
+                        && u.host == h.name
                 })
             })
+            .map(|(i, _)| i + 1)
             .collect();
         if !serving.is_empty() && serving != snap.ecmp {
             p.out.push(Action::SetEcmp(serving));
@@ -427,18 +438,17 @@ fn layout(p: &mut Pass, obs: &Observed, hosts: &Hosts, now: u64) -> bool {
         p.clear_error("spec.layout.dispatchers");
     }
     if want_disp > have_disp {
-        p.set_error(match &hosts.lab {
-            Some(lab) => format!(
-                "spec.layout.dispatchers is {want_disp} but lab {} has {have_disp} dispatcher \
-                 host(s) (`dva lab up --dispatchers {want_disp}`)",
-                lab.prefix
+        p.set_error(match &hosts.place {
+            Place::Lab { prefix } => format!(
+                "spec.layout.dispatchers is {want_disp} but lab {prefix} has {have_disp} \
+                 dispatcher host(s) (`dva lab up --dispatchers {want_disp}`)"
             ),
-            None if hosts.agents => format!(
+            Place::Agents => format!(
                 "spec.layout.dispatchers is {want_disp} but {have_disp} ready host(s) are \
                  labelled dispatcher=true (`dva agent --label dispatcher=true` on the machines \
                  that hold the interfaces)"
             ),
-            None => format!(
+            Place::ThisMachine => format!(
                 "spec.layout.dispatchers is {want_disp} but {} holds the interfaces of one \
                  dispatcher",
                 hosts.describe()
@@ -833,8 +843,8 @@ mod tests {
             dispatchers: Vec::new(),
             dataplanes: vec![host("a", 1, &["other"]), host("b", 2, &[])],
             managers: Vec::new(),
-            lab: None,
-            agents: true,
+            place: Place::Agents,
+            upstream: false,
         };
         let mut planned = Vec::new();
         let mut placed = Vec::new();
@@ -870,8 +880,8 @@ mod tests {
             dispatchers: vec![h("disp", 1)],
             dataplanes: vec![h("h1", 2), h("h2", 3)],
             managers: vec![h("h1", 2), h("h2", 3)],
-            lab: None,
-            agents: true,
+            place: Place::Agents,
+            upstream: false,
         }
     }
 
@@ -1190,6 +1200,21 @@ mod tests {
         let mut snap = snap;
         snap.error = Some("no ready host for data planes".into());
         assert_eq!(run(&snap, &obs), ["clear-error no ready host"]);
+    }
+
+    /// Upstream routers follow the dispatchers that serve: once one is ready, they point at it.
+    #[test]
+    fn upstream_routes_follow_serving_dispatchers() {
+        let (snap, obs) = serving(2);
+        let mut hosts = agents();
+        let mut second = hosts.dispatchers[0].clone();
+        second.name = "disp2".into();
+        hosts.dispatchers.push(second);
+        hosts.upstream = true;
+        assert_eq!(summary(&plan(&snap, &obs, &hosts, NOW)), ["ecmp [1]"]);
+        let mut snap = snap;
+        snap.ecmp = vec![1];
+        assert!(plan(&snap, &obs, &hosts, NOW).is_empty());
     }
 
     /// The same inputs give the same pass.
