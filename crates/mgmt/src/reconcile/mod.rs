@@ -235,7 +235,8 @@ fn pick_manager_port(taken: &[u16], local: bool) -> Option<u16> {
 /// The appliances' lock is held only to take the snapshot, to record the units about to start
 /// (and store them: a crash in between must leave a record to reconcile), and to commit the
 /// results. Starting and stopping processes, agents' HTTP calls, the manager link and `ip` run
-/// without it, so API calls do not wait on them.
+/// without it, so API calls do not wait on them. The store is still written under the lock, as
+/// API writes do, so it never holds an older record than memory.
 ///
 /// An API write may land while the actions run:
 /// * **scale / apply** (the generation moves): what the pass found out is still true (a process
@@ -245,8 +246,9 @@ fn pick_manager_port(taken: &[u16], local: bool) -> Option<u16> {
 ///   decides again from the new record. Units started for the old count stay recorded (a write
 ///   never drops units: it copies the record the pass already stored them in), so a scale-down
 ///   meanwhile drains them like any other. A desired state already sent for the old generation
-///   is replaced on the next pass (it differs from the new one, so it is due at once). A write
-///   that lands before the units to start are recorded cancels the whole pass (nothing was done).
+///   is replaced on the next pass (it differs from the new one, so it is due at once). When the
+///   pass starts units, a write that lands before they are recorded cancels the whole pass
+///   (nothing was done yet).
 /// * **delete** (the appliance is `deleting` or gone): nothing is committed, and the processes
 ///   this pass started are stopped here: `delete` may have listed the units before their
 ///   processes existed, and would leave them running.
