@@ -27,7 +27,11 @@ cleanup() {
     rm -rf "$STATE"
 }
 trap cleanup EXIT
-for _ in $(seq 100); do [ -s "$STATE/token" ] && break; sleep 0.1; done
+# The token is written before the API listens: wait for both.
+for _ in $(seq 200); do
+    [ -s "$STATE/token" ] && curl -sf -o /dev/null "http://127.0.0.1:$PORT/healthz" && break
+    sleep 0.1
+done
 export DVA_SERVER=http://127.0.0.1:$PORT DVA_TOKEN
 DVA_TOKEN=$(cat "$STATE/token")
 "$DVA" apply -f examples/edge-firewall.yaml >/dev/null
