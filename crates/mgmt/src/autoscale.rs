@@ -44,7 +44,8 @@ pub struct Decision {
     pub reason: String,
 }
 
-#[derive(Debug, Default)]
+// Clone: a reconciler pass plans on a copy and commits it only if the record did not change.
+#[derive(Debug, Clone, Default)]
 pub struct Autoscaler {
     /// Per data plane: (time, rx packets) samples of the last few seconds.
     rx: BTreeMap<u32, VecDeque<(u64, u64)>>,

@@ -160,6 +160,14 @@ impl Mgmt {
     /// With the etcd store, nothing is adopted or reconciled until this replica leads (see
     /// [`Mgmt::campaign`]).
     pub fn open(opts: MgmtOptions) -> anyhow::Result<Mgmt> {
+        let local = Box::new(LocalProvisioner::new(opts.exe.clone()));
+        Mgmt::open_with(opts, local)
+    }
+
+    /// [`Mgmt::open`] with `local` running the units of this machine and of a lab (units on
+    /// agents' hosts go through their agents whatever it is): tests put a provisioner there that
+    /// starts nothing, or one that is slow.
+    pub fn open_with(opts: MgmtOptions, local: Box<dyn Provisioner>) -> anyhow::Result<Mgmt> {
         let (store, leadership, etcd): (Box<dyn Store>, _, _) = match &opts.store {
             StoreConfig::File(dir) => (Box::new(FileStore::open(dir)?), None, None),
             StoreConfig::Etcd(endpoints) => {
@@ -192,10 +200,7 @@ impl Mgmt {
         if leadership.is_none() {
             registry.set(store.load_hosts()?);
         }
-        let provisioner = Box::new(HostProvisioner::new(
-            LocalProvisioner::new(opts.exe.clone()),
-            registry.clone(),
-        ));
+        let provisioner = Box::new(HostProvisioner::new(local, registry.clone()));
         let inner = Arc::new(Inner {
             opts,
             store,

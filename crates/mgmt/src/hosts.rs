@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{self, AgentStatus, AgentUnit, StartRequest, UnitRef};
-use crate::provision::{LocalProvisioner, Provisioner, UnitLaunch, UnitProcess};
+use crate::provision::{Provisioner, UnitLaunch, UnitProcess};
 
 /// How often the leader polls each agent.
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -389,14 +389,15 @@ enum Polled {
 
 /// Units on agents' hosts through their agents; the rest on this machine.
 pub struct HostProvisioner {
-    pub local: LocalProvisioner,
+    /// What runs units on this machine (and in a lab's namespaces).
+    pub local: Box<dyn Provisioner>,
     pub registry: Arc<Registry>,
     /// When we asked an agent to start a pid (an agent's list older than that may not have it).
     started: Mutex<HashMap<(String, u32), Instant>>,
 }
 
 impl HostProvisioner {
-    pub fn new(local: LocalProvisioner, registry: Arc<Registry>) -> HostProvisioner {
+    pub fn new(local: Box<dyn Provisioner>, registry: Arc<Registry>) -> HostProvisioner {
         HostProvisioner {
             local,
             registry,
