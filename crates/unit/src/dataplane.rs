@@ -1143,22 +1143,45 @@ impl Core {
                             && (b.owner == sender || b.history.contains(&sender))
                     })
                 };
+                // A previous owner's copy to us, the owner, only fills a gap: once we hold a flow
+                // we serve its packets and our entry is the newest, while the previous owner's
+                // froze when the bucket moved (its refresh walk still sends it every second, and
+                // replacing ours with it would roll the connection back each time). A copy from
+                // the owner to us, its backup, always replaces: the owner's is the newest.
+                let fills_only = |cfg: &DataplaneConfig, bucket: u16| {
+                    cfg.table.get(bucket).is_some_and(|b| b.owner == me)
+                };
+                let now = self.now_ns;
                 for c in conns {
-                    if ours(&self.cfg, c.bucket)
-                        && self.fw.conntrack_mut().upsert(self.now_ns, c).is_ok()
-                    {
+                    if !ours(&self.cfg, c.bucket) {
+                        continue;
+                    }
+                    let ct = self.fw.conntrack_mut();
+                    let taken = if fills_only(&self.cfg, c.bucket) {
+                        ct.import(now, c).is_ok()
+                    } else {
+                        ct.upsert(now, c).is_ok()
+                    };
+                    if taken {
                         self.event("flows_replicated_in");
                     }
                 }
-                let now = self.now_ns;
                 if let Some(t) = self.nat.as_mut() {
                     for b in nat.into_iter().filter(|b| ours(&self.cfg, b.bucket)) {
-                        let _ = t.upsert(now, b);
+                        let _ = if fills_only(&self.cfg, b.bucket) {
+                            t.import(now, b)
+                        } else {
+                            t.upsert(now, b)
+                        };
                     }
                 }
                 if let Some(t) = self.lb.as_mut() {
                     for b in lb.into_iter().filter(|b| ours(&self.cfg, b.bucket)) {
-                        let _ = t.upsert(now, b);
+                        let _ = if fills_only(&self.cfg, b.bucket) {
+                            t.import(now, b)
+                        } else {
+                            t.upsert(now, b)
+                        };
                     }
                 }
             }
