@@ -479,11 +479,7 @@ fn agents_on_three_machines_run_the_appliance() {
         30,
         &logs,
         || {
-            let hosts = json(&token, &["get", "hosts", "-o", "json"]);
-            let lost = hosts.as_array().is_some_and(|a| {
-                a.iter()
-                    .any(|h| h["name"] == victim && h["state"] == "lost")
-            });
+            let lost = host(&token, victim)["state"] == "lost";
             let dps: Vec<String> = ready_units(&token)
                 .into_iter()
                 .filter(|(r, _)| r == "dataplane")
@@ -529,12 +525,8 @@ fn agents_on_three_machines_run_the_appliance() {
         30,
         &logs,
         || {
-            json(&token, &["get", "hosts", "-o", "json"])
-                .as_array()
-                .is_some_and(|a| {
-                    a.iter()
-                        .any(|h| h["name"] == victim && h["state"] == "ready" && h["units"] == 0)
-                })
+            let h = host(&token, victim);
+            h["state"] == "ready" && h["units"] == 0
         },
     );
     println!(
@@ -551,6 +543,14 @@ fn agents_on_three_machines_run_the_appliance() {
 
     ctl(&token, &["delete", "edge-fw"]);
     drop(serve);
+}
+
+/// Host `name` as `dva get hosts -o json` shows it (`null` if not listed).
+fn host(token: &str, name: &str) -> serde_json::Value {
+    json(token, &["get", "hosts", "-o", "json"])
+        .as_array()
+        .and_then(|a| a.iter().find(|h| h["name"] == name).cloned())
+        .unwrap_or_default()
 }
 
 /// (id, host, pid) of every unit.

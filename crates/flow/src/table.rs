@@ -30,6 +30,23 @@ pub struct Bucket {
     pub history: Vec<UnitId>,
 }
 
+impl Bucket {
+    /// This bucket with `owner`: unchanged if it already owns it, else with the old owner at the
+    /// front of the history (deduplicated, without the new owner, at most [`MAX_HISTORY`] long).
+    fn moved_to(&self, owner: UnitId) -> Bucket {
+        if owner == self.owner {
+            return self.clone();
+        }
+        let mut history = Vec::with_capacity(MAX_HISTORY);
+        for u in std::iter::once(self.owner).chain(self.history.iter().copied()) {
+            if u != owner && !history.contains(&u) && history.len() < MAX_HISTORY {
+                history.push(u);
+            }
+        }
+        Bucket { owner, history }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawBucketTable")]
 pub struct BucketTable {
@@ -221,42 +238,12 @@ impl BucketTable {
             .buckets
             .iter()
             .zip(owners)
-            .map(|(old, i)| {
-                let owner = members[i];
-                if owner == old.owner {
-                    return old.clone();
-                }
-                let mut history = Vec::with_capacity(MAX_HISTORY);
-                for u in std::iter::once(old.owner).chain(old.history.iter().copied()) {
-                    if u != owner && !history.contains(&u) && history.len() < MAX_HISTORY {
-                        history.push(u);
-                    }
-                }
-                Bucket { owner, history }
-            })
+            .map(|(old, i)| old.moved_to(members[i]))
             .collect();
         Ok(BucketTable {
             epoch: self.epoch + 1,
             buckets,
         })
-    }
-
-    /// Move to `members` the way failover needs: members that leave go first (their buckets to
-    /// their backups, see [`BucketTable::backups`]), then the new members join. Done as one direct
-    /// [`BucketTable::rebalance`], a dead member's buckets could go straight to a newcomer with
-    /// no state and only the dead member to punt to; in two steps the backup that holds the
-    /// replicated state stays in the moved bucket's history.
-    pub fn transition(&self, members: &[UnitId]) -> Result<BucketTable, FlowError> {
-        let current = self.members();
-        let staying: Vec<UnitId> = current
-            .iter()
-            .copied()
-            .filter(|m| members.contains(m))
-            .collect();
-        if staying.is_empty() || staying.len() == current.len() {
-            return self.rebalance(members);
-        }
-        self.rebalance(&staying)?.rebalance(members)
     }
 
     #[inline]
@@ -329,23 +316,7 @@ impl BucketTable {
     /// exactly the data plane that has been receiving its flows' replicated state. With a single
     /// member there is no backup at all: an empty list, so nobody replicates to nobody.
     pub fn backups(&self) -> Vec<UnitId> {
-        let members = self.members();
-        if members.len() < 2 {
-            return Vec::new();
-        }
-        let mut backup = vec![0; self.buckets.len()];
-        for &m in &members {
-            let rest: Vec<UnitId> = members.iter().copied().filter(|&u| u != m).collect();
-            let Ok(without) = self.rebalance(&rest) else {
-                continue;
-            };
-            for (b, bucket) in self.buckets.iter().enumerate() {
-                if bucket.owner == m {
-                    backup[b] = without.buckets[b].owner;
-                }
-            }
-        }
-        backup
+        self.backups_apart(&|_| None)
     }
 
     /// Backups as [`BucketTable::backups`] chooses them, but never on the owner's host when
@@ -355,8 +326,8 @@ impl BucketTable {
     /// names each member's host; a member it does not know counts as a host of its own. When every
     /// member shares one host this is exactly [`BucketTable::backups`].
     ///
-    /// The manager must then fail over with [`BucketTable::transition_with`] and these backups:
-    /// a single member's loss (its host still up) no longer lands where `rebalance` would put it.
+    /// The manager must then fail over with [`BucketTable::transition`] and these backups: a
+    /// single member's loss (its host still up) no longer lands where `rebalance` would put it.
     pub fn backups_apart(&self, host_of: &dyn Fn(UnitId) -> Option<String>) -> Vec<UnitId> {
         let members = self.members();
         if members.len() < 2 {
@@ -389,13 +360,14 @@ impl BucketTable {
         backup
     }
 
-    /// Move to `members` the way failover needs when backups were chosen by something other than
-    /// `rebalance` (see [`BucketTable::backups_apart`]): each bucket of a member that leaves goes
-    /// to its backup in `backups` if that one stays (it holds the bucket's replicated state),
-    /// else where `rebalance(staying)` puts it; the other buckets keep their owners. Then new
-    /// members join by [`BucketTable::rebalance`], as in [`BucketTable::transition`], so a moved
-    /// bucket keeps its backup in history to punt to.
-    pub fn transition_with(
+    /// Move to `members` the way failover needs: members that leave go first, each of their
+    /// buckets to its backup in `backups` (what the data planes replicated to: see
+    /// [`BucketTable::backups`] and [`BucketTable::backups_apart`]) if that one stays, else where
+    /// `rebalance(staying)` puts it; the other buckets keep their owners. Then the new members
+    /// join by [`BucketTable::rebalance`]. Done as one direct rebalance, a dead member's buckets
+    /// could go straight to a newcomer with no state and only the dead member to punt to; in two
+    /// steps the backup that holds the replicated state stays in the moved bucket's history.
+    pub fn transition(
         &self,
         members: &[UnitId],
         backups: &[UnitId],
@@ -423,13 +395,7 @@ impl BucketTable {
                     .copied()
                     .filter(|u| staying.contains(u))
                     .unwrap_or(fallback.buckets[b].owner);
-                let mut history = Vec::with_capacity(MAX_HISTORY);
-                for u in std::iter::once(old.owner).chain(old.history.iter().copied()) {
-                    if u != owner && !history.contains(&u) && history.len() < MAX_HISTORY {
-                        history.push(u);
-                    }
-                }
-                Bucket { owner, history }
+                old.moved_to(owner)
             })
             .collect();
         let failed_over = BucketTable {
@@ -826,11 +792,11 @@ mod tests {
             }
         }
         // Host a dies: every bucket of 1 and 2 goes to the backup holding its state.
-        let after = t.transition_with(&[3, 4, 5], &backups).unwrap();
+        let after = t.transition(&[3, 4, 5], &backups).unwrap();
         // One member dies, its host lives on: its buckets still go to their backups.
-        let one = t.transition_with(&[2, 3, 4, 5], &backups).unwrap();
+        let one = t.transition(&[2, 3, 4, 5], &backups).unwrap();
         // Host a dies and a replacement joins in the same change: the backup stays in history.
-        let replaced = t.transition_with(&[3, 4, 5, 6], &backups).unwrap();
+        let replaced = t.transition(&[3, 4, 5, 6], &backups).unwrap();
         for b in 0..1024u16 {
             let (owner, backup) = (t.owner(b), backups[usize::from(b)]);
             if owner == 1 || owner == 2 {
@@ -854,7 +820,11 @@ mod tests {
         // Everyone on one host: the same backups as without hosts.
         let same = t.backups_apart(&|_| Some("a".to_string()));
         assert_eq!(same, t.backups());
-        assert_eq!(t.backups_apart(&|_| None), t.backups());
+        assert_eq!(
+            t.backups_apart(&|_| None),
+            same,
+            "unknown hosts: each its own"
+        );
     }
 
     #[test]
@@ -862,7 +832,7 @@ mod tests {
         let t = BucketTable::maglev(1024, &[1, 2, 3]).unwrap();
         let backups = t.backups();
         // Unit 3 dies and unit 4 replaces it in the same change.
-        let after = t.transition(&[1, 2, 4]).unwrap();
+        let after = t.transition(&[1, 2, 4], &backups).unwrap();
         let mut to_newcomer = 0;
         for b in 0..1024u16 {
             if t.owner(b) != 3 {
@@ -885,7 +855,7 @@ mod tests {
         assert_eq!(after.members(), vec![1, 2, 4]);
         // Plain joins and leaves are ordinary rebalances.
         assert_eq!(
-            t.transition(&[1, 2, 3, 4]).unwrap().buckets(),
+            t.transition(&[1, 2, 3, 4], &backups).unwrap().buckets(),
             t.rebalance(&[1, 2, 3, 4]).unwrap().buckets()
         );
     }

@@ -709,7 +709,7 @@ impl State {
             // Leavers first, then joiners (see `BucketTable::transition`): the reconciler may
             // report a death and its replacement in either order.
             Some(t) if !ready.is_empty() && t.members() != ready => {
-                t.transition_with(&ready, &self.backups).ok()
+                t.transition(&ready, &self.backups).ok()
             }
             _ => None,
         };

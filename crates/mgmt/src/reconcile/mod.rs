@@ -781,28 +781,10 @@ fn adopt_unit(inner: &Inner, name: &str, u: &mut UnitRecord, rec: &mut Appliance
     let mut rec_events = Vec::new();
     for &dup in &found[1..] {
         inner.provisioner.stop(dup, &l);
-        rec_events.push((
-            "unit-duplicate",
-            format!(
-                "{} unit {} on {}: a second process (pid {}) runs it; stopping that one",
-                u.role.as_str(),
-                u.id,
-                u.host,
-                dup.pid
-            ),
-        ));
+        rec_events.push(("unit-duplicate", plan::duplicate_message(u, dup.pid)));
     }
     if u.pid != Some(first.pid) {
-        rec_events.push((
-            "unit-adopted",
-            format!(
-                "{} unit {} on {} found running (pid {}); adopted",
-                u.role.as_str(),
-                u.id,
-                u.host,
-                first.pid
-            ),
-        ));
+        rec_events.push(("unit-adopted", plan::adopted_message(u, first.pid)));
     }
     u.pid = Some(first.pid);
     u.pid_start = first.start;

@@ -331,6 +331,26 @@ pub(crate) fn plan(snap: &Snapshot, obs: &Observed, hosts: &Hosts, now: u64) -> 
     p.out
 }
 
+/// The `unit-duplicate` event: a second process runs unit `u` and is stopped.
+pub(super) fn duplicate_message(u: &UnitRecord, pid: u32) -> String {
+    format!(
+        "{} unit {} on {}: a second process (pid {pid}) runs it; stopping that one",
+        u.role.as_str(),
+        u.id,
+        u.host
+    )
+}
+
+/// The `unit-adopted` event: unit `u`'s process found running under `pid` and taken over.
+pub(super) fn adopted_message(u: &UnitRecord, pid: u32) -> String {
+    format!(
+        "{} unit {} on {} found running (pid {pid}); adopted",
+        u.role.as_str(),
+        u.id,
+        u.host
+    )
+}
+
 /// 1. Units whose process is gone are forgotten (and so replaced below); processes found running
 ///    a unit whose recorded one is gone are adopted.
 fn forget_dead(p: &mut Pass, obs: &Observed) {
@@ -346,24 +366,10 @@ fn forget_dead(p: &mut Pass, obs: &Observed) {
                     p.out.push(Action::StopDuplicate {
                         id: u.id,
                         process: *dup,
-                        message: format!(
-                            "{} unit {} on {}: a second process (pid {}) runs it; stopping that one",
-                            u.role.as_str(),
-                            u.id,
-                            u.host,
-                            dup.pid
-                        ),
+                        message: duplicate_message(&u, dup.pid),
                     });
                 }
-                let message = (u.pid != Some(first.pid)).then(|| {
-                    format!(
-                        "{} unit {} on {} found running (pid {}); adopted",
-                        u.role.as_str(),
-                        u.id,
-                        u.host,
-                        first.pid
-                    )
-                });
+                let message = (u.pid != Some(first.pid)).then(|| adopted_message(&u, first.pid));
                 p.out.push(Action::Adopt {
                     id: u.id,
                     process: *first,

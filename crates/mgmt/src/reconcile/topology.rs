@@ -48,23 +48,19 @@ impl Topology for LabHosts {
             self.read_at = Some(Instant::now());
         }
         let lab = self.lab.as_ref()?;
+        // A lab host is a namespace, named after it.
+        let host = |ns: String, addr| Host {
+            name: ns.clone(),
+            backplane: IpAddr::V4(addr),
+            netns: Some(ns),
+            cpus: 1,
+            running: Vec::new(),
+        };
         let dispatchers = (1..=lab.dispatchers.max(1))
-            .map(|d| Host {
-                name: lab.dispatcher_ns(d),
-                backplane: IpAddr::V4(Lab::dispatcher_backplane_addr(d)),
-                netns: Some(lab.dispatcher_ns(d)),
-                cpus: 1,
-                running: Vec::new(),
-            })
+            .map(|d| host(lab.dispatcher_ns(d), Lab::dispatcher_backplane_addr(d)))
             .collect();
         let dataplanes: Vec<Host> = (1..=lab.hosts.max(1))
-            .map(|m| Host {
-                name: lab.host_ns(m),
-                backplane: IpAddr::V4(Lab::host_backplane_addr(m)),
-                netns: Some(lab.host_ns(m)),
-                cpus: 1,
-                running: Vec::new(),
-            })
+            .map(|m| host(lab.host_ns(m), Lab::host_backplane_addr(m)))
             .collect();
         Some(Hosts {
             dispatchers,
