@@ -12,6 +12,8 @@ use std::time::Duration;
 use dva_lab::{Lab, LabSpec};
 use dva_unit::UnitStats;
 
+pub mod etcd;
+
 /// The machine has 2 cores: lab tests that push traffic run one at a time so their figures and
 /// timeouts do not depend on each other.
 static LAB_LOCK: Mutex<()> = Mutex::new(());

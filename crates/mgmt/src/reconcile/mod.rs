@@ -739,15 +739,21 @@ fn fence_orphans(inner: &Inner, fenced: &mut BTreeMap<(String, u32), Instant>) {
             },
             &l,
         );
+        let mut all = inner.lock();
+        // No record: the appliance was deleted (its units are being stopped; this is the
+        // sweep's copy of that stop, for a unit the delete could not reach).
+        let why = if all.contains_key(&au.appliance) {
+            "is no longer the appliance's (its host was lost, the unit replaced)"
+        } else {
+            "belongs to a deleted appliance"
+        };
         let msg = format!(
-            "{} unit {} on {} (pid {}) is no longer the appliance's (its host was lost, the unit \
-             replaced): stopping it",
+            "{} unit {} on {} (pid {}) {why}: stopping it",
             au.role.as_str(),
             au.id,
             host,
             au.pid
         );
-        let mut all = inner.lock();
         match all.get_mut(&au.appliance) {
             Some(app) => {
                 push_event(&mut app.rec, "unit-fenced", msg);
