@@ -4,7 +4,8 @@
 //! Semantics follow Envoy's xDS: the manager pushes a whole role config with a `version` and a
 //! `nonce`; the unit applies it and answers `Ack` or `Nack` (with its reason) quoting both. A NACKed
 //! config changes nothing: the unit keeps serving the version it had. Units send `Report`s
-//! (heartbeats with load and per-bucket flow counts) every [`REPORT_INTERVAL_MS`].
+//! (heartbeats with load and per-bucket flow counts) every [`REPORT_INTERVAL_MS`], and the
+//! manager says it is alive as often ([`FromManager::Alive`]).
 
 use std::io::{self, BufRead, Read, Write};
 use std::net::SocketAddr;
@@ -54,6 +55,12 @@ pub struct Running {
     /// units keep understanding each other across the change of manager.
     #[serde(default)]
     pub backplane: crate::role::BackplaneAuth,
+    /// A data plane's: each bucket's backup under this table (see the data-plane config's
+    /// `backups`). A manager that takes over without the old one's memory moves a dead owner's
+    /// buckets to these, which hold their flows' state; recomputed, they could name others
+    /// (the dead owner's machine is no longer known).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backups: Vec<UnitId>,
 }
 
 /// What the manager sends.
@@ -67,7 +74,16 @@ pub enum FromManager {
     },
     /// To the management tool, after every change and at least every second.
     Status(Box<ManagerStatus>),
+    /// To every unit not taken for silent, every [`REPORT_INTERVAL_MS`]: a unit that hears
+    /// nothing for [`MANAGER_SILENT_MS`] leaves the session and looks for a manager elsewhere. A
+    /// machine that dies closes nothing, and a unit only ever writes on its channel, so without
+    /// this it would wait on a dead manager until TCP gives up (minutes).
+    Alive,
 }
+
+/// How long a unit waits without a word from its manager before it takes the session for dead
+/// (eight keepalives missed: a loaded manager is not a dead one).
+pub const MANAGER_SILENT_MS: u64 = 2000;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UnitReport {

@@ -79,38 +79,69 @@ impl ChannelClient {
         thread::Builder::new()
             .name("channel".into())
             .spawn(move || {
-                let mut next = 0;
+                // The last round's outcome, so a manager that stays away is said once.
                 let mut quiet = false;
                 while !args.stop.load(Ordering::Relaxed) {
-                    // The leader is at one of the addresses; standbys do not listen.
-                    let addr = args.managers[next % args.managers.len()];
-                    next += 1;
-                    let result =
-                        tls::connect(addr, config.clone(), &server_name, tls::HANDSHAKE_TIMEOUT)
-                            .and_then(|halves| session(&args, halves, &tx, &r));
-                    let mut pause = true;
-                    if let Err(e) = result {
-                        // A refused connection (a standby's host, a manager starting) is
-                        // routine: say it once, not on every retry, and try the next address
-                        // at once; pause only after a whole round.
-                        let routine = e.kind() == std::io::ErrorKind::ConnectionRefused;
+                    let result = match connect_any(&args.managers, &config, &server_name) {
+                        Ok((addr, halves)) => {
+                            quiet = false;
+                            session(&args, halves, &tx, &r).map_err(|e| (Some(addr), e))
+                        }
+                        Err(e) => Err((None, e)),
+                    };
+                    if let Err((addr, e)) = result {
+                        // Nobody listening (a manager starting or being replaced, standbys that
+                        // do not listen) is routine: say it once, not every round.
+                        let routine = addr.is_none();
                         let stopping = args.stop.load(Ordering::Relaxed);
-                        let repeat = routine && quiet;
-                        if !stopping && !repeat {
-                            tracing::warn!(%addr, error = %e, "manager channel broken; reconnecting");
+                        if !stopping && !(routine && quiet) {
+                            match addr {
+                                Some(addr) => tracing::warn!(
+                                    %addr, error = %e, "manager channel broken; reconnecting"
+                                ),
+                                None => tracing::warn!(
+                                    error = %e, "no manager answers at any address; retrying"
+                                ),
+                            }
                         }
                         quiet = routine;
-                        pause = !routine || next % args.managers.len() == 0;
-                    } else {
-                        quiet = false;
                     }
-                    if pause {
-                        thread::sleep(Duration::from_millis(200));
-                    }
+                    thread::sleep(Duration::from_millis(200));
                 }
             })?;
         Ok((ChannelClient { running }, rx))
     }
+}
+
+/// Connect to whichever of `addrs` answers first: the leading manager is at one of them (a
+/// standby does not listen) and the others may be machines that are gone, which must not cost a
+/// connect timeout each. The losers' connections are closed.
+fn connect_any(
+    addrs: &[SocketAddr],
+    config: &Arc<rustls::ClientConfig>,
+    server_name: &str,
+) -> std::io::Result<(SocketAddr, (tls::TlsReader, TlsWriter))> {
+    let (tx, rx) = mpsc::channel();
+    for &addr in addrs {
+        let (tx, config, name) = (tx.clone(), config.clone(), server_name.to_string());
+        let spawned = thread::Builder::new()
+            .name("channel-connect".into())
+            .spawn(move || {
+                let r = tls::connect(addr, config, &name, tls::HANDSHAKE_TIMEOUT);
+                // A loser's connection is dropped (closed) here once nobody receives it.
+                let _ = tx.send((addr, r));
+            });
+        spawned?;
+    }
+    drop(tx);
+    let mut last = None;
+    for (addr, r) in rx {
+        match r {
+            Ok(halves) => return Ok((addr, halves)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no manager address")))
 }
 
 /// One connection to the manager, until it breaks.
@@ -162,6 +193,9 @@ fn session(
                 }
             })?;
     }
+    // A manager says it is alive every report interval; silence means it (or its machine, or
+    // the path to it) is gone: leave, and find a manager at the other addresses.
+    stream.set_read_timeout(Some(Duration::from_millis(channel::MANAGER_SILENT_MS)))?;
     let result = (|| {
         let mut reader = BufReader::new(stream);
         loop {
@@ -179,9 +213,11 @@ fn session(
             else {
                 continue;
             };
-            let (table, backplane) = match config.as_ref() {
-                RoleConfig::Dispatcher(c) => (c.table.clone(), c.backplane.clone()),
-                RoleConfig::Dataplane(c) => (c.table.clone(), c.backplane.clone()),
+            let (table, backplane, backups) = match config.as_ref() {
+                RoleConfig::Dispatcher(c) => (c.table.clone(), c.backplane.clone(), Vec::new()),
+                RoleConfig::Dataplane(c) => {
+                    (c.table.clone(), c.backplane.clone(), c.backups.clone())
+                }
             };
             let (reply_tx, reply_rx) = mpsc::channel();
             let outcome = if updates
@@ -204,6 +240,7 @@ fn session(
                             version,
                             table,
                             backplane,
+                            backups,
                         });
                     }
                     ToManager::Ack { version, nonce }

@@ -124,8 +124,17 @@ struct State {
     next_nonce: u64,
     last_status: Option<Instant>,
     last_retire: Option<Instant>,
+    last_alive: Option<Instant>,
     /// Newest running config a unit told us about in its hello (adopted after a manager restart).
     adopted: Option<(u64, BucketTable)>,
+    /// The backups data planes ran under a table (its epoch), heard in their hellos: adopted
+    /// with a table of that epoch (see [`Running::backups`]).
+    adopted_backups: Option<(u64, Vec<UnitId>)>,
+    /// When this manager adopted the units' table: membership is left alone for a while after,
+    /// as units reconnect one by one (see [`SETTLE_AFTER_START`]).
+    adopted_at: Option<Instant>,
+    /// The epoch of the adopted table whose backups came with it (kept while it lasts).
+    adopted_backups_for: Option<u64>,
     /// The backplane keys units hold, heard in their hellos: a manager that takes over goes on
     /// with the newest rather than cutting every unit off from its peers with a fresh key.
     adopted_keys: Option<BackplaneAuth>,
@@ -210,6 +219,10 @@ const SILENT_BESIDE: Duration = Duration::from_millis(2 * dva_proto::channel::RE
 /// After a (re)start, units reconnect one by one: the table's membership is left alone this long
 /// so a restart does not look like every data plane leaving.
 const SETTLE_AFTER_START: Duration = Duration::from_secs(3);
+
+/// How long a manager waits for every dispatcher's hello before it makes the first bucket table
+/// without them (one that died with its machine never says hello).
+const FIRST_TABLE_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a backplane key seals datagrams before the next one takes over.
 const KEY_ROTATION: Duration = Duration::from_secs(15 * 60);
@@ -357,6 +370,7 @@ pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
             st.on_event(ev);
         }
         st.step();
+        st.keepalive(Instant::now());
         if publish.elapsed() >= Duration::from_millis(200) {
             publish = Instant::now();
             let mut counters: BTreeMap<String, u64> =
@@ -513,6 +527,15 @@ impl State {
                             .is_none_or(|k| r.backplane.send_epoch > k.send_epoch)
                     {
                         self.adopted_keys = Some(r.backplane.clone());
+                    }
+                    if self.table.is_none()
+                        && !r.backups.is_empty()
+                        && self
+                            .adopted_backups
+                            .as_ref()
+                            .is_none_or(|(e, _)| r.table.epoch() > *e)
+                    {
+                        self.adopted_backups = Some((r.table.epoch(), r.backups.clone()));
                     }
                     if self.table.is_none()
                         && self.adopted.as_ref().is_none_or(|(v, _)| r.version > *v)
@@ -673,12 +696,34 @@ impl State {
             .filter(|id| self.connected(*id))
             .collect();
         if self.table.is_none() {
+            // The first table: adopted from the units (a manager that took over), or made. The
+            // dispatchers hold the table flows follow; until each has said hello (or long enough
+            // has passed for a dead one not to), a data plane's hello may be all we know, and a
+            // fresh table would move every flow without its state.
+            let dispatchers_heard = self
+                .desired_units(DesiredRole::Dispatcher)
+                .iter()
+                .all(|u| self.connected(u.id));
+            if !dispatchers_heard && now.duration_since(born) < FIRST_TABLE_WAIT {
+                return;
+            }
             if let Some((v, t)) = self.adopted.take() {
                 if t.len() == n_buckets {
                     self.version = self.version.max(v);
                     self.released = self.version;
                     self.table_version = self.version;
                     self.dispatchers_switched = Some(now);
+                    // The backups the data planes replicated to under this table: where a dead
+                    // owner's buckets must go.
+                    if let Some((_, b)) = self
+                        .adopted_backups
+                        .take()
+                        .filter(|(e, b)| *e == t.epoch() && b.len() == t.len())
+                    {
+                        self.backups = b;
+                        self.adopted_backups_for = Some(t.epoch());
+                    }
+                    self.adopted_at = Some(now);
                     self.table = Some(t);
                 }
             }
@@ -699,7 +744,21 @@ impl State {
             .collect();
         self.rejoin_after
             .retain(|id, _| wanted.contains(id) && !ready.contains(id));
-        let settling = now.duration_since(born) < SETTLE_AFTER_START && self.table.is_some();
+        // Settling: units are still coming back to a manager that adopted their table. Over
+        // once every desired dispatcher is connected and every desired data plane ready (the
+        // missing ones are gone, not late): then one transition moves the dead members'
+        // buckets to their backups and lets the newcomers join, rather than a table change per
+        // arrival, each starting handovers of buckets the previous one just moved.
+        let all_back = self
+            .desired_units(DesiredRole::Dispatcher)
+            .iter()
+            .all(|u| self.connected(u.id))
+            && wanted.iter().all(|id| ready.contains(id));
+        let settling = self
+            .adopted_at
+            .is_some_and(|t| now.duration_since(t) < SETTLE_AFTER_START)
+            && !all_back
+            && self.table.is_some();
         let new_table = match &self.table {
             None if !connected.is_empty() => BucketTable::maglev(n_buckets, &connected).ok(),
             _ if settling => None,
@@ -877,7 +936,15 @@ impl State {
         // machine's loss takes all its data planes at once, and a backup beside its owner would
         // go with it.
         let hosts = &self.hosts;
-        let backups = table.backups_apart(&|u| hosts.get(&u).cloned());
+        // A table adopted from the units keeps the backups they replicated to until it changes:
+        // recomputed, a dead member's (whose machine this manager never knew) could name a data
+        // plane without its buckets' state.
+        let backups = match &self.adopted_backups_for {
+            Some(epoch) if *epoch == table.epoch() && self.backups.len() == table.len() => {
+                self.backups.clone()
+            }
+            _ => table.backups_apart(&|u| hosts.get(&u).cloned()),
+        };
         match compile(&d.spec, &placement, version) {
             Ok((disps, dps)) => {
                 self.configs = disps
@@ -1045,6 +1112,32 @@ impl State {
             if channel::send(stream, &msg).is_err() {
                 // The reader thread will report the close; forget the write side now.
                 stream.shutdown();
+            }
+        }
+    }
+
+    /// Tell every unit heard from lately that this manager lives (see [`FromManager::Alive`]).
+    /// Silent units are skipped: a write to a machine that died could only fill its buffer.
+    fn keepalive(&mut self, now: Instant) {
+        let every = Duration::from_millis(dva_proto::channel::REPORT_INTERVAL_MS);
+        if self
+            .last_alive
+            .is_some_and(|t| now.duration_since(t) < every)
+        {
+            return;
+        }
+        self.last_alive = Some(now);
+        let conns: Vec<ConnId> = self
+            .units
+            .iter()
+            .filter(|(id, _)| !self.silent.contains(id))
+            .filter_map(|(_, u)| u.conn)
+            .collect();
+        for conn in conns {
+            if let Some(stream) = self.conns.get_mut(&conn) {
+                if channel::send(stream, &FromManager::Alive).is_err() {
+                    stream.shutdown();
+                }
             }
         }
     }

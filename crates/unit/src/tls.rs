@@ -25,6 +25,11 @@ use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerCo
 /// How long a TLS handshake may take before the connection is dropped: a peer that connects
 /// and says nothing must not hold a thread or a handshake slot.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a TCP connect may take. Peers are a network away, not a continent: a SYN not
+/// answered within a second (the kernel's first retransmission) is a machine that is gone, and a
+/// unit looking for its manager over several addresses must not wait on each dead one for the
+/// whole handshake time.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Scheme of URI names in dva certificates.
 const URI_SCHEME: &str = "dva://";
@@ -250,7 +255,7 @@ pub fn connect(
     let name = ServerName::try_from(server_name.to_string())
         .map_err(|e| invalid(format!("server name {server_name:?}: {e}")))?;
     let deadline = Instant::now() + timeout;
-    let mut sock = TcpStream::connect_timeout(&addr, timeout)?;
+    let mut sock = TcpStream::connect_timeout(&addr, timeout.min(CONNECT_TIMEOUT))?;
     sock.set_nodelay(true)?;
     let mut conn =
         Connection::Client(ClientConnection::new(config, name).map_err(io::Error::other)?);

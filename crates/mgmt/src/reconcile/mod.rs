@@ -44,6 +44,8 @@ const PERIOD: Duration = Duration::from_millis(200);
 /// How long the link to a manager may take to connect and finish its TLS handshake (the
 /// reconciler waits for it).
 const LINK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the link to a manager may be silent before it counts as broken.
+const LINK_SILENT: Duration = Duration::from_secs(3);
 
 /// What the reconciler knows at run time about one appliance (never stored).
 #[derive(Default)]
@@ -86,6 +88,9 @@ impl ManagerLink {
             None => open()?,
         };
         writer.set_write_timeout(Some(Duration::from_secs(2)))?;
+        // The manager sends its status at least every second: silence is a manager (or machine)
+        // that is gone without closing anything, and the next pass links to its successor.
+        reader.set_read_timeout(Some(LINK_SILENT))?;
         let status = Arc::new(Mutex::new(None));
         let alive = Arc::new(AtomicBool::new(true));
         {

@@ -434,10 +434,25 @@ fn layout(p: &mut Pass, obs: &Observed, hosts: &Hosts, now: u64) -> bool {
         .iter()
         .filter(|u| u.role == UnitRole::Manager)
         .count();
+    // Managers elect their leader with a lock on their machine's filesystem. Where the hosts
+    // share one (the lab's namespaces, this machine) they are spread over the hosts, so one
+    // host's loss leaves a standby; an agent's host has a filesystem of its own, where a manager
+    // on each host would lead at once (two leaders, two bucket tables): there they share one
+    // host, whichever a manager already runs on, and a lost host's are replaced by the
+    // management tool.
+    let with = p
+        .rec
+        .units
+        .iter()
+        .find(|u| u.role == UnitRole::Manager && u.state != UnitState::Stopped)
+        .and_then(|u| hosts.dataplanes.iter().position(|h| h.name == u.host));
     for k in managers..layout.managers as usize {
-        // Spread managers over the hosts, so one host's loss leaves a standby.
-        let host = &hosts.dataplanes[k % hosts.dataplanes.len()];
-        to_start.push((UnitRole::Manager, host.name.clone(), None));
+        let at = match (&hosts.place, with) {
+            (Place::Agents, Some(i)) => i,
+            (Place::Agents, None) => 0,
+            _ => k % hosts.dataplanes.len(),
+        };
+        to_start.push((UnitRole::Manager, hosts.dataplanes[at].name.clone(), None));
     }
     let want_disp = layout.dispatchers as usize;
     let have_disp = hosts.dispatchers.len();
