@@ -93,8 +93,8 @@ impl ChannelClient {
                         // Nobody listening (a manager starting or being replaced, standbys that
                         // do not listen) is routine: say it once, not every round.
                         let routine = addr.is_none();
-                        let stopping = args.stop.load(Ordering::Relaxed);
-                        if !stopping && !(routine && quiet) {
+                        let said = routine && quiet;
+                        if !args.stop.load(Ordering::Relaxed) && !said {
                             match addr {
                                 Some(addr) => tracing::warn!(
                                     %addr, error = %e, "manager channel broken; reconnecting"
