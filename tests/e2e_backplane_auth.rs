@@ -154,12 +154,14 @@ fn receiver(ns: String, at: SocketAddr, stop: Arc<AtomicBool>) -> Arc<Mutex<Vec<
 #[test]
 fn forged_and_replayed_backplane_datagrams_never_pass() {
     let _serial = serial();
-    // Over UDP, so real backplane traffic crosses the wire where it can be captured.
-    let _udp = EnvGuard::set("DVA_BACKPLANE", "udp");
     let lab = LabGuard::up(PREFIX, 1, 2);
     let client = lab.lab.client_ns();
     let server = lab.lab.server_ns(1);
-    let app = Running::start(PREFIX, &example("edge-firewall.yaml"), "edge-fw", 1);
+    // Over UDP, so real backplane traffic crosses the wire where it can be captured.
+    let spec = std::env::temp_dir().join(format!("{PREFIX}edge-fw-udp.json"));
+    std::fs::write(&spec, example_over_udp("edge-firewall.yaml")).expect("spec file");
+    let app = Running::start(PREFIX, &spec, "edge-fw", 1);
+    let _ = std::fs::remove_file(&spec);
     let vni = dva_proto::ApplianceSpec::from_yaml(
         &std::fs::read_to_string(example("edge-firewall.yaml")).expect("example spec"),
     )

@@ -137,12 +137,13 @@ fn an_impaired_or_briefly_cut_off_backplane_link_breaks_no_connection() {
     let _serial = serial();
     // The impairment device sits in the lab's backplane fabric: keep the units' datagrams on
     // it (UDP), not in the shared-memory rings units on one machine use by default.
-    let _udp = EnvGuard::set("DVA_BACKPLANE", "udp");
     let lab = LabGuard::up("e2eim-", 1, 2);
     let client = lab.lab.client_ns();
     let _srv = StreamServer::start(&lab.lab.server_ns(1), 80).expect("stream server");
     let m = MgmtGuard::open("e2eim-");
-    m.apply_file(&example("edge-firewall.yaml"));
+    m.mgmt
+        .apply(&example_over_udp("edge-firewall.yaml"))
+        .expect("apply");
     m.wait_ready("edge-fw", 2);
     let streams = apps::start_streams(
         &client,

@@ -12,10 +12,22 @@ use std::time::Duration;
 
 use common::*;
 use dva_lab::apps::{self, Nginx, StreamServer};
+use dva_proto::spec::{DriverSpec, RuntimeSpec};
 
 const CLIENT: [u8; 4] = [198, 18, 1, 2];
 const CLIENT6: [u16; 8] = [0x2001, 0xdb8, 1, 0, 0, 0, 0, 2];
 const VIP: [u8; 4] = [198, 18, 1, 100];
+
+/// `spec` with its dispatchers on `driver`.
+fn with_driver(spec: &str, driver: DriverSpec) -> String {
+    with_runtime(
+        spec,
+        RuntimeSpec {
+            driver,
+            ..Default::default()
+        },
+    )
+}
 
 /// 2 MB of text that is not a repeat of a short pattern: a segment in the wrong place or a
 /// byte changed shows in the comparison.
@@ -56,7 +68,6 @@ fn drops(stats: &[dva_unit::UnitStats], reason: &str) -> u64 {
 #[test]
 fn super_packets_cross_firewall_and_nat_whole_and_arrive_intact() {
     let _serial = serial();
-    let _driver = EnvGuard::set("DVA_DRIVER", "af_packet");
     let lab = LabGuard::up("e2egso-", 2, 2);
     lab.lab.set_offloads(true).expect("offloads on");
     let client = lab.lab.client_ns();
@@ -65,9 +76,12 @@ fn super_packets_cross_firewall_and_nat_whole_and_arrive_intact() {
     let _streams_srv = StreamServer::start(&client, 9000).expect("stream server in the client");
     let _iperf = apps::Iperf3Server::start(&client, 5201).expect("iperf3 in the client");
     let m = MgmtGuard::open("e2egso-");
-    let spec = std::fs::read_to_string(example("nat-gateway.yaml"))
-        .expect("example")
-        .replace("initial: 2", "initial: 1");
+    let spec = with_driver(
+        &std::fs::read_to_string(example("nat-gateway.yaml"))
+            .expect("example")
+            .replace("initial: 2", "initial: 1"),
+        DriverSpec::AfPacket,
+    );
     m.mgmt.apply(&spec).expect("apply");
     m.wait_ready("nat-gw", 1);
 
@@ -166,7 +180,6 @@ fn the_load_balancer_rewrites_super_packets_both_ways() {
     // Full NAT on both legs of every connection: client -> VIP becomes appliance -> backend,
     // and the backends' 64 KB replies are rewritten back with their checksums partial.
     let _serial = serial();
-    let _driver = EnvGuard::set("DVA_DRIVER", "af_packet");
     let lab = LabGuard::up("e2egsolb-", 3, 1);
     lab.lab.set_offloads(true).expect("offloads on");
     let body = big_body();
@@ -174,9 +187,12 @@ fn the_load_balancer_rewrites_super_packets_both_ways() {
         .map(|k| Nginx::start(&lab.lab.server_ns(k), &[80], &body).expect("nginx"))
         .collect();
     let m = MgmtGuard::open("e2egsolb-");
-    let spec = std::fs::read_to_string(example("web-lb.yaml"))
-        .expect("example")
-        .replace("initial: 2", "initial: 1");
+    let spec = with_driver(
+        &std::fs::read_to_string(example("web-lb.yaml"))
+            .expect("example")
+            .replace("initial: 2", "initial: 1"),
+        DriverSpec::AfPacket,
+    );
     m.mgmt.apply(&spec).expect("apply");
     m.wait_ready("web-lb", 1);
     let url = format!("http://{}/", IpAddr::from(VIP));
@@ -208,16 +224,18 @@ fn af_xdp_completes_the_checksums_veth_peers_leave_partial() {
     // with partial checksums AF_XDP cannot mark. The dispatcher verifies and completes them;
     // without that, every TCP segment would reach the far end with a bad checksum.
     let _serial = serial();
-    let _driver = EnvGuard::set("DVA_DRIVER", "af_xdp");
     let lab = LabGuard::up("e2egsox-", 2, 1);
     lab.lab.set_offloads(true).expect("offloads on");
     let client = lab.lab.client_ns();
     let body = big_body();
     let _web = Nginx::start(&lab.lab.server_ns(2), &[80], &body).expect("nginx in server2");
     let m = MgmtGuard::open("e2egsox-");
-    let spec = std::fs::read_to_string(example("nat-gateway.yaml"))
-        .expect("example")
-        .replace("initial: 2", "initial: 1");
+    let spec = with_driver(
+        &std::fs::read_to_string(example("nat-gateway.yaml"))
+            .expect("example")
+            .replace("initial: 2", "initial: 1"),
+        DriverSpec::AfXdp,
+    );
     m.mgmt.apply(&spec).expect("apply");
     m.wait_ready("nat-gw", 1);
     for _ in 0..2 {

@@ -380,12 +380,13 @@ fn backplane_capture(cli: &Cli, client: &str, file: &str, vni: u64, rings: bool)
 #[test]
 fn backplane_capture_over_sealed_udp() {
     let _serial = serial();
-    let _udp = EnvGuard::set("DVA_BACKPLANE", "udp");
     let lab = LabGuard::up("e2eseu-", 1, 2);
     let client = lab.lab.client_ns();
     echo_server(&lab.lab.server_ns(1));
     let m = MgmtGuard::open("e2eseu-");
-    m.apply_file(&example("edge-firewall.yaml"));
+    m.mgmt
+        .apply(&example_over_udp("edge-firewall.yaml"))
+        .expect("apply");
     let view = m.wait_ready("edge-fw", 2);
     let api = dva_mgmt::api::serve(m.mgmt.clone(), "127.0.0.1:0".parse().unwrap(), TOKEN.into())
         .expect("api");

@@ -390,30 +390,27 @@ impl Drop for MgmtGuard {
     }
 }
 
-/// Sets an environment variable that units started meanwhile inherit; restores it on drop.
-/// Tests that use it hold the serial lock, so no other test of the binary runs meanwhile.
+/// The spec `text` (YAML) with `runtime` as its runtime section: how a test picks the units'
+/// driver or backplane. JSON comes out (a spec may be written in either).
 #[allow(dead_code)]
-pub struct EnvGuard {
-    key: &'static str,
-    old: Option<std::ffi::OsString>,
+pub fn with_runtime(text: &str, runtime: dva_proto::spec::RuntimeSpec) -> String {
+    let mut spec = dva_proto::ApplianceSpec::from_yaml(text).expect("spec parses");
+    spec.spec.runtime = runtime;
+    serde_json::to_string_pretty(&spec).expect("spec as JSON")
 }
 
+/// Example `name` with its units on the UDP backplane (no shared-memory rings), as between
+/// machines: where a test looks at or impairs the backplane's datagrams.
 #[allow(dead_code)]
-impl EnvGuard {
-    pub fn set(key: &'static str, value: &str) -> EnvGuard {
-        let old = std::env::var_os(key);
-        std::env::set_var(key, value);
-        EnvGuard { key, old }
-    }
-}
-
-impl Drop for EnvGuard {
-    fn drop(&mut self) {
-        match &self.old {
-            Some(v) => std::env::set_var(self.key, v),
-            None => std::env::remove_var(self.key),
-        }
-    }
+pub fn example_over_udp(name: &str) -> String {
+    let text = std::fs::read_to_string(example(name)).expect("example spec");
+    with_runtime(
+        &text,
+        dva_proto::spec::RuntimeSpec {
+            backplane: dva_proto::spec::BackplaneSpec::Udp,
+            ..Default::default()
+        },
+    )
 }
 
 /// Units' stats as `Running::unit_stats` reads them: (id, role, stats).

@@ -40,6 +40,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use dva_lab::apps::{self, Haproxy, Iperf3Server, NftTable, Nginx, UdpGenOptions, UdpSink};
 use dva_lab::{Lab, LabSpec};
+use dva_proto::spec::{DriverSpec, RuntimeSpec};
 
 use crate::bench_lab::{
     conntrack_count, machine_cpu, render_table, unit_pids, Appliance, PathCpu, NFT_EDGE_FIREWALL,
@@ -55,6 +56,8 @@ pub struct Options {
     pub markdown: bool,
     /// Also draw the ratios into this SVG file (docs/performance.svg).
     pub svg: Option<std::path::PathBuf>,
+    /// The dva rows' runtime section (driver, backplane); rows that compare drivers set their own.
+    pub runtime: RuntimeSpec,
 }
 
 /// The address the load balancers serve, on the router's outside interface.
@@ -422,6 +425,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         bail!("--secs must be at least 1");
     }
     let spec = spec_path("edge-firewall.yaml")?;
+    // The rows that compare drivers: the runtime asked for, with their driver.
+    let with_driver = |driver| RuntimeSpec {
+        driver,
+        ..opts.runtime.clone()
+    };
     println!(
         "lab {}: client, 3 servers (nginx, iperf3 on server1), dispatcher host, 2 data-plane hosts, \
          rebuilt before each path; {} s per measurement; offloads off on every veth (see README)",
@@ -520,7 +528,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             "edge-fw",
             dps,
             false,
-            &[],
+            &opts.runtime,
             path,
             &FIREWALL_WORKLOADS,
             |b, cpu| b.firewall_workloads(path, cpu),
@@ -531,10 +539,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     // cannot: XDP on a veth turns its peer's segmentation off).
     for dps in [1u32, 2] {
         println!(
-            "\nDVA_DRIVER=af_packet dva run -f examples/edge-firewall.yaml --dataplanes {dps}, offloads on"
+            "\ndva run -f examples/edge-firewall.yaml --dataplanes {dps} (driver: af_packet), offloads on"
         );
         let path = PathKind::DvaGso(dps);
-        let env = [("DVA_DRIVER", "af_packet")];
         dva_path(
             &mut bench,
             opts,
@@ -542,7 +549,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             "edge-fw",
             dps,
             true,
-            &env,
+            &with_driver(DriverSpec::AfPacket),
             path,
             &OFFLOAD_WORKLOADS,
             |b, cpu| b.tcp_workloads(OFFLOAD_WORKLOADS, path, cpu),
@@ -552,7 +559,6 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     // The default driver in the same setting: AF_XDP on veths whose peers keep offloads on.
     println!("\ndva run -f examples/edge-firewall.yaml --dataplanes 1 (AF_XDP), offloads on");
     let path = PathKind::DvaXdpOffload(1);
-    let env = [("DVA_DRIVER", "af_xdp")];
     dva_path(
         &mut bench,
         opts,
@@ -560,7 +566,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         "edge-fw",
         1,
         true,
-        &env,
+        &with_driver(DriverSpec::AfXdp),
         path,
         &OFFLOAD_WORKLOADS,
         |b, cpu| b.tcp_workloads(OFFLOAD_WORKLOADS, path, cpu),
@@ -579,7 +585,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             "web-lb",
             dps,
             false,
-            &[],
+            &opts.runtime,
             path,
             &[Workload::LbConnPerSec],
             |b, cpu| {
@@ -609,8 +615,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One dva path: a fresh lab (its offloads on if asked), `dva run` of `spec` with `env` for its
-/// units, then `measure` with the units' CPU as the path's. A path that does not start becomes
+/// One dva path: a fresh lab (its offloads on if asked), `dva run` of `spec` with `runtime` as
+/// its runtime section, then `measure` with the units' CPU as the path's. A path that does not start becomes
 /// "not run" rows for `workloads`; only a lab that cannot be built stops the bench.
 #[allow(clippy::too_many_arguments)]
 fn dva_path(
@@ -620,7 +626,7 @@ fn dva_path(
     appliance: &str,
     dps: u32,
     offloads: bool,
-    env: &[(&str, &str)],
+    runtime: &RuntimeSpec,
     path: PathKind,
     workloads: &[Workload],
     measure: impl FnOnce(&mut Bench, &PathCpu),
@@ -632,7 +638,7 @@ fn dva_path(
     } else {
         Ok(())
     }
-    .and_then(|()| Appliance::start_with(spec, &opts.prefix, dps, env));
+    .and_then(|()| Appliance::start_with(spec, &opts.prefix, dps, runtime));
     let app = match started {
         Ok(a) => a,
         Err(e) => {

@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use dva_lab::apps::{self, FloodOptions, FloodReport, FloodSource, NftTable, Nginx};
 use dva_lab::{Lab, LabSpec};
+use dva_proto::spec::RuntimeSpec;
 
 use crate::bench_lab::{
     machine_cpu, netfilter_sysctl, render_table, runqueue_wait, unit_pids, unit_stats, Appliance,
@@ -351,7 +352,8 @@ impl Bench {
                 (None, Some(fw), PathCpu::Softirq)
             }
             PathKind::Dva => {
-                let app = Appliance::start_with(spec, &self.prefix, DATAPLANES, &[])?;
+                let app =
+                    Appliance::start_with(spec, &self.prefix, DATAPLANES, &RuntimeSpec::default())?;
                 let pids = unit_pids(&self.prefix, APPLIANCE)?;
                 (Some(app), None, PathCpu::Processes(pids))
             }

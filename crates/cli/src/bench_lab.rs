@@ -2,13 +2,15 @@
 //! kernel's equivalent of the edge firewall, unit statistics and CPU accounting.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use dva_proto::spec::RuntimeSpec;
+use dva_proto::ApplianceSpec;
 
 /// How long `dva run` may take to report its appliance ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,17 +31,42 @@ pub(crate) const NFT_EDGE_FIREWALL: &str = r#"    chain forward {
 pub(crate) struct Appliance {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// The spec file written for this run (removed with it).
+    written: Option<PathBuf>,
 }
 
 impl Appliance {
-    /// `dva run` with extra environment for its units (`DVA_DRIVER`, ...).
+    /// `dva run` of `spec` with `runtime` as its runtime section (driver, backplane, ...): the
+    /// spec with it goes to a file of its own beside the temporary files.
     pub(crate) fn start_with(
         spec: &Path,
         prefix: &str,
         dataplanes: u32,
-        env: &[(&str, &str)],
+        runtime: &RuntimeSpec,
     ) -> anyhow::Result<Appliance> {
-        Appliance::spawn(spec, prefix, dataplanes, env, false)
+        if runtime.is_default() {
+            return Appliance::spawn(spec, prefix, dataplanes, false);
+        }
+        let text =
+            std::fs::read_to_string(spec).with_context(|| format!("reading {}", spec.display()))?;
+        let mut s = ApplianceSpec::from_yaml(&text)
+            .with_context(|| format!("invalid spec {}", spec.display()))?;
+        s.spec.runtime = runtime.clone();
+        let path =
+            std::env::temp_dir().join(format!("{prefix}{}-{}.json", s.name(), std::process::id()));
+        std::fs::write(&path, serde_json::to_string_pretty(&s)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        let started = Appliance::spawn(&path, prefix, dataplanes, false);
+        match started {
+            Ok(mut app) => {
+                app.written = Some(path);
+                Ok(app)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
     }
 
     /// `dva run`, its output printed as it comes (indented, after `  | `), as `dva demo` shows it.
@@ -48,19 +75,12 @@ impl Appliance {
         prefix: &str,
         dataplanes: u32,
     ) -> anyhow::Result<Appliance> {
-        Appliance::spawn(spec, prefix, dataplanes, &[], true)
+        Appliance::spawn(spec, prefix, dataplanes, true)
     }
 
-    fn spawn(
-        spec: &Path,
-        prefix: &str,
-        dataplanes: u32,
-        env: &[(&str, &str)],
-        echo: bool,
-    ) -> anyhow::Result<Appliance> {
+    fn spawn(spec: &Path, prefix: &str, dataplanes: u32, echo: bool) -> anyhow::Result<Appliance> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
-            .envs(env.iter().copied())
             .args(["run", "--prefix", prefix, "--dataplanes"])
             .arg(dataplanes.to_string())
             .arg("-f")
@@ -84,7 +104,11 @@ impl Appliance {
                 let _ = tx.send(l);
             }
         });
-        let mut app = Appliance { child, log };
+        let mut app = Appliance {
+            child,
+            log,
+            written: None,
+        };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -108,6 +132,9 @@ impl Appliance {
 
 impl Drop for Appliance {
     fn drop(&mut self) {
+        if let Some(path) = self.written.take() {
+            let _ = std::fs::remove_file(path);
+        }
         // SAFETY: kill(2) on our own child process, which has not been reaped yet.
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);

@@ -873,6 +873,18 @@ pub fn describe(t: &Target, name: &str) -> anyhow::Result<()> {
             println!("  {:<12} device {}", i.name, i.device);
         }
         println!("Services:        {} stage(s)", s.services.len());
+        let r = &s.runtime;
+        println!(
+            "Runtime:         driver {}, backplane {}, busy poll {}, cpus {}",
+            r.driver.as_str(),
+            r.backplane.as_str(),
+            r.busy_poll
+                .filter(|d| d.0 > 0)
+                .map_or("off".to_string(), String::from),
+            r.cpus
+                .as_ref()
+                .map_or("not pinned".to_string(), |c| c.to_string())
+        );
     }
     let mut hosts: Vec<&str> = v.units.iter().map(|u| u.host.as_str()).collect();
     hosts.sort_unstable();

@@ -445,7 +445,7 @@ enum LabCmd {
         #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
         prefix: String,
         /// Leave TSO/GSO/GRO and TX checksumming on (a Linux host's defaults): TCP crosses
-        /// the lab as 64 KB super-packets. Use with DVA_DRIVER=af_packet.
+        /// the lab as 64 KB super-packets. Use with a spec's `runtime: { driver: af_packet }`.
         #[arg(long)]
         offloads: bool,
     },
@@ -498,6 +498,13 @@ enum BenchCmd {
         /// Also draw the ratios to the kernel as bars, into this SVG file.
         #[arg(long)]
         svg: Option<PathBuf>,
+        /// The appliance's interface driver (the spec's `runtime.driver`: af_xdp, af_packet or
+        /// auto), except in the rows that compare drivers.
+        #[arg(long, value_parser = runtime_value::<dva_proto::spec::DriverSpec>, default_value = "auto")]
+        driver: dva_proto::spec::DriverSpec,
+        /// The backplane between units (the spec's `runtime.backplane`: auto, shm or udp).
+        #[arg(long, value_parser = runtime_value::<dva_proto::spec::BackplaneSpec>, default_value = "auto")]
+        backplane: dva_proto::spec::BackplaneSpec,
     },
     /// Probe latency and new legitimate connections during a SYN flood and a unique-UDP-tuple
     /// flood, through dva (2 data planes) and through the kernel with an equivalent nftables
@@ -587,6 +594,11 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
         _ => Err(format!("{s:?}: expected KEY=VALUE")),
     }
+}
+
+/// `--driver af_packet`, `--backplane udp`: a value of the spec's `runtime`, spelled as in a spec.
+fn runtime_value<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|e| e.to_string())
 }
 
 /// `--host-lost-after 10s`.
@@ -947,12 +959,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     secs,
                     markdown,
                     svg,
+                    driver,
+                    backplane,
                 },
         } => bench_compare::run(&bench_compare::Options {
             prefix,
             secs,
             markdown,
             svg,
+            runtime: dva_proto::spec::RuntimeSpec {
+                driver,
+                backplane,
+                ..Default::default()
+            },
         }),
         Cmd::Bench {
             cmd: BenchCmd::Flood(opts),

@@ -20,6 +20,6 @@ pub mod spec;
 
 pub use role::{
     compile, DataplaneConfig, DispatcherConfig, InterfaceConfig, Placement, RoleConfig,
-    RouteConfig, UnitEndpoint,
+    RouteConfig, RuntimeConfig, UnitEndpoint,
 };
 pub use spec::{ApplianceSpec, SpecError};

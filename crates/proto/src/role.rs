@@ -13,7 +13,7 @@ use dva_wire::ip_proto;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{ActionSpec, ApplianceSpec, ServiceSpec, SpecError, TcpWindowSpec};
+use crate::spec::{ActionSpec, ApplianceSpec, DriverSpec, ServiceSpec, SpecError, TcpWindowSpec};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceConfig {
@@ -96,6 +96,79 @@ pub struct HealthCheckConfig {
     pub fall: u32,
 }
 
+/// How a unit runs its data path (the spec's `runtime`). A unit sets it up with its first config
+/// (interfaces opened with the driver, sockets' busy polling, rings, the thread pinned) and
+/// cannot redo that under traffic, so a later config that changes it is refused (NACK, see
+/// [`RuntimeConfig::unchanged`]) and the unit keeps serving as it was: a restarted or new unit
+/// takes the new values. A data plane opens no interface: its driver and busy polling stay at
+/// their defaults, so changing them never makes a data plane refuse a config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeConfig {
+    pub driver: DriverSpec,
+    /// AF_XDP busy polling per socket, microseconds; 0: off.
+    pub busy_poll_us: u32,
+    /// Shared-memory rings to the units on this machine; false: UDP only.
+    pub rings: bool,
+    /// The CPUs data paths are pinned to: unit N on the (N mod length)-th; empty: not pinned.
+    pub cpus: Vec<usize>,
+}
+
+impl Default for RuntimeConfig {
+    /// What a spec without `runtime` asks for.
+    fn default() -> Self {
+        RuntimeConfig {
+            driver: DriverSpec::Auto,
+            busy_poll_us: 0,
+            rings: true,
+            cpus: Vec::new(),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// `next` asks for nothing this unit would have to be restarted for (it runs with `self`).
+    pub fn unchanged(&self, next: &RuntimeConfig) -> Result<(), String> {
+        let cpus = |c: &[usize]| {
+            if c.is_empty() {
+                "none".to_string()
+            } else {
+                crate::spec::CpuList(c.to_vec()).to_string()
+            }
+        };
+        let rings = |r: bool| if r { "rings" } else { "udp" };
+        let change = if next.driver != self.driver {
+            Some((
+                "driver",
+                self.driver.as_str().into(),
+                next.driver.as_str().into(),
+            ))
+        } else if next.busy_poll_us != self.busy_poll_us {
+            Some((
+                "busy_poll",
+                format!("{}us", self.busy_poll_us),
+                format!("{}us", next.busy_poll_us),
+            ))
+        } else if next.rings != self.rings {
+            Some((
+                "backplane",
+                rings(self.rings).into(),
+                rings(next.rings).into(),
+            ))
+        } else if next.cpus != self.cpus {
+            Some(("cpus", cpus(&self.cpus), cpus(&next.cpus)))
+        } else {
+            None
+        };
+        match change {
+            Some((field, now, asked)) => Err(format!(
+                "spec.runtime.{field} changes need the unit restarted (it runs with {now}, \
+                 the new config asks for {asked})"
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DispatcherConfig {
     pub appliance: String,
@@ -113,6 +186,8 @@ pub struct DispatcherConfig {
     pub dnat_reverse: Vec<DnatReverse>,
     #[serde(default)]
     pub health_checks: Vec<HealthCheckConfig>,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
     /// Keys that authenticate the backplane (the manager adds them after compiling).
     #[serde(default)]
     pub backplane: BackplaneAuth,
@@ -155,6 +230,8 @@ pub struct DataplaneConfig {
     /// checks (the manager merges those in).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backend_states: Vec<BackendStateConfig>,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
     /// Keys that authenticate the backplane (the manager adds them after compiling).
     #[serde(default)]
     pub backplane: BackplaneAuth,
@@ -289,6 +366,13 @@ impl RoleConfig {
         }
     }
 
+    pub fn runtime(&self) -> &RuntimeConfig {
+        match self {
+            RoleConfig::Dispatcher(c) => &c.runtime,
+            RoleConfig::Dataplane(c) => &c.runtime,
+        }
+    }
+
     /// The config as JSON for people to read (`dva config`): the same shape as on the unit
     /// channel, but every backplane key is replaced by [`REDACTED`] (the epochs stay). The
     /// derived `Serialize` must keep the keys (the manager sends them to units with it), so
@@ -371,6 +455,19 @@ pub fn compile(
     let lb = compile_lb(spec, &interfaces);
     let backend_states = compile_backend_states(spec);
     let vni = spec.vni();
+    let rt = &spec.spec.runtime;
+    let runtime = RuntimeConfig {
+        driver: rt.driver,
+        busy_poll_us: rt.busy_poll_us(),
+        rings: rt.backplane.rings(),
+        cpus: rt.cpus.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
+    };
+    // Interfaces are the dispatchers' alone (see RuntimeConfig).
+    let dataplane_runtime = RuntimeConfig {
+        driver: DriverSpec::Auto,
+        busy_poll_us: 0,
+        ..runtime.clone()
+    };
     let dispatchers = placement
         .dispatchers
         .iter()
@@ -387,6 +484,7 @@ pub fn compile(
             service_addrs: edge.service_addrs.clone(),
             dnat_reverse: edge.dnat_reverse.clone(),
             health_checks: edge.health_checks.clone(),
+            runtime: runtime.clone(),
             backplane: BackplaneAuth::default(),
         })
         .collect();
@@ -414,6 +512,7 @@ pub fn compile(
             nat: nat.clone(),
             lb: lb.clone(),
             backend_states: backend_states.clone(),
+            runtime: dataplane_runtime.clone(),
             backplane: BackplaneAuth::default(),
         })
         .collect();
@@ -813,6 +912,44 @@ mod tests {
             assert_eq!(dump["backplane"]["keys"][1]["epoch"], 5);
             assert_eq!(dump["backplane"]["keys"][0]["key"], REDACTED);
             assert_eq!(dump["backplane"]["send_epoch"], 4);
+        }
+    }
+
+    #[test]
+    fn a_runtime_change_is_refused_with_the_field_named() {
+        let running = RuntimeConfig::default();
+        assert_eq!(running.unchanged(&running.clone()), Ok(()));
+        for (next, says) in [
+            (
+                RuntimeConfig {
+                    driver: DriverSpec::AfPacket,
+                    ..RuntimeConfig::default()
+                },
+                "spec.runtime.driver changes need the unit restarted (it runs with auto, the new config asks for af_packet)",
+            ),
+            (
+                RuntimeConfig {
+                    busy_poll_us: 50,
+                    ..RuntimeConfig::default()
+                },
+                "spec.runtime.busy_poll changes need the unit restarted (it runs with 0us, the new config asks for 50us)",
+            ),
+            (
+                RuntimeConfig {
+                    rings: false,
+                    ..RuntimeConfig::default()
+                },
+                "spec.runtime.backplane changes need the unit restarted (it runs with rings, the new config asks for udp)",
+            ),
+            (
+                RuntimeConfig {
+                    cpus: vec![0, 1, 2],
+                    ..RuntimeConfig::default()
+                },
+                "spec.runtime.cpus changes need the unit restarted (it runs with none, the new config asks for 0-2)",
+            ),
+        ] {
+            assert_eq!(running.unchanged(&next), Err(says.to_string()));
         }
     }
 

@@ -80,6 +80,9 @@ pub struct ApplianceBody {
     pub routes: Vec<RouteSpec>,
     #[serde(default)]
     pub layout: LayoutSpec,
+    /// How the units run their data paths (interface driver, backplane, busy polling, CPUs).
+    #[serde(default, skip_serializing_if = "RuntimeSpec::is_default")]
+    pub runtime: RuntimeSpec,
     pub services: Vec<ServiceSpec>,
 }
 
@@ -175,26 +178,256 @@ impl TryFrom<serde_json::Value> for DurationSpec {
 
 /// Parse "2s", "500ms", "5m", "1h" or a bare number of seconds into milliseconds.
 pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    parse_duration(
+        s,
+        &[("ms", 1.0), ("s", 1e3), ("m", 60e3), ("h", 3_600e3)],
+        1e3,
+        "2s, 500ms, 5m",
+    )
+}
+
+/// Parse "50us", "1ms", "1s" or a bare number of seconds into microseconds.
+pub fn parse_duration_us(s: &str) -> Result<u64, String> {
+    parse_duration(
+        s,
+        &[
+            ("us", 1.0),
+            ("ms", 1e3),
+            ("s", 1e6),
+            ("m", 60e6),
+            ("h", 3_600e6),
+        ],
+        1e6,
+        "50us, 2ms, 1s",
+    )
+}
+
+/// `s` as a number with one of `units` (suffix, length in the result's unit; longer suffixes
+/// first, as "ms" before "s"), or a bare number of `bare` units.
+fn parse_duration(s: &str, units: &[(&str, f64)], bare: f64, example: &str) -> Result<u64, String> {
     let t = s.trim();
-    let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1000.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60_000.0)
-    } else if let Some(n) = t.strip_suffix('h') {
-        (n, 3_600_000.0)
-    } else {
-        (t, 1000.0)
-    };
+    let (num, mult) = units
+        .iter()
+        .find_map(|(suffix, mult)| t.strip_suffix(suffix).map(|n| (n, *mult)))
+        .unwrap_or((t, bare));
     let v: f64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("invalid duration {s:?} (expected e.g. 2s, 500ms, 5m)"))?;
+        .map_err(|_| format!("invalid duration {s:?} (expected e.g. {example})"))?;
     if !v.is_finite() || v < 0.0 || v * mult > 1e12 {
         return Err(format!("duration {s:?} out of range"));
     }
     Ok((v * mult) as u64)
+}
+
+/// A duration to the microsecond, for what is shorter than a millisecond: "50us", "1ms", "1s"
+/// (or a bare number of seconds, as [`DurationSpec`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "serde_json::Value", into = "String")]
+pub struct DurationUsSpec(pub u64 /* microseconds */);
+
+impl From<DurationUsSpec> for String {
+    fn from(d: DurationUsSpec) -> String {
+        match d.0 {
+            us if us.is_multiple_of(1_000_000) => format!("{}s", us / 1_000_000),
+            us if us.is_multiple_of(1000) => format!("{}ms", us / 1000),
+            us => format!("{us}us"),
+        }
+    }
+}
+
+impl TryFrom<serde_json::Value> for DurationUsSpec {
+    type Error = String;
+    fn try_from(v: serde_json::Value) -> Result<Self, String> {
+        match &v {
+            serde_json::Value::String(s) => parse_duration_us(s).map(DurationUsSpec),
+            serde_json::Value::Number(n) => n
+                .as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0 && *f < 1e6)
+                .map(|f| DurationUsSpec((f * 1e6) as u64))
+                .ok_or_else(|| format!("invalid duration {n}")),
+            other => Err(format!("invalid duration {other} (expected e.g. \"50us\")")),
+        }
+    }
+}
+
+/// How the units run their data paths. Every field may be left out; the defaults suit most
+/// machines. A unit takes these with its first config and keeps them: a change reaches the
+/// units started after it, and the running ones refuse it (their status says so) until they
+/// are restarted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSpec {
+    /// The dispatchers' interface driver: `af_xdp`, `af_packet` (reads and writes 64 KB
+    /// super-packets where the devices' offloads are on), or `auto` (the default: AF_XDP where
+    /// the XDP program attaches, AF_PACKET otherwise).
+    #[serde(default, skip_serializing_if = "DriverSpec::is_auto")]
+    pub driver: DriverSpec,
+    /// AF_XDP busy polling: how long a dispatcher's socket polls the device before sleeping
+    /// (e.g. "50us", at most 1s): lower latency for a core kept busy. Absent or 0: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy_poll: Option<DurationUsSpec>,
+    /// The backplane between units on one machine: `auto` (the default) and `shm` use
+    /// shared-memory rings there and UDP between machines; `udp` uses UDP everywhere.
+    #[serde(default, skip_serializing_if = "BackplaneSpec::is_auto")]
+    pub backplane: BackplaneSpec,
+    /// CPUs the units' data paths are pinned to, a taskset-style list ("0-3", "0,2,4-7"): unit N
+    /// runs on the list's (N mod length)-th CPU. Absent: not pinned (the scheduler decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<CpuList>,
+}
+
+impl RuntimeSpec {
+    pub fn is_default(&self) -> bool {
+        *self == RuntimeSpec::default()
+    }
+
+    /// Busy polling in microseconds (0: off). Validation bounds it by [`MAX_BUSY_POLL_US`].
+    pub fn busy_poll_us(&self) -> u32 {
+        self.busy_poll
+            .map_or(0, |d| u32::try_from(d.0).unwrap_or(u32::MAX))
+    }
+}
+
+/// Longest busy-polling interval: a socket that polls longer only keeps a core from others.
+pub const MAX_BUSY_POLL_US: u64 = 1_000_000;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverSpec {
+    #[default]
+    Auto,
+    AfXdp,
+    AfPacket,
+}
+
+impl DriverSpec {
+    pub fn is_auto(&self) -> bool {
+        *self == DriverSpec::Auto
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverSpec::Auto => "auto",
+            DriverSpec::AfXdp => "af_xdp",
+            DriverSpec::AfPacket => "af_packet",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BackplaneSpec {
+    #[default]
+    Auto,
+    Shm,
+    Udp,
+}
+
+impl BackplaneSpec {
+    pub fn is_auto(&self) -> bool {
+        *self == BackplaneSpec::Auto
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackplaneSpec::Auto => "auto",
+            BackplaneSpec::Shm => "shm",
+            BackplaneSpec::Udp => "udp",
+        }
+    }
+
+    /// Shared-memory rings between units on one machine.
+    pub fn rings(self) -> bool {
+        self != BackplaneSpec::Udp
+    }
+}
+
+/// A taskset-style CPU list, "0,2-4" (or one CPU number), in its order: [0, 2, 3, 4].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+/// CPU numbers stay below this: the size of the kernel's `cpu_set_t` in bits.
+pub const MAX_CPUS: usize = 1024;
+
+/// "0,2-4" -> [0, 2, 3, 4]. Numbers below [`MAX_CPUS`]; empty items, reversed ranges and
+/// non-numbers are errors.
+pub fn parse_cpus(list: &str) -> Result<Vec<usize>, String> {
+    if list.trim().is_empty() {
+        return Err("no CPU listed (e.g. \"0-3\"; leave the field out for no pinning)".into());
+    }
+    let mut cpus = Vec::new();
+    for item in list.split(',').map(str::trim) {
+        let num = |s: &str| {
+            s.parse::<usize>()
+                .ok()
+                .filter(|n| *n < MAX_CPUS)
+                .ok_or_else(|| format!("{s:?} is not a CPU number (0..{})", MAX_CPUS - 1))
+        };
+        match item.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("range {item:?} runs backwards"));
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(num(item)?),
+        }
+    }
+    Ok(cpus)
+}
+
+impl fmt::Display for CpuList {
+    /// Runs of consecutive CPUs as ranges, in the list's order: parses back to the same list.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut i = 0;
+        while let Some(&first) = self.0.get(i) {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            let mut last = first;
+            while self.0.get(i + 1) == Some(&(last + 1)) {
+                last += 1;
+                i += 1;
+            }
+            if first == last {
+                write!(f, "{first}")?;
+            } else {
+                write!(f, "{first}-{last}")?;
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for CpuList {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for CpuList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CpuList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a CPU list such as \"0-3\" or \"0,2,4-7\", or one CPU number")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<CpuList, E> {
+                parse_cpus(v).map(CpuList).map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<CpuList, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<CpuList, E> {
+                self.visit_str(&v.to_string())
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// What a scaling rule measures, per data plane (averaged over the serving ones).
@@ -1058,6 +1291,15 @@ impl ApplianceSpec {
                 format!("{} is not a power of two in 64..=65536", l.buckets),
             ));
         }
+        if let Some(d) = body.runtime.busy_poll.filter(|d| d.0 > MAX_BUSY_POLL_US) {
+            return Err(SpecError::field(
+                "spec.runtime.busy_poll",
+                format!(
+                    "{} is above 1s (a busy-polling interval such as \"50us\"; 0 turns it off)",
+                    String::from(d)
+                ),
+            ));
+        }
         if body.services.is_empty() {
             return Err(SpecError::field(
                 "spec.services",
@@ -1716,6 +1958,126 @@ spec:
         assert!(s.vni() < 1 << 24 && s.vni() > 0);
     }
 
+    /// GOOD with a `runtime:` section of `fields` (YAML flow-mapping entries).
+    fn with_runtime(fields: &str) -> String {
+        GOOD.replace(
+            "  layout: {",
+            &format!("  runtime: {{ {fields} }}\n  layout: {{"),
+        )
+    }
+
+    #[test]
+    fn runtime_defaults_to_what_units_did_without_it() {
+        let s = ApplianceSpec::from_yaml(GOOD).unwrap();
+        let r = &s.spec.runtime;
+        assert!(r.is_default());
+        assert_eq!(r.driver, DriverSpec::Auto);
+        assert_eq!(r.busy_poll_us(), 0);
+        assert!(r.backplane.rings());
+        assert_eq!(r.cpus, None);
+        // Left out of the JSON when default, so specs without it read back as they were written.
+        let j = serde_json::to_value(&s).unwrap();
+        assert!(j["spec"].get("runtime").is_none(), "{j}");
+    }
+
+    #[test]
+    fn runtime_fields_parse_and_round_trip() {
+        let s = ApplianceSpec::from_yaml(&with_runtime(
+            "driver: af_packet, busy_poll: 50us, backplane: udp, cpus: \"0, 2-4,4\"",
+        ))
+        .unwrap();
+        let r = &s.spec.runtime;
+        assert_eq!(r.driver, DriverSpec::AfPacket);
+        assert_eq!(r.busy_poll_us(), 50);
+        assert_eq!(r.backplane, BackplaneSpec::Udp);
+        assert!(!r.backplane.rings());
+        assert_eq!(r.cpus, Some(CpuList(vec![0, 2, 3, 4, 4])));
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            j["spec"]["runtime"],
+            serde_json::json!({
+                "driver": "af_packet", "busy_poll": "50us", "backplane": "udp", "cpus": "0,2-4,4"
+            })
+        );
+        assert_eq!(ApplianceSpec::from_value(j).unwrap(), s);
+        for (text, us) in [
+            ("0", 0),
+            ("\"2ms\"", 2000),
+            ("\"1s\"", 1_000_000),
+            ("\"0.5ms\"", 500),
+        ] {
+            let s = ApplianceSpec::from_yaml(&with_runtime(&format!("busy_poll: {text}"))).unwrap();
+            assert_eq!(s.spec.runtime.busy_poll_us(), us, "{text}");
+        }
+        for (text, cpus) in [
+            ("3", vec![3]),
+            ("\"1\"", vec![1]),
+            ("\"0-3\"", vec![0, 1, 2, 3]),
+        ] {
+            let s = ApplianceSpec::from_yaml(&with_runtime(&format!("cpus: {text}"))).unwrap();
+            assert_eq!(s.spec.runtime.cpus, Some(CpuList(cpus)), "{text}");
+        }
+        for driver in ["auto", "af_xdp"] {
+            assert!(ApplianceSpec::from_yaml(&with_runtime(&format!("driver: {driver}"))).is_ok());
+        }
+        assert!(ApplianceSpec::from_yaml(&with_runtime("backplane: shm")).is_ok());
+    }
+
+    #[test]
+    fn bad_runtime_values_name_the_field_and_what_is_allowed() {
+        for (fields, path, says) in [
+            ("driver: dpdk", "spec.runtime.driver", "af_packet"),
+            ("backplane: tcp", "spec.runtime.backplane", "udp"),
+            ("busy_poll: 2s", "spec.runtime.busy_poll", "above 1s"),
+            ("busy_poll: 50", "spec.runtime.busy_poll", "above 1s"),
+            ("busy_poll: fast", "spec.runtime.busy_poll", "50us"),
+            ("busy_poll: -1us", "spec.runtime.busy_poll", "-1us"),
+            (
+                "cpus: \"3-1\"",
+                "spec.runtime.cpus",
+                "range \"3-1\" runs backwards",
+            ),
+            ("cpus: \"\"", "spec.runtime.cpus", "no CPU listed"),
+            ("cpus: \"1,,2\"", "spec.runtime.cpus", "not a CPU number"),
+            ("cpus: \"a\"", "spec.runtime.cpus", "\"a\""),
+            (
+                "cpus: 5000",
+                "spec.runtime.cpus",
+                "\"5000\" is not a CPU number (0..1023)",
+            ),
+            ("cpus: \"-1\"", "spec.runtime.cpus", "not a CPU number"),
+            ("cpus: [0, 1]", "spec.runtime.cpus", "CPU list"),
+            ("threads: 4", "spec.runtime", "threads"),
+        ] {
+            let e = err(&with_runtime(fields));
+            assert!(e.contains(path) && e.contains(says), "{fields}: {e}");
+        }
+    }
+
+    #[test]
+    fn cpu_lists_parse_like_taskset_ones() {
+        assert_eq!(parse_cpus("0,1"), Ok(vec![0, 1]));
+        assert_eq!(parse_cpus("2-4, 7"), Ok(vec![2, 3, 4, 7]));
+        for bad in ["", "a", "3-1", "1,,2", "5000", "-1"] {
+            assert!(parse_cpus(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cpu_lists_print_as_they_parse() {
+        for list in [
+            vec![0],
+            vec![0, 1, 2, 3],
+            vec![3, 2, 1],
+            vec![0, 0, 1, 5, 7, 8],
+            vec![2, 3, 0, 1],
+        ] {
+            let text = CpuList(list.clone()).to_string();
+            assert_eq!(parse_cpus(&text), Ok(list), "{text}");
+        }
+        assert_eq!(CpuList(vec![0, 2, 3, 4, 9]).to_string(), "0,2-4,9");
+    }
+
     #[test]
     fn round_trips_through_json() {
         let s = ApplianceSpec::from_yaml(GOOD).unwrap();
@@ -1755,6 +2117,25 @@ mod schema {
         serde_json::json!({
             "description": "A duration: `500ms`, `2s`, `5m`, `1h`, or a number of seconds",
             "oneOf": [{ "type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?(ms|s|m|h)$" }, { "type": "number", "minimum": 0 }]
+        })
+    );
+    schema!(
+        super::DurationUsSpec,
+        "DurationUs",
+        serde_json::json!({
+            "description": "A duration to the microsecond: `50us`, `2ms`, `1s`, or a number of seconds",
+            "oneOf": [{ "type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?(us|ms|s|m|h)$" }, { "type": "number", "minimum": 0 }]
+        })
+    );
+    schema!(
+        super::CpuList,
+        "CpuList",
+        serde_json::json!({
+            "description": "CPUs as taskset lists them: `0-3`, `0,2,4-7`, or one CPU number",
+            "oneOf": [
+                { "type": "string", "pattern": "^ *[0-9]+(-[0-9]+)?( *, *[0-9]+(-[0-9]+)?)* *$" },
+                { "type": "integer", "minimum": 0, "maximum": 1023 }
+            ]
         })
     );
     schema!(

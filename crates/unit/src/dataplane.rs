@@ -475,6 +475,8 @@ impl Dataplane {
 impl Core {
     /// What makes a config unservable, checked before any of it is taken.
     fn check(&self, cfg: &DataplaneConfig) -> Result<(), String> {
+        // Rings and the pinned CPU were set up with the first config (see RuntimeConfig).
+        self.cfg.runtime.unchanged(&cfg.runtime)?;
         if cfg.listen != self.cfg.listen {
             return Err(format!(
                 "listen address {} cannot change at run time (this unit listens on {})",

@@ -1275,6 +1275,52 @@ mod tests {
     }
 
     #[test]
+    fn the_spec_s_runtime_reaches_the_role_configs() {
+        let t0 = Instant::now();
+        let mut s = running(&[(3, "a"), (4, "a")], t0);
+        let d = s.desired.as_mut().expect("desired");
+        d.generation += 1;
+        d.spec = dva_proto::ApplianceSpec::from_yaml(&include_str!(
+            "../../../examples/edge-firewall.yaml"
+        ).replace(
+            "  layout:",
+            "  runtime: { driver: af_packet, busy_poll: 50us, backplane: udp, cpus: \"0-1\" }\n  layout:",
+        ))
+        .expect("spec with a runtime section");
+        d.units.push(dva_proto::channel::DesiredUnit {
+            id: 1,
+            role: DesiredRole::Dispatcher,
+            addr: "127.0.0.1:2".parse().expect("addr"),
+            draining: false,
+            export: false,
+            host: Some("a".into()),
+        });
+        s.recompile();
+        assert_eq!(s.error, None);
+        let runtime = |id| s.configs.get(&id).map(|c| c.runtime().clone());
+        assert_eq!(
+            runtime(1),
+            Some(dva_proto::RuntimeConfig {
+                driver: dva_proto::spec::DriverSpec::AfPacket,
+                busy_poll_us: 50,
+                rings: false,
+                cpus: vec![0, 1],
+            })
+        );
+        // Data planes drive no interface: only what they use.
+        for id in [3, 4] {
+            assert_eq!(
+                runtime(id),
+                Some(dva_proto::RuntimeConfig {
+                    rings: false,
+                    cpus: vec![0, 1],
+                    ..dva_proto::RuntimeConfig::default()
+                })
+            );
+        }
+    }
+
+    #[test]
     fn a_silent_machine_s_buckets_go_to_their_backups_at_once() {
         let t0 = Instant::now();
         let mut s = running(&[(3, "a"), (4, "a"), (5, "b"), (6, "b")], t0);

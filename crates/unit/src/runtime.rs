@@ -118,31 +118,24 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
         stats: stats.clone(),
         stop: stop.clone(),
     })?;
-    // Shared-memory rings between dispatchers and data planes on this machine, in the
-    // appliance's run directory (tmpfs, removed with the appliance); DVA_BACKPLANE=udp keeps
-    // every datagram on UDP (for comparisons).
-    let rings = match std::env::var("DVA_BACKPLANE").as_deref() {
-        Ok("udp") => None,
-        Ok("auto") | Ok("shm") | Err(_) => args.control.parent().map(|p| p.to_path_buf()),
-        Ok(other) => anyhow::bail!("DVA_BACKPLANE={other:?}: use auto, shm or udp"),
-    };
-    // DVA_CPUS pins the data path (this thread; the control and channel threads stay free).
-    if let Some(list) = std::env::var_os(CPUS_ENV).filter(|v| !v.is_empty()) {
-        let list = list.to_string_lossy();
-        let cpus = parse_cpus(&list).map_err(|e| anyhow::anyhow!("{CPUS_ENV}={list:?}: {e}"))?;
-        let cpu = cpus[args.id as usize % cpus.len()];
-        pin_to(cpu).with_context(|| format!("pinning unit {} to CPU {cpu}", args.id))?;
-        tracing::info!(cpu, "data path pinned");
-    }
+    // Shared-memory rings between dispatchers and data planes on this machine live in the
+    // appliance's run directory (tmpfs, removed with the appliance).
+    let run_dir = args.control.parent();
     // Wait for a first config this unit can run; a bad one is NACKed and we keep waiting.
     while !stop.load(Ordering::Relaxed) {
         let Some(u) = next_update(&updates, &stop) else {
             break;
         };
         let version = u.config.version();
+        // The spec's `runtime` is set up here, with the first config, and kept (later ones
+        // that change it are refused: see RuntimeConfig).
+        let runtime = u.config.runtime().clone();
+        let rings = run_dir.filter(|_| runtime.rings);
         match (args.role, u.config) {
             (Role::Dispatcher, RoleConfig::Dispatcher(c)) if c.unit == args.id => {
-                match Dispatcher::new(c, rings.as_deref()) {
+                match Dispatcher::new(c, rings)
+                    .and_then(|d| pin(args.id, &runtime.cpus).map(|()| d))
+                {
                     Ok(mut d) => {
                         stats.try_publish(d.snapshot());
                         let _ = u.reply.send(Ok(()));
@@ -156,7 +149,8 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
                 }
             }
             (Role::Dataplane, RoleConfig::Dataplane(c)) if c.unit == args.id => {
-                match Dataplane::new(c, rings.as_deref()) {
+                match Dataplane::new(c, rings).and_then(|d| pin(args.id, &runtime.cpus).map(|()| d))
+                {
                     Ok(mut d) => {
                         stats.try_publish(d.snapshot());
                         let _ = u.reply.send(Ok(()));
@@ -197,44 +191,29 @@ fn next_update(updates: &Receiver<Update>, stop: &AtomicBool) -> Option<Update> 
     None
 }
 
-/// Environment variable with the CPUs data paths may be pinned to ("0,1", "2-5,8"): unit `id`
-/// runs on the list's `id mod len`-th CPU. Unset or empty: no pinning (the scheduler decides).
-pub const CPUS_ENV: &str = "DVA_CPUS";
-
-/// "0,2-4" -> [0, 2, 3, 4]. At most 1024 CPUs; empty items, reversed ranges and non-numbers
-/// are errors.
-pub fn parse_cpus(list: &str) -> Result<Vec<usize>, String> {
-    let mut cpus = Vec::new();
-    for item in list.split(',').map(str::trim) {
-        let num = |s: &str| {
-            s.parse::<usize>()
-                .ok()
-                .filter(|n| *n < 1024)
-                .ok_or_else(|| format!("{s:?} is not a CPU number (0..1023)"))
-        };
-        match item.split_once('-') {
-            Some((a, b)) => {
-                let (a, b) = (num(a)?, num(b)?);
-                if a > b {
-                    return Err(format!("range {item:?} runs backwards"));
-                }
-                cpus.extend(a..=b);
-            }
-            None => cpus.push(num(item)?),
-        }
-    }
+/// Pin the data path (this thread; the control and channel threads stay free) to unit `id`'s CPU
+/// of `cpus` (the `id mod len`-th); an empty list pins nothing. Done once the role's data path
+/// is set up, so a first config that fails leaves the thread as it was for the next one.
+fn pin(id: u32, cpus: &[usize]) -> anyhow::Result<()> {
     if cpus.is_empty() {
-        return Err("no CPU listed".into());
+        return Ok(());
     }
-    Ok(cpus)
+    let cpu = cpus[id as usize % cpus.len()];
+    pin_to(cpu).with_context(|| format!("pinning unit {id} to CPU {cpu} (spec.runtime.cpus)"))?;
+    tracing::info!(cpu, "data path pinned");
+    Ok(())
 }
 
 /// Pin the calling thread to `cpu`.
 fn pin_to(cpu: usize) -> std::io::Result<()> {
     // SAFETY: cpu_set_t is plain old data (a bit array); all-zero is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes one bit inside `set`; parse_cpus bounds cpu below 1024, the
-    // size of cpu_set_t in bits.
+    if cpu >= dva_proto::spec::MAX_CPUS {
+        // The spec's parser bounds CPU numbers already; a config from elsewhere is refused here.
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: CPU_SET writes one bit inside `set`: cpu is below MAX_CPUS (1024), the size of
+    // cpu_set_t in bits.
     unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: pid 0 is the calling thread; `set` is a live cpu_set_t of the size we pass.
     let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
@@ -247,15 +226,6 @@ fn pin_to(cpu: usize) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_lists_parse_like_taskset_ones() {
-        assert_eq!(parse_cpus("0,1"), Ok(vec![0, 1]));
-        assert_eq!(parse_cpus("2-4, 7"), Ok(vec![2, 3, 4, 7]));
-        for bad in ["", "a", "3-1", "1,,2", "5000", "-1"] {
-            assert!(parse_cpus(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn pinning_to_a_cpu_this_process_may_use_works() {

@@ -9,9 +9,9 @@
 //!  data plane ──GENEVE──> on_backplane ── route (connected + static) ── neighbour ── AF_XDP/AF_PACKET tx ──> wire
 //! ```
 //!
-//! The interface driver is chosen per dispatcher at start by `DVA_DRIVER` (`af_xdp`,
-//! `af_packet` or `auto`, the default: AF_XDP where the XDP program attaches, AF_PACKET
-//! otherwise); each interface logs which one it got and reports it in its stats.
+//! The interface driver is the spec's `runtime.driver`, taken with the dispatcher's first config
+//! (`af_xdp`, `af_packet` or `auto`, the default: AF_XDP where the XDP program attaches,
+//! AF_PACKET otherwise); each interface logs which one it got and reports it in its stats.
 //!
 //! The dispatcher keeps no per-flow state: everything it needs per packet is in the packet and
 //! the config (bucket table, interfaces, routes), so any dispatcher can serve any packet.
@@ -34,6 +34,7 @@ use dva_io::backplane::{Backplane, Origin};
 use dva_io::capture::Tapped;
 use dva_io::port::{DriverChoice, Port as Device};
 use dva_io::{FrameIo, GsoType, RxMeta};
+use dva_proto::spec::DriverSpec;
 use dva_proto::{DispatcherConfig, InterfaceConfig, RoleConfig};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
 use dva_wire::icmpv6::ndisc_flags;
@@ -219,34 +220,12 @@ struct Core {
     reassembly: fragment::Reassembler,
 }
 
-/// Environment variable that picks the interface driver: `af_xdp`, `af_packet` or `auto`.
-pub const DRIVER_ENV: &str = "DVA_DRIVER";
-
-/// The driver `DVA_DRIVER` asks for (`auto` when unset).
-fn driver_choice() -> anyhow::Result<DriverChoice> {
-    match std::env::var(DRIVER_ENV) {
-        Ok(v) => v
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("{DRIVER_ENV}: {e}")),
-        Err(std::env::VarError::NotPresent) => Ok(DriverChoice::Auto),
-        Err(e) => bail!("{DRIVER_ENV}: {e}"),
-    }
-}
-
-/// Environment variable that turns AF_XDP busy polling on: microseconds per busy loop (0 or
-/// unset: off).
-pub const BUSY_POLL_ENV: &str = "DVA_BUSY_POLL_US";
-
-fn busy_poll_us() -> anyhow::Result<u32> {
-    match std::env::var(BUSY_POLL_ENV) {
-        Ok(v) => v
-            .trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|us| *us <= 1_000_000)
-            .ok_or_else(|| anyhow::anyhow!("{BUSY_POLL_ENV}={v:?}: microseconds, 0..=1000000")),
-        Err(std::env::VarError::NotPresent) => Ok(0),
-        Err(e) => bail!("{BUSY_POLL_ENV}: {e}"),
+/// The io crate's name for the spec's driver.
+fn driver_choice(d: DriverSpec) -> DriverChoice {
+    match d {
+        DriverSpec::Auto => DriverChoice::Auto,
+        DriverSpec::AfXdp => DriverChoice::AfXdp,
+        DriverSpec::AfPacket => DriverChoice::AfPacket,
     }
 }
 
@@ -274,8 +253,8 @@ impl Dispatcher {
         let cfg = Arc::new(cfg);
         let mut ports = Vec::new();
         let mut links = Vec::new();
-        let choice = driver_choice()?;
-        let busy_poll = busy_poll_us()?;
+        let choice = driver_choice(cfg.runtime.driver);
+        let busy_poll = cfg.runtime.busy_poll_us;
         for ifc in &cfg.interfaces {
             let (port, opened) =
                 Device::open_with(&ifc.device, choice, busy_poll).with_context(|| {
@@ -705,9 +684,11 @@ impl Core {
         key.symmetric_hash() & self.bucket_mask
     }
 
-    /// A new config version. Interfaces and the backplane socket are opened once, at start: a
-    /// config that changes them is refused (NACK) and the running one stays.
+    /// A new config version. Interfaces and the backplane socket are opened once, at start, with
+    /// the runtime (driver, busy polling, rings) of the first config: a config that changes them
+    /// is refused (NACK) and the running one stays.
     fn apply(&mut self, cfg: DispatcherConfig) -> Result<(), String> {
+        self.cfg.runtime.unchanged(&cfg.runtime)?;
         if cfg.listen != self.cfg.listen {
             return Err(format!(
                 "backplane address {} cannot change at run time (this unit listens on {})",
