@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use dva_proto::ApplianceSpec;
+use dva_proto::{ApplianceSpec, RuntimeConfig};
 
 use crate::etcd::{EtcdLink, EtcdStore, Leader, Leadership};
 use crate::hosts::{HostProvisioner, Registry};
@@ -303,6 +303,19 @@ impl Mgmt {
             Some(app) => {
                 if app.rec.spec_text == spec_text {
                     return Ok(reconcile::view(&self.inner, app));
+                }
+                // Units set the runtime up when they start and refuse a config that changes it:
+                // taken, the new spec would leave every unit refusing every config after it
+                // (no scaling, no failover) until restarted.
+                let (was, asked) = (
+                    RuntimeConfig::from_spec(&app.spec.spec.runtime),
+                    RuntimeConfig::from_spec(&spec.spec.runtime),
+                );
+                if let Err(why) = was.unchanged(&asked) {
+                    return Err(ApiError::Conflict(format!(
+                        "appliance {name}: {why}; its units run as they started: delete the \
+                         appliance and apply the spec again to change spec.runtime"
+                    )));
                 }
                 let mut rec = app.rec.clone();
                 rec.spec_text = spec_text.to_string();

@@ -320,9 +320,29 @@ fn apply_get_put_and_bad_specs_that_change_nothing() {
         error_message(status, &v, 422, "invalid");
     }
 
-    // Nothing of that reached the store: same generation, same spec text.
+    // A runtime change: 409, the field named (the units set it up when they start and would
+    // refuse every config after it); `backplane: shm` is what the default already is.
+    let runtime =
+        |rt: &str| spec.replace("  layout:", &format!("  runtime: {{ {rt} }}\n  layout:"));
+    for (rt, field) in [
+        ("driver: af_packet", "spec.runtime.driver"),
+        ("cpus: \"0-1\"", "spec.runtime.cpus"),
+        ("backplane: udp", "spec.runtime.backplane"),
+    ] {
+        let text = runtime(rt);
+        assert_ne!(text, spec, "the fixture replacement must apply");
+        let (status, v) = api.apply(&text);
+        let msg = error_message(status, &v, 409, "conflict");
+        assert!(msg.contains(field) && msg.contains("delete"), "{msg}");
+    }
+    let (status, v) = api.apply(&runtime("backplane: shm"));
+    assert_eq!((status, v["generation"].clone()), (200, 2.into()), "{v:#}");
+    let (status, _) = api.apply(&spec);
+    assert_eq!(status, 200);
+
+    // No bad spec reached the store: the generations are the two accepted runtime applies'.
     let (_, v) = api.get("/v1/appliances/edge-fw");
-    assert_eq!(v["generation"], 1, "{v:#}");
+    assert_eq!(v["generation"], 3, "{v:#}");
     assert_eq!(v["spec"], spec.as_str());
 
     // PUT: the name in the path must be the spec's.
@@ -342,11 +362,11 @@ fn apply_get_put_and_bad_specs_that_change_nothing() {
     let json = serde_json::to_string(&tree).expect("JSON");
     let (status, v) = api.call("PUT", "/v1/appliances/edge-fw", "application/json", &json);
     assert_eq!(status, 200, "{v:#}");
-    assert_eq!(v["generation"], 2);
+    assert_eq!(v["generation"], 4);
     assert_eq!(v["dataplanes"]["max"], 6);
     // text/plain is accepted as well.
     let (status, v) = api.call("POST", "/v1/appliances", "text/plain", &spec);
-    assert_eq!((status, v["generation"].clone()), (200, 3.into()), "{v:#}");
+    assert_eq!((status, v["generation"].clone()), (200, 5.into()), "{v:#}");
 }
 
 #[test]

@@ -126,6 +126,16 @@ impl Default for RuntimeConfig {
 }
 
 impl RuntimeConfig {
+    /// What the spec's `runtime` asks a dispatcher for.
+    pub fn from_spec(rt: &crate::spec::RuntimeSpec) -> RuntimeConfig {
+        RuntimeConfig {
+            driver: rt.driver,
+            busy_poll_us: rt.busy_poll_us(),
+            rings: rt.backplane.rings(),
+            cpus: rt.cpus.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
+        }
+    }
+
     /// `next` asks for nothing this unit would have to be restarted for (it runs with `self`).
     pub fn unchanged(&self, next: &RuntimeConfig) -> Result<(), String> {
         let cpus = |c: &[usize]| {
@@ -455,13 +465,7 @@ pub fn compile(
     let lb = compile_lb(spec, &interfaces);
     let backend_states = compile_backend_states(spec);
     let vni = spec.vni();
-    let rt = &spec.spec.runtime;
-    let runtime = RuntimeConfig {
-        driver: rt.driver,
-        busy_poll_us: rt.busy_poll_us(),
-        rings: rt.backplane.rings(),
-        cpus: rt.cpus.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
-    };
+    let runtime = RuntimeConfig::from_spec(&spec.spec.runtime);
     // Interfaces are the dispatchers' alone (see RuntimeConfig).
     let dataplane_runtime = RuntimeConfig {
         driver: DriverSpec::Auto,
