@@ -97,8 +97,10 @@ impl Cli {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start dva capture");
-        // The tap is installed before the API answers; give the CLI time to get there.
-        std::thread::sleep(Duration::from_secs(2));
+        // The tap is installed before the API answers; give the CLI time to get there (on a
+        // loaded machine 2 s was not always enough; the captures last 5 s from their start, so
+        // traffic at 3 s falls inside them whenever the tap came within those 3 s).
+        std::thread::sleep(Duration::from_secs(3));
         traffic();
         let out = child.wait_with_output().expect("dva capture");
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
