@@ -125,6 +125,12 @@ pub struct LayoutSpec {
     /// Scale data planes by load, within min..=max.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<AutoscaleSpec>,
+    /// Labels a host must carry (every one, `dva agent --label k=v`) for this appliance's units
+    /// to go there, as Kubernetes' `nodeSelector` (e.g. `{ zone: a }`); dispatchers also need
+    /// `dispatcher=true`. Lab hosts and a single machine carry no labels: with a selector,
+    /// nothing is placed there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_selector: BTreeMap<String, String>,
 }
 
 impl Default for LayoutSpec {
@@ -136,6 +142,7 @@ impl Default for LayoutSpec {
             dispatchers: 1,
             drain_deadline: None,
             autoscale: None,
+            host_selector: BTreeMap::new(),
         }
     }
 }
@@ -1252,6 +1259,10 @@ impl ApplianceSpec {
                 format!("{} is outside 1..=5", l.managers),
             ));
         }
+        for (key, value) in &l.host_selector {
+            check_label_key(&format!("spec.layout.host_selector.{key}"), key)?;
+            check_label_value(&format!("spec.layout.host_selector.{key}"), value)?;
+        }
         if let Some(a) = &l.autoscale {
             for (i, r) in a.scale_out.iter().enumerate() {
                 if !(r.above.is_finite() && r.above > 0.0) {
@@ -1870,6 +1881,40 @@ spec:
             e.contains("spec.interfaces[1].device") && e.contains("duplicate"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_host_selector_is_parsed_and_its_labels_checked() {
+        let example = include_str!("../../../examples/edge-firewall.yaml");
+        let with = |sel: &str| {
+            ApplianceSpec::from_yaml(&example.replace(
+                "  layout:\n",
+                &format!("  layout:\n    host_selector: {sel}\n"),
+            ))
+        };
+        let spec = with("{ zone: a, disk: ssd }").expect("a selector");
+        assert_eq!(
+            spec.spec.layout.host_selector,
+            [("disk", "ssd"), ("zone", "a")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        );
+        // Written back, it is still there; without one, nothing is written.
+        let json = serde_json::to_string(&spec).expect("json");
+        assert!(json.contains("\"host_selector\":{\"disk\":\"ssd\",\"zone\":\"a\"}"));
+        let plain = ApplianceSpec::from_yaml(example).expect("example");
+        assert!(!serde_json::to_string(&plain)
+            .expect("json")
+            .contains("host_selector"));
+        for (sel, needle) in [
+            ("{ \"bad key\": a }", "spec.layout.host_selector.bad key"),
+            ("{ zone: \"a\\nb\" }", "spec.layout.host_selector.zone"),
+            ("[zone]", "host_selector"),
+        ] {
+            let e = with(sel).expect_err(sel).to_string();
+            assert!(e.contains(needle), "{sel}: {e}");
+        }
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub(crate) struct Host {
     /// The appliance of each unit its agent last reported (agents' hosts): other appliances'
     /// units take capacity too.
     pub running: Vec<String>,
+    /// The labels its agent registered with (`dva agent --label`): what a spec's
+    /// `layout.host_selector` picks hosts by.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Where units may go: the hosts of registered agents, the lab's hosts, or this machine alone.
@@ -73,6 +76,21 @@ pub(crate) enum Place {
 }
 
 impl Hosts {
+    /// The hosts new units of an appliance whose spec asks for `selector` may go on (every label
+    /// of it carried). Where a manager may already run is not narrowed: its address is still
+    /// looked up there (a selector applies to what is placed from then on, as Kubernetes'
+    /// `nodeSelector`).
+    pub fn selected(&self, selector: &BTreeMap<String, String>) -> Hosts {
+        let carries = |h: &&Host| selector.iter().all(|(k, v)| h.labels.get(k) == Some(v));
+        Hosts {
+            dispatchers: self.dispatchers.iter().filter(carries).cloned().collect(),
+            dataplanes: self.dataplanes.iter().filter(carries).cloned().collect(),
+            managers: self.managers.clone(),
+            place: self.place.clone(),
+            upstream: self.upstream,
+        }
+    }
+
     /// The network namespace `dva serve` reaches units of `host` from.
     pub fn netns_of(&self, host: &str) -> Option<&str> {
         self.managers
@@ -280,11 +298,23 @@ pub(crate) fn plan(snap: &Snapshot, obs: &Observed, hosts: &Hosts, now: u64) -> 
         out: Vec::new(),
     };
     forget_dead(&mut p, obs);
+    let selector = &snap.spec.spec.layout.host_selector;
+    let selected = hosts.selected(selector);
+    let hosts = &selected;
     if hosts.dataplanes.is_empty() {
-        // Agents' hosts, none ready yet (or all lost): nothing can be placed.
-        p.set_error(
-            "no ready host for data planes and managers (is `dva agent` running on them?)".into(),
-        );
+        // Agents' hosts, none ready yet (or all lost), or none the spec selects: nothing can be
+        // placed.
+        p.set_error(if selector.is_empty() {
+            "no ready host for data planes and managers (is `dva agent` running on them?)".into()
+        } else {
+            let labels: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!(
+                "no ready host for data planes and managers carries every label \
+                 spec.layout.host_selector asks for ({}); `dva get hosts` shows the labels \
+                 (`dva agent --label`)",
+                labels.join(", ")
+            )
+        });
         return p.out;
     }
     p.clear_error("no ready host");
@@ -855,6 +885,7 @@ mod tests {
             netns: None,
             cpus,
             running: running.iter().map(|s| s.to_string()).collect(),
+            labels: BTreeMap::new(),
         }
     }
 
@@ -897,6 +928,7 @@ mod tests {
             netns: None,
             cpus: 1,
             running: Vec::new(),
+            labels: BTreeMap::new(),
         };
         Hosts {
             dispatchers: vec![h("disp", 1)],
@@ -1067,6 +1099,45 @@ mod tests {
                     "forget 4 (unit-died)",
                     "start dataplane 5 on h2",
                     "desired [2,3,5]",
+                ],
+            ),
+            (
+                "the spec's host selector keeps a replacement on the hosts with its labels",
+                |s, o, h| {
+                    o.units.insert(4, Liveness::Gone);
+                    let zone = |h: &mut Host, z: &str| {
+                        h.labels.insert("zone".into(), z.into());
+                    };
+                    zone(&mut h.dispatchers[0], "a");
+                    zone(&mut h.dataplanes[0], "a");
+                    zone(&mut h.dataplanes[1], "b");
+                    s.spec
+                        .spec
+                        .layout
+                        .host_selector
+                        .insert("zone".into(), "a".into());
+                },
+                &[
+                    "forget 4 (unit-died)",
+                    "start dataplane 5 on h1",
+                    "desired [2,3,5]",
+                ],
+            ),
+            (
+                "a host selector no ready host matches is the pass's error",
+                |s, o, _| {
+                    o.units.insert(4, Liveness::Gone);
+                    s.spec
+                        .spec
+                        .layout
+                        .host_selector
+                        .insert("zone".into(), "c".into());
+                },
+                &[
+                    "forget 4 (unit-died)",
+                    "error no ready host for data planes and managers carries every label \
+                     spec.layout.host_selector asks for (zone=c); `dva get hosts` shows the \
+                     labels (`dva agent --label`)",
                 ],
             ),
             (

@@ -55,6 +55,7 @@ impl Topology for LabHosts {
             netns: Some(ns),
             cpus: 1,
             running: Vec::new(),
+            labels: Default::default(),
         };
         let dispatchers = (1..=lab.dispatchers.max(1))
             .map(|d| host(lab.dispatcher_ns(d), Lab::dispatcher_backplane_addr(d)))
@@ -95,6 +96,7 @@ impl Topology for AgentHosts<'_> {
             netns: None,
             cpus: p.record.cpus.max(1),
             running: p.appliances.clone(),
+            labels: p.record.labels.clone(),
         };
         let unlabelled = all.iter().any(|p| !p.record.is_dispatcher());
         let dp_kind = |p: &Placeable| !unlabelled || !p.record.is_dispatcher();
@@ -138,6 +140,7 @@ impl Topology for ThisMachine {
             netns: None,
             cpus: 1,
             running: Vec::new(),
+            labels: Default::default(),
         };
         Some(Hosts {
             dispatchers: vec![host.clone()],
