@@ -190,6 +190,13 @@ pub struct DispatcherConfig {
     pub routes: Vec<RouteConfig>,
     pub dataplanes: Vec<UnitEndpoint>,
     pub table: BucketTable,
+    /// Data planes the manager took out of the table because they fell silent (their machine
+    /// or its link may be gone, or only their path to the manager): their buckets went to
+    /// their backups, so nothing they send may leave the appliance any more, until they have
+    /// taken the config that failed them over (rejoined). The fencing of a partitioned unit at
+    /// the one place its output could go.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fenced: Vec<UnitId>,
     #[serde(default)]
     pub service_addrs: Vec<ServiceAddr>,
     #[serde(default)]
@@ -485,6 +492,7 @@ pub fn compile(
             routes: routes.clone(),
             dataplanes: placement.dataplanes.clone(),
             table: placement.table.clone(),
+            fenced: Vec::new(),
             service_addrs: edge.service_addrs.clone(),
             dnat_reverse: edge.dnat_reverse.clone(),
             health_checks: edge.health_checks.clone(),

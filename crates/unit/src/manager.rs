@@ -918,12 +918,23 @@ impl State {
         };
         let exporting: Vec<UnitId> = d.units.iter().filter(|u| u.export).map(|u| u.id).collect();
         let down = self.backends_down();
+        // Silent data planes and those failed over until they rejoin: the dispatchers let
+        // nothing they send out.
+        let fenced: Vec<UnitId> = self
+            .silent
+            .iter()
+            .chain(self.rejoin_after.keys())
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let key = match serde_json::to_string(&(
             d.generation,
             &placement,
             &exporting,
             &down,
             auth.send_epoch,
+            &fenced,
         )) {
             Ok(k) => k,
             Err(_) => return,
@@ -951,6 +962,7 @@ impl State {
                     .into_iter()
                     .map(|mut c| {
                         c.backplane = auth.clone();
+                        c.fenced = fenced.clone();
                         (c.unit, RoleConfig::Dispatcher(c))
                     })
                     .chain(dps.into_iter().map(|mut c| {
@@ -1396,6 +1408,53 @@ mod tests {
         s.update_table(t2 + Duration::from_millis(50));
         assert_eq!(s.table.as_ref().expect("table").members(), vec![3, 4, 5, 6]);
         assert!(s.rejoin_after.is_empty());
+    }
+
+    /// A failed-over data plane is fenced at the dispatchers (nothing it sends leaves) until it
+    /// has taken the config that failed it over.
+    #[test]
+    fn silent_data_planes_are_fenced_at_the_dispatchers_until_they_rejoin() {
+        let t0 = Instant::now();
+        let mut s = running(&[(3, "a"), (4, "b"), (5, "b")], t0);
+        if let Some(d) = s.desired.as_mut() {
+            d.units.push(dva_proto::channel::DesiredUnit {
+                id: 1,
+                role: DesiredRole::Dispatcher,
+                addr: "127.0.0.1:2".parse().expect("addr"),
+                draining: false,
+                export: false,
+                host: Some("d".into()),
+            });
+        }
+        let fenced = |s: &State| match s.configs.get(&1) {
+            Some(RoleConfig::Dispatcher(c)) => c.fenced.clone(),
+            other => panic!("no dispatcher config: {other:?}"),
+        };
+        s.recompile();
+        assert_eq!(fenced(&s), Vec::<UnitId>::new());
+        let t = t0 + Duration::from_secs(5);
+        report(&mut s, 3, t - Duration::from_millis(900));
+        report(&mut s, 4, t - Duration::from_millis(100));
+        report(&mut s, 5, t - Duration::from_millis(100));
+        s.update_table(t);
+        s.recompile();
+        assert_eq!(fenced(&s), vec![3], "silent and failed over");
+        let v = s.version;
+        // It reports again: still fenced (it owns nothing yet) until it ACKs the failover.
+        let t2 = t + Duration::from_secs(1);
+        for id in [3, 4, 5] {
+            report(&mut s, id, t2);
+        }
+        s.update_table(t2);
+        s.recompile();
+        assert_eq!(fenced(&s), vec![3], "back, but not rejoined");
+        if let Some(u) = s.units.get_mut(&3) {
+            u.acked = v;
+        }
+        s.update_table(t2 + Duration::from_millis(50));
+        s.recompile();
+        assert_eq!(fenced(&s), Vec::<UnitId>::new(), "rejoined");
+        assert!(s.table.as_ref().expect("table").members().contains(&3));
     }
 
     #[test]

@@ -91,13 +91,14 @@ mod drop_reason {
     pub const FRAGMENT_TIMEOUT: usize = 29;
     /// Reassembly drops: `FRAGMENT_BASE + k` for the `k`-th [`FRAGMENT_REASONS`] entry.
     pub const FRAGMENT_BASE: usize = 30;
+    pub const FENCED: usize = 37;
     pub const FRAGMENT_REASONS: [super::fragment::FragDrop; 7] = {
         use super::fragment::FragDrop::*;
         [
             Malformed, Tiny, Overlap, Duplicate, TooMany, TooBig, MemoryFull,
         ]
     };
-    pub const NAMES: [&str; 37] = [
+    pub const NAMES: [&str; 38] = [
         "oversize-frame",
         "malformed-ethernet",
         "not-for-us",
@@ -135,6 +136,7 @@ mod drop_reason {
         "fragment-too-many",
         "fragment-too-big",
         "fragment-memory-full",
+        "fenced-dataplane",
     ];
 }
 use drop_reason as dr;
@@ -192,6 +194,9 @@ struct Core {
     epoch: u32,
     /// The data planes of the config: the only units whose packets leave the appliance.
     dataplane_ids: Vec<u32>,
+    /// Data planes the manager failed over while they were silent: whatever they send is
+    /// dropped until they have rejoined (see `DispatcherConfig::fenced`).
+    fenced: Vec<u32>,
     drops: DropCounters<{ dr::NAMES.len() }>,
     events: HashMap<&'static str, u64>,
     to_dataplane: u64,
@@ -315,6 +320,7 @@ impl Dispatcher {
             bucket_mask: 0,
             epoch: 0,
             dataplane_ids: Vec::new(),
+            fenced: Vec::new(),
             drops: DropCounters::new(dr::NAMES),
             events: HashMap::new(),
             to_dataplane: 0,
@@ -595,6 +601,7 @@ impl Core {
         self.bucket_mask = (n - 1) as u32;
         self.epoch = cfg.table.epoch() as u32;
         self.dataplane_ids = cfg.dataplanes.iter().map(|d| d.id).collect();
+        self.fenced = cfg.fenced.clone();
         for (i, l) in self.links.iter_mut().enumerate() {
             l.extra = cfg
                 .service_addrs
@@ -1245,6 +1252,11 @@ impl Core {
     fn on_backplane(&mut self, buf: &[u8], from: Origin, ports: &mut [Port]) {
         if !self.dataplane_ids.contains(&from.unit) {
             return self.drop(dr::BACKPLANE_FOREIGN);
+        }
+        // Its buckets are served by others now: a packet it still processed (it may be cut off
+        // from the manager, not from us) must not leave beside theirs.
+        if self.fenced.contains(&from.unit) {
+            return self.drop(dr::FENCED);
         }
         let Ok((vni, _ptype, meta, off)) = geneve::decap_dva(buf) else {
             return self.drop(dr::MALFORMED_GENEVE);
