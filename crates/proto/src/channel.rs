@@ -81,9 +81,12 @@ pub enum FromManager {
     Alive,
 }
 
-/// How long a unit waits without a word from its manager before it takes the session for dead
-/// (eight keepalives missed: a loaded manager is not a dead one).
-pub const MANAGER_SILENT_MS: u64 = 2000;
+/// How long a unit waits without a word from its manager before it takes the session for dead.
+/// Generous: the manager writes configs synchronously (a write to a unit that is busy applying
+/// the previous one may wait up to its 2 s timeout) and a loaded machine stalls it further; a
+/// unit that leaves a live manager reconnects, which costs a hello and a resend. A dead manager's
+/// machine is only replaced after the management tool's `--host-lost-after` anyway.
+pub const MANAGER_SILENT_MS: u64 = 5000;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UnitReport {
