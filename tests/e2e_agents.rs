@@ -588,45 +588,41 @@ fn agents_and_replicas_on_six_machines_run_the_appliance() {
     let unit_on_dp1 = pids_before
         .iter()
         .find(|(_, h, _)| h == DP1)
-        .map(|(_, _, pid)| *pid);
-    if let Some(unit_on_dp1) = unit_on_dp1 {
-        drop(a_dp1);
-        let st = dir.join(format!("{DP1}-state"));
-        let restart = [
-            format!("--mount=/proc/{unit_on_dp1}/ns/mnt"),
-            dva_bin().display().to_string(),
-            "agent".into(),
-            "--server".into(),
-            r2.url.clone(),
-            "--name".into(),
-            DP1.into(),
-            "--listen".into(),
-            format!("198.19.0.2:{AGENT_PORT}"),
-            "--backplane".into(),
-            "198.19.0.2".into(),
-            "--state".into(),
-            format!("{}/agent", st.display()),
-        ];
-        a_dp1 = Proc::start(DP1, "nsenter", &restart, dir.join("dp1-again.log"));
-        let logs = || agents_log(&a_dp1);
-        wait_until("ag-dp1's agent back", 20, &logs, || {
-            a_dp1.output().contains("adopted the units")
-                && json(&token, &["get", "hosts", "-o", "json"])
-                    .as_array()
-                    .is_some_and(|a| a.iter().all(|h| h["state"] == "ready"))
-        });
-        std::thread::sleep(Duration::from_secs(1));
-        assert_eq!(
-            unit_pids(&token),
-            pids_before,
-            "the restarted agent adopted its units (none replaced)\n{}",
-            logs()
-        );
-        allowed_passes_and_the_rest_is_blocked();
-    } else {
-        panic!("no unit on {DP1} to adopt: {pids_before:?}");
-    }
+        .map(|(_, _, pid)| *pid)
+        .unwrap_or_else(|| panic!("no unit on {DP1} to adopt: {pids_before:?}"));
+    drop(a_dp1);
+    let st = dir.join(format!("{DP1}-state"));
+    let restart = [
+        format!("--mount=/proc/{unit_on_dp1}/ns/mnt"),
+        dva_bin().display().to_string(),
+        "agent".into(),
+        "--server".into(),
+        r2.url.clone(),
+        "--name".into(),
+        DP1.into(),
+        "--listen".into(),
+        format!("198.19.0.2:{AGENT_PORT}"),
+        "--backplane".into(),
+        "198.19.0.2".into(),
+        "--state".into(),
+        format!("{}/agent", st.display()),
+    ];
+    a_dp1 = Proc::start(DP1, "nsenter", &restart, dir.join("dp1-again.log"));
     let logs = || agents_log(&a_dp1);
+    wait_until("ag-dp1's agent back", 20, &logs, || {
+        a_dp1.output().contains("adopted the units")
+            && json(&token, &["get", "hosts", "-o", "json"])
+                .as_array()
+                .is_some_and(|a| a.iter().all(|h| h["state"] == "ready"))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        unit_pids(&token),
+        pids_before,
+        "the restarted agent adopted its units (none replaced)\n{}",
+        logs()
+    );
+    allowed_passes_and_the_rest_is_blocked();
 
     // 4. kill -9 of the leading replica under 8 checked connections: the follower leads within
     // 5 s, adopts every unit through the agents (same pids) and scales.
