@@ -654,6 +654,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     servers,
                     hosts,
                     dispatchers,
+                    control: false,
                 })?;
                 if offloads {
                     lab.set_offloads(true)?;
