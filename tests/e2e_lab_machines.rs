@@ -11,7 +11,9 @@
 //!   data planes run elsewhere; traffic passes; `dva lab show` says it is cut; `dva lab heal`:
 //!   the host is `ready` again;
 //! * `dva lab down`: no namespace of the lab, none of its processes, no mount namespace of its
-//!   machines and no log directory left.
+//!   machines and no log directory left;
+//! * `--etcd`: three etcd members and two replicas on the control host; kill -9 of the leading
+//!   replica: the other leads, every host ready through it, traffic passes.
 
 mod common;
 
@@ -380,6 +382,125 @@ fn a_lab_of_machines_runs_the_appliance_and_survives_a_cut_host() {
         "lab of machines: up with every host ready in {up_took:?}; first HTTP through it {first:?} \
          after ready; {victim} cut: lost and its data planes on {other} {replaced:?} after the \
          cut, HTTP {after_cut:?} after that; healed: ready {healed:?} after; whole test {:?}",
+        started.elapsed()
+    );
+}
+
+/// The command line of every process in namespace `ns`, by pid.
+fn commands_in(ns: &str) -> Vec<(u32, String)> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .expect("ip netns pids");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+            Some((pid, line))
+        })
+        .collect()
+}
+
+/// `dva lab up --machines --etcd`: three etcd members and two `dva serve` replicas on the
+/// control host, each process on a filesystem of its own; the appliance applied through the
+/// second replica (it forwards to the leader) passes traffic; kill -9 of the leading replica:
+/// the second leads, sees every host ready, and traffic passes; `dva lab down` leaves nothing.
+#[test]
+fn a_lab_of_machines_on_etcd_survives_the_leading_replica() {
+    let _serial = serial();
+    if !Path::new("/usr/bin/etcd").exists() {
+        println!("skipped: no /usr/bin/etcd (Debian: etcd-server)");
+        return;
+    }
+    let started = Instant::now();
+    let _down = LabDown;
+    let _ = Lab::down(PREFIX);
+    let up = dva(
+        &[
+            "lab",
+            "up",
+            "--machines",
+            "--etcd",
+            "--prefix",
+            PREFIX,
+            "--servers",
+            "1",
+            "--hosts",
+            "2",
+        ],
+        90,
+    );
+    let up_took = started.elapsed();
+    assert!(up.contains("etcd: 3 members on lm-ctl's loopback"), "{up}");
+    let on_ctl = commands_in(CTL);
+    let count = |what: &str| on_ctl.iter().filter(|(_, c)| c.contains(what)).count();
+    assert_eq!(
+        (count("/etcd --name"), count(" serve --local")),
+        (3, 2),
+        "{on_ctl:?}"
+    );
+    let mnts: BTreeSet<String> = on_ctl
+        .iter()
+        .filter_map(|(pid, _)| mount_ns(&pid.to_string()))
+        .collect();
+    assert_eq!(
+        mnts.len(),
+        5,
+        "a filesystem of its own for each: {on_ctl:?}"
+    );
+    let serve2_log = format!("{LOG_DIR}/{CTL}-serve2.log");
+    let follows = || {
+        std::fs::read_to_string(&serve2_log)
+            .unwrap_or_default()
+            .contains("following the leader")
+    };
+    wait_until("the second replica follows", 10, follows);
+
+    // Through the second replica, which forwards to the leader.
+    let r2 = "https://198.19.0.10:17081";
+    let web = Nginx::start(SERVER, &[80], BODY).expect("nginx");
+    let spec = example("edge-firewall.yaml");
+    ctl(&["apply", "-f", spec.to_str().expect("path"), "--server", r2]);
+    ctl(&["wait", "edge-fw", "--timeout", "60s", "--server", r2]);
+    traffic_passes(10);
+
+    // kill -9 of the leading replica: the second leads and sees every host.
+    let (leader, _) = on_ctl
+        .iter()
+        .find(|(_, c)| c.contains("--listen 198.19.0.10:17080"))
+        .expect("the first replica");
+    let killed = Command::new("kill")
+        .args(["-KILL", &leader.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "kill -9 {leader}");
+    let t0 = Instant::now();
+    wait_until("the second replica leads", 20, || {
+        std::fs::read_to_string(&serve2_log)
+            .unwrap_or_default()
+            .contains("leadership: took over")
+    });
+    let took_over = t0.elapsed();
+    wait_until("every host ready through the second replica", 20, || {
+        let v: serde_json::Value =
+            serde_json::from_str(&ctl(&["get", "hosts", "-o", "json", "--server", r2]))
+                .expect("JSON");
+        v.as_array()
+            .is_some_and(|a| a.len() == 3 && a.iter().all(|h| h["state"] == "ready"))
+    });
+    let after = traffic_passes(5);
+    drop(web);
+
+    let pids = lab_pids();
+    dva(&["lab", "down", "--prefix", PREFIX], 30);
+    let alive: Vec<u32> = pids.into_iter().filter(|p| pid_alive(*p)).collect();
+    assert!(alive.is_empty(), "processes of the lab left: {alive:?}");
+    assert!(!Path::new(LOG_DIR).exists(), "{LOG_DIR} left");
+    println!(
+        "lab of machines on etcd: up in {up_took:?}; the second replica led {took_over:?} after \
+         kill -9 of the first; HTTP {after:?} after every host was ready again; whole test {:?}",
         started.elapsed()
     );
 }

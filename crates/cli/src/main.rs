@@ -455,6 +455,10 @@ enum LabCmd {
         /// once every host is ready; logs and the client file in /run/dva-lab/{P}/.
         #[arg(long)]
         machines: bool,
+        /// With --machines: the control host also runs a 3-member etcd cluster (plain HTTP on
+        /// its loopback) and a second `dva serve` replica, both replicas storing in etcd.
+        #[arg(long, requires = "machines")]
+        etcd: bool,
     },
     /// Remove the lab and everything running in it (idempotent).
     Down {
@@ -681,6 +685,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 prefix,
                 offloads,
                 machines,
+                etcd,
             } => {
                 let lab = dva_lab::Lab::up(&dva_lab::LabSpec {
                     prefix,
@@ -696,7 +701,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 if machines {
                     let dva = std::env::current_exe()
                         .context("finding this dva binary, which the lab's machines run")?;
-                    let m = dva_lab::machines::Machines::up(&lab, &dva)?;
+                    let m = dva_lab::machines::Machines::up(&lab, &dva, etcd)?;
                     print!("{}", m.usage());
                 }
                 Ok(())

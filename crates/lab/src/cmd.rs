@@ -30,6 +30,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("setsid", "util-linux"),
     ("unshare", "util-linux"),
     ("mount", "mount"),
+    ("etcd", "etcd-server"),
 ];
 
 /// Searched after PATH: root's tools live in sbin, which a test runner's PATH may lack.

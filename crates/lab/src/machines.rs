@@ -14,6 +14,10 @@
 //!   files 0600), where the user reads it; `dva serve` writes its client file there too
 //!   (`client.json`: server URL and API token), which the CLI reads through
 //!   `DVA_CLIENT_CONFIG`. `dva lab down` kills them all and removes that directory.
+//! * With etcd ([`Machines::with_etcd`], `dva lab up --machines --etcd`), the control host also
+//!   runs three etcd members on its loopback ([`ETCD_PORTS`]; plain HTTP, which nothing outside
+//!   that host can reach, so the lab spares itself etcd's certificates) and a second `dva serve`
+//!   replica on port [`SERVE_PORT`] + 1; both keep their records there and one leads.
 //! * The API is served over TLS (`--tls-auto`): the agents join and are called over the
 //!   backplane as between real machines, never in clear.
 //!
@@ -52,6 +56,8 @@ pub const HOST_LOST_AFTER: &str = "5s";
 const SERVE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long every agent may take to join and be polled `ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Client ports of the control host's etcd members with `--etcd` (peer ports: these + 10).
+pub const ETCD_PORTS: [u16; 3] = [23791, 23792, 23793];
 /// One CLI call against the management tool.
 const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(100);
@@ -64,6 +70,15 @@ const LOG_TAIL: usize = 30;
 pub struct Machines {
     lab: Lab,
     dva: PathBuf,
+    etcd: bool,
+}
+
+/// A process `dva lab up --machines` started: what it is, its host, the name of its log.
+struct Started {
+    what: &'static str,
+    ns: String,
+    log: String,
+    child: Child,
 }
 
 /// An agent's host: its namespace, backplane address and labels.
@@ -85,7 +100,15 @@ impl Machines {
         Ok(Machines {
             lab: lab.clone(),
             dva: dva.to_path_buf(),
+            etcd: false,
         })
+    }
+
+    /// With `on`, the control host also runs a 3-member etcd cluster (plain HTTP on its
+    /// loopback: nothing else reaches it) and two `dva serve` replicas on it.
+    pub fn with_etcd(mut self, on: bool) -> Machines {
+        self.etcd = on;
+        self
     }
 
     /// `/run/dva-lab/{P}`: logs and the client file.
@@ -98,10 +121,10 @@ impl Machines {
         self.dir().join("client.json")
     }
 
-    /// The output of the process run on host `ns` (`dva serve` on the control host, else the
-    /// host's agent).
-    pub fn log(&self, ns: &str) -> PathBuf {
-        self.dir().join(format!("{ns}.log"))
+    /// The log `name`: a host's namespace for its agent or, on the control host, for `dva
+    /// serve` (its second replica's is `{P}ctl-serve2`, etcd member N's `{P}ctl-etcdN`).
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.dir().join(format!("{name}.log"))
     }
 
     /// Where the management API listens (reachable from the lab's backplane only), over TLS
@@ -188,11 +211,14 @@ impl Machines {
     /// process in the lab is killed and they start afresh (a half-started set of machines has
     /// no state worth keeping). On failure, the processes started are killed and the error
     /// quotes their logs (the files stay until `dva lab down`).
-    pub fn up(lab: &Lab, dva: &Path) -> Result<Machines, LabError> {
-        let m = Machines::new(lab, dva)?;
+    pub fn up(lab: &Lab, dva: &Path, etcd: bool) -> Result<Machines, LabError> {
+        let m = Machines::new(lab, dva)?.with_etcd(etcd);
         // Checked before anything starts, so a missing package fails fast.
-        for tool in ["setsid", "unshare", "mount", "sh"] {
+        for tool in ["setsid", "unshare", "mount", "sh", "curl"] {
             cmd::tool(tool)?;
+        }
+        if etcd {
+            cmd::tool("etcd")?;
         }
         if m.started() && matches!(m.all_ready(), Ok(true)) {
             return Ok(m);
@@ -235,28 +261,58 @@ impl Machines {
         }
 
         let ctl = self.lab.ctl_ns();
-        let listen = format!("{}:{SERVE_PORT}", Lab::ctl_backplane_addr());
+        let mut procs = Vec::new();
+        let store = if self.etcd {
+            Some(self.start_etcd(&mut procs)?)
+        } else {
+            None
+        };
+        let serve = |port: u16| {
+            let mut args = vec![
+                "serve".to_string(),
+                "--local".into(),
+                "--state".into(),
+                SERVE_STATE.into(),
+                "--listen".into(),
+                format!("{}:{port}", Lab::ctl_backplane_addr()),
+                "--host-lost-after".into(),
+                HOST_LOST_AFTER.into(),
+                // The agents' join sends the token up and brings their keys back: over TLS,
+                // as between real machines. The client file carries the CA for the CLI.
+                "--tls-auto".into(),
+            ];
+            if let Some(store) = &store {
+                args.extend(["--store".into(), store.clone()]);
+            }
+            args
+        };
         // serve writes its client file (URL and token) where this machine's CLI reads it: the
         // cleanest way out of its private filesystem, through the mechanism every `dva serve`
         // has, rather than reaching into its mount namespace for the token.
-        let mut serve = self.start_private(
+        let args = serve(SERVE_PORT);
+        procs.push(self.start_private(
+            "dva serve",
             &ctl,
-            &[
-                "serve",
-                "--local",
-                "--state",
-                SERVE_STATE,
-                "--listen",
-                &listen,
-                "--host-lost-after",
-                HOST_LOST_AFTER,
-                // The agents' join sends the token up and brings their keys back: over TLS,
-                // as between real machines. The client file carries the CA for the CLI.
-                "--tls-auto",
-            ],
+            &ctl,
+            &self.dva,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
             Some(self.client_config().as_path()),
-        )?;
-        let (server, ca) = self.wait_for_client_file(&mut serve)?;
+        )?);
+        let (server, ca) = self.wait_for_client_file(&mut procs)?;
+        if self.etcd {
+            // Started once the first has put the API token and the installation's CA in etcd:
+            // the second takes them. It forwards API calls to whichever leads.
+            let mut args = serve(SERVE_PORT + 1);
+            args.push("--no-client-config".into());
+            procs.push(self.start_private(
+                "dva serve (second replica)",
+                &ctl,
+                &format!("{ctl}-serve2"),
+                &self.dva,
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                None,
+            )?);
+        }
         // The agents trust the installation CA from a file, as an operator hands it over with
         // the join token.
         let ca_file = self.dir().join("ca.pem");
@@ -265,7 +321,6 @@ impl Machines {
         }
         let ca_arg = ca_file.to_string_lossy().into_owned();
 
-        let mut agents = Vec::new();
         for host in self.agents() {
             let mut c = self.ctl_command(&["join-token"]);
             let out = cmd::run_within(&mut c, CLI_TIMEOUT)?;
@@ -301,16 +356,20 @@ impl Machines {
             if host.dispatcher {
                 args.extend(["--label", "dispatcher=true"]);
             }
-            let child = self.start_private(&host.ns, &args, None)?;
-            agents.push((host.ns, child));
+            procs.push(self.start_private(
+                "dva agent",
+                &host.ns,
+                &host.ns,
+                &self.dva,
+                &args,
+                None,
+            )?);
         }
 
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            for (ns, child) in std::iter::once((&ctl, &mut serve))
-                .chain(agents.iter_mut().map(|(ns, c)| (&*ns, c)))
-            {
-                self.check_running(ns, child)?;
+            for p in procs.iter_mut() {
+                self.check_running(p)?;
             }
             if matches!(self.all_ready(), Ok(true)) {
                 return Ok(());
@@ -321,11 +380,11 @@ impl Machines {
                     .map(|h| format!("{h:?}"))
                     .unwrap_or_else(|e| e.to_string());
                 let mut log = format!("dva get hosts: {seen}\n");
-                for ns in std::iter::once(ctl.clone()).chain(self.agent_hosts()) {
+                for p in &procs {
                     log.push_str(&format!(
                         "--- {}\n{}",
-                        self.log(&ns).display(),
-                        self.tail(&ns)
+                        self.log(&p.log).display(),
+                        self.tail(&p.log)
                     ));
                 }
                 return Err(LabError::NotReady {
@@ -339,16 +398,98 @@ impl Machines {
         }
     }
 
-    /// Run `dva ARGS` on host `ns` in a mount namespace of its own with tmpfs over
+    /// Three etcd members on the control host's loopback, each on its own private filesystem;
+    /// once every one answers healthy, the `--store` value that reaches them.
+    fn start_etcd(&self, procs: &mut Vec<Started>) -> Result<String, LabError> {
+        let ctl = self.lab.ctl_ns();
+        let etcd = cmd::tool("etcd")?;
+        let url = |port: u16| format!("http://127.0.0.1:{port}");
+        let cluster: Vec<String> = ETCD_PORTS
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("m{}={}", i + 1, url(p + 10)))
+            .collect();
+        let cluster = cluster.join(",");
+        let token = format!("{}lab", self.lab.prefix);
+        for (i, port) in ETCD_PORTS.into_iter().enumerate() {
+            let (name, client, peer) = (format!("m{}", i + 1), url(port), url(port + 10));
+            let args = [
+                "--name",
+                name.as_str(),
+                "--data-dir",
+                "/var/lib/dva/etcd",
+                "--listen-client-urls",
+                client.as_str(),
+                "--advertise-client-urls",
+                client.as_str(),
+                "--listen-peer-urls",
+                peer.as_str(),
+                "--initial-advertise-peer-urls",
+                peer.as_str(),
+                "--initial-cluster",
+                cluster.as_str(),
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                token.as_str(),
+            ];
+            procs.push(self.start_private(
+                "etcd",
+                &ctl,
+                &format!("{ctl}-etcd{}", i + 1),
+                &etcd,
+                &args,
+                None,
+            )?);
+        }
+        let curl = cmd::tool("curl")?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for port in ETCD_PORTS {
+            loop {
+                for p in procs.iter_mut() {
+                    self.check_running(p)?;
+                }
+                let mut c = crate::netns_command(&ctl, &curl.to_string_lossy());
+                c.args(["-sS", "--max-time", "2"])
+                    .arg(format!("{}/health", url(port)));
+                let healthy = cmd::output_within(&mut c, CLI_TIMEOUT).is_ok_and(|o| {
+                    String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\"")
+                });
+                if healthy {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(LabError::NotReady {
+                        what: "etcd",
+                        ns: ctl.clone(),
+                        timeout: READY_TIMEOUT,
+                        log: self.tail(&format!("{ctl}-etcd1")),
+                    });
+                }
+                std::thread::sleep(POLL);
+            }
+        }
+        let endpoints: Vec<String> = ETCD_PORTS
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        Ok(format!("etcd://{}", endpoints.join(",")))
+    }
+
+    /// Run `PROGRAM ARGS` on host `ns` in a mount namespace of its own with tmpfs over
     /// [`PRIVATE_DIRS`], in a session of its own (it outlives `dva lab up` and its terminal),
-    /// output to its log. `client_file`: where `dva serve` writes its client file.
+    /// output to the log `log`. `client_file`: where `dva serve` writes its client file.
     fn start_private(
         &self,
+        what: &'static str,
         ns: &str,
+        log: &str,
+        program: &Path,
         args: &[&str],
         client_file: Option<&Path>,
-    ) -> Result<Child, LabError> {
-        let path = self.log(ns);
+    ) -> Result<Started, LabError> {
+        let name = log.to_string();
+        let path = self.log(log);
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -372,7 +513,7 @@ impl Machines {
             .arg(cmd::tool("sh")?)
             .args(["-c", &private_script(), "sh"])
             .arg(cmd::tool("mount")?)
-            .arg(&self.dva)
+            .arg(program)
             .args(args);
         // A host knows only what crosses the lab's links: nothing of this shell's dva settings.
         for var in [
@@ -387,22 +528,30 @@ impl Machines {
             c.env("DVA_CLIENT_CONFIG", file);
         }
         c.stdin(Stdio::null()).stdout(log).stderr(err);
-        c.spawn().map_err(|source| LabError::Spawn {
+        let child = c.spawn().map_err(|source| LabError::Spawn {
             command: show(&c),
             source,
+        })?;
+        Ok(Started {
+            what,
+            ns: ns.to_string(),
+            log: name,
+            child,
         })
     }
 
     /// Wait until `dva serve` has written its client file; the server URL and CA in it.
     fn wait_for_client_file(
         &self,
-        serve: &mut Child,
+        procs: &mut [Started],
     ) -> Result<(String, Option<String>), LabError> {
         let ctl = self.lab.ctl_ns();
         let path = self.client_config();
         let deadline = Instant::now() + SERVE_TIMEOUT;
         loop {
-            self.check_running(&ctl, serve)?;
+            for p in procs.iter_mut() {
+                self.check_running(p)?;
+            }
             // Written whole by one write: a partial file fails to parse and is read again.
             let file = std::fs::read_to_string(&path)
                 .ok()
@@ -428,30 +577,26 @@ impl Machines {
         }
     }
 
-    /// An error if the process started on `ns` has exited.
-    fn check_running(&self, ns: &str, child: &mut Child) -> Result<(), LabError> {
-        match child.try_wait() {
+    /// An error if the process has exited.
+    fn check_running(&self, p: &mut Started) -> Result<(), LabError> {
+        match p.child.try_wait() {
             Ok(None) => Ok(()),
             Ok(Some(status)) => Err(LabError::Exited {
-                what: if *ns == self.lab.ctl_ns() {
-                    "dva serve"
-                } else {
-                    "dva agent"
-                },
-                ns: ns.to_string(),
+                what: p.what,
+                ns: p.ns.clone(),
                 status: status.to_string(),
-                log: self.tail(ns),
+                log: self.tail(&p.log),
             }),
             Err(source) => Err(LabError::Io {
-                path: format!("/proc/{}", child.id()).into(),
+                path: format!("/proc/{}", p.child.id()).into(),
                 source,
             }),
         }
     }
 
-    /// The last lines of host `ns`'s log.
-    fn tail(&self, ns: &str) -> String {
-        let text = std::fs::read_to_string(self.log(ns)).unwrap_or_default();
+    /// The last lines of the log `name`.
+    fn tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.log(name)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let mut out = lines[lines.len().saturating_sub(LOG_TAIL)..].join("\n");
         out.push('\n');
@@ -488,7 +633,7 @@ impl Machines {
              ip netns exec {ctl} dva get hosts\n  \
              ip netns exec {ctl} dva apply -f examples/edge-firewall.yaml\n  \
              ip netns exec {client_ns} curl http://{server}/\n\
-             partition a host: dva lab cut host1{p}   (heal it: dva lab heal host1{p})\n",
+             partition a host: dva lab cut host1{p}   (heal it: dva lab heal host1{p})\n{etcd}",
             api = Machines::api_url(),
             agents = agents.join(", "),
             dirs = PRIVATE_DIRS.join(", "),
@@ -496,6 +641,19 @@ impl Machines {
             client = self.client_config().display(),
             client_ns = lab.client_ns(),
             server = Lab::server_addr(1),
+            etcd = if self.etcd || self.log(&format!("{ctl}-etcd1")).exists() {
+                format!(
+                    "etcd: 3 members on {ctl}'s loopback (127.0.0.1:{}-{}, plain HTTP: nothing \
+                     else reaches it), a second dva serve replica at {}:{} (logs {ctl}-etcdN.log, \
+                     {ctl}-serve2.log)\n",
+                    ETCD_PORTS[0],
+                    ETCD_PORTS[2],
+                    Lab::ctl_backplane_addr(),
+                    SERVE_PORT + 1
+                )
+            } else {
+                String::new()
+            },
         )
     }
 }
