@@ -46,6 +46,7 @@ impl LabGuard {
             servers,
             hosts,
             dispatchers,
+            control: false,
         })
         .expect("lab up");
         LabGuard { lab }
@@ -58,6 +59,7 @@ impl LabGuard {
             servers,
             hosts,
             dispatchers: 1,
+            control: false,
         })
         .expect("lab up");
         LabGuard { lab }

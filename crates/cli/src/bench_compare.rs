@@ -260,6 +260,7 @@ fn fresh_lab(prefix: &str) -> anyhow::Result<(Lab, Servers)> {
         servers: 3,
         hosts: 2,
         dispatchers: 1,
+        control: false,
     })?;
     let mut nginx = Vec::new();
     for k in 1..=lab.servers {

@@ -286,6 +286,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         servers: 3,
         hosts: 2,
         dispatchers: 1,
+        control: false,
     })?;
     let _lab_guard = crate::demo::LabGuard(prefix.to_string());
     let _web = Nginx::start(&lab.server_ns(1), &[80], "ok\n")?;

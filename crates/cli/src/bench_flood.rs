@@ -337,6 +337,7 @@ impl Bench {
             servers: 1,
             hosts: 2,
             dispatchers: 1,
+            control: false,
         })?;
         let nginx = Nginx::start(&lab.server_ns(1), &[WEB_PORT], "hello from server1\n")?;
         let router = lab.dispatcher_ns(1);

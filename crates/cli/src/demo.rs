@@ -136,6 +136,7 @@ pub fn demo(prefix: &str, secs: u32) -> anyhow::Result<()> {
         servers: 3,
         hosts: 2,
         dispatchers: 1,
+        control: false,
     })?;
     let _lab_guard = LabGuard(prefix.to_string());
     print!("{}", lab.describe());
@@ -353,6 +354,7 @@ pub fn bench_forwarding(prefix: &str, secs: u32, streams: u32) -> anyhow::Result
         servers: 1,
         hosts: 2,
         dispatchers: 1,
+        control: false,
     })?;
     let _lab_guard = LabGuard(prefix.to_string());
     let client = lab.client_ns();

@@ -15,6 +15,7 @@ mod run;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -448,14 +449,41 @@ enum LabCmd {
         /// the lab as 64 KB super-packets. Use with a spec's `runtime: { driver: af_packet }`.
         #[arg(long)]
         offloads: bool,
+        /// Make the appliance's hosts machines: a control host {P}ctl (198.19.0.10) runs
+        /// `dva serve`, every dispatcher and data-plane host runs `dva agent`, each with its own
+        /// /run/dva, /var/lib/dva and /etc/dva (tmpfs in a mount namespace of its own). Returns
+        /// once every host is ready; logs and the client file in /run/dva-lab/{P}/.
+        #[arg(long)]
+        machines: bool,
+        /// With --machines: the control host also runs a 3-member etcd cluster (plain HTTP on
+        /// its loopback) and a second `dva serve` replica, both replicas storing in etcd.
+        #[arg(long, requires = "machines")]
+        etcd: bool,
     },
     /// Remove the lab and everything running in it (idempotent).
     Down {
         #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
         prefix: String,
     },
-    /// Print the lab's namespaces, interfaces and addresses.
+    /// Print the lab's namespaces, interfaces and addresses, which hosts are cut, and how to
+    /// reach its machines.
     Show {
+        #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Partition a host: every link it has goes down at the fabric (its processes run on,
+    /// hearing nothing).
+    Cut {
+        /// A host as `dva lab show` names it, with or without the prefix: host1, disp1, ctl,
+        /// client, server2...
+        host: String,
+        #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Undo `dva lab cut HOST`: its links come back up.
+    Heal {
+        /// A host as `dva lab show` names it, with or without the prefix.
+        host: String,
         #[arg(long, default_value = dva_lab::DEFAULT_PREFIX)]
         prefix: String,
     },
@@ -639,6 +667,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// The lab with this prefix, or an error saying how to make one.
+fn existing_lab(prefix: &str) -> anyhow::Result<dva_lab::Lab> {
+    match dva_lab::Lab::discover(prefix)? {
+        Some(lab) => Ok(lab),
+        None => anyhow::bail!("no lab with prefix {prefix:?}; create one with `dva lab up`"),
+    }
+}
+
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Lab { cmd } => match cmd {
@@ -648,17 +684,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 dispatchers,
                 prefix,
                 offloads,
+                machines,
+                etcd,
             } => {
                 let lab = dva_lab::Lab::up(&dva_lab::LabSpec {
                     prefix,
                     servers,
                     hosts,
                     dispatchers,
+                    control: machines,
                 })?;
                 if offloads {
                     lab.set_offloads(true)?;
                 }
                 print!("{}", lab.describe());
+                if machines {
+                    let dva = std::env::current_exe()
+                        .context("finding this dva binary, which the lab's machines run")?;
+                    let m = dva_lab::machines::Machines::up(&lab, &dva, etcd)?;
+                    print!("{}", m.usage());
+                }
                 Ok(())
             }
             LabCmd::Down { prefix } => {
@@ -666,15 +711,50 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 println!("lab {prefix} removed");
                 Ok(())
             }
-            LabCmd::Show { prefix } => match dva_lab::Lab::discover(&prefix)? {
-                Some(lab) => {
-                    print!("{}", lab.describe());
-                    Ok(())
+            LabCmd::Show { prefix } => {
+                let lab = existing_lab(&prefix)?;
+                print!("{}", lab.describe());
+                let cut = lab.cut_hosts()?;
+                if !cut.is_empty() {
+                    println!(
+                        "cut: {} (every link down at the fabric; `dva lab heal HOST` brings them back)",
+                        cut.join(", ")
+                    );
                 }
-                None => {
-                    anyhow::bail!("no lab with prefix {prefix:?}; create one with `dva lab up`")
+                if lab.control {
+                    let dva = std::env::current_exe()
+                        .context("finding this dva binary, to ask the lab's machines")?;
+                    let m = dva_lab::machines::Machines::new(&lab, &dva)?;
+                    if m.started() {
+                        print!("{}", m.usage());
+                        match m.hosts() {
+                            Ok(hosts) => {
+                                let hosts: Vec<String> =
+                                    hosts.iter().map(|(n, s)| format!("{n} {s}")).collect();
+                                println!("hosts: {}", hosts.join(", "));
+                            }
+                            Err(e) => println!("hosts: the management tool did not answer: {e}"),
+                        }
+                    } else {
+                        println!("machines: not started (`dva lab up --machines` starts them)");
+                    }
                 }
-            },
+                Ok(())
+            }
+            LabCmd::Cut { host, prefix } => {
+                let lab = existing_lab(&prefix)?;
+                let ns = lab.host_named(&host)?;
+                lab.set_cut(&ns, true)?;
+                println!("{ns} cut: its links are down at {} (heal: dva lab heal {host} --prefix {prefix})", lab.fabric_ns());
+                Ok(())
+            }
+            LabCmd::Heal { host, prefix } => {
+                let lab = existing_lab(&prefix)?;
+                let ns = lab.host_named(&host)?;
+                lab.set_cut(&ns, false)?;
+                println!("{ns} healed: its links are up");
+                Ok(())
+            }
         },
         Cmd::Run {
             file,

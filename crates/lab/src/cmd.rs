@@ -27,6 +27,10 @@ const TOOLS: &[(&str, &str)] = &[
     ("sleep", "coreutils"),
     ("bash", "bash"),
     ("sh", "dash"),
+    ("setsid", "util-linux"),
+    ("unshare", "util-linux"),
+    ("mount", "mount"),
+    ("etcd", "etcd-server"),
 ];
 
 /// Searched after PATH: root's tools live in sbin, which a test runner's PATH may lack.

@@ -52,6 +52,16 @@ pub enum LabError {
     #[error("unexpected output from `{command}`: {reason}")]
     BadOutput { command: String, reason: String },
 
+    #[error("lab {prefix} has no host {name:?}; its hosts: {hosts}")]
+    UnknownHost {
+        prefix: String,
+        name: String,
+        hosts: String,
+    },
+
+    #[error("lab {prefix} has no control host ({prefix}ctl): build it with `dva lab up --machines --prefix {prefix}`")]
+    NoControlHost { prefix: String },
+
     #[error("lab {prefix} does not match its plan: {problem}")]
     Mismatch { prefix: String, problem: String },
 

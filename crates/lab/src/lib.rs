@@ -28,6 +28,10 @@
 //!   the Debian package to install; a failed command is an error with its command line,
 //!   exit code and stderr. `up` is idempotent and leaves nothing behind when it fails;
 //!   `down` kills whatever still runs in the lab so its namespaces really go away.
+//! - With [`LabSpec::control`], a control host `{P}ctl` joins the backplane (198.19.0.10), and
+//!   [`machines`] makes the appliance hosts machines of their own: `dva serve` on `{P}ctl`, an
+//!   agent on each host, each with a private filesystem. [`Lab::set_cut`] partitions any host
+//!   by taking its links down at the fabric.
 //! - [`apps`] starts servers as guards (dropping one kills it and removes its temp files),
 //!   waits for readiness by polling with a deadline (never a fixed sleep), and runs
 //!   clients with a bound on their run time.
@@ -38,6 +42,7 @@
 pub mod apps;
 mod cmd;
 mod error;
+pub mod machines;
 mod topology;
 
 use std::net::Ipv4Addr;
@@ -58,6 +63,9 @@ pub struct LabSpec {
     /// (`{P}rtr-out`, `{P}rtr-in`, owning the hosts' gateways) spreading flows over the
     /// dispatchers by ECMP, each dispatcher on its own transit links.
     pub dispatchers: usize,
+    /// A control host `{P}ctl` on the backplane (198.19.0.10), where `dva lab up --machines`
+    /// runs the management tool ([`machines`]). Off: the lab is exactly as it always was.
+    pub control: bool,
 }
 
 impl Default for LabSpec {
@@ -67,6 +75,7 @@ impl Default for LabSpec {
             servers: 3,
             hosts: 2,
             dispatchers: 1,
+            control: false,
         }
     }
 }
@@ -78,6 +87,8 @@ pub struct Lab {
     pub servers: usize,
     pub hosts: usize,
     pub dispatchers: usize,
+    /// Whether it has the control host `{P}ctl` ([`LabSpec::control`]).
+    pub control: bool,
 }
 
 impl Lab {
@@ -146,6 +157,34 @@ impl Lab {
     /// withdrawn from the upstream routers' ECMP routes, and put back once replaced.
     pub fn set_ecmp(&self, dispatchers: &[usize]) -> Result<(), LabError> {
         topology::ecmp(&topology::Tools::find()?, self, dispatchers)
+    }
+
+    /// The control host (labs built with [`LabSpec::control`]).
+    pub fn ctl_ns(&self) -> String {
+        format!("{}ctl", self.prefix)
+    }
+
+    /// 198.19.0.10: below the data-plane hosts (198.19.0.(10+m), m >= 1) and above the
+    /// dispatcher hosts (198.19.0.d, d <= 8), so no shape of lab can collide with it.
+    pub fn ctl_backplane_addr() -> Ipv4Addr {
+        Ipv4Addr::new(198, 19, 0, 10)
+    }
+
+    /// The lab's host namespace `name` (with or without the prefix: `host1` or `dva-host1`),
+    /// as `dva lab cut` and `dva lab heal` take it; an error listing the lab's hosts otherwise.
+    pub fn host_named(&self, name: &str) -> Result<String, LabError> {
+        topology::host_named(self, name)
+    }
+
+    /// Cut every link of host namespace `ns` (its veth ends in the fabric go down: the host
+    /// hears nothing and is heard by no one, its processes run on), or heal them. Idempotent.
+    pub fn set_cut(&self, ns: &str, cut: bool) -> Result<(), LabError> {
+        topology::set_cut(&topology::Tools::find()?, self, ns, cut)
+    }
+
+    /// The host namespaces with a link cut (by [`Lab::set_cut`] or by hand).
+    pub fn cut_hosts(&self) -> Result<Vec<String>, LabError> {
+        topology::cut_hosts(&topology::Tools::find()?, self)
     }
 
     /// Data-plane host `m`, m = 1..=hosts.
@@ -232,6 +271,7 @@ mod tests {
             servers: 3,
             hosts: 2,
             dispatchers: 1,
+            control: false,
         };
         assert_eq!(lab.client_ns(), "dva-client");
         assert_eq!(lab.server_ns(2), "dva-server2");
@@ -246,6 +286,12 @@ mod tests {
         assert_eq!(Lab::dispatcher_backplane_addr(1).to_string(), "198.19.0.1");
         assert_eq!(Lab::host_backplane_addr(2).to_string(), "198.19.0.12");
         assert_eq!(lab.namespaces().len(), 8);
+        let with_ctl = Lab {
+            control: true,
+            ..lab.clone()
+        };
+        assert_eq!(with_ctl.namespaces().len(), 9);
+        assert_eq!(with_ctl.ctl_ns(), "dva-ctl");
         let d = LabSpec::default();
         assert_eq!(
             (d.prefix.as_str(), d.servers, d.hosts),

@@ -98,6 +98,9 @@ impl Plan {
             namespaces.push(lab.router_ns(false));
         }
         namespaces.extend((1..=lab.hosts).map(|m| lab.host_ns(m)));
+        if lab.control {
+            namespaces.push(lab.ctl_ns());
+        }
         let mut segments = vec![Segment::Outside, Segment::Inside, Segment::Backplane];
         if ha {
             for d in 1..=lab.dispatchers {
@@ -238,6 +241,18 @@ impl Plan {
                 None,
             ));
         }
+        if lab.control {
+            ports.push(host_port(
+                lab.ctl_ns(),
+                "bp0",
+                "b-ctl".to_string(),
+                Segment::Backplane,
+                Lab::ctl_backplane_addr(),
+                None,
+                None,
+                None,
+            ));
+        }
         Plan {
             fabric: lab.fabric_ns(),
             namespaces,
@@ -262,6 +277,7 @@ pub(crate) enum Role {
     Host(usize),
     RouterOut,
     RouterIn,
+    Ctl,
 }
 
 /// The role of namespace `name` in the lab `prefix`, if it is one of the lab's names. Exact
@@ -274,6 +290,7 @@ pub(crate) fn role(prefix: &str, name: &str) -> Option<Role> {
         "fabric" => Some(Role::Fabric),
         "rtr-out" => Some(Role::RouterOut),
         "rtr-in" => Some(Role::RouterIn),
+        "ctl" => Some(Role::Ctl),
         _ => {
             if let Some(n) = rest.strip_prefix("server") {
                 index(n).map(Role::Server)
@@ -310,6 +327,7 @@ pub(crate) fn shape(prefix: &str, names: &[String]) -> Option<Lab> {
         servers: count(Role::Server),
         hosts: count(Role::Host),
         dispatchers: count(Role::Dispatcher),
+        control: roles.contains(&Role::Ctl),
     })
 }
 
@@ -446,6 +464,7 @@ pub(crate) fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         servers: spec.servers,
         hosts: spec.hosts,
         dispatchers: spec.dispatchers.max(1),
+        control: spec.control,
     };
     let plan = Plan::new(&lab);
 
@@ -864,10 +883,19 @@ pub(crate) fn down(prefix: &str) -> Result<(), LabError> {
     validate_prefix(prefix)?;
     let tools = Tools::find()?;
     let names = lab_namespaces(&tools, prefix)?;
-    if names.is_empty() {
-        return Ok(());
+    let killed = stop_processes(&tools, &names);
+    for ns in &names {
+        tools.ip(&["netns", "del", ns])?;
     }
+    // What `dva lab up --machines` left on this machine's own filesystem (logs, the client
+    // file), once nothing writes there any more; each host's private filesystem (tmpfs in its
+    // own mount namespace) went with its last process.
+    crate::machines::remove_dir(prefix)?;
+    killed
+}
 
+/// SIGKILL every process in these namespaces, until none is left (or [`KILL_GRACE`] has passed).
+pub(crate) fn stop_processes(tools: &Tools, names: &[String]) -> Result<(), LabError> {
     // A namespace outlives `ip netns del` while a process still runs in it, taking its veths
     // and addresses along: kill everything first, then delete.
     let pids_in = |ns: &str| -> Result<Vec<u32>, LabError> {
@@ -882,7 +910,7 @@ pub(crate) fn down(prefix: &str) -> Result<(), LabError> {
     let mut survivors = Vec::new();
     let all_gone = apps::wait_until(KILL_GRACE, Duration::from_millis(20), || {
         survivors.clear();
-        for ns in &names {
+        for ns in names {
             match pids_in(ns) {
                 Ok(pids) if !pids.is_empty() => survivors.push((ns.clone(), pids)),
                 // A namespace that cannot be read is deleted below, or reports its own error there.
@@ -896,10 +924,6 @@ pub(crate) fn down(prefix: &str) -> Result<(), LabError> {
         kill(survivors.iter().flat_map(|(_, pids)| pids));
         false
     });
-
-    for ns in &names {
-        tools.ip(&["netns", "del", ns])?;
-    }
     match survivors.into_iter().next() {
         Some((ns, pids)) if !all_gone => Err(LabError::Unkillable { ns, pids }),
         _ => Ok(()),
@@ -995,6 +1019,67 @@ pub(crate) fn kernel_router(tools: &Tools, lab: &Lab, on: bool) -> Result<(), La
     Ok(())
 }
 
+/// See [`Lab::host_named`]: every namespace with links counts (the fabric is the links).
+pub(crate) fn host_named(lab: &Lab, name: &str) -> Result<String, LabError> {
+    let plan = Plan::new(lab);
+    let hosts: Vec<&String> = plan
+        .namespaces
+        .iter()
+        .filter(|ns| **ns != plan.fabric)
+        .collect();
+    let prefixed = format!("{}{name}", lab.prefix);
+    match hosts.iter().find(|ns| ***ns == prefixed || ***ns == name) {
+        Some(ns) => Ok((*ns).clone()),
+        None => Err(LabError::UnknownHost {
+            prefix: lab.prefix.clone(),
+            name: name.to_string(),
+            hosts: hosts
+                .iter()
+                .map(|ns| ns.strip_prefix(lab.prefix.as_str()).unwrap_or(ns.as_str()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+/// The fabric ports of host `ns`: every link it has.
+fn fabric_ports_of(plan: &Plan, ns: &str) -> Vec<String> {
+    plan.ports_in(ns).map(|p| p.fabric_port.clone()).collect()
+}
+
+pub(crate) fn set_cut(tools: &Tools, lab: &Lab, ns: &str, cut: bool) -> Result<(), LabError> {
+    let plan = Plan::new(lab);
+    let ports = fabric_ports_of(&plan, ns);
+    if ports.is_empty() {
+        // host_named's names all have ports; this guards callers passing anything else.
+        host_named(lab, ns)?;
+    }
+    // The fabric's end, not the host's: the host cannot undo it from inside, and its own view
+    // (interface up, addresses kept) is that of a machine whose cable was pulled at the switch.
+    for port in ports {
+        tools.ip_in(
+            &plan.fabric,
+            &["link", "set", &port, if cut { "down" } else { "up" }],
+        )?;
+    }
+    Ok(())
+}
+
+pub(crate) fn cut_hosts(tools: &Tools, lab: &Lab) -> Result<Vec<String>, LabError> {
+    let plan = Plan::new(lab);
+    let links = tools.ip_json(&plan.fabric, &["link", "show"])?;
+    Ok(plan
+        .namespaces
+        .iter()
+        .filter(|ns| {
+            fabric_ports_of(&plan, ns)
+                .iter()
+                .any(|port| find_link(&links, port).is_some_and(|l| !has_flag(l, "UP")))
+        })
+        .cloned()
+        .collect())
+}
+
 /// The table `dva lab show` prints.
 pub(crate) fn describe(lab: &Lab) -> String {
     let plan = Plan::new(lab);
@@ -1036,8 +1121,13 @@ pub(crate) fn describe(lab: &Lab) -> String {
     let widths: Vec<usize> = (0..6)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
+    let ctl = if lab.control {
+        format!(", control host {}", lab.ctl_ns())
+    } else {
+        String::new()
+    };
     let mut out = format!(
-        "lab {}: client, {} server(s), dispatcher host {}, {} data-plane host(s); switches br-out, br-in, br-bp in {}\n",
+        "lab {}: client, {} server(s), dispatcher host {}, {} data-plane host(s){ctl}; switches br-out, br-in, br-bp in {}\n",
         lab.prefix,
         lab.servers,
         lab.dispatcher_ns(1),
@@ -1066,6 +1156,7 @@ mod tests {
             servers,
             hosts,
             dispatchers: 1,
+            control: false,
         }
     }
 
@@ -1111,6 +1202,54 @@ mod tests {
         assert_eq!(h2.v4, Some(("198.19.0.12".parse().unwrap(), 24)));
         assert_eq!(h2.segment.mtu(), 9000);
         assert!(h2.gw4.is_none(), "no default routes on appliance hosts");
+    }
+
+    #[test]
+    fn the_control_host_collides_with_no_host_at_any_shape() {
+        let mut l = lab(MAX_SERVERS, MAX_HOSTS);
+        l.dispatchers = MAX_DISPATCHERS;
+        l.control = true;
+        let plan = Plan::new(&l);
+        let mut addrs: Vec<_> = plan
+            .ports
+            .iter()
+            .filter(|p| p.segment == Segment::Backplane)
+            .map(|p| p.v4)
+            .collect();
+        let n = addrs.len();
+        assert_eq!(n, MAX_HOSTS + MAX_DISPATCHERS + 1);
+        addrs.sort();
+        addrs.dedup();
+        assert_eq!(addrs.len(), n, "backplane addresses are unique");
+        let ctl = plan.ports.iter().find(|p| p.ns == "t-ctl").unwrap();
+        assert_eq!(
+            (ctl.ifname, ctl.fabric_port.as_str(), ctl.v4),
+            ("bp0", "b-ctl", Some(("198.19.0.10".parse().unwrap(), 24)))
+        );
+        assert_eq!(role("t-", "t-ctl"), Some(Role::Ctl));
+        let names: Vec<String> = plan.namespaces.clone();
+        assert!(shape("t-", &names).unwrap().control);
+        assert!(
+            !shape("t-", &Plan::new(&lab(1, 1)).namespaces)
+                .unwrap()
+                .control
+        );
+    }
+
+    #[test]
+    fn hosts_are_named_with_or_without_the_prefix() {
+        let mut l = lab(1, 2);
+        l.control = true;
+        assert_eq!(host_named(&l, "host2").unwrap(), "t-host2");
+        assert_eq!(host_named(&l, "t-ctl").unwrap(), "t-ctl");
+        assert_eq!(host_named(&l, "disp1").unwrap(), "t-disp1");
+        let e = host_named(&l, "host3").unwrap_err().to_string();
+        assert!(e.contains("host3") && e.contains("host1, host2"), "{e}");
+        assert!(host_named(&l, "fabric").is_err(), "the fabric is the links");
+        assert_eq!(
+            fabric_ports_of(&Plan::new(&l), "t-disp1"),
+            ["o-disp1", "i-disp1", "b-disp1"]
+        );
     }
 
     #[test]
@@ -1191,6 +1330,7 @@ mod tests {
             servers: 254,
             hosts: 1,
             dispatchers: 1,
+            control: false,
         })
         .unwrap_err();
         assert!(e.to_string().contains("servers = 254"), "{e}");
@@ -1199,6 +1339,7 @@ mod tests {
             servers: 1,
             hosts: 245,
             dispatchers: 1,
+            control: false,
         })
         .unwrap_err();
         assert!(e.to_string().contains("hosts = 245"), "{e}");
@@ -1207,6 +1348,7 @@ mod tests {
             servers: MAX_SERVERS,
             hosts: MAX_HOSTS,
             dispatchers: 1,
+            control: false,
         })
         .unwrap();
     }

@@ -36,6 +36,7 @@ fn spec(tag: &str, servers: usize, hosts: usize) -> LabSpec {
         servers,
         hosts,
         dispatchers: 1,
+        control: false,
     }
 }
 
@@ -406,6 +407,7 @@ fn apps_report_failures_clearly() {
             servers: 1,
             hosts: 1,
             dispatchers: 1,
+            control: false,
         }),
         Err(LabError::InvalidPrefix { .. })
     ));
