@@ -194,19 +194,7 @@ fn ctl(token: &str, args: &[&str]) -> String {
 
 /// The CLI, not asserting: (succeeded, stdout + stderr).
 fn try_ctl(token: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", APP])
-        .arg(dva_bin())
-        .args(args)
-        .args(["--server", &api_url(), "--token", token])
-        .output()
-        .expect("dva");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    try_ctl_in(APP, &api_url(), token, args)
 }
 
 fn json(token: &str, args: &[&str]) -> serde_json::Value {

@@ -28,19 +28,7 @@ const CLIENT: &str = "etcd-client";
 const SERVER: &str = "etcd-server";
 /// The CLI against one replica: (succeeded, stdout + stderr).
 fn try_ctl(server: &str, token: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", APP])
-        .arg(dva_bin())
-        .args(args)
-        .args(["--server", server, "--token", token])
-        .output()
-        .expect("dva");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    try_ctl_in(APP, server, token, args)
 }
 
 fn ctl(server: &str, token: &str, args: &[&str]) -> String {

@@ -226,6 +226,15 @@ fn all_mount_namespaces() -> BTreeSet<String> {
         .collect()
 }
 
+/// `dva lab up --machines` with one server and two data-plane hosts, and `extra` flags: what it
+/// printed.
+fn lab_up(extra: &[&str]) -> String {
+    let mut args = vec!["lab", "up", "--machines"];
+    args.extend_from_slice(extra);
+    args.extend(["--prefix", PREFIX, "--servers", "1", "--hosts", "2"]);
+    dva(&args, 90)
+}
+
 #[test]
 fn a_lab_of_machines_runs_the_appliance_and_survives_a_cut_host() {
     let _serial = serial();
@@ -234,20 +243,7 @@ fn a_lab_of_machines_runs_the_appliance_and_survives_a_cut_host() {
     let _ = Lab::down(PREFIX);
 
     // 1. Up: every agent's host ready when the command returns.
-    let up = dva(
-        &[
-            "lab",
-            "up",
-            "--machines",
-            "--prefix",
-            PREFIX,
-            "--servers",
-            "1",
-            "--hosts",
-            "2",
-        ],
-        90,
-    );
+    let up = lab_up(&[]);
     let up_took = started.elapsed();
     for needle in [
         format!("export DVA_CLIENT_CONFIG={CLIENT_FILE}"),
@@ -417,21 +413,7 @@ fn a_lab_of_machines_on_etcd_survives_the_leading_replica() {
     let started = Instant::now();
     let _down = LabDown;
     let _ = Lab::down(PREFIX);
-    let up = dva(
-        &[
-            "lab",
-            "up",
-            "--machines",
-            "--etcd",
-            "--prefix",
-            PREFIX,
-            "--servers",
-            "1",
-            "--hosts",
-            "2",
-        ],
-        90,
-    );
+    let up = lab_up(&["--etcd"]);
     let up_took = started.elapsed();
     assert!(up.contains("etcd: 3 members on lm-ctl's loopback"), "{up}");
     let on_ctl = commands_in(CTL);

@@ -463,6 +463,24 @@ pub fn ip(args: &[&str]) {
     );
 }
 
+/// The CLI inside namespace `ns` against the API at `server`, not asserting: (succeeded,
+/// standard output then standard error).
+pub fn try_ctl_in(ns: &str, server: &str, token: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(dva_bin())
+        .args(args)
+        .args(["--server", server, "--token", token])
+        .output()
+        .expect("dva");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// The CLI inside namespace `ns` against the API at `server`: its standard output; any failure
 /// fails the test with what the CLI printed.
 pub fn ctl_in(ns: &str, server: &str, token: &str, args: &[&str]) -> String {

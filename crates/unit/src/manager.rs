@@ -1280,6 +1280,18 @@ mod tests {
         s
     }
 
+    /// A dispatcher of the desired state, on `host`.
+    fn dispatcher(id: UnitId, host: &str) -> dva_proto::channel::DesiredUnit {
+        dva_proto::channel::DesiredUnit {
+            id,
+            role: DesiredRole::Dispatcher,
+            addr: "127.0.0.1:2".parse().expect("addr"),
+            draining: false,
+            export: false,
+            host: Some(host.into()),
+        }
+    }
+
     fn report(s: &mut State, id: UnitId, at: Instant) {
         if let Some(u) = s.units.get_mut(&id) {
             u.report = Some((at, UnitReport::default()));
@@ -1299,14 +1311,7 @@ mod tests {
             "  runtime: { driver: af_packet, busy_poll: 50us, backplane: udp, cpus: \"0-1\" }\n  layout:",
         ))
         .expect("spec with a runtime section");
-        d.units.push(dva_proto::channel::DesiredUnit {
-            id: 1,
-            role: DesiredRole::Dispatcher,
-            addr: "127.0.0.1:2".parse().expect("addr"),
-            draining: false,
-            export: false,
-            host: Some("a".into()),
-        });
+        d.units.push(dispatcher(1, "a"));
         s.recompile();
         assert_eq!(s.error, None);
         let runtime = |id| s.configs.get(&id).map(|c| c.runtime().clone());
@@ -1417,14 +1422,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = running(&[(3, "a"), (4, "b"), (5, "b")], t0);
         if let Some(d) = s.desired.as_mut() {
-            d.units.push(dva_proto::channel::DesiredUnit {
-                id: 1,
-                role: DesiredRole::Dispatcher,
-                addr: "127.0.0.1:2".parse().expect("addr"),
-                draining: false,
-                export: false,
-                host: Some("d".into()),
-            });
+            d.units.push(dispatcher(1, "d"));
         }
         let fenced = |s: &State| match s.configs.get(&1) {
             Some(RoleConfig::Dispatcher(c)) => c.fenced.clone(),
