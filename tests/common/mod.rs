@@ -224,19 +224,20 @@ impl MgmtGuard {
         let mut opts = dva_mgmt::MgmtOptions::new(state.clone(), prefix).expect("options");
         opts.exe = dva_bin();
         MgmtGuard {
-            mgmt: dva_mgmt::Mgmt::open(opts).expect("open mgmt"),
+            mgmt: dva_mgmt::Mgmt::open_in(opts, Box::new(dva_lab::LabHosts::new(prefix)))
+                .expect("open mgmt"),
             state,
         }
     }
 
     /// A second management tool on the same store (the first must be shut down).
     pub fn reopen(other: &MgmtGuard) -> MgmtGuard {
-        let mut opts =
-            dva_mgmt::MgmtOptions::new(other.state.clone(), &other.mgmt.options().lab_prefix)
-                .expect("options");
+        let prefix = other.mgmt.options().lab_prefix.clone();
+        let mut opts = dva_mgmt::MgmtOptions::new(other.state.clone(), &prefix).expect("options");
         opts.exe = dva_bin();
         MgmtGuard {
-            mgmt: dva_mgmt::Mgmt::open(opts).expect("reopen mgmt"),
+            mgmt: dva_mgmt::Mgmt::open_in(opts, Box::new(dva_lab::LabHosts::new(&prefix)))
+                .expect("reopen mgmt"),
             state: other.state.clone(),
         }
     }

@@ -120,7 +120,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let client = lab.client_ns();
     let state = std::path::PathBuf::from("/run/dva").join(format!("{prefix}chaos.state"));
     let _ = std::fs::remove_dir_all(&state);
-    let mgmt = Mgmt::open(MgmtOptions::new(state.clone(), prefix)?)?;
+    let mgmt = Mgmt::open_in(
+        MgmtOptions::new(state.clone(), prefix)?,
+        Box::new(dva_lab::LabHosts::new(prefix)),
+    )?;
     let _guard = crate::demo::MgmtGuard(mgmt.clone(), state);
     mgmt.apply(&ha_spec()?).map_err(|e| anyhow!("{e}"))?;
     wait(&mgmt, "ready", Duration::from_secs(30), back_to_layout)?;

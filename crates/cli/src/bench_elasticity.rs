@@ -296,7 +296,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
     let state = PathBuf::from("/run/dva").join(format!("{prefix}bench.state"));
     let _ = std::fs::remove_dir_all(&state);
-    let mgmt = Mgmt::open(MgmtOptions::new(state.clone(), prefix)?)?;
+    let mgmt = Mgmt::open_in(
+        MgmtOptions::new(state.clone(), prefix)?,
+        Box::new(dva_lab::LabHosts::new(prefix)),
+    )?;
     let _guard = crate::demo::MgmtGuard(mgmt.clone(), state);
     mgmt.apply(&spec(false)?).map_err(|e| anyhow!("{e}"))?;
     wait(&mgmt, "ready", Duration::from_secs(30), |v| settled(v, 1))?;

@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use dva_mgmt::api::{self, ClientConfig};
 use dva_mgmt::client::Client;
 use dva_mgmt::store::StoreConfig;
-use dva_mgmt::{now_ms, ApplianceView, Mgmt, ScaleRequest};
+use dva_mgmt::{now_ms, ApplianceView, ScaleRequest};
 
 pub struct Target {
     pub server: Option<String>,
@@ -150,7 +150,7 @@ pub fn serve(o: &ServeOptions) -> anyhow::Result<()> {
         anyhow::bail!("--etcd-cafile needs --store etcd://...");
     }
     opts.etcd_tls = o.etcd_tls.clone();
-    let mgmt = Mgmt::open(opts)?;
+    let mgmt = place.open(opts)?;
     // Replicas on one etcd accept one token: the first to start puts its own there, the others
     // take it (and keep it in their own state dir too, where the CLI and the web view look).
     let token = mgmt.share_token(&local_token)?;

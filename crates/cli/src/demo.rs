@@ -154,7 +154,10 @@ pub fn demo(prefix: &str, secs: u32) -> anyhow::Result<()> {
     step("starting the management tool and applying examples/edge-firewall.yaml with 1 data plane");
     let state = PathBuf::from("/run/dva").join(format!("{prefix}demo.state"));
     let _ = std::fs::remove_dir_all(&state);
-    let mgmt = Mgmt::open(MgmtOptions::new(state.clone(), prefix)?)?;
+    let mgmt = Mgmt::open_in(
+        MgmtOptions::new(state.clone(), prefix)?,
+        Box::new(dva_lab::LabHosts::new(prefix)),
+    )?;
     let _mgmt_guard = MgmtGuard(mgmt.clone(), state);
     mgmt.apply(&spec_text).map_err(|e| anyhow::anyhow!("{e}"))?;
     mgmt.scale(

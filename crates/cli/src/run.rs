@@ -70,6 +70,14 @@ impl Place {
             Place::Local => MgmtOptions::local(state),
         }
     }
+
+    /// The management tool with `opts`, placing units here (a lab's hosts, or this machine).
+    pub fn open(&self, opts: MgmtOptions) -> anyhow::Result<Mgmt> {
+        match self {
+            Place::Lab(p) => Mgmt::open_in(opts, Box::new(dva_lab::LabHosts::new(p))),
+            Place::Local => Mgmt::open(opts),
+        }
+    }
 }
 
 /// What `dva stats` and tests read to find a running appliance's units (`units.json`, written by
@@ -155,7 +163,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    let mgmt = Mgmt::open(opts.place.options(state.clone())?)?;
+    let mgmt = opts.place.open(opts.place.options(state.clone())?)?;
     let result = (|| -> anyhow::Result<()> {
         mgmt.apply(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some(n) = opts.dataplanes {

@@ -43,12 +43,14 @@ pub mod apps;
 mod cmd;
 mod error;
 pub mod machines;
+mod placement;
 mod topology;
 
 use std::net::Ipv4Addr;
 use std::process::Command;
 
 pub use error::LabError;
+pub use placement::LabHosts;
 
 /// The prefix of the default lab's namespaces (`dva-client`, ...).
 pub const DEFAULT_PREFIX: &str = "dva-";

@@ -17,7 +17,7 @@ use crate::hosts::{HostProvisioner, Registry};
 use crate::model::*;
 use crate::pki::Pki;
 use crate::provision::{LocalProvisioner, Provisioner};
-use crate::reconcile::{self, Runtime};
+use crate::reconcile::{self, Runtime, Topology};
 use crate::store::{CorruptRecord, EtcdTls, FileStore, Store, StoreConfig};
 
 #[derive(Debug, Clone)]
@@ -159,15 +159,28 @@ impl Mgmt {
     /// Open the store (adopting the units of every stored appliance) and start the reconciler.
     /// With the etcd store, nothing is adopted or reconciled until this replica leads (see
     /// [`Mgmt::campaign`]).
+    /// Units go on agents' hosts once any registered, or on this machine with
+    /// [`MgmtOptions::local`]; for a lab's hosts, see [`Mgmt::open_in`].
     pub fn open(opts: MgmtOptions) -> anyhow::Result<Mgmt> {
         let local = Box::new(LocalProvisioner::new(opts.exe.clone()));
-        Mgmt::open_with(opts, local)
+        Mgmt::open_with(opts, local, None)
     }
 
-    /// [`Mgmt::open`] with `local` running the units of this machine and of a lab (units on
+    /// [`Mgmt::open`] placing units on `hosts` while no agent is registered (a lab's hosts:
+    /// `dva_lab::LabHosts`).
+    pub fn open_in(opts: MgmtOptions, hosts: Box<dyn Topology>) -> anyhow::Result<Mgmt> {
+        let local = Box::new(LocalProvisioner::new(opts.exe.clone()));
+        Mgmt::open_with(opts, local, Some(hosts))
+    }
+
+    /// [`Mgmt::open_in`] with `local` running the units of this machine and of a lab (units on
     /// agents' hosts go through their agents whatever it is): tests put a provisioner there that
     /// starts nothing, or one that is slow.
-    pub fn open_with(opts: MgmtOptions, local: Box<dyn Provisioner>) -> anyhow::Result<Mgmt> {
+    pub fn open_with(
+        opts: MgmtOptions,
+        local: Box<dyn Provisioner>,
+        hosts: Option<Box<dyn Topology>>,
+    ) -> anyhow::Result<Mgmt> {
         let (store, leadership, etcd): (Box<dyn Store>, _, _) = match &opts.store {
             StoreConfig::File(dir) => (Box::new(FileStore::open(dir)?), None, None),
             StoreConfig::Etcd(endpoints) => {
@@ -231,7 +244,7 @@ impl Mgmt {
             let inner = inner.clone();
             std::thread::Builder::new()
                 .name("reconciler".into())
-                .spawn(move || reconcile::run(&inner))?
+                .spawn(move || reconcile::run(&inner, hosts))?
         };
         Ok(Mgmt {
             inner,

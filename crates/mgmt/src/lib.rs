@@ -34,3 +34,4 @@ pub mod store;
 
 pub use crate::core::{Mgmt, MgmtOptions};
 pub use model::*;
+pub use reconcile::{Host, Hosts, Place, Topology};

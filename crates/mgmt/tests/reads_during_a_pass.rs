@@ -69,7 +69,7 @@ fn the_api_answers_while_a_pass_waits_on_the_provisioner() {
         gate: gate.clone(),
         next_pid: AtomicU32::new(0),
     };
-    let m = Mgmt::open_with(opts, Box::new(stuck)).expect("open mgmt");
+    let m = Mgmt::open_with(opts, Box::new(stuck), None).expect("open mgmt");
     let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/edge-firewall.yaml");
     m.apply(&std::fs::read_to_string(spec).expect("spec"))
         .expect("apply");

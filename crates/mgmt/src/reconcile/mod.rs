@@ -18,6 +18,9 @@
 mod plan;
 mod topology;
 
+pub use plan::{Host, Hosts, Place};
+pub use topology::Topology;
+
 use std::collections::BTreeMap;
 use std::io::{BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -36,9 +39,9 @@ use crate::autoscale::Autoscaler;
 use crate::core::{push_event, Appliance, Inner};
 use crate::model::*;
 use crate::provision::{UnitLaunch, UnitProcess};
-use plan::{manager_addr, Action, Hosts, Liveness, Observed, Place, Snapshot};
+use plan::{manager_addr, Action, Liveness, Observed, Snapshot};
 use plan::{BACKPLANE_PORT, MANAGER_PORT};
-use topology::{AgentHosts, LabHosts, ThisMachine, Topology};
+use topology::{AgentHosts, Nowhere, ThisMachine};
 
 const PERIOD: Duration = Duration::from_millis(200);
 /// How long the link to a manager may take to connect and finish its TLS handshake (the
@@ -121,8 +124,9 @@ impl ManagerLink {
     }
 }
 
-pub(crate) fn run(inner: &Inner) {
-    let mut lab = LabHosts::new(&inner.opts.lab_prefix);
+/// `lab`: the hosts of a lab, when the management tool was opened on one (with neither agents nor
+/// `local`, units go there).
+pub(crate) fn run(inner: &Inner, mut lab: Option<Box<dyn Topology>>) {
     let mut agents = AgentHosts(&inner.registry);
     // The term this replica reconciles for (etcd store); a new one means a fresh takeover.
     let mut led: Option<i64> = None;
@@ -153,12 +157,16 @@ pub(crate) fn run(inner: &Inner) {
         }
         // Agents' hosts, once any registered, whatever the options say: their states change
         // every poll, so they are read every pass (no I/O).
+        let mut nowhere = Nowhere;
         let topology: &mut dyn Topology = if !inner.registry.is_empty() {
             &mut agents
         } else if inner.opts.local {
             &mut ThisMachine
         } else {
-            &mut lab
+            match lab.as_deref_mut() {
+                Some(lab) => lab,
+                None => &mut nowhere,
+            }
         };
         let hosts = topology.hosts();
         let names: Vec<String> = inner.lock().keys().cloned().collect();

@@ -34,7 +34,7 @@ const EXPORT_LIMIT_MS: u64 = 5_000;
 /// A host units can be placed on: its name (a lab host's network namespace, or this machine's
 /// host name) and the address its units' backplane sockets bind.
 #[derive(Debug, Clone)]
-pub(crate) struct Host {
+pub struct Host {
     pub name: String,
     pub backplane: IpAddr,
     /// The network namespace its units run in, as seen from `dva serve` (a lab host); `None`:
@@ -52,7 +52,7 @@ pub(crate) struct Host {
 
 /// Where units may go: the hosts of registered agents, the lab's hosts, or this machine alone.
 #[derive(Debug, Clone)]
-pub(crate) struct Hosts {
+pub struct Hosts {
     pub dispatchers: Vec<Host>,
     pub dataplanes: Vec<Host>,
     /// Every host a manager may be on (including agents' hosts not ready right now, where a
@@ -66,7 +66,7 @@ pub(crate) struct Hosts {
 
 /// What kind of hosts these are, for what a pass tells the user.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Place {
+pub enum Place {
     Lab {
         prefix: String,
     },
@@ -100,7 +100,7 @@ impl Hosts {
             .and_then(|h| h.netns.as_deref())
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match &self.place {
             Place::Lab { prefix } => format!("lab {prefix}"),
             Place::Agents => "the registered hosts".to_string(),

@@ -1,85 +1,21 @@
 //! Where a reconciler pass may place units. A [`Topology`] gives the [`Hosts`] of the moment
 //! (plain data that [`plan`](super::plan::plan) decides on) and does what only it can do (point
-//! a lab's upstream routers at the dispatchers that serve). This is the one place the reconciler
-//! names the lab: the agents' host registry and this machine are topologies too.
+//! upstream routers at the dispatchers that serve). The agents' host registry and this machine
+//! are topologies of this crate; the lab's (`dva lab up`) lives with the lab (`dva_lab`) and is
+//! handed in by whoever opens the management tool ([`Mgmt::open_in`](crate::Mgmt::open_in)), so
+//! the management tool does not depend on the lab.
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
-
-use dva_lab::Lab;
 
 use super::plan::{Host, Hosts, Place};
 use crate::hosts::{HostState, Placeable, Registry};
 
-/// How often the lab's shape is read again (it runs `ip netns list`).
-const LAB_EVERY: Duration = Duration::from_secs(2);
-
-pub(crate) trait Topology {
+pub trait Topology: Send {
     /// The hosts units may go on now; `None` when there are none to speak of (no lab).
     fn hosts(&mut self) -> Option<Hosts>;
     /// Spread upstream flows over these dispatcher hosts (1-based, in [`Hosts::dispatchers`]'
     /// order); only asked of hosts with [`Hosts::upstream`].
     fn set_upstream(&self, dispatchers: &[usize]) -> Result<(), String>;
-}
-
-/// A lab's hosts (`dva lab up`): dispatchers on its dispatcher hosts, managers and data planes on
-/// its appliance hosts, each in its network namespace.
-pub(crate) struct LabHosts {
-    prefix: String,
-    lab: Option<Lab>,
-    read_at: Option<Instant>,
-}
-
-impl LabHosts {
-    pub fn new(prefix: &str) -> LabHosts {
-        LabHosts {
-            prefix: prefix.to_string(),
-            lab: None,
-            read_at: None,
-        }
-    }
-}
-
-impl Topology for LabHosts {
-    fn hosts(&mut self) -> Option<Hosts> {
-        // A missing lab is looked for every pass: it may come up any time.
-        if self.lab.is_none() || self.read_at.is_none_or(|t| t.elapsed() >= LAB_EVERY) {
-            self.lab = Lab::discover(&self.prefix).ok().flatten();
-            self.read_at = Some(Instant::now());
-        }
-        let lab = self.lab.as_ref()?;
-        // A lab host is a namespace, named after it.
-        let host = |ns: String, addr| Host {
-            name: ns.clone(),
-            backplane: IpAddr::V4(addr),
-            netns: Some(ns),
-            cpus: 1,
-            running: Vec::new(),
-            labels: Default::default(),
-        };
-        let dispatchers = (1..=lab.dispatchers.max(1))
-            .map(|d| host(lab.dispatcher_ns(d), Lab::dispatcher_backplane_addr(d)))
-            .collect();
-        let dataplanes: Vec<Host> = (1..=lab.hosts.max(1))
-            .map(|m| host(lab.host_ns(m), Lab::host_backplane_addr(m)))
-            .collect();
-        Some(Hosts {
-            dispatchers,
-            managers: dataplanes.clone(),
-            dataplanes,
-            place: Place::Lab {
-                prefix: lab.prefix.clone(),
-            },
-            upstream: lab.dispatchers > 1,
-        })
-    }
-
-    fn set_upstream(&self, dispatchers: &[usize]) -> Result<(), String> {
-        match &self.lab {
-            Some(lab) => lab.set_ecmp(dispatchers).map_err(|e| e.to_string()),
-            None => Err(format!("no lab with prefix {:?}", self.prefix)),
-        }
-    }
 }
 
 /// The hosts of registered agents: dispatchers on those labelled `dispatcher=true`, data planes
@@ -153,5 +89,19 @@ impl Topology for ThisMachine {
 
     fn set_upstream(&self, _: &[usize]) -> Result<(), String> {
         Err("this machine has no upstream routers to set".into())
+    }
+}
+
+/// No hosts at all: the management tool was opened for a lab it was not given, or before any
+/// agent registered. Passes still run (records, deletes), placing nothing.
+pub(crate) struct Nowhere;
+
+impl Topology for Nowhere {
+    fn hosts(&mut self) -> Option<Hosts> {
+        None
+    }
+
+    fn set_upstream(&self, _: &[usize]) -> Result<(), String> {
+        Err("there are no hosts".into())
     }
 }
