@@ -858,27 +858,38 @@ fn take_over(inner: &Inner, term: i64) -> bool {
 
 /// After a restart of the management tool: find every stored unit's process again (recording
 /// the start time of those stored without one), so none is taken for dead and started twice.
+///
+/// The records are read under a short lock and the provisioner is asked without it (an agent's
+/// host answers over HTTP, a lost one only after its timeout): API calls never wait on it. A
+/// record an API call changed meanwhile is left as it now is; its next pass adopts what this one
+/// would have (the plan adopts any unit whose process it finds).
 pub(crate) fn adopt_all(inner: &Inner) {
-    let mut all = inner.lock();
-    for app in all.values_mut() {
-        let before = app.rec.clone();
-        let name = app.rec.name.clone();
-        let mut units = std::mem::take(&mut app.rec.units);
+    let records: Vec<ApplianceRecord> = inner.lock().values().map(|a| a.rec.clone()).collect();
+    for before in records {
+        let mut rec = before.clone();
+        let name = rec.name.clone();
+        let mut units = std::mem::take(&mut rec.units);
         for u in units.iter_mut() {
             let l = launch(inner, &name, u);
             match process(u).filter(|&p| inner.provisioner.alive(p, &l)) {
                 Some(p) if p.start.is_some() => {}
                 Some(p) => u.pid_start = crate::provision::start_time(p.pid),
                 None => {
-                    adopt_unit(inner, &name, u, &mut app.rec);
+                    adopt_unit(inner, &name, u, &mut rec);
                 }
             }
         }
-        app.rec.units = units;
-        if app.rec != before {
-            if let Err(e) = inner.store.save(&app.rec) {
-                app.rt.error = Some(format!("store: {e:#}"));
-            }
+        rec.units = units;
+        if rec == before {
+            continue;
+        }
+        let mut all = inner.lock();
+        let Some(app) = all.get_mut(&name).filter(|a| a.rec == before) else {
+            continue;
+        };
+        app.rec = rec;
+        if let Err(e) = inner.store.save(&app.rec) {
+            app.rt.error = Some(format!("store: {e:#}"));
         }
     }
 }
