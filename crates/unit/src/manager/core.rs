@@ -1,52 +1,23 @@
-//! The manager role: takes the appliance's desired state from the management tool, owns the
-//! bucket table, compiles one config per unit and pushes it over each unit's channel, tracking
-//! ACK/NACK per unit (Envoy xDS semantics).
-//!
-//! Ordering rules that keep traffic undisturbed while data planes come and go:
-//! * a new data plane gets (and ACKs) a config listing it as a peer, but owning nothing, before
-//!   the table gives it buckets;
-//! * a table change goes to the data planes first; dispatchers get it only once every data plane
-//!   ACKed it (or a timeout passed), so no packet reaches an owner that does not yet know the
-//!   bucket's history to punt along;
-//! * a previous owner leaves a bucket's history only once it reports no flows there, measured
-//!   after every dispatcher switched to the table that moved the bucket.
-//!
-//! One thread runs the state machine; one reader thread per connection feeds it events.
-//!
-//! The manager is where a config push's two ends are both seen, so it times them
-//! ([`Latencies`] in its stats): each unit's ACK from the version's first send to it, and each
-//! table switch from the first push of the table that moved buckets to the last dispatcher's ACK.
-//!
-//! The channel is TCP with mutual TLS ([`crate::tls`]): a peer must present a certificate of the
-//! installation's CA naming a unit of this appliance or the management tool. A unit's hello must
-//! name the unit its certificate names, and only the management tool may send desired state.
-//! Anything else is closed and counted as `channel_peer_refused`. At most
-//! [`MAX_HANDSHAKING`] connections may be mid-handshake at once, each for at most
-//! [`tls::HANDSHAKE_TIMEOUT`].
+//! The manager's state machine, without I/O: [`State::handle`] takes the time and one
+//! [`Input`] (a connection opened or closed, a message on one, a tick) and queues [`Output`]s (a
+//! message to write on a connection, a connection to close) that [`State::drain_outputs`] hands
+//! to the run loop, which owns the sockets. It never reads a clock nor touches a socket, so
+//! every protocol it runs (roll-out, failover, history retirement, adoption after a restart)
+//! is tested as data (see `conformance`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::BufReader;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use dva_flow::{BucketTable, UnitId};
 use dva_proto::channel::{
-    self, Desired, DesiredRole, FromManager, ManagerStatus, ToManager, UnitReport, UnitStatus,
+    Desired, DesiredRole, FromManager, ManagerStatus, ToManager, UnitReport, UnitStatus,
 };
 use dva_proto::role::{BackendStateConfig, BackplaneAuth, BackplaneKey};
 use dva_proto::{compile, Placement, RoleConfig, UnitEndpoint};
 use dva_services::lb::BackendState;
 
-use crate::stats::{
-    Histogram, Latencies, StatsCell, UnitStats, CONFIG_ACK_BOUNDS, TABLE_SWITCH_BOUNDS,
-};
-use crate::tls::{self, Credentials, Peer, TlsFiles, TlsWriter};
+use crate::stats::{Histogram, Latencies, CONFIG_ACK_BOUNDS, TABLE_SWITCH_BOUNDS};
+use crate::tls::Peer;
 
 /// Dispatchers get a new table once every data plane ACKed it, or after this long.
 const DATAPLANE_ACK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -57,32 +28,48 @@ const RETIRE_EVERY: Duration = Duration::from_millis(500);
 /// Reports must be this much younger than the dispatchers' switch before they can retire history.
 const RETIRE_SETTLE: Duration = Duration::from_millis(600);
 
-/// Connections still in their TLS handshake beyond this many are closed at once: unauthenticated
-/// peers cannot pile up threads.
-pub const MAX_HANDSHAKING: usize = 64;
-/// A peer silent this long is gone (units report every 250 ms, the management tool sends its
-/// desired state every second): its connection is closed, even if no FIN ever came.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A channel connection, numbered by the run loop (never reused).
+pub type ConnId = u64;
 
-pub struct ManagerArgs {
-    pub unit: UnitId,
-    /// The channel's TCP address (`tcp://ADDR:PORT` on the command line).
-    pub listen: SocketAddr,
-    /// The leader-election lock file.
-    pub lock: PathBuf,
-    /// This manager's certificate (naming it and `manager.APPLIANCE.dva`), key, and the CA.
-    pub tls: TlsFiles,
-    pub stop: Arc<AtomicBool>,
-    pub stats: StatsCell,
-    pub ready: Arc<AtomicBool>,
+/// What happens to the manager.
+#[derive(Debug)]
+pub enum Input {
+    /// A connection finished its TLS handshake; its certificate names `Peer`.
+    Opened(ConnId, Peer),
+    /// A message came on a connection.
+    Msg(ConnId, Box<ToManager>),
+    /// A connection ended (its peer closed it, it broke, or a write on it failed).
+    Closed(ConnId),
+    /// Time passed (the run loop ticks at least every 50 ms): the table, keys and configs are
+    /// brought up to date, pushed, and the status and keepalives sent when due.
+    Tick,
 }
 
-type ConnId = u64;
+/// What the manager asks of the run loop, in order.
+#[derive(Debug)]
+pub enum Output {
+    /// Write this message on the connection.
+    Send(ConnId, FromManager),
+    /// Shut the connection down: its peer said what it may not (see [`may_send`]), counted as
+    /// `channel_peer_refused` with this reason.
+    Close(ConnId, String),
+}
 
-enum Event {
-    Opened(ConnId, TlsWriter),
-    Msg(ConnId, Box<ToManager>),
-    Closed(ConnId),
+/// Whether `peer` may send `msg`: a unit speaks only for the unit its certificate names, and
+/// only the management tool sets the desired state.
+pub fn may_send(peer: &Peer, msg: &ToManager) -> Result<(), String> {
+    match (peer, msg) {
+        (Peer::Unit { id, .. }, ToManager::Hello { unit, .. }) if unit != id => Err(format!(
+            "the certificate names unit {id} but the hello claims unit {unit}"
+        )),
+        (Peer::Unit { id, .. }, ToManager::Desired(_)) => {
+            Err(format!("unit {id} sent desired state"))
+        }
+        (Peer::Mgmt, ToManager::Hello { unit, .. }) => Err(format!(
+            "the management tool's certificate sent a hello for unit {unit}"
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[derive(Default)]
@@ -101,7 +88,7 @@ struct UnitConn {
 }
 
 #[derive(Default)]
-struct State {
+pub struct State {
     desired: Option<Desired>,
     version: u64,
     table: Option<BucketTable>,
@@ -118,8 +105,12 @@ struct State {
     /// Version released to dispatchers (DPs ACKed it or the timeout passed).
     released: u64,
     units: BTreeMap<UnitId, UnitConn>,
-    conns: BTreeMap<ConnId, TlsWriter>,
+    /// Open connections and who their certificates name.
+    peers: BTreeMap<ConnId, Peer>,
+    /// Connections of the management tool (they sent desired state): they get the status.
     controllers: BTreeSet<ConnId>,
+    /// What the run loop is to write, in order (see [`State::drain_outputs`]).
+    outputs: Vec<Output>,
     error: Option<String>,
     next_nonce: u64,
     last_status: Option<Instant>,
@@ -227,270 +218,70 @@ const FIRST_TABLE_WAIT: Duration = Duration::from_secs(10);
 /// How long a backplane key seals datagrams before the next one takes over.
 const KEY_ROTATION: Duration = Duration::from_secs(15 * 60);
 
-/// Leader election among an appliance's managers: an exclusive `flock` on the lock file. The
-/// kernel drops the lock when its holder dies, however it dies, so a standby blocked on it takes
-/// over within its poll period. (One machine's filesystem is this election's store; managers on
-/// several hosts would use the management tool's store, e.g. an etcd lease.)
-fn acquire_leadership(args: &ManagerArgs) -> anyhow::Result<Option<std::fs::File>> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = &args.lock;
-    if let Some(dir) = path.parent() {
-        dva_io::local::create_private_dir_all(dir)?;
-    }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(dva_io::local::FILE_MODE)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let mut standby_published = false;
-    while !args.stop.load(Ordering::Relaxed) {
-        // SAFETY: flock on a descriptor we own; LOCK_NB makes it return at once.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(Some(file));
-        }
-        if !standby_published {
-            standby_published = true;
-            args.stats.try_publish(UnitStats {
-                unit: args.unit,
-                role: "manager".into(),
-                counters: [("leader".to_string(), 0)].into_iter().collect(),
-                ..Default::default()
-            });
-            // A standby is ready: it serves as soon as the leader goes.
-            args.ready.store(true, Ordering::Release);
-            tracing::info!("standby: another manager leads");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    Ok(None)
-}
-
-/// Whether a manager leads from the lock file at `path` (someone holds its lock).
-pub fn leader_alive(path: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(file) = std::fs::File::open(path) else {
-        return false;
-    };
-    // SAFETY: flock on a descriptor we own; LOCK_NB makes it return at once.
-    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
-    // Dropping the file releases a lock we may just have taken.
-    !free
-}
-
-/// Who may use the channel, and what each may say.
-struct Admission {
-    /// This manager's appliance (from its own certificate).
-    appliance: String,
-    refused: Arc<AtomicU64>,
-    handshaking: AtomicUsize,
-}
-
-impl Admission {
-    /// Whether a peer with this verified identity may connect at all.
-    fn peer(&self, peer: &Peer) -> Result<(), String> {
-        match peer {
-            Peer::Mgmt => Ok(()),
-            Peer::Unit { appliance, .. } if *appliance == self.appliance => Ok(()),
-            Peer::Unit { appliance, id } => Err(format!(
-                "unit {id} of appliance {appliance}, not of {}",
-                self.appliance
-            )),
-        }
-    }
-
-    fn refuse(&self, why: &str) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!("channel peer refused: {why}");
-    }
-}
-
-/// Whether `peer` may send `msg`: a unit speaks only for the unit its certificate names, and
-/// only the management tool sets the desired state.
-pub fn may_send(peer: &Peer, msg: &ToManager) -> Result<(), String> {
-    match (peer, msg) {
-        (Peer::Unit { id, .. }, ToManager::Hello { unit, .. }) if unit != id => Err(format!(
-            "the certificate names unit {id} but the hello claims unit {unit}"
-        )),
-        (Peer::Unit { id, .. }, ToManager::Desired(_)) => {
-            Err(format!("unit {id} sent desired state"))
-        }
-        (Peer::Mgmt, ToManager::Hello { unit, .. }) => Err(format!(
-            "the management tool's certificate sent a hello for unit {unit}"
-        )),
-        _ => Ok(()),
-    }
-}
-
-pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
-    let creds = Credentials::load(&args.tls).context("loading the manager's TLS credentials")?;
-    let appliance = match creds.identity()? {
-        Peer::Unit { appliance, id } if id == args.unit => appliance,
-        other => anyhow::bail!(
-            "the manager's certificate names {other:?}, not unit {} of an appliance",
-            args.unit
-        ),
-    };
-    let tls_config = creds.server_config()?;
-    let Some(_lock) = acquire_leadership(&args)? else {
-        return Ok(());
-    };
-    tracing::info!("leading");
-    let listener = TcpListener::bind(args.listen)
-        .with_context(|| format!("binding the manager channel on {}", args.listen))?;
-    let (tx, rx) = mpsc::channel::<Event>();
-    let refused = Arc::new(AtomicU64::new(0));
-    {
-        let tx = tx.clone();
-        let admission = Arc::new(Admission {
-            appliance,
-            refused: refused.clone(),
-            handshaking: AtomicUsize::new(0),
-        });
-        thread::Builder::new()
-            .name("accept".into())
-            .spawn(move || accept_loop(listener, tls_config, tx, admission))?;
-    }
-    args.ready.store(true, Ordering::Release);
-    let mut st = State {
-        me: args.unit,
-        ..Default::default()
-    };
-    let mut publish = Instant::now();
-    while !args.stop.load(Ordering::Relaxed) {
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(ev) => st.on_event(ev),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-        // Drain whatever else is queued before stepping, so a burst of reports costs one step.
-        while let Ok(ev) = rx.try_recv() {
-            st.on_event(ev);
-        }
-        st.step();
-        st.keepalive(Instant::now());
-        if publish.elapsed() >= Duration::from_millis(200) {
-            publish = Instant::now();
-            let mut counters: BTreeMap<String, u64> =
-                [("leader".to_string(), 1)].into_iter().collect();
-            let refused = refused.load(Ordering::Relaxed);
-            if refused > 0 {
-                counters.insert("channel_peer_refused".to_string(), refused);
-            }
-            args.stats.try_publish(UnitStats {
-                unit: args.unit,
-                role: "manager".into(),
-                counters,
-                config_version: st.version,
-                latency: st.latency.snapshot(),
-                appliance: st
-                    .desired
-                    .as_ref()
-                    .map(|d| d.spec.name().to_string())
-                    .unwrap_or_default(),
-                ..Default::default()
-            });
-        }
-    }
-    Ok(())
-}
-
-fn accept_loop(
-    listener: TcpListener,
-    tls_config: Arc<rustls::ServerConfig>,
-    tx: Sender<Event>,
-    admission: Arc<Admission>,
-) {
-    let mut next: ConnId = 1;
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        if admission.handshaking.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKING {
-            admission.handshaking.fetch_sub(1, Ordering::AcqRel);
-            admission.refuse("too many connections in their TLS handshake");
-            continue;
-        }
-        let id = next;
-        next += 1;
-        let (tx, a, config) = (tx.clone(), admission.clone(), tls_config.clone());
-        let spawned = thread::Builder::new()
-            .name(format!("conn-{id}"))
-            .spawn(move || serve_conn(id, conn, config, &tx, &a));
-        if spawned.is_err() {
-            admission.handshaking.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-/// One connection: the handshake (bounded in time, counted in `handshaking`), the peer's
-/// identity, then its messages, each checked against that identity.
-fn serve_conn(
-    id: ConnId,
-    mut sock: TcpStream,
-    config: Arc<rustls::ServerConfig>,
-    tx: &Sender<Event>,
-    admission: &Admission,
-) {
-    let established = (|| -> Result<_, String> {
-        let mut conn = rustls::Connection::Server(
-            rustls::ServerConnection::new(config).map_err(|e| e.to_string())?,
-        );
-        let deadline = Instant::now() + tls::HANDSHAKE_TIMEOUT;
-        tls::handshake(&mut conn, &mut sock, deadline).map_err(|e| format!("handshake: {e}"))?;
-        let _ = sock.set_nodelay(true);
-        let _ = sock.set_read_timeout(Some(IDLE_TIMEOUT));
-        let _ = sock.set_write_timeout(Some(Duration::from_secs(2)));
-        tls::split(conn, sock).map_err(|e| e.to_string())
-    })();
-    admission.handshaking.fetch_sub(1, Ordering::AcqRel);
-    let (reader, writer) = match established {
-        Ok(halves) => halves,
-        Err(e) => return admission.refuse(&e),
-    };
-    let peer = match writer.peer().and_then(|p| admission.peer(&p).map(|()| p)) {
-        Ok(p) => p,
-        Err(e) => {
-            writer.shutdown();
-            return admission.refuse(&e);
-        }
-    };
-    if tx.send(Event::Opened(id, writer)).is_err() {
-        return;
-    }
-    let mut r = BufReader::new(reader);
-    // A peer speaking garbage, or out of turn, is disconnected; the manager carries on.
-    while let Ok(Some(msg)) = channel::recv::<_, ToManager>(&mut r) {
-        if let Err(e) = may_send(&peer, &msg) {
-            admission.refuse(&e);
-            r.get_ref().shutdown();
-            break;
-        }
-        if tx.send(Event::Msg(id, Box::new(msg))).is_err() {
-            return;
-        }
-    }
-    let _ = tx.send(Event::Closed(id));
-}
-
 impl State {
-    fn on_event(&mut self, ev: Event) {
-        match ev {
-            Event::Opened(id, stream) => {
-                self.conns.insert(id, stream);
-            }
-            Event::Closed(id) => {
-                self.conns.remove(&id);
-                self.controllers.remove(&id);
-                for u in self.units.values_mut() {
-                    if u.conn == Some(id) {
-                        u.conn = None;
-                    }
-                }
-                self.dirty = true;
-            }
-            Event::Msg(id, msg) => self.on_msg(id, *msg),
+    /// A manager that leads as unit `me`, knowing nothing yet.
+    pub fn new(me: UnitId) -> State {
+        State {
+            me,
+            ..State::default()
         }
+    }
+
+    /// Take one input at `now`; what it calls for is queued for [`State::drain_outputs`].
+    pub fn handle(&mut self, now: Instant, input: Input) {
+        match input {
+            Input::Opened(id, peer) => {
+                self.peers.insert(id, peer);
+            }
+            Input::Closed(id) => self.closed(id),
+            Input::Msg(id, msg) => {
+                // A connection refused (or closed) already: what its reader still had is moot.
+                let Some(peer) = self.peers.get(&id) else {
+                    return;
+                };
+                if let Err(why) = may_send(peer, &msg) {
+                    self.closed(id);
+                    self.outputs.push(Output::Close(id, why));
+                    return;
+                }
+                self.on_msg(now, id, *msg);
+            }
+            Input::Tick => {
+                self.step(now);
+                self.keepalive(now);
+            }
+        }
+    }
+
+    /// What to write and close, in the order it was decided.
+    pub fn drain_outputs(&mut self) -> impl Iterator<Item = Output> + '_ {
+        self.outputs.drain(..)
+    }
+
+    /// The newest config version compiled (0: none yet).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Config push latencies so far.
+    pub fn latency(&self) -> Latencies {
+        self.latency.snapshot()
+    }
+
+    /// The appliance's name, once the management tool has said.
+    pub fn appliance(&self) -> Option<&str> {
+        self.desired.as_ref().map(|d| d.spec.name())
+    }
+
+    fn closed(&mut self, id: ConnId) {
+        self.peers.remove(&id);
+        self.controllers.remove(&id);
+        for u in self.units.values_mut() {
+            if u.conn == Some(id) {
+                u.conn = None;
+            }
+        }
+        self.dirty = true;
     }
 
     fn unit_of(&self, conn: ConnId) -> Option<UnitId> {
@@ -500,7 +291,7 @@ impl State {
             .map(|(id, _)| *id)
     }
 
-    fn on_msg(&mut self, conn: ConnId, msg: ToManager) {
+    fn on_msg(&mut self, now: Instant, conn: ConnId, msg: ToManager) {
         match msg {
             ToManager::Hello {
                 unit,
@@ -553,7 +344,8 @@ impl State {
                         u.nack = None;
                         // Only the first ACK of a send counts: `first_sent` goes with it.
                         if let Some((_, at)) = u.first_sent.take_if(|(v, _)| *v == version) {
-                            self.latency.acked(&u.role, at.elapsed());
+                            self.latency
+                                .acked(&u.role, now.saturating_duration_since(at));
                         }
                     }
                 }
@@ -575,7 +367,7 @@ impl State {
             ToManager::Report(r) => {
                 let Some(id) = self.unit_of(conn) else { return };
                 if let Some(u) = self.units.get_mut(&id) {
-                    u.report = Some((Instant::now(), r));
+                    u.report = Some((now, r));
                 }
             }
             ToManager::Desired(d) => {
@@ -606,8 +398,7 @@ impl State {
         self.units.get(&id).is_some_and(|u| u.conn.is_some())
     }
 
-    fn step(&mut self) {
-        let now = Instant::now();
+    fn step(&mut self, now: Instant) {
         if self.desired.is_some() {
             self.update_table(now);
             if let Err(e) = self.rotate_keys(now) {
@@ -1120,12 +911,7 @@ impl State {
             nonce: u.nonce,
             config: Box::new(cfg.clone()),
         };
-        if let Some(stream) = self.conns.get_mut(&conn) {
-            if channel::send(stream, &msg).is_err() {
-                // The reader thread will report the close; forget the write side now.
-                stream.shutdown();
-            }
-        }
+        self.outputs.push(Output::Send(conn, msg));
     }
 
     /// Tell every unit heard from lately that this manager lives (see [`FromManager::Alive`]).
@@ -1146,11 +932,7 @@ impl State {
             .filter_map(|(_, u)| u.conn)
             .collect();
         for conn in conns {
-            if let Some(stream) = self.conns.get_mut(&conn) {
-                if channel::send(stream, &FromManager::Alive).is_err() {
-                    stream.shutdown();
-                }
-            }
+            self.outputs.push(Output::Send(conn, FromManager::Alive));
         }
     }
 
@@ -1162,11 +944,7 @@ impl State {
         let msg = FromManager::Status(Box::new(status));
         let ids: Vec<ConnId> = self.controllers.iter().copied().collect();
         for id in ids {
-            if let Some(stream) = self.conns.get_mut(&id) {
-                if channel::send(stream, &msg).is_err() {
-                    stream.shutdown();
-                }
-            }
+            self.outputs.push(Output::Send(id, msg.clone()));
         }
     }
 
@@ -1236,7 +1014,7 @@ mod tests {
     /// reporting at `t0`, and its first bucket table made.
     fn running(dps: &[(UnitId, &str)], t0: Instant) -> State {
         let spec = dva_proto::ApplianceSpec::from_yaml(include_str!(
-            "../../../examples/edge-firewall.yaml"
+            "../../../../examples/edge-firewall.yaml"
         ))
         .expect("example spec");
         let units = dps
@@ -1305,7 +1083,7 @@ mod tests {
         let d = s.desired.as_mut().expect("desired");
         d.generation += 1;
         d.spec = dva_proto::ApplianceSpec::from_yaml(&include_str!(
-            "../../../examples/edge-firewall.yaml"
+            "../../../../examples/edge-firewall.yaml"
         ).replace(
             "  layout:",
             "  runtime: { driver: af_packet, busy_poll: 50us, backplane: udp, cpus: \"0-1\" }\n  layout:",
@@ -1483,7 +1261,7 @@ mod tests {
         let mut s = running(&[(3, "a"), (4, "a"), (5, "b")], t0);
         let mut d = s.desired.clone().expect("desired");
         d.units.retain(|u| u.id != 3);
-        s.on_msg(99, ToManager::Desired(Box::new(d)));
+        s.on_msg(t0, 99, ToManager::Desired(Box::new(d)));
         s.recompile();
         assert_eq!(
             s.backups, backups,
@@ -1537,8 +1315,9 @@ mod tests {
         assert_ne!(auth.keys[1].key, auth.keys[2].key);
     }
 
-    /// A unit on connection 1 with version 3 sent to it `ago`, under nonce 7.
-    fn waiting(role: &str, ago: Duration) -> State {
+    /// A unit on connection 1 with version 3 sent to it `ago`, under nonce 7, and the time now.
+    fn waiting(role: &str, ago: Duration) -> (State, Instant) {
+        let t0 = Instant::now();
         let mut s = State::default();
         s.units.insert(
             5,
@@ -1547,11 +1326,11 @@ mod tests {
                 role: role.into(),
                 sent: 3,
                 nonce: 7,
-                first_sent: Some((3, Instant::now() - ago)),
+                first_sent: Some((3, t0)),
                 ..Default::default()
             },
         );
-        s
+        (s, t0 + ago)
     }
 
     fn acks(s: &State, role: &str) -> (u64, f64) {
@@ -1562,9 +1341,10 @@ mod tests {
 
     #[test]
     fn the_first_ack_of_a_send_is_timed_by_the_acking_role() {
-        let mut s = waiting("dataplane", Duration::from_millis(40));
+        let (mut s, now) = waiting("dataplane", Duration::from_millis(40));
         // A stale ACK (an older send's nonce) is not this send's.
         s.on_msg(
+            now,
             1,
             ToManager::Ack {
                 version: 3,
@@ -1573,6 +1353,7 @@ mod tests {
         );
         assert_eq!(acks(&s, "dataplane").0, 0);
         s.on_msg(
+            now,
             1,
             ToManager::Ack {
                 version: 3,
@@ -1584,6 +1365,7 @@ mod tests {
         assert!((0.04..5.0).contains(&sum), "{sum}");
         // A repeated ACK is not timed again; nothing lands under another role.
         s.on_msg(
+            now,
             1,
             ToManager::Ack {
                 version: 3,
@@ -1593,8 +1375,9 @@ mod tests {
         assert_eq!(acks(&s, "dataplane").0, 1);
         assert_eq!(acks(&s, "dispatcher").0, 0);
         // A role the manager never configures is not recorded (the label set stays closed).
-        let mut s = waiting("manager", Duration::from_millis(1));
+        let (mut s, now) = waiting("manager", Duration::from_millis(1));
         s.on_msg(
+            now,
             1,
             ToManager::Ack {
                 version: 3,
@@ -1612,7 +1395,7 @@ mod tests {
     #[test]
     fn a_table_switch_is_timed_from_its_first_push_to_the_last_dispatcher_ack() {
         let spec = dva_proto::ApplianceSpec::from_yaml(include_str!(
-            "../../../examples/edge-firewall.yaml"
+            "../../../../examples/edge-firewall.yaml"
         ))
         .expect("example spec");
         let mut s = State {
