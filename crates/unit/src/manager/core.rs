@@ -99,8 +99,14 @@ pub struct State {
     /// all switched to it yet.
     table_sent: Option<Instant>,
     latency: ManagerLatency,
-    /// What the current version was compiled from, to notice when a new one is needed.
-    compiled_key: Option<String>,
+    /// Where each input of a compiled config stands now, and where it stood when the current
+    /// version was compiled: a version is compiled when they differ.
+    revs: Revisions,
+    compiled_from: Option<Revisions>,
+    /// Load-balancer backends the dispatchers find down (see [`State::backends_down`]).
+    down: Vec<(String, String)>,
+    /// Data planes fenced at the dispatchers: silent, or failed over and not rejoined yet.
+    fenced: Vec<UnitId>,
     configs: BTreeMap<UnitId, RoleConfig>,
     /// Version released to dispatchers (DPs ACKed it or the timeout passed).
     released: u64,
@@ -150,6 +156,33 @@ pub struct State {
     /// state before its buckets leave it, and the backups compiled meanwhile must still be
     /// chosen knowing where it ran (else they change under the replicas already made).
     hosts: BTreeMap<UnitId, String>,
+}
+
+/// Revisions of what a version's configs are compiled from. Each part is bumped where it
+/// changes, so noticing that a new version is needed costs a comparison of five numbers, not a
+/// look at the table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Revisions {
+    /// The desired state's part that configs are made from ([`compiled_part`]): a new spec
+    /// generation, units added or removed, an address or export flag changed.
+    desired: u64,
+    /// Every change of the bucket table: owners (a new epoch) or history (retired entries,
+    /// which leave the epoch alone).
+    table: u64,
+    /// The backplane keys' send epoch (it moves at each rotation).
+    keys: u32,
+    /// The set of load-balancer backends found down (dispatchers' reports change it).
+    backends: u64,
+    /// The set of fenced data planes.
+    fenced: u64,
+}
+
+/// What of the desired state reaches the configs: the spec (named by its generation) and each
+/// unit's role, address and export flag. Draining moves buckets, which changes the table; a
+/// unit's host only steers where backups go, taken up by the next version compiled anyway.
+fn compiled_part(d: &Desired) -> (u64, Vec<(UnitId, DesiredRole, std::net::SocketAddr, bool)>) {
+    let units = d.units.iter().map(|u| (u.id, u.role, u.addr, u.export));
+    (d.generation, units.collect())
 }
 
 /// What the manager measures, published in its stats ([`Latencies`]).
@@ -282,6 +315,7 @@ impl State {
             }
         }
         self.dirty = true;
+        self.refresh_backends();
     }
 
     fn unit_of(&self, conn: ConnId) -> Option<UnitId> {
@@ -379,11 +413,50 @@ impl State {
                         self.hosts.insert(u.id, h.clone());
                     }
                 }
-                if self.desired.as_ref() != Some(&d) {
-                    self.desired = Some(*d);
-                    self.dirty = true;
-                }
+                self.set_desired(*d);
             }
+        }
+        self.refresh_backends();
+    }
+
+    fn set_desired(&mut self, d: Desired) {
+        if self.desired.as_ref() == Some(&d) {
+            return;
+        }
+        if self.desired.as_ref().map(compiled_part) != Some(compiled_part(&d)) {
+            self.revs.desired += 1;
+        }
+        self.desired = Some(d);
+        self.dirty = true;
+    }
+
+    /// Every change of the bucket table goes through here, so that it is compiled.
+    fn set_table(&mut self, t: BucketTable) {
+        self.table = Some(t);
+        self.revs.table += 1;
+    }
+
+    fn refresh_backends(&mut self) {
+        let down = self.backends_down();
+        if down != self.down {
+            self.down = down;
+            self.revs.backends += 1;
+        }
+    }
+
+    /// Silent data planes and those failed over until they rejoin: the dispatchers let nothing
+    /// they send out.
+    fn refresh_fenced(&mut self) {
+        let fenced: BTreeSet<UnitId> = self
+            .silent
+            .iter()
+            .chain(self.rejoin_after.keys())
+            .copied()
+            .collect();
+        let fenced: Vec<UnitId> = fenced.into_iter().collect();
+        if fenced != self.fenced {
+            self.fenced = fenced;
+            self.revs.fenced += 1;
         }
     }
 
@@ -515,7 +588,7 @@ impl State {
                         self.adopted_backups_for = Some(t.epoch());
                     }
                     self.adopted_at = Some(now);
-                    self.table = Some(t);
+                    self.set_table(t);
                 }
             }
         }
@@ -583,7 +656,7 @@ impl State {
                 desired = ?wanted,
                 "new bucket table"
             );
-            self.table = Some(t);
+            self.set_table(t);
             self.table_version = self.version + 1;
             self.dispatchers_switched = None;
             // A table that replaces one not yet switched to restarts the clock: the dispatchers
@@ -591,6 +664,7 @@ impl State {
             self.table_sent = None;
             self.dirty = true;
         }
+        self.refresh_fenced();
         self.retire(now);
     }
 
@@ -634,7 +708,7 @@ impl State {
             }
         }
         if changed {
-            self.table = Some(t);
+            self.set_table(t);
             self.dirty = true;
         }
     }
@@ -692,6 +766,13 @@ impl State {
         else {
             return;
         };
+        let from = Revisions {
+            keys: auth.send_epoch,
+            ..self.revs
+        };
+        if self.compiled_from == Some(from) {
+            return;
+        }
         let endpoints = |role| {
             d.units
                 .iter()
@@ -708,31 +789,7 @@ impl State {
             table: table.clone(),
         };
         let exporting: Vec<UnitId> = d.units.iter().filter(|u| u.export).map(|u| u.id).collect();
-        let down = self.backends_down();
-        // Silent data planes and those failed over until they rejoin: the dispatchers let
-        // nothing they send out.
-        let fenced: Vec<UnitId> = self
-            .silent
-            .iter()
-            .chain(self.rejoin_after.keys())
-            .copied()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let key = match serde_json::to_string(&(
-            d.generation,
-            &placement,
-            &exporting,
-            &down,
-            auth.send_epoch,
-            &fenced,
-        )) {
-            Ok(k) => k,
-            Err(_) => return,
-        };
-        if self.compiled_key.as_deref() == Some(key.as_str()) {
-            return;
-        }
+        let (down, fenced) = (&self.down, &self.fenced);
         let version = self.version + 1;
         // Each bucket's backup on another machine than its owner where there is one: a
         // machine's loss takes all its data planes at once, and a backup beside its owner would
@@ -760,7 +817,7 @@ impl State {
                         c.backplane = auth.clone();
                         c.export = exporting.contains(&c.unit);
                         c.backups = backups.clone();
-                        for (service, backend) in &down {
+                        for (service, backend) in down {
                             c.backend_states
                                 .retain(|s| !(&s.service == service && &s.backend == backend));
                             c.backend_states.push(BackendStateConfig {
@@ -781,7 +838,7 @@ impl State {
                 self.error = Some(format!("config version {version} not compiled: {e}"));
             }
         }
-        self.compiled_key = Some(key);
+        self.compiled_from = Some(from);
         self.dirty = true;
     }
 
@@ -1080,7 +1137,7 @@ mod tests {
     fn the_spec_s_runtime_reaches_the_role_configs() {
         let t0 = Instant::now();
         let mut s = running(&[(3, "a"), (4, "a")], t0);
-        let d = s.desired.as_mut().expect("desired");
+        let mut d = s.desired.clone().expect("desired");
         d.generation += 1;
         d.spec = dva_proto::ApplianceSpec::from_yaml(&include_str!(
             "../../../../examples/edge-firewall.yaml"
@@ -1090,6 +1147,7 @@ mod tests {
         ))
         .expect("spec with a runtime section");
         d.units.push(dispatcher(1, "a"));
+        s.set_desired(d);
         s.recompile();
         assert_eq!(s.error, None);
         let runtime = |id| s.configs.get(&id).map(|c| c.runtime().clone());
@@ -1199,9 +1257,9 @@ mod tests {
     fn silent_data_planes_are_fenced_at_the_dispatchers_until_they_rejoin() {
         let t0 = Instant::now();
         let mut s = running(&[(3, "a"), (4, "b"), (5, "b")], t0);
-        if let Some(d) = s.desired.as_mut() {
-            d.units.push(dispatcher(1, "d"));
-        }
+        let mut d = s.desired.clone().expect("desired");
+        d.units.push(dispatcher(1, "d"));
+        s.set_desired(d);
         let fenced = |s: &State| match s.configs.get(&1) {
             Some(RoleConfig::Dispatcher(c)) => c.fenced.clone(),
             other => panic!("no dispatcher config: {other:?}"),
@@ -1291,6 +1349,155 @@ mod tests {
         report(&mut s, 5, t);
         s.update_table(t);
         assert!(s.silent.is_empty());
+    }
+
+    /// A step compiles a new version when, and only when, something configs are made from
+    /// changed: the desired state, the table, the keys, the backends found down, the fenced set.
+    #[test]
+    fn a_version_is_compiled_when_its_inputs_change_and_only_then() {
+        let t0 = Instant::now();
+        let mut s = running(&[(3, "a"), (4, "b")], t0);
+        let mut d = s.desired.clone().expect("desired");
+        d.units.push(dispatcher(1, "d"));
+        s.set_desired(d);
+        s.units.insert(
+            1,
+            UnitConn {
+                conn: Some(9),
+                role: "dispatcher".into(),
+                ..UnitConn::default()
+            },
+        );
+        let mut t = t0;
+        // Reports keep coming (a step must not take them for a change) and time passes.
+        fn step_by(s: &mut State, t: &mut Instant, by: Duration, reporting: &[UnitId]) -> u64 {
+            *t += by;
+            for id in reporting {
+                if let Some(u) = s.units.get_mut(id) {
+                    let version = s.version;
+                    u.report = Some((
+                        *t,
+                        UnitReport {
+                            version,
+                            ..UnitReport::default()
+                        },
+                    ));
+                }
+            }
+            s.step(*t);
+            s.version
+        }
+        let mut step = |s: &mut State, by: Duration| step_by(s, &mut t, by, &[1, 3, 4]);
+        let v = step(&mut s, Duration::from_millis(50));
+        assert_eq!(
+            step(&mut s, Duration::from_millis(50)),
+            v,
+            "nothing changed"
+        );
+        assert_eq!(
+            step(&mut s, Duration::from_millis(300)),
+            v,
+            "nothing changed"
+        );
+
+        // The desired state: a new spec generation.
+        let mut d = s.desired.clone().expect("desired");
+        d.generation += 1;
+        s.set_desired(d.clone());
+        let v = step(&mut s, Duration::from_millis(50));
+        assert_eq!(s.compiled_from.map(|r| r.desired), Some(s.revs.desired));
+        assert_eq!(step(&mut s, Duration::from_millis(50)), v);
+        // The same desired state again is no change.
+        s.set_desired(d.clone());
+        assert_eq!(step(&mut s, Duration::from_millis(50)), v);
+
+        // The table: a data plane drains (its buckets move), the spec's generation stays.
+        let table = s.revs.table;
+        d.units
+            .iter_mut()
+            .filter(|u| u.id == 4)
+            .for_each(|u| u.draining = true);
+        s.set_desired(d.clone());
+        let v2 = step(&mut s, Duration::from_millis(50));
+        assert!(
+            v2 > v && s.revs.table > table,
+            "the table changed: {v} -> {v2}"
+        );
+        let v = v2;
+        assert_eq!(step(&mut s, Duration::from_millis(50)), v);
+        // Its history retired (it holds no flows; the dispatcher switched long enough ago): the
+        // table changes without a new epoch.
+        assert!(s
+            .table
+            .as_ref()
+            .is_some_and(|t| t.buckets().iter().any(|b| b.history == [4])));
+        for id in [1, 3, 4] {
+            if let Some(u) = s.units.get_mut(&id) {
+                u.acked = v;
+            }
+        }
+        let epoch = s.table.as_ref().map(|t| t.epoch());
+        let mut retired = v;
+        for _ in 0..4 {
+            retired = step(&mut s, Duration::from_millis(300));
+        }
+        assert_eq!(s.table.as_ref().map(|t| t.epoch()), epoch);
+        assert!(s
+            .table
+            .as_ref()
+            .is_some_and(|t| t.buckets().iter().all(|b| b.history.is_empty())));
+        assert_eq!(retired, v + 1, "the retirement is compiled once");
+        let v = retired;
+
+        // The keys: a rotation.
+        let keys = s.keys.as_ref().map(|(k, _)| k.send_epoch);
+        let v2 = step(&mut s, KEY_ROTATION);
+        assert!(v2 > v && s.keys.as_ref().map(|(k, _)| k.send_epoch) > keys);
+        let v = v2;
+        assert_eq!(step(&mut s, Duration::from_millis(50)), v);
+
+        // The backends: the dispatcher finds one down, then still down (no change), then up.
+        let health = |up| dva_proto::channel::BackendHealth {
+            service: "web".into(),
+            backend: "198.18.2.10:80".into(),
+            up,
+            error: None,
+        };
+        let dispatcher_says = |s: &mut State, up: bool, at: Instant| {
+            s.on_msg(
+                at,
+                9,
+                ToManager::Report(UnitReport {
+                    health: vec![health(up)],
+                    ..UnitReport::default()
+                }),
+            )
+        };
+        let mut step =
+            |s: &mut State, by: Duration, reporting: &[UnitId]| step_by(s, &mut t, by, reporting);
+        dispatcher_says(&mut s, false, t0);
+        let v2 = step(&mut s, Duration::from_millis(50), &[3, 4]);
+        assert_eq!(v2, v + 1, "a backend went down");
+        dispatcher_says(&mut s, false, t0);
+        assert_eq!(
+            step(&mut s, Duration::from_millis(50), &[3, 4]),
+            v2,
+            "still down"
+        );
+        dispatcher_says(&mut s, true, t0);
+        assert_eq!(
+            step(&mut s, Duration::from_millis(50), &[3, 4]),
+            v2 + 1,
+            "up again"
+        );
+        let v = v2 + 1;
+
+        // The fenced set alone: data plane 3, the table's only member, falls silent (with no
+        // other member, its buckets stay).
+        let (fenced, table) = (s.revs.fenced, s.revs.table);
+        assert_eq!(step(&mut s, SILENT_AFTER, &[1, 4]), v + 1, "3 is fenced");
+        assert_eq!(s.fenced, vec![3]);
+        assert!(s.revs.fenced > fenced && s.revs.table == table);
     }
 
     #[test]
