@@ -306,6 +306,22 @@ impl State {
         self.desired.as_ref().map(|d| d.spec.name())
     }
 
+    #[cfg(test)]
+    pub(super) fn table(&self) -> Option<&BucketTable> {
+        self.table.as_ref()
+    }
+
+    /// Each bucket's backup, as handed to the data planes.
+    #[cfg(test)]
+    pub(super) fn backups(&self) -> &[UnitId] {
+        &self.backups
+    }
+
+    #[cfg(test)]
+    pub(super) fn silent(&self) -> Vec<UnitId> {
+        self.silent.iter().copied().collect()
+    }
+
     fn closed(&mut self, id: ConnId) {
         self.peers.remove(&id);
         self.controllers.remove(&id);
@@ -1173,123 +1189,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_silent_machine_s_buckets_go_to_their_backups_at_once() {
-        let t0 = Instant::now();
-        let mut s = running(&[(3, "a"), (4, "a"), (5, "b"), (6, "b")], t0);
-        let before = s.table.clone().expect("table");
-        let backups = s.backups.clone();
-        let machine = |u: UnitId| if u == 3 || u == 4 { "a" } else { "b" };
-        for b in 0..before.len() as u16 {
-            assert_ne!(
-                machine(backups[usize::from(b)]),
-                machine(before.owner(b)),
-                "bucket {b}: a backup is on another machine than its owner"
-            );
-        }
-        let v0 = s.version;
-        // Past the settling time; machine a stops reporting (its two units 200 ms apart),
-        // machine b goes on.
-        let t = t0 + Duration::from_secs(5);
-        report(&mut s, 3, t - Duration::from_millis(900));
-        report(&mut s, 4, t - Duration::from_millis(700));
-        report(&mut s, 5, t - Duration::from_millis(100));
-        report(&mut s, 6, t - Duration::from_millis(200));
-        s.update_table(t);
-        assert_eq!(s.silent, [3, 4].into_iter().collect::<BTreeSet<_>>());
-        let after = s.table.clone().expect("table");
-        assert_eq!(
-            after.members(),
-            vec![5, 6],
-            "one failover for the whole machine"
-        );
-        for b in 0..before.len() as u16 {
-            let owner = before.owner(b);
-            let backup = backups[usize::from(b)];
-            if owner == 3 || owner == 4 {
-                assert_eq!(
-                    after.owner(b),
-                    backup,
-                    "bucket {b}: to the backup holding its state"
-                );
-            } else {
-                assert_eq!(after.owner(b), owner, "bucket {b}");
-            }
-            let h = &after.bucket(b).history;
-            assert!(!h.contains(&3) && !h.contains(&4), "bucket {b}: {h:?}");
-        }
-        // Silent units are sent nothing and not waited for: the dispatchers get the new table
-        // at once instead of after the data-plane ACK timeout.
-        s.recompile();
-        let v = s.version;
-        assert!(v > v0, "the failover is compiled");
-        for id in [5, 6] {
-            if let Some(u) = s.units.get_mut(&id) {
-                u.acked = v;
-            }
-        }
-        s.push(t);
-        assert_eq!(s.released, v);
-        assert!(s.units.get(&3).is_some_and(|u| u.sent < v));
-
-        // Machine a reports again: its units own nothing until they have taken the version
-        // that failed them over (dropping their stale copies), then they join again.
-        let t2 = t + Duration::from_secs(1);
-        for id in [3, 4, 5, 6] {
-            report(&mut s, id, t2);
-        }
-        s.update_table(t2);
-        assert!(s.silent.is_empty());
-        assert_eq!(s.table.as_ref().expect("table").members(), vec![5, 6]);
-        for id in [3, 4] {
-            if let Some(u) = s.units.get_mut(&id) {
-                u.acked = v;
-            }
-        }
-        s.update_table(t2 + Duration::from_millis(50));
-        assert_eq!(s.table.as_ref().expect("table").members(), vec![3, 4, 5, 6]);
-        assert!(s.rejoin_after.is_empty());
-    }
-
-    /// A failed-over data plane is fenced at the dispatchers (nothing it sends leaves) until it
-    /// has taken the config that failed it over.
-    #[test]
-    fn silent_data_planes_are_fenced_at_the_dispatchers_until_they_rejoin() {
-        let t0 = Instant::now();
-        let mut s = running(&[(3, "a"), (4, "b"), (5, "b")], t0);
-        let mut d = s.desired.clone().expect("desired");
-        d.units.push(dispatcher(1, "d"));
-        s.set_desired(d);
-        let fenced = |s: &State| match s.configs.get(&1) {
-            Some(RoleConfig::Dispatcher(c)) => c.fenced.clone(),
-            other => panic!("no dispatcher config: {other:?}"),
-        };
-        s.recompile();
-        assert_eq!(fenced(&s), Vec::<UnitId>::new());
-        let t = t0 + Duration::from_secs(5);
-        report(&mut s, 3, t - Duration::from_millis(900));
-        report(&mut s, 4, t - Duration::from_millis(100));
-        report(&mut s, 5, t - Duration::from_millis(100));
-        s.update_table(t);
-        s.recompile();
-        assert_eq!(fenced(&s), vec![3], "silent and failed over");
-        let v = s.version;
-        // It reports again: still fenced (it owns nothing yet) until it ACKs the failover.
-        let t2 = t + Duration::from_secs(1);
-        for id in [3, 4, 5] {
-            report(&mut s, id, t2);
-        }
-        s.update_table(t2);
-        s.recompile();
-        assert_eq!(fenced(&s), vec![3], "back, but not rejoined");
-        if let Some(u) = s.units.get_mut(&3) {
-            u.acked = v;
-        }
-        s.update_table(t2 + Duration::from_millis(50));
-        s.recompile();
-        assert_eq!(fenced(&s), Vec::<UnitId>::new(), "rejoined");
-        assert!(s.table.as_ref().expect("table").members().contains(&3));
-    }
+    // A silent machine's failover to the backups, and the fencing of its units until they
+    // rejoin: tests/conformance/manager/failover-silent.txt.
 
     #[test]
     fn one_silent_unit_leaves_alone_when_its_neighbours_report() {
