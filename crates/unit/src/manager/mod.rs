@@ -11,13 +11,14 @@
 //! * a previous owner leaves a bucket's history only once it reports no flows there, measured
 //!   after every dispatcher switched to the table that moved the bucket.
 //!
-//! The state machine ([`core::State`]) is sans-IO: one thread here feeds it the readers' events
+//! The state machine ([`State`]) is sans-IO: one thread here feeds it the readers' events
 //! with the time, and writes what it asks to the connections, whose writers it owns; one reader
 //! thread per connection does the handshake and reads.
 //!
 //! The manager is where a config push's two ends are both seen, so it times them
-//! ([`Latencies`] in its stats): each unit's ACK from the version's first send to it, and each
-//! table switch from the first push of the table that moved buckets to the last dispatcher's ACK.
+//! ([`crate::stats::Latencies`] in its stats): each unit's ACK from the version's first send to
+//! it, and each table switch from the first push of the table that moved buckets to the last
+//! dispatcher's ACK.
 //!
 //! The channel is TCP with mutual TLS ([`crate::tls`]): a peer must present a certificate of the
 //! installation's CA naming a unit of this appliance or the management tool. A unit's hello must
