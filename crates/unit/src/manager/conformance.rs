@@ -5,29 +5,37 @@
 //! after them. This harness drives [`State`] through [`State::handle`] with a virtual clock and
 //! plays the units; a new case is a new file, not new code.
 //!
-//! The language, one command a line (`#` starts a comment):
+//! The language: one command a line, `#` starts a comment. Time moves only with `wait`.
 //!
-//! * set-up and desired-state edits (sent by `desired`): `buckets N`, `unit ID dispatcher|dataplane
-//!   [host=H]`, `drain ID`, `remove ID`;
-//! * inputs: `desired [generation=N]` (the management tool sends the desired state), `hello ID...`
-//!   (each unit connects and says hello, with the config it runs, if it ACKed one), `close ID`,
-//!   `mute ID` / `unmute ID` (the unit stops, or resumes, reporting and answering: its machine lost
-//!   its link; what it is sent meanwhile waits), `nack ID TEXT` / `nack ID off` (the unit NACKs every config from now on),
-//!   `flows ID B:N... | none | history` (what its reports say it holds; `history`: one flow in
-//!   every bucket whose history names it now), `send-desired-as ID` (unit ID's certificate sends
-//!   desired state), `hello-as CERT ID`, `wait MS` (time passes in 50 ms ticks: before each tick,
-//!   units answer the configs of the previous one and report every 250 ms), `tick`, `restart`
-//!   (a new manager takes over: every connection closes), `mark NAME` (remember the table, the
-//!   backups and the keys now);
-//! * expectations, about the outputs since the first input after the previous expectation, or
-//!   about the manager now: `expect config ID... vN`, `expect no-config ID...`, `expect version N`,
-//!   `expect members ID...`, `expect owned ID=N...`, `expect history none | ID=N...`, `expect
-//!   failed-over NAME ID...` (their buckets in NAME's table went to NAME's backups, the others
-//!   stayed), `expect table-as NAME`, `expect backups-as NAME`, `expect backups-apart` (each
-//!   bucket's backup on another host than its owner), `expect keys-as
-//!   NAME`, `expect fenced none | ID...`, `expect silent none | ID...`, `expect alive ID...`,
-//!   `expect no-alive ID...`, `expect closed ID`, `expect status converged=BOOL`, `expect status
-//!   error none | TEXT`, `expect status nack ID none | TEXT`.
+//! Desired-state edits (the management tool sends them with `desired`):
+//! * `buckets N`; `unit ID dispatcher|dataplane [host=H]`; `drain ID`; `remove ID`.
+//!
+//! Inputs:
+//! * `desired [generation=N]`: the management tool sends the desired state;
+//! * `hello ID...`: each unit connects and says hello, with the config it runs (its last ACKed);
+//! * `close ID`: its connection ends;
+//! * `mute ID...` / `unmute ID...`: it stops (resumes) reporting and answering, its machine cut
+//!   off; what it is sent meanwhile waits for it, as TCP would hold it;
+//! * `nack ID TEXT` / `nack ID off`: it NACKs every config from now on (or no more);
+//! * `flows ID B:N... | none | history`: what its reports say it holds (`history`: one flow in
+//!   every bucket whose history names it now);
+//! * `hello-as CERT ID`, `send-desired-as ID`: a unit's certificate says what it may not;
+//! * `wait MS`: time passes in 50 ms ticks; before each tick the units answer the configs of the
+//!   previous one and report every 250 ms; `tick`: one tick, no time passing;
+//! * `restart`: a new manager takes over (every connection closes; units say `hello` again);
+//! * `mark NAME`: remember the table, backups and keys now.
+//!
+//! Expectations, about the outputs since the first input after the previous expectation, or about
+//! the manager now:
+//! * outputs: `expect config ID... vN`, `no-config ID...`, `alive ID...`, `no-alive ID...`,
+//!   `closed ID`, and the last status sent: `status converged=BOOL`, `status error none | TEXT`,
+//!   `status nack ID none | TEXT`;
+//! * the last config each dispatcher got: `expect fenced none | ID...`;
+//! * the manager: `expect version N`, `members ID...`, `owned ID=N...`, `history none | ID=N...`
+//!   (buckets whose history names ID), `silent none | ID...`, `failed-over NAME ID...` (their
+//!   buckets in NAME's table went to NAME's backups, the others stayed), `table-as NAME`,
+//!   `backups-as NAME`, `keys-as NAME` (the last configs carry NAME's keys), `backups-apart`
+//!   (each bucket's backup on another host than its owner).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

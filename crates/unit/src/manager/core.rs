@@ -87,6 +87,8 @@ struct UnitConn {
     report: Option<(Instant, UnitReport)>,
 }
 
+/// One leading manager: the desired state, the bucket table, each unit's session (what it was
+/// sent, what it ACKed, its last report), the keys, and the outputs not yet drained.
 #[derive(Default)]
 pub struct State {
     desired: Option<Desired>,
@@ -231,8 +233,8 @@ impl ManagerLatency {
 /// every 250 ms from a thread of their own that does nothing else, so this is three reports
 /// missed. A process that dies closes its connection and the management tool replaces it; this
 /// is for what closes nothing: a machine that lost power or its link (TCP would notice after
-/// [`IDLE_TIMEOUT`]; the management tool declares a host lost after seconds), where every second
-/// of waiting is a second of black-holed flows.
+/// [`super::IDLE_TIMEOUT`]; the management tool declares a host lost after seconds), where every
+/// second of waiting is a second of black-holed flows.
 const SILENT_AFTER: Duration = Duration::from_millis(800);
 /// Once one data plane of a machine is silent, others there whose last report is older than this
 /// go with it: they stopped at the same moment (the machine or its link did), a report interval
