@@ -1,52 +1,23 @@
-//! The manager role: takes the appliance's desired state from the management tool, owns the
-//! bucket table, compiles one config per unit and pushes it over each unit's channel, tracking
-//! ACK/NACK per unit (Envoy xDS semantics).
-//!
-//! Ordering rules that keep traffic undisturbed while data planes come and go:
-//! * a new data plane gets (and ACKs) a config listing it as a peer, but owning nothing, before
-//!   the table gives it buckets;
-//! * a table change goes to the data planes first; dispatchers get it only once every data plane
-//!   ACKed it (or a timeout passed), so no packet reaches an owner that does not yet know the
-//!   bucket's history to punt along;
-//! * a previous owner leaves a bucket's history only once it reports no flows there, measured
-//!   after every dispatcher switched to the table that moved the bucket.
-//!
-//! One thread runs the state machine; one reader thread per connection feeds it events.
-//!
-//! The manager is where a config push's two ends are both seen, so it times them
-//! ([`Latencies`] in its stats): each unit's ACK from the version's first send to it, and each
-//! table switch from the first push of the table that moved buckets to the last dispatcher's ACK.
-//!
-//! The channel is TCP with mutual TLS ([`crate::tls`]): a peer must present a certificate of the
-//! installation's CA naming a unit of this appliance or the management tool. A unit's hello must
-//! name the unit its certificate names, and only the management tool may send desired state.
-//! Anything else is closed and counted as `channel_peer_refused`. At most
-//! [`MAX_HANDSHAKING`] connections may be mid-handshake at once, each for at most
-//! [`tls::HANDSHAKE_TIMEOUT`].
+//! The manager's state machine, without I/O: [`State::handle`] takes the time and one
+//! [`Input`] (a connection opened or closed, a message on one, a tick) and queues [`Output`]s (a
+//! message to write on a connection, a connection to close) that [`State::drain_outputs`] hands
+//! to the run loop, which owns the sockets. It never reads a clock nor touches a socket, so
+//! every protocol it runs (roll-out, failover, history retirement, adoption after a restart)
+//! is tested as data (see `conformance`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::BufReader;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use dva_flow::{BucketTable, UnitId};
 use dva_proto::channel::{
-    self, Desired, DesiredRole, FromManager, ManagerStatus, ToManager, UnitReport, UnitStatus,
+    Desired, DesiredRole, FromManager, ManagerStatus, ToManager, UnitReport, UnitStatus,
 };
 use dva_proto::role::{BackendStateConfig, BackplaneAuth, BackplaneKey};
 use dva_proto::{compile, Placement, RoleConfig, UnitEndpoint};
 use dva_services::lb::BackendState;
 
-use crate::stats::{
-    Histogram, Latencies, StatsCell, UnitStats, CONFIG_ACK_BOUNDS, TABLE_SWITCH_BOUNDS,
-};
-use crate::tls::{self, Credentials, Peer, TlsFiles, TlsWriter};
+use crate::stats::{Histogram, Latencies, CONFIG_ACK_BOUNDS, TABLE_SWITCH_BOUNDS};
+use crate::tls::Peer;
 
 /// Dispatchers get a new table once every data plane ACKed it, or after this long.
 const DATAPLANE_ACK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -57,32 +28,48 @@ const RETIRE_EVERY: Duration = Duration::from_millis(500);
 /// Reports must be this much younger than the dispatchers' switch before they can retire history.
 const RETIRE_SETTLE: Duration = Duration::from_millis(600);
 
-/// Connections still in their TLS handshake beyond this many are closed at once: unauthenticated
-/// peers cannot pile up threads.
-pub const MAX_HANDSHAKING: usize = 64;
-/// A peer silent this long is gone (units report every 250 ms, the management tool sends its
-/// desired state every second): its connection is closed, even if no FIN ever came.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A channel connection, numbered by the run loop (never reused).
+pub type ConnId = u64;
 
-pub struct ManagerArgs {
-    pub unit: UnitId,
-    /// The channel's TCP address (`tcp://ADDR:PORT` on the command line).
-    pub listen: SocketAddr,
-    /// The leader-election lock file.
-    pub lock: PathBuf,
-    /// This manager's certificate (naming it and `manager.APPLIANCE.dva`), key, and the CA.
-    pub tls: TlsFiles,
-    pub stop: Arc<AtomicBool>,
-    pub stats: StatsCell,
-    pub ready: Arc<AtomicBool>,
+/// What happens to the manager.
+#[derive(Debug)]
+pub enum Input {
+    /// A connection finished its TLS handshake; its certificate names `Peer`.
+    Opened(ConnId, Peer),
+    /// A message came on a connection.
+    Msg(ConnId, Box<ToManager>),
+    /// A connection ended (its peer closed it, it broke, or a write on it failed).
+    Closed(ConnId),
+    /// Time passed (the run loop ticks at least every 50 ms): the table, keys and configs are
+    /// brought up to date, pushed, and the status and keepalives sent when due.
+    Tick,
 }
 
-type ConnId = u64;
+/// What the manager asks of the run loop, in order.
+#[derive(Debug)]
+pub enum Output {
+    /// Write this message on the connection.
+    Send(ConnId, FromManager),
+    /// Shut the connection down: its peer said what it may not (see [`may_send`]), counted as
+    /// `channel_peer_refused` with this reason.
+    Close(ConnId, String),
+}
 
-enum Event {
-    Opened(ConnId, TlsWriter),
-    Msg(ConnId, Box<ToManager>),
-    Closed(ConnId),
+/// Whether `peer` may send `msg`: a unit speaks only for the unit its certificate names, and
+/// only the management tool sets the desired state.
+pub fn may_send(peer: &Peer, msg: &ToManager) -> Result<(), String> {
+    match (peer, msg) {
+        (Peer::Unit { id, .. }, ToManager::Hello { unit, .. }) if unit != id => Err(format!(
+            "the certificate names unit {id} but the hello claims unit {unit}"
+        )),
+        (Peer::Unit { id, .. }, ToManager::Desired(_)) => {
+            Err(format!("unit {id} sent desired state"))
+        }
+        (Peer::Mgmt, ToManager::Hello { unit, .. }) => Err(format!(
+            "the management tool's certificate sent a hello for unit {unit}"
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[derive(Default)]
@@ -100,8 +87,10 @@ struct UnitConn {
     report: Option<(Instant, UnitReport)>,
 }
 
+/// One leading manager: the desired state, the bucket table, each unit's session (what it was
+/// sent, what it ACKed, its last report), the keys, and the outputs not yet drained.
 #[derive(Default)]
-struct State {
+pub struct State {
     desired: Option<Desired>,
     version: u64,
     table: Option<BucketTable>,
@@ -112,14 +101,24 @@ struct State {
     /// all switched to it yet.
     table_sent: Option<Instant>,
     latency: ManagerLatency,
-    /// What the current version was compiled from, to notice when a new one is needed.
-    compiled_key: Option<String>,
+    /// Where each input of a compiled config stands now, and where it stood when the current
+    /// version was compiled: a version is compiled when they differ.
+    revs: Revisions,
+    compiled_from: Option<Revisions>,
+    /// Load-balancer backends the dispatchers find down (see [`State::backends_down`]).
+    down: Vec<(String, String)>,
+    /// Data planes fenced at the dispatchers: silent, or failed over and not rejoined yet.
+    fenced: Vec<UnitId>,
     configs: BTreeMap<UnitId, RoleConfig>,
     /// Version released to dispatchers (DPs ACKed it or the timeout passed).
     released: u64,
     units: BTreeMap<UnitId, UnitConn>,
-    conns: BTreeMap<ConnId, TlsWriter>,
+    /// Open connections and who their certificates name.
+    peers: BTreeMap<ConnId, Peer>,
+    /// Connections of the management tool (they sent desired state): they get the status.
     controllers: BTreeSet<ConnId>,
+    /// What the run loop is to write, in order (see [`State::drain_outputs`]).
+    outputs: Vec<Output>,
     error: Option<String>,
     next_nonce: u64,
     last_status: Option<Instant>,
@@ -159,6 +158,33 @@ struct State {
     /// state before its buckets leave it, and the backups compiled meanwhile must still be
     /// chosen knowing where it ran (else they change under the replicas already made).
     hosts: BTreeMap<UnitId, String>,
+}
+
+/// Revisions of what a version's configs are compiled from. Each part is bumped where it
+/// changes, so noticing that a new version is needed costs a comparison of five numbers, not a
+/// look at the table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Revisions {
+    /// The desired state's part that configs are made from ([`compiled_part`]): a new spec
+    /// generation, units added or removed, an address or export flag changed.
+    desired: u64,
+    /// Every change of the bucket table: owners (a new epoch) or history (retired entries,
+    /// which leave the epoch alone).
+    table: u64,
+    /// The backplane keys' send epoch (it moves at each rotation).
+    keys: u32,
+    /// The set of load-balancer backends found down (dispatchers' reports change it).
+    backends: u64,
+    /// The set of fenced data planes.
+    fenced: u64,
+}
+
+/// What of the desired state reaches the configs: the spec (named by its generation) and each
+/// unit's role, address and export flag. Draining moves buckets, which changes the table; a
+/// unit's host only steers where backups go, taken up by the next version compiled anyway.
+fn compiled_part(d: &Desired) -> (u64, Vec<(UnitId, DesiredRole, std::net::SocketAddr, bool)>) {
+    let units = d.units.iter().map(|u| (u.id, u.role, u.addr, u.export));
+    (d.generation, units.collect())
 }
 
 /// What the manager measures, published in its stats ([`Latencies`]).
@@ -207,8 +233,8 @@ impl ManagerLatency {
 /// every 250 ms from a thread of their own that does nothing else, so this is three reports
 /// missed. A process that dies closes its connection and the management tool replaces it; this
 /// is for what closes nothing: a machine that lost power or its link (TCP would notice after
-/// [`IDLE_TIMEOUT`]; the management tool declares a host lost after seconds), where every second
-/// of waiting is a second of black-holed flows.
+/// [`super::IDLE_TIMEOUT`]; the management tool declares a host lost after seconds), where every
+/// second of waiting is a second of black-holed flows.
 const SILENT_AFTER: Duration = Duration::from_millis(800);
 /// Once one data plane of a machine is silent, others there whose last report is older than this
 /// go with it: they stopped at the same moment (the machine or its link did), a report interval
@@ -227,270 +253,87 @@ const FIRST_TABLE_WAIT: Duration = Duration::from_secs(10);
 /// How long a backplane key seals datagrams before the next one takes over.
 const KEY_ROTATION: Duration = Duration::from_secs(15 * 60);
 
-/// Leader election among an appliance's managers: an exclusive `flock` on the lock file. The
-/// kernel drops the lock when its holder dies, however it dies, so a standby blocked on it takes
-/// over within its poll period. (One machine's filesystem is this election's store; managers on
-/// several hosts would use the management tool's store, e.g. an etcd lease.)
-fn acquire_leadership(args: &ManagerArgs) -> anyhow::Result<Option<std::fs::File>> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = &args.lock;
-    if let Some(dir) = path.parent() {
-        dva_io::local::create_private_dir_all(dir)?;
-    }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(dva_io::local::FILE_MODE)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let mut standby_published = false;
-    while !args.stop.load(Ordering::Relaxed) {
-        // SAFETY: flock on a descriptor we own; LOCK_NB makes it return at once.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(Some(file));
-        }
-        if !standby_published {
-            standby_published = true;
-            args.stats.try_publish(UnitStats {
-                unit: args.unit,
-                role: "manager".into(),
-                counters: [("leader".to_string(), 0)].into_iter().collect(),
-                ..Default::default()
-            });
-            // A standby is ready: it serves as soon as the leader goes.
-            args.ready.store(true, Ordering::Release);
-            tracing::info!("standby: another manager leads");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    Ok(None)
-}
-
-/// Whether a manager leads from the lock file at `path` (someone holds its lock).
-pub fn leader_alive(path: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(file) = std::fs::File::open(path) else {
-        return false;
-    };
-    // SAFETY: flock on a descriptor we own; LOCK_NB makes it return at once.
-    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
-    // Dropping the file releases a lock we may just have taken.
-    !free
-}
-
-/// Who may use the channel, and what each may say.
-struct Admission {
-    /// This manager's appliance (from its own certificate).
-    appliance: String,
-    refused: Arc<AtomicU64>,
-    handshaking: AtomicUsize,
-}
-
-impl Admission {
-    /// Whether a peer with this verified identity may connect at all.
-    fn peer(&self, peer: &Peer) -> Result<(), String> {
-        match peer {
-            Peer::Mgmt => Ok(()),
-            Peer::Unit { appliance, .. } if *appliance == self.appliance => Ok(()),
-            Peer::Unit { appliance, id } => Err(format!(
-                "unit {id} of appliance {appliance}, not of {}",
-                self.appliance
-            )),
-        }
-    }
-
-    fn refuse(&self, why: &str) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!("channel peer refused: {why}");
-    }
-}
-
-/// Whether `peer` may send `msg`: a unit speaks only for the unit its certificate names, and
-/// only the management tool sets the desired state.
-pub fn may_send(peer: &Peer, msg: &ToManager) -> Result<(), String> {
-    match (peer, msg) {
-        (Peer::Unit { id, .. }, ToManager::Hello { unit, .. }) if unit != id => Err(format!(
-            "the certificate names unit {id} but the hello claims unit {unit}"
-        )),
-        (Peer::Unit { id, .. }, ToManager::Desired(_)) => {
-            Err(format!("unit {id} sent desired state"))
-        }
-        (Peer::Mgmt, ToManager::Hello { unit, .. }) => Err(format!(
-            "the management tool's certificate sent a hello for unit {unit}"
-        )),
-        _ => Ok(()),
-    }
-}
-
-pub fn run(args: ManagerArgs) -> anyhow::Result<()> {
-    let creds = Credentials::load(&args.tls).context("loading the manager's TLS credentials")?;
-    let appliance = match creds.identity()? {
-        Peer::Unit { appliance, id } if id == args.unit => appliance,
-        other => anyhow::bail!(
-            "the manager's certificate names {other:?}, not unit {} of an appliance",
-            args.unit
-        ),
-    };
-    let tls_config = creds.server_config()?;
-    let Some(_lock) = acquire_leadership(&args)? else {
-        return Ok(());
-    };
-    tracing::info!("leading");
-    let listener = TcpListener::bind(args.listen)
-        .with_context(|| format!("binding the manager channel on {}", args.listen))?;
-    let (tx, rx) = mpsc::channel::<Event>();
-    let refused = Arc::new(AtomicU64::new(0));
-    {
-        let tx = tx.clone();
-        let admission = Arc::new(Admission {
-            appliance,
-            refused: refused.clone(),
-            handshaking: AtomicUsize::new(0),
-        });
-        thread::Builder::new()
-            .name("accept".into())
-            .spawn(move || accept_loop(listener, tls_config, tx, admission))?;
-    }
-    args.ready.store(true, Ordering::Release);
-    let mut st = State {
-        me: args.unit,
-        ..Default::default()
-    };
-    let mut publish = Instant::now();
-    while !args.stop.load(Ordering::Relaxed) {
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(ev) => st.on_event(ev),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-        // Drain whatever else is queued before stepping, so a burst of reports costs one step.
-        while let Ok(ev) = rx.try_recv() {
-            st.on_event(ev);
-        }
-        st.step();
-        st.keepalive(Instant::now());
-        if publish.elapsed() >= Duration::from_millis(200) {
-            publish = Instant::now();
-            let mut counters: BTreeMap<String, u64> =
-                [("leader".to_string(), 1)].into_iter().collect();
-            let refused = refused.load(Ordering::Relaxed);
-            if refused > 0 {
-                counters.insert("channel_peer_refused".to_string(), refused);
-            }
-            args.stats.try_publish(UnitStats {
-                unit: args.unit,
-                role: "manager".into(),
-                counters,
-                config_version: st.version,
-                latency: st.latency.snapshot(),
-                appliance: st
-                    .desired
-                    .as_ref()
-                    .map(|d| d.spec.name().to_string())
-                    .unwrap_or_default(),
-                ..Default::default()
-            });
-        }
-    }
-    Ok(())
-}
-
-fn accept_loop(
-    listener: TcpListener,
-    tls_config: Arc<rustls::ServerConfig>,
-    tx: Sender<Event>,
-    admission: Arc<Admission>,
-) {
-    let mut next: ConnId = 1;
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        if admission.handshaking.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKING {
-            admission.handshaking.fetch_sub(1, Ordering::AcqRel);
-            admission.refuse("too many connections in their TLS handshake");
-            continue;
-        }
-        let id = next;
-        next += 1;
-        let (tx, a, config) = (tx.clone(), admission.clone(), tls_config.clone());
-        let spawned = thread::Builder::new()
-            .name(format!("conn-{id}"))
-            .spawn(move || serve_conn(id, conn, config, &tx, &a));
-        if spawned.is_err() {
-            admission.handshaking.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-/// One connection: the handshake (bounded in time, counted in `handshaking`), the peer's
-/// identity, then its messages, each checked against that identity.
-fn serve_conn(
-    id: ConnId,
-    mut sock: TcpStream,
-    config: Arc<rustls::ServerConfig>,
-    tx: &Sender<Event>,
-    admission: &Admission,
-) {
-    let established = (|| -> Result<_, String> {
-        let mut conn = rustls::Connection::Server(
-            rustls::ServerConnection::new(config).map_err(|e| e.to_string())?,
-        );
-        let deadline = Instant::now() + tls::HANDSHAKE_TIMEOUT;
-        tls::handshake(&mut conn, &mut sock, deadline).map_err(|e| format!("handshake: {e}"))?;
-        let _ = sock.set_nodelay(true);
-        let _ = sock.set_read_timeout(Some(IDLE_TIMEOUT));
-        let _ = sock.set_write_timeout(Some(Duration::from_secs(2)));
-        tls::split(conn, sock).map_err(|e| e.to_string())
-    })();
-    admission.handshaking.fetch_sub(1, Ordering::AcqRel);
-    let (reader, writer) = match established {
-        Ok(halves) => halves,
-        Err(e) => return admission.refuse(&e),
-    };
-    let peer = match writer.peer().and_then(|p| admission.peer(&p).map(|()| p)) {
-        Ok(p) => p,
-        Err(e) => {
-            writer.shutdown();
-            return admission.refuse(&e);
-        }
-    };
-    if tx.send(Event::Opened(id, writer)).is_err() {
-        return;
-    }
-    let mut r = BufReader::new(reader);
-    // A peer speaking garbage, or out of turn, is disconnected; the manager carries on.
-    while let Ok(Some(msg)) = channel::recv::<_, ToManager>(&mut r) {
-        if let Err(e) = may_send(&peer, &msg) {
-            admission.refuse(&e);
-            r.get_ref().shutdown();
-            break;
-        }
-        if tx.send(Event::Msg(id, Box::new(msg))).is_err() {
-            return;
-        }
-    }
-    let _ = tx.send(Event::Closed(id));
-}
-
 impl State {
-    fn on_event(&mut self, ev: Event) {
-        match ev {
-            Event::Opened(id, stream) => {
-                self.conns.insert(id, stream);
-            }
-            Event::Closed(id) => {
-                self.conns.remove(&id);
-                self.controllers.remove(&id);
-                for u in self.units.values_mut() {
-                    if u.conn == Some(id) {
-                        u.conn = None;
-                    }
-                }
-                self.dirty = true;
-            }
-            Event::Msg(id, msg) => self.on_msg(id, *msg),
+    /// A manager that leads as unit `me`, knowing nothing yet.
+    pub fn new(me: UnitId) -> State {
+        State {
+            me,
+            ..State::default()
         }
+    }
+
+    /// Take one input at `now`; what it calls for is queued for [`State::drain_outputs`].
+    pub fn handle(&mut self, now: Instant, input: Input) {
+        match input {
+            Input::Opened(id, peer) => {
+                self.peers.insert(id, peer);
+            }
+            Input::Closed(id) => self.closed(id),
+            Input::Msg(id, msg) => {
+                // A connection refused (or closed) already: what its reader still had is moot.
+                let Some(peer) = self.peers.get(&id) else {
+                    return;
+                };
+                if let Err(why) = may_send(peer, &msg) {
+                    self.closed(id);
+                    self.outputs.push(Output::Close(id, why));
+                    return;
+                }
+                self.on_msg(now, id, *msg);
+            }
+            Input::Tick => {
+                self.step(now);
+                self.keepalive(now);
+            }
+        }
+    }
+
+    /// What to write and close, in the order it was decided.
+    pub fn drain_outputs(&mut self) -> impl Iterator<Item = Output> + '_ {
+        self.outputs.drain(..)
+    }
+
+    /// The newest config version compiled (0: none yet).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Config push latencies so far.
+    pub fn latency(&self) -> Latencies {
+        self.latency.snapshot()
+    }
+
+    /// The appliance's name, once the management tool has said.
+    pub fn appliance(&self) -> Option<&str> {
+        self.desired.as_ref().map(|d| d.spec.name())
+    }
+
+    #[cfg(test)]
+    pub(super) fn table(&self) -> Option<&BucketTable> {
+        self.table.as_ref()
+    }
+
+    /// Each bucket's backup, as handed to the data planes.
+    #[cfg(test)]
+    pub(super) fn backups(&self) -> &[UnitId] {
+        &self.backups
+    }
+
+    #[cfg(test)]
+    pub(super) fn silent(&self) -> Vec<UnitId> {
+        self.silent.iter().copied().collect()
+    }
+
+    fn closed(&mut self, id: ConnId) {
+        self.peers.remove(&id);
+        self.controllers.remove(&id);
+        for u in self.units.values_mut() {
+            if u.conn == Some(id) {
+                u.conn = None;
+            }
+        }
+        self.dirty = true;
+        self.refresh_backends();
     }
 
     fn unit_of(&self, conn: ConnId) -> Option<UnitId> {
@@ -500,7 +343,7 @@ impl State {
             .map(|(id, _)| *id)
     }
 
-    fn on_msg(&mut self, conn: ConnId, msg: ToManager) {
+    fn on_msg(&mut self, now: Instant, conn: ConnId, msg: ToManager) {
         match msg {
             ToManager::Hello {
                 unit,
@@ -553,7 +396,8 @@ impl State {
                         u.nack = None;
                         // Only the first ACK of a send counts: `first_sent` goes with it.
                         if let Some((_, at)) = u.first_sent.take_if(|(v, _)| *v == version) {
-                            self.latency.acked(&u.role, at.elapsed());
+                            self.latency
+                                .acked(&u.role, now.saturating_duration_since(at));
                         }
                     }
                 }
@@ -575,7 +419,7 @@ impl State {
             ToManager::Report(r) => {
                 let Some(id) = self.unit_of(conn) else { return };
                 if let Some(u) = self.units.get_mut(&id) {
-                    u.report = Some((Instant::now(), r));
+                    u.report = Some((now, r));
                 }
             }
             ToManager::Desired(d) => {
@@ -587,11 +431,50 @@ impl State {
                         self.hosts.insert(u.id, h.clone());
                     }
                 }
-                if self.desired.as_ref() != Some(&d) {
-                    self.desired = Some(*d);
-                    self.dirty = true;
-                }
+                self.set_desired(*d);
             }
+        }
+        self.refresh_backends();
+    }
+
+    fn set_desired(&mut self, d: Desired) {
+        if self.desired.as_ref() == Some(&d) {
+            return;
+        }
+        if self.desired.as_ref().map(compiled_part) != Some(compiled_part(&d)) {
+            self.revs.desired += 1;
+        }
+        self.desired = Some(d);
+        self.dirty = true;
+    }
+
+    /// Every change of the bucket table goes through here, so that it is compiled.
+    fn set_table(&mut self, t: BucketTable) {
+        self.table = Some(t);
+        self.revs.table += 1;
+    }
+
+    fn refresh_backends(&mut self) {
+        let down = self.backends_down();
+        if down != self.down {
+            self.down = down;
+            self.revs.backends += 1;
+        }
+    }
+
+    /// Silent data planes and those failed over until they rejoin: the dispatchers let nothing
+    /// they send out.
+    fn refresh_fenced(&mut self) {
+        let fenced: BTreeSet<UnitId> = self
+            .silent
+            .iter()
+            .chain(self.rejoin_after.keys())
+            .copied()
+            .collect();
+        let fenced: Vec<UnitId> = fenced.into_iter().collect();
+        if fenced != self.fenced {
+            self.fenced = fenced;
+            self.revs.fenced += 1;
         }
     }
 
@@ -606,8 +489,7 @@ impl State {
         self.units.get(&id).is_some_and(|u| u.conn.is_some())
     }
 
-    fn step(&mut self) {
-        let now = Instant::now();
+    fn step(&mut self, now: Instant) {
         if self.desired.is_some() {
             self.update_table(now);
             if let Err(e) = self.rotate_keys(now) {
@@ -724,7 +606,7 @@ impl State {
                         self.adopted_backups_for = Some(t.epoch());
                     }
                     self.adopted_at = Some(now);
-                    self.table = Some(t);
+                    self.set_table(t);
                 }
             }
         }
@@ -792,7 +674,7 @@ impl State {
                 desired = ?wanted,
                 "new bucket table"
             );
-            self.table = Some(t);
+            self.set_table(t);
             self.table_version = self.version + 1;
             self.dispatchers_switched = None;
             // A table that replaces one not yet switched to restarts the clock: the dispatchers
@@ -800,6 +682,7 @@ impl State {
             self.table_sent = None;
             self.dirty = true;
         }
+        self.refresh_fenced();
         self.retire(now);
     }
 
@@ -843,7 +726,7 @@ impl State {
             }
         }
         if changed {
-            self.table = Some(t);
+            self.set_table(t);
             self.dirty = true;
         }
     }
@@ -901,6 +784,13 @@ impl State {
         else {
             return;
         };
+        let from = Revisions {
+            keys: auth.send_epoch,
+            ..self.revs
+        };
+        if self.compiled_from == Some(from) {
+            return;
+        }
         let endpoints = |role| {
             d.units
                 .iter()
@@ -917,31 +807,7 @@ impl State {
             table: table.clone(),
         };
         let exporting: Vec<UnitId> = d.units.iter().filter(|u| u.export).map(|u| u.id).collect();
-        let down = self.backends_down();
-        // Silent data planes and those failed over until they rejoin: the dispatchers let
-        // nothing they send out.
-        let fenced: Vec<UnitId> = self
-            .silent
-            .iter()
-            .chain(self.rejoin_after.keys())
-            .copied()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let key = match serde_json::to_string(&(
-            d.generation,
-            &placement,
-            &exporting,
-            &down,
-            auth.send_epoch,
-            &fenced,
-        )) {
-            Ok(k) => k,
-            Err(_) => return,
-        };
-        if self.compiled_key.as_deref() == Some(key.as_str()) {
-            return;
-        }
+        let (down, fenced) = (&self.down, &self.fenced);
         let version = self.version + 1;
         // Each bucket's backup on another machine than its owner where there is one: a
         // machine's loss takes all its data planes at once, and a backup beside its owner would
@@ -969,7 +835,7 @@ impl State {
                         c.backplane = auth.clone();
                         c.export = exporting.contains(&c.unit);
                         c.backups = backups.clone();
-                        for (service, backend) in &down {
+                        for (service, backend) in down {
                             c.backend_states
                                 .retain(|s| !(&s.service == service && &s.backend == backend));
                             c.backend_states.push(BackendStateConfig {
@@ -990,7 +856,7 @@ impl State {
                 self.error = Some(format!("config version {version} not compiled: {e}"));
             }
         }
-        self.compiled_key = Some(key);
+        self.compiled_from = Some(from);
         self.dirty = true;
     }
 
@@ -1120,12 +986,7 @@ impl State {
             nonce: u.nonce,
             config: Box::new(cfg.clone()),
         };
-        if let Some(stream) = self.conns.get_mut(&conn) {
-            if channel::send(stream, &msg).is_err() {
-                // The reader thread will report the close; forget the write side now.
-                stream.shutdown();
-            }
-        }
+        self.outputs.push(Output::Send(conn, msg));
     }
 
     /// Tell every unit heard from lately that this manager lives (see [`FromManager::Alive`]).
@@ -1146,11 +1007,7 @@ impl State {
             .filter_map(|(_, u)| u.conn)
             .collect();
         for conn in conns {
-            if let Some(stream) = self.conns.get_mut(&conn) {
-                if channel::send(stream, &FromManager::Alive).is_err() {
-                    stream.shutdown();
-                }
-            }
+            self.outputs.push(Output::Send(conn, FromManager::Alive));
         }
     }
 
@@ -1162,11 +1019,7 @@ impl State {
         let msg = FromManager::Status(Box::new(status));
         let ids: Vec<ConnId> = self.controllers.iter().copied().collect();
         for id in ids {
-            if let Some(stream) = self.conns.get_mut(&id) {
-                if channel::send(stream, &msg).is_err() {
-                    stream.shutdown();
-                }
-            }
+            self.outputs.push(Output::Send(id, msg.clone()));
         }
     }
 
@@ -1236,7 +1089,7 @@ mod tests {
     /// reporting at `t0`, and its first bucket table made.
     fn running(dps: &[(UnitId, &str)], t0: Instant) -> State {
         let spec = dva_proto::ApplianceSpec::from_yaml(include_str!(
-            "../../../examples/edge-firewall.yaml"
+            "../../../../examples/edge-firewall.yaml"
         ))
         .expect("example spec");
         let units = dps
@@ -1302,16 +1155,17 @@ mod tests {
     fn the_spec_s_runtime_reaches_the_role_configs() {
         let t0 = Instant::now();
         let mut s = running(&[(3, "a"), (4, "a")], t0);
-        let d = s.desired.as_mut().expect("desired");
+        let mut d = s.desired.clone().expect("desired");
         d.generation += 1;
         d.spec = dva_proto::ApplianceSpec::from_yaml(&include_str!(
-            "../../../examples/edge-firewall.yaml"
+            "../../../../examples/edge-firewall.yaml"
         ).replace(
             "  layout:",
             "  runtime: { driver: af_packet, busy_poll: 50us, backplane: udp, cpus: \"0-1\" }\n  layout:",
         ))
         .expect("spec with a runtime section");
         d.units.push(dispatcher(1, "a"));
+        s.set_desired(d);
         s.recompile();
         assert_eq!(s.error, None);
         let runtime = |id| s.configs.get(&id).map(|c| c.runtime().clone());
@@ -1337,123 +1191,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_silent_machine_s_buckets_go_to_their_backups_at_once() {
-        let t0 = Instant::now();
-        let mut s = running(&[(3, "a"), (4, "a"), (5, "b"), (6, "b")], t0);
-        let before = s.table.clone().expect("table");
-        let backups = s.backups.clone();
-        let machine = |u: UnitId| if u == 3 || u == 4 { "a" } else { "b" };
-        for b in 0..before.len() as u16 {
-            assert_ne!(
-                machine(backups[usize::from(b)]),
-                machine(before.owner(b)),
-                "bucket {b}: a backup is on another machine than its owner"
-            );
-        }
-        let v0 = s.version;
-        // Past the settling time; machine a stops reporting (its two units 200 ms apart),
-        // machine b goes on.
-        let t = t0 + Duration::from_secs(5);
-        report(&mut s, 3, t - Duration::from_millis(900));
-        report(&mut s, 4, t - Duration::from_millis(700));
-        report(&mut s, 5, t - Duration::from_millis(100));
-        report(&mut s, 6, t - Duration::from_millis(200));
-        s.update_table(t);
-        assert_eq!(s.silent, [3, 4].into_iter().collect::<BTreeSet<_>>());
-        let after = s.table.clone().expect("table");
-        assert_eq!(
-            after.members(),
-            vec![5, 6],
-            "one failover for the whole machine"
-        );
-        for b in 0..before.len() as u16 {
-            let owner = before.owner(b);
-            let backup = backups[usize::from(b)];
-            if owner == 3 || owner == 4 {
-                assert_eq!(
-                    after.owner(b),
-                    backup,
-                    "bucket {b}: to the backup holding its state"
-                );
-            } else {
-                assert_eq!(after.owner(b), owner, "bucket {b}");
-            }
-            let h = &after.bucket(b).history;
-            assert!(!h.contains(&3) && !h.contains(&4), "bucket {b}: {h:?}");
-        }
-        // Silent units are sent nothing and not waited for: the dispatchers get the new table
-        // at once instead of after the data-plane ACK timeout.
-        s.recompile();
-        let v = s.version;
-        assert!(v > v0, "the failover is compiled");
-        for id in [5, 6] {
-            if let Some(u) = s.units.get_mut(&id) {
-                u.acked = v;
-            }
-        }
-        s.push(t);
-        assert_eq!(s.released, v);
-        assert!(s.units.get(&3).is_some_and(|u| u.sent < v));
-
-        // Machine a reports again: its units own nothing until they have taken the version
-        // that failed them over (dropping their stale copies), then they join again.
-        let t2 = t + Duration::from_secs(1);
-        for id in [3, 4, 5, 6] {
-            report(&mut s, id, t2);
-        }
-        s.update_table(t2);
-        assert!(s.silent.is_empty());
-        assert_eq!(s.table.as_ref().expect("table").members(), vec![5, 6]);
-        for id in [3, 4] {
-            if let Some(u) = s.units.get_mut(&id) {
-                u.acked = v;
-            }
-        }
-        s.update_table(t2 + Duration::from_millis(50));
-        assert_eq!(s.table.as_ref().expect("table").members(), vec![3, 4, 5, 6]);
-        assert!(s.rejoin_after.is_empty());
-    }
-
-    /// A failed-over data plane is fenced at the dispatchers (nothing it sends leaves) until it
-    /// has taken the config that failed it over.
-    #[test]
-    fn silent_data_planes_are_fenced_at_the_dispatchers_until_they_rejoin() {
-        let t0 = Instant::now();
-        let mut s = running(&[(3, "a"), (4, "b"), (5, "b")], t0);
-        if let Some(d) = s.desired.as_mut() {
-            d.units.push(dispatcher(1, "d"));
-        }
-        let fenced = |s: &State| match s.configs.get(&1) {
-            Some(RoleConfig::Dispatcher(c)) => c.fenced.clone(),
-            other => panic!("no dispatcher config: {other:?}"),
-        };
-        s.recompile();
-        assert_eq!(fenced(&s), Vec::<UnitId>::new());
-        let t = t0 + Duration::from_secs(5);
-        report(&mut s, 3, t - Duration::from_millis(900));
-        report(&mut s, 4, t - Duration::from_millis(100));
-        report(&mut s, 5, t - Duration::from_millis(100));
-        s.update_table(t);
-        s.recompile();
-        assert_eq!(fenced(&s), vec![3], "silent and failed over");
-        let v = s.version;
-        // It reports again: still fenced (it owns nothing yet) until it ACKs the failover.
-        let t2 = t + Duration::from_secs(1);
-        for id in [3, 4, 5] {
-            report(&mut s, id, t2);
-        }
-        s.update_table(t2);
-        s.recompile();
-        assert_eq!(fenced(&s), vec![3], "back, but not rejoined");
-        if let Some(u) = s.units.get_mut(&3) {
-            u.acked = v;
-        }
-        s.update_table(t2 + Duration::from_millis(50));
-        s.recompile();
-        assert_eq!(fenced(&s), Vec::<UnitId>::new(), "rejoined");
-        assert!(s.table.as_ref().expect("table").members().contains(&3));
-    }
+    // A silent machine's failover to the backups, and the fencing of its units until they
+    // rejoin: tests/conformance/manager/failover-silent.txt.
 
     #[test]
     fn one_silent_unit_leaves_alone_when_its_neighbours_report() {
@@ -1483,7 +1222,7 @@ mod tests {
         let mut s = running(&[(3, "a"), (4, "a"), (5, "b")], t0);
         let mut d = s.desired.clone().expect("desired");
         d.units.retain(|u| u.id != 3);
-        s.on_msg(99, ToManager::Desired(Box::new(d)));
+        s.on_msg(t0, 99, ToManager::Desired(Box::new(d)));
         s.recompile();
         assert_eq!(
             s.backups, backups,
@@ -1515,6 +1254,155 @@ mod tests {
         assert!(s.silent.is_empty());
     }
 
+    /// A step compiles a new version when, and only when, something configs are made from
+    /// changed: the desired state, the table, the keys, the backends found down, the fenced set.
+    #[test]
+    fn a_version_is_compiled_when_its_inputs_change_and_only_then() {
+        let t0 = Instant::now();
+        let mut s = running(&[(3, "a"), (4, "b")], t0);
+        let mut d = s.desired.clone().expect("desired");
+        d.units.push(dispatcher(1, "d"));
+        s.set_desired(d);
+        s.units.insert(
+            1,
+            UnitConn {
+                conn: Some(9),
+                role: "dispatcher".into(),
+                ..UnitConn::default()
+            },
+        );
+        let mut t = t0;
+        // Reports keep coming (a step must not take them for a change) and time passes.
+        fn step_by(s: &mut State, t: &mut Instant, by: Duration, reporting: &[UnitId]) -> u64 {
+            *t += by;
+            for id in reporting {
+                if let Some(u) = s.units.get_mut(id) {
+                    let version = s.version;
+                    u.report = Some((
+                        *t,
+                        UnitReport {
+                            version,
+                            ..UnitReport::default()
+                        },
+                    ));
+                }
+            }
+            s.step(*t);
+            s.version
+        }
+        let mut step = |s: &mut State, by: Duration| step_by(s, &mut t, by, &[1, 3, 4]);
+        let v = step(&mut s, Duration::from_millis(50));
+        assert_eq!(
+            step(&mut s, Duration::from_millis(50)),
+            v,
+            "nothing changed"
+        );
+        assert_eq!(
+            step(&mut s, Duration::from_millis(300)),
+            v,
+            "nothing changed"
+        );
+
+        // The desired state: a new spec generation.
+        let mut d = s.desired.clone().expect("desired");
+        d.generation += 1;
+        s.set_desired(d.clone());
+        let v = step(&mut s, Duration::from_millis(50));
+        assert_eq!(s.compiled_from.map(|r| r.desired), Some(s.revs.desired));
+        assert_eq!(step(&mut s, Duration::from_millis(50)), v);
+        // The same desired state again is no change.
+        s.set_desired(d.clone());
+        assert_eq!(step(&mut s, Duration::from_millis(50)), v);
+
+        // The table: a data plane drains (its buckets move), the spec's generation stays.
+        let table = s.revs.table;
+        d.units
+            .iter_mut()
+            .filter(|u| u.id == 4)
+            .for_each(|u| u.draining = true);
+        s.set_desired(d.clone());
+        let v2 = step(&mut s, Duration::from_millis(50));
+        assert!(
+            v2 > v && s.revs.table > table,
+            "the table changed: {v} -> {v2}"
+        );
+        let v = v2;
+        assert_eq!(step(&mut s, Duration::from_millis(50)), v);
+        // Its history retired (it holds no flows; the dispatcher switched long enough ago): the
+        // table changes without a new epoch.
+        assert!(s
+            .table
+            .as_ref()
+            .is_some_and(|t| t.buckets().iter().any(|b| b.history == [4])));
+        for id in [1, 3, 4] {
+            if let Some(u) = s.units.get_mut(&id) {
+                u.acked = v;
+            }
+        }
+        let epoch = s.table.as_ref().map(|t| t.epoch());
+        let mut retired = v;
+        for _ in 0..4 {
+            retired = step(&mut s, Duration::from_millis(300));
+        }
+        assert_eq!(s.table.as_ref().map(|t| t.epoch()), epoch);
+        assert!(s
+            .table
+            .as_ref()
+            .is_some_and(|t| t.buckets().iter().all(|b| b.history.is_empty())));
+        assert_eq!(retired, v + 1, "the retirement is compiled once");
+        let v = retired;
+
+        // The keys: a rotation.
+        let keys = s.keys.as_ref().map(|(k, _)| k.send_epoch);
+        let v2 = step(&mut s, KEY_ROTATION);
+        assert!(v2 > v && s.keys.as_ref().map(|(k, _)| k.send_epoch) > keys);
+        let v = v2;
+        assert_eq!(step(&mut s, Duration::from_millis(50)), v);
+
+        // The backends: the dispatcher finds one down, then still down (no change), then up.
+        let health = |up| dva_proto::channel::BackendHealth {
+            service: "web".into(),
+            backend: "198.18.2.10:80".into(),
+            up,
+            error: None,
+        };
+        let dispatcher_says = |s: &mut State, up: bool, at: Instant| {
+            s.on_msg(
+                at,
+                9,
+                ToManager::Report(UnitReport {
+                    health: vec![health(up)],
+                    ..UnitReport::default()
+                }),
+            )
+        };
+        let mut step =
+            |s: &mut State, by: Duration, reporting: &[UnitId]| step_by(s, &mut t, by, reporting);
+        dispatcher_says(&mut s, false, t0);
+        let v2 = step(&mut s, Duration::from_millis(50), &[3, 4]);
+        assert_eq!(v2, v + 1, "a backend went down");
+        dispatcher_says(&mut s, false, t0);
+        assert_eq!(
+            step(&mut s, Duration::from_millis(50), &[3, 4]),
+            v2,
+            "still down"
+        );
+        dispatcher_says(&mut s, true, t0);
+        assert_eq!(
+            step(&mut s, Duration::from_millis(50), &[3, 4]),
+            v2 + 1,
+            "up again"
+        );
+        let v = v2 + 1;
+
+        // The fenced set alone: data plane 3, the table's only member, falls silent (with no
+        // other member, its buckets stay).
+        let (fenced, table) = (s.revs.fenced, s.revs.table);
+        assert_eq!(step(&mut s, SILENT_AFTER, &[1, 4]), v + 1, "3 is fenced");
+        assert_eq!(s.fenced, vec![3]);
+        assert!(s.revs.fenced > fenced && s.revs.table == table);
+    }
+
     #[test]
     fn keys_rotate_with_the_next_one_handed_out_ahead() {
         let mut s = State::default();
@@ -1537,8 +1425,9 @@ mod tests {
         assert_ne!(auth.keys[1].key, auth.keys[2].key);
     }
 
-    /// A unit on connection 1 with version 3 sent to it `ago`, under nonce 7.
-    fn waiting(role: &str, ago: Duration) -> State {
+    /// A unit on connection 1 with version 3 sent to it `ago`, under nonce 7, and the time now.
+    fn waiting(role: &str, ago: Duration) -> (State, Instant) {
+        let t0 = Instant::now();
         let mut s = State::default();
         s.units.insert(
             5,
@@ -1547,11 +1436,11 @@ mod tests {
                 role: role.into(),
                 sent: 3,
                 nonce: 7,
-                first_sent: Some((3, Instant::now() - ago)),
+                first_sent: Some((3, t0)),
                 ..Default::default()
             },
         );
-        s
+        (s, t0 + ago)
     }
 
     fn acks(s: &State, role: &str) -> (u64, f64) {
@@ -1562,9 +1451,10 @@ mod tests {
 
     #[test]
     fn the_first_ack_of_a_send_is_timed_by_the_acking_role() {
-        let mut s = waiting("dataplane", Duration::from_millis(40));
+        let (mut s, now) = waiting("dataplane", Duration::from_millis(40));
         // A stale ACK (an older send's nonce) is not this send's.
         s.on_msg(
+            now,
             1,
             ToManager::Ack {
                 version: 3,
@@ -1573,6 +1463,7 @@ mod tests {
         );
         assert_eq!(acks(&s, "dataplane").0, 0);
         s.on_msg(
+            now,
             1,
             ToManager::Ack {
                 version: 3,
@@ -1584,6 +1475,7 @@ mod tests {
         assert!((0.04..5.0).contains(&sum), "{sum}");
         // A repeated ACK is not timed again; nothing lands under another role.
         s.on_msg(
+            now,
             1,
             ToManager::Ack {
                 version: 3,
@@ -1593,8 +1485,9 @@ mod tests {
         assert_eq!(acks(&s, "dataplane").0, 1);
         assert_eq!(acks(&s, "dispatcher").0, 0);
         // A role the manager never configures is not recorded (the label set stays closed).
-        let mut s = waiting("manager", Duration::from_millis(1));
+        let (mut s, now) = waiting("manager", Duration::from_millis(1));
         s.on_msg(
+            now,
             1,
             ToManager::Ack {
                 version: 3,
@@ -1612,7 +1505,7 @@ mod tests {
     #[test]
     fn a_table_switch_is_timed_from_its_first_push_to_the_last_dispatcher_ack() {
         let spec = dva_proto::ApplianceSpec::from_yaml(include_str!(
-            "../../../examples/edge-firewall.yaml"
+            "../../../../examples/edge-firewall.yaml"
         ))
         .expect("example spec");
         let mut s = State {
