@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use dva_io::backplane::{Backplane, Origin};
+use dva_io::backplane::{Backplane, BackplaneTx, Origin};
 use dva_io::capture::Tapped;
 use dva_io::port::{DriverChoice, Port as Device};
 use dva_io::{FrameIo, GsoType, RxMeta};
@@ -806,7 +806,7 @@ impl Core {
         }
     }
 
-    fn on_frame(&mut self, i: usize, frame: &[u8], meta: RxMeta, bp: &mut Backplane) {
+    fn on_frame(&mut self, i: usize, frame: &[u8], meta: RxMeta, bp: &mut impl BackplaneTx) {
         let link = &mut self.links[i];
         link.stats.rx_frames += 1;
         link.stats.rx_bytes += frame.len() as u64;
@@ -880,7 +880,7 @@ impl Core {
         to_us: bool,
         ip: &[u8],
         meta: RxMeta,
-        bp: &mut Backplane,
+        bp: &mut impl BackplaneTx,
     ) {
         let Ok(pkt) = Ipv4Packet::new_checked(ip) else {
             return self.drop(dr::MALFORMED_IP);
@@ -918,7 +918,7 @@ impl Core {
         to_us: bool,
         ip: &[u8],
         meta: RxMeta,
-        bp: &mut Backplane,
+        bp: &mut impl BackplaneTx,
     ) {
         let pkt = Ipv4Packet::new_unchecked(ip);
         let dst = IpAddr::V4(pkt.dst_addr());
@@ -955,7 +955,7 @@ impl Core {
         to_us: bool,
         ip: &[u8],
         meta: RxMeta,
-        bp: &mut Backplane,
+        bp: &mut impl BackplaneTx,
     ) {
         let Ok(pkt) = Ipv6Packet::new_checked(ip) else {
             return self.drop(dr::MALFORMED_IP);
@@ -994,7 +994,7 @@ impl Core {
         to_us: bool,
         ip: &[u8],
         meta: RxMeta,
-        bp: &mut Backplane,
+        bp: &mut impl BackplaneTx,
     ) {
         let pkt = Ipv6Packet::new_unchecked(ip);
         let dst = IpAddr::V6(pkt.dst_addr());
@@ -1176,7 +1176,7 @@ impl Core {
         ip: &[u8],
         c: &Classified,
         rx: &RxMeta,
-        bp: &mut Backplane,
+        bp: &mut impl BackplaneTx,
         bucket: Option<u32>,
     ) {
         let bucket = bucket.unwrap_or_else(|| self.flow_bucket(c));
@@ -1249,7 +1249,7 @@ impl Core {
     /// A processed packet from a data plane, to send out. `from` authenticated it (the
     /// backplane delivers nothing else); a unit that is not a data plane of this appliance
     /// (another dispatcher, a stale unit) never gets a packet out of its interfaces.
-    fn on_backplane(&mut self, buf: &[u8], from: Origin, ports: &mut [Port]) {
+    fn on_backplane(&mut self, buf: &[u8], from: Origin, ports: &mut [impl FrameIo]) {
         if !self.dataplane_ids.contains(&from.unit) {
             return self.drop(dr::BACKPLANE_FOREIGN);
         }
@@ -1269,7 +1269,7 @@ impl Core {
     }
 
     /// Route a processed packet out of the appliance: next hop, TTL, MAC rewrite, neighbour resolution.
-    fn forward(&mut self, ip: &[u8], meta: &DvaMeta, ports: &mut [Port]) {
+    fn forward(&mut self, ip: &[u8], meta: &DvaMeta, ports: &mut [impl FrameIo]) {
         let (dst, ttl, len, etype) = match ip.first().map(|b| b >> 4) {
             Some(4) => match Ipv4Packet::new_checked(ip) {
                 Ok(p) => (
@@ -1349,7 +1349,7 @@ impl Core {
         ip: &[u8],
         mtu: usize,
         offloaded: bool,
-        ports: &mut [Port],
+        ports: &mut [impl FrameIo],
     ) {
         let v4 = ip.first().map(|b| b >> 4) == Some(4);
         if v4 && !offloaded && !Ipv4Packet::new_unchecked(ip).dont_frag() {
@@ -1422,7 +1422,7 @@ impl Core {
         etype: u16,
         c: Option<Classified>,
         meta: &DvaMeta,
-        ports: &mut [Port],
+        ports: &mut [impl FrameIo],
     ) {
         let link = &mut self.links[e];
         let len = ip.len();
@@ -1507,7 +1507,7 @@ impl Core {
     }
 
     /// ARP request / neighbour solicitation for `ip` on interface `e`.
-    fn probe(&mut self, e: usize, ip: IpAddr, ports: &mut [Port]) {
+    fn probe(&mut self, e: usize, ip: IpAddr, ports: &mut [impl FrameIo]) {
         let link = &mut self.links[e];
         let Some(src) = link.source_for(ip) else {
             return;
@@ -1540,7 +1540,7 @@ impl Core {
     /// Enter the ICMP errors [`Core::too_big`] made about masqueraded packets, each as if it
     /// had arrived on its interface, past the arrival checks (its source is ours, which those
     /// refuse from the wire): to the data plane of the flow it quotes.
-    fn take_reinjected(&mut self, bp: &mut Backplane) {
+    fn take_reinjected(&mut self, bp: &mut impl BackplaneTx) {
         if self.reinject.is_empty() {
             return;
         }
@@ -1553,7 +1553,7 @@ impl Core {
         }
     }
 
-    fn send_deferred(&mut self, ports: &mut [Port]) {
+    fn send_deferred(&mut self, ports: &mut [impl FrameIo]) {
         for (i, f) in self.deferred.drain(..) {
             let link = &mut self.links[i];
             if ports[i].tx(&f).is_ok() {
@@ -1565,7 +1565,7 @@ impl Core {
         }
     }
 
-    fn tick(&mut self, ports: &mut [Port]) {
+    fn tick(&mut self, ports: &mut [impl FrameIo]) {
         for pkt in self.health.tick(self.now) {
             // Built here with complete checksums: no offload work.
             self.forward(&pkt, &DvaMeta::default(), ports);
