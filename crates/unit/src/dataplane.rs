@@ -520,12 +520,6 @@ impl<B: BackplaneTx> Core<B> {
         self.apply(ready.0)
     }
 
-    /// The running config.
-    #[cfg(test)]
-    pub(crate) fn config(&self) -> &DataplaneConfig {
-        &self.cfg
-    }
-
     /// What makes a config unservable, checked before any of it is taken.
     fn check(&self, cfg: &DataplaneConfig) -> Result<(), String> {
         // Rings and the pinned CPU were set up with the first config (see RuntimeConfig).

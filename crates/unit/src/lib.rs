@@ -28,6 +28,8 @@
 
 pub mod channel;
 pub mod classify;
+#[cfg(test)]
+mod conformance;
 pub mod control;
 pub mod dataplane;
 pub mod dispatcher;
