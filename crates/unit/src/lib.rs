@@ -26,6 +26,9 @@
 //! syscalls (prctl, sched_setaffinity, flock, sysconf, getrlimit), each with a `// SAFETY:`
 //! comment; packet I/O is `dva-io`'s.
 
+#[cfg(any(test, feature = "bench"))]
+#[doc(hidden)]
+pub mod bench;
 pub mod channel;
 pub mod classify;
 #[cfg(test)]
