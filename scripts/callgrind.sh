@@ -3,14 +3,15 @@
 # on a noisy machine (unlike time), so a change to the path shows even as a 1 % difference.
 #
 # Builds the `instructions` bench target of dva-unit (crates/unit/benches/instructions.rs: the
-# same per-packet code as the criterion benches) and runs, for each stage, a fixed number of
+# unit's own dispatcher and data-plane cores, and the service stages alone, as the criterion
+# benches run them) and runs, for each stage, a fixed number of
 # packets under `valgrind --tool=callgrind`, collecting only inside the measured loop
 # (`--collect-atstart=no --toggle-collect='*measure_*'`, so setup is not counted). Prints
 # Ir (instructions executed) / packets per stage and the functions that execute most of them.
 #
 # Usage: scripts/callgrind.sh [STAGE...]
-#   stages: dispatcher dispatcher-1514 firewall-established firewall-new nat-established
-#   lb-established (default: all)
+#   stages: dispatcher dispatcher-1514 dispatcher-out dataplane-firewall dataplane-nat
+#   dataplane-lb firewall-established firewall-new nat-established lb-established (default: all)
 #   PACKETS=N overrides the packets per stage; TOP=N the functions listed per stage (default 8).
 #   The callgrind files stay in $CARGO_TARGET_DIR/callgrind (or target/callgrind) for
 #   `callgrind_annotate` or kcachegrind.
@@ -26,7 +27,8 @@ done
 
 stages=("$@")
 if [ "${#stages[@]}" -eq 0 ]; then
-    stages=(dispatcher dispatcher-1514 firewall-established firewall-new nat-established lb-established)
+    stages=(dispatcher dispatcher-1514 dispatcher-out dataplane-firewall dataplane-nat dataplane-lb
+        firewall-established firewall-new nat-established lb-established)
 fi
 top="${TOP:-8}"
 target_dir="${CARGO_TARGET_DIR:-target}"

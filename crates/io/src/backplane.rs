@@ -185,6 +185,56 @@ impl Rings {
     }
 }
 
+/// What a role's core sends through: the transmit side of a backplane endpoint, the boundary
+/// between the sans-IO cores (which build datagrams) and the endpoint that seals and carries
+/// them (UDP or a ring). [`Backplane`] is the real one; tests and benchmarks hand a core one
+/// that keeps what it is given. Datagrams are built in place: `tx_slot` lends a buffer,
+/// `commit_slot` sends its first `len` bytes; nothing here blocks beyond a ring's bounded wait.
+pub trait BackplaneTx {
+    /// A buffer to build the next datagram in (its length is the most it may carry); `None`
+    /// when the send batch is full (the caller counts a drop).
+    fn tx_slot(&mut self) -> Option<&mut [u8]>;
+
+    /// Send the first `len` bytes of the buffer [`BackplaneTx::tx_slot`] lent last to `dst`.
+    fn commit_slot(&mut self, len: usize, dst: SocketAddr);
+
+    /// Send a datagram of `len` bytes, larger than a slot, that `fill` builds in place (a TCP
+    /// super-packet). False, without calling `fill`, when no path takes it whole: the caller
+    /// segments it.
+    fn send_large(&mut self, len: usize, dst: SocketAddr, fill: impl FnOnce(&mut [u8])) -> bool;
+
+    /// Datagrams the endpoint failed to send (for the unit's counters).
+    fn tx_dropped(&self) -> u64 {
+        0
+    }
+
+    /// Counters of the ring side (all zero without rings).
+    fn ring_stats(&self) -> RingStats {
+        RingStats::default()
+    }
+}
+
+impl BackplaneTx for Backplane {
+    #[inline]
+    fn tx_slot(&mut self) -> Option<&mut [u8]> {
+        Backplane::tx_slot(self)
+    }
+    #[inline]
+    fn commit_slot(&mut self, len: usize, dst: SocketAddr) {
+        Backplane::commit_slot(self, len, dst)
+    }
+    #[inline]
+    fn send_large(&mut self, len: usize, dst: SocketAddr, fill: impl FnOnce(&mut [u8])) -> bool {
+        Backplane::send_large(self, len, dst, fill)
+    }
+    fn tx_dropped(&self) -> u64 {
+        Backplane::tx_dropped(self)
+    }
+    fn ring_stats(&self) -> RingStats {
+        Backplane::ring_stats(self)
+    }
+}
+
 /// How long a producer waits for a full ring's consumer to make room (see
 /// `Rings::push_or_wait`).
 pub const RING_WAIT: std::time::Duration = std::time::Duration::from_micros(500);
@@ -224,17 +274,18 @@ impl Backplane {
     /// Authenticate every UDP datagram from now on as unit `me`: seal with the key of
     /// `send_epoch`, accept datagrams sealed under any of `keys`. Called again for each key
     /// rotation (replay windows are kept).
+    /// All or nothing: refused (bad keys, no randomness), the running authentication stays.
     pub fn set_auth(&mut self, me: u32, send_epoch: u32, keys: &[EpochKey]) -> Result<(), String> {
-        if self.seal.as_ref().is_some_and(|s| s.me() != me) {
-            self.seal = None;
+        match self.seal.as_mut() {
+            // `set_keys` changes nothing when it refuses.
+            Some(s) if s.me() == me => s.set_keys(send_epoch, keys)?,
+            _ => {
+                let mut s =
+                    Sealer::new(me).map_err(|e| format!("backplane authentication: {e}"))?;
+                s.set_keys(send_epoch, keys)?;
+                self.seal = Some(s);
+            }
         }
-        let s = match self.seal.as_mut() {
-            Some(s) => s,
-            None => self
-                .seal
-                .insert(Sealer::new(me).map_err(|e| format!("backplane authentication: {e}"))?),
-        };
-        s.set_keys(send_epoch, keys)?;
         self.require_auth = true;
         Ok(())
     }
@@ -329,6 +380,25 @@ impl Backplane {
         if r.bell.is_none() {
             return Ok(());
         }
+        // Every ring a new peer needs is made before anything changes: a failure (tmpfs full)
+        // leaves the rings as they were, and the caller refuses the config that asked.
+        let mut made = Vec::new();
+        for &(unit, addr) in peers {
+            let kept = r
+                .inbound
+                .iter()
+                .any(|(o, _)| o.addr == addr && o.unit == unit);
+            if kept
+                || made
+                    .iter()
+                    .any(|(o, _): &(Origin, Consumer)| o.addr == addr)
+            {
+                continue;
+            }
+            let path = r.dir.join(shm::ring_name(&r.me, &addr.to_string()));
+            let c = Consumer::create(&path, shm::DEFAULT_SLOTS, shm::DEFAULT_SLOT_SIZE)?;
+            made.push((Origin { addr, unit }, c));
+        }
         r.inbound
             .retain(|(o, _)| peers.iter().any(|(u, a)| *u == o.unit && *a == o.addr));
         // Rings we fed to peers that left: a dead consumer cannot remove the ring it made, so
@@ -342,14 +412,7 @@ impl Backplane {
             }
             keep
         });
-        for &(unit, addr) in peers {
-            if r.inbound.iter().any(|(o, _)| o.addr == addr) {
-                continue;
-            }
-            let path = r.dir.join(shm::ring_name(&r.me, &addr.to_string()));
-            let c = Consumer::create(&path, shm::DEFAULT_SLOTS, shm::DEFAULT_SLOT_SIZE)?;
-            r.inbound.push((Origin { addr, unit }, c));
-        }
+        r.inbound.extend(made);
         Ok(())
     }
 

@@ -239,6 +239,7 @@ impl Sealer {
     }
 
     /// The keys to accept, and the epoch to seal with (which must be one of them).
+    /// Refused (no key for `send_epoch`, a key the cipher cannot take), nothing changes.
     pub fn set_keys(&mut self, send_epoch: u32, keys: &[EpochKey]) -> Result<(), String> {
         let mk = |k: &EpochKey| {
             UnboundKey::new(&AES_256_GCM, &k.key)
@@ -257,6 +258,21 @@ impl Sealer {
         self.send = Some(send);
         self.keys = keys;
         Ok(())
+    }
+
+    /// Whether [`Sealer::set_keys`] would take `keys`, changing nothing: a config is checked
+    /// whole before any of it is applied.
+    pub fn check_keys(send_epoch: u32, keys: &[EpochKey]) -> Result<(), String> {
+        Sealer {
+            me: 0,
+            instance: 0,
+            seq: 0,
+            send: None,
+            keys: Vec::new(),
+            windows: Vec::new(),
+            stats: AuthStats::default(),
+        }
+        .set_keys(send_epoch, keys)
     }
 
     pub fn me(&self) -> u32 {

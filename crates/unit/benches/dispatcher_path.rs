@@ -1,6 +1,8 @@
-//! The dispatcher's per-packet work on realistic frames, without I/O: parse (Ethernet, IPv4
-//! checks, classify), symmetric hash → bucket → owner in a 4096-bucket Maglev table over 4 data
-//! planes, and GENEVE encapsulation with the copy of the packet into a reused send buffer.
+//! The per-packet work of the unit's own cores on realistic packets, without I/O (see
+//! `common/mod.rs`): the dispatcher's `on_frame` (parse, hygiene, classify, symmetric hash →
+//! bucket → owner in a 4096-bucket Maglev table over 4 data planes, GENEVE encapsulation with
+//! the copy into the send slot) and `on_backplane` (route, neighbour, frame out), and the data
+//! plane's `on_packet` on established connections through firewall, NAT and LB chains.
 //!
 //! Every iteration runs a batch of 1024 distinct flows (so the hash, the table and the branch
 //! predictors see varied input, not one cached flow); throughput is reported per packet
@@ -14,7 +16,9 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use common::{bucket, dispatch, encap, parse, table, tcp_frames, FLOWS, SLOT_LEN};
+use common::{rx_meta, table, tcp_frames, Chain, FLOWS};
+use dva_unit::bench::SlotTx;
+use dva_unit::classify::classify;
 
 /// Bare ACKs (60-byte frames) and full-size segments (1514-byte frames).
 const SIZES: [(&str, usize); 2] = [("60B", 0), ("1514B", 1460)];
@@ -22,19 +26,18 @@ const SIZES: [(&str, usize); 2] = [("60B", 0), ("1514B", 1460)];
 fn stages(c: &mut Criterion) {
     let table = table();
     let frames = tcp_frames(0);
-    let parsed: Vec<_> = frames
+    let ips: Vec<&[u8]> = frames.iter().map(|f| &f[14..]).collect();
+    let keys: Vec<_> = ips
         .iter()
-        .map(|f| parse(f).expect("valid frame").1)
+        .map(|ip| *classify(ip).expect("valid packet").bucket_key())
         .collect();
-    let keys: Vec<_> = parsed.iter().map(|c| *c.bucket_key()).collect();
-    let buckets: Vec<u16> = parsed.iter().map(|c| bucket(&table, c)).collect();
 
     let mut g = c.benchmark_group("dispatcher_stage");
     g.throughput(Throughput::Elements(FLOWS as u64));
-    g.bench_function("parse_classify", |b| {
+    g.bench_function("classify", |b| {
         b.iter(|| {
-            for f in &frames {
-                let _ = black_box(parse(black_box(f)));
+            for ip in &ips {
+                let _ = black_box(classify(black_box(ip)));
             }
         })
     });
@@ -53,35 +56,60 @@ fn stages(c: &mut Criterion) {
             }
         })
     });
-    for (name, payload) in SIZES {
-        let frames = tcp_frames(payload);
-        let ips: Vec<&[u8]> = frames
-            .iter()
-            .map(|f| parse(f).expect("valid frame").0)
-            .collect();
-        let mut slot = vec![0u8; SLOT_LEN];
-        g.bench_function(BenchmarkId::new("geneve_encap_copy", name), |b| {
-            b.iter(|| {
-                for (ip, &bk) in ips.iter().zip(&buckets) {
-                    let _ = black_box(encap(&mut slot, black_box(ip), bk, 0));
-                }
-            })
-        });
-    }
     g.finish();
 }
 
 fn full_path(c: &mut Criterion) {
-    let table = table();
     let mut g = c.benchmark_group("dispatcher_path");
     g.throughput(Throughput::Elements(FLOWS as u64));
     for (name, payload) in SIZES {
         let frames = tcp_frames(payload);
-        let mut slot = vec![0u8; SLOT_LEN];
+        let (mut d, _) = common::dispatcher();
+        let mut bp = SlotTx::default();
         g.bench_function(BenchmarkId::new("parse_hash_lookup_encap", name), |b| {
             b.iter(|| {
                 for f in &frames {
-                    let _ = black_box(dispatch(&table, black_box(f), &mut slot));
+                    d.on_frame(0, black_box(f), rx_meta(f), &mut bp);
+                }
+            })
+        });
+    }
+    let datagrams: Vec<Vec<u8>> = common::datagrams_of(&tcp_frames(0))
+        .into_iter()
+        .map(|mut d| {
+            common::mark_from_dataplane(&mut d);
+            d
+        })
+        .collect();
+    let (mut d, mut ports) = common::dispatcher();
+    let from = common::from_dataplane();
+    g.bench_function(BenchmarkId::new("route_transmit", "60B"), |b| {
+        b.iter(|| {
+            for dg in &datagrams {
+                d.on_backplane(black_box(dg), from, &mut ports);
+            }
+        })
+    });
+    g.finish();
+}
+
+fn dataplane(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dataplane_path");
+    g.throughput(Throughput::Elements(FLOWS as u64));
+    let from = common::from_dispatcher();
+    for (name, chain) in [
+        ("firewall_established", Chain::Firewall),
+        ("nat_established", Chain::Nat),
+        ("lb_established", Chain::Lb),
+    ] {
+        let (mut dp, acks) = common::dataplane(chain);
+        let mut at = 0;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                // A batch of FLOWS out of the held connections, a different one each time.
+                for _ in 0..FLOWS {
+                    dp.on_packet(black_box(&acks[at]), from);
+                    at = (at + 1) % acks.len();
                 }
             })
         });
@@ -99,6 +127,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = full_path, stages
+    targets = full_path, stages, dataplane
 }
 criterion_main!(benches);

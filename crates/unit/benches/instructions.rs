@@ -3,15 +3,25 @@
 //! a noisy machine, so a change to the path shows up even as a 1 % difference.
 //!
 //! `instructions STAGE PACKETS` where STAGE is
-//! - `dispatcher`: the dispatcher's per-packet work on 60-byte TCP frames of 1024 flows (parse,
-//!   classify, hash, bucket owner, GENEVE encapsulation with the copy; see `common/mod.rs`);
+//! - `dispatcher`: the dispatcher's core (`on_frame`, as the unit runs it) on 60-byte TCP
+//!   frames of 1024 flows: Ethernet and IPv4 checks, hygiene, classify, hash, bucket owner,
+//!   GENEVE encapsulation with the copy into the send slot (see `common/mod.rs`);
 //! - `dispatcher-1514`: the same on full-size frames;
-//! - `firewall-established`: `Firewall::process` on ACKs of 16 384 established connections;
+//! - `dispatcher-out`: the dispatcher's core (`on_backplane`) on a data plane's datagrams of
+//!   60-byte packets: route, TTL, MAC rewrite, neighbour lookup, the frame to the port;
+//! - `dataplane-firewall`, `dataplane-nat`, `dataplane-lb`: the data plane's core (`on_packet`,
+//!   as the unit runs it) on the dispatcher's datagrams of ACKs of 16 384 established
+//!   connections, through the firewall alone, firewall + NAT (masquerade), firewall + LB (full
+//!   NAT): decapsulation, classify, the chain, encapsulation into the send slot;
+//! - `firewall-established`: `Firewall::process` alone on ACKs of 16 384 established
+//!   connections;
 //! - `firewall-new`: `Firewall::process` on SYNs of new connections, 1000 rules, the matching
 //!   one at index 990;
-//! - `nat-established`: `Nat::process` on ACKs of 16 384 masqueraded connections (lookup and
-//!   in-place rewrite with incremental checksums), the packet copied into the work buffer first;
-//! - `lb-established`: `Lb::process` on ACKs of 16 384 load-balanced connections (full NAT).
+//! - `nat-established`: `Nat::process` alone on ACKs of 16 384 masqueraded connections (lookup
+//!   and in-place rewrite with incremental checksums), the packet copied into the work buffer
+//!   first;
+//! - `lb-established`: `Lb::process` alone on ACKs of 16 384 load-balanced connections (full
+//!   NAT).
 //!
 //! Only the `measure_*` functions do the counted work (setup is outside them), so the script
 //! runs callgrind with `--collect-atstart=no --toggle-collect='*measure_*'`. Without arguments
@@ -27,7 +37,8 @@ mod testpkt;
 use std::hint::black_box;
 use std::time::Instant;
 
-use dva_flow::BucketTable;
+use common::Chain;
+use dva_io::backplane::Origin;
 use dva_services::firewall::{Firewall, NewFlowPolicy, PacketInfo, Verdict};
 use dva_wire::ip_proto;
 
@@ -38,15 +49,47 @@ const SEC: u64 = 1_000_000_000;
 const TRACKED: u64 = 16_384;
 
 #[inline(never)]
-fn measure_dispatcher(table: &BucketTable, frames: &[Vec<u8>], slot: &mut [u8], n: u64) -> u64 {
-    let mut forwarded = 0;
+fn measure_dispatcher(
+    d: &mut dva_unit::bench::Dispatcher,
+    frames: &[Vec<u8>],
+    bp: &mut dva_unit::bench::SlotTx,
+    n: u64,
+) -> u64 {
+    let before = bp.sent;
     for i in 0..n as usize {
         let f = &frames[i % frames.len()];
-        if black_box(common::dispatch(table, black_box(f), slot)).is_ok() {
-            forwarded += 1;
-        }
+        d.on_frame(0, black_box(f), common::rx_meta(f), bp);
     }
-    forwarded
+    bp.sent - before
+}
+
+#[inline(never)]
+fn measure_dispatcher_out(
+    d: &mut dva_unit::bench::Dispatcher,
+    datagrams: &[Vec<u8>],
+    ports: &mut [dva_unit::bench::NullPort],
+    from: Origin,
+    n: u64,
+) -> u64 {
+    let before: u64 = ports.iter().map(|p| p.sent).sum();
+    for i in 0..n as usize {
+        d.on_backplane(black_box(&datagrams[i % datagrams.len()]), from, ports);
+    }
+    ports.iter().map(|p| p.sent).sum::<u64>() - before
+}
+
+#[inline(never)]
+fn measure_dataplane(
+    dp: &mut dva_unit::bench::Dataplane,
+    datagrams: &[Vec<u8>],
+    from: Origin,
+    n: u64,
+) -> u64 {
+    let before = dp.tx().sent;
+    for i in 0..n as usize {
+        dp.on_packet(black_box(&datagrams[i % datagrams.len()]), from);
+    }
+    dp.tx().sent - before
 }
 
 /// `packets` are made beforehand, so only the firewall's own instructions are counted.
@@ -107,7 +150,7 @@ fn main() {
         (Some(s), Some(Ok(n))) if !s.starts_with('-') => (s.as_str(), n),
         _ => {
             println!(
-                "instructions: usage: instructions (dispatcher|dispatcher-1514|firewall-established|firewall-new|nat-established|lb-established) PACKETS \
+                "instructions: usage: instructions (dispatcher|dispatcher-1514|dispatcher-out|dataplane-firewall|dataplane-nat|dataplane-lb|firewall-established|firewall-new|nat-established|lb-established) PACKETS \
                  (run by scripts/callgrind.sh)"
             );
             return;
@@ -118,9 +161,36 @@ fn main() {
         "dispatcher" | "dispatcher-1514" => {
             let payload = if stage == "dispatcher" { 0 } else { 1460 };
             let frames = common::tcp_frames(payload);
-            let table = common::table();
-            let mut slot = vec![0u8; common::SLOT_LEN];
-            measure_dispatcher(&table, &frames, &mut slot, packets)
+            let (mut d, _) = common::dispatcher();
+            let mut bp = dva_unit::bench::SlotTx::default();
+            measure_dispatcher(&mut d, &frames, &mut bp, packets)
+        }
+        "dispatcher-out" => {
+            // What the data planes send back: the dispatcher's own datagrams, marked as theirs.
+            let datagrams: Vec<Vec<u8>> = common::datagrams_of(&common::tcp_frames(0))
+                .into_iter()
+                .map(|mut d| {
+                    common::mark_from_dataplane(&mut d);
+                    d
+                })
+                .collect();
+            let (mut d, mut ports) = common::dispatcher();
+            measure_dispatcher_out(
+                &mut d,
+                &datagrams,
+                &mut ports,
+                common::from_dataplane(),
+                packets,
+            )
+        }
+        "dataplane-firewall" | "dataplane-nat" | "dataplane-lb" => {
+            let chain = match stage {
+                "dataplane-firewall" => Chain::Firewall,
+                "dataplane-nat" => Chain::Nat,
+                _ => Chain::Lb,
+            };
+            let (mut dp, acks) = common::dataplane(chain);
+            measure_dataplane(&mut dp, &acks, common::from_dispatcher(), packets)
         }
         "firewall-established" => {
             let mut fw = firewall_common::firewall(2 * TRACKED as usize);

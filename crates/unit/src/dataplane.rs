@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use dva_flow::{FlowKey, UnitId};
-use dva_io::backplane::{Backplane, Origin};
+use dva_io::backplane::{Backplane, BackplaneTx, Origin};
 use dva_proto::role::Stage;
 use dva_proto::{DataplaneConfig, RoleConfig};
 use dva_services::conntrack::{ConnState, TcpState};
@@ -123,14 +123,18 @@ const REJECT_BURST: f64 = 200.0;
 
 pub struct Dataplane {
     rx: Backplane,
-    core: Core,
+    core: Core<Backplane>,
 }
 
-struct Core {
+/// The data plane as a state machine: backplane datagrams in ([`Core::on_packet`]), the time
+/// given with each turn ([`Core::begin_turn`]), datagrams out through `tx`. It reads no clock
+/// and owns no socket, so punting, handover and replication run as data in tests
+/// (`crate::conformance`) and benchmarks.
+pub(crate) struct Core<B> {
     cfg: DataplaneConfig,
-    /// A second socket for sending, so a packet can be rewritten in the send batch while the receive
-    /// batch it came from is still borrowed.
-    tx: Backplane,
+    /// Where datagrams go: in the unit, a second socket for sending, so a packet can be
+    /// rewritten in the send batch while the receive batch it came from is still borrowed.
+    pub(crate) tx: B,
     fw: Firewall,
     /// The other data planes (punt, handover and replication peers), by unit.
     peers: BTreeMap<UnitId, SocketAddr>,
@@ -180,6 +184,11 @@ struct Core {
     replicate_pending: VecDeque<dva_flow::FlowKey>,
     /// Where the refresh walk over the connection table goes on next turn; `None` between walks.
     refresh_at: Option<usize>,
+    /// When the next census starts, and the next refresh walk.
+    census_every: Every,
+    /// Backups' copies are refreshed now and then (a walk over the table, a slice per turn), so
+    /// a quiet flow's copy does not time out at the backup while the flow lives here.
+    refresh_every: Every,
     /// The chain's translating stages, when the spec has them.
     nat: Option<Nat>,
     lb: Option<Lb>,
@@ -195,6 +204,9 @@ struct Core {
     /// while a monitor session runs.
     new_flow: Option<(FlowKey, u16, Option<usize>)>,
 }
+
+/// A config [`Core::prepare`] found servable, for [`Core::commit`].
+pub(crate) struct Prepared(DataplaneConfig);
 
 /// Where a packet goes after the chain.
 enum Outcome {
@@ -308,62 +320,8 @@ impl Dataplane {
             )
             .map_err(anyhow::Error::msg)?;
         }
-        if cfg.dispatchers.is_empty() {
-            bail!("config lists no dispatcher to return packets to");
-        }
-        let limits = ConntrackConfig {
-            max_entries: cfg.max_connections,
-            tcp_liberal: cfg.tcp_liberal,
-            ..Default::default()
-        };
-        let mut fw = Firewall::new(cfg.firewall.clone(), limits);
-        let has_backup = has_backup(&cfg);
-        fw.conntrack_mut().set_journal(has_backup && !cfg.export);
-        let (nat, lb) = stages_for(&cfg, None, None);
-        let peers = peers_of(&cfg);
-        Ok(Dataplane {
-            rx,
-            core: Core {
-                cfg,
-                tx,
-                fw,
-                peers,
-                drops: DropCounters::new(dr::NAMES),
-                auth: Default::default(),
-                rx_packets: 0,
-                rx_bytes: 0,
-                tx_packets: 0,
-                tx_bytes: 0,
-                events: BTreeMap::new(),
-                scratch: Vec::with_capacity(2048),
-                reject_budget: reply::TokenBucket::new(REJECT_RATE, REJECT_BURST, Instant::now()),
-                epoch_start: Instant::now(),
-                now_ns: 0,
-                active_flows: 0,
-                bucket_flows: Vec::new(),
-                now: Instant::now(),
-                exporting: false,
-                export_queue: VecDeque::new(),
-                export_pending: BTreeMap::new(),
-                holds: HashMap::new(),
-                importing: HashMap::new(),
-                handover_latency: Histogram::new(HANDOVER_BOUNDS),
-                held: VecDeque::new(),
-                held_bytes: 0,
-                census_due: false,
-                replica_flows: 0,
-                census_at: None,
-                has_backup,
-                replicate_pending: VecDeque::new(),
-                refresh_at: None,
-                nat,
-                lb,
-                work: Vec::with_capacity(2048),
-                segments: Vec::new(),
-                monitor: None,
-                new_flow: None,
-            },
-        })
+        let core = Core::new(cfg, tx, Instant::now())?;
+        Ok(Dataplane { rx, core })
     }
 
     pub fn run(
@@ -375,33 +333,12 @@ impl Dataplane {
     ) -> anyhow::Result<()> {
         let mut poller = dva_io::poll::Poller::new(&self.rx.poll_fds());
         let mut publish = Every::new(Duration::from_millis(100));
-        let mut census = Every::new(Duration::from_millis(250));
-        // Backups' copies are refreshed now and then (a walk over the table, a slice per turn), so
-        // a quiet flow's copy does not time out at the backup while the flow lives here.
-        let mut replica_refresh = Every::new(Duration::from_secs(1));
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             // Config pushes are applied between batches, so a packet sees one config or the next.
             while let Ok(u) = updates.try_recv() {
                 let result = match u.config {
-                    RoleConfig::Dataplane(c) => {
-                        // Everything that can refuse the config is checked before anything
-                        // changes: a NACKed config leaves the running one serving.
-                        let d = ring_peers(&c);
-                        let keys = epoch_keys(&c.backplane);
-                        let (me, epoch) = (c.unit, c.backplane.send_epoch);
-                        c.backplane
-                            .check()
-                            .and_then(|()| self.core.check(&c))
-                            .and_then(|()| {
-                                self.rx
-                                    .accept_rings_from(&d)
-                                    .map_err(|e| format!("backplane rings: {e}"))
-                            })
-                            .and_then(|()| self.rx.set_auth(me, epoch, &keys))
-                            .and_then(|()| self.core.tx.set_auth(me, epoch, &keys))
-                            .map(|()| self.core.apply(c))
-                    }
+                    RoleConfig::Dataplane(c) => self.configure(c),
                     RoleConfig::Dispatcher(_) => {
                         Err("this unit is a data plane; got a dispatcher config".into())
                     }
@@ -411,46 +348,17 @@ impl Dataplane {
             // Inspection (flow listings, config dumps) between batches too: one `try_recv` a
             // turn when nobody asks.
             while let Ok(r) = requests.try_recv() {
-                self.core.now_ns = now.duration_since(self.core.epoch_start).as_nanos() as u64;
+                self.core.set_now(now);
                 self.core.inspect(r);
             }
             let core = &mut self.core;
-            if core.monitor.as_ref().is_some_and(|m| m.over(now)) {
-                core.monitor = None;
-            }
-            if std::mem::take(&mut core.census_due) {
-                core.census_at = Some((0, 0, 0));
-                core.census(usize::MAX);
-            } else {
-                if census.due(now) && core.census_at.is_none() {
-                    core.census_at = Some((0, 0, 0));
-                }
-                core.census(CENSUS_SLOTS);
-            }
-            core.now_ns = now.duration_since(core.epoch_start).as_nanos() as u64;
-            core.now = now;
-            core.handover_tick();
+            core.begin_turn(now);
             let n = self
                 .rx
                 .recv_batch(BATCH, |buf, from| core.on_packet(buf, from))
                 .unwrap_or(0);
-            if replica_refresh.due(now) && core.refresh_at.is_none() && core.has_backup {
-                core.refresh_at = Some(0);
-            }
-            core.replicate();
+            core.end_turn();
             let _ = core.tx.flush();
-            // Bounded expiry work per turn keeps the loop's latency flat however many flows time out.
-            if core.monitor.is_some() {
-                core.expire_reporting(256);
-            } else {
-                core.fw.expire(core.now_ns, 256);
-            }
-            if let Some(n) = core.nat.as_mut() {
-                n.expire(core.now_ns, 256);
-            }
-            if let Some(l) = core.lb.as_mut() {
-                l.expire(core.now_ns, 256);
-            }
             if publish.due(now) {
                 core.auth = self.rx.auth_stats();
                 core.drops.set(dr::BACKPLANE_AUTH, core.auth.rejected());
@@ -467,12 +375,151 @@ impl Dataplane {
         Ok(())
     }
 
+    /// A new config version, all or nothing: everything that can refuse it (the core's checks,
+    /// the keys, the rings the new dispatchers need) is done before anything changes, so a
+    /// NACKed config leaves the running one serving.
+    fn configure(&mut self, c: DataplaneConfig) -> Result<(), String> {
+        let d = ring_peers(&c);
+        let keys = epoch_keys(&c.backplane);
+        let (me, epoch) = (c.unit, c.backplane.send_epoch);
+        c.backplane.check()?;
+        dva_io::seal::Sealer::check_keys(epoch, &keys)?;
+        let ready = self.core.prepare(c)?;
+        // Rings are made for every new peer before the old ones go: refused, they stay as they
+        // were.
+        self.rx
+            .accept_rings_from(&d)
+            .map_err(|e| format!("backplane rings: {e}"))?;
+        // The keys were checked above and the unit id cannot change (`Core::check`): these
+        // cannot refuse now.
+        self.rx.set_auth(me, epoch, &keys)?;
+        self.core.tx.set_auth(me, epoch, &keys)?;
+        self.core.commit(ready);
+        Ok(())
+    }
+
     pub fn snapshot(&self) -> UnitStats {
         self.core.snapshot()
     }
 }
 
-impl Core {
+impl<B: BackplaneTx> Core<B> {
+    /// A data plane taking its first config at `now`, sending through `tx`.
+    pub(crate) fn new(cfg: DataplaneConfig, tx: B, now: Instant) -> anyhow::Result<Core<B>> {
+        if cfg.dispatchers.is_empty() {
+            bail!("config lists no dispatcher to return packets to");
+        }
+        let limits = ConntrackConfig {
+            max_entries: cfg.max_connections,
+            tcp_liberal: cfg.tcp_liberal,
+            ..Default::default()
+        };
+        let mut fw = Firewall::new(cfg.firewall.clone(), limits);
+        let has_backup = has_backup(&cfg);
+        fw.conntrack_mut().set_journal(has_backup && !cfg.export);
+        let (nat, lb) = stages_for(&cfg, None, None);
+        let peers = peers_of(&cfg);
+        Ok(Core {
+            cfg,
+            tx,
+            fw,
+            peers,
+            drops: DropCounters::new(dr::NAMES),
+            auth: Default::default(),
+            rx_packets: 0,
+            rx_bytes: 0,
+            tx_packets: 0,
+            tx_bytes: 0,
+            events: BTreeMap::new(),
+            scratch: Vec::with_capacity(2048),
+            reject_budget: reply::TokenBucket::new(REJECT_RATE, REJECT_BURST, now),
+            epoch_start: now,
+            now_ns: 0,
+            active_flows: 0,
+            bucket_flows: Vec::new(),
+            now,
+            exporting: false,
+            export_queue: VecDeque::new(),
+            export_pending: BTreeMap::new(),
+            holds: HashMap::new(),
+            importing: HashMap::new(),
+            handover_latency: Histogram::new(HANDOVER_BOUNDS),
+            held: VecDeque::new(),
+            held_bytes: 0,
+            census_due: false,
+            replica_flows: 0,
+            census_at: None,
+            has_backup,
+            replicate_pending: VecDeque::new(),
+            refresh_at: None,
+            census_every: Every::starting(Duration::from_millis(250), now),
+            refresh_every: Every::starting(Duration::from_secs(1), now),
+            nat,
+            lb,
+            work: Vec::with_capacity(2048),
+            segments: Vec::new(),
+            monitor: None,
+            new_flow: None,
+        })
+    }
+
+    /// The clock, as the caller read it: the core reads none.
+    pub(crate) fn set_now(&mut self, now: Instant) {
+        self.now = now;
+        self.now_ns = now.duration_since(self.epoch_start).as_nanos() as u64;
+    }
+
+    /// The work of a turn before its batch of datagrams, at `now`: the monitor's end, the census
+    /// slice, handover (state sent and resent, holds released).
+    pub(crate) fn begin_turn(&mut self, now: Instant) {
+        if self.monitor.as_ref().is_some_and(|m| m.over(now)) {
+            self.monitor = None;
+        }
+        if std::mem::take(&mut self.census_due) {
+            self.census_at = Some((0, 0, 0));
+            self.census(usize::MAX);
+        } else {
+            if self.census_every.due(now) && self.census_at.is_none() {
+                self.census_at = Some((0, 0, 0));
+            }
+            self.census(CENSUS_SLOTS);
+        }
+        self.set_now(now);
+        self.handover_tick();
+    }
+
+    /// The work of a turn after its batch: copies to backups, bounded expiry (flat latency
+    /// however many flows time out). The caller flushes `tx` next.
+    pub(crate) fn end_turn(&mut self) {
+        if self.refresh_every.due(self.now) && self.refresh_at.is_none() && self.has_backup {
+            self.refresh_at = Some(0);
+        }
+        self.replicate();
+        if self.monitor.is_some() {
+            self.expire_reporting(256);
+        } else {
+            self.fw.expire(self.now_ns, 256);
+        }
+        if let Some(n) = self.nat.as_mut() {
+            n.expire(self.now_ns, 256);
+        }
+        if let Some(l) = self.lb.as_mut() {
+            l.expire(self.now_ns, 256);
+        }
+    }
+
+    /// First half of a config transaction: everything that can refuse `cfg`, with nothing
+    /// changed. [`Core::commit`] then takes it and cannot fail.
+    pub(crate) fn prepare(&self, cfg: DataplaneConfig) -> Result<Prepared, String> {
+        self.check(&cfg)?;
+        Ok(Prepared(cfg))
+    }
+
+    /// Second half of a config transaction.
+    pub(crate) fn commit(&mut self, ready: Prepared) {
+        self.apply(ready.0)
+    }
+
     /// What makes a config unservable, checked before any of it is taken.
     fn check(&self, cfg: &DataplaneConfig) -> Result<(), String> {
         // Rings and the pinned CPU were set up with the first config (see RuntimeConfig).
@@ -870,7 +917,7 @@ impl Core {
         }
     }
 
-    fn snapshot(&self) -> UnitStats {
+    pub(crate) fn snapshot(&self) -> UnitStats {
         let mut counters: BTreeMap<String, u64> = self
             .events
             .iter()
@@ -1345,7 +1392,7 @@ impl Core {
         *self.events.entry(name).or_insert(0) += 1;
     }
 
-    fn on_packet(&mut self, buf: &[u8], from: Origin) {
+    pub(crate) fn on_packet(&mut self, buf: &[u8], from: Origin) {
         self.rx_packets += 1;
         self.rx_bytes += buf.len() as u64;
         self.handle(buf, from, true);

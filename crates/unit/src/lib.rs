@@ -26,8 +26,13 @@
 //! syscalls (prctl, sched_setaffinity, flock, sysconf, getrlimit), each with a `// SAFETY:`
 //! comment; packet I/O is `dva-io`'s.
 
+#[cfg(any(test, feature = "bench"))]
+#[doc(hidden)]
+pub mod bench;
 pub mod channel;
 pub mod classify;
+#[cfg(test)]
+mod conformance;
 pub mod control;
 pub mod dataplane;
 pub mod dispatcher;

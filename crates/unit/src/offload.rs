@@ -24,7 +24,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use dva_io::backplane::Backplane;
+use dva_io::backplane::BackplaneTx;
 use dva_io::{FrameIo, GsoType, Offload};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
 use dva_wire::{gso, ip_proto, TcpPacket, UdpPacket};
@@ -71,8 +71,8 @@ pub fn l4_checksum_ok(ip: &[u8], c: &Classified) -> bool {
 /// Encapsulate `ip` with `meta` to `dst`: into the UDP batch when it fits a slot, whole into
 /// `dst`'s ring when it is a super-packet and one exists, else cut into segments (each with a
 /// complete checksum and no offload marks). `scratch` is reused for the segments.
-pub fn encap_send(
-    bp: &mut Backplane,
+pub fn encap_send<B: BackplaneTx>(
+    bp: &mut B,
     vni: u32,
     dst: SocketAddr,
     meta: &DvaMeta,

@@ -300,6 +300,10 @@ impl Every {
             next: Instant::now(),
         }
     }
+    /// A period whose first turn is due at `now` (for a core given its clock).
+    pub fn starting(period: Duration, now: Instant) -> Self {
+        Every { period, next: now }
+    }
     pub fn due(&mut self, now: Instant) -> bool {
         if now >= self.next {
             self.next = now + self.period;

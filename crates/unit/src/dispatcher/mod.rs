@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use dva_io::backplane::{Backplane, Origin};
+use dva_io::backplane::{Backplane, BackplaneTx, Origin};
 use dva_io::capture::Tapped;
 use dva_io::port::{DriverChoice, Port as Device};
 use dva_io::{FrameIo, GsoType, RxMeta};
@@ -181,7 +181,12 @@ impl Link {
     }
 }
 
-struct Core {
+/// The dispatcher as a state machine: frames in from its interfaces ([`Core::on_frame`]),
+/// datagrams in from data planes ([`Core::on_backplane`]), the time given by the caller
+/// ([`Core::set_now`]); frames out through the ports and datagrams out through the backplane
+/// the caller passes (any [`FrameIo`], any [`BackplaneTx`]). It owns no socket and reads no
+/// clock, so it runs in tests (`crate::conformance`) and benchmarks as it runs in the unit.
+pub(crate) struct Core {
     cfg: Arc<DispatcherConfig>,
     /// The `dva monitor` session, if one runs: drops are reported to it (with no session,
     /// one branch per drop).
@@ -223,6 +228,15 @@ struct Core {
     health: health::HealthChecker,
     /// Incomplete datagrams: fragments are reassembled before their flow is hashed.
     reassembly: fragment::Reassembler,
+}
+
+/// A config [`Core::prepare`] resolved, for [`Core::commit`].
+pub(crate) struct Ready {
+    cfg: Arc<DispatcherConfig>,
+    routes: RouteTable,
+    bucket_dst: Vec<SocketAddr>,
+    /// Per link, its service addresses.
+    extra: Vec<Vec<IpAddr>>,
 }
 
 /// The io crate's name for the spec's driver.
@@ -311,37 +325,7 @@ impl Dispatcher {
                 &epoch_keys(&cfg.backplane),
             )
             .map_err(anyhow::Error::msg)?;
-        let now = Instant::now();
-        let mut core = Core {
-            cfg: cfg.clone(),
-            links,
-            routes: RouteTable::default(),
-            bucket_dst: Vec::new(),
-            bucket_mask: 0,
-            epoch: 0,
-            dataplane_ids: Vec::new(),
-            fenced: Vec::new(),
-            drops: DropCounters::new(dr::NAMES),
-            events: HashMap::new(),
-            to_dataplane: 0,
-            from_dataplane: 0,
-            deferred: Vec::new(),
-            reinject: Vec::new(),
-            scratch: Vec::with_capacity(16 * 1024),
-            segments: Vec::new(),
-            framed: Vec::new(),
-            super_packets: 0,
-            super_packets_tx: 0,
-            icmp_budget: reply::TokenBucket::new(1000.0, 100.0, now),
-            now,
-            nat_sources: Vec::new(),
-            vips: Vec::new(),
-            dnat_reverse: Vec::new(),
-            health: health::HealthChecker::default(),
-            reassembly: fragment::Reassembler::default(),
-            monitor: None,
-        };
-        core.configure(cfg)?;
+        let core = Core::new(cfg, links, Instant::now())?;
         Ok(Dispatcher {
             busy_poll: busy_poll > 0,
             ports,
@@ -366,7 +350,7 @@ impl Dispatcher {
         let mut last_work = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let mut work = 0;
-            self.core.now = Instant::now();
+            self.core.set_now(Instant::now());
             // Config pushes are applied between batches: each packet sees one table or the next.
             while let Ok(u) = updates.try_recv() {
                 let result = match u.config {
@@ -374,16 +358,21 @@ impl Dispatcher {
                         let dps = ring_peers(&c);
                         let keys = epoch_keys(&c.backplane);
                         let (me, epoch) = (c.unit, c.backplane.send_epoch);
+                        // All or nothing: everything that can refuse the config is done before
+                        // anything changes (rings are made for new data planes before old ones
+                        // go; the keys are checked first, so `set_auth` cannot refuse after).
                         c.backplane
                             .check()
-                            .and_then(|()| self.core.apply(c))
-                            .and_then(|()| {
-                                // Rings for the data planes of this config (new ones get one).
+                            .and_then(|()| dva_io::seal::Sealer::check_keys(epoch, &keys))
+                            .and_then(|()| self.core.prepare(c))
+                            .and_then(|ready| {
                                 self.backplane
                                     .accept_rings_from(&dps)
-                                    .map_err(|e| format!("backplane rings: {e}"))
+                                    .map_err(|e| format!("backplane rings: {e}"))?;
+                                self.backplane.set_auth(me, epoch, &keys)?;
+                                self.core.commit(ready);
+                                Ok(())
                             })
-                            .and_then(|()| self.backplane.set_auth(me, epoch, &keys))
                     }
                     RoleConfig::Dataplane(_) => {
                         Err("this unit is a dispatcher; got a data-plane config".into())
@@ -399,13 +388,9 @@ impl Dispatcher {
             if self.core.monitor.as_ref().is_some_and(|m| m.over(now)) {
                 self.core.monitor = None;
             }
-            for i in 0..self.ports.len() {
-                let core = &mut self.core;
-                let bp = &mut self.backplane;
-                work += self.ports[i]
-                    .rx_batch(BATCH, |frame, meta| core.on_frame(i, frame, meta, bp))
-                    .unwrap_or(0);
-            }
+            work += self
+                .core
+                .receive_ports(&mut self.ports, &mut self.backplane);
             {
                 let core = &mut self.core;
                 let ports = &mut self.ports;
@@ -509,31 +494,42 @@ impl Dispatcher {
     }
 
     pub fn snapshot(&self) -> UnitStats {
-        let c = &self.core;
-        let mut interfaces: Vec<InterfaceStats> = c.links.iter().map(|l| l.stats.clone()).collect();
+        let mut st = self.core.snapshot();
         for (i, p) in self.ports.iter().enumerate() {
-            interfaces[i].ring_drops = p.inner().rx_drops();
+            if let Some(s) = st.interfaces.get_mut(i) {
+                s.ring_drops = p.inner().rx_drops();
+            }
         }
-        let mut counters: std::collections::BTreeMap<String, u64> =
-            c.events.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        counters.insert("to_dataplane".into(), c.to_dataplane);
-        counters.insert("from_dataplane".into(), c.from_dataplane);
-        counters.insert("super_packets_rx".into(), c.super_packets);
-        counters.insert("super_packets_tx".into(), c.super_packets_tx);
+        let counters = &mut st.counters;
         counters.insert("backplane_tx_dropped".into(), self.backplane.tx_dropped());
-        let neigh = |f: fn(&NeighborTable) -> u64| c.links.iter().map(|l| f(&l.neigh)).sum();
-        counters.insert(
-            "neighbor_overrides_refused".into(),
-            neigh(|n| n.overrides_refused),
-        );
-        counters.insert("neighbor_table_full".into(), neigh(|n| n.table_full));
         let rs = self.backplane.ring_stats();
         counters.insert("backplane_ring_rx".into(), rs.rx);
         counters.insert("backplane_ring_tx".into(), rs.tx);
         counters.insert("backplane_ring_fallback".into(), rs.tx_fallback);
         counters.insert("backplane_doorbells".into(), rs.doorbells);
         counters.insert("backplane_ring_waits".into(), rs.ring_waits);
-        crate::keys::auth_counters(&mut counters, &self.backplane.auth_stats());
+        crate::keys::auth_counters(counters, &self.backplane.auth_stats());
+        st
+    }
+}
+
+impl Core {
+    /// The core's stats (the unit adds its devices' and backplane's).
+    pub(crate) fn snapshot(&self) -> UnitStats {
+        let c = self;
+        let interfaces: Vec<InterfaceStats> = c.links.iter().map(|l| l.stats.clone()).collect();
+        let mut counters: std::collections::BTreeMap<String, u64> =
+            c.events.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        counters.insert("to_dataplane".into(), c.to_dataplane);
+        counters.insert("from_dataplane".into(), c.from_dataplane);
+        counters.insert("super_packets_rx".into(), c.super_packets);
+        counters.insert("super_packets_tx".into(), c.super_packets_tx);
+        let neigh = |f: fn(&NeighborTable) -> u64| c.links.iter().map(|l| f(&l.neigh)).sum();
+        counters.insert(
+            "neighbor_overrides_refused".into(),
+            neigh(|n| n.overrides_refused),
+        );
+        counters.insert("neighbor_table_full".into(), neigh(|n| n.table_full));
         UnitStats {
             appliance: c.cfg.appliance.clone(),
             unit: c.cfg.unit,
@@ -570,9 +566,75 @@ fn ring_peers(cfg: &DispatcherConfig) -> Vec<(u32, SocketAddr)> {
 }
 
 impl Core {
-    /// Take a config: resolve per-bucket destinations and routes. Fails (leaving the old config) if
-    /// the bucket table names a data plane the config does not list.
-    fn configure(&mut self, cfg: Arc<DispatcherConfig>) -> anyhow::Result<()> {
+    /// A dispatcher taking its first config at `now`, with one link per configured interface.
+    fn new(cfg: Arc<DispatcherConfig>, links: Vec<Link>, now: Instant) -> anyhow::Result<Core> {
+        let mut core = Core {
+            cfg: cfg.clone(),
+            links,
+            routes: RouteTable::default(),
+            bucket_dst: Vec::new(),
+            bucket_mask: 0,
+            epoch: 0,
+            dataplane_ids: Vec::new(),
+            fenced: Vec::new(),
+            drops: DropCounters::new(dr::NAMES),
+            events: HashMap::new(),
+            to_dataplane: 0,
+            from_dataplane: 0,
+            deferred: Vec::new(),
+            reinject: Vec::new(),
+            scratch: Vec::with_capacity(16 * 1024),
+            segments: Vec::new(),
+            framed: Vec::new(),
+            super_packets: 0,
+            super_packets_tx: 0,
+            icmp_budget: reply::TokenBucket::new(1000.0, 100.0, now),
+            now,
+            nat_sources: Vec::new(),
+            vips: Vec::new(),
+            dnat_reverse: Vec::new(),
+            health: health::HealthChecker::default(),
+            reassembly: fragment::Reassembler::default(),
+            monitor: None,
+        };
+        let ready = core.prepare_config(cfg)?;
+        core.commit_config(ready);
+        Ok(core)
+    }
+
+    /// A dispatcher whose interfaces are not devices (tests, benchmarks): interface `i` has
+    /// MAC and MTU `links[i]`.
+    #[cfg(any(test, feature = "bench"))]
+    pub(crate) fn with_links(
+        cfg: Arc<DispatcherConfig>,
+        links: &[(EthernetAddress, usize)],
+        now: Instant,
+    ) -> anyhow::Result<Core> {
+        let links = cfg
+            .interfaces
+            .iter()
+            .zip(links)
+            .map(|(ifc, &(mac, mtu))| Link {
+                cfg: ifc.clone(),
+                extra: Vec::new(),
+                mac,
+                mtu,
+                neigh: NeighborTable::default(),
+                stats: InterfaceStats {
+                    name: ifc.name.clone(),
+                    device: ifc.device.clone(),
+                    driver: "memory".into(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Core::new(cfg, links, now)
+    }
+
+    /// Everything a config needs resolved (per-bucket destinations, routes, service addresses),
+    /// checked before anything changes. Fails if the bucket table names a data plane the
+    /// config does not list.
+    fn prepare_config(&self, cfg: Arc<DispatcherConfig>) -> anyhow::Result<Ready> {
         let addrs: HashMap<u32, SocketAddr> =
             cfg.dataplanes.iter().map(|d| (d.id, d.addr)).collect();
         let n = cfg.table.len();
@@ -596,19 +658,41 @@ impl Core {
                 self.links.len()
             );
         }
-        self.routes = RouteTable::new(&cfg.interfaces, &cfg.routes);
+        let extra = (0..self.links.len())
+            .map(|i| {
+                cfg.service_addrs
+                    .iter()
+                    .filter(|a| usize::from(a.interface) == i)
+                    .map(|a| a.addr)
+                    .collect()
+            })
+            .collect();
+        Ok(Ready {
+            routes: RouteTable::new(&cfg.interfaces, &cfg.routes),
+            bucket_dst,
+            extra,
+            cfg,
+        })
+    }
+
+    /// Take a config [`Core::prepare_config`] resolved; cannot fail.
+    fn commit_config(&mut self, ready: Ready) {
+        let Ready {
+            cfg,
+            routes,
+            bucket_dst,
+            extra,
+        } = ready;
+        self.routes = routes;
+        self.bucket_mask = (bucket_dst.len() - 1) as u32;
         self.bucket_dst = bucket_dst;
-        self.bucket_mask = (n - 1) as u32;
         self.epoch = cfg.table.epoch() as u32;
         self.dataplane_ids = cfg.dataplanes.iter().map(|d| d.id).collect();
         self.fenced = cfg.fenced.clone();
-        for (i, l) in self.links.iter_mut().enumerate() {
-            l.extra = cfg
-                .service_addrs
-                .iter()
-                .filter(|a| usize::from(a.interface) == i)
-                .map(|a| a.addr)
-                .collect();
+        // Addresses may change: the links take the new ones.
+        for ((l, extra), ifc) in self.links.iter_mut().zip(extra).zip(&cfg.interfaces) {
+            l.extra = extra;
+            l.cfg = ifc.clone();
         }
         self.nat_sources = cfg
             .service_addrs
@@ -625,7 +709,6 @@ impl Core {
         self.dnat_reverse = cfg.dnat_reverse.clone();
         self.health.configure(&cfg.health_checks, self.now);
         self.cfg = cfg;
-        Ok(())
     }
 
     /// The bucket of a packet addressed to a NAT/LB source address: the port the data plane
@@ -691,10 +774,11 @@ impl Core {
         key.symmetric_hash() & self.bucket_mask
     }
 
-    /// A new config version. Interfaces and the backplane socket are opened once, at start, with
-    /// the runtime (driver, busy polling, rings) of the first config: a config that changes them
-    /// is refused (NACK) and the running one stays.
-    fn apply(&mut self, cfg: DispatcherConfig) -> Result<(), String> {
+    /// First half of a config transaction: everything that can refuse `cfg`, with nothing
+    /// changed. Interfaces and the backplane socket are opened once, at start, with the runtime
+    /// (driver, busy polling, rings) of the first config: a config that changes them is refused
+    /// (NACK) and the running one stays.
+    pub(crate) fn prepare(&self, cfg: DispatcherConfig) -> Result<Ready, String> {
         self.cfg.runtime.unchanged(&cfg.runtime)?;
         if cfg.listen != self.cfg.listen {
             return Err(format!(
@@ -711,13 +795,33 @@ impl Core {
         {
             return Err("interfaces (devices) cannot change at run time".into());
         }
-        self.configure(Arc::new(cfg.clone()))
-            .map_err(|e| format!("{e:#}"))?;
-        // Addresses may change: the links take the new ones.
-        for (l, ifc) in self.links.iter_mut().zip(cfg.interfaces) {
-            l.cfg = ifc;
+        self.prepare_config(Arc::new(cfg))
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Second half of a config transaction.
+    pub(crate) fn commit(&mut self, ready: Ready) {
+        self.commit_config(ready)
+    }
+
+    /// The clock, as the caller read it: the core reads none.
+    pub(crate) fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    /// One batch from each interface, frames through [`Core::on_frame`]. Returns how many.
+    pub(crate) fn receive_ports(
+        &mut self,
+        ports: &mut [impl FrameIo],
+        bp: &mut impl BackplaneTx,
+    ) -> usize {
+        let mut work = 0;
+        for (i, port) in ports.iter_mut().enumerate() {
+            work += port
+                .rx_batch(BATCH, |frame, meta| self.on_frame(i, frame, meta, bp))
+                .unwrap_or(0);
         }
-        Ok(())
+        work
     }
 
     #[inline]
@@ -806,7 +910,13 @@ impl Core {
         }
     }
 
-    fn on_frame(&mut self, i: usize, frame: &[u8], meta: RxMeta, bp: &mut Backplane) {
+    pub(crate) fn on_frame(
+        &mut self,
+        i: usize,
+        frame: &[u8],
+        meta: RxMeta,
+        bp: &mut impl BackplaneTx,
+    ) {
         let link = &mut self.links[i];
         link.stats.rx_frames += 1;
         link.stats.rx_bytes += frame.len() as u64;
@@ -880,7 +990,7 @@ impl Core {
         to_us: bool,
         ip: &[u8],
         meta: RxMeta,
-        bp: &mut Backplane,
+        bp: &mut impl BackplaneTx,
     ) {
         let Ok(pkt) = Ipv4Packet::new_checked(ip) else {
             return self.drop(dr::MALFORMED_IP);
@@ -918,7 +1028,7 @@ impl Core {
         to_us: bool,
         ip: &[u8],
         meta: RxMeta,
-        bp: &mut Backplane,
+        bp: &mut impl BackplaneTx,
     ) {
         let pkt = Ipv4Packet::new_unchecked(ip);
         let dst = IpAddr::V4(pkt.dst_addr());
@@ -955,7 +1065,7 @@ impl Core {
         to_us: bool,
         ip: &[u8],
         meta: RxMeta,
-        bp: &mut Backplane,
+        bp: &mut impl BackplaneTx,
     ) {
         let Ok(pkt) = Ipv6Packet::new_checked(ip) else {
             return self.drop(dr::MALFORMED_IP);
@@ -994,7 +1104,7 @@ impl Core {
         to_us: bool,
         ip: &[u8],
         meta: RxMeta,
-        bp: &mut Backplane,
+        bp: &mut impl BackplaneTx,
     ) {
         let pkt = Ipv6Packet::new_unchecked(ip);
         let dst = IpAddr::V6(pkt.dst_addr());
@@ -1176,7 +1286,7 @@ impl Core {
         ip: &[u8],
         c: &Classified,
         rx: &RxMeta,
-        bp: &mut Backplane,
+        bp: &mut impl BackplaneTx,
         bucket: Option<u32>,
     ) {
         let bucket = bucket.unwrap_or_else(|| self.flow_bucket(c));
@@ -1249,7 +1359,7 @@ impl Core {
     /// A processed packet from a data plane, to send out. `from` authenticated it (the
     /// backplane delivers nothing else); a unit that is not a data plane of this appliance
     /// (another dispatcher, a stale unit) never gets a packet out of its interfaces.
-    fn on_backplane(&mut self, buf: &[u8], from: Origin, ports: &mut [Port]) {
+    pub(crate) fn on_backplane(&mut self, buf: &[u8], from: Origin, ports: &mut [impl FrameIo]) {
         if !self.dataplane_ids.contains(&from.unit) {
             return self.drop(dr::BACKPLANE_FOREIGN);
         }
@@ -1269,7 +1379,7 @@ impl Core {
     }
 
     /// Route a processed packet out of the appliance: next hop, TTL, MAC rewrite, neighbour resolution.
-    fn forward(&mut self, ip: &[u8], meta: &DvaMeta, ports: &mut [Port]) {
+    fn forward(&mut self, ip: &[u8], meta: &DvaMeta, ports: &mut [impl FrameIo]) {
         let (dst, ttl, len, etype) = match ip.first().map(|b| b >> 4) {
             Some(4) => match Ipv4Packet::new_checked(ip) {
                 Ok(p) => (
@@ -1349,7 +1459,7 @@ impl Core {
         ip: &[u8],
         mtu: usize,
         offloaded: bool,
-        ports: &mut [Port],
+        ports: &mut [impl FrameIo],
     ) {
         let v4 = ip.first().map(|b| b >> 4) == Some(4);
         if v4 && !offloaded && !Ipv4Packet::new_unchecked(ip).dont_frag() {
@@ -1422,7 +1532,7 @@ impl Core {
         etype: u16,
         c: Option<Classified>,
         meta: &DvaMeta,
-        ports: &mut [Port],
+        ports: &mut [impl FrameIo],
     ) {
         let link = &mut self.links[e];
         let len = ip.len();
@@ -1507,7 +1617,7 @@ impl Core {
     }
 
     /// ARP request / neighbour solicitation for `ip` on interface `e`.
-    fn probe(&mut self, e: usize, ip: IpAddr, ports: &mut [Port]) {
+    fn probe(&mut self, e: usize, ip: IpAddr, ports: &mut [impl FrameIo]) {
         let link = &mut self.links[e];
         let Some(src) = link.source_for(ip) else {
             return;
@@ -1540,7 +1650,7 @@ impl Core {
     /// Enter the ICMP errors [`Core::too_big`] made about masqueraded packets, each as if it
     /// had arrived on its interface, past the arrival checks (its source is ours, which those
     /// refuse from the wire): to the data plane of the flow it quotes.
-    fn take_reinjected(&mut self, bp: &mut Backplane) {
+    pub(crate) fn take_reinjected(&mut self, bp: &mut impl BackplaneTx) {
         if self.reinject.is_empty() {
             return;
         }
@@ -1553,7 +1663,7 @@ impl Core {
         }
     }
 
-    fn send_deferred(&mut self, ports: &mut [Port]) {
+    pub(crate) fn send_deferred(&mut self, ports: &mut [impl FrameIo]) {
         for (i, f) in self.deferred.drain(..) {
             let link = &mut self.links[i];
             if ports[i].tx(&f).is_ok() {
@@ -1565,7 +1675,7 @@ impl Core {
         }
     }
 
-    fn tick(&mut self, ports: &mut [Port]) {
+    pub(crate) fn tick(&mut self, ports: &mut [impl FrameIo]) {
         for pkt in self.health.tick(self.now) {
             // Built here with complete checksums: no offload work.
             self.forward(&pkt, &DvaMeta::default(), ports);
