@@ -32,3 +32,5 @@ pub mod icmp;
 mod index;
 pub mod lb;
 pub mod nat;
+pub mod ratelimit;
+pub mod stage;

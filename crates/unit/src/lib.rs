@@ -26,6 +26,7 @@
 //! syscalls (prctl, sched_setaffinity, flock, sysconf, getrlimit), each with a `// SAFETY:`
 //! comment; packet I/O is `dva-io`'s.
 
+pub mod chain;
 pub mod channel;
 pub mod classify;
 pub mod control;

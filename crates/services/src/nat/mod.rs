@@ -307,21 +307,42 @@ impl Nat {
     /// Translate one IP packet in place (see the module doc). `bucket`: the flow bucket it was
     /// dispatched to; `ingress_if`: the interface it arrived on (for DNAT rules).
     pub fn process(&mut self, now: u64, bucket: u16, ingress_if: u8, pkt: &mut [u8]) -> NatVerdict {
-        let p = match rewrite::parse(pkt) {
-            Ok(p) => p,
-            Err(ParseError::Malformed) => return self.drop(NatDropReason::Malformed),
-            Err(ParseError::Fragment { proto, src, dst }) => {
-                return if self.fragment_concerns(ingress_if, proto, src, dst) {
+        match rewrite::parse(pkt) {
+            Ok(p) => self.process_parsed(now, bucket, ingress_if, &p, None, pkt),
+            Err(e) => self.unparsed(ingress_if, e),
+        }
+    }
+
+    /// A packet [`rewrite::parse`] refused.
+    fn unparsed(&mut self, ingress_if: u8, e: ParseError) -> NatVerdict {
+        match e {
+            ParseError::Malformed => self.drop(NatDropReason::Malformed),
+            ParseError::Fragment { proto, src, dst } => {
+                if self.fragment_concerns(ingress_if, proto, src, dst) {
                     self.drop(NatDropReason::UnsupportedFragment)
                 } else {
                     self.untouched()
-                };
+                }
             }
-        };
+        }
+    }
+
+    /// [`Nat::process`] on a parsed packet; `found`: the binding lookup of `p.key`, when the
+    /// caller already made it.
+    #[inline]
+    fn process_parsed(
+        &mut self,
+        now: u64,
+        bucket: u16,
+        ingress_if: u8,
+        p: &Parsed,
+        found: Option<Option<(u32, Direction)>>,
+        pkt: &mut [u8],
+    ) -> NatVerdict {
         match p.kind {
             Kind::Other => self.untouched(),
             Kind::IcmpError(inner) => {
-                if translate_related(&mut self.table, now, pkt, &p, &inner).is_some() {
+                if translate_related(&mut self.table, now, pkt, p, &inner).is_some() {
                     self.stats.related += 1;
                     self.translated()
                 } else if self.is_pool(p.key.dst) {
@@ -331,12 +352,13 @@ impl Nat {
                 }
             }
             Kind::Tcp { .. } | Kind::Udp | Kind::Echo { .. } => {
-                if let Some((slot, dir)) = self.table.lookup(now, &p.key) {
-                    if translate_bound(&mut self.table, now, slot, dir, &p, pkt) {
+                let found = found.unwrap_or_else(|| self.table.lookup(now, &p.key));
+                if let Some((slot, dir)) = found {
+                    if translate_bound(&mut self.table, now, slot, dir, p, pkt) {
                         return self.translated();
                     }
                 }
-                self.new_flow(now, bucket, ingress_if, &p, pkt)
+                self.new_flow(now, bucket, ingress_if, p, pkt)
             }
         }
     }
@@ -655,5 +677,6 @@ pub(crate) fn allocate_source(
     None
 }
 
+pub(crate) mod stage;
 #[cfg(test)]
 mod tests;
