@@ -1894,6 +1894,43 @@ spec:
     }
 
     #[test]
+    fn ratelimit_is_validated_with_its_path_and_goes_first() {
+        let with = |rl: &str| {
+            GOOD.replace(
+                "  services:\n",
+                &format!("  services:\n    - ratelimit: {rl}\n"),
+            )
+        };
+        let s = ApplianceSpec::from_yaml(&with("{ new_flows_per_second: 10 }")).unwrap();
+        let Some(ServiceSpec::Ratelimit(r)) = s.spec.services.first() else {
+            panic!("ratelimit first: {:?}", s.spec.services);
+        };
+        let c = r.compile();
+        assert_eq!((c.burst, c.prefix_v4, c.prefix_v6), (10, 32, 64));
+        let e = err(&with("{ new_flows_per_second: 0 }"));
+        assert!(
+            e.contains("spec.services[0].ratelimit.new_flows_per_second"),
+            "{e}"
+        );
+        let e = err(&with("{ new_flows_per_second: 5, prefix_v4: 33 }"));
+        assert!(
+            e.contains("spec.services[0].ratelimit.prefix_v4") && e.contains("33"),
+            "{e}"
+        );
+        let e = err(&with("{ new_flows_per_second: 5, burst: 0 }"));
+        assert!(e.contains("spec.services[0].ratelimit.burst"), "{e}");
+        let e = err(&with("{ new_flows_per_second: 5, rate: 3 }"));
+        assert!(e.contains("rate"), "{e}");
+        // After the firewall it would drop SYNs the firewall already tracks.
+        let after = format!("{GOOD}    - ratelimit: {{ new_flows_per_second: 5 }}\n");
+        let e = err(&after);
+        assert!(
+            e.contains("spec.services[1].ratelimit") && e.contains("before"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_field_is_named() {
         let e = err(&GOOD.replace("default: drop", "default: drop\n        colour: red"));
         assert!(

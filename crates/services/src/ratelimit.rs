@@ -264,6 +264,10 @@ impl Stage for RateLimiter {
         "ratelimit"
     }
 
+    fn reads_known(&self) -> bool {
+        true
+    }
+
     fn process(&mut self, now: u64, pkt: &mut Packet, _bytes: &mut Bytes<'_>) -> Verdict {
         if pkt.known || pkt.policy == NewFlowPolicy::Refuse || !firewall::starts_flow(&pkt.info) {
             return Verdict::Forward;

@@ -50,6 +50,7 @@ pub enum Verdict {
 
 /// A stage's binding lookup for one packet, carried from [`Stage::lookup`] to [`Stage::process`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
 pub enum Hint {
     /// Not looked up (or the packet was rewritten since): look it up.
     #[default]
@@ -85,7 +86,8 @@ pub struct Packet {
     /// Set by a stage whose rules decided the packet: the rule's index, `None` for a default
     /// action.
     pub rule: Option<Option<usize>>,
-    /// Some stage holds state for this packet (set by lookups): it belongs to a known flow.
+    /// Some stage holds state for this packet (set by lookups, made before any stage processes
+    /// it when a stage [`Stage::reads_known`]): it belongs to a known flow.
     pub known: bool,
     /// The stage being run (its index in the chain), for [`Packet::hint`].
     pub(crate) at: usize,
@@ -272,6 +274,13 @@ pub trait Stage: Send {
     /// a flow this stage translated (the chain runs backwards for it).
     fn lookup(&mut self, _now: u64, _pkt: &mut Packet) -> Option<Direction> {
         None
+    }
+
+    /// Whether `process` reads [`Packet::known`] (the caller then makes every stage look the
+    /// packet up before the first one processes it; otherwise a stage that cannot answer
+    /// `Reply` looks up in its own `process`, once).
+    fn reads_known(&self) -> bool {
+        false
     }
 
     /// Process one packet; a stage that rewrites `bytes` updates `pkt` ([`Packet::retuple`]).

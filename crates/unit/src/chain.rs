@@ -34,6 +34,9 @@ pub struct Chain {
     tracker: usize,
     /// Some stage rewrites packets: they are copied before the chain runs.
     rewrites: bool,
+    /// Every stage looks a packet up before the first processes it: some stage may run the
+    /// chain backwards (the translating ones) or reads what the others know.
+    lookups_first: bool,
     /// Per stage, the drop counter of each of its drop reasons.
     drop_slots: Vec<Vec<usize>>,
     /// The data plane's own drop reasons (counter `i` for `i` below their count)...
@@ -144,7 +147,7 @@ impl Chain {
         old: Option<Chain>,
         base_names: &'static [&'static str],
     ) -> Chain {
-        let (mut old_stages, mut extra_drops) = match old {
+        let (mut old_stages, extra_drops) = match old {
             Some(c) => (c.stages, c.extra_drops),
             None => (Vec::new(), Vec::new()),
         };
@@ -161,6 +164,20 @@ impl Chain {
             .iter()
             .filter_map(|s| stage_for(s, cfg, prev, &mut old_stages))
             .collect();
+        Chain::assemble(stages, base_names, extra_drops)
+    }
+
+    /// A chain of `stages` as they are (benches, tests); the first with a connection table
+    /// tracks connections.
+    pub fn from_stages(stages: Vec<Box<dyn Stage>>, base_names: &'static [&'static str]) -> Chain {
+        Chain::assemble(stages, base_names, Vec::new())
+    }
+
+    fn assemble(
+        stages: Vec<Box<dyn Stage>>,
+        base_names: &'static [&'static str],
+        mut extra_drops: Vec<(&'static str, u64)>,
+    ) -> Chain {
         let tracker = stages
             .iter()
             .position(|s| s.conntrack().is_some())
@@ -186,14 +203,21 @@ impl Chain {
                     .collect()
             })
             .collect();
+        let rewrites = stages.iter().any(|s| s.rewrites());
         Chain {
-            rewrites: stages.iter().any(|s| s.rewrites()),
+            rewrites,
+            lookups_first: rewrites || stages.iter().any(|s| s.reads_known()),
             stages,
             tracker,
             drop_slots,
             base_names,
             extra_drops,
         }
+    }
+
+    /// The stages, in chain order (benches, tests).
+    pub fn into_stages(self) -> Vec<Box<dyn Stage>> {
+        self.stages
     }
 
     /// Some stage rewrites packets (the caller hands the chain a writable copy).
@@ -204,13 +228,16 @@ impl Chain {
 
     /// Run the chain on one packet: every stage looks it up (a translated reply runs the chain
     /// backwards; each stage keeps what it found in `pkt`), then each processes it in turn
-    /// until one does not forward it.
+    /// until one does not forward it. A chain where nobody needs the lookups first (nothing
+    /// translates, nothing reads `known`) skips that pass: each stage looks up as it processes.
     #[inline]
     pub fn run(&mut self, now: u64, pkt: &mut Packet, mut bytes: Bytes<'_>) -> Outcome {
         let mut reverse = false;
-        for (i, s) in self.stages.iter_mut().enumerate() {
-            pkt.enter(i);
-            reverse |= s.lookup(now, pkt) == Some(Direction::Reply);
+        if self.lookups_first {
+            for (i, s) in self.stages.iter_mut().enumerate() {
+                pkt.enter(i);
+                reverse |= s.lookup(now, pkt) == Some(Direction::Reply);
+            }
         }
         let n = self.stages.len();
         for k in 0..n {
@@ -381,9 +408,74 @@ impl Default for Chain {
             stages: Vec::new(),
             tracker: 0,
             rewrites: false,
+            lookups_first: false,
             drop_slots: Vec::new(),
             base_names: &[],
             extra_drops: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dva_flow::FlowKey;
+    use dva_services::firewall::{Action, NewFlowPolicy, PacketInfo, RuleSet};
+    use dva_services::ratelimit::RateLimitConfig;
+    use dva_wire::ip_proto;
+
+    use super::*;
+
+    const NAMES: [&str; 2] = ["malformed-ip", "invalid-state"];
+
+    fn syn(sport: u16) -> Packet {
+        let info = PacketInfo {
+            ingress_if: 0,
+            key: FlowKey {
+                proto: ip_proto::TCP,
+                src: "198.18.1.2".parse().expect("addr"),
+                dst: "198.18.2.2".parse().expect("addr"),
+                src_port: sport,
+                dst_port: 80,
+            },
+            tcp_flags: dva_wire::tcp::flags::SYN,
+            tcp: Default::default(),
+            icmp: None,
+            icmp_inner: None,
+            len: 60,
+        };
+        Packet::new(info, 0, NewFlowPolicy::Create, false, 20, 60)
+    }
+
+    #[test]
+    fn a_stage_of_its_own_names_its_drops_and_known_flows_pass_it() {
+        let rl = RateLimiter::new(RateLimitConfig {
+            new_flows_per_second: 1,
+            burst: 1,
+            ..Default::default()
+        });
+        let fw = Firewall::new(
+            RuleSet::with_default(Action::Accept),
+            ConntrackConfig::default(),
+        );
+        let mut chain = Chain::from_stages(vec![Box::new(rl), Box::new(fw)], &NAMES);
+        let run = |chain: &mut Chain, mut p: Packet| chain.run(0, &mut p, Bytes::ReadOnly(&[]));
+        assert_eq!(run(&mut chain, syn(1)), Outcome::Forward);
+        // The same SYN again: the firewall's lookup finds its connection, the limiter lets it be.
+        assert_eq!(run(&mut chain, syn(1)), Outcome::Forward);
+        let Outcome::Drop(slot) = run(&mut chain, syn(2)) else {
+            panic!("a second new flow within the second is limited");
+        };
+        assert_eq!(chain.drop_name(slot), Some("ratelimit-exceeded"));
+        assert!(chain.count_drop(slot));
+        assert!(!chain.count_drop(1), "the data plane's own counter");
+        // (This test's data plane names only two reasons: the firewall's others are extra too.)
+        assert_eq!(
+            chain
+                .extra_drops()
+                .filter(|(_, n)| *n > 0)
+                .collect::<Vec<_>>(),
+            vec![("ratelimit-exceeded", 1)]
+        );
+        assert_eq!(chain.conntrack().len(), 1);
     }
 }

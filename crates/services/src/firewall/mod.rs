@@ -165,6 +165,7 @@ enum Kind {
     Stateless,
 }
 
+#[inline]
 fn kind_of(pkt: &PacketInfo) -> Kind {
     match pkt.key.proto {
         ip_proto::TCP => {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::conntrack::{Conn, ConnId, Conntrack, Direction};
 use crate::stage::{Bytes, FlowSet, Hint, Import, Packet, Stage, Verdict};
 
-use super::{DropReason, Firewall, Kind, Verdict as FwVerdict};
+use super::{DropReason, Firewall, Verdict as FwVerdict};
 
 /// Drop reasons as the data plane counts them, indexed like [`DropReason::ALL`].
 const DROP_NAMES: [&str; DropReason::ALL.len()] = [
@@ -25,8 +25,9 @@ impl Stage for Firewall {
 
     #[inline]
     fn lookup(&mut self, now: u64, pkt: &mut Packet) -> Option<Direction> {
-        // ICMP errors are matched by the flow they quote, in `process`.
-        if super::kind_of(&pkt.info) != Kind::IcmpError {
+        // ICMP errors are matched by the flow they quote, in `process` (one whose quote could
+        // not be read is looked up by its own tuple here, and that is then ignored).
+        if pkt.info.icmp_inner.is_none() {
             let h = match self.ct.lookup(now, &pkt.info.key) {
                 Some((id, dir)) => Hint::Found(id.raw(), dir),
                 None => Hint::Missing,

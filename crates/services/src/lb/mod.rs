@@ -262,6 +262,8 @@ pub struct Lb {
     seed: SeededState,
     stats: LbStats,
     rebuilds: u64,
+    /// The tuple the last translated TCP or UDP packet left with (for the chain's descriptor).
+    out: Option<FlowKey>,
 }
 
 impl std::fmt::Debug for Lb {
@@ -294,6 +296,7 @@ impl Lb {
             // first candidate depends on it; the probe budget bounds what a chosen key can cost.
             seed: SeededState::fixed(0x6476_615f_706f_7274),
             stats: LbStats::default(),
+            out: None,
             rebuilds: 0,
         };
         lb.set_config(cfg);
@@ -579,7 +582,8 @@ impl Lb {
             Kind::Tcp { .. } | Kind::Udp | Kind::Echo { .. } => {
                 let found = found.unwrap_or_else(|| self.table.lookup(now, &p.key));
                 if let Some((slot, dir)) = found {
-                    if translate_bound(&mut self.table, now, slot, dir, p, pkt) {
+                    if let Some(to) = translate_bound(&mut self.table, now, slot, dir, p, pkt) {
+                        self.out = Some(to);
                         self.account(slot, p);
                         return self.translated();
                     }
@@ -654,6 +658,7 @@ impl Lb {
             }
         }
         rewrite::rewrite(pkt, p, &to);
+        self.out = Some(to);
         self.stats.flows_created += 1;
         let s = &mut self.slots[slot as usize];
         s.new_flows += 1;

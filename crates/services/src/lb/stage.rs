@@ -47,8 +47,11 @@ impl Stage for Lb {
         let v = match rewrite::from_descriptor(pkt, buf) {
             Ok(p) => {
                 let found = carried(pkt);
+                self.out = None;
                 let v = self.process_parsed(now, pkt.bucket, &p, found, buf);
-                after_translation(pkt, &p, buf, v == LbVerdict::Translated);
+                if v == LbVerdict::Translated {
+                    after_translation(pkt, &p, buf, self.out);
+                }
                 v
             }
             Err(ParseError::Malformed) => self.drop(LbDropReason::Malformed),

@@ -247,6 +247,9 @@ pub struct Nat {
     table: BindingTable,
     seed: SeededState,
     stats: NatStats,
+    /// The tuple the last translated TCP, UDP or echo packet left with (the chain's descriptor
+    /// takes it instead of reading the bytes back).
+    out: Option<FlowKey>,
 }
 
 impl std::fmt::Debug for Nat {
@@ -276,6 +279,7 @@ impl Nat {
             // first candidate depends on it; the probe budget bounds what a chosen key can cost.
             seed: SeededState::fixed(0x6476_615f_706f_7274),
             stats: NatStats::default(),
+            out: None,
         };
         nat.set_config(cfg);
         nat
@@ -354,7 +358,8 @@ impl Nat {
             Kind::Tcp { .. } | Kind::Udp | Kind::Echo { .. } => {
                 let found = found.unwrap_or_else(|| self.table.lookup(now, &p.key));
                 if let Some((slot, dir)) = found {
-                    if translate_bound(&mut self.table, now, slot, dir, p, pkt) {
+                    if let Some(to) = translate_bound(&mut self.table, now, slot, dir, p, pkt) {
+                        self.out = Some(to);
                         return self.translated();
                     }
                 }
@@ -447,6 +452,7 @@ impl Nat {
         }
         self.stats.bindings_created += 1;
         rewrite::rewrite(pkt, p, &to);
+        self.out = Some(to);
         self.translated()
     }
 
@@ -553,7 +559,7 @@ impl Nat {
     }
 }
 
-/// Translate a packet of binding `slot` going `dir`. `false`: the packet is not really part of it
+/// Translate a packet of binding `slot` going `dir`; the tuple it has now. `None`: the packet is not really part of it
 /// (an echo request matching a reply key, or a SYN re-opening a closed TCP binding, which is then
 /// removed) and should be handled as new.
 pub(crate) fn translate_bound(
@@ -563,24 +569,22 @@ pub(crate) fn translate_bound(
     dir: Direction,
     p: &Parsed,
     pkt: &mut [u8],
-) -> bool {
-    let Some(b) = table.get(slot) else {
-        return false;
-    };
+) -> Option<FlowKey> {
+    let b = table.get(slot)?;
     match p.kind {
-        Kind::Echo { request } if request != (dir == Direction::Original) => return false,
+        Kind::Echo { request } if request != (dir == Direction::Original) => return None,
         Kind::Tcp { flags }
             if dir == Direction::Original && starts_connection(flags) && b.state.closing() =>
         {
             table.remove(slot);
-            return false;
+            return None;
         }
         _ => {}
     }
     let (_, to) = b.translation(dir);
     rewrite::rewrite(pkt, p, &to);
     table.touch(now, slot, dir, p.tcp_flags());
-    true
+    Some(to)
 }
 
 /// Translate an ICMP error quoting a bound flow; the binding's slot, or `None` if none matches.

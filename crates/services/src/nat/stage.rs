@@ -31,17 +31,21 @@ pub(crate) fn lookup_key(pkt: &Packet) -> FlowKey {
         .unwrap_or(pkt.info.key)
 }
 
-/// A translating stage's verdict and descriptor update, shared by NAT and LB.
+/// The descriptor after a translating stage rewrote the packet: `out`, the tuple it says the
+/// packet left with (TCP, UDP, echo), or else (ICMP errors) what the bytes now say.
 #[inline]
 pub(crate) fn after_translation(
     pkt: &mut Packet,
     p: &rewrite::Parsed,
     bytes: &[u8],
-    translated: bool,
+    out: Option<FlowKey>,
 ) {
-    if translated {
-        let (key, inner) = p.tuple_in(bytes);
-        pkt.retuple(key, inner);
+    match out {
+        Some(key) if pkt.info.icmp_inner.is_none() => pkt.retuple(key, None),
+        _ => {
+            let (key, inner) = p.tuple_in(bytes);
+            pkt.retuple(key, inner);
+        }
     }
 }
 
@@ -83,8 +87,11 @@ impl Stage for Nat {
         let v = match rewrite::from_descriptor(pkt, buf) {
             Ok(p) => {
                 let found = carried(pkt);
+                self.out = None;
                 let v = self.process_parsed(now, pkt.bucket, pkt.info.ingress_if, &p, found, buf);
-                after_translation(pkt, &p, buf, v == NatVerdict::Translated);
+                if v == NatVerdict::Translated {
+                    after_translation(pkt, &p, buf, self.out);
+                }
                 v
             }
             Err(ParseError::Malformed) => self.drop(NatDropReason::Malformed),
