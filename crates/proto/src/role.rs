@@ -336,12 +336,16 @@ mod hex32 {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A stage of the data planes' chain. Firewall, NAT and LB configs are the role config's
+/// `firewall`, `nat` and `lb` (shared with the dispatchers and the manager); a stage nobody else
+/// reads carries its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage {
     Firewall,
     Nat,
     Lb,
+    Ratelimit(dva_services::ratelimit::RateLimitConfig),
 }
 
 fn firewall_only() -> Vec<Stage> {
@@ -531,7 +535,7 @@ pub fn compile(
     Ok((dispatchers, dataplanes))
 }
 
-/// The chain in spec order, the firewall first if the spec has none.
+/// The chain in spec order, the firewall first (after admission stages) if the spec has none.
 fn compile_chain(spec: &ApplianceSpec) -> Vec<Stage> {
     let mut chain: Vec<Stage> = spec
         .spec
@@ -541,10 +545,16 @@ fn compile_chain(spec: &ApplianceSpec) -> Vec<Stage> {
             ServiceSpec::Firewall(_) => Stage::Firewall,
             ServiceSpec::Nat(_) => Stage::Nat,
             ServiceSpec::Lb(_) => Stage::Lb,
+            ServiceSpec::Ratelimit(r) => Stage::Ratelimit(r.compile()),
         })
         .collect();
     if !chain.contains(&Stage::Firewall) {
-        chain.insert(0, Stage::Firewall);
+        // After the stages that only admit (validation keeps those first).
+        let at = chain
+            .iter()
+            .take_while(|s| matches!(s, Stage::Ratelimit(_)))
+            .count();
+        chain.insert(at, Stage::Firewall);
     }
     chain
 }

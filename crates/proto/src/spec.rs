@@ -547,6 +547,70 @@ pub enum ServiceSpec {
     Firewall(FirewallSpec),
     Nat(NatSpec),
     Lb(LbSpec),
+    Ratelimit(RatelimitSpec),
+}
+
+/// Per-source new-connection rate limiting: a token bucket per source prefix, charged by the
+/// packets that would create a flow (established traffic is never limited). Goes before the
+/// stages that create flows (firewall, nat, lb).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RatelimitSpec {
+    /// New flows a second each source prefix may open, sustained (per data plane).
+    pub new_flows_per_second: u32,
+    /// New flows a source prefix may open at once (default: `new_flows_per_second`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Prefix length IPv4 sources are grouped by (default 32: each address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_v4: Option<u8>,
+    /// Prefix length IPv6 sources are grouped by (default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_v6: Option<u8>,
+    /// Source prefixes tracked at most per data plane (default 65536); idle ones make room first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sources: Option<usize>,
+}
+
+impl RatelimitSpec {
+    pub fn compile(&self) -> dva_services::ratelimit::RateLimitConfig {
+        let d = dva_services::ratelimit::RateLimitConfig::default();
+        dva_services::ratelimit::RateLimitConfig {
+            new_flows_per_second: self.new_flows_per_second,
+            burst: self.burst.unwrap_or(self.new_flows_per_second),
+            prefix_v4: self.prefix_v4.unwrap_or(d.prefix_v4),
+            prefix_v6: self.prefix_v6.unwrap_or(d.prefix_v6),
+            max_sources: self.max_sources.unwrap_or(d.max_sources),
+        }
+    }
+
+    fn validate(&self, path: &str) -> Result<(), SpecError> {
+        let at_least_one = |field: &str, v: Option<u64>| match v {
+            Some(0) => Err(SpecError::field(
+                format!("{path}.{field}"),
+                "must be at least 1",
+            )),
+            _ => Ok(()),
+        };
+        at_least_one(
+            "new_flows_per_second",
+            Some(u64::from(self.new_flows_per_second)),
+        )?;
+        at_least_one("burst", self.burst.map(u64::from))?;
+        at_least_one("max_sources", self.max_sources.map(|n| n as u64))?;
+        for (field, v, max) in [
+            ("prefix_v4", self.prefix_v4, 32),
+            ("prefix_v6", self.prefix_v6, 128),
+        ] {
+            if let Some(v) = v.filter(|&v| v > max) {
+                return Err(SpecError::field(
+                    format!("{path}.{field}"),
+                    format!("{v} is not a prefix length (0-{max})"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Address translation: masquerade, source NAT to a pool, port forwarding.
@@ -1342,15 +1406,27 @@ impl ApplianceSpec {
                     self.validate_nat(&format!("spec.services[{s}].nat"), nat)?
                 }
                 ServiceSpec::Lb(lb) => self.validate_lb(&format!("spec.services[{s}].lb"), lb)?,
+                ServiceSpec::Ratelimit(r) => {
+                    let path = format!("spec.services[{s}].ratelimit");
+                    r.validate(&path)?;
+                    if s > 0 && !matches!(body.services[s - 1], ServiceSpec::Ratelimit(_)) {
+                        return Err(SpecError::field(
+                            path,
+                            "must come before the firewall, nat and lb stages (it limits the \
+                             flows they create)",
+                        ));
+                    }
+                }
             }
         }
         let count = |f: fn(&ServiceSpec) -> bool| body.services.iter().filter(|s| f(s)).count();
         if count(|s| matches!(s, ServiceSpec::Nat(_))) > 1
             || count(|s| matches!(s, ServiceSpec::Lb(_))) > 1
+            || count(|s| matches!(s, ServiceSpec::Ratelimit(_))) > 1
         {
             return Err(SpecError::field(
                 "spec.services",
-                "at most one nat and one lb stage",
+                "at most one nat, one lb and one ratelimit stage",
             ));
         }
         Ok(())
@@ -1813,6 +1889,43 @@ spec:
         let e = err(&GOOD.replace("default: drop", "default: drop\n        tcp_window: loose"));
         assert!(
             e.contains("spec.services[0].firewall.tcp_window") && e.contains("loose"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ratelimit_is_validated_with_its_path_and_goes_first() {
+        let with = |rl: &str| {
+            GOOD.replace(
+                "  services:\n",
+                &format!("  services:\n    - ratelimit: {rl}\n"),
+            )
+        };
+        let s = ApplianceSpec::from_yaml(&with("{ new_flows_per_second: 10 }")).unwrap();
+        let Some(ServiceSpec::Ratelimit(r)) = s.spec.services.first() else {
+            panic!("ratelimit first: {:?}", s.spec.services);
+        };
+        let c = r.compile();
+        assert_eq!((c.burst, c.prefix_v4, c.prefix_v6), (10, 32, 64));
+        let e = err(&with("{ new_flows_per_second: 0 }"));
+        assert!(
+            e.contains("spec.services[0].ratelimit.new_flows_per_second"),
+            "{e}"
+        );
+        let e = err(&with("{ new_flows_per_second: 5, prefix_v4: 33 }"));
+        assert!(
+            e.contains("spec.services[0].ratelimit.prefix_v4") && e.contains("33"),
+            "{e}"
+        );
+        let e = err(&with("{ new_flows_per_second: 5, burst: 0 }"));
+        assert!(e.contains("spec.services[0].ratelimit.burst"), "{e}");
+        let e = err(&with("{ new_flows_per_second: 5, rate: 3 }"));
+        assert!(e.contains("rate"), "{e}");
+        // After the firewall it would drop SYNs the firewall already tracks.
+        let after = format!("{GOOD}    - ratelimit: {{ new_flows_per_second: 5 }}\n");
+        let e = err(&after);
+        assert!(
+            e.contains("spec.services[1].ratelimit") && e.contains("before"),
             "{e}"
         );
     }

@@ -1,10 +1,11 @@
 //! dva-services: the network services a data plane applies to the packets of the flows it owns.
 //!
 //! Contract of this layer:
-//! - Sans-IO and wire-agnostic: the caller parses packets (with `dva-wire`) and hands each stage a
-//!   small plain struct of the fields it needs ([`firewall::PacketInfo`]) or, for the translating
-//!   stages ([`nat`], [`lb`]), the IP packet itself to rewrite in place; a stage returns a verdict
-//!   and never touches a socket or a clock. Every time-dependent call takes
+//! - One interface, [`stage::Stage`]: the caller parses a packet once into a descriptor
+//!   ([`stage::Packet`], with the fields the firewall reads, [`firewall::PacketInfo`]) that every
+//!   stage reads; the translating stages ([`nat`], [`lb`]) rewrite the IP packet in place and
+//!   update the descriptor. A stage returns one [`stage::Verdict`] and never touches a socket or
+//!   a clock, and owns its flow state's lifecycle (expiry, bucket export/import, replication). Every time-dependent call takes
 //!   `now: u64`, nanoseconds on a monotonic clock the caller owns, so tests drive time by hand.
 //! - A stage instance belongs to one data-path thread (`&mut self`, no locks); configuration arrives
 //!   as whole snapshots (`set_rules`) that leave per-flow state in place, as nftables does.
@@ -20,6 +21,9 @@
 //!
 //! [`lb`]: L4 load balancer, VIPs to weighted backends by Maglev lookup, full NAT, backend drain.
 //!
+//! [`ratelimit`]: per-source new-connection rate limiting (token buckets), a stage written
+//! against [`stage::Stage`] alone.
+//!
 //! [`icmp`]: what each ICMP / ICMPv6 type means to connection tracking (request, reply, error).
 //! Per-flow tables use a per-table keyed hasher (flow keys come from the network) and storage
 //! that grows without stopping the data path.
@@ -32,3 +36,5 @@ pub mod icmp;
 mod index;
 pub mod lb;
 pub mod nat;
+pub mod ratelimit;
+pub mod stage;

@@ -22,18 +22,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use dva_flow::{FlowKey, UnitId};
 use dva_io::backplane::{Backplane, BackplaneTx, Origin};
-use dva_proto::role::Stage;
 use dva_proto::{DataplaneConfig, RoleConfig};
 use dva_services::conntrack::{ConnState, TcpState};
-use dva_services::firewall::{
-    ConntrackConfig, DropReason, Firewall, NewFlowPolicy, PacketInfo, RejectKind, TcpSegment,
-    Verdict,
-};
-use dva_services::lb::{Lb, LbDropReason, LbVerdict};
-use dva_services::nat::{Direction, Nat, NatDropReason, NatVerdict};
+use dva_services::firewall::{NewFlowPolicy, PacketInfo, RejectKind};
+use dva_services::stage::{Bytes, Import, Packet};
 use dva_wire::geneve::{self, dva_flags, DvaMeta, DVA_HEADER_LEN};
 use dva_wire::ip_proto;
 
+use crate::chain::{Chain, Outcome};
 use crate::channel::Update;
 use crate::classify::{classify, Classified};
 use crate::handover::{
@@ -65,6 +61,8 @@ const MAX_HOPS: u8 = 6;
 /// up: by then the previous owner stopped resending it ([`MAX_RESENDS`] × [`RESEND_AFTER`]).
 const IMPORT_FORGOTTEN: Duration = RESEND_AFTER.saturating_mul(MAX_RESENDS + 2);
 
+/// The data plane's drop counters. The stages' drop reasons of the same names count here (see
+/// `Chain::build`); the ones only a stage names are counted by the chain.
 mod drop_reason {
     pub const FOREIGN: usize = 0;
     pub const MALFORMED_GENEVE: usize = 1;
@@ -72,23 +70,14 @@ mod drop_reason {
     pub const MALFORMED_IP: usize = 3;
     pub const FIREWALL_RULE: usize = 4;
     pub const FIREWALL_DEFAULT: usize = 5;
-    pub const INVALID_STATE: usize = 6;
-    pub const TABLE_FULL: usize = 7;
     pub const PUNT_LOOP: usize = 8;
     pub const NO_STATE: usize = 9;
     pub const TX_FULL: usize = 10;
     pub const FRAGMENT: usize = 11;
     pub const REJECTED: usize = 12;
     pub const MALFORMED_HANDOVER: usize = 13;
-    pub const NAT_PORTS_EXHAUSTED: usize = 14;
-    pub const NAT_TABLE_FULL: usize = 15;
-    pub const LB_NO_BACKEND: usize = 16;
-    pub const LB_PORTS_EXHAUSTED: usize = 17;
-    pub const LB_TABLE_FULL: usize = 18;
     pub const HANDOVER_REFUSED: usize = 19;
     pub const BACKPLANE_AUTH: usize = 20;
-    pub const ICMP_ERROR_UNRELATED: usize = 21;
-    pub const TCP_OUT_OF_WINDOW: usize = 22;
     pub const NAMES: [&str; 23] = [
         "backplane-foreign-source",
         "malformed-geneve",
@@ -135,7 +124,8 @@ pub(crate) struct Core<B> {
     /// Where datagrams go: in the unit, a second socket for sending, so a packet can be
     /// rewritten in the send batch while the receive batch it came from is still borrowed.
     pub(crate) tx: B,
-    fw: Firewall,
+    /// The service chain (firewall, NAT, LB, rate limiting, as configured): every flow table.
+    chain: Chain,
     /// The other data planes (punt, handover and replication peers), by unit.
     peers: BTreeMap<UnitId, SocketAddr>,
     drops: DropCounters<{ dr::NAMES.len() }>,
@@ -189,9 +179,6 @@ pub(crate) struct Core<B> {
     /// Backups' copies are refreshed now and then (a walk over the table, a slice per turn), so
     /// a quiet flow's copy does not time out at the backup while the flow lives here.
     refresh_every: Every,
-    /// The chain's translating stages, when the spec has them.
-    nat: Option<Nat>,
-    lb: Option<Lb>,
     /// A packet being translated (the received one stays as it came, for punting).
     work: Vec<u8>,
     /// Segments of a super-packet no path takes whole, built one at a time.
@@ -199,68 +186,13 @@ pub(crate) struct Core<B> {
     /// The `dva monitor` session, if one runs: every event site checks this and nothing else
     /// when none does.
     monitor: Option<Session>,
-    /// A connection the firewall just created (key, bucket, rule), reported once the packet
-    /// has been through the rest of the chain (its NAT or LB binding then exists). Only set
-    /// while a monitor session runs.
-    new_flow: Option<(FlowKey, u16, Option<usize>)>,
+    /// The rule that decided the last packet the rules decided (`None`: the default action),
+    /// for drop events.
+    last_rule: Option<usize>,
 }
 
 /// A config [`Core::prepare`] found servable, for [`Core::commit`].
 pub(crate) struct Prepared(DataplaneConfig);
-
-/// Where a packet goes after the chain.
-enum Outcome {
-    Forward,
-    /// No stage may create state for it here: ask the bucket's previous owners.
-    Punt,
-    Drop(usize),
-    Reject(RejectKind),
-}
-
-/// The NAT and LB stages `cfg` asks for, reusing the running ones (their bindings are the flows'
-/// state) when the bucket count did not change. Backend states are applied every time: they come
-/// from the spec (drain) and from the dispatchers' health checks, merged by the manager.
-fn stages_for(
-    cfg: &DataplaneConfig,
-    nat: Option<Nat>,
-    lb: Option<Lb>,
-) -> (Option<Nat>, Option<Lb>) {
-    let n_buckets = cfg.table.len();
-    let nat = cfg.nat.as_ref().map(|c| match nat {
-        Some(mut n) if n.n_buckets() == n_buckets.next_power_of_two() => {
-            if n.config() != c {
-                n.set_config(c.clone());
-            }
-            n
-        }
-        _ => Nat::new(c.clone(), n_buckets),
-    });
-    let lb = cfg.lb.as_ref().map(|c| {
-        let mut l = match lb {
-            Some(mut l) if l.n_buckets() == n_buckets.next_power_of_two() => {
-                if l.config() != c {
-                    l.set_config(c.clone());
-                }
-                l
-            }
-            _ => Lb::new(c.clone(), n_buckets),
-        };
-        for v in &c.services {
-            for b in &v.backends {
-                let state = cfg
-                    .backend_states
-                    .iter()
-                    .find(|s| s.service == v.name && s.backend == b.name)
-                    .map_or(dva_services::lb::BackendState::Up, |s| s.state);
-                if l.backend_state(&v.name, &b.name) != Some(state) {
-                    let _ = l.set_backend_state(&v.name, &b.name, state);
-                }
-            }
-        }
-        l
-    });
-    (nat, lb)
-}
 
 /// The dispatchers, which send to us through rings on this machine.
 /// Whether this data plane has anyone to copy its flows to: some bucket has a backup other than
@@ -409,20 +341,16 @@ impl<B: BackplaneTx> Core<B> {
         if cfg.dispatchers.is_empty() {
             bail!("config lists no dispatcher to return packets to");
         }
-        let limits = ConntrackConfig {
-            max_entries: cfg.max_connections,
-            tcp_liberal: cfg.tcp_liberal,
-            ..Default::default()
-        };
-        let mut fw = Firewall::new(cfg.firewall.clone(), limits);
+        let mut chain = Chain::build(&cfg, None, None, &dr::NAMES);
         let has_backup = has_backup(&cfg);
-        fw.conntrack_mut().set_journal(has_backup && !cfg.export);
-        let (nat, lb) = stages_for(&cfg, None, None);
+        if let Some(ct) = chain.conntrack_mut() {
+            ct.set_journal(has_backup && !cfg.export);
+        }
         let peers = peers_of(&cfg);
         Ok(Core {
             cfg,
             tx,
-            fw,
+            chain,
             peers,
             drops: DropCounters::new(dr::NAMES),
             auth: Default::default(),
@@ -454,12 +382,10 @@ impl<B: BackplaneTx> Core<B> {
             refresh_at: None,
             census_every: Every::starting(Duration::from_millis(250), now),
             refresh_every: Every::starting(Duration::from_secs(1), now),
-            nat,
-            lb,
             work: Vec::with_capacity(2048),
             segments: Vec::new(),
             monitor: None,
-            new_flow: None,
+            last_rule: None,
         })
     }
 
@@ -498,13 +424,7 @@ impl<B: BackplaneTx> Core<B> {
         if self.monitor.is_some() {
             self.expire_reporting(256);
         } else {
-            self.fw.expire(self.now_ns, 256);
-        }
-        if let Some(n) = self.nat.as_mut() {
-            n.expire(self.now_ns, 256);
-        }
-        if let Some(l) = self.lb.as_mut() {
-            l.expire(self.now_ns, 256);
+            self.chain.expire(self.now_ns, 256, None);
         }
     }
 
@@ -551,17 +471,12 @@ impl<B: BackplaneTx> Core<B> {
     /// Take a new config version (already checked): table, peers, dispatchers and rules change
     /// in place; the connection table is kept (that is the point of a stateful data plane).
     fn apply(&mut self, cfg: DataplaneConfig) {
-        if cfg.firewall != self.cfg.firewall {
-            self.fw.set_rules(cfg.firewall.clone());
-        }
-        self.fw.conntrack_mut().set_tcp_liberal(cfg.tcp_liberal);
-        let (nat, lb) = stages_for(&cfg, self.nat.take(), self.lb.take());
-        self.nat = nat;
-        self.lb = lb;
+        let old = std::mem::take(&mut self.chain);
+        self.chain = Chain::build(&cfg, Some(&self.cfg), Some(old), &dr::NAMES);
         self.has_backup = has_backup(&cfg);
-        self.fw
-            .conntrack_mut()
-            .set_journal(self.has_backup && !cfg.export);
+        if let Some(ct) = self.chain.conntrack_mut() {
+            ct.set_journal(self.has_backup && !cfg.export);
+        }
         if !self.has_backup || cfg.export {
             self.replicate_pending.clear();
             self.refresh_at = None;
@@ -570,7 +485,8 @@ impl<B: BackplaneTx> Core<B> {
             Vec::new()
         } else {
             let me = cfg.unit;
-            self.fw
+            self.chain
+                .conntrack()
                 .flows_per_bucket()
                 .map(|(b, _)| b)
                 .filter(|&b| {
@@ -595,10 +511,8 @@ impl<B: BackplaneTx> Core<B> {
                     old.get(b).is_some_and(|o| o.owner == me) && new.owner(b) != me
                 })
                 .collect();
-            if moved.contains(&true) {
-                self.fw
-                    .conntrack_mut()
-                    .relearn_where(|b| moved.get(usize::from(b)).copied().unwrap_or(false));
+            if let Some(ct) = self.chain.conntrack_mut().filter(|_| moved.contains(&true)) {
+                ct.relearn_where(|b| moved.get(usize::from(b)).copied().unwrap_or(false));
             }
             let owned = cfg.table.buckets().iter().filter(|b| b.owner == me).count();
             let backed = cfg.backups.iter().filter(|&&u| u == me).count();
@@ -617,7 +531,8 @@ impl<B: BackplaneTx> Core<B> {
             // (their owner exports them; the new owner would refuse them from us).
             let me = cfg.unit;
             self.export_queue = self
-                .fw
+                .chain
+                .conntrack()
                 .flows_per_bucket()
                 .map(|(b, _)| b)
                 .filter(|&b| {
@@ -644,7 +559,7 @@ impl<B: BackplaneTx> Core<B> {
             return;
         };
         let now = self.now_ns;
-        let (conns, next) = self.fw.conntrack().slice(at, max_slots);
+        let (conns, next) = self.chain.conntrack().slice(at, max_slots);
         for c in conns {
             if self.is_replica_bucket(c.bucket) {
                 replicas += 1;
@@ -676,7 +591,7 @@ impl<B: BackplaneTx> Core<B> {
         self.census_at = None;
         self.active_flows = active;
         self.replica_flows = replicas;
-        let per_bucket: Vec<(u16, u32)> = self.fw.flows_per_bucket().collect();
+        let per_bucket: Vec<(u16, u32)> = self.chain.conntrack().flows_per_bucket().collect();
         self.bucket_flows = per_bucket
             .into_iter()
             .filter(|(b, _)| !self.is_replica_bucket(*b))
@@ -702,7 +617,6 @@ impl<B: BackplaneTx> Core<B> {
             Request::Monitor { session, reply } => {
                 // One session at a time: a newer one replaces it (its stream sees the queue close).
                 self.monitor = Some(session);
-                self.new_flow = None;
                 let _ = reply.try_send(Ok(()));
             }
         }
@@ -712,7 +626,9 @@ impl<B: BackplaneTx> Core<B> {
     /// tuple and ingress interface, when it was parsed that far).
     #[inline]
     fn drop_packet(&mut self, ctx: Option<(&FlowKey, u8)>, reason: usize) {
-        self.drops.inc(reason);
+        if !self.chain.count_drop(reason) {
+            self.drops.inc(reason);
+        }
         if self.monitor.is_some() {
             self.report_drop(ctx, reason);
         }
@@ -728,7 +644,8 @@ impl<B: BackplaneTx> Core<B> {
         if !m.wants_drop(key.as_ref()) {
             return;
         }
-        let (cfg, fw, unit) = (&self.cfg, &self.fw, self.cfg.unit);
+        let (cfg, unit, last_rule) = (&self.cfg, self.cfg.unit, self.last_rule);
+        let name = self.chain.drop_name(reason);
         let alive = m.offer(self.now, || {
             // The firewall's rule verdicts name the rule (or the default policy) that decided.
             let by_rules = matches!(
@@ -736,8 +653,8 @@ impl<B: BackplaneTx> Core<B> {
                 dr::FIREWALL_RULE | dr::FIREWALL_DEFAULT | dr::REJECTED
             );
             MonitorEvent {
-                reason: dr::NAMES.get(reason).map(|n| n.to_string()),
-                rule: by_rules.then(|| rule_name(cfg, fw.last_rule())),
+                reason: name.map(|n| n.to_string()),
+                rule: by_rules.then(|| rule_name(cfg, last_rule)),
                 interface: ctx.and_then(|(_, i)| interface_name(cfg, i)),
                 ..MonitorEvent::new(EventType::Drop, unit, key.as_ref())
             }
@@ -747,14 +664,11 @@ impl<B: BackplaneTx> Core<B> {
         }
     }
 
-    /// Report the connection the firewall created for the packet just forwarded (see
-    /// `new_flow`), with its NAT binding or LB backend.
+    /// Report the connection a stage created for the packet just forwarded (`key`, as that
+    /// stage saw it; `rule`: the rule that let it in), with its NAT binding or LB backend.
     #[cold]
     #[inline(never)]
-    fn report_new_flow(&mut self, ingress_if: u8) {
-        let Some((key, bucket, rule)) = self.new_flow.take() else {
-            return;
-        };
+    fn report_new_flow(&mut self, key: FlowKey, bucket: u16, rule: Option<usize>, ingress_if: u8) {
         let Some(m) = self.monitor.as_mut() else {
             return;
         };
@@ -762,25 +676,16 @@ impl<B: BackplaneTx> Core<B> {
             return;
         }
         let (cfg, now_ns, unit) = (&self.cfg, self.now_ns, self.cfg.unit);
-        let (nat, lb) = (&mut self.nat, &mut self.lb);
+        let chain = &mut self.chain;
         let alive = m.offer(self.now, || {
-            let nat = nat.as_mut().and_then(|n| {
-                n.binding_of(now_ns, &key)
-                    .map(|(b, _)| b.xlat)
-                    .or_else(|| n.binding_of(now_ns, &key.reversed()).map(|(b, _)| b.xlat))
-            });
-            let backend = lb.as_mut().and_then(|l| {
-                l.binding_of(now_ns, &key)
-                    .map(|(b, _)| b.xlat)
-                    .or_else(|| l.binding_of(now_ns, &key.reversed()).map(|(b, _)| b.xlat))
-            });
+            let note = chain.annotate(now_ns, &key);
             MonitorEvent {
                 event: Some(FlowEvent::New),
                 rule: Some(rule_name(cfg, rule)),
                 interface: interface_name(cfg, ingress_if),
                 bucket: Some(bucket),
-                nat: nat.as_ref().map(inspect::Tuple::from),
-                backend: backend.map(|x| SocketAddr::new(x.dst, x.dst_port).to_string()),
+                nat: note.nat.as_ref().map(inspect::Tuple::from),
+                backend: note.backend.map(|a| a.to_string()),
                 ..MonitorEvent::new(EventType::Flow, unit, Some(&key))
             }
         });
@@ -797,7 +702,7 @@ impl<B: BackplaneTx> Core<B> {
         let (cfg, now, now_ns, unit) = (&self.cfg, self.now, self.now_ns, self.cfg.unit);
         let monitor = &mut self.monitor;
         let mut alive = true;
-        self.fw.expire_with(now_ns, max, |c| {
+        let mut gone = |c: &dva_services::conntrack::Conn| {
             let Some(m) = monitor.as_mut() else {
                 return;
             };
@@ -814,7 +719,8 @@ impl<B: BackplaneTx> Core<B> {
                 duration_secs: Some(c.last_seen.saturating_sub(c.created) as f64 / 1e9),
                 ..MonitorEvent::new(EventType::Flow, unit, Some(&c.key))
             });
-        });
+        };
+        self.chain.expire(now_ns, max, Some(&mut gone));
         if !alive {
             self.monitor = None;
         }
@@ -832,7 +738,7 @@ impl<B: BackplaneTx> Core<B> {
         }
         let mut picked = Vec::new();
         let mut truncated = false;
-        for c in self.fw.conntrack().iter() {
+        for c in self.chain.conntrack().iter() {
             let replica = self.is_replica_bucket(c.bucket);
             if replica && !filter.replicas {
                 continue;
@@ -851,18 +757,9 @@ impl<B: BackplaneTx> Core<B> {
         let flows = picked
             .into_iter()
             .map(|(c, replica)| {
-                // A stage before the firewall keys conntrack by its translated tuple: look the
-                // binding up both ways.
-                let nat = self.nat.as_mut().and_then(|n| {
-                    n.binding_of(now, &c.key)
-                        .map(|(b, _)| b.xlat)
-                        .or_else(|| n.binding_of(now, &c.key.reversed()).map(|(b, _)| b.xlat))
-                });
-                let backend = self.lb.as_mut().and_then(|l| {
-                    l.binding_of(now, &c.key)
-                        .map(|(b, _)| b.xlat)
-                        .or_else(|| l.binding_of(now, &c.key.reversed()).map(|(b, _)| b.xlat))
-                });
+                // A stage before the firewall keys conntrack by its translated tuple: the stages
+                // look the flow up both ways.
+                let note = self.chain.annotate(now, &c.key);
                 FlowEntry {
                     unit: me,
                     proto: c.key.proto,
@@ -875,8 +772,8 @@ impl<B: BackplaneTx> Core<B> {
                     replica,
                     previous_owner: !replica
                         && self.cfg.table.get(c.bucket).is_some_and(|b| b.owner != me),
-                    nat: nat.as_ref().map(inspect::Tuple::from),
-                    backend: backend.map(|x| SocketAddr::new(x.dst, x.dst_port).to_string()),
+                    nat: note.nat.as_ref().map(inspect::Tuple::from),
+                    backend: note.backend.map(|a| a.to_string()),
                     orig_packets: c.orig_packets,
                     orig_bytes: c.orig_bytes,
                     reply_packets: c.reply_packets,
@@ -891,30 +788,12 @@ impl<B: BackplaneTx> Core<B> {
 
     /// Forget every flow of `bucket`, in every stage.
     fn remove_bucket(&mut self, bucket: u16) {
-        self.fw.conntrack_mut().remove_bucket(bucket);
-        if let Some(n) = self.nat.as_mut() {
-            n.remove_bucket(bucket);
-        }
-        if let Some(l) = self.lb.as_mut() {
-            l.remove_bucket(bucket);
-        }
+        self.chain.remove_bucket(bucket);
     }
 
     /// A bucket's flows, every stage's, for a state move.
     fn export_flows(&self, bucket: u16) -> Flows {
-        Flows {
-            conns: self.fw.export_bucket(self.now_ns, bucket),
-            nat: self
-                .nat
-                .as_ref()
-                .map(|n| n.export_bucket(self.now_ns, bucket))
-                .unwrap_or_default(),
-            lb: self
-                .lb
-                .as_ref()
-                .map(|l| l.export_bucket(self.now_ns, bucket))
-                .unwrap_or_default(),
-        }
+        self.chain.export_bucket(self.now_ns, bucket)
     }
 
     pub(crate) fn snapshot(&self) -> UnitStats {
@@ -935,19 +814,14 @@ impl<B: BackplaneTx> Core<B> {
             self.tx.ring_stats().ring_waits,
         );
         counters.insert("replica_flows".into(), self.replica_flows);
-        counters.insert(
-            "conntrack_early_drops".into(),
-            self.fw.conntrack().early_drops(),
+        self.chain.counters(&mut counters);
+        let mut drops = self.drops.to_map();
+        drops.extend(
+            self.chain
+                .extra_drops()
+                .filter(|(_, n)| *n > 0)
+                .map(|(name, n)| (name.to_string(), n)),
         );
-        if let Some(n) = &self.nat {
-            let st = n.stats();
-            counters.insert("nat_bindings".into(), n.len() as u64);
-            counters.insert("nat_translated".into(), st.translated);
-            counters.insert("nat_bindings_created".into(), st.bindings_created);
-        }
-        if let Some(l) = &self.lb {
-            counters.insert("lb_flows".into(), l.len() as u64);
-        }
         UnitStats {
             appliance: self.cfg.appliance.clone(),
             unit: self.cfg.unit,
@@ -958,16 +832,12 @@ impl<B: BackplaneTx> Core<B> {
             tx_packets: self.tx_packets,
             tx_bytes: self.tx_bytes,
             // Flows this data plane serves; backup copies are counted apart.
-            flows: (self.fw.len() as u64).saturating_sub(self.replica_flows),
+            flows: (self.chain.conntrack().len() as u64).saturating_sub(self.replica_flows),
             active_flows: self.active_flows,
             bucket_flows: self.bucket_flows.clone(),
-            drops: self.drops.to_map(),
+            drops,
             counters,
-            backends: self
-                .lb
-                .as_ref()
-                .map(|l| l.backend_stats())
-                .unwrap_or_default(),
+            backends: self.chain.backend_stats(),
             rules: self.rule_hits(),
             latency: Latencies {
                 handover: Some(self.handover_latency.clone()),
@@ -980,9 +850,8 @@ impl<B: BackplaneTx> Core<B> {
     /// Hits of each rule under its name (`#<index>` when unnamed), then the default action's.
     fn rule_hits(&self) -> Vec<crate::stats::RuleHits> {
         let rules = &self.cfg.firewall.rules;
-        let mut hits: Vec<crate::stats::RuleHits> = self
-            .fw
-            .rule_hits()
+        let (rule_hits, default_hits) = self.chain.rule_hits();
+        let mut hits: Vec<crate::stats::RuleHits> = rule_hits
             .into_iter()
             .enumerate()
             .map(|(i, hits)| crate::stats::RuleHits {
@@ -995,7 +864,7 @@ impl<B: BackplaneTx> Core<B> {
             .collect();
         hits.push(crate::stats::RuleHits {
             rule: "(default)".into(),
-            hits: self.fw.default_hits(),
+            hits: default_hits,
         });
         hits
     }
@@ -1140,23 +1009,13 @@ impl<B: BackplaneTx> Core<B> {
                 }
                 // A resent chunk keeps the first arrival: the resend's wait is part of the move.
                 self.importing.entry(bucket).or_insert(self.now);
-                for c in conns {
-                    // Only what belongs to the bucket named; a repeat (resend) is already here.
-                    if c.bucket == bucket && self.fw.import(self.now_ns, c).is_ok() {
-                        self.event("flows_imported");
-                    }
-                }
-                let now = self.now_ns;
-                if let Some(n) = self.nat.as_mut() {
-                    for b in nat.into_iter().filter(|b| b.bucket == bucket) {
-                        let _ = n.import(now, b);
-                    }
-                }
-                if let Some(l) = self.lb.as_mut() {
-                    for b in lb.into_iter().filter(|b| b.bucket == bucket) {
-                        let _ = l.import(now, b);
-                    }
-                }
+                // Only what belongs to the bucket named; a repeat (resend) is already here.
+                let taken = self
+                    .chain
+                    .import(self.now_ns, Flows { conns, nat, lb }, &mut |b| {
+                        (b == bucket).then_some(Import::Fill)
+                    });
+                self.count_event("flows_imported", taken as u64);
                 if last {
                     let Some(addr) = self.peers.get(&from).copied() else {
                         return self.drop_packet(None, dr::MALFORMED_HANDOVER);
@@ -1200,39 +1059,17 @@ impl<B: BackplaneTx> Core<B> {
                 let fills_only = |cfg: &DataplaneConfig, bucket: u16| {
                     cfg.table.get(bucket).is_some_and(|b| b.owner == me)
                 };
-                let now = self.now_ns;
-                for c in conns {
-                    if !ours(&self.cfg, c.bucket) {
-                        continue;
-                    }
-                    let ct = self.fw.conntrack_mut();
-                    let taken = if fills_only(&self.cfg, c.bucket) {
-                        ct.import(now, c).is_ok()
-                    } else {
-                        ct.upsert(now, c).is_ok()
-                    };
-                    if taken {
-                        self.event("flows_replicated_in");
-                    }
-                }
-                if let Some(t) = self.nat.as_mut() {
-                    for b in nat.into_iter().filter(|b| ours(&self.cfg, b.bucket)) {
-                        let _ = if fills_only(&self.cfg, b.bucket) {
-                            t.import(now, b)
+                let cfg = &self.cfg;
+                let taken = self
+                    .chain
+                    .import(self.now_ns, Flows { conns, nat, lb }, &mut |b| {
+                        ours(cfg, b).then_some(if fills_only(cfg, b) {
+                            Import::Fill
                         } else {
-                            t.upsert(now, b)
-                        };
-                    }
-                }
-                if let Some(t) = self.lb.as_mut() {
-                    for b in lb.into_iter().filter(|b| ours(&self.cfg, b.bucket)) {
-                        let _ = if fills_only(&self.cfg, b.bucket) {
-                            t.import(now, b)
-                        } else {
-                            t.upsert(now, b)
-                        };
-                    }
-                }
+                            Import::Replace
+                        })
+                    });
+                self.count_event("flows_replicated_in", taken as u64);
             }
         }
     }
@@ -1249,7 +1086,11 @@ impl<B: BackplaneTx> Core<B> {
         if !self.has_backup {
             return;
         }
-        let journal = self.fw.conntrack_mut().take_journal();
+        let journal = self
+            .chain
+            .conntrack_mut()
+            .map(|ct| ct.take_journal())
+            .unwrap_or_default();
         let room = REPLICATE_PENDING_MAX.saturating_sub(self.replicate_pending.len());
         self.replicate_pending
             .extend(journal.into_iter().take(room));
@@ -1262,7 +1103,7 @@ impl<B: BackplaneTx> Core<B> {
             // the backup is repaired within a walk.
             const RECENT_NS: u64 = 30_000_000_000;
             let now = self.now_ns;
-            let (conns, next) = self.fw.conntrack().slice(at, REFRESH_SLOTS);
+            let (conns, next) = self.chain.conntrack().slice(at, REFRESH_SLOTS);
             keys.extend(
                 conns
                     .filter(|c| {
@@ -1300,7 +1141,7 @@ impl<B: BackplaneTx> Core<B> {
         let mut seen = std::collections::HashSet::new();
         let now = self.now_ns;
         for k in keys {
-            let Some(c) = self.fw.conntrack().find(&k) else {
+            let Some(c) = self.chain.conntrack().find(&k) else {
                 continue;
             };
             if c.state.half_open()
@@ -1317,42 +1158,22 @@ impl<B: BackplaneTx> Core<B> {
             entry.conns.push(c);
             // The flow's translation goes with it (found by the tuple the firewall saw, which
             // is the one the translating stages saw first when the firewall comes first).
-            if let Some((b, _)) = self.nat.as_mut().and_then(|n| n.binding_of(now, &key)) {
-                entry.nat.push(b.clone());
-            }
-            if let Some((b, _)) = self.lb.as_mut().and_then(|l| l.binding_of(now, &key)) {
-                entry.lb.push(b.clone());
-            }
+            self.chain.replicate_flow(now, &key, entry);
         }
         if walk_done {
             // Every binding, whatever chain order produced it (a NAT before the firewall keys
             // its conntrack entries by translated tuples, which the lookups above miss). Once a
             // walk, and only in chains with translating stages.
-            let nat: Vec<_> = self
-                .nat
-                .as_ref()
-                .map(|n| n.bindings().cloned().collect())
-                .unwrap_or_default();
-            let lb: Vec<_> = self
-                .lb
-                .as_ref()
-                .map(|l| l.flows().cloned().collect())
-                .unwrap_or_default();
-            for b in nat {
-                if self.is_replica_bucket(b.bucket) {
-                    continue;
+            let cfg = &self.cfg;
+            let all = self.chain.replicate_all().group_by(|b| {
+                if replica_bucket(cfg, b) {
+                    None
+                } else {
+                    target_of(cfg, b)
                 }
-                if let Some(t) = target_of(&self.cfg, b.bucket) {
-                    by_backup.entry(t).or_default().nat.push(b);
-                }
-            }
-            for b in lb {
-                if self.is_replica_bucket(b.bucket) {
-                    continue;
-                }
-                if let Some(t) = target_of(&self.cfg, b.bucket) {
-                    by_backup.entry(t).or_default().lb.push(b);
-                }
+            });
+            for (t, set) in all {
+                by_backup.entry(t).or_default().append(set);
             }
         }
         for (backup, flows) in by_backup {
@@ -1390,6 +1211,13 @@ impl<B: BackplaneTx> Core<B> {
 
     fn event(&mut self, name: &'static str) {
         *self.events.entry(name).or_insert(0) += 1;
+    }
+
+    /// `n` more of event `name` (listed once it happened at all).
+    fn count_event(&mut self, name: &'static str, n: u64) {
+        if n > 0 {
+            *self.events.entry(name).or_insert(0) += n;
+        }
     }
 
     pub(crate) fn on_packet(&mut self, buf: &[u8], from: Origin) {
@@ -1460,125 +1288,43 @@ impl<B: BackplaneTx> Core<B> {
             NewFlowPolicy::Refuse
         };
         let to = self.dispatcher_for(dispatcher.map(|d| d.addr), &c);
-        self.process(bucket, &meta, ip, &c, policy, to);
+        // The packet's one parse: every stage reads (and a translating one updates) this.
+        let pkt = descriptor(meta.ingress_if, ip, &c, bucket, policy);
+        self.process(&meta, ip, &c, pkt, to);
     }
 
-    /// Run the service chain on one packet and send, punt, reject or drop it. `to`: the
-    /// dispatcher that gets it back.
+    /// Run the service chain on one packet (`pkt`: its descriptor; `ip`, `c`: the packet as it
+    /// arrived) and send, punt, reject or drop it. `to`: the dispatcher that gets it back.
     fn process(
         &mut self,
-        bucket: u16,
         meta: &DvaMeta,
         ip: &[u8],
         c: &Classified,
-        policy: NewFlowPolicy,
+        mut pkt: Packet,
         to: SocketAddr,
     ) {
-        if self.nat.is_none() && self.lb.is_none() {
-            // Firewall only: nothing rewrites the packet, so no copy of it is made.
-            match self.firewall(bucket, meta, ip, c, policy) {
-                Outcome::Forward => {
-                    self.send(to, meta, 0, ip);
-                    if self.new_flow.is_some() {
-                        self.report_new_flow(meta.ingress_if);
-                    }
-                }
-                Outcome::Punt => self.punt(bucket, meta, ip, c),
-                Outcome::Drop(r) => self.drop_packet(Some((&c.key, meta.ingress_if)), r),
-                Outcome::Reject(kind) => {
-                    self.drop_packet(Some((&c.key, meta.ingress_if)), dr::REJECTED);
-                    self.reject(kind, to, meta, ip, c);
-                }
-            }
-            return;
+        let now = self.now_ns;
+        let bucket = pkt.bucket;
+        let mut work = std::mem::take(&mut self.work);
+        let rewrites = self.chain.rewrites();
+        let outcome = if rewrites {
+            // The received packet stays as it came, for punting.
+            work.clear();
+            work.extend_from_slice(ip);
+            self.chain.run(now, &mut pkt, Bytes::Writable(&mut work))
+        } else {
+            // Nothing rewrites the packet, so no copy of it is made.
+            self.chain.run(now, &mut pkt, Bytes::ReadOnly(ip))
+        };
+        if let Some(rule) = pkt.rule {
+            self.last_rule = rule;
         }
-        let mut pkt = std::mem::take(&mut self.work);
-        pkt.clear();
-        pkt.extend_from_slice(ip);
-        // Replies of a translated flow arrive with the translated tuple: they go through the chain
-        // backwards (undo the translation, then the firewall sees the flow as it tracked it).
-        let reverse = self.is_translated_reply(c);
-        let n = self.cfg.chain.len();
-        let mut cls = *c;
-        let mut rewritten = false;
-        let mut outcome = Outcome::Forward;
-        for i in 0..n {
-            let stage = self.cfg.chain[if reverse { n - 1 - i } else { i }];
-            let now = self.now_ns;
-            outcome = match stage {
-                Stage::Firewall => {
-                    if std::mem::take(&mut rewritten) {
-                        match classify(&pkt) {
-                            Ok(c2) => cls = c2,
-                            Err(_) => {
-                                outcome = Outcome::Drop(dr::MALFORMED_IP);
-                                break;
-                            }
-                        }
-                    }
-                    self.firewall(bucket, meta, &pkt, &cls, policy)
-                }
-                Stage::Nat => match self.nat.as_mut() {
-                    None => Outcome::Forward,
-                    Some(nat) => match nat.process(now, bucket, meta.ingress_if, &mut pkt) {
-                        NatVerdict::Translated => {
-                            rewritten = true;
-                            Outcome::Forward
-                        }
-                        NatVerdict::Untouched => Outcome::Forward,
-                        NatVerdict::Drop(NatDropReason::NoBinding) => Outcome::Punt,
-                        NatVerdict::Drop(NatDropReason::PortsExhausted) => {
-                            Outcome::Drop(dr::NAT_PORTS_EXHAUSTED)
-                        }
-                        NatVerdict::Drop(NatDropReason::TableFull) => {
-                            Outcome::Drop(dr::NAT_TABLE_FULL)
-                        }
-                        NatVerdict::Drop(NatDropReason::UnsupportedFragment) => {
-                            Outcome::Drop(dr::FRAGMENT)
-                        }
-                        NatVerdict::Drop(NatDropReason::Malformed) => {
-                            Outcome::Drop(dr::MALFORMED_IP)
-                        }
-                    },
-                },
-                Stage::Lb => match self.lb.as_mut() {
-                    None => Outcome::Forward,
-                    Some(lb) => match lb.process(now, bucket, &mut pkt) {
-                        LbVerdict::Translated => {
-                            rewritten = true;
-                            Outcome::Forward
-                        }
-                        LbVerdict::Untouched => Outcome::Forward,
-                        LbVerdict::Drop(LbDropReason::NoFlow) => Outcome::Punt,
-                        LbVerdict::Drop(LbDropReason::NoBackend) => {
-                            Outcome::Drop(dr::LB_NO_BACKEND)
-                        }
-                        LbVerdict::Drop(LbDropReason::PortsExhausted) => {
-                            Outcome::Drop(dr::LB_PORTS_EXHAUSTED)
-                        }
-                        LbVerdict::Drop(LbDropReason::TableFull) => {
-                            Outcome::Drop(dr::LB_TABLE_FULL)
-                        }
-                        LbVerdict::Drop(LbDropReason::UnsupportedFragment) => {
-                            Outcome::Drop(dr::FRAGMENT)
-                        }
-                        LbVerdict::Drop(_) => Outcome::Drop(dr::MALFORMED_IP),
-                    },
-                },
-            };
-            if !matches!(outcome, Outcome::Forward) {
-                break;
-            }
-        }
-        if self.new_flow.is_some() && !matches!(outcome, Outcome::Forward) {
-            // Created, then refused further down the chain: nothing to report.
-            self.new_flow = None;
-        }
+        let out: &[u8] = if rewrites { &work } else { ip };
         match outcome {
             Outcome::Forward => {
-                self.send(to, meta, 0, &pkt);
-                if self.new_flow.is_some() {
-                    self.report_new_flow(meta.ingress_if);
+                self.send(to, meta, 0, out);
+                if let Some(key) = pkt.created.filter(|_| self.monitor.is_some()) {
+                    self.report_new_flow(key, bucket, pkt.rule.flatten(), meta.ingress_if);
                 }
             }
             // The packet as it arrived: the previous owner runs the whole chain on it.
@@ -1586,59 +1332,10 @@ impl<B: BackplaneTx> Core<B> {
             Outcome::Drop(r) => self.drop_packet(Some((&c.key, meta.ingress_if)), r),
             Outcome::Reject(kind) => {
                 self.drop_packet(Some((&c.key, meta.ingress_if)), dr::REJECTED);
-                self.reject(kind, to, meta, &pkt, &cls);
+                self.reject(kind, to, meta, out, &classified(&pkt));
             }
         }
-        self.work = pkt;
-    }
-
-    /// Whether `c` is a reply of a flow a translating stage holds (an ICMP error counts as one
-    /// when the packet it quotes was a translated original).
-    fn is_translated_reply(&mut self, c: &Classified) -> bool {
-        let now = self.now_ns;
-        let key = c.icmp_inner.map(|k| k.reversed()).unwrap_or(c.key);
-        let reply = |d: Option<Direction>| d == Some(Direction::Reply);
-        reply(
-            self.nat
-                .as_mut()
-                .and_then(|n| n.binding_of(now, &key))
-                .map(|(_, d)| d),
-        ) || reply(
-            self.lb
-                .as_mut()
-                .and_then(|l| l.binding_of(now, &key))
-                .map(|(_, d)| d),
-        )
-    }
-
-    /// The firewall stage on a packet as `c` classifies it.
-    fn firewall(
-        &mut self,
-        bucket: u16,
-        meta: &DvaMeta,
-        ip: &[u8],
-        c: &Classified,
-        policy: NewFlowPolicy,
-    ) -> Outcome {
-        let info = packet_info(meta.ingress_if, ip, c);
-        let created = self.monitor.is_some().then(|| self.fw.stats().created);
-        let verdict = self.fw.process(self.now_ns, bucket, &info, policy);
-        if created.is_some_and(|n| n != self.fw.stats().created) {
-            self.new_flow = Some((info.key, bucket, self.fw.last_rule()));
-        }
-        match verdict {
-            Verdict::Accept => Outcome::Forward,
-            Verdict::Drop(reason) => Outcome::Drop(match reason {
-                DropReason::RuleDrop => dr::FIREWALL_RULE,
-                DropReason::DefaultPolicy => dr::FIREWALL_DEFAULT,
-                DropReason::TableFull => dr::TABLE_FULL,
-                DropReason::IcmpErrorUnrelated => dr::ICMP_ERROR_UNRELATED,
-                DropReason::TcpOutOfWindow => dr::TCP_OUT_OF_WINDOW,
-                DropReason::InvalidState => dr::INVALID_STATE,
-            }),
-            Verdict::Reject(kind) => Outcome::Reject(kind),
-            Verdict::NoState => Outcome::Punt,
-        }
+        self.work = work;
     }
 
     /// Processed packets go back to the dispatcher they came from; punted ones to any dispatcher
@@ -1677,7 +1374,8 @@ impl<B: BackplaneTx> Core<B> {
                     ..*meta
                 };
                 let to = self.dispatcher_for(None, c);
-                return self.process(bucket, &m, ip, c, NewFlowPolicy::Create, to);
+                let pkt = descriptor(meta.ingress_if, ip, c, bucket, NewFlowPolicy::Create);
+                return self.process(&m, ip, c, pkt, to);
             }
             if let Some(addr) = self.peers.get(&owner).copied() {
                 self.event("handed_back_new");
@@ -1807,24 +1505,52 @@ fn interface_name(cfg: &DataplaneConfig, id: u8) -> Option<String> {
         .map(|i| i.name.clone())
 }
 
+/// The descriptor of a packet the classifier parsed (`c` is `ip`'s classification): what every
+/// stage reads.
+#[inline]
+fn descriptor(
+    ingress_if: u8,
+    ip: &[u8],
+    c: &Classified,
+    bucket: u16,
+    policy: NewFlowPolicy,
+) -> Packet {
+    Packet::new(
+        packet_info(ingress_if, ip, c),
+        bucket,
+        policy,
+        c.fragment,
+        c.l4_offset,
+        ip.len(),
+    )
+}
+
 /// What the firewall reads of a packet: `c` is `ip`'s classification.
+#[inline]
 fn packet_info(ingress_if: u8, ip: &[u8], c: &Classified) -> PacketInfo {
-    // The classifier already checked the TCP header fits; a fragment has none.
-    let tcp = if c.key.proto == ip_proto::TCP && !c.fragment {
-        ip.get(c.l4_offset..)
-            .and_then(TcpSegment::parse)
-            .unwrap_or_default()
-    } else {
-        TcpSegment::default()
-    };
     PacketInfo {
         ingress_if,
         key: c.key,
         tcp_flags: c.tcp_flags,
-        tcp,
+        // The classifier already checked the TCP header fits; a fragment has none.
+        tcp: Packet::tcp_segment(ip, c.key.proto, c.fragment, c.l4_offset),
         icmp: c.icmp,
         icmp_inner: c.icmp_inner,
         len: ip.len() as u32,
+    }
+}
+
+/// The classification of the packet `d` describes (after any translation), for building an
+/// answer to it.
+fn classified(d: &Packet) -> Classified {
+    Classified {
+        key: d.info.key,
+        tcp_flags: d.info.tcp_flags,
+        icmp: d.info.icmp,
+        icmp_inner: d.info.icmp_inner,
+        fragment: d.fragment,
+        l4_offset: d.l4,
+        ip_len: d.end,
     }
 }
 

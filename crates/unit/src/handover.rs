@@ -44,61 +44,44 @@ pub const MAX_RESENDS: u32 = 10;
 pub const MAX_BODY: usize = 8000;
 
 /// Flow state of one kind or another: connection tracking entries and, when the chain has them,
-/// NAT bindings and load-balancer flows. Each moves with its bucket.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Flows {
-    #[serde(default)]
-    pub conns: Vec<Conn>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub nat: Vec<Binding>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub lb: Vec<Binding>,
-}
+/// NAT bindings and load-balancer flows. Each moves with its bucket; each stage adds and takes
+/// its own ([`dva_services::stage::Stage::export_bucket`], `import`).
+pub use dva_services::stage::FlowSet as Flows;
 
-impl Flows {
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty() && self.nat.is_empty() && self.lb.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.conns.len() + self.nat.len() + self.lb.len()
-    }
-
-    /// Split into parts whose JSON stays under [`MAX_BODY`] with room for the envelope (an
-    /// entry larger than that goes alone: it still fits a datagram). Always at least one part.
-    fn split(self) -> Vec<Flows> {
-        let mut parts = vec![Flows::default()];
-        let mut size = 0;
-        let budget = MAX_BODY - 150;
-        let mut room = |parts: &mut Vec<Flows>, len: usize| {
-            let last = parts.len() - 1;
-            if !parts[last].is_empty() && size + len > budget {
-                parts.push(Flows::default());
-                size = 0;
-            }
-            size += len;
-        };
-        let len = |v: Result<Vec<u8>, serde_json::Error>| v.map_or(0, |v| v.len()) + 1;
-        for c in self.conns {
-            room(&mut parts, len(serde_json::to_vec(&c)) + 10);
-            if let Some(p) = parts.last_mut() {
-                p.conns.push(c);
-            }
+/// Split into parts whose JSON stays under [`MAX_BODY`] with room for the envelope (an
+/// entry larger than that goes alone: it still fits a datagram). Always at least one part.
+fn split(flows: Flows) -> Vec<Flows> {
+    let mut parts = vec![Flows::default()];
+    let mut size = 0;
+    let budget = MAX_BODY - 150;
+    let mut room = |parts: &mut Vec<Flows>, len: usize| {
+        let last = parts.len() - 1;
+        if !parts[last].is_empty() && size + len > budget {
+            parts.push(Flows::default());
+            size = 0;
         }
-        for b in self.nat {
-            room(&mut parts, len(serde_json::to_vec(&b)) + 10);
-            if let Some(p) = parts.last_mut() {
-                p.nat.push(b);
-            }
+        size += len;
+    };
+    let len = |v: Result<Vec<u8>, serde_json::Error>| v.map_or(0, |v| v.len()) + 1;
+    for c in flows.conns {
+        room(&mut parts, len(serde_json::to_vec(&c)) + 10);
+        if let Some(p) = parts.last_mut() {
+            p.conns.push(c);
         }
-        for b in self.lb {
-            room(&mut parts, len(serde_json::to_vec(&b)) + 10);
-            if let Some(p) = parts.last_mut() {
-                p.lb.push(b);
-            }
-        }
-        parts
     }
+    for b in flows.nat {
+        room(&mut parts, len(serde_json::to_vec(&b)) + 10);
+        if let Some(p) = parts.last_mut() {
+            p.nat.push(b);
+        }
+    }
+    for b in flows.lb {
+        room(&mut parts, len(serde_json::to_vec(&b)) + 10);
+        if let Some(p) = parts.last_mut() {
+            p.lb.push(b);
+        }
+    }
+    parts
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,7 +142,7 @@ pub fn decode(body: &[u8]) -> Option<Handover> {
 /// Split a bucket's flows into `State` bodies of at most [`MAX_BODY`] bytes, the last one marked
 /// (an empty bucket still gets one, so the receiver can answer).
 pub fn state_bodies(from: UnitId, bucket: u16, flows: Flows) -> Vec<Vec<u8>> {
-    let parts = flows.split();
+    let parts = split(flows);
     let n = parts.len();
     parts
         .into_iter()

@@ -29,6 +29,7 @@
 #[cfg(any(test, feature = "bench"))]
 #[doc(hidden)]
 pub mod bench;
+pub mod chain;
 pub mod channel;
 pub mod classify;
 #[cfg(test)]

@@ -281,6 +281,17 @@ impl Conn {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnId(u32);
 
+impl ConnId {
+    /// The slot number, to carry a lookup in a packet descriptor ([`crate::stage::Hint`]).
+    pub(crate) fn raw(self) -> u32 {
+        self.0
+    }
+
+    pub(crate) fn from_raw(slot: u32) -> ConnId {
+        ConnId(slot)
+    }
+}
+
 /// What feeding a packet to a tracked connection did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Update {

@@ -165,6 +165,7 @@ enum Kind {
     Stateless,
 }
 
+#[inline]
 fn kind_of(pkt: &PacketInfo) -> Kind {
     match pkt.key.proto {
         ip_proto::TCP => {
@@ -186,6 +187,12 @@ fn kind_of(pkt: &PacketInfo) -> Kind {
         },
         _ => Kind::Opener,
     }
+}
+
+/// Whether `pkt` can open a connection (TCP SYN without ACK, UDP, an ICMP query, other
+/// protocols), as connection tracking judges it.
+pub fn starts_flow(pkt: &PacketInfo) -> bool {
+    kind_of(pkt) == Kind::Opener
 }
 
 /// The stateful firewall of one data-path thread.
@@ -230,11 +237,30 @@ impl Firewall {
         pkt: &PacketInfo,
         policy: NewFlowPolicy,
     ) -> Verdict {
+        let found = if kind_of(pkt) == Kind::IcmpError {
+            None
+        } else {
+            self.ct.lookup(now, &pkt.key)
+        };
+        self.process_found(now, bucket, pkt, policy, found)
+    }
+
+    /// [`Firewall::process`] with the connection-table lookup of `pkt.key` already made
+    /// (`found`; ignored for ICMP errors, which are matched by the flow they quote).
+    #[inline]
+    pub fn process_found(
+        &mut self,
+        now: u64,
+        bucket: u16,
+        pkt: &PacketInfo,
+        policy: NewFlowPolicy,
+        found: Option<(conntrack::ConnId, conntrack::Direction)>,
+    ) -> Verdict {
         let kind = kind_of(pkt);
         if kind == Kind::IcmpError {
             return self.icmp_error(now, pkt, policy);
         }
-        if let Some((id, dir)) = self.ct.lookup(now, &pkt.key) {
+        if let Some((id, dir)) = found {
             match self
                 .ct
                 .update(now, id, dir, pkt.tcp_flags, &pkt.tcp, pkt.len)
@@ -421,5 +447,6 @@ impl Firewall {
     }
 }
 
+mod stage;
 #[cfg(test)]
 mod tests;

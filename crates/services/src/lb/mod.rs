@@ -262,6 +262,8 @@ pub struct Lb {
     seed: SeededState,
     stats: LbStats,
     rebuilds: u64,
+    /// The tuple the last translated TCP or UDP packet left with (for the chain's descriptor).
+    out: Option<FlowKey>,
 }
 
 impl std::fmt::Debug for Lb {
@@ -294,6 +296,7 @@ impl Lb {
             // first candidate depends on it; the probe budget bounds what a chosen key can cost.
             seed: SeededState::fixed(0x6476_615f_706f_7274),
             stats: LbStats::default(),
+            out: None,
             rebuilds: 0,
         };
         lb.set_config(cfg);
@@ -529,42 +532,63 @@ impl Lb {
     /// Translate one IP packet in place (see the module doc). `bucket`: the flow bucket it was
     /// dispatched to.
     pub fn process(&mut self, now: u64, bucket: u16, pkt: &mut [u8]) -> LbVerdict {
-        let p = match rewrite::parse(pkt) {
-            Ok(p) => p,
-            Err(ParseError::Malformed) => return self.drop(LbDropReason::Malformed),
-            Err(ParseError::Fragment { proto, src: _, dst }) => {
+        match rewrite::parse(pkt) {
+            Ok(p) => self.process_parsed(now, bucket, &p, None, pkt),
+            Err(e) => self.unparsed(e),
+        }
+    }
+
+    /// A packet [`rewrite::parse`] refused.
+    fn unparsed(&mut self, e: ParseError) -> LbVerdict {
+        match e {
+            ParseError::Malformed => self.drop(LbDropReason::Malformed),
+            ParseError::Fragment { proto, src: _, dst } => {
                 let concerns = self.by_vip.keys().any(|&(v, p, _)| v == dst && p == proto)
                     || self.sources.iter().any(|&(a, p, _)| a == dst && p == proto);
-                return if concerns {
+                if concerns {
                     self.drop(LbDropReason::UnsupportedFragment)
                 } else {
                     self.untouched()
-                };
-            }
-        };
-        match p.kind {
-            Kind::Other => self.untouched(),
-            Kind::IcmpError(inner) => {
-                match translate_related(&mut self.table, now, pkt, &p, &inner) {
-                    Some(slot) => {
-                        self.account(slot, &p);
-                        self.stats.related += 1;
-                        self.translated()
-                    }
-                    None if self.sources.iter().any(|&(a, _, _)| a == p.key.dst) => {
-                        self.drop(LbDropReason::NoFlow)
-                    }
-                    None => self.untouched(),
                 }
             }
+        }
+    }
+
+    /// [`Lb::process`] on a parsed packet; `found`: the flow lookup of `p.key`, when the caller
+    /// already made it.
+    #[inline]
+    fn process_parsed(
+        &mut self,
+        now: u64,
+        bucket: u16,
+        p: &Parsed,
+        found: Option<Option<(u32, Direction)>>,
+        pkt: &mut [u8],
+    ) -> LbVerdict {
+        match p.kind {
+            Kind::Other => self.untouched(),
+            Kind::IcmpError(inner) => match translate_related(&mut self.table, now, pkt, p, &inner)
+            {
+                Some(slot) => {
+                    self.account(slot, p);
+                    self.stats.related += 1;
+                    self.translated()
+                }
+                None if self.sources.iter().any(|&(a, _, _)| a == p.key.dst) => {
+                    self.drop(LbDropReason::NoFlow)
+                }
+                None => self.untouched(),
+            },
             Kind::Tcp { .. } | Kind::Udp | Kind::Echo { .. } => {
-                if let Some((slot, dir)) = self.table.lookup(now, &p.key) {
-                    if translate_bound(&mut self.table, now, slot, dir, &p, pkt) {
-                        self.account(slot, &p);
+                let found = found.unwrap_or_else(|| self.table.lookup(now, &p.key));
+                if let Some((slot, dir)) = found {
+                    if let Some(to) = translate_bound(&mut self.table, now, slot, dir, p, pkt) {
+                        self.out = Some(to);
+                        self.account(slot, p);
                         return self.translated();
                     }
                 }
-                self.new_flow(now, bucket, &p, pkt)
+                self.new_flow(now, bucket, p, pkt)
             }
         }
     }
@@ -634,6 +658,7 @@ impl Lb {
             }
         }
         rewrite::rewrite(pkt, p, &to);
+        self.out = Some(to);
         self.stats.flows_created += 1;
         let s = &mut self.slots[slot as usize];
         s.new_flows += 1;
@@ -772,5 +797,6 @@ impl Lb {
     }
 }
 
+mod stage;
 #[cfg(test)]
 mod tests;

@@ -247,6 +247,9 @@ pub struct Nat {
     table: BindingTable,
     seed: SeededState,
     stats: NatStats,
+    /// The tuple the last translated TCP, UDP or echo packet left with (the chain's descriptor
+    /// takes it instead of reading the bytes back).
+    out: Option<FlowKey>,
 }
 
 impl std::fmt::Debug for Nat {
@@ -276,6 +279,7 @@ impl Nat {
             // first candidate depends on it; the probe budget bounds what a chosen key can cost.
             seed: SeededState::fixed(0x6476_615f_706f_7274),
             stats: NatStats::default(),
+            out: None,
         };
         nat.set_config(cfg);
         nat
@@ -307,21 +311,42 @@ impl Nat {
     /// Translate one IP packet in place (see the module doc). `bucket`: the flow bucket it was
     /// dispatched to; `ingress_if`: the interface it arrived on (for DNAT rules).
     pub fn process(&mut self, now: u64, bucket: u16, ingress_if: u8, pkt: &mut [u8]) -> NatVerdict {
-        let p = match rewrite::parse(pkt) {
-            Ok(p) => p,
-            Err(ParseError::Malformed) => return self.drop(NatDropReason::Malformed),
-            Err(ParseError::Fragment { proto, src, dst }) => {
-                return if self.fragment_concerns(ingress_if, proto, src, dst) {
+        match rewrite::parse(pkt) {
+            Ok(p) => self.process_parsed(now, bucket, ingress_if, &p, None, pkt),
+            Err(e) => self.unparsed(ingress_if, e),
+        }
+    }
+
+    /// A packet [`rewrite::parse`] refused.
+    fn unparsed(&mut self, ingress_if: u8, e: ParseError) -> NatVerdict {
+        match e {
+            ParseError::Malformed => self.drop(NatDropReason::Malformed),
+            ParseError::Fragment { proto, src, dst } => {
+                if self.fragment_concerns(ingress_if, proto, src, dst) {
                     self.drop(NatDropReason::UnsupportedFragment)
                 } else {
                     self.untouched()
-                };
+                }
             }
-        };
+        }
+    }
+
+    /// [`Nat::process`] on a parsed packet; `found`: the binding lookup of `p.key`, when the
+    /// caller already made it.
+    #[inline]
+    fn process_parsed(
+        &mut self,
+        now: u64,
+        bucket: u16,
+        ingress_if: u8,
+        p: &Parsed,
+        found: Option<Option<(u32, Direction)>>,
+        pkt: &mut [u8],
+    ) -> NatVerdict {
         match p.kind {
             Kind::Other => self.untouched(),
             Kind::IcmpError(inner) => {
-                if translate_related(&mut self.table, now, pkt, &p, &inner).is_some() {
+                if translate_related(&mut self.table, now, pkt, p, &inner).is_some() {
                     self.stats.related += 1;
                     self.translated()
                 } else if self.is_pool(p.key.dst) {
@@ -331,12 +356,14 @@ impl Nat {
                 }
             }
             Kind::Tcp { .. } | Kind::Udp | Kind::Echo { .. } => {
-                if let Some((slot, dir)) = self.table.lookup(now, &p.key) {
-                    if translate_bound(&mut self.table, now, slot, dir, &p, pkt) {
+                let found = found.unwrap_or_else(|| self.table.lookup(now, &p.key));
+                if let Some((slot, dir)) = found {
+                    if let Some(to) = translate_bound(&mut self.table, now, slot, dir, p, pkt) {
+                        self.out = Some(to);
                         return self.translated();
                     }
                 }
-                self.new_flow(now, bucket, ingress_if, &p, pkt)
+                self.new_flow(now, bucket, ingress_if, p, pkt)
             }
         }
     }
@@ -425,6 +452,7 @@ impl Nat {
         }
         self.stats.bindings_created += 1;
         rewrite::rewrite(pkt, p, &to);
+        self.out = Some(to);
         self.translated()
     }
 
@@ -531,7 +559,7 @@ impl Nat {
     }
 }
 
-/// Translate a packet of binding `slot` going `dir`. `false`: the packet is not really part of it
+/// Translate a packet of binding `slot` going `dir`; the tuple it has now. `None`: the packet is not really part of it
 /// (an echo request matching a reply key, or a SYN re-opening a closed TCP binding, which is then
 /// removed) and should be handled as new.
 pub(crate) fn translate_bound(
@@ -541,24 +569,22 @@ pub(crate) fn translate_bound(
     dir: Direction,
     p: &Parsed,
     pkt: &mut [u8],
-) -> bool {
-    let Some(b) = table.get(slot) else {
-        return false;
-    };
+) -> Option<FlowKey> {
+    let b = table.get(slot)?;
     match p.kind {
-        Kind::Echo { request } if request != (dir == Direction::Original) => return false,
+        Kind::Echo { request } if request != (dir == Direction::Original) => return None,
         Kind::Tcp { flags }
             if dir == Direction::Original && starts_connection(flags) && b.state.closing() =>
         {
             table.remove(slot);
-            return false;
+            return None;
         }
         _ => {}
     }
     let (_, to) = b.translation(dir);
     rewrite::rewrite(pkt, p, &to);
     table.touch(now, slot, dir, p.tcp_flags());
-    true
+    Some(to)
 }
 
 /// Translate an ICMP error quoting a bound flow; the binding's slot, or `None` if none matches.
@@ -655,5 +681,6 @@ pub(crate) fn allocate_source(
     None
 }
 
+pub(crate) mod stage;
 #[cfg(test)]
 mod tests;

@@ -93,6 +93,94 @@ pub(crate) struct Inner {
 
 const ICMP_HEADER_LEN: usize = 8;
 
+/// What [`parse`] would say of a packet the caller already parsed into `d` (`pkt`: its bytes):
+/// the same fields, taken from the descriptor. Only an ICMP error's quote is read here (the
+/// descriptor has its tuple, not its offsets).
+pub(crate) fn from_descriptor(d: &crate::stage::Packet, pkt: &[u8]) -> Result<Parsed, ParseError> {
+    let key = d.info.key;
+    let v6 = key.src.is_ipv6();
+    if d.fragment {
+        return Err(ParseError::Fragment {
+            proto: key.proto,
+            src: key.src,
+            dst: key.dst,
+        });
+    }
+    let (l4, end) = (d.l4, d.end);
+    let kind = match (key.proto, d.info.icmp) {
+        (ip_proto::TCP, _) => Kind::Tcp {
+            flags: d.info.tcp_flags,
+        },
+        (ip_proto::UDP, _) => Kind::Udp,
+        (ip_proto::ICMP | ip_proto::ICMPV6, Some((t, _)))
+            if (key.proto == ip_proto::ICMPV6) == v6 =>
+        {
+            match (v6, t) {
+                (false, 8) | (true, 128) => Kind::Echo { request: true },
+                (false, 0) | (true, 129) => Kind::Echo { request: false },
+                (false, 3 | 11 | 12) | (true, 1..=4) => {
+                    parse_inner(pkt, v6, l4 + ICMP_HEADER_LEN, end)?
+                }
+                _ => Kind::Other,
+            }
+        }
+        _ => Kind::Other,
+    };
+    Ok(Parsed {
+        key,
+        v6,
+        l4,
+        end,
+        kind,
+    })
+}
+
+impl Parsed {
+    /// The tuple (and an ICMP error's quoted tuple) as `pkt` now holds it, after a rewrite: read
+    /// at the offsets [`parse`] checked, not parsed again.
+    pub(crate) fn tuple_in(&self, pkt: &[u8]) -> (FlowKey, Option<FlowKey>) {
+        let v6 = self.v6;
+        let addr = |at: usize, old: IpAddr| -> IpAddr {
+            if v6 {
+                pkt.get(at..at + 16)
+                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                    .map_or(old, IpAddr::from)
+            } else {
+                pkt.get(at..at + 4)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map_or(old, IpAddr::from)
+            }
+        };
+        let (s, d) = addr_offsets(v6);
+        let ports = |k: &mut FlowKey, l4: usize, echo: bool| {
+            if echo {
+                let id = get16(pkt, l4 + 4).unwrap_or(k.src_port);
+                (k.src_port, k.dst_port) = (id, id);
+            } else {
+                k.src_port = get16(pkt, l4).unwrap_or(k.src_port);
+                k.dst_port = get16(pkt, l4 + 2).unwrap_or(k.dst_port);
+            }
+        };
+        let mut key = self.key;
+        key.src = addr(s, key.src);
+        key.dst = addr(d, key.dst);
+        match self.kind {
+            Kind::Tcp { .. } | Kind::Udp => ports(&mut key, self.l4, false),
+            Kind::Echo { .. } => ports(&mut key, self.l4, true),
+            Kind::IcmpError(inner) => {
+                let mut q = inner.key;
+                q.src = addr(inner.ip + s, q.src);
+                q.dst = addr(inner.ip + d, q.dst);
+                let echo = !matches!(q.proto, ip_proto::TCP | ip_proto::UDP);
+                ports(&mut q, inner.l4, echo);
+                return (key, Some(q));
+            }
+            Kind::Other => {}
+        }
+        (key, None)
+    }
+}
+
 /// Parse an IP packet (the first byte's version nibble picks IPv4 or IPv6).
 pub(crate) fn parse(pkt: &[u8]) -> Result<Parsed, ParseError> {
     match pkt.first().map(|b| b >> 4) {
