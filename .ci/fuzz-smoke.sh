@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A short run of every cargo-fuzz target in fuzz/ (FUZZ_SECONDS each, default 15): the parsers
-# of dva-wire and the dispatcher's fragment reassembly under libFuzzer and AddressSanitizer.
+# of dva-wire, the dispatcher's fragment reassembly and the whole packet path through the
+# dispatcher and data-plane cores (`cores`), under libFuzzer and AddressSanitizer.
 # Needs the nightly toolchain (cargo-fuzz passes sanitizer flags stable refuses): where it is
 # absent this says so and skips; the stable smoke tests (crates/wire/tests/malformed.rs,
 # crates/unit/tests/hostile_fragments.rs) run in every case. cargo-fuzz comes from crates.io

@@ -325,6 +325,7 @@ mod tests {
 
     use dva_flow::FlowKey;
     use dva_wire::ip_proto;
+    use dva_wire::tcp::flags::{ACK, SYN};
 
     use super::*;
     use crate::firewall::{PacketInfo, TcpSegment};
@@ -361,9 +362,6 @@ mod tests {
     fn run(rl: &mut RateLimiter, now: u64, mut p: Packet) -> Verdict {
         rl.process(now, &mut p, &mut Bytes::ReadOnly(&[]))
     }
-
-    const SYN: u8 = 0x02;
-    const ACK: u8 = 0x10;
 
     #[test]
     fn burst_then_rate() {

@@ -57,6 +57,8 @@ use crate::classify::classify;
 use crate::handover::{self, Handover, PROTO_HANDOVER};
 use crate::{dataplane, dispatcher, reply};
 
+pub mod fuzz;
+
 const VNI: u32 = 77;
 const SLOT: usize = 9000;
 
@@ -131,6 +133,13 @@ struct World {
     faults: Vec<Fault>,
     held: Vec<(UnitId, UnitId, Vec<u8>)>,
     log: Vec<String>,
+    /// The data planes' chain and its translating stages' configs (cases: the firewall alone;
+    /// the fuzz target picks).
+    chain: Vec<Stage>,
+    nat: Option<dva_services::nat::NatConfig>,
+    lb: Option<dva_services::lb::LbConfig>,
+    /// NAT/LB source addresses the dispatcher buckets replies to by port.
+    service_addrs: Vec<dva_proto::role::ServiceAddr>,
 }
 
 fn unit(s: &str) -> Result<UnitId, String> {
@@ -266,6 +275,10 @@ impl World {
             faults: Vec::new(),
             held: Vec::new(),
             log: Vec::new(),
+            chain: vec![Stage::Firewall],
+            nat: None,
+            lb: None,
+            service_addrs: Vec::new(),
         }
     }
 
@@ -337,9 +350,9 @@ impl World {
             tcp_liberal: true,
             export: self.export.contains(&me),
             backups,
-            chain: vec![Stage::Firewall],
-            nat: None,
-            lb: None,
+            chain: self.chain.clone(),
+            nat: self.nat.clone(),
+            lb: self.lb.clone(),
             backend_states: Vec::new(),
             runtime: RuntimeConfig::default(),
             backplane: BackplaneAuth::default(),
@@ -365,7 +378,7 @@ impl World {
                 .collect(),
             table: self.table()?,
             fenced: Vec::new(),
-            service_addrs: Vec::new(),
+            service_addrs: self.service_addrs.clone(),
             dnat_reverse: Vec::new(),
             health_checks: Vec::new(),
             runtime: RuntimeConfig::default(),
@@ -675,6 +688,11 @@ impl World {
                 f.extend_from_slice(&ip);
             }
         }
+        self.inject_frame(p, f)
+    }
+
+    /// Frame `f` received on the dispatcher's interface `p`, and everything it leads to.
+    fn inject_frame(&mut self, p: usize, f: Vec<u8>) -> Result<(), String> {
         let disp = self
             .disp
             .as_mut()
@@ -778,7 +796,7 @@ fn describe_frame(f: &[u8]) -> String {
 }
 
 /// Run one case file; `Err` names the line that failed and what was seen.
-fn run_case(text: &str) -> Result<(), String> {
+pub fn run_case(text: &str) -> Result<(), String> {
     let mut w = World::new();
     let mut started = false;
     let lines: Vec<(usize, Vec<&str>)> = text

@@ -32,8 +32,10 @@ pub mod bench;
 pub mod chain;
 pub mod channel;
 pub mod classify;
-#[cfg(test)]
-mod conformance;
+/// The role cores wired together in memory: conformance cases as data, and the fuzz target.
+#[cfg(any(test, feature = "bench"))]
+#[doc(hidden)]
+pub mod conformance;
 pub mod control;
 pub mod dataplane;
 pub mod dispatcher;
