@@ -11,7 +11,8 @@
 #
 # Usage: scripts/callgrind.sh [STAGE...]
 #   stages: dispatcher dispatcher-1514 dispatcher-out dataplane-firewall dataplane-nat
-#   dataplane-lb firewall-established firewall-new nat-established lb-established (default: all)
+#   dataplane-lb firewall-established firewall-new nat-established lb-established, and from the
+#   `chain` bench chain-fw chain-nat chain-lb with their -before twins (default: all)
 #   PACKETS=N overrides the packets per stage; TOP=N the functions listed per stage (default 8).
 #   The callgrind files stay in $CARGO_TARGET_DIR/callgrind (or target/callgrind) for
 #   `callgrind_annotate` or kcachegrind.
@@ -28,20 +29,28 @@ done
 stages=("$@")
 if [ "${#stages[@]}" -eq 0 ]; then
     stages=(dispatcher dispatcher-1514 dispatcher-out dataplane-firewall dataplane-nat dataplane-lb
-        firewall-established firewall-new nat-established lb-established)
+        firewall-established firewall-new nat-established lb-established
+        chain-fw chain-fw-before chain-nat chain-nat-before chain-lb chain-lb-before)
 fi
 top="${TOP:-8}"
 target_dir="${CARGO_TARGET_DIR:-target}"
 out_dir="$target_dir/callgrind"
 mkdir -p "$out_dir"
 
-echo "building the instructions bench (bench profile: release with debug info)..." >&2
-bin="$(cargo bench -p dva-unit --bench instructions --no-run --message-format=json 2>/dev/null |
-    grep -o '"executable":"[^"]*"' | sed 's/^"executable":"//; s/"$//' | grep '/instructions-' | tail -n 1)"
-if [ -z "$bin" ] || [ ! -x "$bin" ]; then
-    echo "callgrind.sh: could not build or find the instructions bench; try: cargo bench -p dva-unit --bench instructions --no-run" >&2
-    exit 1
-fi
+# The executable of bench target $1 of dva-unit, built if needed.
+bench_bin() {
+    local bin
+    bin="$(cargo bench -p dva-unit --bench "$1" --no-run --message-format=json 2>/dev/null |
+        grep -o '"executable":"[^"]*"' | sed 's/^"executable":"//; s/"$//' | grep "/$1-" | tail -n 1)"
+    if [ -z "$bin" ] || [ ! -x "$bin" ]; then
+        echo "callgrind.sh: could not build or find the $1 bench; try: cargo bench -p dva-unit --bench $1 --no-run" >&2
+        exit 1
+    fi
+    echo "$bin"
+}
+echo "building the instructions and chain benches (bench profile: release with debug info)..." >&2
+bin="$(bench_bin instructions)"
+chain_bin="$(bench_bin chain)"
 
 # Packets per stage: enough that the per-packet figure is stable to well under 1 %, few enough
 # that each stage runs in seconds under callgrind (a new flow scans ~1000 rules: fewer of those).
@@ -58,8 +67,15 @@ for stage in "${stages[@]}"; do
     packets="${PACKETS:-$(default_packets "$stage")}"
     file="$out_dir/$stage.callgrind"
     log="$out_dir/$stage.log"
+    # chain-*: the data plane's per-packet work after the GENEVE header through its chain, and
+    # (-before) the same packets through the path it took before the Stage trait
+    # (crates/unit/benches/chain.rs).
+    case "$stage" in
+        chain-*) run=("$chain_bin" "${stage#chain-}") ;;
+        *) run=("$bin" "$stage") ;;
+    esac
     if ! valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*measure_*' \
-        --callgrind-out-file="$file" "$bin" "$stage" "$packets" >"$log" 2>&1; then
+        --callgrind-out-file="$file" "${run[@]}" "$packets" >"$log" 2>&1; then
         echo "callgrind.sh: $stage failed; its log:" >&2
         cat "$log" >&2
         exit 1

@@ -232,12 +232,29 @@ impl Chain {
     /// translates, nothing reads `known`) skips that pass: each stage looks up as it processes.
     #[inline]
     pub fn run(&mut self, now: u64, pkt: &mut Packet, mut bytes: Bytes<'_>) -> Outcome {
-        let mut reverse = false;
-        if self.lookups_first {
+        if !self.lookups_first {
+            // The common chain (no stage translates): front to back, each stage looking up its
+            // own state as it processes.
             for (i, s) in self.stages.iter_mut().enumerate() {
                 pkt.enter(i);
-                reverse |= s.lookup(now, pkt) == Some(Direction::Reply);
+                match s.process(now, pkt, &mut bytes) {
+                    Verdict::Forward => {}
+                    v => return self.outcome(i, v),
+                }
             }
+            return Outcome::Forward;
+        }
+        self.run_translating(now, pkt, bytes)
+    }
+
+    /// [`Chain::run`] for a chain with a translating stage: every stage looks the packet up
+    /// first, and a reply runs the chain back to front.
+    #[inline(never)]
+    fn run_translating(&mut self, now: u64, pkt: &mut Packet, mut bytes: Bytes<'_>) -> Outcome {
+        let mut reverse = false;
+        for (i, s) in self.stages.iter_mut().enumerate() {
+            pkt.enter(i);
+            reverse |= s.lookup(now, pkt) == Some(Direction::Reply);
         }
         let n = self.stages.len();
         for k in 0..n {
@@ -248,15 +265,27 @@ impl Chain {
             };
             match s.process(now, pkt, &mut bytes) {
                 Verdict::Forward => {}
-                Verdict::Punt => return Outcome::Punt,
-                Verdict::Reject(kind) => return Outcome::Reject(kind),
-                Verdict::Drop(r) => {
-                    let slot = self.drop_slots[i].get(usize::from(r)).copied();
-                    return Outcome::Drop(slot.unwrap_or(usize::MAX));
-                }
+                v => return self.outcome(i, v),
             }
         }
         Outcome::Forward
+    }
+
+    /// What stage `i`'s verdict `v` (not `Forward`) means for the packet.
+    #[cold]
+    fn outcome(&self, i: usize, v: Verdict) -> Outcome {
+        match v {
+            Verdict::Forward => Outcome::Forward,
+            Verdict::Punt => Outcome::Punt,
+            Verdict::Reject(kind) => Outcome::Reject(kind),
+            Verdict::Drop(r) => Outcome::Drop(
+                self.drop_slots
+                    .get(i)
+                    .and_then(|d| d.get(usize::from(r)))
+                    .copied()
+                    .unwrap_or(usize::MAX),
+            ),
+        }
     }
 
     /// Count a drop of counter `slot` if it is one of the stages' own (`false`: it is the data
