@@ -322,6 +322,9 @@ pub enum CreateError {
 
 struct Entry {
     conn: Conn,
+    /// `conn.key` is its canonical key reversed: a packet whose key canonicalises the same way
+    /// goes in the original direction (no key comparison per packet).
+    reversed: bool,
     /// A copy of another data plane's connection (counted against the replica cap).
     replica: bool,
     expires: u64,
@@ -483,13 +486,19 @@ impl Conntrack {
     /// An expired entry found on the way is removed.
     #[inline]
     pub fn lookup(&mut self, now: u64, key: &FlowKey) -> Option<(ConnId, Direction)> {
-        let slot = self.map.get(&MapKey(key.canonical().0))?;
+        let (canonical, reversed) = key.canonical();
+        let slot = self.map.get(&MapKey(canonical))?;
         let e = self.slots.get(slot as usize)?.as_ref()?;
         if e.expires <= now {
             self.remove_slot(slot);
             return None;
         }
-        Some((ConnId(slot), e.conn.direction_of(key)))
+        let dir = if reversed == e.reversed {
+            Direction::Original
+        } else {
+            Direction::Reply
+        };
+        Some((ConnId(slot), dir))
     }
 
     /// Whether a live connection exists for `key` (either direction); read-only.
@@ -602,6 +611,7 @@ impl Conntrack {
         let expires = now.saturating_add(self.timeouts_ns[class]);
         let journaled = !conn.state.half_open();
         self.slots[slot as usize] = Some(Entry {
+            reversed: conn.key.canonical().1,
             conn,
             replica,
             expires,
