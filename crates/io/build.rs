@@ -27,7 +27,19 @@ fn main() {
         cmd.arg(format!("-I/usr/include/{multiarch}"));
     }
     cmd.arg("-c").arg("bpf/xsk_redirect.c").arg("-o").arg(&obj);
-    match cmd.output() {
+    let result = cmd.output();
+    if !matches!(result, Ok(ref o) if o.status.success()) {
+        // Without clang the result would otherwise stick until the BPF source changes: a build
+        // made before `apt-get install clang` would keep a binary with no AF_XDP. Watching the
+        // directories clang would be found in reruns this script once it appears there.
+        for dir in env::split_paths(&env::var_os("PATH").unwrap_or_default()) {
+            if dir.is_absolute() && dir.is_dir() {
+                println!("cargo::rerun-if-changed={}", dir.display());
+            }
+        }
+        println!("cargo::rerun-if-env-changed=PATH");
+    }
+    match result {
         Ok(o) if o.status.success() => println!("cargo::rustc-cfg=dva_xdp_built"),
         Ok(o) => {
             println!(
