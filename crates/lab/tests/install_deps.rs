@@ -21,7 +21,9 @@ fn shim(dir: &Path, name: &str, body: &str) {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod shim");
 }
 
-/// A user's nginx, on a loopback port of its own, with its own config and pid file.
+/// A user's nginx, on a loopback port of its own, with its own config and pid file. One process
+/// (`master_process off`): killing a master would orphan its worker, which then outlives the
+/// test holding the test runner's inherited file descriptors.
 struct UserNginx {
     child: std::process::Child,
     port: u16,
@@ -39,7 +41,7 @@ impl UserNginx {
         std::fs::write(
             &conf,
             format!(
-                "daemon off; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+                "daemon off; master_process off; pid {d}/nginx.pid; error_log {d}/error.log;\n\
                  events {{}}\n\
                  http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d};\n\
                  fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
