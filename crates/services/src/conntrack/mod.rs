@@ -564,7 +564,8 @@ impl Conntrack {
     }
 
     fn insert(&mut self, now: u64, conn: Conn, replica: bool) -> Result<ConnId, CreateError> {
-        let mk = MapKey(conn.key.canonical().0);
+        let (canonical, reversed) = conn.key.canonical();
+        let mk = MapKey(canonical);
         if let Some(slot) = self.map.get(&mk) {
             match self.entry(slot) {
                 Some(e) if e.expires > now => return Err(CreateError::Exists { key: conn.key }),
@@ -611,7 +612,7 @@ impl Conntrack {
         let expires = now.saturating_add(self.timeouts_ns[class]);
         let journaled = !conn.state.half_open();
         self.slots[slot as usize] = Some(Entry {
-            reversed: conn.key.canonical().1,
+            reversed,
             conn,
             replica,
             expires,
