@@ -84,9 +84,10 @@ fn nft_load_balancer(backends: &[Ipv4Addr]) -> String {
     )
 }
 
-/// Frames the dispatcher host sent on out0 and in0: the forwarded ones, both directions.
-fn router_tx_frames(ns: &str) -> anyhow::Result<u64> {
-    let mut total = 0;
+/// Frames and bytes the dispatcher host sent on out0 and in0: the forwarded ones, both
+/// directions.
+fn router_tx(ns: &str) -> anyhow::Result<(u64, u64)> {
+    let (mut frames, mut bytes) = (0, 0);
     for dev in ["out0", "in0"] {
         let out = Command::new("ip")
             .args(["-n", ns, "-s", "-j", "link", "show", "dev", dev])
@@ -99,17 +100,22 @@ fn router_tx_frames(ns: &str) -> anyhow::Result<u64> {
             );
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        total += v
-            .pointer("/0/stats64/tx/packets")
-            .and_then(serde_json::Value::as_u64)
-            .ok_or_else(|| anyhow!("no tx packet counter for {dev} in {ns}"))?;
+        let counter = |what: &str| {
+            v.pointer(&format!("/0/stats64/tx/{what}"))
+                .and_then(serde_json::Value::as_u64)
+                .ok_or_else(|| anyhow!("no tx {what} counter for {dev} in {ns}"))
+        };
+        frames += counter("packets")?;
+        bytes += counter("bytes")?;
     }
-    Ok(total)
+    Ok((frames, bytes))
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Usage {
     frames: u64,
+    /// Bytes of those frames (Ethernet header included).
+    bytes: u64,
     path_cpu_s: f64,
     machine_cpu_s: f64,
 }
@@ -120,17 +126,18 @@ fn measured<T>(
     cpu: &PathCpu,
     f: impl FnOnce() -> anyhow::Result<T>,
 ) -> anyhow::Result<(T, Usage)> {
-    let frames0 = router_tx_frames(router_ns)?;
+    let (frames0, bytes0) = router_tx(router_ns)?;
     let (busy0, soft0) = machine_cpu()?;
     let path0 = cpu.read(soft0);
     let r = f()?;
     let (busy1, soft1) = machine_cpu()?;
     let path1 = cpu.read(soft1);
-    let frames1 = router_tx_frames(router_ns)?;
+    let (frames1, bytes1) = router_tx(router_ns)?;
     Ok((
         r,
         Usage {
             frames: frames1.saturating_sub(frames0),
+            bytes: bytes1.saturating_sub(bytes0),
             path_cpu_s: path1 - path0,
             machine_cpu_s: busy1 - busy0,
         },
@@ -473,27 +480,41 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     drop(servers);
 
-    let lb = (|| -> anyhow::Result<Servers> {
+    // The kernel's DNAT load balancer and HAProxy each on a lab of their own: measured one after
+    // the other in one lab, HAProxy's connections met the client's ports still in TIME_WAIT
+    // towards the same VIP and the DNAT's conntrack entries (issue #17).
+    let url = format!("http://{VIP}/");
+    let lb_lab = |bench: &mut Bench| -> anyhow::Result<(Servers, Vec<Ipv4Addr>)> {
         let (lab, servers) = fresh_lab(&opts.prefix)?;
         bench.lab = lab;
         bench.lab.set_kernel_router(true)?;
         ip_addr(&router, "replace", &format!("{VIP}/32"), "out0")?;
         let backends: Vec<Ipv4Addr> = (1..=bench.lab.servers).map(Lab::server_addr).collect();
-        let url = format!("http://{VIP}/");
+        Ok((servers, backends))
+    };
+    println!("\nkernel nftables DNAT load balancer (table ip dva_bench_lb in {router})");
+    let lb = (|| -> anyhow::Result<Servers> {
+        let (servers, backends) = lb_lab(&mut bench)?;
         let client = bench.lab.client_ns();
-        {
-            println!("\nkernel nftables DNAT load balancer (table ip dva_bench_lb in {router})");
-            let _lb = NftTable::load(&router, "ip", "dva_bench_lb", &nft_load_balancer(&backends))?;
-            bench.record(
-                Workload::LbConnPerSec,
-                PathKind::KernelLb,
-                &PathCpu::Softirq,
-                || wrk_close(&client, &url, opts.secs),
-            );
-        }
-        // HAProxy terminates the connections itself: with the NAT table gone, no kernel
-        // connection tracking is left in the namespace.
-        println!("\nHAProxy in {router}");
+        let _lb = NftTable::load(&router, "ip", "dva_bench_lb", &nft_load_balancer(&backends))?;
+        bench.record(
+            Workload::LbConnPerSec,
+            PathKind::KernelLb,
+            &PathCpu::Softirq,
+            || wrk_close(&client, &url, opts.secs),
+        );
+        Ok(servers)
+    })();
+    if let Err(e) = &lb {
+        println!("  FAILED: {e:#}");
+        bench.not_run(&[Workload::LbConnPerSec], PathKind::KernelLb, e);
+    }
+    drop(lb);
+
+    println!("\nHAProxy in {router}");
+    let lb = (|| -> anyhow::Result<Servers> {
+        let (servers, backends) = lb_lab(&mut bench)?;
+        let client = bench.lab.client_ns();
         let proxy = Haproxy::start(
             &router,
             SocketAddr::new(IpAddr::V4(VIP), 80),
@@ -513,9 +534,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     })();
     if let Err(e) = &lb {
         println!("  FAILED: {e:#}");
-        for path in [PathKind::KernelLb, PathKind::Haproxy] {
-            bench.not_run(&[Workload::LbConnPerSec], path, e);
-        }
+        bench.not_run(&[Workload::LbConnPerSec], PathKind::Haproxy, e);
     }
     drop(lb);
 
@@ -669,6 +688,15 @@ fn per_mpkt(cpu_s: f64, frames: u64) -> String {
     format!("{:.2}", cpu_s / (frames as f64 / 1e6))
 }
 
+/// CPU seconds per GB forwarded (10^9 bytes on the wire, Ethernet headers included), or "-"
+/// when less than a megabyte crossed.
+fn per_gb(cpu_s: f64, bytes: u64) -> String {
+    if bytes < 1_000_000 {
+        return "-".into();
+    }
+    format!("{:.2}", cpu_s / (bytes as f64 / 1e9))
+}
+
 /// The ratios to each workload's baseline as bars (`--svg`).
 fn chart(rows: &[Row]) -> String {
     let mut bars = Vec::new();
@@ -709,10 +737,12 @@ fn render(rows: &[Row], secs: u32, markdown: bool) -> String {
         "vs kernel",
         "path CPU s/Mpkt",
         "machine CPU s/Mpkt",
+        "path CPU s/GB",
+        "machine CPU s/GB",
         "frames/s",
         "notes",
     ];
-    let mut lines: Vec<[String; 8]> = Vec::new();
+    let mut lines: Vec<[String; 10]> = Vec::new();
     for w in Workload::ALL {
         let base = rows
             .iter()
@@ -729,21 +759,17 @@ fn render(rows: &[Row], secs: u32, markdown: bool) -> String {
                         .map_or("-".into(), |b| format!("{:.2}x", v / b)),
                     per_mpkt(u.path_cpu_s, u.frames),
                     per_mpkt(u.machine_cpu_s, u.frames),
+                    per_gb(u.path_cpu_s, u.bytes),
+                    per_gb(u.machine_cpu_s, u.bytes),
                     format!("{:.0}k", u.frames as f64 / f64::from(secs) / 1e3),
                     if w.offloaded() {
-                        // Frames here are super-packets of any size: CPU per byte compares.
-                        let gb = v * f64::from(secs) / 8.0;
+                        // Frames here are super-packets of any size: CPU per GB compares.
                         let frames = if matches!(r.path, PathKind::DvaXdpOffload(_)) {
                             "wire-sized frames"
                         } else {
                             "frames are super-packets"
                         };
-                        format!(
-                            "{}; {frames}; path CPU {:.2} s/GB, machine {:.2} s/GB",
-                            r.note,
-                            u.path_cpu_s / gb.max(1e-9),
-                            u.machine_cpu_s / gb.max(1e-9)
-                        )
+                        format!("{}; {frames}", r.note)
                     } else {
                         r.note.clone()
                     },
@@ -756,6 +782,8 @@ fn render(rows: &[Row], secs: u32, markdown: bool) -> String {
                     "-".into(),
                     "-".into(),
                     "-".into(),
+                    "-".into(),
+                    "-".into(),
                     format!("{e:#}").replace('\n', " "),
                 ],
             };
@@ -763,7 +791,7 @@ fn render(rows: &[Row], secs: u32, markdown: bool) -> String {
         }
     }
     let lines: Vec<Vec<String>> = lines.into_iter().map(Vec::from).collect();
-    let figures = |i: usize| (2..7).contains(&i);
+    let figures = |i: usize| (2..9).contains(&i);
     if markdown {
         return render_table(&header, &lines, figures, true);
     }
@@ -772,7 +800,7 @@ fn render(rows: &[Row], secs: u32, markdown: bool) -> String {
         out,
         "vs kernel: against kernel + nftables fw (firewall workloads) or the nftables DNAT LB (VIP workload).\n\
          path CPU: dva units' user+sys / HAProxy's user+sys / the kernel's softirq time (all CPUs, endpoints' receive work included);\n\
-         machine CPU: busy time of all CPUs (load generators and servers included); per million frames forwarded (sent) by the dispatcher host."
+         machine CPU: busy time of all CPUs (load generators and servers included); per million frames and per GB forwarded (sent, both directions) by the dispatcher host."
     );
     out
 }
@@ -792,6 +820,7 @@ mod tests {
     fn the_table_compares_each_workload_with_its_own_baseline() {
         let u = Usage {
             frames: 2_000_000,
+            bytes: 5_000_000_000,
             path_cpu_s: 1.0,
             machine_cpu_s: 4.0,
         };
@@ -821,6 +850,7 @@ mod tests {
         assert!(t.contains("0.50"), "path CPU per Mpkt: {t}");
         assert!(t.contains("2.00"), "machine CPU per Mpkt: {t}");
         assert!(t.contains("200k"), "frames/s: {t}");
+        assert!(t.contains("0.20") && t.contains("0.80"), "CPU per GB: {t}");
         assert!(t.contains("FAILED") && t.contains("boom"), "{t}");
         let md = render(&rows, 10, true);
         assert!(md.lines().all(|l| l.starts_with('|')), "{md}");
@@ -830,5 +860,7 @@ mod tests {
     fn per_mpkt_needs_enough_frames() {
         assert_eq!(per_mpkt(1.0, 10), "-");
         assert_eq!(per_mpkt(1.0, 1_000_000), "1.00");
+        assert_eq!(per_gb(1.0, 1000), "-");
+        assert_eq!(per_gb(3.0, 2_000_000_000), "1.50");
     }
 }
