@@ -1,5 +1,5 @@
 //! End to end with the lab's offloads on (TSO, GSO, GRO, TX checksumming: a Linux host's
-//! defaults) and the AF_PACKET driver: kernel TCP senders hand the dispatcher 64 KB
+//! defaults) and the AF_PACKET driver (asked for, or chosen by `auto`): kernel TCP senders hand the dispatcher 64 KB
 //! super-packets with partial checksums, which cross the backplane and the service chain
 //! (firewall → NAT) whole and leave for the kernel to segment (fast-path issue: large segments).
 //! Every byte is checked at the far end, and a scale event splits super-packets into wire
@@ -187,14 +187,23 @@ fn the_load_balancer_rewrites_super_packets_both_ways() {
         .map(|k| Nginx::start(&lab.lab.server_ns(k), &[80], &body).expect("nginx"))
         .collect();
     let m = MgmtGuard::open("e2egsolb-");
-    let spec = with_driver(
-        &std::fs::read_to_string(example("web-lb.yaml"))
-            .expect("example")
-            .replace("initial: 2", "initial: 1"),
-        DriverSpec::AfPacket,
-    );
+    // The default driver: `auto` sees veths with segmentation offload on and takes AF_PACKET
+    // with virtio-net headers on each of them by itself.
+    let spec = std::fs::read_to_string(example("web-lb.yaml"))
+        .expect("example")
+        .replace("initial: 2", "initial: 1");
     m.mgmt.apply(&spec).expect("apply");
     m.wait_ready("web-lb", 1);
+    let drivers: Vec<String> = m
+        .unit_stats("web-lb")
+        .iter()
+        .filter(|s| s.role == "dispatcher")
+        .flat_map(|s| s.interfaces.iter().map(|i| i.driver.clone()))
+        .collect();
+    assert!(
+        !drivers.is_empty() && drivers.iter().all(|d| d == "af_packet"),
+        "auto on veths with offloads on: {drivers:?}"
+    );
     let url = format!("http://{}/", IpAddr::from(VIP));
     for _ in 0..6 {
         let got = apps::curl(&lab.lab.client_ns(), &url, 10).expect("curl the VIP");

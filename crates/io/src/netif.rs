@@ -209,6 +209,33 @@ pub fn driver(name: &str) -> Result<String, IoError> {
     Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
+/// `struct ethtool_value` (linux/ethtool.h): a command and one value.
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+const ETHTOOL_GTSO: u32 = 0x1e;
+
+/// Whether TCP segmentation offload is on for `name` (`ethtool -k`'s
+/// tcp-segmentation-offload). On a veth it says whether the kernel hands the device's frames
+/// over as 64 KB super-packets: a veth pair is created with the same features on both ends, and
+/// a Linux host leaves them on.
+pub fn tso_enabled(name: &str) -> Result<bool, IoError> {
+    let (sock, mut req) = request(name, "ioctl SIOCETHTOOL ETHTOOL_GTSO")?;
+    let mut v = EthtoolValue {
+        cmd: ETHTOOL_GTSO,
+        data: 0,
+    };
+    req.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast();
+    match ioctl(&sock, SIOCETHTOOL, &mut req) {
+        Ok(()) => Ok(v.data != 0),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
+        Err(e) => Err(IoError::syscall("ioctl SIOCETHTOOL ETHTOOL_GTSO", name, e)),
+    }
+}
+
 fn request(name: &str, call: &'static str) -> Result<(OwnedFd, libc::ifreq), IoError> {
     let ifr_name = sys::ifname_array(name)?;
     let sock = sys::socket(libc::AF_INET, libc::SOCK_DGRAM, 0)

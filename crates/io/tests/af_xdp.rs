@@ -211,6 +211,46 @@ fn generic_mode_and_port_choice() {
 }
 
 #[test]
+fn auto_takes_af_packet_where_a_veth_carries_super_packets() {
+    if !built() {
+        return;
+    }
+    // A veth as the kernel creates it (and a Linux host leaves it): segmentation offload on.
+    let lab = VethLab::new();
+    let (p, opened) = netns::in_netns(&lab.ns_b, || Port::open(&lab.dev_b, DriverChoice::Auto))
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.driver(), "af_packet");
+    assert!(
+        p.offloads(),
+        "virtio-net headers: super-packets taken whole"
+    );
+    assert!(
+        opened
+            .fallback
+            .as_deref()
+            .is_some_and(|w| w.contains("super-packets")),
+        "{opened}"
+    );
+    assert!(!xdp_attached(&lab.ns_b, &lab.dev_b));
+    drop(p);
+    // Offloads off: wire-sized frames, AF_XDP.
+    lab.disable_offloads();
+    let tso = netns::in_netns(&lab.ns_b, || dva_io::netif::tso_enabled(&lab.dev_b))
+        .unwrap()
+        .unwrap();
+    if tso {
+        eprintln!("skipped the second half: ethtool could not turn TSO off");
+        return;
+    }
+    let (p, opened) = netns::in_netns(&lab.ns_b, || Port::open(&lab.dev_b, DriverChoice::Auto))
+        .unwrap()
+        .unwrap();
+    assert!(p.driver().starts_with("af_xdp"), "{opened}");
+    assert!(opened.fallback.is_none(), "{opened}");
+}
+
+#[test]
 fn every_receive_queue_gets_a_socket() {
     if !built() {
         return;

@@ -266,8 +266,9 @@ impl TryFrom<serde_json::Value> for DurationUsSpec {
 #[serde(deny_unknown_fields)]
 pub struct RuntimeSpec {
     /// The dispatchers' interface driver: `af_xdp`, `af_packet` (reads and writes 64 KB
-    /// super-packets where the devices' offloads are on), or `auto` (the default: AF_XDP where
-    /// the XDP program attaches, AF_PACKET otherwise).
+    /// super-packets where the devices' offloads are on), or `auto` (the default, per
+    /// interface: AF_PACKET on a veth with segmentation offload on, AF_XDP where the XDP
+    /// program attaches, AF_PACKET otherwise).
     #[serde(default, skip_serializing_if = "DriverSpec::is_auto")]
     pub driver: DriverSpec,
     /// AF_XDP busy polling: how long a dispatcher's socket polls the device before sleeping

@@ -10,8 +10,9 @@
 //! ```
 //!
 //! The interface driver is the spec's `runtime.driver`, taken with the dispatcher's first config
-//! (`af_xdp`, `af_packet` or `auto`, the default: AF_XDP where the XDP program attaches,
-//! AF_PACKET otherwise); each interface logs which one it got and reports it in its stats.
+//! (`af_xdp`, `af_packet` or `auto`, the default: AF_PACKET on a veth carrying super-packets,
+//! AF_XDP where the XDP program attaches, AF_PACKET otherwise); each interface logs which one it
+//! got and reports it in its stats.
 //!
 //! The dispatcher keeps no per-flow state: everything it needs per packet is in the packet and
 //! the config (bucket table, interfaces, routes), so any dispatcher can serve any packet.
