@@ -1254,7 +1254,9 @@ impl<B: BackplaneTx> Core<B> {
         };
         let ip = &ip[..c.ip_len.min(ip.len())];
         if c.fragment {
-            // TODO(fragments): reassemble (or track by IP id) as nf_defrag does; until then they are counted.
+            // Dispatchers reassemble before hashing (dispatcher/fragment.rs) and hand over whole
+            // datagrams only; a fragment here came from a unit that does not, and without its
+            // ports it cannot be matched to a flow: counted, dropped.
             return self.drop_packet(Some((&c.key, meta.ingress_if)), dr::FRAGMENT);
         }
         let table = &self.cfg.table;
