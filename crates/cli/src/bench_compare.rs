@@ -480,63 +480,24 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     drop(servers);
 
-    // The kernel's DNAT load balancer and HAProxy each on a lab of their own: measured one after
-    // the other in one lab, HAProxy's connections met the client's ports still in TIME_WAIT
-    // towards the same VIP and the DNAT's conntrack entries (issue #17).
-    let url = format!("http://{VIP}/");
-    let lb_lab = |bench: &mut Bench| -> anyhow::Result<(Servers, Vec<Ipv4Addr>)> {
-        let (lab, servers) = fresh_lab(&opts.prefix)?;
-        bench.lab = lab;
-        bench.lab.set_kernel_router(true)?;
-        ip_addr(&router, "replace", &format!("{VIP}/32"), "out0")?;
-        let backends: Vec<Ipv4Addr> = (1..=bench.lab.servers).map(Lab::server_addr).collect();
-        Ok((servers, backends))
-    };
+    // The kernel's DNAT load balancer and HAProxy each on a lab of their own, like every other
+    // path: one after the other in one lab, the second would meet the first's client ports in
+    // TIME_WAIT and its connection-tracking entries.
     println!("\nkernel nftables DNAT load balancer (table ip dva_bench_lb in {router})");
-    let lb = (|| -> anyhow::Result<Servers> {
-        let (servers, backends) = lb_lab(&mut bench)?;
-        let client = bench.lab.client_ns();
-        let _lb = NftTable::load(&router, "ip", "dva_bench_lb", &nft_load_balancer(&backends))?;
-        bench.record(
-            Workload::LbConnPerSec,
-            PathKind::KernelLb,
-            &PathCpu::Softirq,
-            || wrk_close(&client, &url, opts.secs),
-        );
-        Ok(servers)
-    })();
-    if let Err(e) = &lb {
-        println!("  FAILED: {e:#}");
-        bench.not_run(&[Workload::LbConnPerSec], PathKind::KernelLb, e);
-    }
-    drop(lb);
-
+    lb_baseline(&mut bench, opts, PathKind::KernelLb, |router, backends| {
+        let table = NftTable::load(router, "ip", "dva_bench_lb", &nft_load_balancer(backends))?;
+        Ok((table, PathCpu::Softirq))
+    });
     println!("\nHAProxy in {router}");
-    let lb = (|| -> anyhow::Result<Servers> {
-        let (servers, backends) = lb_lab(&mut bench)?;
-        let client = bench.lab.client_ns();
-        let proxy = Haproxy::start(
-            &router,
-            SocketAddr::new(IpAddr::V4(VIP), 80),
-            &backends
-                .iter()
-                .map(|b| SocketAddr::new(IpAddr::V4(*b), 80))
-                .collect::<Vec<_>>(),
-            0,
-        )?;
-        bench.record(
-            Workload::LbConnPerSec,
-            PathKind::Haproxy,
-            &PathCpu::Processes(vec![proxy.pid()]),
-            || wrk_close(&client, &url, opts.secs),
-        );
-        Ok(servers)
-    })();
-    if let Err(e) = &lb {
-        println!("  FAILED: {e:#}");
-        bench.not_run(&[Workload::LbConnPerSec], PathKind::Haproxy, e);
-    }
-    drop(lb);
+    lb_baseline(&mut bench, opts, PathKind::Haproxy, |router, backends| {
+        let backends: Vec<SocketAddr> = backends
+            .iter()
+            .map(|b| SocketAddr::new(IpAddr::V4(*b), 80))
+            .collect();
+        let proxy = Haproxy::start(router, SocketAddr::new(IpAddr::V4(VIP), 80), &backends, 0)?;
+        let cpu = PathCpu::Processes(vec![proxy.pid()]);
+        Ok((proxy, cpu))
+    });
 
     for dps in [1u32, 2] {
         println!("\ndva run -f examples/edge-firewall.yaml --dataplanes {dps}");
@@ -633,6 +594,37 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         bail!("{failed} measurement(s) failed (see the table)");
     }
     Ok(())
+}
+
+/// One load-balancer baseline on a fresh lab: the dispatcher host a kernel router with the VIP on
+/// its outside interface, `start` sets the balancer up there (given the router's namespace and
+/// the backends; what it returns is kept running while measured) and says whose CPU is the
+/// path's, then wrk against the VIP. A path that fails becomes a "not run" row.
+fn lb_baseline<Running>(
+    bench: &mut Bench,
+    opts: &Options,
+    path: PathKind,
+    start: impl FnOnce(&str, &[Ipv4Addr]) -> anyhow::Result<(Running, PathCpu)>,
+) {
+    let measured = (|| -> anyhow::Result<Servers> {
+        let (lab, servers) = fresh_lab(&opts.prefix)?;
+        bench.lab = lab;
+        bench.lab.set_kernel_router(true)?;
+        let router = bench.router();
+        ip_addr(&router, "replace", &format!("{VIP}/32"), "out0")?;
+        let backends: Vec<Ipv4Addr> = (1..=bench.lab.servers).map(Lab::server_addr).collect();
+        let (_running, cpu) = start(&router, &backends)?;
+        let client = bench.lab.client_ns();
+        let url = format!("http://{VIP}/");
+        bench.record(Workload::LbConnPerSec, path, &cpu, || {
+            wrk_close(&client, &url, opts.secs)
+        });
+        Ok(servers)
+    })();
+    if let Err(e) = &measured {
+        println!("  FAILED: {e:#}");
+        bench.not_run(&[Workload::LbConnPerSec], path, e);
+    }
 }
 
 /// One dva path: a fresh lab (its offloads on if asked), `dva run` of `spec` with `runtime` as

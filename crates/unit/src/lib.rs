@@ -2,8 +2,8 @@
 //!
 //! Roles:
 //! * [`dispatcher`] owns the appliance's interfaces (AF_XDP where the XDP program attaches,
-//!   AF_PACKET on veths carrying super-packets and where AF_XDP does not attach), answers ARP and neighbour discovery for the appliance's addresses,
-//!   drops what fails its hygiene checks, reassembles fragments, hashes each packet to a flow
+//!   AF_PACKET on veths carrying super-packets and where AF_XDP does not attach), answers ARP
+//!   and neighbour discovery for the appliance's addresses, drops what fails its hygiene checks, reassembles fragments, hashes each packet to a flow
 //!   bucket and sends it over the GENEVE backplane to the bucket's data plane; packets coming
 //!   back from data planes are routed and transmitted. It also runs the load balancer's health
 //!   checks. It keeps no per-flow state.

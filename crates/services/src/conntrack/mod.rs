@@ -255,16 +255,6 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Direction of a packet with key `key` (which must belong to this connection).
-    #[inline]
-    pub fn direction_of(&self, key: &FlowKey) -> Direction {
-        if *key == self.key {
-            Direction::Original
-        } else {
-            Direction::Reply
-        }
-    }
-
     fn count(&mut self, dir: Direction, len: u32) {
         let (p, b) = match dir {
             Direction::Original => (&mut self.orig_packets, &mut self.orig_bytes),
