@@ -22,6 +22,13 @@
 //! When the kernel's queue is full (EAGAIN/ENOBUFS) the unsent frames stay queued for the next
 //! flush and `tx` reports `WouldBlock` once the queue is full, so a short burst is absorbed and
 //! a sustained overload becomes counted drops at the caller, never a spin.
+//!
+//! Lanes: several sockets on one interface can share its frames through a PACKET_FANOUT group
+//! ([`AfPacketConfig::fanout`], [`AfPacket::open_lanes`]), one socket per data-path thread. The
+//! kernel gives each frame to exactly one member, chosen by [`FLOW_HASH`], a classic BPF
+//! program computing a flow hash that is symmetric (both directions of a connection land on the
+//! same lane, so one thread owns its state) and that keeps the fragments of a datagram
+//! together.
 
 use std::io;
 use std::mem::{offset_of, size_of, zeroed};
@@ -37,6 +44,12 @@ const PACKET_QDISC_BYPASS: libc::c_int = 20;
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 const TPACKET_V3: libc::c_int = 2;
 const PACKET_VNET_HDR: libc::c_int = 15;
+const PACKET_FANOUT: libc::c_int = 18;
+const PACKET_FANOUT_DATA: libc::c_int = 22;
+const PACKET_FANOUT_CBPF: u32 = 6;
+const PACKET_FANOUT_FLAG_UNIQUEID: u32 = 0x2000;
+const PACKET_FANOUT_FLAG_IGNORE_OUTGOING: u32 = 0x4000;
+const PACKET_OUTGOING: u32 = 4;
 /// `struct virtio_net_hdr`: flags u8, gso_type u8, hdr_len, gso_size, csum_start,
 /// csum_offset (u16 each, in the host's byte order for AF_PACKET).
 const VNET_HDR_LEN: usize = 10;
@@ -99,6 +112,39 @@ pub struct AfPacketConfig {
     /// instead of looking like oversize or corrupt frames, and `tx_offload` can hand the kernel
     /// a super-packet to segment or a checksum to finish. On by default.
     pub vnet_hdr: bool,
+    /// Share the interface's frames with other sockets: each frame goes to one member of the
+    /// group, by flow ([`FLOW_HASH`]). None (the default): this socket sees every frame.
+    pub fanout: Option<Fanout>,
+}
+
+/// How a socket takes part in a PACKET_FANOUT group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fanout {
+    /// Start a group whose id the kernel picks unique in the network namespace, so two sets
+    /// of lanes on one interface (or another program's group) never merge by accident.
+    New,
+    /// Join a group, as [`AfPacket::fanout_group`] of its first member reports it.
+    Join(FanoutGroup),
+}
+
+/// A fanout group: its id, and the flags every member must join with (the kernel refuses a
+/// member whose flags differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FanoutGroup {
+    id: u16,
+    flags: u32,
+}
+
+impl FanoutGroup {
+    /// The group id, unique among the namespace's groups.
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// The PACKET_FANOUT argument that joins this group.
+    fn arg(&self) -> u32 {
+        u32::from(self.id) | ((PACKET_FANOUT_CBPF | self.flags) << 16)
+    }
 }
 
 impl Default for AfPacketConfig {
@@ -112,6 +158,7 @@ impl Default for AfPacketConfig {
             promiscuous: true,
             qdisc_bypass: false,
             vnet_hdr: true,
+            fanout: None,
         }
     }
 }
@@ -263,6 +310,8 @@ pub struct AfPacket {
     rx_malformed_blocks: u64,
     /// Frames carry a virtio-net header (PACKET_VNET_HDR), before the frame in RX and TX.
     vnet: bool,
+    /// The fanout group this socket is a member of.
+    fanout: Option<FanoutGroup>,
     /// Running totals of PACKET_STATISTICS (packets, drops, freeze_q_cnt), which the kernel
     /// resets on every read; atomics so `stats` works through `&self`.
     kernel: [AtomicU64; 3],
@@ -367,6 +416,16 @@ impl AfPacket {
         sys::set_socket_buffer(raw, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 4 << 20)
             .map_err(err("setsockopt SO_SNDBUF"))?;
 
+        if cfg.fanout.is_some() {
+            // A group's members are fed by the group's own receive hook, which ignores
+            // PACKET_IGNORE_OUTGOING; PACKET_FANOUT_FLAG_IGNORE_OUTGOING does that for the group,
+            // but kernels before 6.2 do not know it. A filter on the socket drops what the host
+            // itself sends on the interface everywhere (our own transmissions never come back:
+            // the kernel skips the group a sending member belongs to). Before bind, so no such
+            // frame gets in.
+            attach_filter(raw, &DROP_OUTGOING).map_err(err("setsockopt SO_ATTACH_FILTER"))?;
+        }
+
         // SAFETY: sockaddr_ll is a C struct of integers and byte arrays; all-zero is a valid value.
         let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
         sll.sll_family = libc::AF_PACKET as libc::c_ushort;
@@ -391,6 +450,14 @@ impl AfPacket {
                 .map_err(err("setsockopt PACKET_ADD_MEMBERSHIP PACKET_MR_PROMISC"))?;
         }
 
+        // After bind: the kernel only lets a bound (running) socket join. Until it has, this
+        // socket sees every frame, and so does the group it is about to join: a frame of those
+        // microseconds may reach two lanes, once, while the port is being opened.
+        let fanout = match cfg.fanout {
+            None => None,
+            Some(how) => Some(join_fanout(raw, ifname, ifindex, how)?),
+        };
+
         Ok(AfPacket {
             ring,
             fd,
@@ -407,8 +474,55 @@ impl AfPacket {
             tx_dropped: 0,
             rx_malformed_blocks: 0,
             vnet: cfg.vnet_hdr,
+            fanout,
             kernel: Default::default(),
         })
+    }
+
+    /// Open `lanes` sockets on `ifname` (per `cfg`) whose receive sides together take every
+    /// frame once: one PACKET_FANOUT group spreads the frames by [`FLOW_HASH`], so both
+    /// directions of a flow, and every fragment of a datagram, reach the same socket. Each socket
+    /// transmits on its own. One lane is a plain [`AfPacket::open`]. `cfg.fanout` of a group to
+    /// join puts every lane in that group; otherwise the lanes start a new one.
+    pub fn open_lanes(
+        ifname: &str,
+        cfg: &AfPacketConfig,
+        lanes: usize,
+    ) -> Result<Vec<AfPacket>, IoError> {
+        if lanes == 0 {
+            return Err(IoError::InvalidConfig {
+                field: "lanes",
+                value: 0,
+                reason: "must be at least 1",
+            });
+        }
+        if lanes == 1 {
+            return Ok(vec![AfPacket::open(ifname, cfg)?]);
+        }
+        let mut member = AfPacketConfig {
+            fanout: Some(cfg.fanout.unwrap_or(Fanout::New)),
+            ..cfg.clone()
+        };
+        let first = AfPacket::open(ifname, &member)?;
+        let Some(group) = first.fanout else {
+            return Err(IoError::syscall(
+                "setsockopt PACKET_FANOUT",
+                ifname,
+                io::Error::other("the socket is in no fanout group"),
+            ));
+        };
+        member.fanout = Some(Fanout::Join(group));
+        let mut all = Vec::with_capacity(lanes);
+        all.push(first);
+        for _ in 1..lanes {
+            all.push(AfPacket::open(ifname, &member)?);
+        }
+        Ok(all)
+    }
+
+    /// The fanout group this socket is a member of ([`AfPacketConfig::fanout`]).
+    pub fn fanout_group(&self) -> Option<FanoutGroup> {
+        self.fanout
     }
 
     /// The interface this socket is bound to.
@@ -750,6 +864,191 @@ fn encode_vnet(off: &Offload) -> [u8; VNET_HDR_LEN] {
     v
 }
 
+/// Make `fd` (bound to `ifindex`) a member of a fanout group: a new one, with [`FLOW_HASH`] as
+/// its program, or an existing one.
+fn join_fanout(fd: RawFd, ifname: &str, ifindex: u32, how: Fanout) -> Result<FanoutGroup, IoError> {
+    let err = |call| move |e| IoError::syscall(call, ifname, e);
+    if let Fanout::Join(group) = how {
+        sys::setsockopt(fd, libc::SOL_PACKET, PACKET_FANOUT, &group.arg())
+            .map_err(err("setsockopt PACKET_FANOUT (join)"))?;
+        return Ok(group);
+    }
+    // A kernel refuses a flag it does not know (EINVAL), so each is dropped in turn.
+    // UNIQUEID (Linux 4.4) keeps our group apart from every other in the namespace; without
+    // it the pid and the interface make an id unlikely to be anyone else's.
+    let own = (std::process::id() as u16) ^ (ifindex as u16).rotate_left(8);
+    let attempts = [
+        (
+            0,
+            PACKET_FANOUT_FLAG_UNIQUEID | PACKET_FANOUT_FLAG_IGNORE_OUTGOING,
+        ),
+        (0, PACKET_FANOUT_FLAG_UNIQUEID),
+        (own, PACKET_FANOUT_FLAG_IGNORE_OUTGOING),
+        (own, 0),
+    ];
+    let mut joined = Err(io::Error::from_raw_os_error(libc::EINVAL));
+    for (id, flags) in attempts {
+        let arg = u32::from(id) | ((PACKET_FANOUT_CBPF | flags) << 16);
+        joined = sys::setsockopt(fd, libc::SOL_PACKET, PACKET_FANOUT, &arg);
+        match &joined {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
+            _ => break,
+        }
+    }
+    joined.map_err(err("setsockopt PACKET_FANOUT"))?;
+    // The id the kernel chose and the flags it kept (it drops UNIQUEID once the id is picked):
+    // id | type << 16 | flags >> 8 << 24.
+    let v = sys::getsockopt_int(fd, libc::SOL_PACKET, PACKET_FANOUT)
+        .map_err(err("getsockopt PACKET_FANOUT"))? as u32;
+    let group = FanoutGroup {
+        id: v as u16,
+        flags: (v >> 24) << 8,
+    };
+    // Until this, the group sends every frame to its first member, which is all there is.
+    sys::setsockopt(fd, libc::SOL_PACKET, PACKET_FANOUT_DATA, &fprog(&FLOW_HASH))
+        .map_err(err("setsockopt PACKET_FANOUT_DATA"))?;
+    Ok(group)
+}
+
+fn attach_filter(fd: RawFd, prog: &'static [libc::sock_filter]) -> io::Result<()> {
+    sys::setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog(prog))
+}
+
+/// The kernel copies the program during the setsockopt; `'static` only keeps the pointer
+/// obviously valid until then.
+fn fprog(prog: &'static [libc::sock_filter]) -> libc::sock_fprog {
+    libc::sock_fprog {
+        len: prog.len() as libc::c_ushort,
+        filter: prog.as_ptr().cast_mut(),
+    }
+}
+
+/// A classic BPF instruction that does not branch (BPF_STMT).
+const fn stmt(code: u32, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+/// The conditional jump at `pc`: to `yes` if `A <code> k`, else to `no` (BPF_JUMP with the
+/// relative offsets worked out from absolute positions).
+const fn jump(pc: usize, code: u32, k: u32, yes: usize, no: usize) -> libc::sock_filter {
+    assert!(yes > pc && no > pc && yes - pc - 1 <= 255 && no - pc - 1 <= 255);
+    libc::sock_filter {
+        code: (libc::BPF_JMP | code | libc::BPF_K) as u16,
+        jt: (yes - pc - 1) as u8,
+        jf: (no - pc - 1) as u8,
+        k,
+    }
+}
+
+/// The unconditional jump at `pc` to `to`.
+const fn goto(pc: usize, to: usize) -> libc::sock_filter {
+    assert!(to > pc);
+    stmt(libc::BPF_JMP | libc::BPF_JA, (to - pc - 1) as u32)
+}
+
+/// Offsets from the start of the Ethernet header. The group runs its program before the
+/// member's receive function pushes the link-layer header back, so on receive `skb->data` is
+/// the network header, while on transmit it is the link-layer header; SKF_LL_OFF-relative
+/// loads read the same bytes in both.
+const LL: u32 = libc::SKF_LL_OFF as u32;
+
+const LD_W: u32 = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+const LD_H: u32 = libc::BPF_LD | libc::BPF_H | libc::BPF_ABS;
+const LD_B: u32 = libc::BPF_LD | libc::BPF_B | libc::BPF_ABS;
+const LD_H_IND: u32 = libc::BPF_LD | libc::BPF_H | libc::BPF_IND;
+const LD_MEM: u32 = libc::BPF_LD | libc::BPF_MEM;
+const LDX_MEM: u32 = libc::BPF_LDX | libc::BPF_MEM;
+const LDX_MSH: u32 = libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH;
+const ST: u32 = libc::BPF_ST;
+const TAX: u32 = libc::BPF_MISC | libc::BPF_TAX;
+const XOR_X: u32 = libc::BPF_ALU | libc::BPF_XOR | libc::BPF_X;
+const RSH_K: u32 = libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K;
+const RET_A: u32 = libc::BPF_RET | libc::BPF_A;
+const RET_K: u32 = libc::BPF_RET | libc::BPF_K;
+
+// Positions the program jumps to.
+const V4: usize = 3;
+const PORTS4: usize = 13;
+const V6: usize = 22;
+const PORTS6: usize = 30;
+const MIX: usize = 37;
+const MIXED: usize = 38;
+const OTHER: usize = 45;
+
+/// The fanout group's program: a flow hash the kernel takes modulo the number of members.
+///
+/// Symmetric: addresses and ports enter by XOR, so a flow and its reply hash alike and one
+/// lane sees both directions. IPv4: source ^ destination address, ^ source port ^
+/// destination port for TCP and UDP unless the packet is a fragment (any fragment, the first
+/// included: MF or an offset), so all fragments of a datagram go where its addresses say.
+/// IPv6: the last 32 bits of each address (where hosts of one prefix differ), and the ports when
+/// the next header is TCP or UDP (behind extension headers, fragments included, addresses
+/// only). Anything else (ARP, ...) goes to the first lane. The result is folded so that its low
+/// bits, which the modulo keeps, depend on every byte.
+pub const FLOW_HASH: [libc::sock_filter; 46] = [
+    /* 0 */ stmt(LD_H, LL + 12), // A = ethertype
+    /* 1 */ jump(1, libc::BPF_JEQ, 0x86dd, V6, 2),
+    /* 2 */ jump(2, libc::BPF_JEQ, 0x0800, V4, OTHER),
+    /* 3 V4 */ stmt(LD_W, LL + 26), // source address
+    /* 4 */ stmt(TAX, 0),
+    /* 5 */ stmt(LD_W, LL + 30), // destination address
+    /* 6 */ stmt(XOR_X, 0),
+    /* 7 */ stmt(ST, 0), // M[0] = addresses
+    /* 8 */ stmt(LD_H, LL + 20), // flags and fragment offset
+    /* 9 */ jump(9, libc::BPF_JSET, 0x3fff, MIX, 10), // MF or an offset: a fragment
+    /* 10 */ stmt(LD_B, LL + 23), // protocol
+    /* 11 */ jump(11, libc::BPF_JEQ, 6, PORTS4, 12),
+    /* 12 */ jump(12, libc::BPF_JEQ, 17, PORTS4, MIX),
+    /* 13 PORTS4 */ stmt(LDX_MSH, LL + 14), // X = IPv4 header length
+    /* 14 */ stmt(LD_H_IND, LL + 14), // source port
+    /* 15 */ stmt(ST, 1),
+    /* 16 */ stmt(LD_H_IND, LL + 16), // destination port
+    /* 17 */ stmt(LDX_MEM, 1),
+    /* 18 */ stmt(XOR_X, 0),
+    /* 19 */ stmt(LDX_MEM, 0),
+    /* 20 */ stmt(XOR_X, 0), // A = addresses ^ ports
+    /* 21 */ goto(21, MIXED),
+    /* 22 V6 */ stmt(LD_W, LL + 34), // last word of the source address
+    /* 23 */ stmt(TAX, 0),
+    /* 24 */ stmt(LD_W, LL + 50), // last word of the destination address
+    /* 25 */ stmt(XOR_X, 0),
+    /* 26 */ stmt(ST, 0), // M[0] = addresses
+    /* 27 */ stmt(LD_B, LL + 20), // next header
+    /* 28 */ jump(28, libc::BPF_JEQ, 6, PORTS6, 29),
+    /* 29 */ jump(29, libc::BPF_JEQ, 17, PORTS6, MIX),
+    /* 30 PORTS6 */ stmt(LD_H, LL + 54), // source port
+    /* 31 */ stmt(TAX, 0),
+    /* 32 */ stmt(LD_H, LL + 56), // destination port
+    /* 33 */ stmt(XOR_X, 0),
+    /* 34 */ stmt(LDX_MEM, 0),
+    /* 35 */ stmt(XOR_X, 0), // A = addresses ^ ports
+    /* 36 */ goto(36, MIXED),
+    /* 37 MIX */ stmt(LD_MEM, 0), // A = addresses alone
+    /* 38 MIXED */ stmt(TAX, 0),
+    /* 39 */ stmt(RSH_K, 16),
+    /* 40 */ stmt(XOR_X, 0), // A ^= A >> 16
+    /* 41 */ stmt(TAX, 0),
+    /* 42 */ stmt(RSH_K, 8),
+    /* 43 */ stmt(XOR_X, 0), // A ^= A >> 8
+    /* 44 */ stmt(RET_A, 0),
+    /* 45 OTHER */ stmt(RET_K, 0),
+];
+
+/// The socket filter of a fanout member: drop what the host sends out of the interface,
+/// keep the rest whole.
+const DROP_OUTGOING: [libc::sock_filter; 4] = [
+    /* 0 */
+    stmt(LD_W, (libc::SKF_AD_OFF + libc::SKF_AD_PKTTYPE) as u32),
+    /* 1 */ jump(1, libc::BPF_JEQ, PACKET_OUTGOING, 2, 3),
+    /* 2 */ stmt(RET_K, 0),
+    /* 3 */ stmt(RET_K, u32::MAX),
+];
+
 fn page_size() -> usize {
     // SAFETY: sysconf(3) takes a constant, touches no memory of ours, and -1 is its error.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -848,6 +1147,261 @@ mod tests {
                 .to_string()
                 .starts_with(want));
         }
+    }
+
+    /// A classic BPF interpreter for the opcodes of [`FLOW_HASH`] and [`DROP_OUTGOING`], with
+    /// the kernel's rule that a load outside the frame ends the program with 0. `frame` starts
+    /// at the Ethernet header; only SKF_LL_OFF-relative loads and the packet-type ancillary
+    /// load are known (the programs use nothing else).
+    fn run(prog: &[libc::sock_filter], frame: &[u8], pkttype: u32) -> u32 {
+        let load = |off: u32, size: usize| -> Option<u32> {
+            if off == (libc::SKF_AD_OFF + libc::SKF_AD_PKTTYPE) as u32 {
+                return Some(pkttype);
+            }
+            let at = off.checked_sub(LL).filter(|&at| at < 0x10_0000)? as usize;
+            let bytes = frame.get(at..at + size)?;
+            Some(bytes.iter().fold(0, |v, &b| (v << 8) | u32::from(b)))
+        };
+        let (mut a, mut x, mut m) = (0u32, 0u32, [0u32; 16]);
+        let mut pc = 0;
+        loop {
+            let i = prog[pc];
+            pc += 1;
+            let (code, k) = (u32::from(i.code), i.k);
+            let size = match code & 0x18 {
+                libc::BPF_W => 4,
+                libc::BPF_H => 2,
+                _ => 1,
+            };
+            match code {
+                LD_W | LD_H | LD_B => match load(k, size) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                LD_H_IND => match load(x.wrapping_add(k), 2) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                LDX_MSH => match load(k, 1) {
+                    Some(v) => x = 4 * (v & 0xf),
+                    None => return 0,
+                },
+                LD_MEM => a = m[k as usize],
+                LDX_MEM => x = m[k as usize],
+                ST => m[k as usize] = a,
+                TAX => x = a,
+                XOR_X => a ^= x,
+                RSH_K => a >>= k,
+                RET_A => return a,
+                RET_K => return k,
+                c if c == libc::BPF_JMP | libc::BPF_JA => pc += k as usize,
+                c if c & 0x07 == libc::BPF_JMP => {
+                    let yes = match c & 0xf0 {
+                        libc::BPF_JEQ => a == k,
+                        libc::BPF_JSET => a & k != 0,
+                        _ => panic!("jump {c:#x} not interpreted"),
+                    };
+                    pc += usize::from(if yes { i.jt } else { i.jf });
+                }
+                c => panic!("opcode {c:#x} at {} not interpreted", pc - 1),
+            }
+        }
+    }
+
+    fn hash(frame: &[u8]) -> u32 {
+        run(&FLOW_HASH, frame, 0)
+    }
+
+    /// What FLOW_HASH should compute, written the plain way.
+    fn model(addresses: u32, ports: Option<(u16, u16)>) -> u32 {
+        let mut h = addresses ^ ports.map_or(0, |(s, d)| u32::from(s ^ d));
+        h ^= h >> 16;
+        h ^ (h >> 8)
+    }
+
+    fn ethernet(ethertype: u16) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, 0xa, 2, 0, 0, 0, 0, 0xb];
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f
+    }
+
+    /// An IPv4 packet with `options` 32-bit words of IP options and `frag` as its flags and
+    /// fragment offset field.
+    fn ipv4(proto: u8, src: u32, dst: u32, ports: (u16, u16), frag: u16, options: u8) -> Vec<u8> {
+        let mut f = ethernet(0x0800);
+        f.extend_from_slice(&[0x45 + options, 0, 0, 0, 0, 0]);
+        f.extend_from_slice(&frag.to_be_bytes());
+        f.extend_from_slice(&[64, proto, 0, 0]);
+        f.extend_from_slice(&src.to_be_bytes());
+        f.extend_from_slice(&dst.to_be_bytes());
+        f.extend(std::iter::repeat_n(1, 4 * usize::from(options)));
+        f.extend_from_slice(&ports.0.to_be_bytes());
+        f.extend_from_slice(&ports.1.to_be_bytes());
+        f.extend_from_slice(&[0xee; 16]);
+        f
+    }
+
+    fn ipv6(next: u8, src: [u8; 16], dst: [u8; 16], ports: (u16, u16)) -> Vec<u8> {
+        let mut f = ethernet(0x86dd);
+        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 24, next, 64]);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&ports.0.to_be_bytes());
+        f.extend_from_slice(&ports.1.to_be_bytes());
+        f.extend_from_slice(&[0xee; 20]);
+        f
+    }
+
+    /// xorshift64: reproducible test flows without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn v6(&mut self) -> [u8; 16] {
+            let mut a = [0u8; 16];
+            a[..8].copy_from_slice(&self.next().to_be_bytes());
+            a[8..].copy_from_slice(&self.next().to_be_bytes());
+            a
+        }
+    }
+
+    fn word(a: &[u8; 16]) -> u32 {
+        u32::from_be_bytes([a[12], a[13], a[14], a[15]])
+    }
+
+    #[test]
+    fn flow_hash_is_symmetric_and_covers_the_ports() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..500 {
+            let r = rng.next();
+            let (src, dst) = (r as u32, (r >> 32) as u32);
+            let r = rng.next();
+            let ports = (r as u16, (r >> 16) as u16);
+            let back = (ports.1, ports.0);
+            for proto in [6, 17] {
+                for options in [0, 3] {
+                    let h = hash(&ipv4(proto, src, dst, ports, 0, options));
+                    assert_eq!(h, model(src ^ dst, Some(ports)));
+                    assert_eq!(h, hash(&ipv4(proto, dst, src, back, 0, options)));
+                }
+            }
+            // Another protocol: its "ports" are not ports.
+            assert_eq!(
+                hash(&ipv4(47, src, dst, ports, 0, 0)),
+                model(src ^ dst, None)
+            );
+            let (s6, d6) = (rng.v6(), rng.v6());
+            for next in [6, 17] {
+                let h = hash(&ipv6(next, s6, d6, ports));
+                assert_eq!(h, model(word(&s6) ^ word(&d6), Some(ports)));
+                assert_eq!(h, hash(&ipv6(next, d6, s6, back)));
+            }
+            assert_eq!(
+                hash(&ipv6(58, s6, d6, ports)),
+                model(word(&s6) ^ word(&d6), None)
+            );
+        }
+    }
+
+    #[test]
+    fn flow_hash_spreads_flows_over_lanes() {
+        let mut rng = Rng(42);
+        let flows: Vec<Vec<u8>> = (0..1000)
+            .map(|i| {
+                let r = rng.next();
+                let ports = (r as u16, (r >> 16) as u16);
+                if i % 2 == 0 {
+                    ipv4(17, (r >> 32) as u32, rng.next() as u32, ports, 0, 0)
+                } else {
+                    ipv6(6, rng.v6(), rng.v6(), ports)
+                }
+            })
+            .collect();
+        // Two hosts, flows apart only by the client's port: what one busy pair of hosts looks
+        // like, and what the lanes integration test sends.
+        let ports: Vec<Vec<u8>> = (0..1000)
+            .map(|p| ipv4(6, 0xc612_0001, 0xc612_0002, (40000 + p, 443), 0, 0))
+            .collect();
+        for set in [&flows, &ports] {
+            for lanes in [2u32, 3, 4] {
+                let mut per_lane = vec![0usize; lanes as usize];
+                for f in set.iter() {
+                    per_lane[(hash(f) % lanes) as usize] += 1;
+                }
+                // Within 40% of an even share.
+                let even = set.len() / lanes as usize;
+                assert!(
+                    per_lane.iter().all(|&n| n * 10 >= even * 6),
+                    "{lanes} lanes: {per_lane:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fragments_hash_by_addresses_alone() {
+        let (src, dst) = (0xc612_0001, 0xc612_0002);
+        let whole = model(src ^ dst, None);
+        // The first fragment (MF, offset 0) still carries the ports, the later ones do not;
+        // all go by addresses so they meet on one lane.
+        for frag in [0x2000, 0x2000 | 185, 185, 0x4000 | 0x2000] {
+            let frag = frag & 0x3fff;
+            assert_eq!(hash(&ipv4(17, src, dst, (1234, 53), frag, 0)), whole);
+            assert_eq!(hash(&ipv4(17, dst, src, (7, 7), frag, 0)), whole);
+        }
+        // Don't-fragment alone is no fragment.
+        assert_eq!(
+            hash(&ipv4(17, src, dst, (1234, 53), 0x4000, 0)),
+            model(src ^ dst, Some((1234, 53)))
+        );
+        // IPv6 with a fragment header (44) first.
+        let (s6, d6) = ([1; 16], [2; 16]);
+        assert_eq!(
+            hash(&ipv6(44, s6, d6, (1234, 53))),
+            model(word(&s6) ^ word(&d6), None)
+        );
+    }
+
+    #[test]
+    fn flow_hash_sends_other_frames_to_the_first_lane() {
+        let mut arp = ethernet(0x0806);
+        arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&[0x11; 20]);
+        assert_eq!(hash(&arp), 0);
+        assert_eq!(hash(&ethernet(0x88b5)), 0);
+        // Cut short: the kernel ends the program with 0 at the first load past the end.
+        let cut = ipv4(6, 1, 2, (3, 4), 0, 0);
+        assert_eq!(hash(&cut[..30]), 0);
+        assert_eq!(hash(&cut[..36]), 0);
+    }
+
+    #[test]
+    fn fanout_members_drop_only_outgoing_frames() {
+        let f = ipv4(6, 1, 2, (3, 4), 0, 0);
+        assert_eq!(run(&DROP_OUTGOING, &f, PACKET_OUTGOING), 0);
+        for host_broadcast_multicast_otherhost in 0..4 {
+            assert_eq!(
+                run(&DROP_OUTGOING, &f, host_broadcast_multicast_otherhost),
+                u32::MAX
+            );
+        }
+    }
+
+    #[test]
+    fn flow_hash_labels_point_at_their_instructions() {
+        assert_eq!(FLOW_HASH[V4].k, LL + 26);
+        assert_eq!(FLOW_HASH[PORTS4].code as u32, LDX_MSH);
+        assert_eq!(FLOW_HASH[V6].k, LL + 34);
+        assert_eq!(FLOW_HASH[PORTS6].k, LL + 54);
+        assert_eq!(FLOW_HASH[MIX].code as u32, LD_MEM);
+        assert_eq!(FLOW_HASH[MIXED].code as u32, TAX);
+        assert_eq!(FLOW_HASH[OTHER].code as u32, RET_K);
+        assert!(FLOW_HASH.len() <= libc::BPF_MAXINSNS as usize);
     }
 
     #[test]

@@ -28,12 +28,17 @@
 //! the program redirects by `rx_queue_index`. One thread serves them all: `rx_batch` takes
 //! turns between the queues, `poll_fds` lists every socket, and frames are sent through the
 //! first queue's socket.
+//!
+//! Lanes ([`AfXdp::into_lanes`]): the queues' sockets split between several `AfXdp`s, one per
+//! data-path thread, queue q to lane q % lanes. The device's receive-side scaling then decides
+//! which lane sees a flow; each lane transmits through its own first socket.
 
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use crate::bpf::XdpProgram;
 use crate::{netif, sys, FrameIo, IoError, RxMeta};
@@ -374,11 +379,15 @@ impl Drop for Umem {
     }
 }
 
-/// The AF_XDP sockets of one interface, one per receive queue, with the XDP program that
-/// feeds them.
+/// The AF_XDP sockets of one interface, one per receive queue (or a lane's share of them),
+/// with the XDP program that feeds them.
 pub struct AfXdp {
-    // Field order is drop order: detach the program before the sockets go.
-    program: XdpProgram,
+    // Field order is drop order: let go of the program before the sockets close. With one
+    // lane that detaches it first. With several, the last lane to go detaches it, and an
+    // earlier lane's sockets close under a program still attached: the kernel takes a closing
+    // socket out of the XSKMAP, so the redirect of its queues misses and their frames go to the
+    // kernel stack (XDP_PASS) until the last lane goes, as they would with no program at all.
+    program: Arc<XdpProgram>,
     xsks: Vec<Xsk>,
     ifname: String,
     ifindex: u32,
@@ -447,7 +456,7 @@ impl AfXdp {
             .map(|q| Xsk::open(ifname, ifindex, q, cfg))
             .collect::<Result<Vec<_>, _>>()?;
         let bound: Vec<(u32, RawFd)> = xsks.iter().map(|x| (x.queue, x.fd.as_raw_fd())).collect();
-        let program = XdpProgram::attach(ifname, ifindex, &bound, &cfg.modes)?;
+        let program = Arc::new(XdpProgram::attach(ifname, ifindex, &bound, &cfg.modes)?);
         Ok(AfXdp {
             program,
             xsks,
@@ -455,6 +464,54 @@ impl AfXdp {
             ifindex,
             next: 0,
         })
+    }
+
+    /// [`AfXdp::open`] and [`AfXdp::into_lanes`], refusing before anything is attached when
+    /// the device has fewer receive queues than `lanes`.
+    pub fn open_lanes(
+        ifname: &str,
+        cfg: &AfXdpConfig,
+        lanes: usize,
+    ) -> Result<Vec<AfXdp>, IoError> {
+        cfg.validate()?;
+        if lanes != 1 {
+            check_lanes(ifname, netif::rx_queues(ifname)?, lanes)?;
+        }
+        AfXdp::open(ifname, cfg)?.into_lanes(lanes)
+    }
+
+    /// Split the sockets into `lanes` drivers, one per data-path thread: lane i gets the
+    /// sockets of the queues q with q % lanes == i and transmits through the first of them. The
+    /// XDP program stays attached until the last lane is dropped. Fails (dropping everything)
+    /// if there are fewer queues than lanes: a lane without a queue would receive nothing.
+    pub fn into_lanes(self, lanes: usize) -> Result<Vec<AfXdp>, IoError> {
+        check_lanes(&self.ifname, self.xsks.len(), lanes)?;
+        let AfXdp {
+            program,
+            xsks,
+            ifname,
+            ifindex,
+            next: _,
+        } = self;
+        let mut split: Vec<Vec<Xsk>> = (0..lanes).map(|_| Vec::new()).collect();
+        for x in xsks {
+            split[x.queue as usize % lanes].push(x);
+        }
+        Ok(split
+            .into_iter()
+            .map(|xsks| AfXdp {
+                program: Arc::clone(&program),
+                xsks,
+                ifname: ifname.clone(),
+                ifindex,
+                next: 0,
+            })
+            .collect())
+    }
+
+    /// The receive queues this driver serves, in order.
+    pub fn queue_ids(&self) -> Vec<u32> {
+        self.xsks.iter().map(|x| x.queue).collect()
     }
 
     /// The interface these sockets are bound to.
@@ -508,6 +565,28 @@ impl AfXdp {
         }
         t
     }
+}
+
+/// Refuse `lanes` lanes over `queues` receive queues unless each lane gets one.
+fn check_lanes(ifname: &str, queues: usize, lanes: usize) -> Result<(), IoError> {
+    if lanes == 0 {
+        return Err(IoError::InvalidConfig {
+            field: "lanes",
+            value: 0,
+            reason: "must be at least 1",
+        });
+    }
+    if queues < lanes {
+        let s = if queues == 1 { "" } else { "s" };
+        return Err(IoError::Xdp {
+            on: ifname.into(),
+            reason: format!(
+                "the device has {queues} receive queue{s}; {lanes} dispatcher threads need one \
+                 each (`ethtool -L` or a veth made with numrxqueues)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 impl FrameIo for AfXdp {
@@ -1012,6 +1091,23 @@ mod tests {
                 .to_string()
                 .starts_with(want));
         }
+    }
+
+    #[test]
+    fn lanes_need_a_queue_each() {
+        check_lanes("x0", 4, 4).unwrap();
+        check_lanes("x0", 4, 3).unwrap();
+        let err = check_lanes("x0", 1, 2).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "AF_XDP on x0: the device has 1 receive queue; 2 dispatcher threads need one each \
+             (`ethtool -L` or a veth made with numrxqueues)"
+        );
+        assert!(check_lanes("x0", 2, 3)
+            .unwrap_err()
+            .to_string()
+            .contains("has 2 receive queues; 3 dispatcher"));
+        assert!(check_lanes("x0", 2, 0).is_err());
     }
 
     #[test]

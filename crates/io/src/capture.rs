@@ -229,6 +229,21 @@ impl Tap {
         &self.filter
     }
 
+    /// The same session for another thread of the data path (a dispatcher's lanes): same
+    /// filter, deadline and consumer, and a budget of its own (the consumer stops at the
+    /// session's count, so together they never write more than it).
+    pub fn fork(&self) -> Tap {
+        Tap {
+            filter: self.filter,
+            snaplen: self.snaplen,
+            left: self.left,
+            until: self.until,
+            out: self.out.clone(),
+            dropped: self.dropped.clone(),
+            stash: Vec::new(),
+        }
+    }
+
     /// Take a frame if it matches. False once the session is over (budget spent, deadline
     /// passed, consumer gone): the owner drops the tap.
     #[inline]

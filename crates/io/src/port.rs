@@ -4,6 +4,12 @@
 //! off and cost every super-packet ~45 wire-sized frames), AF_XDP everywhere else it attaches
 //! (small frames, NICs), AF_PACKET where it does not.
 //!
+//! Lanes ([`Port::open_lanes`]): several ports on one interface, one per data-path thread,
+//! whose receive sides share the interface's frames. AF_XDP gives each lane its own receive
+//! queues, so the device's RSS spreads the flows; AF_PACKET puts the lanes' sockets in one
+//! fanout group that spreads them by a symmetric flow hash. Under `auto`, a device with fewer
+//! receive queues than lanes takes AF_PACKET.
+//!
 //! An enum rather than `Box<dyn FrameIo>`: `FrameIo::rx_batch` is generic over the callback
 //! (so the per-frame call inlines), which makes the trait not object-safe, and a two-way match
 //! per batch costs nothing next to the batch itself.
@@ -56,8 +62,8 @@ pub enum Port {
 pub struct Opened {
     /// `Port::driver()` of the result.
     pub driver: &'static str,
-    /// Why AF_XDP was not used under `Auto`, if it was not (it did not attach, or the device
-    /// carries super-packets).
+    /// Why AF_XDP was not used under `Auto`, if it was not (it did not attach, the device
+    /// carries super-packets, or it has fewer receive queues than lanes were asked for).
     pub fallback: Option<String>,
 }
 
@@ -83,13 +89,41 @@ impl Port {
         choice: DriverChoice,
         busy_poll_us: u32,
     ) -> Result<(Port, Opened), IoError> {
+        let (ports, opened) = Port::open_lanes(ifname, choice, busy_poll_us, 1)?;
+        match ports.into_iter().next() {
+            Some(port) => Ok((port, opened)),
+            None => Err(no_lanes()),
+        }
+    }
+
+    /// Open `ifname` as `lanes` ports (`lanes` >= 1) whose receive sides together take every
+    /// frame once, each port for one data-path thread; each port can transmit any frame.
+    /// Both directions of a flow reach the same lane under AF_PACKET (a symmetric flow hash);
+    /// under AF_XDP the device's receive-side scaling decides, as for any queue. AF_XDP needs
+    /// a receive queue per lane: with fewer, `AfXdp` fails and `Auto` takes AF_PACKET (saying
+    /// why in [`Opened::fallback`]). One lane is exactly [`Port::open_with`].
+    pub fn open_lanes(
+        ifname: &str,
+        choice: DriverChoice,
+        busy_poll_us: u32,
+        lanes: usize,
+    ) -> Result<(Vec<Port>, Opened), IoError> {
+        if lanes == 0 {
+            return Err(no_lanes());
+        }
         let cfg = AfXdpConfig {
             busy_poll_us,
             ..AfXdpConfig::default()
         };
-        let xdp = || AfXdp::open(ifname, &cfg).map(Port::AfXdp);
-        let packet = || AfPacket::open(ifname, &AfPacketConfig::default()).map(Port::AfPacket);
-        let (port, fallback) = match choice {
+        let xdp = || {
+            AfXdp::open_lanes(ifname, &cfg, lanes)
+                .map(|l| l.into_iter().map(Port::AfXdp).collect::<Vec<_>>())
+        };
+        let packet = || {
+            AfPacket::open_lanes(ifname, &AfPacketConfig::default(), lanes)
+                .map(|l| l.into_iter().map(Port::AfPacket).collect::<Vec<_>>())
+        };
+        let (ports, fallback) = match choice {
             DriverChoice::AfXdp => (xdp()?, None),
             DriverChoice::AfPacket => (packet()?, None),
             DriverChoice::Auto if carries_super_packets(ifname) => (
@@ -105,8 +139,10 @@ impl Port {
                 Err(e) => (packet()?, Some(e.to_string())),
             },
         };
-        let driver = port.driver();
-        Ok((port, Opened { driver, fallback }))
+        let Some(driver) = ports.first().map(Port::driver) else {
+            return Err(no_lanes());
+        };
+        Ok((ports, Opened { driver, fallback }))
     }
 
     /// "af_xdp (native)", "af_xdp (generic)" or "af_packet".
@@ -126,6 +162,14 @@ impl Port {
             Port::AfXdp(p) => p.stats().drops(),
             Port::AfPacket(p) => p.stats().drops,
         }
+    }
+}
+
+fn no_lanes() -> IoError {
+    IoError::InvalidConfig {
+        field: "lanes",
+        value: 0,
+        reason: "must be at least 1",
     }
 }
 
@@ -212,6 +256,16 @@ mod tests {
         ] {
             let err = Port::open("dva-nosuch0", c).err().unwrap();
             assert!(err.to_string().contains("dva-nosuch0"), "{err}");
+            let err = Port::open_lanes("dva-nosuch0", c, 0, 2).err().unwrap();
+            assert!(err.to_string().contains("dva-nosuch0"), "{err}");
         }
+    }
+
+    #[test]
+    fn zero_lanes_is_refused() {
+        let err = Port::open_lanes("lo", DriverChoice::AfPacket, 0, 0)
+            .err()
+            .unwrap();
+        assert!(err.to_string().starts_with("invalid lanes 0"), "{err}");
     }
 }

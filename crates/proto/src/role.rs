@@ -48,6 +48,23 @@ pub struct UnitEndpoint {
     pub addr: SocketAddr,
 }
 
+/// The backplane address of lane `i` of a unit listening at `addr`: the port + i (`None` past
+/// the last port). Lane 0 is the unit's own address.
+pub fn lane_addr(addr: SocketAddr, i: u16) -> Option<SocketAddr> {
+    addr.port()
+        .checked_add(i)
+        .map(|p| SocketAddr::new(addr.ip(), p))
+}
+
+/// Whether `from` is one of the `lanes` backplane addresses of a unit listening at `addr`.
+pub fn is_lane_of(addr: SocketAddr, lanes: u16, from: SocketAddr) -> bool {
+    from.ip() == addr.ip()
+        && from
+            .port()
+            .checked_sub(addr.port())
+            .is_some_and(|i| i < lanes.max(1))
+}
+
 /// An address the appliance answers for besides its interfaces' own (a VIP, a NAT pool address),
 /// and how the dispatcher picks the bucket of packets sent to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +128,18 @@ pub struct RuntimeConfig {
     pub rings: bool,
     /// The CPUs data paths are pinned to: unit N on the (N mod length)-th; empty: not pinned.
     pub cpus: Vec<usize>,
+    /// A dispatcher's data-path threads (lanes); 1 for a data plane (see
+    /// [`DataplaneConfig::dispatcher_lanes`]).
+    #[serde(default = "one_lane")]
+    pub dispatcher_threads: u16,
+}
+
+fn one_lane() -> u16 {
+    1
+}
+
+fn is_one_lane(n: &u16) -> bool {
+    *n == 1
 }
 
 impl Default for RuntimeConfig {
@@ -121,6 +150,7 @@ impl Default for RuntimeConfig {
             busy_poll_us: 0,
             rings: true,
             cpus: Vec::new(),
+            dispatcher_threads: 1,
         }
     }
 }
@@ -133,6 +163,7 @@ impl RuntimeConfig {
             busy_poll_us: rt.busy_poll_us(),
             rings: rt.backplane.rings(),
             cpus: rt.cpus.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
+            dispatcher_threads: rt.dispatcher_threads.unwrap_or(1),
         }
     }
 
@@ -166,6 +197,12 @@ impl RuntimeConfig {
             ))
         } else if next.cpus != self.cpus {
             Some(("cpus", cpus(&self.cpus), cpus(&next.cpus)))
+        } else if next.dispatcher_threads != self.dispatcher_threads {
+            Some((
+                "dispatcher_threads",
+                self.dispatcher_threads.to_string(),
+                next.dispatcher_threads.to_string(),
+            ))
         } else {
             None
         };
@@ -218,6 +255,10 @@ pub struct DataplaneConfig {
     pub unit: UnitId,
     pub listen: SocketAddr,
     pub dispatchers: Vec<UnitEndpoint>,
+    /// Data-path threads of each dispatcher: lane i sends from (and takes back packets at) the
+    /// dispatcher's address with port + i, and on this machine has a ring of its own.
+    #[serde(default = "one_lane", skip_serializing_if = "is_one_lane")]
+    pub dispatcher_lanes: u16,
     /// Every data plane of the appliance (itself included): punt targets.
     pub peers: Vec<UnitEndpoint>,
     pub table: BucketTable,
@@ -481,6 +522,7 @@ pub fn compile(
     let dataplane_runtime = RuntimeConfig {
         driver: DriverSpec::Auto,
         busy_poll_us: 0,
+        dispatcher_threads: 1,
         ..runtime.clone()
     };
     let dispatchers = placement
@@ -514,6 +556,7 @@ pub fn compile(
             unit: d.id,
             listen: d.addr,
             dispatchers: placement.dispatchers.clone(),
+            dispatcher_lanes: runtime.dispatcher_threads,
             peers: placement.dataplanes.clone(),
             table: placement.table.clone(),
             interfaces: interfaces.clone(),
@@ -969,6 +1012,13 @@ mod tests {
                     ..RuntimeConfig::default()
                 },
                 "spec.runtime.cpus changes need the unit restarted (it runs with none, the new config asks for 0-2)",
+            ),
+            (
+                RuntimeConfig {
+                    dispatcher_threads: 2,
+                    ..RuntimeConfig::default()
+                },
+                "spec.runtime.dispatcher_threads changes need the unit restarted (it runs with 1, the new config asks for 2)",
             ),
         ] {
             assert_eq!(running.unchanged(&next), Err(says.to_string()));

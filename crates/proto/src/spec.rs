@@ -283,6 +283,14 @@ pub struct RuntimeSpec {
     /// runs on the list's (N mod length)-th CPU. Absent: not pinned (the scheduler decides).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<CpuList>,
+    /// Data-path threads per dispatcher (1 to 64; absent: 1). Each thread (a lane) owns a share
+    /// of every interface's frames: AF_PACKET sockets in one PACKET_FANOUT group spread by a
+    /// symmetric flow hash (both directions of a flow on one lane), or AF_XDP sockets of the
+    /// device's receive queues (lane i takes queues i, i+n, ...; the device's RSS spreads). Each
+    /// lane has its own backplane port (the dispatcher's port + i). More lanes than CPUs only
+    /// adds context switches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatcher_threads: Option<u16>,
 }
 
 impl RuntimeSpec {
@@ -296,6 +304,9 @@ impl RuntimeSpec {
             .map_or(0, |d| u32::try_from(d.0).unwrap_or(u32::MAX))
     }
 }
+
+/// Most data-path threads a dispatcher may run.
+pub const MAX_DISPATCHER_THREADS: u16 = 64;
 
 /// Longest busy-polling interval: a socket that polls longer only keeps a core from others.
 pub const MAX_BUSY_POLL_US: u64 = 1_000_000;
@@ -1376,6 +1387,18 @@ impl ApplianceSpec {
                 ),
             ));
         }
+        if let Some(n) = body
+            .runtime
+            .dispatcher_threads
+            .filter(|n| !(1..=MAX_DISPATCHER_THREADS).contains(n))
+        {
+            return Err(SpecError::field(
+                "spec.runtime.dispatcher_threads",
+                format!(
+                    "{n} is not in 1..={MAX_DISPATCHER_THREADS} (data-path threads per dispatcher)"
+                ),
+            ));
+        }
         if body.services.is_empty() {
             return Err(SpecError::field(
                 "spec.services",
@@ -2191,6 +2214,16 @@ spec:
             ("busy_poll: 50", "spec.runtime.busy_poll", "above 1s"),
             ("busy_poll: fast", "spec.runtime.busy_poll", "50us"),
             ("busy_poll: -1us", "spec.runtime.busy_poll", "-1us"),
+            (
+                "dispatcher_threads: 0",
+                "spec.runtime.dispatcher_threads",
+                "0 is not in 1..=64",
+            ),
+            (
+                "dispatcher_threads: 65",
+                "spec.runtime.dispatcher_threads",
+                "65 is not in 1..=64",
+            ),
             (
                 "cpus: \"3-1\"",
                 "spec.runtime.cpus",

@@ -335,6 +335,7 @@ impl World {
                     addr: dispatcher_addr(id),
                 })
                 .collect(),
+            dispatcher_lanes: 1,
             peers: self
                 .dataplanes
                 .iter()

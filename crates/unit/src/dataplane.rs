@@ -194,7 +194,6 @@ pub(crate) struct Core<B> {
 /// A config [`Core::prepare`] found servable, for [`Core::commit`].
 pub(crate) struct Prepared(DataplaneConfig);
 
-/// The dispatchers, which send to us through rings on this machine.
 /// Whether this data plane has anyone to copy its flows to: some bucket has a backup other than
 /// this data plane, or a bucket it owned has moved to another (a previous owner copies what it
 /// still holds to the new owner, which then serves those flows itself). Only then is
@@ -213,8 +212,16 @@ fn backs_up_to_another(backups: &[UnitId], me: UnitId) -> bool {
     backups.iter().any(|&b| b != 0 && b != me)
 }
 
+/// The dispatchers, which send to us through rings on this machine: a ring per lane (each of
+/// a dispatcher's data-path threads is a producer of its own).
 fn ring_peers(cfg: &DataplaneConfig) -> Vec<(UnitId, SocketAddr)> {
-    cfg.dispatchers.iter().map(|d| (d.id, d.addr)).collect()
+    cfg.dispatchers
+        .iter()
+        .flat_map(|d| {
+            (0..cfg.dispatcher_lanes.max(1))
+                .filter_map(move |i| dva_proto::role::lane_addr(d.addr, i).map(|a| (d.id, a)))
+        })
+        .collect()
 }
 
 /// The other data planes: the config lists every data plane, ourselves included, and a
@@ -1289,7 +1296,17 @@ impl<B: BackplaneTx> Core<B> {
         } else {
             NewFlowPolicy::Refuse
         };
-        let to = self.dispatcher_for(dispatcher.map(|d| d.addr), &c);
+        // Back to the lane that sent it (its thread holds the flow's direction); an address
+        // that is none of the dispatcher's lanes gets the dispatcher's own.
+        let lanes = self.cfg.dispatcher_lanes;
+        let back = dispatcher.map(|d| {
+            if dva_proto::role::is_lane_of(d.addr, lanes, from.addr) {
+                from.addr
+            } else {
+                d.addr
+            }
+        });
+        let to = self.dispatcher_for(back, &c);
         // The packet's one parse: every stage reads (and a translating one updates) this.
         let pkt = descriptor(meta.ingress_if, ip, &c, bucket, policy);
         self.process(&meta, ip, &c, pkt, to);

@@ -133,15 +133,33 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
         let rings = run_dir.filter(|_| runtime.rings);
         match (args.role, u.config) {
             (Role::Dispatcher, RoleConfig::Dispatcher(c)) if c.unit == args.id => {
-                match Dispatcher::new(c, rings)
-                    .and_then(|d| pin(args.id, &runtime.cpus).map(|()| d))
-                {
-                    Ok(mut d) => {
+                match Dispatcher::open(c, rings) {
+                    Ok(mut lanes) if lanes.len() == 1 => {
+                        let Some(mut d) = lanes.pop() else { continue };
+                        if let Err(e) = pin(args.id, &runtime.cpus) {
+                            let _ = u.reply.send(Err(format!("{e:#}")));
+                            continue;
+                        }
                         stats.try_publish(d.snapshot());
                         let _ = u.reply.send(Ok(()));
                         ready.store(true, Ordering::Release);
                         tracing::info!(version, "dispatcher serving its first config");
                         return d.run(&stop, &stats, &updates, &requests);
+                    }
+                    Ok(lanes) => {
+                        let _ = u.reply.send(Ok(()));
+                        ready.store(true, Ordering::Release);
+                        tracing::info!(
+                            version,
+                            lanes = lanes.len(),
+                            "dispatcher serving its first config"
+                        );
+                        // Lane i is pinned as unit id + i would be: consecutive CPUs of the list.
+                        let (id, cpus) = (args.id, runtime.cpus.clone());
+                        let pin_lane = move |lane: usize| pin(id.wrapping_add(lane as u32), &cpus);
+                        return crate::dispatcher::lanes::run(
+                            lanes, &stop, &stats, &updates, &requests, pin_lane,
+                        );
                     }
                     Err(e) => {
                         let _ = u.reply.send(Err(format!("{e:#}")));

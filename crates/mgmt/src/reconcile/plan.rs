@@ -508,8 +508,17 @@ fn layout(p: &mut Pass, obs: &Observed, hosts: &Hosts, now: u64) -> bool {
         });
     }
     // Addresses of the units about to start: on one machine dispatchers and data planes share
-    // the backplane address, so a data plane's port must avoid theirs.
-    let mut planned: Vec<(String, SocketAddr)> = Vec::new();
+    // the backplane address, so a data plane's port must avoid theirs (a dispatcher's lanes
+    // take its port and the next `dispatcher_threads - 1`).
+    let lanes = p
+        .snap
+        .spec
+        .spec
+        .runtime
+        .dispatcher_threads
+        .unwrap_or(1)
+        .max(1);
+    let mut planned: Vec<(String, SocketAddr, u16)> = Vec::new();
     for host in hosts.dispatchers.iter().take(want_disp) {
         if !p
             .rec
@@ -518,7 +527,7 @@ fn layout(p: &mut Pass, obs: &Observed, hosts: &Hosts, now: u64) -> bool {
             .any(|u| u.role == UnitRole::Dispatcher && u.host == host.name)
         {
             let addr = SocketAddr::new(host.backplane, BACKPLANE_PORT);
-            planned.push((host.name.clone(), addr));
+            planned.push((host.name.clone(), addr, lanes));
             to_start.push((UnitRole::Dispatcher, host.name.clone(), Some(addr)));
         }
     }
@@ -536,8 +545,8 @@ fn layout(p: &mut Pass, obs: &Observed, hosts: &Hosts, now: u64) -> bool {
     let want = p.rec.dataplanes as usize;
     if active.len() < want {
         for _ in active.len()..want {
-            let (host, addr) = place_dataplane(hosts, &name, &p.rec.units, &planned);
-            planned.push((host.clone(), addr));
+            let (host, addr) = place_dataplane(hosts, &name, &p.rec.units, &planned, lanes);
+            planned.push((host.clone(), addr, 1));
             to_start.push((UnitRole::Dataplane, host, Some(addr)));
         }
     } else if active.len() > want {
@@ -829,12 +838,14 @@ fn manager_endpoints(hosts: &Hosts, port: u16) -> String {
 }
 
 /// The data-plane host with the fewest data planes of this appliance and units of others per
-/// CPU, and the next free backplane port on it.
+/// CPU, and the next free backplane port on it. `planned`: units about to start, with the
+/// ports each takes from its address on; a dispatcher takes `lanes`.
 pub(crate) fn place_dataplane(
     hosts: &Hosts,
     appliance: &str,
     units: &[UnitRecord],
-    planned: &[(String, SocketAddr)],
+    planned: &[(String, SocketAddr, u16)],
+    lanes: u16,
 ) -> (String, SocketAddr) {
     // Fewest data planes per CPU: compared as n/cpus < best_n/best_cpus without division.
     let mut best = (usize::MAX, 1u32, 0);
@@ -845,7 +856,7 @@ pub(crate) fn place_dataplane(
                 u.role == UnitRole::Dataplane && u.host == h.name && u.state != UnitState::Stopped
             })
             .count()
-            + planned.iter().filter(|(p, _)| *p == h.name).count()
+            + planned.iter().filter(|(p, _, _)| *p == h.name).count()
             + h.running.iter().filter(|a| *a != appliance).count();
         let fewer = best.0 == usize::MAX || n * (best.1 as usize) < best.0 * (h.cpus as usize);
         if fewer {
@@ -854,19 +865,31 @@ pub(crate) fn place_dataplane(
     }
     let host = &hosts.dataplanes[best.2];
     let (ns, ip) = (host.name.clone(), host.backplane);
-    let used: Vec<u16> = units
+    // Port ranges taken on the host: (first, count).
+    let used: Vec<(u16, u16)> = units
         .iter()
         .filter(|u| u.host == ns)
-        .filter_map(|u| u.addr.map(|a| a.port()))
+        .filter_map(|u| {
+            let span = if u.role == UnitRole::Dispatcher {
+                lanes
+            } else {
+                1
+            };
+            u.addr.map(|a| (a.port(), span))
+        })
         .chain(
             planned
                 .iter()
-                .filter(|(h, _)| *h == ns)
-                .map(|(_, a)| a.port()),
+                .filter(|(h, _, _)| *h == ns)
+                .map(|(_, a, span)| (a.port(), *span)),
         )
         .collect();
+    let taken = |p: u16| {
+        used.iter()
+            .any(|&(first, n)| p >= first && u32::from(p) < u32::from(first) + u32::from(n))
+    };
     let port = (BACKPLANE_PORT..u16::MAX)
-        .find(|p| !used.contains(p))
+        .find(|p| !taken(*p))
         .unwrap_or(BACKPLANE_PORT);
     (ns, SocketAddr::new(ip, port))
 }
@@ -902,8 +925,8 @@ mod tests {
         let mut planned = Vec::new();
         let mut placed = Vec::new();
         for _ in 0..4 {
-            let (h, addr) = place_dataplane(&hosts, "edge-fw", &[], &planned);
-            planned.push((h.clone(), addr));
+            let (h, addr) = place_dataplane(&hosts, "edge-fw", &[], &planned, 1);
+            planned.push((h.clone(), addr, 1));
             placed.push(h);
         }
         // b (2 CPUs, empty) takes two before a (1 CPU, one unit of another appliance) takes one.
@@ -911,13 +934,17 @@ mod tests {
         // Ports on one host do not collide.
         let ports: Vec<u16> = planned
             .iter()
-            .filter(|(h, _)| h == "b")
-            .map(|(_, a)| a.port())
+            .filter(|(h, _, _)| h == "b")
+            .map(|(_, a, _)| a.port())
             .collect();
         assert_eq!(
             ports,
             [BACKPLANE_PORT, BACKPLANE_PORT + 1, BACKPLANE_PORT + 2]
         );
+        // A dispatcher with 4 lanes on the host: its ports and the 3 after it are taken.
+        let disp = SocketAddr::new(hosts.dataplanes[1].backplane, BACKPLANE_PORT);
+        let (_, addr) = place_dataplane(&hosts, "edge-fw", &[], &[("b".into(), disp, 4)], 4);
+        assert_eq!(addr.port(), BACKPLANE_PORT + 4);
     }
 
     /// Agents' hosts: `disp` holds the interfaces, `h1` and `h2` run managers and data planes.

@@ -335,6 +335,7 @@ fn dataplane_config(chain: Chain) -> DataplaneConfig {
             id: DISPATCHER,
             addr: dispatcher_addr(),
         }],
+        dispatcher_lanes: 1,
         peers: vec![UnitEndpoint {
             id: me,
             addr: dataplane_addr(me),

@@ -16,10 +16,15 @@
 //!
 //! The dispatcher keeps no per-flow state: everything it needs per packet is in the packet and
 //! the config (bucket table, interfaces, routes), so any dispatcher can serve any packet.
+//!
+//! With `runtime.dispatcher_threads` above 1 the dispatcher runs that many lanes, each a
+//! [`Dispatcher`] of its own on a thread of its own with its share of every interface's frames
+//! and a backplane port of its own (see [`lanes`]).
 
 pub mod fragment;
 pub mod health;
 pub mod hygiene;
+pub mod lanes;
 pub mod neighbor;
 pub mod route;
 
@@ -229,6 +234,12 @@ pub(crate) struct Core {
     health: health::HealthChecker,
     /// Incomplete datagrams: fragments are reassembled before their flow is hashed.
     reassembly: fragment::Reassembler,
+    /// This lane's index among the dispatcher's lanes (0 alone: no lanes). Lane 0 runs the
+    /// health checks.
+    lane: u16,
+    lanes: u16,
+    /// What this lane learned or received for another lane during the turn (see [`lanes`]).
+    lane_out: Vec<lanes::LaneMsg>,
 }
 
 /// A config [`Core::prepare`] resolved, for [`Core::commit`].
@@ -260,79 +271,118 @@ pub struct Dispatcher {
     ports: Vec<Port>,
     backplane: Backplane,
     core: Core,
+    /// The other lanes of this dispatcher, if it has several.
+    lane_io: Option<lanes::LaneIo>,
 }
 
 impl Dispatcher {
     /// Open the interfaces and the backplane socket. Runs inside the dispatcher host's namespace.
     /// `rings`: the directory for shared-memory rings to data planes on this machine (`None`:
-    /// UDP to every data plane).
+    /// UDP to every data plane). One lane: see [`Dispatcher::open`] for several.
     pub fn new(
         cfg: DispatcherConfig,
         rings: Option<&std::path::Path>,
     ) -> anyhow::Result<Dispatcher> {
+        let mut cfg = cfg;
+        cfg.runtime.dispatcher_threads = 1;
+        let mut lanes = Dispatcher::open(cfg, rings)?;
+        lanes.pop().context("no lane opened")
+    }
+
+    /// Open the dispatcher's `runtime.dispatcher_threads` lanes: every interface opened once per
+    /// lane, each lane's sockets taking their share of its frames (`Device::open_lanes`), and a
+    /// backplane socket per lane at the dispatcher's port + its index.
+    pub fn open(
+        cfg: DispatcherConfig,
+        rings: Option<&std::path::Path>,
+    ) -> anyhow::Result<Vec<Dispatcher>> {
         let cfg = Arc::new(cfg);
-        let mut ports = Vec::new();
-        let mut links = Vec::new();
+        let n = cfg.runtime.dispatcher_threads.max(1);
         let choice = driver_choice(cfg.runtime.driver);
         let busy_poll = cfg.runtime.busy_poll_us;
+        // ports[lane][interface], links likewise.
+        let mut ports: Vec<Vec<Tapped<Device>>> = (0..n).map(|_| Vec::new()).collect();
+        let mut links: Vec<Vec<Link>> = (0..n).map(|_| Vec::new()).collect();
         for ifc in &cfg.interfaces {
-            let (port, opened) =
-                Device::open_with(&ifc.device, choice, busy_poll).with_context(|| {
-                    format!(
-                        "opening interface {} (device {}, driver {choice:?})",
-                        ifc.name, ifc.device
-                    )
-                })?;
+            let (opened_ports, opened) =
+                Device::open_lanes(&ifc.device, choice, busy_poll, usize::from(n)).with_context(
+                    || {
+                        format!(
+                            "opening interface {} (device {}, driver {choice:?}, {n} lane(s))",
+                            ifc.name, ifc.device
+                        )
+                    },
+                )?;
+            if opened_ports.len() != usize::from(n) {
+                bail!(
+                    "interface {} opened {} lanes of {n}",
+                    ifc.name,
+                    opened_ports.len()
+                );
+            }
             tracing::info!(
                 interface = %ifc.name,
                 device = %ifc.device,
                 driver = %opened,
+                lanes = n,
                 "interface opened"
             );
             let mac = dva_io::netif::mac_address(&ifc.device)
                 .with_context(|| format!("MAC address of {}", ifc.device))?;
             let mtu = dva_io::netif::mtu(&ifc.device).unwrap_or(1500) as usize;
-            let driver = port.driver().to_string();
-            ports.push(Tapped::new(port));
-            links.push(Link {
-                cfg: ifc.clone(),
-                extra: Vec::new(),
-                mac: EthernetAddress(mac),
-                mtu,
-                neigh: NeighborTable::default(),
-                stats: InterfaceStats {
-                    name: ifc.name.clone(),
-                    device: ifc.device.clone(),
-                    driver,
-                    ..Default::default()
-                },
-            });
-        }
-        let mut backplane = Backplane::bind(cfg.listen)
-            .with_context(|| format!("binding the backplane socket {}", cfg.listen))?;
-        if let Some(dir) = rings {
-            backplane
-                .enable_rings(dir, cfg.listen, true, true)
-                .with_context(|| format!("backplane rings in {}", dir.display()))?;
-            backplane
-                .accept_rings_from(&ring_peers(&cfg))
-                .with_context(|| format!("backplane rings in {}", dir.display()))?;
+            for (lane, port) in opened_ports.into_iter().enumerate() {
+                let driver = port.driver().to_string();
+                ports[lane].push(Tapped::new(port));
+                links[lane].push(Link {
+                    cfg: ifc.clone(),
+                    extra: Vec::new(),
+                    mac: EthernetAddress(mac),
+                    mtu,
+                    neigh: NeighborTable::default(),
+                    stats: InterfaceStats {
+                        name: ifc.name.clone(),
+                        device: ifc.device.clone(),
+                        driver,
+                        ..Default::default()
+                    },
+                });
+            }
         }
         cfg.backplane.check().map_err(anyhow::Error::msg)?;
-        backplane
-            .set_auth(
-                cfg.unit,
-                cfg.backplane.send_epoch,
-                &epoch_keys(&cfg.backplane),
-            )
-            .map_err(anyhow::Error::msg)?;
-        let core = Core::new(cfg, links, Instant::now())?;
-        Ok(Dispatcher {
-            busy_poll: busy_poll > 0,
-            ports,
-            backplane,
-            core,
-        })
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (lane, (ports, links)) in (0..n).zip(ports.into_iter().zip(links)) {
+            let listen = dva_proto::role::lane_addr(cfg.listen, lane)
+                .with_context(|| format!("lane {lane}: no port above {}", cfg.listen))?;
+            let mut backplane = Backplane::bind(listen)
+                .with_context(|| format!("binding the backplane socket {listen}"))?;
+            if let Some(dir) = rings {
+                backplane
+                    .enable_rings(dir, listen, true, true)
+                    .with_context(|| format!("backplane rings in {}", dir.display()))?;
+                backplane
+                    .accept_rings_from(&ring_peers(&cfg))
+                    .with_context(|| format!("backplane rings in {}", dir.display()))?;
+            }
+            // Each lane seals with its own instance and count (the receivers keep a window
+            // per instance).
+            backplane
+                .set_auth(
+                    cfg.unit,
+                    cfg.backplane.send_epoch,
+                    &epoch_keys(&cfg.backplane),
+                )
+                .map_err(anyhow::Error::msg)?;
+            let core = Core::new(cfg.clone(), links, now, lane, n)?;
+            out.push(Dispatcher {
+                busy_poll: busy_poll > 0,
+                ports,
+                backplane,
+                core,
+                lane_io: None,
+            });
+        }
+        Ok(out)
     }
 
     /// The data-path loop. Returns when `stop` is set.
@@ -389,6 +439,11 @@ impl Dispatcher {
             if self.core.monitor.as_ref().is_some_and(|m| m.over(now)) {
                 self.core.monitor = None;
             }
+            if let Some(io) = &self.lane_io {
+                for msg in io.inbox() {
+                    self.core.on_lane_msg(msg);
+                }
+            }
             work += self
                 .core
                 .receive_ports(&mut self.ports, &mut self.backplane);
@@ -401,6 +456,13 @@ impl Dispatcher {
                     .unwrap_or(0);
             }
             self.core.take_reinjected(&mut self.backplane);
+            if !self.core.lane_out.is_empty() {
+                let msgs = std::mem::take(&mut self.core.lane_out);
+                match &self.lane_io {
+                    Some(io) => io.send(self.core.lane, msgs),
+                    None => drop(msgs),
+                }
+            }
             self.core.send_deferred(&mut self.ports);
             for p in &mut self.ports {
                 let _ = p.flush();
@@ -510,6 +572,9 @@ impl Dispatcher {
         counters.insert("backplane_doorbells".into(), rs.doorbells);
         counters.insert("backplane_ring_waits".into(), rs.ring_waits);
         crate::keys::auth_counters(counters, &self.backplane.auth_stats());
+        if let Some(io) = &self.lane_io {
+            counters.insert("lane_messages_dropped".into(), io.dropped());
+        }
         st
     }
 }
@@ -568,7 +633,13 @@ fn ring_peers(cfg: &DispatcherConfig) -> Vec<(u32, SocketAddr)> {
 
 impl Core {
     /// A dispatcher taking its first config at `now`, with one link per configured interface.
-    fn new(cfg: Arc<DispatcherConfig>, links: Vec<Link>, now: Instant) -> anyhow::Result<Core> {
+    fn new(
+        cfg: Arc<DispatcherConfig>,
+        links: Vec<Link>,
+        now: Instant,
+        lane: u16,
+        lanes: u16,
+    ) -> anyhow::Result<Core> {
         let mut core = Core {
             cfg: cfg.clone(),
             links,
@@ -597,6 +668,9 @@ impl Core {
             health: health::HealthChecker::default(),
             reassembly: fragment::Reassembler::default(),
             monitor: None,
+            lane,
+            lanes,
+            lane_out: Vec::new(),
         };
         let ready = core.prepare_config(cfg)?;
         core.commit_config(ready);
@@ -629,7 +703,7 @@ impl Core {
                 },
             })
             .collect();
-        Core::new(cfg, links, now)
+        Core::new(cfg, links, now, 0, 1)
     }
 
     /// Everything a config needs resolved (per-bucket destinations, routes, service addresses),
@@ -708,7 +782,10 @@ impl Core {
             .map(|a| a.addr)
             .collect();
         self.dnat_reverse = cfg.dnat_reverse.clone();
-        self.health.configure(&cfg.health_checks, self.now);
+        // One lane probes the backends: their answers are sent to it (see `on_local`).
+        if self.lane == 0 {
+            self.health.configure(&cfg.health_checks, self.now);
+        }
         self.cfg = cfg;
     }
 
@@ -964,6 +1041,7 @@ impl Core {
                 f[0..6].copy_from_slice(&mac.0);
                 self.deferred.push((i, f));
             }
+            self.tell_lanes(i, sender, mac);
         }
         let link = &self.links[i];
         if arp.operation == ArpOperation::Request && link.owns(IpAddr::V4(arp.target_protocol_addr))
@@ -1173,6 +1251,7 @@ impl Core {
                     f[0..6].copy_from_slice(&mac.0);
                     self.deferred.push((i, f));
                 }
+                self.tell_lanes(i, learned, mac);
             }
         }
         let link = &self.links[i];
@@ -1206,6 +1285,15 @@ impl Core {
 
     fn on_local(&mut self, i: usize, src_mac: EthernetAddress, ip: &[u8], c: &Classified) {
         if c.key.proto == ip_proto::TCP && health::HealthChecker::is_probe_port(c.key.dst_port) {
+            if self.lane != 0 {
+                // The flow hash put a backend's answer on this lane; lane 0 sent the probe.
+                self.lane_out.push(lanes::LaneMsg::Probe {
+                    interface: i,
+                    src_mac,
+                    ip: ip.to_vec(),
+                });
+                return;
+            }
             if let Some(answer) = self.health.on_segment(ip, c) {
                 let link = &self.links[i];
                 let etype = if c.is_v6() {
@@ -1660,6 +1748,43 @@ impl Core {
             match ip.first().map(|b| b >> 4) {
                 Some(4) => self.on_ipv4_datagram(i, mac, true, &ip, RxMeta::default(), bp),
                 _ => self.on_ipv6_datagram(i, mac, true, &ip, RxMeta::default(), bp),
+            }
+        }
+    }
+
+    /// A neighbour this lane learned, for the other lanes (ARP replies all reach lane 0, and an
+    /// advertisement reaches the lane its addresses hash to, not the one that solicited it).
+    fn tell_lanes(&mut self, interface: usize, ip: IpAddr, mac: EthernetAddress) {
+        if self.lanes > 1 {
+            self.lane_out
+                .push(lanes::LaneMsg::Neighbor { interface, ip, mac });
+        }
+    }
+
+    /// What another lane sent this one.
+    pub(crate) fn on_lane_msg(&mut self, msg: lanes::LaneMsg) {
+        match msg {
+            lanes::LaneMsg::Neighbor { interface, ip, mac } => {
+                let now = self.now;
+                let Some(link) = self.links.get_mut(interface) else {
+                    return;
+                };
+                for mut f in link.neigh.learn(ip, mac, now) {
+                    f[0..6].copy_from_slice(&mac.0);
+                    self.deferred.push((interface, f));
+                }
+            }
+            lanes::LaneMsg::Probe {
+                interface,
+                src_mac,
+                ip,
+            } => {
+                if interface >= self.links.len() {
+                    return;
+                }
+                if let Ok(c) = classify(&ip) {
+                    self.on_local(interface, src_mac, &ip, &c);
+                }
             }
         }
     }

@@ -1176,6 +1176,7 @@ mod tests {
                 busy_poll_us: 50,
                 rings: false,
                 cpus: vec![0, 1],
+                dispatcher_threads: 1,
             })
         );
         // Data planes drive no interface: only what they use.
