@@ -96,14 +96,22 @@ fn two_lanes_carry_checked_streams_through_nat_over_rings_and_sealed_udp() {
         );
         let sent: u64 = results.iter().map(|r| r.sent).sum();
         eprintln!("{backplane:?}: 16 checked streams, {sent} bytes, all intact");
-        assert!(sent > 10_000_000, "{backplane:?}: traffic flowed ({sent} bytes)");
+        assert!(
+            sent > 10_000_000,
+            "{backplane:?}: traffic flowed ({sent} bytes)"
+        );
         assert_both_lanes_carry(&m, "nat-gw");
         if backplane == BackplaneSpec::Udp {
             // Every lane seals with its own sender instance: nothing refused as a replay.
             let stats = m.unit_stats("nat-gw");
             let refused: u64 = stats
                 .iter()
-                .map(|s| s.counters.get("backplane_auth_replayed").copied().unwrap_or(0))
+                .map(|s| {
+                    s.counters
+                        .get("backplane_auth_replayed")
+                        .copied()
+                        .unwrap_or(0)
+                })
                 .sum();
             assert_eq!(refused, 0, "no datagram of a lane refused as a replay");
         }
@@ -115,8 +123,10 @@ fn two_lanes_balance_and_health_check_every_backend() {
     let _serial = serial();
     let lab = LabGuard::up("e2elaneslb-", 3, 2);
     lab.lab.set_offloads(true).expect("offloads on");
-    let web: Vec<Nginx> = (1..=3)
-        .map(|k| Nginx::start(&lab.lab.server_ns(k), &[80], &format!("server{k}\n")).expect("nginx"))
+    let mut web: Vec<Nginx> = (1..=3)
+        .map(|k| {
+            Nginx::start(&lab.lab.server_ns(k), &[80], &format!("server{k}\n")).expect("nginx")
+        })
         .collect();
     let m = MgmtGuard::open("e2elaneslb-");
     let spec = lanes(
@@ -149,14 +159,17 @@ fn two_lanes_balance_and_health_check_every_backend() {
         health(&m),
         m.diagnostics("web-lb")
     );
-    // Stays up over several probe rounds (answers on lane 1 are not lost).
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        health(&m).iter().filter(|(_, up)| *up).count(),
-        3,
-        "every backend still up: {:?}",
-        health(&m)
-    );
+    // And stays up over several probe rounds: answers hashed to lane 1 are not lost (a lost
+    // half would make backends flap: fall is 2 failures in a row).
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(200));
+        let h = health(&m);
+        assert_eq!(
+            h.iter().filter(|(_, up)| *up).count(),
+            3,
+            "every backend still up: {h:?}"
+        );
+    }
 
     let url = format!("http://{}/", IpAddr::from(VIP));
     let mut seen = std::collections::BTreeSet::new();
@@ -170,17 +183,32 @@ fn two_lanes_balance_and_health_check_every_backend() {
     assert_both_lanes_carry(&m, "web-lb");
 
     // A backend that goes away is seen down (fall 2 at 500 ms) and out of rotation.
-    drop(web.into_iter().next());
+    drop(web.remove(0));
     let deadline = Instant::now() + Duration::from_secs(10);
     while health(&m).iter().filter(|(_, up)| *up).count() != 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
     let h = health(&m);
     assert_eq!(
-        h.iter().filter(|(_, up)| !*up).map(|(b, _)| b.as_str()).collect::<Vec<_>>(),
+        h.iter()
+            .filter(|(_, up)| !*up)
+            .map(|(b, _)| b.as_str())
+            .collect::<Vec<_>>(),
         ["server1"],
         "server1 seen down: {h:?}"
     );
+    // The data planes take it out of rotation once the manager has told them.
+    let out = apps::wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        let stats = m.unit_stats("web-lb");
+        let dps: Vec<_> = stats.iter().filter(|s| s.role == "dataplane").collect();
+        !dps.is_empty()
+            && dps.iter().all(|s| {
+                s.backends.iter().any(|b| {
+                    b.backend == "server1" && b.state == dva_services::lb::BackendState::Down
+                })
+            })
+    });
+    assert!(out, "server1 marked down on every data plane");
     for i in 0..30 {
         let got = apps::curl(&lab.lab.client_ns(), &url, 5)
             .unwrap_or_else(|e| panic!("request {i} after server1 went: {e}"));
