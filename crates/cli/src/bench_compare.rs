@@ -213,8 +213,9 @@ enum PathKind {
     KernelLb,
     DvaLb(u32),
     Haproxy,
-    /// dva with the AF_PACKET driver and GSO super-packets (offloads on).
-    DvaGso(u32),
+    /// dva with the AF_PACKET driver and GSO super-packets (offloads on): data planes, and
+    /// dispatcher threads (lanes).
+    DvaGso(u32, u16),
     /// dva with the default driver (AF_XDP) and the lab's offloads on: wire-sized frames, the
     /// peers' partial checksums completed by the dispatcher.
     DvaXdpOffload(u32),
@@ -228,7 +229,10 @@ impl PathKind {
             PathKind::KernelLb => "kernel nftables DNAT LB".into(),
             PathKind::DvaLb(n) => format!("dva web-lb, {n} DP"),
             PathKind::Haproxy => "HAProxy 2.x, TCP mode".into(),
-            PathKind::DvaGso(n) => format!("dva edge-fw, {n} DP, AF_PACKET+GSO"),
+            PathKind::DvaGso(n, 1) => format!("dva edge-fw, {n} DP, AF_PACKET+GSO"),
+            PathKind::DvaGso(n, t) => {
+                format!("dva edge-fw, {n} DP, AF_PACKET+GSO, {t} disp. threads")
+            }
             PathKind::DvaXdpOffload(n) => format!("dva edge-fw, {n} DP, AF_XDP"),
         }
     }
@@ -522,7 +526,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         println!(
             "\ndva run -f examples/edge-firewall.yaml --dataplanes {dps} (driver: af_packet), offloads on"
         );
-        let path = PathKind::DvaGso(dps);
+        let path = PathKind::DvaGso(dps, 1);
         dva_path(
             &mut bench,
             opts,
@@ -536,6 +540,28 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             |b, cpu| b.tcp_workloads(OFFLOAD_WORKLOADS, path, cpu),
         )?;
     }
+
+    // The scaling figure: the dispatcher on two data-path threads (AF_PACKET fanout), against
+    // the one-thread row above.
+    println!(
+        "\ndva run -f examples/edge-firewall.yaml --dataplanes 1 (driver: af_packet, dispatcher_threads: 2), offloads on"
+    );
+    let path = PathKind::DvaGso(1, 2);
+    dva_path(
+        &mut bench,
+        opts,
+        &spec,
+        "edge-fw",
+        1,
+        true,
+        &RuntimeSpec {
+            dispatcher_threads: Some(2),
+            ..with_driver(DriverSpec::AfPacket)
+        },
+        path,
+        &OFFLOAD_WORKLOADS,
+        |b, cpu| b.tcp_workloads(OFFLOAD_WORKLOADS, path, cpu),
+    )?;
 
     // The default driver in the same setting: AF_XDP on veths whose peers keep offloads on.
     println!("\ndva run -f examples/edge-firewall.yaml --dataplanes 1 (AF_XDP), offloads on");
