@@ -215,3 +215,55 @@ fn two_lanes_balance_and_health_check_every_backend() {
         assert_ne!(got, "server1\n", "request {i} went to the dead backend");
     }
 }
+
+#[test]
+fn af_xdp_lanes_take_a_receive_queue_each() {
+    // Offloads off (wire-sized frames, where AF_XDP is the driver to use) and veths with two
+    // queues, as a NIC with RSS: each lane's AF_XDP socket serves one queue of each interface.
+    let _serial = serial();
+    let lab = LabGuard::up("e2elanesx-", 2, 2);
+    lab.lab.set_queues(2).expect("two queues per veth");
+    let client = lab.lab.client_ns();
+    let _streams_srv = StreamServer::start(&client, 9000).expect("stream server");
+    let m = MgmtGuard::open("e2elanesx-");
+    let spec = with_runtime(
+        &std::fs::read_to_string(example("nat-gateway.yaml"))
+            .expect("example")
+            .replace("initial: 2", "initial: 1"),
+        RuntimeSpec {
+            driver: dva_proto::spec::DriverSpec::AfXdp,
+            dispatcher_threads: Some(2),
+            ..Default::default()
+        },
+    );
+    m.mgmt.apply(&spec).expect("apply");
+    m.wait_ready("nat-gw", 1);
+    let drivers: Vec<String> = m
+        .unit_stats("nat-gw")
+        .iter()
+        .filter(|s| s.role == "dispatcher")
+        .flat_map(|s| s.interfaces.iter().map(|i| i.driver.clone()))
+        .collect();
+    assert!(
+        !drivers.is_empty() && drivers.iter().all(|d| d.starts_with("af_xdp")),
+        "AF_XDP on every interface: {drivers:?}"
+    );
+    let streams = apps::start_streams(
+        &lab.lab.server_ns(1),
+        SocketAddr::new(IpAddr::from(CLIENT), 9000),
+        16,
+        Duration::from_secs(5),
+        1_000_000,
+    );
+    let results = streams.join().expect("streams");
+    let broken: Vec<_> = results.iter().filter(|r| !r.intact()).collect();
+    assert!(
+        broken.is_empty(),
+        "{} of 16 streams broken: {broken:?}\nunits:\n{}",
+        broken.len(),
+        m.diagnostics("nat-gw")
+    );
+    let sent: u64 = results.iter().map(|r| r.sent).sum();
+    eprintln!("AF_XDP, 2 lanes: 16 checked streams, {sent} bytes, all intact");
+    assert_both_lanes_carry(&m, "nat-gw");
+}

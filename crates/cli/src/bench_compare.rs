@@ -219,6 +219,8 @@ enum PathKind {
     /// dva with the default driver (AF_XDP) and the lab's offloads on: wire-sized frames, the
     /// peers' partial checksums completed by the dispatcher.
     DvaXdpOffload(u32),
+    /// dva edge-fw with AF_XDP and dispatcher threads on veths with that many queues.
+    DvaXdpLanes(u32, u16),
 }
 
 impl PathKind {
@@ -234,6 +236,9 @@ impl PathKind {
                 format!("dva edge-fw, {n} DP, AF_PACKET+GSO, {t} disp. threads")
             }
             PathKind::DvaXdpOffload(n) => format!("dva edge-fw, {n} DP, AF_XDP"),
+            PathKind::DvaXdpLanes(n, t) => {
+                format!("dva edge-fw, {n} DP, AF_XDP, {t} disp. threads, {t}-queue veths")
+            }
         }
     }
 
@@ -520,6 +525,28 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         )?;
     }
 
+    // The scaling figure for small packets and new connections: AF_XDP with two dispatcher
+    // threads, each on a receive queue of its own, against the one-thread row above.
+    println!(
+        "\ndva run -f examples/edge-firewall.yaml --dataplanes 1 (driver: af_xdp, dispatcher_threads: 2), 2-queue veths"
+    );
+    let path = PathKind::DvaXdpLanes(1, 2);
+    dva_path(
+        &mut bench,
+        opts,
+        &spec,
+        "edge-fw",
+        1,
+        false,
+        &RuntimeSpec {
+            dispatcher_threads: Some(2),
+            ..with_driver(DriverSpec::AfXdp)
+        },
+        path,
+        &FIREWALL_WORKLOADS,
+        |b, cpu| b.firewall_workloads(path, cpu),
+    )?;
+
     // TCP with offloads on: the AF_PACKET driver reads and writes super-packets (AF_XDP
     // cannot: XDP on a veth turns its peer's segmentation off).
     for dps in [1u32, 2] {
@@ -671,11 +698,23 @@ fn dva_path(
 ) -> anyhow::Result<()> {
     let (lab, servers) = fresh_lab(&opts.prefix)?;
     bench.lab = lab;
+    // Dispatcher lanes on AF_XDP take a receive queue each.
+    let queues = match path {
+        PathKind::DvaXdpLanes(_, t) => u32::from(t),
+        _ => 1,
+    };
     let started = if offloads {
         bench.lab.set_offloads(true).map_err(anyhow::Error::from)
     } else {
         Ok(())
     }
+    .and_then(|()| {
+        if queues > 1 {
+            bench.lab.set_queues(queues).map_err(anyhow::Error::from)
+        } else {
+            Ok(())
+        }
+    })
     .and_then(|()| Appliance::start_with(spec, &opts.prefix, dps, runtime));
     let app = match started {
         Ok(a) => a,

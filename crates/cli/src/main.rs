@@ -517,7 +517,7 @@ enum BenchCmd {
     Compare {
         #[arg(long, default_value = "dva-bench-")]
         prefix: String,
-        /// Seconds per measurement (24 measurements).
+        /// Seconds per measurement (30 measurements).
         #[arg(long, default_value_t = 10)]
         secs: u32,
         /// Also print the table as Markdown.

@@ -252,6 +252,14 @@ impl Lab {
     pub fn set_offloads(&self, on: bool) -> Result<(), LabError> {
         topology::offloads(&topology::Tools::find()?, self, on)
     }
+
+    /// Give the dispatchers' appliance-facing veths (`out0`, `in0`) `n` receive and transmit
+    /// queues each, both ends (1 is how [`Lab::up`] makes them; a veth has at most as many as
+    /// the machine has CPUs): an AF_XDP dispatcher with `dispatcher_threads: n` then gives each
+    /// of its lanes a queue, flows spread over them as by a NIC's RSS.
+    pub fn set_queues(&self, n: u32) -> Result<(), LabError> {
+        topology::queues(&topology::Tools::find()?, self, n)
+    }
 }
 
 /// `ip netns exec NS <program>` as a Command, for running clients and servers inside a

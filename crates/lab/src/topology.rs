@@ -966,6 +966,28 @@ pub(crate) fn offloads(tools: &Tools, lab: &Lab, on: bool) -> Result<(), LabErro
     Ok(())
 }
 
+/// Give the dispatchers' appliance-facing veths `n` receive and transmit queues, both ends
+/// (`ethtool -L`; a veth offers as many as the machine has CPUs). The fabric end picks a
+/// transmit queue by flow hash and the dispatcher's end takes the frame on the receive queue of
+/// the same number, so flows spread over the queues as a NIC's RSS would spread them. Only
+/// these: a frame that left a multi-queue veth elsewhere crosses the bridge with its queue
+/// number still set, which the fabric end reads as a recorded receive queue and keeps (every
+/// frame on queue 0, measured), instead of hashing.
+pub(crate) fn queues(tools: &Tools, lab: &Lab, n: u32) -> Result<(), LabError> {
+    let ethtool = cmd::tool("ethtool")?;
+    let plan = Plan::new(lab);
+    let n = n.to_string();
+    for p in plan.ports.iter().filter(|p| p.appliance) {
+        for (ns, dev) in [
+            (p.ns.as_str(), p.ifname),
+            (plan.fabric.as_str(), p.fabric_port.as_str()),
+        ] {
+            tools.exec_in(ns, &ethtool, &["-L", dev, "rx", &n, "tx", &n])?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn kernel_router(tools: &Tools, lab: &Lab, on: bool) -> Result<(), LabError> {
     if lab.dispatchers > 1 {
         if !on {
