@@ -51,6 +51,11 @@ const GAUGE_COUNTERS: &[(&str, &str, &str)] = &[
         "manager_leader",
         "1 if this manager leads the appliance",
     ),
+    (
+        "lanes",
+        "dispatcher_lanes",
+        "Data-path threads (lanes) of this dispatcher",
+    ),
 ];
 
 /// Prefix of the backplane authentication counters in [`UnitStats::counters`].
