@@ -171,6 +171,19 @@ fn two_lanes_balance_and_health_check_every_backend() {
         );
     }
 
+    // A capture on the outside interface taps every lane: it sees the SYN of every request,
+    // whichever lane the request's flow hashed to.
+    let capture = m
+        .mgmt
+        .capture(
+            "web-lb",
+            "interface=outside&proto=tcp&port=80&duration=8s&count=100000",
+        )
+        .expect("capture");
+    let pcap = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        capture.copy_to(&mut out).map(|_| out)
+    });
     let url = format!("http://{}/", IpAddr::from(VIP));
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..120 {
@@ -181,6 +194,40 @@ fn two_lanes_balance_and_health_check_every_backend() {
     }
     assert_eq!(seen.len(), 3, "every backend served: {seen:?}");
     assert_both_lanes_carry(&m, "web-lb");
+    let pcap = pcap
+        .join()
+        .expect("capture thread")
+        .expect("capture stream");
+    let file = std::env::temp_dir().join(format!("dva-e2e-lanes-{}.pcap", std::process::id()));
+    std::fs::write(&file, &pcap).expect("write pcap");
+    let out = std::process::Command::new("tshark")
+        .args(["-r"])
+        .arg(&file)
+        .args([
+            "-Y",
+            "tcp.flags.syn==1 && tcp.flags.ack==0",
+            "-T",
+            "fields",
+            "-e",
+            "tcp.srcport",
+        ])
+        .output()
+        .expect("tshark (Debian package tshark)");
+    let _ = std::fs::remove_file(&file);
+    let syns: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    eprintln!(
+        "capture over both lanes: {} bytes, {} SYNs",
+        pcap.len(),
+        syns.len()
+    );
+    assert!(
+        syns.len() >= 120,
+        "the capture saw the SYN of every request ({} of 120)",
+        syns.len()
+    );
 
     // A backend that goes away is seen down (fall 2 at 500 ms) and out of rotation.
     drop(web.remove(0));
