@@ -449,6 +449,12 @@ enum LabCmd {
         /// the lab as 64 KB super-packets. Use with a spec's `runtime: { driver: af_packet }`.
         #[arg(long)]
         offloads: bool,
+        /// Receive and transmit queues on the dispatchers' appliance-facing veths (out0, in0),
+        /// flows spread over them by hash as a NIC's RSS spreads them: with a spec's
+        /// `runtime: { driver: af_xdp, dispatcher_threads: N }`, each lane takes a queue. At
+        /// most the machine's CPUs.
+        #[arg(long, default_value_t = 1)]
+        queues: u32,
         /// Make the appliance's hosts machines: a control host {P}ctl (198.19.0.10) runs
         /// `dva serve`, every dispatcher and data-plane host runs `dva agent`, each with its own
         /// /run/dva, /var/lib/dva and /etc/dva (tmpfs in a mount namespace of its own). Returns
@@ -684,6 +690,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 dispatchers,
                 prefix,
                 offloads,
+                queues,
                 machines,
                 etcd,
             } => {
@@ -696,6 +703,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 })?;
                 if offloads {
                     lab.set_offloads(true)?;
+                }
+                if queues > 1 {
+                    lab.set_queues(queues)?;
                 }
                 print!("{}", lab.describe());
                 if machines {
