@@ -304,7 +304,125 @@ pub fn merge(lanes: &[UnitStats]) -> UnitStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conformance::FakeTx;
+    use crate::dispatcher::Core;
+    use crate::reply;
     use crate::stats::InterfaceStats;
+    use dva_flow::BucketTable;
+    use dva_io::RxMeta;
+    use dva_proto::role::{BackplaneAuth, InterfaceConfig, RuntimeConfig, UnitEndpoint};
+    use dva_proto::DispatcherConfig;
+    use dva_wire::ethertype;
+    use std::net::Ipv4Addr;
+
+    const OURS: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 1]);
+    const PEER: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 9]);
+
+    /// Lane `lane` of 2 of a dispatcher with one interface, 198.18.1.1/24.
+    fn lane(lane: u16) -> Core {
+        let cfg = DispatcherConfig {
+            appliance: "lanes".into(),
+            version: 1,
+            vni: 7,
+            unit: 1,
+            listen: "198.19.0.1:6081".parse().expect("addr"),
+            interfaces: vec![InterfaceConfig {
+                id: 0,
+                name: "outside".into(),
+                device: "out0".into(),
+                addresses: vec!["198.18.1.1/24".parse().expect("net")],
+            }],
+            routes: Vec::new(),
+            dataplanes: vec![UnitEndpoint {
+                id: 2,
+                addr: "198.19.0.2:6081".parse().expect("addr"),
+            }],
+            table: BucketTable::maglev(64, &[2]).expect("table"),
+            fenced: Vec::new(),
+            service_addrs: Vec::new(),
+            dnat_reverse: Vec::new(),
+            health_checks: Vec::new(),
+            runtime: RuntimeConfig {
+                dispatcher_threads: 2,
+                ..RuntimeConfig::default()
+            },
+            backplane: BackplaneAuth::default(),
+        };
+        let mut core =
+            Core::with_links(Arc::new(cfg), &[(OURS, 1500)], Instant::now()).expect("core");
+        core.lane = lane;
+        core.lanes = 2;
+        core
+    }
+
+    fn frame(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        reply::ethernet(&mut f, OURS, PEER, ethertype);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn a_lane_shares_what_it_learns_and_hands_probe_answers_to_lane_zero() {
+        let neighbour = Ipv4Addr::new(198, 18, 1, 2);
+        let (mut lane0, mut lane1) = (lane(0), lane(1));
+        let mut bp = FakeTx::default();
+        // An ARP reply reaches lane 1: it learns the neighbour and tells the other lane.
+        let mut arp = Vec::new();
+        reply::arp(
+            &mut arp,
+            2,
+            PEER,
+            neighbour,
+            OURS,
+            Ipv4Addr::new(198, 18, 1, 1),
+        );
+        lane1.on_frame(0, &frame(ethertype::ARP, &arp), RxMeta::default(), &mut bp);
+        let now = lane1.now;
+        assert_eq!(
+            lane1.links[0].neigh.lookup(&neighbour.into(), now),
+            Some(PEER)
+        );
+        let msgs = std::mem::take(&mut lane1.lane_out);
+        assert!(
+            matches!(msgs[..], [LaneMsg::Neighbor { interface: 0, .. }]),
+            "{msgs:?}"
+        );
+        assert_eq!(lane0.links[0].neigh.lookup(&neighbour.into(), now), None);
+        for m in msgs {
+            lane0.on_lane_msg(m);
+        }
+        assert_eq!(
+            lane0.links[0].neigh.lookup(&neighbour.into(), now),
+            Some(PEER)
+        );
+
+        // A backend's answer to a health probe (to a probe port of ours) on lane 1 goes to lane
+        // 0, which sent the probe; lane 1 answers nothing itself.
+        let mut seg = Vec::new();
+        reply::tcp_segment(
+            &mut seg,
+            neighbour.into(),
+            Ipv4Addr::new(198, 18, 1, 1).into(),
+            80,
+            crate::dispatcher::health::PORT_FIRST + 1,
+            1000,
+            1,
+            0x12,
+            &[],
+        )
+        .expect("segment");
+        lane1.on_frame(0, &frame(ethertype::IPV4, &seg), RxMeta::default(), &mut bp);
+        assert!(lane1.deferred.is_empty(), "lane 1 does not answer probes");
+        assert!(
+            matches!(&lane1.lane_out[..], [LaneMsg::Probe { interface: 0, ip, .. }] if *ip == seg),
+            "{:?}",
+            lane1.lane_out
+        );
+        // Lane 0 alone keeps answering it: a single-lane dispatcher is unchanged.
+        lane0.on_frame(0, &frame(ethertype::IPV4, &seg), RxMeta::default(), &mut bp);
+        assert!(lane0.lane_out.is_empty());
+    }
 
     #[test]
     fn lanes_stats_add_up_and_show_the_spread() {
