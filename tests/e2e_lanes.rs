@@ -53,6 +53,47 @@ fn assert_both_lanes_carry(m: &MgmtGuard, app: &str) {
     );
 }
 
+/// `dva monitor` on a two-lane dispatcher reports the drops of both lanes: 64 flows of UDP from
+/// `server` to the appliance's inside address (which serves no UDP and is no NAT source: the
+/// dispatcher drops them, `to-appliance-unsupported`), hashed over the lanes, each datagram a
+/// drop event.
+fn monitor_sees_every_lane(m: &MgmtGuard, server: &str) {
+    let monitor = m
+        .mgmt
+        .monitor("nat-gw", "type=drop&rate=10000&duration=4s")
+        .expect("monitor");
+    let events = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        monitor.copy_to(&mut out, || false).map(|_| out)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = apps::udpgen(
+        server,
+        &apps::UdpGenOptions {
+            dst: SocketAddr::new(IpAddr::from([198, 18, 2, 1]), 4000),
+            flows: 64,
+            payload: 18,
+            duration: Duration::from_secs(1),
+            rate: Some(500),
+        },
+    )
+    .expect("udpgen")
+    .sent;
+    let out = events
+        .join()
+        .expect("monitor thread")
+        .expect("monitor stream");
+    let drops = String::from_utf8_lossy(&out)
+        .lines()
+        .filter(|l| l.contains("to-appliance"))
+        .count() as u64;
+    eprintln!("monitor: {drops} drop events for {sent} datagrams to the appliance");
+    assert!(
+        sent > 300 && drops * 10 >= sent * 9,
+        "the monitor saw the drops of both lanes ({drops} events for {sent} datagrams)"
+    );
+}
+
 #[test]
 fn two_lanes_carry_checked_streams_through_nat_over_rings_and_sealed_udp() {
     let _serial = serial();
@@ -101,6 +142,9 @@ fn two_lanes_carry_checked_streams_through_nat_over_rings_and_sealed_udp() {
             "{backplane:?}: traffic flowed ({sent} bytes)"
         );
         assert_both_lanes_carry(&m, "nat-gw");
+        if backplane == BackplaneSpec::Auto {
+            monitor_sees_every_lane(&m, &lab.lab.server_ns(1));
+        }
         if backplane == BackplaneSpec::Udp {
             // Every lane seals with its own sender instance: nothing refused as a replay.
             let stats = m.unit_stats("nat-gw");

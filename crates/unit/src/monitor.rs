@@ -334,6 +334,20 @@ impl Session {
         }
     }
 
+    /// The same session for one of a dispatcher's `lanes` (threads): same filter, deadline and
+    /// stream, and a share of the event rate, so that together they stay within the session's.
+    pub fn fork(&self, lanes: u32) -> Session {
+        Session {
+            types: self.types,
+            filter: self.filter,
+            budget: self.budget.share(lanes),
+            until: self.until,
+            out: self.out.clone(),
+            lost: self.lost.clone(),
+            closed: self.closed.clone(),
+        }
+    }
+
     /// Whether the session is over (deadline passed, or its writer stopped): the owner then
     /// drops it. Checked once per turn.
     pub fn over(&self, now: Instant) -> bool {

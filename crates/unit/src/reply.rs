@@ -344,6 +344,19 @@ impl TokenBucket {
         }
     }
 
+    /// A bucket with a `1/n` share of this one's rate and burst (at least one token), for one
+    /// of `n` threads that together must stay within it.
+    pub fn share(&self, n: u32) -> TokenBucket {
+        let n = f64::from(n.max(1));
+        let burst = (self.burst / n).max(1.0);
+        TokenBucket {
+            tokens: burst,
+            last: self.last,
+            rate: self.rate / n,
+            burst,
+        }
+    }
+
     /// Spend a token if there is one.
     pub fn take(&mut self, now: std::time::Instant) -> bool {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();

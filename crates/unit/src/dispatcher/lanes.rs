@@ -223,10 +223,31 @@ fn apply(ends: &[LaneEnds], u: Update) {
     let _ = u.reply.send(result);
 }
 
-/// Inspection: the config and monitor sessions are lane 0's; a capture taps every lane (each
-/// takes its share of the packets, the reader stops at the count).
+/// Inspection: the config is lane 0's; a capture taps every lane (each takes its share of the
+/// packets, the reader stops at the count), and a monitor session watches every lane (each with
+/// a share of its event rate).
 fn route(ends: &[LaneEnds], r: Request) {
     match r {
+        Request::Monitor { session, reply } => {
+            let lanes = u32::try_from(ends.len()).unwrap_or(u32::MAX);
+            let mut answers = Vec::new();
+            for e in ends.iter().rev() {
+                let (tx, rx) = mpsc::sync_channel(1);
+                let req = Request::Monitor {
+                    session: session.fork(lanes),
+                    reply: tx,
+                };
+                if e.requests.try_send(req).is_ok() {
+                    answers.push(rx);
+                }
+            }
+            drop(session);
+            let answer = answers
+                .pop()
+                .and_then(|rx| rx.recv_timeout(Duration::from_secs(2)).ok())
+                .unwrap_or_else(|| Err("the dispatcher's lanes did not answer".into()));
+            let _ = reply.try_send(answer);
+        }
         Request::Capture {
             interface,
             tap,
