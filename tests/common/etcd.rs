@@ -129,7 +129,9 @@ impl Etcd {
             })
             .collect();
         let etcd = Etcd { members, dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Three members electing a leader over TLS: seconds normally, longer on a loaded
+        // machine.
+        let deadline = Instant::now() + Duration::from_secs(60);
         for port in MEMBERS {
             let url = format!("https://127.0.0.1:{port}/health");
             loop {
@@ -139,13 +141,31 @@ impl Etcd {
                     .args(["--cert", &pki_file("dva.pem")])
                     .args(["--key", &pki_file("dva-key.pem"), &url])
                     .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+                    .map(|o| {
+                        String::from_utf8_lossy(&o.stdout).into_owned()
+                            + &String::from_utf8_lossy(&o.stderr)
+                    });
                 match out {
                     Ok(body) if body.contains("\"health\":\"true\"") => break,
                     _ if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(200))
                     }
-                    other => panic!("etcd member at {port} never healthy: {other:?}"),
+                    other => {
+                        // What the members said, for whoever reads the failure.
+                        let logs: String = (1..=MEMBERS.len())
+                            .map(|i| {
+                                let log =
+                                    std::fs::read_to_string(etcd.dir.join(format!("m{i}.log")))
+                                        .unwrap_or_default();
+                                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                                format!(
+                                    "--- m{i}.log (last lines, newest first):\n{}\n",
+                                    tail.join("\n")
+                                )
+                            })
+                            .collect();
+                        panic!("etcd member at {port} never healthy: {other:?}\n{logs}")
+                    }
                 }
             }
         }
@@ -227,7 +247,9 @@ impl Replica {
     }
 
     pub fn wait_for(&mut self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Three members electing a leader over TLS: seconds normally, longer on a loaded
+        // machine.
+        let deadline = Instant::now() + Duration::from_secs(60);
         let mut seen = Vec::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
