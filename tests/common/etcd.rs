@@ -157,11 +157,15 @@ impl Etcd {
                                 let log =
                                     std::fs::read_to_string(etcd.dir.join(format!("m{i}.log")))
                                         .unwrap_or_default();
-                                let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                                format!(
-                                    "--- m{i}.log (last lines, newest first):\n{}\n",
-                                    tail.join("\n")
-                                )
+                                // From its first complaint on: a Go panic's message comes
+                                // before its stack (e.g. "create wal error: no space left").
+                                let lines: Vec<&str> = log.lines().collect();
+                                let first = lines
+                                    .iter()
+                                    .position(|l| l.contains(" C | ") || l.contains(" E | "))
+                                    .unwrap_or(lines.len().saturating_sub(15));
+                                let end = lines.len().min(first + 15);
+                                format!("--- m{i}.log:\n{}\n", lines[first..end].join("\n"))
                             })
                             .collect();
                         panic!("etcd member at {port} never healthy: {other:?}\n{logs}")
