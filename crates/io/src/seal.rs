@@ -22,12 +22,8 @@
 //!   datagram captured on its way to one unit fail at any other.
 //! - `seq` starts at the wall-clock time in nanoseconds, so a restarted unit continues above
 //!   every number its previous life used and receivers need no reset; each receiver keeps a
-//!   sliding window of [`WINDOW`] numbers per sender and instance (IPsec / WireGuard style) and
-//!   drops a datagram it has seen or that is older than the window. Per instance, because one
-//!   unit may send from several threads (a dispatcher's lanes), each with its own sealer and
-//!   count: one window per unit would see their numbers interleave and refuse the lagging
-//!   thread's. A previous life's window stays until evicted (and then leaves a floor its
-//!   sender's new windows must start above), so its datagrams replayed stay refused.
+//!   sliding window of [`WINDOW`] numbers per sender (IPsec / WireGuard style) and drops a
+//!   datagram it has seen or that is older than the window.
 //! - [`Sealer::open`] checks all of this, and decrypts in place, before the caller parses a
 //!   byte of the datagram: what fails is counted and never delivered.
 //!
@@ -52,10 +48,20 @@ pub const KEY_LEN: usize = 32;
 /// on the network) and still be accepted once.
 pub const WINDOW: u64 = 4096;
 const WORDS: usize = (WINDOW / 64) as usize;
-/// Replay windows (senders × their sending threads and lives) a receiver keeps; only datagrams
-/// that authenticated make one, so this is the appliance's units times their lanes, with room
-/// to spare.
+/// Senders whose replay windows a receiver keeps; only datagrams that authenticated make one,
+/// so this is the number of units of the appliance, with room to spare.
 const MAX_SENDERS: usize = 4096;
+
+/// The sender field is the unit's id, with the sending thread (a dispatcher's lane) in its top
+/// [`32 - LANE_SHIFT`] bits: each lane seals with its own count, so each needs a replay window
+/// of its own, and lane 0 is the unit id itself. Unit ids stay below `1 << LANE_SHIFT`.
+pub const LANE_SHIFT: u32 = 24;
+const UNIT_MASK: u32 = (1 << LANE_SHIFT) - 1;
+
+/// The sender id lane `lane` of unit `unit` seals with.
+pub fn lane_sender(unit: u32, lane: u16) -> u32 {
+    (unit & UNIT_MASK) | (u32::from(lane) << LANE_SHIFT)
+}
 
 /// One epoch's key as the manager hands it out.
 #[derive(Clone, PartialEq, Eq)]
@@ -102,7 +108,7 @@ impl AuthStats {
     }
 }
 
-/// Per-sender (and instance) replay window: the highest sequence number accepted and a bitmap of the
+/// Per-sender replay window: the highest sequence number accepted and a bitmap of the
 /// [`WINDOW`] numbers below it.
 struct Window {
     top: u64,
@@ -154,11 +160,7 @@ pub struct Sealer {
     seq: u64,
     send: Option<(u32, LessSafeKey)>,
     keys: Vec<(u32, LessSafeKey)>,
-    /// Replay windows by (sender, instance), oldest first.
-    windows: Vec<((u32, u32), Window)>,
-    /// Per sender, the highest number an evicted window of it had accepted: its new windows
-    /// start above, so evicting a previous life's window does not reopen its datagrams.
-    floors: Vec<(u32, u64)>,
+    windows: Vec<(u32, Window)>,
     stats: AuthStats,
 }
 
@@ -243,7 +245,6 @@ impl Sealer {
             send: None,
             keys: Vec::new(),
             windows: Vec::new(),
-            floors: Vec::new(),
             stats: AuthStats::default(),
         })
     }
@@ -280,7 +281,6 @@ impl Sealer {
             send: None,
             keys: Vec::new(),
             windows: Vec::new(),
-            floors: Vec::new(),
             stats: AuthStats::default(),
         }
         .set_keys(send_epoch, keys)
@@ -329,7 +329,8 @@ impl Sealer {
 
     /// Authenticate and decrypt (in place) a datagram received by `local` (the address it was
     /// sent to). On success: the payload's length (the trailer cut off) and the sending unit;
-    /// `buf[..length]` is the datagram as its sender built it. On failure `buf` is garbage.
+    /// `buf[..length]` is the datagram as its sender built it (the unit, whichever of its lanes
+    /// sealed it). On failure `buf` is garbage.
     pub fn open(&mut self, buf: &mut [u8], local: SocketAddr) -> Result<(usize, u32), Reject> {
         let r = self.check(buf, local);
         match r {
@@ -358,18 +359,10 @@ impl Sealer {
             .map(|(_, k)| k)
             .ok_or(Reject::UnknownEpoch)?;
         // The window first: a replay costs no cryptography.
-        let w = self
-            .windows
-            .iter()
-            .position(|(id, _)| *id == (sender, instance));
-        match w {
-            Some(i) if !self.windows[i].1.fresh(seq) => return Err(Reject::Replayed),
-            Some(_) => {}
-            None => {
-                let floor = self.floors.iter().find(|(u, _)| *u == sender);
-                if floor.is_some_and(|(_, f)| seq <= *f) {
-                    return Err(Reject::Replayed);
-                }
+        let w = self.windows.iter().position(|(u, _)| *u == sender);
+        if let Some(i) = w {
+            if !self.windows[i].1.fresh(seq) {
+                return Err(Reject::Replayed);
             }
         }
         let clear = len.min(CLEAR_LEN);
@@ -385,23 +378,14 @@ impl Sealer {
             Some(i) => i,
             None => {
                 if self.windows.len() >= MAX_SENDERS {
-                    let ((u, _), old) = self.windows.remove(0);
-                    match self.floors.iter_mut().find(|(f, _)| *f == u) {
-                        Some((_, f)) => *f = (*f).max(old.top),
-                        None => {
-                            if self.floors.len() >= MAX_SENDERS {
-                                self.floors.remove(0);
-                            }
-                            self.floors.push((u, old.top));
-                        }
-                    }
+                    self.windows.remove(0);
                 }
-                self.windows.push(((sender, instance), Window::new()));
+                self.windows.push((sender, Window::new()));
                 self.windows.len() - 1
             }
         };
         self.windows[i].1.mark(seq);
-        Ok((len, sender))
+        Ok((len, sender & UNIT_MASK))
     }
 }
 
@@ -566,42 +550,17 @@ mod tests {
 
     #[test]
     fn lanes_of_one_unit_each_keep_their_own_window() {
-        // Two threads of unit 7 (a dispatcher's lanes): one sends far more than the other, so
-        // its numbers run ahead by more than a window; the slow lane is still accepted.
+        // Two lanes of unit 7: one sends far more than the other, so its numbers run ahead by
+        // more than a window; the slow lane is still accepted, and both open as unit 7.
         let (mut fast, mut b, dst) = pair();
-        let mut slow = Sealer::new(7).expect("slow");
+        let mut slow = Sealer::new(lane_sender(7, 1)).expect("slow");
         slow.set_keys(1, &[key(1, 0xaa)]).expect("keys");
         let first = sealed(&mut slow, b"slow", dst);
         for _ in 0..WINDOW * 2 {
             let d = sealed(&mut fast, b"fast", dst);
             assert!(open(&mut b, &d, dst).is_ok());
         }
-        assert!(open(&mut b, &first, dst).is_ok());
+        assert_eq!(open(&mut b, &first, dst), Ok((4, 7)));
         assert_eq!(open(&mut b, &first, dst), Err(Reject::Replayed));
-        let d = sealed(&mut slow, b"slow again", dst);
-        assert!(open(&mut b, &d, dst).is_ok());
-    }
-
-    #[test]
-    fn an_evicted_window_leaves_a_floor_for_its_sender() {
-        let (mut a, mut b, dst) = pair();
-        let old = sealed(&mut a, b"old life", dst);
-        let newer = sealed(&mut a, b"old life, later", dst);
-        assert!(open(&mut b, &newer, dst).is_ok());
-        // Other senders push unit 7's window out.
-        for u in 0..MAX_SENDERS as u32 {
-            let mut o = Sealer::new(1000 + u).expect("other");
-            o.set_keys(1, &[key(1, 0xaa)]).expect("keys");
-            let d = sealed(&mut o, b"o", dst);
-            assert!(open(&mut b, &d, dst).is_ok());
-        }
-        assert!(!b.windows.iter().any(|((u, _), _)| *u == 7));
-        // Its old datagram (never opened, below the floor) stays refused ...
-        assert_eq!(open(&mut b, &old, dst), Err(Reject::Replayed));
-        // ... while a new life of unit 7 (clock-based numbers, above) gets a new window.
-        let mut a2 = Sealer::new(7).expect("a2");
-        a2.set_keys(1, &[key(1, 0xaa)]).expect("keys");
-        let d = sealed(&mut a2, b"new life", dst);
-        assert!(open(&mut b, &d, dst).is_ok());
     }
 }

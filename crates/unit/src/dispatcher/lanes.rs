@@ -10,8 +10,8 @@
 //!
 //! The lanes share nothing on the packet path: each has its interfaces' sockets for its share
 //! of the frames (AF_PACKET fanout, AF_XDP receive queues; see `Device::open_lanes`), its own
-//! backplane socket and rings, its own sealer (receivers keep a replay window per sealer), its
-//! own counters. The dispatcher keeps no per-flow state, so which lane a packet reaches only
+//! backplane socket and rings, its own sealer (a sender id of its own, the unit's with the lane
+//! in its top bits, so receivers keep a replay window per lane), its own counters. The dispatcher keeps no per-flow state, so which lane a packet reaches only
 //! matters for what one lane learns for all or does for all:
 //! - neighbours: every ARP frame reaches lane 0 (the fanout hash of a non-IP frame is 0) and a
 //!   neighbour advertisement the lane its addresses hash to; what a lane learns it tells the

@@ -364,11 +364,11 @@ impl Dispatcher {
                     .accept_rings_from(&ring_peers(&cfg))
                     .with_context(|| format!("backplane rings in {}", dir.display()))?;
             }
-            // Each lane seals with its own instance and count (the receivers keep a window
-            // per instance).
+            // Each lane seals with its own count, as a sender of its own (the unit id with the
+            // lane in its top bits): receivers keep a replay window per sender.
             backplane
                 .set_auth(
-                    cfg.unit,
+                    dva_io::seal::lane_sender(cfg.unit, lane),
                     cfg.backplane.send_epoch,
                     &epoch_keys(&cfg.backplane),
                 )
@@ -408,7 +408,8 @@ impl Dispatcher {
                     RoleConfig::Dispatcher(c) => {
                         let dps = ring_peers(&c);
                         let keys = epoch_keys(&c.backplane);
-                        let (me, epoch) = (c.unit, c.backplane.send_epoch);
+                        let me = dva_io::seal::lane_sender(c.unit, self.core.lane);
+                        let epoch = c.backplane.send_epoch;
                         // All or nothing: everything that can refuse the config is done before
                         // anything changes (rings are made for new data planes before old ones
                         // go; the keys are checked first, so `set_auth` cannot refuse after).
