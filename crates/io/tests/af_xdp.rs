@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -47,40 +46,12 @@ fn frames(src: [u8; 6], dst: [u8; 6], n: u32) -> Vec<Vec<u8>> {
     (0..n).map(|i| test_frame(src, dst, i, size(i))).collect()
 }
 
-/// Queue and flush `frames` on `io`, flushing again (briefly) while the device pushes back.
-fn send_all<T: FrameIo>(io: &mut T, frames: &[Vec<u8>]) {
-    for f in frames {
-        let mut tries = 0;
-        while let Err(e) = io.tx(f) {
-            assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
-            tries += 1;
-            assert!(tries < 1000, "TX stuck");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-    for _ in 0..1000 {
-        if io.flush().is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    panic!("flush never completed");
-}
-
 fn assert_same(got: &[(Vec<u8>, dva_io::RxMeta)], sent: &[Vec<u8>]) {
     assert_eq!(got.len(), sent.len(), "frames lost");
     for (i, ((frame, meta), want)) in got.iter().zip(sent).enumerate() {
         assert_eq!(frame, want, "frame {i}");
         assert_eq!(meta.wire_len as usize, want.len());
     }
-}
-
-fn xdp_attached(ns: &str, dev: &str) -> bool {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-d", "link", "show", dev])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
 }
 
 #[test]

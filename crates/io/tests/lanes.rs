@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -172,34 +171,6 @@ fn receive_on_lanes<T: FrameIo>(
             poller.wait(10).unwrap();
         }
     }
-}
-
-/// Queue and flush `frames` on `io`, flushing again (briefly) while the device pushes back.
-fn send_all<T: FrameIo>(io: &mut T, frames: impl IntoIterator<Item = Vec<u8>>) {
-    for f in frames {
-        let mut tries = 0;
-        while let Err(e) = io.tx(&f) {
-            assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
-            tries += 1;
-            assert!(tries < 1000, "TX stuck");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-    for _ in 0..1000 {
-        if io.flush().is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    panic!("flush never completed");
-}
-
-fn xdp_attached(ns: &str, dev: &str) -> bool {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-d", "link", "show", dev])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
 }
 
 #[test]

@@ -188,3 +188,32 @@ pub fn collect<T: FrameIo>(
     }
     got
 }
+
+/// Queue and flush `frames` on `io`, flushing again (briefly) while the device pushes back.
+pub fn send_all<T: FrameIo, F: AsRef<[u8]>>(io: &mut T, frames: impl IntoIterator<Item = F>) {
+    for f in frames {
+        let mut tries = 0;
+        while let Err(e) = io.tx(f.as_ref()) {
+            assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+            tries += 1;
+            assert!(tries < 1000, "TX stuck");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    for _ in 0..1000 {
+        if io.flush().is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!("flush never completed");
+}
+
+/// Whether `dev` in namespace `ns` has an XDP program attached.
+pub fn xdp_attached(ns: &str, dev: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-d", "link", "show", dev])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}

@@ -230,22 +230,10 @@ fn route(ends: &[LaneEnds], r: Request) {
     match r {
         Request::Monitor { session, reply } => {
             let lanes = u32::try_from(ends.len()).unwrap_or(u32::MAX);
-            let mut answers = Vec::new();
-            for e in ends.iter().rev() {
-                let (tx, rx) = mpsc::sync_channel(1);
-                let req = Request::Monitor {
-                    session: session.fork(lanes),
-                    reply: tx,
-                };
-                if e.requests.try_send(req).is_ok() {
-                    answers.push(rx);
-                }
-            }
-            drop(session);
-            let answer = answers
-                .pop()
-                .and_then(|rx| rx.recv_timeout(Duration::from_secs(2)).ok())
-                .unwrap_or_else(|| Err("the dispatcher's lanes did not answer".into()));
+            let answer = ask_every_lane(ends, |tx| Request::Monitor {
+                session: session.fork(lanes),
+                reply: tx,
+            });
             let _ = reply.try_send(answer);
         }
         Request::Capture {
@@ -253,24 +241,11 @@ fn route(ends: &[LaneEnds], r: Request) {
             tap,
             reply,
         } => {
-            let mut answers = Vec::new();
-            for e in ends.iter().rev() {
-                let (tx, rx) = mpsc::sync_channel(1);
-                let req = Request::Capture {
-                    interface: interface.clone(),
-                    tap: tap.fork(),
-                    reply: tx,
-                };
-                if e.requests.try_send(req).is_ok() {
-                    answers.push(rx);
-                }
-            }
-            drop(tap);
-            // Lane 0's answer (the last asked) names the tap point; every lane answers the same.
-            let answer = answers
-                .pop()
-                .and_then(|rx| rx.recv_timeout(Duration::from_secs(2)).ok())
-                .unwrap_or_else(|| Err("the dispatcher's lanes did not answer".into()));
+            let answer = ask_every_lane(ends, |tx| Request::Capture {
+                interface: interface.clone(),
+                tap: tap.fork(),
+                reply: tx,
+            });
             let _ = reply.try_send(answer);
         }
         other => {
@@ -279,6 +254,25 @@ fn route(ends: &[LaneEnds], r: Request) {
             }
         }
     }
+}
+
+/// Send every lane the request `make` builds around a reply channel of its own, and return lane
+/// 0's answer (every lane answers the same; lane 0's names the tap point).
+fn ask_every_lane<T>(
+    ends: &[LaneEnds],
+    make: impl Fn(SyncSender<Result<T, String>>) -> Request,
+) -> Result<T, String> {
+    let mut answers = Vec::new();
+    for e in ends {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if e.requests.try_send(make(tx)).is_ok() {
+            answers.push(rx);
+        }
+    }
+    answers
+        .first()
+        .and_then(|rx| rx.recv_timeout(Duration::from_secs(2)).ok())
+        .unwrap_or_else(|| Err("the dispatcher's lanes did not answer".into()))
 }
 
 /// The lanes' stats as one unit's: counters summed, interfaces summed by position, the health
