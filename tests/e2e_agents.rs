@@ -908,6 +908,8 @@ fn agents_and_replicas_on_six_machines_run_the_appliance() {
     let tcp = apps::start_streams(CLIENT, dst, 10, Duration::from_secs(25), 30_000);
     let udp = apps::start_udp_streams(SERVER, udp_dst, 5, Duration::from_secs(25), 100);
     std::thread::sleep(Duration::from_secs(3));
+    // Where each stream's state lives before the kill (owner, bucket): read when one breaks.
+    let flows_before = ctl(&token, &["flows", "edge-fw", "--port", "5201"]);
     kill_all_in(&manager_on);
     ip(&["-n", APP, "link", "set", link_of(&manager_on), "down"]);
     let cut = Instant::now();
@@ -943,7 +945,10 @@ fn agents_and_replicas_on_six_machines_run_the_appliance() {
     );
     assert!(
         broken.is_empty(),
-        "connections broken by the loss of the manager's machine {manager_on}: {broken:#?}\n{}",
+        "connections broken by the loss of the manager's machine {manager_on}: {broken:#?}\n\
+         flows before the kill:\n{flows_before}\nflows now:\n{}\nstats:\n{}\n{}",
+        ctl(&token, &["flows", "edge-fw", "--port", "5201"]),
+        ctl(&token, &["stats", "edge-fw"]),
         logs()
     );
     assert!(

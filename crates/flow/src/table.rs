@@ -323,8 +323,11 @@ impl BucketTable {
     /// another host has a member: the backup of a member's buckets is their owner in
     /// `rebalance(members on other hosts)`. A machine's loss takes every data plane on it at once,
     /// so a backup beside its owner would die with it and its flows' state with both. `host_of`
-    /// names each member's host; a member it does not know counts as a host of its own. When every
-    /// member shares one host this is exactly [`BucketTable::backups`].
+    /// names each member's host. A member it does not know is nobody's backup while a member on a
+    /// known other host can be: it may share the owner's machine (a manager that took over knows
+    /// the hosts of the units still desired, not of the dead ones its adopted table still names,
+    /// and two dead units of one machine must not back each other up). When every member shares
+    /// one host, or none is known, this is exactly [`BucketTable::backups`].
     ///
     /// The manager must then fail over with [`BucketTable::transition`] and these backups: a
     /// single member's loss (its host still up) no longer lands where `rebalance` would put it.
@@ -340,7 +343,7 @@ impl BucketTable {
                 members
                     .iter()
                     .zip(&hosts)
-                    .filter(|&(&u, h)| u != m && !(apart && h.is_some() && *h == hosts[i]))
+                    .filter(|&(&u, h)| u != m && !(apart && (h.is_none() || *h == hosts[i])))
                     .map(|(&u, _)| u)
                     .collect()
             };
@@ -820,11 +823,37 @@ mod tests {
         // Everyone on one host: the same backups as without hosts.
         let same = t.backups_apart(&|_| Some("a".to_string()));
         assert_eq!(same, t.backups());
-        assert_eq!(
-            t.backups_apart(&|_| None),
-            same,
-            "unknown hosts: each its own"
-        );
+        assert_eq!(t.backups_apart(&|_| None), same, "no host known");
+    }
+
+    #[test]
+    fn members_of_unknown_hosts_back_up_nobody() {
+        // A manager that took over: 3 and 8 (dead, one machine) are in the adopted table but not
+        // in what it was told, so their hosts are unknown; 7 and 9 are on machines of their own.
+        let host_of = |u: UnitId| match u {
+            7 => Some("dp4".to_string()),
+            9 => Some("dp3".to_string()),
+            _ => None,
+        };
+        let t = BucketTable::maglev(4096, &[3, 7, 8, 9]).unwrap();
+        let backups = t.backups_apart(&host_of);
+        for b in 0..4096u16 {
+            let backup = backups[usize::from(b)];
+            assert!(
+                backup == 7 || backup == 9,
+                "bucket {b} of {} backed up by {backup}",
+                t.owner(b)
+            );
+            assert_ne!(backup, t.owner(b));
+        }
+        // Their loss leaves every bucket with its state.
+        let after = t.transition(&[7, 9], &backups).unwrap();
+        for b in 0..4096u16 {
+            let owner = t.owner(b);
+            if owner == 3 || owner == 8 {
+                assert_eq!(after.owner(b), backups[usize::from(b)]);
+            }
+        }
     }
 
     #[test]

@@ -380,6 +380,20 @@ impl State {
                     {
                         self.adopted_backups = Some((r.table.epoch(), r.backups.clone()));
                     }
+                    // The table was adopted from a dispatcher before any data plane said hello:
+                    // the backups they replicated to under it arrive now, and are where a dead
+                    // owner's buckets must go (recomputed here, they would depend on hosts this
+                    // manager may never have been told: those of the dead).
+                    if let Some(t) = &self.table {
+                        if self.adopted_at.is_some()
+                            && self.adopted_backups_for.is_none()
+                            && r.table.epoch() == t.epoch()
+                            && r.backups.len() == t.len()
+                        {
+                            self.backups = r.backups.clone();
+                            self.adopted_backups_for = Some(t.epoch());
+                        }
+                    }
                     if self.table.is_none()
                         && self.adopted.as_ref().is_none_or(|(v, _)| r.version > *v)
                     {
@@ -650,6 +664,23 @@ impl State {
             // Leavers first, then joiners (see `BucketTable::transition`): the reconciler may
             // report a death and its replacement in either order.
             Some(t) if !ready.is_empty() && t.members() != ready => {
+                // A leaving member's bucket whose backup leaves too (or never was one) goes to
+                // a data plane without its flows' state: worth a line, they will break.
+                let unbacked = (0..t.len())
+                    .filter(|&b| {
+                        let owner = t.owner(b as u16);
+                        !ready.contains(&owner)
+                            && self.backups.get(b).is_none_or(|u| !ready.contains(u))
+                    })
+                    .count();
+                if unbacked > 0 {
+                    tracing::warn!(
+                        unbacked,
+                        leaving = ?t.members().iter().filter(|m| !ready.contains(m)).collect::<Vec<_>>(),
+                        backups_known = self.backups.len(),
+                        "buckets of leaving data planes without a staying backup: their flows' state is lost"
+                    );
+                }
                 t.transition(&ready, &self.backups).ok()
             }
             _ => None,
