@@ -639,19 +639,21 @@ impl AfPacket {
     }
 
     /// Queue `frame` behind `vnet` (the virtio-net header, when the socket uses one).
-    fn enqueue(&mut self, frame: &[u8], vnet: &[u8; VNET_HDR_LEN]) -> io::Result<()> {
-        if !(MIN_TX_FRAME..=MAX_TX_FRAME).contains(&frame.len()) {
+    fn check_tx_len(&self, len: usize) -> io::Result<()> {
+        if !(MIN_TX_FRAME..=MAX_TX_FRAME).contains(&len) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "frame of {} bytes for {}: must be {MIN_TX_FRAME}..={MAX_TX_FRAME}",
-                    frame.len(),
+                    "frame of {len} bytes for {}: must be {MIN_TX_FRAME}..={MAX_TX_FRAME}",
                     self.ifname
                 ),
             ));
         }
-        let hdr = if self.vnet { &vnet[..] } else { &[][..] };
-        let len = hdr.len() + frame.len();
+        Ok(())
+    }
+
+    /// Room for `len` more bytes of queued frames, flushing once if there is not.
+    fn make_tx_room(&mut self, len: usize) -> io::Result<()> {
         if !self.tx_has_room(len) {
             // Errors are accounted for inside flush; what matters here is whether room was made.
             let _ = self.flush();
@@ -659,6 +661,14 @@ impl AfPacket {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
         }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, frame: &[u8], vnet: &[u8; VNET_HDR_LEN]) -> io::Result<()> {
+        self.check_tx_len(frame.len())?;
+        let hdr = if self.vnet { &vnet[..] } else { &[][..] };
+        let len = hdr.len() + frame.len();
+        self.make_tx_room(len)?;
         let start = self.tx_used;
         self.tx_buf[start..start + hdr.len()].copy_from_slice(hdr);
         self.tx_buf[start + hdr.len()..start + len].copy_from_slice(frame);
@@ -759,6 +769,28 @@ impl FrameIo for AfPacket {
     /// Send every queued frame with as few `sendmmsg` calls as the kernel allows. A frame the
     /// kernel rejects is dropped and counted (the first such error is returned after the rest
     /// were tried); a full kernel queue keeps the remainder queued and returns `WouldBlock`.
+    fn tx_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Option<Offload>,
+    ) -> io::Result<()> {
+        self.check_tx_len(len)?;
+        let hdr = if self.vnet { VNET_HDR_LEN } else { 0 };
+        let total = hdr + len;
+        self.make_tx_room(total)?;
+        let start = self.tx_used;
+        let off =
+            fill(&mut self.tx_buf[start + hdr..start + total]).ok_or(io::ErrorKind::InvalidData)?;
+        if self.vnet {
+            self.tx_buf[start..start + hdr].copy_from_slice(&encode_vnet(&off));
+        } else if !off.is_none() {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        self.tx_used += total;
+        self.tx_queue.push((start, total));
+        Ok(())
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         let n = self.tx_queue.len();
         if n == 0 {

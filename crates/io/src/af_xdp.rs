@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::bpf::XdpProgram;
-use crate::{netif, sys, FrameIo, IoError, RxMeta};
+use crate::{netif, sys, FrameIo, IoError, Offload, RxMeta};
 
 pub use crate::bpf::XdpMode;
 
@@ -610,6 +610,14 @@ impl FrameIo for AfXdp {
         self.xsks[0].tx(frame)
     }
 
+    fn tx_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Option<Offload>,
+    ) -> io::Result<()> {
+        self.xsks[0].tx_with(len, fill)
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         self.xsks[0].flush()
     }
@@ -949,14 +957,24 @@ impl Xsk {
     }
 
     fn tx(&mut self, frame: &[u8]) -> io::Result<()> {
-        if !(MIN_TX_FRAME..=self.frame_size).contains(&frame.len()) {
+        self.tx_with(frame.len(), |chunk| {
+            chunk.copy_from_slice(frame);
+            Some(Offload::default())
+        })
+    }
+
+    /// Queue a frame of `len` bytes that `fill` writes straight into a TX chunk of the UMEM.
+    fn tx_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Option<Offload>,
+    ) -> io::Result<()> {
+        if !(MIN_TX_FRAME..=self.frame_size).contains(&len) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "frame of {} bytes for {}: must be {MIN_TX_FRAME}..={}",
-                    frame.len(),
-                    self.ifname,
-                    self.frame_size
+                    "frame of {len} bytes for {}: must be {MIN_TX_FRAME}..={}",
+                    self.ifname, self.frame_size
                 ),
             ));
         }
@@ -975,20 +993,27 @@ impl Xsk {
             return Err(io::ErrorKind::WouldBlock.into());
         };
         // SAFETY: `addr` is the start of a TX chunk of `frame_size` bytes inside the UMEM, owned
-        // by us (on no ring), and `frame.len() <= frame_size`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                frame.as_ptr(),
-                self.umem.base.as_ptr().add(addr as usize),
-                frame.len(),
-            )
+        // by us (on no ring, so nothing else reads or writes it), and `len <= frame_size`.
+        let chunk = unsafe {
+            std::slice::from_raw_parts_mut(self.umem.base.as_ptr().add(addr as usize), len)
         };
+        // AF_XDP has no offloads: a frame that asks for any is taken back.
+        match fill(chunk) {
+            Some(off) if off.is_none() => {}
+            taken_back => {
+                self.tx_free.push(addr);
+                return Err(match taken_back {
+                    None => io::ErrorKind::InvalidData.into(),
+                    Some(_) => io::ErrorKind::Unsupported.into(),
+                });
+            }
+        }
         let h = self.txr.head;
         self.txr.write(
             h,
             XdpDesc {
                 addr,
-                len: frame.len() as u32,
+                len: len as u32,
                 options: 0,
             },
         );

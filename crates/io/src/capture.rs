@@ -454,6 +454,23 @@ impl<D: FrameIo> FrameIo for Tapped<D> {
         r
     }
 
+    #[inline]
+    fn tx_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Option<Offload>,
+    ) -> io::Result<()> {
+        if self.tap.is_none() {
+            return self.inner.tx_with(len, fill);
+        }
+        let tap = &mut self.tap;
+        self.inner.tx_with(len, |frame| {
+            let off = fill(frame)?;
+            tap_frame(tap, frame);
+            Some(off)
+        })
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }

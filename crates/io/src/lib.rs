@@ -4,8 +4,8 @@
 //! Contract of this layer:
 //! - Every packet driver implements [`FrameIo`]: non-blocking batch receive that lends
 //!   frames straight out of the driver's buffers (no copy where the driver allows),
-//!   queued transmit that copies into the driver's buffers, and one syscall per batch
-//!   on [`FrameIo::flush`]. A full transmit queue is an `Err(WouldBlock)` the caller
+//!   queued transmit that copies into the driver's buffers (or, with [`FrameIo::tx_with`],
+//!   builds the frame right there), and one syscall per batch on [`FrameIo::flush`]. A full transmit queue is an `Err(WouldBlock)` the caller
 //!   counts as a drop; nothing here blocks or spins.
 //! - Drivers: [`af_xdp::AfXdp`] (an XDP program redirecting to an AF_XDP socket, copy mode)
 //!   and [`af_packet::AfPacket`] (TPACKET_V3 RX ring, `sendmmsg` TX) for the appliance's
@@ -109,6 +109,23 @@ pub trait FrameIo {
             return self.tx(frame);
         }
         Err(std::io::ErrorKind::Unsupported.into())
+    }
+
+    /// Queue one frame of `len` bytes built in place: `fill` writes every byte of it straight
+    /// into the driver's transmit buffer (one copy fewer than building it elsewhere and calling
+    /// [`FrameIo::tx`]: a forwarded super-packet is 64 KB) and answers the offload work it
+    /// leaves to the kernel (`Offload::default()` for none; other work only where
+    /// [`FrameIo::offloads`]), or `None` to take the frame back: nothing is queued and the
+    /// answer is `InvalidData`. Full queue: `WouldBlock`, and `fill` is not called.
+    fn tx_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Option<Offload>,
+    ) -> std::io::Result<()> {
+        // Drivers without a buffer of their own to build in (tests, benchmarks).
+        let mut frame = vec![0; len];
+        let off = fill(&mut frame).ok_or(std::io::ErrorKind::InvalidData)?;
+        self.tx_offload(&frame, &off)
     }
 
     /// File descriptor to poll(2) for readability.

@@ -212,6 +212,18 @@ impl FrameIo for Port {
         }
     }
 
+    #[inline]
+    fn tx_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Option<Offload>,
+    ) -> io::Result<()> {
+        match self {
+            Port::AfXdp(p) => p.tx_with(len, fill),
+            Port::AfPacket(p) => p.tx_with(len, fill),
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Port::AfXdp(p) => p.flush(),

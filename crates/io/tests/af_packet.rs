@@ -370,3 +370,71 @@ fn gso_super_packets_cross_the_veth_whole_with_their_description() {
     let err = tx2.tx_offload(&frame, &off).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::Unsupported);
 }
+
+#[test]
+fn frames_built_in_place_go_out_as_built() {
+    use dva_io::{GsoType, Offload};
+    let lab = VethLab::new();
+    let mut tx = open(&lab.ns_a, &lab.dev_a, &AfPacketConfig::default());
+    let mut rx = open(&lab.ns_b, &lab.dev_b, &AfPacketConfig::default());
+    // A super-packet written straight into the TX buffer, with its offload work.
+    let frame = tcp_super_packet(20_000);
+    let off = Offload {
+        gso: GsoType::TcpV4,
+        ecn: false,
+        gso_size: 1448,
+        needs_csum: true,
+        csum_start: 34,
+        csum_offset: 16,
+    };
+    tx.tx_with(frame.len(), |f| {
+        f.copy_from_slice(&frame);
+        Some(off)
+    })
+    .unwrap();
+    // Taken back by its builder: nothing queued, and the next frame is not disturbed by it.
+    let err = tx
+        .tx_with(1000, |f| {
+            f.fill(0xee);
+            None
+        })
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    let small = test_frame(MAC_A, MAC_B, 9, 200);
+    tx.tx_with(small.len(), |f| {
+        f.copy_from_slice(&small);
+        Some(Offload::default())
+    })
+    .unwrap();
+    assert_eq!(tx.tx_pending(), 2);
+    tx.flush().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut poller = Poller::new(&[rx.as_raw_fd()]);
+    let mut got = Vec::new();
+    while got.len() < 2 && std::time::Instant::now() < deadline {
+        // Only ours (the kernel may send the new link's IPv6 neighbour discovery).
+        rx.rx_batch(64, |f, m| {
+            if f[..6] == MAC_B {
+                got.push((f.to_vec(), m))
+            }
+        })
+        .unwrap();
+        poller.wait(10).unwrap();
+    }
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].0, frame, "the super-packet whole");
+    assert_eq!(got[0].1.offload.gso, GsoType::TcpV4);
+    assert_eq!(got[0].1.offload.gso_size, 1448);
+    assert_eq!(got[1].0, small);
+    assert!(got[1].1.offload.is_none());
+    // Too long for any frame: refused before the builder runs.
+    let mut called = false;
+    let err = tx
+        .tx_with(1 << 20, |_| {
+            called = true;
+            Some(Offload::default())
+        })
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(!called);
+}

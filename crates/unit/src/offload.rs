@@ -199,6 +199,14 @@ pub fn finish_in_software(
     .ok()
 }
 
+/// Make Ethernet frame `frame` ready for a driver that offloads (partial checksum in place) and
+/// describe the work left to the kernel; `None`: its L4 header is not where `c` says.
+pub fn offload_in_place(frame: &mut [u8], c: &Classified, gso_size: u16) -> Option<Offload> {
+    let csum_offset = prepare_partial(frame.get_mut(14..)?, c)?;
+    let cwr = c.key.proto == ip_proto::TCP && c.tcp_flags & 0x80 != 0;
+    Some(offload_for(c, gso_size, csum_offset, cwr))
+}
+
 /// Transmit an Ethernet frame that carries offload work on port `port`: through the kernel
 /// where the driver can offload, else finished in software. Returns frames queued (0: the
 /// driver refused them; the caller counts a drop).
@@ -212,9 +220,7 @@ pub fn tx_offloaded<P: FrameIo>(
     framed: &mut Vec<u8>,
 ) -> Option<usize> {
     if port.offloads() {
-        let csum_offset = prepare_partial(&mut frame[14..], c)?;
-        let cwr = c.key.proto == ip_proto::TCP && c.tcp_flags & 0x80 != 0;
-        let off = offload_for(c, gso_size, csum_offset, cwr);
+        let off = offload_in_place(frame, c, gso_size)?;
         return Some(usize::from(port.tx_offload(frame, &off).is_ok()));
     }
     let mut sent = 0;

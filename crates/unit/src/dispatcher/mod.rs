@@ -1626,20 +1626,48 @@ impl Core {
     ) {
         let link = &mut self.links[e];
         let len = ip.len();
+        let mac = link.neigh.lookup(&nh, self.now);
+        if let Some(mac) = mac.filter(|_| c.is_none() || ports[e].offloads()) {
+            // The usual case: the frame is built once, straight in the driver's transmit
+            // buffer (a super-packet is 64 KB to copy).
+            let total = (14 + len).max(60);
+            let src = link.mac;
+            let gso = meta.gso_size;
+            let sent = ports[e].tx_with(total, |f| {
+                f[0..6].copy_from_slice(&mac.0);
+                f[6..12].copy_from_slice(&src.0);
+                f[12..14].copy_from_slice(&etype.to_be_bytes());
+                f[14..14 + len].copy_from_slice(ip);
+                f[14 + len..].fill(0);
+                decrement_ttl(&mut f[14..], etype);
+                match &c {
+                    None => Some(dva_io::Offload::default()),
+                    Some(c) => offload::offload_in_place(f, c, gso),
+                }
+            });
+            match sent {
+                Ok(()) => {
+                    link.stats.tx_frames += 1;
+                    link.stats.tx_bytes += total as u64;
+                    if gso > 0 && c.is_some() {
+                        self.super_packets_tx += 1;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    self.drops.inc(dr::MALFORMED_L4)
+                }
+                Err(_) => self.drops.inc(dr::TX_RING_FULL),
+            }
+            return;
+        }
         let f = &mut self.scratch;
         f.clear();
         reply::ethernet(f, EthernetAddress([0; 6]), link.mac, etype);
         f.extend_from_slice(&ip[..len]);
-        if etype == ethertype::IPV4 {
-            let mut p = Ipv4Packet::new_unchecked(&mut f[14..]);
-            dva_wire::ipv4::decrement_ttl(&mut p);
-        } else {
-            f[14 + 7] -= 1;
-        }
+        decrement_ttl(&mut f[14..], etype);
         if f.len() < 60 {
             f.resize(60, 0);
         }
-        let mac = link.neigh.lookup(&nh, self.now);
         if let Some(mac) = mac {
             f[0..6].copy_from_slice(&mac.0);
         }
@@ -1835,6 +1863,17 @@ fn ndisc_message(ip: &[u8], c: &Classified) -> Option<NdiscRepr> {
         return None;
     }
     NdiscRepr::parse(&Icmpv6Packet::new_unchecked(body)).ok()
+}
+
+/// A forwarded packet's hop: its TTL (IPv4, header checksum updated) or hop limit (IPv6) down
+/// by one; the caller checked it was above 1.
+fn decrement_ttl(ip: &mut [u8], etype: u16) {
+    if etype == ethertype::IPV4 {
+        let mut p = Ipv4Packet::new_unchecked(ip);
+        dva_wire::ipv4::decrement_ttl(&mut p);
+    } else {
+        ip[7] -= 1;
+    }
 }
 
 #[cfg(test)]
