@@ -11,14 +11,14 @@
 //!   datagrams go into it (a large one over several slots). A full ring makes the producer wait
 //!   up to [`RING_WAIT`] for its consumer before a datagram detours over UDP. `commit_slot` copies the
 //!   datagram built in the UDP batch buffer into the ring, so callers build datagrams exactly as
-//!   for UDP. [`Backplane::send_large`] builds a datagram in place instead, in the ring or the
+//!   for UDP. [`Backplane::send_with`] builds a datagram in place instead, in the ring or the
 //!   UDP buffer: TCP GSO super-packets (up to 64 KiB and a GENEVE header), which only rings
 //!   carry whole; the caller segments what it refuses.
 //! - A ring is between one producer and one consumer: the file name carries both addresses.
 //!
 //! - Over UDP every datagram is sealed ([`crate::seal`]: authenticated, its inner packet
 //!   encrypted) once the unit has its keys ([`Backplane::set_auth`]): `commit_slot`, `send_to`
-//!   and `send_large` seal what goes out, `recv_batch` opens what comes in and delivers only
+//!   and `send_with` seal what goes out, `recv_batch` opens what comes in and delivers only
 //!   what verified, decrypted, with the unit that sent it ([`Origin`]). A ring names its producer itself (the consumer made it for that peer, in
 //!   a directory only the appliance's user can enter).
 //!
@@ -188,8 +188,10 @@ impl Rings {
 /// What a role's core sends through: the transmit side of a backplane endpoint, the boundary
 /// between the sans-IO cores (which build datagrams) and the endpoint that seals and carries
 /// them (UDP or a ring). [`Backplane`] is the real one; tests and benchmarks hand a core one
-/// that keeps what it is given. Datagrams are built in place: `tx_slot` lends a buffer,
-/// `commit_slot` sends its first `len` bytes; nothing here blocks beyond a ring's bounded wait.
+/// that keeps what it is given. Datagrams are built in place: `send_with` builds one where it
+/// goes (straight in the destination's ring, else in the UDP batch); `tx_slot` lends a UDP
+/// batch buffer and `commit_slot` sends its first `len` bytes (copied into a ring if the
+/// destination has one); nothing here blocks beyond a ring's bounded wait.
 pub trait BackplaneTx {
     /// A buffer to build the next datagram in (its length is the most it may carry); `None`
     /// when the send batch is full (the caller counts a drop).
@@ -198,10 +200,11 @@ pub trait BackplaneTx {
     /// Send the first `len` bytes of the buffer [`BackplaneTx::tx_slot`] lent last to `dst`.
     fn commit_slot(&mut self, len: usize, dst: SocketAddr);
 
-    /// Send a datagram of `len` bytes, larger than a slot, that `fill` builds in place (a TCP
-    /// super-packet). False, without calling `fill`, when no path takes it whole: the caller
-    /// segments it.
-    fn send_large(&mut self, len: usize, dst: SocketAddr, fill: impl FnOnce(&mut [u8])) -> bool;
+    /// Send a datagram of `len` bytes that `fill` builds in place, where it goes: in `dst`'s
+    /// ring (no copy after it; a TCP super-packet fits only there), else in the UDP batch.
+    /// False, without calling `fill`, when no path takes it whole (the batch is full, or it is
+    /// larger than a UDP datagram and no ring takes it): the caller segments or drops it.
+    fn send_with(&mut self, len: usize, dst: SocketAddr, fill: impl FnOnce(&mut [u8])) -> bool;
 
     /// Datagrams the endpoint failed to send (for the unit's counters).
     fn tx_dropped(&self) -> u64 {
@@ -224,8 +227,8 @@ impl BackplaneTx for Backplane {
         Backplane::commit_slot(self, len, dst)
     }
     #[inline]
-    fn send_large(&mut self, len: usize, dst: SocketAddr, fill: impl FnOnce(&mut [u8])) -> bool {
-        Backplane::send_large(self, len, dst, fill)
+    fn send_with(&mut self, len: usize, dst: SocketAddr, fill: impl FnOnce(&mut [u8])) -> bool {
+        Backplane::send_with(self, len, dst, fill)
     }
     fn tx_dropped(&self) -> u64 {
         Backplane::tx_dropped(self)
@@ -502,16 +505,12 @@ impl Backplane {
     }
 
     /// Send a datagram of `len` bytes that `fill` builds in place (it gets exactly `len`
-    /// bytes): a TCP GSO super-packet, larger than the UDP path takes. Built directly in
-    /// `dst`'s ring if it has one for us with room; else, if it fits
+    /// bytes): directly in `dst`'s ring if it has one for us with room (the datagram is then
+    /// written once: what [`Backplane::commit_slot`] copies); else, if it fits
     /// [`crate::udp::MAX_DATAGRAM`], in the UDP batch buffer and sent over UDP. False, without
-    /// calling `fill`: it fits neither, and the caller segments the packet itself.
-    pub fn send_large(
-        &mut self,
-        len: usize,
-        dst: SocketAddr,
-        fill: impl FnOnce(&mut [u8]),
-    ) -> bool {
+    /// calling `fill`: it fits neither (a TCP super-packet and no ring), and the caller
+    /// segments the packet itself (or drops it: the batch is full).
+    pub fn send_with(&mut self, len: usize, dst: SocketAddr, fill: impl FnOnce(&mut [u8])) -> bool {
         // `push_with` consumes its closure even when it refuses; keep `fill` for the UDP way.
         let mut fill = Some(fill);
         let mut fallback = false;
@@ -739,7 +738,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 
-    /// Datagrams `send_large` built: the length, then bytes from `seed` on.
+    /// Datagrams `send_with` built: the length, then bytes from `seed` on.
     fn large(seed: u8) -> impl FnOnce(&mut [u8]) {
         move |b: &mut [u8]| {
             for (i, x) in b.iter_mut().enumerate() {
@@ -766,7 +765,7 @@ mod tests {
         b.accept_rings_from(&[(1, a_addr)]).expect("accept");
 
         // b has a ring for a: a GSO-sized datagram goes whole, built in the ring.
-        assert!(a.send_large(60_000, b_addr, large(1)));
+        assert!(a.send_with(60_000, b_addr, large(1)));
         a.flush().expect("flush");
         let got = drain(&mut b, 1);
         assert_eq!(got.len(), 1);
@@ -776,8 +775,8 @@ mod tests {
         assert_eq!(b.ring_stats().rx, 1);
 
         // c has none: too large for UDP is refused without building it; what fits goes.
-        assert!(!a.send_large(60_000, c_addr, |_| panic!("built a refused datagram")));
-        assert!(a.send_large(5_000, c_addr, large(2)));
+        assert!(!a.send_with(60_000, c_addr, |_| panic!("built a refused datagram")));
+        assert!(a.send_with(5_000, c_addr, large(2)));
         a.flush().expect("flush");
         let got = drain(&mut c, 1);
         assert_eq!(got.len(), 1);
@@ -793,12 +792,12 @@ mod tests {
         let per_ring = shm::DEFAULT_SLOTS as usize
             / (60_000usize + 4).div_ceil(shm::DEFAULT_SLOT_SIZE as usize);
         let mut queued = 0;
-        while a.send_large(60_000, b_addr, large(3)) {
+        while a.send_with(60_000, b_addr, large(3)) {
             queued += 1;
             assert!(queued <= per_ring, "more than the ring holds");
         }
         assert_eq!(queued, per_ring);
-        assert!(a.send_large(9_000, b_addr, large(4)));
+        assert!(a.send_with(9_000, b_addr, large(4)));
         assert_eq!(a.ring_stats().tx_fallback, 1);
         a.flush().expect("flush");
         let got = drain(&mut b, per_ring + 1);
@@ -810,6 +809,19 @@ mod tests {
         assert_eq!(small[0].0.len(), 9_000);
         assert!(is_large(&small[0].0, 4));
         assert_eq!(a.ring_stats().tx, 1 + per_ring as u64);
+
+        // A frame-sized one is built in the ring too (not in the UDP batch, then copied).
+        assert!(a.send_with(1_500, b_addr, large(5)));
+        a.flush().expect("flush");
+        let got = drain(&mut b, 1);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].0.len() == 1_500 && is_large(&got[0].0, 5));
+        assert_eq!(a.ring_stats().tx, 2 + per_ring as u64);
+        assert_eq!(
+            a.ring_stats().tx_fallback,
+            1,
+            "only the one of the full ring"
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 

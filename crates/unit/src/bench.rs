@@ -57,8 +57,13 @@ impl BackplaneTx for SlotTx {
         self.dst = Some(dst);
         self.sent += 1;
     }
-    fn send_large(&mut self, _len: usize, _dst: SocketAddr, _fill: impl FnOnce(&mut [u8])) -> bool {
-        false
+    fn send_with(&mut self, len: usize, dst: SocketAddr, fill: impl FnOnce(&mut [u8])) -> bool {
+        let Some(buf) = self.buf.get_mut(..len) else {
+            return false;
+        };
+        fill(buf);
+        self.commit_slot(len, dst);
+        true
     }
 }
 

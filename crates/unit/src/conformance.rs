@@ -77,7 +77,7 @@ impl BackplaneTx for FakeTx {
     fn commit_slot(&mut self, len: usize, dst: SocketAddr) {
         self.sent.push((dst, self.slot[..len].to_vec()));
     }
-    fn send_large(&mut self, len: usize, dst: SocketAddr, fill: impl FnOnce(&mut [u8])) -> bool {
+    fn send_with(&mut self, len: usize, dst: SocketAddr, fill: impl FnOnce(&mut [u8])) -> bool {
         let mut d = vec![0; len];
         fill(&mut d);
         self.sent.push((dst, d));

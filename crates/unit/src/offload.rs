@@ -68,9 +68,10 @@ pub fn l4_checksum_ok(ip: &[u8], c: &Classified) -> bool {
     }
 }
 
-/// Encapsulate `ip` with `meta` to `dst`: into the UDP batch when it fits a slot, whole into
-/// `dst`'s ring when it is a super-packet and one exists, else cut into segments (each with a
-/// complete checksum and no offload marks). `scratch` is reused for the segments.
+/// Encapsulate `ip` with `meta` to `dst`, built once where it goes: whole into `dst`'s ring if
+/// one exists, else into the UDP batch when it fits a datagram, else (a super-packet) cut into
+/// segments, each with a complete checksum and no offload marks. `scratch` is reused for the
+/// segments.
 pub fn encap_send<B: BackplaneTx>(
     bp: &mut B,
     vni: u32,
@@ -85,17 +86,7 @@ pub fn encap_send<B: BackplaneTx>(
         geneve::PROTO_IPV4
     };
     let total = DVA_HEADER_LEN + ip.len();
-    if let Some(slot) = bp.tx_slot() {
-        if slot.len() >= total {
-            geneve::encap_dva(slot, vni, ptype, meta);
-            slot[DVA_HEADER_LEN..total].copy_from_slice(ip);
-            bp.commit_slot(total, dst);
-            return Sent::Whole;
-        }
-    } else {
-        return Sent::Failed;
-    }
-    if bp.send_large(total, dst, |buf| {
+    if bp.send_with(total, dst, |buf| {
         geneve::encap_dva(buf, vni, ptype, meta);
         buf[DVA_HEADER_LEN..].copy_from_slice(ip);
     }) {

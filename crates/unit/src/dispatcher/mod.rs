@@ -1413,37 +1413,45 @@ impl Core {
             }
         }
         let total = DVA_HEADER_LEN + ip.len();
-        let slot = match bp.tx_slot() {
-            Some(slot) if slot.len() >= total => slot,
-            Some(_) => {
-                // A super-packet: whole into the data plane's ring, or cut here.
-                let mut scratch = std::mem::take(&mut self.segments);
-                let sent = offload::encap_send(bp, self.cfg.vni, dst, &meta, ip, &mut scratch);
-                self.segments = scratch;
-                match sent {
-                    offload::Sent::Whole => self.to_dataplane += 1,
-                    offload::Sent::Segmented(n) => {
-                        self.to_dataplane += n as u64;
-                        self.event("super_packets_segmented");
-                    }
-                    offload::Sent::Failed => self.drop(dr::OVERSIZE),
-                }
-                return;
-            }
-            None => return self.drop(dr::BACKPLANE_TX_FULL),
-        };
         let ptype = if c.is_v6() {
             geneve::PROTO_IPV6
         } else {
             geneve::PROTO_IPV4
         };
-        geneve::encap_dva(slot, self.cfg.vni, ptype, &meta);
-        slot[DVA_HEADER_LEN..total].copy_from_slice(ip);
-        if completed && reply::complete_l4_checksum(&mut slot[DVA_HEADER_LEN..total], c) {
-            *self.events.entry("checksums_completed").or_insert(0) += 1;
+        let vni = self.cfg.vni;
+        let mut checksummed = false;
+        // Built once, where it goes: straight in the data plane's ring on this machine.
+        let whole = bp.send_with(total, dst, |d| {
+            geneve::encap_dva(d, vni, ptype, &meta);
+            d[DVA_HEADER_LEN..].copy_from_slice(ip);
+            checksummed = completed && reply::complete_l4_checksum(&mut d[DVA_HEADER_LEN..], c);
+        });
+        if whole {
+            if checksummed {
+                self.event("checksums_completed");
+            }
+            self.to_dataplane += 1;
+            return;
         }
-        bp.commit_slot(total, dst);
-        self.to_dataplane += 1;
+        if meta.gso_size == 0 {
+            return self.drop(if bp.tx_slot().is_none() {
+                dr::BACKPLANE_TX_FULL
+            } else {
+                dr::OVERSIZE
+            });
+        }
+        // A super-packet no path takes whole (no ring, or a full one): cut here.
+        let mut scratch = std::mem::take(&mut self.segments);
+        let sent = offload::encap_send(bp, self.cfg.vni, dst, &meta, ip, &mut scratch);
+        self.segments = scratch;
+        match sent {
+            offload::Sent::Whole => self.to_dataplane += 1,
+            offload::Sent::Segmented(n) => {
+                self.to_dataplane += n as u64;
+                self.event("super_packets_segmented");
+            }
+            offload::Sent::Failed => self.drop(dr::OVERSIZE),
+        }
     }
 
     /// A processed packet from a data plane, to send out. `from` authenticated it (the
