@@ -9,11 +9,12 @@
 //! - A unit that *produces* (`produce` in [`Backplane::enable_rings`]) looks for the ring a
 //!   destination made for it when it first sends there (and again now and then); found,
 //!   datagrams go into it (a large one over several slots). A full ring makes the producer wait
-//!   up to [`RING_WAIT`] for its consumer before a datagram detours over UDP. `commit_slot` copies the
-//!   datagram built in the UDP batch buffer into the ring, so callers build datagrams exactly as
-//!   for UDP. [`Backplane::send_with`] builds a datagram in place instead, in the ring or the
-//!   UDP buffer: TCP GSO super-packets (up to 64 KiB and a GENEVE header), which only rings
-//!   carry whole; the caller segments what it refuses.
+//!   up to [`RING_WAIT`] for its consumer before a datagram detours over UDP.
+//!   [`Backplane::send_with`] builds a datagram in place, where it goes: in the ring (written
+//!   once), else in the UDP batch buffer; TCP GSO super-packets (up to 64 KiB and a GENEVE
+//!   header) only rings carry whole, and the caller segments what it refuses. `commit_slot`
+//!   copies a datagram built in the UDP batch buffer into the ring instead (control messages,
+//!   built as for UDP).
 //! - A ring is between one producer and one consumer: the file name carries both addresses.
 //!
 //! - Over UDP every datagram is sealed ([`crate::seal`]: authenticated, its inner packet
