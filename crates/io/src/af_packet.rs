@@ -291,6 +291,14 @@ struct Cursor {
     offset: usize,
 }
 
+/// A frame waiting for `sendmmsg`: in our transmit buffer, or where the caller keeps it
+/// ([`FrameIo::tx_borrowed`]; an address, not a pointer, so the driver stays `Send`).
+#[derive(Debug, Clone, Copy)]
+enum Queued {
+    Own { offset: usize, len: usize },
+    Borrowed { addr: usize, len: usize },
+}
+
 /// A bound AF_PACKET socket with a TPACKET_V3 RX ring on one interface.
 pub struct AfPacket {
     ring: Ring,
@@ -301,8 +309,10 @@ pub struct AfPacket {
     block: usize,
     cursor: Option<Cursor>,
     tx_buf: Vec<u8>,
+    /// Where [`FrameIo::detach`] lays queued frames out again (empty until first needed).
+    tx_spare: Vec<u8>,
     tx_used: usize,
-    tx_queue: Vec<(usize, usize)>,
+    tx_queue: Vec<Queued>,
     tx_max: usize,
     tx_batch: MsgBatch,
     tx_packets: u64,
@@ -466,6 +476,7 @@ impl AfPacket {
             block: 0,
             cursor: None,
             tx_buf: vec![0; cfg.tx_bytes()],
+            tx_spare: Vec::new(),
             tx_used: 0,
             tx_queue: Vec::with_capacity(cfg.tx_frames),
             tx_max: cfg.tx_frames,
@@ -673,7 +684,7 @@ impl AfPacket {
         self.tx_buf[start..start + hdr.len()].copy_from_slice(hdr);
         self.tx_buf[start + hdr.len()..start + len].copy_from_slice(frame);
         self.tx_used += len;
-        self.tx_queue.push((start, len));
+        self.tx_queue.push(Queued::Own { offset: start, len });
         Ok(())
     }
 
@@ -688,12 +699,21 @@ impl AfPacket {
             self.tx_used = 0;
             return;
         }
-        let first = self.tx_queue[sent].0;
+        self.tx_queue.drain(..sent);
+        // Our own bytes still queued start at the first own frame left (they are in order).
+        let Some(first) = self.tx_queue.iter().find_map(|q| match q {
+            Queued::Own { offset, .. } => Some(*offset),
+            Queued::Borrowed { .. } => None,
+        }) else {
+            self.tx_used = 0;
+            return;
+        };
         self.tx_buf.copy_within(first..self.tx_used, 0);
         self.tx_used -= first;
-        self.tx_queue.drain(..sent);
-        for (offset, _) in &mut self.tx_queue {
-            *offset -= first;
+        for q in &mut self.tx_queue {
+            if let Queued::Own { offset, .. } = q {
+                *offset -= first;
+            }
         }
     }
 }
@@ -787,8 +807,75 @@ impl FrameIo for AfPacket {
             return Err(io::ErrorKind::Unsupported.into());
         }
         self.tx_used += total;
-        self.tx_queue.push((start, total));
+        self.tx_queue.push(Queued::Own {
+            offset: start,
+            len: total,
+        });
         Ok(())
+    }
+
+    fn headroom(&self) -> Option<usize> {
+        Some(if self.vnet { VNET_HDR_LEN } else { 0 })
+    }
+
+    unsafe fn tx_borrowed(&mut self, buf: &mut [u8], at: usize, off: &Offload) -> io::Result<()> {
+        let hdr = if self.vnet { VNET_HDR_LEN } else { 0 };
+        let Some(start) = at.checked_sub(hdr) else {
+            return Err(io::ErrorKind::InvalidInput.into());
+        };
+        self.check_tx_len(buf.len().saturating_sub(at))?;
+        if self.vnet {
+            buf[start..at].copy_from_slice(&encode_vnet(off));
+        } else if !off.is_none() {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        // A queue slot is all it needs: the bytes stay where they are.
+        self.make_tx_room(0)?;
+        let frame = &buf[start..];
+        self.tx_queue.push(Queued::Borrowed {
+            addr: frame.as_ptr() as usize,
+            len: frame.len(),
+        });
+        Ok(())
+    }
+
+    fn detach(&mut self) {
+        if !self
+            .tx_queue
+            .iter()
+            .any(|q| matches!(q, Queued::Borrowed { .. }))
+        {
+            return;
+        }
+        // Rare (the kernel's queue was full at the last flush): the frames left are laid out
+        // again in queue order, ours and the borrowed ones, in a second buffer (kept for the
+        // next time), so no flow's frames change order.
+        let mut buf = std::mem::take(&mut self.tx_spare);
+        buf.resize(self.tx_buf.len(), 0);
+        let mut used = 0;
+        let queue = std::mem::take(&mut self.tx_queue);
+        for q in &queue {
+            let src: &[u8] = match *q {
+                Queued::Own { offset, len } => &self.tx_buf[offset..offset + len],
+                // SAFETY: the caller of `tx_borrowed` keeps these bytes valid and unchanged
+                // until this copy (its contract); they are not inside either buffer.
+                Queued::Borrowed { addr, len } => unsafe {
+                    std::slice::from_raw_parts(addr as *const u8, len)
+                },
+            };
+            if buf.len() - used < src.len() {
+                self.tx_dropped += 1;
+                continue;
+            }
+            buf[used..used + src.len()].copy_from_slice(src);
+            self.tx_queue.push(Queued::Own {
+                offset: used,
+                len: src.len(),
+            });
+            used += src.len();
+        }
+        self.tx_spare = std::mem::replace(&mut self.tx_buf, buf);
+        self.tx_used = used;
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -797,9 +884,15 @@ impl FrameIo for AfPacket {
             return Ok(());
         }
         let base = self.tx_buf.as_mut_ptr();
-        for (i, &(offset, len)) in self.tx_queue.iter().enumerate() {
-            // SAFETY: offset + len <= tx_used <= tx_buf.len(), so the pointer stays in the buffer.
-            let buf = unsafe { base.add(offset) };
+        for (i, q) in self.tx_queue.iter().enumerate() {
+            let (buf, len) = match *q {
+                // SAFETY: offset + len <= tx_used <= tx_buf.len(), so the pointer stays in the
+                // buffer.
+                Queued::Own { offset, len } => (unsafe { base.add(offset) }, len),
+                // Valid until sent or detached: the contract of `tx_borrowed`. The kernel
+                // only reads it.
+                Queued::Borrowed { addr, len } => (addr as *mut u8, len),
+            };
             // No address: the socket's bind supplies the interface.
             self.tx_batch.set(i, buf, len, std::ptr::null_mut(), 0);
         }

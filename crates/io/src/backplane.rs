@@ -428,6 +428,37 @@ impl Backplane {
         max: usize,
         mut f: F,
     ) -> io::Result<usize> {
+        let n = self.recv_inner(max, |d, o, _| f(d, o));
+        self.release_rings();
+        n
+    }
+
+    /// As [`Backplane::recv_batch`], each datagram lent mutably with whether it sits in a ring
+    /// (`true`): such a datagram stays valid and unchanged until [`Backplane::release_rings`],
+    /// so it may be referenced after `f` returns (sent from where it lies). A UDP datagram
+    /// (`false`) is only valid during `f`.
+    pub fn recv_batch_held<F: FnMut(&mut [u8], Origin, bool)>(
+        &mut self,
+        max: usize,
+        f: F,
+    ) -> io::Result<usize> {
+        self.recv_inner(max, f)
+    }
+
+    /// Give the rings' datagrams delivered so far back to their producers.
+    pub fn release_rings(&mut self) {
+        if let Some(r) = self.rings.as_mut() {
+            for (_, c) in &mut r.inbound {
+                c.release();
+            }
+        }
+    }
+
+    fn recv_inner<F: FnMut(&mut [u8], Origin, bool)>(
+        &mut self,
+        max: usize,
+        mut f: F,
+    ) -> io::Result<usize> {
         let mut n = 0;
         let local = self.udp.local_addr();
         let tap = &mut self.tap;
@@ -437,14 +468,14 @@ impl Backplane {
                     break;
                 }
                 let from = *from;
-                n += c.pop_batch(max - n, |d| {
+                n += c.pop_batch_held(max - n, |d| {
                     if let Some(t) = tap.as_mut() {
                         // Rings carry datagrams in clear: what the filter reads is the wire.
                         if !t.datagram(from.addr, local, d, d) {
                             *tap = None;
                         }
                     }
-                    f(d, from)
+                    f(d, from, true)
                 });
             }
             r.stats.rx += n as u64;
@@ -468,7 +499,7 @@ impl Backplane {
                     }
                 }
                 if let Some((len, unit)) = opened {
-                    f(&d[..len], Origin { addr, unit });
+                    f(&mut d[..len], Origin { addr, unit }, false);
                 }
             })?;
         }

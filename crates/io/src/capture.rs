@@ -471,6 +471,24 @@ impl<D: FrameIo> FrameIo for Tapped<D> {
         })
     }
 
+    fn headroom(&self) -> Option<usize> {
+        self.inner.headroom()
+    }
+
+    #[inline]
+    unsafe fn tx_borrowed(&mut self, buf: &mut [u8], at: usize, off: &Offload) -> io::Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        let r = unsafe { self.inner.tx_borrowed(buf, at, off) };
+        if r.is_ok() {
+            tap_frame(&mut self.tap, &buf[at..]);
+        }
+        r
+    }
+
+    fn detach(&mut self) {
+        self.inner.detach()
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }

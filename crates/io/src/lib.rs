@@ -128,6 +128,34 @@ pub trait FrameIo {
         self.tx_offload(&frame, &off)
     }
 
+    /// Whether the driver can send a frame from where the caller keeps it
+    /// ([`FrameIo::tx_borrowed`]), and how many bytes in front of it it needs for a header of
+    /// its own; `None`: it copies every frame.
+    fn headroom(&self) -> Option<usize> {
+        None
+    }
+
+    /// Queue the frame `buf[at..]` to be sent from where it lies, not copied (a super-packet
+    /// forwarded from a backplane ring is then written by nobody but the kernel); the driver
+    /// may write its own header into the [`FrameIo::headroom`] bytes before `at`. Errors as
+    /// [`FrameIo::tx_offload`]; a driver that cannot borrow copies it.
+    ///
+    /// # Safety
+    /// The bytes of `buf` must stay valid and unchanged until [`FrameIo::flush`] has sent the
+    /// frame or [`FrameIo::detach`] has copied it (before they are given back or reused).
+    unsafe fn tx_borrowed(
+        &mut self,
+        buf: &mut [u8],
+        at: usize,
+        off: &Offload,
+    ) -> std::io::Result<()> {
+        self.tx_offload(&buf[at..], off)
+    }
+
+    /// Copy every frame still queued by reference (a flush that met a full kernel queue) into
+    /// the driver's own buffer: the caller is about to give their memory back.
+    fn detach(&mut self) {}
+
     /// File descriptor to poll(2) for readability.
     fn as_raw_fd(&self) -> RawFd;
 

@@ -52,6 +52,9 @@ impl FromStr for DriverChoice {
 }
 
 /// An open interface with whichever driver it got.
+// One per interface and lane, so its size does not matter; boxing the larger driver would add
+// an indirection to every packet.
+#[allow(clippy::large_enum_variant)]
 pub enum Port {
     AfXdp(AfXdp),
     AfPacket(AfPacket),
@@ -221,6 +224,31 @@ impl FrameIo for Port {
         match self {
             Port::AfXdp(p) => p.tx_with(len, fill),
             Port::AfPacket(p) => p.tx_with(len, fill),
+        }
+    }
+
+    fn headroom(&self) -> Option<usize> {
+        match self {
+            Port::AfXdp(p) => p.headroom(),
+            Port::AfPacket(p) => p.headroom(),
+        }
+    }
+
+    #[inline]
+    unsafe fn tx_borrowed(&mut self, buf: &mut [u8], at: usize, off: &Offload) -> io::Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe {
+            match self {
+                Port::AfXdp(p) => p.tx_borrowed(buf, at, off),
+                Port::AfPacket(p) => p.tx_borrowed(buf, at, off),
+            }
+        }
+    }
+
+    fn detach(&mut self) {
+        match self {
+            Port::AfXdp(p) => p.detach(),
+            Port::AfPacket(p) => p.detach(),
         }
     }
 

@@ -232,9 +232,17 @@ impl Consumer {
     /// Deliver up to `max` datagrams to `f`, in order, each as one slice. Returns how many
     /// (padding is skipped and not counted).
     pub fn pop_batch(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> usize {
+        let n = self.pop_batch_held(max, |d| f(d));
+        self.release();
+        n
+    }
+
+    /// As [`Consumer::pop_batch`], but each datagram is lent mutably and its slots stay ours
+    /// until [`Consumer::release`]: the producer cannot reuse them before, so a datagram may be
+    /// referenced (handed to `sendmmsg`, say) after `f` returns, and changed in place.
+    pub fn pop_batch_held(&mut self, max: usize, mut f: impl FnMut(&mut [u8])) -> usize {
         let head = self.map.atomic64(HEAD).load(Ordering::Acquire);
         let slots = u64::from(self.map.slots);
-        let start = self.tail;
         let mut n = 0;
         while n < max && self.tail != head {
             // Slots published but not yet read; more than the ring holds (or a head behind
@@ -264,18 +272,24 @@ impl Consumer {
                 // SAFETY: the record's k slots are inside the slot area and before the
                 // published head (checked just above), so its bytes are in the mapping and
                 // were written by the producer before publishing; they are not rewritten
-                // until we advance `tail` past them.
+                // until `release` publishes a tail past them, and nothing else of ours refers
+                // to them while `f` runs.
                 let data =
-                    unsafe { std::slice::from_raw_parts(slot.add(SLOT_HEADER), len as usize) };
+                    unsafe { std::slice::from_raw_parts_mut(slot.add(SLOT_HEADER), len as usize) };
                 f(data);
                 n += 1;
             }
             self.tail = self.tail.wrapping_add(k);
         }
-        if self.tail != start {
-            self.map.atomic64(TAIL).store(self.tail, Ordering::Release);
-        }
         n
+    }
+
+    /// Give the slots of every datagram delivered so far back to the producer.
+    pub fn release(&mut self) {
+        let published = self.map.atomic64(TAIL);
+        if published.load(Ordering::Relaxed) != self.tail {
+            published.store(self.tail, Ordering::Release);
+        }
     }
 
     /// Whether datagrams are waiting.
@@ -535,6 +549,41 @@ mod tests {
         assert_eq!(got, want);
         drop(c);
         assert!(!path.exists(), "the consumer removes its ring");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn held_datagrams_keep_their_slots_until_released() {
+        let d = dir("held");
+        let path = d.join("r.ring");
+        let mut c = Consumer::create(&path, 4, 64).expect("create");
+        let mut p = Producer::open(&path).expect("open");
+        for i in 0..4u8 {
+            assert!(p.push(&[i; 10]));
+        }
+        p.publish();
+        // Taken, changed in place and kept: the producer may not write over them.
+        let mut kept: Vec<(*const u8, usize)> = Vec::new();
+        assert_eq!(
+            c.pop_batch_held(4, |d| {
+                d[0] ^= 0xff;
+                kept.push((d.as_ptr(), d.len()));
+            }),
+            4
+        );
+        assert!(!p.push(&[9; 10]), "held slots are not free");
+        for (i, (ptr, len)) in kept.iter().enumerate() {
+            // SAFETY: the records are held (not released), so still in the mapping, unchanged.
+            let d = unsafe { std::slice::from_raw_parts(*ptr, *len) };
+            assert_eq!(d[0], i as u8 ^ 0xff);
+            assert!(d[1..].iter().all(|&x| x == i as u8));
+        }
+        c.release();
+        assert!(p.push(&[9; 10]), "released: room again");
+        p.publish();
+        let mut got = Vec::new();
+        assert_eq!(c.pop_batch(4, |d| got.push(d.to_vec())), 1);
+        assert_eq!(got, vec![vec![9u8; 10]]);
         let _ = fs::remove_dir_all(&d);
     }
 

@@ -438,3 +438,67 @@ fn frames_built_in_place_go_out_as_built() {
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     assert!(!called);
 }
+
+#[test]
+fn frames_sent_from_where_they_lie_and_detached_when_kept() {
+    use dva_io::Offload;
+    let lab = VethLab::new();
+    let mut tx = open(&lab.ns_a, &lab.dev_a, &AfPacketConfig::default());
+    let mut rx = open(&lab.ns_b, &lab.dev_b, &AfPacketConfig::default());
+    let room = tx
+        .headroom()
+        .expect("AF_PACKET sends from the caller's memory");
+    let frames: Vec<Vec<u8>> = (0..3).map(|i| test_frame(MAC_A, MAC_B, i, 300)).collect();
+    // Each frame behind `room` bytes of headroom (and 24 more the driver must leave alone).
+    let mut bufs: Vec<Vec<u8>> = frames
+        .iter()
+        .map(|f| {
+            let mut b = vec![0xaa; 24 + room];
+            b.extend_from_slice(f);
+            b
+        })
+        .collect();
+    let own = test_frame(MAC_A, MAC_B, 7, 200);
+    for (i, b) in bufs.iter_mut().enumerate() {
+        // SAFETY: the buffers outlive the flush below, unchanged until `detach` copied them.
+        unsafe { tx.tx_borrowed(b, 24 + room, &Offload::default()) }.unwrap();
+        if i == 0 {
+            // An own frame between borrowed ones keeps its place in the queue.
+            tx.tx(&own).unwrap();
+        }
+    }
+    assert_eq!(tx.tx_pending(), 4);
+    // Not yet sent: `detach` copies them, after which the caller may reuse its memory.
+    tx.detach();
+    for b in &mut bufs {
+        assert!(
+            b[..24].iter().all(|&x| x == 0xaa),
+            "the driver wrote outside its headroom"
+        );
+        b.fill(0x55);
+    }
+    tx.flush().unwrap();
+    let got = collect(&mut rx, 4, 64, WAIT);
+    let want = [&frames[0], &own, &frames[1], &frames[2]];
+    assert_eq!(got.len(), 4, "{got:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(&g.0, w);
+    }
+    // Sent straight from the caller's memory (no detach): arrives as it lay.
+    let mut b = vec![0u8; room];
+    b.extend_from_slice(&frames[0]);
+    // SAFETY: `b` lives until after the flush.
+    unsafe { tx.tx_borrowed(&mut b, room, &Offload::default()) }.unwrap();
+    tx.flush().unwrap();
+    let got = collect(&mut rx, 1, 64, WAIT);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, frames[0]);
+    // No room for the driver's header: refused, nothing queued.
+    if room > 0 {
+        let mut short = frames[1].clone();
+        // SAFETY: refused before anything is queued.
+        let err = unsafe { tx.tx_borrowed(&mut short, 0, &Offload::default()) }.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        assert_eq!(tx.tx_pending(), 0);
+    }
+}

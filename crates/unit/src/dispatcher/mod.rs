@@ -451,9 +451,17 @@ impl Dispatcher {
             {
                 let core = &mut self.core;
                 let ports = &mut self.ports;
+                // Ring records stay ours until the ports are flushed below: packets leave from
+                // where the data planes put them.
                 work += self
                     .backplane
-                    .recv_batch(BATCH, |buf, from| core.on_backplane(buf, from, ports))
+                    .recv_batch_held(BATCH, |buf, from, held| {
+                        if held {
+                            core.on_backplane_held(buf, from, ports)
+                        } else {
+                            core.on_backplane(buf, from, ports)
+                        }
+                    })
                     .unwrap_or(0);
             }
             self.core.take_reinjected(&mut self.backplane);
@@ -467,7 +475,10 @@ impl Dispatcher {
             self.core.send_deferred(&mut self.ports);
             for p in &mut self.ports {
                 let _ = p.flush();
+                // What the kernel did not take yet is copied: the rings get their records back.
+                p.detach();
             }
+            self.backplane.release_rings();
             let _ = self.backplane.flush();
             let now = self.core.now;
             if timers.due(now) {
@@ -1458,26 +1469,55 @@ impl Core {
     /// backplane delivers nothing else); a unit that is not a data plane of this appliance
     /// (another dispatcher, a stale unit) never gets a packet out of its interfaces.
     pub(crate) fn on_backplane(&mut self, buf: &[u8], from: Origin, ports: &mut [impl FrameIo]) {
+        if let Some((meta, off)) = self.check_from_dataplane(buf, from) {
+            self.forward(Frame::Copy(&buf[off..]), &meta, ports);
+        }
+    }
+
+    /// As [`Core::on_backplane`], for a datagram that stays where it is (a backplane ring's
+    /// record) until the run loop's ports are flushed and detached: the packet leaves from
+    /// there, its Ethernet header written over its GENEVE header, not copied.
+    pub(crate) fn on_backplane_held(
+        &mut self,
+        buf: &mut [u8],
+        from: Origin,
+        ports: &mut [impl FrameIo],
+    ) {
+        if let Some((meta, off)) = self.check_from_dataplane(buf, from) {
+            self.forward(Frame::InPlace(buf, off), &meta, ports);
+        }
+    }
+
+    /// The checks of a datagram from a data plane: its header, if it may leave.
+    fn check_from_dataplane(&mut self, buf: &[u8], from: Origin) -> Option<(DvaMeta, usize)> {
         if !self.dataplane_ids.contains(&from.unit) {
-            return self.drop(dr::BACKPLANE_FOREIGN);
+            self.drop(dr::BACKPLANE_FOREIGN);
+            return None;
         }
         // Its buckets are served by others now: a packet it still processed (it may be cut off
         // from the manager, not from us) must not leave beside theirs.
         if self.fenced.contains(&from.unit) {
-            return self.drop(dr::FENCED);
+            self.drop(dr::FENCED);
+            return None;
         }
         let Ok((vni, _ptype, meta, off)) = geneve::decap_dva(buf) else {
-            return self.drop(dr::MALFORMED_GENEVE);
+            self.drop(dr::MALFORMED_GENEVE);
+            return None;
         };
         if vni != self.cfg.vni {
-            return self.drop(dr::WRONG_VNI);
+            self.drop(dr::WRONG_VNI);
+            return None;
         }
         self.from_dataplane += 1;
-        self.forward(&buf[off..], &meta, ports);
+        Some((meta, off))
     }
 
     /// Route a processed packet out of the appliance: next hop, TTL, MAC rewrite, neighbour resolution.
-    fn forward(&mut self, ip: &[u8], meta: &DvaMeta, ports: &mut [impl FrameIo]) {
+    fn forward(&mut self, frame: Frame<'_>, meta: &DvaMeta, ports: &mut [impl FrameIo]) {
+        let ip: &[u8] = match &frame {
+            Frame::Copy(ip) => ip,
+            Frame::InPlace(buf, off) => &buf[*off..],
+        };
         let (dst, ttl, len, etype) = match ip.first().map(|b| b >> 4) {
             Some(4) => match Ipv4Packet::new_checked(ip) {
                 Ok(p) => (
@@ -1544,7 +1584,86 @@ impl Core {
         if wire_len > mtu {
             return self.too_big(e, nh.addr, &ip[..len], mtu, c.is_some(), ports);
         }
-        self.transmit(e, nh.addr, &ip[..len], etype, c, meta, ports);
+        match frame {
+            Frame::InPlace(buf, off) => {
+                if !self.transmit_in_place(
+                    e,
+                    nh.addr,
+                    buf,
+                    off,
+                    len,
+                    etype,
+                    c.as_ref(),
+                    meta,
+                    ports,
+                ) {
+                    self.transmit(e, nh.addr, &buf[off..off + len], etype, c, meta, ports);
+                }
+            }
+            Frame::Copy(ip) => self.transmit(e, nh.addr, &ip[..len], etype, c, meta, ports),
+        }
+    }
+
+    /// Send `buf[off..off + len]` from where it lies (see [`Core::on_backplane_held`]): the
+    /// usual case of a packet back from a data plane on this machine, on a driver that can
+    /// (AF_PACKET), to a known neighbour. False: it cannot, and [`Core::transmit`] copies it.
+    #[allow(clippy::too_many_arguments)]
+    fn transmit_in_place(
+        &mut self,
+        e: usize,
+        nh: IpAddr,
+        buf: &mut [u8],
+        off: usize,
+        len: usize,
+        etype: u16,
+        c: Option<&Classified>,
+        meta: &DvaMeta,
+        ports: &mut [impl FrameIo],
+    ) -> bool {
+        let Some(room) = ports[e].headroom() else {
+            return false;
+        };
+        // The Ethernet header and the driver's go where the GENEVE header was; a frame short
+        // of the Ethernet minimum would need padding past the packet.
+        if off < 14 + room || 14 + len < 60 || buf.len() < off + len {
+            return false;
+        }
+        if c.is_some() && !ports[e].offloads() {
+            return false;
+        }
+        let link = &mut self.links[e];
+        let Some(mac) = link.neigh.lookup(&nh, self.now) else {
+            return false;
+        };
+        let f = &mut buf[off - 14..off + len];
+        f[0..6].copy_from_slice(&mac.0);
+        f[6..12].copy_from_slice(&link.mac.0);
+        f[12..14].copy_from_slice(&etype.to_be_bytes());
+        decrement_ttl(&mut f[14..], etype);
+        let offload = match c {
+            None => dva_io::Offload::default(),
+            Some(c) => match offload::offload_in_place(f, c, meta.gso_size) {
+                Some(o) => o,
+                None => {
+                    self.drops.inc(dr::MALFORMED_L4);
+                    return true;
+                }
+            },
+        };
+        // SAFETY: `buf` is a backplane ring's record, which the run loop gives back to its
+        // producer only after flushing the ports and detaching what they still queue.
+        let sent = unsafe { ports[e].tx_borrowed(&mut buf[..off + len], off - 14, &offload) };
+        match sent {
+            Ok(()) => {
+                link.stats.tx_frames += 1;
+                link.stats.tx_bytes += (14 + len) as u64;
+                if meta.gso_size > 0 && c.is_some() {
+                    self.super_packets_tx += 1;
+                }
+            }
+            Err(_) => self.drops.inc(dr::TX_RING_FULL),
+        }
+        true
     }
 
     /// A datagram larger than the egress MTU: IPv4 without DF is cut into fragments (as a
@@ -1615,7 +1734,7 @@ impl Core {
             }
         } else {
             self.event("icmp_too_big_sent");
-            self.forward(&err, &DvaMeta::default(), ports);
+            self.forward(Frame::Copy(&err), &DvaMeta::default(), ports);
         }
     }
 
@@ -1841,7 +1960,7 @@ impl Core {
     pub(crate) fn tick(&mut self, ports: &mut [impl FrameIo]) {
         for pkt in self.health.tick(self.now) {
             // Built here with complete checksums: no offload work.
-            self.forward(&pkt, &DvaMeta::default(), ports);
+            self.forward(Frame::Copy(&pkt), &DvaMeta::default(), ports);
             self.event("health_probes");
         }
         for msg in self.health.take_changes() {
@@ -1871,6 +1990,13 @@ fn ndisc_message(ip: &[u8], c: &Classified) -> Option<NdiscRepr> {
         return None;
     }
     NdiscRepr::parse(&Icmpv6Packet::new_unchecked(body)).ok()
+}
+
+/// A packet to send out: borrowed for the call, or in a buffer that stays put until the ports
+/// are flushed (its IP packet at the offset), from which it can leave without a copy.
+enum Frame<'a> {
+    Copy(&'a [u8]),
+    InPlace(&'a mut [u8], usize),
 }
 
 /// A forwarded packet's hop: its TTL (IPv4, header checksum updated) or hop limit (IPv6) down
