@@ -663,6 +663,26 @@ impl AfPacket {
         Ok(())
     }
 
+    /// Bytes of virtio-net header in front of each frame sent (none without `PACKET_VNET_HDR`).
+    fn vnet_len(&self) -> usize {
+        if self.vnet {
+            VNET_HDR_LEN
+        } else {
+            0
+        }
+    }
+
+    /// Describe `off` in the virtio-net header `hdr` ([`AfPacket::vnet_len`] bytes); without
+    /// the header (`vnet` false) a frame asking for offload work is refused (`Unsupported`).
+    fn put_vnet(vnet: bool, hdr: &mut [u8], off: &Offload) -> io::Result<()> {
+        if vnet {
+            hdr.copy_from_slice(&encode_vnet(off));
+        } else if !off.is_none() {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        Ok(())
+    }
+
     /// Room for `len` more bytes of queued frames, flushing once if there is not.
     fn make_tx_room(&mut self, len: usize) -> io::Result<()> {
         if !self.tx_has_room(len) {
@@ -795,17 +815,13 @@ impl FrameIo for AfPacket {
         fill: impl FnOnce(&mut [u8]) -> Option<Offload>,
     ) -> io::Result<()> {
         self.check_tx_len(len)?;
-        let hdr = if self.vnet { VNET_HDR_LEN } else { 0 };
+        let hdr = self.vnet_len();
         let total = hdr + len;
         self.make_tx_room(total)?;
         let start = self.tx_used;
         let off =
             fill(&mut self.tx_buf[start + hdr..start + total]).ok_or(io::ErrorKind::InvalidData)?;
-        if self.vnet {
-            self.tx_buf[start..start + hdr].copy_from_slice(&encode_vnet(&off));
-        } else if !off.is_none() {
-            return Err(io::ErrorKind::Unsupported.into());
-        }
+        Self::put_vnet(self.vnet, &mut self.tx_buf[start..start + hdr], &off)?;
         self.tx_used += total;
         self.tx_queue.push(Queued::Own {
             offset: start,
@@ -815,20 +831,15 @@ impl FrameIo for AfPacket {
     }
 
     fn headroom(&self) -> Option<usize> {
-        Some(if self.vnet { VNET_HDR_LEN } else { 0 })
+        Some(self.vnet_len())
     }
 
     unsafe fn tx_borrowed(&mut self, buf: &mut [u8], at: usize, off: &Offload) -> io::Result<()> {
-        let hdr = if self.vnet { VNET_HDR_LEN } else { 0 };
-        let Some(start) = at.checked_sub(hdr) else {
+        let Some(start) = at.checked_sub(self.vnet_len()) else {
             return Err(io::ErrorKind::InvalidInput.into());
         };
         self.check_tx_len(buf.len().saturating_sub(at))?;
-        if self.vnet {
-            buf[start..at].copy_from_slice(&encode_vnet(off));
-        } else if !off.is_none() {
-            return Err(io::ErrorKind::Unsupported.into());
-        }
+        Self::put_vnet(self.vnet, &mut buf[start..at], off)?;
         // A queue slot is all it needs: the bytes stay where they are.
         self.make_tx_room(0)?;
         let frame = &buf[start..];

@@ -306,6 +306,38 @@ fn tcp_super_packet(payload: usize) -> Vec<u8> {
     f
 }
 
+/// The description of [`tcp_super_packet`]'s offload work: TCP over IPv4 in 1448-byte
+/// segments, its checksum partial.
+fn super_packet_offload() -> dva_io::Offload {
+    dva_io::Offload {
+        gso: dva_io::GsoType::TcpV4,
+        ecn: false,
+        gso_size: 1448,
+        needs_csum: true,
+        csum_start: 34,
+        csum_offset: 16,
+    }
+}
+
+/// Up to `want` frames addressed to MAC_B, whatever they carry (`collect` keeps test frames
+/// only), for at most WAIT; the kernel's own (the new link's IPv6 neighbour discovery) are
+/// left out.
+fn collect_to_b(rx: &mut AfPacket, want: usize) -> Vec<(Vec<u8>, dva_io::RxMeta)> {
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut poller = Poller::new(&[rx.as_raw_fd()]);
+    let mut got = Vec::new();
+    while got.len() < want && std::time::Instant::now() < deadline {
+        rx.rx_batch(64, |f, m| {
+            if f[..6] == MAC_B {
+                got.push((f.to_vec(), m))
+            }
+        })
+        .unwrap();
+        poller.wait(10).unwrap();
+    }
+    got
+}
+
 fn fold(mut s: u32) -> u16 {
     while s > 0xffff {
         s = (s & 0xffff) + (s >> 16);
@@ -315,7 +347,7 @@ fn fold(mut s: u32) -> u16 {
 
 #[test]
 fn gso_super_packets_cross_the_veth_whole_with_their_description() {
-    use dva_io::{GsoType, Offload};
+    use dva_io::GsoType;
     // Offloads stay on (the veth default): the pair passes a GSO skb through unsegmented,
     // which is what a kernel TCP sender's 64 KB segments look like to the dispatcher.
     let lab = VethLab::new();
@@ -323,25 +355,12 @@ fn gso_super_packets_cross_the_veth_whole_with_their_description() {
     let mut rx = open(&lab.ns_b, &lab.dev_b, &AfPacketConfig::default());
     assert!(tx.offloads());
     let frame = tcp_super_packet(20_000);
-    let off = Offload {
-        gso: GsoType::TcpV4,
-        ecn: false,
-        gso_size: 1448,
-        needs_csum: true,
-        csum_start: 34,
-        csum_offset: 16,
-    };
+    let off = super_packet_offload();
     tx.tx_offload(&frame, &off).unwrap();
     // An ordinary frame after it still goes out (zero virtio-net header).
     tx.tx(&test_frame(MAC_A, MAC_B, 7, 100)).unwrap();
     tx.flush().unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    let mut poller = Poller::new(&[rx.as_raw_fd()]);
-    let mut got = Vec::new();
-    while got.len() < 2 && std::time::Instant::now() < deadline {
-        rx.rx_batch(64, |f, m| got.push((f.to_vec(), m))).unwrap();
-        poller.wait(10).unwrap();
-    }
+    let got = collect_to_b(&mut rx, 2);
     assert_eq!(got.len(), 2, "{got:?}");
     let (f, m) = &got[0];
     assert_eq!(
@@ -379,14 +398,7 @@ fn frames_built_in_place_go_out_as_built() {
     let mut rx = open(&lab.ns_b, &lab.dev_b, &AfPacketConfig::default());
     // A super-packet written straight into the TX buffer, with its offload work.
     let frame = tcp_super_packet(20_000);
-    let off = Offload {
-        gso: GsoType::TcpV4,
-        ecn: false,
-        gso_size: 1448,
-        needs_csum: true,
-        csum_start: 34,
-        csum_offset: 16,
-    };
+    let off = super_packet_offload();
     tx.tx_with(frame.len(), |f| {
         f.copy_from_slice(&frame);
         Some(off)
@@ -408,19 +420,7 @@ fn frames_built_in_place_go_out_as_built() {
     .unwrap();
     assert_eq!(tx.tx_pending(), 2);
     tx.flush().unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    let mut poller = Poller::new(&[rx.as_raw_fd()]);
-    let mut got = Vec::new();
-    while got.len() < 2 && std::time::Instant::now() < deadline {
-        // Only ours (the kernel may send the new link's IPv6 neighbour discovery).
-        rx.rx_batch(64, |f, m| {
-            if f[..6] == MAC_B {
-                got.push((f.to_vec(), m))
-            }
-        })
-        .unwrap();
-        poller.wait(10).unwrap();
-    }
+    let got = collect_to_b(&mut rx, 2);
     assert_eq!(got.len(), 2, "{got:?}");
     assert_eq!(got[0].0, frame, "the super-packet whole");
     assert_eq!(got[0].1.offload.gso, GsoType::TcpV4);

@@ -1631,39 +1631,40 @@ impl Core {
         if c.is_some() && !ports[e].offloads() {
             return false;
         }
-        let link = &mut self.links[e];
+        let link = &self.links[e];
         let Some(mac) = link.neigh.lookup(&nh, self.now) else {
             return false;
         };
-        let f = &mut buf[off - 14..off + len];
-        f[0..6].copy_from_slice(&mac.0);
-        f[6..12].copy_from_slice(&link.mac.0);
-        f[12..14].copy_from_slice(&etype.to_be_bytes());
-        decrement_ttl(&mut f[14..], etype);
-        let offload = match c {
-            None => dva_io::Offload::default(),
-            Some(c) => match offload::offload_in_place(f, c, meta.gso_size) {
-                Some(o) => o,
-                None => {
-                    self.drops.inc(dr::MALFORMED_L4);
-                    return true;
-                }
+        let src = link.mac;
+        let sent = match finish_frame(&mut buf[off - 14..off + len], mac, src, etype, c, meta) {
+            // SAFETY: `buf` is a backplane ring's record, which the run loop gives back to its
+            // producer only after flushing the ports and detaching what they still queue.
+            Some(offload) => unsafe {
+                ports[e].tx_borrowed(&mut buf[..off + len], off - 14, &offload)
             },
+            None => Err(std::io::ErrorKind::InvalidData.into()),
         };
-        // SAFETY: `buf` is a backplane ring's record, which the run loop gives back to its
-        // producer only after flushing the ports and detaching what they still queue.
-        let sent = unsafe { ports[e].tx_borrowed(&mut buf[..off + len], off - 14, &offload) };
+        self.count_tx(e, sent, 14 + len, c.is_some() && meta.gso_size > 0);
+        true
+    }
+
+    /// Account for a frame handed to interface `e` (`bytes` long, a super-packet or not), or
+    /// for why it was not: malformed offload work, or a full transmit queue.
+    fn count_tx(&mut self, e: usize, sent: std::io::Result<()>, bytes: usize, super_packet: bool) {
         match sent {
             Ok(()) => {
+                let link = &mut self.links[e];
                 link.stats.tx_frames += 1;
-                link.stats.tx_bytes += (14 + len) as u64;
-                if meta.gso_size > 0 && c.is_some() {
+                link.stats.tx_bytes += bytes as u64;
+                if super_packet {
                     self.super_packets_tx += 1;
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                self.drops.inc(dr::MALFORMED_L4)
+            }
             Err(_) => self.drops.inc(dr::TX_RING_FULL),
         }
-        true
     }
 
     /// A datagram larger than the egress MTU: IPv4 without DF is cut into fragments (as a
@@ -1759,33 +1760,12 @@ impl Core {
             // buffer (a super-packet is 64 KB to copy).
             let total = (14 + len).max(60);
             let src = link.mac;
-            let gso = meta.gso_size;
             let sent = ports[e].tx_with(total, |f| {
-                f[0..6].copy_from_slice(&mac.0);
-                f[6..12].copy_from_slice(&src.0);
-                f[12..14].copy_from_slice(&etype.to_be_bytes());
                 f[14..14 + len].copy_from_slice(ip);
                 f[14 + len..].fill(0);
-                decrement_ttl(&mut f[14..], etype);
-                match &c {
-                    None => Some(dva_io::Offload::default()),
-                    Some(c) => offload::offload_in_place(f, c, gso),
-                }
+                finish_frame(f, mac, src, etype, c.as_ref(), meta)
             });
-            match sent {
-                Ok(()) => {
-                    link.stats.tx_frames += 1;
-                    link.stats.tx_bytes += total as u64;
-                    if gso > 0 && c.is_some() {
-                        self.super_packets_tx += 1;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    self.drops.inc(dr::MALFORMED_L4)
-                }
-                Err(_) => self.drops.inc(dr::TX_RING_FULL),
-            }
-            return;
+            return self.count_tx(e, sent, total, c.is_some() && meta.gso_size > 0);
         }
         let f = &mut self.scratch;
         f.clear();
@@ -1997,6 +1977,27 @@ fn ndisc_message(ip: &[u8], c: &Classified) -> Option<NdiscRepr> {
 enum Frame<'a> {
     Copy(&'a [u8]),
     InPlace(&'a mut [u8], usize),
+}
+
+/// Make the IP packet at `f[14..]` a frame from `src` to `dst`: its Ethernet header, the hop
+/// (TTL), and, for a packet with offload work `c`, its partial checksum in place; answers the
+/// work left to the kernel, or `None` for a packet whose L4 header is not where `c` says.
+fn finish_frame(
+    f: &mut [u8],
+    dst: EthernetAddress,
+    src: EthernetAddress,
+    etype: u16,
+    c: Option<&Classified>,
+    meta: &DvaMeta,
+) -> Option<dva_io::Offload> {
+    f[0..6].copy_from_slice(&dst.0);
+    f[6..12].copy_from_slice(&src.0);
+    f[12..14].copy_from_slice(&etype.to_be_bytes());
+    decrement_ttl(&mut f[14..], etype);
+    match c {
+        None => Some(dva_io::Offload::default()),
+        Some(c) => offload::offload_in_place(f, c, meta.gso_size),
+    }
 }
 
 /// A forwarded packet's hop: its TTL (IPv4, header checksum updated) or hop limit (IPv6) down
