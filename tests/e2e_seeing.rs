@@ -329,6 +329,10 @@ fn backplane_capture(cli: &Cli, client: &str, file: &str, vni: u64, rings: bool)
         "geneve",
         "-T",
         "fields",
+        // The first occurrence is the outer header: a sealed payload's bytes sometimes happen
+        // to parse as a second, nested UDP header, and tshark then lists both ("55063,50190").
+        "-E",
+        "occurrence=f",
         "-e",
         "udp.srcport",
         "-e",
@@ -356,9 +360,10 @@ fn backplane_capture(cli: &Cli, client: &str, file: &str, vni: u64, rings: bool)
     }
     // The inner packet is readable where it travelled in clear (rings between units on one
     // machine); sealed UDP datagrams carry it encrypted. Either way it is this flow's.
+    // Sealed bytes that happen to parse as TCP are noise, not a packet in clear.
     let inner: Vec<_> = rows
         .iter()
-        .filter(|r| r.len() > 4 && !r[3].is_empty())
+        .filter(|r| rings && r.len() > 4 && !r[3].is_empty())
         .collect();
     if rings {
         assert!(
