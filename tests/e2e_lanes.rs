@@ -5,6 +5,11 @@
 //! through the firewall and NAT (both lanes carrying traffic, over rings and over sealed UDP),
 //! the load balancer's health checks (probes from lane 0, answers hashed to either lane) keep
 //! every backend up and notice one going down, and a scale event under traffic breaks nothing.
+//!
+//! And with data planes on two threads (`runtime.dataplane_threads: 2`): each lane serves
+//! half the flow buckets; checked streams through NAT stay intact while a second data plane
+//! takes buckets over and hands them back (handover and replication lane to lane), over rings
+//! and over sealed UDP, and `dva flows` lists both lanes' flows.
 
 mod common;
 
@@ -157,6 +162,101 @@ fn two_lanes_carry_checked_streams_through_nat_over_rings_and_sealed_udp() {
                         .unwrap_or(0)
                 })
                 .sum();
+            assert_eq!(refused, 0, "no datagram of a lane refused as a replay");
+        }
+    }
+}
+
+fn dataplane_counter(m: &MgmtGuard, app: &str, name: &str) -> u64 {
+    m.unit_stats(app)
+        .iter()
+        .filter(|s| s.role == "dataplane")
+        .map(|s| s.counters.get(name).copied().unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn data_planes_on_two_threads_keep_checked_streams_through_scaling() {
+    let _serial = serial();
+    for backplane in [BackplaneSpec::Auto, BackplaneSpec::Udp] {
+        let lab = LabGuard::up("e2edplanes-", 2, 2);
+        lab.lab.set_offloads(true).expect("offloads on");
+        let client = lab.lab.client_ns();
+        let _streams_srv = StreamServer::start(&client, 9000).expect("stream server");
+        let m = MgmtGuard::open("e2edplanes-");
+        let spec = with_runtime(
+            &std::fs::read_to_string(example("nat-gateway.yaml"))
+                .expect("example")
+                .replace("initial: 2", "initial: 1"),
+            RuntimeSpec {
+                dataplane_threads: Some(2),
+                backplane,
+                ..Default::default()
+            },
+        );
+        m.mgmt.apply(&spec).expect("apply");
+        m.wait_ready("nat-gw", 1);
+
+        // 16 checked streams, masqueraded (NAT state and ports per bucket, so per lane), with a
+        // second data plane added (half the buckets move to it, lane by lane, with their
+        // state) and removed again (they come back) while they run.
+        let streams = apps::start_streams(
+            &lab.lab.server_ns(1),
+            SocketAddr::new(IpAddr::from(CLIENT), 9000),
+            16,
+            Duration::from_secs(8),
+            2_000_000,
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        // Both lanes of the one data plane hold flows, and `dva flows` lists them together.
+        let listed = m.mgmt.flows("nat-gw", "port=9000").expect("flows");
+        let odd = listed.flows.iter().filter(|f| f.bucket % 2 == 1).count();
+        let even = listed.flows.len() - odd;
+        eprintln!("{backplane:?}: dva flows lists {even} flows in even buckets, {odd} in odd");
+        assert!(
+            even > 0 && odd > 0 && listed.errors.is_empty(),
+            "{backplane:?}: both lanes' flows listed: {listed:?}"
+        );
+        m.scale("nat-gw", 2, None);
+        m.wait_ready("nat-gw", 2);
+        std::thread::sleep(Duration::from_secs(2));
+        m.scale("nat-gw", 1, Some("2s"));
+        m.wait_ready("nat-gw", 1);
+        let results = streams.join().expect("streams");
+        let broken: Vec<_> = results.iter().filter(|r| !r.intact()).collect();
+        assert!(
+            broken.is_empty(),
+            "{backplane:?}: {} of 16 streams broken: {broken:?}\nunits:\n{}",
+            broken.len(),
+            m.diagnostics("nat-gw")
+        );
+        let sent: u64 = results.iter().map(|r| r.sent).sum();
+        eprintln!("{backplane:?}: 16 checked streams, {sent} bytes, all intact");
+        assert!(
+            sent > 10_000_000,
+            "{backplane:?}: traffic flowed ({sent} bytes)"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let (l0, l1) = (
+            dataplane_counter(&m, "nat-gw", "lane0_rx_frames"),
+            dataplane_counter(&m, "nat-gw", "lane1_rx_frames"),
+        );
+        eprintln!("{backplane:?}: data-plane lane 0 received {l0} datagrams, lane 1 {l1}");
+        assert_eq!(dataplane_counter(&m, "nat-gw", "lanes"), 2);
+        assert!(
+            l0 > 100 && l1 > 100,
+            "{backplane:?}: both data-plane lanes serve (lane 0: {l0}, lane 1: {l1})"
+        );
+        // The returning buckets came back with their state: flows were imported lane to lane.
+        let imported = dataplane_counter(&m, "nat-gw", "flows_imported")
+            + dataplane_counter(&m, "nat-gw", "flows_replicated_in");
+        assert!(
+            imported > 0,
+            "{backplane:?}: state moved between the lanes of the data planes\nunits:\n{}",
+            m.diagnostics("nat-gw")
+        );
+        if backplane == BackplaneSpec::Udp {
+            let refused = dataplane_counter(&m, "nat-gw", "backplane_auth_replayed");
             assert_eq!(refused, 0, "no datagram of a lane refused as a replay");
         }
     }

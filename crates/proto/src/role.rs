@@ -132,6 +132,11 @@ pub struct RuntimeConfig {
     /// [`DataplaneConfig::dispatcher_lanes`]).
     #[serde(default = "one_lane")]
     pub dispatcher_threads: u16,
+    /// A data plane's threads (lanes): lane i serves the buckets `b` with `b % n == i` at the
+    /// data plane's port + i. Dispatchers send bucket `b` there and data planes address their
+    /// peers' lanes the same way, so every unit of an appliance must agree on it.
+    #[serde(default = "one_lane")]
+    pub dataplane_threads: u16,
 }
 
 fn one_lane() -> u16 {
@@ -151,6 +156,7 @@ impl Default for RuntimeConfig {
             rings: true,
             cpus: Vec::new(),
             dispatcher_threads: 1,
+            dataplane_threads: 1,
         }
     }
 }
@@ -164,6 +170,7 @@ impl RuntimeConfig {
             rings: rt.backplane.rings(),
             cpus: rt.cpus.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
             dispatcher_threads: rt.dispatcher_threads.unwrap_or(1),
+            dataplane_threads: rt.dataplane_threads.unwrap_or(1),
         }
     }
 
@@ -202,6 +209,12 @@ impl RuntimeConfig {
                 "dispatcher_threads",
                 self.dispatcher_threads.to_string(),
                 next.dispatcher_threads.to_string(),
+            ))
+        } else if next.dataplane_threads != self.dataplane_threads {
+            Some((
+                "dataplane_threads",
+                self.dataplane_threads.to_string(),
+                next.dataplane_threads.to_string(),
             ))
         } else {
             None
@@ -1019,6 +1032,13 @@ mod tests {
                     ..RuntimeConfig::default()
                 },
                 "spec.runtime.dispatcher_threads changes need the unit restarted (it runs with 1, the new config asks for 2)",
+            ),
+            (
+                RuntimeConfig {
+                    dataplane_threads: 2,
+                    ..RuntimeConfig::default()
+                },
+                "spec.runtime.dataplane_threads changes need the unit restarted (it runs with 1, the new config asks for 2)",
             ),
         ] {
             assert_eq!(running.unchanged(&next), Err(says.to_string()));

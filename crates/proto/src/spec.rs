@@ -291,6 +291,12 @@ pub struct RuntimeSpec {
     /// adds context switches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dispatcher_threads: Option<u16>,
+    /// Threads per data plane (1 to 64; absent: 1). Each thread (a lane) serves the flow
+    /// buckets `b` with `b % n == i`, with its own backplane port (the data plane's port + i),
+    /// flow tables and replay windows: dispatchers send a bucket's packets to its lane, and
+    /// handover, replication and punts go lane to lane. One data plane then uses as many cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane_threads: Option<u16>,
 }
 
 impl RuntimeSpec {
@@ -1399,6 +1405,16 @@ impl ApplianceSpec {
                 ),
             ));
         }
+        if let Some(n) = body
+            .runtime
+            .dataplane_threads
+            .filter(|n| !(1..=MAX_DISPATCHER_THREADS).contains(n))
+        {
+            return Err(SpecError::field(
+                "spec.runtime.dataplane_threads",
+                format!("{n} is not in 1..={MAX_DISPATCHER_THREADS} (threads per data plane)"),
+            ));
+        }
         if body.services.is_empty() {
             return Err(SpecError::field(
                 "spec.services",
@@ -2223,6 +2239,11 @@ spec:
                 "dispatcher_threads: 65",
                 "spec.runtime.dispatcher_threads",
                 "65 is not in 1..=64",
+            ),
+            (
+                "dataplane_threads: 0",
+                "spec.runtime.dataplane_threads",
+                "0 is not in 1..=64",
             ),
             (
                 "cpus: \"3-1\"",

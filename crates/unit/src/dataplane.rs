@@ -110,6 +110,17 @@ use drop_reason as dr;
 const REJECT_RATE: f64 = 1000.0;
 const REJECT_BURST: f64 = 200.0;
 
+/// One lane of a data plane. On several threads: `runtime.dataplane_threads` lanes, each a whole
+/// [`Dataplane`] serving the buckets `b` with `b % lanes == lane`, run by [`crate::lanes`].
+///
+/// ```text
+///  dispatcher ──bucket b──> lane b % n (port + b % n) ──punt, handover, replication──> the same
+///                                                       lane of the peer (same buckets)
+/// ```
+///
+/// Every message a lane sends a peer concerns its own buckets, which the peer's lane of the
+/// same index serves (every data plane of an appliance runs as many lanes: the spec's
+/// `runtime` is one for all), so lanes share nothing: not a table, not a socket, not a lock.
 pub struct Dataplane {
     rx: Backplane,
     core: Core<Backplane>,
@@ -181,6 +192,9 @@ pub(crate) struct Core<B> {
     refresh_every: Every,
     /// A packet being translated (the received one stays as it came, for punting).
     work: Vec<u8>,
+    /// Which of the data plane's threads this is (see [`Dataplane::open`]); peers are
+    /// addressed at the same lane.
+    lane: u16,
     /// Segments of a super-packet no path takes whole, built one at a time.
     segments: Vec<u8>,
     /// The `dva monitor` session, if one runs: every event site checks this and nothing else
@@ -224,42 +238,63 @@ fn ring_peers(cfg: &DataplaneConfig) -> Vec<(UnitId, SocketAddr)> {
         .collect()
 }
 
-/// The other data planes: the config lists every data plane, ourselves included, and a
-/// datagram claiming to come from us is never a peer's.
-fn peers_of(cfg: &DataplaneConfig) -> BTreeMap<UnitId, SocketAddr> {
+/// The other data planes, at their lane `lane` (which serves the same buckets as ours): the
+/// config lists every data plane, ourselves included, and a datagram claiming to come from us
+/// is never a peer's.
+fn peers_of(cfg: &DataplaneConfig, lane: u16) -> BTreeMap<UnitId, SocketAddr> {
     cfg.peers
         .iter()
         .filter(|p| p.id != cfg.unit)
-        .map(|p| (p.id, p.addr))
+        .filter_map(|p| Some((p.id, dva_proto::role::lane_addr(p.addr, lane)?)))
         .collect()
 }
 
 impl Dataplane {
-    /// `rings`: the directory for shared-memory rings to dispatchers on this machine (`None`:
-    /// UDP only).
-    pub fn new(cfg: DataplaneConfig, rings: Option<&std::path::Path>) -> anyhow::Result<Dataplane> {
-        let mut rx = Backplane::bind(cfg.listen)
-            .with_context(|| format!("binding the backplane socket {}", cfg.listen))?;
-        let mut tx = Backplane::bind(SocketAddr::new(cfg.listen.ip(), 0))
+    /// The data plane's `runtime.dataplane_threads` lanes (one: the data plane as it always
+    /// was). `rings`: the directory for shared-memory rings to dispatchers on this machine
+    /// (`None`: UDP only).
+    pub fn open(
+        cfg: DataplaneConfig,
+        rings: Option<&std::path::Path>,
+    ) -> anyhow::Result<Vec<Dataplane>> {
+        (0..cfg.runtime.dataplane_threads.max(1))
+            .map(|lane| Dataplane::lane(cfg.clone(), rings, lane))
+            .collect()
+    }
+
+    /// Lane `lane`: its backplane at the data plane's port + `lane`, sealing as its own sender
+    /// (the unit's id with the lane in the top bits: receivers keep a replay window per lane).
+    fn lane(
+        cfg: DataplaneConfig,
+        rings: Option<&std::path::Path>,
+        lane: u16,
+    ) -> anyhow::Result<Dataplane> {
+        let listen = dva_proto::role::lane_addr(cfg.listen, lane)
+            .with_context(|| format!("no backplane port for lane {lane} after {}", cfg.listen))?;
+        let mut rx = Backplane::bind(listen)
+            .with_context(|| format!("binding the backplane socket {listen}"))?;
+        let mut tx = Backplane::bind(SocketAddr::new(listen.ip(), 0))
             .context("binding the backplane send socket")?;
         if let Some(dir) = rings {
             // Dispatchers send to us through rings we make; we send to them through theirs, as
-            // `listen` (the address they know us by). Data planes keep UDP between themselves.
-            rx.enable_rings(dir, cfg.listen, true, false)
-                .and_then(|()| tx.enable_rings(dir, cfg.listen, false, true))
+            // `listen` (the address they know this lane by). Data planes keep UDP between
+            // themselves.
+            rx.enable_rings(dir, listen, true, false)
+                .and_then(|()| tx.enable_rings(dir, listen, false, true))
                 .and_then(|()| rx.accept_rings_from(&ring_peers(&cfg)))
                 .with_context(|| format!("backplane rings in {}", dir.display()))?;
         }
         cfg.backplane.check().map_err(anyhow::Error::msg)?;
         for bp in [&mut rx, &mut tx] {
             bp.set_auth(
-                cfg.unit,
+                dva_io::seal::lane_sender(cfg.unit, lane),
                 cfg.backplane.send_epoch,
                 &epoch_keys(&cfg.backplane),
             )
             .map_err(anyhow::Error::msg)?;
         }
-        let core = Core::new(cfg, tx, Instant::now())?;
+        let mut core = Core::new(cfg, tx, Instant::now())?;
+        core.set_lane(lane);
         Ok(Dataplane { rx, core })
     }
 
@@ -320,7 +355,10 @@ impl Dataplane {
     fn configure(&mut self, c: DataplaneConfig) -> Result<(), String> {
         let d = ring_peers(&c);
         let keys = epoch_keys(&c.backplane);
-        let (me, epoch) = (c.unit, c.backplane.send_epoch);
+        let (me, epoch) = (
+            dva_io::seal::lane_sender(c.unit, self.core.lane),
+            c.backplane.send_epoch,
+        );
         c.backplane.check()?;
         dva_io::seal::Sealer::check_keys(epoch, &keys)?;
         let ready = self.core.prepare(c)?;
@@ -353,7 +391,7 @@ impl<B: BackplaneTx> Core<B> {
         if let Some(ct) = chain.conntrack_mut() {
             ct.set_journal(has_backup && !cfg.export);
         }
-        let peers = peers_of(&cfg);
+        let peers = peers_of(&cfg, 0);
         Ok(Core {
             cfg,
             tx,
@@ -390,10 +428,17 @@ impl<B: BackplaneTx> Core<B> {
             census_every: Every::starting(Duration::from_millis(250), now),
             refresh_every: Every::starting(Duration::from_secs(1), now),
             work: Vec::with_capacity(2048),
+            lane: 0,
             segments: Vec::new(),
             monitor: None,
             last_rule: None,
         })
+    }
+
+    /// Serve as lane `lane` of the data plane: peers are addressed at theirs.
+    pub(crate) fn set_lane(&mut self, lane: u16) {
+        self.lane = lane;
+        self.peers = peers_of(&self.cfg, lane);
     }
 
     /// The clock, as the caller read it: the core reads none.
@@ -553,7 +598,7 @@ impl<B: BackplaneTx> Core<B> {
                 "exporting flow state to the buckets' owners"
             );
         }
-        self.peers = peers_of(&cfg);
+        self.peers = peers_of(&cfg, self.lane);
         self.cfg = cfg;
     }
 

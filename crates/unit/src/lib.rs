@@ -42,6 +42,7 @@ pub mod dispatcher;
 pub mod handover;
 pub mod inspect;
 mod keys;
+pub mod lanes;
 pub mod manager;
 pub mod metrics;
 pub mod monitor;

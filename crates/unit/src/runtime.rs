@@ -167,14 +167,32 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
                 }
             }
             (Role::Dataplane, RoleConfig::Dataplane(c)) if c.unit == args.id => {
-                match Dataplane::new(c, rings).and_then(|d| pin(args.id, &runtime.cpus).map(|()| d))
-                {
-                    Ok(mut d) => {
+                match Dataplane::open(c, rings) {
+                    Ok(mut lanes) if lanes.len() == 1 => {
+                        let Some(mut d) = lanes.pop() else { continue };
+                        if let Err(e) = pin(args.id, &runtime.cpus) {
+                            let _ = u.reply.send(Err(format!("{e:#}")));
+                            continue;
+                        }
                         stats.try_publish(d.snapshot());
                         let _ = u.reply.send(Ok(()));
                         ready.store(true, Ordering::Release);
                         tracing::info!(version, "data plane serving its first config");
                         return d.run(&stop, &stats, &updates, &requests);
+                    }
+                    Ok(lanes) => {
+                        let _ = u.reply.send(Ok(()));
+                        ready.store(true, Ordering::Release);
+                        tracing::info!(
+                            version,
+                            lanes = lanes.len(),
+                            "data plane serving its first config"
+                        );
+                        let (id, cpus) = (args.id, runtime.cpus.clone());
+                        let pin_lane = move |lane: usize| pin(id.wrapping_add(lane as u32), &cpus);
+                        return crate::lanes::run(
+                            lanes, &stop, &stats, &updates, &requests, pin_lane,
+                        );
                     }
                     Err(e) => {
                         let _ = u.reply.send(Err(format!("{e:#}")));

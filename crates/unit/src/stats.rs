@@ -163,6 +163,19 @@ impl Histogram {
         &self.bounds
     }
 
+    /// Add `other`'s observations (the same distribution measured by another thread). One over
+    /// other bounds is left out: its counts would land in the wrong buckets.
+    pub fn add(&mut self, other: &Histogram) {
+        if other.bounds != self.bounds || other.counts.len() != self.counts.len() {
+            return;
+        }
+        for (c, o) in self.counts.iter_mut().zip(&other.counts) {
+            *c += o;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
+    }
+
     /// Per-bucket counts, the last one above every bound (see the type's doc).
     pub fn counts(&self) -> &[u64] {
         &self.counts

@@ -508,16 +508,11 @@ fn layout(p: &mut Pass, obs: &Observed, hosts: &Hosts, now: u64) -> bool {
         });
     }
     // Addresses of the units about to start: on one machine dispatchers and data planes share
-    // the backplane address, so a data plane's port must avoid theirs (a dispatcher's lanes
-    // take its port and the next `dispatcher_threads - 1`).
-    let lanes = p
-        .snap
-        .spec
-        .spec
-        .runtime
-        .dispatcher_threads
-        .unwrap_or(1)
-        .max(1);
+    // the backplane address, so a data plane's ports must avoid theirs (a unit's lanes take
+    // its port and the next `dispatcher_threads - 1` or `dataplane_threads - 1`).
+    let runtime = &p.snap.spec.spec.runtime;
+    let lanes = runtime.dispatcher_threads.unwrap_or(1).max(1);
+    let dp_lanes = runtime.dataplane_threads.unwrap_or(1).max(1);
     let mut planned: Vec<(String, SocketAddr, u16)> = Vec::new();
     for host in hosts.dispatchers.iter().take(want_disp) {
         if !p
@@ -545,8 +540,12 @@ fn layout(p: &mut Pass, obs: &Observed, hosts: &Hosts, now: u64) -> bool {
     let want = p.rec.dataplanes as usize;
     if active.len() < want {
         for _ in active.len()..want {
-            let (host, addr) = place_dataplane(hosts, &name, &p.rec.units, &planned, lanes);
-            planned.push((host.clone(), addr, 1));
+            let spans = Spans {
+                dispatcher: lanes,
+                dataplane: dp_lanes,
+            };
+            let (host, addr) = place_dataplane(hosts, &name, &p.rec.units, &planned, spans);
+            planned.push((host.clone(), addr, dp_lanes));
             to_start.push((UnitRole::Dataplane, host, Some(addr)));
         }
     } else if active.len() > want {
@@ -840,12 +839,19 @@ fn manager_endpoints(hosts: &Hosts, port: u16) -> String {
 /// The data-plane host with the fewest data planes of this appliance and units of others per
 /// CPU, and the next free backplane port on it. `planned`: units about to start, with the
 /// ports each takes from its address on; a dispatcher takes `lanes`.
+/// Backplane ports a unit of each role takes: its own and one per further lane.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Spans {
+    pub dispatcher: u16,
+    pub dataplane: u16,
+}
+
 pub(crate) fn place_dataplane(
     hosts: &Hosts,
     appliance: &str,
     units: &[UnitRecord],
     planned: &[(String, SocketAddr, u16)],
-    lanes: u16,
+    spans: Spans,
 ) -> (String, SocketAddr) {
     // Fewest data planes per CPU: compared as n/cpus < best_n/best_cpus without division.
     let mut best = (usize::MAX, 1u32, 0);
@@ -870,10 +876,10 @@ pub(crate) fn place_dataplane(
         .iter()
         .filter(|u| u.host == ns)
         .filter_map(|u| {
-            let span = if u.role == UnitRole::Dispatcher {
-                lanes
-            } else {
-                1
+            let span = match u.role {
+                UnitRole::Dispatcher => spans.dispatcher,
+                UnitRole::Dataplane => spans.dataplane,
+                _ => 1,
             };
             u.addr.map(|a| (a.port(), span))
         })
@@ -888,8 +894,11 @@ pub(crate) fn place_dataplane(
         used.iter()
             .any(|&(first, n)| p >= first && u32::from(p) < u32::from(first) + u32::from(n))
     };
+    // Every lane's port free: the first of a run of `spans.dataplane` untaken ports.
+    let free_run =
+        |first: u16| (0..spans.dataplane).all(|i| first.checked_add(i).is_some_and(|p| !taken(p)));
     let port = (BACKPLANE_PORT..u16::MAX)
-        .find(|p| !taken(*p))
+        .find(|p| free_run(*p))
         .unwrap_or(BACKPLANE_PORT);
     (ns, SocketAddr::new(ip, port))
 }
@@ -925,7 +934,7 @@ mod tests {
         let mut planned = Vec::new();
         let mut placed = Vec::new();
         for _ in 0..4 {
-            let (h, addr) = place_dataplane(&hosts, "edge-fw", &[], &planned, 1);
+            let (h, addr) = place_dataplane(&hosts, "edge-fw", &[], &planned, spans(1, 1));
             planned.push((h.clone(), addr, 1));
             placed.push(h);
         }
@@ -943,8 +952,36 @@ mod tests {
         );
         // A dispatcher with 4 lanes on the host: its ports and the 3 after it are taken.
         let disp = SocketAddr::new(hosts.dataplanes[1].backplane, BACKPLANE_PORT);
-        let (_, addr) = place_dataplane(&hosts, "edge-fw", &[], &[("b".into(), disp, 4)], 4);
+        let (_, addr) = place_dataplane(
+            &hosts,
+            "edge-fw",
+            &[],
+            &[("b".into(), disp, 4)],
+            spans(4, 1),
+        );
         assert_eq!(addr.port(), BACKPLANE_PORT + 4);
+        // Data planes of 2 lanes each: each takes two ports, none overlapping another's or the
+        // dispatcher's 2 (a single free port between them is skipped).
+        let mut planned = vec![("b".to_string(), disp, 2)];
+        let gap = SocketAddr::new(disp.ip(), BACKPLANE_PORT + 3);
+        planned.push(("b".into(), gap, 2));
+        let only_b = Hosts {
+            dataplanes: vec![hosts.dataplanes[1].clone()],
+            ..hosts
+        };
+        let (_, addr) = place_dataplane(&only_b, "edge-fw", &[], &planned, spans(2, 2));
+        assert_eq!(
+            addr.port(),
+            BACKPLANE_PORT + 5,
+            "port +2 alone is too narrow"
+        );
+    }
+
+    fn spans(dispatcher: u16, dataplane: u16) -> Spans {
+        Spans {
+            dispatcher,
+            dataplane,
+        }
     }
 
     /// Agents' hosts: `disp` holds the interfaces, `h1` and `h2` run managers and data planes.

@@ -638,9 +638,16 @@ impl Core {
     }
 }
 
-/// The data planes, which send to us through rings on this machine.
+/// The data planes, which send to us through rings on this machine: a ring per lane (each of
+/// a data plane's threads is a producer of its own).
 fn ring_peers(cfg: &DispatcherConfig) -> Vec<(u32, SocketAddr)> {
-    cfg.dataplanes.iter().map(|d| (d.id, d.addr)).collect()
+    cfg.dataplanes
+        .iter()
+        .flat_map(|d| {
+            (0..cfg.runtime.dataplane_threads.max(1))
+                .filter_map(move |i| dva_proto::role::lane_addr(d.addr, i).map(|a| (d.id, a)))
+        })
+        .collect()
 }
 
 impl Core {
@@ -728,14 +735,19 @@ impl Core {
         if n == 0 || !n.is_power_of_two() {
             bail!("bucket table has {n} buckets; need a power of two");
         }
+        // A data plane on several threads serves bucket b on its lane b % lanes (its port + the
+        // lane), where that bucket's flows live.
+        let dp_lanes = cfg.runtime.dataplane_threads.max(1);
         let mut bucket_dst = Vec::with_capacity(n);
         for b in 0..n {
             let owner = cfg.table.owner(b as u16);
-            match addrs.get(&owner) {
-                Some(a) => bucket_dst.push(*a),
-                None => bail!(
-                    "bucket {b} is owned by data plane {owner}, which the config does not list"
-                ),
+            let Some(a) = addrs.get(&owner) else {
+                bail!("bucket {b} is owned by data plane {owner}, which the config does not list")
+            };
+            let lane = (b % usize::from(dp_lanes)) as u16;
+            match dva_proto::role::lane_addr(*a, lane) {
+                Some(a) => bucket_dst.push(a),
+                None => bail!("data plane {owner} at {a} has no port for its lane {lane}"),
             }
         }
         if cfg.interfaces.len() != self.links.len() {

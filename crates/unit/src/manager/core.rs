@@ -1208,6 +1208,7 @@ mod tests {
                 rings: false,
                 cpus: vec![0, 1],
                 dispatcher_threads: 1,
+                dataplane_threads: 1,
             })
         );
         // Data planes drive no interface: only what they use.
