@@ -213,14 +213,15 @@ enum PathKind {
     KernelLb,
     DvaLb(u32),
     Haproxy,
-    /// dva with the AF_PACKET driver and GSO super-packets (offloads on): data planes, and
-    /// dispatcher threads (lanes).
-    DvaGso(u32, u16),
+    /// dva with the AF_PACKET driver and GSO super-packets (offloads on): data planes,
+    /// dispatcher threads (lanes) and threads per data plane.
+    DvaGso(u32, u16, u16),
     /// dva with the default driver (AF_XDP) and the lab's offloads on: wire-sized frames, the
     /// peers' partial checksums completed by the dispatcher.
     DvaXdpOffload(u32),
-    /// dva edge-fw with AF_XDP and dispatcher threads on veths with that many queues.
-    DvaXdpLanes(u32, u16),
+    /// dva edge-fw with AF_XDP and dispatcher threads on veths with that many queues, and
+    /// threads per data plane.
+    DvaXdpLanes(u32, u16, u16),
 }
 
 impl PathKind {
@@ -231,14 +232,20 @@ impl PathKind {
             PathKind::KernelLb => "kernel nftables DNAT LB".into(),
             PathKind::DvaLb(n) => format!("dva web-lb, {n} DP"),
             PathKind::Haproxy => "HAProxy 2.x, TCP mode".into(),
-            PathKind::DvaGso(n, 1) => format!("dva edge-fw, {n} DP, AF_PACKET+GSO"),
-            PathKind::DvaGso(n, t) => {
+            PathKind::DvaGso(n, 1, 1) => format!("dva edge-fw, {n} DP, AF_PACKET+GSO"),
+            PathKind::DvaGso(n, t, 1) => {
                 format!("dva edge-fw, {n} DP, AF_PACKET+GSO, {t} disp. threads")
             }
+            PathKind::DvaGso(n, t, d) => {
+                format!("dva edge-fw, {n} DP, AF_PACKET+GSO, {t} disp. threads, {d} DP threads")
+            }
             PathKind::DvaXdpOffload(n) => format!("dva edge-fw, {n} DP, AF_XDP"),
-            PathKind::DvaXdpLanes(n, t) => {
+            PathKind::DvaXdpLanes(n, t, 1) => {
                 format!("dva edge-fw, {n} DP, AF_XDP, {t} disp. threads, {t}-queue veths")
             }
+            PathKind::DvaXdpLanes(n, t, d) => format!(
+                "dva edge-fw, {n} DP, AF_XDP, {t} disp. threads, {t}-queue veths, {d} DP threads"
+            ),
         }
     }
 
@@ -526,26 +533,30 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
 
     // The scaling figure for small packets and new connections: AF_XDP with two dispatcher
-    // threads, each on a receive queue of its own, against the one-thread row above.
-    println!(
-        "\ndva run -f examples/edge-firewall.yaml --dataplanes 1 (driver: af_xdp, dispatcher_threads: 2), 2-queue veths"
-    );
-    let path = PathKind::DvaXdpLanes(1, 2);
-    dva_path(
-        &mut bench,
-        opts,
-        &spec,
-        "edge-fw",
-        1,
-        false,
-        &RuntimeSpec {
-            dispatcher_threads: Some(2),
-            ..with_driver(DriverSpec::AfXdp)
-        },
-        path,
-        &FIREWALL_WORKLOADS,
-        |b, cpu| b.firewall_workloads(path, cpu),
-    )?;
+    // threads, each on a receive queue of its own, against the one-thread row above; then the
+    // data plane on two threads as well.
+    for dp_threads in [1u16, 2] {
+        println!(
+            "\ndva run -f examples/edge-firewall.yaml --dataplanes 1 (driver: af_xdp, dispatcher_threads: 2, dataplane_threads: {dp_threads}), 2-queue veths"
+        );
+        let path = PathKind::DvaXdpLanes(1, 2, dp_threads);
+        dva_path(
+            &mut bench,
+            opts,
+            &spec,
+            "edge-fw",
+            1,
+            false,
+            &RuntimeSpec {
+                dispatcher_threads: Some(2),
+                dataplane_threads: Some(dp_threads),
+                ..with_driver(DriverSpec::AfXdp)
+            },
+            path,
+            &FIREWALL_WORKLOADS,
+            |b, cpu| b.firewall_workloads(path, cpu),
+        )?;
+    }
 
     // TCP with offloads on: the AF_PACKET driver reads and writes super-packets (AF_XDP
     // cannot: XDP on a veth turns its peer's segmentation off).
@@ -553,7 +564,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         println!(
             "\ndva run -f examples/edge-firewall.yaml --dataplanes {dps} (driver: af_packet), offloads on"
         );
-        let path = PathKind::DvaGso(dps, 1);
+        let path = PathKind::DvaGso(dps, 1, 1);
         dva_path(
             &mut bench,
             opts,
@@ -569,26 +580,29 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
 
     // The scaling figure: the dispatcher on two data-path threads (AF_PACKET fanout), against
-    // the one-thread row above.
-    println!(
-        "\ndva run -f examples/edge-firewall.yaml --dataplanes 1 (driver: af_packet, dispatcher_threads: 2), offloads on"
-    );
-    let path = PathKind::DvaGso(1, 2);
-    dva_path(
-        &mut bench,
-        opts,
-        &spec,
-        "edge-fw",
-        1,
-        true,
-        &RuntimeSpec {
-            dispatcher_threads: Some(2),
-            ..with_driver(DriverSpec::AfPacket)
-        },
-        path,
-        &OFFLOAD_WORKLOADS,
-        |b, cpu| b.tcp_workloads(OFFLOAD_WORKLOADS, path, cpu),
-    )?;
+    // the one-thread row above; then the data plane on two threads as well.
+    for dp_threads in [1u16, 2] {
+        println!(
+            "\ndva run -f examples/edge-firewall.yaml --dataplanes 1 (driver: af_packet, dispatcher_threads: 2, dataplane_threads: {dp_threads}), offloads on"
+        );
+        let path = PathKind::DvaGso(1, 2, dp_threads);
+        dva_path(
+            &mut bench,
+            opts,
+            &spec,
+            "edge-fw",
+            1,
+            true,
+            &RuntimeSpec {
+                dispatcher_threads: Some(2),
+                dataplane_threads: Some(dp_threads),
+                ..with_driver(DriverSpec::AfPacket)
+            },
+            path,
+            &OFFLOAD_WORKLOADS,
+            |b, cpu| b.tcp_workloads(OFFLOAD_WORKLOADS, path, cpu),
+        )?;
+    }
 
     // The default driver in the same setting: AF_XDP on veths whose peers keep offloads on.
     println!("\ndva run -f examples/edge-firewall.yaml --dataplanes 1 (AF_XDP), offloads on");
@@ -700,7 +714,7 @@ fn dva_path(
     bench.lab = lab;
     // Dispatcher lanes on AF_XDP take a receive queue each.
     let queues = match path {
-        PathKind::DvaXdpLanes(_, t) => u32::from(t),
+        PathKind::DvaXdpLanes(_, t, _) => u32::from(t),
         _ => 1,
     };
     let started = if offloads {
