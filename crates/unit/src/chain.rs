@@ -74,6 +74,10 @@ fn stage_for(
     old: &mut Vec<Box<dyn Stage>>,
 ) -> Option<Box<dyn Stage>> {
     let n_buckets = cfg.table.len().next_power_of_two();
+    // A data plane on several threads holds its flows in one chain per lane, each a share of
+    // the buckets: the spec's limits are the data plane's, so each lane takes its share.
+    let lanes = usize::from(cfg.runtime.dataplane_threads.max(1));
+    let share = |limit: usize| limit.div_ceil(lanes);
     Some(match spec {
         StageConfig::Firewall => match reuse(old, "firewall", |_: &mut Firewall| true) {
             Some(s) => with(s, |fw: &mut Firewall| {
@@ -85,14 +89,16 @@ fn stage_for(
             None => Box::new(Firewall::new(
                 cfg.firewall.clone(),
                 ConntrackConfig {
-                    max_entries: cfg.max_connections,
+                    max_entries: share(cfg.max_connections),
                     tcp_liberal: cfg.tcp_liberal,
                     ..Default::default()
                 },
             )),
         },
         StageConfig::Nat => {
-            let c = cfg.nat.as_ref()?;
+            let mut c = cfg.nat.clone()?;
+            c.max_bindings = share(c.max_bindings);
+            let c = &c;
             // Bindings hold ports picked for the bucket count: a new count starts afresh.
             match reuse(old, "nat", |n: &mut Nat| n.n_buckets() == n_buckets) {
                 Some(s) => with(s, |n: &mut Nat| {
@@ -104,7 +110,9 @@ fn stage_for(
             }
         }
         StageConfig::Lb => {
-            let c = cfg.lb.as_ref()?;
+            let mut c = cfg.lb.clone()?;
+            c.max_flows = share(c.max_flows);
+            let c = &c;
             let s = match reuse(old, "lb", |l: &mut Lb| l.n_buckets() == n_buckets) {
                 Some(s) => with(s, |l: &mut Lb| {
                     if l.config() != c {
@@ -506,5 +514,44 @@ mod tests {
             vec![("ratelimit-exceeded", 1)]
         );
         assert_eq!(chain.conntrack().len(), 1);
+    }
+
+    /// A data plane on two threads: each lane's chain takes half the data plane's limits (its
+    /// share of the buckets), so the spec's limits hold for the data plane as a whole.
+    #[test]
+    fn each_lane_takes_its_share_of_the_limits() {
+        use dva_proto::spec::ApplianceSpec;
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/nat-gateway.yaml"
+        ))
+        .expect("example");
+        let spec = ApplianceSpec::from_yaml(&text).expect("spec");
+        let ep = |id: u32, port: u16| dva_proto::role::UnitEndpoint {
+            id,
+            addr: std::net::SocketAddr::from(([198, 19, 0, 11], port)),
+        };
+        let placement = dva_proto::role::Placement {
+            dispatchers: vec![ep(1, 6081)],
+            dataplanes: vec![ep(11, 6082)],
+            table: dva_flow::BucketTable::maglev(spec.spec.layout.buckets, &[11]).expect("table"),
+        };
+        let (_, dps) = dva_proto::role::compile(&spec, &placement, 1).expect("compile");
+        let mut cfg = dps[0].clone();
+        let one = Chain::build(&cfg, None, None, &NAMES);
+        cfg.runtime.dataplane_threads = 2;
+        let two = Chain::build(&cfg, None, None, &NAMES);
+        let entries = |c: &Chain| c.conntrack().config().max_entries;
+        assert_eq!(entries(&one), cfg.max_connections);
+        assert_eq!(entries(&two), cfg.max_connections.div_ceil(2));
+        let bindings = |mut c: Chain| {
+            c.stages
+                .iter_mut()
+                .find_map(|s| s.as_any_mut().downcast_mut::<Nat>())
+                .map(|n| n.config().max_bindings)
+        };
+        let nat = cfg.nat.as_ref().expect("a NAT stage").max_bindings;
+        assert_eq!(bindings(one), Some(nat));
+        assert_eq!(bindings(two), Some(nat.div_ceil(2)));
     }
 }
