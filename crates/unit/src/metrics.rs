@@ -53,8 +53,8 @@ const GAUGE_COUNTERS: &[(&str, &str, &str)] = &[
     ),
     (
         "lanes",
-        "dispatcher_lanes",
-        "Data-path threads (lanes) of this dispatcher",
+        "unit_lanes",
+        "Data-path threads (lanes) of this unit: a dispatcher's dispatcher_threads, a data plane's dataplane_threads",
     ),
 ];
 
