@@ -174,21 +174,31 @@ pub(crate) fn unit_stats(
     Ok(out)
 }
 
-/// Process ids of the running appliance's units (from the run directory's units.json).
+/// Process ids of the running appliance's units (from the run directory's units.json). The
+/// reconciler writes the file as units start and again once their pids are known: this waits
+/// up to 5 s for every unit listed to have one (a bench path once read the file in between and
+/// measured no CPU at all).
 pub(crate) fn unit_pids(prefix: &str, appliance: &str) -> anyhow::Result<Vec<u32>> {
     let path = crate::run::run_dir(prefix, appliance).join("units.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let units: Vec<serde_json::Value> = serde_json::from_str(&text)?;
-    let pids: Vec<u32> = units
-        .iter()
-        .filter_map(|u| u.get("pid").and_then(serde_json::Value::as_u64))
-        .filter_map(|p| u32::try_from(p).ok())
-        .collect();
-    if pids.is_empty() {
-        bail!("{}: no unit pids", path.display());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let units: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+        let pids: Vec<u32> = units
+            .iter()
+            .filter_map(|u| u.get("pid").and_then(serde_json::Value::as_u64))
+            .filter_map(|p| u32::try_from(p).ok())
+            .collect();
+        let all = !pids.is_empty() && pids.len() == units.len();
+        if all || std::time::Instant::now() > deadline {
+            if pids.is_empty() {
+                bail!("{}: no unit pids", path.display());
+            }
+            return Ok(pids);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    Ok(pids)
 }
 
 fn clock_ticks() -> f64 {
