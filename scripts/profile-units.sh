@@ -8,7 +8,9 @@
 # Usage: scripts/profile-units.sh [DVA_BINARY] [LABEL]
 #   DVA_BINARY defaults to target/release/dva; LABEL (default "now") names the perf files, so a
 #   binary before a change and one after can be profiled side by side (docs/PERFORMANCE.md §1e).
-#   SECS=N: seconds of perf per unit (default 4); OUT=DIR: where the files go (default /tmp).
+#   SECS=N: seconds of perf per unit (default 4); OUT=DIR: where the files go (default /tmp);
+#   SPEC=FILE: the appliance to run (default examples/edge-firewall.yaml; named edge-fw, e.g.
+#   with a `runtime` section). Each unit's samples are also shown per thread (its lanes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-target/release/dva}
@@ -22,7 +24,7 @@ cleanup() {
     "$B" lab down >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
-"$B" run -f examples/edge-firewall.yaml --dataplanes 1 >"$OUT/profile-run-$L.log" 2>&1 &
+"$B" run -f "${SPEC:-examples/edge-firewall.yaml}" --dataplanes 1 >"$OUT/profile-run-$L.log" 2>&1 &
 RUN=$!
 D= P=
 for _ in $(seq 1 60); do
@@ -47,5 +49,6 @@ grep SUM "$OUT/profile-iperf-$L.log" | tail -1
 for u in dispatcher dataplane; do
     f="$OUT/perf-$u-$L.data"
     echo "-- $u ($L): $(perf report -i "$f" --stdio 2>/dev/null | grep -m1 'of event')"
-    perf report -q -i "$f" --no-children --sort dso,sym 2>/dev/null | head -"${TOP:-12}"
+    perf report -q -i "$f" --no-children --sort tid 2>/dev/null | head -8 || true
+    perf report -q -i "$f" --no-children --sort dso,sym 2>/dev/null | head -"${TOP:-12}" || true
 done
