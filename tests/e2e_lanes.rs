@@ -34,21 +34,17 @@ fn lanes(spec: &str, backplane: BackplaneSpec) -> String {
     )
 }
 
-fn dispatcher_counter(m: &MgmtGuard, app: &str, name: &str) -> u64 {
-    m.unit_stats(app)
-        .iter()
-        .filter(|s| s.role == "dispatcher")
-        .map(|s| s.counters.get(name).copied().unwrap_or(0))
-        .sum()
-}
-
 /// Both lanes received a fair share: at least a tenth of the frames each.
 fn assert_both_lanes_carry(m: &MgmtGuard, app: &str) {
     // Stats are merged every 100 ms.
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(dispatcher_counter(m, app, "lanes"), 2, "two lanes reported");
-    let l0 = dispatcher_counter(m, app, "lane0_rx_frames");
-    let l1 = dispatcher_counter(m, app, "lane1_rx_frames");
+    assert_eq!(
+        counter(m, app, "dispatcher", "lanes"),
+        2,
+        "two lanes reported"
+    );
+    let l0 = counter(m, app, "dispatcher", "lane0_rx_frames");
+    let l1 = counter(m, app, "dispatcher", "lane1_rx_frames");
     eprintln!("lane 0 received {l0} frames, lane 1 {l1}");
     let total = l0 + l1;
     assert!(
@@ -99,26 +95,31 @@ fn monitor_sees_every_lane(m: &MgmtGuard, server: &str) {
     );
 }
 
-#[test]
-fn two_lanes_carry_checked_streams_through_nat_over_rings_and_sealed_udp() {
-    let _serial = serial();
+/// 16 checked streams from server 1 to the client through the nat-gw example (masqueraded:
+/// NAT state and ports per bucket), each backplane in turn (rings, then sealed UDP), with
+/// `runtime` for the backplane: a second data plane is added (half the buckets move to it,
+/// with their state) and removed again (they come back) while the streams run. `during` looks
+/// at the appliance 2 s into the streams, `after` once they are all checked intact.
+fn nat_streams_through_scaling(
+    prefix: &str,
+    runtime: impl Fn(BackplaneSpec) -> RuntimeSpec,
+    during: impl Fn(&MgmtGuard, BackplaneSpec),
+    after: impl Fn(&MgmtGuard, &LabGuard, BackplaneSpec),
+) {
     for backplane in [BackplaneSpec::Auto, BackplaneSpec::Udp] {
-        let lab = LabGuard::up("e2elanes-", 2, 2);
+        let lab = LabGuard::up(prefix, 2, 2);
         lab.lab.set_offloads(true).expect("offloads on");
         let client = lab.lab.client_ns();
         let _streams_srv = StreamServer::start(&client, 9000).expect("stream server");
-        let m = MgmtGuard::open("e2elanes-");
-        let spec = lanes(
+        let m = MgmtGuard::open(prefix);
+        let spec = with_runtime(
             &std::fs::read_to_string(example("nat-gateway.yaml"))
                 .expect("example")
                 .replace("initial: 2", "initial: 1"),
-            backplane,
+            runtime(backplane),
         );
         m.mgmt.apply(&spec).expect("apply");
         m.wait_ready("nat-gw", 1);
-
-        // Inside → outside, masqueraded: 16 checked streams (many flows, so both lanes get
-        // some), with a second data plane added and removed while they run.
         let streams = apps::start_streams(
             &lab.lab.server_ns(1),
             SocketAddr::new(IpAddr::from(CLIENT), 9000),
@@ -127,6 +128,7 @@ fn two_lanes_carry_checked_streams_through_nat_over_rings_and_sealed_udp() {
             2_000_000,
         );
         std::thread::sleep(Duration::from_secs(2));
+        during(&m, backplane);
         m.scale("nat-gw", 2, None);
         m.wait_ready("nat-gw", 2);
         std::thread::sleep(Duration::from_secs(2));
@@ -146,69 +148,56 @@ fn two_lanes_carry_checked_streams_through_nat_over_rings_and_sealed_udp() {
             sent > 10_000_000,
             "{backplane:?}: traffic flowed ({sent} bytes)"
         );
-        assert_both_lanes_carry(&m, "nat-gw");
-        if backplane == BackplaneSpec::Auto {
-            monitor_sees_every_lane(&m, &lab.lab.server_ns(1));
-        }
-        if backplane == BackplaneSpec::Udp {
-            // Every lane seals with its own sender instance: nothing refused as a replay.
-            let stats = m.unit_stats("nat-gw");
-            let refused: u64 = stats
-                .iter()
-                .map(|s| {
-                    s.counters
-                        .get("backplane_auth_replayed")
-                        .copied()
-                        .unwrap_or(0)
-                })
-                .sum();
-            assert_eq!(refused, 0, "no datagram of a lane refused as a replay");
-        }
+        after(&m, &lab, backplane);
     }
 }
 
-fn dataplane_counter(m: &MgmtGuard, app: &str, name: &str) -> u64 {
+/// A counter summed over the units of `role`.
+fn counter(m: &MgmtGuard, app: &str, role: &str, name: &str) -> u64 {
     m.unit_stats(app)
         .iter()
-        .filter(|s| s.role == "dataplane")
+        .filter(|s| s.role == role)
         .map(|s| s.counters.get(name).copied().unwrap_or(0))
         .sum()
 }
 
 #[test]
+fn two_lanes_carry_checked_streams_through_nat_over_rings_and_sealed_udp() {
+    let _serial = serial();
+    let runtime = |backplane| RuntimeSpec {
+        dispatcher_threads: Some(2),
+        backplane,
+        ..Default::default()
+    };
+    nat_streams_through_scaling(
+        "e2elanes-",
+        runtime,
+        |_, _| {},
+        |m, lab, backplane| {
+            assert_both_lanes_carry(m, "nat-gw");
+            if backplane == BackplaneSpec::Auto {
+                monitor_sees_every_lane(m, &lab.lab.server_ns(1));
+            }
+            if backplane == BackplaneSpec::Udp {
+                // Every lane seals with its own sender instance: nothing refused as a replay.
+                let refused = counter(m, "nat-gw", "dataplane", "backplane_auth_replayed")
+                    + counter(m, "nat-gw", "dispatcher", "backplane_auth_replayed");
+                assert_eq!(refused, 0, "no datagram of a lane refused as a replay");
+            }
+        },
+    );
+}
+
+#[test]
 fn data_planes_on_two_threads_keep_checked_streams_through_scaling() {
     let _serial = serial();
-    for backplane in [BackplaneSpec::Auto, BackplaneSpec::Udp] {
-        let lab = LabGuard::up("e2edplanes-", 2, 2);
-        lab.lab.set_offloads(true).expect("offloads on");
-        let client = lab.lab.client_ns();
-        let _streams_srv = StreamServer::start(&client, 9000).expect("stream server");
-        let m = MgmtGuard::open("e2edplanes-");
-        let spec = with_runtime(
-            &std::fs::read_to_string(example("nat-gateway.yaml"))
-                .expect("example")
-                .replace("initial: 2", "initial: 1"),
-            RuntimeSpec {
-                dataplane_threads: Some(2),
-                backplane,
-                ..Default::default()
-            },
-        );
-        m.mgmt.apply(&spec).expect("apply");
-        m.wait_ready("nat-gw", 1);
-
-        // 16 checked streams, masqueraded (NAT state and ports per bucket, so per lane), with a
-        // second data plane added (half the buckets move to it, lane by lane, with their
-        // state) and removed again (they come back) while they run.
-        let streams = apps::start_streams(
-            &lab.lab.server_ns(1),
-            SocketAddr::new(IpAddr::from(CLIENT), 9000),
-            16,
-            Duration::from_secs(8),
-            2_000_000,
-        );
-        std::thread::sleep(Duration::from_secs(2));
-        // Both lanes of the one data plane hold flows, and `dva flows` lists them together.
+    let runtime = |backplane| RuntimeSpec {
+        dataplane_threads: Some(2),
+        backplane,
+        ..Default::default()
+    };
+    // Both lanes of the one data plane hold flows, and `dva flows` lists them together.
+    let during = |m: &MgmtGuard, backplane| {
         let listed = m.mgmt.flows("nat-gw", "port=9000").expect("flows");
         let odd = listed.flows.iter().filter(|f| f.bucket % 2 == 1).count();
         let even = listed.flows.len() - odd;
@@ -217,49 +206,30 @@ fn data_planes_on_two_threads_keep_checked_streams_through_scaling() {
             even > 0 && odd > 0 && listed.errors.is_empty(),
             "{backplane:?}: both lanes' flows listed: {listed:?}"
         );
-        m.scale("nat-gw", 2, None);
-        m.wait_ready("nat-gw", 2);
-        std::thread::sleep(Duration::from_secs(2));
-        m.scale("nat-gw", 1, Some("2s"));
-        m.wait_ready("nat-gw", 1);
-        let results = streams.join().expect("streams");
-        let broken: Vec<_> = results.iter().filter(|r| !r.intact()).collect();
-        assert!(
-            broken.is_empty(),
-            "{backplane:?}: {} of 16 streams broken: {broken:?}\nunits:\n{}",
-            broken.len(),
-            m.diagnostics("nat-gw")
-        );
-        let sent: u64 = results.iter().map(|r| r.sent).sum();
-        eprintln!("{backplane:?}: 16 checked streams, {sent} bytes, all intact");
-        assert!(
-            sent > 10_000_000,
-            "{backplane:?}: traffic flowed ({sent} bytes)"
-        );
+    };
+    let after = |m: &MgmtGuard, _: &LabGuard, backplane| {
+        // Stats are merged every 100 ms.
         std::thread::sleep(Duration::from_millis(300));
-        let (l0, l1) = (
-            dataplane_counter(&m, "nat-gw", "lane0_rx_frames"),
-            dataplane_counter(&m, "nat-gw", "lane1_rx_frames"),
-        );
+        let dp = |name| counter(m, "nat-gw", "dataplane", name);
+        let (l0, l1) = (dp("lane0_rx_frames"), dp("lane1_rx_frames"));
         eprintln!("{backplane:?}: data-plane lane 0 received {l0} datagrams, lane 1 {l1}");
-        assert_eq!(dataplane_counter(&m, "nat-gw", "lanes"), 2);
+        assert_eq!(dp("lanes"), 2);
         assert!(
             l0 > 100 && l1 > 100,
             "{backplane:?}: both data-plane lanes serve (lane 0: {l0}, lane 1: {l1})"
         );
-        // The returning buckets came back with their state: flows were imported lane to lane.
-        let imported = dataplane_counter(&m, "nat-gw", "flows_imported")
-            + dataplane_counter(&m, "nat-gw", "flows_replicated_in");
+        // The moved buckets' state went lane to lane: imported or replicated in.
         assert!(
-            imported > 0,
+            dp("flows_imported") + dp("flows_replicated_in") > 0,
             "{backplane:?}: state moved between the lanes of the data planes\nunits:\n{}",
             m.diagnostics("nat-gw")
         );
         if backplane == BackplaneSpec::Udp {
-            let refused = dataplane_counter(&m, "nat-gw", "backplane_auth_replayed");
+            let refused = dp("backplane_auth_replayed");
             assert_eq!(refused, 0, "no datagram of a lane refused as a replay");
         }
-    }
+    };
+    nat_streams_through_scaling("e2edplanes-", runtime, during, after);
 }
 
 #[test]

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,8 @@ use crate::channel::{ChannelArgs, ChannelClient, Update};
 use crate::control::ControlServer;
 use crate::dataplane::Dataplane;
 use crate::dispatcher::Dispatcher;
+use crate::inspect::Requests;
+use crate::lanes::Lane;
 use crate::manager::{self, ManagerArgs};
 use crate::stats::{StatsCell, UnitStats};
 
@@ -121,6 +123,14 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
     // Shared-memory rings between dispatchers and data planes on this machine live in the
     // appliance's run directory (tmpfs, removed with the appliance).
     let run_dir = args.control.parent();
+    let serving = Serving {
+        id: args.id,
+        stop: &stop,
+        stats: &stats,
+        ready: &ready,
+        updates: &updates,
+        requests: &requests,
+    };
     // Wait for a first config this unit can run; a bad one is NACKed and we keep waiting.
     while !stop.load(Ordering::Relaxed) {
         let Some(u) = next_update(&updates, &stop) else {
@@ -133,70 +143,17 @@ pub fn run_unit(args: &UnitArgs) -> anyhow::Result<()> {
         let rings = run_dir.filter(|_| runtime.rings);
         match (args.role, u.config) {
             (Role::Dispatcher, RoleConfig::Dispatcher(c)) if c.unit == args.id => {
-                match Dispatcher::open(c, rings) {
-                    Ok(mut lanes) if lanes.len() == 1 => {
-                        let Some(mut d) = lanes.pop() else { continue };
-                        if let Err(e) = pin(args.id, &runtime.cpus) {
-                            let _ = u.reply.send(Err(format!("{e:#}")));
-                            continue;
-                        }
-                        stats.try_publish(d.snapshot());
-                        let _ = u.reply.send(Ok(()));
-                        ready.store(true, Ordering::Release);
-                        tracing::info!(version, "dispatcher serving its first config");
-                        return d.run(&stop, &stats, &updates, &requests);
-                    }
-                    Ok(lanes) => {
-                        let _ = u.reply.send(Ok(()));
-                        ready.store(true, Ordering::Release);
-                        tracing::info!(
-                            version,
-                            lanes = lanes.len(),
-                            "dispatcher serving its first config"
-                        );
-                        // Lane i is pinned as unit id + i would be: consecutive CPUs of the list.
-                        let (id, cpus) = (args.id, runtime.cpus.clone());
-                        let pin_lane = move |lane: usize| pin(id.wrapping_add(lane as u32), &cpus);
-                        return crate::dispatcher::lanes::run(
-                            lanes, &stop, &stats, &updates, &requests, pin_lane,
-                        );
-                    }
-                    Err(e) => {
-                        let _ = u.reply.send(Err(format!("{e:#}")));
-                    }
+                let opened = Dispatcher::open(c, rings);
+                let role = "dispatcher";
+                if let Some(done) = serving.serve(opened, role, version, u.reply, &runtime.cpus) {
+                    return done;
                 }
             }
             (Role::Dataplane, RoleConfig::Dataplane(c)) if c.unit == args.id => {
-                match Dataplane::open(c, rings) {
-                    Ok(mut lanes) if lanes.len() == 1 => {
-                        let Some(mut d) = lanes.pop() else { continue };
-                        if let Err(e) = pin(args.id, &runtime.cpus) {
-                            let _ = u.reply.send(Err(format!("{e:#}")));
-                            continue;
-                        }
-                        stats.try_publish(d.snapshot());
-                        let _ = u.reply.send(Ok(()));
-                        ready.store(true, Ordering::Release);
-                        tracing::info!(version, "data plane serving its first config");
-                        return d.run(&stop, &stats, &updates, &requests);
-                    }
-                    Ok(lanes) => {
-                        let _ = u.reply.send(Ok(()));
-                        ready.store(true, Ordering::Release);
-                        tracing::info!(
-                            version,
-                            lanes = lanes.len(),
-                            "data plane serving its first config"
-                        );
-                        let (id, cpus) = (args.id, runtime.cpus.clone());
-                        let pin_lane = move |lane: usize| pin(id.wrapping_add(lane as u32), &cpus);
-                        return crate::lanes::run(
-                            lanes, &stop, &stats, &updates, &requests, pin_lane,
-                        );
-                    }
-                    Err(e) => {
-                        let _ = u.reply.send(Err(format!("{e:#}")));
-                    }
+                let opened = Dataplane::open(c, rings);
+                let role = "data plane";
+                if let Some(done) = serving.serve(opened, role, version, u.reply, &runtime.cpus) {
+                    return done;
                 }
             }
             (role, cfg) => {
@@ -230,6 +187,69 @@ fn next_update(updates: &Receiver<Update>, stop: &AtomicBool) -> Option<Update> 
 /// Pin the data path (this thread; the control and channel threads stay free) to unit `id`'s CPU
 /// of `cpus` (the `id mod len`-th); an empty list pins nothing. Done once the role's data path
 /// is set up, so a first config that fails leaves the thread as it was for the next one.
+/// What serving a role's data path takes from the unit, besides its lanes.
+struct Serving<'a> {
+    id: u32,
+    stop: &'a Arc<AtomicBool>,
+    stats: &'a StatsCell,
+    ready: &'a AtomicBool,
+    updates: &'a Receiver<Update>,
+    requests: &'a Requests,
+}
+
+impl Serving<'_> {
+    /// Serve `opened`, the lanes a role opened from its first config (`version`, answered on
+    /// `reply`), until the unit stops: one lane on this thread, pinned as the unit; several
+    /// under [`crate::lanes`], lane i pinned as unit id + i would be (consecutive CPUs of the
+    /// list). `None`: the config cannot be served here (NACKed with the reason); the unit waits
+    /// for the next.
+    fn serve<L: Lane>(
+        &self,
+        opened: anyhow::Result<Vec<L>>,
+        role: &str,
+        version: u64,
+        reply: Sender<Result<(), String>>,
+        cpus: &[usize],
+    ) -> Option<anyhow::Result<()>> {
+        let nack = |e: anyhow::Error| {
+            let _ = reply.send(Err(format!("{e:#}")));
+            None
+        };
+        let mut lanes = match opened {
+            Ok(lanes) => lanes,
+            Err(e) => return nack(e),
+        };
+        if lanes.len() == 1 {
+            if let Err(e) = pin(self.id, cpus) {
+                return nack(e);
+            }
+            let mut lane = lanes.pop()?;
+            self.stats.try_publish(lane.snapshot());
+            let _ = reply.send(Ok(()));
+            self.ready.store(true, Ordering::Release);
+            tracing::info!(version, "{role} serving its first config");
+            return Some(lane.run(self.stop, self.stats, self.updates, self.requests));
+        }
+        let _ = reply.send(Ok(()));
+        self.ready.store(true, Ordering::Release);
+        tracing::info!(
+            version,
+            lanes = lanes.len(),
+            "{role} serving its first config"
+        );
+        let (id, cpus) = (self.id, cpus.to_vec());
+        let pin_lane = move |lane: usize| pin(id.wrapping_add(lane as u32), &cpus);
+        Some(crate::lanes::run(
+            lanes,
+            self.stop,
+            self.stats,
+            self.updates,
+            self.requests,
+            pin_lane,
+        ))
+    }
+}
+
 fn pin(id: u32, cpus: &[usize]) -> anyhow::Result<()> {
     if cpus.is_empty() {
         return Ok(());

@@ -1,5 +1,5 @@
 //! A dispatcher on several cores: `runtime.dispatcher_threads` lanes, each a whole
-//! [`Dispatcher`] on a thread of its own.
+//! [`Dispatcher`](super::Dispatcher) on a thread of its own.
 //!
 //! ```text
 //!  interface ──fanout / rx queues──> lane 0 ─┐        ┌─> data plane (returns to the lane
@@ -24,16 +24,11 @@
 //! bounds how late a neighbour reaches it (frames waiting for it stay queued meanwhile).
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
 use dva_wire::EthernetAddress;
-
-use super::Dispatcher;
-use crate::channel::Update;
-use crate::inspect::Requests;
-use crate::stats::StatsCell;
 
 /// Messages a lane's inbox holds at most; a full inbox drops (counted): a neighbour is learned
 /// again from its next ARP/ND message, a health check retries.
@@ -111,23 +106,6 @@ impl LaneIo {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
-}
-
-/// Run the dispatcher's `lanes` (from [`Dispatcher::open`]), each able to reach the others,
-/// under [`crate::lanes::run`].
-pub fn run(
-    mut lanes: Vec<Dispatcher>,
-    stop: &Arc<AtomicBool>,
-    stats: &StatsCell,
-    updates: &Receiver<Update>,
-    requests: &Requests,
-    pin: impl Fn(usize) -> anyhow::Result<()> + Send + Sync + Clone + 'static,
-) -> anyhow::Result<()> {
-    let n = lanes.len();
-    for (lane, io) in lanes.iter_mut().zip(LaneIo::mesh(n)) {
-        lane.lane_io = Some(io);
-    }
-    crate::lanes::run(lanes, stop, stats, updates, requests, pin)
 }
 
 #[cfg(test)]

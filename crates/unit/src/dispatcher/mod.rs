@@ -351,6 +351,8 @@ impl Dispatcher {
         cfg.backplane.check().map_err(anyhow::Error::msg)?;
         let now = Instant::now();
         let mut out = Vec::new();
+        // Several lanes can reach each other (neighbours, probe answers); one needs no inbox.
+        let mut meshes = lanes::LaneIo::mesh(usize::from(n)).into_iter();
         for (lane, (ports, links)) in (0..n).zip(ports.into_iter().zip(links)) {
             let listen = dva_proto::role::lane_addr(cfg.listen, lane)
                 .with_context(|| format!("lane {lane}: no port above {}", cfg.listen))?;
@@ -379,7 +381,7 @@ impl Dispatcher {
                 ports,
                 backplane,
                 core,
-                lane_io: None,
+                lane_io: meshes.next().filter(|_| n > 1),
             });
         }
         Ok(out)
