@@ -908,6 +908,7 @@ pub(crate) fn stop_processes(tools: &Tools, names: &[String]) -> Result<(), LabE
             .collect())
     };
     let mut survivors = Vec::new();
+    let mut killed: Vec<u32> = Vec::new();
     let all_gone = apps::wait_until(KILL_GRACE, Duration::from_millis(20), || {
         survivors.clear();
         for ns in names {
@@ -922,12 +923,32 @@ pub(crate) fn stop_processes(tools: &Tools, names: &[String]) -> Result<(), LabE
         }
         // Every round, not once: a supervisor outside the lab may start new processes in it.
         kill(survivors.iter().flat_map(|(_, pids)| pids));
+        killed.extend(survivors.iter().flat_map(|(_, pids)| pids));
         false
+    });
+    // A killed process leaves its namespaces early in its exit, before its memory is freed:
+    // `ip netns pids` no longer lists it while it still exists. Returning then would leave
+    // lab processes behind for a moment (a test or a new lab sees them), so wait them out.
+    killed.sort_unstable();
+    killed.dedup();
+    apps::wait_until(KILL_GRACE, Duration::from_millis(10), || {
+        killed.iter().all(|&pid| !exists(pid))
     });
     match survivors.into_iter().next() {
         Some((ns, pids)) if !all_gone => Err(LabError::Unkillable { ns, pids }),
         _ => Ok(()),
     }
+}
+
+/// Whether process `pid` still exists and is not a zombie (or dead) yet.
+fn exists(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next().map(|st| st != "Z" && st != "X"))
+        })
+        .unwrap_or(false)
 }
 
 /// SIGKILL via procps' `kill`, which keeps this crate free of `unsafe`. Its exit status is
