@@ -196,17 +196,7 @@ impl Drop for Running {
 /// The process exists and is not a zombie (units orphaned by a killed `dva serve` are reaped by
 /// whoever adopted them, which may be never in a container).
 pub fn pid_alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only probes for existence.
-    if unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
-        return false;
-    }
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().next().map(|st| st != "Z" && st != "X"))
-        })
-        .unwrap_or(false)
+    dva_lab::process_alive(pid)
 }
 
 /// An embedded management tool (the same code `dva serve` runs) over a lab; deletes its

@@ -51,6 +51,7 @@ use std::process::Command;
 
 pub use error::LabError;
 pub use placement::LabHosts;
+pub use topology::process_alive;
 
 /// The prefix of the default lab's namespaces (`dva-client`, ...).
 pub const DEFAULT_PREFIX: &str = "dva-";

@@ -932,7 +932,7 @@ pub(crate) fn stop_processes(tools: &Tools, names: &[String]) -> Result<(), LabE
     killed.sort_unstable();
     killed.dedup();
     apps::wait_until(KILL_GRACE, Duration::from_millis(10), || {
-        killed.iter().all(|&pid| !exists(pid))
+        killed.iter().all(|&pid| !process_alive(pid))
     });
     match survivors.into_iter().next() {
         Some((ns, pids)) if !all_gone => Err(LabError::Unkillable { ns, pids }),
@@ -941,7 +941,7 @@ pub(crate) fn stop_processes(tools: &Tools, names: &[String]) -> Result<(), LabE
 }
 
 /// Whether process `pid` still exists and is not a zombie (or dead) yet.
-fn exists(pid: u32) -> bool {
+pub fn process_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {

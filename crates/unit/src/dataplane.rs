@@ -298,7 +298,35 @@ impl Dataplane {
         Ok(Dataplane { rx, core })
     }
 
-    pub fn run(
+    /// A new config version, all or nothing: everything that can refuse it (the core's checks,
+    /// the keys, the rings the new dispatchers need) is done before anything changes, so a
+    /// NACKed config leaves the running one serving.
+    fn configure(&mut self, c: DataplaneConfig) -> Result<(), String> {
+        let d = ring_peers(&c);
+        let keys = epoch_keys(&c.backplane);
+        let (me, epoch) = (
+            dva_io::seal::lane_sender(c.unit, self.core.lane),
+            c.backplane.send_epoch,
+        );
+        c.backplane.check()?;
+        dva_io::seal::Sealer::check_keys(epoch, &keys)?;
+        let ready = self.core.prepare(c)?;
+        // Rings are made for every new peer before the old ones go: refused, they stay as they
+        // were.
+        self.rx
+            .accept_rings_from(&d)
+            .map_err(|e| format!("backplane rings: {e}"))?;
+        // The keys were checked above and the unit id cannot change (`Core::check`): these
+        // cannot refuse now.
+        self.rx.set_auth(me, epoch, &keys)?;
+        self.core.tx.set_auth(me, epoch, &keys)?;
+        self.core.commit(ready);
+        Ok(())
+    }
+}
+
+impl crate::lanes::Lane for Dataplane {
+    fn run(
         &mut self,
         stop: &AtomicBool,
         stats: &StatsCell,
@@ -349,33 +377,7 @@ impl Dataplane {
         Ok(())
     }
 
-    /// A new config version, all or nothing: everything that can refuse it (the core's checks,
-    /// the keys, the rings the new dispatchers need) is done before anything changes, so a
-    /// NACKed config leaves the running one serving.
-    fn configure(&mut self, c: DataplaneConfig) -> Result<(), String> {
-        let d = ring_peers(&c);
-        let keys = epoch_keys(&c.backplane);
-        let (me, epoch) = (
-            dva_io::seal::lane_sender(c.unit, self.core.lane),
-            c.backplane.send_epoch,
-        );
-        c.backplane.check()?;
-        dva_io::seal::Sealer::check_keys(epoch, &keys)?;
-        let ready = self.core.prepare(c)?;
-        // Rings are made for every new peer before the old ones go: refused, they stay as they
-        // were.
-        self.rx
-            .accept_rings_from(&d)
-            .map_err(|e| format!("backplane rings: {e}"))?;
-        // The keys were checked above and the unit id cannot change (`Core::check`): these
-        // cannot refuse now.
-        self.rx.set_auth(me, epoch, &keys)?;
-        self.core.tx.set_auth(me, epoch, &keys)?;
-        self.core.commit(ready);
-        Ok(())
-    }
-
-    pub fn snapshot(&self) -> UnitStats {
+    fn snapshot(&self) -> UnitStats {
         self.core.snapshot()
     }
 }

@@ -42,38 +42,6 @@ pub trait Lane: Send + 'static {
     fn snapshot(&self) -> UnitStats;
 }
 
-impl Lane for crate::dispatcher::Dispatcher {
-    fn run(
-        &mut self,
-        stop: &AtomicBool,
-        stats: &StatsCell,
-        updates: &Receiver<Update>,
-        requests: &Requests,
-    ) -> anyhow::Result<()> {
-        crate::dispatcher::Dispatcher::run(self, stop, stats, updates, requests)
-    }
-
-    fn snapshot(&self) -> UnitStats {
-        crate::dispatcher::Dispatcher::snapshot(self)
-    }
-}
-
-impl Lane for crate::dataplane::Dataplane {
-    fn run(
-        &mut self,
-        stop: &AtomicBool,
-        stats: &StatsCell,
-        updates: &Receiver<Update>,
-        requests: &Requests,
-    ) -> anyhow::Result<()> {
-        crate::dataplane::Dataplane::run(self, stop, stats, updates, requests)
-    }
-
-    fn snapshot(&self) -> UnitStats {
-        crate::dataplane::Dataplane::snapshot(self)
-    }
-}
-
 /// A lane's own ends of what the unit thread hands it.
 struct LaneEnds {
     updates: mpsc::Sender<Update>,

@@ -387,8 +387,70 @@ impl Dispatcher {
         Ok(out)
     }
 
+    /// Answer an inspection request from the control socket.
+    fn inspect(&mut self, r: Request) {
+        match r {
+            Request::Flows { reply, .. } => {
+                let _ = reply.try_send(Err(format!(
+                    "unit {} is a dispatcher: it keeps no connection state (ask a data plane)",
+                    self.core.cfg.unit
+                )));
+            }
+            Request::Config { reply } => {
+                let cfg = RoleConfig::Dispatcher((*self.core.cfg).clone());
+                let _ = reply.try_send(cfg.redacted_json());
+            }
+            Request::Monitor { session, reply } => {
+                // One session at a time: a newer one replaces it (its stream sees the queue close).
+                self.core.monitor = Some(session);
+                let _ = reply.try_send(Ok(()));
+            }
+            Request::Capture {
+                interface,
+                tap,
+                reply,
+            } => {
+                // One session at a time: a new one replaces the running one, wherever it tapped
+                // (its consumer then sees its queue close).
+                for p in &mut self.ports {
+                    p.set_tap(None);
+                }
+                self.backplane.set_tap(None);
+                let links = &self.core.links;
+                let answer = match interface.as_deref() {
+                    Some(BACKPLANE) => {
+                        self.backplane.set_tap(Some(tap));
+                        Ok(BACKPLANE.to_string())
+                    }
+                    name => match links
+                        .iter()
+                        .position(|l| name.is_none_or(|n| l.cfg.name == n))
+                    {
+                        Some(i) => {
+                            self.ports[i].set_tap(Some(tap));
+                            Ok(links[i].cfg.name.clone())
+                        }
+                        None => Err(format!(
+                            "dispatcher {} has no interface {:?} (it has {}, and {BACKPLANE})",
+                            self.core.cfg.unit,
+                            name.unwrap_or(""),
+                            links
+                                .iter()
+                                .map(|l| l.cfg.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )),
+                    },
+                };
+                let _ = reply.try_send(answer);
+            }
+        }
+    }
+}
+
+impl crate::lanes::Lane for Dispatcher {
     /// The data-path loop. Returns when `stop` is set.
-    pub fn run(
+    fn run(
         &mut self,
         stop: &AtomicBool,
         stats: &StatsCell,
@@ -510,67 +572,7 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Answer an inspection request from the control socket.
-    fn inspect(&mut self, r: Request) {
-        match r {
-            Request::Flows { reply, .. } => {
-                let _ = reply.try_send(Err(format!(
-                    "unit {} is a dispatcher: it keeps no connection state (ask a data plane)",
-                    self.core.cfg.unit
-                )));
-            }
-            Request::Config { reply } => {
-                let cfg = RoleConfig::Dispatcher((*self.core.cfg).clone());
-                let _ = reply.try_send(cfg.redacted_json());
-            }
-            Request::Monitor { session, reply } => {
-                // One session at a time: a newer one replaces it (its stream sees the queue close).
-                self.core.monitor = Some(session);
-                let _ = reply.try_send(Ok(()));
-            }
-            Request::Capture {
-                interface,
-                tap,
-                reply,
-            } => {
-                // One session at a time: a new one replaces the running one, wherever it tapped
-                // (its consumer then sees its queue close).
-                for p in &mut self.ports {
-                    p.set_tap(None);
-                }
-                self.backplane.set_tap(None);
-                let links = &self.core.links;
-                let answer = match interface.as_deref() {
-                    Some(BACKPLANE) => {
-                        self.backplane.set_tap(Some(tap));
-                        Ok(BACKPLANE.to_string())
-                    }
-                    name => match links
-                        .iter()
-                        .position(|l| name.is_none_or(|n| l.cfg.name == n))
-                    {
-                        Some(i) => {
-                            self.ports[i].set_tap(Some(tap));
-                            Ok(links[i].cfg.name.clone())
-                        }
-                        None => Err(format!(
-                            "dispatcher {} has no interface {:?} (it has {}, and {BACKPLANE})",
-                            self.core.cfg.unit,
-                            name.unwrap_or(""),
-                            links
-                                .iter()
-                                .map(|l| l.cfg.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )),
-                    },
-                };
-                let _ = reply.try_send(answer);
-            }
-        }
-    }
-
-    pub fn snapshot(&self) -> UnitStats {
+    fn snapshot(&self) -> UnitStats {
         let mut st = self.core.snapshot();
         for (i, p) in self.ports.iter().enumerate() {
             if let Some(s) = st.interfaces.get_mut(i) {
